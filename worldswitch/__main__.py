@@ -1,0 +1,5 @@
+import sys
+
+from .vmx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,379 @@
+"""The VMM driver binding: one class per KVM file descriptor (Kvm -> Vm -> Vcpu).
+
+Methods are the ioctls in snake_case and carry no policy; the VMM (worldswitch.vmm) decides what to
+call and when. Structures come back as the ctypes mirrors in structs.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from typing import Iterable, Sequence
+
+from ..errors import KvmError, KvmUnavailableError
+from . import requests as rq
+from . import structs as s
+from .constants import KVM_API_VERSION, REQUIRED_CAPS, Cap, ExitReason
+from .ioctl import ioctl, libc_ioctl
+
+KVM_DEVICE = "/dev/kvm"
+PIO_DATA_OFFSET = 4096  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE on x86: where port I/O data sits in kvm_run
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = KVM_DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailableError(
+                f"{path} does not exist: load the kvm module, or run on a host with hardware virtualisation"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailableError(
+                f"no permission to open {path}: add your user to the 'kvm' group (or run as root)"
+            ) from None
+        except OSError as error:
+            raise KvmUnavailableError(f"cannot open {path}: {error.strerror}") from None
+        self.path = path
+        version = self.get_api_version()
+        if version != KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmUnavailableError(f"{path} speaks KVM API version {version}, worldswitch needs {KVM_API_VERSION}")
+
+    @classmethod
+    def open(cls, path: str = KVM_DEVICE) -> "Kvm":
+        """Open /dev/kvm and check for every capability the VMM cannot do without."""
+        kvm = cls(path)
+        missing = [cap.name for cap in REQUIRED_CAPS if not kvm.check_extension(cap)]
+        if missing:
+            kvm.close()
+            raise KvmUnavailableError(f"{path} lacks required capabilities: {', '.join(missing)}")
+        return kvm
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_api_version(self) -> int:
+        return ioctl(self.fd, rq.KVM_GET_API_VERSION, 0)
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, rq.KVM_CHECK_EXTENSION, int(cap))
+
+    def get_vcpu_mmap_size(self) -> int:
+        return ioctl(self.fd, rq.KVM_GET_VCPU_MMAP_SIZE, 0)
+
+    def _get_cpuid(self, request: rq.Ioctl) -> list[s.kvm_cpuid_entry2]:  # type: ignore[name-defined]
+        count = s.KVM_MAX_CPUID_ENTRIES
+        while True:
+            table = s.cpuid2_with(count)
+            try:
+                ioctl(self.fd, request, table)
+            except KvmError as error:
+                if error.errno == errno.E2BIG and count < 4096:
+                    count *= 2
+                    continue
+                raise
+            return [s.kvm_cpuid_entry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
+
+    def get_supported_cpuid(self) -> list[s.kvm_cpuid_entry2]:
+        return self._get_cpuid(rq.KVM_GET_SUPPORTED_CPUID)
+
+    def get_emulated_cpuid(self) -> list[s.kvm_cpuid_entry2]:
+        return self._get_cpuid(rq.KVM_GET_EMULATED_CPUID)
+
+    def _get_msr_list(self, request: rq.Ioctl) -> list[int]:  # type: ignore[name-defined]
+        probe = s.msr_list_with(0)
+        try:
+            ioctl(self.fd, request, probe)
+        except KvmError as error:
+            if error.errno != errno.E2BIG:
+                raise
+        table = s.msr_list_with(probe.nmsrs)
+        ioctl(self.fd, request, table)
+        return list(table.indices[: table.nmsrs])
+
+    def get_msr_index_list(self) -> list[int]:
+        return self._get_msr_list(rq.KVM_GET_MSR_INDEX_LIST)
+
+    def get_msr_feature_index_list(self) -> list[int]:
+        return self._get_msr_list(rq.KVM_GET_MSR_FEATURE_INDEX_LIST)
+
+    def create_vm(self, machine_type: int = 0) -> "Vm":
+        return Vm(self, ioctl(self.fd, rq.KVM_CREATE_VM, machine_type))
+
+
+class Vm:
+    """A VM file descriptor (KVM_CREATE_VM)."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, rq.KVM_CHECK_EXTENSION, int(cap))
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int,
+                               flags: int = 0) -> None:
+        region = s.kvm_userspace_memory_region(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        ioctl(self.fd, rq.KVM_SET_USER_MEMORY_REGION, region)
+
+    def set_tss_addr(self, address: int) -> None:
+        ioctl(self.fd, rq.KVM_SET_TSS_ADDR, address)
+
+    def set_identity_map_addr(self, address: int) -> None:
+        ioctl(self.fd, rq.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(address))
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, rq.KVM_CREATE_IRQCHIP, 0)
+
+    def create_pit2(self, flags: int = 0) -> None:
+        ioctl(self.fd, rq.KVM_CREATE_PIT2, s.kvm_pit_config(flags=flags))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        ioctl(self.fd, rq.KVM_IRQ_LINE, s.kvm_irq_level(irq, level))
+
+    def get_irqchip(self, chip_id: int) -> s.kvm_irqchip:
+        chip = s.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, rq.KVM_GET_IRQCHIP, chip)
+        return chip
+
+    def set_irqchip(self, chip: s.kvm_irqchip) -> None:
+        ioctl(self.fd, rq.KVM_SET_IRQCHIP, chip)
+
+    def set_gsi_routing(self, entries: list[s.kvm_irq_routing_entry]) -> None:
+        ioctl(self.fd, rq.KVM_SET_GSI_ROUTING, s.irq_routing_with(entries))
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        ioctl(self.fd, rq.KVM_IRQFD, s.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resamplefd))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0) -> None:
+        ioctl(self.fd, rq.KVM_IOEVENTFD, s.kvm_ioeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags))
+
+    def signal_msi(self, address: int, data: int) -> int:
+        msi = s.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
+        return ioctl(self.fd, rq.KVM_SIGNAL_MSI, msi)
+
+    def get_clock(self) -> s.kvm_clock_data:
+        clock = s.kvm_clock_data()
+        ioctl(self.fd, rq.KVM_GET_CLOCK, clock)
+        return clock
+
+    def set_clock(self, clock: s.kvm_clock_data) -> None:
+        ioctl(self.fd, rq.KVM_SET_CLOCK, clock)
+
+    def get_pit2(self) -> s.kvm_pit_state2:
+        pit = s.kvm_pit_state2()
+        ioctl(self.fd, rq.KVM_GET_PIT2, pit)
+        return pit
+
+    def set_pit2(self, pit: s.kvm_pit_state2) -> None:
+        ioctl(self.fd, rq.KVM_SET_PIT2, pit)
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        request = s.kvm_enable_cap(cap=int(cap))
+        for i, value in enumerate(args):
+            request.args[i] = value
+        ioctl(self.fd, rq.KVM_ENABLE_CAP, request)
+
+    def get_stats_fd(self) -> int:
+        return ioctl(self.fd, rq.KVM_GET_STATS_FD, 0)
+
+    def create_vcpu(self, vcpu_id: int) -> "Vcpu":
+        fd = ioctl(self.fd, rq.KVM_CREATE_VCPU, vcpu_id)
+        return Vcpu(self, fd, vcpu_id)
+
+
+class Vcpu:
+    """A vCPU file descriptor, with its kvm_run page mapped once."""
+
+    def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
+        self.vm = vm
+        self.fd = fd
+        self.id = vcpu_id
+        size = vm.kvm.get_vcpu_mmap_size()
+        self.run_mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
+        self._exit_reason = ctypes.c_uint32.from_buffer(self.run_mmap, s.kvm_run.exit_reason.offset)
+        self._run_number = rq.KVM_RUN.number
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        del self.kvm_run, self._exit_reason  # release the buffer exports before unmapping
+        try:
+            self.run_mmap.close()
+        except BufferError:
+            pass  # someone still holds a view; the mapping goes when they do
+        os.close(self.fd)
+        self.fd = -1
+
+    # The world switch. Kept minimal: it is on the hot path of every exit.
+    def run(self) -> int:
+        """Enter the guest until it exits; return the exit reason. A signal or immediate_exit gives
+        ExitReason.INTR (KVM leaves exit_reason stale in that case, so we say it ourselves)."""
+        if libc_ioctl(self.fd, self._run_number, None) < 0:
+            code = ctypes.get_errno()
+            if code == errno.EINTR or code == errno.EAGAIN:
+                return ExitReason.INTR
+            raise KvmError("KVM_RUN", code)
+        return self._exit_reason.value
+
+    def get_regs(self) -> s.kvm_regs:
+        regs = s.kvm_regs()
+        ioctl(self.fd, rq.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: s.kvm_regs) -> None:
+        ioctl(self.fd, rq.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> s.kvm_sregs:
+        sregs = s.kvm_sregs()
+        ioctl(self.fd, rq.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: s.kvm_sregs) -> None:
+        ioctl(self.fd, rq.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> s.kvm_fpu:
+        fpu = s.kvm_fpu()
+        ioctl(self.fd, rq.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: s.kvm_fpu) -> None:
+        ioctl(self.fd, rq.KVM_SET_FPU, fpu)
+
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        table = s.msrs_with(len(indices))
+        for i, index in enumerate(indices):
+            table.entries[i].index = index
+        done = ioctl(self.fd, rq.KVM_GET_MSRS, table)
+        return {table.entries[i].index: table.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        table = s.msrs_with(len(values))
+        for i, (index, data) in enumerate(values.items()):
+            table.entries[i].index = index
+            table.entries[i].data = data
+        done = ioctl(self.fd, rq.KVM_SET_MSRS, table)
+        if done != len(values):
+            failed = list(values)[done]
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {failed:#x} was refused")
+        return done
+
+    def set_cpuid2(self, entries: Iterable[s.kvm_cpuid_entry2]) -> None:
+        entries = list(entries)
+        table = s.cpuid2_with(len(entries))
+        for i, entry in enumerate(entries):
+            table.entries[i] = entry
+        ioctl(self.fd, rq.KVM_SET_CPUID2, table)
+
+    def get_cpuid2(self) -> list[s.kvm_cpuid_entry2]:
+        table = s.cpuid2_with(s.KVM_MAX_CPUID_ENTRIES)
+        ioctl(self.fd, rq.KVM_GET_CPUID2, table)
+        return [s.kvm_cpuid_entry2.from_buffer_copy(table.entries[i]) for i in range(table.nent)]
+
+    def get_lapic(self) -> s.kvm_lapic_state:
+        lapic = s.kvm_lapic_state()
+        ioctl(self.fd, rq.KVM_GET_LAPIC, lapic)
+        return lapic
+
+    def set_lapic(self, lapic: s.kvm_lapic_state) -> None:
+        ioctl(self.fd, rq.KVM_SET_LAPIC, lapic)
+
+    def get_mp_state(self) -> int:
+        state = s.kvm_mp_state()
+        ioctl(self.fd, rq.KVM_GET_MP_STATE, state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, rq.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state))
+
+    def get_vcpu_events(self) -> s.kvm_vcpu_events:
+        events = s.kvm_vcpu_events()
+        ioctl(self.fd, rq.KVM_GET_VCPU_EVENTS, events)
+        return events
+
+    def set_vcpu_events(self, events: s.kvm_vcpu_events) -> None:
+        ioctl(self.fd, rq.KVM_SET_VCPU_EVENTS, events)
+
+    def get_debugregs(self) -> s.kvm_debugregs:
+        regs = s.kvm_debugregs()
+        ioctl(self.fd, rq.KVM_GET_DEBUGREGS, regs)
+        return regs
+
+    def set_debugregs(self, regs: s.kvm_debugregs) -> None:
+        ioctl(self.fd, rq.KVM_SET_DEBUGREGS, regs)
+
+    def xsave_size(self) -> int:
+        """Bytes the XSAVE area takes: KVM_CAP_XSAVE2 on the VM fd (0 if absent), at least 4096."""
+        return max(self.vm.check_extension(Cap.XSAVE2), s.KVM_XSAVE_LEGACY_SIZE)
+
+    def get_xsave(self) -> bytes:
+        size = self.xsave_size()
+        area = s.xsave_with(size)
+        request = rq.KVM_GET_XSAVE2 if self.vm.check_extension(Cap.XSAVE2) else rq.KVM_GET_XSAVE
+        ioctl(self.fd, request, area)
+        return bytes(area)
+
+    def set_xsave(self, data: bytes) -> None:
+        area = s.xsave_with(max(len(data), s.KVM_XSAVE_LEGACY_SIZE))
+        ctypes.memmove(area, data, len(data))
+        ioctl(self.fd, rq.KVM_SET_XSAVE, area)
+
+    def get_xcrs(self) -> s.kvm_xcrs:
+        xcrs = s.kvm_xcrs()
+        ioctl(self.fd, rq.KVM_GET_XCRS, xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: s.kvm_xcrs) -> None:
+        ioctl(self.fd, rq.KVM_SET_XCRS, xcrs)
+
+    def set_signal_mask(self, sigset: bytes | None) -> None:
+        """Signals blocked while the vCPU is inside KVM_RUN; None removes the mask."""
+        if sigset is None:
+            libc_ioctl(self.fd, rq.KVM_SET_SIGNAL_MASK.number, None)
+            return
+        ioctl(self.fd, rq.KVM_SET_SIGNAL_MASK, s.signal_mask_with(sigset))
+
+    def translate(self, linear_address: int) -> s.kvm_translation:
+        translation = s.kvm_translation(linear_address=linear_address)
+        ioctl(self.fd, rq.KVM_TRANSLATE, translation)
+        return translation
+
+    def interrupt(self, vector: int) -> None:
+        ioctl(self.fd, rq.KVM_INTERRUPT, s.kvm_interrupt(vector))
+
+    def nmi(self) -> None:
+        ioctl(self.fd, rq.KVM_NMI, 0)
+
+    def set_guest_debug(self, control: int, debugreg: Sequence[int] = ()) -> None:
+        request = s.kvm_guest_debug(control=control)
+        for i, value in enumerate(debugreg):
+            request.arch.debugreg[i] = value
+        ioctl(self.fd, rq.KVM_SET_GUEST_DEBUG, request)
+
+    def get_tsc_khz(self) -> int:
+        return ioctl(self.fd, rq.KVM_GET_TSC_KHZ, 0)
+
+    def kvmclock_ctrl(self) -> None:
+        ioctl(self.fd, rq.KVM_KVMCLOCK_CTRL, 0)
+
+    def get_stats_fd(self) -> int:
+        return ioctl(self.fd, rq.KVM_GET_STATS_FD, 0)

@@ -1,0 +1,31 @@
+"""worldswitch's own guest programs: small bare-metal x86-64 programs, built from src/ with the
+host's gcc and binutils (python -m worldswitch.guests.build) and shipped prebuilt in bin/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+
+GUESTS_DIR = Path(__file__).resolve().parent
+SOURCE_DIR = GUESTS_DIR / "src"
+BIN_DIR = GUESTS_DIR / "bin"
+
+# name -> what it does (the first line of `worldswitch guests`)
+BUILTIN_GUESTS: dict[str, str] = {
+    "hello": "prints a banner through the UART from ring 3 and exits through the debug-exit port",
+    "exits": "makes N port-I/O and N MMIO exits from ring 3 (args: [N] [io|mmio|both])",
+    "timer": "takes N LAPIC or PIT timer interrupts through its IDT while spinning in ring 3 (args: [N] [lapic|pit])",
+    "fault": "misbehaves on purpose (args: ud | triple | unmapped N | spin | halt | gp | abort)",
+    "echo": "echoes UART input back in upper case until it reads a line 'quit' (interrupt-driven)",
+    "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls (args: ring0|ring3 [N])",
+}
+
+DEFAULT_GUEST = "hello"
+
+
+def builtin_path(name: str) -> Path:
+    if name not in BUILTIN_GUESTS:
+        known = ", ".join(sorted(BUILTIN_GUESTS))
+        raise ConfigError(f"no built-in guest named {name!r} (known: {known})")
+    return BIN_DIR / f"{name}.elf"

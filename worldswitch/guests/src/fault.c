@@ -1,0 +1,48 @@
+/* fault: misbehaves on purpose, for the VMX's error paths.
+ *   ud         executes ud2 in ring 3 (the runtime reports the #UD)
+ *   gp         reads CR0 in ring 3 (#GP)
+ *   triple     loads an empty IDT and executes ud2 in ring 0: a triple fault
+ *   unmapped N writes N times to an MMIO address no device owns, then reports DONE(N, value read)
+ *   spin       loops forever in ring 3
+ *   halt       halts in ring 0 with interrupts disabled, forever
+ *   abort      fails a guest assertion */
+#include "ws.h"
+
+static int misbehave(u64 unused)
+{
+    if (arg_has("ud"))
+        __asm__ volatile("ud2");
+    if (arg_has("gp")) {
+        u64 cr0;
+        __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+    }
+    if (arg_has("unmapped")) {
+        u64 n = arg_number(0, 100);
+        for (u32 i = 0; i < n; i++)
+            mmio_write32(UNMAPPED_MMIO + 4 * (i % 16), i);
+        u32 value = mmio_read32(UNMAPPED_MMIO);
+        GUEST_DONE(n, value, 0, 0);
+    }
+    if (arg_has("spin"))
+        for (;;)
+            barrier();
+    if (arg_has("abort"))
+        GUEST_ASSERT_EQ(2 + 2, 5);
+    GUEST_ASSERT(!"unknown fault mode: use ud, gp, triple, unmapped N, spin, halt or abort");
+    return 1;
+}
+
+int main(const char *args)
+{
+    if (arg_has("triple")) {
+        struct {
+            u16 limit;
+            u64 base;
+        } __attribute__((packed)) empty = { 0, 0 };
+        __asm__ volatile("lidt %0; ud2" : : "m"(empty));
+    }
+    if (arg_has("halt"))
+        for (;;)
+            __asm__ volatile("cli; hlt");
+    enter_user(misbehave, 0, 0);
+}

@@ -1,0 +1,168 @@
+"""64-bit long-mode entry: the GDT, TSS, identity page tables and control registers a vCPU needs to
+start executing 64-bit code directly, skipping real and protected mode (as Firecracker does).
+
+Everything is written into guest memory at the addresses of a LongModeLayout and described to KVM
+through kvm_sregs. The same function serves the built-in guests, `--elf` programs and Linux.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..driver import structs as s
+from .memory import GuestMemory
+
+# Control register and EFER bits (Intel SDM vol. 3, 2.5 and 2.2.1)
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_AM = 1 << 18
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+CR4_PGE = 1 << 7
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+# Page-table entry bits
+PTE_PRESENT = 1 << 0
+PTE_WRITE = 1 << 1
+PTE_USER = 1 << 2
+PTE_HUGE = 1 << 7
+
+# GDT selectors: the layout Linux uses for its boot GDT in slots 1-2, plus user segments and a TSS.
+SEL_KERNEL_CS = 0x08
+SEL_KERNEL_DS = 0x10
+SEL_USER_DS = 0x18 | 3
+SEL_USER_CS = 0x20 | 3
+SEL_TSS = 0x28
+GDT_ENTRIES = 7  # null, kcode, kdata, udata, ucode, tss (two slots)
+TSS_HEADER = 0x68  # the 64-bit TSS proper; the I/O permission bitmap follows it
+IO_BITMAP_BYTES = 65536 // 8
+TSS_SIZE = TSS_HEADER + IO_BITMAP_BYTES + 1  # the bitmap ends with an all-ones byte (SDM 19.5.2)
+
+FLAT_LIMIT = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class LongModeLayout:
+    """Where the long-mode scaffolding lives in guest-physical memory (all below 640 KiB)."""
+
+    gdt: int = 0x1000
+    tss: int = 0x2000  # TSS_SIZE bytes: up to 0x4069
+    pml4: int = 0x9000
+    pdpt: int = 0xA000
+    pd: int = 0xB000  # identity_gib consecutive page directories
+    identity_gib: int = 4  # identity-map this many GiB with 2 MiB pages
+    stack_top: int = 0x8F000  # the initial RSP, and RSP0 in the TSS (ring 3 -> 0 interrupts)
+
+    @property
+    def reserved(self) -> list[tuple[int, int]]:
+        """(start, end) ranges this layout occupies, for loaders to avoid."""
+        return [
+            (self.gdt, self.tss + TSS_SIZE),
+            (self.pml4, self.pd + self.identity_gib * 0x1000),
+            (self.stack_top - 0x10000, self.stack_top),
+        ]
+
+
+def gdt_entry(base: int, limit: int, access: int, flags: int) -> int:
+    """A code/data descriptor: access byte (P, DPL, S, type) and flags nibble (G, D/B, L, AVL)."""
+    return (
+        (limit & 0xFFFF)
+        | ((base & 0xFFFFFF) << 16)
+        | (access << 40)
+        | (((limit >> 16) & 0xF) << 48)
+        | (flags << 52)
+        | (((base >> 24) & 0xFF) << 56)
+    )
+
+
+def tss_descriptor(base: int, limit: int) -> tuple[int, int]:
+    """The two 8-byte halves of a 64-bit available-TSS descriptor (type 9, present)."""
+    low = gdt_entry(base, limit, 0x89, 0x0)
+    high = base >> 32
+    return low, high
+
+
+def build_gdt(tss_base: int) -> bytes:
+    entries = [
+        0,
+        gdt_entry(0, 0xFFFFF, 0x9A, 0xA),  # kernel code: present, DPL0, exec/read; G, L
+        gdt_entry(0, 0xFFFFF, 0x92, 0xC),  # kernel data: present, DPL0, read/write; G, D/B
+        gdt_entry(0, 0xFFFFF, 0xF2, 0xC),  # user data: DPL3
+        gdt_entry(0, 0xFFFFF, 0xFA, 0xA),  # user code: DPL3, L
+        *tss_descriptor(tss_base, TSS_SIZE - 1),
+    ]
+    return struct.pack(f"<{len(entries)}Q", *entries)
+
+
+def build_tss(rsp0: int) -> bytes:
+    """A 64-bit TSS whose RSP0 is where the CPU switches stacks on an interrupt from ring 3, with
+    an I/O permission bitmap that allows every port to ring 3.
+
+    Why a bitmap and not RFLAGS.IOPL=3: PVM hosts run guest user mode with the hardware IOPL forced
+    to 0 and drop the guest's IOPL on the way to ring 3; a ring-3 `out` then faults into KVM's
+    instruction emulator, which grants it only through the TSS bitmap. VT-x/AMD-V hosts check the
+    same bitmap in hardware, so one mechanism serves both."""
+    tss = bytearray(TSS_SIZE)
+    struct.pack_into("<Q", tss, 4, rsp0)
+    struct.pack_into("<H", tss, 0x66, TSS_HEADER)  # I/O map base: right after the header
+    tss[-1] = 0xFF
+    return bytes(tss)
+
+
+def write_identity_page_tables(memory: GuestMemory, layout: LongModeLayout) -> None:
+    """Identity-map the first identity_gib GiB with 2 MiB pages, user-accessible so that guest code
+    can drop to ring 3 without building its own tables. MMIO windows are mapped too: an access
+    there reaches KVM as an MMIO exit."""
+    memory.write(layout.pml4, struct.pack("<Q", layout.pdpt | PTE_PRESENT | PTE_WRITE | PTE_USER) + bytes(4088))
+    pdpt = [layout.pd + i * 0x1000 | PTE_PRESENT | PTE_WRITE | PTE_USER for i in range(layout.identity_gib)]
+    memory.write(layout.pdpt, struct.pack(f"<{len(pdpt)}Q", *pdpt) + bytes(8 * (512 - len(pdpt))))
+    for gib in range(layout.identity_gib):
+        entries = [
+            ((gib << 30) + (i << 21)) | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE for i in range(512)
+        ]
+        memory.write(layout.pd + gib * 0x1000, struct.pack("<512Q", *entries))
+
+
+def _segment(selector: int, type_: int, dpl: int, code64: bool) -> s.kvm_segment:
+    return s.kvm_segment(
+        base=0,
+        limit=FLAT_LIMIT,
+        selector=selector,
+        type=type_,
+        present=1,
+        dpl=dpl,
+        db=0 if code64 else 1,
+        s=1,
+        l=1 if code64 else 0,
+        g=1,
+    )
+
+
+def setup_long_mode(memory: GuestMemory, sregs: s.kvm_sregs, layout: LongModeLayout = LongModeLayout()) -> None:
+    """Write the GDT, TSS and page tables into guest memory and fill `sregs` (taken from
+    KVM_GET_SREGS, so that fields such as apic_base keep KVM's values) for 64-bit ring 0."""
+    memory.write(layout.gdt, build_gdt(layout.tss))
+    memory.write(layout.tss, build_tss(layout.stack_top))
+    write_identity_page_tables(memory, layout)
+
+    code = _segment(SEL_KERNEL_CS, 0xB, 0, code64=True)  # execute/read, accessed
+    data = _segment(SEL_KERNEL_DS, 0x3, 0, code64=False)  # read/write, accessed
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
+    sregs.tr = s.kvm_segment(base=layout.tss, limit=TSS_SIZE - 1, selector=SEL_TSS, type=0xB, present=1, s=0)
+    sregs.ldt = s.kvm_segment(selector=0, type=0x2, present=1, limit=0xFFFF, unusable=1)
+    sregs.gdt = s.kvm_dtable(base=layout.gdt, limit=GDT_ENTRIES * 8 - 1)
+    sregs.idt = s.kvm_dtable(base=0, limit=0)
+    sregs.cr3 = layout.pml4
+    sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
+    sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG
+    sregs.efer = EFER_LME | EFER_LMA | EFER_SCE | EFER_NXE

@@ -1,0 +1,156 @@
+"""A Machine: one VM's KVM objects, guest memory, buses, devices and vCPU runners, and the single
+place that decides how the VM ended. vmm/builder.py assembles it; the VMX drives it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from ..devices.ucall import Ucall, UcallCommand
+from ..driver.kvm import Kvm, Vm
+from .bus import MmioBus, PioBus
+from .memmap import MemoryMap
+from .memory import GuestMemory
+from .result import MachineResult, StopReason
+from .runloop import VcpuRunner
+from .stats import MachineStats
+
+JOIN_TIMEOUT_S = 5.0
+
+
+class Machine:
+    def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus) -> None:
+        self.kvm = kvm
+        self.vm = vm
+        self.memory_map = memory_map
+        self.memory = memory
+        self.pio = pio
+        self.mmio = mmio
+        self.runners: list[VcpuRunner] = []
+        self.devices: dict[str, object] = {}
+        self.ucalls: list[Ucall] = []  # SYNC and PRINT calls, in arrival order
+        self.on_ucall: Callable[[Ucall], None] | None = None
+        self.on_exit: list[Callable[[MachineResult], None]] = []
+        self._result: MachineResult | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._started_ns = 0
+        self._ended_ns = 0
+        self._closed = False
+
+    # --- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started_ns:
+            raise RuntimeError("machine already started")
+        self._started_ns = time.perf_counter_ns()
+        for runner in self.runners:
+            runner.start()
+
+    @property
+    def running(self) -> bool:
+        return bool(self._started_ns) and not self._done.is_set()
+
+    @property
+    def result(self) -> MachineResult | None:
+        return self._result
+
+    def request_exit(self, result: MachineResult) -> None:
+        """End the machine with `result`. The first request wins; later ones are ignored, so a
+        vCPU that faults while another one powers off cannot rewrite history."""
+        with self._lock:
+            if self._result is not None:
+                return
+            self._result = result
+            self._ended_ns = time.perf_counter_ns()
+        for runner in self.runners:
+            runner.stop()
+        self._done.set()
+        for callback in self.on_exit:
+            callback(result)
+
+    def wait(self, timeout: float | None = None) -> MachineResult | None:
+        """Block until the machine ends (its result) or `timeout` seconds pass (None)."""
+        self._done.wait(timeout)
+        if self._result is not None:
+            for runner in self.runners:
+                runner.join(JOIN_TIMEOUT_S)
+        return self._result
+
+    def stop(self, reason: StopReason = StopReason.STOPPED, message: str = "stopped") -> MachineResult:
+        self.request_exit(MachineResult.of(reason, message))
+        for runner in self.runners:
+            runner.join(JOIN_TIMEOUT_S)
+        assert self._result is not None
+        return self._result
+
+    def pause(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """Bring every vCPU back to the VMX and park it there (the hosted interrupt path)."""
+        for runner in self.runners:
+            runner.pause()
+        deadline = time.monotonic() + timeout
+        for runner in self.runners:
+            while not runner.parked.wait(0.05):
+                if runner.finished.is_set():
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vCPU {runner.index} did not come back to the VMX within {timeout} s")
+                runner.kick()  # a kick is idempotent: repeat it in case the vCPU was between states
+
+    def resume(self) -> None:
+        for runner in self.runners:
+            runner.resume()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self.running:
+            self.stop(StopReason.STOPPED, "machine closed")
+        for runner in self.runners:
+            runner.join(JOIN_TIMEOUT_S)
+        self._closed = True
+        for runner in self.runners:
+            if not runner.finished.is_set() and runner.thread is not None:
+                continue  # a vCPU thread that will not stop keeps its fd; the process exit cleans up
+            runner.release()
+            runner.vcpu.close()
+        self.vm.close()
+        self.kvm.close()
+        self.memory.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- guest reports ---------------------------------------------------------------------
+
+    def handle_ucall(self, call: Ucall) -> None:
+        if call.command == UcallCommand.DONE:
+            self.request_exit(MachineResult.of(StopReason.GUEST_DONE, call.text or "guest done", call.args[0], ucall=call))
+        elif call.command == UcallCommand.ABORT:
+            self.request_exit(MachineResult.of(StopReason.GUEST_ABORT, call.describe(), call.args[0], ucall=call))
+        else:
+            self.ucalls.append(call)
+        if self.on_ucall is not None:
+            self.on_ucall(call)
+
+    def guest_exit(self, value: int) -> None:
+        self.request_exit(MachineResult.of(StopReason.GUEST_EXIT, f"guest exited with status {value}", value))
+
+    def guest_reset(self) -> None:
+        self.request_exit(MachineResult.of(StopReason.RESET, "guest requested a reset"))
+
+    # --- numbers ---------------------------------------------------------------------------
+
+    def stats(self) -> MachineStats:
+        end = self._ended_ns or time.perf_counter_ns()
+        wall = end - self._started_ns if self._started_ns else 0
+        return MachineStats(
+            vcpus=[runner.stats() for runner in self.runners],
+            wall_ns=wall,
+            unmapped_mmio=self.mmio.unmapped.count,
+            unmapped_pio=self.pio.unmapped.count,
+        )

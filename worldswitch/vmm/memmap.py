@@ -1,0 +1,108 @@
+"""The guest-physical memory map of a worldswitch machine, the one source for memory slots, the
+e820 table and the ACPI/MP tables.
+
+    0x0000_0000 - 0x0009_ffff  RAM (low memory)
+    0x000a_0000 - 0x000b_ffff  legacy video hole: not backed, accesses are MMIO exits
+    0x000c_0000 - 0x000f_ffff  "ROM" area: backed, reserved in e820, holds the MP/ACPI tables
+    0x0010_0000 - below 3 GiB  RAM
+    0xc000_0000 - 0xffff_ffff  PCI hole: device windows (PCI BARs, ECAM, IOAPIC, LAPIC, ...)
+    0x1_0000_0000 -            RAM above 4 GiB, when the machine has more than fits below
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from ..errors import ConfigError
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+LOW_RAM_END = 0xA0000
+VGA_HOLE_END = 0xC0000
+ROM_END = 0x100000
+HIGH_RAM_START = ROM_END
+PCI_HOLE_START = 0xC000_0000
+PCI_HOLE_END = 1 << 32
+RAM_ABOVE_4G = 1 << 32
+
+MIN_MEMORY = 2 * MIB
+MAX_MEMORY = 1 << 40
+
+
+class RegionKind(Enum):
+    RAM = "ram"  # e820 type 1
+    RESERVED = "reserved"  # e820 type 2: backed but not for the OS (our ROM area)
+    MMIO = "mmio"  # not backed: device windows and holes
+
+
+@dataclass(frozen=True)
+class Region:
+    start: int
+    size: int
+    kind: RegionKind
+    name: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    @property
+    def backed(self) -> bool:
+        return self.kind is not RegionKind.MMIO
+
+
+@dataclass(frozen=True)
+class MemoryMap:
+    memory: int  # guest RAM the user asked for, in bytes
+    regions: tuple[Region, ...]
+
+    @classmethod
+    def for_memory(cls, memory: int) -> "MemoryMap":
+        if memory < MIN_MEMORY:
+            raise ConfigError(f"memory must be at least {MIN_MEMORY // MIB} MiB")
+        if memory > MAX_MEMORY:
+            raise ConfigError(f"memory must be at most {MAX_MEMORY // GIB} GiB")
+        if memory % (4 * KIB):
+            raise ConfigError("memory must be a multiple of 4 KiB")
+        # The user's figure counts RAM the guest can use; the legacy hole and ROM area come on top,
+        # as on a PC. Low RAM ends at 640 KiB, the rest starts at 1 MiB.
+        regions = [
+            Region(0, LOW_RAM_END, RegionKind.RAM, "low RAM"),
+            Region(LOW_RAM_END, VGA_HOLE_END - LOW_RAM_END, RegionKind.MMIO, "legacy video hole"),
+            Region(VGA_HOLE_END, ROM_END - VGA_HOLE_END, RegionKind.RESERVED, "firmware tables (ROM area)"),
+        ]
+        remaining = memory - LOW_RAM_END
+        below = min(remaining, PCI_HOLE_START - HIGH_RAM_START)
+        regions.append(Region(HIGH_RAM_START, below, RegionKind.RAM, "RAM"))
+        remaining -= below
+        regions.append(Region(PCI_HOLE_START, PCI_HOLE_END - PCI_HOLE_START, RegionKind.MMIO, "PCI hole"))
+        if remaining > 0:
+            regions.append(Region(RAM_ABOVE_4G, remaining, RegionKind.RAM, "RAM above 4 GiB"))
+        return cls(memory, tuple(regions))
+
+    def backed_ranges(self) -> list[tuple[int, int]]:
+        """(start, size) of every range that gets a KVM memory slot, adjacent ones merged."""
+        merged: list[list[int]] = []
+        for region in self.regions:
+            if not region.backed:
+                continue
+            if merged and merged[-1][0] + merged[-1][1] == region.start:
+                merged[-1][1] += region.size
+            else:
+                merged.append([region.start, region.size])
+        return [(start, size) for start, size in merged]
+
+    def ram(self) -> list[Region]:
+        return [r for r in self.regions if r.kind is RegionKind.RAM]
+
+    @property
+    def top_of_low_ram(self) -> int:
+        """End of RAM below the PCI hole."""
+        return max(r.end for r in self.ram() if r.end <= PCI_HOLE_START)
+
+    @property
+    def top_of_ram(self) -> int:
+        return max(r.end for r in self.ram())

@@ -1,0 +1,290 @@
+"""The run loop: one thread per vCPU, one world switch per iteration.
+
+    enter the guest (KVM_RUN) -> the guest runs until something needs the VMX -> KVM_RUN returns
+    -> count and time the exit -> dispatch it by reason through one table -> enter again
+
+The loop is the hot path of the whole VMM. It allocates nothing per exit: the kvm_run fields it
+reads are ctypes views made once, handlers are bound methods in a list indexed by exit reason,
+and the port/MMIO data is read and written through fixed-size views of the kvm_run page.
+
+Host events reach a running vCPU through the hosted interrupt path (kick.py): a request flag, then
+immediate_exit plus a signal; KVM_RUN returns EINTR (ExitReason.INTR) and _on_intr acts on the
+request (stop, or park for a pause) before the guest is entered again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from typing import Callable
+
+from ..driver import structs as s
+from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, ExitReason, SystemEvent
+from ..driver.exits import decode_exit
+from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
+from .bus import MmioBus, PioBus
+from .insn import describe_internal_error
+from .kick import kick_thread
+from .result import MachineResult, StopReason
+from .stats import VcpuStats, reason_name
+
+RequestExit = Callable[[MachineResult], None]
+
+_MMIO_DATA_OFFSET = s.kvm_run.u.offset + s.kvm_run_mmio.data.offset
+_VIEW_TYPES = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32, 8: ctypes.c_uint64}
+
+
+class VcpuRunner:
+    """Runs one vCPU on its own thread and accounts for its world switches."""
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        pio: PioBus,
+        mmio: MmioBus,
+        request_exit: RequestExit,
+        fetch_code: Callable[[int], bytes] | None = None,
+    ) -> None:
+        self.vcpu = vcpu
+        self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
+        self.index = vcpu.id
+        self.pio = pio
+        self.mmio = mmio
+        self.request_exit = request_exit
+        self.counts = [0] * EXIT_REASON_LIMIT
+        self.guest_ns = 0
+        self.vmx_ns = 0
+        self.parked_ns = 0
+        self.kicks = 0
+        self.kick_latency_ns_max = 0
+        self.debug_hook: Callable[[VcpuRunner], bool] | None = None  # returns False to stop
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+        self._stop = False
+        self._pause = False
+        self._kicked_at = 0
+        self._state = threading.Condition()
+        self.parked = threading.Event()
+        self.finished = threading.Event()
+
+        run = vcpu.kvm_run
+        self._run = run
+        self._io = run.io
+        self._mmio = run.mmio
+        page = vcpu.run_mmap
+        self._pio_views = {size: t.from_buffer(page, PIO_DATA_OFFSET) for size, t in _VIEW_TYPES.items() if size <= 4}
+        self._mmio_views = {size: t.from_buffer(page, _MMIO_DATA_OFFSET) for size, t in _VIEW_TYPES.items()}
+
+        handlers: list[Callable[[], None]] = [self._on_unexpected] * EXIT_REASON_LIMIT
+        handlers[ExitReason.IO] = self._on_io
+        handlers[ExitReason.MMIO] = self._on_mmio
+        handlers[ExitReason.INTR] = self._on_intr
+        handlers[ExitReason.HLT] = self._on_hlt
+        handlers[ExitReason.SHUTDOWN] = self._on_shutdown
+        handlers[ExitReason.SYSTEM_EVENT] = self._on_system_event
+        handlers[ExitReason.FAIL_ENTRY] = self._on_fail_entry
+        handlers[ExitReason.INTERNAL_ERROR] = self._on_internal_error
+        handlers[ExitReason.DEBUG] = self._on_debug
+        handlers[ExitReason.IRQ_WINDOW_OPEN] = self._on_nothing
+        self._handlers = handlers
+
+    # --- thread control (called from other threads) -----------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Bring the vCPU back to the VMX (see kick.py); idempotent and safe from any thread."""
+        self._kicked_at = time.perf_counter_ns()
+        self._run.immediate_exit = 1
+        thread = self.thread
+        if thread is not None and thread.ident is not None and thread.is_alive():
+            kick_thread(thread.ident)
+
+    def stop(self) -> None:
+        with self._state:
+            self._stop = True
+            self._state.notify_all()
+        self.kick()
+
+    def pause(self) -> None:
+        with self._state:
+            self._pause = True
+        self.kick()
+
+    def resume(self) -> None:
+        with self._state:
+            self._pause = False
+            self._state.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout)
+            return not self.thread.is_alive()
+        return True
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # noqa: BLE001 - any failure must end the VM, not hang it
+            self.error = error
+            self.request_exit(
+                MachineResult.of(StopReason.VMX_ERROR, f"vCPU {self.index}: {type(error).__name__}: {error}")
+            )
+        finally:
+            self.finished.set()
+
+    def _loop(self) -> None:
+        enter = self.vcpu.run
+        counts = self.counts
+        handlers = self._handlers
+        clock = time.perf_counter_ns
+        while not self._stop:
+            t0 = clock()
+            reason = enter()
+            t1 = clock()
+            if reason >= EXIT_REASON_LIMIT:
+                reason = ExitReason.UNKNOWN
+            counts[reason] += 1
+            handlers[reason]()
+            t2 = clock()
+            self.guest_ns += t1 - t0
+            self.vmx_ns += t2 - t1
+
+    # --- exit handlers ---------------------------------------------------------------------
+
+    def _on_io(self) -> None:
+        io = self._io
+        size = io.size
+        view = self._pio_views.get(size)
+        if view is not None and io.count == 1 and io.data_offset == PIO_DATA_OFFSET:
+            if io.direction == KVM_EXIT_IO_OUT:
+                self.pio.write(io.port, size, view.value)
+            else:
+                view.value = self.pio.read(io.port, size)
+            return
+        # String I/O (rep ins/outs): count items, back to back from data_offset.
+        page = self.vcpu.run_mmap
+        start = io.data_offset
+        port = io.port
+        for i in range(io.count):
+            at = start + i * size
+            if io.direction == KVM_EXIT_IO_OUT:
+                self.pio.write(port, size, int.from_bytes(page[at : at + size], "little"))
+            else:
+                page[at : at + size] = self.pio.read(port, size).to_bytes(size, "little")
+
+    def _on_mmio(self) -> None:
+        mmio = self._mmio
+        length = mmio.len
+        view = self._mmio_views.get(length)
+        if view is None:  # odd sizes: KVM splits accesses into at most 8 bytes
+            length = min(length, 8)
+            if mmio.is_write:
+                self.mmio.write(mmio.phys_addr, length, int.from_bytes(bytes(mmio.data[:length]), "little"))
+            else:
+                value = self.mmio.read(mmio.phys_addr, length)
+                ctypes.memmove(mmio.data, value.to_bytes(length, "little"), length)
+            return
+        if mmio.is_write:
+            self.mmio.write(mmio.phys_addr, length, view.value)
+        else:
+            view.value = self.mmio.read(mmio.phys_addr, length)
+
+    def _on_intr(self) -> None:
+        # Clear immediate_exit before looking at requests: a kick that lands after this line
+        # sets it again and is seen on the next entry; none can slip between.
+        self._run.immediate_exit = 0
+        kicked_at = self._kicked_at
+        if kicked_at:
+            self.kicks += 1
+            latency = time.perf_counter_ns() - kicked_at
+            if latency > self.kick_latency_ns_max:
+                self.kick_latency_ns_max = latency
+            self._kicked_at = 0
+        with self._state:
+            if self._pause and not self._stop:
+                parked_from = time.perf_counter_ns()
+                self.parked.set()
+                while self._pause and not self._stop:
+                    self._state.wait()
+                self.parked.clear()
+                self.parked_ns += time.perf_counter_ns() - parked_from
+
+    def _on_nothing(self) -> None:
+        pass
+
+    def _on_hlt(self) -> None:
+        # With the in-kernel LAPIC, KVM keeps a halted vCPU in the kernel until an interrupt
+        # wakes it, so this exit is rare; entering again is the right answer either way.
+        pass
+
+    def _on_shutdown(self) -> None:
+        regs = self.vcpu.get_regs()
+        self._end(
+            StopReason.TRIPLE_FAULT,
+            f"guest triple-faulted on vCPU {self.index} (rip {regs.rip:#x}, rsp {regs.rsp:#x}): "
+            "an exception it could not handle, usually a missing or broken IDT or stack",
+        )
+
+    def _on_system_event(self) -> None:
+        event = self._run.system_event
+        if event.type == SystemEvent.SHUTDOWN:
+            self._end(StopReason.POWER_OFF, "guest powered off")
+        elif event.type == SystemEvent.RESET:
+            self._end(StopReason.RESET, "guest requested a reset")
+        elif event.type == SystemEvent.CRASH:
+            self._end(StopReason.GUEST_CRASH, "guest reported a crash")
+        else:
+            self._end(StopReason.VMX_ERROR, f"unhandled KVM system event {event.type}")
+
+    def _on_fail_entry(self) -> None:
+        fail = self._run.fail_entry
+        self._end(
+            StopReason.ENTRY_FAILURE,
+            f"KVM could not enter the guest on vCPU {self.index} "
+            f"(hardware entry failure reason {fail.hardware_entry_failure_reason:#x}): invalid vCPU state",
+        )
+
+    def _on_internal_error(self) -> None:
+        exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, self.vcpu.run_mmap)
+        regs = self.vcpu.get_regs()
+        sregs = self.vcpu.get_sregs()
+        self._end(StopReason.EMULATION_FAILURE, describe_internal_error(exit_, self.index, regs, sregs, self.fetch_code))
+
+    def _on_debug(self) -> None:
+        hook = self.debug_hook
+        if hook is not None and not hook(self):
+            self._end(StopReason.STOPPED, "stopped by the debugger")
+
+    def _on_unexpected(self) -> None:
+        reason = self.vcpu.kvm_run.exit_reason
+        self._end(StopReason.VMX_ERROR, f"unexpected KVM exit reason {reason_name(reason)} ({reason}) on vCPU {self.index}")
+
+    def _end(self, reason: StopReason, message: str) -> None:
+        self._stop = True
+        self.request_exit(MachineResult.of(reason, message))
+
+    def release(self) -> None:
+        """Drop the views into the kvm_run page so that the vCPU can unmap it."""
+        self._run = self._io = self._mmio = None  # type: ignore[assignment]
+        self._pio_views = {}
+        self._mmio_views = {}
+
+    # --- numbers ---------------------------------------------------------------------------
+
+    def stats(self) -> VcpuStats:
+        exits = {reason_name(reason): count for reason, count in enumerate(self.counts) if count}
+        return VcpuStats(
+            vcpu=self.index,
+            exits=exits,
+            guest_ns=self.guest_ns,
+            vmx_ns=max(0, self.vmx_ns - self.parked_ns),
+            kicks=self.kicks,
+            kick_latency_ns_max=self.kick_latency_ns_max,
+        )

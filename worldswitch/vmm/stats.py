@@ -1,0 +1,112 @@
+"""World-switch accounting: per vCPU, how many times KVM_RUN returned and why, how long the vCPU
+spent inside KVM_RUN (guest, plus what KVM handled in the kernel) and how long in the VMX
+handling exits. Numbers are copied out of the run loops into plain dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..driver.constants import ExitReason
+
+
+def reason_name(reason: int) -> str:
+    try:
+        return ExitReason(reason).name.lower()
+    except ValueError:
+        return f"reason{reason}"
+
+
+@dataclass(frozen=True)
+class VcpuStats:
+    vcpu: int
+    exits: dict[str, int]  # exit reason name -> world switches that ended with it
+    guest_ns: int  # time inside KVM_RUN
+    vmx_ns: int  # time in the VMX between two KVM_RUNs, handling exits (parked time excluded)
+    kicks: int  # host events that asked this vCPU to come back (the interrupt path)
+    kick_latency_ns_max: int  # longest time from a kick to the vCPU being back in the VMX
+
+    @property
+    def world_switches(self) -> int:
+        return sum(self.exits.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "vcpu": self.vcpu,
+            "world_switches": self.world_switches,
+            "exits": dict(self.exits),
+            "guest_ns": self.guest_ns,
+            "vmx_ns": self.vmx_ns,
+            "kicks": self.kicks,
+            "kick_latency_ns_max": self.kick_latency_ns_max,
+        }
+
+
+@dataclass(frozen=True)
+class MachineStats:
+    vcpus: list[VcpuStats]
+    wall_ns: int
+    unmapped_mmio: int = 0
+    unmapped_pio: int = 0
+    devices: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def world_switches(self) -> int:
+        return sum(v.world_switches for v in self.vcpus)
+
+    @property
+    def exits(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for v in self.vcpus:
+            for name, count in v.exits.items():
+                total[name] = total.get(name, 0) + count
+        return total
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "world_switches": self.world_switches,
+            "exits": self.exits,
+            "wall_ns": self.wall_ns,
+            "unmapped_mmio": self.unmapped_mmio,
+            "unmapped_pio": self.unmapped_pio,
+            "vcpus": [v.as_dict() for v in self.vcpus],
+            "devices": self.devices,
+        }
+
+    def summary(self) -> str:
+        """One line: the short report `worldswitch run` prints at the end."""
+        switches = self.world_switches
+        guest = sum(v.guest_ns for v in self.vcpus)
+        vmx = sum(v.vmx_ns for v in self.vcpus)
+        parts = ", ".join(f"{count} {name}" for name, count in sorted(self.exits.items(), key=lambda kv: -kv[1]))
+        per_exit = f", {(guest + vmx) / switches / 1000:.1f} us per round trip" if switches else ""
+        return (
+            f"world switches: {switches} ({parts or 'none'}) in {self.wall_ns / 1e6:.1f} ms; "
+            f"guest+KVM {guest / 1e6:.1f} ms, VMX {vmx / 1e6:.1f} ms{per_exit}"
+        )
+
+    def table(self) -> str:
+        """The full per-vCPU, per-reason table of `worldswitch run --stats`."""
+        reasons = sorted({name for v in self.vcpus for name in v.exits}, key=lambda n: -self.exits.get(n, 0))
+        lines = [f"world-switch statistics ({self.wall_ns / 1e6:.1f} ms wall)"]
+        header = f"{'exit reason':<16}" + "".join(f"{'vcpu' + str(v.vcpu):>12}" for v in self.vcpus) + f"{'total':>12}"
+        lines.append(header)
+        for name in reasons:
+            row = f"{name:<16}" + "".join(f"{v.exits.get(name, 0):>12}" for v in self.vcpus)
+            lines.append(row + f"{self.exits[name]:>12}")
+        lines.append(f"{'all':<16}" + "".join(f"{v.world_switches:>12}" for v in self.vcpus) + f"{self.world_switches:>12}")
+
+        def ms(ns: int) -> str:
+            return f"{ns / 1e6:.3f} ms"
+
+        lines.append(f"{'in KVM_RUN':<16}" + "".join(f"{ms(v.guest_ns):>12}" for v in self.vcpus))
+        lines.append(f"{'in VMX':<16}" + "".join(f"{ms(v.vmx_ns):>12}" for v in self.vcpus))
+        for v in self.vcpus:
+            if v.world_switches:
+                lines.append(
+                    f"vcpu{v.vcpu}: {(v.guest_ns + v.vmx_ns) / v.world_switches / 1000:.2f} us per world switch "
+                    f"({v.guest_ns / v.world_switches / 1000:.2f} in KVM_RUN, {v.vmx_ns / v.world_switches / 1000:.2f} in VMX); "
+                    f"{v.kicks} kicks, slowest back in {v.kick_latency_ns_max / 1000:.0f} us"
+                )
+        if self.unmapped_mmio or self.unmapped_pio:
+            lines.append(f"unmapped accesses: {self.unmapped_mmio} MMIO, {self.unmapped_pio} port I/O")
+        return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The `worldswitch` command: the VMX's user interface.
+
+    worldswitch run [options]   build a machine, run it on the console, report how it ended
+    worldswitch info            what this host's KVM is (VT-x, AMD-V or PVM) and can do
+    worldswitch guests          the built-in guest programs
+
+Every error the user can cause ends in one line on stderr and a non-zero status; a traceback
+means a bug in worldswitch (set WORLDSWITCH_DEBUG=1 to see it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .. import __version__
+from ..errors import WorldswitchError
+from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
+from ..vmm.builder import DEFAULT_MEMORY, MachineConfig, build_machine
+from ..vmm.machine import Machine
+from ..vmm.result import MachineResult, StopReason
+from .console import Console, open_console, stderr_line
+from .info import format_info, gather, info_json
+from .units import parse_seconds, parse_size
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    run = sub.add_parser(
+        "run",
+        help="run a virtual machine",
+        description="Run a guest on this host's KVM. With no program given, runs the built-in "
+        f"'{DEFAULT_GUEST}' guest.",
+    )
+    program = run.add_mutually_exclusive_group()
+    program.add_argument("--guest", metavar="NAME", help=f"a built-in guest ({', '.join(sorted(BUILTIN_GUESTS))})")
+    program.add_argument("--elf", metavar="FILE", help="your own static ELF64 program, entered in 64-bit ring 0")
+    run.add_argument("--args", default="", metavar="STRING", help="argument string passed to the program (RDI)")
+    run.add_argument("--memory", "-m", default=f"{DEFAULT_MEMORY >> 20}M", metavar="SIZE", help="guest RAM (default %(default)s)")
+    run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--timeout", metavar="SECONDS", help="stop the guest if it has not ended after this long")
+    run.add_argument("--serial", default="stdio", metavar="BACKEND", help="console: stdio (default), file:PATH or none")
+    run.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
+    run.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
+    run.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldswitch",
+        description="A hackable hosted hypervisor on Linux KVM.",
+    )
+    parser.add_argument("--version", action="version", version=f"worldswitch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _run_parser(sub)
+    info = sub.add_parser("info", help="describe this host's KVM")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--no-measure", action="store_true", help="skip timing ring-0 and ring-3 guest code")
+    sub.add_parser("guests", help="list the built-in guest programs")
+    return parser
+
+
+def config_from_args(options: argparse.Namespace) -> MachineConfig:
+    return MachineConfig(
+        memory=parse_size(options.memory, "--memory"),
+        cpus=options.cpus,
+        elf=options.elf,
+        guest=options.guest,
+        args=options.args,
+    )
+
+
+def run_machine(machine: Machine, console: Console, timeout: float | None) -> MachineResult:
+    """Run until the guest ends, the timeout expires, or the user stops it."""
+    serial = machine.devices["serial"]
+
+    def quit_requested() -> None:
+        machine.request_exit(MachineResult.of(StopReason.STOPPED, "stopped by the user"))
+
+    console.attach(serial.receive, quit_requested)  # type: ignore[attr-defined]
+    try:
+        machine.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            result = machine.wait(min(remaining, 0.5) if remaining is not None else 0.5)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                return machine.stop(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s; stopped it")
+    except KeyboardInterrupt:
+        return machine.stop(StopReason.INTERRUPTED, "interrupted")
+    finally:
+        console.detach()
+
+
+def cmd_run(options: argparse.Namespace) -> int:
+    config = config_from_args(options)
+    timeout = parse_seconds(options.timeout, "--timeout") if options.timeout else None
+    console = open_console(options.serial)
+    try:
+        machine = build_machine(config, console.write, warn=lambda text: stderr_line(text, console))
+    except BaseException:
+        console.detach()
+        raise
+    with machine:
+        result = run_machine(machine, console, timeout)
+        stats = machine.stats()
+    if not options.quiet or not result.ok:
+        stderr_line(result.message, console)
+    if options.stats:
+        sys.stderr.write(stats.table() + "\n")
+    elif not options.quiet:
+        stderr_line(stats.summary(), console)
+    if options.stats_json:
+        payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
+                              "value": result.value}, "stats": stats.as_dict()}
+        Path(options.stats_json).write_text(json.dumps(payload, indent=2) + "\n")
+    return result.exit_status
+
+
+def cmd_info(options: argparse.Namespace) -> int:
+    info = gather(measure=not options.no_measure)
+    print(info_json(info) if options.json else format_info(info))
+    return 1 if info.required_missing else 0
+
+
+def cmd_guests(options: argparse.Namespace) -> int:
+    for name, what in sorted(BUILTIN_GUESTS.items()):
+        marker = " (default)" if name == DEFAULT_GUEST else ""
+        print(f"{name:8} {what}{marker}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if options.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[options.command](options)
+    except WorldswitchError as error:
+        print(f"worldswitch: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("worldswitch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
+        if os.environ.get("WORLDSWITCH_DEBUG"):
+            traceback.print_exc()
+        print(f"worldswitch: internal error: {type(error).__name__}: {error} (WORLDSWITCH_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`worldswitch info`: what this host's KVM is and what it can do for worldswitch.
+
+The kind of host decides everything about performance: with VT-x or AMD-V all guest code runs on
+the CPU; on a PVM host (KVM's software switcher for machines without either) guest user mode runs
+natively but guest kernel mode and real mode are emulated. Module names tell us which driver is
+loaded; a measurement with the `probe` guest tells us how fast ring-0 and ring-3 code really run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..devices.ucall import Ucall, UcallCommand
+from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
+from ..driver.kvm import Kvm
+from ..vmm.builder import MachineConfig, build_machine
+from ..vmm.result import StopReason
+
+SYS_MODULE = Path("/sys/module")
+PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}
+
+
+@dataclass
+class HostKind:
+    driver: str  # "vmx", "svm", "pvm" or "unknown"
+    nested_paging: bool | None
+    description: str
+
+
+@dataclass
+class HostInfo:
+    kvm_path: str
+    api_version: int
+    cpu_model: str
+    host_cpus: int
+    kind: HostKind
+    capabilities: dict[str, int]
+    required_missing: list[str]
+    max_vcpus: int
+    recommended_vcpus: int
+    memory_slots: int
+    measured: dict[str, float] = field(default_factory=dict)  # loop iterations per second, by ring
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _param(module: str, name: str) -> str | None:
+    path = SYS_MODULE / module / "parameters" / name
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_flags_and_model() -> tuple[set[str], str]:
+    flags: set[str] = set()
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return flags, model
+
+
+def host_kind(flags: set[str]) -> HostKind:
+    if (SYS_MODULE / "kvm_intel").exists() and "vmx" in flags:
+        ept = _param("kvm_intel", "ept") in ("Y", "1")
+        return HostKind("vmx", ept, "Intel VT-x: guest code runs natively in every ring"
+                        + ("; nested paging (EPT)" if ept else "; shadow paging (EPT off)"))
+    if (SYS_MODULE / "kvm_amd").exists() and "svm" in flags:
+        npt = _param("kvm_amd", "npt") in ("Y", "1")
+        return HostKind("svm", npt, "AMD-V: guest code runs natively in every ring"
+                        + ("; nested paging (NPT)" if npt else "; shadow paging (NPT off)"))
+    if (SYS_MODULE / "kvm_pvm").exists():
+        return HostKind(
+            "pvm", False,
+            "PVM (no VT-x/AMD-V): guest ring-3 code runs natively, guest ring-0 and real-mode code is "
+            "emulated by KVM; shadow paging. Linux guests boot slowly here (minutes).",
+        )
+    return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise")
+
+
+def measure_rings() -> dict[str, float]:
+    """Loop iterations per second in ring 0 and ring 3, timed between the probe guest's SYNC and
+    DONE ucalls (so set-up and world switches are not counted)."""
+    rates: dict[str, float] = {}
+    for ring, iterations in PROBE_ITERATIONS.items():
+        stamps: list[int] = []
+
+        def stamp(call: Ucall) -> None:
+            if call.command in (UcallCommand.SYNC, UcallCommand.DONE):
+                stamps.append(time.perf_counter_ns())
+
+        machine = build_machine(MachineConfig(guest="probe", args=f"{ring} {iterations}"), lambda _b: None)
+        with machine:
+            machine.on_ucall = stamp
+            machine.start()
+            result = machine.wait(60)
+            if result is None or result.reason is not StopReason.GUEST_DONE or len(stamps) != 2:
+                continue
+        rates[ring] = iterations / ((stamps[1] - stamps[0]) / 1e9)
+    return rates
+
+
+def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
+    flags, model = _cpu_flags_and_model()
+    with Kvm(kvm_path) as kvm:
+        caps = {cap.name: kvm.check_extension(cap) for cap in (*REQUIRED_CAPS, *USEFUL_CAPS)}
+        info = HostInfo(
+            kvm_path=kvm_path,
+            api_version=kvm.get_api_version(),
+            cpu_model=model,
+            host_cpus=os.cpu_count() or 1,
+            kind=host_kind(flags),
+            capabilities=caps,
+            required_missing=[cap.name for cap in REQUIRED_CAPS if not caps[cap.name]],
+            max_vcpus=caps["MAX_VCPUS"],
+            recommended_vcpus=caps["NR_VCPUS"],
+            memory_slots=caps["NR_MEMSLOTS"],
+        )
+    if measure and not info.required_missing:
+        info.measured = measure_rings()
+    return info
+
+
+def _rate(value: float) -> str:
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}G"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.0f}k"
+
+
+def format_info(info: HostInfo) -> str:
+    lines = [
+        f"KVM          {info.kvm_path}, API version {info.api_version}",
+        f"host CPU     {info.cpu_model} ({info.host_cpus} logical CPUs)",
+        f"host kind    {info.kind.driver}: {info.kind.description}",
+    ]
+    if info.measured:
+        r0, r3 = info.measured.get("ring0"), info.measured.get("ring3")
+        parts = []
+        if r0:
+            parts.append(f"ring 0 {_rate(r0)} loop iterations/s")
+        if r3:
+            parts.append(f"ring 3 {_rate(r3)} loop iterations/s")
+        verdict = ""
+        if r0 and r3:
+            verdict = (" -> guest kernel code is EMULATED here" if r3 / r0 > 50 else " -> guest kernel code runs natively")
+        lines.append(f"measured     {', '.join(parts)}{verdict}")
+    lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
+    lines.append("capabilities (* = required by worldswitch)")
+    required = {cap.name for cap in REQUIRED_CAPS}
+    for name, value in info.capabilities.items():
+        mark = "*" if name in required else " "
+        state = "yes" if value else "NO"
+        extra = f" ({value})" if value not in (0, 1) else ""
+        lines.append(f"  {mark} {name:<26} {state}{extra}")
+    if info.required_missing:
+        lines.append(f"worldswitch cannot run here: missing {', '.join(info.required_missing)}")
+    return "\n".join(lines)
+
+
+def info_json(info: HostInfo) -> str:
+    return json.dumps(info.as_dict(), indent=2)
