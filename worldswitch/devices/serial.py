@@ -4,6 +4,10 @@ The guest sees eight registers at COM1 (0x3f8-0x3ff); the device sees offsets 0-
 line and its output sink are passed in, so it runs in tests without KVM. Transmission is instant
 (the sink takes bytes as the guest writes them); reception goes through a 16-byte receive FIFO fed
 from an unbounded backlog, so host input is never dropped while the guest is slow to read.
+
+Host input also waits in the backlog until the guest's driver shows it is receiving (it enables
+the receive interrupt or reads the line status): a driver resets the FIFO while it starts, and
+bytes the user typed or piped in before that must not vanish in the reset.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class SerialState:
     dlm: int = 0
     fcr: int = 0
     thr_interrupt: bool = False
+    listening: bool = False  # the guest has read LSR or enabled the receive interrupt
     rx_fifo: list[int] = field(default_factory=list)
     backlog: bytes = b""
 
@@ -116,6 +121,7 @@ class Serial:
         self.dlm = state.dlm
         self.fcr = state.fcr
         self.thr_interrupt = state.thr_interrupt
+        self.listening = state.listening
         self.rx_fifo: deque[int] = deque(state.rx_fifo)
         self.backlog: deque[int] = deque(state.backlog)
 
@@ -125,7 +131,7 @@ class Serial:
         with self._lock:
             return SerialState(
                 self.ier, self.lcr, self.mcr, self.lsr, self.msr, self.scr, self.dll, self.dlm, self.fcr,
-                self.thr_interrupt, list(self.rx_fifo), bytes(self.backlog),
+                self.thr_interrupt, self.listening, list(self.rx_fifo), bytes(self.backlog),
             )
 
     def restore(self, state: SerialState) -> None:
@@ -185,6 +191,9 @@ class Serial:
         if offset == MCR:
             return self.mcr
         if offset == LSR:
+            if not self.listening:
+                self.listening = True
+                self._refill()
             value = self.lsr
             self.lsr &= ~(LSR_OE | LSR_BI)  # error bits clear on read
             return value
@@ -223,6 +232,9 @@ class Serial:
             self.ier = value & IER_MASK
             if enabling_thri:
                 self.thr_interrupt = True  # the THR is empty, so enabling THRI raises it
+            if value & IER_RDI and not self.listening:
+                self.listening = True
+                self._refill()
             return None
         if offset == IIR_FCR:
             if value & FCR_CLEAR_RX:
@@ -256,7 +268,7 @@ class Serial:
 
     def _refill(self) -> None:
         capacity = self._capacity()
-        while self.backlog and len(self.rx_fifo) < capacity and not self.mcr & MCR_LOOP:
+        while self.backlog and self.listening and len(self.rx_fifo) < capacity and not self.mcr & MCR_LOOP:
             self.rx_fifo.append(self.backlog.popleft())
         if self.rx_fifo:
             self.lsr |= LSR_DR

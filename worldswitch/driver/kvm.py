@@ -334,7 +334,7 @@ class Vcpu:
 
     def set_xsave(self, data: bytes) -> None:
         area = s.xsave_with(max(len(data), s.KVM_XSAVE_LEGACY_SIZE))
-        ctypes.memmove(area, data, len(data))
+        ctypes.memmove(ctypes.addressof(area), data, len(data))
         ioctl(self.fd, rq.KVM_SET_XSAVE, area)
 
     def get_xcrs(self) -> s.kvm_xcrs:

@@ -508,7 +508,8 @@ class kvm_run_hypercall(Struct):
         ("nr", c_uint64),
         ("args", c_uint64 * 6),
         ("ret", c_uint64),
-        ("flags", c_uint64),
+        ("longmode", c_uint32),
+        ("pad", c_uint32),
     ]
 
 
@@ -544,7 +545,7 @@ class kvm_run_eoi(Struct):
     _fields_ = [("vector", c_uint8)]
 
 
-class kvm_run_exit_union(ctypes.Union):
+class _kvm_run_exit_union(ctypes.Union):
     _fields_ = [
         ("hw", kvm_run_hw),
         ("fail_entry", kvm_run_fail_entry),
@@ -577,7 +578,7 @@ class kvm_run(Struct):
         ("flags", c_uint16),
         ("cr8", c_uint64),
         ("apic_base", c_uint64),
-        ("u", kvm_run_exit_union),
+        ("u", _kvm_run_exit_union),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
         ("s", c_char * 2048),

@@ -28,6 +28,8 @@ from .console import Console, open_console, stderr_line
 from .info import format_info, gather, info_json
 from .units import parse_seconds, parse_size
 
+KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
+
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -107,7 +109,9 @@ def cmd_run(options: argparse.Namespace) -> int:
     timeout = parse_seconds(options.timeout, "--timeout") if options.timeout else None
     console = open_console(options.serial)
     try:
-        machine = build_machine(config, console.write, warn=lambda text: stderr_line(text, console))
+        machine = build_machine(
+            config, console.write, warn=lambda text: stderr_line(text, console), kvm_path=kvm_path()
+        )
     except BaseException:
         console.detach()
         raise
@@ -127,8 +131,12 @@ def cmd_run(options: argparse.Namespace) -> int:
     return result.exit_status
 
 
+def kvm_path() -> str:
+    return os.environ.get(KVM_PATH_VARIABLE, "/dev/kvm")
+
+
 def cmd_info(options: argparse.Namespace) -> int:
-    info = gather(measure=not options.no_measure)
+    info = gather(kvm_path(), measure=not options.no_measure)
     print(info_json(info) if options.json else format_info(info))
     return 1 if info.required_missing else 0
 

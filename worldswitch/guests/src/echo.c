@@ -34,7 +34,7 @@ static int echo(u64 unused)
             serial_puts("\n");
             if (str_eq(line, "quit"))
                 done = 1;
-            if (len)
+            else if (len)
                 lines++;
             len = 0;
             continue;

@@ -1,0 +1,29 @@
+"""Test tiers: pure unit tests run anywhere; tests marked `kvm` run on the real /dev/kvm.
+
+worldswitch needs KVM, so a missing or unusable /dev/kvm makes the `kvm` tests fail, loudly. On a
+machine without KVM, WORLDSWITCH_SKIP_KVM_TESTS=1 skips them instead (CI never sets it)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _kvm_problem() -> str | None:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError as error:
+        return f"/dev/kvm unusable: {error.strerror}"
+    os.close(fd)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problem = _kvm_problem()
+    if problem is None or not os.environ.get("WORLDSWITCH_SKIP_KVM_TESTS"):
+        return
+    skip = pytest.mark.skip(reason=f"{problem} (WORLDSWITCH_SKIP_KVM_TESTS is set)")
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,73 @@
+"""Test doubles shared by the unit tests."""
+
+from __future__ import annotations
+
+
+class RecordingLine:
+    """An interrupt line that remembers its level and every change."""
+
+    def __init__(self) -> None:
+        self.level = False
+        self.changes: list[bool] = []
+
+    def set_level(self, asserted: bool) -> None:
+        if asserted != self.level:
+            self.changes.append(asserted)
+        self.level = asserted
+
+
+import threading
+from dataclasses import dataclass, field
+
+from worldswitch.vmm.builder import MachineConfig, build_machine
+from worldswitch.vmm.machine import Machine
+from worldswitch.vmm.result import MachineResult
+from worldswitch.vmm.stats import MachineStats
+
+
+@dataclass
+class Run:
+    result: MachineResult
+    output: bytes
+    stats: MachineStats
+    machine: Machine
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+class Output:
+    """A thread-safe serial sink that tests can wait on."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.changed = threading.Condition()
+
+    def __call__(self, chunk: bytes) -> None:
+        with self.changed:
+            self.data += chunk
+            self.changed.notify_all()
+
+    def wait_for(self, needle: bytes, timeout: float = 10.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: needle in self.data, timeout)
+
+
+def start_guest(guest: str = "hello", args: str = "", **config: object) -> tuple[Machine, Output, list[str]]:
+    output, warnings = Output(), []
+    machine = build_machine(MachineConfig(guest=guest, args=args, **config), output, warn=warnings.append)  # type: ignore[arg-type]
+    machine.start()
+    return machine, output, warnings
+
+
+def run_guest(guest: str = "hello", args: str = "", timeout: float = 30.0, **config: object) -> Run:
+    machine, output, warnings = start_guest(guest, args, **config)
+    with machine:
+        result = machine.wait(timeout)
+        if result is None:
+            machine.stop()
+            raise AssertionError(f"guest {guest} {args!r} did not finish within {timeout} s; output: {bytes(output.data)!r}")
+        stats = machine.stats()
+    return Run(result, bytes(output.data), stats, machine, warnings)

@@ -1,0 +1,178 @@
+"""The VMM on the real /dev/kvm with the built-in guests: the run loop, exit accounting, devices,
+interrupts, errors, and the hosted interrupt path (kicks, pause, stop)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from worldswitch.vmm.result import MachineResult, StopReason
+
+from .helpers import run_guest, start_guest
+
+pytestmark = pytest.mark.kvm
+
+
+def test_hello_prints_its_banner_from_ring_3_and_exits_through_the_debug_port() -> None:
+    run = run_guest("hello")
+    assert "Hello from a worldswitch guest: 64-bit long mode, ring 3, 128 MiB of RAM, 1 vCPU." in run.text
+    assert run.result.reason is StopReason.GUEST_EXIT
+    assert run.result.exit_status == 0
+
+
+def test_hello_exit_status_and_arguments_reach_the_vmx() -> None:
+    run = run_guest("hello", "7 please", memory=64 << 20)
+    assert "My arguments: 7 please" in run.text
+    assert "64 MiB of RAM" in run.text
+    assert run.result.exit_status == 7
+
+
+def test_every_exit_is_counted_exactly_once() -> None:
+    n = 3000
+    run = run_guest("exits", str(n))
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    assert run.result.value == n
+    for name in ("testdev_pio", "testdev_mmio"):
+        state = run.machine.devices[name].state
+        assert (state.writes, state.last, state.errors) == (n, n, 0)
+    # n writes + 1 read-back + 1 ucall port write; n MMIO writes + 1 read-back
+    assert run.stats.exits == {"io": n + 2, "mmio": n + 1}
+    vcpu = run.stats.vcpus[0]
+    assert vcpu.world_switches == 2 * n + 3
+    assert 0 < vcpu.guest_ns + vcpu.vmx_ns <= run.stats.wall_ns
+
+
+@pytest.mark.parametrize("mode", ["io", "mmio"])
+def test_exits_guest_can_do_one_kind_only(mode: str) -> None:
+    run = run_guest("exits", f"500 {mode}")
+    assert run.result.reason is StopReason.GUEST_DONE
+    other = "mmio" if mode == "io" else "io"
+    assert run.machine.devices[f"testdev_{mode if mode == 'mmio' else 'pio'}"].state.writes == 500
+    assert run.machine.devices[f"testdev_{other if other == 'mmio' else 'pio'}"].state.writes == 0
+
+
+@pytest.mark.parametrize("source", ["lapic", "pit"])
+def test_timer_interrupts_reach_the_guest_idt_while_it_runs_in_ring_3(source: str) -> None:
+    run = run_guest("timer", f"50 {source}")
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    ticks, user_ticks, used_pit, _ = run.result.details["ucall"].args  # type: ignore[union-attr]
+    assert ticks == 50
+    assert user_ticks > 0  # interrupts arrived while the guest was in ring 3
+    assert used_pit == (source == "pit")
+    # Timer interrupts are delivered inside KVM: the VMX sees only the final ucall.
+    assert run.stats.exits == {"io": 1}
+    assert run.stats.wall_ns >= 40e6  # 50 ticks at 1 kHz take about 50 ms
+
+
+def test_serial_input_arrives_through_the_uart_interrupt() -> None:
+    machine, output, _ = start_guest("echo")
+    with machine:
+        assert output.wait_for(b"type a line")
+        machine.devices["serial"].receive(b"hello world\r")  # type: ignore[attr-defined]
+        assert output.wait_for(b"HELLO WORLD")
+        machine.devices["serial"].receive(b"second\rquit\r")  # type: ignore[attr-defined]
+        result = machine.wait(10)
+    assert result is not None and result.reason is StopReason.GUEST_DONE
+    assert result.value == 2
+
+
+@pytest.mark.parametrize(
+    "mode,reason,text",
+    [
+        ("ud", StopReason.GUEST_ABORT, "unhandled #UD (invalid opcode), vector 6, at rip 0x"),
+        ("gp", StopReason.GUEST_ABORT, "unhandled #GP (general protection)"),
+        ("abort", StopReason.GUEST_ABORT, "guest assertion failed at fault.c:"),
+        ("triple", StopReason.TRIPLE_FAULT, "guest triple-faulted on vCPU 0"),
+    ],
+)
+def test_faulting_guests_end_with_a_clear_reason(mode: str, reason: StopReason, text: str) -> None:
+    run = run_guest("fault", mode)
+    assert run.result.reason is reason
+    assert text in run.result.message
+    assert run.result.exit_status != 0
+
+
+def test_unmapped_mmio_is_a_rate_limited_warning_and_the_guest_keeps_running() -> None:
+    run = run_guest("fault", "unmapped 2000")
+    assert run.result.reason is StopReason.GUEST_DONE
+    assert run.result.details["ucall"].args[1] == 0xFFFFFFFF  # type: ignore[union-attr]  # reads float high
+    assert run.stats.unmapped_mmio == 2001
+    assert 1 <= len(run.warnings) <= 10
+    assert "unmapped MMIO address 0xd0000000" in run.warnings[0]
+
+
+@pytest.mark.parametrize("mode", ["spin", "halt"])
+def test_a_vcpu_that_never_exits_is_stopped_promptly(mode: str) -> None:
+    machine, _, _ = start_guest("fault", mode)
+    with machine:
+        time.sleep(0.3)
+        assert machine.running
+        started = time.monotonic()
+        result = machine.stop()
+        elapsed = time.monotonic() - started
+        stats = machine.stats()
+    assert result.reason is StopReason.STOPPED
+    assert elapsed < 1.0
+    vcpu = stats.vcpus[0]
+    assert vcpu.exits == {"intr": 1}  # the kick is the only way out of the guest
+    assert vcpu.kicks == 1
+    assert vcpu.kick_latency_ns_max < 500e6
+
+
+def test_pause_parks_every_vcpu_and_resume_reenters_the_guest() -> None:
+    machine, _, _ = start_guest("exits", "200000 io")
+    with machine:
+        time.sleep(0.2)
+        machine.pause()
+        register = machine.devices["testdev_pio"]
+        before = register.state.writes  # type: ignore[attr-defined]
+        time.sleep(0.2)
+        assert register.state.writes == before  # type: ignore[attr-defined]  # parked: no guest progress
+        assert machine.runners[0].parked.is_set()
+        machine.resume()
+        time.sleep(0.1)
+        assert register.state.writes > before  # type: ignore[attr-defined]
+        machine.stop()
+
+
+def test_no_exit_is_lost_or_handled_twice_under_a_storm_of_kicks() -> None:
+    n = 15000
+    machine, _, _ = start_guest("exits", f"{n}")
+    pauses = 0
+    with machine:
+        while machine.wait(0.003) is None:
+            machine.pause()
+            machine.resume()
+            pauses += 1
+        result = machine.result
+        stats = machine.stats()
+        states = [machine.devices[name].state for name in ("testdev_pio", "testdev_mmio")]
+    assert result is not None and result.reason is StopReason.GUEST_DONE, result
+    assert pauses > 50
+    for state in states:
+        assert (state.writes, state.last, state.errors) == (n, n, 0)  # type: ignore[attr-defined]
+    assert stats.exits["io"] == n + 2 and stats.exits["mmio"] == n + 1
+    assert stats.vcpus[0].kicks >= pauses * 0.9
+
+
+def test_the_first_end_wins() -> None:
+    machine, _, _ = start_guest("fault", "spin")
+    with machine:
+        machine.request_exit(MachineResult.of(StopReason.POWER_OFF, "first"))
+        machine.request_exit(MachineResult.of(StopReason.TRIPLE_FAULT, "second"))
+        result = machine.wait(5)
+    assert result is not None and result.message == "first"
+
+
+def test_machines_can_be_built_and_closed_repeatedly() -> None:
+    for _ in range(5):
+        run = run_guest("hello")
+        assert run.result.exit_status == 0
+
+
+def test_two_vcpus_the_second_waits_for_sipi() -> None:
+    run = run_guest("hello", cpus=2)
+    assert "2 vCPUs" in run.text
+    assert run.result.exit_status == 0
+    assert run.stats.vcpus[1].world_switches == 1  # only the kick that ended it
