@@ -16,7 +16,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "hello": "prints a banner through the UART from ring 3 and exits through the debug-exit port",
     "exits": "makes N port-I/O and N MMIO exits from ring 3 (args: [N] [io|mmio|both])",
     "timer": "takes N LAPIC or PIT timer interrupts through its IDT while spinning in ring 3 (args: [N] [lapic|pit])",
-    "fault": "misbehaves on purpose (args: ud | triple | unmapped N | spin | halt | gp | abort)",
+    "fault": "misbehaves on purpose (args: ud | gp | triple | unmapped N | spin | halt | abort | reset)",
     "echo": "echoes UART input back in upper case until it reads a line 'quit' (interrupt-driven)",
     "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls (args: ring0|ring3 [N])",
 }
