@@ -16,7 +16,7 @@ from ..errors import KvmError, KvmUnavailableError
 from . import requests as rq
 from . import structs as s
 from .constants import KVM_API_VERSION, REQUIRED_CAPS, Cap, ExitReason
-from .ioctl import ioctl, libc_ioctl
+from .ioctl import ioctl, kvm_run_call, last_errno, libc_ioctl
 
 KVM_DEVICE = "/dev/kvm"
 PIO_DATA_OFFSET = 4096  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE on x86: where port I/O data sits in kvm_run
@@ -211,7 +211,7 @@ class Vcpu:
         self.run_mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
         self._exit_reason = ctypes.c_uint32.from_buffer(self.run_mmap, s.kvm_run.exit_reason.offset)
-        self._run_number = rq.KVM_RUN.number
+        self.run_request = rq.KVM_RUN.number
 
     def close(self) -> None:
         if self.fd < 0:
@@ -228,8 +228,8 @@ class Vcpu:
     def run(self) -> int:
         """Enter the guest until it exits; return the exit reason. A signal or immediate_exit gives
         ExitReason.INTR (KVM leaves exit_reason stale in that case, so we say it ourselves)."""
-        if libc_ioctl(self.fd, self._run_number, None) < 0:
-            code = ctypes.get_errno()
+        if kvm_run_call(self.fd, self.run_request, None) < 0:
+            code = last_errno()
             if code == errno.EINTR or code == errno.EAGAIN:
                 return ExitReason.INTR
             raise KvmError("KVM_RUN", code)

@@ -22,7 +22,7 @@ from pathlib import Path
 from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
-RUNTIME_SOURCES = ("start.S", "runtime.c")
+RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c")
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",

@@ -20,7 +20,7 @@ ReadFn = Callable[[int, int], int]  # (offset, size) -> value
 WriteFn = Callable[[int, int, int], None]  # (offset, size, value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BusRange:
     name: str
     base: int
@@ -92,25 +92,25 @@ class PioBus(_Bus):
 
     def __init__(self, warn: Callable[[str], None] | None = None) -> None:
         super().__init__("port", 0x10000, warn)
-        self._table: dict[int, BusRange] = {}
+        self.table: dict[int, BusRange] = {}  # port -> owner; the run loop reads it directly
 
     def register(self, name: str, base: int, length: int, read: ReadFn, write: WriteFn) -> BusRange:
         self._check(name, base, length)
         entry = BusRange(name, base, length, read, write)
         self.ranges.append(entry)
         for port in range(base, base + length):
-            self._table[port] = entry
+            self.table[port] = entry
         return entry
 
     def read(self, port: int, size: int) -> int:
-        entry = self._table.get(port)
+        entry = self.table.get(port)
         if entry is None:
             self.unmapped.record(port, size, False, 0)
             return (1 << (8 * size)) - 1  # an undriven bus reads as all ones
         return entry.read(port - entry.base, size)
 
     def write(self, port: int, size: int, value: int) -> None:
-        entry = self._table.get(port)
+        entry = self.table.get(port)
         if entry is None:
             self.unmapped.record(port, size, True, value)
             return

@@ -153,4 +153,18 @@ class Machine:
             wall_ns=wall,
             unmapped_mmio=self.mmio.unmapped.count,
             unmapped_pio=self.pio.unmapped.count,
+            vmx_resident_kib=process_resident_kib(),
+            guest_resident_kib=self.memory.resident_bytes() // 1024 if not self._closed else 0,
         )
+
+
+def process_resident_kib() -> int:
+    """VmRSS of this process."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0

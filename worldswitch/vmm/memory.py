@@ -13,6 +13,9 @@ from ..errors import GuestMemoryError
 PAGE_SIZE = 4096
 T = TypeVar("T", bound=ctypes.Structure)
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
 
 @dataclass
 class MemoryRegion:
@@ -55,6 +58,16 @@ class GuestMemory:
     def top(self) -> int:
         """One past the highest guest-physical RAM address."""
         return self.regions[-1].end if self.regions else 0
+
+    def resident_bytes(self) -> int:
+        """Guest RAM backed by host memory right now (pages the guest or the VMM touched)."""
+        total = 0
+        for region in self.regions:
+            pages = region.size // PAGE_SIZE
+            vector = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(region.host_addr, region.size, vector) == 0:
+                total += sum(byte & 1 for byte in bytes(vector)) * PAGE_SIZE
+        return total
 
     def register(self, vm: "Vm") -> None:  # type: ignore[name-defined]  # noqa: F821
         for region in self.regions:

@@ -48,6 +48,13 @@ class MachineStats:
     unmapped_mmio: int = 0
     unmapped_pio: int = 0
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
+    vmx_resident_kib: int = 0  # the whole VMX process (VmRSS)
+    guest_resident_kib: int = 0  # of which guest RAM
+
+    @property
+    def vmx_overhead_kib(self) -> int:
+        """Resident memory of the VMX beyond the guest RAM it backs."""
+        return max(0, self.vmx_resident_kib - self.guest_resident_kib)
 
     @property
     def world_switches(self) -> int:
@@ -68,6 +75,9 @@ class MachineStats:
             "wall_ns": self.wall_ns,
             "unmapped_mmio": self.unmapped_mmio,
             "unmapped_pio": self.unmapped_pio,
+            "vmx_resident_kib": self.vmx_resident_kib,
+            "guest_resident_kib": self.guest_resident_kib,
+            "vmx_overhead_kib": self.vmx_overhead_kib,
             "vcpus": [v.as_dict() for v in self.vcpus],
             "devices": self.devices,
         }
@@ -107,6 +117,11 @@ class MachineStats:
                     f"({v.guest_ns / v.world_switches / 1000:.2f} in KVM_RUN, {v.vmx_ns / v.world_switches / 1000:.2f} in VMX); "
                     f"{v.kicks} kicks, slowest back in {v.kick_latency_ns_max / 1000:.0f} us"
                 )
+        if self.vmx_resident_kib:
+            lines.append(
+                f"memory: VMX resident {self.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "
+                f"{self.guest_resident_kib / 1024:.1f} MiB; VMX overhead {self.vmx_overhead_kib / 1024:.1f} MiB"
+            )
         if self.unmapped_mmio or self.unmapped_pio:
             lines.append(f"unmapped accesses: {self.unmapped_mmio} MMIO, {self.unmapped_pio} port I/O")
         return "\n".join(lines)

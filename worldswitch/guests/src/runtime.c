@@ -7,6 +7,48 @@ u64 ws_vcpus;
 
 extern const u64 trap_stubs[256];
 
+/* ---- PVH boot (pvh.S): struct hvm_start_info, xen/include/public/arch-x86/hvm/start_info.h ---- */
+
+struct hvm_start_info {
+    u32 magic;
+    u32 version;
+    u32 flags;
+    u32 nr_modules;
+    u64 modlist_paddr;
+    u64 cmdline_paddr;
+    u64 rsdp_paddr;
+    u64 memmap_paddr;
+    u32 memmap_entries;
+    u32 reserved;
+};
+
+struct hvm_memmap_table_entry {
+    u64 addr;
+    u64 size;
+    u32 type;
+    u32 reserved;
+};
+
+#define HVM_START_MAGIC 0x336ec578
+#define E820_RAM 1
+
+void pvh_boot_info(const struct hvm_start_info *info)
+{
+    ws_args = "";
+    ws_ram_size = 0;
+    ws_vcpus = 1; /* PVH does not say; the guests only print it */
+    if (!info || info->magic != HVM_START_MAGIC)
+        return;
+    if (info->cmdline_paddr)
+        ws_args = (const char *)info->cmdline_paddr;
+    if (info->version >= 1 && info->memmap_paddr) {
+        const struct hvm_memmap_table_entry *map = (const void *)info->memmap_paddr;
+        for (u32 i = 0; i < info->memmap_entries; i++)
+            if (map[i].type == E820_RAM)
+                ws_ram_size += map[i].size;
+    }
+}
+
 /* ---- IDT ---------------------------------------------------------------------------------- */
 
 struct idt_gate {

@@ -12,6 +12,8 @@ _start:
     movq %rdi, ws_args(%rip)
     movq %rsi, ws_ram_size(%rip)
     movq %rdx, ws_vcpus(%rip)
+    .globl runtime_start
+runtime_start:                           /* pvh.S joins here */
     call runtime_init
     movq ws_args(%rip), %rdi
     call main

@@ -1,0 +1,87 @@
+"""Turning results into a chart (PNG, matplotlib) and a Markdown table for the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .measure import Figure
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+TITLES = {
+    "io_exit": ("port I/O exit round trip", "us"),
+    "mmio_exit": ("MMIO exit round trip", "us"),
+    "start_first_byte": ("VM start to first UART byte", "ms"),
+    "start_exit": ("VM start to exit (hello guest)", "ms"),
+    "memory_overhead": ("VMX memory beyond touched guest RAM", "MiB"),
+    "virtio_blk_seq_read": ("virtio-blk sequential 4 KiB reads", "MiB/s"),
+    "virtio_blk_rand_read": ("virtio-blk random 4 KiB reads", "IOPS"),
+}
+COLOURS = {"worldswitch": "#1f77b4", "floor": "#7f7f7f", "qemu": "#ff7f0e", "host": "#2ca02c"}
+
+
+def chart(figures: dict[str, dict[str, Figure]], path: Path, results: dict[str, object]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name in TITLES if name in figures]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6))
+    for ax, name in zip(axes if len(names) > 1 else [axes], names):
+        title, unit = TITLES[name]
+        per_vmm = figures[name]
+        labels = list(per_vmm)
+        medians = [per_vmm[v].median for v in labels]
+        lows = [per_vmm[v].median - per_vmm[v].spread[0] for v in labels]
+        highs = [per_vmm[v].spread[1] - per_vmm[v].median for v in labels]
+        ax.bar(labels, medians, yerr=[lows, highs], capsize=4, color=[COLOURS.get(v, "#999999") for v in labels])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelsize=8)
+        for i, value in enumerate(medians):
+            ax.annotate(f"{value:.1f}", (i, value), ha="center", va="bottom", fontsize=7)
+    host = results["host"]  # type: ignore[index]
+    fig.suptitle(f"worldswitch benchmarks, {results['date']} - {host['kind']} host, {host['cpu']}", fontsize=9)  # type: ignore[index]
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def readme_table(results: dict[str, object]) -> str:
+    figures = results["figures"]  # type: ignore[assignment]
+    vmm_names = ["worldswitch", "floor", "qemu"]
+    host = results["host"]  # type: ignore[assignment]
+    rows = [
+        f"Measured {results['date']} on a {host['kind'].upper()} host ({host['cpu']}, {host['cpus']} CPUs), "  # type: ignore[index]
+        f"`python -m bench{' --quick' if results['quick'] else ''}`; median (interquartile range).",
+        "",
+        "| figure | worldswitch | C floor | QEMU | worldswitch / floor | worldswitch / QEMU |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, (title, unit) in TITLES.items():
+        if name not in figures:  # type: ignore[operator]
+            continue
+        per_vmm = figures[name]  # type: ignore[index]
+
+        def cell(vmm: str) -> str:
+            if vmm not in per_vmm:
+                return "-"
+            f = per_vmm[vmm]
+            return f"{f['median']:.1f} {unit} ({f['p25']:.1f}-{f['p75']:.1f})"
+
+        ws = per_vmm["worldswitch"]["median"]
+        ratio_floor = f"{ws / per_vmm['floor']['median']:.2f}x" if "floor" in per_vmm else "-"
+        ratio_qemu = f"{ws / per_vmm['qemu']['median']:.2f}x" if "qemu" in per_vmm else "-"
+        rows.append(f"| {title} | {' | '.join(cell(v) for v in vmm_names)} | {ratio_floor} | {ratio_qemu} |")
+    return "\n".join(rows)
+
+
+def update_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to update")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")

@@ -1,0 +1,44 @@
+"""The benchmark harness works end to end (small runs; speed itself is measured by bench/, never
+asserted in tests), and the guests' PVH entry boots them under QEMU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from bench import vmms
+from bench.measure import memory_use, tsc_khz
+from worldswitch.guests import builtin_path
+
+pytestmark = pytest.mark.kvm
+needs_qemu = pytest.mark.skipif(shutil.which(vmms.QEMU) is None, reason="QEMU is not installed (.ci/run installs it)")
+
+
+def test_floor_and_worldswitch_report_guest_measured_exit_costs(tmp_path) -> None:
+    khz = tsc_khz()
+    assert khz > 100_000
+    for vmm in (vmms.build_floor(tmp_path), vmms.worldswitch()):
+        for kind in ("io", "mmio"):
+            cycles = vmm.run_exits(200, kind)
+            assert 100 < cycles < khz * 10  # more than nothing, less than 10 ms per exit
+
+
+def test_start_time_and_memory_are_measurable() -> None:
+    ws = vmms.worldswitch()
+    first, end = ws.time_start()
+    assert 0 < first <= end
+    use = memory_use(ws, settle_s=1.0)
+    assert use.guest_kib > 0 and use.overhead_kib > 0
+
+
+@needs_qemu
+def test_the_same_guest_binaries_boot_in_qemu_through_pvh() -> None:
+    qemu = vmms.qemu()
+    assert qemu is not None
+    result = subprocess.run(qemu.exits_command(builtin_path("hello"), "7 from qemu"), capture_output=True, timeout=120)
+    assert b"Hello from a worldswitch guest: 64-bit long mode, ring 3" in result.stdout
+    assert b"My arguments: 7 from qemu" in result.stdout
+    assert result.returncode == (7 << 1) | 1  # isa-debug-exit's encoding
+    assert qemu.run_exits(200, "mmio") > 100
