@@ -15,6 +15,8 @@ from .memory import GuestMemory
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
+from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -38,8 +40,32 @@ class Machine:
         self._started_ns = 0
         self._ended_ns = 0
         self._closed = False
+        self.trace_writer: TraceWriter | None = None
 
     # --- life cycle ------------------------------------------------------------------------
+
+    def enable_trace(self, path: str, limit: int = DEFAULT_TRACE_LIMIT) -> None:
+        """Record every world switch of every vCPU to `path` (see trace.py). Before start()."""
+        if self._started_ns:
+            raise RuntimeError("tracing must be enabled before the machine starts")
+        self.trace_writer = TraceWriter(path, len(self.runners), limit)
+        for runner in self.runners:
+            runner.trace = self.trace_writer.buffer_for(runner.index)
+
+    def _finish_trace(self) -> None:
+        writer, self.trace_writer = self.trace_writer, None
+        if writer is None:
+            return
+        stats = self.stats()
+        result = self._result
+        writer.close({
+            "devices": [
+                {"bus": bus_name, "name": r.name, "base": r.base, "length": r.length}
+                for bus_name, bus in (("port", self.pio), ("mmio", self.mmio)) for r in bus.ranges
+            ],
+            "stats": stats.as_dict(),
+            "result": None if result is None else {"reason": result.reason.value, "message": result.message},
+        })
 
     def start(self) -> None:
         if self._started_ns:
@@ -109,6 +135,7 @@ class Machine:
             self.stop(StopReason.STOPPED, "machine closed")
         for runner in self.runners:
             runner.join(JOIN_TIMEOUT_S)
+        self._finish_trace()
         self._closed = True
         for runner in self.runners:
             if not runner.finished.is_set() and runner.thread is not None:
@@ -129,7 +156,8 @@ class Machine:
 
     def handle_ucall(self, call: Ucall) -> None:
         if call.command == UcallCommand.DONE:
-            self.request_exit(MachineResult.of(StopReason.GUEST_DONE, call.text or "guest done", call.args[0], ucall=call))
+            message = f"guest finished: DONE {', '.join(str(a) for a in call.args)}"
+            self.request_exit(MachineResult.of(StopReason.GUEST_DONE, message, call.args[0], ucall=call))
         elif call.command == UcallCommand.ABORT:
             self.request_exit(MachineResult.of(StopReason.GUEST_ABORT, call.describe(), call.args[0], ucall=call))
         else:

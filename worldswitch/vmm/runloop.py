@@ -21,7 +21,8 @@ import time
 from typing import Callable
 
 from ..driver import structs as s
-from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, ExitReason, SystemEvent
+from ..driver.binary_stats import BinaryStats
+from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, SystemEvent
 from ..driver.exits import decode_exit
 from ..driver.ioctl import kvm_run_call, last_errno
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
@@ -30,7 +31,8 @@ from .bus import MmioBus, PioBus
 from .insn import describe_internal_error
 from .kick import kick_thread
 from .result import MachineResult, StopReason
-from .stats import VcpuStats, reason_name
+from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
+from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer
 
 RequestExit = Callable[[MachineResult], None]
 
@@ -70,6 +72,11 @@ class VcpuRunner:
         self.kicks = 0
         self.kick_latency_ns_max = 0
         self.debug_hook: Callable[[VcpuRunner], bool] | None = None  # returns False to stop
+        self.trace: TraceBuffer | None = None  # set before start() to record every world switch
+        self._last_kick_latency = 0
+        self.kvm_stats: BinaryStats | None = None
+        if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):
+            self.kvm_stats = BinaryStats(vcpu.get_stats_fd())
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -183,6 +190,7 @@ class VcpuRunner:
         guest_ns = self.guest_ns
         vmx_ns = self.vmx_ns
         publish_in = _PUBLISH_EVERY
+        trace = self.trace
         t_enter = clock()
         try:
             while not self._stop:
@@ -191,7 +199,8 @@ class VcpuRunner:
                 else:
                     reason = exit_reason.value
                 t_exit = clock()
-                guest_ns += t_exit - t_enter
+                in_guest = t_exit - t_enter
+                guest_ns += in_guest
                 try:
                     counts[reason] += 1
                 except IndexError:  # a reason newer than EXIT_REASON_LIMIT
@@ -229,6 +238,8 @@ class VcpuRunner:
                     handlers[reason]()
                 t_enter = clock()
                 vmx_ns += t_enter - t_exit
+                if trace is not None:
+                    self._trace(trace, reason, t_exit, in_guest, t_enter - t_exit)
                 # Other threads read the times; publishing them costs two attribute stores, so
                 # the fast path does it every so many exits (and every slow exit does it above).
                 publish_in -= 1
@@ -239,6 +250,26 @@ class VcpuRunner:
         finally:
             self.guest_ns = guest_ns
             self.vmx_ns = vmx_ns
+
+    def _trace(self, trace: TraceBuffer, reason: int, t_exit: int, in_guest: int, in_vmx: int) -> None:
+        """One trace record, its details read back from the kvm_run page (still as KVM left it,
+        plus the data the VMX answered with)."""
+        address = value = size = flags = 0
+        if reason == _IO:
+            head = self._io_head.value
+            address, size = (head >> 16) & 0xFFFF, (head >> 8) & 0xFF
+            flags = FLAG_WRITE if head & 0xFF else 0
+            view = self._pio_values[size] if size < len(self._pio_values) else None
+            value = view.value if view is not None else 0
+        elif reason == _MMIO:
+            address, size = self._mmio_addr.value, self._mmio_len.value
+            flags = FLAG_WRITE if self._mmio_is_write.value else 0
+            view = self._mmio_values[size] if size < len(self._mmio_values) else None
+            value = view.value if view is not None else 0
+        elif reason == _INTR and self._last_kick_latency:
+            address, flags = self._last_kick_latency, FLAG_KICKED
+            self._last_kick_latency = 0
+        trace.record(t_exit, in_guest, in_vmx, reason, address, value, size, flags)
 
     def _run_failed(self) -> int:
         code = last_errno()
@@ -278,6 +309,7 @@ class VcpuRunner:
         if kicked_at:
             self.kicks += 1
             latency = time.perf_counter_ns() - kicked_at
+            self._last_kick_latency = latency
             if latency > self.kick_latency_ns_max:
                 self.kick_latency_ns_max = latency
             self._kicked_at = 0
@@ -346,6 +378,9 @@ class VcpuRunner:
 
     def release(self) -> None:
         """Drop the views into the kvm_run page so that the vCPU can unmap it."""
+        if self.kvm_stats is not None:
+            self.kvm_stats.close()
+            self.kvm_stats = None
         for name in ("_run", "_exit_reason", "_io_head", "_io_data_offset", "_mmio_addr", "_mmio_len", "_mmio_is_write"):
             setattr(self, name, None)
         self._pio_values = []
@@ -355,6 +390,10 @@ class VcpuRunner:
 
     def stats(self) -> VcpuStats:
         exits = {reason_name(reason): count for reason, count in enumerate(self.counts) if count}
+        kvm: dict[str, int] = {}
+        if self.kvm_stats is not None:
+            values = self.kvm_stats.read()
+            kvm = {name: int(values[name]) for name in KVM_VCPU_COUNTERS if name in values}  # type: ignore[arg-type]
         return VcpuStats(
             vcpu=self.index,
             exits=exits,
@@ -362,4 +401,5 @@ class VcpuRunner:
             vmx_ns=max(0, self.vmx_ns - self.parked_ns),
             kicks=self.kicks,
             kick_latency_ns_max=self.kick_latency_ns_max,
+            kvm=kvm,
         )

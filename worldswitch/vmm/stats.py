@@ -9,6 +9,14 @@ from dataclasses import dataclass, field
 from ..driver.constants import ExitReason
 
 
+# KVM's per-vCPU counters shown beside ours: the kernel sees every exit, including those it handles
+# itself (in-kernel LAPIC, PIC, IOAPIC and PIT, ioeventfd) and its own instruction emulation.
+KVM_VCPU_COUNTERS = (
+    "exits", "io_exits", "mmio_exits", "irq_exits", "halt_exits", "signal_exits", "irq_window_exits",
+    "irq_injections", "insn_emulation", "insn_emulation_fail", "pf_taken", "pf_fixed", "halt_wakeup",
+)
+
+
 def reason_name(reason: int) -> str:
     try:
         return ExitReason(reason).name.lower()
@@ -24,6 +32,7 @@ class VcpuStats:
     vmx_ns: int  # time in the VMX between two KVM_RUNs, handling exits (parked time excluded)
     kicks: int  # host events that asked this vCPU to come back (the interrupt path)
     kick_latency_ns_max: int  # longest time from a kick to the vCPU being back in the VMX
+    kvm: dict[str, int] = field(default_factory=dict)  # KVM's own counters (KVM_GET_STATS_FD)
 
     @property
     def world_switches(self) -> int:
@@ -38,6 +47,7 @@ class VcpuStats:
             "vmx_ns": self.vmx_ns,
             "kicks": self.kicks,
             "kick_latency_ns_max": self.kick_latency_ns_max,
+            "kvm": dict(self.kvm),
         }
 
 
@@ -117,6 +127,15 @@ class MachineStats:
                     f"({v.guest_ns / v.world_switches / 1000:.2f} in KVM_RUN, {v.vmx_ns / v.world_switches / 1000:.2f} in VMX); "
                     f"{v.kicks} kicks, slowest back in {v.kick_latency_ns_max / 1000:.0f} us"
                 )
+        if any(v.kvm for v in self.vcpus):
+            lines.append("KVM's own counters (kernel side; exits it handled itself never reach the VMX):")
+            names = [n for n in KVM_VCPU_COUNTERS if any(v.kvm.get(n) for v in self.vcpus)]
+            for name in names:
+                lines.append(f"  {name:<20}" + "".join(f"{v.kvm.get(name, 0):>12}" for v in self.vcpus))
+            for v in self.vcpus:
+                if v.kvm.get("exits") is not None:
+                    in_kernel = v.kvm["exits"] - v.world_switches
+                    lines.append(f"  vcpu{v.vcpu}: {max(0, in_kernel)} of KVM's {v.kvm['exits']} exits were handled in the kernel")
         if self.vmx_resident_kib:
             lines.append(
                 f"memory: VMX resident {self.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "

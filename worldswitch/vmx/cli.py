@@ -3,6 +3,7 @@
     worldswitch run [options]   build a machine, run it on the console, report how it ended
     worldswitch info            what this host's KVM is (VT-x, AMD-V or PVM) and can do
     worldswitch guests          the built-in guest programs
+    worldswitch trace FILE      summarise an exit trace recorded with `run --trace FILE`
 
 Every error the user can cause ends in one line on stderr and a non-zero status; a traceback
 means a bug in worldswitch (set WORLDSWITCH_DEBUG=1 to see it).
@@ -26,7 +27,10 @@ from ..vmm.machine import Machine
 from ..vmm.result import MachineResult, StopReason
 from .console import Console, open_console, stderr_line
 from .info import format_info, gather, info_json
+from .trace_report import as_json, summarise
 from .units import parse_seconds, parse_size
+from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from ..vmm.trace import read_trace
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
 
@@ -53,6 +57,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     run.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
     run.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
     run.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")
+    run.add_argument("--trace", metavar="FILE", help="record every world switch to FILE (see `worldswitch trace`)")
+    run.add_argument("--trace-limit", type=int, default=DEFAULT_TRACE_LIMIT, metavar="N",
+                     help="record at most N world switches (default %(default)s, 32 bytes each)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-measure", action="store_true", help="skip timing ring-0 and ring-3 guest code")
     sub.add_parser("guests", help="list the built-in guest programs")
+    trace = sub.add_parser("trace", help="summarise an exit trace recorded with `run --trace`")
+    trace.add_argument("file", help="the trace file")
+    trace.add_argument("--json", action="store_true", help="machine-readable output")
+    trace.add_argument("--top", type=int, default=8, help="how many ports and addresses to list")
     return parser
 
 
@@ -116,6 +127,8 @@ def cmd_run(options: argparse.Namespace) -> int:
         console.detach()
         raise
     with machine:
+        if options.trace:
+            machine.enable_trace(options.trace, options.trace_limit)
         result = run_machine(machine, console, timeout)
         stats = machine.stats()
     if not options.quiet or not result.ok:
@@ -148,7 +161,13 @@ def cmd_guests(options: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests}
+def cmd_trace(options: argparse.Namespace) -> int:
+    trace = read_trace(options.file)
+    print(as_json(trace) if options.json else summarise(trace, top=options.top))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace}
 
 
 def main(argv: list[str] | None = None) -> int:
