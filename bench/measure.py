@@ -118,7 +118,7 @@ def memory_use(vmm: Vmm, memory_mib: int = 128, settle_s: float = 1.5) -> Memory
             out = Path(tmp) / "stats.json"
             command = [*vmm.start_command(builtin_path("fault"), "spin"), "--timeout", str(settle_s),
                        "--memory", f"{memory_mib}M", "--stats-json", str(out)]
-            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, env=vmm.environment())
             stats = json.loads(out.read_text())["stats"]
         return MemoryUse(vmm.name, stats["vmx_resident_kib"], stats["guest_resident_kib"])
     command = vmm.start_command(builtin_path("fault"), "spin")

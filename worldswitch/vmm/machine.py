@@ -16,7 +16,6 @@ from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
-from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -40,12 +39,14 @@ class Machine:
         self._started_ns = 0
         self._ended_ns = 0
         self._closed = False
-        self.trace_writer: TraceWriter | None = None
+        self.trace_writer = None  # a trace.TraceWriter while recording
 
     # --- life cycle ------------------------------------------------------------------------
 
     def enable_trace(self, path: str, limit: int = DEFAULT_TRACE_LIMIT) -> None:
         """Record every world switch of every vCPU to `path` (see trace.py). Before start()."""
+        from .trace import TraceWriter
+
         if self._started_ns:
             raise RuntimeError("tracing must be enabled before the machine starts")
         self.trace_writer = TraceWriter(path, len(self.runners), limit)

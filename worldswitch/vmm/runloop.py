@@ -23,16 +23,14 @@ from typing import Callable
 from ..driver import structs as s
 from ..driver.binary_stats import BinaryStats
 from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, SystemEvent
-from ..driver.exits import decode_exit
 from ..driver.ioctl import kvm_run_call, last_errno
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
 from ..errors import KvmError
 from .bus import MmioBus, PioBus
-from .insn import describe_internal_error
 from .kick import kick_thread
 from .result import MachineResult, StopReason
 from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
-from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer
+from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes
 
 RequestExit = Callable[[MachineResult], None]
 
@@ -358,6 +356,9 @@ class VcpuRunner:
         )
 
     def _on_internal_error(self) -> None:
+        from ..driver.exits import decode_exit  # rare path: kept off the start-up import chain
+        from .insn import describe_internal_error
+
         exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, self.vcpu.run_mmap)
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()

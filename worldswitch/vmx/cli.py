@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from .. import __version__
@@ -26,11 +25,8 @@ from ..vmm.builder import DEFAULT_MEMORY, MachineConfig, build_machine
 from ..vmm.machine import Machine
 from ..vmm.result import MachineResult, StopReason
 from .console import Console, open_console, stderr_line
-from .info import format_info, gather, info_json
-from .trace_report import as_json, summarise
-from .units import parse_seconds, parse_size
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
-from ..vmm.trace import read_trace
+from .units import parse_seconds, parse_size
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
 
@@ -149,6 +145,8 @@ def kvm_path() -> str:
 
 
 def cmd_info(options: argparse.Namespace) -> int:
+    from .info import format_info, gather, info_json
+
     info = gather(kvm_path(), measure=not options.no_measure)
     print(info_json(info) if options.json else format_info(info))
     return 1 if info.required_missing else 0
@@ -162,6 +160,9 @@ def cmd_guests(options: argparse.Namespace) -> int:
 
 
 def cmd_trace(options: argparse.Namespace) -> int:
+    from ..vmm.trace import read_trace
+    from .trace_report import as_json, summarise
+
     trace = read_trace(options.file)
     print(as_json(trace) if options.json else summarise(trace, top=options.top))
     return 0
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("WORLDSWITCH_DEBUG"):
+            import traceback
+
             traceback.print_exc()
         print(f"worldswitch: internal error: {type(error).__name__}: {error} (WORLDSWITCH_DEBUG=1 shows the traceback)",
               file=sys.stderr)
