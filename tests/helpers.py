@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 
 class RecordingLine:
     """An interrupt line that remembers its level and every change."""
@@ -71,3 +73,26 @@ def run_guest(guest: str = "hello", args: str = "", timeout: float = 30.0, **con
             raise AssertionError(f"guest {guest} {args!r} did not finish within {timeout} s; output: {bytes(output.data)!r}")
         stats = machine.stats()
     return Run(result, bytes(output.data), stats, machine, warnings)
+
+
+EHDR = "<16sHHIQQQIHHHHHH"
+PHDR = "<IIQQQQQQ"
+
+
+def make_elf(segments: list[tuple[int, bytes, int]], entry: int | None = None, *, e_type: int = 2, machine: int = 62,
+             cls: int = 2, extra_phdrs: list[tuple] | None = None) -> bytes:
+    """segments: (paddr, file bytes, memsz)."""
+    phdrs = []
+    data = b""
+    offset = 64 + 56 * (len(segments) + len(extra_phdrs or []))
+    for paddr, payload, memsz in segments:
+        phdrs.append(struct.pack(PHDR, 1, 7, offset + len(data), paddr, paddr, len(payload), memsz, 0x1000))
+        data += payload
+    for ph in extra_phdrs or []:
+        phdrs.append(struct.pack(PHDR, *ph))
+    ident = b"\x7fELF" + bytes([cls, 1, 1]) + bytes(9)
+    entry = (segments[0][0] if segments else 0) if entry is None else entry
+    header = struct.pack(EHDR, ident, e_type, machine, 1, entry, 64, 0, 0, 64, 56, len(phdrs), 64, 0, 0)
+    return header + b"".join(phdrs) + data
+
+

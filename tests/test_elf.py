@@ -2,34 +2,13 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from worldswitch.boot.elf import load_elf, parse_elf, read_image
 from worldswitch.errors import GuestImageError
 from worldswitch.vmm.memory import GuestMemory
 
-EHDR = "<16sHHIQQQIHHHHHH"
-PHDR = "<IIQQQQQQ"
-
-
-def make_elf(segments: list[tuple[int, bytes, int]], entry: int | None = None, *, e_type: int = 2, machine: int = 62,
-             cls: int = 2, extra_phdrs: list[tuple] | None = None) -> bytes:
-    """segments: (paddr, file bytes, memsz)."""
-    phdrs = []
-    data = b""
-    offset = 64 + 56 * (len(segments) + len(extra_phdrs or []))
-    for paddr, payload, memsz in segments:
-        phdrs.append(struct.pack(PHDR, 1, 7, offset + len(data), paddr, paddr, len(payload), memsz, 0x1000))
-        data += payload
-    for ph in extra_phdrs or []:
-        phdrs.append(struct.pack(PHDR, *ph))
-    ident = b"\x7fELF" + bytes([cls, 1, 1]) + bytes(9)
-    entry = (segments[0][0] if segments else 0) if entry is None else entry
-    header = struct.pack(EHDR, ident, e_type, machine, 1, entry, 64, 0, 0, 64, 56, len(phdrs), 64, 0, 0)
-    return header + b"".join(phdrs) + data
-
+from .helpers import make_elf
 
 @pytest.fixture
 def memory() -> GuestMemory:

@@ -23,6 +23,7 @@ from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
 RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c")
+EXTRA_SOURCES = {"smp": ("ap_trampoline.S",)}  # guests with more than their own .c file
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
@@ -55,7 +56,8 @@ def build(out_dir: Path) -> dict[str, str]:
     with tempfile.TemporaryDirectory(prefix="ws-guests-") as tmp:
         for name in sorted(BUILTIN_GUESTS):
             target = Path(tmp) / f"{name}.elf"
-            command = ["gcc", *CFLAGS, *LDFLAGS, "-o", str(target), *RUNTIME_SOURCES, f"{name}.c"]
+            sources = [*RUNTIME_SOURCES, *EXTRA_SOURCES.get(name, ()), f"{name}.c"]
+            command = ["gcc", *CFLAGS, *LDFLAGS, "-o", str(target), *sources]
             result = subprocess.run(command, cwd=SOURCE_DIR, capture_output=True, text=True)
             if result.returncode != 0:
                 raise SystemExit(f"building guest {name} failed:\n{result.stderr}")

@@ -7,22 +7,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..boot import acpi
 from ..boot.elf import load_elf, read_image
+from ..boot.linux import load_linux
 from ..boot.program import configure_program, reserved_ranges
+from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
+from ..devices.acpi_pm import AcpiPm, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial
 from ..devices.testdev import TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
+from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm
 from ..errors import ConfigError, WorldswitchError
 from ..guests import DEFAULT_GUEST, builtin_path
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
+from .cpuid import filter_cpuid, hidden_features, kernel_parameters
+from .host import detect_host_kind
 from .irq import KvmIrqLine
 from .kick import install_kick_handler
-from .longmode import LongModeLayout, setup_long_mode
+from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
 from .machine import Machine
 from .memmap import MIB, MemoryMap
 from .memory import GuestMemory
@@ -33,24 +40,42 @@ KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 
 DEFAULT_MEMORY = 128 * MIB
+DEFAULT_LINUX_MEMORY = 512 * MIB
+DEFAULT_CMDLINE = "console=ttyS0"
+ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
 
 
 @dataclass
 class MachineConfig:
-    memory: int = DEFAULT_MEMORY
+    memory: int | None = None  # bytes; None: 128 MiB for programs, 512 MiB for Linux
     cpus: int = 1
     elf: str | None = None  # a user's bare-metal ELF64 program
-    guest: str | None = None  # or a built-in guest by name (the default when neither is given)
+    guest: str | None = None  # or a built-in guest by name (the default when nothing is given)
     args: str = ""  # the program's argument string
+    kernel: str | None = None  # or Linux: a bzImage or an ELF vmlinux
+    initrd: str | None = None
+    cmdline: str = DEFAULT_CMDLINE
+    decompress: str = "auto"  # host, guest, or auto (host where guest kernel code is emulated)
 
     def program(self) -> tuple[str, str]:
-        """(display name, path) of the program to boot."""
-        if self.elf and self.guest:
-            raise ConfigError("give either a built-in guest or an ELF program, not both")
+        """(display name, path) of what boots."""
+        chosen = [what for what in (self.elf, self.guest, self.kernel) if what]
+        if len(chosen) > 1:
+            raise ConfigError("give one of a built-in guest, an ELF program or a Linux kernel")
+        if self.initrd and not self.kernel:
+            raise ConfigError("an initrd needs a Linux kernel (--kernel)")
+        if self.kernel:
+            return self.kernel, self.kernel
         if self.elf:
             return self.elf, self.elf
         name = self.guest or DEFAULT_GUEST
         return f"built-in guest '{name}'", str(builtin_path(name))
+
+    @property
+    def memory_bytes(self) -> int:
+        if self.memory is not None:
+            return self.memory
+        return DEFAULT_LINUX_MEMORY if self.kernel else DEFAULT_MEMORY
 
 
 def build_machine(
@@ -63,8 +88,10 @@ def build_machine(
     if config.cpus < 1:
         raise ConfigError("a machine needs at least one vCPU")
     name, path = config.program()
-    image = read_image(path, "guest program")  # before /dev/kvm: a typo should not need KVM
-    memory_map = MemoryMap.for_memory(config.memory)
+    # Read the user's files before touching /dev/kvm: a typo should not need KVM.
+    image = read_image(path, "kernel" if config.kernel else "guest program")
+    initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    memory_map = MemoryMap.for_memory(config.memory_bytes)
 
     install_kick_handler()
     kvm = Kvm.open(kvm_path)
@@ -76,14 +103,15 @@ def build_machine(
     memory = GuestMemory(memory_map.backed_ranges())
     machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
     try:
-        _assemble(machine, config, name, image, serial_sink)
+        _assemble(machine, config, name, image, initrd, serial_sink)
     except BaseException:
         machine.close()
         raise
     return machine
 
 
-def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, serial_sink: Callable[[bytes], None]) -> None:
+def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
+              serial_sink: Callable[[bytes], None]) -> None:
     vm, memory = machine.vm, machine.memory
     memory.register(vm)
     vm.set_tss_addr(KVM_TSS_ADDR)
@@ -92,12 +120,28 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
     _attach_devices(machine, serial_sink)
+    tables = acpi.build(ACPI_BASE, config.cpus)
+    memory.write(tables.base, tables.blob)
 
-    layout = LongModeLayout()
-    loaded = load_elf(memory, image, name, reserved=reserved_ranges(layout))
-    entry = configure_program(memory, loaded.entry, config.args, config.cpus, layout)
+    host = detect_host_kind()
+    machine.host = host
+    supported = filter_cpuid(machine.kvm.get_supported_cpuid(), hidden_features(host))
 
-    supported = machine.kvm.get_supported_cpuid()
+    if config.kernel:
+        layout = LongModeLayout(selectors=LINUX_GDT)
+        added = kernel_parameters(host, config.cmdline)
+        cmdline = " ".join([config.cmdline, *(parameter for parameter, _ in added)]).strip()
+        boot = load_linux(memory, machine.memory_map, image, name, initrd, config.initrd or "", cmdline,
+                          config.decompress, host.kernel_code_emulated, tables.rsdp_address)
+        boot.notes.extend(f"added {parameter}: {why}" for parameter, why in added)
+        machine.boot = boot
+        # The 64-bit boot protocol: long mode, __BOOT_CS/__BOOT_DS, interrupts off, RSI = zero page.
+        bsp_regs = s.kvm_regs(rip=boot.entry, rsi=boot.zero_page, rsp=layout.stack_top, rflags=0x2)
+    else:
+        layout = LongModeLayout()
+        loaded = load_elf(memory, image, name, reserved=reserved_ranges(layout))
+        bsp_regs = configure_program(memory, loaded.entry, config.args, config.cpus, layout).regs()
+
     for index in range(config.cpus):
         vcpu = vm.create_vcpu(index)
         vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
@@ -108,7 +152,7 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
             sregs = vcpu.get_sregs()
             setup_long_mode(memory, sregs, layout)
             vcpu.set_sregs(sregs)
-            vcpu.set_regs(entry.regs())
+            vcpu.set_regs(bsp_regs)
         machine.runners.append(
             VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu))
         )
@@ -131,6 +175,11 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
     debug_exit = DebugExit(on_exit=machine.guest_exit)
     pio.register("debug-exit", DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, debug_exit.read, debug_exit.write)
 
+    pm = AcpiPm(on_power_off=machine.guest_power_off)
+    pio.register("ACPI PM1/timer", acpi.PM_BASE, PM_BLOCK_SIZE, pm.read, pm.write)
+    reset = ResetRegister(on_reset=machine.guest_reset)
+    pio.register("reset register", acpi.RESET_PORT, 1, reset.read, reset.write)
+
     ucall = UcallPort(machine.memory, machine.handle_ucall)
     pio.register("ucall", UCALL_PORT, UCALL_PORT_SIZE, ucall.read, ucall.write)
 
@@ -139,7 +188,7 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
     mmio.register("testdev (MMIO)", TESTDEV_MMIO, TESTDEV_MMIO_SIZE, mmio_sequence.read, mmio_sequence.write)
 
     machine.devices.update(
-        serial=serial, i8042=i8042, debug_exit=debug_exit, ucall=ucall,
+        serial=serial, i8042=i8042, debug_exit=debug_exit, acpi_pm=pm, reset=reset, ucall=ucall,
         testdev_pio=pio_sequence, testdev_mmio=mmio_sequence,
     )
 

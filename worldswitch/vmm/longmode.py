@@ -36,13 +36,37 @@ PTE_WRITE = 1 << 1
 PTE_USER = 1 << 2
 PTE_HUGE = 1 << 7
 
-# GDT selectors: the layout Linux uses for its boot GDT in slots 1-2, plus user segments and a TSS.
-SEL_KERNEL_CS = 0x08
-SEL_KERNEL_DS = 0x10
+KERNEL_CODE64 = (0x9A, 0xA)  # access byte (present, DPL0, exec/read), flags (G, L)
+KERNEL_DATA = (0x92, 0xC)  # present, DPL0, read/write; G, D/B
+USER_DATA = (0xF2, 0xC)  # DPL3
+USER_CODE64 = (0xFA, 0xA)  # DPL3, L
+
+
+@dataclass(frozen=True)
+class GdtLayout:
+    """Which selector holds which flat segment. The TSS takes two slots from `tss`."""
+
+    kernel_cs: int
+    kernel_ds: int
+    tss: int
+    user_ds: int | None = None  # without the RPL bits
+    user_cs: int | None = None
+
+    @property
+    def entries(self) -> int:
+        return self.tss // 8 + 2
+
+
+# worldswitch's bare-metal programs: ring-0 and ring-3 segments, user segments in SYSRET order.
+PROGRAM_GDT = GdtLayout(kernel_cs=0x08, kernel_ds=0x10, user_ds=0x18, user_cs=0x20, tss=0x28)
+# The Linux 64-bit boot protocol: __BOOT_CS = 0x10, __BOOT_DS = 0x18 (boot.rst).
+LINUX_GDT = GdtLayout(kernel_cs=0x10, kernel_ds=0x18, tss=0x20)
+
+SEL_KERNEL_CS = PROGRAM_GDT.kernel_cs
+SEL_KERNEL_DS = PROGRAM_GDT.kernel_ds
 SEL_USER_DS = 0x18 | 3
 SEL_USER_CS = 0x20 | 3
-SEL_TSS = 0x28
-GDT_ENTRIES = 7  # null, kcode, kdata, udata, ucode, tss (two slots)
+SEL_TSS = PROGRAM_GDT.tss
 TSS_HEADER = 0x68  # the 64-bit TSS proper; the I/O permission bitmap follows it
 IO_BITMAP_BYTES = 65536 // 8
 TSS_SIZE = TSS_HEADER + IO_BITMAP_BYTES + 1  # the bitmap ends with an all-ones byte (SDM 19.5.2)
@@ -61,6 +85,7 @@ class LongModeLayout:
     pd: int = 0xB000  # identity_gib consecutive page directories
     identity_gib: int = 4  # identity-map this many GiB with 2 MiB pages
     stack_top: int = 0x8F000  # the initial RSP, and RSP0 in the TSS (ring 3 -> 0 interrupts)
+    selectors: GdtLayout = PROGRAM_GDT
 
     @property
     def reserved(self) -> list[tuple[int, int]]:
@@ -91,15 +116,15 @@ def tss_descriptor(base: int, limit: int) -> tuple[int, int]:
     return low, high
 
 
-def build_gdt(tss_base: int) -> bytes:
-    entries = [
-        0,
-        gdt_entry(0, 0xFFFFF, 0x9A, 0xA),  # kernel code: present, DPL0, exec/read; G, L
-        gdt_entry(0, 0xFFFFF, 0x92, 0xC),  # kernel data: present, DPL0, read/write; G, D/B
-        gdt_entry(0, 0xFFFFF, 0xF2, 0xC),  # user data: DPL3
-        gdt_entry(0, 0xFFFFF, 0xFA, 0xA),  # user code: DPL3, L
-        *tss_descriptor(tss_base, TSS_SIZE - 1),
-    ]
+def build_gdt(tss_base: int, selectors: GdtLayout = PROGRAM_GDT) -> bytes:
+    entries = [0] * selectors.entries
+    entries[selectors.kernel_cs // 8] = gdt_entry(0, 0xFFFFF, *KERNEL_CODE64)
+    entries[selectors.kernel_ds // 8] = gdt_entry(0, 0xFFFFF, *KERNEL_DATA)
+    if selectors.user_ds is not None:
+        entries[selectors.user_ds // 8] = gdt_entry(0, 0xFFFFF, *USER_DATA)
+    if selectors.user_cs is not None:
+        entries[selectors.user_cs // 8] = gdt_entry(0, 0xFFFFF, *USER_CODE64)
+    entries[selectors.tss // 8 : selectors.tss // 8 + 2] = tss_descriptor(tss_base, TSS_SIZE - 1)
     return struct.pack(f"<{len(entries)}Q", *entries)
 
 
@@ -150,17 +175,18 @@ def _segment(selector: int, type_: int, dpl: int, code64: bool) -> s.kvm_segment
 def setup_long_mode(memory: GuestMemory, sregs: s.kvm_sregs, layout: LongModeLayout = LongModeLayout()) -> None:
     """Write the GDT, TSS and page tables into guest memory and fill `sregs` (taken from
     KVM_GET_SREGS, so that fields such as apic_base keep KVM's values) for 64-bit ring 0."""
-    memory.write(layout.gdt, build_gdt(layout.tss))
+    selectors = layout.selectors
+    memory.write(layout.gdt, build_gdt(layout.tss, selectors))
     memory.write(layout.tss, build_tss(layout.stack_top))
     write_identity_page_tables(memory, layout)
 
-    code = _segment(SEL_KERNEL_CS, 0xB, 0, code64=True)  # execute/read, accessed
-    data = _segment(SEL_KERNEL_DS, 0x3, 0, code64=False)  # read/write, accessed
+    code = _segment(selectors.kernel_cs, 0xB, 0, code64=True)  # execute/read, accessed
+    data = _segment(selectors.kernel_ds, 0x3, 0, code64=False)  # read/write, accessed
     sregs.cs = code
     sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
-    sregs.tr = s.kvm_segment(base=layout.tss, limit=TSS_SIZE - 1, selector=SEL_TSS, type=0xB, present=1, s=0)
+    sregs.tr = s.kvm_segment(base=layout.tss, limit=TSS_SIZE - 1, selector=selectors.tss, type=0xB, present=1, s=0)
     sregs.ldt = s.kvm_segment(selector=0, type=0x2, present=1, limit=0xFFFF, unusable=1)
-    sregs.gdt = s.kvm_dtable(base=layout.gdt, limit=GDT_ENTRIES * 8 - 1)
+    sregs.gdt = s.kvm_dtable(base=layout.gdt, limit=selectors.entries * 8 - 1)
     sregs.idt = s.kvm_dtable(base=0, limit=0)
     sregs.cr3 = layout.pml4
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT

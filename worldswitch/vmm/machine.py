@@ -40,6 +40,8 @@ class Machine:
         self._ended_ns = 0
         self._closed = False
         self.trace_writer = None  # a trace.TraceWriter while recording
+        self.host = None  # host.HostKind, set by the builder
+        self.boot = None  # boot.linux.LinuxBoot when the machine boots Linux
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -168,6 +170,9 @@ class Machine:
 
     def guest_exit(self, value: int) -> None:
         self.request_exit(MachineResult.of(StopReason.GUEST_EXIT, f"guest exited with status {value}", value))
+
+    def guest_power_off(self) -> None:
+        self.request_exit(MachineResult.of(StopReason.POWER_OFF, "guest powered off (ACPI S5)"))
 
     def guest_reset(self) -> None:
         self.request_exit(MachineResult.of(StopReason.RESET, "guest requested a reset"))

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..errors import WorldswitchError
+from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
-from ..vmm.builder import DEFAULT_MEMORY, MachineConfig, build_machine
+from ..vmm.builder import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY, MachineConfig, build_machine
 from ..vmm.machine import Machine
 from ..vmm.result import MachineResult, StopReason
 from .console import Console, open_console, stderr_line
@@ -29,6 +29,8 @@ from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .units import parse_seconds, parse_size
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
+
+DEFAULT_CACHE = Path.home() / ".cache" / "worldswitch" / "debian"
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
@@ -45,8 +47,17 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     program = run.add_mutually_exclusive_group()
     program.add_argument("--guest", metavar="NAME", help=f"a built-in guest ({', '.join(sorted(BUILTIN_GUESTS))})")
     program.add_argument("--elf", metavar="FILE", help="your own static ELF64 program, entered in 64-bit ring 0")
+    program.add_argument("--kernel", metavar="FILE", help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
     run.add_argument("--args", default="", metavar="STRING", help="argument string passed to the program (RDI)")
-    run.add_argument("--memory", "-m", default=f"{DEFAULT_MEMORY >> 20}M", metavar="SIZE", help="guest RAM (default %(default)s)")
+    run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
+    run.add_argument("--append", default=DEFAULT_CMDLINE, metavar="CMDLINE",
+                     help="kernel command line (default %(default)r)")
+    run.add_argument("--decompress", choices=("host", "guest"), default="auto",
+                     help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
+                          "default: host where guest kernel code is emulated (PVM), else guest")
+    run.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
+    run.add_argument("--memory", "-m", default=None, metavar="SIZE",
+                     help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
     run.add_argument("--timeout", metavar="SECONDS", help="stop the guest if it has not ended after this long")
     run.add_argument("--serial", default="stdio", metavar="BACKEND", help="console: stdio (default), file:PATH or none")
@@ -70,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-measure", action="store_true", help="skip timing ring-0 and ring-3 guest code")
     sub.add_parser("guests", help="list the built-in guest programs")
+    fetch = sub.add_parser("fetch-debian", help="download Debian's cloud kernel and busybox into a cache folder")
+    fetch.add_argument("--dir", type=Path, default=DEFAULT_CACHE, help="cache folder (default %(default)s)")
+    initramfs = sub.add_parser("initramfs", help="build a busybox initramfs")
+    initramfs.add_argument("-o", "--output", type=Path, required=True, help="the archive to write")
+    source = initramfs.add_mutually_exclusive_group(required=True)
+    source.add_argument("--debian", type=Path, metavar="DIR", help="a folder filled by fetch-debian (busybox and modules)")
+    source.add_argument("--busybox", type=Path, help="a static busybox binary")
+    initramfs.add_argument("--modules-dir", type=Path, help="lib/modules/VERSION to take --module from")
+    initramfs.add_argument("--module", action="append", default=[], metavar="NAME", help="a kernel module to load (repeatable)")
+    initramfs.add_argument("--shell", action="store_true", help="start a shell instead of powering off")
+    initramfs.add_argument("--marker", default=None, help="the line /init prints once it runs")
+    initramfs.add_argument("--no-compress", action="store_true", help="write a plain cpio archive, not gzip")
     trace = sub.add_parser("trace", help="summarise an exit trace recorded with `run --trace`")
     trace.add_argument("file", help="the trace file")
     trace.add_argument("--json", action="store_true", help="machine-readable output")
@@ -79,16 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(options: argparse.Namespace) -> MachineConfig:
     return MachineConfig(
-        memory=parse_size(options.memory, "--memory"),
+        memory=parse_size(options.memory, "--memory") if options.memory else None,
         cpus=options.cpus,
         elf=options.elf,
         guest=options.guest,
         args=options.args,
+        kernel=options.kernel,
+        initrd=options.initrd,
+        cmdline=options.append,
+        decompress=options.decompress,
     )
 
 
-def run_machine(machine: Machine, console: Console, timeout: float | None) -> MachineResult:
-    """Run until the guest ends, the timeout expires, or the user stops it."""
+def run_machine(machine: Machine, console: Console, deadline: float | None, timeout: float | None) -> MachineResult:
+    """Run until the guest ends, the deadline passes, or the user stops it."""
     serial = machine.devices["serial"]
 
     def quit_requested() -> None:
@@ -97,7 +124,6 @@ def run_machine(machine: Machine, console: Console, timeout: float | None) -> Ma
     console.attach(serial.receive, quit_requested)  # type: ignore[attr-defined]
     try:
         machine.start()
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             result = machine.wait(min(remaining, 0.5) if remaining is not None else 0.5)
@@ -114,19 +140,32 @@ def run_machine(machine: Machine, console: Console, timeout: float | None) -> Ma
 def cmd_run(options: argparse.Namespace) -> int:
     config = config_from_args(options)
     timeout = parse_seconds(options.timeout, "--timeout") if options.timeout else None
+    deadline = None if timeout is None else time.monotonic() + timeout
     console = open_console(options.serial)
-    try:
-        machine = build_machine(
-            config, console.write, warn=lambda text: stderr_line(text, console), kvm_path=kvm_path()
-        )
-    except BaseException:
-        console.detach()
-        raise
-    with machine:
-        if options.trace:
-            machine.enable_trace(options.trace, options.trace_limit)
-        result = run_machine(machine, console, timeout)
-        stats = machine.stats()
+    boots = 0
+    while True:
+        try:
+            machine = build_machine(
+                config, console.write, warn=lambda text: stderr_line(text, console), kvm_path=kvm_path()
+            )
+        except BaseException:
+            console.close()
+            raise
+        boots += 1
+        with machine:
+            if machine.boot is not None and not options.quiet and boots == 1:
+                boot = machine.boot
+                notes = "; ".join(boot.notes)
+                stderr_line(f"booting {boot.version or config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
+            if options.trace:
+                machine.enable_trace(options.trace, options.trace_limit)
+            result = run_machine(machine, console, deadline, timeout)
+            stats = machine.stats()
+        if result.reason is StopReason.RESET and options.reboot:
+            stderr_line(f"guest reset; starting it again (boot {boots + 1})", console)
+            continue
+        break
+    console.close()
     if not options.quiet or not result.ok:
         stderr_line(result.message, console)
     if options.stats:
@@ -135,7 +174,7 @@ def cmd_run(options: argparse.Namespace) -> int:
         stderr_line(stats.summary(), console)
     if options.stats_json:
         payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
-                              "value": result.value}, "stats": stats.as_dict()}
+                              "value": result.value, "boots": boots}, "stats": stats.as_dict()}
         Path(options.stats_json).write_text(json.dumps(payload, indent=2) + "\n")
     return result.exit_status
 
@@ -168,7 +207,38 @@ def cmd_trace(options: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace}
+def cmd_fetch_debian(options: argparse.Namespace) -> int:
+    from .debian import fetch_debian
+
+    linux = fetch_debian(options.dir)
+    print(f"kernel   {linux.kernel}\nmodules  {linux.modules}\nbusybox  {linux.busybox}")
+    print(f"next: worldswitch initramfs --debian {options.dir} --shell -o initrd.img && "
+          f"worldswitch run --kernel {linux.kernel} --initrd initrd.img")
+    return 0
+
+
+def cmd_initramfs(options: argparse.Namespace) -> int:
+    from ..boot.initramfs import DEFAULT_MARKER, InitramfsSpec, build_initramfs, resolve_modules
+    from .debian import find_extracted
+
+    busybox, modules_dir = options.busybox, options.modules_dir
+    if options.debian is not None:
+        linux = find_extracted(options.debian / "root")
+        if linux is None:
+            raise ConfigError(f"{options.debian} holds no fetched Debian kernel; run worldswitch fetch-debian --dir {options.debian}")
+        busybox, modules_dir = linux.busybox, modules_dir or linux.modules
+    if options.module and modules_dir is None:
+        raise ConfigError("--module needs --modules-dir (or --debian)")
+    modules = resolve_modules(options.module, modules_dir) if options.module else []
+    spec = InitramfsSpec(busybox, modules, options.marker or DEFAULT_MARKER, options.shell)
+    data = build_initramfs(spec, compress=not options.no_compress)
+    options.output.write_bytes(data)
+    print(f"wrote {options.output} ({len(data) >> 10} KiB): busybox" + (f", {len(modules)} modules" if modules else ""))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
+            "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,12 @@ class Console:
         """Start delivering input; on_quit is called when the user asks to quit."""
 
     def detach(self) -> None:
-        """Stop input and restore whatever attach() changed. Safe to call more than once."""
+        """Stop input and restore whatever attach() changed. Safe to call more than once; attach()
+        may follow again (a guest that reboots)."""
+
+    def close(self) -> None:
+        """Release the back end for good (after the last detach)."""
+        self.detach()
 
     def ends_line(self) -> bool:
         return self.last_byte in (b"\n", b"")
@@ -73,7 +78,7 @@ class FileConsole(Console):
     def _write(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def detach(self) -> None:
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -88,7 +93,7 @@ class StreamConsole(Console):
         self.stdout_fd = stdout_fd
         self.on_terminal = os.isatty(stdout_fd) and os.isatty(2)
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r = self._wake_w = -1
         self._stopping = False
 
     def _write(self, data: bytes) -> None:
@@ -103,6 +108,8 @@ class StreamConsole(Console):
             data = data[written:]
 
     def attach(self, receive: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._pump, args=(receive, on_quit), name="console-input", daemon=True)
         self._thread.start()
 

@@ -18,17 +18,9 @@ from ..devices.ucall import Ucall, UcallCommand
 from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
 from ..driver.kvm import Kvm
 from ..vmm.builder import MachineConfig, build_machine
+from ..vmm.host import HostKind, detect_host_kind
 from ..vmm.result import StopReason
-
-SYS_MODULE = Path("/sys/module")
 PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}
-
-
-@dataclass
-class HostKind:
-    driver: str  # "vmx", "svm", "pvm" or "unknown"
-    nested_paging: bool | None
-    description: str
 
 
 @dataclass
@@ -49,44 +41,14 @@ class HostInfo:
         return asdict(self)
 
 
-def _param(module: str, name: str) -> str | None:
-    path = SYS_MODULE / module / "parameters" / name
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _cpu_flags_and_model() -> tuple[set[str], str]:
-    flags: set[str] = set()
-    model = "unknown CPU"
+def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return flags, model
-
-
-def host_kind(flags: set[str]) -> HostKind:
-    if (SYS_MODULE / "kvm_intel").exists() and "vmx" in flags:
-        ept = _param("kvm_intel", "ept") in ("Y", "1")
-        return HostKind("vmx", ept, "Intel VT-x: guest code runs natively in every ring"
-                        + ("; nested paging (EPT)" if ept else "; shadow paging (EPT off)"))
-    if (SYS_MODULE / "kvm_amd").exists() and "svm" in flags:
-        npt = _param("kvm_amd", "npt") in ("Y", "1")
-        return HostKind("svm", npt, "AMD-V: guest code runs natively in every ring"
-                        + ("; nested paging (NPT)" if npt else "; shadow paging (NPT off)"))
-    if (SYS_MODULE / "kvm_pvm").exists():
-        return HostKind(
-            "pvm", False,
-            "PVM (no VT-x/AMD-V): guest ring-3 code runs natively, guest ring-0 and real-mode code is "
-            "emulated by KVM; shadow paging. Linux guests boot slowly here (minutes).",
-        )
-    return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise")
+    return "unknown CPU"
 
 
 def measure_rings() -> dict[str, float]:
@@ -112,7 +74,7 @@ def measure_rings() -> dict[str, float]:
 
 
 def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
-    flags, model = _cpu_flags_and_model()
+    model = _cpu_model()
     with Kvm(kvm_path) as kvm:
         caps = {cap.name: kvm.check_extension(cap) for cap in (*REQUIRED_CAPS, *USEFUL_CAPS)}
         info = HostInfo(
@@ -120,7 +82,7 @@ def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
             api_version=kvm.get_api_version(),
             cpu_model=model,
             host_cpus=os.cpu_count() or 1,
-            kind=host_kind(flags),
+            kind=detect_host_kind(),
             capabilities=caps,
             required_missing=[cap.name for cap in REQUIRED_CAPS if not caps[cap.name]],
             max_vcpus=caps["MAX_VCPUS"],

@@ -5,8 +5,7 @@
  *   unmapped N writes N times to an MMIO address no device owns, then reports DONE(N, value read)
  *   spin       loops forever in ring 3
  *   halt       halts in ring 0 with interrupts disabled, forever
- *   abort      fails a guest assertion
- *   reset      pulses the reset line through the i8042 (command 0xfe to port 0x64) */
+ *   abort      fails a guest assertion */
 #include "ws.h"
 
 static int misbehave(u64 unused)
@@ -29,12 +28,7 @@ static int misbehave(u64 unused)
             barrier();
     if (arg_has("abort"))
         GUEST_ASSERT_EQ(2 + 2, 5);
-    if (arg_has("reset")) {
-        outb(0x64, 0xfe);
-        for (;;)
-            cpu_relax();
-    }
-    GUEST_ASSERT(!"unknown fault mode: use ud, gp, triple, unmapped N, spin, halt, abort or reset");
+    GUEST_ASSERT(!"unknown fault mode: use ud, gp, triple, unmapped N, spin, halt or abort");
     return 1;
 }
 

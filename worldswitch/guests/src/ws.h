@@ -128,6 +128,9 @@ void ws_exit(u32 status) __attribute__((noreturn));
             ucall(UCALL_ABORT, __FILE__, __LINE__, _a, _b, 0, 0, "%s == %s (%lu != %lu)", #a, #b, _a, _b); \
     } while (0)
 
+void *memcpy(void *dst, const void *src, size_t n);
+void *memset(void *dst, int c, size_t n);
+
 /* Every guest provides main; it runs in ring 0 and its return value is the exit status. */
 int main(const char *args);
 

@@ -1,0 +1,191 @@
+"""The x86 boot protocol on synthetic kernels: setup header validation, host decompression of every
+payload format, placement of kernel, initrd and command line, and the zero page."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import struct
+
+import lz4.block
+import pytest
+import zstandard
+
+from worldswitch.boot import bootparams as bp
+from worldswitch.boot.bzimage import decompress, extract_vmlinux, parse_bzimage
+from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, choose_decompression, e820_map, load_linux
+from worldswitch.errors import ConfigError, GuestImageError
+from worldswitch.vmm.memmap import GIB, MIB, MemoryMap
+from worldswitch.vmm.memory import GuestMemory
+
+from .helpers import make_elf
+
+VMLINUX = make_elf([(0x1000000, b"\x90" * 64 + b"startup_64", 0x200000)])
+
+
+def lz4_legacy(data: bytes) -> bytes:
+    out = struct.pack("<I", 0x184C2102)
+    for i in range(0, len(data), 8 << 20):
+        block = lz4.block.compress(data[i : i + (8 << 20)], store_size=False)
+        out += struct.pack("<I", len(block)) + block
+    return out
+
+
+COMPRESSORS = {
+    "gzip": gzip.compress,
+    "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
+    "lzma": lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
+    "bzip2": bz2.compress,
+    "lz4": lz4_legacy,
+    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+}
+
+
+def make_bzimage(payload: bytes = b"", *, version: int = 0x020F, xloadflags: int = bp.XLF_KERNEL_64,
+                 loadflags: int = bp.LOADED_HIGH, boot_flag: int = bp.BOOT_FLAG, init_size: int = 0x800000,
+                 cmdline_size: int = 2047, initrd_addr_max: int = 0x7FFFFFFF, magic: bytes = b"HdrS") -> bytes:
+    setup_sects = 4
+    setup = bytearray((setup_sects + 1) * 512)
+    header = bp.setup_header(
+        setup_sects=setup_sects, boot_flag=boot_flag, version=version, loadflags=loadflags, xloadflags=xloadflags,
+        kernel_alignment=0x200000, relocatable_kernel=1, cmdline_size=cmdline_size, initrd_addr_max=initrd_addr_max,
+        pref_address=0x1000000, init_size=init_size, kernel_version=0x400,
+    )
+    protected = b"\xfa\xf4" * 8  # the decompressor's code, as far as anyone here cares
+    header.payload_offset = len(protected)
+    header.payload_length = len(payload)
+    header.syssize = (len(protected) + len(payload) + 4 + 15) // 16
+    setup[0x1F1 : 0x1F1 + len(bytes(header))] = bytes(header)
+    setup[0x200:0x202] = bytes([0xEB, 0x6A])  # jmp over the header, as header.S does
+    setup[0x202:0x206] = magic
+    setup[0x600:0x620] = b"6.1.0-test (worldswitch@tests)\0\0"
+    return bytes(setup) + protected + payload + struct.pack("<I", len(VMLINUX))
+
+
+@pytest.fixture
+def machine_memory():
+    memory_map = MemoryMap.for_memory(128 * MIB)
+    memory = GuestMemory(memory_map.backed_ranges())
+    yield memory, memory_map
+    memory.close()
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESSORS))
+def test_every_payload_format_decompresses_on_the_host(compression: str) -> None:
+    kernel = parse_bzimage(make_bzimage(COMPRESSORS[compression](VMLINUX)))
+    assert kernel.compression == compression
+    assert extract_vmlinux(kernel) == VMLINUX
+
+
+def test_lz4_legacy_frames_larger_than_one_block() -> None:
+    big = make_elf([(0x1000000, bytes(range(256)) * 40000, 10 << 20)])  # 10 MiB: two 8 MiB blocks
+    assert decompress(lz4_legacy(big) + struct.pack("<I", len(big)), "lz4") == big
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"magic": b"XXXX"}, "not a Linux kernel"),
+        ({"boot_flag": 0x1234}, "boot sector signature"),
+        ({"version": 0x0206}, "boot protocol 2.06"),
+        ({"xloadflags": 0}, "no 64-bit entry point"),
+        ({"loadflags": 0}, "zImage"),
+    ],
+)
+def test_setup_header_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(GuestImageError, match=message):
+        parse_bzimage(make_bzimage(gzip.compress(VMLINUX), **kwargs))
+
+
+def test_truncated_and_corrupt_kernels() -> None:
+    image = make_bzimage(gzip.compress(VMLINUX))
+    with pytest.raises(GuestImageError, match="truncated"):
+        parse_bzimage(image[:2600])
+    corrupt = make_bzimage(b"\x28\xb5\x2f\xfd" + b"garbage" * 50)
+    with pytest.raises(GuestImageError, match="zstd payload is corrupt"):
+        extract_vmlinux(parse_bzimage(corrupt))
+    with pytest.raises(GuestImageError, match="cannot decompress a lzo payload"):
+        extract_vmlinux(parse_bzimage(make_bzimage(b"\x89LZO\x00" + bytes(100))))
+
+
+def test_vmlinux_fast_path_places_everything(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    initrd = b"070701" + bytes(5000)
+    boot = load_linux(memory, memory_map, make_bzimage(lz4_legacy(VMLINUX)), "vmlinuz", initrd, "initrd",
+                      "console=ttyS0 quiet", "host", False, 0xE0000)
+    assert boot.mode == "vmlinux" and boot.entry == 0x1000000 and boot.compression == "lz4"
+    assert memory.read(0x1000000 + 64, 10) == b"startup_64"
+    params = memory.read_obj(ZERO_PAGE, bp.boot_params)
+    hdr = params.hdr
+    assert hdr.header == bp.HDRS_MAGIC and hdr.version == 0x020F  # the kernel's own header, copied
+    assert hdr.type_of_loader == 0xFF and hdr.loadflags & bp.CAN_USE_HEAP
+    assert hdr.cmd_line_ptr == CMDLINE_ADDR and memory.read_cstring(CMDLINE_ADDR, 100) == b"console=ttyS0 quiet"
+    assert params.acpi_rsdp_addr == 0xE0000
+    start, end = boot.initrd
+    assert (hdr.ramdisk_image, hdr.ramdisk_size) == (start, len(initrd))
+    assert memory.read(start, len(initrd)) == initrd
+    assert start % 4096 == 0 and end <= memory_map.top_of_low_ram and start >= boot.kernel[1]
+    assert memory_map.top_of_low_ram - end < 4096  # as high as possible
+    e820 = [(params.e820_table[i].addr, params.e820_table[i].size, params.e820_table[i].type)
+            for i in range(params.e820_entries)]
+    assert e820 == e820_map(memory_map)
+    assert e820[0] == (0, 0xA0000, bp.E820_RAM) and e820[1] == (0xC0000, 0x40000, bp.E820_RESERVED)
+
+
+def test_bzimage_guest_decompression_path(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    image = make_bzimage(gzip.compress(VMLINUX))
+    boot = load_linux(memory, memory_map, image, "vmlinuz", None, "", "console=ttyS0", "guest", True, 0xE0000)
+    assert boot.mode == "bzimage" and boot.entry == 0x100000 + 0x200
+    kernel = parse_bzimage(image)
+    assert memory.read(0x100000, len(kernel.kernel)) == kernel.kernel
+    assert boot.kernel == (0x100000, 0x1000000 + kernel.header.init_size)  # room to decompress to pref_address
+    assert memory.read_obj(ZERO_PAGE, bp.boot_params).hdr.ramdisk_size == 0
+
+
+def test_a_bare_vmlinux_gets_a_synthesised_header(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    boot = load_linux(memory, memory_map, VMLINUX, "vmlinux", None, "", "x", "auto", True, 0xE0000)
+    hdr = memory.read_obj(ZERO_PAGE, bp.boot_params).hdr
+    assert boot.mode == "vmlinux"
+    assert (hdr.boot_flag, hdr.header, hdr.type_of_loader) == (bp.BOOT_FLAG, bp.HDRS_MAGIC, 0xFF)
+
+
+def test_decompression_defaults_follow_the_host() -> None:
+    assert choose_decompression("auto", kernel_code_emulated=True) == "host"
+    assert choose_decompression("auto", kernel_code_emulated=False) == "guest"
+    assert choose_decompression("guest", kernel_code_emulated=True) == "guest"
+    with pytest.raises(ConfigError):
+        choose_decompression("sometimes", True)
+
+
+def test_limits_are_clear_errors(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    image = make_bzimage(gzip.compress(VMLINUX), cmdline_size=256)
+    with pytest.raises(ConfigError, match="at most 255"):
+        load_linux(memory, memory_map, image, "k", None, "", "x" * 256, "host", True, 0xE0000)
+    load_linux(memory, memory_map, image, "k", None, "", "x" * 255, "host", True, 0xE0000)  # exactly fits
+    with pytest.raises(GuestImageError, match="initrd big .* does not fit"):
+        load_linux(memory, memory_map, image, "k", bytes(120 * MIB), "big", "", "host", True, 0xE0000)
+    with pytest.raises(GuestImageError, match="not a Linux kernel"):
+        load_linux(memory, memory_map, b"#!/bin/sh\n" * 100, "script", None, "", "", "host", True, 0xE0000)
+    with pytest.raises(GuestImageError, match="needs .* MiB of RAM"):
+        load_linux(memory, memory_map, make_bzimage(gzip.compress(VMLINUX), init_size=200 * MIB), "k", None, "", "",
+                   "guest", False, 0xE0000)
+
+
+def test_initrd_respects_initrd_addr_max(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    image = make_bzimage(gzip.compress(VMLINUX), initrd_addr_max=0x3FFFFFF)  # 64 MiB
+    boot = load_linux(memory, memory_map, image, "k", bytes(4096), "i", "", "host", True, 0xE0000)
+    assert boot.initrd[1] <= 0x4000000
+
+
+@pytest.mark.parametrize("memory", [3 * GIB - 0x60000, 3 * GIB - 0x60000 + 4096, 6 * GIB])
+def test_e820_just_under_and_over_the_pci_hole(memory: int) -> None:
+    entries = e820_map(MemoryMap.for_memory(memory))
+    assert sum(size for _, size, kind in entries if kind == bp.E820_RAM) == memory
+    assert all(not (0xC0000000 <= addr < 1 << 32) for addr, _, _ in entries)  # nothing in the PCI hole
+    above = [e for e in entries if e[0] >= 1 << 32]
+    assert bool(above) == (memory > 3 * GIB - 0x60000)

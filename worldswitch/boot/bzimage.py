@@ -1,0 +1,165 @@
+"""Reading a Linux bzImage (Documentation/arch/x86/boot.rst): its setup header, its protected-mode
+kernel, and the compressed vmlinux inside it, which worldswitch can decompress on the host so the
+guest skips its own decompressor (on PVM hosts that decompressor runs emulated, for minutes).
+
+Only parsing and decompression happen here; placing things in guest memory is boot/linux.py's job.
+"""
+
+from __future__ import annotations
+
+import bz2
+import ctypes
+import lzma
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import GuestImageError
+from . import bootparams as bp
+
+MIN_PROTOCOL = 0x020C  # 2.12: xloadflags, and with it XLF_KERNEL_64 (the 64-bit entry point)
+SECTOR = 512
+
+# Magic numbers of the payloads arch/x86/boot/compressed can hold (what `file` and the kernel's
+# own scripts/extract-vmlinux look for).
+COMPRESSIONS = (
+    ("gzip", b"\x1f\x8b\x08"),
+    ("xz", b"\xfd7zXZ\x00"),
+    ("bzip2", b"BZh"),
+    ("lzma", b"\x5d\x00\x00"),
+    ("lzo", b"\x89LZO"),
+    ("lz4", b"\x02\x21\x4c\x18"),
+    ("zstd", b"\x28\xb5\x2f\xfd"),
+    ("none", b"\x7fELF"),
+)
+LZ4_LEGACY_MAGIC = 0x184C2102
+LZ4_LEGACY_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class BzImage:
+    name: str
+    header: bp.setup_header  # as found in the image
+    header_bytes: bytes  # from 0x1f1 to the end of the header the image declares
+    kernel: bytes  # the protected-mode kernel: everything after the setup sectors
+    version_string: str
+
+    @property
+    def protocol(self) -> str:
+        return f"{self.header.version >> 8}.{self.header.version & 0xFF:02d}"
+
+    @property
+    def payload(self) -> bytes:
+        start, length = self.header.payload_offset, self.header.payload_length
+        return self.kernel[start : start + length]
+
+    @property
+    def compression(self) -> str:
+        payload = self.payload
+        for name, magic in COMPRESSIONS:
+            if payload.startswith(magic):
+                return name
+        return "unknown"
+
+
+def is_bzimage(image: bytes) -> bool:
+    return len(image) > 0x210 and image[0x202:0x206] == b"HdrS"
+
+
+def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
+    """Validate the setup header as a boot loader must before using a kernel."""
+    if len(image) < 0x250 or image[0x202:0x206] != b"HdrS":
+        raise GuestImageError(f"{name} is not a Linux kernel (no 'HdrS' boot header); "
+                              "give a bzImage (vmlinuz) or an uncompressed ELF vmlinux")
+    header = bp.setup_header.from_buffer_copy(image, bp.SETUP_HEADER_OFFSET)
+    if header.boot_flag != bp.BOOT_FLAG:
+        raise GuestImageError(f"{name}: boot sector signature is {header.boot_flag:#06x}, not 0xaa55")
+    if header.version < MIN_PROTOCOL:
+        raise GuestImageError(
+            f"{name} speaks boot protocol {header.version >> 8}.{header.version & 0xff:02d}; worldswitch needs "
+            "2.12 or newer (Linux 3.8+) for the 64-bit entry point"
+        )
+    if not header.xloadflags & bp.XLF_KERNEL_64:
+        raise GuestImageError(f"{name} has no 64-bit entry point (XLF_KERNEL_64 is clear): a 32-bit kernel?")
+    if not header.loadflags & bp.LOADED_HIGH:
+        raise GuestImageError(f"{name} must be loaded low (loadflags.LOADED_HIGH is clear): a zImage, not a bzImage")
+    setup_sects = header.setup_sects or 4  # boot.rst: 0 means 4
+    kernel_start = (setup_sects + 1) * SECTOR
+    if kernel_start >= len(image):
+        raise GuestImageError(f"{name} is truncated: {setup_sects} setup sectors and nothing after them")
+    alignment = header.kernel_alignment
+    if alignment & (alignment - 1) or alignment < 0x1000:
+        raise GuestImageError(f"{name}: kernel_alignment {alignment:#x} is not a power of two of at least 4 KiB")
+    # The header ends where the jump at 0x200 lands (boot.rst: "the end of the setup header can be
+    # calculated from the jump instruction"); copy no further than our structure.
+    header_end = min(0x202 + image[0x201], bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header))
+    kernel = image[kernel_start:]
+    payload_end = header.payload_offset + header.payload_length
+    if header.syssize * 16 > len(kernel) + 15 or (header.version >= 0x0208 and payload_end > len(kernel)):
+        raise GuestImageError(f"{name} is truncated: the header promises {max(header.syssize * 16, payload_end)} "
+                              f"bytes of kernel, the file has {len(kernel)}")
+    version = ""
+    if header.kernel_version:
+        at = header.kernel_version + 0x200
+        version = image[at : at + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+    return BzImage(name, header, image[bp.SETUP_HEADER_OFFSET : header_end], kernel, version)
+
+
+def _lz4_legacy(payload: bytes) -> bytes:
+    """LZ4's legacy frame format, which the kernel uses: magic, then (u32 size, block)* of at most
+    8 MiB each; the kernel appends the uncompressed size, which reads as an impossible block size."""
+    import lz4.block  # a well-kept binding of the reference implementation
+
+    out = bytearray()
+    position = 4
+    while position + 4 <= len(payload):
+        (size,) = struct.unpack_from("<I", payload, position)
+        position += 4
+        if size == LZ4_LEGACY_MAGIC:
+            continue  # a new frame (concatenated streams)
+        if position + size > len(payload):
+            break
+        out += lz4.block.decompress(payload[position : position + size], uncompressed_size=LZ4_LEGACY_BLOCK)
+        position += size
+    return bytes(out)
+
+
+def _zstd(payload: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+
+
+def decompress(payload: bytes, compression: str, name: str = "kernel") -> bytes:
+    """Decompress a kernel payload. Trailing bytes (the size the kernel build appends) are ignored."""
+    try:
+        if compression == "gzip":
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        if compression == "xz":
+            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
+        if compression == "lzma":
+            return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
+        if compression == "bzip2":
+            return bz2.BZ2Decompressor().decompress(payload)
+        if compression == "lz4":
+            return _lz4_legacy(payload)
+        if compression == "zstd":
+            return _zstd(payload)
+        if compression == "none":
+            return payload
+    except ImportError as error:
+        raise GuestImageError(f"{name}: decompressing {compression} needs the Python module {error.name}") from None
+    except Exception as error:  # noqa: BLE001 - each library has its own error types (ZstdError, LZ4BlockError)
+        raise GuestImageError(f"{name}: its {compression} payload is corrupt ({error})") from None
+    raise GuestImageError(f"{name}: cannot decompress a {compression} payload on the host; use --decompress=guest")
+
+
+def extract_vmlinux(kernel: BzImage) -> bytes:
+    """The ELF vmlinux inside a bzImage (protocol 2.08+ describes where the payload is)."""
+    if kernel.header.version < 0x0208 or not kernel.header.payload_length:
+        raise GuestImageError(f"{kernel.name}: boot protocol {kernel.protocol} does not locate its payload; "
+                              "use --decompress=guest")
+    data = decompress(kernel.payload, kernel.compression, kernel.name)
+    if not data.startswith(b"\x7fELF"):
+        raise GuestImageError(f"{kernel.name}: the decompressed {kernel.compression} payload is not an ELF vmlinux")
+    return data

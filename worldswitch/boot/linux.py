@@ -1,0 +1,200 @@
+"""Booting Linux through the x86 64-bit boot protocol (Documentation/arch/x86/boot.rst, "64-bit
+Boot Protocol"): place the kernel, the initrd and the command line, fill the zero page
+(struct boot_params, with the e820 map and the ACPI RSDP), and name the entry point.
+
+Two ways to place the kernel:
+  - vmlinux: an ELF at its physical addresses, entered at its ELF entry (startup_64), as Firecracker
+    does; a bzImage can be turned into one by decompressing its payload on the host (bzimage.py),
+    so the guest skips its decompressor. This is the default where guest kernel code is emulated.
+  - bzImage: the protected-mode kernel at 1 MiB, entered at its 64-bit entry (load address +
+    0x200); the guest decompresses itself.
+Both enter in long mode with RSI pointing at the zero page and the GDT selectors the protocol
+requires (__BOOT_CS 0x10, __BOOT_DS 0x18).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, GuestImageError
+from ..vmm.memmap import MemoryMap, RegionKind
+from ..vmm.memory import GuestMemory
+from . import bootparams as bp
+from .bzimage import BzImage, extract_vmlinux, is_bzimage, parse_bzimage
+from .elf import load_elf
+
+ZERO_PAGE = 0x7000
+CMDLINE_ADDR = 0x20000
+CMDLINE_AREA_END = 0x80000  # the command line must end below the VMM's stack
+BZIMAGE_LOAD_ADDR = 0x100000
+BZIMAGE_64BIT_ENTRY = 0x200  # boot.rst: "the 64-bit entry point is at load address + 0x200"
+DEFAULT_CMDLINE_SIZE = 2048  # x86 COMMAND_LINE_SIZE, for a vmlinux that carries no header
+VMLINUX_ALIGNMENT = 0x200000
+INITRD_ALIGNMENT = 0x1000
+HEAP_END = 0xFE00  # for setup code that never runs here, set as real boot loaders do
+LOW_MEMORY_END = 0x100000  # nothing of Linux's goes below 1 MiB but the zero page and command line
+
+DECOMPRESS_CHOICES = ("auto", "host", "guest")
+
+
+@dataclass(frozen=True)
+class LinuxBoot:
+    """What was placed where, for the vCPU set-up and for the user."""
+
+    mode: str  # "vmlinux" (entered at startup_64) or "bzimage" (the guest decompresses)
+    entry: int
+    zero_page: int
+    kernel: tuple[int, int]  # [start, end)
+    initrd: tuple[int, int] | None
+    cmdline: str
+    version: str
+    compression: str = ""
+    decompress_s: float = 0.0  # host decompression time, when the vmlinux came from a bzImage
+    notes: list[str] = field(default_factory=list)
+
+
+def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
+    """(address, size, type) for the e820 table, from the one memory map."""
+    kinds = {RegionKind.RAM: bp.E820_RAM, RegionKind.RESERVED: bp.E820_RESERVED}
+    return [(r.start, r.size, kinds[r.kind]) for r in memory_map.regions if r.kind in kinds]
+
+
+def build_zero_page(
+    header: bytes | None,
+    memory_map: MemoryMap,
+    cmdline_addr: int,
+    initrd: tuple[int, int] | None,
+    rsdp_address: int,
+) -> bp.boot_params:
+    """boot_params: the kernel's own setup header when there is one (boot.rst: copy it, then fill
+    in what the loader owns), a synthesised one for a bare vmlinux."""
+    params = bp.boot_params()
+    hdr_offset = bp.boot_params.hdr.offset
+    if header is not None:
+        ctypes.memmove(ctypes.addressof(params) + hdr_offset, header, len(header))
+    else:
+        params.hdr.boot_flag = bp.BOOT_FLAG
+        params.hdr.header = bp.HDRS_MAGIC
+        params.hdr.version = 0x020F
+        params.hdr.kernel_alignment = 0x1000000
+        params.hdr.loadflags = bp.LOADED_HIGH
+    hdr = params.hdr
+    hdr.type_of_loader = bp.TYPE_OF_LOADER_UNDEFINED
+    hdr.loadflags |= bp.CAN_USE_HEAP
+    hdr.heap_end_ptr = HEAP_END
+    hdr.cmd_line_ptr = cmdline_addr
+    if initrd is not None:
+        start, end = initrd
+        hdr.ramdisk_image = start & 0xFFFFFFFF
+        hdr.ramdisk_size = (end - start) & 0xFFFFFFFF
+        params.ext_ramdisk_image = start >> 32
+        params.ext_ramdisk_size = (end - start) >> 32
+    params.acpi_rsdp_addr = rsdp_address
+    entries = e820_map(memory_map)
+    if len(entries) > bp.E820_MAX_ENTRIES_ZEROPAGE:
+        raise ConfigError(f"the memory map has {len(entries)} regions; the zero page holds 128")
+    for i, (address, size, kind) in enumerate(entries):
+        params.e820_table[i] = bp.boot_e820_entry(address, size, kind)
+    params.e820_entries = len(entries)
+    return params
+
+
+def choose_decompression(requested: str, kernel_code_emulated: bool) -> str:
+    if requested not in DECOMPRESS_CHOICES:
+        raise ConfigError(f"--decompress must be host or guest, not {requested!r}")
+    if requested == "auto":
+        # Where the guest decompressor would run emulated (PVM: about 160 s for a Debian kernel),
+        # do it on the host in well under a second; on VT-x/AMD-V let the kernel do its own work.
+        return "host" if kernel_code_emulated else "guest"
+    return requested
+
+
+def place_initrd(memory_map: MemoryMap, size: int, above: int, initrd_addr_max: int, name: str) -> tuple[int, int]:
+    """The highest page-aligned spot for the initrd that ends at or below initrd_addr_max and below
+    the PCI hole, and starts above the kernel (boot.rst: "as high as possible")."""
+    ceiling = min(initrd_addr_max + 1, memory_map.top_of_low_ram)
+    start = (ceiling - size) & ~(INITRD_ALIGNMENT - 1)
+    if size == 0 or start < above:
+        room = max(0, ceiling - above)
+        raise GuestImageError(
+            f"initrd {name} ({size >> 20} MiB) does not fit between the kernel (ends at {above:#x}) and "
+            f"{ceiling:#x} ({room >> 20} MiB free); give the machine more memory"
+        )
+    return start, start + size
+
+
+def load_linux(
+    memory: GuestMemory,
+    memory_map: MemoryMap,
+    kernel_image: bytes,
+    kernel_name: str,
+    initrd_image: bytes | None,
+    initrd_name: str,
+    cmdline: str,
+    decompress: str,
+    kernel_code_emulated: bool,
+    rsdp_address: int,
+) -> LinuxBoot:
+    """Place a bzImage or an ELF vmlinux, its initrd and command line, and the zero page."""
+    bz: BzImage | None = None
+    notes: list[str] = []
+    if is_bzimage(kernel_image):
+        bz = parse_bzimage(kernel_image, kernel_name)
+    elif not kernel_image.startswith(b"\x7fELF"):
+        raise GuestImageError(f"{kernel_name} is not a Linux kernel: neither a bzImage ('HdrS' header) nor an ELF vmlinux")
+    cmdline_size = bz.header.cmdline_size if bz is not None and bz.header.cmdline_size else DEFAULT_CMDLINE_SIZE
+    encoded = cmdline.encode()
+    if len(encoded) >= cmdline_size or b"\0" in encoded:
+        raise ConfigError(f"the kernel command line is {len(encoded)} bytes; this kernel takes at most {cmdline_size - 1}")
+    if CMDLINE_ADDR + len(encoded) + 1 > CMDLINE_AREA_END:
+        raise ConfigError("the kernel command line is too long for the space below the VMM's stack")
+
+    decompress_s = 0.0
+    compression = bz.compression if bz is not None else "none"
+    mode = choose_decompression(decompress, kernel_code_emulated) if bz is not None else "host"
+    if bz is not None and mode == "host":
+        started = time.perf_counter()
+        vmlinux = extract_vmlinux(bz)
+        decompress_s = time.perf_counter() - started
+        notes.append(f"decompressed its {compression} payload on the host in {decompress_s * 1000:.0f} ms")
+    elif bz is None:
+        vmlinux = kernel_image
+    else:
+        vmlinux = b""
+
+    if vmlinux:
+        loaded = load_elf(memory, vmlinux, kernel_name, reserved=[(0, LOW_MEMORY_END)])
+        if loaded.entry % 0x1000 or not loaded.low <= loaded.entry < loaded.high:
+            raise GuestImageError(f"{kernel_name}: ELF entry {loaded.entry:#x} is not a vmlinux startup_64")
+        kernel_range = (loaded.low, loaded.high)
+        entry = loaded.entry
+        boot_mode = "vmlinux"
+    else:
+        assert bz is not None
+        init_size = bz.header.init_size or len(bz.kernel)
+        # The decompressor works in place from the load address, or moves up to pref_address:
+        # it needs init_size bytes from whichever is higher.
+        end = max(BZIMAGE_LOAD_ADDR, bz.header.pref_address) + init_size
+        if not memory.contains(BZIMAGE_LOAD_ADDR, end - BZIMAGE_LOAD_ADDR):
+            raise GuestImageError(
+                f"{kernel_name} needs {end >> 20} MiB of RAM below its end to decompress itself; give the machine more memory"
+            )
+        memory.write(BZIMAGE_LOAD_ADDR, bz.kernel)
+        kernel_range = (BZIMAGE_LOAD_ADDR, end)
+        entry = BZIMAGE_LOAD_ADDR + BZIMAGE_64BIT_ENTRY
+        boot_mode = "bzimage"
+
+    initrd = None
+    if initrd_image is not None:
+        addr_max = bz.header.initrd_addr_max if bz is not None and bz.header.initrd_addr_max else 0x7FFFFFFF
+        initrd = place_initrd(memory_map, len(initrd_image), kernel_range[1], addr_max, initrd_name)
+        memory.write(initrd[0], initrd_image)
+
+    memory.write(CMDLINE_ADDR, encoded + b"\0")
+    header = bz.header_bytes if bz is not None else None
+    params = build_zero_page(header, memory_map, CMDLINE_ADDR, initrd, rsdp_address)
+    memory.write(ZERO_PAGE, bytes(params))
+    version = bz.version_string if bz is not None else ""
+    return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes)
