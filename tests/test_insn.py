@@ -47,3 +47,9 @@ def test_description_fetches_bytes_when_kvm_gave_none() -> None:
     regs, sregs = s.kvm_regs(rip=0x1000), s.kvm_sregs()
     text = describe_internal_error(InternalErrorExit(1, (), b""), 1, regs, sregs, lambda rip: bytes.fromhex("0fae2f"))
     assert "vCPU 1" in text and "0f ae 2f = xrstor" in text
+
+
+def test_mandatory_f3_prefix_is_part_of_the_opcode() -> None:
+    assert decode_mnemonic(bytes.fromhex("f3480fb8c7")) == "popcnt"
+    assert decode_mnemonic(bytes.fromhex("f30fbcc0")) == "tzcnt"
+    assert decode_mnemonic(bytes.fromhex("0fbcc0")) == "bsf"

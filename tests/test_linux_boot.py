@@ -186,6 +186,7 @@ def test_initrd_respects_initrd_addr_max(machine_memory) -> None:
 def test_e820_just_under_and_over_the_pci_hole(memory: int) -> None:
     entries = e820_map(MemoryMap.for_memory(memory))
     assert sum(size for _, size, kind in entries if kind == bp.E820_RAM) == memory
-    assert all(not (0xC0000000 <= addr < 1 << 32) for addr, _, _ in entries)  # nothing in the PCI hole
+    assert all(not (0xC0000000 <= addr < 1 << 32) for addr, _, kind in entries if kind == bp.E820_RAM)  # no RAM in the hole
+    assert (0xE0000000, 1 << 20, bp.E820_RESERVED) in entries  # the ECAM window MCFG names is reserved
     above = [e for e in entries if e[0] >= 1 << 32]
     assert bool(above) == (memory > 3 * GIB - 0x60000)

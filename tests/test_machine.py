@@ -176,3 +176,15 @@ def test_two_vcpus_the_second_waits_for_sipi() -> None:
     assert "2 vCPUs" in run.text
     assert run.result.exit_status == 0
     assert run.stats.vcpus[1].world_switches == 1  # only the kick that ended it
+
+
+def test_ring0_int3_reaches_the_guest_handler_on_any_host() -> None:
+    """On PVM, KVM's emulator cannot deliver INT3 in long mode and the VMX does it (vmm/emulate.py);
+    with VT-x/AMD-V the CPU does. Either way the guest's #BP handler runs and IRETQ returns."""
+    from worldswitch.vmm.host import detect_host_kind
+
+    run = run_guest("fault", "int3 5")
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    assert run.result.value == 5
+    emulated = run.stats.vcpus[0].vmx_emulated
+    assert emulated == ({"int3": 5} if detect_host_kind().kernel_code_emulated else {})

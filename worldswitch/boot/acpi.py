@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from . import aml
+
 OEM_ID = b"WSWTCH"
 OEM_TABLE_ID = b"WORLDSWT"
 CREATOR_ID = b"WSPY"
@@ -83,8 +85,52 @@ def aml_s5() -> bytes:
     return bytes([0x08]) + b"_S5_" + bytes([0x12, len(package) + 1]) + package  # NameOp, NameSeg, PackageOp, PkgLength
 
 
-def dsdt() -> bytes:
-    return table(b"DSDT", 2, aml_s5())
+@dataclass(frozen=True)
+class PciHost:
+    """What the DSDT's root bridge and the MCFG describe."""
+
+    ecam_base: int
+    mmio_start: int
+    mmio_end: int  # exclusive
+    slots: int = 32
+    first_intx_gsi: int = 16  # INTA-INTD of slot 0 land on GSI 16-19, swizzled by slot
+
+
+def pci_root_bridge(pci: PciHost) -> bytes:
+    """Device (\_SB.PCI0): a PCI Express root bridge (PNP0A08, compatible PNP0A03) on segment 0,
+    bus 0, with its windows in _CRS and its INTx wiring in _PRT (6.2.13)."""
+    crs = aml.resource_template(
+        aml.word_bus_number(0, 0),
+        aml.io_port(0xCF8, 0xCF8, 1, 8),  # the configuration ports the bridge itself decodes
+        aml.word_io(0x0000, 0x0CF7),
+        aml.word_io(0x0D00, 0xFFFF),
+        aml.dword_memory(pci.mmio_start, pci.mmio_end - 1),
+    )
+    routes = [
+        aml.package(aml.integer((slot << 16) | 0xFFFF), aml.integer(pin), aml.integer(0),
+                    aml.integer(pci.first_intx_gsi + (slot + pin) % 4))
+        for slot in range(pci.slots) for pin in range(4)
+    ]
+    return aml.scope("\\_SB_", aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A08")),
+        aml.name("_CID", aml.eisa_id("PNP0A03")),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name("_CRS", crs),
+        aml.name("_PRT", aml.package(*routes)),
+    ))
+
+
+def dsdt(pci: PciHost | None = None) -> bytes:
+    body = aml_s5() + (pci_root_bridge(pci) if pci is not None else b"")
+    return table(b"DSDT", 2, body)
+
+
+def mcfg(pci: PciHost) -> bytes:
+    """MCFG (PCI Firmware Specification 3.2, 4.1.2): one ECAM allocation, segment 0, bus 0."""
+    return table(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", pci.ecam_base, 0, 0, 0, 0))
 
 
 def fadt(dsdt_address: int) -> bytes:
@@ -155,9 +201,10 @@ class AcpiTables:
     addresses: dict[str, int]  # signature -> guest-physical address
 
 
-def build(base: int, vcpus: int, extra: list[bytes] = ()) -> AcpiTables:  # type: ignore[assignment]
+def build(base: int, vcpus: int, extra: list[bytes] = (), pci: PciHost | None = None) -> AcpiTables:  # type: ignore[assignment]
     """Lay out every table from `base` (16-byte aligned, RSDP first) and link them together.
-    `extra` holds more finished tables (MCFG) for the XSDT and RSDT to list."""
+    `extra` holds more finished tables for the XSDT and RSDT to list; with `pci`, the DSDT has a
+    root bridge and an MCFG is added."""
     if base % 16:
         raise ValueError("the RSDP must be 16-byte aligned")
     blob = bytearray()
@@ -172,8 +219,10 @@ def build(base: int, vcpus: int, extra: list[bytes] = ()) -> AcpiTables:  # type
         return address
 
     place("RSDP", bytes(RSDP.size))  # filled in last, once the XSDT's address is known
-    dsdt_address = place("DSDT", dsdt())
+    dsdt_address = place("DSDT", dsdt(pci))
     listed = [place("FACP", fadt(dsdt_address)), place("APIC", madt(vcpus))]
+    if pci is not None:
+        extra = [*extra, mcfg(pci)]
     for data in extra:
         listed.append(place(data[:4].decode(), data))
     rsdt_address = place("RSDT", rsdt(listed))

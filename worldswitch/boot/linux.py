@@ -57,7 +57,7 @@ class LinuxBoot:
 
 def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
     """(address, size, type) for the e820 table, from the one memory map."""
-    kinds = {RegionKind.RAM: bp.E820_RAM, RegionKind.RESERVED: bp.E820_RESERVED}
+    kinds = {RegionKind.RAM: bp.E820_RAM, RegionKind.RESERVED: bp.E820_RESERVED, RegionKind.DEVICE: bp.E820_RESERVED}
     return [(r.start, r.size, kinds[r.kind]) for r in memory_map.regions if r.kind in kinds]
 
 

@@ -4,7 +4,7 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..boot import acpi
@@ -18,6 +18,10 @@ from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial
 from ..devices.testdev import TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
+from ..devices.virtio.blk import VirtioBlock
+from ..devices.virtio.console import VirtioConsole, open_backend
+from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
+from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm
@@ -25,13 +29,15 @@ from ..errors import ConfigError, WorldswitchError
 from ..guests import DEFAULT_GUEST, builtin_path
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
-from .cpuid import filter_cpuid, hidden_features, kernel_parameters
+from .emulate import VmxEmulator
+from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
 from .host import detect_host_kind
 from .irq import KvmIrqLine
 from .kick import install_kick_handler
 from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
+from .pci_platform import PciPlatform
 from .machine import Machine
-from .memmap import MIB, MemoryMap
+from .memmap import ECAM_BASE, MIB, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .memory import GuestMemory
 from .runloop import VcpuRunner
 
@@ -46,6 +52,19 @@ ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4
 
 
 @dataclass
+class DiskConfig:
+    path: str
+    read_only: bool = False
+    serial: str | None = None
+
+
+@dataclass
+class NetConfig:
+    tap: str
+    mac: str | None = None
+
+
+@dataclass
 class MachineConfig:
     memory: int | None = None  # bytes; None: 128 MiB for programs, 512 MiB for Linux
     cpus: int = 1
@@ -56,6 +75,10 @@ class MachineConfig:
     initrd: str | None = None
     cmdline: str = DEFAULT_CMDLINE
     decompress: str = "auto"  # host, guest, or auto (host where guest kernel code is emulated)
+    disks: list[DiskConfig] = field(default_factory=list)  # virtio-blk, in PCI slot order
+    nets: list[NetConfig] = field(default_factory=list)  # virtio-net on tap devices
+    rng: bool = False  # virtio-rng
+    vconsole: str | None = None  # virtio-console back end: pty, file:PATH or none
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
@@ -102,6 +125,7 @@ def build_machine(
     vm = kvm.create_vm()
     memory = GuestMemory(memory_map.backed_ranges())
     machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
+    machine.warn = warn or (lambda text: None)
     try:
         _assemble(machine, config, name, image, initrd, serial_sink)
     except BaseException:
@@ -120,16 +144,26 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
 
     _attach_devices(machine, serial_sink)
-    tables = acpi.build(ACPI_BASE, config.cpus)
+    _attach_pci(machine, config)
+    tables = acpi.build(ACPI_BASE, config.cpus, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
     memory.write(tables.base, tables.blob)
 
     host = detect_host_kind()
     machine.host = host
-    supported = filter_cpuid(machine.kvm.get_supported_cpuid(), hidden_features(host))
+    hidden = hidden_features(host)
+    supported = filter_cpuid(machine.kvm.get_supported_cpuid(), hidden)
+    vcpus = []
+    for index in range(config.cpus):
+        vcpu = vm.create_vcpu(index)
+        vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
+        set_lint(vcpu)
+        vcpus.append(vcpu)
+    # What the host put back into the CPUID despite us (see cpuid.py): a kernel must be told.
+    machine.forced_cpuid = forced_features(vcpus[0].get_cpuid2(), hidden)
 
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(host, config.cmdline)
+        added = kernel_parameters(machine.forced_cpuid, config.cmdline)
         cmdline = " ".join([config.cmdline, *(parameter for parameter, _ in added)]).strip()
         boot = load_linux(memory, machine.memory_map, image, name, initrd, config.initrd or "", cmdline,
                           config.decompress, host.kernel_code_emulated, tables.rsdp_address)
@@ -142,19 +176,16 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
         loaded = load_elf(memory, image, name, reserved=reserved_ranges(layout))
         bsp_regs = configure_program(memory, loaded.entry, config.args, config.cpus, layout).regs()
 
-    for index in range(config.cpus):
-        vcpu = vm.create_vcpu(index)
-        vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
-        set_lint(vcpu)
-        if index == 0:
-            # The bootstrap processor enters the program; the others wait for INIT/SIPI from it,
-            # which the in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
-            sregs = vcpu.get_sregs()
-            setup_long_mode(memory, sregs, layout)
-            vcpu.set_sregs(sregs)
-            vcpu.set_regs(bsp_regs)
+    # The bootstrap processor enters the program; the others wait for INIT/SIPI from it, which the
+    # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
+    sregs = vcpus[0].get_sregs()
+    setup_long_mode(memory, sregs, layout)
+    vcpus[0].set_sregs(sregs)
+    vcpus[0].set_regs(bsp_regs)
+    for vcpu in vcpus:
         machine.runners.append(
-            VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu))
+            VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu),
+                       VmxEmulator(memory))
         )
 
 
@@ -191,6 +222,28 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
         serial=serial, i8042=i8042, debug_exit=debug_exit, acpi_pm=pm, reset=reset, ucall=ucall,
         testdev_pio=pio_sequence, testdev_mmio=mmio_sequence,
     )
+
+
+def _attach_pci(machine: Machine, config: MachineConfig) -> None:
+    """The PCI host bridge and the virtio devices the user asked for, in slot order."""
+    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, machine.warn)
+    machine.pci = pci
+    for disk in config.disks:
+        device = VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial)
+        machine.devices[f"virtio-blk{len([d for d in machine.devices if d.startswith('virtio-blk')])}"] = pci.add_virtio(device)
+    for net in config.nets:
+        device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
+        function = pci.add_virtio(device)
+        device.pause_input = lambda paused, f=function, d=device: f.worker.interest(d.tap.fd, not paused)
+        machine.devices[f"virtio-net{len([d for d in machine.devices if d.startswith('virtio-net')])}"] = function
+    if config.rng:
+        machine.devices["virtio-rng"] = pci.add_virtio(VirtioRng(machine.memory))
+    if config.vconsole:
+        device = VirtioConsole(machine.memory, open_backend(config.vconsole))
+        function = pci.add_virtio(device)
+        if device.backend.fd is not None:
+            device.pause_input = lambda paused, f=function, d=device: f.worker.interest(d.backend.fd, not paused)
+        machine.devices["virtio-console"] = function
 
 
 def _code_fetcher(machine: Machine, vcpu: "Vcpu") -> Callable[[int], bytes]:  # type: ignore[name-defined]  # noqa: F821

@@ -1,11 +1,18 @@
 """The CPUID a guest is offered: what KVM_GET_SUPPORTED_CPUID says, minus what this host cannot
-really execute in guest kernel mode.
+really execute in guest kernel mode, and what to tell a Linux guest about the rest.
 
-On PVM hosts all guest kernel code goes through KVM's instruction emulator, which lacks some
-instructions the CPU (and KVM's supported CPUID) advertise; a kernel that sees the feature uses
-the instruction and dies with KVM_EXIT_INTERNAL_ERROR. The table below was found by booting
-Debian's 6.1 cloud kernel here and hiding each feature it stopped at (see the closing note of the
-Linux issue and docs/pvm-cpuid.md).
+On PVM hosts all guest kernel code goes through KVM's instruction emulator (arch/x86/kvm/emulate.c),
+which implements the base integer instruction set, MOVBE, CMPXCHG8B and a few SSE moves, and none
+of the extensions below. A kernel that believes in one of them uses its instruction in ring 0 and
+the guest dies with KVM_EXIT_INTERNAL_ERROR (suberror 1, emulation). Debian's 6.1 cloud kernel, booted
+here, stopped at CMPXCHG16B, XRSTOR, POPCNT, then CLAC (docs/pvm.md has the log).
+
+Hiding a feature takes two steps on this host, because its KVM ORs a fixed set of features into
+every guest CPUID on KVM_SET_CPUID2 (presumably because guest ring 3 runs natively and sees the
+host's CPUID anyway) while honouring others being cleared:
+  1. clear each feature in the CPUID given to KVM;
+  2. read the table back (KVM_GET_CPUID2), and for each feature the host forced back on, give a
+     Linux guest `clearcpuid=<feature number>` (or `noxsave`) so that the kernel leaves it alone.
 """
 
 from __future__ import annotations
@@ -25,34 +32,52 @@ class HiddenFeature:
     register: str
     bit: int
     name: str
-    why: str
+    linux_feature: int  # X86_FEATURE_* number (word * 32 + bit), for clearcpuid=
+
+    def present(self, entries: list[s.kvm_cpuid_entry2]) -> bool:
+        return any(
+            e.function == self.leaf and (self.subleaf is None or e.index == self.subleaf)
+            and getattr(e, self.register) >> self.bit & 1
+            for e in entries
+        )
 
 
+def _leaf1(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0x1, None, ECX, bit, name, 4 * 32 + bit)  # Linux's word 4 is CPUID.1:ECX
+
+
+def _leaf7(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0x7, 0, EBX, bit, name, 9 * 32 + bit)  # word 9 is CPUID.(7,0):EBX
+
+
+# Extensions KVM's instruction emulator does not implement (what a PVM host cannot run in ring 0).
 PVM_HIDDEN = (
-    HiddenFeature(0x1, None, ECX, 13, "cx16", "CMPXCHG16B: KVM's emulator cannot execute it (internal error, suberror 1)"),
-)
-
-
-# What CPUID cannot hide: this PVM host ORs a fixed set of features into every guest CPUID on
-# KVM_SET_CPUID2 (XSAVE, OSXSAVE, AVX and leaf 0xD among them; presumably because guest ring 3 runs
-# natively and sees the host's CPUID anyway), while it honours clearing others (CX16). A Linux
-# guest that believes in XSAVE uses XRSTOR in ring 0, which KVM's emulator cannot execute, so on
-# such hosts the VMM adds the kernel's own switch for it to the command line.
-PVM_KERNEL_PARAMETERS = (
-    ("noxsave", "XSAVE: forced into the guest's CPUID by this host, and XRSTOR is beyond KVM's emulator"),
+    _leaf1(0, "pni"),  # SSE3
+    _leaf1(1, "pclmulqdq"),
+    _leaf1(9, "ssse3"),
+    _leaf1(12, "fma"),
+    _leaf1(13, "cx16"),  # CMPXCHG16B: where Debian's kernel first stopped
+    _leaf1(19, "sse4_1"),
+    _leaf1(20, "sse4_2"),
+    _leaf1(23, "popcnt"),
+    _leaf1(25, "aes"),
+    _leaf1(26, "xsave"),  # XRSTOR in the kernel's FPU code
+    _leaf1(28, "avx"),
+    _leaf1(29, "f16c"),
+    _leaf1(30, "rdrand"),
+    _leaf7(0, "fsgsbase"),  # RDFSBASE/WRFSBASE in every context switch
+    _leaf7(3, "bmi1"),
+    _leaf7(5, "avx2"),
+    _leaf7(8, "bmi2"),
+    _leaf7(18, "rdseed"),
+    _leaf7(19, "adx"),
+    _leaf7(20, "smap"),  # CLAC/STAC on every kernel entry
+    _leaf7(29, "sha_ni"),
 )
 
 
 def hidden_features(host: HostKind) -> tuple[HiddenFeature, ...]:
     return PVM_HIDDEN if host.kernel_code_emulated else ()
-
-
-def kernel_parameters(host: HostKind, cmdline: str) -> list[tuple[str, str]]:
-    """(parameter, reason) pairs a Linux guest needs on this host and its command line lacks."""
-    if not host.kernel_code_emulated:
-        return []
-    present = set(cmdline.split())
-    return [(parameter, why) for parameter, why in PVM_KERNEL_PARAMETERS if parameter not in present]
 
 
 def filter_cpuid(entries: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...]) -> list[s.kvm_cpuid_entry2]:
@@ -65,3 +90,23 @@ def filter_cpuid(entries: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature,
                 setattr(entry, feature.register, getattr(entry, feature.register) & ~(1 << feature.bit))
         out.append(entry)
     return out
+
+
+def forced_features(effective: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...]) -> list[HiddenFeature]:
+    """Hidden features the host put back: present in the vCPU's CPUID as KVM reports it after
+    KVM_SET_CPUID2."""
+    return [feature for feature in hidden if feature.present(effective)]
+
+
+def kernel_parameters(forced: list[HiddenFeature], cmdline: str) -> list[tuple[str, str]]:
+    """(parameter, reason) a Linux guest needs so it does not use what CPUID could not hide."""
+    words = cmdline.split()
+    added: list[tuple[str, str]] = []
+    if any(f.name == "xsave" for f in forced) and "noxsave" not in words:
+        added.append(("noxsave", "the host forces XSAVE into the guest's CPUID, and XRSTOR is beyond KVM's emulator"))
+    rest = [f for f in forced if f.name != "xsave"]
+    if rest and not any(word.startswith("clearcpuid=") for word in words):
+        numbers = ",".join(str(f.linux_feature) for f in rest)
+        names = ", ".join(f.name for f in rest)
+        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; KVM's emulator runs none of them"))
+    return added

@@ -30,6 +30,7 @@ _LEGACY_PREFIXES = {
 
 _ONE_BYTE = {
     0xF4: "hlt",
+    0x9B: "fwait",
     0xFA: "cli",
     0xFB: "sti",
     0xCF: "iret",
@@ -78,9 +79,9 @@ _TWO_BYTE = {
     0xC0: "xadd",
     0xC1: "xadd",
     0xC3: "movnti",
-    0xB8: "popcnt",
-    0xBC: "bsf/tzcnt",
-    0xBD: "bsr/lzcnt",
+    0xB8: "jmpe",
+    0xBC: "bsf",
+    0xBD: "bsr",
 }
 
 # 0F 01 with mod=3: the ModRM byte selects the instruction.
@@ -106,9 +107,11 @@ def decode_mnemonic(code: bytes) -> str:
     """A best-effort name for the instruction at the start of `code` ("" if unknown)."""
     i = 0
     prefixes: list[str] = []
+    mandatory_f3 = False
     while i < len(code) and code[i] in _LEGACY_PREFIXES:
         if _LEGACY_PREFIXES[code[i]]:
             prefixes.append(_LEGACY_PREFIXES[code[i]])
+        mandatory_f3 = code[i] == 0xF3
         i += 1
     rex_w = False
     if i < len(code) and 0x40 <= code[i] <= 0x4F:
@@ -139,6 +142,9 @@ def decode_mnemonic(code: bytes) -> str:
             name = "cmpxchg16b" if reg == 1 and rex_w else _0FC7_MEM.get(reg, "")
         elif op2 == 0xC7 and register_form:
             name = {6: "rdrand", 7: "rdseed/rdpid"}.get(reg, "")
+        elif op2 in (0xB8, 0xBC, 0xBD) and mandatory_f3:
+            name = {0xB8: "popcnt", 0xBC: "tzcnt", 0xBD: "lzcnt"}[op2]  # F3 is part of the opcode
+            prefixes = [p for p in prefixes if p != "rep"]
         elif op2 in (0x38, 0x3A):
             name = "an SSSE3/SSE4/AES-NI/SHA instruction (0F 38/0F 3A map)"
         elif op2 in _TWO_BYTE:

@@ -42,6 +42,9 @@ class Machine:
         self.trace_writer = None  # a trace.TraceWriter while recording
         self.host = None  # host.HostKind, set by the builder
         self.boot = None  # boot.linux.LinuxBoot when the machine boots Linux
+        self.forced_cpuid: list = []  # cpuid.HiddenFeature the host would not let us hide
+        self.pci = None  # pci_platform.PciPlatform
+        self.warn: Callable[[str], None] = lambda text: None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -74,6 +77,8 @@ class Machine:
         if self._started_ns:
             raise RuntimeError("machine already started")
         self._started_ns = time.perf_counter_ns()
+        if self.pci is not None:
+            self.pci.start()  # device I/O threads first: a guest may kick a queue at once
         for runner in self.runners:
             runner.start()
 
@@ -139,6 +144,8 @@ class Machine:
         for runner in self.runners:
             runner.join(JOIN_TIMEOUT_S)
         self._finish_trace()
+        if self.pci is not None:
+            self.pci.close()  # after the vCPUs: no request arrives any more; disks are synced
         self._closed = True
         for runner in self.runners:
             if not runner.finished.is_set() and runner.thread is not None:

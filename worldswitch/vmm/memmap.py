@@ -5,7 +5,9 @@ e820 table and the ACPI/MP tables.
     0x000a_0000 - 0x000b_ffff  legacy video hole: not backed, accesses are MMIO exits
     0x000c_0000 - 0x000f_ffff  "ROM" area: backed, reserved in e820, holds the MP/ACPI tables
     0x0010_0000 - below 3 GiB  RAM
-    0xc000_0000 - 0xffff_ffff  PCI hole: device windows (PCI BARs, ECAM, IOAPIC, LAPIC, ...)
+    0xc000_0000 - 0xdfff_ffff  PCI hole: the window where PCI BARs are placed
+    0xe000_0000 - 0xe00f_ffff  PCIe ECAM for bus 0 (reserved in e820, as MCFG requires)
+    0xe010_0000 - 0xffff_ffff  more of the hole: IOAPIC, LAPIC, the test device, KVM's TSS
     0x1_0000_0000 -            RAM above 4 GiB, when the machine has more than fits below
 """
 
@@ -26,6 +28,10 @@ ROM_END = 0x100000
 HIGH_RAM_START = ROM_END
 PCI_HOLE_START = 0xC000_0000
 PCI_HOLE_END = 1 << 32
+PCI_MMIO_START = PCI_HOLE_START
+PCI_MMIO_END = 0xE000_0000
+ECAM_BASE = 0xE000_0000
+ECAM_SIZE = 1 << 20  # bus 0 only: 32 devices x 8 functions x 4 KiB
 RAM_ABOVE_4G = 1 << 32
 
 MIN_MEMORY = 2 * MIB
@@ -35,6 +41,7 @@ MAX_MEMORY = 1 << 40
 class RegionKind(Enum):
     RAM = "ram"  # e820 type 1
     RESERVED = "reserved"  # e820 type 2: backed but not for the OS (our ROM area)
+    DEVICE = "device"  # e820 type 2 too, but not backed: a device window the OS must leave alone (ECAM)
     MMIO = "mmio"  # not backed: device windows and holes
 
 
@@ -51,7 +58,7 @@ class Region:
 
     @property
     def backed(self) -> bool:
-        return self.kind is not RegionKind.MMIO
+        return self.kind in (RegionKind.RAM, RegionKind.RESERVED)
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,10 @@ class MemoryMap:
         below = min(remaining, PCI_HOLE_START - HIGH_RAM_START)
         regions.append(Region(HIGH_RAM_START, below, RegionKind.RAM, "RAM"))
         remaining -= below
-        regions.append(Region(PCI_HOLE_START, PCI_HOLE_END - PCI_HOLE_START, RegionKind.MMIO, "PCI hole"))
+        regions.append(Region(PCI_MMIO_START, PCI_MMIO_END - PCI_MMIO_START, RegionKind.MMIO, "PCI BAR window"))
+        regions.append(Region(ECAM_BASE, ECAM_SIZE, RegionKind.DEVICE, "PCIe ECAM"))
+        regions.append(Region(ECAM_BASE + ECAM_SIZE, PCI_HOLE_END - ECAM_BASE - ECAM_SIZE, RegionKind.MMIO,
+                              "platform devices"))
         if remaining > 0:
             regions.append(Region(RAM_ABOVE_4G, remaining, RegionKind.RAM, "RAM above 4 GiB"))
         return cls(memory, tuple(regions))

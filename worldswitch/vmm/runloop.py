@@ -56,9 +56,11 @@ class VcpuRunner:
         mmio: MmioBus,
         request_exit: RequestExit,
         fetch_code: Callable[[int], bytes] | None = None,
+        emulator: "VmxEmulator | None" = None,  # noqa: F821
     ) -> None:
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
+        self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
         self.index = vcpu.id
         self.pio = pio
         self.mmio = mmio
@@ -361,6 +363,15 @@ class VcpuRunner:
 
         exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, self.vcpu.run_mmap)
         regs = self.vcpu.get_regs()
+        if self.emulator is not None and exit_.suberror == 1:  # KVM_INTERNAL_ERROR_EMULATION
+            code = exit_.insn_bytes
+            if not code and self.fetch_code is not None:
+                try:
+                    code = self.fetch_code(regs.rip)
+                except Exception:  # noqa: BLE001 - no bytes, no emulation: the error below stands
+                    code = b""
+            if code and self.emulator.try_emulate(self.vcpu, code):
+                return  # trap-and-emulate: the guest goes on
         sregs = self.vcpu.get_sregs()
         self._end(StopReason.EMULATION_FAILURE, describe_internal_error(exit_, self.index, regs, sregs, self.fetch_code))
 
@@ -403,4 +414,5 @@ class VcpuRunner:
             kicks=self.kicks,
             kick_latency_ns_max=self.kick_latency_ns_max,
             kvm=kvm,
+            vmx_emulated=dict(self.emulator.emulated) if self.emulator is not None else {},
         )

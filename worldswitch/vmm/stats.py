@@ -33,6 +33,7 @@ class VcpuStats:
     kicks: int  # host events that asked this vCPU to come back (the interrupt path)
     kick_latency_ns_max: int  # longest time from a kick to the vCPU being back in the VMX
     kvm: dict[str, int] = field(default_factory=dict)  # KVM's own counters (KVM_GET_STATS_FD)
+    vmx_emulated: dict[str, int] = field(default_factory=dict)  # instructions the VMX emulated for KVM
 
     @property
     def world_switches(self) -> int:
@@ -48,6 +49,7 @@ class VcpuStats:
             "kicks": self.kicks,
             "kick_latency_ns_max": self.kick_latency_ns_max,
             "kvm": dict(self.kvm),
+            "vmx_emulated": dict(self.vmx_emulated),
         }
 
 
@@ -136,6 +138,10 @@ class MachineStats:
                 if v.kvm.get("exits") is not None:
                     in_kernel = v.kvm["exits"] - v.world_switches
                     lines.append(f"  vcpu{v.vcpu}: {max(0, in_kernel)} of KVM's {v.kvm['exits']} exits were handled in the kernel")
+        for v in self.vcpus:
+            if v.vmx_emulated:
+                done = ", ".join(f"{count} {name}" for name, count in v.vmx_emulated.items())
+                lines.append(f"vcpu{v.vcpu}: the VMX emulated {done} that KVM's emulator could not")
         if self.vmx_resident_kib:
             lines.append(
                 f"memory: VMX resident {self.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "

@@ -5,7 +5,9 @@
  *   unmapped N writes N times to an MMIO address no device owns, then reports DONE(N, value read)
  *   spin       loops forever in ring 3
  *   halt       halts in ring 0 with interrupts disabled, forever
- *   abort      fails a guest assertion */
+ *   abort      fails a guest assertion
+ *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
+ *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/emulate.py) */
 #include "ws.h"
 
 static int misbehave(u64 unused)
@@ -32,8 +34,30 @@ static int misbehave(u64 unused)
     return 1;
 }
 
+static volatile u64 breakpoints;
+
+static void on_breakpoint(struct trap_frame *frame)
+{
+    GUEST_ASSERT_EQ(frame->cs, KERNEL_CS);
+    breakpoints++;
+}
+
+static int report_breakpoints(u64 expected)
+{
+    GUEST_ASSERT_EQ(breakpoints, expected);
+    GUEST_DONE(breakpoints, 0, 0, 0);
+    return 0;
+}
+
 int main(const char *args)
 {
+    if (arg_has("int3")) {
+        u64 n = arg_number(0, 3);
+        set_trap_handler(3, on_breakpoint);
+        for (u64 i = 0; i < n; i++)
+            __asm__ volatile("int3; nop" ::: "memory");
+        enter_user(report_breakpoints, n, 0);
+    }
     if (arg_has("triple")) {
         struct {
             u16 limit;

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from worldswitch.driver import structs as s
+from worldswitch.vmm.cpu import cpuid_for_vcpu
+from worldswitch.vmm.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features, kernel_parameters
+from worldswitch.vmm.host import HostKind
+
+PVM = HostKind("pvm", False, "")
+VTX = HostKind("vmx", True, "")
+BY_NAME = {f.name: f for f in PVM_HIDDEN}
+
+
+def table(ecx1: int, ebx7: int = 0) -> list[s.kvm_cpuid_entry2]:
+    return [s.kvm_cpuid_entry2(function=1, ecx=ecx1, ebx=0x00020800), s.kvm_cpuid_entry2(function=7, index=0, ebx=ebx7)]
+
+
+def test_linux_feature_numbers_follow_the_kernels_words() -> None:
+    assert BY_NAME["popcnt"].linux_feature == 151  # X86_FEATURE_POPCNT (4*32+23)
+    assert BY_NAME["cx16"].linux_feature == 141
+    assert BY_NAME["avx2"].linux_feature == 293  # X86_FEATURE_AVX2 (9*32+5)
+    assert BY_NAME["rdseed"].linux_feature == 306
+
+
+def test_only_emulating_hosts_hide_anything() -> None:
+    assert hidden_features(VTX) == ()
+    assert hidden_features(PVM) == PVM_HIDDEN
+
+
+def test_filtering_clears_the_bits_and_keeps_the_rest() -> None:
+    filtered = filter_cpuid(table(0xFFFFFFFF, 0xFFFFFFFF), PVM_HIDDEN)
+    assert not forced_features(filtered, PVM_HIDDEN)
+    assert filtered[0].ecx & (1 << 31)  # the hypervisor bit stays
+    assert filtered[1].ebx & (1 << 1)  # TSC_ADJUST stays
+
+
+def test_forced_features_become_kernel_parameters() -> None:
+    effective = table((1 << 26) | (1 << 23) | (1 << 13), 1 << 5)  # xsave, popcnt, cx16, avx2
+    forced = forced_features(effective, PVM_HIDDEN)
+    assert [f.name for f in forced] == ["cx16", "popcnt", "xsave", "avx2"]
+    params = [p for p, _ in kernel_parameters(forced, "console=ttyS0")]
+    assert params == ["noxsave", "clearcpuid=141,151,293"]
+    assert kernel_parameters(forced, "console=ttyS0 noxsave clearcpuid=1") == []  # the user's own choice wins
+    assert kernel_parameters([], "console=ttyS0") == []
+
+
+def test_each_vcpu_gets_its_apic_id() -> None:
+    for apic_id in (0, 3, 63):
+        leaf1 = [e for e in cpuid_for_vcpu(table(0), apic_id) if e.function == 1][0]
+        assert leaf1.ebx >> 24 == apic_id and leaf1.ecx & (1 << 31)

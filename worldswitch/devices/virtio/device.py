@@ -1,0 +1,69 @@
+"""The device half of a virtio device: features, configuration space, queues and requests. The
+transport (pci.py) handles status, negotiation and queue set-up, and calls in here."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ...vmm.memory import GuestMemory
+from . import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from .queue import SplitQueue
+
+COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+
+class VirtioDevice:
+    device_type: int = 0
+    name: str = "virtio"
+    queue_sizes: tuple[int, ...] = (256,)
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.device_features = COMMON_FEATURES
+        self.driver_features = 0
+        self.queues: list[SplitQueue | None] = [None] * len(self.queue_sizes)
+        # Set by the transport: raise a used-buffer interrupt for a queue, or a configuration change.
+        self.interrupt: Callable[[int], None] = lambda queue: None
+        self.config_changed: Callable[[], None] = lambda: None
+        self.requests = 0
+        self.errors = 0
+
+    def has(self, feature_bit: int) -> bool:
+        return bool(self.driver_features >> feature_bit & 1)
+
+    # --- what subclasses provide --------------------------------------------------------------
+
+    def config(self) -> bytes:
+        """The device-specific configuration space, as the driver reads it."""
+        return b""
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """Writes to the configuration space; read-only unless a device says otherwise."""
+
+    def process(self, index: int) -> None:
+        """Serve the buffers available on queue `index`. Raise VirtqueueError for a broken queue."""
+        raise NotImplementedError
+
+    def activate(self) -> None:
+        """The driver is ready (DRIVER_OK): queues are set up."""
+
+    def reset(self) -> None:
+        """The driver reset the device: forget every request in flight."""
+
+    def close(self) -> None:
+        """The machine is ending: release back ends, making completed writes durable."""
+
+    def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
+        """Host file descriptors the I/O thread should watch for the device (a tap, a pty)."""
+        return []
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def complete(self, queue: SplitQueue, index: int, head: int, written: int) -> None:
+        queue.push(head, written)
+        self.requests += 1
+
+    def finish_batch(self, queue: SplitQueue, index: int) -> None:
+        queue.want_notifications()
+        if queue.needs_interrupt():
+            self.interrupt(index)

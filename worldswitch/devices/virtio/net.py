@@ -1,0 +1,215 @@
+"""virtio-net (virtio 1.2, section 5.1) on a Linux tap device.
+
+Queue 0 receives, queue 1 transmits; no control queue and no offloads, so the 12-byte virtio-1
+header (struct virtio_net_hdr_v1) passes between the guest and the tap unchanged (the tap is opened
+with IFF_VNET_HDR and a header size of 12). Transmit chains may span many descriptors. With
+VIRTIO_NET_F_MRG_RXBUF a received packet may span several receive chains, and the header's
+num_buffers says how many. A packet that arrives while the guest has posted no buffers waits (the
+tap is not read meanwhile); a packet larger than every buffer the guest offers is dropped and
+counted, as a NIC drops it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import random
+import socket
+import struct
+
+from ...errors import ConfigError
+from ...vmm.memory import GuestMemory
+from . import NET
+from .device import VirtioDevice
+from .queue import DescriptorChain
+
+RECEIVE, TRANSMIT = 0, 1
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_S_LINK_UP = 1
+HEADER_SIZE = 12
+MAX_PACKET = 65535 + HEADER_SIZE
+
+TUNSETIFF = 0x400454CA
+TUNSETVNETHDRSZ = 0x400454D8
+TUNSETOFFLOAD = 0x400454D0
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    try:
+        mac = bytes(int(part, 16) for part in parts)
+    except ValueError:
+        mac = b""
+    if len(parts) != 6 or len(mac) != 6 or mac[0] & 1:
+        raise ConfigError(f"{text!r} is not a unicast MAC address like 52:54:00:12:34:56")
+    return mac
+
+
+def random_mac() -> bytes:
+    return bytes([0x52, 0x54, 0x00] + [random.randrange(256) for _ in range(3)])
+
+
+class TapBackend:
+    """A tap interface, created if it does not exist (needs CAP_NET_ADMIN), brought up."""
+
+    def __init__(self, name: str) -> None:
+        if len(name.encode()) >= 16:
+            raise ConfigError(f"tap interface name {name!r} is longer than 15 bytes")
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as error:
+            raise ConfigError(f"cannot open /dev/net/tun: {error.strerror}") from None
+        try:
+            request = struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            answer = fcntl.ioctl(self.fd, TUNSETIFF, request)
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", HEADER_SIZE))
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, 0)
+        except OSError as error:
+            os.close(self.fd)
+            raise ConfigError(f"cannot create or attach tap {name}: {error.strerror} (needs CAP_NET_ADMIN)") from None
+        self.name = answer[:16].split(b"\0", 1)[0].decode()
+        self._bring_up()
+
+    def _bring_up(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as control:
+            request = struct.pack("16sH", self.name.encode(), 0)
+            flags = struct.unpack_from("16sH", fcntl.ioctl(control, SIOCGIFFLAGS, request))[1]
+            try:
+                fcntl.ioctl(control, SIOCSIFFLAGS, struct.pack("16sH", self.name.encode(), flags | IFF_UP))
+            except OSError:
+                pass  # an existing interface we may not configure: the user brings it up
+
+    def read(self) -> bytes | None:
+        try:
+            return os.read(self.fd, MAX_PACKET)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise
+
+    def write(self, views: list[memoryview]) -> None:
+        try:
+            os.writev(self.fd, views)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EIO, errno.EINVAL):  # EIO: the interface is down
+                raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class VirtioNet(VirtioDevice):
+    device_type = NET
+    name = "virtio-net"
+    queue_sizes = (256, 256)
+
+    def __init__(self, memory: GuestMemory, tap: TapBackend, mac: bytes | None = None) -> None:
+        super().__init__(memory)
+        self.tap = tap
+        self.mac = mac or random_mac()
+        self.device_features |= (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+        self.waiting: bytes | None = None  # a received packet with no buffer to go to yet
+        self.pause_input = lambda paused: None  # set by the VMM
+        self.rx_packets = self.tx_packets = self.rx_dropped = 0
+
+    def config(self) -> bytes:
+        return struct.pack("<6sHH", self.mac, VIRTIO_NET_S_LINK_UP, 1)  # mac, status, max_virtqueue_pairs
+
+    def extra_fds(self):  # type: ignore[no-untyped-def]
+        return [(self.tap.fd, self.receive)]
+
+    # --- transmit ----------------------------------------------------------------------------
+
+    def process(self, index: int) -> None:
+        queue = self.queues[index]
+        assert queue is not None
+        if index == TRANSMIT:
+            while (chain := queue.pop()) is not None:
+                views = [self.memory.view(b.gpa, b.length) for b in chain.readable]
+                if sum(len(v) for v in views) > HEADER_SIZE:
+                    self.tap.write(views)
+                    self.tx_packets += 1
+                self.complete(queue, index, chain.head, 0)
+            self.finish_batch(queue, index)
+        else:
+            self.receive()  # buffers arrived: take what waits, and read the tap again
+
+    # --- receive -----------------------------------------------------------------------------
+
+    def receive(self) -> None:
+        queue = self.queues[RECEIVE]
+        if queue is None:
+            return
+        delivered = False
+        while True:
+            packet = self.waiting if self.waiting is not None else self.tap.read()
+            if packet is None:
+                break
+            self.waiting = packet
+            if not self._place(packet):
+                break  # no buffers: keep it, stop reading the tap until the guest posts more
+            self.waiting = None
+            delivered = True
+        self.pause_input(self.waiting is not None)
+        if delivered:
+            self.finish_batch(queue, RECEIVE)
+
+    def _place(self, packet: bytes) -> bool:
+        """Copy one packet into as many receive chains as it needs; False if there are too few."""
+        queue = self.queues[RECEIVE]
+        assert queue is not None
+        mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF)
+        if queue.available() == 0:
+            return False
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < len(packet):
+            if chains and not mergeable:
+                break
+            if queue.available() == 0:
+                if mergeable:  # wait for more buffers rather than splitting the packet unfinished
+                    queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
+                    return False
+                break
+            chain = queue.pop()
+            assert chain is not None
+            chains.append(chain)
+            room += chain.writable_length
+        if room < len(packet):  # larger than what the guest's buffers can ever hold: drop it
+            for chain in chains:
+                self.complete(queue, RECEIVE, chain.head, 0)
+            self.rx_dropped += 1
+            return True
+        data = bytearray(packet)
+        struct.pack_into("<H", data, 10, len(chains))  # num_buffers
+        offset = 0
+        for chain in chains:
+            written = 0
+            for buffer in chain.writable:
+                piece = data[offset : offset + buffer.length]
+                self.memory.write(buffer.gpa, bytes(piece))
+                offset += len(piece)
+                written += len(piece)
+                if offset == len(data):
+                    break
+            self.complete(queue, RECEIVE, chain.head, written)
+        self.rx_packets += 1
+        return True
+
+    def reset(self) -> None:
+        self.waiting = None
+        self.pause_input(False)
+
+    def close(self) -> None:
+        self.tap.close()

@@ -1,0 +1,168 @@
+"""Split virtqueues (virtio 1.2, section 2.7), from the device side.
+
+The driver (the guest) owns the descriptor table and the available ring, the device owns the used
+ring; all three live in guest memory, and every number in them is the guest's word. So nothing is
+taken on trust: each descriptor index is checked against the queue size, each buffer against guest
+RAM (through the bounds-checked accessor, with 64-bit overflow ruled out), chains are bounded by the
+queue size (a loop cannot hang the device), indirect tables are followed only when negotiated and
+never nested, and a readable descriptor after a writable one is refused. Any violation raises
+VirtqueueError, which the transport turns into the virtio "needs reset" state.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ...errors import WorldswitchError
+from ...vmm.memory import GuestMemory
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEMENT = struct.Struct("<II")  # id, len
+MAX_QUEUE_SIZE = 32768
+U64_LIMIT = 1 << 64
+
+
+class VirtqueueError(WorldswitchError):
+    """The driver broke the virtqueue rules; the device must stop using the queue."""
+
+
+@dataclass(frozen=True)
+class Buffer:
+    gpa: int
+    length: int
+
+
+@dataclass
+class DescriptorChain:
+    head: int
+    readable: list[Buffer] = field(default_factory=list)
+    writable: list[Buffer] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(b.length for b in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(b.length for b in self.writable)
+
+
+def need_event(event: int, new: int, old: int) -> bool:
+    """vring_need_event (virtio 1.2, 2.7.10): did used.idx pass the driver's used_event?"""
+    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+class SplitQueue:
+    def __init__(self, memory: GuestMemory, size: int, desc: int, avail: int, used: int, *,
+                 event_idx: bool = False, indirect: bool = False) -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
+        for name, address, alignment, length in (
+            ("descriptor table", desc, 16, 16 * size),
+            ("available ring", avail, 2, 6 + 2 * size),
+            ("used ring", used, 4, 6 + 8 * size),
+        ):
+            if address % alignment:
+                raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+            if not memory.contains(address, length):
+                raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+        self.memory = memory
+        self.size = size
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail = 0  # the next available-ring slot the device will take
+        self.used_idx = 0  # the next used-ring slot the device will fill
+        self.signalled_used = 0
+
+    # --- the available ring -----------------------------------------------------------------
+
+    def available(self) -> int:
+        """How many buffers the driver has made available and the device has not taken."""
+        pending = (self.memory.read_int(self.avail + 2, 2) - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"the driver claims {pending} new buffers in a queue of {self.size}")
+        return pending
+
+    def pop(self) -> DescriptorChain | None:
+        if not self.available():
+            return None
+        slot = self.last_avail % self.size
+        head = self.memory.read_int(self.avail + 4 + 2 * slot, 2)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return self.chain(head)
+
+    def chain(self, head: int) -> DescriptorChain:
+        """Walk and validate the descriptor chain that starts at `head`."""
+        if head >= self.size:
+            raise VirtqueueError(f"descriptor index {head} is beyond the queue size {self.size}")
+        chain = DescriptorChain(head)
+        table, table_size, index = self.desc, self.size, head
+        budget, walked, indirect = self.size, 0, False
+        while True:
+            address, length, flags, next_index = DESCRIPTOR.unpack(self.memory.read(table + 16 * index, 16))
+            walked += 1
+            if walked > budget:
+                raise VirtqueueError(f"descriptor chain from {head} loops or is longer than its table ({budget})")
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise VirtqueueError("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
+                if indirect:
+                    raise VirtqueueError("an indirect table inside an indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError("a descriptor with both INDIRECT and NEXT")
+                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_QUEUE_SIZE} descriptors")
+                self._check_range(address, length, head)
+                table, table_size, index = address, length // 16, 0
+                budget, walked, indirect = table_size, 0, True
+                continue
+            self._check_range(address, length, head)
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain.writable.append(Buffer(address, length))
+            elif chain.writable:
+                raise VirtqueueError(f"descriptor chain from {head} has a readable buffer after a writable one")
+            else:
+                chain.readable.append(Buffer(address, length))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return chain
+            if next_index >= table_size:
+                raise VirtqueueError(f"next descriptor {next_index} is beyond its table ({table_size})")
+            index = next_index
+
+    def _check_range(self, address: int, length: int, head: int) -> None:
+        if address + length > U64_LIMIT or not self.memory.contains(address, length):
+            raise VirtqueueError(f"descriptor chain from {head} points at {address:#x}+{length:#x}, outside guest RAM")
+
+    # --- the used ring ----------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        slot = self.used_idx % self.size
+        self.memory.write(self.used + 4 + 8 * slot, USED_ELEMENT.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # The element first, then the index that publishes it (x86 keeps stores in order).
+        self.memory.write_int(self.used + 2, 2, self.used_idx)
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants to hear about the buffers used since the last interrupt."""
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
+        if old == new:
+            return False
+        if self.event_idx:
+            used_event = self.memory.read_int(self.avail + 4 + 2 * self.size, 2)
+            return need_event(used_event, new, old)
+        return not self.memory.read_int(self.avail, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def want_notifications(self) -> None:
+        """Ask the driver to kick for the next buffer (avail_event, with EVENT_IDX)."""
+        if self.event_idx:
+            self.memory.write_int(self.used + 4 + 8 * self.size, 2, self.last_avail)

@@ -1,0 +1,118 @@
+"""Wiring PCI into the machine: the host bridge's two configuration mechanisms on the buses, BARs
+placed in the PCI window (the firmware's job) and kept mapped where the guest moves them, INTx
+lines, MSI-X routes with irqfds, and ioeventfds on every virtio notify address so that a queue
+kick never leaves the kernel."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..devices.pci import COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, Bar, HostBridge, PciBus, PciFunction
+from ..devices.virtio.device import VirtioDevice
+from ..devices.virtio.pci import VirtioPciFunction
+from ..driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
+from ..driver.kvm import Vm
+from ..errors import BusError, ConfigError
+from .bus import BusRange, MmioBus, PioBus
+from .irq import KvmIrqLine
+from .irqroute import GsiRouter
+from .memmap import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
+
+FIRST_INTX_GSI = 16
+
+
+class PciPlatform:
+    def __init__(self, vm: Vm, pio: PioBus, mmio: MmioBus, warn: Callable[[str], None] | None = None) -> None:
+        self.vm = vm
+        self.pio = pio
+        self.mmio = mmio
+        self.warn = warn or (lambda text: None)
+        self.bus = PciBus()
+        self.router = GsiRouter(vm)
+        self.functions: list[PciFunction] = []
+        self._mapped: dict[tuple[int, int], BusRange] = {}
+        self._ioeventfds: dict[int, list[tuple[int, int]]] = {}
+        self._next_mmio = PCI_MMIO_START
+        self._any_length = bool(vm.check_extension(Cap.IOEVENTFD_ANY_LENGTH))
+        pio.register("PCI CONFIG_ADDRESS", CONFIG_ADDRESS_PORT, 1, self.bus.address_read, self.bus.address_write)
+        pio.register("PCI CONFIG_DATA", CONFIG_DATA_PORT, 4, self.bus.data_read, self.bus.data_write)
+        mmio.register("PCIe ECAM", ECAM_BASE, ECAM_SIZE, self.bus.ecam_read, self.bus.ecam_write)
+        self.add(HostBridge(), slot=0)
+
+    def add(self, function: PciFunction, slot: int | None = None) -> int:
+        slot = self.bus.add(function, slot)
+        self.functions.append(function)
+        function.on_bar_change = lambda index, bar, old, new: self._bar_moved(function, index, bar, old, new)
+        pin = function.config_read(0x3D, 1)
+        if pin:
+            gsi = FIRST_INTX_GSI + (slot + pin - 1) % 4  # the swizzle the DSDT's _PRT describes
+            function.config[INTERRUPT_LINE] = gsi
+            if isinstance(function, VirtioPciFunction):
+                function.intx = KvmIrqLine(self.vm, gsi)
+        # Firmware's job: give every BAR an address in the window and turn decoding on.
+        for index, bar in enumerate(function.bars):
+            if bar is None or bar.io:
+                continue
+            address = -(-self._next_mmio // bar.size) * bar.size
+            if address + bar.size > PCI_MMIO_END:
+                raise ConfigError("the PCI window is full: too many devices")
+            self._next_mmio = address + bar.size
+            bar.address = address
+        function.config_write(COMMAND, 2, function.command | COMMAND_MEMORY)
+        return slot
+
+    def add_virtio(self, device: VirtioDevice) -> VirtioPciFunction:
+        function = VirtioPciFunction(device)
+        routes = [self.router.msi_route() for _ in range(function.msix.vectors)]
+        function.msix.deliver = lambda vector, _address, _data: routes[vector].raise_()
+        function.msix.program = lambda vector, address, data: routes[vector].program(address, data)
+        function.on_needs_reset = lambda reason: self.warn(f"{device.name} needs a reset: {reason}")
+        self.add(function)
+        return function
+
+    def _bar_moved(self, function: PciFunction, index: int, bar: Bar, old: int | None, new: int | None) -> None:
+        key = (id(function), index)
+        if key in self._mapped:
+            self.mmio.unregister(self._mapped.pop(key))
+        if isinstance(function, VirtioPciFunction) and index == 0:
+            self._unbind_notifications(function)
+        if new is None or bar.io or bar.read is None or bar.write is None:
+            return
+        try:
+            self._mapped[key] = self.mmio.register(f"{type(function).__name__} BAR{index}", new, bar.size, bar.read, bar.write)
+        except BusError as error:
+            # A guest may program a BAR over RAM or another device; the real thing would decode
+            # garbage. Here the BAR stays unmapped and the user hears about it.
+            self.warn(f"guest placed a PCI BAR where it cannot go ({error}); left unmapped")
+            bar.mapped_at = None
+            return
+        if isinstance(function, VirtioPciFunction) and index == 0:
+            self._bind_notifications(function)
+
+    def _bind_notifications(self, function: VirtioPciFunction) -> None:
+        bound = []
+        for queue, fd in enumerate(function.worker.kick_fds):
+            address = function.notify_address(queue)
+            if address is None:
+                continue
+            # Length 0 ("any") where KVM has it: the guest may kick with a 16- or 32-bit write.
+            length = 0 if self._any_length else 2
+            self.vm.ioeventfd(fd, address, length)
+            bound.append((fd, address))
+        self._ioeventfds[id(function)] = bound
+
+    def _unbind_notifications(self, function: VirtioPciFunction) -> None:
+        length = 0 if self._any_length else 2
+        for fd, address in self._ioeventfds.pop(id(function), []):
+            self.vm.ioeventfd(fd, address, length, KVM_IOEVENTFD_FLAG_DEASSIGN)
+
+    def start(self) -> None:
+        for function in self.functions:
+            if isinstance(function, VirtioPciFunction):
+                function.start()
+
+    def close(self) -> None:
+        for function in self.functions:
+            if isinstance(function, VirtioPciFunction):
+                function.close()
+        self.router.close()
