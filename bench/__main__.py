@@ -20,6 +20,7 @@ from pathlib import Path
 from worldswitch.vmx.info import gather
 
 from . import vmms
+from . import measure
 from .measure import Figure, exit_round_trip, memory_use, start_times, tsc_khz
 from .report import chart, readme_table, update_readme
 
@@ -90,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     figures["memory_overhead"] = memory
     lines.append(line("VMX resident memory beyond touched guest RAM", memory, "MiB", floor=None))
     print(lines[-1], flush=True)
+
+    disk = measure.prepare_disk(options.out / "disk.img")
+    hostread = vmms.build_hostread(options.out)
+    reads = 1000 if options.quick else 5000
+    for pattern, key in (("seq", "virtio_blk_seq_read"), ("rand", "virtio_blk_rand_read")):
+        figures[key] = measure.virtio_blk_reads(compared[0], hostread, disk, pattern, reads, 3 if options.quick else 5, khz)
+        best = max((f for name, f in figures[key].items() if name != "host"), key=lambda f: f.median)
+        lines.append(
+            f"virtio-blk {pattern} 4 KiB reads: " + ", ".join(f"{name} {f.median:,.0f} IOPS" for name, f in figures[key].items())
+            + f" ({best.median / figures[key]['host'].median:.3f}x the host's direct pread at {best.vmm})"
+        )
+        print(lines[-1], flush=True)
 
     results["figures"] = {name: {vmm: figure.as_dict() for vmm, figure in per_vmm.items()} for name, per_vmm in figures.items()}
     results["memory_details"] = details

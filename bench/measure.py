@@ -134,3 +134,36 @@ def memory_use(vmm: Vmm, memory_mib: int = 128, settle_s: float = 1.5) -> Memory
     guest = sorted(candidates, key=lambda m: -int(m["rss"]))[:1]  # type: ignore[arg-type]
     rss = sum(int(m["rss"]) for m in mappings)  # type: ignore[arg-type]
     return MemoryUse(vmm.name, rss, sum(int(m["rss"]) for m in guest))  # type: ignore[arg-type]
+
+
+def prepare_disk(path: Path, size: int = 64 << 20) -> Path:
+    """A disk image filled with data (not holes), read once so both sides hit the page cache."""
+    if not path.exists() or path.stat().st_size != size:
+        block = bytes(range(256)) * 16
+        with open(path, "wb") as image:
+            for _ in range(size // len(block)):
+                image.write(block)
+    path.read_bytes()
+    return path
+
+
+def virtio_blk_reads(worldswitch: Vmm, hostread: Path, disk: Path, pattern: str, n: int, rounds: int, khz: int,
+                     queue_depths: tuple[int, ...] = (1, 32), log=print) -> dict[str, Figure]:
+    """4 KiB reads per second from the guest's ring-3 virtio-blk driver (at each queue depth) and
+    from the host reading the same file with pread: the physical limit."""
+    figures = {f"worldswitch QD{qd}": Figure(f"worldswitch QD{qd}", "IOPS") for qd in queue_depths}
+    figures["host"] = Figure("host", "IOPS")
+    for _ in range(rounds):
+        for qd in queue_depths:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "stats.json"
+                command = [*worldswitch.command, "run", "--guest", "vblk", "--args", f"{pattern} {n} {qd}",
+                           "--disk", f"{disk},ro", "--quiet", "--stats-json", str(out)]
+                subprocess.run(command, check=True, capture_output=True, timeout=600, env=worldswitch.environment())
+                reads, cycles = json.loads(out.read_text())["result"]["ucall_args"][:2]
+            figures[f"worldswitch QD{qd}"].samples.append(reads / (cycles / (khz * 1000)))
+        result = subprocess.run([str(hostread), str(disk), pattern, str(n * 10)], capture_output=True, text=True, check=True)
+        host = json.loads(result.stdout)
+        figures["host"].samples.append(host["reads"] / (host["ns"] / 1e9))
+    log(f"  virtio-blk {pattern}: " + ", ".join(f"{name} {f.median:,.0f} IOPS" for name, f in figures.items()))
+    return figures

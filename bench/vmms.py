@@ -94,6 +94,12 @@ class Qemu(Vmm):
         return [*self.command, "-kernel", str(guest), "-append", args]
 
 
+def build_hostread(work: Path) -> Path:
+    binary = work / "hostread"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(BENCH_DIR / "hostread.c")], check=True)
+    return binary
+
+
 def worldswitch() -> Worldswitch:
     return Worldswitch("worldswitch", [sys.executable, "-m", "worldswitch"])
 

@@ -97,7 +97,7 @@ class PciHost:
 
 
 def pci_root_bridge(pci: PciHost) -> bytes:
-    """Device (\_SB.PCI0): a PCI Express root bridge (PNP0A08, compatible PNP0A03) on segment 0,
+    """Device (\\_SB.PCI0): a PCI Express root bridge (PNP0A08, compatible PNP0A03) on segment 0,
     bus 0, with its windows in _CRS and its INTx wiring in _PRT (6.2.13)."""
     crs = aml.resource_template(
         aml.word_bus_number(0, 0),

@@ -15,6 +15,7 @@ COMMAND_PORT = 0x64
 STATUS_OBF = 0x01  # output buffer full: the guest may read port 0x60
 STATUS_SYS = 0x04  # system flag: set once the controller passed its self-test
 STATUS_CMD = 0x08  # the last write went to the command port
+STATUS_UNLOCKED = 0x10  # the keyboard is not inhibited (no "keylock")
 
 CMD_READ_COMMAND_BYTE = 0x20
 CMD_WRITE_COMMAND_BYTE = 0x60
@@ -37,7 +38,7 @@ OUTPUT_PORT_RESET_DEASSERTED = 0x01  # bit 0 low resets the CPU
 class I8042State:
     command_byte: int = 0x45  # keyboard interrupt on, translation on, as firmware leaves it
     output_port: int = 0xCF
-    status: int = STATUS_SYS
+    status: int = STATUS_SYS | STATUS_UNLOCKED
     pending_command: int = 0
     output: list[int] = field(default_factory=list)
 

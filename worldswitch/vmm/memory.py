@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import struct
 from dataclasses import dataclass
 from typing import Iterator, TypeVar
 
@@ -49,6 +50,8 @@ class GuestMemory:
             host_addr = ctypes.addressof(ctypes.c_char.from_buffer(backing))
             self.regions.append(MemoryRegion(slot, gpa, size, backing, host_addr))
         self._views = [memoryview(region.backing) for region in self.regions]
+        # (start, end, view) per region: the accessor's hot loop reads nothing else.
+        self._spans = [(r.guest_phys_addr, r.end, view) for r, view in zip(self.regions, self._views)]
 
     @property
     def size(self) -> int:
@@ -74,6 +77,7 @@ class GuestMemory:
             vm.set_user_memory_region(region.slot, region.guest_phys_addr, region.size, region.host_addr)
 
     def close(self) -> None:
+        self._spans = []
         for view in self._views:
             view.release()
         self._views = []
@@ -104,16 +108,24 @@ class GuestMemory:
         raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in guest RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
-        try:
-            self._locate(gpa, length)
-        except GuestMemoryError:
+        if gpa < 0 or length < 0:
             return False
-        return True
+        end = gpa + length
+        return any(start <= gpa and end <= stop for start, stop, _ in self._spans)
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy, writable view of [gpa, gpa+length) for device DMA."""
-        index, offset = self._locate(gpa, length)
-        return self._views[index][offset : offset + length]
+        if gpa >= 0 and length >= 0:
+            end = gpa + length
+            for start, stop, view in self._spans:
+                if start <= gpa and end <= stop:
+                    return view[gpa - start : end - start]
+        self._locate(gpa, length)  # raises the precise error
+        raise GuestMemoryError(f"guest-physical range {gpa:#x}+{length:#x} is not in guest RAM")
+
+    def unpack(self, layout: struct.Struct, gpa: int) -> tuple:  # type: ignore[type-arg]
+        """A struct read straight out of guest RAM, without an intermediate copy."""
+        return layout.unpack_from(self.view(gpa, layout.size))
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))

@@ -21,7 +21,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
-from ..vmm.builder import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY, MachineConfig, build_machine
+from ..vmm.builder import (DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY, DiskConfig, MachineConfig, NetConfig,
+                           build_machine)
 from ..vmm.machine import Machine
 from ..vmm.result import MachineResult, StopReason
 from .console import Console, open_console, stderr_line
@@ -56,6 +57,12 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
                           "default: host where guest kernel code is emulated (PVM), else guest")
     run.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
+    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+                     help="a raw disk image as virtio-blk (repeatable)")
+    run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+                     help="virtio-net on a tap interface, created if needed (repeatable)")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng fed from the host's getrandom()")
+    run.add_argument("--vconsole", metavar="BACKEND", help="a virtio-console: pty, file:PATH or none")
     run.add_argument("--memory", "-m", default=None, metavar="SIZE",
                      help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
@@ -111,7 +118,37 @@ def config_from_args(options: argparse.Namespace) -> MachineConfig:
         initrd=options.initrd,
         cmdline=options.append,
         decompress=options.decompress,
+        disks=[parse_disk(spec) for spec in options.disk],
+        nets=[parse_net(spec) for spec in options.net],
+        rng=options.rng,
+        vconsole=options.vconsole,
     )
+
+
+def _options(spec: str, what: str) -> tuple[str, dict[str, str]]:
+    first, *rest = spec.split(",")
+    options: dict[str, str] = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        options[key] = value
+    return first, options
+
+
+def parse_disk(spec: str) -> DiskConfig:
+    path, options = _options(spec, "--disk")
+    unknown = set(options) - {"ro", "serial"}
+    if not path or unknown:
+        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+    return DiskConfig(path, read_only="ro" in options, serial=options.get("serial") or None)
+
+
+def parse_net(spec: str) -> NetConfig:
+    first, options = _options(spec, "--net")
+    key, _, tap = first.partition("=")
+    unknown = set(options) - {"mac"}
+    if key != "tap" or not tap or unknown:
+        raise ConfigError(f"--net {spec!r}: expected tap=NAME[,mac=52:54:00:12:34:56]")
+    return NetConfig(tap, options.get("mac"))
 
 
 def run_machine(machine: Machine, console: Console, deadline: float | None, timeout: float | None) -> MachineResult:
@@ -173,8 +210,11 @@ def cmd_run(options: argparse.Namespace) -> int:
     elif not options.quiet:
         stderr_line(stats.summary(), console)
     if options.stats_json:
+        ucall = result.details.get("ucall")
         payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
-                              "value": result.value, "boots": boots}, "stats": stats.as_dict()}
+                              "value": result.value, "boots": boots,
+                              "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
+                   "stats": stats.as_dict()}
         Path(options.stats_json).write_text(json.dumps(payload, indent=2) + "\n")
     return result.exit_status
 

@@ -130,10 +130,13 @@ class VirtioBlock(VirtioDevice):
             raise VirtqueueError("a block request without room for its status byte")
         status_buffer = chain.writable[-1]
         status_at = status_buffer.gpa + status_buffer.length - 1
-        header = b"".join(bytes(self.memory.view(b.gpa, b.length)) for b in chain.readable)[: HEADER.size]
-        if len(header) < HEADER.size:
-            raise VirtqueueError("a block request shorter than its 16-byte header")
-        kind, _reserved, sector = HEADER.unpack(header)
+        if chain.readable and chain.readable[0].length >= HEADER.size:  # the usual layout: one header buffer
+            kind, _reserved, sector = self.memory.unpack(HEADER, chain.readable[0].gpa)
+        else:
+            header = b"".join(bytes(self.memory.view(b.gpa, b.length)) for b in chain.readable)[: HEADER.size]
+            if len(header) < HEADER.size:
+                raise VirtqueueError("a block request shorter than its 16-byte header")
+            kind, _reserved, sector = HEADER.unpack(header)
         data_in = self._views(chain.readable, skip=HEADER.size)  # what the driver gives
         data_out = self._views(chain.writable, limit=chain.writable_length - 1)  # what it gets
         written = 0

@@ -108,7 +108,7 @@ class SplitQueue:
         table, table_size, index = self.desc, self.size, head
         budget, walked, indirect = self.size, 0, False
         while True:
-            address, length, flags, next_index = DESCRIPTOR.unpack(self.memory.read(table + 16 * index, 16))
+            address, length, flags, next_index = self.memory.unpack(DESCRIPTOR, table + 16 * index)
             walked += 1
             if walked > budget:
                 raise VirtqueueError(f"descriptor chain from {head} loops or is longer than its table ({budget})")
@@ -146,7 +146,7 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         slot = self.used_idx % self.size
-        self.memory.write(self.used + 4 + 8 * slot, USED_ELEMENT.pack(head, written))
+        USED_ELEMENT.pack_into(self.memory.view(self.used + 4 + 8 * slot, 8), 0, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element first, then the index that publishes it (x86 keeps stores in order).
         self.memory.write_int(self.used + 2, 2, self.used_idx)

@@ -1,0 +1,395 @@
+"""virtio devices driven as a guest driver drives them (tests/virtio_driver.py), without KVM: the
+transport, negotiation, queues, interrupts, each device, and what hostile drivers do."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worldswitch.devices import virtio
+from worldswitch.devices.virtio import blk as vb
+from worldswitch.devices.virtio import pci as vp
+from worldswitch.devices.virtio.blk import VirtioBlock
+from worldswitch.devices.virtio.console import ConsoleBackend, VirtioConsole
+from worldswitch.devices.virtio.queue import DESCRIPTOR, SplitQueue, VirtqueueError
+from worldswitch.devices.virtio.rng import VirtioRng
+from worldswitch.vmm.memory import GuestMemory
+
+from .helpers import RecordingLine
+from .virtio_driver import VERSION_1, Driver
+
+MIB = 1 << 20
+INDIRECT = 1 << virtio.VIRTIO_RING_F_INDIRECT_DESC
+EVENT_IDX = 1 << virtio.VIRTIO_RING_F_EVENT_IDX
+
+
+@pytest.fixture
+def memory():
+    mem = GuestMemory([(0, 16 * MIB)])
+    yield mem
+    mem.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (4 * MIB // 256))
+    return path
+
+
+def plug(device, memory, region=(MIB, 16 * MIB)):
+    function = vp.VirtioPciFunction(device)
+    function.intx = RecordingLine()
+    delivered: list[int] = []
+    function.msix.deliver = lambda vector, address, data: delivered.append(vector)
+    function.start()
+    return function, Driver(function, memory, region), delivered
+
+
+def blk_request(driver: Driver, kind: int, sector: int, data: bytes | int = 0, *, indirect: bool = False):
+    header = driver.buffer(struct.pack("<IIQ", kind, 0, sector))
+    status = driver.buffer(1)
+    buffers = [(*header, False)]
+    if isinstance(data, bytes) and data:
+        buffers.append((*driver.buffer(data), False))
+    elif isinstance(data, int) and data:
+        payload = driver.buffer(data)
+        buffers.append((*payload, True))
+    buffers.append((*status, True))
+    table = driver.allocate(16 * len(buffers), 16) if indirect else None
+    head = driver.queues[0].add(buffers, indirect_table=table)
+    driver.kick(0)
+    (used_head, written), = driver.wait_used(0)
+    assert used_head == head
+    result = driver.memory.read(buffers[-2][0], buffers[-2][1]) if isinstance(data, int) and data else b""
+    return driver.memory.read(status[0], 1)[0], written, result
+
+
+# --- the transport -----------------------------------------------------------------------------
+
+
+def test_version_1_is_required(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        assert driver.device_features() & VERSION_1
+        assert not driver.negotiate(0)  # a legacy driver is refused: FEATURES_OK does not stick
+        assert not driver.negotiate(VERSION_1 | (1 << 60))  # nor a feature the device never offered
+        assert driver.negotiate(VERSION_1)
+    finally:
+        function.close()
+
+
+def test_capabilities_describe_the_bar_layout(memory, image) -> None:
+    function, _, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        found = {}
+        offset = function.config_read(0x34, 1)
+        while offset:
+            cap_id, following = function.config_read(offset, 1), function.config_read(offset + 1, 1)
+            if cap_id == 0x09:
+                cfg_type, bar = function.config_read(offset + 3, 1), function.config_read(offset + 4, 1)
+                found[cfg_type] = (bar, function.config_read(offset + 8, 4), function.config_read(offset + 12, 4))
+            offset = following
+        assert found[vp.CFG_COMMON] == (0, 0x0000, 0x38)
+        assert found[vp.CFG_ISR][:2] == (0, 0x1000)
+        assert found[vp.CFG_DEVICE][:2] == (0, 0x2000)
+        assert found[vp.CFG_NOTIFY][:2] == (0, 0x3000)
+        assert vp.CFG_PCI in found
+        assert function.config_read(0, 2) == 0x1AF4 and function.config_read(2, 2) == 0x1042
+    finally:
+        function.close()
+
+
+def test_pci_cfg_capability_reaches_the_bar(memory, image) -> None:
+    function, _, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        cap = function.pci_cfg
+        function.config_write(cap + 4, 1, 0)  # BAR 0
+        function.config_write(cap + 8, 4, vp.NUM_QUEUES)  # offset
+        function.config_write(cap + 12, 4, 2)  # length
+        assert function.config_read(cap + 16, 2) == 1  # num_queues, read through configuration space
+    finally:
+        function.close()
+
+
+# --- virtio-blk ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_blk_read_write_flush_and_get_id(memory, image, indirect: bool) -> None:
+    device = VirtioBlock(memory, str(image), serial="disk-serial-1")
+    function, driver, delivered = plug(device, memory)
+    try:
+        driver.start(VERSION_1 | INDIRECT)
+        assert struct.unpack_from("<Q", bytes(device.config()))[0] == 4 * MIB // 512
+        status, written, data = blk_request(driver, vb.T_IN, 2, 1024, indirect=indirect)
+        assert status == vb.S_OK and written == 1025 and data == (bytes(range(256)) * 4)
+        status, _, _ = blk_request(driver, vb.T_OUT, 5, b"\xab" * 512, indirect=indirect)
+        assert status == vb.S_OK
+        assert blk_request(driver, vb.T_FLUSH, 0)[0] == vb.S_OK
+        status, _, serial = blk_request(driver, vb.T_GET_ID, 0, 20, indirect=indirect)
+        assert serial.rstrip(b"\0") == b"disk-serial-1"
+    finally:
+        function.close()
+    assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xab" * 512  # on disk after close
+    assert delivered == []  # no MSI-X vector was assigned: interrupts went the INTx way
+
+
+def test_blk_discard_write_zeroes_and_range_checks(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start()
+        segment = struct.pack("<QII", 8, 2, 0)
+        assert blk_request(driver, vb.T_WRITE_ZEROES, 0, segment)[0] == vb.S_OK
+        assert blk_request(driver, vb.T_DISCARD, 0, struct.pack("<QII", 16, 1, 0))[0] == vb.S_OK
+        capacity = 4 * MIB // 512
+        assert blk_request(driver, vb.T_IN, capacity, 512)[0] == vb.S_IOERR  # past the end
+        assert blk_request(driver, vb.T_IN, capacity - 1, 1024)[0] == vb.S_IOERR  # straddles it
+        assert blk_request(driver, vb.T_IN, 2**63, 512)[0] == vb.S_IOERR  # sector * 512 overflows
+        assert blk_request(driver, vb.T_OUT, 0, b"x" * 100)[0] == vb.S_IOERR  # not whole sectors
+        assert blk_request(driver, 99, 0)[0] == vb.S_UNSUPP
+        assert blk_request(driver, vb.T_DISCARD, 0, struct.pack("<QII", 0, 1, 1))[0] == vb.S_UNSUPP  # bad flags
+    finally:
+        function.close()
+    data = image.read_bytes()
+    assert data[8 * 512 : 10 * 512] == bytes(1024) and data[16 * 512 : 17 * 512] == bytes(512)
+    assert data[10 * 512 : 10 * 512 + 4] == bytes([0, 1, 2, 3])  # untouched neighbours
+
+
+def test_read_only_disk_refuses_writes(memory, image) -> None:
+    device = VirtioBlock(memory, str(image), read_only=True)
+    function, driver, _ = plug(device, memory)
+    try:
+        assert driver.device_features() & (1 << vb.VIRTIO_BLK_F_RO)
+        driver.start()
+        assert blk_request(driver, vb.T_OUT, 0, b"\xff" * 512)[0] == vb.S_IOERR
+        assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
+    finally:
+        function.close()
+    assert image.read_bytes()[:2] == b"\x00\x01"
+
+
+def test_msix_interrupts_and_event_index(memory, image) -> None:
+    function, driver, delivered = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        assert driver.negotiate(VERSION_1 | EVENT_IDX)
+        driver.setup_queue(0, msix_vector=1)
+        driver.write(vp.DEVICE_STATUS, 1, 0x0F)
+        for vector in range(function.msix.vectors):  # program and unmask every table entry
+            function.bar1_write(16 * vector, 4, 0xFEE00000)
+            function.bar1_write(16 * vector + 8, 4, 0x40 + vector)
+            function.bar1_write(16 * vector + 12, 4, 0)
+        function.config_write(function.msix.cap_offset + 2, 2, 0x8000)  # MSI-X enable
+        queue = driver.queues[0]
+        memory.write_int(queue.avail + 4 + 2 * queue.size, 2, 0)  # used_event: interrupt after the first
+        assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
+        assert delivered == [1]
+        memory.write_int(queue.avail + 4 + 2 * queue.size, 2, 100)  # used_event far ahead: no interrupts
+        assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
+        assert delivered == [1]
+        assert memory.read_int(queue.used + 4 + 8 * queue.size, 2) == 2  # avail_event: kick me at 2
+    finally:
+        function.close()
+
+
+def test_intx_when_msix_is_off_and_isr_read_acknowledges(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start()
+        blk_request(driver, vb.T_IN, 0, 512)
+        assert function.intx.level  # type: ignore[union-attr]
+        assert driver.read(vp.ISR_OFFSET, 1) == vp.ISR_QUEUE
+        assert not function.intx.level  # type: ignore[union-attr]
+        assert driver.read(vp.ISR_OFFSET, 1) == 0
+    finally:
+        function.close()
+
+
+# --- hostile drivers ------------------------------------------------------------------------------
+
+
+def broken(driver: Driver, function: vp.VirtioPciFunction, descriptors: list[tuple[int, int, int, int]]) -> str:
+    """Write raw descriptors, make descriptor 0 available, kick, and report why the device broke."""
+    queue = driver.queues[0]
+    for i, descriptor in enumerate(descriptors):
+        driver.memory.write(queue.desc + 16 * i, DESCRIPTOR.pack(*descriptor))
+    queue.publish(0)
+    driver.kick(0)
+    for _ in range(500):
+        if driver.status & virtio.DEVICE_NEEDS_RESET:
+            return function.broken or ""
+        import time
+
+        time.sleep(0.002)
+    raise AssertionError("the device did not give up")
+
+
+@pytest.mark.parametrize(
+    "descriptors,reason",
+    [
+        ([(0x7FFF0000, 16, 0, 0)], "outside guest RAM"),  # beyond RAM
+        ([(2**64 - 8, 16, 0, 0)], "outside guest RAM"),  # wraps around
+        ([(0x100000, 16, 1, 1), (0x100000, 16, 1, 0)], "loops"),  # 0 -> 1 -> 0 ...
+        ([(0x100000, 16, 1, 9999)], "beyond its table"),
+        ([(0x100000, 16, 4, 0)], "INDIRECT_DESC was not negotiated"),
+        ([(0x100000, 16, 3, 1), (0x100000, 16, 0, 0)], "readable buffer after a writable"),
+    ],
+)
+def test_malformed_chains_put_the_device_in_needs_reset(memory, image, descriptors, reason) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start()
+        assert reason in broken(driver, function, descriptors)
+        # Nothing more is served until the driver resets; then the device works again.
+        driver.start()
+        assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
+    finally:
+        function.close()
+
+
+def test_avail_index_beyond_the_queue_size_breaks_the_queue(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start()
+        queue = driver.queues[0]
+        memory.write_int(queue.avail + 2, 2, queue.size + 5)
+        driver.kick(0)
+        import time
+
+        for _ in range(500):
+            if driver.status & virtio.DEVICE_NEEDS_RESET:
+                break
+            time.sleep(0.002)
+        assert "claims" in (function.broken or "")
+    finally:
+        function.close()
+
+
+def test_queue_addresses_outside_ram_are_refused_at_enable(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        assert driver.negotiate(VERSION_1)
+        driver.write(vp.QUEUE_SELECT, 2, 0)
+        driver.write(vp.QUEUE_DESC + 4, 4, 0x10)  # 64 GiB up
+        driver.write(vp.QUEUE_ENABLE, 2, 1)
+        assert driver.status & virtio.DEVICE_NEEDS_RESET and "outside guest RAM" in (function.broken or "")
+    finally:
+        function.close()
+
+
+def test_reset_mid_request_forgets_the_queue(memory, image) -> None:
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start()
+        import time
+
+        while function.worker.kicks < 1:  # let the worker drain the kick DRIVER_OK queues
+            time.sleep(0.001)
+        header = driver.buffer(struct.pack("<IIQ", vb.T_IN, 0, 0))
+        driver.queues[0].add([(*header, False), (*driver.buffer(512), True), (*driver.buffer(1), True)])
+        driver.write(vp.DEVICE_STATUS, 1, 0)  # reset before the kick
+        driver.kick(0)
+        time.sleep(0.05)
+        assert driver.queues[0].used_count() == 0  # nothing served after the reset
+        assert driver.status == 0 and function.device.queues == [None]
+        driver.start()
+        assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
+    finally:
+        function.close()
+
+
+# --- entropy and console ----------------------------------------------------------------------------
+
+
+def test_rng_fills_buffers_and_bounds_huge_ones(memory) -> None:
+    device = VirtioRng(memory)
+    function, driver, _ = plug(device, memory)
+    try:
+        driver.start()
+        small = driver.buffer(64)
+        huge = driver.buffer(512 * 1024)
+        driver.queues[0].add([(*small, True)])
+        driver.queues[0].add([(*huge, True)])
+        driver.kick(0)
+        used = dict(driver.wait_used(0, 2))
+        assert sorted(used.values()) == [64, 64 * 1024]
+        assert memory.read(*small) != bytes(64)
+    finally:
+        function.close()
+
+
+class Collector(ConsoleBackend):
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.read_fd, self.write_fd = os.pipe()
+        self.fd = self.read_fd
+
+    def read(self) -> bytes:
+        return os.read(self.read_fd, 4096)
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def test_console_transmits_and_receives(memory) -> None:
+    backend = Collector()
+    device = VirtioConsole(memory, backend)
+    function, driver, _ = plug(device, memory)
+    try:
+        driver.start(queues=(0, 1))
+        driver.queues[1].add([(*driver.buffer(b"hello "), False), (*driver.buffer(b"host"), False)])
+        driver.kick(1)
+        driver.wait_used(1)
+        assert bytes(backend.out) == b"hello host"
+        rx = driver.buffer(32)
+        driver.queues[0].add([(*rx, True)])
+        driver.kick(0)
+        os.write(backend.write_fd, b"from the host")
+        (_, written), = driver.wait_used(0)
+        assert memory.read(rx[0], written) == b"from the host"
+    finally:
+        function.close()
+
+
+# --- the virtqueue parser under fuzzing ---------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    descriptors=st.lists(
+        st.tuples(st.integers(0, 2**64 - 1) | st.integers(0, 0x20000), st.integers(0, 2**32 - 1) | st.integers(0, 64),
+                  st.integers(0, 0xFFFF) | st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]), st.integers(0, 0xFFFF) | st.integers(0, 8)),
+        min_size=8, max_size=8,
+    ),
+    heads=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 8), min_size=1, max_size=4),
+    avail_idx=st.integers(0, 0xFFFF),
+    indirect=st.booleans(),
+)
+def test_fuzzed_rings_give_valid_chains_or_virtqueue_errors(memory, descriptors, heads, avail_idx, indirect) -> None:
+    """Whatever a driver writes, the parser returns chains inside guest RAM or raises VirtqueueError:
+    no other exception, no access outside RAM, no endless walk."""
+    desc, avail, used = 0x10000, 0x11000, 0x12000
+    for i, descriptor in enumerate(descriptors):
+        memory.write(desc + 16 * i, DESCRIPTOR.pack(*descriptor))
+    for i, head in enumerate(heads):
+        memory.write_int(avail + 4 + 2 * i, 2, head)
+    memory.write_int(avail + 2, 2, avail_idx)
+    queue = SplitQueue(memory, 8, desc, avail, used, indirect=indirect)
+    for _ in range(10):
+        try:
+            chain = queue.pop()
+        except VirtqueueError:
+            break
+        if chain is None:
+            break
+        for buffer in chain.readable + chain.writable:
+            assert memory.contains(buffer.gpa, buffer.length)
+        assert len(chain.readable) + len(chain.writable) <= 8 * 8
