@@ -4,8 +4,10 @@
 
 Compares worldswitch with the C floor (bench/floor.c, built on the fly) and QEMU (if installed)
 on the same guest binaries: the exit round trip for port I/O and MMIO from ring 3, VM start, and
-the VMX's resident memory beyond guest RAM. Writes DIR/results.json and DIR/results.png, prints
-one line per comparison, and with --update-readme puts the table into README.md.
+the VMX's resident memory beyond guest RAM; virtio-blk reads against the host's own pread; pause,
+snapshot and restore against copying and reading the same bytes on this disk. Writes
+DIR/results.json and DIR/results.png, prints one line per comparison, and with --update-readme
+puts the table into README.md. As root it drops the page cache before each disk measurement.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from worldswitch.vmx.info import gather
 
 from . import vmms
-from . import measure
+from . import measure, snapshots
 from .measure import Figure, exit_round_trip, memory_use, start_times, tsc_khz
 from .report import chart, readme_table, update_readme
 
@@ -102,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
             f"virtio-blk {pattern} 4 KiB reads: " + ", ".join(f"{name} {f.median:,.0f} IOPS" for name, f in figures[key].items())
             + f" ({best.median / figures[key]['host'].median:.3f}x the host's direct pread at {best.vmm})"
         )
+        print(lines[-1], flush=True)
+
+    results["snapshot_details"] = {}
+    for size in ((512,) if options.quick else (512, 4096)):
+        per_size, detail = snapshots.snapshot_times(size, 1 if options.quick else 3, options.out / "snapshot-work")
+        pause = {"worldswitch": per_size.pop("pause")}
+        figures[f"snapshot_{size}"], figures[f"pause_{size}"] = per_size, pause
+        results["snapshot_details"][f"snapshot_{size}"] = detail  # type: ignore[index]
+        f = per_size
+        lines.append(
+            f"{size} MiB VM ({detail['stored_mib']} MiB in use): pause {pause['worldswitch'].median:.2f} ms; "
+            f"snapshot {f['snapshot'].median:.2f} s, cp+fsync of the same bytes {f['copy'].median:.2f} s "
+            f"({f['snapshot'].median / f['copy'].median:.2f}x); restore {f['restore'].median:.2f} s, "
+            f"cold read {f['cold read'].median:.2f} s ({f['restore'].median / f['cold read'].median:.2f}x)"
+            + ("" if detail["cold_cache"] else " [page cache not dropped: not root]"))
         print(lines[-1], flush=True)
 
     results["figures"] = {name: {vmm: figure.as_dict() for vmm, figure in per_vmm.items()} for name, per_vmm in figures.items()}

@@ -17,9 +17,12 @@ TITLES = {
     "memory_overhead": ("VMX memory beyond touched guest RAM", "MiB"),
     "virtio_blk_seq_read": ("virtio-blk sequential 4 KiB reads", "IOPS"),
     "virtio_blk_rand_read": ("virtio-blk random 4 KiB reads", "IOPS"),
+    "snapshot_512": ("snapshot and restore, 512 MiB VM", "s"),
+    "snapshot_4096": ("snapshot and restore, 4 GiB VM", "s"),
 }
 COLOURS = {"worldswitch": "#1f77b4", "worldswitch QD1": "#1f77b4", "worldswitch QD32": "#aec7e8", "floor": "#7f7f7f",
-           "qemu": "#ff7f0e", "host": "#2ca02c"}
+           "qemu": "#ff7f0e", "host": "#2ca02c", "snapshot": "#1f77b4", "restore": "#aec7e8",
+           "copy": "#2ca02c", "cold read": "#98df8a"}
 
 
 def chart(figures: dict[str, dict[str, Figure]], path: Path, results: dict[str, object]) -> None:
@@ -29,8 +32,13 @@ def chart(figures: dict[str, dict[str, Figure]], path: Path, results: dict[str, 
     import matplotlib.pyplot as plt
 
     names = [name for name in TITLES if name in figures]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6))
-    for ax, name in zip(axes if len(names) > 1 else [axes], names):
+    columns = min(4, len(names))
+    rows = (len(names) + columns - 1) // columns
+    fig, grid = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.6 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes, names):
         title, unit = TITLES[name]
         per_vmm = figures[name]
         labels = list(per_vmm)
@@ -62,7 +70,7 @@ def readme_table(results: dict[str, object]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, (title, unit) in TITLES.items():
-        if name not in figures or name.startswith("virtio_blk"):  # type: ignore[operator]
+        if name not in figures or name.startswith(("virtio_blk", "snapshot")):  # type: ignore[operator]
             continue
         per_vmm = figures[name]  # type: ignore[index]
 
@@ -86,6 +94,23 @@ def readme_table(results: dict[str, object]) -> str:
             cells = " | ".join(f"{per[k]['median']:,.0f} IOPS ({per[k]['p25']:,.0f}-{per[k]['p75']:,.0f})"
                                for k in ("worldswitch QD1", "worldswitch QD32", "host"))
             rows.append(f"| {TITLES[name][0].split(' 4 KiB')[0].replace('virtio-blk ', '')} | {cells} | {best / per['host']['median']:.3f}x |")
+    sizes = [name for name in ("snapshot_512", "snapshot_4096") if name in figures]  # type: ignore[operator]
+    if sizes:
+        rows += ["", "| VM RAM (stored) | pause | snapshot | cp + fsync of memory.bin (the limit) | snapshot / cp "
+                 "| restore | cold read of memory.bin (the limit) | restore / read |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        details = results.get("snapshot_details", {})  # type: ignore[union-attr]
+        for name in sizes:
+            per = figures[name]  # type: ignore[index]
+            detail = details.get(name, {})  # type: ignore[union-attr]
+
+            def seconds(key: str) -> str:
+                return f"{per[key]['median']:.2f} s ({per[key]['p25']:.2f}-{per[key]['p75']:.2f})"
+
+            pause = figures[name.replace("snapshot", "pause")]["worldswitch"]  # type: ignore[index]
+            rows.append(f"| {detail.get('memory_mib')} MiB ({detail.get('stored_mib')} MiB) | {pause['median']:.2f} ms "
+                        f"| {seconds('snapshot')} | {seconds('copy')} | {per['snapshot']['median'] / per['copy']['median']:.2f}x "
+                        f"| {seconds('restore')} | {seconds('cold read')} | {per['restore']['median'] / per['cold read']['median']:.2f}x |")
     return "\n".join(rows)
 
 

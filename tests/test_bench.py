@@ -33,6 +33,16 @@ def test_start_time_and_memory_are_measurable() -> None:
     assert use.guest_kib > 0 and use.overhead_kib > 0
 
 
+def test_snapshot_figures_are_measurable(tmp_path) -> None:
+    from bench.snapshots import snapshot_times
+
+    figures, details = snapshot_times(64, 1, tmp_path, cold=False, log=lambda line: None)
+    assert set(figures) == {"pause", "snapshot", "copy", "restore", "cold read"}
+    assert all(figure.median > 0 for figure in figures.values())
+    assert details["memory_mib"] == 64 and 30 <= details["stored_mib"] <= 34  # 32 MiB filled, plus the guest
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
 @needs_qemu
 def test_the_same_guest_binaries_boot_in_qemu_through_pvh() -> None:
     qemu = vmms.qemu()

@@ -9,3 +9,14 @@
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Machine", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    # `from worldswitch import Machine` without importing the VMM for `worldswitch --version`
+    if name == "Machine":
+        from .vmx.api import Machine
+
+        return Machine
+    raise AttributeError(f"module 'worldswitch' has no attribute {name!r}")

@@ -46,6 +46,10 @@ class SequenceRegister:
     def state(self) -> SequenceState:
         return SequenceState(self.writes, self.last, self.errors, self.first_error)
 
+    def restore(self, state: SequenceState) -> None:
+        self.writes, self.last, self.errors = state.writes, state.last, state.errors
+        self.first_error = tuple(state.first_error) if state.first_error else None  # type: ignore[assignment]
+
     def read(self, offset: int, size: int) -> int:
         return self.writes if offset == 0 else 0
 

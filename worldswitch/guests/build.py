@@ -23,7 +23,7 @@ from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
 RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c")
-EXTRA_SOURCES = {"smp": ("ap_trampoline.S",)}  # guests with more than their own .c file
+EXTRA_SOURCES = {"smp": ("aps.c", "ap_trampoline.S"), "count": ("aps.c", "ap_trampoline.S")}  # guests with more than their own .c file
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",

@@ -4,7 +4,8 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..boot import acpi
@@ -12,15 +13,16 @@ from ..boot.elf import load_elf, read_image
 from ..boot.linux import load_linux
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
-from ..devices.acpi_pm import AcpiPm, ResetRegister
+from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042
-from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial
-from ..devices.testdev import TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister
+from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
+from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
+from ..devices.testdev import TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister, SequenceState
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
 from ..devices.virtio.blk import VirtioBlock
 from ..devices.virtio.console import VirtioConsole, open_backend
 from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
+from ..devices.virtio.pci import VirtioPciFunction, VirtioPciState
 from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
@@ -94,6 +96,27 @@ class MachineConfig:
         name = self.guest or DEFAULT_GUEST
         return f"built-in guest '{name}'", str(builtin_path(name))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "MachineConfig":  # type: ignore[type-arg]
+        """The inverse of dataclasses.asdict (snapshots store the description this way)."""
+        data = dict(data)
+        data["disks"] = [DiskConfig(**disk) for disk in data.get("disks", [])]
+        data["nets"] = [NetConfig(**net) for net in data.get("nets", [])]
+        return cls(**data)
+
+    def absolute(self) -> "MachineConfig":
+        """The same description with every file path absolute, so that a snapshot of it can be
+        restored from any working directory."""
+        def path(value: str | None) -> str | None:
+            return os.path.abspath(value) if value else value
+
+        vconsole = self.vconsole
+        if vconsole is not None and vconsole.startswith("file:"):
+            vconsole = "file:" + os.path.abspath(vconsole[5:])
+        return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd),
+                       disks=[replace(d, path=os.path.abspath(d.path)) for d in self.disks],
+                       nets=[replace(n) for n in self.nets], vconsole=vconsole)
+
     @property
     def memory_bytes(self) -> int:
         if self.memory is not None:
@@ -106,14 +129,16 @@ def build_machine(
     serial_sink: Callable[[bytes], None],
     warn: Callable[[str], None] | None = None,
     kvm_path: str = "/dev/kvm",
+    restoring: bool = False,
 ) -> Machine:
-    """Build a machine ready to start(). On failure everything opened so far is closed again."""
+    """Build a machine ready to start(). On failure everything opened so far is closed again.
+    `restoring`: a snapshot will provide memory and CPU state, so no program is loaded."""
     if config.cpus < 1:
         raise ConfigError("a machine needs at least one vCPU")
     name, path = config.program()
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
-    image = read_image(path, "kernel" if config.kernel else "guest program")
-    initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    image = b"" if restoring else read_image(path, "kernel" if config.kernel else "guest program")
+    initrd = read_image(config.initrd, "initrd") if config.initrd and not restoring else None
     memory_map = MemoryMap.for_memory(config.memory_bytes)
 
     install_kick_handler()
@@ -126,8 +151,9 @@ def build_machine(
     memory = GuestMemory(memory_map.backed_ranges())
     machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
     machine.warn = warn or (lambda text: None)
+    machine.config = config.absolute()
     try:
-        _assemble(machine, config, name, image, initrd, serial_sink)
+        _assemble(machine, config, name, image, initrd, serial_sink, restoring)
     except BaseException:
         machine.close()
         raise
@@ -135,7 +161,7 @@ def build_machine(
 
 
 def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
-              serial_sink: Callable[[bytes], None]) -> None:
+              serial_sink: Callable[[bytes], None], restoring: bool = False) -> None:
     vm, memory = machine.vm, machine.memory
     memory.register(vm)
     vm.set_tss_addr(KVM_TSS_ADDR)
@@ -161,6 +187,11 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     # What the host put back into the CPUID despite us (see cpuid.py): a kernel must be told.
     machine.forced_cpuid = forced_features(vcpus[0].get_cpuid2(), hidden)
 
+    if restoring:
+        for vcpu in vcpus:  # the snapshot has their state
+            machine.runners.append(VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit,
+                                              _code_fetcher(machine, vcpu), VmxEmulator(memory)))
+        return
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(machine.forced_cpuid, config.cmdline)
@@ -222,28 +253,62 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
         serial=serial, i8042=i8042, debug_exit=debug_exit, acpi_pm=pm, reset=reset, ucall=ucall,
         testdev_pio=pio_sequence, testdev_mmio=mmio_sequence,
     )
+    machine.register_state("serial", serial.state, serial.restore, SerialState)  # type: ignore[arg-type]
+    machine.register_state("i8042", i8042.state, i8042.restore, I8042State)  # type: ignore[arg-type]
+    machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
+    for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
+        machine.register_state(name, lambda r=register: r.state, register.restore, SequenceState)  # type: ignore[arg-type]
 
 
 def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
     pci = PciPlatform(machine.vm, machine.pio, machine.mmio, machine.warn)
     machine.pci = pci
-    for disk in config.disks:
-        device = VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial)
-        machine.devices[f"virtio-blk{len([d for d in machine.devices if d.startswith('virtio-blk')])}"] = pci.add_virtio(device)
-    for net in config.nets:
+
+    def add(name: str, device: object) -> VirtioPciFunction:
+        function = pci.add_virtio(device)  # type: ignore[arg-type]
+        machine.devices[name] = function
+        machine.register_state(name, function.state, function.restore, VirtioPciState)  # type: ignore[arg-type]
+        return function
+
+    for index, disk in enumerate(config.disks):
+        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial))
+    for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
-        function = pci.add_virtio(device)
+        function = add(f"virtio-net{index}", device)
         device.pause_input = lambda paused, f=function, d=device: f.worker.interest(d.tap.fd, not paused)
-        machine.devices[f"virtio-net{len([d for d in machine.devices if d.startswith('virtio-net')])}"] = function
     if config.rng:
-        machine.devices["virtio-rng"] = pci.add_virtio(VirtioRng(machine.memory))
+        add("virtio-rng", VirtioRng(machine.memory))
     if config.vconsole:
-        device = VirtioConsole(machine.memory, open_backend(config.vconsole))
-        function = pci.add_virtio(device)
-        if device.backend.fd is not None:
-            device.pause_input = lambda paused, f=function, d=device: f.worker.interest(d.backend.fd, not paused)
-        machine.devices["virtio-console"] = function
+        console = VirtioConsole(machine.memory, open_backend(config.vconsole))
+        function = add("virtio-console", console)
+        if console.backend.fd is not None:
+            console.pause_input = lambda paused, f=function, d=console: f.worker.interest(d.backend.fd, not paused)
+
+
+def restore_machine(
+    path: str,
+    serial_sink: Callable[[bytes], None],
+    warn: Callable[[str], None] | None = None,
+    kvm_path: str = "/dev/kvm",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Machine:
+    """A machine rebuilt from a snapshot's description and put back into the snapshot's state,
+    ready to start() where it stopped."""
+    from . import snapshot
+
+    saved = snapshot.open_snapshot(path)
+    try:
+        config = MachineConfig.from_dict(saved.config)
+    except (TypeError, KeyError) as error:
+        raise snapshot.SnapshotError(f"the snapshot's machine description is malformed: {error}") from None
+    machine = build_machine(config, serial_sink, warn, kvm_path, restoring=True)
+    try:
+        snapshot.restore(machine, saved, progress)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
 
 
 def _code_fetcher(machine: Machine, vcpu: "Vcpu") -> Callable[[int], bytes]:  # type: ignore[name-defined]  # noqa: F821

@@ -8,6 +8,8 @@ import time
 from typing import Callable
 
 from ..devices.ucall import Ucall, UcallCommand
+from ..driver import structs as s
+from ..errors import KvmError
 from ..driver.kvm import Kvm, Vm
 from .bus import MmioBus, PioBus
 from .memmap import MemoryMap
@@ -45,6 +47,10 @@ class Machine:
         self.forced_cpuid: list = []  # cpuid.HiddenFeature the host would not let us hide
         self.pci = None  # pci_platform.PciPlatform
         self.warn: Callable[[str], None] = lambda text: None
+        self.config = None  # the builder's MachineConfig, kept for snapshots
+        self.stateful: dict[str, tuple[Callable[[], object], Callable[[object], None], type]] = {}
+        self._paused_clock = None
+        self._paused = False
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -83,6 +89,10 @@ class Machine:
             runner.start()
 
     @property
+    def started(self) -> bool:
+        return bool(self._started_ns)
+
+    @property
     def running(self) -> bool:
         return bool(self._started_ns) and not self._done.is_set()
 
@@ -119,8 +129,15 @@ class Machine:
         assert self._result is not None
         return self._result
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
     def pause(self, timeout: float = JOIN_TIMEOUT_S) -> None:
-        """Bring every vCPU back to the VMX and park it there (the hosted interrupt path)."""
+        """Bring every vCPU back to the VMX and park it there (the hosted interrupt path). Guest
+        time stands still while paused: the kvmclock is saved here and set back on resume."""
+        if self._paused:
+            return
         for runner in self.runners:
             runner.pause()
         deadline = time.monotonic() + timeout
@@ -131,10 +148,60 @@ class Machine:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"vCPU {runner.index} did not come back to the VMX within {timeout} s")
                 runner.kick()  # a kick is idempotent: repeat it in case the vCPU was between states
+        self._paused = True
+        self._paused_clock = self.vm.get_clock()
 
     def resume(self) -> None:
+        if self._paused and self._paused_clock is not None:
+            self.vm.set_clock(s.kvm_clock_data(clock=self._paused_clock.clock))
+            for runner in self.runners:
+                try:
+                    runner.vcpu.kvmclock_ctrl()  # tell the guest it was stopped: its watchdogs forgive the gap
+                except KvmError:
+                    pass  # EINVAL: the guest does not use kvmclock
+        self._paused = False
+        self._paused_clock = None
         for runner in self.runners:
             runner.resume()
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def register_state(self, name: str, save: Callable[[], object], load: Callable[[object], None], kind: type) -> None:
+        self.stateful[name] = (save, load, kind)
+
+    def device_states(self) -> dict[str, object]:
+        return {name: save() for name, (save, _load, _kind) in self.stateful.items()}
+
+    def restore_device_states(self, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
+        from .snapshot import SnapshotError
+
+        for name, (_save, load, kind) in self.stateful.items():
+            if name not in states:
+                raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
+            try:
+                load(kind(**states[name]))
+            except (TypeError, ValueError) as error:
+                raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
+
+    def snapshot(self, path: str, progress: "Callable[[str, int, int], None] | None" = None) -> "SnapshotInfo":  # type: ignore[name-defined]  # noqa: F821
+        """Suspend to disk: pause, quiesce the device threads, write `path`, and go on running
+        if the machine was running."""
+        from dataclasses import asdict
+
+        from . import snapshot
+
+        was_running = self.running and not self._paused
+        self.pause()
+        locks = [f.lock for f in (self.pci.functions if self.pci is not None else []) if hasattr(f, "worker")]
+        for lock in locks:
+            lock.acquire()  # no request is half served while its queue indices are copied
+        try:
+            return snapshot.save(self, path, asdict(self.config) if self.config is not None else {}, progress)
+        finally:
+            for lock in locks:
+                lock.release()
+            if was_running:
+                self.resume()
 
     def close(self) -> None:
         if self._closed:

@@ -1,6 +1,8 @@
 """The `worldswitch` command: the VMX's user interface.
 
-    worldswitch run [options]   build a machine, run it on the console, report how it ended
+    worldswitch run [MACHINE.toml] [options]   build a machine, run it on the console, report how it ended
+    worldswitch restore DIR     resume a machine from a snapshot
+    worldswitch ctl SOCKET CMD  drive a running machine through its control socket
     worldswitch info            what this host's KVM is (VT-x, AMD-V or PVM) and can do
     worldswitch guests          the built-in guest programs
     worldswitch trace FILE      summarise an exit trace recorded with `run --trace FILE`
@@ -17,16 +19,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from .. import __version__
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
-from ..vmm.builder import (DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY, DiskConfig, MachineConfig, NetConfig,
-                           build_machine)
-from ..vmm.machine import Machine
+from ..vmm.builder import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 from ..vmm.result import MachineResult, StopReason
-from .console import Console, open_console, stderr_line
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from .api import Machine as VirtualMachine
+from .console import Console, open_console, stderr_line
+from .machine_file import KEYS, load_machine_file, machine_config, merge, parse_disk, parse_net
 from .units import parse_seconds, parse_size
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
@@ -38,42 +41,73 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
+def _session_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a VM session, shared by run and restore; defaults are applied after the machine
+    file, so only what the user typed overrides it."""
+    parser.add_argument("--timeout", metavar="SECONDS", help="stop the guest if it has not ended after this long")
+    parser.add_argument("--serial", metavar="BACKEND", help="console: stdio (default), file:PATH or none")
+    parser.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
+    parser.add_argument("--control", metavar="PATH",
+                        help="the control socket (default $XDG_RUNTIME_DIR/worldswitch/PID.sock, or /tmp/worldswitch-UID/)")
+    parser.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
+    parser.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")
+    parser.add_argument("--trace", metavar="FILE", help="record every world switch to FILE (see `worldswitch trace`)")
+    parser.add_argument("--trace-limit", type=int, metavar="N",
+                        help=f"record at most N world switches (default {DEFAULT_TRACE_LIMIT}, 32 bytes each)")
+
+
 def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     run = sub.add_parser(
         "run",
         help="run a virtual machine",
         description="Run a guest on this host's KVM. With no program given, runs the built-in "
-        f"'{DEFAULT_GUEST}' guest.",
+        f"'{DEFAULT_GUEST}' guest. A machine file (TOML, one key per option) may describe the VM; "
+        "options given here win over it.",
+        argument_default=argparse.SUPPRESS,
     )
+    run.add_argument("machine", nargs="?", metavar="MACHINE.toml", help="a machine file")
     program = run.add_mutually_exclusive_group()
     program.add_argument("--guest", metavar="NAME", help=f"a built-in guest ({', '.join(sorted(BUILTIN_GUESTS))})")
     program.add_argument("--elf", metavar="FILE", help="your own static ELF64 program, entered in 64-bit ring 0")
     program.add_argument("--kernel", metavar="FILE", help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
-    run.add_argument("--args", default="", metavar="STRING", help="argument string passed to the program (RDI)")
+    run.add_argument("--args", metavar="STRING", help="argument string passed to the program (RDI)")
     run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
-    run.add_argument("--append", default=DEFAULT_CMDLINE, metavar="CMDLINE",
-                     help="kernel command line (default %(default)r)")
-    run.add_argument("--decompress", choices=("host", "guest"), default="auto",
+    run.add_argument("--append", metavar="CMDLINE", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
+    run.add_argument("--decompress", choices=("host", "guest"),
                      help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
                           "default: host where guest kernel code is emulated (PVM), else guest")
-    run.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
-    run.add_argument("--disk", action="append", default=[], metavar="PATH[,ro][,serial=ID]",
+    run.add_argument("--disk", action="append", metavar="PATH[,ro][,serial=ID]",
                      help="a raw disk image as virtio-blk (repeatable)")
-    run.add_argument("--net", action="append", default=[], metavar="tap=NAME[,mac=MAC]",
+    run.add_argument("--net", action="append", metavar="tap=NAME[,mac=MAC]",
                      help="virtio-net on a tap interface, created if needed (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng fed from the host's getrandom()")
     run.add_argument("--vconsole", metavar="BACKEND", help="a virtio-console: pty, file:PATH or none")
-    run.add_argument("--memory", "-m", default=None, metavar="SIZE",
+    run.add_argument("--memory", "-m", metavar="SIZE",
                      help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
-    run.add_argument("--cpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
-    run.add_argument("--timeout", metavar="SECONDS", help="stop the guest if it has not ended after this long")
-    run.add_argument("--serial", default="stdio", metavar="BACKEND", help="console: stdio (default), file:PATH or none")
-    run.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
-    run.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
-    run.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")
-    run.add_argument("--trace", metavar="FILE", help="record every world switch to FILE (see `worldswitch trace`)")
-    run.add_argument("--trace-limit", type=int, default=DEFAULT_TRACE_LIMIT, metavar="N",
-                     help="record at most N world switches (default %(default)s, 32 bytes each)")
+    run.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default 1)")
+    _session_options(run)
+
+    restore = sub.add_parser(
+        "restore",
+        help="resume a virtual machine from a snapshot",
+        description="Resume a machine exactly where a snapshot (control API `snapshot`, or "
+        "Machine.snapshot() in Python) left it.",
+        argument_default=argparse.SUPPRESS,
+    )
+    restore.add_argument("snapshot", metavar="DIR", help="a snapshot directory")
+    _session_options(restore)
+
+    ctl = sub.add_parser(
+        "ctl",
+        help="talk to a running VM's control socket",
+        description="Send one control request to a running VM and print its JSON answer. Commands: "
+        "status, pause, resume, stop, stats, snapshot path=DIR, events (streams until the VM ends), help.",
+    )
+    ctl.add_argument("socket", metavar="SOCKET", help="the control socket `worldswitch run` printed")
+    ctl.add_argument("request", metavar="COMMAND", help="status, pause, resume, stop, stats, snapshot, events or help")
+    ctl.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="request arguments (a value is JSON or a string)")
+    ctl.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,116 +141,159 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(options: argparse.Namespace) -> MachineConfig:
-    return MachineConfig(
-        memory=parse_size(options.memory, "--memory") if options.memory else None,
-        cpus=options.cpus,
-        elf=options.elf,
-        guest=options.guest,
-        args=options.args,
-        kernel=options.kernel,
-        initrd=options.initrd,
-        cmdline=options.append,
-        decompress=options.decompress,
-        disks=[parse_disk(spec) for spec in options.disk],
-        nets=[parse_net(spec) for spec in options.net],
-        rng=options.rng,
-        vconsole=options.vconsole,
-    )
+def given_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user typed on the command line, as machine-file values (paths stay
+    relative to the working directory)."""
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        if not hasattr(options, key):
+            continue
+        raw = getattr(options, key)
+        if key == "memory":
+            values[key] = parse_size(raw, "--memory")
+        elif key == "timeout":
+            values[key] = parse_seconds(raw, "--timeout")
+        elif key == "disk":
+            values[key] = [parse_disk(spec) for spec in raw]
+        elif key == "net":
+            values[key] = [parse_net(spec) for spec in raw]
+        elif key == "serial":
+            values[key] = raw
+            open_console_check(raw)
+        else:
+            values[key] = raw
+    return values
 
 
-def _options(spec: str, what: str) -> tuple[str, dict[str, str]]:
-    first, *rest = spec.split(",")
-    options: dict[str, str] = {}
-    for item in rest:
-        key, _, value = item.partition("=")
-        options[key] = value
-    return first, options
-
-
-def parse_disk(spec: str) -> DiskConfig:
-    path, options = _options(spec, "--disk")
-    unknown = set(options) - {"ro", "serial"}
-    if not path or unknown:
-        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
-    return DiskConfig(path, read_only="ro" in options, serial=options.get("serial") or None)
-
-
-def parse_net(spec: str) -> NetConfig:
-    first, options = _options(spec, "--net")
-    key, _, tap = first.partition("=")
-    unknown = set(options) - {"mac"}
-    if key != "tap" or not tap or unknown:
-        raise ConfigError(f"--net {spec!r}: expected tap=NAME[,mac=52:54:00:12:34:56]")
-    return NetConfig(tap, options.get("mac"))
-
-
-def run_machine(machine: Machine, console: Console, deadline: float | None, timeout: float | None) -> MachineResult:
-    """Run until the guest ends, the deadline passes, or the user stops it."""
-    serial = machine.devices["serial"]
-
-    def quit_requested() -> None:
-        machine.request_exit(MachineResult.of(StopReason.STOPPED, "stopped by the user"))
-
-    console.attach(serial.receive, quit_requested)  # type: ignore[attr-defined]
-    try:
-        machine.start()
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            result = machine.wait(min(remaining, 0.5) if remaining is not None else 0.5)
-            if result is not None:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                return machine.stop(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s; stopped it")
-    except KeyboardInterrupt:
-        return machine.stop(StopReason.INTERRUPTED, "interrupted")
-    finally:
-        console.detach()
+def open_console_check(spec: str) -> None:
+    if not (spec in ("stdio", "none") or (spec.startswith("file:") and len(spec) > 5)):
+        raise ConfigError(f"unknown serial back end {spec!r}: use stdio, file:PATH or none")
 
 
 def cmd_run(options: argparse.Namespace) -> int:
-    config = config_from_args(options)
-    timeout = parse_seconds(options.timeout, "--timeout") if options.timeout else None
+    file_values = load_machine_file(options.machine) if getattr(options, "machine", None) else {}
+    settings = merge(file_values, given_settings(options))
+    config = machine_config(settings)
+    config.program()
+    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings)
+
+
+def cmd_restore(options: argparse.Namespace) -> int:
+    settings = merge(given_settings(options))
+    return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings)
+
+
+class ProgressLine:
+    """'restore: memory 50% of 4096 MiB' in quarter steps, for memory big enough to take a while."""
+
+    THRESHOLD = 256 << 20
+
+    def __init__(self, what: str, console: Console) -> None:
+        self.what = what
+        self.console = console
+        self.shown = -1
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if total < self.THRESHOLD:
+            return
+        quarter = done * 4 // total
+        if quarter > self.shown:
+            self.shown = quarter
+            stderr_line(f"{self.what}: {phase} {quarter * 25}% of {total >> 20} MiB", self.console)
+
+
+def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any]) -> int:
+    """Build (or restore) the machine, run it on the console until it ends, report how."""
+    quiet = settings["quiet"]
+    timeout = settings["timeout"]
     deadline = None if timeout is None else time.monotonic() + timeout
-    console = open_console(options.serial)
-    boots = 0
-    while True:
-        try:
-            machine = build_machine(
-                config, console.write, warn=lambda text: stderr_line(text, console), kvm_path=kvm_path()
-            )
-        except BaseException:
-            console.close()
-            raise
-        boots += 1
-        with machine:
-            if machine.boot is not None and not options.quiet and boots == 1:
-                boot = machine.boot
-                notes = "; ".join(boot.notes)
-                stderr_line(f"booting {boot.version or config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
-            if options.trace:
-                machine.enable_trace(options.trace, options.trace_limit)
-            result = run_machine(machine, console, deadline, timeout)
-            stats = machine.stats()
-        if result.reason is StopReason.RESET and options.reboot:
-            stderr_line(f"guest reset; starting it again (boot {boots + 1})", console)
-            continue
-        break
-    console.close()
-    if not options.quiet or not result.ok:
+    console = open_console(settings["serial"])
+    try:
+        vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
+                  trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
+                  kvm_path=kvm_path())
+        with vm:
+            if not quiet:
+                vm.progress = ProgressLine("restore", console)
+            machine = vm.build()
+            if not quiet:
+                vm.progress = ProgressLine("snapshot", console)
+                if vm.restoring:
+                    stderr_line(f"restored {vm.config.program()[0]} from {vm.restored_from}", console)
+                elif machine.boot is not None:
+                    boot = machine.boot
+                    notes = "; ".join(boot.notes)
+                    stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
+            vm.serve_control()
+            if not quiet and vm.control is not None:
+                stderr_line(f"control socket {vm.control.path}", console)
+            result = drive(vm, console, deadline, timeout, VirtualMachine.start)
+            while result.reason is StopReason.RESET and settings["reboot"]:
+                stderr_line(f"guest reset; starting it again (boot {vm.boots + 1})", console)
+                result = drive(vm, console, deadline, timeout, VirtualMachine.restart)
+            stats = vm.vmm.stats()
+            boots = vm.boots
+    finally:
+        console.close()
+    if not quiet or not result.ok:
         stderr_line(result.message, console)
-    if options.stats:
+    if settings["stats"]:
         sys.stderr.write(stats.table() + "\n")
-    elif not options.quiet:
+    elif not quiet:
         stderr_line(stats.summary(), console)
-    if options.stats_json:
+    if settings["stats_json"]:
         ucall = result.details.get("ucall")
         payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
                               "value": result.value, "boots": boots,
                               "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
                    "stats": stats.as_dict()}
-        Path(options.stats_json).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
     return result.exit_status
+
+
+def drive(vm: VirtualMachine, console: Console, deadline: float | None, timeout: float | None,
+          begin: Callable[[VirtualMachine], object]) -> MachineResult:
+    """Start the guest with `begin` and wait until it ends, the deadline passes, or the user stops it."""
+    console.attach(vm.console.send, lambda: vm.request_stop(StopReason.STOPPED, "stopped by the user"))
+    try:
+        begin(vm)
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            result = vm.wait(min(remaining, 0.5) if remaining is not None else 0.5)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                return vm.stop(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s; stopped it")
+    except KeyboardInterrupt:
+        return vm.stop(StopReason.INTERRUPTED, "interrupted")
+    finally:
+        console.detach()
+
+
+def cmd_ctl(options: argparse.Namespace) -> int:
+    from .control import request, stream_events
+
+    arguments: dict[str, Any] = {}
+    for item in options.arguments:
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"argument {item!r}: expected KEY=VALUE")
+        try:
+            arguments[key] = json.loads(value)
+        except ValueError:
+            arguments[key] = value
+    if options.request == "snapshot" and isinstance(arguments.get("path"), str):
+        arguments["path"] = os.path.abspath(arguments["path"])  # the VMX's working directory is not ours
+    if options.request == "events":
+        stream_events(options.socket, lambda event: print(json.dumps(event), flush=True))
+        return 0
+    response = request(options.socket, options.request, options.timeout, arguments)
+    if not response.get("ok"):
+        error = response.get("error", {})
+        print(f"worldswitch: error: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+        return 1
+    print(json.dumps(response.get("result"), indent=2))
+    return 0
 
 
 def kvm_path() -> str:
@@ -277,7 +354,7 @@ def cmd_initramfs(options: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
+COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
             "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs}
 
 

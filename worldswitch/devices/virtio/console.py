@@ -137,6 +137,12 @@ class VirtioConsole(VirtioDevice):
             self.finish_batch(queue, RECEIVE)
         self.pause_input(len(self.pending) >= PENDING_LIMIT)
 
+    def save_extra(self) -> dict:  # type: ignore[type-arg]
+        return {"pending": bytes(self.pending)}
+
+    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
+        self.pending = bytearray(state.get("pending", b""))
+
     def reset(self) -> None:
         self.pending.clear()
         self.pause_input(False)

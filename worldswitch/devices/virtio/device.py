@@ -53,6 +53,13 @@ class VirtioDevice:
     def close(self) -> None:
         """The machine is ending: release back ends, making completed writes durable."""
 
+    def save_extra(self) -> dict:  # type: ignore[type-arg]
+        """Device-specific state beyond the transport's, JSON-friendly (bytes are fine)."""
+        return {}
+
+    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
+        pass
+
     def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
         """Host file descriptors the I/O thread should watch for the device (a tap, a pty)."""
         return []

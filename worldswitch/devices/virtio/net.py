@@ -207,6 +207,12 @@ class VirtioNet(VirtioDevice):
         self.rx_packets += 1
         return True
 
+    def save_extra(self) -> dict:  # type: ignore[type-arg]
+        return {"waiting": self.waiting, "mac": self.mac}
+
+    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
+        self.waiting = state.get("waiting")
+
     def reset(self) -> None:
         self.waiting = None
         self.pause_input(False)

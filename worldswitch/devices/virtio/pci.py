@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 from ..base import InterruptLine
@@ -50,6 +51,29 @@ PCI_CLASS = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}  # net, storage
 def _cap(cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") -> bytes:
     """struct virtio_pci_cap after its vendor ID and next pointer (4.1.4)."""
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
+
+
+@dataclass
+class VirtioPciState:
+    """Everything the guest can observe of the transport, for snapshots."""
+
+    config: bytes
+    bars: list[int]
+    msix_table: bytes
+    msix_pending: list[bool]
+    msix_control: int
+    status: int
+    isr: int
+    generation: int
+    device_feature_select: int
+    driver_feature_select: int
+    driver_features: int
+    queue_select: int
+    config_vector: int
+    broken: str | None
+    setups: list[dict]  # type: ignore[type-arg]
+    queues: list[dict | None]  # type: ignore[type-arg]
+    device: dict  # type: ignore[type-arg]
 
 
 class QueueSetup:
@@ -121,6 +145,64 @@ class VirtioPciFunction(PciFunction):
                     except VirtqueueError as error:
                         self._needs_reset(str(error))
         return run
+
+    # --- snapshots -------------------------------------------------------------------------------
+
+    def state(self) -> VirtioPciState:
+        """Called with the machine paused and this transport's lock held by the snapshotter."""
+        queues: list[dict | None] = []  # type: ignore[type-arg]
+        for queue in self.device.queues:
+            queues.append(None if queue is None else {
+                "last_avail": queue.last_avail, "used_idx": queue.used_idx, "signalled_used": queue.signalled_used})
+        return VirtioPciState(
+            config=bytes(self.config), bars=[-1 if bar is None else bar.address for bar in self.bars],
+            msix_table=bytes(self.msix.table), msix_pending=list(self.msix.pending), msix_control=self.msix.control,
+            status=self.status, isr=self.isr, generation=self.generation,
+            device_feature_select=self.device_feature_select, driver_feature_select=self.driver_feature_select,
+            driver_features=self.driver_features, queue_select=self.queue_select, config_vector=self.config_vector,
+            broken=self.broken,
+            setups=[{"size": s.size, "msix_vector": s.msix_vector, "enabled": s.enabled, "desc": s.desc,
+                     "driver": s.driver, "device": s.device} for s in self.setups],
+            queues=queues, device=self.device.save_extra(),
+        )
+
+    def restore(self, state: VirtioPciState) -> None:
+        """Into a freshly built transport of the same device, before the machine starts."""
+        if len(state.config) != len(self.config) or len(state.setups) != len(self.setups):
+            raise ValueError(f"the saved {self.device.name} does not match this machine's")
+        with self.lock:
+            self.config[:] = state.config
+            self.msix.table[:] = state.msix_table
+            self.msix.pending = list(state.msix_pending)
+            self.msix.control = state.msix_control
+            self.status, self.isr, self.generation = state.status, state.isr, state.generation
+            self.device_feature_select, self.driver_feature_select = state.device_feature_select, state.driver_feature_select
+            self.driver_features = self.device.driver_features = state.driver_features
+            self.queue_select, self.config_vector, self.broken = state.queue_select, state.config_vector, state.broken
+            for setup, saved in zip(self.setups, state.setups):
+                setup.size, setup.msix_vector, setup.enabled = saved["size"], saved["msix_vector"], saved["enabled"]
+                setup.desc, setup.driver, setup.device = saved["desc"], saved["driver"], saved["device"]
+            for index, (setup, saved) in enumerate(zip(self.setups, state.queues)):
+                if setup.enabled and saved is not None:
+                    queue = SplitQueue(self.device.memory, setup.size, setup.desc, setup.driver, setup.device,
+                                       event_idx=self.device.has(VIRTIO_RING_F_EVENT_IDX),
+                                       indirect=self.device.has(VIRTIO_RING_F_INDIRECT_DESC))
+                    queue.last_avail, queue.used_idx = saved["last_avail"], saved["used_idx"]
+                    queue.signalled_used = saved["signalled_used"]
+                    self.device.queues[index] = queue
+            self.device.load_extra(state.device)
+            for bar, address in zip(self.bars, state.bars):
+                if bar is not None and address >= 0:
+                    bar.address = address
+            self._update_mappings()
+            if self.msix.program is not None:
+                for vector in range(self.msix.vectors):
+                    address, data, _ = self.msix.entry(vector)
+                    self.msix.program(vector, address, data)
+            self._set_intx(bool(self.isr) and not self.msix.enabled)
+        for index, setup in enumerate(self.setups):
+            if setup.enabled:
+                self.worker.kick(index)  # requests the guest queued before the snapshot get served
 
     # --- configuration space hooks (MSI-X control, the PCI configuration access capability) -----
 

@@ -3,7 +3,8 @@
  * ap_trampoline_start and ap_trampoline_end to AP_BASE (0x8000) and sends INIT and SIPI with
  * vector 0x08; each AP wakes in real mode at 0800:0000, climbs to protected and long mode
  * (with the BSP's page tables, whose address the BSP stores in the copy), counts itself, sets
- * its bit in ap_mask, reports a SYNC ucall carrying its APIC ID, and halts.
+ * its bit in ap_mask, reports a SYNC ucall carrying its APIC ID, and halts, unless the BSP set
+ * ap_entry: then it calls ap_entry(cpu number, BSP = 0) at ring 0 on its own 4 KiB stack first.
  */
     .file "ap_trampoline.S"
 #define AP_BASE 0x8000
@@ -53,6 +54,7 @@ ap_long:
     lock btsq %rbx, ap_mask                   /* the mask first: the BSP reads it once all arrived */
     movl $1, %eax
     lock xaddl %eax, ap_arrived               /* eax: how many came before this one */
+    movl %eax, %r12d
     imull $UCALL_SIZE, %eax, %eax
     leaq ap_ucalls(%rax), %rdi                /* this AP's own ucall block */
     movl $1, (%rdi)                           /* SYNC */
@@ -60,6 +62,14 @@ ap_long:
     movl %edi, %eax
     movw $0x1000, %dx
     outl %eax, %dx
+    movq ap_entry, %rax
+    testq %rax, %rax
+    jz 1f
+    leal 1(%r12), %edi                        /* cpu number: the BSP is 0 */
+    movl %edi, %ecx
+    shll $12, %ecx
+    leaq ap_stacks(%rcx), %rsp                /* the top of stack number edi - 1 */
+    call *%rax
 1:  cli
     hlt
     jmp 1b
@@ -78,14 +88,19 @@ ap_cr3:
 ap_trampoline_end:
 
     .data
-    .globl ap_arrived, ap_mask
+    .globl ap_arrived, ap_mask, ap_entry
     .align 8
 ap_arrived:
     .long 0
     .align 8
 ap_mask:
     .quad 0
+ap_entry:
+    .quad 0
     .bss
     .align 16
 ap_ucalls:
     .skip 64 * UCALL_SIZE
+    .align 4096
+ap_stacks:
+    .skip 64 * 4096

@@ -71,6 +71,9 @@ void set_trap_handler(int vector, trap_handler handler);
 /* Leave ring 0 for good: run fn(arg) in ring 3 on the runtime's user stack, with interrupts
  * enabled if `interrupts` is non-zero. fn's return value becomes the exit status. */
 void enter_user(int (*fn)(u64), u64 arg, int interrupts) __attribute__((noreturn));
+/* aps.c (guests that link it): start the other vCPUs; each calls entry(cpu number) at ring 0 if
+ * entry is not 0, and halts when it returns. */
+void start_aps(void (*entry)(u64 cpu));
 
 /* The local APIC (xAPIC MMIO). */
 static inline void lapic_write(u32 reg, u32 v) { mmio_write32(LAPIC_BASE + reg, v); }

@@ -1,0 +1,230 @@
+"""The control API: a running VM's UNIX socket, its JSON requests and answers, and events, on real
+KVM; and `worldswitch ctl`, the client."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from worldswitch.vmx.api import Machine
+
+pytestmark = pytest.mark.kvm
+
+
+class Client:
+    """One connection, line by line."""
+
+    def __init__(self, path: Path) -> None:
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket.settimeout(30)
+        self.socket.connect(str(path))
+        self.lines = self.socket.makefile("rb")
+
+    def send_raw(self, data: bytes) -> None:
+        self.socket.sendall(data)
+
+    def receive(self) -> dict[str, Any]:
+        line = self.lines.readline()
+        assert line, "the VMX closed the connection"
+        return json.loads(line)
+
+    def ask(self, command: str, **arguments: Any) -> dict[str, Any]:
+        self.send_raw((json.dumps({"command": command, **arguments}) + "\n").encode())
+        while True:
+            message = self.receive()
+            if "event" not in message:
+                return message
+
+    def close(self) -> None:
+        self.lines.close()
+        self.socket.close()
+
+
+@pytest.fixture
+def spinning(tmp_path: Path) -> Iterator[tuple[Machine, Path]]:
+    path = tmp_path / "vm.sock"
+    with Machine(guest="fault", args="spin", control=str(path)) as vm:
+        vm.start()
+        yield vm, path
+    assert not path.exists()  # the socket goes with the VM
+
+
+def test_the_socket_is_private_and_every_command_answers(spinning: tuple[Machine, Path], tmp_path: Path) -> None:
+    vm, path = spinning
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    client = Client(path)
+    assert client.ask("help")["result"]["commands"] == ["status", "pause", "resume", "stop", "stats", "snapshot", "events", "help"]
+    status = client.ask("status")["result"]
+    assert status["state"] == "running" and status["vcpus"] == 1 and status["control_socket"] == str(path)
+    answer = client.ask("pause")
+    assert answer["ok"] and answer["result"]["state"] == "paused"
+    assert client.ask("status")["result"]["state"] == "paused"
+    assert client.ask("resume")["result"] == {"state": "running"}
+    stats = client.ask("stats")["result"]
+    assert stats["exits"]["intr"] >= 1  # the pause brought the vCPU back through the interrupt path
+    answer = client.ask("snapshot", path=str(tmp_path / "snap"), id=42)
+    assert answer["id"] == 42 and answer["ok"], answer
+    assert (tmp_path / "snap" / "manifest.json").exists()
+    assert client.ask("status")["result"]["state"] == "running"  # a snapshot of a running VM goes on running
+    assert client.ask("stop")["result"] == {"state": "stopping"}
+    assert vm.wait(10) is not None
+    answer = client.ask("pause")
+    assert answer["error"]["code"] == "not-running"
+    assert client.ask("status")["result"]["state"] == "ended"
+    client.close()
+
+
+@pytest.mark.parametrize("line, code", [
+    (b"this is not json", "bad-json"),
+    (b"[1, 2]", "bad-request"),
+    (b'{"command": "reboot-the-host"}', "unknown-command"),
+    (b'{"no": "command"}', "unknown-command"),
+    (b'{"command": "snapshot"}', "bad-request"),
+    (b'{"command": "snapshot", "path": 7}', "bad-request"),
+    (b'{"command": "snapshot", "path": "/proc/no-such-dir/snap"}', "failed"),
+    (b"\xff\xfe\n", "bad-json"),
+])
+def test_bad_requests_get_an_error_object_and_the_connection_stays(spinning: tuple[Machine, Path], line: bytes, code: str) -> None:
+    vm, path = spinning
+    client = Client(path)
+    client.send_raw(line.rstrip(b"\n") + b"\n")
+    answer = client.receive()
+    assert answer["ok"] is False and answer["error"]["code"] == code, answer
+    assert answer["error"]["message"]
+    assert client.ask("status")["result"]["state"] == "running"
+    client.close()
+
+
+def test_an_over_long_request_is_refused(spinning: tuple[Machine, Path]) -> None:
+    vm, path = spinning
+    client = Client(path)
+    client.send_raw(b"x" * (200 * 1024))
+    assert client.receive()["error"]["code"] == "too-long"
+    client.send_raw(b"\n")
+    assert client.ask("status")["ok"]
+    client.close()
+
+
+def test_a_snapshot_never_overwrites(spinning: tuple[Machine, Path], tmp_path: Path) -> None:
+    vm, path = spinning
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "precious.txt").write_text("mine")
+    answer = Client(path).ask("snapshot", path=str(tmp_path / "taken"))
+    assert answer["error"]["code"] == "failed" and "already exists" in answer["error"]["message"]
+    assert (tmp_path / "taken" / "precious.txt").read_text() == "mine"
+
+
+def test_two_clients_at_once_and_an_event_stream(spinning: tuple[Machine, Path]) -> None:
+    vm, path = spinning
+    watcher = Client(path)
+    assert watcher.ask("events")["result"] == {"subscribed": True}
+    answers: list[dict[str, Any]] = []
+
+    def hammer() -> None:
+        client = Client(path)
+        for _ in range(20):
+            answers.append(client.ask("status"))
+        client.close()
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    other = Client(path)
+    other.ask("pause")
+    other.ask("resume")
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 40 and all(answer["ok"] for answer in answers)
+    other.ask("stop")
+    events = [watcher.receive()["event"] for _ in range(3)]
+    assert events == ["paused", "resumed", "shutdown"]
+
+
+def test_a_client_that_disconnects_mid_request_costs_nothing(spinning: tuple[Machine, Path], tmp_path: Path) -> None:
+    vm, path = spinning
+    half = Client(path)
+    half.send_raw(b'{"command": "sta')  # and never finishes the line
+    half.close()
+    impatient = Client(path)
+    impatient.send_raw(json.dumps({"command": "snapshot", "path": str(tmp_path / "s")}).encode() + b"\n")
+    impatient.close()  # gone before the answer
+    subscriber = Client(path)
+    subscriber.ask("events")
+    subscriber.close()  # a dead subscriber is dropped at the next event
+    client = Client(path)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "s" / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (tmp_path / "s" / "manifest.json").exists()  # the request was served all the same
+    assert client.ask("pause")["ok"] and client.ask("resume")["ok"]
+    assert client.ask("status")["result"]["state"] == "running"
+    client.close()
+
+
+def test_a_second_vmx_cannot_take_a_live_socket(spinning: tuple[Machine, Path]) -> None:
+    vm, path = spinning
+    from worldswitch.errors import WorldswitchError
+
+    other = Machine(guest="hello", control=str(path))
+    with pytest.raises(WorldswitchError, match="another VMX is listening"):
+        other.start()
+    other.close()
+    assert Client(path).ask("status")["ok"]
+
+
+# --- worldswitch ctl, against worldswitch run --------------------------------------------------------
+
+COMMAND = [sys.executable, "-m", "worldswitch"]
+
+
+def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*COMMAND, "ctl", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_worldswitch_ctl_drives_worldswitch_run(tmp_path: Path) -> None:
+    path = tmp_path / "run.sock"
+    run = subprocess.Popen([*COMMAND, "run", "--guest", "fault", "--args", "spin", "--control", str(path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        events = subprocess.Popen([*COMMAND, "ctl", str(path), "events"], stdout=subprocess.PIPE, text=True)
+        assert json.loads(ctl(str(path), "status").stdout)["state"] == "running"
+        assert json.loads(ctl(str(path), "pause").stdout)["state"] == "paused"
+        # a relative path is the client's, not the VMX's working directory
+        cwd_result = subprocess.run([*COMMAND, "ctl", str(path), "snapshot", "path=snap"], capture_output=True,
+                                    text=True, timeout=60, cwd=tmp_path)
+        assert cwd_result.returncode == 0, cwd_result.stderr
+        assert (tmp_path / "snap" / "manifest.json").exists()
+        bad = ctl(str(path), "frobnicate")
+        assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+            "worldswitch: error: unknown-command: unknown command 'frobnicate'; known: status, pause, resume, stop, "
+            "stats, snapshot, events, help"]
+        assert ctl(str(path), "stop").returncode == 0
+        out, err = run.communicate(timeout=30)
+        assert run.returncode == 0, err
+        assert f"control socket {path}" in err and "stopped through the control socket" in err
+        names = [json.loads(line)["event"] for line in events.communicate(timeout=30)[0].splitlines()]
+        assert names[-1] == "shutdown" and "snapshot" in names
+    finally:
+        run.kill()
+
+
+def test_ctl_to_nothing_is_one_line() -> None:
+    result = ctl("/nonexistent/vm.sock", "status")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["worldswitch: error: cannot reach the VMX at /nonexistent/vm.sock: No such file or directory"]
+    result = ctl("/nonexistent/vm.sock", "snapshot", "no-equals-sign")
+    assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr

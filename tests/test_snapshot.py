@@ -1,0 +1,227 @@
+"""Pause, suspend to disk and resume, on real KVM: the guest must not be able to tell. The witness is
+the `count` guest (every vCPU counts in memory and checks it against its register at each step),
+the `echo` guest for the console, and the `vblk` driver for a virtio disk's in-flight requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from worldswitch.vmm import snapshot as snapshot_module
+from worldswitch.vmm.builder import DiskConfig
+from worldswitch.vmm.result import StopReason
+from worldswitch.vmm.snapshot import SnapshotError
+from worldswitch.vmx.api import Machine
+
+pytestmark = pytest.mark.kvm
+
+SLOT = 64  # bytes per vCPU slot in count.c
+BSP_TARGET = 600_000_000  # about a second and a half of ring-3 counting
+AP_TARGET = 100_000
+
+
+def slots_address(vm: Machine) -> int:
+    deadline = time.monotonic() + 10
+    while not vm.vmm.ucalls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return vm.vmm.ucalls[0].args[0]
+
+
+def counts(vm: Machine, address: int, cpus: int) -> list[int]:
+    return [vm.vmm.memory.read_int(address + cpu * SLOT, 8) for cpu in range(cpus)]
+
+
+@pytest.mark.parametrize("cpus", [1, 3])
+def test_a_counting_guest_continues_from_the_same_count(tmp_path: Path, cpus: int) -> None:
+    with Machine(guest="count", args=f"{BSP_TARGET} {AP_TARGET}", cpus=cpus) as vm:
+        vm.start()
+        address = slots_address(vm)
+        time.sleep(0.3)
+        vm.pause()
+        at_snapshot = counts(vm, address, cpus)
+        info = vm.snapshot(tmp_path / "snap")
+        assert vm.vmm.paused  # a paused machine stays paused
+        assert counts(vm, address, cpus) == at_snapshot
+        vm.stop()
+    assert 0 < at_snapshot[0] < BSP_TARGET
+    assert info.memory_bytes >= 128 << 20 and 0 < info.stored_bytes < 4 << 20  # zero pages are holes
+    with Machine.restore(tmp_path / "snap") as restored:
+        restored.build()
+        assert counts(restored, address, cpus) == at_snapshot
+        result = restored.run(timeout=60)
+    assert result.reason is StopReason.GUEST_DONE, result.message
+    total, errors, vcpus, _ = result.details["ucall"].args
+    assert (total, errors, vcpus) == (BSP_TARGET + (cpus - 1) * AP_TARGET, 0, cpus)
+
+
+def test_pausing_a_spinning_guest_parks_every_vcpu_and_stops_guest_time() -> None:
+    with Machine(guest="fault", args="spin", cpus=2) as vm:
+        vm.start()
+        time.sleep(0.2)
+        vm.pause()
+        paused = vm.stats()
+        clock = vm.vmm.vm.get_clock().clock
+        assert all(runner.parked.is_set() for runner in vm.vmm.runners)
+        time.sleep(0.5)
+        assert vm.stats()["vcpus"] == paused["vcpus"]  # no vCPU entered the guest while paused
+        vm.resume()
+        resumed_clock = vm.vmm.vm.get_clock().clock
+        assert resumed_clock - clock < 200_000_000  # kvmclock did not jump by the half second paused
+        time.sleep(0.1)
+        vm.pause()
+        assert vm.stats()["exits"]["intr"] > paused["exits"]["intr"]  # it ran again, and came back
+        vm.resume()
+        assert vm.alive
+        result = vm.stop()
+    assert result.reason is StopReason.STOPPED
+
+
+def test_the_console_keeps_working_after_a_restore(tmp_path: Path) -> None:
+    with Machine(guest="echo") as vm:
+        vm.start()
+        vm.console.expect("type a line")
+        vm.console.send("before\n")
+        vm.console.expect("BEFORE")
+        vm.snapshot(tmp_path / "snap")
+        vm.stop()
+    with Machine.restore(tmp_path / "snap") as restored:
+        restored.start()
+        restored.console.send("after\n")
+        restored.console.expect("AFTER", timeout=10)
+        restored.console.send("quit\n")
+        result = restored.wait(10)
+    assert result is not None and result.reason is StopReason.GUEST_DONE
+    assert result.value == 2  # the line echoed before the snapshot counts too
+
+
+def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(os.urandom(1 << 20))
+    with Machine(guest="vblk", args="seq 64 8", disks=[DiskConfig(str(disk))]) as vm:
+        function = next(f for f in vm.build().pci.functions if getattr(f, "device", None) and f.device.name == "virtio-blk")
+        held: list[int] = []
+        function.worker.on_kick = held.append  # the device never looks: the requests stay in flight
+        vm.start()
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held, "the guest never kicked the disk"
+        time.sleep(0.1)
+        vm.snapshot(tmp_path / "snap")
+        assert vm.alive  # nothing completes without the device
+        vm.stop()
+    saved = json.loads((tmp_path / "snap" / "devices.json").read_text())
+    queue = next(state for name, state in saved.items() if name.startswith("virtio-blk"))["queues"][0]
+    assert queue["used_idx"] == 0  # nothing was served before the snapshot
+    with Machine.restore(tmp_path / "snap") as restored:
+        result = restored.run(timeout=30)
+    assert result.reason is StopReason.GUEST_DONE, result.message
+    assert result.value == 64
+
+
+@pytest.fixture(scope="module")
+def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("snapshots") / "good"
+    with Machine(guest="count", args=f"{BSP_TARGET}") as vm:
+        vm.start()
+        slots_address(vm)
+        time.sleep(0.2)
+        vm.snapshot(path)
+        vm.stop()
+    yield path
+
+
+def damaged(snapshot_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(snapshot_dir, copy)
+    return copy
+
+
+def first_data_offset(path: Path) -> int:
+    with open(path, "rb") as source:
+        return os.lseek(source.fileno(), 0, os.SEEK_DATA)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: os.truncate(d / "memory.bin", (d / "memory.bin").stat().st_size // 2), "memory.bin is"),
+    (lambda d: (d / "memory.bin").unlink(), "is missing memory.bin"),
+    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "manifest.json is unreadable"),
+    (lambda d: (d / "vcpus.json").write_text((d / "vcpus.json").read_text().replace('"regs": "', '"regs": "00', 1)),
+     "vcpus.json does not match its checksum"),
+    (lambda d: (d / "devices.json").write_text("{}"), "devices.json does not match its checksum"),
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"version": 1', '"version": 99')),
+     "format version 99; this worldswitch reads 1"),
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"worldswitch-snapshot"', '"other"')),
+     "is not a worldswitch snapshot"),
+])
+def test_a_damaged_snapshot_is_refused_with_the_reason(snapshot_dir: Path, tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    copy = damaged(snapshot_dir, tmp_path)
+    damage(copy)
+    with pytest.raises(SnapshotError, match=message):
+        Machine.restore(copy).build()
+
+
+def test_a_flipped_byte_in_guest_memory_is_refused(snapshot_dir: Path, tmp_path: Path) -> None:
+    copy = damaged(snapshot_dir, tmp_path)
+    offset = first_data_offset(copy / "memory.bin") + 100
+    with open(copy / "memory.bin", "r+b") as memory:
+        memory.seek(offset)
+        byte = memory.read(1)
+        memory.seek(offset)
+        memory.write(bytes([byte[0] ^ 0x40]))
+    with pytest.raises(SnapshotError, match="guest memory does not match its checksum"):
+        Machine.restore(copy).build()
+
+
+def test_a_snapshot_with_other_vcpus_is_refused(snapshot_dir: Path, tmp_path: Path) -> None:
+    copy = damaged(snapshot_dir, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["machine"]["cpus"] = 2  # a description that does not fit the saved state
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="1 vCPUs, the machine 2"):
+        Machine.restore(copy).build()
+
+
+def test_a_crash_mid_write_leaves_nothing_that_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshot_module, "write_memory", crash)
+    with Machine(guest="fault", args="spin") as vm:
+        vm.start()
+        with pytest.raises(OSError):
+            vm.snapshot(tmp_path / "snap")
+        assert vm.alive and not vm.vmm.paused  # the guest goes on
+        vm.stop()
+    assert list(tmp_path.iterdir()) == []  # no half-written snapshot, no temporary directory
+    partial = tmp_path / ".snap.partial-1"  # what a VMX killed mid-write (SIGKILL) leaves
+    partial.mkdir()
+    (partial / "vcpus.json").write_text("[]")
+    with pytest.raises(SnapshotError, match="no manifest.json"):
+        Machine.restore(partial)
+
+
+def test_worldswitch_restore_on_the_command_line(snapshot_dir: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "worldswitch", "restore"]
+    result = subprocess.run([*command, str(snapshot_dir), "--stats-json", str(tmp_path / "s.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"restored built-in guest 'count' from {snapshot_dir}" in result.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["result"]["ucall_args"][:2] == [BSP_TARGET, 0]
+    copy = damaged(snapshot_dir, tmp_path)
+    (copy / "vm.json").write_text("[]")
+    result = subprocess.run([*command, str(copy)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "worldswitch: error: vm.json does not match its checksum: the snapshot was changed or damaged"]
+    result = subprocess.run([*command, str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is not a snapshot directory" in result.stderr

@@ -1,0 +1,124 @@
+"""Everything KVM holds about a vCPU and a VM, captured and put back: what a snapshot stores.
+
+A vCPU: general and special registers, FPU and the XSAVE area, XCRs, every MSR KVM lists as
+saveable that reads back, the LAPIC, pending events, debug registers, the multiprocessing state
+and its CPUID. A VM: both PICs and the IOAPIC, the PIT, and the kvmclock.
+
+Restoring follows the order KVM needs (as QEMU does it): CPUID before anything that depends on
+features, special registers before general ones, MSRs and the LAPIC after, events and MP state last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from ..driver import structs as s
+from ..driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+from ..driver.kvm import Kvm, Vcpu, Vm
+from ..errors import KvmError
+
+IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
+
+
+@dataclass
+class VcpuState:
+    regs: bytes
+    sregs: bytes
+    fpu: bytes
+    xsave: bytes
+    xcrs: bytes
+    msrs: dict[int, int]
+    lapic: bytes
+    events: bytes
+    debugregs: bytes
+    mp_state: int
+    cpuid: list[bytes]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "regs": self.regs.hex(), "sregs": self.sregs.hex(), "fpu": self.fpu.hex(), "xsave": self.xsave.hex(),
+            "xcrs": self.xcrs.hex(), "msrs": {f"{index:#x}": value for index, value in self.msrs.items()},
+            "lapic": self.lapic.hex(), "events": self.events.hex(), "debugregs": self.debugregs.hex(),
+            "mp_state": self.mp_state, "cpuid": [entry.hex() for entry in self.cpuid],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "VcpuState":  # type: ignore[type-arg]
+        raw = {key: bytes.fromhex(data[key]) for key in ("regs", "sregs", "fpu", "xsave", "xcrs", "lapic", "events", "debugregs")}
+        for key, struct_type in (("regs", s.kvm_regs), ("sregs", s.kvm_sregs), ("fpu", s.kvm_fpu), ("xcrs", s.kvm_xcrs),
+                                 ("lapic", s.kvm_lapic_state), ("events", s.kvm_vcpu_events),
+                                 ("debugregs", s.kvm_debugregs)):
+            if len(raw[key]) != ctypes.sizeof(struct_type):
+                raise ValueError(f"vCPU {key} has {len(raw[key])} bytes, not {ctypes.sizeof(struct_type)}")
+        return cls(
+            msrs={int(index, 16): int(value) for index, value in data["msrs"].items()},
+            mp_state=int(data["mp_state"]), cpuid=[bytes.fromhex(entry) for entry in data["cpuid"]], **raw,
+        )
+
+
+def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
+    """MSRs KVM lists for saving that this vCPU can actually read (some are listed but absent)."""
+    readable = []
+    for index in kvm.get_msr_index_list():
+        try:
+            if index in vcpu.get_msrs([index]):
+                readable.append(index)
+        except KvmError:
+            continue
+    return readable
+
+
+def save_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
+    return VcpuState(
+        regs=bytes(vcpu.get_regs()), sregs=bytes(vcpu.get_sregs()), fpu=bytes(vcpu.get_fpu()),
+        xsave=vcpu.get_xsave(), xcrs=bytes(vcpu.get_xcrs()), msrs=vcpu.get_msrs(msr_indices),
+        lapic=bytes(vcpu.get_lapic()), events=bytes(vcpu.get_vcpu_events()), debugregs=bytes(vcpu.get_debugregs()),
+        mp_state=vcpu.get_mp_state(), cpuid=[bytes(entry) for entry in vcpu.get_cpuid2()],
+    )
+
+
+def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    vcpu.set_cpuid2([s.kvm_cpuid_entry2.from_buffer_copy(entry) for entry in state.cpuid])
+    vcpu.set_sregs(s.kvm_sregs.from_buffer_copy(state.sregs))
+    vcpu.set_regs(s.kvm_regs.from_buffer_copy(state.regs))
+    vcpu.set_xsave(state.xsave)
+    vcpu.set_xcrs(s.kvm_xcrs.from_buffer_copy(state.xcrs))
+    vcpu.set_fpu(s.kvm_fpu.from_buffer_copy(state.fpu))
+    for index, value in state.msrs.items():  # one at a time: a refused MSR names itself
+        vcpu.set_msrs({index: value})
+    vcpu.set_lapic(s.kvm_lapic_state.from_buffer_copy(state.lapic))
+    vcpu.set_vcpu_events(s.kvm_vcpu_events.from_buffer_copy(state.events))
+    vcpu.set_debugregs(s.kvm_debugregs.from_buffer_copy(state.debugregs))
+    vcpu.set_mp_state(state.mp_state)
+
+
+@dataclass
+class VmState:
+    irqchips: list[bytes]
+    pit: bytes
+    clock: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"irqchips": [chip.hex() for chip in self.irqchips], "pit": self.pit.hex(), "clock": self.clock}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "VmState":  # type: ignore[type-arg]
+        chips = [bytes.fromhex(chip) for chip in data["irqchips"]]
+        if len(chips) != len(IRQCHIPS) or any(len(c) != ctypes.sizeof(s.kvm_irqchip) for c in chips):
+            raise ValueError("the irqchip state is malformed")
+        pit = bytes.fromhex(data["pit"])
+        if len(pit) != ctypes.sizeof(s.kvm_pit_state2):
+            raise ValueError("the PIT state is malformed")
+        return cls(chips, pit, int(data["clock"]))
+
+
+def save_vm(vm: Vm) -> VmState:
+    return VmState([bytes(vm.get_irqchip(chip)) for chip in IRQCHIPS], bytes(vm.get_pit2()), vm.get_clock().clock)
+
+
+def restore_vm(vm: Vm, state: VmState) -> None:
+    for chip in state.irqchips:
+        vm.set_irqchip(s.kvm_irqchip.from_buffer_copy(chip))
+    vm.set_pit2(s.kvm_pit_state2.from_buffer_copy(state.pit))
+    vm.set_clock(s.kvm_clock_data(clock=state.clock))

@@ -1,0 +1,374 @@
+"""Suspend to disk: a machine's complete state in a self-describing directory, and back.
+
+    DIR/manifest.json   format and version, when, by which worldswitch, the machine description,
+                        the memory layout, and a SHA-256 for every other file
+    DIR/vcpus.json      per vCPU: registers, special registers, FPU/XSAVE, XCRs, MSRs, LAPIC,
+                        events, debug registers, MP state, CPUID
+    DIR/vm.json         PICs, IOAPIC, PIT, kvmclock
+    DIR/devices.json    every device's state (UART, i8042, ACPI PM, test device, each virtio
+                        function: PCI configuration, BARs, MSI-X, status, queues and their indices)
+    DIR/memory.bin      guest RAM as a sparse file: pages that are zero are holes; its content digest
+                        (SHA-256 over the non-zero 2 MiB chunks and their addresses) is in the manifest
+
+Writing is atomic: everything goes into a temporary directory next to DIR, is flushed to disk, and
+is renamed to DIR last; a crash leaves a temporary directory, never a DIR that restores wrongly.
+Restoring checks the format version, every checksum and every size before it changes anything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..errors import WorldswitchError
+from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
+from .memory import PAGE_SIZE, GuestMemory
+
+FORMAT = "worldswitch-snapshot"
+VERSION = 1
+FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
+
+CHUNK = 2 << 20  # memory is scanned and copied in 2 MiB pieces
+ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_CHUNK = bytes(CHUNK)
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+class SnapshotError(WorldswitchError):
+    """A snapshot that cannot be written, or cannot be trusted to restore."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: str
+    memory_bytes: int  # guest RAM described
+    stored_bytes: int  # non-zero pages actually written
+    seconds: float
+
+
+# --- JSON for device state dataclasses -------------------------------------------------------
+
+
+def to_json(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"hex": bytes(value).hex()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): to_json(item) for key, item in value.items()}
+    return value
+
+
+def from_json(data: Any) -> Any:
+    if isinstance(data, dict):
+        if set(data) == {"hex"}:
+            return bytes.fromhex(data["hex"])
+        return {key: from_json(item) for key, item in data.items()}
+    if isinstance(data, list):
+        return [from_json(item) for item in data]
+    return data
+
+
+# --- guest memory ------------------------------------------------------------------------------
+
+
+def _resident(memory: GuestMemory, region_index: int) -> bytes:
+    """One byte per page of a region, bit 0 set where the page is backed (never-touched pages
+    are zero and need no reading)."""
+    region = memory.regions[region_index]
+    vector = (ctypes.c_ubyte * (region.size // PAGE_SIZE))()
+    if _libc.mincore(region.host_addr, region.size, vector) != 0:
+        return b"\x01" * (region.size // PAGE_SIZE)  # cannot tell: read everything
+    return bytes(vector)
+
+
+class _Hasher:
+    """SHA-256 over (address, chunk) pairs in order, on its own thread: hashlib releases the GIL,
+    so hashing one chunk overlaps reading or writing the next."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="snapshot-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            address, data = item
+            self._digest.update(address.to_bytes(8, "little"))
+            self._digest.update(data)
+
+    def add(self, address: int, data: bytes) -> None:
+        self._queue.put((address, data))
+
+    def hexdigest(self) -> str:
+        self._queue.put(None)
+        self._thread.join()
+        return self._digest.hexdigest()
+
+
+def _nonzero_runs(chunk: bytes) -> list[tuple[int, int]]:
+    """(start, end) offsets of the runs of non-zero pages in a chunk."""
+    if chunk.find(ZERO_PAGE) < 0:
+        return [(0, len(chunk))]  # not even an unaligned zero page: the common case of used RAM
+    runs: list[tuple[int, int]] = []
+    run_start = -1
+    for page in range(0, len(chunk), PAGE_SIZE):
+        zero = chunk[page : page + PAGE_SIZE] == ZERO_PAGE
+        if zero and run_start >= 0:
+            runs.append((run_start, page))
+            run_start = -1
+        elif not zero and run_start < 0:
+            run_start = page
+    if run_start >= 0:
+        runs.append((run_start, len(chunk)))
+    return runs
+
+
+def write_memory(memory: GuestMemory, path: Path, progress: Progress | None) -> tuple[str, int]:
+    """Non-zero pages at their offsets in a sparse file; returns (digest, bytes stored). The digest
+    covers every 2 MiB chunk that is not all zero, with its guest-physical address."""
+    hasher = _Hasher()
+    stored = 0
+    total = memory.size
+    done = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, sum(region.size for region in memory.regions))
+        file_offset = 0
+        for index, region in enumerate(memory.regions):
+            resident = _resident(memory, index)
+            view = memory.view(region.guest_phys_addr, region.size)
+            for chunk_start in range(0, region.size, CHUNK):
+                chunk_end = min(chunk_start + CHUNK, region.size)
+                first_page, last_page = chunk_start // PAGE_SIZE, chunk_end // PAGE_SIZE
+                if any(byte & 1 for byte in resident[first_page:last_page]):
+                    chunk = bytes(view[chunk_start:chunk_end])
+                    if chunk != ZERO_CHUNK[: len(chunk)]:
+                        hasher.add(region.guest_phys_addr + chunk_start, chunk)
+                        for run_start, run_end in _nonzero_runs(chunk):
+                            os.pwrite(fd, memoryview(chunk)[run_start:run_end], file_offset + chunk_start + run_start)
+                            stored += run_end - run_start
+                done += chunk_end - chunk_start
+                if progress is not None:
+                    progress("memory", done, total)
+            file_offset += region.size
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        digest = hasher.hexdigest()
+    return digest, stored
+
+
+def _data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    ranges = []
+    position = start
+    while position < end:
+        try:
+            data_start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:
+            break  # nothing but holes to the end of the file
+        if data_start >= end:
+            break
+        data_end = min(os.lseek(fd, data_start, os.SEEK_HOLE), end)
+        ranges.append((data_start, data_end))
+        position = data_end
+    return ranges
+
+
+def read_memory(memory: GuestMemory, path: Path, expected_digest: str, progress: Progress | None) -> None:
+    """Load memory.bin's data ranges into fresh (zero) guest memory, verifying the digest: every
+    2 MiB chunk that holds data is hashed as it lands, in the order write_memory hashed them."""
+    expected_size = sum(region.size for region in memory.regions)
+    if path.stat().st_size != expected_size:
+        raise SnapshotError(f"memory.bin is {path.stat().st_size} bytes; the machine has {expected_size} of RAM")
+    hasher = _Hasher()
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            file_offset = 0
+            for region in memory.regions:
+                view = memory.view(region.guest_phys_addr, region.size)
+                pieces: dict[int, list[tuple[int, int]]] = {}  # chunk start -> its data pieces
+                for first, last in _data_ranges(fd, file_offset, file_offset + region.size):
+                    low, high = first - file_offset, last - file_offset
+                    while low < high:
+                        chunk_start = low // CHUNK * CHUNK
+                        piece_end = min(high, chunk_start + CHUNK)
+                        pieces.setdefault(chunk_start, []).append((low, piece_end))
+                        low = piece_end
+                for chunk_start, parts in sorted(pieces.items()):
+                    chunk_end = min(chunk_start + CHUNK, region.size)
+                    for low, high in parts:
+                        if os.preadv(fd, [view[low:high]], file_offset + low) != high - low:
+                            raise SnapshotError("memory.bin ends early")
+                    chunk = bytes(view[chunk_start:chunk_end])
+                    if chunk != ZERO_CHUNK[: len(chunk)]:
+                        hasher.add(region.guest_phys_addr + chunk_start, chunk)
+                    if progress is not None:
+                        progress("memory", file_offset + chunk_end, expected_size)
+                file_offset += region.size
+        finally:
+            os.close(fd)
+    finally:
+        digest = hasher.hexdigest()
+    if digest != expected_digest:
+        raise SnapshotError("guest memory does not match its checksum: the snapshot is corrupt")
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as out:
+        json.dump(data, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def save(machine: "Machine", path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:  # type: ignore[name-defined]  # noqa: F821
+    """Write `machine` (paused, devices quiesced by the caller) to the directory `path`."""
+    import time
+
+    started = time.monotonic()
+    target = Path(path)
+    if target.exists():
+        raise SnapshotError(f"{target} already exists; a snapshot never overwrites")
+    if not target.parent.is_dir():
+        raise SnapshotError(f"{target.parent} is not a directory")
+    temporary = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        msrs = saveable_msrs(machine.kvm, machine.runners[0].vcpu)
+        _write_json(temporary / "vcpus.json", [save_vcpu(r.vcpu, msrs).as_json() for r in machine.runners])
+        _write_json(temporary / "vm.json", save_vm(machine.vm).as_json())
+        _write_json(temporary / "devices.json", to_json(machine.device_states()))
+        digest, stored = write_memory(machine.memory, temporary / "memory.bin", progress)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "worldswitch": __version__,
+            "host": machine.host.driver if machine.host is not None else "unknown",
+            "machine": config,
+            "vcpus": len(machine.runners),
+            "memory": [[region.guest_phys_addr, region.size] for region in machine.memory.regions],
+            "memory_digest": digest,
+            "stored_bytes": stored,
+            "disks": [_disk_fingerprint(disk["path"]) for disk in config.get("disks", [])],
+            "files": {name: _sha256(temporary / name) for name in FILES},
+        }
+        _write_json(temporary / "manifest.json", manifest)
+        directory = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        os.rename(temporary, target)  # the moment the snapshot exists, it is complete
+        parent = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return SnapshotInfo(str(target), machine.memory.size, stored, time.monotonic() - started)
+
+
+def _disk_fingerprint(path: str) -> dict[str, Any]:
+    """Enough to notice that a disk image changed after the snapshot (its content is not copied)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return {"path": path, "size": None, "mtime_ns": None}
+    return {"path": path, "size": status.st_size, "mtime_ns": status.st_mtime_ns}
+
+
+def changed_disks(manifest: dict[str, Any]) -> list[str]:
+    """Disk images written since the snapshot was taken: the guest's cached view of them may
+    disagree with what is on disk now, as after restoring any VM whose disks went on being used."""
+    return [disk["path"] for disk in manifest.get("disks", []) if _disk_fingerprint(disk["path"]) != disk]
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.manifest["machine"]
+
+
+def open_snapshot(path: str | Path) -> Snapshot:
+    """Read and check a snapshot's manifest and files; nothing is restored yet."""
+    directory = Path(path)
+    manifest_path = directory / "manifest.json"
+    if not directory.is_dir():
+        raise SnapshotError(f"{directory} is not a snapshot directory")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"{directory} has no manifest.json: not a snapshot, or an unfinished one") from None
+    except (ValueError, OSError) as error:
+        raise SnapshotError(f"{manifest_path} is unreadable: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{directory} is not a worldswitch snapshot")
+    if manifest.get("version") != VERSION:
+        raise SnapshotError(f"{directory} is snapshot format version {manifest.get('version')}; this worldswitch reads {VERSION}")
+    for name in (*FILES, "memory.bin"):
+        file = directory / name
+        if not file.exists():
+            raise SnapshotError(f"{directory} is missing {name}")
+        if name != "memory.bin" and _sha256(file) != manifest.get("files", {}).get(name):
+            raise SnapshotError(f"{name} does not match its checksum: the snapshot was changed or damaged")
+    return Snapshot(directory, manifest)
+
+
+def restore(machine: "Machine", snapshot: Snapshot, progress: Progress | None = None) -> None:  # type: ignore[name-defined]  # noqa: F821
+    """Put a snapshot's state into a freshly built machine (same description, not started)."""
+    manifest = snapshot.manifest
+    layout = [[region.guest_phys_addr, region.size] for region in machine.memory.regions]
+    if manifest["memory"] != layout:
+        raise SnapshotError("the snapshot's memory layout differs from the machine's")
+    if manifest["vcpus"] != len(machine.runners):
+        raise SnapshotError(f"the snapshot has {manifest['vcpus']} vCPUs, the machine {len(machine.runners)}")
+    try:
+        vcpus = [VcpuState.from_json(data) for data in json.loads((snapshot.path / "vcpus.json").read_text())]
+        vm_state = VmState.from_json(json.loads((snapshot.path / "vm.json").read_text()))
+        devices = from_json(json.loads((snapshot.path / "devices.json").read_text()))
+    except (ValueError, KeyError, TypeError) as error:
+        raise SnapshotError(f"the snapshot's state is malformed: {error}") from None
+    read_memory(machine.memory, snapshot.path / "memory.bin", manifest["memory_digest"], progress)
+    restore_vm(machine.vm, vm_state)
+    for runner, state in zip(machine.runners, vcpus):
+        restore_vcpu(runner.vcpu, state)
+    machine.restore_device_states(devices)
+    for path in changed_disks(manifest):
+        machine.warn(f"disk {path} changed after the snapshot was taken; the guest may see it inconsistently")
