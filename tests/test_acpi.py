@@ -121,3 +121,39 @@ def test_extra_tables_are_listed_and_aligned() -> None:
 def test_tables_fit_the_rom_area() -> None:
     built = acpi.build(0xE0000, 255)
     assert built.base + len(built.blob) <= 0x100000
+
+
+needs_iasl = pytest.mark.skipif(__import__("shutil").which("iasl") is None,
+                                reason="iasl is not installed (.ci/run installs acpica-tools)")
+
+
+@needs_iasl
+@pytest.mark.parametrize("name", ["FACP", "DSDT", "APIC", "MCFG"])
+def test_the_acpica_disassembler_reads_every_table_without_complaint(tmp_path, name: str) -> None:
+    """A second opinion from the reference implementation: iasl -d decodes each table, and the
+    DSDT it decompiles compiles back without errors."""
+    import subprocess
+
+    from worldswitch.vmm.memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START
+
+    built = acpi.build(0xE0000, 2, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
+    address = built.addresses[name]
+    offset = address - built.base
+    length = struct.unpack_from("<I", built.blob, offset + 4)[0]
+    (tmp_path / f"{name}.dat").write_bytes(built.blob[offset : offset + length])
+    result = subprocess.run(["iasl", "-d", f"{name}.dat"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    decoded = (tmp_path / f"{name}.dsl").read_text()
+    assert "**** ACPI table terminates in the middle of a data structure!" not in decoded
+    assert "Invalid" not in decoded and "Error" not in decoded, decoded
+    if name == "DSDT":
+        for expected in ("_S5_", "PNP0A08", "_PRT", "_CRS", "0xC0000000"):
+            assert expected in decoded
+        compiled = subprocess.run(["iasl", "-p", "recompiled", f"{name}.dsl"], cwd=tmp_path, capture_output=True,
+                                  text=True, timeout=60)
+        assert compiled.returncode == 0 and "Errors" in compiled.stdout, compiled.stdout + compiled.stderr
+        assert " 0 Errors" in compiled.stdout, compiled.stdout
+    if name == "MCFG":
+        assert "E0000000" in decoded.upper()
+    if name == "APIC":
+        assert decoded.count("Processor Local APIC") == 2

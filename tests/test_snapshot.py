@@ -62,6 +62,22 @@ def test_a_counting_guest_continues_from_the_same_count(tmp_path: Path, cpus: in
     assert (total, errors, vcpus) == (BSP_TARGET + (cpus - 1) * AP_TARGET, 0, cpus)
 
 
+@pytest.mark.parametrize("source", ["lapic", "pit"])
+def test_timer_interrupts_keep_coming_after_a_restore(tmp_path: Path, source: str) -> None:
+    """The LAPIC timer, the PIT, the PICs and the IDT state all travel: ticks go on after the restore."""
+    with Machine(guest="timer", args=f"1500 {source}") as vm:
+        vm.start()
+        time.sleep(0.4)
+        vm.pause()
+        vm.snapshot(tmp_path / "snap")
+        vm.stop()
+    with Machine.restore(tmp_path / "snap") as restored:
+        result = restored.run(timeout=30)
+    assert result.reason is StopReason.GUEST_DONE, result.message
+    ticks, user_ticks, is_pit = result.details["ucall"].args[:3]
+    assert ticks == 1500 and user_ticks > 0 and is_pit == (source == "pit")
+
+
 def test_pausing_a_spinning_guest_parks_every_vcpu_and_stops_guest_time() -> None:
     with Machine(guest="fault", args="spin", cpus=2) as vm:
         vm.start()
