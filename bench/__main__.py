@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         figures[key] = measure.virtio_blk_reads(compared[0], hostread, disk, pattern, reads, 3 if options.quick else 5, khz)
         best = max((f for name, f in figures[key].items() if name != "host"), key=lambda f: f.median)
         lines.append(
-            f"virtio-blk {pattern} 4 KiB reads: " + ", ".join(f"{name} {f.median:,.0f} IOPS" for name, f in figures[key].items())
+            f"virtio-blk {pattern} 4 KiB reads: " + ", ".join(
+                f"{name} {f.median:,.0f} IOPS ({f.median * 4096 / 2**20:,.1f} MiB/s)" for name, f in figures[key].items())
             + f" ({best.median / figures[key]['host'].median:.3f}x the host's direct pread at {best.vmm})"
         )
         print(lines[-1], flush=True)

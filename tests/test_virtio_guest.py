@@ -54,6 +54,20 @@ def test_a_read_only_disk_is_refused_writes_by_the_guest(disk) -> None:
     assert disk.read_bytes()[8 * 512 : 8 * 512 + 4] == bytes(4)
 
 
+def test_several_disks_each_on_its_own_function_and_file(disk, tmp_path) -> None:
+    other = tmp_path / "other.img"
+    other.write_bytes(disk.read_bytes())
+    before = disk.read_bytes()
+    run = run_guest("vblk", "test second", disks=[DiskConfig(str(disk), serial="first"), DiskConfig(str(other), serial="second")])
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    passed, _, serial = run.result.details["ucall"].args[:3]
+    assert passed == 7 and serial.to_bytes(8, "little").rstrip(b"\0") == b"second"
+    assert other.read_bytes()[8 * 512 : 8 * 512 + 4] == bytes([3, 10, 17, 24])  # the guest's pattern landed here
+    assert disk.read_bytes() == before  # and not on the first disk
+    functions = [f for f in run.machine.pci.functions if getattr(f, "device", None) and f.device.name == "virtio-blk"]
+    assert len(functions) == 2 and len({f.bars[0].address for f in functions}) == 2  # type: ignore[union-attr]
+
+
 def test_cli_disk_options(disk) -> None:
     result = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--guest", "vblk", "--args", "test",
                              "--disk", f"{disk},serial=cli-disk"], capture_output=True, text=True, timeout=60)

@@ -141,33 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# options typed as text that the settings hold parsed (the rest are taken as they are)
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "memory": lambda text: parse_size(text, "--memory"),
+    "timeout": lambda text: parse_seconds(text, "--timeout"),
+    "disk": lambda specs: [parse_disk(spec) for spec in specs],
+    "net": lambda specs: [parse_net(spec) for spec in specs],
+}
+
+
 def given_settings(options: argparse.Namespace) -> dict[str, Any]:
     """The settings the user typed on the command line, as machine-file values (paths stay
     relative to the working directory)."""
-    values: dict[str, Any] = {}
-    for key in KEYS:
-        if not hasattr(options, key):
-            continue
-        raw = getattr(options, key)
-        if key == "memory":
-            values[key] = parse_size(raw, "--memory")
-        elif key == "timeout":
-            values[key] = parse_seconds(raw, "--timeout")
-        elif key == "disk":
-            values[key] = [parse_disk(spec) for spec in raw]
-        elif key == "net":
-            values[key] = [parse_net(spec) for spec in raw]
-        elif key == "serial":
-            values[key] = raw
-            open_console_check(raw)
-        else:
-            values[key] = raw
-    return values
-
-
-def open_console_check(spec: str) -> None:
-    if not (spec in ("stdio", "none") or (spec.startswith("file:") and len(spec) > 5)):
-        raise ConfigError(f"unknown serial back end {spec!r}: use stdio, file:PATH or none")
+    return {key: PARSERS.get(key, lambda value: value)(getattr(options, key)) for key in KEYS if hasattr(options, key)}
 
 
 def cmd_run(options: argparse.Namespace) -> int:

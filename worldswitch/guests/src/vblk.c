@@ -8,6 +8,7 @@
  *                  DONE(checks passed, capacity in sectors, serial's first 8 bytes)
  *   seq N [QD]     N sequential 4 KiB reads, QD requests in flight; DONE(N, TSC cycles, QD)
  *   rand N [QD]    the same at random 4 KiB-aligned offsets
+ * With the word "second" it drives the second virtio-blk device on the bus instead of the first.
  */
 #include "ws.h"
 
@@ -58,12 +59,16 @@ static u32 pci_read(u32 slot, u32 offset)
     return inl(0xcfc);
 }
 
-static int find_device(void)
+static int find_device(u32 skip)
 {
     for (u32 slot = 0; slot < 32; slot++) {
         u32 id = pci_read(slot, 0);
         if ((id & 0xffff) != VENDOR_VIRTIO || id >> 16 != DEVICE_VIRTIO_BLK)
             continue;
+        if (skip) {
+            skip--;
+            continue;
+        }
         u64 bars[6];
         for (int i = 0; i < 6; i++)
             bars[i] = pci_read(slot, 0x10 + 4 * i) & ~0xfu;
@@ -94,7 +99,7 @@ static u16 r16(u64 off) { return *(volatile u16 *)(common + off); }
 
 static void setup(void)
 {
-    GUEST_ASSERT(find_device());
+    GUEST_ASSERT(find_device(arg_has("second") ? 1 : 0));
     w8(0x14, 0); /* reset */
     w8(0x14, S_ACK);
     w8(0x14, S_ACK | S_DRIVER);
