@@ -228,3 +228,26 @@ def test_ctl_to_nothing_is_one_line() -> None:
     assert result.stderr.strip().splitlines() == ["worldswitch: error: cannot reach the VMX at /nonexistent/vm.sock: No such file or directory"]
     result = ctl("/nonexistent/vm.sock", "snapshot", "no-equals-sign")
     assert result.returncode == 2 and "expected KEY=VALUE" in result.stderr
+
+
+def test_pause_resume_and_snapshot_from_two_clients_do_not_interleave(spinning: tuple[Machine, Path], tmp_path: Path) -> None:
+    vm, path = spinning
+    answers: list[dict[str, Any]] = []
+
+    def toggle() -> None:
+        client = Client(path)
+        for _ in range(10):
+            answers.append(client.ask("pause"))
+            answers.append(client.ask("resume"))
+        client.close()
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    snapshot = Client(path).ask("snapshot", path=str(tmp_path / "snap"))
+    toggler.join(60)
+    assert snapshot["ok"], snapshot
+    assert len(answers) == 20 and all(answer["ok"] for answer in answers)
+    assert Client(path).ask("status")["result"]["state"] == "running"  # the last word was a resume
+    from worldswitch.vmm.snapshot import open_snapshot
+
+    assert open_snapshot(tmp_path / "snap").manifest["vcpus"] == 1

@@ -113,8 +113,10 @@ class VmState:
         return cls(chips, pit, int(data["clock"]))
 
 
-def save_vm(vm: Vm) -> VmState:
-    return VmState([bytes(vm.get_irqchip(chip)) for chip in IRQCHIPS], bytes(vm.get_pit2()), vm.get_clock().clock)
+def save_vm(vm: Vm, clock: int | None = None) -> VmState:
+    """`clock`: the kvmclock to record instead of the running one (where the machine was paused)."""
+    return VmState([bytes(vm.get_irqchip(chip)) for chip in IRQCHIPS], bytes(vm.get_pit2()),
+                   vm.get_clock().clock if clock is None else clock)
 
 
 def restore_vm(vm: Vm, state: VmState) -> None:

@@ -133,6 +133,11 @@ class Machine:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def paused_clock(self) -> int | None:
+        """The guest's kvmclock when it was paused: guest time stands still until resume."""
+        return self._paused_clock.clock if self._paused_clock is not None else None
+
     def pause(self, timeout: float = JOIN_TIMEOUT_S) -> None:
         """Bring every vCPU back to the VMX and park it there (the hosted interrupt path). Guest
         time stands still while paused: the kvmclock is saved here and set back on resume."""

@@ -266,7 +266,7 @@ def save(machine: "Machine", path: str | Path, config: dict[str, Any], progress:
     try:
         msrs = saveable_msrs(machine.kvm, machine.runners[0].vcpu)
         _write_json(temporary / "vcpus.json", [save_vcpu(r.vcpu, msrs).as_json() for r in machine.runners])
-        _write_json(temporary / "vm.json", save_vm(machine.vm).as_json())
+        _write_json(temporary / "vm.json", save_vm(machine.vm, machine.paused_clock).as_json())
         _write_json(temporary / "devices.json", to_json(machine.device_states()))
         digest, stored = write_memory(machine.memory, temporary / "memory.bin", progress)
         manifest = {

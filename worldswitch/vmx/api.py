@@ -130,6 +130,7 @@ class Machine:
         self.on_event: list[Callable[[str, dict[str, Any]], None]] = []
         self.progress: Callable[[str, int, int], None] | None = None  # (phase, done, total) for big memory
         self.boots = 0
+        self._transition = threading.Lock()  # pause, resume and snapshot one at a time, from any thread
         self._restore_from: str | None = None
         self._vm: VmmMachine | None = None
 
@@ -232,11 +233,14 @@ class Machine:
         return result
 
     def pause(self) -> None:
-        self.vmm.pause()
+        """Every vCPU back in the VMX and parked; guest time stands still until resume()."""
+        with self._transition:
+            self.vmm.pause()
         self._event("paused")
 
     def resume(self) -> None:
-        self.vmm.resume()
+        with self._transition:
+            self.vmm.resume()
         self._event("resumed")
 
     def stop(self, reason: StopReason = StopReason.STOPPED, message: str = "stopped") -> MachineResult:
@@ -250,7 +254,8 @@ class Machine:
     def snapshot(self, path: str | Path, progress: Callable[[str, int, int], None] | None = None) -> SnapshotInfo:
         """Suspend to disk: write the whole machine to the new directory `path`; a running guest
         goes on running afterwards."""
-        info = self.vmm.snapshot(str(path), progress or self.progress)
+        with self._transition:
+            info = self.vmm.snapshot(str(path), progress or self.progress)
         self._event("snapshot", path=info.path, seconds=info.seconds)
         return info
 
