@@ -64,13 +64,17 @@ def test_the_socket_is_private_and_every_command_answers(spinning: tuple[Machine
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     client = Client(path)
-    assert client.ask("help")["result"]["commands"] == ["status", "pause", "resume", "stop", "stats", "snapshot", "events", "help"]
+    assert client.ask("help")["result"]["commands"] == ["status", "pause", "resume", "stop", "stats", "registers", "snapshot", "events", "help"]
     status = client.ask("status")["result"]
     assert status["state"] == "running" and status["vcpus"] == 1 and status["control_socket"] == str(path)
     answer = client.ask("pause")
     assert answer["ok"] and answer["result"]["state"] == "paused"
     assert client.ask("status")["result"]["state"] == "paused"
     assert client.ask("resume")["result"] == {"state": "running"}
+    vcpus = client.ask("registers")["result"]["vcpus"]
+    assert len(vcpus) == 1 and vcpus[0]["cpl"] == 3  # the spin loop runs in ring 3
+    assert int(vcpus[0]["rip"], 16) > 0x100000 and int(vcpus[0]["cr3"], 16) > 0
+    assert client.ask("status")["result"]["state"] == "running"  # looked at without stopping it
     stats = client.ask("stats")["result"]
     assert stats["exits"]["intr"] >= 1  # the pause brought the vCPU back through the interrupt path
     answer = client.ask("snapshot", path=str(tmp_path / "snap"), id=42)
@@ -211,7 +215,7 @@ def test_worldswitch_ctl_drives_worldswitch_run(tmp_path: Path) -> None:
         bad = ctl(str(path), "frobnicate")
         assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
             "worldswitch: error: unknown-command: unknown command 'frobnicate'; known: status, pause, resume, stop, "
-            "stats, snapshot, events, help"]
+            "stats, registers, snapshot, events, help"]
         assert ctl(str(path), "stop").returncode == 0
         out, err = run.communicate(timeout=30)
         assert run.returncode == 0, err

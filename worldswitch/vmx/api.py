@@ -99,6 +99,15 @@ class ConsoleBuffer:
         self._receive(text.encode() if isinstance(text, str) else text)
 
 
+def vcpu_registers(vcpu: Any) -> dict[str, int]:
+    """General registers, control registers, EFER and the privilege level of one (parked) vCPU."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    values = {name: getattr(regs, name) for name, _ in regs._fields_}
+    values.update({name: getattr(sregs, name) for name in ("cr0", "cr2", "cr3", "cr4", "efer")})
+    values.update(cs=sregs.cs.selector, ss=sregs.ss.selector, cpl=sregs.cs.selector & 3)
+    return values
+
+
 class Machine:
     """A worldswitch virtual machine. Keyword arguments mirror `worldswitch run`'s options and the
     keys of a machine file; `control=True` (or a socket path) also serves the control API."""
@@ -258,6 +267,20 @@ class Machine:
             info = self.vmm.snapshot(str(path), progress or self.progress)
         self._event("snapshot", path=info.path, seconds=info.seconds)
         return info
+
+    def registers(self) -> list[dict[str, int]]:
+        """Each vCPU's registers, as a debugger shows them (taken while paused: a running machine is
+        paused for the moment it takes, and goes on)."""
+        with self._transition:
+            vm = self.vmm
+            was_running = vm.running and not vm.paused
+            if was_running:
+                vm.pause()
+            try:
+                return [vcpu_registers(runner.vcpu) for runner in vm.runners]
+            finally:
+                if was_running:
+                    vm.resume()
 
     def stats(self) -> dict[str, Any]:
         """The world-switch table: exits by reason, time in the guest and in the VMX, per vCPU."""

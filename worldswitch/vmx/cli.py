@@ -102,10 +102,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "ctl",
         help="talk to a running VM's control socket",
         description="Send one control request to a running VM and print its JSON answer. Commands: "
-        "status, pause, resume, stop, stats, snapshot path=DIR, events (streams until the VM ends), help.",
+        "status, pause, resume, stop, stats, registers, snapshot path=DIR, events (streams until the VM ends), help.",
     )
     ctl.add_argument("socket", metavar="SOCKET", help="the control socket `worldswitch run` printed")
-    ctl.add_argument("request", metavar="COMMAND", help="status, pause, resume, stop, stats, snapshot, events or help")
+    ctl.add_argument("request", metavar="COMMAND", help="status, pause, resume, stop, stats, registers, snapshot, events or help")
     ctl.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="request arguments (a value is JSON or a string)")
     ctl.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default %(default)s)")
 

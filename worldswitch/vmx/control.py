@@ -25,7 +25,7 @@ from ..errors import WorldswitchError
 from ..vmm.result import StopReason
 
 MAX_REQUEST = 64 * 1024
-COMMANDS = ("status", "pause", "resume", "stop", "stats", "snapshot", "events", "help")
+COMMANDS = ("status", "pause", "resume", "stop", "stats", "registers", "snapshot", "events", "help")
 
 
 class RequestError(Exception):
@@ -227,6 +227,11 @@ class ControlServer:
 
     def _do_stats(self, request: dict[str, Any]) -> dict[str, Any]:
         return self.vm.stats()
+
+    def _do_registers(self, request: dict[str, Any]) -> dict[str, Any]:
+        self._require_running()
+        return {"vcpus": [{name: f"{value:#x}" if name not in ("cpl",) else value for name, value in vcpu.items()}
+                          for vcpu in self.vm.registers()]}
 
     def _do_snapshot(self, request: dict[str, Any]) -> dict[str, Any]:
         self._require_running()
