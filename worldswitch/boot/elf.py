@@ -25,6 +25,10 @@ PT_DYNAMIC = 2
 
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Elf64_Ehdr
 _PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr
+_SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
+_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
+SHT_SYMTAB = 2
+STT_FUNC = 2
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,27 @@ def load_elf(
             memory.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
     return LoadedElf(name, entry, tuple(segments))
 
+
+
+def read_function_symbols(image: bytes) -> list[tuple[int, str]]:
+    """(address, name) of every function in an ELF64 file's symbol table (.symtab), for naming
+    guest addresses; an image without one (stripped) gives an empty list."""
+    if len(image) < _EHDR.size or image[:4] != ELF_MAGIC or image[4] != 2:
+        return []
+    header = _EHDR.unpack_from(image)
+    shoff, shentsize, shnum = header[6], header[11], header[12]
+    if shentsize != _SHDR.size or shoff + shnum * _SHDR.size > len(image):
+        return []
+    sections = [_SHDR.unpack_from(image, shoff + i * _SHDR.size) for i in range(shnum)]
+    symbols = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if kind != SHT_SYMTAB or entsize != _SYM.size or link >= shnum or offset + size > len(image):
+            continue
+        strings_offset, strings_size = sections[link][4], sections[link][5]
+        strings = image[strings_offset : strings_offset + strings_size]
+        for at in range(offset, offset + size - _SYM.size + 1, _SYM.size):
+            name_index, info, _other, _shndx, value, _size = _SYM.unpack_from(image, at)
+            if info & 0xF == STT_FUNC and value and name_index < len(strings):
+                end = strings.find(b"\0", name_index)
+                symbols.append((value, strings[name_index : end if end >= 0 else None].decode(errors="replace")))
+    return sorted(symbols)

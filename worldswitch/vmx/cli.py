@@ -3,6 +3,7 @@
     worldswitch run [MACHINE.toml] [options]   build a machine, run it on the console, report how it ended
     worldswitch restore DIR     resume a machine from a snapshot
     worldswitch ctl SOCKET CMD  drive a running machine through its control socket
+    worldswitch profile SOCKET  sample where a running machine's vCPUs spend their time
     worldswitch info            what this host's KVM is (VT-x, AMD-V or PVM) and can do
     worldswitch guests          the built-in guest programs
     worldswitch trace FILE      summarise an exit trace recorded with `run --trace FILE`
@@ -108,6 +109,18 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ctl.add_argument("request", metavar="COMMAND", help="status, pause, resume, stop, stats, registers, snapshot, events or help")
     ctl.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="request arguments (a value is JSON or a string)")
     ctl.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default %(default)s)")
+
+    profile = sub.add_parser(
+        "profile",
+        help="sample where a running VM's vCPUs are, by function",
+        description="A sampling profiler from outside the guest: asks the VM for its registers every "
+        "INTERVAL seconds and counts the functions the vCPUs were in (names from --symbols).",
+    )
+    profile.add_argument("socket", metavar="SOCKET", help="the control socket `worldswitch run` printed")
+    profile.add_argument("--seconds", type=float, default=10.0, help="how long to sample (default %(default)s)")
+    profile.add_argument("--interval", type=float, default=0.01, help="seconds between samples (default %(default)s)")
+    profile.add_argument("--symbols", metavar="FILE", help="System.map, nm output, or an ELF file with a symbol table")
+    profile.add_argument("--top", type=int, default=25, help="how many functions to list (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +269,16 @@ def drive(vm: VirtualMachine, console: Console, deadline: float | None, timeout:
         console.detach()
 
 
+def cmd_profile(options: argparse.Namespace) -> int:
+    from .profile import Symbols, report, sample
+
+    symbols = Symbols.load(options.symbols) if options.symbols else None
+    if options.seconds <= 0 or options.interval < 0:
+        raise ConfigError("--seconds must be positive and --interval not negative")
+    print(report(sample(options.socket, options.seconds, options.interval), symbols, options.top))
+    return 0
+
+
 def cmd_ctl(options: argparse.Namespace) -> int:
     from .control import request, stream_events
 
@@ -340,7 +363,7 @@ def cmd_initramfs(options: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
+COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "profile": cmd_profile, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
             "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs}
 
 
