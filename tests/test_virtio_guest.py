@@ -37,7 +37,8 @@ def test_a_guest_driver_reads_writes_and_flushes_through_virtio_blk(disk) -> Non
     # Queue kicks went to the device's ioeventfd inside KVM: the VMX saw configuration accesses only.
     function = run.machine.devices["virtio-blk0"]
     assert function.device.requests == 6  # type: ignore[attr-defined]  # write, 3 reads, flush, GET_ID
-    assert 1 <= function.worker.kicks <= 6  # type: ignore[attr-defined]  # an eventfd coalesces close kicks
+    # one kick per request at most (an eventfd coalesces close ones), and the VMX's own at DRIVER_OK
+    assert 1 <= function.worker.kicks <= 7  # type: ignore[attr-defined]
     assert run.stats.exits.get("mmio", 0) < 40
 
 

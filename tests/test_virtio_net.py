@@ -4,10 +4,13 @@ tap, frames the host sends arrive in the guest's receive buffers (with mergeable
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -18,16 +21,24 @@ from worldswitch.vmm.memory import GuestMemory
 from .helpers import RecordingLine
 from .virtio_driver import VERSION_1, Driver
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
-                                reason="tap devices need root and /dev/net/tun")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"),
+                                reason="tap devices need root, /dev/net/tun and iproute2")
 MAC = bytes.fromhex("525400123456")
 ETHERTYPE = 0x88B5  # "local experimental": no host protocol stack answers it
+
+
+def quiet_tap(name: str) -> None:
+    """Create the tap with the host's IPv6 off, before it comes up: otherwise the host's router
+    solicitations and MLD reports arrive in the guest's buffers among the test's own frames."""
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
 
 
 @pytest.fixture
 def net():
     memory = GuestMemory([(0, 16 << 20)])
     name = "wst" + uuid.uuid4().hex[:8]
+    quiet_tap(name)
     device = VirtioNet(memory, TapBackend(name), MAC)
     function = VirtioPciFunction(device)
     function.intx = RecordingLine()
@@ -40,6 +51,7 @@ def net():
     host.close()
     function.close()
     memory.close()
+    subprocess.run(["ip", "link", "delete", name], check=False)
 
 
 def frame(payload: bytes, source: bytes = bytes.fromhex("020000000001")) -> bytes:

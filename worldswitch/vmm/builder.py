@@ -31,6 +31,7 @@ from ..errors import ConfigError, WorldswitchError
 from ..guests import DEFAULT_GUEST, builtin_path
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
+from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 from .emulate import VmxEmulator
 from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
 from .host import detect_host_kind
@@ -47,9 +48,6 @@ from .runloop import VcpuRunner
 KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 
-DEFAULT_MEMORY = 128 * MIB
-DEFAULT_LINUX_MEMORY = 512 * MIB
-DEFAULT_CMDLINE = "console=ttyS0"
 ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
 
 

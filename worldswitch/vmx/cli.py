@@ -18,20 +18,16 @@ import argparse
 import json
 import os
 import sys
-import time
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import __version__
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
-from ..vmm.builder import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
-from ..vmm.result import MachineResult, StopReason
+from ..vmm.defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
-from .api import Machine as VirtualMachine
-from .console import Console, open_console, stderr_line
-from .machine_file import KEYS, load_machine_file, machine_config, merge, parse_disk, parse_net
-from .units import parse_seconds, parse_size
+from .signals import StopSignals
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
 
@@ -154,119 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# options typed as text that the settings hold parsed (the rest are taken as they are)
-PARSERS: dict[str, Callable[[Any], Any]] = {
-    "memory": lambda text: parse_size(text, "--memory"),
-    "timeout": lambda text: parse_seconds(text, "--timeout"),
-    "disk": lambda specs: [parse_disk(spec) for spec in specs],
-    "net": lambda specs: [parse_net(spec) for spec in specs],
-}
-
-
-def given_settings(options: argparse.Namespace) -> dict[str, Any]:
-    """The settings the user typed on the command line, as machine-file values (paths stay
-    relative to the working directory)."""
-    return {key: PARSERS.get(key, lambda value: value)(getattr(options, key)) for key in KEYS if hasattr(options, key)}
-
-
 def cmd_run(options: argparse.Namespace) -> int:
-    file_values = load_machine_file(options.machine) if getattr(options, "machine", None) else {}
-    settings = merge(file_values, given_settings(options))
-    config = machine_config(settings)
-    config.program()
-    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings)
+    from .session import run_from_options
+
+    return run_from_options(options)
 
 
 def cmd_restore(options: argparse.Namespace) -> int:
-    settings = merge(given_settings(options))
-    return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings)
+    from .session import restore_from_options
 
-
-class ProgressLine:
-    """'restore: memory 50% of 4096 MiB' in quarter steps, for memory big enough to take a while."""
-
-    THRESHOLD = 256 << 20
-
-    def __init__(self, what: str, console: Console) -> None:
-        self.what = what
-        self.console = console
-        self.shown = -1
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if total < self.THRESHOLD:
-            return
-        quarter = done * 4 // total
-        if quarter > self.shown:
-            self.shown = quarter
-            stderr_line(f"{self.what}: {phase} {quarter * 25}% of {total >> 20} MiB", self.console)
-
-
-def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any]) -> int:
-    """Build (or restore) the machine, run it on the console until it ends, report how."""
-    quiet = settings["quiet"]
-    timeout = settings["timeout"]
-    deadline = None if timeout is None else time.monotonic() + timeout
-    console = open_console(settings["serial"])
-    try:
-        vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
-                  trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
-                  kvm_path=kvm_path())
-        with vm:
-            if not quiet:
-                vm.progress = ProgressLine("restore", console)
-            machine = vm.build()
-            if not quiet:
-                vm.progress = ProgressLine("snapshot", console)
-                if vm.restoring:
-                    stderr_line(f"restored {vm.config.program()[0]} from {vm.restored_from}", console)
-                elif machine.boot is not None:
-                    boot = machine.boot
-                    notes = "; ".join(boot.notes)
-                    stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
-            vm.serve_control()
-            if not quiet and vm.control is not None:
-                stderr_line(f"control socket {vm.control.path}", console)
-            result = drive(vm, console, deadline, timeout, VirtualMachine.start)
-            while result.reason is StopReason.RESET and settings["reboot"]:
-                stderr_line(f"guest reset; starting it again (boot {vm.boots + 1})", console)
-                result = drive(vm, console, deadline, timeout, VirtualMachine.restart)
-            stats = vm.vmm.stats()
-            boots = vm.boots
-    finally:
-        console.close()
-    if not quiet or not result.ok:
-        stderr_line(result.message, console)
-    if settings["stats"]:
-        sys.stderr.write(stats.table() + "\n")
-    elif not quiet:
-        stderr_line(stats.summary(), console)
-    if settings["stats_json"]:
-        ucall = result.details.get("ucall")
-        payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
-                              "value": result.value, "boots": boots,
-                              "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
-                   "stats": stats.as_dict()}
-        Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
-    return result.exit_status
-
-
-def drive(vm: VirtualMachine, console: Console, deadline: float | None, timeout: float | None,
-          begin: Callable[[VirtualMachine], object]) -> MachineResult:
-    """Start the guest with `begin` and wait until it ends, the deadline passes, or the user stops it."""
-    console.attach(vm.console.send, lambda: vm.request_stop(StopReason.STOPPED, "stopped by the user"))
-    try:
-        begin(vm)
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            result = vm.wait(min(remaining, 0.5) if remaining is not None else 0.5)
-            if result is not None:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                return vm.stop(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s; stopped it")
-    except KeyboardInterrupt:
-        return vm.stop(StopReason.INTERRUPTED, "interrupted")
-    finally:
-        console.detach()
+    return restore_from_options(options)
 
 
 def cmd_profile(options: argparse.Namespace) -> int:
@@ -368,12 +261,16 @@ COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "profile": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    options = parser.parse_args(argv)
-    if options.command is None:
-        parser.print_help()
-        return EXIT_USAGE
+    signals = StopSignals()
+    if threading.current_thread() is threading.main_thread():
+        signals.install()
     try:
+        parser = build_parser()
+        options = parser.parse_args(argv)
+        if options.command is None:
+            parser.print_help()
+            return EXIT_USAGE
+        options.signals = signals
         return COMMANDS[options.command](options)
     except WorldswitchError as error:
         print(f"worldswitch: error: {error}", file=sys.stderr)
@@ -389,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worldswitch: internal error: {type(error).__name__}: {error} (WORLDSWITCH_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        signals.restore()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     none           output discarded
 
 A terminal is put back the way it was on every exit path: normal return, exception, SIGTERM and
-SIGHUP (which stop the VM), and interpreter exit.
+SIGHUP (which the session turns into a stop, see signals.py), and interpreter exit.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import os
 import select
-import signal
 import sys
 import termios
 import threading
@@ -154,13 +153,10 @@ class TerminalConsole(StreamConsole):
         super().__init__(stdin_fd, stdout_fd)
         self._saved: list | None = None  # type: ignore[type-arg]
         self._escape = False
-        self._previous_handlers: dict[int, object] = {}
 
     def attach(self, receive: Callable[[bytes], None], on_quit: Callable[[], None]) -> None:
         self._saved = termios.tcgetattr(self.stdin_fd)
         atexit.register(self._restore)
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            self._previous_handlers[signum] = signal.signal(signum, lambda *_: on_quit())
         tty.setraw(self.stdin_fd, termios.TCSANOW)
         super().attach(receive, on_quit)
 
@@ -203,9 +199,6 @@ class TerminalConsole(StreamConsole):
     def detach(self) -> None:
         super().detach()
         self._restore()
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
-        self._previous_handlers.clear()
 
 
 def open_console(spec: str) -> Console:

@@ -1,0 +1,152 @@
+"""A VM session, as `worldswitch run` and `worldswitch restore` drive it: settings from the command
+line over a machine file, the console attached, the control socket open, the guest run until it
+ends, a timeout passes, the user quits or a signal arrives, then the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..vmm.result import MachineResult, StopReason
+from .api import Machine as VirtualMachine
+from .cli import kvm_path
+from .console import Console, open_console, stderr_line
+from .machine_file import KEYS, load_machine_file, machine_config, merge, parse_disk, parse_net
+from .signals import StopSignals
+from .units import parse_seconds, parse_size
+
+POLL_S = 0.1  # how often the session looks at signals and the deadline while the guest runs
+
+
+# options typed as text that the settings hold parsed (the rest are taken as they are)
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "memory": lambda text: parse_size(text, "--memory"),
+    "timeout": lambda text: parse_seconds(text, "--timeout"),
+    "disk": lambda specs: [parse_disk(spec) for spec in specs],
+    "net": lambda specs: [parse_net(spec) for spec in specs],
+}
+
+
+def given_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user typed on the command line, as machine-file values (paths stay
+    relative to the working directory)."""
+    return {key: PARSERS.get(key, lambda value: value)(getattr(options, key)) for key in KEYS if hasattr(options, key)}
+
+
+def run_from_options(options: argparse.Namespace) -> int:
+    file_values = load_machine_file(options.machine) if getattr(options, "machine", None) else {}
+    settings = merge(file_values, given_settings(options))
+    config = machine_config(settings)
+    config.program()
+    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings, options.signals)
+
+
+def restore_from_options(options: argparse.Namespace) -> int:
+    settings = merge(given_settings(options))
+    return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings,
+                       options.signals)
+
+
+class ProgressLine:
+    """'restore: memory 50% of 4096 MiB' in quarter steps, for memory big enough to take a while."""
+
+    THRESHOLD = 256 << 20
+
+    def __init__(self, what: str, console: Console) -> None:
+        self.what = what
+        self.console = console
+        self.shown = -1
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if total < self.THRESHOLD:
+            return
+        quarter = done * 4 // total
+        if quarter > self.shown:
+            self.shown = quarter
+            stderr_line(f"{self.what}: {phase} {quarter * 25}% of {total >> 20} MiB", self.console)
+
+
+def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], signals: StopSignals) -> int:
+    """Build (or restore) the machine, run it on the console until it ends, report how."""
+    quiet = settings["quiet"]
+    timeout = settings["timeout"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    console = open_console(settings["serial"])
+    try:
+        vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
+                  trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
+                  kvm_path=kvm_path())
+        with vm:
+            if not quiet:
+                vm.progress = ProgressLine("restore", console)
+            machine = vm.build()
+            if not quiet:
+                vm.progress = ProgressLine("snapshot", console)
+                if vm.restoring:
+                    stderr_line(f"restored {vm.config.program()[0]} from {vm.restored_from}", console)
+                elif machine.boot is not None:
+                    boot = machine.boot
+                    notes = "; ".join(boot.notes)
+                    stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
+            vm.serve_control()
+            if not quiet and vm.control is not None:
+                stderr_line(f"control socket {vm.control.path}", console)
+            signals.in_session = True
+            try:
+                result = drive(vm, console, deadline, timeout, VirtualMachine.start, signals)
+                while result.reason is StopReason.RESET and settings["reboot"]:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        result = MachineResult.of(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s "
+                                                  f"(it reset {vm.boots} times); stopped it")
+                        break
+                    stderr_line(f"guest reset; starting it again (boot {vm.boots + 1})", console)
+                    result = drive(vm, console, deadline, timeout, VirtualMachine.restart, signals)
+            finally:
+                signals.in_session = False
+            stats = vm.vmm.stats()
+            boots = vm.boots
+    finally:
+        console.close()
+    if not quiet or not result.ok:
+        stderr_line(result.message, console)
+    if settings["stats"]:
+        sys.stderr.write(stats.table() + "\n")
+    elif not quiet:
+        stderr_line(stats.summary(), console)
+    if settings["stats_json"]:
+        ucall = result.details.get("ucall")
+        payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
+                              "value": result.value, "boots": boots,
+                              "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
+                   "stats": stats.as_dict()}
+        Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+    return result.exit_status
+
+
+def drive(vm: VirtualMachine, console: Console, deadline: float | None, timeout: float | None,
+          begin: Callable[[VirtualMachine], object], signals: StopSignals) -> MachineResult:
+    """Start the guest with `begin` and wait until it ends, the deadline passes, the user quits
+    (Ctrl-A x) or a signal arrives: SIGINT interrupts, SIGTERM and SIGHUP stop."""
+    quit_requested: list[bool] = []
+    console.attach(vm.console.send, lambda: quit_requested.append(True))
+    try:
+        begin(vm)
+        while True:
+            result = vm.wait(POLL_S)
+            if result is not None:
+                return result
+            if signals.first == signal.SIGINT:
+                return vm.stop(StopReason.INTERRUPTED, "interrupted")
+            if signals.first is not None:
+                return vm.stop(StopReason.STOPPED, f"stopped by the user ({signal.Signals(signals.first).name})")
+            if quit_requested:
+                return vm.stop(StopReason.STOPPED, "stopped by the user")
+            if deadline is not None and time.monotonic() >= deadline:
+                return vm.stop(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s; stopped it")
+    finally:
+        console.detach()
