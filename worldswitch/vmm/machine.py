@@ -260,6 +260,9 @@ class Machine:
 
     def stats(self) -> MachineStats:
         end = self._ended_ns or time.perf_counter_ns()
+        if self._ended_ns and all(runner.finished_ns for runner in self.runners):
+            # a vCPU accounts the exit that ended the machine until it leaves its loop
+            end = max(end, *(runner.finished_ns for runner in self.runners))
         wall = end - self._started_ns if self._started_ns else 0
         return MachineStats(
             vcpus=[runner.stats() for runner in self.runners],

@@ -86,6 +86,7 @@ class VcpuRunner:
         self._state = threading.Condition()
         self.parked = threading.Event()
         self.finished = threading.Event()
+        self.finished_ns = 0  # perf_counter_ns when the thread ended
 
         run = vcpu.kvm_run
         page = vcpu.run_mmap
@@ -161,6 +162,7 @@ class VcpuRunner:
                 MachineResult.of(StopReason.VMX_ERROR, f"vCPU {self.index}: {type(error).__name__}: {error}")
             )
         finally:
+            self.finished_ns = time.perf_counter_ns()
             self.finished.set()
 
     def _loop(self) -> None:
