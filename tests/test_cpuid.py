@@ -47,3 +47,10 @@ def test_each_vcpu_gets_its_apic_id() -> None:
     for apic_id in (0, 3, 63):
         leaf1 = [e for e in cpuid_for_vcpu(table(0), apic_id) if e.function == 1][0]
         assert leaf1.ebx >> 24 == apic_id and leaf1.ecx & (1 << 31)
+
+
+def test_emulated_hosts_skip_the_crypto_self_tests_unless_the_user_said_otherwise() -> None:
+    from worldswitch.vmm.host import emulated_kernel_parameters
+
+    assert [p for p, _ in emulated_kernel_parameters("console=ttyS0")] == ["cryptomgr.notests"]
+    assert emulated_kernel_parameters("console=ttyS0 cryptomgr.notests=0") == []

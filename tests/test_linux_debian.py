@@ -63,6 +63,9 @@ def test_debian_kernel_prints_its_version_e820_and_our_acpi_tables(debian) -> No
     assert "BIOS-e820: [mem 0x0000000000100000-0x000000002005ffff] usable" in text
     assert "ACPI: RSDP 0x00000000000E0000 000024 (v02 WSWTCH)" in text
     assert "ACPI: FACP 0x" in text and "ACPI: DSDT 0x" in text
+    if EMULATED:  # what an emulated kernel is told, as the kernel itself read it (docs/pvm.md)
+        command_line = re.search(r"Command line: (.*)", text).group(1)  # type: ignore[union-attr]
+        assert "noxsave" in command_line and "clearcpuid=" in command_line and "cryptomgr.notests" in command_line
 
 
 def test_not_a_kernel_is_one_line(tmp_path) -> None:

@@ -34,7 +34,7 @@ from .cpu import cpuid_for_vcpu, set_lint
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 from .emulate import VmxEmulator
 from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
-from .host import detect_host_kind
+from .host import detect_host_kind, emulated_kernel_parameters
 from .irq import KvmIrqLine
 from .kick import install_kick_handler
 from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
@@ -193,6 +193,8 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(machine.forced_cpuid, config.cmdline)
+        if host.kernel_code_emulated:
+            added += emulated_kernel_parameters(config.cmdline)
         cmdline = " ".join([config.cmdline, *(parameter for parameter, _ in added)]).strip()
         boot = load_linux(memory, machine.memory_map, image, name, initrd, config.initrd or "", cmdline,
                           config.decompress, host.kernel_code_emulated, tables.rsdp_address)
