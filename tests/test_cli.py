@@ -161,6 +161,56 @@ def test_a_users_own_elf_program(tmp_path: Path) -> None:
     assert result.returncode == 42
 
 
+def printing_program(tmp_path: Path) -> Path:
+    """A bare-metal program that prints its argument string on COM1 and then spins."""
+    source = tmp_path / "say.S"
+    source.write_text(
+        """
+        .globl _start
+        _start:
+            mov %rdi, %rsi
+        1:  movb (%rsi), %al
+            test %al, %al
+            jz 2f
+            mov $0x3f8, %dx
+            outb %al, %dx
+            inc %rsi
+            jmp 1b
+        2:  hlt
+            jmp 2b
+        """
+    )
+    program = tmp_path / "say.elf"
+    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x200000", "-o", str(program), str(source)],
+                   check=True)
+    return program
+
+
+def test_a_guest_kernel_panic_ends_the_vm_or_pauses_it(tmp_path: Path) -> None:
+    program = printing_program(tmp_path)
+    panic = "Kernel panic - not syncing: VFS: Unable to mount root fs\n"
+    result = worldswitch("run", "--elf", str(program), "--args", panic, "--timeout", "30")
+    assert result.returncode == 3, result.stderr
+    assert "guest kernel panic: Kernel panic - not syncing: VFS: Unable to mount root fs" in result.stderr
+    socket = tmp_path / "vm.sock"
+    process = subprocess.Popen([*COMMAND, "run", "--elf", str(program), "--args", panic, "--on-panic", "pause",
+                                "--control", str(socket), "--timeout", "30"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        state = None
+        while time.monotonic() < deadline and state != "paused":
+            time.sleep(0.1)
+            if socket.exists():
+                state = json.loads(worldswitch("ctl", str(socket), "status").stdout or "{}").get("state")
+        assert state == "paused"  # kept for inspection
+        assert worldswitch("ctl", str(socket), "stop").returncode == 0
+        _, err = process.communicate(timeout=30)
+        assert "guest panicked; paused for inspection" in err
+    finally:
+        process.kill()
+
+
 def test_elf_loaded_over_vmm_memory_is_refused(tmp_path: Path) -> None:
     source = tmp_path / "low.S"
     source.write_text(".globl _start\n_start: hlt\n")

@@ -188,3 +188,18 @@ def test_ring0_int3_reaches_the_guest_handler_on_any_host() -> None:
     assert run.result.value == 5
     emulated = run.stats.vcpus[0].vmx_emulated
     assert emulated == ({"int3": 5} if detect_host_kind().kernel_code_emulated else {})
+
+
+def test_syscall_from_ring_3_lands_where_this_host_puts_it() -> None:
+    """The probe `worldswitch info` runs: on hardware a SYSCALL from ring 3 enters ring 0 with
+    STAR's kernel CS; PVM keeps it in ring 3 with its own user CS (0x33), which is why a stock
+    Linux's first user process dies there (docs/pvm.md)."""
+    from worldswitch.vmm.host import detect_host_kind
+
+    run = run_guest("probe", "syscall")
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    ring, cs = run.result.details["ucall"].args[:2]  # type: ignore[union-attr]
+    if detect_host_kind().driver == "pvm":
+        assert (ring, cs) == (3, 0x33)
+    else:
+        assert (ring, cs) == (0, 0x08)

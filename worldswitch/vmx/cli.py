@@ -46,6 +46,9 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
     parser.add_argument("--control", metavar="PATH",
                         help="the control socket (default $XDG_RUNTIME_DIR/worldswitch/PID.sock, or /tmp/worldswitch-UID/)")
+    parser.add_argument("--on-panic", choices=("stop", "pause", "continue"),
+                        help="when the guest kernel panics: end the VM (default), pause it for inspection "
+                             "through the control socket, or let it be")
     parser.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
     parser.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
     parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")

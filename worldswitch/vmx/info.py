@@ -36,6 +36,7 @@ class HostInfo:
     recommended_vcpus: int
     memory_slots: int
     measured: dict[str, float] = field(default_factory=dict)  # loop iterations per second, by ring
+    syscall_ring: int | None = None  # the ring a guest's SYSCALL from ring 3 lands in (0 on hardware)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -73,6 +74,20 @@ def measure_rings() -> dict[str, float]:
     return rates
 
 
+def measure_syscall() -> int | None:
+    """The ring in which the probe guest's SYSCALL handler ran: 0 where KVM implements SYSCALL
+    from guest user mode as the CPU does; None if the probe did not report."""
+    machine = build_machine(MachineConfig(guest="probe", args="syscall"), lambda _b: None)
+    with machine:
+        machine.start()
+        result = machine.wait(30)
+        if result is None:
+            machine.stop()
+            return None
+    ucall = result.details.get("ucall")
+    return int(ucall.args[0]) if result.reason is StopReason.GUEST_DONE and ucall is not None else None  # type: ignore[attr-defined]
+
+
 def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
     model = _cpu_model()
     with Kvm(kvm_path) as kvm:
@@ -91,6 +106,7 @@ def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
         )
     if measure and not info.required_missing:
         info.measured = measure_rings()
+        info.syscall_ring = measure_syscall()
     return info
 
 
@@ -119,6 +135,11 @@ def format_info(info: HostInfo) -> str:
         if r0 and r3:
             verdict = (" -> guest kernel code is EMULATED here" if r3 / r0 > 50 else " -> guest kernel code runs natively")
         lines.append(f"measured     {', '.join(parts)}{verdict}")
+    if info.syscall_ring is not None:
+        lines.append("syscall      a guest's SYSCALL from ring 3 enters ring 0, as on hardware" if info.syscall_ring == 0 else
+                     f"syscall      a guest's SYSCALL from ring 3 stays in ring {info.syscall_ring}: this KVM expects a "
+                     "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
+                     "a system call (docs/pvm.md)")
     lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
     lines.append("capabilities (* = required by worldswitch)")
     required = {cap.name for cap in REQUIRED_CAPS}

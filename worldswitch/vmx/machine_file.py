@@ -51,6 +51,7 @@ KEYS: dict[str, tuple[str, Any]] = {
     "trace": ("path", None),
     "trace_limit": ("int", DEFAULT_TRACE_LIMIT),
     "control": ("path", None),
+    "on_panic": ("choice:stop|pause|continue", "stop"),
 }
 PROGRAM_KEYS = ("guest", "elf", "kernel")
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from .signals import StopSignals
 from .units import parse_seconds, parse_size
 
 POLL_S = 0.1  # how often the session looks at signals and the deadline while the guest runs
+PANIC_GRACE_S = 2.0  # a panicking kernel prints its backtrace after the panic line; let it finish
 
 
 # options typed as text that the settings hold parsed (the rest are taken as they are)
@@ -93,6 +95,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                     boot = machine.boot
                     notes = "; ".join(boot.notes)
                     stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
+            watch_for_panics(vm, settings["on_panic"], console)
             vm.serve_control()
             if not quiet and vm.control is not None:
                 stderr_line(f"control socket {vm.control.path}", console)
@@ -126,6 +129,24 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                    "stats": stats.as_dict()}
         Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
     return result.exit_status
+
+
+def watch_for_panics(vm: VirtualMachine, action: str, console: Console) -> None:
+    """What a guest kernel panic does to the session: stop (the default: a panicked kernel only
+    spins), pause (inspect it with `worldswitch ctl SOCKET registers` or a snapshot), or nothing."""
+    def on_event(name: str, details: dict[str, Any]) -> None:
+        if name != "guest-panic" or action == "continue" or not vm.alive:
+            return
+        if action == "pause":
+            stderr_line(f"guest panicked; paused for inspection: {details['line']}", console)
+            threading.Thread(target=vm.pause, name="panic-pause", daemon=True).start()
+        else:
+            message = f"guest kernel panic: {details['line']}"
+            timer = threading.Timer(PANIC_GRACE_S, vm.request_stop, args=(StopReason.GUEST_CRASH, message))
+            timer.daemon = True
+            timer.start()
+
+    vm.on_event.append(on_event)
 
 
 def drive(vm: VirtualMachine, console: Console, deadline: float | None, timeout: float | None,
