@@ -306,10 +306,23 @@ def test_terminal_is_restored_when_the_guest_ends_and_on_sigterm() -> None:
 
 
 def test_sigint_without_a_terminal_stops_the_vm_cleanly() -> None:
+    # SIGINT as a terminal's Ctrl-C sends it (a test run in the background inherits it ignored)
     process = subprocess.Popen([*COMMAND, "run", "--guest", "fault", "--args", "spin"], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=20)
     assert process.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_an_ignored_sighup_stays_ignored() -> None:
+    """`nohup worldswitch run ... &`: the VM survives the hang-up."""
+    process = subprocess.Popen([*COMMAND, "run", "--guest", "fault", "--args", "spin", "--timeout", "3"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    time.sleep(1.5)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 124, err  # it ran on until its timeout

@@ -21,8 +21,11 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignals":
-        """From the main thread: take over the signals until restore()."""
+        """From the main thread: take over the signals until restore(). A signal ignored when the
+        process started stays ignored (`nohup worldswitch run ... &` survives the logout)."""
         for signum in HANDLED:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
 
