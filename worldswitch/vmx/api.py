@@ -21,16 +21,18 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..vmm.builder import DEFAULT_CMDLINE, DiskConfig, MachineConfig, NetConfig, build_machine, restore_machine
 from ..vmm.machine import Machine as VmmMachine
 from ..vmm.result import MachineResult, StopReason
-from ..vmm.snapshot import SnapshotInfo
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .control import ControlServer
 from .machine_file import parse_disk, parse_net
 from .units import parse_size
+
+if TYPE_CHECKING:  # the snapshot module (hashing, mincore) loads when a snapshot is taken
+    from ..vmm.snapshot import SnapshotInfo
 
 PANIC = re.compile(rb"Kernel panic - not syncing[^\r\n]*(?=\r?\n)")  # whole lines only
 
