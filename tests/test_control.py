@@ -4,7 +4,6 @@ KVM; and `worldswitch ctl`, the client."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import stat
 import subprocess

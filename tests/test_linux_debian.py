@@ -19,7 +19,6 @@ import pytest
 
 from worldswitch.vmm.builder import MachineConfig, build_machine
 from worldswitch.vmm.host import detect_host_kind
-from worldswitch.vmm.result import StopReason
 from worldswitch.vmx.debian import fetch_debian
 
 from .helpers import Output

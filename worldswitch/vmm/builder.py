@@ -26,7 +26,7 @@ from ..devices.virtio.pci import VirtioPciFunction, VirtioPciState
 from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from ..driver.kvm import Kvm
+from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..guests import DEFAULT_GUEST, builtin_path
 from .bus import MmioBus, PioBus
@@ -40,7 +40,7 @@ from .kick import install_kick_handler
 from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
 from .pci_platform import PciPlatform
 from .machine import Machine
-from .memmap import ECAM_BASE, MIB, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
+from .memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .memory import GuestMemory
 from .runloop import VcpuRunner
 
@@ -311,7 +311,7 @@ def restore_machine(
     return machine
 
 
-def _code_fetcher(machine: Machine, vcpu: "Vcpu") -> Callable[[int], bytes]:  # type: ignore[name-defined]  # noqa: F821
+def _code_fetcher(machine: Machine, vcpu: Vcpu) -> Callable[[int], bytes]:
     """Instruction bytes at a guest virtual address, for error reports (through KVM_TRANSLATE)."""
 
     def fetch(rip: int) -> bytes:

@@ -124,7 +124,7 @@ class VmxEmulator:
             raise EmulationRefused("vector beyond the IDT limit")
         gate = self._read(vcpu, sregs.idt.base + interrupt.vector * 16, 16)
         offset_low, selector, ist, attributes, offset_mid, offset_high = struct.unpack_from("<HHBBHI", gate)
-        present, dpl, kind = attributes >> 7, (attributes >> 5) & 3, attributes & 0xF
+        present, kind = attributes >> 7, attributes & 0xF  # the gate's DPL binds outer rings only
         if not present or kind not in (GATE_INTERRUPT, GATE_TRAP):
             raise EmulationRefused("not a present 64-bit interrupt or trap gate")
         target = offset_low | (offset_mid << 16) | (offset_high << 32)

@@ -4,12 +4,16 @@ ever calls `set_level(bool)`; here that becomes KVM_IRQ_LINE on the in-kernel PI
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..driver.kvm import Vm
 
 
 class KvmIrqLine:
     """A GSI of the in-kernel irqchip (ISA IRQs 0-15 reach both the PIC and the IOAPIC)."""
 
-    def __init__(self, vm: "Vm", gsi: int) -> None:  # type: ignore[name-defined]  # noqa: F821
+    def __init__(self, vm: Vm, gsi: int) -> None:
         self.vm = vm
         self.gsi = gsi
         self.level = False

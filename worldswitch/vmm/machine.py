@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..devices.ucall import Ucall, UcallCommand
 from ..driver import structs as s
@@ -18,6 +18,9 @@ from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+
+if TYPE_CHECKING:  # loaded on the first snapshot
+    from .snapshot import SnapshotInfo
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -188,7 +191,7 @@ class Machine:
             except (TypeError, ValueError) as error:
                 raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
 
-    def snapshot(self, path: str, progress: "Callable[[str, int, int], None] | None" = None) -> "SnapshotInfo":  # type: ignore[name-defined]  # noqa: F821
+    def snapshot(self, path: str, progress: Callable[[str, int, int], None] | None = None) -> SnapshotInfo:
         """Suspend to disk: pause, quiesce the device threads, write `path`, and go on running
         if the machine was running."""
         from dataclasses import asdict

@@ -7,9 +7,12 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import TYPE_CHECKING, Iterator, TypeVar
 
 from ..errors import GuestMemoryError
+
+if TYPE_CHECKING:
+    from ..driver.kvm import Vm
 
 PAGE_SIZE = 4096
 T = TypeVar("T", bound=ctypes.Structure)
@@ -72,7 +75,7 @@ class GuestMemory:
                 total += sum(byte & 1 for byte in bytes(vector)) * PAGE_SIZE
         return total
 
-    def register(self, vm: "Vm") -> None:  # type: ignore[name-defined]  # noqa: F821
+    def register(self, vm: Vm) -> None:
         for region in self.regions:
             vm.set_user_memory_region(region.slot, region.guest_phys_addr, region.size, region.host_addr)
 

@@ -18,7 +18,7 @@ import ctypes
 import errno
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..driver import structs as s
 from ..driver.binary_stats import BinaryStats
@@ -31,6 +31,9 @@ from .kick import kick_thread
 from .result import MachineResult, StopReason
 from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
 from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes
+
+if TYPE_CHECKING:
+    from .emulate import VmxEmulator
 
 RequestExit = Callable[[MachineResult], None]
 
@@ -56,7 +59,7 @@ class VcpuRunner:
         mmio: MmioBus,
         request_exit: RequestExit,
         fetch_code: Callable[[int], bytes] | None = None,
-        emulator: "VmxEmulator | None" = None,  # noqa: F821
+        emulator: VmxEmulator | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports

@@ -25,14 +25,17 @@ import os
 import queue
 import shutil
 import threading
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .. import __version__
 from ..errors import WorldswitchError
 from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
 from .memory import PAGE_SIZE, GuestMemory
+
+if TYPE_CHECKING:  # machine.py imports this module lazily
+    from .machine import Machine
 
 FORMAT = "worldswitch-snapshot"
 VERSION = 1
@@ -250,7 +253,7 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(out.fileno())
 
 
-def save(machine: "Machine", path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:  # type: ignore[name-defined]  # noqa: F821
+def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:
     """Write `machine` (paused, devices quiesced by the caller) to the directory `path`."""
     import time
 
@@ -351,7 +354,7 @@ def open_snapshot(path: str | Path) -> Snapshot:
     return Snapshot(directory, manifest)
 
 
-def restore(machine: "Machine", snapshot: Snapshot, progress: Progress | None = None) -> None:  # type: ignore[name-defined]  # noqa: F821
+def restore(machine: Machine, snapshot: Snapshot, progress: Progress | None = None) -> None:
     """Put a snapshot's state into a freshly built machine (same description, not started)."""
     manifest = snapshot.manifest
     layout = [[region.guest_phys_addr, region.size] for region in machine.memory.regions]

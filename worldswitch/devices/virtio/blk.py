@@ -20,7 +20,7 @@ from ...errors import ConfigError
 from ...vmm.memory import GuestMemory
 from . import BLOCK
 from .device import VirtioDevice
-from .queue import DescriptorChain, SplitQueue, VirtqueueError
+from .queue import DescriptorChain, VirtqueueError
 
 SECTOR = 512
 HEADER = struct.Struct("<IIQ")

@@ -15,7 +15,6 @@ from ...errors import ConfigError
 from ...vmm.memory import GuestMemory
 from . import CONSOLE
 from .device import VirtioDevice
-from .queue import SplitQueue
 
 RECEIVE, TRANSMIT = 0, 1
 PENDING_LIMIT = 64 * 1024
