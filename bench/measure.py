@@ -148,20 +148,25 @@ def prepare_disk(path: Path, size: int = 64 << 20) -> Path:
 
 
 def virtio_blk_reads(worldswitch: Vmm, hostread: Path, disk: Path, pattern: str, n: int, rounds: int, khz: int,
-                     queue_depths: tuple[int, ...] = (1, 32), log=print) -> dict[str, Figure]:
-    """4 KiB reads per second from the guest's ring-3 virtio-blk driver (at each queue depth) and
-    from the host reading the same file with pread: the physical limit."""
-    figures = {f"worldswitch QD{qd}": Figure(f"worldswitch QD{qd}", "IOPS") for qd in queue_depths}
+                     variants: tuple[tuple[int, str], ...] = ((1, "split"), (32, "split"), (32, "packed")),
+                     log=print) -> dict[str, Figure]:
+    """4 KiB reads per second from the guest's ring-3 virtio-blk driver (at each queue depth, on a
+    split or a packed ring) and from the host reading the same file with pread: the physical limit."""
+    def label(qd: int, layout: str) -> str:
+        return f"worldswitch QD{qd}" + (" packed" if layout == "packed" else "")
+
+    figures = {label(qd, layout): Figure(label(qd, layout), "IOPS") for qd, layout in variants}
     figures["host"] = Figure("host", "IOPS")
     for _ in range(rounds):
-        for qd in queue_depths:
+        for qd, layout in variants:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "stats.json"
-                command = [*worldswitch.command, "run", "--guest", "vblk", "--args", f"{pattern} {n} {qd}",
-                           "--disk", f"{disk},ro", "--quiet", "--stats-json", str(out)]
+                packed = ["--packed-queues"] if layout == "packed" else []
+                command = [*worldswitch.command, "run", "--guest", "vblk", "--args", f"{pattern} {n} {qd} {layout}",
+                           "--disk", f"{disk},ro", *packed, "--quiet", "--stats-json", str(out)]
                 subprocess.run(command, check=True, capture_output=True, timeout=600, env=worldswitch.environment())
                 reads, cycles = json.loads(out.read_text())["result"]["ucall_args"][:2]
-            figures[f"worldswitch QD{qd}"].samples.append(reads / (cycles / (khz * 1000)))
+            figures[label(qd, layout)].samples.append(reads / (cycles / (khz * 1000)))
         result = subprocess.run([str(hostread), str(disk), pattern, str(n * 10)], capture_output=True, text=True, check=True)
         host = json.loads(result.stdout)
         figures["host"].samples.append(host["reads"] / (host["ns"] / 1e9))

@@ -27,3 +27,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kvm" in item.keywords:
             item.add_marker(skip)
+
+
+# --- fixtures of the virtio tests (test_virtio.py, test_virtio_packed.py) ---------------------------
+
+
+@pytest.fixture
+def memory():
+    """16 MiB of guest memory without a VM: virtio devices only need the accessor."""
+    from worldswitch.vmm.memory import GuestMemory
+
+    mem = GuestMemory([(0, 16 << 20)])
+    yield mem
+    mem.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A 4 MiB disk image whose every sector holds bytes 0..255 twice."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (4 << 20 >> 8))
+    return path

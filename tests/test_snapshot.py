@@ -118,10 +118,12 @@ def test_the_console_keeps_working_after_a_restore(tmp_path: Path) -> None:
     assert result.value == 2  # the line echoed before the snapshot counts too
 
 
-def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["split", "packed"])
+def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path, layout: str) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(1 << 20))
-    with Machine(guest="vblk", args="seq 64 8", disks=[DiskConfig(str(disk))]) as vm:
+    packed = layout == "packed"
+    with Machine(guest="vblk", args=f"seq 64 8 {layout}", disks=[DiskConfig(str(disk))], packed_queues=packed) as vm:
         function = next(f for f in vm.build().pci.functions if getattr(f, "device", None) and f.device.name == "virtio-blk")
         held: list[int] = []
         function.worker.on_kick = held.append  # the device never looks: the requests stay in flight
@@ -136,7 +138,8 @@ def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path) -> None:
         vm.stop()
     saved = json.loads((tmp_path / "snap" / "devices.json").read_text())
     queue = next(state for name, state in saved.items() if name.startswith("virtio-blk"))["queues"][0]
-    assert queue["used_idx"] == 0  # nothing was served before the snapshot
+    assert queue["layout"] == layout
+    assert queue["next_used" if packed else "used_idx"] == 0  # nothing was served before the snapshot
     with Machine.restore(tmp_path / "snap") as restored:
         result = restored.run(timeout=30)
     assert result.reason is StopReason.GUEST_DONE, result.message

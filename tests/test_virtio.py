@@ -17,7 +17,6 @@ from worldswitch.devices.virtio.blk import VirtioBlock
 from worldswitch.devices.virtio.console import ConsoleBackend, VirtioConsole
 from worldswitch.devices.virtio.queue import DESCRIPTOR, SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
-from worldswitch.vmm.memory import GuestMemory
 
 from .helpers import RecordingLine
 from .virtio_driver import VERSION_1, Driver
@@ -25,20 +24,6 @@ from .virtio_driver import VERSION_1, Driver
 MIB = 1 << 20
 INDIRECT = 1 << virtio.VIRTIO_RING_F_INDIRECT_DESC
 EVENT_IDX = 1 << virtio.VIRTIO_RING_F_EVENT_IDX
-
-
-@pytest.fixture
-def memory():
-    mem = GuestMemory([(0, 16 * MIB)])
-    yield mem
-    mem.close()
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "disk.img"
-    path.write_bytes(bytes(range(256)) * (4 * MIB // 256))
-    return path
 
 
 def plug(device, memory, region=(MIB, 16 * MIB)):

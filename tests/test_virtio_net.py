@@ -34,20 +34,21 @@ def quiet_tap(name: str) -> None:
     Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
 
 
-@pytest.fixture
-def net():
+@pytest.fixture(params=["split", "packed"])
+def net(request):
+    packed = request.param == "packed"
     memory = GuestMemory([(0, 16 << 20)])
     name = "wst" + uuid.uuid4().hex[:8]
     quiet_tap(name)
     device = VirtioNet(memory, TapBackend(name), MAC)
-    function = VirtioPciFunction(device)
+    function = VirtioPciFunction(device, packed=packed)
     function.intx = RecordingLine()
     device.pause_input = lambda paused: function.worker.interest(device.tap.fd, not paused)
     function.start()
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
     host.bind((name, 0))
     host.settimeout(5)
-    yield device, function, Driver(function, memory, (1 << 20, 16 << 20)), host, memory
+    yield device, function, Driver(function, memory, (1 << 20, 16 << 20), packed=packed), host, memory
     host.close()
     function.close()
     memory.close()
@@ -105,3 +106,23 @@ def test_frames_wait_until_the_guest_posts_buffers(net) -> None:
     driver.kick(0)
     (_, written), = driver.wait_used(0)
     assert memory.read(buffer[0] + HEADER_SIZE, written - HEADER_SIZE).startswith(frame(b"early"))
+
+
+def test_a_frame_waits_for_enough_mergeable_buffers(net) -> None:
+    """One 64-byte buffer cannot hold the frame: the device gives it back untouched and waits; a
+    second buffer completes the pair (the device's rewind of the ring, in either layout)."""
+    device, _, driver, host, memory = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_MRG_RXBUF), queues=(0, 1))
+    first, second = driver.buffer(64), driver.buffer(64)
+    driver.queues[0].add([(*first, True)])
+    driver.kick(0)
+    sent = frame(bytes(range(100)))
+    host.send(sent)
+    time.sleep(0.1)
+    assert device.waiting is not None and driver.queues[0].used_count() == 0
+    driver.queues[0].add([(*second, True)])
+    driver.kick(0)
+    used = driver.wait_used(0, 2)
+    data = b"".join(memory.read((first, second)[head][0], written) for head, written in used)
+    assert struct.unpack_from("<H", data, 10)[0] == 2
+    assert data[HEADER_SIZE:HEADER_SIZE + len(sent)] == sent

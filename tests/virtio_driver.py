@@ -8,10 +8,12 @@ import time
 
 from worldswitch.devices import virtio
 from worldswitch.devices.virtio import pci as vp
+from worldswitch.devices.virtio.packed import PACKED_DESCRIPTOR, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
 from worldswitch.devices.virtio.queue import DESCRIPTOR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from worldswitch.vmm.memory import GuestMemory
 
 VERSION_1 = 1 << virtio.VIRTIO_F_VERSION_1
+RING_PACKED = 1 << virtio.VIRTIO_F_RING_PACKED
 
 
 class Allocator:
@@ -72,12 +74,98 @@ class DriverQueue:
         return head, written
 
 
+class PackedDriverQueue:
+    """The driver's side of a packed ring (virtio 1.2, 2.8.21-2.8.22): the same methods as DriverQueue."""
+
+    def __init__(self, memory: GuestMemory, size: int, allocate: Allocator) -> None:
+        self.memory = memory
+        self.size = size
+        self.desc = allocate(16 * size, 16)
+        self.avail = allocate(4, 4)  # the driver event suppression structure (the "driver area")
+        self.used = allocate(4, 4)  # the device's (the "device area")
+        memory.fill(self.desc, 16 * size)
+        memory.fill(self.avail, 4)
+        memory.fill(self.used, 4)
+        self.next_avail, self.avail_wrap = 0, True
+        self.next_used, self.used_wrap = 0, True
+        self.free_ids = list(range(size))
+        self.slots: dict[int, int] = {}  # buffer ID -> ring slots it took
+        self.free_slots = size
+
+    def _flags(self, writable: bool, wrap: bool) -> int:
+        return (VIRTQ_DESC_F_WRITE if writable else 0) | (VIRTQ_DESC_F_AVAIL if wrap else VIRTQ_DESC_F_USED)
+
+    def add(self, buffers: list[tuple[int, int, bool]], indirect_table: int | None = None) -> int:
+        """Put a buffer of (gpa, length, writable) elements in the ring; returns its buffer ID."""
+        buffer_id = self.free_ids.pop(0)
+        if indirect_table is not None:
+            for i, (address, length, writable) in enumerate(buffers):
+                self.memory.write(indirect_table + 16 * i, PACKED_DESCRIPTOR.pack(
+                    address, length, 0, VIRTQ_DESC_F_WRITE if writable else 0))
+            elements = [(indirect_table, 16 * len(buffers), VIRTQ_DESC_F_INDIRECT)]
+        else:
+            elements = [(address, length, (VIRTQ_DESC_F_WRITE if writable else 0) | (VIRTQ_DESC_F_NEXT if i + 1 < len(buffers) else 0))
+                        for i, (address, length, writable) in enumerate(buffers)]
+        assert len(elements) <= self.free_slots, "the test driver's ring is full"
+        first, first_flags = self.next_avail, 0
+        for i, (address, length, flags) in enumerate(elements):
+            flags |= VIRTQ_DESC_F_AVAIL if self.avail_wrap else VIRTQ_DESC_F_USED
+            last = i + 1 == len(elements)
+            at = self.desc + 16 * self.next_avail
+            self.memory.write(at, PACKED_DESCRIPTOR.pack(address, length, buffer_id if last else 0, 0))
+            if i == 0:
+                first_flags = flags  # the head's flags last: the device never sees half a chain
+            else:
+                self.memory.write_int(at + 14, 2, flags)
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail, self.avail_wrap = 0, not self.avail_wrap
+        self.memory.write_int(self.desc + 16 * first + 14, 2, first_flags)
+        self.slots[buffer_id] = len(elements)
+        self.free_slots -= len(elements)
+        return buffer_id
+
+    def _used_here(self) -> bool:
+        flags = self.memory.read_int(self.desc + 16 * self.next_used + 14, 2)
+        return bool(flags & VIRTQ_DESC_F_USED) == self.used_wrap and bool(flags & VIRTQ_DESC_F_AVAIL) == self.used_wrap
+
+    def used_count(self) -> int:
+        """Used buffers waiting, found by walking the ring as far as the device has written."""
+        count, position, wrap = 0, self.next_used, self.used_wrap
+        while True:
+            flags = self.memory.read_int(self.desc + 16 * position + 14, 2)
+            if bool(flags & VIRTQ_DESC_F_USED) != wrap or bool(flags & VIRTQ_DESC_F_AVAIL) != wrap:
+                return count
+            buffer_id = self.memory.read_int(self.desc + 16 * position + 12, 2)
+            count += 1
+            position += self.slots.get(buffer_id, 1)
+            if position >= self.size:
+                position, wrap = position - self.size, not wrap
+            if count >= self.size:
+                return count
+
+    def take_used(self) -> tuple[int, int]:
+        assert self._used_here()
+        at = self.desc + 16 * self.next_used
+        written, buffer_id = struct.unpack("<IH", self.memory.read(at + 8, 6))
+        slots = self.slots.pop(buffer_id)
+        self.free_slots += slots
+        self.free_ids.append(buffer_id)
+        self.next_used += slots
+        if self.next_used >= self.size:
+            self.next_used, self.used_wrap = self.next_used - self.size, not self.used_wrap
+        return buffer_id, written
+
+
 class Driver:
-    def __init__(self, function: vp.VirtioPciFunction, memory: GuestMemory, region: tuple[int, int]) -> None:
+    def __init__(self, function: vp.VirtioPciFunction, memory: GuestMemory, region: tuple[int, int],
+                 packed: bool = False) -> None:
+        self.packed = packed  # accept VIRTIO_F_RING_PACKED in every negotiation
         self.function = function
         self.memory = memory
         self.allocate = Allocator(*region)
-        self.queues: dict[int, DriverQueue] = {}
+        self.queues: dict[int, DriverQueue | PackedDriverQueue] = {}
+        self.features = 0
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.function.bar0_write(offset, size, value)
@@ -97,6 +185,8 @@ class Driver:
         return features
 
     def negotiate(self, features: int) -> bool:
+        if self.packed:
+            features |= RING_PACKED
         self.write(vp.DEVICE_STATUS, 1, 0)
         self.write(vp.DEVICE_STATUS, 1, virtio.ACKNOWLEDGE)
         self.write(vp.DEVICE_STATUS, 1, virtio.ACKNOWLEDGE | virtio.DRIVER)
@@ -104,13 +194,16 @@ class Driver:
             self.write(vp.DRIVER_FEATURE_SELECT, 4, select)
             self.write(vp.DRIVER_FEATURE, 4, (features >> (32 * select)) & 0xFFFFFFFF)
         self.write(vp.DEVICE_STATUS, 1, virtio.ACKNOWLEDGE | virtio.DRIVER | virtio.FEATURES_OK)
+        self.features = features
         return bool(self.status & virtio.FEATURES_OK)
 
-    def setup_queue(self, index: int, size: int | None = None, msix_vector: int = 0xFFFF) -> DriverQueue:
+    def setup_queue(self, index: int, size: int | None = None,
+                    msix_vector: int = 0xFFFF) -> DriverQueue | PackedDriverQueue:
         self.write(vp.QUEUE_SELECT, 2, index)
         size = size or self.read(vp.QUEUE_SIZE, 2)
         self.write(vp.QUEUE_SIZE, 2, size)
-        queue = DriverQueue(self.memory, size, self.allocate)
+        layout = PackedDriverQueue if self.features & RING_PACKED else DriverQueue
+        queue = layout(self.memory, size, self.allocate)
         for register, address in ((vp.QUEUE_DESC, queue.desc), (vp.QUEUE_DRIVER, queue.avail), (vp.QUEUE_DEVICE, queue.used)):
             self.write(register, 4, address & 0xFFFFFFFF)
             self.write(register + 4, 4, address >> 32)

@@ -79,6 +79,7 @@ class MachineConfig:
     nets: list[NetConfig] = field(default_factory=list)  # virtio-net on tap devices
     rng: bool = False  # virtio-rng
     vconsole: str | None = None  # virtio-console back end: pty, file:PATH or none
+    packed_queues: bool = False  # offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
@@ -266,7 +267,7 @@ def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     machine.pci = pci
 
     def add(name: str, device: object) -> VirtioPciFunction:
-        function = pci.add_virtio(device)  # type: ignore[arg-type]
+        function = pci.add_virtio(device, packed=config.packed_queues)  # type: ignore[arg-type]
         machine.devices[name] = function
         machine.register_state(name, function.state, function.restore, VirtioPciState)  # type: ignore[arg-type]
         return function

@@ -61,8 +61,8 @@ class PciPlatform:
         function.config_write(COMMAND, 2, function.command | COMMAND_MEMORY)
         return slot
 
-    def add_virtio(self, device: VirtioDevice) -> VirtioPciFunction:
-        function = VirtioPciFunction(device)
+    def add_virtio(self, device: VirtioDevice, packed: bool = False) -> VirtioPciFunction:
+        function = VirtioPciFunction(device, packed=packed)
         routes = [self.router.msi_route() for _ in range(function.msix.vectors)]
         function.msix.deliver = lambda vector, _address, _data: routes[vector].raise_()
         function.msix.program = lambda vector, address, data: routes[vector].program(address, data)

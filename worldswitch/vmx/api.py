@@ -118,7 +118,8 @@ class Machine:
                  elf: str | None = None, args: str = "", kernel: str | None = None, initrd: str | None = None,
                  append: str = DEFAULT_CMDLINE, decompress: str = "auto",
                  disks: Sequence[str | DiskConfig] = (), nets: Sequence[str | NetConfig] = (),
-                 rng: bool = False, vconsole: str | None = None, config: MachineConfig | None = None,
+                 rng: bool = False, vconsole: str | None = None, packed_queues: bool = False,
+                 config: MachineConfig | None = None,
                  echo: Callable[[bytes], None] | None = None, warn: Callable[[str], None] | None = None,
                  control: str | bool = False, trace: str | None = None, trace_limit: int = DEFAULT_TRACE_LIMIT,
                  console_keep: int = 64 << 20, kvm_path: str = "/dev/kvm") -> None:
@@ -128,6 +129,7 @@ class Machine:
                 elf=elf, args=args, kernel=kernel, initrd=initrd, cmdline=append, decompress=decompress,
                 disks=[parse_disk(d) if isinstance(d, str) else d for d in disks],
                 nets=[parse_net(n) if isinstance(n, str) else n for n in nets], rng=rng, vconsole=vconsole,
+                packed_queues=packed_queues,
             )
         config.program()  # contradictions are refused here, not at start()
         self.config = config

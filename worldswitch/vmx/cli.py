@@ -83,6 +83,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help="virtio-net on a tap interface, created if needed (repeatable)")
     run.add_argument("--rng", action="store_true", help="a virtio-rng fed from the host's getrandom()")
     run.add_argument("--vconsole", metavar="BACKEND", help="a virtio-console: pty, file:PATH or none")
+    run.add_argument("--packed-queues", action="store_true",
+                     help="offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device")
     run.add_argument("--memory", "-m", metavar="SIZE",
                      help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
     run.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default 1)")

@@ -43,6 +43,7 @@ KEYS: dict[str, tuple[str, Any]] = {
     "net": ("nets", []),
     "rng": ("bool", False),
     "vconsole": ("vconsole", None),
+    "packed_queues": ("bool", False),
     "timeout": ("seconds", None),
     "serial": ("serial", "stdio"),
     "stats": ("bool", False),
@@ -209,5 +210,5 @@ def machine_config(settings: dict[str, Any]) -> MachineConfig:
         memory=settings["memory"], cpus=settings["cpus"], guest=settings["guest"], elf=settings["elf"],
         args=settings["args"], kernel=settings["kernel"], initrd=settings["initrd"], cmdline=settings["append"],
         decompress=settings["decompress"], disks=list(settings["disk"]), nets=list(settings["net"]),
-        rng=settings["rng"], vconsole=settings["vconsole"],
+        rng=settings["rng"], vconsole=settings["vconsole"], packed_queues=settings["packed_queues"],
     )

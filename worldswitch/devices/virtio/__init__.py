@@ -1,4 +1,4 @@
-"""virtio 1.x devices (OASIS virtio 1.2) over PCI: the virtqueue (queue.py), the device base
+"""virtio 1.x devices (OASIS virtio 1.2) over PCI: the virtqueue (queue.py: split, packed.py: packed), the device base
 (device.py), the PCI transport (pci.py), the I/O thread (worker.py) and one module per device."""
 
 # Device status (2.1)
@@ -13,6 +13,7 @@ FAILED = 128
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34
 
 # Device types (5)
 NET = 1

@@ -7,7 +7,10 @@ from typing import Callable
 
 from ...vmm.memory import GuestMemory
 from . import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
+from .packed import PackedQueue
 from .queue import SplitQueue
+
+Virtqueue = SplitQueue | PackedQueue  # the two layouts answer the same methods
 
 COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
 
@@ -21,7 +24,7 @@ class VirtioDevice:
         self.memory = memory
         self.device_features = COMMON_FEATURES
         self.driver_features = 0
-        self.queues: list[SplitQueue | None] = [None] * len(self.queue_sizes)
+        self.queues: list[Virtqueue | None] = [None] * len(self.queue_sizes)
         # Set by the transport: raise a used-buffer interrupt for a queue, or a configuration change.
         self.interrupt: Callable[[int], None] = lambda queue: None
         self.config_changed: Callable[[], None] = lambda: None
@@ -66,11 +69,11 @@ class VirtioDevice:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def complete(self, queue: SplitQueue, index: int, head: int, written: int) -> None:
+    def complete(self, queue: Virtqueue, index: int, head: int, written: int) -> None:
         queue.push(head, written)
         self.requests += 1
 
-    def finish_batch(self, queue: SplitQueue, index: int) -> None:
+    def finish_batch(self, queue: Virtqueue, index: int) -> None:
         queue.want_notifications()
         if queue.needs_interrupt():
             self.interrupt(index)

@@ -170,16 +170,17 @@ class VirtioNet(VirtioDevice):
         queue = self.queues[RECEIVE]
         assert queue is not None
         mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF)
-        if queue.available() == 0:
+        if not queue.has_available():
             return False
+        mark = queue.mark()
         chains: list[DescriptorChain] = []
         room = 0
         while room < len(packet):
             if chains and not mergeable:
                 break
-            if queue.available() == 0:
+            if not queue.has_available():
                 if mergeable:  # wait for more buffers rather than splitting the packet unfinished
-                    queue.last_avail = (queue.last_avail - len(chains)) & 0xFFFF
+                    queue.rewind(mark)
                     return False
                 break
             chain = queue.pop()

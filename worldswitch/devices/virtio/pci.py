@@ -6,7 +6,8 @@ BAR0 (16 KiB, 32-bit memory) holds the four structures the virtio capabilities p
 BAR1 (4 KiB) holds the MSI-X table (0x000) and pending-bit array (0x800).
 
 Status, feature negotiation (VERSION_1 is required: a driver that does not accept it gets
-FEATURES_OK refused) and queue set-up happen here; requests are the device's. A broken queue puts
+FEATURES_OK refused) and queue set-up happen here, in the split layout or, when the transport
+offers VIRTIO_F_RING_PACKED and the driver accepts it, the packed one; requests are the device's. A broken queue puts
 the device into DEVICE_NEEDS_RESET with a configuration-change interrupt, and nothing more is
 served until the driver resets it. The transport lock keeps a reset from racing a request.
 """
@@ -22,8 +23,10 @@ from ..base import InterruptLine
 from ..msix import NO_VECTOR, MsixCapability
 from ..pci import COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, PciFunction
 from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, PCI_DEVICE_ID_BASE,
-               PCI_VENDOR_ID, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
-from .device import VirtioDevice
+               PCI_VENDOR_ID, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+               VIRTIO_RING_F_INDIRECT_DESC)
+from .device import Virtqueue, VirtioDevice
+from .packed import PackedQueue
 from .queue import SplitQueue, VirtqueueError
 from .worker import VirtioWorker
 
@@ -88,13 +91,15 @@ class QueueSetup:
 
 
 class VirtioPciFunction(PciFunction):
-    def __init__(self, device: VirtioDevice, msix_vectors: int | None = None) -> None:
+    def __init__(self, device: VirtioDevice, msix_vectors: int | None = None, packed: bool = False) -> None:
         super().__init__(
             vendor=PCI_VENDOR_ID, device=PCI_DEVICE_ID_BASE + device.device_type, revision=1,
             class_code=PCI_CLASS.get(device.device_type, 0x00FF00), subsystem_vendor=PCI_VENDOR_ID,
             subsystem=0x40, interrupt_pin=1,
         )
         self.device = device
+        if packed:  # offered; the driver chooses (QEMU's packed=on)
+            device.device_features |= 1 << VIRTIO_F_RING_PACKED
         self.lock = threading.RLock()
         queues = len(device.queue_sizes)
         self.setups = [QueueSetup(size) for size in device.queue_sizes]
@@ -150,10 +155,7 @@ class VirtioPciFunction(PciFunction):
 
     def state(self) -> VirtioPciState:
         """Called with the machine paused and this transport's lock held by the snapshotter."""
-        queues: list[dict | None] = []  # type: ignore[type-arg]
-        for queue in self.device.queues:
-            queues.append(None if queue is None else {
-                "last_avail": queue.last_avail, "used_idx": queue.used_idx, "signalled_used": queue.signalled_used})
+        queues = [None if queue is None else queue.state() for queue in self.device.queues]
         return VirtioPciState(
             config=bytes(self.config), bars=[-1 if bar is None else bar.address for bar in self.bars],
             msix_table=bytes(self.msix.table), msix_pending=list(self.msix.pending), msix_control=self.msix.control,
@@ -184,11 +186,8 @@ class VirtioPciFunction(PciFunction):
                 setup.desc, setup.driver, setup.device = saved["desc"], saved["driver"], saved["device"]
             for index, (setup, saved) in enumerate(zip(self.setups, state.queues)):
                 if setup.enabled and saved is not None:
-                    queue = SplitQueue(self.device.memory, setup.size, setup.desc, setup.driver, setup.device,
-                                       event_idx=self.device.has(VIRTIO_RING_F_EVENT_IDX),
-                                       indirect=self.device.has(VIRTIO_RING_F_INDIRECT_DESC))
-                    queue.last_avail, queue.used_idx = saved["last_avail"], saved["used_idx"]
-                    queue.signalled_used = saved["signalled_used"]
+                    queue = self._new_queue(setup)
+                    queue.load_state(saved)
                     self.device.queues[index] = queue
             self.device.load_extra(state.device)
             for bar, address in zip(self.bars, state.bars):
@@ -364,13 +363,15 @@ class VirtioPciFunction(PciFunction):
             for index in range(len(self.setups)):
                 self.worker.kick(index)  # serve whatever the driver queued before DRIVER_OK
 
+    def _new_queue(self, setup: QueueSetup) -> Virtqueue:
+        layout = PackedQueue if self.device.has(VIRTIO_F_RING_PACKED) else SplitQueue
+        return layout(self.device.memory, setup.size, setup.desc, setup.driver, setup.device,
+                      event_idx=self.device.has(VIRTIO_RING_F_EVENT_IDX),
+                      indirect=self.device.has(VIRTIO_RING_F_INDIRECT_DESC))
+
     def _enable_queue(self, index: int, setup: QueueSetup) -> None:
         try:
-            self.device.queues[index] = SplitQueue(
-                self.device.memory, setup.size, setup.desc, setup.driver, setup.device,
-                event_idx=self.device.has(VIRTIO_RING_F_EVENT_IDX),
-                indirect=self.device.has(VIRTIO_RING_F_INDIRECT_DESC),
-            )
+            self.device.queues[index] = self._new_queue(setup)
         except VirtqueueError as error:
             self._needs_reset(f"queue {index}: {error}")
             return

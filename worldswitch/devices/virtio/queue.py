@@ -1,4 +1,5 @@
-"""Split virtqueues (virtio 1.2, section 2.7), from the device side.
+"""Split virtqueues (virtio 1.2, section 2.7), from the device side, and what both layouts share
+(packed queues are in packed.py; devices use either through the same methods).
 
 The driver (the guest) owns the descriptor table and the available ring, the device owns the used
 ring; all three live in guest memory, and every number in them is the guest's word. So nothing is
@@ -25,6 +26,7 @@ VIRTQ_USED_F_NO_NOTIFY = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEMENT = struct.Struct("<II")  # id, len
 MAX_QUEUE_SIZE = 32768
+MAX_PACKED_QUEUE_SIZE = 32768  # 2^15: the event suppression offset has 15 bits
 U64_LIMIT = 1 << 64
 
 
@@ -53,9 +55,15 @@ class DescriptorChain:
         return sum(b.length for b in self.writable)
 
 
-def need_event(event: int, new: int, old: int) -> bool:
-    """vring_need_event (virtio 1.2, 2.7.10): did used.idx pass the driver's used_event?"""
-    return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+def need_event(event: int, new: int, old: int, modulo: int = 0x10000) -> bool:
+    """vring_need_event (virtio 1.2, 2.7.10): did the used index move from `old` to `new` past the
+    driver's `event`? Split rings count modulo 2^16; packed rings by position and wrap counter."""
+    return (new - event - 1) % modulo < (new - old) % modulo
+
+
+def check_buffer(memory: GuestMemory, address: int, length: int, head: int) -> None:
+    if address + length > U64_LIMIT or not memory.contains(address, length):
+        raise VirtqueueError(f"descriptor chain from {head} points at {address:#x}+{length:#x}, outside guest RAM")
 
 
 class SplitQueue:
@@ -92,6 +100,16 @@ class SplitQueue:
             raise VirtqueueError(f"the driver claims {pending} new buffers in a queue of {self.size}")
         return pending
 
+    def has_available(self) -> bool:
+        return self.available() > 0
+
+    def mark(self) -> int:
+        """Where the device is in the available ring, to give back buffers it cannot use yet."""
+        return self.last_avail
+
+    def rewind(self, mark: int) -> None:
+        self.last_avail = mark
+
     def pop(self) -> DescriptorChain | None:
         if not self.available():
             return None
@@ -121,11 +139,11 @@ class SplitQueue:
                     raise VirtqueueError("a descriptor with both INDIRECT and NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
                     raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_QUEUE_SIZE} descriptors")
-                self._check_range(address, length, head)
+                check_buffer(self.memory, address, length, head)
                 table, table_size, index = address, length // 16, 0
                 budget, walked, indirect = table_size, 0, True
                 continue
-            self._check_range(address, length, head)
+            check_buffer(self.memory, address, length, head)
             if flags & VIRTQ_DESC_F_WRITE:
                 chain.writable.append(Buffer(address, length))
             elif chain.writable:
@@ -137,10 +155,6 @@ class SplitQueue:
             if next_index >= table_size:
                 raise VirtqueueError(f"next descriptor {next_index} is beyond its table ({table_size})")
             index = next_index
-
-    def _check_range(self, address: int, length: int, head: int) -> None:
-        if address + length > U64_LIMIT or not self.memory.contains(address, length):
-            raise VirtqueueError(f"descriptor chain from {head} points at {address:#x}+{length:#x}, outside guest RAM")
 
     # --- the used ring ----------------------------------------------------------------------
 
@@ -166,3 +180,16 @@ class SplitQueue:
         """Ask the driver to kick for the next buffer (avail_event, with EVENT_IDX)."""
         if self.event_idx:
             self.memory.write_int(self.used + 4 + 8 * self.size, 2, self.last_avail)
+
+    # --- snapshots ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:  # type: ignore[type-arg]
+        return {"layout": "split", "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "signalled_used": self.signalled_used}
+
+    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
+        if state.get("layout", "split") != "split":  # snapshots before packed queues have no layout
+            raise ValueError("a packed queue's state cannot be loaded into a split queue")
+        self.last_avail = int(state["last_avail"]) & 0xFFFF
+        self.used_idx = int(state["used_idx"]) & 0xFFFF
+        self.signalled_used = int(state["signalled_used"]) & 0xFFFF

@@ -8,7 +8,9 @@
  *                  DONE(checks passed, capacity in sectors, serial's first 8 bytes)
  *   seq N [QD]     N sequential 4 KiB reads, QD requests in flight; DONE(N, TSC cycles, QD)
  *   rand N [QD]    the same at random 4 KiB-aligned offsets
- * With the word "second" it drives the second virtio-blk device on the bus instead of the first.
+ * With the word "second" it drives the second virtio-blk device on the bus instead of the first;
+ * with "packed" it negotiates VIRTIO_F_RING_PACKED and uses a packed ring (virtio 1.2, 2.8)
+ * instead of the split one: the same requests, the descriptors' AVAIL/USED flags instead of rings.
  */
 #include "ws.h"
 
@@ -28,6 +30,13 @@ struct desc {
     u16 flags;
     u16 next;
 };
+struct pdesc {
+    u64 addr;
+    u32 len;
+    u16 id;
+    volatile u16 flags;
+};
+enum { P_NEXT = 1, P_WRITE = 2, P_AVAIL = 1 << 7, P_USED = 1 << 15 };
 struct request {
     u32 type, reserved;
     u64 sector;
@@ -45,6 +54,13 @@ static struct {
     } ring[QUEUE_SIZE];
     u16 avail_event;
 } used __attribute__((aligned(4)));
+static struct pdesc pdescs[QUEUE_SIZE] __attribute__((aligned(16)));
+static struct {
+    u16 desc, flags;
+} driver_event __attribute__((aligned(4))), device_event __attribute__((aligned(4)));
+static int packed;
+static u16 next_avail, next_used, slots_of[MAX_QD];
+static u8 avail_wrap = 1, used_wrap = 1;
 static struct request headers[MAX_QD];
 static volatile u8 statuses[MAX_QD];
 static u8 buffers[MAX_QD][BLOCK] __attribute__((aligned(4096)));
@@ -96,6 +112,12 @@ static void w16(u64 off, u16 v) { *(volatile u16 *)(common + off) = v; }
 static void w32(u64 off, u32 v) { *(volatile u32 *)(common + off) = v; }
 static u8 r8(u64 off) { return *(volatile u8 *)(common + off); }
 static u16 r16(u64 off) { return *(volatile u16 *)(common + off); }
+static u32 r32(u64 off) { return *(volatile u32 *)(common + off); }
+static void w64(u64 off, u64 v)
+{
+    w32(off, (u32)v);
+    w32(off + 4, (u32)(v >> 32));
+}
 
 static void setup(void)
 {
@@ -103,8 +125,11 @@ static void setup(void)
     w8(0x14, 0); /* reset */
     w8(0x14, S_ACK);
     w8(0x14, S_ACK | S_DRIVER);
+    packed = arg_has("packed");
+    w32(0x00, 1); /* device_feature_select 1 */
+    GUEST_ASSERT(!packed || (r32(0x04) & 4)); /* VIRTIO_F_RING_PACKED offered */
     w32(0x08, 1); /* driver_feature_select 1: bits 32-63 */
-    w32(0x0c, 1); /* VIRTIO_F_VERSION_1, and nothing else */
+    w32(0x0c, packed ? 1 | 4 : 1); /* VIRTIO_F_VERSION_1 (and RING_PACKED), nothing else */
     w32(0x08, 0);
     w32(0x0c, 0);
     w8(0x14, S_ACK | S_DRIVER | S_FEATURES_OK);
@@ -112,22 +137,62 @@ static void setup(void)
     w16(0x16, 0); /* queue_select */
     GUEST_ASSERT(r16(0x18) >= QUEUE_SIZE);
     w16(0x18, QUEUE_SIZE);
-    w32(0x20, (u32)(u64)descs);
-    w32(0x24, 0);
-    w32(0x28, (u32)(u64)&avail);
-    w32(0x2c, 0);
-    w32(0x30, (u32)(u64)&used);
-    w32(0x34, 0);
-    avail.flags = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: this driver polls */
+    if (packed) {
+        w64(0x20, (u64)pdescs);
+        w64(0x28, (u64)&driver_event);
+        w64(0x30, (u64)&device_event);
+        driver_event.flags = 1; /* RING_EVENT_FLAGS_DISABLE: this driver polls */
+    } else {
+        w64(0x20, (u64)descs);
+        w64(0x28, (u64)&avail);
+        w64(0x30, (u64)&used);
+        avail.flags = 1; /* VIRTQ_AVAIL_F_NO_INTERRUPT: this driver polls */
+    }
     w16(0x1c, 1); /* queue_enable */
     w8(0x14, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
-/* Queue request `slot` (three descriptors from 3*slot); the caller kicks. */
+/* The next packed descriptor; the head's flags are kept back until its chain is complete. */
+static void packed_put(u64 addr, u32 len, u16 flags, u16 id, u16 *head_flags)
+{
+    struct pdesc *d = &pdescs[next_avail];
+    flags |= avail_wrap ? P_AVAIL : P_USED;
+    d->addr = addr;
+    d->len = len;
+    d->id = id;
+    if (head_flags)
+        *head_flags = flags;
+    else
+        d->flags = flags;
+    if (++next_avail == QUEUE_SIZE) {
+        next_avail = 0;
+        avail_wrap ^= 1;
+    }
+}
+
+static void submit_packed(int slot, u32 type, u32 length)
+{
+    u16 head = next_avail, head_flags = 0, n = 2;
+    packed_put((u64)&headers[slot], sizeof(struct request), P_NEXT, (u16)slot, &head_flags);
+    if (type != T_FLUSH) {
+        packed_put((u64)buffers[slot], length, type == T_OUT ? P_NEXT : P_NEXT | P_WRITE, (u16)slot, 0);
+        n = 3;
+    }
+    packed_put((u64)&statuses[slot], 1, P_WRITE, (u16)slot, 0);
+    slots_of[slot] = n;
+    barrier();
+    pdescs[head].flags = head_flags;
+}
+
+/* Queue request `slot` (three descriptors from 3*slot in the split ring); the caller kicks. */
 static void submit(int slot, u32 type, u64 sector, u32 length)
 {
     headers[slot] = (struct request){ type, 0, sector };
     statuses[slot] = 0xff;
+    if (packed) {
+        submit_packed(slot, type, length);
+        return;
+    }
     int d = 3 * slot;
     descs[d] = (struct desc){ (u64)&headers[slot], sizeof(struct request), 1, (u16)(d + 1) };
     u16 data_flags = type == T_OUT ? 1 : 3; /* NEXT, and WRITE unless the device reads it */
@@ -148,6 +213,22 @@ static void kick(void)
 
 static void wait_all(int count)
 {
+    if (packed) {
+        for (int i = 0; i < count; i++) {
+            volatile struct pdesc *d = &pdescs[next_used];
+            while (!!(d->flags & P_USED) != used_wrap || !!(d->flags & P_AVAIL) != used_wrap)
+                cpu_relax();
+            barrier();
+            u16 id = d->id;
+            GUEST_ASSERT(id < MAX_QD);
+            next_used += slots_of[id];
+            if (next_used >= QUEUE_SIZE) {
+                next_used -= QUEUE_SIZE;
+                used_wrap ^= 1;
+            }
+        }
+        return;
+    }
     u16 target = last_used + count;
     while ((u16)(used.idx - target) & 0x8000)
         cpu_relax();

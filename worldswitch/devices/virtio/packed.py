@@ -1,0 +1,191 @@
+"""Packed virtqueues (virtio 1.2, section 2.8), from the device side; offered as VIRTIO_F_RING_PACKED.
+
+One ring of 16-byte descriptors carries both directions: the driver marks a descriptor available
+by setting its AVAIL flag to the driver's wrap counter and USED to the opposite; the device marks
+the first slot of a finished buffer used by setting both to its own wrap counter. A buffer spans
+one ring slot per chained descriptor (or one for an indirect table), its ID is in its last
+descriptor, and the device skips as many slots as the buffer took when it writes the used
+descriptor. Two 4-byte event suppression structures replace the split ring's flags and event
+indices: the driver's (read here) says when it wants interrupts, the device's (written here) when
+it wants notifications.
+
+As with split queues every number is the guest's: positions stay within the ring, chains within the
+queue size, buffers within guest RAM, an ID cannot be in flight twice, and each descriptor of a
+chain must itself be marked available. A violation raises VirtqueueError.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ...vmm.memory import GuestMemory
+from .queue import (MAX_PACKED_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Buffer,
+                    DescriptorChain, VirtqueueError, check_buffer, need_event)
+
+VIRTQ_DESC_F_AVAIL = 1 << 7
+VIRTQ_DESC_F_USED = 1 << 15
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2
+PACKED_DESCRIPTOR = struct.Struct("<QIHH")  # struct pvirtq_desc: addr, len, id, flags
+EVENT_SUPPRESS = struct.Struct("<HH")  # struct pvirtq_event_suppress: desc (offset | wrap << 15), flags
+WRAP_BIT = 1 << 15
+
+
+def _is_available(flags: int, wrap: bool) -> bool:
+    return bool(flags & VIRTQ_DESC_F_AVAIL) == wrap and bool(flags & VIRTQ_DESC_F_USED) != wrap
+
+
+class PackedQueue:
+    def __init__(self, memory: GuestMemory, size: int, desc: int, driver: int, device: int, *,
+                 event_idx: bool = False, indirect: bool = False) -> None:
+        # Unlike split rings, any size up to 2^15 is valid (2.8).
+        if not 0 < size <= MAX_PACKED_QUEUE_SIZE:
+            raise VirtqueueError(f"packed queue size {size} is not between 1 and {MAX_PACKED_QUEUE_SIZE}")
+        for name, address, alignment, length in (
+            ("descriptor ring", desc, 16, 16 * size),
+            ("driver event suppression", driver, 4, 4),
+            ("device event suppression", device, 4, 4),
+        ):
+            if address % alignment:
+                raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+            if not memory.contains(address, length):
+                raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+        self.memory = memory
+        self.size = size
+        self.desc = desc
+        self.driver = driver
+        self.device = device
+        self.event_idx = event_idx
+        self.indirect = indirect
+        # Both wrap counters start at 1 (2.8.1).
+        self.next_avail, self.avail_wrap = 0, True
+        self.next_used, self.used_wrap = 0, True
+        self.signalled = self._position(0, True)  # where the used position was at the last interrupt
+        self.in_flight: dict[int, int] = {}  # buffer ID -> ring slots its buffer took
+        self.memory.write(device, EVENT_SUPPRESS.pack(0, RING_EVENT_FLAGS_ENABLE))
+
+    def _position(self, index: int, wrap: bool) -> int:
+        """A ring position and its wrap counter as one number modulo 2 * size, for event arithmetic."""
+        return index if wrap else index + self.size
+
+    # --- available descriptors ------------------------------------------------------------------
+
+    def has_available(self) -> bool:
+        flags = self.memory.read_int(self.desc + 16 * self.next_avail + 14, 2)
+        return _is_available(flags, self.avail_wrap)
+
+    def pop(self) -> DescriptorChain | None:
+        if not self.has_available():
+            return None
+        index, wrap = self.next_avail, self.avail_wrap
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        slots = 0
+        while True:
+            address, length, buffer_id, flags = self.memory.unpack(PACKED_DESCRIPTOR, self.desc + 16 * index)
+            if slots and not _is_available(flags, wrap):
+                raise VirtqueueError(f"descriptor {index} of a chain from {self.next_avail} is not marked available")
+            slots += 1
+            if slots > self.size:  # only a driver rewriting the ring under the device gets here
+                raise VirtqueueError(f"descriptor chain from {self.next_avail} is longer than the queue ({self.size})")
+            index += 1
+            if index == self.size:
+                index, wrap = 0, not wrap
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise VirtqueueError("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
+                if slots > 1 or flags & VIRTQ_DESC_F_NEXT:
+                    raise VirtqueueError("an indirect descriptor chained with others")
+                self._indirect_table(address, length, readable, writable)
+                break
+            check_buffer(self.memory, address, length, self.next_avail)
+            self._append(Buffer(address, length), bool(flags & VIRTQ_DESC_F_WRITE), readable, writable)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+        if buffer_id in self.in_flight:
+            raise VirtqueueError(f"buffer ID {buffer_id} is made available while still in flight")
+        if len(self.in_flight) >= self.size:
+            raise VirtqueueError(f"more buffers in flight than the queue holds ({self.size})")
+        self.in_flight[buffer_id] = slots
+        self.next_avail, self.avail_wrap = index, wrap
+        return DescriptorChain(buffer_id, readable, writable)
+
+    def _indirect_table(self, table: int, length: int, readable: list[Buffer], writable: list[Buffer]) -> None:
+        """Only WRITE means anything inside the table (2.8.10); NEXT, INDIRECT and the ID are ignored."""
+        if length == 0 or length % 16 or length // 16 > MAX_PACKED_QUEUE_SIZE:
+            raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_PACKED_QUEUE_SIZE} descriptors")
+        check_buffer(self.memory, table, length, self.next_avail)
+        for entry in range(length // 16):
+            address, size, _id, flags = self.memory.unpack(PACKED_DESCRIPTOR, table + 16 * entry)
+            check_buffer(self.memory, address, size, self.next_avail)
+            self._append(Buffer(address, size), bool(flags & VIRTQ_DESC_F_WRITE), readable, writable)
+
+    def _append(self, buffer: Buffer, write: bool, readable: list[Buffer], writable: list[Buffer]) -> None:
+        if write:
+            writable.append(buffer)
+        elif writable:
+            raise VirtqueueError(f"descriptor chain from {self.next_avail} has a readable buffer after a writable one")
+        else:
+            readable.append(buffer)
+
+    def mark(self) -> tuple[int, bool, dict[int, int]]:
+        """Where the device is in the ring, to give back buffers it took but cannot use yet."""
+        return self.next_avail, self.avail_wrap, dict(self.in_flight)
+
+    def rewind(self, mark: tuple[int, bool, dict[int, int]]) -> None:
+        self.next_avail, self.avail_wrap, in_flight = mark
+        self.in_flight = dict(in_flight)
+
+    # --- used descriptors -------------------------------------------------------------------------
+
+    def push(self, head: int, written: int) -> None:
+        """Mark buffer `head` (its ID) used, `written` bytes into its writable part."""
+        slots = self.in_flight.pop(head, None)
+        if slots is None:
+            raise VirtqueueError(f"buffer ID {head} completed but was never taken")
+        at = self.desc + 16 * self.next_used
+        flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
+        if written:
+            flags |= VIRTQ_DESC_F_WRITE
+        # ID and length first, then the flags that hand the slot back (x86 keeps stores in order).
+        struct.pack_into("<IH", self.memory.view(at + 8, 6), 0, written, head)
+        self.memory.write_int(at + 14, 2, flags)
+        self.next_used += slots
+        if self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap = not self.used_wrap
+
+    def needs_interrupt(self) -> bool:
+        """Whether the driver's event suppression structure asks to hear about what was just used."""
+        old, new = self.signalled, self._position(self.next_used, self.used_wrap)
+        self.signalled = new
+        if old == new:
+            return False
+        off_wrap, flags = self.memory.unpack(EVENT_SUPPRESS, self.driver)
+        flags &= 0x3
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            offset = off_wrap & ~WRAP_BIT
+            if offset >= self.size:
+                return True  # nonsense from the driver: an interrupt too many is harmless
+            event = self._position(offset, bool(off_wrap & WRAP_BIT))
+            return need_event(event, new, old, modulo=2 * self.size)
+        return flags != RING_EVENT_FLAGS_DISABLE
+
+    def want_notifications(self) -> None:
+        """The device event suppression structure stays at ENABLE: kicks reach an ioeventfd."""
+
+    # --- snapshots ---------------------------------------------------------------------------------
+
+    def state(self) -> dict:  # type: ignore[type-arg]
+        return {"layout": "packed", "next_avail": self.next_avail, "avail_wrap": self.avail_wrap,
+                "next_used": self.next_used, "used_wrap": self.used_wrap, "signalled": self.signalled,
+                "in_flight": sorted(self.in_flight.items())}
+
+    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
+        if state.get("layout") != "packed":
+            raise ValueError("a split queue's state cannot be loaded into a packed queue")
+        self.next_avail, self.avail_wrap = int(state["next_avail"]) % self.size, bool(state["avail_wrap"])
+        self.next_used, self.used_wrap = int(state["next_used"]) % self.size, bool(state["used_wrap"])
+        self.signalled = int(state["signalled"]) % (2 * self.size)
+        self.in_flight = {int(buffer_id): int(slots) for buffer_id, slots in state["in_flight"]}
