@@ -317,6 +317,28 @@ def test_sigint_without_a_terminal_stops_the_vm_cleanly() -> None:
     assert "interrupted" in err and "Traceback" not in err
 
 
+LAUNCH_WITH_CTRL_C_DURING_IMPORTS = """
+import importlib.abc, os, signal, sys
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "worldswitch.vmx.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["worldswitch", "info"]
+from worldswitch.vmx.launch import main
+sys.exit(main())
+"""
+
+
+def test_ctrl_c_while_the_command_is_still_importing_ends_it_quietly() -> None:
+    # The signal arrives while the CLI's modules load, before main() has handlers of its own.
+    result = subprocess.run([sys.executable, "-c", LAUNCH_WITH_CTRL_C_DURING_IMPORTS], capture_output=True, text=True,
+                            timeout=30, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.returncode == -signal.SIGINT
+    assert result.stderr == "" and result.stdout == ""
+
+
 def test_an_ignored_sighup_stays_ignored() -> None:
     """`nohup worldswitch run ... &`: the VM survives the hang-up."""
     process = subprocess.Popen([*COMMAND, "run", "--guest", "fault", "--args", "spin", "--timeout", "3"],

@@ -1,5 +1,5 @@
 import sys
 
-from .vmx.cli import main
+from .vmx.launch import main
 
 sys.exit(main())
