@@ -19,8 +19,8 @@ from __future__ import annotations
 import struct
 
 from ...vmm.memory import GuestMemory
-from .queue import (MAX_PACKED_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Buffer,
-                    DescriptorChain, VirtqueueError, check_buffer, need_event)
+from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
+                    VirtqueueError, check_areas, check_buffer, check_indirect_table, need_event)
 
 VIRTQ_DESC_F_AVAIL = 1 << 7
 VIRTQ_DESC_F_USED = 1 << 15
@@ -40,17 +40,13 @@ class PackedQueue:
     def __init__(self, memory: GuestMemory, size: int, desc: int, driver: int, device: int, *,
                  event_idx: bool = False, indirect: bool = False) -> None:
         # Unlike split rings, any size up to 2^15 is valid (2.8).
-        if not 0 < size <= MAX_PACKED_QUEUE_SIZE:
-            raise VirtqueueError(f"packed queue size {size} is not between 1 and {MAX_PACKED_QUEUE_SIZE}")
-        for name, address, alignment, length in (
+        if not 0 < size <= MAX_QUEUE_SIZE:
+            raise VirtqueueError(f"packed queue size {size} is not between 1 and {MAX_QUEUE_SIZE}")
+        check_areas(memory, (
             ("descriptor ring", desc, 16, 16 * size),
             ("driver event suppression", driver, 4, 4),
             ("device event suppression", device, 4, 4),
-        ):
-            if address % alignment:
-                raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
-            if not memory.contains(address, length):
-                raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+        ))
         self.memory = memory
         self.size = size
         self.desc = desc
@@ -79,8 +75,7 @@ class PackedQueue:
         if not self.has_available():
             return None
         index, wrap = self.next_avail, self.avail_wrap
-        readable: list[Buffer] = []
-        writable: list[Buffer] = []
+        chain = DescriptorChain(self.next_avail)  # named by its first slot until its ID is read
         slots = 0
         while True:
             address, length, buffer_id, flags = self.memory.unpack(PACKED_DESCRIPTOR, self.desc + 16 * index)
@@ -97,10 +92,10 @@ class PackedQueue:
                     raise VirtqueueError("indirect descriptor, but VIRTIO_RING_F_INDIRECT_DESC was not negotiated")
                 if slots > 1 or flags & VIRTQ_DESC_F_NEXT:
                     raise VirtqueueError("an indirect descriptor chained with others")
-                self._indirect_table(address, length, readable, writable)
+                self._indirect_table(address, length, chain)
                 break
             check_buffer(self.memory, address, length, self.next_avail)
-            self._append(Buffer(address, length), bool(flags & VIRTQ_DESC_F_WRITE), readable, writable)
+            chain.add(address, length, bool(flags & VIRTQ_DESC_F_WRITE))
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
         if buffer_id in self.in_flight:
@@ -109,25 +104,15 @@ class PackedQueue:
             raise VirtqueueError(f"more buffers in flight than the queue holds ({self.size})")
         self.in_flight[buffer_id] = slots
         self.next_avail, self.avail_wrap = index, wrap
-        return DescriptorChain(buffer_id, readable, writable)
+        chain.head = buffer_id
+        return chain
 
-    def _indirect_table(self, table: int, length: int, readable: list[Buffer], writable: list[Buffer]) -> None:
+    def _indirect_table(self, table: int, length: int, chain: DescriptorChain) -> None:
         """Only WRITE means anything inside the table (2.8.10); NEXT, INDIRECT and the ID are ignored."""
-        if length == 0 or length % 16 or length // 16 > MAX_PACKED_QUEUE_SIZE:
-            raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_PACKED_QUEUE_SIZE} descriptors")
-        check_buffer(self.memory, table, length, self.next_avail)
-        for entry in range(length // 16):
+        for entry in range(check_indirect_table(self.memory, table, length, self.next_avail)):
             address, size, _id, flags = self.memory.unpack(PACKED_DESCRIPTOR, table + 16 * entry)
             check_buffer(self.memory, address, size, self.next_avail)
-            self._append(Buffer(address, size), bool(flags & VIRTQ_DESC_F_WRITE), readable, writable)
-
-    def _append(self, buffer: Buffer, write: bool, readable: list[Buffer], writable: list[Buffer]) -> None:
-        if write:
-            writable.append(buffer)
-        elif writable:
-            raise VirtqueueError(f"descriptor chain from {self.next_avail} has a readable buffer after a writable one")
-        else:
-            readable.append(buffer)
+            chain.add(address, size, bool(flags & VIRTQ_DESC_F_WRITE))
 
     def mark(self) -> tuple[int, bool, dict[int, int]]:
         """Where the device is in the ring, to give back buffers it took but cannot use yet."""

@@ -7,8 +7,8 @@ BAR1 (4 KiB) holds the MSI-X table (0x000) and pending-bit array (0x800).
 
 Status, feature negotiation (VERSION_1 is required: a driver that does not accept it gets
 FEATURES_OK refused) and queue set-up happen here, in the split layout or, when the transport
-offers VIRTIO_F_RING_PACKED and the driver accepts it, the packed one; requests are the device's. A broken queue puts
-the device into DEVICE_NEEDS_RESET with a configuration-change interrupt, and nothing more is
+offers VIRTIO_F_RING_PACKED and the driver accepts it, the packed one; requests are the
+device's. A broken queue puts the device into DEVICE_NEEDS_RESET with a configuration-change interrupt, and nothing more is
 served until the driver resets it. The transport lock keeps a reset from racing a request.
 """
 

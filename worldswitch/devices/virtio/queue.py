@@ -25,8 +25,7 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEMENT = struct.Struct("<II")  # id, len
-MAX_QUEUE_SIZE = 32768
-MAX_PACKED_QUEUE_SIZE = 32768  # 2^15: the event suppression offset has 15 bits
+MAX_QUEUE_SIZE = 32768  # 2^15, for split and packed rings alike
 U64_LIMIT = 1 << 64
 
 
@@ -45,6 +44,15 @@ class DescriptorChain:
     head: int
     readable: list[Buffer] = field(default_factory=list)
     writable: list[Buffer] = field(default_factory=list)
+
+    def add(self, address: int, length: int, write: bool) -> None:
+        """One more element: every device-readable one comes before the device-writable ones."""
+        if write:
+            self.writable.append(Buffer(address, length))
+        elif self.writable:
+            raise VirtqueueError(f"descriptor chain from {self.head} has a readable buffer after a writable one")
+        else:
+            self.readable.append(Buffer(address, length))
 
     @property
     def readable_length(self) -> int:
@@ -66,20 +74,33 @@ def check_buffer(memory: GuestMemory, address: int, length: int, head: int) -> N
         raise VirtqueueError(f"descriptor chain from {head} points at {address:#x}+{length:#x}, outside guest RAM")
 
 
+def check_indirect_table(memory: GuestMemory, address: int, length: int, head: int) -> int:
+    """An indirect table's descriptor count, once its length and place are known to be sound."""
+    if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+        raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_QUEUE_SIZE} descriptors")
+    check_buffer(memory, address, length, head)
+    return length // 16
+
+
+def check_areas(memory: GuestMemory, areas: tuple[tuple[str, int, int, int], ...]) -> None:
+    """The queue's parts, as (name, address, alignment, length): aligned and inside guest RAM."""
+    for name, address, alignment, length in areas:
+        if address % alignment:
+            raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+        if not memory.contains(address, length):
+            raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+
+
 class SplitQueue:
     def __init__(self, memory: GuestMemory, size: int, desc: int, avail: int, used: int, *,
                  event_idx: bool = False, indirect: bool = False) -> None:
         if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
             raise VirtqueueError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
-        for name, address, alignment, length in (
+        check_areas(memory, (
             ("descriptor table", desc, 16, 16 * size),
             ("available ring", avail, 2, 6 + 2 * size),
             ("used ring", used, 4, 6 + 8 * size),
-        ):
-            if address % alignment:
-                raise VirtqueueError(f"{name} at {address:#x} is not {alignment}-byte aligned")
-            if not memory.contains(address, length):
-                raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
+        ))
         self.memory = memory
         self.size = size
         self.desc = desc
@@ -137,19 +158,11 @@ class SplitQueue:
                     raise VirtqueueError("an indirect table inside an indirect table")
                 if flags & VIRTQ_DESC_F_NEXT:
                     raise VirtqueueError("a descriptor with both INDIRECT and NEXT")
-                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_QUEUE_SIZE} descriptors")
-                check_buffer(self.memory, address, length, head)
-                table, table_size, index = address, length // 16, 0
+                table, table_size, index = address, check_indirect_table(self.memory, address, length, head), 0
                 budget, walked, indirect = table_size, 0, True
                 continue
             check_buffer(self.memory, address, length, head)
-            if flags & VIRTQ_DESC_F_WRITE:
-                chain.writable.append(Buffer(address, length))
-            elif chain.writable:
-                raise VirtqueueError(f"descriptor chain from {head} has a readable buffer after a writable one")
-            else:
-                chain.readable.append(Buffer(address, length))
+            chain.add(address, length, bool(flags & VIRTQ_DESC_F_WRITE))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if next_index >= table_size:
