@@ -133,11 +133,11 @@ def test_info_and_guests() -> None:
     assert "hello" in guests.stdout and "(default)" in guests.stdout
 
 
-def test_a_users_own_elf_program(tmp_path: Path) -> None:
-    """The README's promise: a static ELF64 entered in ring 0, RDI = arguments, port I/O to COM1."""
-    source = tmp_path / "mine.S"
+def printing_program(tmp_path: Path, ending: str = "hlt\n    jmp 2b") -> Path:
+    """A bare-metal program that prints its argument string on COM1, then does `ending` (label 2)."""
+    source = tmp_path / "say.S"
     source.write_text(
-        """
+        f"""
         .globl _start
         _start:
             mov %rdi, %rsi          /* the argument string */
@@ -148,42 +148,21 @@ def test_a_users_own_elf_program(tmp_path: Path) -> None:
             outb %al, %dx
             inc %rsi
             jmp 1b
-        2:  mov $42, %eax
-            mov $0xf4, %dx
-            outl %eax, %dx
-        """
-    )
-    program = tmp_path / "mine.elf"
-    subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x200000", "-o", str(program), str(source)],
-                   check=True)
-    result = worldswitch("run", "--elf", str(program), "--args", "my own program", "--quiet")
-    assert result.stdout == "my own program"
-    assert result.returncode == 42
-
-
-def printing_program(tmp_path: Path) -> Path:
-    """A bare-metal program that prints its argument string on COM1 and then spins."""
-    source = tmp_path / "say.S"
-    source.write_text(
-        """
-        .globl _start
-        _start:
-            mov %rdi, %rsi
-        1:  movb (%rsi), %al
-            test %al, %al
-            jz 2f
-            mov $0x3f8, %dx
-            outb %al, %dx
-            inc %rsi
-            jmp 1b
-        2:  hlt
-            jmp 2b
+        2:  {ending}
         """
     )
     program = tmp_path / "say.elf"
     subprocess.run(["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,-Ttext=0x200000", "-o", str(program), str(source)],
                    check=True)
     return program
+
+
+def test_a_users_own_elf_program(tmp_path: Path) -> None:
+    """The README's promise: a static ELF64 entered in ring 0, RDI = arguments, port I/O to COM1."""
+    program = printing_program(tmp_path, ending="mov $42, %eax\n    mov $0xf4, %dx\n    outl %eax, %dx")
+    result = worldswitch("run", "--elf", str(program), "--args", "my own program", "--quiet")
+    assert result.stdout == "my own program"
+    assert result.returncode == 42
 
 
 def test_a_guest_kernel_panic_ends_the_vm_or_pauses_it(tmp_path: Path) -> None:
