@@ -164,11 +164,7 @@ def test_msix_interrupts_and_event_index(memory, image) -> None:
         assert driver.negotiate(VERSION_1 | EVENT_IDX)
         driver.setup_queue(0, msix_vector=1)
         driver.write(vp.DEVICE_STATUS, 1, 0x0F)
-        for vector in range(function.msix.vectors):  # program and unmask every table entry
-            function.bar1_write(16 * vector, 4, 0xFEE00000)
-            function.bar1_write(16 * vector + 8, 4, 0x40 + vector)
-            function.bar1_write(16 * vector + 12, 4, 0)
-        function.config_write(function.msix.cap_offset + 2, 2, 0x8000)  # MSI-X enable
+        driver.enable_msix()
         queue = driver.queues[0]
         memory.write_int(queue.avail + 4 + 2 * queue.size, 2, 0)  # used_event: interrupt after the first
         assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
@@ -204,13 +200,7 @@ def broken(driver: Driver, function: vp.VirtioPciFunction, descriptors: list[tup
         driver.memory.write(queue.desc + 16 * i, DESCRIPTOR.pack(*descriptor))
     queue.publish(0)
     driver.kick(0)
-    for _ in range(500):
-        if driver.status & virtio.DEVICE_NEEDS_RESET:
-            return function.broken or ""
-        import time
-
-        time.sleep(0.002)
-    raise AssertionError("the device did not give up")
+    return driver.wait_needs_reset()
 
 
 @pytest.mark.parametrize(
@@ -243,13 +233,7 @@ def test_avail_index_beyond_the_queue_size_breaks_the_queue(memory, image) -> No
         queue = driver.queues[0]
         memory.write_int(queue.avail + 2, 2, queue.size + 5)
         driver.kick(0)
-        import time
-
-        for _ in range(500):
-            if driver.status & virtio.DEVICE_NEEDS_RESET:
-                break
-            time.sleep(0.002)
-        assert "claims" in (function.broken or "")
+        assert "claims" in driver.wait_needs_reset()
     finally:
         function.close()
 

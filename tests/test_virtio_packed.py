@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worldswitch.devices import virtio
 from worldswitch.devices.virtio import blk as vb
 from worldswitch.devices.virtio import pci as vp
 from worldswitch.devices.virtio.blk import VirtioBlock
@@ -37,14 +35,6 @@ def plug(device, memory, packed=True):
     function.msix.deliver = lambda vector, address, data: delivered.append(vector)
     function.start()
     return function, Driver(function, memory, (MIB, 16 * MIB)), delivered
-
-
-def wait_broken(driver: Driver, function: vp.VirtioPciFunction) -> str:
-    for _ in range(500):
-        if driver.status & virtio.DEVICE_NEEDS_RESET:
-            return function.broken or ""
-        time.sleep(0.002)
-    raise AssertionError("the device did not give up")
 
 
 def test_packed_rings_are_offered_only_when_asked(memory, image) -> None:
@@ -121,11 +111,7 @@ def test_driver_event_suppression(memory, image) -> None:
         assert driver.negotiate(VERSION_1 | RING_PACKED | EVENT_IDX)
         driver.setup_queue(0, size=4, msix_vector=1)
         driver.write(vp.DEVICE_STATUS, 1, 0x0F)
-        for vector in range(function.msix.vectors):
-            function.bar1_write(16 * vector, 4, 0xFEE00000)
-            function.bar1_write(16 * vector + 8, 4, 0x40 + vector)
-            function.bar1_write(16 * vector + 12, 4, 0)
-        function.config_write(function.msix.cap_offset + 2, 2, 0x8000)
+        driver.enable_msix()
         queue = driver.queues[0]
         assert blk_request(driver, vb.T_FLUSH, 0)[0] == vb.S_OK  # 2 slots: used position 0 -> 2
         assert delivered == [1]
@@ -180,7 +166,7 @@ def test_malformed_packed_rings_put_the_device_in_needs_reset(memory, image, des
         queue = driver.queues[0]
         write_ring(memory, queue.desc, descriptors or [(0x100000, 16, 0, AVAIL_1 | NEXT)] * queue.size)
         driver.kick(0)
-        assert reason in wait_broken(driver, function)
+        assert reason in driver.wait_needs_reset()
         driver.start(VERSION_1 | RING_PACKED)  # after a reset the device works again
         assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK
     finally:

@@ -218,6 +218,23 @@ class Driver:
             self.setup_queue(index)
         self.write(vp.DEVICE_STATUS, 1, virtio.ACKNOWLEDGE | virtio.DRIVER | virtio.FEATURES_OK | virtio.DRIVER_OK)
 
+    def wait_needs_reset(self, timeout: float = 1.0) -> str:
+        """Wait until the device gives up on the driver (DEVICE_NEEDS_RESET); returns its reason."""
+        deadline = time.monotonic() + timeout
+        while not self.status & virtio.DEVICE_NEEDS_RESET:
+            if time.monotonic() > deadline:
+                raise AssertionError("the device did not give up")
+            time.sleep(0.002)
+        return self.function.broken or ""
+
+    def enable_msix(self) -> None:
+        """Program and unmask every MSI-X table entry (vector N -> APIC vector 0x40 + N), then enable MSI-X."""
+        for vector in range(self.function.msix.vectors):
+            self.function.bar1_write(16 * vector, 4, 0xFEE00000)
+            self.function.bar1_write(16 * vector + 8, 4, 0x40 + vector)
+            self.function.bar1_write(16 * vector + 12, 4, 0)
+        self.function.config_write(self.function.msix.cap_offset + 2, 2, 0x8000)
+
     def kick(self, queue: int) -> None:
         self.write(vp.NOTIFY_OFFSET + vp.NOTIFY_MULTIPLIER * queue, 2, queue)
 
