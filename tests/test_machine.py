@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import MachineResult, StopReason
 
 from .helpers import run_guest, start_guest
@@ -181,8 +182,6 @@ def test_two_vcpus_the_second_waits_for_sipi() -> None:
 def test_ring0_int3_reaches_the_guest_handler_on_any_host() -> None:
     """On PVM, KVM's emulator cannot deliver INT3 in long mode and the VMX does it (vmm/emulate.py);
     with VT-x/AMD-V the CPU does. Either way the guest's #BP handler runs and IRETQ returns."""
-    from worldswitch.vmm.host import detect_host_kind
-
     run = run_guest("fault", "int3 5")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     assert run.result.value == 5
@@ -194,12 +193,43 @@ def test_syscall_from_ring_3_lands_where_this_host_puts_it() -> None:
     """The probe `worldswitch info` runs: on hardware a SYSCALL from ring 3 enters ring 0 with
     STAR's kernel CS; PVM keeps it in ring 3 with its own user CS (0x33), which is why a stock
     Linux's first user process dies there (docs/pvm.md)."""
-    from worldswitch.vmm.host import detect_host_kind
-
     run = run_guest("probe", "syscall")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
-    ring, cs = run.result.details["ucall"].args[:2]  # type: ignore[union-attr]
+    ring, cs, rcx_is_the_return_address, r11 = run.result.details["ucall"].args  # type: ignore[union-attr]
     if detect_host_kind().driver == "pvm":
         assert (ring, cs) == (3, 0x33)
     else:
         assert (ring, cs) == (0, 0x08)
+    assert rcx_is_the_return_address == 1 and r11 & 0x202 == 0x202  # the caller's RFLAGS: IF and bit 1
+
+
+def test_a_syscall_into_kernel_pages_reaches_ring_0() -> None:
+    """LSTAR in a supervisor-only page, as every kernel has it. On hardware the SYSCALL enters ring 0
+    by itself; on PVM the handler's fetch faults in ring 3 and the VMX completes the SYSCALL
+    (vmm/user_syscall.py), which the statistics count."""
+    run = run_guest("probe", "syscall kernel")
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    assert run.result.details["ucall"].args[:3] == (0, 0x08, 1)  # type: ignore[union-attr]  # ring 0, STAR's CS, RCX
+    completed = run.stats.vcpus[0].vmx_emulated.get("syscall", 0)
+    assert completed == (1 if detect_host_kind().kernel_code_emulated else 0)
+
+
+def test_a_completed_syscall_returns_to_ring_3_with_sysret() -> None:
+    """The handler returns with SYSRETQ, as a kernel does, and user mode goes on (on PVM, KVM
+    executes the SYSRET itself and puts its own user CS, 0x33)."""
+    run = run_guest("probe", "syscall kernel sysret")
+    assert run.result.reason is StopReason.GUEST_DONE, run.result.message
+    ring, cs, rcx_is_the_return_address, user_cs = run.result.details["ucall"].args  # type: ignore[union-attr]
+    assert (ring, cs, rcx_is_the_return_address) == (0, 0x08, 1)
+    assert user_cs & 3 == 3
+
+
+@pytest.mark.skipif(not detect_host_kind().kernel_code_emulated,
+                    reason="only hosts that leave a guest's SYSCALL in ring 3 need the VMX to complete it")
+def test_without_the_vmx_completing_it_the_syscall_faults_in_ring_3(monkeypatch) -> None:
+    from worldswitch.vmm.user_syscall import UserSyscall
+
+    monkeypatch.setattr(UserSyscall, "arm", lambda self: None)  # LSTAR is written, no breakpoint is set
+    run = run_guest("probe", "syscall kernel")
+    assert run.result.reason is not StopReason.GUEST_DONE
+    assert "#PF" in run.output.decode(errors="replace") + run.result.message

@@ -17,6 +17,7 @@ import pytest
 
 from worldswitch.vmm import snapshot as snapshot_module
 from worldswitch.vmm.builder import DiskConfig
+from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import StopReason
 from worldswitch.vmm.snapshot import SnapshotError
 from worldswitch.vmx.api import Machine
@@ -144,6 +145,23 @@ def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path, layout: str)
         result = restored.run(timeout=30)
     assert result.reason is StopReason.GUEST_DONE, result.message
     assert result.value == 64
+
+
+def test_a_restored_kernel_gets_its_syscalls_completed(tmp_path: Path) -> None:
+    """The guest wrote LSTAR before the snapshot (which armed the VMX's SYSCALL completion on PVM
+    hosts, vmm/user_syscall.py); the restored VM must arm it again by itself."""
+    with Machine(guest="probe", args="syscall kernel wait") as vm:
+        vm.start()
+        flag = slots_address(vm)  # ring 3 waits here, after the WRMSR, before its SYSCALL
+        vm.snapshot(tmp_path / "snap")
+        vm.stop()
+    with Machine.restore(tmp_path / "snap") as restored:
+        restored.build().memory.write_int(flag, 8, 1)
+        result = restored.run(timeout=30)
+        completed = restored.stats()["vcpus"][0]["vmx_emulated"].get("syscall", 0)
+    assert result.reason is StopReason.GUEST_DONE, result.message
+    assert result.details["ucall"].args[:3] == (0, 0x08, 1)  # type: ignore[union-attr]
+    assert completed == (1 if detect_host_kind().kernel_code_emulated else 0)
 
 
 @pytest.fixture(scope="module")

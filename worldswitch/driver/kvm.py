@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 from ..errors import KvmError, KvmUnavailableError
 from . import requests as rq
 from . import structs as s
-from .constants import KVM_API_VERSION, REQUIRED_CAPS, Cap, ExitReason
+from .constants import (KVM_API_VERSION, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_WRITE, REQUIRED_CAPS, Cap,
+                        ExitReason)
 from .ioctl import ioctl, kvm_run_call, last_errno, libc_ioctl
 
 KVM_DEVICE = "/dev/kvm"
@@ -139,6 +140,17 @@ class Vm:
 
     def set_identity_map_addr(self, address: int) -> None:
         ioctl(self.fd, rq.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(address))
+
+    def deny_msr_writes(self, indices: Sequence[int]) -> None:
+        """Guest WRMSRs to these MSRs exit to user space (KVM_EXIT_X86_WRMSR) instead of taking
+        effect; everything else stays allowed. The VMM completes them with set_msrs()."""
+        self.enable_cap(Cap.X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)
+        request = s.kvm_msr_filter(flags=0)  # KVM_MSR_FILTER_DEFAULT_ALLOW
+        denied = ctypes.c_uint8(0)  # a one-MSR bitmap whose bit says "deny"
+        self._msr_bitmap = denied  # KVM copies it, but keep it alive across the call anyway
+        for i, index in enumerate(indices):
+            request.ranges[i] = s.kvm_msr_filter_range(KVM_MSR_FILTER_WRITE, 1, index, ctypes.addressof(denied))
+        ioctl(self.fd, rq.KVM_X86_SET_MSR_FILTER, request)
 
     def create_irqchip(self) -> None:
         ioctl(self.fd, rq.KVM_CREATE_IRQCHIP, 0)

@@ -74,6 +74,7 @@ KVM_GET_XCRS = IOR("KVM_GET_XCRS", 0xA6, s.kvm_xcrs)
 KVM_SET_XCRS = IOW("KVM_SET_XCRS", 0xA7, s.kvm_xcrs)
 KVM_GET_TSC_KHZ = IO("KVM_GET_TSC_KHZ", 0xA3)
 KVM_KVMCLOCK_CTRL = IO("KVM_KVMCLOCK_CTRL", 0xAD)
+KVM_X86_SET_MSR_FILTER = IOW("KVM_X86_SET_MSR_FILTER", 0xC6, s.kvm_msr_filter)
 KVM_GET_XSAVE2 = IOR("KVM_GET_XSAVE2", 0xCF, s.kvm_xsave)
 
 ALL = {name: value for name, value in globals().items() if name.startswith("KVM_")}

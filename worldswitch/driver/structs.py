@@ -185,6 +185,14 @@ class kvm_enable_cap(Struct):
     _fields_ = [("cap", c_uint32), ("flags", c_uint32), ("args", c_uint64 * 4), ("pad", c_uint8 * 64)]
 
 
+class kvm_msr_filter_range(Struct):
+    _fields_ = [("flags", c_uint32), ("nmsrs", c_uint32), ("base", c_uint32), ("bitmap", c_uint64)]  # __u8 *bitmap
+
+
+class kvm_msr_filter(Struct):
+    _fields_ = [("flags", c_uint32), ("ranges", kvm_msr_filter_range * 16)]
+
+
 class kvm_dirty_log(Struct):
     _fields_ = [("slot", c_uint32), ("padding1", c_uint32), ("dirty_bitmap", c_uint64)]
 

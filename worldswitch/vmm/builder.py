@@ -43,6 +43,7 @@ from .machine import Machine
 from .memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .memory import GuestMemory
 from .runloop import VcpuRunner
+from .user_syscall import MSR_LSTAR, UserSyscall
 
 # Addresses the VMX (Intel real-mode support) needs below 4 GiB, inside the PCI hole.
 KVM_TSS_ADDR = 0xFFFBD000
@@ -186,11 +187,16 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     # What the host put back into the CPUID despite us (see cpuid.py): a kernel must be told.
     machine.forced_cpuid = forced_features(vcpus[0].get_cpuid2(), hidden)
 
+    for vcpu in vcpus:
+        emulator = VmxEmulator(memory)
+        runner = VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu), emulator)
+        if host.kernel_code_emulated:
+            runner.user_syscall = UserSyscall(vcpu, emulator)
+        machine.runners.append(runner)
+    if host.kernel_code_emulated:
+        vm.deny_msr_writes([MSR_LSTAR])  # the guest's WRMSR to it arms user_syscall
     if restoring:
-        for vcpu in vcpus:  # the snapshot has their state
-            machine.runners.append(VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit,
-                                              _code_fetcher(machine, vcpu), VmxEmulator(memory)))
-        return
+        return  # the snapshot has the vCPUs' state
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(machine.forced_cpuid, config.cmdline)
@@ -214,11 +220,6 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     setup_long_mode(memory, sregs, layout)
     vcpus[0].set_sregs(sregs)
     vcpus[0].set_regs(bsp_regs)
-    for vcpu in vcpus:
-        machine.runners.append(
-            VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu),
-                       VmxEmulator(memory))
-        )
 
 
 def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> None:
@@ -306,6 +307,9 @@ def restore_machine(
     machine = build_machine(config, serial_sink, warn, kvm_path, restoring=True)
     try:
         snapshot.restore(machine, saved, progress)
+        for runner in machine.runners:
+            if runner.user_syscall is not None:
+                runner.user_syscall.arm()  # a kernel that set LSTAR before the snapshot
     except BaseException:
         machine.close()
         raise

@@ -55,6 +55,17 @@ def software_interrupt(code: bytes) -> SoftwareInterrupt | None:
     return None
 
 
+@dataclass(frozen=True)
+class Gate:
+    """A 64-bit IDT entry (Intel SDM vol. 3, 6.14.1)."""
+
+    target: int
+    selector: int
+    ist: int
+    present: bool
+    kind: int  # GATE_INTERRUPT or GATE_TRAP for the ones a 64-bit IDT may hold
+
+
 class EmulationRefused(Exception):
     """The instruction is one we emulate, but not in this state; the original failure stands."""
 
@@ -101,7 +112,7 @@ class VmxEmulator:
             raise EmulationRefused(f"{address:#x} is not RAM")
         return physical
 
-    def _read(self, vcpu: Vcpu, address: int, length: int) -> bytes:
+    def read_virtual(self, vcpu: Vcpu, address: int, length: int) -> bytes:
         """Guest-virtual read, translated page by page."""
         out = b""
         while length:
@@ -109,6 +120,14 @@ class VmxEmulator:
             out += self.memory.read(self._linear(vcpu, address, chunk), chunk)
             address, length = address + chunk, length - chunk
         return out
+
+    def read_gate(self, vcpu: Vcpu, sregs: s.kvm_sregs, vector: int) -> Gate:
+        if vector * 16 + 15 > sregs.idt.limit:
+            raise EmulationRefused("vector beyond the IDT limit")
+        entry = self.read_virtual(vcpu, sregs.idt.base + vector * 16, 16)
+        offset_low, selector, ist, attributes, offset_mid, offset_high = struct.unpack_from("<HHBBHI", entry)
+        return Gate(offset_low | (offset_mid << 16) | (offset_high << 32), selector, ist & 7, bool(attributes >> 7),
+                    attributes & 0xF)
 
     def _push(self, vcpu: Vcpu, rsp: int, value: int) -> int:
         rsp = (rsp - 8) & 0xFFFFFFFFFFFFFFFF
@@ -120,21 +139,17 @@ class VmxEmulator:
         regs = vcpu.get_regs()
         if not sregs.efer & EFER_LMA or not sregs.cs.l or sregs.cs.dpl != 0:
             raise EmulationRefused("only 64-bit ring-0 software interrupts are emulated")
-        if interrupt.vector * 16 + 15 > sregs.idt.limit:
-            raise EmulationRefused("vector beyond the IDT limit")
-        gate = self._read(vcpu, sregs.idt.base + interrupt.vector * 16, 16)
-        offset_low, selector, ist, attributes, offset_mid, offset_high = struct.unpack_from("<HHBBHI", gate)
-        present, kind = attributes >> 7, attributes & 0xF  # the gate's DPL binds outer rings only
-        if not present or kind not in (GATE_INTERRUPT, GATE_TRAP):
+        gate = self.read_gate(vcpu, sregs, interrupt.vector)
+        kind, ist, target = gate.kind, gate.ist, gate.target  # the gate's DPL binds outer rings only
+        if not gate.present or kind not in (GATE_INTERRUPT, GATE_TRAP):
             raise EmulationRefused("not a present 64-bit interrupt or trap gate")
-        target = offset_low | (offset_mid << 16) | (offset_high << 32)
-        code_segment = self._code_segment(vcpu, sregs, selector)
+        code_segment = self._code_segment(vcpu, sregs, gate.selector)
         if code_segment.dpl != 0 or not code_segment.l:
             raise EmulationRefused("the gate's code segment is not 64-bit ring 0")
 
         rsp = regs.rsp
-        if ist & 7:
-            rsp = struct.unpack("<Q", self._read(vcpu, sregs.tr.base + TSS_IST1 + 8 * ((ist & 7) - 1), 8))[0]
+        if ist:
+            rsp = struct.unpack("<Q", self.read_virtual(vcpu, sregs.tr.base + TSS_IST1 + 8 * (ist - 1), 8))[0]
         rsp &= ~0xF  # the CPU aligns the stack before the frame (SDM 6.14.2)
         for value in (sregs.ss.selector, regs.rsp, regs.rflags, sregs.cs.selector, regs.rip + interrupt.length):
             rsp = self._push(vcpu, rsp, value)
@@ -154,7 +169,7 @@ class VmxEmulator:
         index = selector & ~7
         if selector & 4 or index + 7 > sregs.gdt.limit:
             raise EmulationRefused("the gate's selector is not in the GDT")
-        (descriptor,) = struct.unpack("<Q", self._read(vcpu, sregs.gdt.base + index, 8))
+        (descriptor,) = struct.unpack("<Q", self.read_virtual(vcpu, sregs.gdt.base + index, 8))
         access, flags = (descriptor >> 40) & 0xFF, (descriptor >> 52) & 0xF
         return s.kvm_segment(
             base=0, limit=0xFFFFFFFF, selector=selector & ~3, type=access & 0xF, present=access >> 7,

@@ -34,6 +34,7 @@ from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and 
 
 if TYPE_CHECKING:
     from .emulate import VmxEmulator
+    from .user_syscall import UserSyscall
 
 RequestExit = Callable[[MachineResult], None]
 
@@ -75,6 +76,7 @@ class VcpuRunner:
         self.kicks = 0
         self.kick_latency_ns_max = 0
         self.debug_hook: Callable[[VcpuRunner], bool] | None = None  # returns False to stop
+        self.user_syscall: UserSyscall | None = None  # PVM hosts: the VMX completes ring-3 SYSCALLs
         self.trace: TraceBuffer | None = None  # set before start() to record every world switch
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
@@ -115,6 +117,7 @@ class VcpuRunner:
         handlers[ExitReason.FAIL_ENTRY] = self._on_fail_entry
         handlers[ExitReason.INTERNAL_ERROR] = self._on_internal_error
         handlers[ExitReason.DEBUG] = self._on_debug
+        handlers[ExitReason.X86_WRMSR] = self._on_wrmsr
         handlers[ExitReason.IRQ_WINDOW_OPEN] = self._on_nothing
         self._handlers = handlers
 
@@ -380,7 +383,17 @@ class VcpuRunner:
         sregs = self.vcpu.get_sregs()
         self._end(StopReason.EMULATION_FAILURE, describe_internal_error(exit_, self.index, regs, sregs, self.fetch_code))
 
+    def _on_wrmsr(self) -> None:
+        """A WRMSR the MSR filter sent to the VMX (only LSTAR, for user_syscall)."""
+        msr = self._run.msr
+        if self.user_syscall is not None and self.user_syscall.on_wrmsr(msr.index, msr.data):
+            msr.error = 0
+        else:
+            msr.error = 1  # KVM injects #GP, as for an MSR the CPU does not have
+
     def _on_debug(self) -> None:
+        if self.user_syscall is not None and self.user_syscall.on_debug():
+            return
         hook = self.debug_hook
         if hook is not None and not hook(self):
             self._end(StopReason.STOPPED, "stopped by the debugger")

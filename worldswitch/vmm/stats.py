@@ -141,7 +141,7 @@ class MachineStats:
         for v in self.vcpus:
             if v.vmx_emulated:
                 done = ", ".join(f"{count} {name}" for name, count in v.vmx_emulated.items())
-                lines.append(f"vcpu{v.vcpu}: the VMX emulated {done} that KVM's emulator could not")
+                lines.append(f"vcpu{v.vcpu}: the VMX emulated (trap-and-emulate) what KVM left undone: {done}")
         if self.vmx_resident_kib:
             lines.append(
                 f"memory: VMX resident {self.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "

@@ -37,6 +37,7 @@ class HostInfo:
     memory_slots: int
     measured: dict[str, float] = field(default_factory=dict)  # loop iterations per second, by ring
     syscall_ring: int | None = None  # the ring a guest's SYSCALL from ring 3 lands in (0 on hardware)
+    kernel_syscall_ring: int | None = None  # the same with LSTAR in kernel pages, as Linux has it
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -74,10 +75,13 @@ def measure_rings() -> dict[str, float]:
     return rates
 
 
-def measure_syscall() -> int | None:
+def measure_syscall(kernel_pages: bool = False) -> int | None:
     """The ring in which the probe guest's SYSCALL handler ran: 0 where KVM implements SYSCALL
-    from guest user mode as the CPU does; None if the probe did not report."""
-    machine = build_machine(MachineConfig(guest="probe", args="syscall"), lambda _b: None)
+    from guest user mode as the CPU does; None if the probe did not report. With `kernel_pages`
+    the handler is in a supervisor-only page, as a kernel's is: where the host leaves SYSCALL in
+    ring 3, that is the case the VMX completes (vmm/user_syscall.py)."""
+    args = "syscall kernel" if kernel_pages else "syscall"
+    machine = build_machine(MachineConfig(guest="probe", args=args), lambda _b: None)
     with machine:
         machine.start()
         result = machine.wait(30)
@@ -107,6 +111,7 @@ def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
     if measure and not info.required_missing:
         info.measured = measure_rings()
         info.syscall_ring = measure_syscall()
+        info.kernel_syscall_ring = measure_syscall(kernel_pages=True) if info.syscall_ring else info.syscall_ring
     return info
 
 
@@ -135,9 +140,14 @@ def format_info(info: HostInfo) -> str:
         if r0 and r3:
             verdict = (" -> guest kernel code is EMULATED here" if r3 / r0 > 50 else " -> guest kernel code runs natively")
         lines.append(f"measured     {', '.join(parts)}{verdict}")
-    if info.syscall_ring is not None:
-        lines.append("syscall      a guest's SYSCALL from ring 3 enters ring 0, as on hardware" if info.syscall_ring == 0 else
-                     f"syscall      a guest's SYSCALL from ring 3 stays in ring {info.syscall_ring}: this KVM expects a "
+    if info.syscall_ring == 0:
+        lines.append("syscall      a guest's SYSCALL from ring 3 enters ring 0, as on hardware")
+    elif info.syscall_ring is not None and info.kernel_syscall_ring == 0:
+        lines.append(f"syscall      this KVM leaves a guest's SYSCALL from ring 3 in ring {info.syscall_ring} (it expects a "
+                     "PVM-aware guest kernel); worldswitch completes it into ring 0 for a stock kernel by "
+                     "trap-and-emulate, checked just now (docs/pvm.md)")
+    elif info.syscall_ring is not None:
+        lines.append(f"syscall      a guest's SYSCALL from ring 3 stays in ring {info.syscall_ring}: this KVM expects a "
                      "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
                      "a system call (docs/pvm.md)")
     lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
