@@ -187,14 +187,18 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     # What the host put back into the CPUID despite us (see cpuid.py): a kernel must be told.
     machine.forced_cpuid = forced_features(vcpus[0].get_cpuid2(), hidden)
 
+    # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it; it needs
+    # the guest's WRMSR to LSTAR, which an MSR filter sends here.
+    complete_syscalls = host.kernel_code_emulated and all(
+        vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER))
     for vcpu in vcpus:
         emulator = VmxEmulator(memory)
         runner = VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu), emulator)
-        if host.kernel_code_emulated:
+        if complete_syscalls:
             runner.user_syscall = UserSyscall(vcpu, emulator)
         machine.runners.append(runner)
-    if host.kernel_code_emulated:
-        vm.deny_msr_writes([MSR_LSTAR])  # the guest's WRMSR to it arms user_syscall
+    if complete_syscalls:
+        vm.deny_msr_writes([MSR_LSTAR])
     if restoring:
         return  # the snapshot has the vCPUs' state
     if config.kernel:
