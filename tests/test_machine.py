@@ -214,6 +214,14 @@ def test_a_syscall_into_kernel_pages_reaches_ring_0() -> None:
     assert completed == (1 if detect_host_kind().kernel_code_emulated else 0)
 
 
+def test_a_non_canonical_lstar_gets_the_guest_a_general_protection_fault() -> None:
+    """Hostile input to the VMM's LSTAR filter (PVM) or to the CPU (elsewhere): #GP in the guest,
+    not an error in the VMX."""
+    run = run_guest("probe", "badlstar")
+    assert run.result.reason is StopReason.GUEST_ABORT, run.result.message
+    assert "#GP" in run.result.message
+
+
 def test_a_completed_syscall_returns_to_ring_3_with_sysret() -> None:
     """The handler returns with SYSRETQ, as a kernel does, and user mode goes on (on PVM, KVM
     executes the SYSRET itself and puts its own user CS, 0x33)."""

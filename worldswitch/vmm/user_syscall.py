@@ -28,6 +28,7 @@ import struct
 
 from ..driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP
 from ..driver.kvm import Vcpu
+from ..errors import KvmError
 from .emulate import EmulationRefused, VmxEmulator
 
 MSR_LSTAR = 0xC0000082
@@ -57,7 +58,10 @@ class UserSyscall:
         """A guest WRMSR the filter sent here; True when it was LSTAR and is now done."""
         if index != MSR_LSTAR:
             return False
-        self.vcpu.set_msrs({MSR_LSTAR: value})
+        try:
+            self.vcpu.set_msrs({MSR_LSTAR: value})
+        except KvmError:
+            return False  # a non-canonical address: the guest gets the #GP the CPU would give
         self.lstar = value
         self.arm()
         return True

@@ -3,7 +3,8 @@
  *                    VMX can time it: native or emulated?
  *   syscall          a SYSCALL from ring 3 with STAR/LSTAR set as Linux sets them: does it enter
  *                    ring 0 at LSTAR, as on hardware? DONE(ring the handler ran in, its CS,
- *                    RCX == the return address, R11 = the caller's RFLAGS).
+ *                    RCX == the return address, R11 = the caller's RFLAGS). Every Linux user
+ *                    process depends on it.
  *   syscall kernel   the same with LSTAR in a supervisor-only page, as Linux has it: where the
  *                    host leaves the SYSCALL in ring 3, the fetch there faults, and the VMX's
  *                    SYSCALL completion (vmm/user_syscall.py) is what can bring it to ring 0.
@@ -12,7 +13,7 @@
  *                    in, its CS, RCX == the return address, the CS back in user mode).
  *                    With `wait`, ring 3 first sends SYNC(address of a flag) and spins until the
  *                    host sets the flag: time for a snapshot between WRMSR and SYSCALL.
- *                    Every Linux user process depends on it. */
+ *   badlstar         write a non-canonical LSTAR: the CPU answers with #GP, and so must the VMM. */
 #include "ws.h"
 
 #define MSR_EFER 0xc0000080
@@ -117,6 +118,8 @@ static int probe(u64 n)
 
 int main(const char *args)
 {
+    if (arg_has("badlstar"))
+        wrmsr(MSR_LSTAR, 0x8000000000000000ul); /* the runtime reports the #GP */
     if (arg_has("syscall")) {
         /* Linux's layout: kernel CS at STAR[47:32]; SYSRET's base at STAR[63:48] gives user CS
          * base + 16 = 0x33, the only user CS some hosts accept in STAR. For `sysret` the base is
