@@ -19,7 +19,9 @@ The breakpoint is set when the guest writes LSTAR (an MSR filter hands that WRMS
 which completes it), the moment the kernel's IDT is in place, and again after a restore. It costs
 two or three extra exits per guest page fault, against the thousands of emulated instructions the
 fault itself costs here. Only on hosts whose guest kernel code is emulated; a guest whose LSTAR
-is in a user page (which no kernel does) runs its handler in ring 3 as the host leaves it.
+is in a user page (which no kernel does) runs its handler in ring 3 as the host leaves it. While
+the breakpoint is set, KVM uses the VMM's debug registers, not the guest's: a guest kernel's own
+hardware breakpoints (perf, kgdb) do not fire on such a host.
 """
 
 from __future__ import annotations
