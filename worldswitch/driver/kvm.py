@@ -146,8 +146,7 @@ class Vm:
         effect; everything else stays allowed. The VMM completes them with set_msrs()."""
         self.enable_cap(Cap.X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER)
         request = s.kvm_msr_filter(flags=0)  # KVM_MSR_FILTER_DEFAULT_ALLOW
-        denied = ctypes.c_uint8(0)  # a one-MSR bitmap whose bit says "deny"
-        self._msr_bitmap = denied  # KVM copies it, but keep it alive across the call anyway
+        denied = ctypes.c_uint8(0)  # a one-MSR bitmap whose bit says "deny"; KVM copies it
         for i, index in enumerate(indices):
             request.ranges[i] = s.kvm_msr_filter_range(KVM_MSR_FILTER_WRITE, 1, index, ctypes.addressof(denied))
         ioctl(self.fd, rq.KVM_X86_SET_MSR_FILTER, request)

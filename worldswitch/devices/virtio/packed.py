@@ -72,14 +72,14 @@ class PackedQueue:
         return _is_available(flags, self.avail_wrap)
 
     def pop(self) -> DescriptorChain | None:
-        if not self.has_available():
-            return None
         index, wrap = self.next_avail, self.avail_wrap
         chain = DescriptorChain(self.next_avail)  # named by its first slot until its ID is read
         slots = 0
         while True:
             address, length, buffer_id, flags = self.memory.unpack(PACKED_DESCRIPTOR, self.desc + 16 * index)
-            if slots and not _is_available(flags, wrap):
+            if not _is_available(flags, wrap):
+                if not slots:
+                    return None  # nothing new from the driver
                 raise VirtqueueError(f"descriptor {index} of a chain from {self.next_avail} is not marked available")
             slots += 1
             if slots > self.size:  # only a driver rewriting the ring under the device gets here
