@@ -19,13 +19,20 @@ class VirtioWorker:
         self._extra: dict[int, Callable[[], None]] = {}
         self._poller = select.poll()
         self._thread: threading.Thread | None = None
-        self.kicks = 0
+        self.kicks = 0  # kicks served: counted once on_kick has returned
+        self._served = threading.Condition()
         self.error: BaseException | None = None
         self.on_error: Callable[[BaseException], None] | None = None
 
     def kick(self, queue: int) -> None:
         """What a notify-region write does when no ioeventfd took it in the kernel."""
         os.eventfd_write(self.kick_fds[queue], 1)
+
+    def wait_kicks(self, count: int, timeout: float) -> bool:
+        """Wait until `count` kicks have been served in all; False if `timeout` passed first.
+        A served kick has finished with the queue, so whatever a driver does next cannot race it."""
+        with self._served:
+            return self._served.wait_for(lambda: self.kicks >= count, timeout)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         self._extra[fd] = callback
@@ -55,8 +62,10 @@ class VirtioWorker:
                             os.eventfd_read(fd)
                         except BlockingIOError:
                             continue
-                        self.kicks += 1
                         self.on_kick(queue_of[fd])
+                        with self._served:
+                            self.kicks += 1
+                            self._served.notify_all()
                     else:
                         self._extra[fd]()
         except BaseException as error:  # noqa: BLE001 - a device bug must surface, not vanish
