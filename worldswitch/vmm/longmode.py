@@ -132,10 +132,11 @@ def build_tss(rsp0: int) -> bytes:
     """A 64-bit TSS whose RSP0 is where the CPU switches stacks on an interrupt from ring 3, with
     an I/O permission bitmap that allows every port to ring 3.
 
-    Why a bitmap and not RFLAGS.IOPL=3: PVM hosts run guest user mode with the hardware IOPL forced
-    to 0 and drop the guest's IOPL on the way to ring 3; a ring-3 `out` then faults into KVM's
-    instruction emulator, which grants it only through the TSS bitmap. VT-x/AMD-V hosts check the
-    same bitmap in hardware, so one mechanism serves both."""
+    Our guests drop to ring 3 with RFLAGS.IOPL=3, which grants every port on VT-x and AMD-V without
+    looking at the bitmap (SDM vol. 1, 19.5.1). The bitmap serves PVM hosts, which run guest user mode
+    with the hardware IOPL forced to 0: a ring-3 `out` faults into KVM's instruction emulator, which
+    grants it through this bitmap. TR stays type 11 (busy), as VM entry requires (SDM vol. 3C, checks
+    on guest segment registers); docs/hosts.md has why QEMU's TCG needs the IOPL."""
     tss = bytearray(TSS_SIZE)
     struct.pack_into("<Q", tss, 4, rsp0)
     struct.pack_into("<H", tss, 0x66, TSS_HEADER)  # I/O map base: right after the header

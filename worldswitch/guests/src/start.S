@@ -103,7 +103,10 @@ enter_user:
     leaq user_stack_top(%rip), %rax
     pushq $0x1b /* SS: ring-3 data */
     pushq %rax /* RSP */
-    movq $0x2, %rax
+    /* IOPL 3: ring 3 may use every port (SDM vol. 1, 19.5.1: CPL <= IOPL, no bitmap consulted).
+     * Hosts that force the hardware IOPL to 0 in guest user mode (PVM) consult the TSS I/O bitmap
+     * instead, which the VMM also grants (vmm/longmode.py build_tss); see docs/hosts.md. */
+    movq $0x3002, %rax
     testl %edx, %edx
     jz 1f
     orq $0x200, %rax /* IF */
