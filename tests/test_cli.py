@@ -275,7 +275,7 @@ def test_terminal_is_restored_when_the_guest_ends_and_on_sigterm() -> None:
         term.close()
     term = Terminal("--guest", "fault", "--args", "spin")
     try:
-        time.sleep(1.5)
+        term.read_until(b"control socket", timeout=60)  # the VM runs: a signal now meets the VMX's handlers
         term.process.send_signal(signal.SIGTERM)
         assert term.finish() == 0
         assert b"stopped by the user" in term.output
@@ -289,9 +289,12 @@ def test_sigint_without_a_terminal_stops_the_vm_cleanly() -> None:
     process = subprocess.Popen([*COMMAND, "run", "--guest", "fault", "--args", "spin"], stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(1.5)
+    assert process.stderr is not None
+    started = process.stderr.readline()  # the VM runs: a signal now meets the VMX's handlers
+    assert "control socket" in started, started
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=20)
+    err = started + err
     assert process.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
 

@@ -97,10 +97,10 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                     stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
             watch_for_panics(vm, settings["on_panic"], console)
             vm.serve_control()
-            if not quiet and vm.control is not None:
-                stderr_line(f"control socket {vm.control.path}", console)
-            signals.in_session = True
+            signals.in_session = True  # from here a signal stops the VM in order; announce only then
             try:
+                if not quiet and vm.control is not None:
+                    stderr_line(f"control socket {vm.control.path}", console)
                 result = drive(vm, console, deadline, timeout, VirtualMachine.start, signals)
                 while result.reason is StopReason.RESET and settings["reboot"]:
                     if deadline is not None and time.monotonic() >= deadline:
