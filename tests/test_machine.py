@@ -196,11 +196,13 @@ def test_syscall_from_ring_3_lands_where_this_host_puts_it() -> None:
     run = run_guest("probe", "syscall")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     ring, cs, rcx_is_the_return_address, r11 = run.result.details["ucall"].args  # type: ignore[union-attr]
+    assert rcx_is_the_return_address == 1
     if detect_host_kind().driver == "pvm":
         assert (ring, cs) == (3, 0x33)
+        assert r11 & 0x3202 == 0x0202  # PVM runs guest user mode with IF set and IOPL 0, whatever the guest asked
     else:
         assert (ring, cs) == (0, 0x08)
-    assert rcx_is_the_return_address == 1 and r11 & 0x202 == 0x202  # the caller's RFLAGS: IF and bit 1
+        assert r11 & 0x3202 == 0x3002  # the caller's RFLAGS exactly: bit 1, IOPL 3 and IF clear, as it entered ring 3
 
 
 def test_a_syscall_into_kernel_pages_reaches_ring_0() -> None:
@@ -214,6 +216,8 @@ def test_a_syscall_into_kernel_pages_reaches_ring_0() -> None:
     assert completed == (1 if detect_host_kind().kernel_code_emulated else 0)
 
 
+@pytest.mark.xfail(detect_host_kind().cpu_emulated, strict=True,
+                   reason="QEMU's TCG takes a non-canonical LSTAR without #GP (docs/hosts.md)")
 def test_a_non_canonical_lstar_gets_the_guest_a_general_protection_fault() -> None:
     """Hostile input to the VMM's LSTAR filter (PVM) or to the CPU (elsewhere): #GP in the guest,
     not an error in the VMX."""

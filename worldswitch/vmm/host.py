@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 SYS_MODULE = Path("/sys/module")
+DMI = Path("/sys/class/dmi/id")
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,16 @@ class HostKind:
     driver: str  # "vmx", "svm", "pvm" or "unknown"
     nested_paging: bool | None
     description: str
+    # Set where this host is itself a virtual machine (the CPU's "hypervisor" flag): what it says it
+    # is, from its firmware's DMI table and its hypervisor's CPUID signature. Nested hosts run guests
+    # slower, and under an emulated CPU (QEMU's TCG), much slower and with the emulator's own bugs.
+    virtual_machine: str | None = None
+    hypervisor_signature: str | None = None  # CPUID leaf 0x40000000 (KVMKVMKVM, TCGTCGTCGTCG, ...)
+
+    @property
+    def cpu_emulated(self) -> bool:
+        """This host's own CPU is QEMU's software emulation (TCG): nested, on no hardware support."""
+        return self.hypervisor_signature == "TCGTCGTCGTCG"
 
     @property
     def kernel_code_emulated(self) -> bool:
@@ -43,23 +56,84 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# cpuid(leaf, subleaf, out[4]) for the SysV ABI: Python has no other way to run CPUID, and the kernel's
+# /dev/cpu/N/cpuid needs a module that is often not loaded.
+_CPUID_CODE = bytes([
+    0x53,                    # push rbx
+    0x49, 0x89, 0xD0,        # mov r8, rdx
+    0x89, 0xF8,              # mov eax, edi
+    0x89, 0xF1,              # mov ecx, esi
+    0x0F, 0xA2,              # cpuid
+    0x41, 0x89, 0x00,        # mov [r8], eax
+    0x41, 0x89, 0x58, 0x04,  # mov [r8+4], ebx
+    0x41, 0x89, 0x48, 0x08,  # mov [r8+8], ecx
+    0x41, 0x89, 0x50, 0x0C,  # mov [r8+12], edx
+    0x5B,                    # pop rbx
+    0xC3,                    # ret
+])
+
+
+def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int] | None:
+    """EAX, EBX, ECX, EDX of this CPU's CPUID, or None where the host refuses executable memory."""
+    try:
+        code = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:
+        return None
+    with code:
+        code.write(_CPUID_CODE)
+        out = (ctypes.c_uint32 * 4)()
+        function = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)(
+            ctypes.addressof(ctypes.c_char.from_buffer(code)))
+        function(leaf, subleaf, ctypes.addressof(out))
+        del function  # the buffer export must end before the mapping closes
+        return out[0], out[1], out[2], out[3]
+
+
+def hypervisor_signature() -> str | None:
+    """The 12-byte vendor signature at CPUID 0x40000000 (SDM: reserved for hypervisors)."""
+    registers = host_cpuid(0x40000000)
+    if registers is None:
+        return None
+    raw = b"".join(value.to_bytes(4, "little") for value in registers[1:])
+    return raw.rstrip(b"\0").decode("ascii", "replace") or None
+
+
+HYPERVISORS = {"KVMKVMKVM": "KVM", "TCGTCGTCGTCG": "QEMU's TCG (an emulated CPU)", "Microsoft Hv": "Hyper-V",
+               "VMwareVMware": "VMware", "XenVMMXenVMM": "Xen"}
+
+
+def _virtual_machine(flags: set[str], signature: str | None) -> str | None:
+    if "hypervisor" not in flags:
+        return None
+    try:
+        names = [(DMI / name).read_text().strip() for name in ("sys_vendor", "product_name")]
+        platform = " ".join(dict.fromkeys(name for name in names if name))
+    except OSError:
+        platform = ""
+    under = f" under {HYPERVISORS.get(signature, signature)}" if signature else ""
+    return f"a virtual machine{f' ({platform})' if platform else ''}{under}"
+
+
 def detect_host_kind(flags: set[str] | None = None) -> HostKind:
     flags = cpu_flags() if flags is None else flags
+    signature = hypervisor_signature() if "hypervisor" in flags else None
+    inside = _virtual_machine(flags, signature)
+    nested = f"; nested: this host is itself {inside}" if inside else ""
     if (SYS_MODULE / "kvm_intel").exists() and "vmx" in flags:
         ept = _param("kvm_intel", "ept") in ("Y", "1")
         return HostKind("vmx", ept, "Intel VT-x: guest code runs natively in every ring"
-                        + ("; nested paging (EPT)" if ept else "; shadow paging (EPT off)"))
+                        + ("; nested paging (EPT)" if ept else "; shadow paging (EPT off)") + nested, inside, signature)
     if (SYS_MODULE / "kvm_amd").exists() and "svm" in flags:
         npt = _param("kvm_amd", "npt") in ("Y", "1")
         return HostKind("svm", npt, "AMD-V: guest code runs natively in every ring"
-                        + ("; nested paging (NPT)" if npt else "; shadow paging (NPT off)"))
+                        + ("; nested paging (NPT)" if npt else "; shadow paging (NPT off)") + nested, inside, signature)
     if (SYS_MODULE / "kvm_pvm").exists():
         return HostKind(
             "pvm", False,
             "PVM (no VT-x/AMD-V): guest ring-3 code runs natively, guest ring-0 and real-mode code is "
-            "emulated by KVM; shadow paging. Linux guests boot slowly here (minutes).",
+            "emulated by KVM; shadow paging" + nested + ". Linux guests boot slowly here (minutes).", inside, signature,
         )
-    return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise")
+    return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise" + nested, inside, signature)
 
 
 def emulated_kernel_parameters(cmdline: str) -> list[tuple[str, str]]:
