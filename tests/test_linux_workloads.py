@@ -19,10 +19,11 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 import tty
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -38,8 +39,12 @@ pytestmark = [pytest.mark.kvm, *([pytest.mark.slow] if detect_host_kind().kernel
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "virtio_console"]
 PROMPT = "ws-shell# "
-BOOT_TIMEOUT = 600  # to the prompt: about a second on hardware, about a minute on the nested TCG host
+EMULATED_CPU = detect_host_kind().cpu_emulated
+BOOT_TIMEOUT = 300 if EMULATED_CPU else 120  # to the prompt: a second on hardware, a minute or two on TCG
 COMMAND_TIMEOUT = 120
+# QEMU's TCG, under the nested test host, now and then derails a nested guest's CPU (docs/hosts.md): there,
+# and only there, a boot that does not reach its prompt is tried once more, and the first end is reported.
+BOOT_ATTEMPTS = 2 if EMULATED_CPU else 1
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +72,21 @@ class Shell:
         self.count = 0
 
     def expect(self, pattern: str, timeout: float) -> re.Match[bytes]:
-        try:
-            return self.vm.console.expect(pattern, timeout=timeout)
-        except TimeoutError as error:  # say where the guest is, not only what it printed last
-            places = [f"vCPU {n}: rip {r['rip']:#x} ring {r['cpl']}" for n, r in enumerate(self.vm.registers())]
-            raise TimeoutError(f"{error}; {'; '.join(places)}") from None
+        deadline = time.monotonic() + timeout
+        while True:  # in slices, to notice at once a machine that has ended
+            try:
+                return self.vm.console.expect(pattern, timeout=min(5.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError as error:
+                ended = self.vm.vmm.result
+                if ended is not None:
+                    raise TimeoutError(f"the machine ended ({ended.message}) before {pattern!r}; console: "
+                                       f"{self.vm.console.text[-1500:]!r}") from None
+                if time.monotonic() < deadline:
+                    continue
+                # say where the guest is, not only what it printed last
+                places = [f"vCPU {n}: rip {r['rip']:#x} cr2 {r['cr2']:#x} ring {r['cpl']}"
+                          for n, r in enumerate(self.vm.registers())]
+                raise TimeoutError(f"{error}; {'; '.join(places)}") from None
 
     def wait_for_prompt(self, timeout: float = BOOT_TIMEOUT) -> None:
         self.expect(re.escape(PROMPT), timeout)
@@ -97,12 +112,27 @@ class Shell:
         assert result is not None and result.reason is StopReason.POWER_OFF, result
 
 
+def boot(make: Callable[[], Machine]) -> Shell:
+    """A machine from `make`, started and at its shell prompt (BOOT_ATTEMPTS tries); close it when done."""
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        vm = make()
+        try:
+            vm.start()
+            shell = Shell(vm)
+            shell.wait_for_prompt()
+            return shell
+        except TimeoutError as error:
+            vm.close()
+            if attempt == BOOT_ATTEMPTS:
+                raise
+            print(f"\nboot {attempt} did not reach the prompt on this emulated CPU; once more. {error}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 @contextlib.contextmanager
 def booted(debian: DebianLinux, initrd: Path, **machine: object) -> Iterator[Shell]:
-    with Machine(kernel=str(debian.kernel), initrd=str(initrd), **machine) as vm:  # type: ignore[arg-type]
-        vm.start()
-        shell = Shell(vm)
-        shell.wait_for_prompt()
+    shell = boot(lambda: Machine(kernel=str(debian.kernel), initrd=str(initrd), **machine))  # type: ignore[arg-type]
+    with shell.vm:
         yield shell
 
 
@@ -147,14 +177,16 @@ def netns() -> Iterator[str]:
 def linux(debian: DebianLinux, initrd: Path, netns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shell]:
     disk = tmp_path_factory.mktemp("disk") / "disk.img"
     disk.write_bytes(bytes(8 << 20))
-    vm = Machine(kernel=str(debian.kernel), initrd=str(initrd), cpus=2, disks=[str(disk)], nets=["tap=tap0"],
-                 rng=True, vconsole="pty")
-    with vm:
+
+    def make() -> Machine:
+        vm = Machine(kernel=str(debian.kernel), initrd=str(initrd), cpus=2, disks=[str(disk)], nets=["tap=tap0"],
+                     rng=True, vconsole="pty")
         with inside(netns):
             vm.build()  # the tap is opened in the test's namespace
-        vm.start()
-        shell = Shell(vm)
-        shell.wait_for_prompt()
+        return vm
+
+    shell = boot(make)
+    with shell.vm:
         yield shell
 
 
@@ -296,10 +328,28 @@ def test_a_booted_linux_snapshot_restores_at_its_prompt(debian: DebianLinux, ini
         restored.power_off()
 
 
-def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path) -> None:
+def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path, tmp_path: Path) -> None:
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        try:
+            output, errors = reboot_once(debian, initrd, tmp_path / f"vm{attempt}.sock")
+            break
+        except BootStalled as stall:
+            if attempt == BOOT_ATTEMPTS:
+                pytest.fail(str(stall))
+            print(f"\nattempt {attempt} did not boot on this emulated CPU; once more. {stall}", file=sys.stderr)
+    assert output.count(b"WORLDSWITCH-INIT-MARKER") == 2
+    assert b"guest reset; starting it again (boot 2)" in errors
+
+
+class BootStalled(Exception):
+    pass
+
+
+def reboot_once(debian: DebianLinux, initrd: Path, control: Path) -> tuple[bytes, bytes]:
+    """`worldswitch run --reboot`: the shell, `reboot -f`, the shell again, `poweroff -f`."""
     process = subprocess.Popen(
         [sys.executable, "-m", "worldswitch", "run", "--kernel", str(debian.kernel), "--initrd", str(initrd),
-         "--reboot", "--timeout", str(3 * BOOT_TIMEOUT)],
+         "--reboot", "--timeout", str(3 * BOOT_TIMEOUT), "--control", str(control)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdin is not None and process.stdout is not None and process.stderr is not None
     output = bytearray()
@@ -312,6 +362,8 @@ def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path
             with arrived:
                 output.extend(chunk)
                 arrived.notify_all()
+        with arrived:
+            arrived.notify_all()  # the end of the output: the VMX has gone
 
     reader = threading.Thread(target=collect, daemon=True)
     reader.start()
@@ -319,7 +371,16 @@ def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path
 
     def prompts(count: int) -> None:
         with arrived:
-            assert arrived.wait_for(lambda: output.count(PROMPT.encode()) >= count, BOOT_TIMEOUT), bytes(output[-2000:])
+            arrived.wait_for(lambda: output.count(PROMPT.encode()) >= count or not reader.is_alive(), BOOT_TIMEOUT)
+            if output.count(PROMPT.encode()) >= count:
+                return
+        where = subprocess.run([sys.executable, "-m", "worldswitch", "ctl", str(control), "registers"],
+                               capture_output=True, text=True, timeout=60)
+        process.kill()
+        process.wait()
+        time.sleep(0.5)  # stderr read to its end
+        raise BootStalled(f"no prompt {count} within {BOOT_TIMEOUT} s; the VMX said {b''.join(errors)[-1500:]!r}; "
+                          f"vCPUs: {where.stdout or where.stderr}; the console ends with {bytes(output[-3000:])!r}")
 
     try:
         prompts(1)
@@ -332,5 +393,5 @@ def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path
         reader.join(10)
     finally:
         process.kill()
-    assert output.count(b"WORLDSWITCH-INIT-MARKER") == 2
-    assert b"guest reset; starting it again (boot 2)" in b"".join(errors)
+    time.sleep(0.5)
+    return bytes(output), b"".join(errors)
