@@ -245,8 +245,7 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
 
     pm = AcpiPm(on_power_off=machine.guest_power_off)
     pio.register("ACPI PM1/timer", acpi.PM_BASE, PM_BLOCK_SIZE, pm.read, pm.write)
-    reset = ResetRegister(on_reset=machine.guest_reset)
-    pio.register("reset register", acpi.RESET_PORT, 1, reset.read, reset.write)
+    reset = ResetRegister(on_reset=machine.guest_reset)  # a byte at 0xcf9: the PCI platform routes it
 
     ucall = UcallPort(machine.memory, machine.handle_ucall)
     pio.register("ucall", UCALL_PORT, UCALL_PORT_SIZE, ucall.read, ucall.write)
@@ -268,7 +267,8 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
 
 def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
-    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, machine.warn)
+    reset = machine.devices["reset"]
+    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write), machine.warn)  # type: ignore[attr-defined]
     machine.pci = pci
 
     def add(name: str, device: object) -> VirtioPciFunction:
