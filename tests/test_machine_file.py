@@ -68,7 +68,7 @@ def test_every_run_flag_has_a_key() -> None:
     ("decompress = 'maybe'", "decompress: expected one of auto, host, guest"),
     ("serial = 'tty'", "serial: expected stdio, none or file:PATH"),
     ("vconsole = 'stdio'", "vconsole: expected pty, none or file:PATH"),
-    ("timeout = -1", "timeout: timeout must be positive"),
+    ("timeout = -1", "timeout: timeout must be a positive, finite number of seconds"),
     ("timeout = 'soon'", "timeout: timeout 'soon' is not a number of seconds"),
     ("disk = 'a.img'", "disk: expected a list of disks"),
     ("disk = [{ file = 'a.img' }]", "disk: a disk table has a path"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,19 @@ def test_cli_disk_options(disk) -> None:
     missing = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", "/nonexistent.img"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "cannot open disk image /nonexistent.img" in missing.stderr
+
+
+def test_a_bug_in_a_device_thread_ends_the_vm_like_a_vcpus(tmp_path: Path, monkeypatch) -> None:
+    """A device's I/O thread that dies of an exception must end the VM with status 70, as a vCPU
+    thread's bug does: never a device that silently stops answering."""
+    from worldswitch.devices.virtio.blk import VirtioBlock
+
+    def broken(self, index: int) -> None:
+        raise RuntimeError("a bug in the device")
+
+    monkeypatch.setattr(VirtioBlock, "process", broken)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    run = run_guest("vblk", "test", timeout=60, disks=[DiskConfig(str(disk))])
+    assert run.result.reason is StopReason.VMX_ERROR and run.result.exit_status == 70
+    assert "virtio-blk's I/O thread: RuntimeError: a bug in the device" in run.result.message

@@ -71,6 +71,10 @@ def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
     if len(image) < 0x250 or image[0x202:0x206] != b"HdrS":
         raise GuestImageError(f"{name} is not a Linux kernel (no 'HdrS' boot header); "
                               "give a bzImage (vmlinuz) or an uncompressed ELF vmlinux")
+    header_end = bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header)
+    if len(image) < header_end:
+        raise GuestImageError(f"{name} is cut short: {len(image)} bytes end inside its boot header "
+                              f"(which ends at byte {header_end})")
     header = bp.setup_header.from_buffer_copy(image, bp.SETUP_HEADER_OFFSET)
     if header.boot_flag != bp.BOOT_FLAG:
         raise GuestImageError(f"{name}: boot sector signature is {header.boot_flag:#06x}, not 0xaa55")

@@ -39,6 +39,7 @@ from .irq import KvmIrqLine
 from .kick import install_kick_handler
 from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
 from .pci_platform import PciPlatform
+from .result import MachineResult, StopReason
 from .machine import Machine
 from .memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .memory import GuestMemory
@@ -135,6 +136,12 @@ def build_machine(
     `restoring`: a snapshot will provide memory and CPU state, so no program is loaded."""
     if config.cpus < 1:
         raise ConfigError("a machine needs at least one vCPU")
+    if config.cpus > acpi.MAX_XAPIC_ID + 1:
+        raise ConfigError(f"at most {acpi.MAX_XAPIC_ID + 1} vCPUs: the MADT gives each an 8-bit APIC ID")
+    try:
+        config.args.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("--args must be UTF-8 text") from None
     name, path = config.program()
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
     image = b"" if restoring else read_image(path, "kernel" if config.kernel else "guest program")
@@ -147,8 +154,15 @@ def build_machine(
     if config.cpus > max_vcpus:
         kvm.close()
         raise ConfigError(f"this host's KVM supports at most {max_vcpus} vCPUs per VM")
-    vm = kvm.create_vm()
-    memory = GuestMemory(memory_map.backed_ranges())
+    vm = None
+    try:
+        vm = kvm.create_vm()
+        memory = GuestMemory(memory_map.backed_ranges())
+    except BaseException:  # the host refused (no memory to map, ...): nothing may stay open
+        if vm is not None:
+            vm.close()
+        kvm.close()
+        raise
     machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
     machine.warn = warn or (lambda text: None)
     machine.config = config.absolute()
@@ -268,7 +282,8 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
 def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
     reset = machine.devices["reset"]
-    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write), machine.warn)  # type: ignore[attr-defined]
+    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write),  # type: ignore[attr-defined]
+                      lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn)
     machine.pci = pci
 
     def add(name: str, device: object) -> VirtioPciFunction:
@@ -278,7 +293,7 @@ def _attach_pci(machine: Machine, config: MachineConfig) -> None:
         return function
 
     for index, disk in enumerate(config.disks):
-        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial))
+        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial, machine.warn))
     for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
         function = add(f"virtio-net{index}", device)

@@ -27,8 +27,9 @@ class PciPlatform:
     0xcf8-0xcfb), as (read, write) taking offsets from 0xcf9."""
 
     def __init__(self, vm: Vm, pio: PioBus, mmio: MmioBus, reset: tuple[ReadFn, WriteFn],
-                 warn: Callable[[str], None] | None = None) -> None:
+                 on_bug: Callable[[str], None], warn: Callable[[str], None] | None = None) -> None:
         self.vm = vm
+        self.on_bug = on_bug  # a device thread died: end the machine (status 70)
         self.pio = pio
         self.mmio = mmio
         self.warn = warn or (lambda text: None)
@@ -73,7 +74,7 @@ class PciPlatform:
         return slot
 
     def add_virtio(self, device: VirtioDevice, packed: bool = False) -> VirtioPciFunction:
-        function = VirtioPciFunction(device, packed=packed)
+        function = VirtioPciFunction(device, packed=packed, on_bug=self.on_bug)
         routes = [self.router.msi_route() for _ in range(function.msix.vectors)]
         function.msix.deliver = lambda vector, _address, _data: routes[vector].raise_()
         function.msix.program = lambda vector, address, data: routes[vector].program(address, data)

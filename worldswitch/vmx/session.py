@@ -127,7 +127,10 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                               "value": result.value, "boots": boots,
                               "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
                    "stats": stats.as_dict()}
-        Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+        except OSError as error:  # the host's failure, after the guest's run: report it, keep the guest's status
+            stderr_line(f"warning: cannot write the statistics to {settings['stats_json']}: {error.strerror or error}")
     return result.exit_status
 
 
