@@ -72,7 +72,7 @@ def test_every_run_flag_has_a_key() -> None:
     ("timeout = 'soon'", "timeout: timeout 'soon' is not a number of seconds"),
     ("disk = 'a.img'", "disk: expected a list of disks"),
     ("disk = [{ file = 'a.img' }]", "disk: a disk table has a path"),
-    ("disk = ['a.img,rw']", "expected PATH[,ro][,serial=ID], not rw"),
+    ("disk = ['a.img,rw']", "expected PATH[,ro[,shared]][,serial=ID], not rw"),
     ("net = ['tap0']", "expected tap=NAME"),
     ("kernel = ''", "kernel: expected a path"),
     ("kernel = 'vmlinuz'\nguest = 'hello'", "give one of a built-in guest, an ELF program or a Linux kernel"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import shutil
 import subprocess
 
 import pytest
@@ -422,3 +423,60 @@ def test_fuzzed_rings_give_valid_chains_or_virtqueue_errors(memory, descriptors,
         for buffer in chain.readable + chain.writable:
             assert memory.contains(buffer.gpa, buffer.length)
         assert len(chain.readable) + len(chain.writable) <= 8 * 8
+
+
+# --- image locks, as QEMU takes them ------------------------------------------------------------------
+
+
+def test_an_image_has_one_writer_or_many_readers(memory, image) -> None:
+    from worldswitch.errors import ConfigError
+
+    writer = VirtioBlock(memory, str(image))
+    try:
+        with pytest.raises(ConfigError, match="is in use"):
+            VirtioBlock(memory, str(image))  # a second writer, even in the same process
+        with pytest.raises(ConfigError, match=r"is in use: another process may write it \(to read it anyway"):
+            VirtioBlock(memory, str(image), read_only=True)
+        VirtioBlock(memory, str(image), read_only=True, shared=True).close()  # the user's explicit choice
+    finally:
+        writer.close()
+    readers = [VirtioBlock(memory, str(image), read_only=True) for _ in range(2)]
+    try:
+        with pytest.raises(ConfigError, match="does not let others write it"):
+            VirtioBlock(memory, str(image))
+    finally:
+        for reader in readers:
+            reader.close()
+    VirtioBlock(memory, str(image)).close()  # the locks went with the descriptors
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+                    reason="qemu-utils is not installed (.ci/run installs it)")
+def test_qemu_and_worldswitch_respect_each_others_locks(memory, image) -> None:
+    import time
+
+    from worldswitch.errors import ConfigError
+
+    writer = VirtioBlock(memory, str(image))
+    try:
+        qemu_io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", str(image)], capture_output=True,
+                                 text=True, timeout=60)
+        assert qemu_io.returncode != 0 and 'Failed to get "write" lock' in qemu_io.stderr
+    finally:
+        writer.close()
+    qemu = subprocess.Popen(["qemu-io", "-f", "raw", str(image)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # opens the image read-write and waits for commands
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                VirtioBlock(memory, str(image)).close()
+            except ConfigError as error:
+                assert "is in use" in str(error)
+                break
+            time.sleep(0.1)  # QEMU has not opened it yet
+        else:
+            pytest.fail("worldswitch opened an image QEMU writes")
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -58,6 +58,7 @@ class DiskConfig:
     path: str
     read_only: bool = False
     serial: str | None = None
+    shared: bool = False  # read-only, and others may write it meanwhile (no write lock kept out)
 
 
 @dataclass
@@ -293,7 +294,8 @@ def _attach_pci(machine: Machine, config: MachineConfig) -> None:
         return function
 
     for index, disk in enumerate(config.disks):
-        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial, machine.warn))
+        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial, machine.warn,
+                                              shared=disk.shared))
     for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
         function = add(f"virtio-net{index}", device)

@@ -22,6 +22,7 @@ from ...errors import ConfigError
 from ...vmm.memory import GuestMemory
 from . import BLOCK
 from .device import VirtioDevice
+from .image_lock import lock_image
 from .queue import DescriptorChain, VirtqueueError
 
 SECTOR = 512
@@ -76,7 +77,7 @@ class VirtioBlock(VirtioDevice):
     queue_sizes = (256,)
 
     def __init__(self, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, shared: bool = False) -> None:
         super().__init__(memory)
         self.warn = warn or (lambda text: None)
         self.failures = 0  # requests the host refused (each answered IOERR; the first one is reported)
@@ -90,6 +91,11 @@ class VirtioBlock(VirtioDevice):
             os.close(self.fd)
             raise ConfigError(f"disk image {path} is not a file or a block device")
         os.set_blocking(self.fd, True)
+        try:
+            lock_image(self.fd, path, read_only, share_writes=shared)
+        except ConfigError:
+            os.close(self.fd)
+            raise
         size = os.lseek(self.fd, 0, os.SEEK_END)  # a block device's st_size is 0
         if size % SECTOR:
             os.close(self.fd)
