@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", action="store_true", help="put the results table into README.md")
     parser.add_argument("--no-qemu", action="store_true", help="leave QEMU out even if it is installed")
     options = parser.parse_args(argv)
+    try:  # say so now, not after minutes of measuring
+        import matplotlib  # noqa: F401
+        charting = True
+    except ImportError:
+        charting = False
+        print("bench: matplotlib is not installed (pip install -e '.[bench]'): writing results.json and the table, "
+              "no chart", file=sys.stderr)
 
     rounds, exits, start_rounds = (5, 5000, 5) if options.quick else (9, 20000, 15)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -126,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     results["memory_details"] = details
     results["lines"] = lines
     (options.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    chart(figures, options.out / "results.png", results)
+    if charting:
+        chart(figures, options.out / "results.png", results)
     table = readme_table(results)
     print(table)
     if options.update_readme:
         update_readme(ROOT / "README.md", table)
-    print(f"wrote {options.out / 'results.json'} and {options.out / 'results.png'}")
+    print(f"wrote {options.out / 'results.json'}" + (f" and {options.out / 'results.png'}" if charting else ""))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pty
 import select
 import shutil
@@ -330,3 +331,24 @@ def test_an_ignored_sighup_stays_ignored() -> None:
     process.send_signal(signal.SIGHUP)
     _, err = process.communicate(timeout=20)
     assert process.returncode == 124, err  # it ran on until its timeout
+
+
+def test_a_pty_console_says_where_it_is() -> None:
+    result = worldswitch("run", "--vconsole", "pty", "--quiet")
+    assert result.returncode == 0 and re.search(r"worldswitch: virtio console on /dev/pts/\d+", result.stderr), result.stderr
+
+
+def test_the_timeout_counts_from_when_the_guest_runs(monkeypatch) -> None:
+    """Building (and restoring a big snapshot) can take a while; --timeout is the guest's time."""
+    from worldswitch.vmx import api, cli
+
+    build = api.Machine.build
+
+    def slow_build(self):  # type: ignore[no-untyped-def]
+        time.sleep(2)
+        return build(self)
+
+    monkeypatch.setattr(api.Machine, "build", slow_build)
+    started = time.monotonic()
+    assert cli.main(["run", "--guest", "fault", "--args", "spin", "--timeout", "1", "--quiet", "--serial", "none"]) == 124
+    assert time.monotonic() - started >= 3  # 2 s building, then a whole second of guest time

@@ -4,6 +4,7 @@ KVM; and `worldswitch ctl`, the client."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import stat
 import subprocess
@@ -254,3 +255,146 @@ def test_pause_resume_and_snapshot_from_two_clients_do_not_interleave(spinning: 
     from worldswitch.vmm.snapshot import open_snapshot
 
     assert open_snapshot(tmp_path / "snap").manifest["vcpus"] == 1
+
+
+# --- hostile users and clients (issue 11) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["file", "symlink", "directory"])
+def test_control_never_removes_what_is_not_a_stale_socket(tmp_path: Path, what: str) -> None:
+    """`--control vm.toml` (a typo) must not delete the machine file, nor anything else at the path."""
+    from worldswitch.errors import WorldswitchError
+
+    target = tmp_path / "vm.toml"
+    if what == "file":
+        target.write_text("memory = '1G'\n")
+    elif what == "symlink":
+        (tmp_path / "elsewhere").write_text("keep me\n")
+        target.symlink_to(tmp_path / "elsewhere")
+    else:
+        target.mkdir()
+    machine = Machine(guest="hello", control=str(target))
+    with pytest.raises(WorldswitchError, match="exists and is not a socket"):
+        machine.start()
+    machine.close()
+    if what == "file":
+        assert target.read_text() == "memory = '1G'\n"
+    elif what == "symlink":
+        assert target.is_symlink() and (tmp_path / "elsewhere").read_text() == "keep me\n"
+    else:
+        assert target.is_dir()
+
+
+def test_a_stale_socket_is_replaced_and_only_our_own_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # bound, never listening: what a killed VMX leaves
+    stale.close()
+    with Machine(guest="fault", args="spin", control=str(path)) as vm:
+        vm.start()
+        assert Client(path).ask("status")["ok"]
+        os.unlink(path)
+        path.write_text("someone else's file\n")  # replaced while the VM ran
+    assert path.read_text() == "someone else's file\n"
+
+
+def test_control_paths_that_cannot_be_sockets_are_one_line_errors(tmp_path: Path) -> None:
+    for path, message in ((tmp_path / "missing" / "vm.sock", "is not a directory"),
+                          (tmp_path / ("x" * 120) / "vm.sock", "too long")):
+        if "x" * 120 in str(path):
+            path.parent.mkdir()
+        result = subprocess.run([*COMMAND, "run", "--guest", "hello", "--control", str(path)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "missing").exists()  # no directories made for a typo
+
+
+def test_a_subscriber_that_never_reads_cannot_hold_up_the_vmx(spinning: tuple[Machine, Path]) -> None:
+    vm, path = spinning
+    sleeper = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sleeper.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sleeper.connect(str(path))
+    sleeper.sendall(b'{"command": "events"}\n')  # and then never reads
+    time.sleep(0.2)
+    assert vm.control is not None
+    started = time.monotonic()
+    for number in range(20000):  # about 4 MiB of events: far more than sockets and the queue hold
+        vm.control.publish("test-event", number=number, padding="x" * 160)
+    assert time.monotonic() - started < 10  # publishing never waited for the client
+    client = Client(path)
+    for _ in range(5):  # the VMX still answers, pauses and resumes
+        assert client.ask("pause")["ok"] and client.ask("resume")["ok"]
+    deadline = time.monotonic() + 10
+    while vm.control.dropped == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert vm.control.dropped == 1
+    # told, then cut off: what it reads ends with the "dropped" event, then the end of the stream
+    sleeper.settimeout(10)
+    data = b""
+    while chunk := sleeper.recv(1 << 20):
+        data += chunk
+    assert b'"event": "dropped"' in data.splitlines()[-1]
+    sleeper.close()
+    client.close()
+
+
+def test_many_idle_clients_cost_no_threads_and_a_burst_is_served(spinning: tuple[Machine, Path]) -> None:
+    from worldswitch.vmx.control import MAX_CLIENTS
+
+    vm, path = spinning
+    threads_before = threading.active_count()
+    idle = []
+    for _ in range(MAX_CLIENTS):
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(str(path))
+        idle.append(connection)
+    assert threading.active_count() <= threads_before + 4  # the command pool, not one thread per client
+    extra = Client(path)
+    assert extra.receive()["error"]["code"] == "busy"  # one more than the VMX serves is told so
+    extra.close()
+    for connection in idle:
+        connection.close()
+    assert vm.control is not None
+    deadline = time.monotonic() + 10
+    while vm.control.connections and time.monotonic() < deadline:  # the VMX has seen them go
+        time.sleep(0.01)
+    answers: list[dict[str, Any]] = []
+    burst = [Client(path) for _ in range(100)]  # connected before any is served: the listen backlog holds them
+    for client in burst:
+        client.send_raw(b'{"command": "status"}\n')
+    for client in burst:
+        answers.append(client.receive())
+        client.close()
+    assert len(answers) == 100 and all(answer["ok"] for answer in answers)
+
+
+def test_blank_lines_and_non_json_numbers_get_an_error(spinning: tuple[Machine, Path]) -> None:
+    vm, path = spinning
+    client = Client(path)
+    client.send_raw(b"\n")
+    assert client.receive()["error"]["code"] == "bad-request"
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        client.send_raw(b'{"id": ' + constant + b', "command": "status"}\n')
+        answer = json.loads(client.lines.readline(), parse_constant=lambda name: pytest.fail(f"{name} echoed back"))
+        assert answer["error"]["code"] == "bad-json" and "id" not in answer
+    client.close()
+
+
+def test_ctl_into_a_closed_pipe_ends_quietly(spinning: tuple[Machine, Path]) -> None:
+    """`worldswitch ctl SOCKET events | head -1`: once head has gone, the next event ends ctl quietly."""
+    vm, path = spinning
+    events = subprocess.Popen([*COMMAND, "ctl", str(path), "events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert vm.control is not None
+    deadline = time.monotonic() + 30
+    while vm.control.connections == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # subscribed
+    assert events.stdout is not None and events.stderr is not None
+    vm.pause()
+    assert json.loads(events.stdout.readline())["event"] == "paused"
+    events.stdout.close()  # head -1 has what it wanted
+    vm.resume()
+    vm.pause()
+    vm.resume()
+    assert events.wait(30) == 141
+    assert events.stderr.read() == b""

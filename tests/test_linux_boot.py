@@ -24,7 +24,7 @@ from .helpers import make_elf
 VMLINUX = make_elf([(0x1000000, b"\x90" * 64 + b"startup_64", 0x200000)])
 
 
-def lz4_legacy(data: bytes) -> bytes:
+def lz4_blocks(data: bytes) -> bytes:
     out = struct.pack("<I", 0x184C2102)
     for i in range(0, len(data), 8 << 20):
         block = lz4.block.compress(data[i : i + (8 << 20)], store_size=False)
@@ -32,13 +32,22 @@ def lz4_legacy(data: bytes) -> bytes:
     return out
 
 
-COMPRESSORS = {
+def with_size(data: bytes, compressed: bytes) -> bytes:
+    """What the kernel build's *_with_size commands do: the unpacked size appended (size_append)."""
+    return compressed + struct.pack("<I", len(data) & 0xFFFFFFFF)
+
+
+def lz4_legacy(data: bytes) -> bytes:
+    return with_size(data, lz4_blocks(data))
+
+
+COMPRESSORS = {  # as arch/x86/boot/compressed/Makefile makes them: gzip's own ISIZE, the rest with their size
     "gzip": gzip.compress,
-    "xz": lambda d: lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32),
-    "lzma": lambda d: lzma.compress(d, format=lzma.FORMAT_ALONE),
-    "bzip2": bz2.compress,
+    "xz": lambda d: with_size(d, lzma.compress(d, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)),
+    "lzma": lambda d: with_size(d, lzma.compress(d, format=lzma.FORMAT_ALONE)),
+    "bzip2": lambda d: with_size(d, bz2.compress(d)),
     "lz4": lz4_legacy,
-    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+    "zstd": lambda d: with_size(d, zstandard.ZstdCompressor().compress(d)),
 }
 
 
@@ -80,7 +89,42 @@ def test_every_payload_format_decompresses_on_the_host(compression: str) -> None
 
 def test_lz4_legacy_frames_larger_than_one_block() -> None:
     big = make_elf([(0x1000000, bytes(range(256)) * 40000, 10 << 20)])  # 10 MiB: two 8 MiB blocks
-    assert decompress(lz4_legacy(big) + struct.pack("<I", len(big)), "lz4") == big
+    assert decompress(lz4_legacy(big), "lz4") == big
+
+
+def _corrupt_lz4(kind: str) -> bytes:
+    big = make_elf([(0x1000000, bytes(range(256)) * 40000, 10 << 20)])
+    good = lz4_legacy(big)
+    first_block = struct.unpack_from("<I", good, 4)[0]
+    if kind == "truncated":
+        return good[: len(good) - 100]  # the last block runs past what is left
+    if kind == "wrong size":
+        return good[:-4] + struct.pack("<I", len(big) + 1)
+    if kind == "short block first":  # blocks swapped: the short one is no longer last
+        second_at = 8 + first_block
+        second = good[second_at : len(good) - 4]
+        return good[:4] + second + good[4:second_at] + good[-4:]
+    if kind == "garbage after":
+        return good[:-4] + b"\x00\x00\x00\x00garbage" + good[-4:]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "runs past the end"),
+    ("wrong size", "the kernel build recorded"),
+    ("short block first", "follows one shorter than 8 MiB"),
+    ("garbage after", "corrupt"),
+])
+def test_a_corrupt_lz4_payload_is_refused(kind: str, message: str) -> None:
+    kernel = parse_bzimage(make_bzimage(_corrupt_lz4(kind), init_size=32 << 20))
+    with pytest.raises(GuestImageError, match=message):
+        extract_vmlinux(kernel)
+
+
+def test_a_payload_larger_than_init_size_is_refused() -> None:
+    kernel = parse_bzimage(make_bzimage(lz4_legacy(VMLINUX), init_size=64))
+    with pytest.raises(GuestImageError, match="more than the 64 its header says the kernel needs"):
+        extract_vmlinux(kernel)
 
 
 @pytest.mark.parametrize(

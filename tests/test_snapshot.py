@@ -4,6 +4,7 @@ the `echo` guest for the console, and the `vblk` driver for a virtio disk's in-f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from worldswitch.vmm import snapshot as snapshot_module
 from worldswitch.vmm.builder import DiskConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import StopReason
-from worldswitch.vmm.snapshot import SnapshotError
+from worldswitch.vmm.snapshot import VERSION, SnapshotError
 from worldswitch.vmx.api import Machine
 
 pytestmark = pytest.mark.kvm
@@ -195,8 +196,11 @@ def first_data_offset(path: Path) -> int:
     (lambda d: (d / "vcpus.json").write_text((d / "vcpus.json").read_text().replace('"regs": "', '"regs": "00', 1)),
      "vcpus.json does not match its checksum"),
     (lambda d: (d / "devices.json").write_text("{}"), "devices.json does not match its checksum"),
-    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"version": 1', '"version": 99')),
-     "format version 99; this worldswitch reads 1"),
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace(f'"version": {VERSION}', '"version": 99')),
+     f"format version 99; this worldswitch reads {VERSION}"),
+    (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"vcpus": 1', '"vcpus": 2')),
+     "manifest.json does not match its checksum"),
+    (lambda d: (d / "manifest.sha256").unlink(), "is missing manifest.sha256"),
     (lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text().replace('"worldswitch-snapshot"', '"other"')),
      "is not a worldswitch snapshot"),
 ])
@@ -219,13 +223,55 @@ def test_a_flipped_byte_in_guest_memory_is_refused(snapshot_dir: Path, tmp_path:
         Machine.restore(copy).build()
 
 
-def test_a_snapshot_with_other_vcpus_is_refused(snapshot_dir: Path, tmp_path: Path) -> None:
-    copy = damaged(snapshot_dir, tmp_path)
+def resealed(copy: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Edit the manifest and recompute its digest, as someone would who knows the format."""
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["machine"]["cpus"] = 2  # a description that does not fit the saved state
+    change(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SnapshotError, match="1 vCPUs, the machine 2"):
+    (copy / "manifest.sha256").write_text(hashlib.sha256((copy / "manifest.json").read_bytes()).hexdigest() + "\n")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["machine"].update(cpus=2), "cpus disagrees with vcpus"),
+    (lambda m: (m.update(vcpus=2), m["machine"].update(cpus=2)), "vcpus.json holds 1 vCPUs; the manifest says 2"),
+    (lambda m: m.update(version=float(VERSION)), "format version"),
+    (lambda m: m.update(version=True), "format version"),
+    (lambda m: m.update(vcpus=True), "vcpus is not a whole number"),
+    (lambda m: m.update(vcpus="1"), "vcpus is not a whole number"),
+    (lambda m: m.update(memory=[[0, "1"]]), "memory is not a list"),
+    (lambda m: m["files"].update({"../../../etc/passwd": "0" * 64}), "files must name exactly"),
+    (lambda m: m.update(memory_digest=7), "memory_digest is not a SHA-256"),
+])
+def test_a_resealed_manifest_must_still_agree_with_itself_and_the_state(snapshot_dir: Path, tmp_path: Path,
+                                                                        change, message: str) -> None:  # type: ignore[no-untyped-def]
+    copy = damaged(snapshot_dir, tmp_path)
+    resealed(copy, change)
+    with pytest.raises(SnapshotError, match=message):
         Machine.restore(copy).build()
+
+
+def test_files_that_are_links_are_refused(snapshot_dir: Path, tmp_path: Path) -> None:
+    copy = damaged(snapshot_dir, tmp_path)
+    elsewhere = tmp_path / "vcpus-elsewhere.json"
+    (copy / "vcpus.json").rename(elsewhere)
+    (copy / "vcpus.json").symlink_to(elsewhere)  # the same bytes, the same digest: still refused
+    with pytest.raises(SnapshotError, match="vcpus.json in .* is not a plain file"):
+        Machine.restore(copy).build()
+
+
+def test_a_partial_snapshot_of_a_killed_vmx_is_cleared_by_the_next(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    partial = tmp_path / f".snap.partial-{dead.pid}"
+    partial.mkdir()
+    (partial / "memory.bin").write_bytes(b"half")
+    alive = tmp_path / f".snap.partial-{os.getpid()}x"  # not a PID: left alone
+    alive.mkdir()
+    with Machine(guest="fault", args="spin") as vm:
+        vm.start()
+        vm.snapshot(tmp_path / "snap")
+        vm.stop()
+    assert not partial.exists() and alive.exists() and (tmp_path / "snap" / "manifest.sha256").exists()
 
 
 def test_a_crash_mid_write_leaves_nothing_that_restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

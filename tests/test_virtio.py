@@ -3,8 +3,11 @@ transport, negotiation, queues, interrupts, each device, and what hostile driver
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
+import shutil
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -327,6 +330,65 @@ def test_console_transmits_and_receives(memory) -> None:
         function.close()
 
 
+class FullDisk(ConsoleBackend):
+    """A console file on a file system that fills up after the first write."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.out += data
+        self.full = True
+
+
+def test_a_back_end_failure_needs_a_reset_and_the_io_thread_lives_on(memory) -> None:
+    backend = FullDisk()
+    device = VirtioConsole(memory, backend)
+    function, driver, _ = plug(device, memory)
+    try:
+        driver.start(queues=(0, 1))
+        for text in (b"fits", b"does not"):
+            driver.queues[1].add([(*driver.buffer(text), False)])
+            driver.kick(1)
+        assert "its back end failed: No space left on device" in driver.wait_needs_reset(timeout=5)
+        assert bytes(backend.out) == b"fits"
+        assert function.worker.error is None  # the thread is alive: after a reset the device works again
+        backend.full = False
+        driver.start(queues=(0, 1))
+        driver.queues[1].add([(*driver.buffer(b"again"), False)])
+        driver.kick(1)
+        driver.wait_used(1)
+        assert bytes(backend.out) == b"fitsagain"
+    finally:
+        function.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a small tmpfs, mounted as root")
+def test_a_full_disk_answers_ioerr_with_one_warning(memory, tmp_path) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        image = mount / "sparse.img"
+        with open(image, "wb") as file:
+            file.truncate(1 << 20)  # 1 MiB of holes on 64 KiB of space
+        warnings: list[str] = []
+        function, driver, _ = plug(VirtioBlock(memory, str(image), warn=warnings.append), memory)
+        try:
+            driver.start()
+            statuses = [blk_request(driver, vb.T_OUT, sector, b"\xab" * 4096)[0] for sector in range(0, 256, 8)]
+            assert statuses[0] == vb.S_OK and statuses[-1] == vb.S_IOERR  # the first fit, the last did not
+            assert len(warnings) == 1 and "No space left on device" in warnings[0]
+            assert blk_request(driver, vb.T_IN, 0, 512)[0] == vb.S_OK  # the device goes on serving
+        finally:
+            function.close()
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
 # --- the virtqueue parser under fuzzing ---------------------------------------------------------------
 
 
@@ -361,3 +423,60 @@ def test_fuzzed_rings_give_valid_chains_or_virtqueue_errors(memory, descriptors,
         for buffer in chain.readable + chain.writable:
             assert memory.contains(buffer.gpa, buffer.length)
         assert len(chain.readable) + len(chain.writable) <= 8 * 8
+
+
+# --- image locks, as QEMU takes them ------------------------------------------------------------------
+
+
+def test_an_image_has_one_writer_or_many_readers(memory, image) -> None:
+    from worldswitch.errors import ConfigError
+
+    writer = VirtioBlock(memory, str(image))
+    try:
+        with pytest.raises(ConfigError, match="is in use"):
+            VirtioBlock(memory, str(image))  # a second writer, even in the same process
+        with pytest.raises(ConfigError, match=r"is in use: another process may write it \(to read it anyway"):
+            VirtioBlock(memory, str(image), read_only=True)
+        VirtioBlock(memory, str(image), read_only=True, shared=True).close()  # the user's explicit choice
+    finally:
+        writer.close()
+    readers = [VirtioBlock(memory, str(image), read_only=True) for _ in range(2)]
+    try:
+        with pytest.raises(ConfigError, match="does not let others write it"):
+            VirtioBlock(memory, str(image))
+    finally:
+        for reader in readers:
+            reader.close()
+    VirtioBlock(memory, str(image)).close()  # the locks went with the descriptors
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
+                    reason="qemu-utils is not installed (.ci/run installs it)")
+def test_qemu_and_worldswitch_respect_each_others_locks(memory, image) -> None:
+    import time
+
+    from worldswitch.errors import ConfigError
+
+    writer = VirtioBlock(memory, str(image))
+    try:
+        qemu_io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", str(image)], capture_output=True,
+                                 text=True, timeout=60)
+        assert qemu_io.returncode != 0 and 'Failed to get "write" lock' in qemu_io.stderr
+    finally:
+        writer.close()
+    qemu = subprocess.Popen(["qemu-io", "-f", "raw", str(image)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # opens the image read-write and waits for commands
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                VirtioBlock(memory, str(image)).close()
+            except ConfigError as error:
+                assert "is in use" in str(error)
+                break
+            time.sleep(0.1)  # QEMU has not opened it yet
+        else:
+            pytest.fail("worldswitch opened an image QEMU writes")
+    finally:
+        qemu.kill()
+        qemu.wait()

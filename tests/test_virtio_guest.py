@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,7 +92,37 @@ def test_cli_disk_options(disk) -> None:
     assert result.returncode == 0, result.stderr
     bad = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", f"{disk},fast"], capture_output=True,
                          text=True, timeout=60)
-    assert bad.returncode == 2 and "expected PATH[,ro][,serial=ID]" in bad.stderr
+    assert bad.returncode == 2 and "expected PATH[,ro[,shared]][,serial=ID]" in bad.stderr
     missing = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", "/nonexistent.img"],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "cannot open disk image /nonexistent.img" in missing.stderr
+
+
+def test_a_bug_in_a_device_thread_ends_the_vm_like_a_vcpus(tmp_path: Path, monkeypatch) -> None:
+    """A device's I/O thread that dies of an exception must end the VM with status 70, as a vCPU
+    thread's bug does: never a device that silently stops answering."""
+    from worldswitch.devices.virtio.blk import VirtioBlock
+
+    def broken(self, index: int) -> None:
+        raise RuntimeError("a bug in the device")
+
+    monkeypatch.setattr(VirtioBlock, "process", broken)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    run = run_guest("vblk", "test", timeout=60, disks=[DiskConfig(str(disk))])
+    assert run.result.reason is StopReason.VMX_ERROR and run.result.exit_status == 70
+    assert "virtio-blk's I/O thread: RuntimeError: a bug in the device" in run.result.message
+
+
+def test_a_second_vm_cannot_take_a_disk_in_use(disk) -> None:
+    from worldswitch.vmx.api import Machine
+
+    with Machine(guest="fault", args="spin", disks=[str(disk)]) as vm:
+        vm.start()
+        second = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", str(disk)], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2 and second.stderr.strip().splitlines() == [
+            f"worldswitch: error: disk image {disk} is in use: another process does not let others write it"]
+        shared = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", f"{disk},ro,shared"],
+                                capture_output=True, text=True, timeout=60)
+        assert shared.returncode == 0, shared.stderr  # read-only sharing, asked for by name

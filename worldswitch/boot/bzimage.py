@@ -71,6 +71,10 @@ def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
     if len(image) < 0x250 or image[0x202:0x206] != b"HdrS":
         raise GuestImageError(f"{name} is not a Linux kernel (no 'HdrS' boot header); "
                               "give a bzImage (vmlinuz) or an uncompressed ELF vmlinux")
+    header_end = bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header)
+    if len(image) < header_end:
+        raise GuestImageError(f"{name} is cut short: {len(image)} bytes end inside its boot header "
+                              f"(which ends at byte {header_end})")
     header = bp.setup_header.from_buffer_copy(image, bp.SETUP_HEADER_OFFSET)
     if header.boot_flag != bp.BOOT_FLAG:
         raise GuestImageError(f"{name}: boot sector signature is {header.boot_flag:#06x}, not 0xaa55")
@@ -106,21 +110,30 @@ def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
 
 
 def _lz4_legacy(payload: bytes) -> bytes:
-    """LZ4's legacy frame format, which the kernel uses: magic, then (u32 size, block)* of at most
-    8 MiB each; the kernel appends the uncompressed size, which reads as an impossible block size."""
+    """LZ4's legacy frame format, which the kernel uses: magic, then (u32 size, block)* where every
+    block but the last unpacks to exactly 8 MiB; then the 4 bytes of size the kernel build appends.
+    The format has no checksums, so its structure is all there is to check: every block must fit,
+    unpack whole, and the blocks must end exactly where the appended size begins."""
     import lz4.block  # a well-kept binding of the reference implementation
 
     out = bytearray()
     position = 4
-    while position + 4 <= len(payload):
+    short_block = False
+    while len(payload) - position > 4:  # the last 4 bytes are the appended size
         (size,) = struct.unpack_from("<I", payload, position)
         position += 4
         if size == LZ4_LEGACY_MAGIC:
             continue  # a new frame (concatenated streams)
-        if position + size > len(payload):
-            break
-        out += lz4.block.decompress(payload[position : position + size], uncompressed_size=LZ4_LEGACY_BLOCK)
+        if position + size > len(payload) - 4:
+            raise ValueError(f"a block of {size} bytes at offset {position - 4} runs past the end")
+        if short_block:
+            raise ValueError("a block follows one shorter than 8 MiB")
+        block = lz4.block.decompress(payload[position : position + size], uncompressed_size=LZ4_LEGACY_BLOCK)
+        short_block = len(block) < LZ4_LEGACY_BLOCK
+        out += block
         position += size
+    if position != len(payload) - 4:
+        raise ValueError("the blocks do not end where the appended size begins")
     return bytes(out)
 
 
@@ -154,12 +167,28 @@ def decompress(payload: bytes, compression: str, name: str = "kernel") -> bytes:
     raise GuestImageError(f"{name}: cannot decompress a {compression} payload on the host; use --decompress=guest")
 
 
+def check_unpacked_size(data: bytes, payload: bytes, compression: str, init_size: int, name: str) -> None:
+    """What the kernel build recorded about the payload must hold: its last 4 bytes are the unpacked
+    size (gzip's own ISIZE, or the size every other format gets appended: the kernel's mkpiggy reads
+    it so), and the kernel needs no more room than its header's init_size."""
+    if compression == "none":
+        return
+    recorded = int.from_bytes(payload[-4:], "little")
+    if len(payload) < 4 or recorded != len(data) & 0xFFFFFFFF:
+        raise GuestImageError(f"{name}: its {compression} payload is corrupt: it unpacks to {len(data)} bytes, "
+                              f"the kernel build recorded {recorded}")
+    if len(data) > init_size:
+        raise GuestImageError(f"{name}: its payload unpacks to {len(data)} bytes, more than the {init_size} its "
+                              "header says the kernel needs (init_size): not a kernel this header describes")
+
+
 def extract_vmlinux(kernel: BzImage) -> bytes:
     """The ELF vmlinux inside a bzImage (protocol 2.08+ describes where the payload is)."""
     if kernel.header.version < 0x0208 or not kernel.header.payload_length:
         raise GuestImageError(f"{kernel.name}: boot protocol {kernel.protocol} does not locate its payload; "
                               "use --decompress=guest")
     data = decompress(kernel.payload, kernel.compression, kernel.name)
+    check_unpacked_size(data, kernel.payload, kernel.compression, kernel.header.init_size, kernel.name)
     if not data.startswith(b"\x7fELF"):
         raise GuestImageError(f"{kernel.name}: the decompressed {kernel.compression} payload is not an ELF vmlinux")
     return data

@@ -19,6 +19,7 @@ from typing import Callable
 from .base import InterruptLine
 
 CONFIG_ADDRESS_PORT = 0xCF8
+RESET_CONTROL_OFFSET = 1  # port 0xcf9, a byte inside the host bridge's 0xcf8-0xcfb
 CONFIG_DATA_PORT = 0xCFC
 CONFIG_SIZE = 256
 ECAM_FUNCTION_SIZE = 4096  # PCIe: 4 KiB of configuration space per function
@@ -229,12 +230,23 @@ class Slot:
     intx: InterruptLine | None = None
 
 
-class PciBus:
-    """Bus 0 and its two configuration access mechanisms."""
+def all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
 
-    def __init__(self) -> None:
+
+class PciBus:
+    """Bus 0 and its two configuration access mechanisms.
+
+    Ports 0xcf8-0xcfb: a dword there is CONFIG_ADDRESS; anything narrower is not the host bridge's
+    but goes on to the chipset, where a byte at 0xcf9 is the reset control register (the PIIX's, and
+    the FADT's reset register): `chipset` gets those accesses (offset from 0xcf8)."""
+
+    def __init__(self, chipset_read: Callable[[int, int], int] | None = None,
+                 chipset_write: Callable[[int, int, int], None] | None = None) -> None:
         self.slots: dict[int, Slot] = {}
         self.address = 0  # CONFIG_ADDRESS
+        self._chipset_read = chipset_read or (lambda offset, size: all_ones(size))
+        self._chipset_write = chipset_write or (lambda offset, size, value: None)
         self._lock = threading.Lock()
 
     def add(self, function: PciFunction, slot: int | None = None) -> int:
@@ -251,15 +263,18 @@ class PciBus:
         slot = self.slots.get(device)
         return slot.function if slot is not None else None
 
-    # Mechanism #1: a dword at port 0xcf8 selects, 0xcfc-0xcff carry the data. Only dword accesses
-    # reach CONFIG_ADDRESS; a byte at 0xcf9 is the chipset's reset control register, not ours.
+    # Mechanism #1: a dword at port 0xcf8 selects, 0xcfc-0xcff carry the data.
     def address_read(self, offset: int, size: int) -> int:
-        return self.address if size == 4 else 0xFFFFFFFF >> (32 - 8 * size)
+        if offset == 0 and size == 4:
+            return self.address
+        return self._chipset_read(offset, size)
 
     def address_write(self, offset: int, size: int, value: int) -> None:
-        if size == 4:
+        if offset == 0 and size == 4:
             with self._lock:
                 self.address = value & 0x80FFFFFC
+        else:
+            self._chipset_write(offset, size, value)
 
     def data_read(self, offset: int, size: int) -> int:
         return self._data(offset, size, None)
@@ -270,7 +285,7 @@ class PciBus:
     def _data(self, byte: int, size: int, value: int | None) -> int:
         address = self.address
         if not address & 0x80000000:
-            return 0xFFFFFFFF >> (32 - 8 * size)
+            return all_ones(size)
         bus, device, function = (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7
         register = (address & 0xFC) + byte
         return self._access(bus, device, function, register, size, value)
@@ -289,7 +304,7 @@ class PciBus:
     def _access(self, bus: int, device: int, function: int, register: int, size: int, value: int | None) -> int:
         target = self.function_at(bus, device, function)
         if target is None or register + size > ECAM_FUNCTION_SIZE:
-            return 0xFFFFFFFF >> (32 - 8 * size)  # no device: all ones, which is how scans end
+            return all_ones(size)  # no device: all ones, which is how scans end
         if value is None:
             return target.config_read(register, size)
         target.config_write(register, size, value)

@@ -22,6 +22,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "smp": "starts the other vCPUs with INIT/SIPI and counts them (args: [seconds to wait])",
     "vblk": "a ring-3 virtio-blk driver: finds the disk on PCI, tests it or benchmarks reads (args: test | seq N [QD] | rand N [QD], [second], [packed])",
     "count": "every vCPU counts to a target, checking memory against its register at each step (args: [N] [N for APs])",
+    "spray": "reads and writes every size at every offset of every device region and port, to show the VMX survives it (args: [stride])",
     "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls, or tests SYSCALL from ring 3 (args: ring0|ring3 [N] | syscall)",
 }
 

@@ -39,6 +39,7 @@ from .irq import KvmIrqLine
 from .kick import install_kick_handler
 from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
 from .pci_platform import PciPlatform
+from .result import MachineResult, StopReason
 from .machine import Machine
 from .memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .memory import GuestMemory
@@ -57,6 +58,7 @@ class DiskConfig:
     path: str
     read_only: bool = False
     serial: str | None = None
+    shared: bool = False  # read-only, and others may write it meanwhile (no write lock kept out)
 
 
 @dataclass
@@ -135,6 +137,12 @@ def build_machine(
     `restoring`: a snapshot will provide memory and CPU state, so no program is loaded."""
     if config.cpus < 1:
         raise ConfigError("a machine needs at least one vCPU")
+    if config.cpus > acpi.MAX_XAPIC_ID + 1:
+        raise ConfigError(f"at most {acpi.MAX_XAPIC_ID + 1} vCPUs: the MADT gives each an 8-bit APIC ID")
+    try:
+        config.args.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("--args must be UTF-8 text") from None
     name, path = config.program()
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
     image = b"" if restoring else read_image(path, "kernel" if config.kernel else "guest program")
@@ -147,8 +155,15 @@ def build_machine(
     if config.cpus > max_vcpus:
         kvm.close()
         raise ConfigError(f"this host's KVM supports at most {max_vcpus} vCPUs per VM")
-    vm = kvm.create_vm()
-    memory = GuestMemory(memory_map.backed_ranges())
+    vm = None
+    try:
+        vm = kvm.create_vm()
+        memory = GuestMemory(memory_map.backed_ranges())
+    except BaseException:  # the host refused (no memory to map, ...): nothing may stay open
+        if vm is not None:
+            vm.close()
+        kvm.close()
+        raise
     machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
     machine.warn = warn or (lambda text: None)
     machine.config = config.absolute()
@@ -245,8 +260,7 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
 
     pm = AcpiPm(on_power_off=machine.guest_power_off)
     pio.register("ACPI PM1/timer", acpi.PM_BASE, PM_BLOCK_SIZE, pm.read, pm.write)
-    reset = ResetRegister(on_reset=machine.guest_reset)
-    pio.register("reset register", acpi.RESET_PORT, 1, reset.read, reset.write)
+    reset = ResetRegister(on_reset=machine.guest_reset)  # a byte at 0xcf9: the PCI platform routes it
 
     ucall = UcallPort(machine.memory, machine.handle_ucall)
     pio.register("ucall", UCALL_PORT, UCALL_PORT_SIZE, ucall.read, ucall.write)
@@ -268,7 +282,9 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
 
 def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
-    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, machine.warn)
+    reset = machine.devices["reset"]
+    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write),  # type: ignore[attr-defined]
+                      lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn)
     machine.pci = pci
 
     def add(name: str, device: object) -> VirtioPciFunction:
@@ -278,7 +294,8 @@ def _attach_pci(machine: Machine, config: MachineConfig) -> None:
         return function
 
     for index, disk in enumerate(config.disks):
-        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial))
+        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial, machine.warn,
+                                              shared=disk.shared))
     for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
         function = add(f"virtio-net{index}", device)

@@ -63,7 +63,7 @@ class Machine:
 
         if self._started_ns:
             raise RuntimeError("tracing must be enabled before the machine starts")
-        self.trace_writer = TraceWriter(path, len(self.runners), limit)
+        self.trace_writer = TraceWriter(path, len(self.runners), limit, self.warn)
         for runner in self.runners:
             runner.trace = self.trace_writer.buffer_for(runner.index)
 

@@ -43,13 +43,18 @@ class GuestMemory:
     def __init__(self, ranges: list[tuple[int, int]]) -> None:
         """`ranges` is a list of (guest_phys_addr, size) pairs, page aligned and non-overlapping."""
         self.regions: list[MemoryRegion] = []
+        self._views: list[memoryview] = []
         for slot, (gpa, size) in enumerate(sorted(ranges)):
             if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
                 raise GuestMemoryError(f"memory range {gpa:#x}+{size:#x} is not page aligned")
             if self.regions and gpa < self.regions[-1].end:
                 raise GuestMemoryError(f"memory range {gpa:#x}+{size:#x} overlaps another")
             # MAP_NORESERVE: guest RAM costs host memory only where the guest touches it.
-            backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            try:
+                backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            except OSError as error:
+                self.close()
+                raise GuestMemoryError(f"this host cannot map {size >> 20} MiB of guest memory: {error.strerror}") from None
             host_addr = ctypes.addressof(ctypes.c_char.from_buffer(backing))
             self.regions.append(MemoryRegion(slot, gpa, size, backing, host_addr))
         self._views = [memoryview(region.backing) for region in self.regions]

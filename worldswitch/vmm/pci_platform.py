@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..devices.pci import COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, Bar, HostBridge, PciBus, PciFunction
+from ..devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE,
+                           RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.pci import VirtioPciFunction
 from ..driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
 from ..driver.kvm import Vm
 from ..errors import BusError, ConfigError
-from .bus import BusRange, MmioBus, PioBus
+from .bus import BusRange, MmioBus, PioBus, ReadFn, WriteFn, all_ones
 from .irq import KvmIrqLine
 from .irqroute import GsiRouter
 from .memmap import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
@@ -22,21 +23,32 @@ FIRST_INTX_GSI = 16
 
 
 class PciPlatform:
-    def __init__(self, vm: Vm, pio: PioBus, mmio: MmioBus, warn: Callable[[str], None] | None = None) -> None:
+    """`reset` is the chipset's reset control register (a byte at 0xcf9, inside the host bridge's
+    0xcf8-0xcfb), as (read, write) taking offsets from 0xcf9."""
+
+    def __init__(self, vm: Vm, pio: PioBus, mmio: MmioBus, reset: tuple[ReadFn, WriteFn],
+                 on_bug: Callable[[str], None], warn: Callable[[str], None] | None = None) -> None:
         self.vm = vm
+        self.on_bug = on_bug  # a device thread died: end the machine (status 70)
         self.pio = pio
         self.mmio = mmio
         self.warn = warn or (lambda text: None)
-        self.bus = PciBus()
+        reset_read, reset_write = reset
+        self.bus = PciBus(
+            lambda offset, size: reset_read(0, 1) if (offset, size) == (RESET_CONTROL_OFFSET, 1) else all_ones(size),
+            lambda offset, size, value: reset_write(0, 1, value) if (offset, size) == (RESET_CONTROL_OFFSET, 1) else None,
+        )
         self.router = GsiRouter(vm)
         self.functions: list[PciFunction] = []
         self._mapped: dict[tuple[int, int], BusRange] = {}
         self._ioeventfds: dict[int, list[tuple[int, int]]] = {}
         self._next_mmio = PCI_MMIO_START
         self._any_length = bool(vm.check_extension(Cap.IOEVENTFD_ANY_LENGTH))
-        pio.register("PCI CONFIG_ADDRESS", CONFIG_ADDRESS_PORT, 1, self.bus.address_read, self.bus.address_write)
+        pio.register("PCI CONFIG_ADDRESS and reset control", CONFIG_ADDRESS_PORT, 4, self.bus.address_read,
+                     self.bus.address_write)
         pio.register("PCI CONFIG_DATA", CONFIG_DATA_PORT, 4, self.bus.data_read, self.bus.data_write)
-        mmio.register("PCIe ECAM", ECAM_BASE, ECAM_SIZE, self.bus.ecam_read, self.bus.ecam_write)
+        # PCIe configuration requests are at most a dword: wider accesses arrive split (PCIe 4.0, 7.2.2)
+        mmio.register("PCIe ECAM", ECAM_BASE, ECAM_SIZE, self.bus.ecam_read, self.bus.ecam_write, max_size=4)
         self.add(HostBridge(), slot=0)
 
     def add(self, function: PciFunction, slot: int | None = None) -> int:
@@ -62,7 +74,7 @@ class PciPlatform:
         return slot
 
     def add_virtio(self, device: VirtioDevice, packed: bool = False) -> VirtioPciFunction:
-        function = VirtioPciFunction(device, packed=packed)
+        function = VirtioPciFunction(device, packed=packed, on_bug=self.on_bug)
         routes = [self.router.msi_route() for _ in range(function.msix.vectors)]
         function.msix.deliver = lambda vector, _address, _data: routes[vector].raise_()
         function.msix.program = lambda vector, address, data: routes[vector].program(address, data)

@@ -220,7 +220,8 @@ class VcpuRunner:
                         port = (head >> 16) & 0xFFFF
                         size = (head >> 8) & 0xFF
                         entry = pio_table.get(port)
-                        if entry is None:
+                        # a device sees only accesses inside its ports and naturally aligned (bus.py)
+                        if entry is None or port + size > entry.end or port & (size - 1) or size > entry.max_size:
                             if head & 0xFF:
                                 self.pio.write(port, size, pio_values[size].value)
                             else:

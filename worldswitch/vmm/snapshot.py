@@ -9,6 +9,12 @@
                         function: PCI configuration, BARs, MSI-X, status, queues and their indices)
     DIR/memory.bin      guest RAM as a sparse file: pages that are zero are holes; its content digest
                         (SHA-256 over the non-zero 2 MiB chunks and their addresses) is in the manifest
+    DIR/manifest.sha256 the SHA-256 of manifest.json's bytes: every byte a restore reads is covered
+
+A restore trusts nothing it has not checked: the manifest's digest, then every field's type, then each
+file's digest, then that the manifest and the state files agree (vCPUs, memory). Files are plain files
+in the directory, never links. A VMX killed while writing leaves `.NAME.partial-PID`; the next snapshot
+to NAME removes it once that process is gone.
 
 Writing is atomic: everything goes into a temporary directory next to DIR, is flushed to disk, and
 is renamed to DIR last; a crash leaves a temporary directory, never a DIR that restores wrongly.
@@ -24,6 +30,7 @@ import json
 import os
 import queue
 import shutil
+import stat
 import threading
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -38,8 +45,9 @@ if TYPE_CHECKING:  # machine.py imports this module lazily
     from .machine import Machine
 
 FORMAT = "worldswitch-snapshot"
-VERSION = 1
+VERSION = 2  # 2: manifest.sha256 covers the manifest
 FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
+MANIFEST_DIGEST = "manifest.sha256"
 
 CHUNK = 2 << 20  # memory is scanned and copied in 2 MiB pieces
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -263,6 +271,7 @@ def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: P
         raise SnapshotError(f"{target} already exists; a snapshot never overwrites")
     if not target.parent.is_dir():
         raise SnapshotError(f"{target.parent} is not a directory")
+    _remove_stale_partials(target)
     temporary = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
@@ -287,6 +296,7 @@ def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: P
             "files": {name: _sha256(temporary / name) for name in FILES},
         }
         _write_json(temporary / "manifest.json", manifest)
+        (temporary / MANIFEST_DIGEST).write_text(_sha256(temporary / "manifest.json") + "\n")
         directory = os.open(temporary, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -302,6 +312,21 @@ def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: P
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return SnapshotInfo(str(target), machine.memory.size, stored, time.monotonic() - started)
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """What a VMX killed while writing `target` left behind, once that VMX is gone."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or partial.is_symlink() or not partial.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is alive: perhaps writing it right now
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, and someone else's
 
 
 def _disk_fingerprint(path: str) -> dict[str, Any]:
@@ -329,28 +354,87 @@ class Snapshot:
         return self.manifest["machine"]
 
 
+def _plain_file(directory: Path, name: str) -> Path:
+    """directory/name, which must be a regular file there: never a link to somewhere else."""
+    file = directory / name
+    try:
+        info = os.lstat(file)
+    except FileNotFoundError:
+        raise SnapshotError(f"{directory} is missing {name}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SnapshotError(f"{name} in {directory} is not a plain file (a link, or a device): refused")
+    return file
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _exact(value: Any, kind: type) -> bool:
+    """isinstance without bool passing for int, or float for anything else."""
+    return type(value) is kind
+
+
+def check_manifest(manifest: Any) -> None:
+    """Every field the restore uses, of exactly the type it must have."""
+    def fail(what: str) -> None:
+        raise SnapshotError(f"the snapshot's manifest is malformed: {what}")
+
+    if not isinstance(manifest, dict):
+        fail("not a JSON object")
+    if not _exact(manifest.get("vcpus"), int) or not 1 <= manifest["vcpus"] <= 1024:
+        fail("vcpus is not a whole number of vCPUs")
+    memory = manifest.get("memory")
+    if not isinstance(memory, list) or not memory or not all(
+            isinstance(r, list) and len(r) == 2 and all(_exact(x, int) and x >= 0 for x in r) for r in memory):
+        fail("memory is not a list of [address, size] pairs")
+    for key in ("memory_digest",):
+        if not _exact(manifest.get(key), str) or len(manifest[key]) != 64:
+            fail(f"{key} is not a SHA-256")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES) or not all(_exact(v, str) for v in files.values()):
+        fail(f"files must name exactly {', '.join(FILES)} with their digests")
+    if not _exact(manifest.get("stored_bytes"), int):
+        fail("stored_bytes is not a number of bytes")
+    if not isinstance(manifest.get("machine"), dict):
+        fail("machine is not a machine description")
+    if not _exact(manifest["machine"].get("cpus"), int) or manifest["machine"]["cpus"] != manifest["vcpus"]:
+        fail(f"the machine description's cpus disagrees with vcpus ({manifest['vcpus']})")
+    disks = manifest.get("disks", [])
+    if not isinstance(disks, list) or not all(isinstance(d, dict) and _exact(d.get("path"), str) for d in disks):
+        fail("disks is not a list of disk fingerprints")
+
+
 def open_snapshot(path: str | Path) -> Snapshot:
     """Read and check a snapshot's manifest and files; nothing is restored yet."""
     directory = Path(path)
-    manifest_path = directory / "manifest.json"
     if not directory.is_dir():
         raise SnapshotError(f"{directory} is not a snapshot directory")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
+        manifest_path = _plain_file(directory, "manifest.json")
+    except SnapshotError:
         raise SnapshotError(f"{directory} has no manifest.json: not a snapshot, or an unfinished one") from None
+    try:
+        raw = manifest_path.read_bytes()
+        manifest = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, OSError) as error:
         raise SnapshotError(f"{manifest_path} is unreadable: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SnapshotError(f"{directory} is not a worldswitch snapshot")
-    if manifest.get("version") != VERSION:
-        raise SnapshotError(f"{directory} is snapshot format version {manifest.get('version')}; this worldswitch reads {VERSION}")
-    for name in (*FILES, "memory.bin"):
-        file = directory / name
-        if not file.exists():
-            raise SnapshotError(f"{directory} is missing {name}")
-        if name != "memory.bin" and _sha256(file) != manifest.get("files", {}).get(name):
+    version = manifest.get("version")
+    if not _exact(version, int) or version != VERSION:
+        raise SnapshotError(f"{directory} is snapshot format version {version!r}; this worldswitch reads {VERSION}")
+    try:
+        recorded = _plain_file(directory, MANIFEST_DIGEST).read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SnapshotError(f"{directory}/{MANIFEST_DIGEST} is unreadable: {error}") from None
+    if hashlib.sha256(raw).hexdigest() != recorded:
+        raise SnapshotError("manifest.json does not match its checksum: the snapshot was changed or damaged")
+    check_manifest(manifest)
+    for name in FILES:
+        if _sha256(_plain_file(directory, name)) != manifest["files"][name]:
             raise SnapshotError(f"{name} does not match its checksum: the snapshot was changed or damaged")
+    _plain_file(directory, "memory.bin")
     return Snapshot(directory, manifest)
 
 
@@ -363,7 +447,11 @@ def restore(machine: Machine, snapshot: Snapshot, progress: Progress | None = No
     if manifest["vcpus"] != len(machine.runners):
         raise SnapshotError(f"the snapshot has {manifest['vcpus']} vCPUs, the machine {len(machine.runners)}")
     try:
-        vcpus = [VcpuState.from_json(data) for data in json.loads((snapshot.path / "vcpus.json").read_text())]
+        saved = json.loads((snapshot.path / "vcpus.json").read_text())
+        if not isinstance(saved, list) or len(saved) != manifest["vcpus"]:
+            raise SnapshotError(f"vcpus.json holds {len(saved) if isinstance(saved, list) else 'no list of'} vCPUs; "
+                                f"the manifest says {manifest['vcpus']}")
+        vcpus = [VcpuState.from_json(data) for data in saved]
         vm_state = VmState.from_json(json.loads((snapshot.path / "vm.json").read_text()))
         devices = from_json(json.loads((snapshot.path / "devices.json").read_text()))
     except (ValueError, KeyError, TypeError) as error:

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from ..errors import WorldswitchError
 
@@ -55,14 +55,18 @@ class TraceRecord:
 class TraceWriter:
     """Owns the trace file; vCPU runners write through their own TraceBuffer."""
 
-    def __init__(self, path: str | Path, vcpus: int, limit: int = DEFAULT_LIMIT) -> None:
-        try:
-            self.file: BinaryIO = open(path, "wb")
-        except OSError as error:
-            raise WorldswitchError(f"cannot write the trace file {path}: {error.strerror}") from None
+    def __init__(self, path: str | Path, vcpus: int, limit: int = DEFAULT_LIMIT,
+                 warn: Callable[[str], None] | None = None) -> None:
+        """`warn` hears once if the file fails while the VM runs (a full disk): tracing then stops,
+        the VM does not."""
         self.path = str(path)
         self.base_ns = time.perf_counter_ns()
-        self.file.write(HEADER.pack(MAGIC, HEADER.size, RECORD.size, self.base_ns, time.time(), vcpus))
+        self.warn = warn or (lambda text: None)
+        try:
+            self.file: BinaryIO = open(path, "wb", buffering=0)
+            self.file.write(HEADER.pack(MAGIC, HEADER.size, RECORD.size, self.base_ns, time.time(), vcpus))
+        except OSError as error:
+            raise WorldswitchError(f"cannot write the trace file {path}: {error.strerror}") from None
         self.limit_per_vcpu = max(1, limit // max(1, vcpus))
         self.lock = threading.Lock()
         self.buffers: list[TraceBuffer] = []
@@ -76,7 +80,16 @@ class TraceWriter:
     def write(self, data: bytes | memoryview) -> None:
         with self.lock:
             if not self.closed:
-                self.file.write(data)
+                self._write(data)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """With the lock held."""
+        try:
+            self.file.write(data)
+        except OSError as error:
+            self.closed = True
+            self.file.close()
+            self.warn(f"the trace file {self.path} failed ({error.strerror or error}); tracing stopped, the VM goes on")
 
     def close(self, trailer: dict[str, object]) -> None:
         for buffer in self.buffers:
@@ -84,10 +97,12 @@ class TraceWriter:
         trailer = {**trailer, "dropped": {b.vcpu: b.dropped for b in self.buffers if b.dropped}}
         data = json.dumps(trailer).encode()
         with self.lock:
-            self.file.write(RECORD.pack(0, 0, 0, len(data), 0, END_MARK, END_MARK, 0, 0))
-            self.file.write(data)
-            self.file.close()
-            self.closed = True
+            if self.closed:
+                return
+            self._write(RECORD.pack(0, 0, 0, len(data), 0, END_MARK, END_MARK, 0, 0) + data)
+            if not self.closed:
+                self.file.close()
+                self.closed = True
 
 
 class TraceBuffer:

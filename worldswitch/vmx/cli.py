@@ -36,6 +36,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "worldswitch" / "debian"
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a program the signal ended
 
 
 def _session_options(parser: argparse.ArgumentParser) -> None:
@@ -283,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("worldswitch: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our output went away (`worldswitch ctl SOCKET events | head`): end as a program
+        # killed by SIGPIPE would, quietly; stdout goes to /dev/null so the exit's flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as error:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("WORLDSWITCH_DEBUG"):
             import traceback

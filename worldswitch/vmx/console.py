@@ -67,15 +67,28 @@ class NullConsole(Console):
 
 
 class FileConsole(Console):
+    """Output appended to a file. If the host stops taking it (a full disk), the user hears it once
+    and the guest runs on; its output from then on is lost, never the VM."""
+
     def __init__(self, path: str) -> None:
         super().__init__()
+        self.path = path
+        self.failed: str | None = None
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise ConfigError(f"cannot open serial output file {path}: {error.strerror}") from None
 
     def _write(self, data: bytes) -> None:
-        os.write(self.fd, data)
+        if self.failed is not None:
+            return
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as error:
+            self.failed = error.strerror or str(error)
+            stderr_line(f"warning: the serial output file {self.path} failed ({self.failed}); "
+                        "the guest's output from here on is lost", self)
 
     def close(self) -> None:
         if self.fd >= 0:

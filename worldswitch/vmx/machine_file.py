@@ -67,12 +67,18 @@ def _options(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_disk(spec: str, base: Path | None = None) -> DiskConfig:
-    """PATH[,ro][,serial=ID], the --disk syntax; a relative PATH is taken from `base`."""
+    """PATH[,ro[,shared]][,serial=ID], the --disk syntax; a relative PATH is taken from `base`."""
     path, options = _options(spec)
-    unknown = set(options) - {"ro", "serial"}
+    unknown = set(options) - {"ro", "shared", "serial"}
     if not path or unknown:
-        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
-    return DiskConfig(str(base / path) if base else path, read_only="ro" in options, serial=options.get("serial") or None)
+        raise ConfigError(f"--disk {spec!r}: expected PATH[,ro[,shared]][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+    return disk_config(str(base / path) if base else path, "ro" in options, options.get("serial") or None, "shared" in options)
+
+
+def disk_config(path: str, read_only: bool, serial: str | None, shared: bool) -> DiskConfig:
+    if shared and not read_only:
+        raise ConfigError(f"disk {path}: shared is for read-only disks (ro,shared): two writers would corrupt it")
+    return DiskConfig(path, read_only, serial, shared)
 
 
 def parse_net(spec: str) -> NetConfig:
@@ -136,12 +142,14 @@ def convert(key: str, raw: Any, base: Path) -> Any:
             if isinstance(item, str):
                 disks.append(parse_disk(item, base))
             elif isinstance(item, dict):
-                unknown = set(item) - {"path", "read_only", "serial"}
+                unknown = set(item) - {"path", "read_only", "serial", "shared"}
                 if unknown or not isinstance(item.get("path"), str) or not item["path"]:
-                    raise ConfigError(f"a disk table has a path and optionally read_only and serial, not {sorted(unknown)}")
-                if not isinstance(item.get("read_only", False), bool) or not isinstance(item.get("serial", ""), str):
-                    raise ConfigError("a disk's read_only is true or false and its serial a string")
-                disks.append(DiskConfig(str(base / item["path"]), item.get("read_only", False), item.get("serial")))
+                    raise ConfigError(f"a disk table has a path and optionally read_only, shared and serial, not {sorted(unknown)}")
+                if not all(isinstance(item.get(key, False), bool) for key in ("read_only", "shared")) or \
+                        not isinstance(item.get("serial", ""), str):
+                    raise ConfigError("a disk's read_only and shared are true or false and its serial a string")
+                disks.append(disk_config(str(base / item["path"]), item.get("read_only", False), item.get("serial"),
+                                         item.get("shared", False)))
             else:
                 raise ConfigError("each disk is a string or a table")
         return disks

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..vmm.result import MachineResult, StopReason
+from ..devices.virtio.console import PtyBackend
 from .api import Machine as VirtualMachine
 from .cli import kvm_path
 from .console import Console, open_console, stderr_line
@@ -77,7 +78,6 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
     """Build (or restore) the machine, run it on the console until it ends, report how."""
     quiet = settings["quiet"]
     timeout = settings["timeout"]
-    deadline = None if timeout is None else time.monotonic() + timeout
     console = open_console(settings["serial"])
     try:
         vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
@@ -95,8 +95,14 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                     boot = machine.boot
                     notes = "; ".join(boot.notes)
                     stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
+            console_device = machine.devices.get("virtio-console")
+            if console_device is not None and isinstance(console_device.device.backend, PtyBackend):  # type: ignore[attr-defined]
+                # said even with --quiet: without it nobody can reach the console
+                stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]
             watch_for_panics(vm, settings["on_panic"], console)
             vm.serve_control()
+            # The guest's time starts now: building, and above all restoring, do not count against it.
+            deadline = None if timeout is None else time.monotonic() + timeout
             signals.in_session = True  # from here a signal stops the VM in order; announce only then
             try:
                 if not quiet and vm.control is not None:
@@ -127,7 +133,10 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                               "value": result.value, "boots": boots,
                               "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
                    "stats": stats.as_dict()}
-        Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+        try:
+            Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+        except OSError as error:  # the host's failure, after the guest's run: report it, keep the guest's status
+            stderr_line(f"warning: cannot write the statistics to {settings['stats_json']}: {error.strerror or error}")
     return result.exit_status
 
 

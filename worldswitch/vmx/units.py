@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from ..errors import ConfigError
@@ -27,6 +28,6 @@ def parse_seconds(text: str, what: str = "duration") -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{what} {text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ConfigError(f"{what} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive, finite number of seconds")
     return value

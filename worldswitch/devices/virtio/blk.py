@@ -13,13 +13,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from ...errors import ConfigError
 from ...vmm.memory import GuestMemory
 from . import BLOCK
 from .device import VirtioDevice
+from .image_lock import lock_image
 from .queue import DescriptorChain, VirtqueueError
 
 SECTOR = 512
@@ -73,14 +76,27 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     queue_sizes = (256,)
 
-    def __init__(self, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None) -> None:
+    def __init__(self, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None,
+                 warn: Callable[[str], None] | None = None, shared: bool = False) -> None:
         super().__init__(memory)
+        self.warn = warn or (lambda text: None)
+        self.failures = 0  # requests the host refused (each answered IOERR; the first one is reported)
         flags = os.O_RDONLY if read_only else os.O_RDWR
-        try:
-            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
+            self.fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as error:
             raise ConfigError(f"cannot open disk image {path}: {error.strerror}") from None
-        size = os.fstat(self.fd).st_size
+        mode = os.fstat(self.fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(self.fd)
+            raise ConfigError(f"disk image {path} is not a file or a block device")
+        os.set_blocking(self.fd, True)
+        try:
+            lock_image(self.fd, path, read_only, share_writes=shared)
+        except ConfigError:
+            os.close(self.fd)
+            raise
+        size = os.lseek(self.fd, 0, os.SEEK_END)  # a block device's st_size is 0
         if size % SECTOR:
             os.close(self.fd)
             raise ConfigError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR}")
@@ -159,9 +175,13 @@ class VirtioBlock(VirtioDevice):
         except RequestError as error:
             status, written = error.status, 0
             self.stats.errors += 1
-        except OSError:
+        except OSError as error:  # the host refused (a full disk, EIO): the guest gets the error, the VM goes on
             status, written = S_IOERR, 0
             self.stats.errors += 1
+            self.failures += 1
+            if self.failures == 1:
+                self.warn(f"{self.name} ({self.path}): the host refused a request: {error.strerror or error}; "
+                          "the guest gets I/O errors for this and any like it")
         self.memory.write_int(status_at, 1, status)
         return written + 1
 

@@ -91,7 +91,10 @@ class QueueSetup:
 
 
 class VirtioPciFunction(PciFunction):
-    def __init__(self, device: VirtioDevice, msix_vectors: int | None = None, packed: bool = False) -> None:
+    def __init__(self, device: VirtioDevice, msix_vectors: int | None = None, packed: bool = False,
+                 on_bug: Callable[[str], None] | None = None) -> None:
+        """`on_bug(message)`: the device's I/O thread died of an exception, a bug in worldswitch; the
+        machine must end (the VMM ends it with status 70, as for a vCPU thread's)."""
         super().__init__(
             vendor=PCI_VENDOR_ID, device=PCI_DEVICE_ID_BASE + device.device_type, revision=1,
             class_code=PCI_CLASS.get(device.device_type, 0x00FF00), subsystem_vendor=PCI_VENDOR_ID,
@@ -105,7 +108,8 @@ class VirtioPciFunction(PciFunction):
         self.setups = [QueueSetup(size) for size in device.queue_sizes]
         self.msix = MsixCapability(msix_vectors or queues + 1, 1, MSIX_TABLE_OFFSET, 1, MSIX_PBA_OFFSET)
         self.intx: InterruptLine | None = None
-        self.worker = VirtioWorker(device.name, queues, self._kicked)
+        self.worker = VirtioWorker(device.name, queues, self._kicked, on_error=lambda error: on_bug(
+            f"{device.name}'s I/O thread: {type(error).__name__}: {error}") if on_bug is not None else None)
         self.status = 0
         self.isr = 0
         self.generation = 0
@@ -149,7 +153,14 @@ class VirtioPciFunction(PciFunction):
                         callback()
                     except VirtqueueError as error:
                         self._needs_reset(str(error))
+                    except OSError as error:
+                        self._back_end_failed(error)
         return run
+
+    def _back_end_failed(self, error: OSError) -> None:
+        """The host refused the device's back end (a full disk under a console file, a tap that went
+        away): the device stops and tells the driver, which may reset it (virtio 1.2, 2.1.2)."""
+        self._needs_reset(f"its back end failed: {error.strerror or error}")
 
     # --- snapshots -------------------------------------------------------------------------------
 
@@ -410,6 +421,8 @@ class VirtioPciFunction(PciFunction):
                 self.device.process(index)
             except VirtqueueError as error:
                 self._needs_reset(f"queue {index}: {error}")
+            except OSError as error:
+                self._back_end_failed(error)
 
     # --- interrupts ---------------------------------------------------------------------------
 

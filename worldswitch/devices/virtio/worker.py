@@ -11,9 +11,13 @@ from typing import Callable
 
 
 class VirtioWorker:
-    def __init__(self, name: str, queue_count: int, on_kick: Callable[[int], None]) -> None:
+    def __init__(self, name: str, queue_count: int, on_kick: Callable[[int], None],
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
+        """`on_error` hears of an exception that ended the thread: a bug in the device, which must end
+        the VM (back-end failures are the transport's to answer, and never get here)."""
         self.name = name
         self.on_kick = on_kick
+        self.on_error = on_error
         self.kick_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(queue_count)]
         self._stop_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._extra: dict[int, Callable[[], None]] = {}
@@ -22,7 +26,6 @@ class VirtioWorker:
         self.kicks = 0  # kicks served: counted once on_kick has returned
         self._served = threading.Condition()
         self.error: BaseException | None = None
-        self.on_error: Callable[[BaseException], None] | None = None
 
     def kick(self, queue: int) -> None:
         """What a notify-region write does when no ioeventfd took it in the kernel."""
