@@ -38,8 +38,11 @@ def plug(device, memory, packed=True):
 
 
 def test_packed_rings_are_offered_only_when_asked(memory, image) -> None:
+    # Two devices, two images: one writer per image is the lock's rule, in one process as across many.
+    second = image.with_name("second.img")
+    second.write_bytes(image.read_bytes())
     plain, _, _ = plug(VirtioBlock(memory, str(image)), memory, packed=False)
-    offered, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    offered, driver, _ = plug(VirtioBlock(memory, str(second)), memory)
     try:
         assert not plain.device.device_features & RING_PACKED
         assert driver.device_features() & RING_PACKED
