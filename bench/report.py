@@ -58,6 +58,26 @@ def chart(figures: dict[str, dict[str, Figure]], path: Path, results: dict[str, 
     plt.close(fig)
 
 
+UNSANDBOXED = "worldswitch --no-sandbox"
+
+
+def sandbox_rows(figures: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """What the VMX's sandbox (seccomp filters on every system call) costs per exit: the same
+    worldswitch with and without it, interleaved in the same rounds."""
+    kinds = [name for name in ("io_exit", "mmio_exit") if UNSANDBOXED in figures.get(name, {})]
+    if not kinds:
+        return []
+    rows = ["", "| the sandbox's cost | sandboxed (default) | `--no-sandbox` | difference per exit | ratio |",
+            "| --- | --- | --- | --- | --- |"]
+    for name in kinds:
+        title, unit = TITLES[name]
+        on, off = figures[name]["worldswitch"], figures[name][UNSANDBOXED]
+        rows.append(f"| {title} | {on['median']:.1f} {unit} ({on['p25']:.1f}-{on['p75']:.1f}) | {off['median']:.1f} {unit} "
+                    f"({off['p25']:.1f}-{off['p75']:.1f}) | {on['median'] - off['median']:+.1f} {unit} | "
+                    f"{on['median'] / off['median']:.3f}x |")
+    return rows
+
+
 def readme_table(results: dict[str, object]) -> str:
     figures = results["figures"]  # type: ignore[assignment]
     vmm_names = ["worldswitch", "floor", "qemu"]
@@ -84,6 +104,7 @@ def readme_table(results: dict[str, object]) -> str:
         ratio_floor = f"{ws / per_vmm['floor']['median']:.2f}x" if "floor" in per_vmm else "-"
         ratio_qemu = f"{ws / per_vmm['qemu']['median']:.2f}x" if "qemu" in per_vmm else "-"
         rows.append(f"| {title} | {' | '.join(cell(v) for v in vmm_names)} | {ratio_floor} | {ratio_qemu} |")
+    rows += sandbox_rows(figures)  # type: ignore[arg-type]
     disk = [name for name in ("virtio_blk_seq_read", "virtio_blk_rand_read") if name in figures]  # type: ignore[operator]
     if disk:
         columns = [k for k in ("worldswitch QD1", "worldswitch QD32", "worldswitch QD32 packed", "host")

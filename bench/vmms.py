@@ -73,12 +73,15 @@ class Vmm:
         return first_byte, ended
 
 
+@dataclass(frozen=True)
 class Worldswitch(Vmm):
     """Run as a user runs it after `pip install`: with Python's bytecode cache, even where the
-    environment disables it (PYTHONDONTWRITEBYTECODE), or start-up would include compiling."""
+    environment disables it (PYTHONDONTWRITEBYTECODE), or start-up would include compiling.
+    `options` go to `run` (`--no-sandbox` measures what the sandbox costs)."""
+    options: tuple[str, ...] = ()
 
     def exits_command(self, guest: Path, args: str) -> list[str]:
-        return [*self.command, "run", "--elf", str(guest), "--args", args, "--quiet", "--serial", "stdio"]
+        return [*self.command, "run", "--elf", str(guest), "--args", args, "--quiet", "--serial", "stdio", *self.options]
 
     def environment(self) -> dict[str, str] | None:
         return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -100,8 +103,14 @@ def build_hostread(work: Path) -> Path:
     return binary
 
 
-def worldswitch() -> Worldswitch:
-    return Worldswitch("worldswitch", [sys.executable, "-m", "worldswitch"])
+UNSANDBOXED = "worldswitch --no-sandbox"
+
+
+def worldswitch(sandbox: bool = True) -> Worldswitch:
+    """As a user runs it: sandboxed (the default), or not."""
+    if sandbox:
+        return Worldswitch("worldswitch", [sys.executable, "-m", "worldswitch"])
+    return Worldswitch(UNSANDBOXED, [sys.executable, "-m", "worldswitch"], ("--no-sandbox",))
 
 
 def build_floor(work: Path | None = None) -> Floor:

@@ -19,7 +19,7 @@ needs_qemu = pytest.mark.skipif(shutil.which(vmms.QEMU) is None, reason="QEMU is
 def test_floor_and_worldswitch_report_guest_measured_exit_costs(tmp_path) -> None:
     khz = tsc_khz()
     assert khz > 100_000
-    for vmm in (vmms.build_floor(tmp_path), vmms.worldswitch()):
+    for vmm in (vmms.build_floor(tmp_path), vmms.worldswitch(), vmms.worldswitch(sandbox=False)):
         for kind in ("io", "mmio"):
             cycles = vmm.run_exits(200, kind)
             assert 100 < cycles < khz * 10  # more than nothing, less than 10 ms per exit
@@ -52,3 +52,14 @@ def test_the_same_guest_binaries_boot_in_qemu_through_pvh() -> None:
     assert b"My arguments: 7 from qemu" in result.stdout
     assert result.returncode == (7 << 1) | 1  # isa-debug-exit's encoding
     assert qemu.run_exits(200, "mmio") > 100
+
+
+def test_the_sandbox_cost_table_compares_the_same_rounds() -> None:
+    from bench.report import sandbox_rows
+
+    def figure(median: float) -> dict[str, float]:
+        return {"median": median, "p25": median - 1, "p75": median + 1}
+
+    rows = sandbox_rows({"io_exit": {"worldswitch": figure(44.0), vmms.UNSANDBOXED: figure(40.0)}})
+    assert rows[-1] == "| port I/O exit round trip | 44.0 us (43.0-45.0) | 40.0 us (39.0-41.0) | +4.0 us | 1.100x |"
+    assert sandbox_rows({"io_exit": {"worldswitch": figure(44.0)}}) == []

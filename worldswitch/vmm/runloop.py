@@ -26,6 +26,7 @@ from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReas
 from ..driver.ioctl import kvm_run_call, last_errno
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
 from ..errors import KvmError
+from ..sandbox import confine_thread
 from .bus import MmioBus, PioBus
 from .kick import kick_thread
 from .result import MachineResult, StopReason
@@ -161,6 +162,7 @@ class VcpuRunner:
 
     def _thread_main(self) -> None:
         try:
+            confine_thread()  # the guest's exits are handled here: no path calls once sandboxed
             self._loop()
         except BaseException as error:  # noqa: BLE001 - any failure must end the VM, not hang it
             self.error = error

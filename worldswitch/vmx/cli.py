@@ -56,6 +56,13 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="FILE", help="record every world switch to FILE (see `worldswitch trace`)")
     parser.add_argument("--trace-limit", type=int, metavar="N",
                         help=f"record at most N world switches (default {DEFAULT_TRACE_LIMIT}, 32 bytes each)")
+    parser.add_argument("--no-sandbox", dest="sandbox", action="store_false",
+                        help="run the VMX with every privilege it started with (by default, once the machine is "
+                             "built, it drops capabilities and runs under a seccomp allow-list)")
+    parser.add_argument("--jail", metavar="DIR", help="as root: chroot into DIR after set-up and run as --uid/--gid "
+                                                      "(paths named later, snapshots and --stats-json, are then inside DIR)")
+    parser.add_argument("--uid", type=int, metavar="N", help="the user a jailed VMX runs as")
+    parser.add_argument("--gid", type=int, metavar="N", help="the group a jailed VMX runs as")
 
 
 def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -266,7 +273,9 @@ COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "profile": c
             "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
+    """`whole_process`: this process is the VMX and nothing else (the `worldswitch` command), so a
+    session may sandbox it; called from other Python code (tests), it never does."""
     signals = StopSignals()
     if threading.current_thread() is threading.main_thread():
         signals.install()
@@ -277,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         options.signals = signals
+        options.whole_process = whole_process
         return COMMANDS[options.command](options)
     except WorldswitchError as error:
         print(f"worldswitch: error: {error}", file=sys.stderr)

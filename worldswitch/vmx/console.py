@@ -21,6 +21,7 @@ import tty
 from typing import Callable
 
 from ..errors import ConfigError
+from ..sandbox import confine_thread
 
 CTRL_A = 0x01
 ESCAPE_HELP = "\r\n[worldswitch] Ctrl-A x: quit   Ctrl-A a: send Ctrl-A   Ctrl-A h: this help\r\n"
@@ -133,6 +134,7 @@ class StreamConsole(Console):
                 return
             if self._wake_r in ready:
                 return
+            confine_thread()
             try:
                 data = os.read(self.stdin_fd, 4096)
             except OSError:

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import selectors
 import socket
 import stat
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import WorldswitchError
+from ..sandbox import confine_thread
 from ..vmm.result import StopReason
 
 MAX_REQUEST = 64 * 1024
@@ -88,7 +89,11 @@ class ControlServer:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._clients: dict[int, Client] = {}
         self._lock = threading.Lock()  # guards the clients' buffers and queues; no socket I/O under it
-        self._pool = ThreadPoolExecutor(COMMAND_THREADS, thread_name_prefix="control-command")
+        # Commands run on threads made here, before any sandbox: a thread inherits its maker's seccomp
+        # filters, and the I/O thread's forbid the paths a snapshot writes.
+        self._commands: queue.SimpleQueue[tuple[Client, bytes] | None] = queue.SimpleQueue()
+        self._command_threads = [threading.Thread(target=self._serve_commands, name=f"control-command{index}", daemon=True)
+                                 for index in range(COMMAND_THREADS)]
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dropped = 0  # subscribers dropped for falling behind
@@ -120,6 +125,8 @@ class ControlServer:
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ)
         self._selector.register(self._wake, selectors.EVENT_READ)
+        for thread in self._command_threads:
+            thread.start()
         self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
         self._thread.start()
 
@@ -161,7 +168,8 @@ class ControlServer:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self._command_threads:
+            self._commands.put(None)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fileobj)
         self._selector.close()
@@ -206,7 +214,9 @@ class ControlServer:
 
     def _loop(self) -> None:
         while not self._stopping:
-            for key, events in self._selector.select(timeout=DROP_GRACE_S / 2):
+            ready = self._selector.select(timeout=DROP_GRACE_S / 2)
+            confine_thread()  # clients' bytes are handled here: no path calls once sandboxed
+            for key, events in ready:
                 if key.fileobj is self._listener:
                     self._accept()
                 elif key.fileobj == self._wake:
@@ -323,10 +333,14 @@ class ControlServer:
             return
         client.busy = True
         line = client.requests.popleft()
-        try:
-            self._pool.submit(self._run_request, client, line)
-        except RuntimeError:  # the server is closing
+        if self._stopping:
             client.busy = False
+            return
+        self._commands.put((client, line))
+
+    def _serve_commands(self) -> None:
+        while (work := self._commands.get()) is not None and not self._stopping:
+            self._run_request(*work)
 
     def _run_request(self, client: Client, line: bytes) -> None:
         answer = self._answer(client, line)

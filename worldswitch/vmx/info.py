@@ -17,6 +17,8 @@ from pathlib import Path
 from ..devices.ucall import Ucall, UcallCommand
 from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
 from ..driver.kvm import Kvm
+from ..sandbox import available as sandbox_unavailable
+from ..sandbox.seccomp_filter import binding_name as seccomp_binding_name
 from ..vmm.builder import MachineConfig, build_machine
 from ..vmm.host import HostKind, detect_host_kind
 from ..vmm.result import StopReason
@@ -38,6 +40,7 @@ class HostInfo:
     measured: dict[str, float] = field(default_factory=dict)  # loop iterations per second, by ring
     syscall_ring: int | None = None  # the ring a guest's SYSCALL from ring 3 lands in (0 on hardware)
     kernel_syscall_ring: int | None = None  # the same with LSTAR in kernel pages, as Linux has it
+    sandbox: str = ""  # what confines a VMX started here (worldswitch/sandbox/)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -107,12 +110,23 @@ def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
             max_vcpus=caps["MAX_VCPUS"],
             recommended_vcpus=caps["NR_VCPUS"],
             memory_slots=caps["NR_MEMSLOTS"],
+            sandbox=sandbox_summary(),
         )
     if measure and not info.required_missing:
         info.measured = measure_rings()
         info.syscall_ring = measure_syscall()
         info.kernel_syscall_ring = measure_syscall(kernel_pages=True) if info.syscall_ring else info.syscall_ring
     return info
+
+
+def sandbox_summary() -> str:
+    """What `worldswitch run` will confine its VMX with here, or why it cannot."""
+    missing = sandbox_unavailable()
+    if missing is not None:
+        return f"unavailable: {missing}"
+    jail = "; --jail DIR --uid --gid also chroots and changes user" if os.geteuid() == 0 else ""
+    return (f"on by default (--no-sandbox turns it off): seccomp allow-list through {seccomp_binding_name()}, "
+            f"no capabilities, no_new_privs{jail}")
 
 
 def _rate(value: float) -> str:
@@ -150,6 +164,7 @@ def format_info(info: HostInfo) -> str:
         lines.append(f"syscall      a guest's SYSCALL from ring 3 stays in ring {info.syscall_ring}: this KVM expects a "
                      "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
                      "a system call (docs/pvm.md)")
+    lines.append(f"sandbox      {info.sandbox}")
     lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
     lines.append("capabilities (* = required by worldswitch)")
     required = {cap.name for cap in REQUIRED_CAPS}

@@ -17,4 +17,4 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     from .cli import main as cli_main
 
-    return cli_main()
+    return cli_main(whole_process=True)

@@ -53,6 +53,10 @@ KEYS: dict[str, tuple[str, Any]] = {
     "trace_limit": ("int", DEFAULT_TRACE_LIMIT),
     "control": ("path", None),
     "on_panic": ("choice:stop|pause|continue", "stop"),
+    "sandbox": ("bool", True),
+    "jail": ("path", None),
+    "uid": ("int", None),
+    "gid": ("int", None),
 }
 PROGRAM_KEYS = ("guest", "elf", "kernel")
 

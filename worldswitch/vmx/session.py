@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ConfigError
+from ..sandbox import Sandbox, SandboxSettings
 from ..vmm.result import MachineResult, StopReason
 from ..devices.virtio.console import PtyBackend
 from .api import Machine as VirtualMachine
@@ -46,13 +49,36 @@ def run_from_options(options: argparse.Namespace) -> int:
     settings = merge(file_values, given_settings(options))
     config = machine_config(settings)
     config.program()
-    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings, options.signals)
+    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings, options.signals,
+                       options.whole_process)
 
 
 def restore_from_options(options: argparse.Namespace) -> int:
     settings = merge(given_settings(options))
     return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings,
-                       options.signals)
+                       options.signals, options.whole_process)
+
+
+def make_sandbox(settings: dict[str, Any], whole_process: bool) -> Sandbox:
+    """The sandbox the settings ask for, checked before anything is built; none for a session that
+    shares its process with other code (a sandbox would confine that code too)."""
+    if not whole_process and settings["jail"] is not None:
+        raise ConfigError("--jail needs the worldswitch command: this process is not the VMX's alone")
+    chosen = SandboxSettings(enabled=settings["sandbox"] and whole_process, jail=settings["jail"], uid=settings["uid"],
+                             gid=settings["gid"], off_reason="--no-sandbox" if whole_process else "in another program's process")
+    return Sandbox(chosen, debug=bool(os.environ.get("WORLDSWITCH_DEBUG")))
+
+
+def check_power_cycle(vm: VirtualMachine, settings: dict[str, Any]) -> None:
+    """--reboot builds a new VM after set-up; refuse what a sandboxed VMX could not build again."""
+    if not settings["reboot"] or not settings["sandbox"]:
+        return
+    if settings["jail"] is not None:
+        raise ConfigError("--reboot cannot go with --jail: a power-cycle opens the kernel and disks again, "
+                          "which are outside the jail")
+    if vm.config.nets:
+        raise ConfigError("--reboot with --net needs --no-sandbox: a power-cycle creates the tap again, which "
+                          "needs CAP_NET_ADMIN, and the sandbox gives every capability up")
 
 
 class ProgressLine:
@@ -74,15 +100,18 @@ class ProgressLine:
             stderr_line(f"{self.what}: {phase} {quarter * 25}% of {total >> 20} MiB", self.console)
 
 
-def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], signals: StopSignals) -> int:
+def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], signals: StopSignals,
+                whole_process: bool) -> int:
     """Build (or restore) the machine, run it on the console until it ends, report how."""
     quiet = settings["quiet"]
     timeout = settings["timeout"]
+    sandbox = make_sandbox(settings, whole_process)
     console = open_console(settings["serial"])
     try:
         vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
                   trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
                   kvm_path=kvm_path())
+        check_power_cycle(vm, settings)
         with vm:
             if not quiet:
                 vm.progress = ProgressLine("restore", console)
@@ -101,12 +130,15 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                 stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]
             watch_for_panics(vm, settings["on_panic"], console)
             vm.serve_control()
+            sandbox.apply()  # everything is open: give up what a running VMX does not need
             # The guest's time starts now: building, and above all restoring, do not count against it.
             deadline = None if timeout is None else time.monotonic() + timeout
             signals.in_session = True  # from here a signal stops the VM in order; announce only then
             try:
                 if not quiet and vm.control is not None:
                     stderr_line(f"control socket {vm.control.path}", console)
+                if not quiet:
+                    stderr_line(sandbox.describe(), console)
                 result = drive(vm, console, deadline, timeout, VirtualMachine.start, signals)
                 while result.reason is StopReason.RESET and settings["reboot"]:
                     if deadline is not None and time.monotonic() >= deadline:
@@ -124,7 +156,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
     if not quiet or not result.ok:
         stderr_line(result.message, console)
     if settings["stats"]:
-        sys.stderr.write(stats.table() + "\n")
+        sys.stderr.write(stats.table() + "\n" + sandbox.describe() + "\n")
     elif not quiet:
         stderr_line(stats.summary(), console)
     if settings["stats_json"]:
@@ -132,7 +164,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
         payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
                               "value": result.value, "boots": boots,
                               "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
-                   "stats": stats.as_dict()}
+                   "stats": stats.as_dict(), "sandbox": sandbox.describe()}
         try:
             Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
         except OSError as error:  # the host's failure, after the guest's run: report it, keep the guest's status

@@ -9,6 +9,8 @@ import select
 import threading
 from typing import Callable
 
+from ...sandbox import confine_thread
+
 
 class VirtioWorker:
     def __init__(self, name: str, queue_count: int, on_kick: Callable[[int], None],
@@ -57,7 +59,9 @@ class VirtioWorker:
             poller.register(fd, select.POLLIN)
         try:
             while True:
-                for fd, _events in poller.poll():
+                ready = poller.poll()
+                confine_thread()  # the guest's buffers are handled here: no path calls once sandboxed
+                for fd, _events in ready:
                     if fd == self._stop_fd:
                         return
                     if fd in queue_of:

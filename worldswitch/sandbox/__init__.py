@@ -1,0 +1,143 @@
+"""The VMX's sandbox, after Firecracker's jailer: once the machine is built (KVM fds, guest memory,
+images, taps, the console and the control socket all open), the process gives up what it no longer
+needs, in this order:
+
+1. with `--jail DIR --uid U --gid G` (root only): chroot into DIR and become U:G;
+2. every capability (bounding, ambient, permitted, effective, inheritable sets);
+3. no_new_privs: nothing it could still execute would gain privileges;
+4. the seccomp process filter on every thread (`seccomp_filter.py`);
+5. each guest-facing thread then stacks the no-paths filter on itself (`confine_thread`).
+
+The library API (`worldswitch.Machine`) never sandboxes the process it runs in: a sandbox is for a
+process that is a VMX and nothing else, which `worldswitch run` and `restore` are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import privileges, seccomp_filter, sigsys
+from .seccomp_filter import SandboxError
+
+__all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "describe_process"]
+
+# Modules the VMX imports on first use that a sandboxed VMX could no longer open (in a jail the
+# files are not there; a guest-facing thread may not open at all).
+LATE_IMPORTS = ("worldswitch.vmm.snapshot", "worldswitch.vmm.cpu_state", "hashlib", "json", "shutil",
+                "datetime", "encodings.utf_8", "encodings.latin_1", "faulthandler", "queue", "traceback")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    enabled: bool = True
+    jail: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    off_reason: str = "--no-sandbox"  # why, when not enabled
+
+
+class Sandbox:
+    """A sandbox checked when made (before set-up, so a bad --jail costs nothing) and applied once."""
+
+    def __init__(self, settings: SandboxSettings, debug: bool = False) -> None:
+        self.settings = settings
+        self.debug = debug
+        self.applied = False
+        if settings.jail is None and (settings.uid is not None or settings.gid is not None):
+            raise SandboxError("--uid and --gid go with --jail DIR")
+        if not settings.enabled:
+            if settings.jail is not None:
+                raise SandboxError("--jail is part of the sandbox; it cannot go with --no-sandbox")
+            return
+        if settings.jail is not None:
+            privileges.check_jail(settings.jail, settings.uid, settings.gid)
+        self.binding = seccomp_filter.binding_name()
+        # built now, while files can still be opened (libseccomp may read its tables on first use)
+        self._process_rules = seccomp_filter.process_filter(debug)
+        self._thread_rules = seccomp_filter.guest_facing_filter(debug)
+
+    def apply(self) -> None:
+        """Give up the privileges; the process's threads, running and future, all stay confined."""
+        global _thread_rules
+        if not self.settings.enabled or self.applied:
+            return
+        for name in LATE_IMPORTS:
+            importlib.import_module(name)
+        if self.debug:
+            sigsys.install(_syscall_name)
+        settings = self.settings
+        if settings.jail is not None:
+            assert settings.uid is not None and settings.gid is not None
+            # glibc loads libgcc_s on a thread's first pthread_exit (to unwind it); inside the jail
+            # it is not there, and the process would abort as its first thread ends.
+            ctypes.CDLL("libgcc_s.so.1")
+            privileges.enter_jail(settings.jail, settings.uid, settings.gid)
+        privileges.drop_capabilities()
+        privileges.set_no_new_privs()
+        try:
+            self._process_rules.load()
+        except OSError as error:
+            raise SandboxError(f"cannot load the seccomp filter: {error.strerror or error}") from None
+        _thread_rules = self._thread_rules
+        self.applied = True
+
+    def describe(self) -> str:
+        """One line for the session's report and --stats."""
+        if not self.settings.enabled:
+            return f"sandbox: none ({self.settings.off_reason})"
+        parts = [f"seccomp allow-list of {len(seccomp_filter.PROCESS_CALLS) + len(seccomp_filter.CONDITIONAL_CALLS)} calls ({self.binding}), "
+                 f"guest-facing threads without path calls", "no capabilities", "no_new_privs"]
+        if self.settings.jail is not None:
+            parts.append(f"jail {self.settings.jail} as {self.settings.uid}:{self.settings.gid}")
+        return "sandbox: " + "; ".join(parts)
+
+
+_thread_rules: Any = None
+_local = threading.local()
+
+
+def confine_thread() -> None:
+    """A guest-facing thread calls this before each unit of work: once the sandbox is applied, its
+    first call stacks the no-paths filter on the thread; every later call costs one attribute read."""
+    rules = _thread_rules
+    if rules is None or getattr(_local, "confined", False):
+        return
+    rules.load()
+    _local.confined = True
+
+
+def _syscall_name(number: int) -> str:
+    module = seccomp_filter.binding()
+    try:
+        name = module.resolve_syscall(module.system_arch(), number)
+    except (OSError, ValueError):
+        return "an unknown call"
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def describe_process(pid: int | str = "self") -> dict[str, Any]:
+    """What confines a process, as its /proc status says (for `worldswitch info` and tests)."""
+    fields: dict[str, Any] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("Seccomp", "Seccomp_filters", "NoNewPrivs", "CapEff", "CapBnd", "Uid"):
+                fields[key] = value.split()[0] if key == "Uid" else value.strip()
+    except OSError:
+        pass
+    return fields
+
+
+def available() -> str | None:
+    """Why this host cannot sandbox a VMX, or None if it can (the reason, not an exception: `info` asks)."""
+    try:
+        seccomp_filter.binding()
+    except SandboxError as error:
+        return str(error)
+    return None if os.path.exists("/proc/self/status") else "no /proc"
