@@ -170,6 +170,9 @@ class ControlServer:
             self._thread = None
         for _ in self._command_threads:
             self._commands.put(None)
+        for thread in self._command_threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(5)  # a command under way ends first (its answer goes nowhere)
         for key in list(self._selector.get_map().values()):
             self._selector.unregister(key.fileobj)
         self._selector.close()
