@@ -349,7 +349,12 @@ def test_many_idle_clients_cost_no_threads_and_a_burst_is_served(spinning: tuple
         connection.connect(str(path))
         idle.append(connection)
     assert threading.active_count() <= threads_before + 4  # the command pool, not one thread per client
-    extra = Client(path)
+    assert vm.control is not None
+    deadline = time.monotonic() + 30
+    while vm.control.connections < MAX_CLIENTS:  # a connect returns once queued, before the VMX accepts it
+        assert time.monotonic() < deadline, vm.control.connections
+        time.sleep(0.01)
+    extra = Client(path)  # a backlog still full of the idle ones would refuse it (EAGAIN), not the VMX
     assert extra.receive()["error"]["code"] == "busy"  # one more than the VMX serves is told so
     extra.close()
     for connection in idle:
