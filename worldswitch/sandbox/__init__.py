@@ -115,7 +115,7 @@ def confine_thread() -> None:
 def _syscall_name(number: int) -> str:
     module = seccomp_filter.binding()
     try:
-        name = module.resolve_syscall(module.system_arch(), number)
+        name = module.resolve_syscall(0, number)  # 0: the native architecture (SCMP_ARCH_NATIVE)
     except (OSError, ValueError):
         return "an unknown call"
     return name.decode() if isinstance(name, bytes) else str(name)
