@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import pkgutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,22 @@ from .seccomp_filter import SandboxError
 
 __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "describe_process"]
 
-# Modules the VMX imports on first use that a sandboxed VMX could no longer open (in a jail the
-# files are not there; a guest-facing thread may not open at all).
-LATE_IMPORTS = ("worldswitch.vmm.snapshot", "worldswitch.vmm.cpu_state", "hashlib", "json", "shutil",
-                "datetime", "encodings.utf_8", "encodings.latin_1", "faulthandler", "queue", "traceback")
+# Standard modules the VMX imports on first use (snapshots, error reports) that a sandboxed VMX could
+# no longer open: in a jail the files are not there, and a guest-facing thread may not open at all.
+# So are the packages whose code runs on the VM's threads (some of it imported on a rare path only).
+LATE_IMPORTS = ("hashlib", "json", "shutil", "datetime", "encodings.utf_8", "encodings.latin_1", "faulthandler",
+                "queue", "traceback", "dataclasses")
+
+
+RUNNING_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices")
+
+
+def _import_what_runs_later() -> None:
+    for package in RUNNING_PACKAGES:
+        for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+            importlib.import_module(module.name)
+    for name in LATE_IMPORTS:
+        importlib.import_module(name)
 
 
 @dataclass(frozen=True)
@@ -67,8 +80,7 @@ class Sandbox:
         global _thread_rules
         if not self.settings.enabled or self.applied:
             return
-        for name in LATE_IMPORTS:
-            importlib.import_module(name)
+        _import_what_runs_later()
         if self.debug:
             sigsys.install(_syscall_name)
         settings = self.settings
