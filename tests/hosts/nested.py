@@ -44,6 +44,7 @@ from worldswitch.vmx.debian import DebianLinux, fetch_debian  # noqa: E402
 CACHE = REPO / ".cache" / "hosts"
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # QEMU 7.2's, in Debian's qemu-system-common
+TMP_DISK_GIB = 32  # sparse: the host's disk holds only what L1 writes to /tmp
 LAYOUT_VERSION = 2  # bump when the image's layout or the stage-1 init changes, to rebuild caches
 
 # L1's user space, as Debian packages (their dependencies are added): Python and the test dependencies,
@@ -247,6 +248,11 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
         initramfs = scratch / "initramfs.cpio"
         initramfs.write_bytes(image.initramfs.read_bytes() + _run_archive(flavour, command, environment or {}))
         status_file = scratch / "status"
+        # L1's /tmp: a sparse ext4 image, not RAM (a whole suite's tmp_path files outgrow a tmpfs)
+        tmp_disk = scratch / "tmp.img"
+        with tmp_disk.open("wb") as sparse:
+            sparse.truncate(TMP_DISK_GIB << 30)
+        _run(["mkfs.ext4", "-q", "-F", "-L", "nested-tmp", "-E", "lazy_itable_init=1,lazy_journal_init=1", str(tmp_disk)])
         socket_path = scratch / "virtiofsd.sock"
         relays = [Relay(scratch / "stdout", sys.stdout.fileno()), Relay(scratch / "stderr", sys.stderr.fileno())]
         host_log = logs / f"{flavour.name}-{stamp}.host.log"  # QEMU's and virtiofsd's own messages
@@ -266,6 +272,7 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
                 # QEMU's monitor, to look into a host that seems stuck (info registers -a, ...)
                 "-monitor", f"unix:{monitor},server=on,wait=off",
                 "-drive", f"file={image.root},if=virtio,format=raw,readonly=on",
+                "-drive", f"file={tmp_disk},if=virtio,format=raw,cache=unsafe",  # /dev/vdb: L1's /tmp, thrown away
                 "-chardev", f"socket,id=checkout,path={socket_path}",
                 "-device", "vhost-user-fs-pci,chardev=checkout,tag=checkout",
                 # ttyS0: L1's kernel console; ttyS1 and ttyS2: the command's standard output and error

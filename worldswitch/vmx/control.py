@@ -34,8 +34,9 @@ from ..vmm.result import StopReason
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 256  # connections served at once; more are told so and closed
 OUTPUT_LIMIT = 1 << 20  # bytes waiting for one client: beyond it an events subscriber is dropped
-DROP_GRACE_S = 2.0  # how long a dropped subscriber has to read its last line
+DROP_GRACE_S = 30.0  # how long a dropped subscriber has to read its last line (all it still holds is that line)
 BACKLOG = 128
+LOOP_TICK_S = 1.0  # the I/O thread looks at dropped subscribers at least this often
 COMMAND_THREADS = 4
 COMMANDS = ("status", "pause", "resume", "stop", "stats", "registers", "snapshot", "events", "help")
 
@@ -73,6 +74,7 @@ class Client:
         self.busy = False  # a request of this client is running
         self.subscribed = False
         self.dropped_at: float | None = None  # fell behind: closed once its last line is out, or soon after
+        self.mid_line = False  # the socket has part of a line: the rest must follow before anything else
         self.closed = False
 
 
@@ -199,9 +201,14 @@ class ControlServer:
                 if not client.subscribed or client.dropped_at is not None:
                     continue
                 if len(client.output) + len(line) > OUTPUT_LIMIT:
+                    # Told at once: the events it has not taken are discarded (it would never read
+                    # them all), so the notice waits only for the line the socket holds part of.
+                    behind = len(client.output)
+                    keep = client.output.find(b"\n") + 1 if client.mid_line else 0
+                    del client.output[keep:]
                     client.dropped_at = time.monotonic()
                     client.output += encode({"event": "dropped", "time": time.time(), "reason": (
-                        f"this client fell {len(client.output)} bytes behind the events; the VMX stops sending them")})
+                        f"this client fell {behind} bytes behind the events; the VMX stops sending them")})
                     self.dropped += 1
                 else:
                     client.output += line
@@ -217,7 +224,7 @@ class ControlServer:
 
     def _loop(self) -> None:
         while not self._stopping:
-            ready = self._selector.select(timeout=DROP_GRACE_S / 2)
+            ready = self._selector.select(timeout=LOOP_TICK_S)
             confine_thread()  # clients' bytes are handled here: no path calls once sandboxed
             for key, events in ready:
                 if key.fileobj is self._listener:
@@ -301,6 +308,8 @@ class ControlServer:
             return
         with self._lock:
             del client.output[:sent]
+            if sent:
+                client.mid_line = pending[sent - 1] != ord("\n")
 
     def _update_interest(self) -> None:
         """Watch for writability where output waits; stop reading from a client whose answers pile up
