@@ -273,6 +273,36 @@ def test_reset_mid_request_forgets_the_queue(memory, image) -> None:
         function.close()
 
 
+def test_a_buffer_made_available_while_the_device_arms_its_queue_is_served_without_a_kick(memory, image) -> None:
+    """The lost-kick race of event suppression (virtio 1.2, 2.7.10): the driver adds a buffer after the
+    device found the ring empty but before the device wrote avail_event, reads the old avail_event and
+    does not kick. The device must look again after arming, or that buffer waits forever."""
+    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    try:
+        driver.start(VERSION_1 | EVENT_IDX)
+        assert function.worker.wait_kicks(1, timeout=5)
+        queue = function.device.queues[0]
+        device_pop = queue.pop
+        raced: list[int] = []
+
+        def pop_then_race():  # type: ignore[no-untyped-def]
+            chain = device_pop()
+            if chain is None and not raced:  # the ring looked empty: now the driver adds one, unkicked
+                header = driver.buffer(struct.pack("<IIQ", vb.T_IN, 0, 1))
+                raced.append(driver.queues[0].add([(*header, False), (*driver.buffer(512), True),
+                                                   (*driver.buffer(1), True)]))
+            return chain
+
+        queue.pop = pop_then_race
+        header = driver.buffer(struct.pack("<IIQ", vb.T_IN, 0, 0))
+        first = driver.queues[0].add([(*header, False), (*driver.buffer(512), True), (*driver.buffer(1), True)])
+        driver.kick(0)
+        used = driver.wait_used(0, count=2, timeout=5)
+        assert sorted(head for head, _ in used) == sorted([first, *raced])
+    finally:
+        function.close()
+
+
 # --- entropy and console ----------------------------------------------------------------------------
 
 

@@ -135,10 +135,12 @@ class VirtioBlock(VirtioDevice):
     def process(self, index: int) -> None:
         queue = self.queues[index]
         assert queue is not None
-        while (chain := queue.pop()) is not None:
-            written = self._request(chain)
-            self.complete(queue, index, chain.head, written)
-        self.finish_batch(queue, index)
+        while True:
+            while (chain := queue.pop()) is not None:
+                written = self._request(chain)
+                self.complete(queue, index, chain.head, written)
+            if not self.finish_batch(queue, index):
+                return
 
     def _request(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written to the driver's buffers."""

@@ -111,29 +111,33 @@ class VirtioConsole(VirtioDevice):
         queue = self.queues[index]
         assert queue is not None
         if index == TRANSMIT:
-            while (chain := queue.pop()) is not None:
-                data = b"".join(bytes(self.memory.view(b.gpa, b.length)) for b in chain.readable)
-                self.backend.write(data)
-                self.bytes_out += len(data)
-                self.complete(queue, index, chain.head, 0)
-            self.finish_batch(queue, index)
+            while True:
+                while (chain := queue.pop()) is not None:
+                    data = b"".join(bytes(self.memory.view(b.gpa, b.length)) for b in chain.readable)
+                    self.backend.write(data)
+                    self.bytes_out += len(data)
+                    self.complete(queue, index, chain.head, 0)
+                if not self.finish_batch(queue, index):
+                    return
         else:
             self._deliver()  # new receive buffers: hand over what is waiting
 
     def _deliver(self) -> None:
         queue = self.queues[RECEIVE]
         if queue is not None:
-            while self.pending and (chain := queue.pop()) is not None:
-                written = 0
-                for buffer in chain.writable:
-                    chunk = self.pending[written : written + buffer.length]
-                    self.memory.write(buffer.gpa, bytes(chunk))
-                    written += len(chunk)
-                    if written == len(self.pending):
-                        break
-                del self.pending[:written]
-                self.complete(queue, RECEIVE, chain.head, written)
-            self.finish_batch(queue, RECEIVE)
+            while True:
+                while self.pending and (chain := queue.pop()) is not None:
+                    written = 0
+                    for buffer in chain.writable:
+                        chunk = self.pending[written : written + buffer.length]
+                        self.memory.write(buffer.gpa, bytes(chunk))
+                        written += len(chunk)
+                        if written == len(self.pending):
+                            break
+                    del self.pending[:written]
+                    self.complete(queue, RECEIVE, chain.head, written)
+                if not (self.finish_batch(queue, RECEIVE) and self.pending):
+                    break  # delivered all, or no buffers and none came after we looked
         self.pause_input(len(self.pending) >= PENDING_LIMIT)
 
     def save_extra(self) -> dict:  # type: ignore[type-arg]

@@ -73,7 +73,10 @@ class VirtioDevice:
         queue.push(head, written)
         self.requests += 1
 
-    def finish_batch(self, queue: Virtqueue, index: int) -> None:
-        queue.want_notifications()
+    def finish_batch(self, queue: Virtqueue, index: int) -> bool:
+        """After taking buffers (or finding none): ask for the next kick, interrupt the driver if it
+        wants to hear of what was used; True if buffers arrived meanwhile, which no kick announces."""
+        more = queue.arm()
         if queue.needs_interrupt():
             self.interrupt(index)
+        return more

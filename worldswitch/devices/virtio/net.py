@@ -135,13 +135,15 @@ class VirtioNet(VirtioDevice):
         queue = self.queues[index]
         assert queue is not None
         if index == TRANSMIT:
-            while (chain := queue.pop()) is not None:
-                views = [self.memory.view(b.gpa, b.length) for b in chain.readable]
-                if sum(len(v) for v in views) > HEADER_SIZE:
-                    self.tap.write(views)
-                    self.tx_packets += 1
-                self.complete(queue, index, chain.head, 0)
-            self.finish_batch(queue, index)
+            while True:
+                while (chain := queue.pop()) is not None:
+                    views = [self.memory.view(b.gpa, b.length) for b in chain.readable]
+                    if sum(len(v) for v in views) > HEADER_SIZE:
+                        self.tap.write(views)
+                        self.tx_packets += 1
+                    self.complete(queue, index, chain.head, 0)
+                if not self.finish_batch(queue, index):
+                    return
         else:
             self.receive()  # buffers arrived: take what waits, and read the tap again
 
@@ -151,19 +153,18 @@ class VirtioNet(VirtioDevice):
         queue = self.queues[RECEIVE]
         if queue is None:
             return
-        delivered = False
         while True:
             packet = self.waiting if self.waiting is not None else self.tap.read()
             if packet is None:
                 break
             self.waiting = packet
             if not self._place(packet):
-                break  # no buffers: keep it, stop reading the tap until the guest posts more
+                if self.finish_batch(queue, RECEIVE):
+                    continue  # buffers came after we looked, and their kick may never come
+                break  # none: keep the packet, stop reading the tap until the guest posts more
             self.waiting = None
-            delivered = True
+        self.finish_batch(queue, RECEIVE)
         self.pause_input(self.waiting is not None)
-        if delivered:
-            self.finish_batch(queue, RECEIVE)
 
     def _place(self, packet: bytes) -> bool:
         """Copy one packet into as many receive chains as it needs; False if there are too few."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 
 from ...vmm.memory import GuestMemory
+from .queue import full_barrier
 from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
                     VirtqueueError, check_areas, check_buffer, check_indirect_table, need_event)
 
@@ -157,8 +158,12 @@ class PackedQueue:
             return need_event(event, new, old, modulo=2 * self.size)
         return flags != RING_EVENT_FLAGS_DISABLE
 
-    def want_notifications(self) -> None:
-        """The device event suppression structure stays at ENABLE: kicks reach an ioeventfd."""
+    def arm(self) -> bool:
+        """The device event suppression structure stays at ENABLE: every buffer the driver makes
+        available is kicked, so nothing can arrive unannounced. The barrier orders the used
+        descriptors written before it ahead of needs_interrupt's read of the driver's structure."""
+        full_barrier()
+        return False
 
     # --- snapshots ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ VirtqueueError, which the transport turns into the virtio "needs reset" state.
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from ...errors import WorldswitchError
@@ -61,6 +62,18 @@ class DescriptorChain:
     @property
     def writable_length(self) -> int:
         return sum(b.length for b in self.writable)
+
+
+_FENCE = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between this thread's stores to guest memory and its next loads.
+    x86 may let a load overtake an earlier store (the store waits in the store buffer); virtio's event
+    suppression needs that order (virtio 1.2, 2.7.10 and 2.7.13), as QEMU's smp_mb() gives it. Python
+    has no fence; taking and releasing a lock is one (a locked instruction, a full fence on x86)."""
+    with _FENCE:
+        pass
 
 
 def need_event(event: int, new: int, old: int, modulo: int = 0x10000) -> bool:
@@ -189,10 +202,15 @@ class SplitQueue:
             return need_event(used_event, new, old)
         return not self.memory.read_int(self.avail, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
 
-    def want_notifications(self) -> None:
-        """Ask the driver to kick for the next buffer (avail_event, with EVENT_IDX)."""
+    def arm(self) -> bool:
+        """Ask the driver to kick for the next buffer (avail_event, with EVENT_IDX) and look again:
+        True if buffers became available meanwhile. A driver that added one just before seeing the
+        new avail_event did not kick, and no kick will come for it: the device must take it now.
+        The barrier also orders the used index written before it ahead of needs_interrupt's read."""
         if self.event_idx:
             self.memory.write_int(self.used + 4 + 8 * self.size, 2, self.last_avail)
+        full_barrier()
+        return self.available() > 0
 
     # --- snapshots ---------------------------------------------------------------------------------
 

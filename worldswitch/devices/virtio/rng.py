@@ -23,15 +23,17 @@ class VirtioRng(VirtioDevice):
     def process(self, index: int) -> None:
         queue = self.queues[index]
         assert queue is not None
-        while (chain := queue.pop()) is not None:
-            budget = min(chain.writable_length, MAX_PER_REQUEST)
-            written = 0
-            for buffer in chain.writable:
-                if written == budget:
-                    break
-                view = self.memory.view(buffer.gpa, min(buffer.length, budget - written))
-                view[:] = os.getrandom(len(view))
-                written += len(view)
-            self.bytes_given += written
-            self.complete(queue, index, chain.head, written)
-        self.finish_batch(queue, index)
+        while True:
+            while (chain := queue.pop()) is not None:
+                budget = min(chain.writable_length, MAX_PER_REQUEST)
+                written = 0
+                for buffer in chain.writable:
+                    if written == budget:
+                        break
+                    view = self.memory.view(buffer.gpa, min(buffer.length, budget - written))
+                    view[:] = os.getrandom(len(view))
+                    written += len(view)
+                self.bytes_given += written
+                self.complete(queue, index, chain.head, written)
+            if not self.finish_batch(queue, index):
+                return
