@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def memory():
     """16 MiB of guest memory without a VM: virtio devices only need the accessor."""
-    from worldswitch.vmm.memory import GuestMemory
+    from worldswitch.memory.guest import GuestMemory
 
     mem = GuestMemory([(0, 16 << 20)])
     yield mem

@@ -134,7 +134,7 @@ def test_the_acpica_disassembler_reads_every_table_without_complaint(tmp_path, n
     DSDT it decompiles compiles back without errors."""
     import subprocess
 
-    from worldswitch.vmm.memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START
+    from worldswitch.memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START
 
     built = acpi.build(0xE0000, 2, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
     address = built.addresses[name]

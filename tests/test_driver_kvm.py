@@ -14,7 +14,7 @@ from worldswitch.driver.exits import IoOut, MmioWrite, decode_exit
 from worldswitch.driver.kvm import Kvm
 from worldswitch.errors import KvmError, KvmUnavailableError
 from worldswitch.vmm.longmode import setup_long_mode
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 pytestmark = pytest.mark.kvm
 

@@ -6,7 +6,7 @@ import pytest
 
 from worldswitch.boot.elf import load_elf, parse_elf, read_image
 from worldswitch.errors import GuestImageError
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 from .helpers import make_elf
 

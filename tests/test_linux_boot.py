@@ -16,8 +16,8 @@ from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import decompress, extract_vmlinux, parse_bzimage
 from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, choose_decompression, e820_map, load_linux
 from worldswitch.errors import ConfigError, GuestImageError
-from worldswitch.vmm.memmap import GIB, MIB, MemoryMap
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
+from worldswitch.memory.layout import GIB, MIB, MemoryMap
 
 from .helpers import make_elf
 

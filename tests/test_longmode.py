@@ -5,8 +5,9 @@ from __future__ import annotations
 import struct
 
 from worldswitch.driver import structs as s
+from worldswitch.boot import longmode as tables
 from worldswitch.vmm import longmode as lm
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 
 def decode(descriptor: int) -> dict[str, int]:
@@ -24,24 +25,24 @@ def decode(descriptor: int) -> dict[str, int]:
 
 
 def test_gdt_segments() -> None:
-    gdt = struct.unpack("<7Q", lm.build_gdt(0x2000))
+    gdt = struct.unpack("<7Q", tables.build_gdt(0x2000))
     assert gdt[0] == 0
     kcode, kdata, udata, ucode = (decode(d) for d in gdt[1:5])
     assert kcode == {"base": 0, "limit": 0xFFFFF, "type": 0xA, "s": 1, "dpl": 0, "p": 1, "l": 1, "db": 0, "g": 1}
     assert kdata["type"] == 0x2 and kdata["dpl"] == 0 and kdata["db"] == 1
     assert udata["dpl"] == 3 and udata["type"] == 0x2
     assert ucode["dpl"] == 3 and ucode["l"] == 1
-    assert lm.SEL_USER_CS == 0x23 and lm.SEL_USER_DS == 0x1B
+    assert tables.SEL_USER_CS == 0x23 and tables.SEL_USER_DS == 0x1B
 
 
 def test_tss_descriptor_and_io_bitmap() -> None:
-    gdt = lm.build_gdt(0x12345000)
-    low, high = struct.unpack_from("<QQ", gdt, lm.SEL_TSS)
+    gdt = tables.build_gdt(0x12345000)
+    low, high = struct.unpack_from("<QQ", gdt, tables.SEL_TSS)
     tss = decode(low)
     assert tss["type"] == 0x9 and tss["s"] == 0 and tss["p"] == 1
     assert tss["base"] | (high << 32) == 0x12345000
-    assert tss["limit"] == lm.TSS_SIZE - 1
-    body = lm.build_tss(0x8F000)
+    assert tss["limit"] == tables.TSS_SIZE - 1
+    body = tables.build_tss(0x8F000)
     assert struct.unpack_from("<Q", body, 4)[0] == 0x8F000  # RSP0
     iomap = struct.unpack_from("<H", body, 0x66)[0]
     assert iomap == 0x68
@@ -51,20 +52,20 @@ def test_tss_descriptor_and_io_bitmap() -> None:
 
 def test_identity_page_tables_map_4_gib_user_writable() -> None:
     memory = GuestMemory([(0, 0x100000)])
-    layout = lm.LongModeLayout()
-    lm.write_identity_page_tables(memory, layout)
+    layout = tables.LongModeLayout()
+    tables.write_identity_page_tables(memory, layout)
 
     def walk(va: int) -> tuple[int, int]:
         pml4e = memory.read_int(layout.pml4 + 8 * ((va >> 39) & 511), 8)
         pdpte = memory.read_int((pml4e & ~0xFFF) + 8 * ((va >> 30) & 511), 8)
         pde = memory.read_int((pdpte & ~0xFFF) + 8 * ((va >> 21) & 511), 8)
         flags = pml4e & pdpte & pde & 0x7
-        return (pde & ~0x1FFFFF & ((1 << 52) - 1)) | (va & 0x1FFFFF), flags | (pde & lm.PTE_HUGE)
+        return (pde & ~0x1FFFFF & ((1 << 52) - 1)) | (va & 0x1FFFFF), flags | (pde & tables.PTE_HUGE)
 
     for va in (0, 0x100000, 0x12345678, 0xFEB00000, 0xFFFFFFFF):
         pa, flags = walk(va)
         assert pa == va
-        assert flags == lm.PTE_PRESENT | lm.PTE_WRITE | lm.PTE_USER | lm.PTE_HUGE
+        assert flags == tables.PTE_PRESENT | tables.PTE_WRITE | tables.PTE_USER | tables.PTE_HUGE
     assert memory.read_int(layout.pml4 + 8, 8) == 0  # nothing above 512 GiB
     memory.close()
 
@@ -76,7 +77,7 @@ def test_setup_long_mode_fills_sregs() -> None:
     assert sregs.efer & (lm.EFER_LME | lm.EFER_LMA) == lm.EFER_LME | lm.EFER_LMA
     assert sregs.cr0 & lm.CR0_PG and sregs.cr0 & lm.CR0_PE
     assert sregs.cr4 & lm.CR4_PAE
-    assert sregs.cs.l == 1 and sregs.cs.selector == lm.SEL_KERNEL_CS
-    assert sregs.tr.type == 0xB and sregs.tr.base == lm.LongModeLayout().tss
-    assert memory.read(lm.LongModeLayout().gdt, 56) == lm.build_gdt(lm.LongModeLayout().tss)
+    assert sregs.cs.l == 1 and sregs.cs.selector == tables.SEL_KERNEL_CS
+    assert sregs.tr.type == 0xB and sregs.tr.base == tables.LongModeLayout().tss
+    assert memory.read(tables.LongModeLayout().gdt, 56) == tables.build_gdt(tables.LongModeLayout().tss)
     memory.close()

@@ -6,8 +6,8 @@ import pytest
 
 from worldswitch.driver import structs as s
 from worldswitch.errors import GuestMemoryError
-from worldswitch.vmm.memmap import GIB, MIB, PCI_HOLE_START, MemoryMap, RegionKind
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
+from worldswitch.memory.layout import GIB, MIB, PCI_HOLE_START, MemoryMap, RegionKind
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from __future__ import annotations
 import struct
 
 from worldswitch.devices.ucall import UCALL_FORMAT, UCALL_SIZE, Ucall, UcallCommand, UcallPort
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 
 def test_layout_matches_the_guest_header() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from worldswitch.devices.virtio.net import HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, TapBackend, VirtioNet
 from worldswitch.devices.virtio.pci import VirtioPciFunction
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 from .helpers import RecordingLine
 from .virtio_driver import VERSION_1, Driver

@@ -19,7 +19,7 @@ from worldswitch.devices.virtio.packed import (EVENT_SUPPRESS, PACKED_DESCRIPTOR
                                                PackedQueue)
 from worldswitch.devices.virtio.queue import SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 from .helpers import RecordingLine
 from .test_virtio import EVENT_IDX, INDIRECT, MIB, blk_request

@@ -10,7 +10,7 @@ from worldswitch.devices import virtio
 from worldswitch.devices.virtio import pci as vp
 from worldswitch.devices.virtio.packed import PACKED_DESCRIPTOR, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
 from worldswitch.devices.virtio.queue import DESCRIPTOR, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from worldswitch.vmm.memory import GuestMemory
+from worldswitch.memory.guest import GuestMemory
 
 VERSION_1 = 1 << virtio.VIRTIO_F_VERSION_1
 RING_PACKED = 1 << virtio.VIRTIO_F_RING_PACKED

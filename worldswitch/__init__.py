@@ -8,7 +8,7 @@
     worldswitch.guests  worldswitch's own guest programs
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["Machine", "__version__"]
 

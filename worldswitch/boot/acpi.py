@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..devices.acpi_pm import RESET_VALUE, S5_SLEEP_TYPE  # the tables describe the device
 from . import aml
 
 OEM_ID = b"WSWTCH"
@@ -34,9 +35,7 @@ PM1_CNT_LEN = 2
 PM_TMR_BLK = PM_BASE + 8
 PM_TMR_LEN = 4
 RESET_PORT = 0xCF9
-RESET_VALUE = 0x06  # "hard reset" in the PIIX reset control register
 SCI_IRQ = 9
-S5_SLEEP_TYPE = 5  # the value \_S5 gives and PM1_CNT.SLP_TYP must carry to power off
 
 FADT_REVISION = 6
 FADT_MINOR = 4

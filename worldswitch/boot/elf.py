@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GuestImageError
-from ..vmm.memory import GuestMemory
+from ..memory.guest import GuestMemory
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError, GuestImageError
-from ..vmm.memmap import MemoryMap, RegionKind
-from ..vmm.memory import GuestMemory
+from ..memory.guest import GuestMemory
+from ..memory.layout import MemoryMap, RegionKind
 from . import bootparams as bp
 from .bzimage import BzImage, extract_vmlinux, is_bzimage, parse_bzimage
 from .elf import load_elf

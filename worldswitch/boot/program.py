@@ -1,5 +1,5 @@
 """Configuring the entry into a bare-metal program (`worldswitch run --elf`, and the built-in
-guests): the register state the README documents, on top of vmm.longmode's CPU state.
+guests): the register state the README documents, on top of the long-mode tables (longmode.py).
 
 At entry:
     64-bit long mode, ring 0, interrupts disabled (RFLAGS = 0x2), no IDT
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..driver import structs as s
 from ..errors import ConfigError
-from ..vmm.longmode import LongModeLayout
-from ..vmm.memory import GuestMemory
+from .longmode import LongModeLayout
+from ..memory.guest import GuestMemory
 
 ARGS_ADDR = 0x5000
 ARGS_MAX = 4095
-RFLAGS_RESERVED = 0x2
 
 
 @dataclass(frozen=True)
@@ -32,11 +30,6 @@ class ProgramEntry:
     args_addr: int
     ram_size: int
     vcpus: int
-
-    def regs(self) -> s.kvm_regs:
-        return s.kvm_regs(
-            rip=self.rip, rsp=self.rsp, rdi=self.args_addr, rsi=self.ram_size, rdx=self.vcpus, rflags=RFLAGS_RESERVED
-        )
 
 
 def reserved_ranges(layout: LongModeLayout) -> list[tuple[int, int]]:

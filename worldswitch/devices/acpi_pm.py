@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..boot.acpi import RESET_VALUE, S5_SLEEP_TYPE
-
 PM_TIMER_HZ = 3_579_545
+RESET_VALUE = 0x06  # "hard reset", as in the PIIX reset control register; the FADT announces it
+S5_SLEEP_TYPE = 5  # the SLP_TYP that powers off; the DSDT's \_S5 object gives it to the OS
 
 PM1_STS_WAK = 1 << 15
 PM1_CNT_SCI_EN = 1 << 0

@@ -13,7 +13,7 @@ class InterruptLine(Protocol):
 
 
 class GuestRam(Protocol):
-    """The bounds-checked guest-physical accessor (worldswitch.vmm.memory.GuestMemory)."""
+    """The bounds-checked guest-physical accessor (worldswitch.memory.guest.GuestMemory)."""
 
     def read(self, gpa: int, length: int) -> bytes: ...
 

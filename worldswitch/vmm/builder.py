@@ -11,6 +11,7 @@ from typing import Callable
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
 from ..boot.linux import load_linux
+from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
@@ -29,6 +30,8 @@ from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..guests import DEFAULT_GUEST, builtin_path
+from ..memory.guest import GuestMemory
+from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
@@ -37,12 +40,10 @@ from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parame
 from .host import detect_host_kind, emulated_kernel_parameters
 from .irq import KvmIrqLine
 from .kick import install_kick_handler
-from .longmode import LINUX_GDT, LongModeLayout, setup_long_mode
+from .longmode import program_registers, setup_long_mode
 from .pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .machine import Machine
-from .memmap import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
-from .memory import GuestMemory
 from .runloop import VcpuRunner
 from .user_syscall import MSR_LSTAR, UserSyscall
 
@@ -231,7 +232,7 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     else:
         layout = LongModeLayout()
         loaded = load_elf(memory, image, name, reserved=reserved_ranges(layout))
-        bsp_regs = configure_program(memory, loaded.entry, config.args, config.cpus, layout).regs()
+        bsp_regs = program_registers(configure_program(memory, loaded.entry, config.args, config.cpus, layout))
 
     # The bootstrap processor enters the program; the others wait for INIT/SIPI from it, which the
     # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).

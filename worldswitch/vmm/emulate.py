@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..driver import structs as s
 from ..driver.kvm import Vcpu
-from .memory import GuestMemory
+from ..memory.guest import GuestMemory
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9

@@ -13,6 +13,9 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
+from ..driver.kvm import Kvm
+
 SYS_MODULE = Path("/sys/module")
 DMI = Path("/sys/class/dmi/id")
 
@@ -146,3 +149,27 @@ def emulated_kernel_parameters(cmdline: str) -> list[tuple[str, str]]:
         added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
                                            "and certificate loading times out waiting for them"))
     return added
+
+
+@dataclass(frozen=True)
+class KvmFacts:
+    """What this host's KVM answers: its API version and the capabilities worldswitch asks about."""
+
+    api_version: int
+    capabilities: dict[str, int]  # by name, in the order asked: the required ones first
+
+    @property
+    def required_missing(self) -> list[str]:
+        return [cap.name for cap in REQUIRED_CAPS if not self.capabilities[cap.name]]
+
+
+
+def required_capabilities() -> set[str]:
+    """The capabilities worldswitch cannot run without, by name."""
+    return {cap.name for cap in REQUIRED_CAPS}
+
+
+def probe_kvm(kvm_path: str) -> KvmFacts:
+    with Kvm(kvm_path) as kvm:
+        return KvmFacts(kvm.get_api_version(),
+                        {cap.name: kvm.check_extension(cap) for cap in (*REQUIRED_CAPS, *USEFUL_CAPS)})

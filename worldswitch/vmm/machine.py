@@ -3,24 +3,22 @@ place that decides how the VM ended. vmm/builder.py assembles it; the VMX drives
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Iterator
 
 from ..devices.ucall import Ucall, UcallCommand
 from ..driver import structs as s
 from ..errors import KvmError
 from ..driver.kvm import Kvm, Vm
 from .bus import MmioBus, PioBus
-from .memmap import MemoryMap
-from .memory import GuestMemory
+from ..memory.guest import GuestMemory
+from ..memory.layout import MemoryMap
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
-
-if TYPE_CHECKING:  # loaded on the first snapshot
-    from .snapshot import SnapshotInfo
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -180,31 +178,17 @@ class Machine:
     def device_states(self) -> dict[str, object]:
         return {name: save() for name, (save, _load, _kind) in self.stateful.items()}
 
-    def restore_device_states(self, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
-        from .snapshot import SnapshotError
-
-        for name, (_save, load, kind) in self.stateful.items():
-            if name not in states:
-                raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
-            try:
-                load(kind(**states[name]))
-            except (TypeError, ValueError) as error:
-                raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
-
-    def snapshot(self, path: str, progress: Callable[[str, int, int], None] | None = None) -> SnapshotInfo:
-        """Suspend to disk: pause, quiesce the device threads, write `path`, and go on running
-        if the machine was running."""
-        from dataclasses import asdict
-
-        from . import snapshot
-
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Paused, with no device request half served, for as long as the caller copies state; a
+        machine that was running runs again afterwards."""
         was_running = self.running and not self._paused
         self.pause()
         locks = [f.lock for f in (self.pci.functions if self.pci is not None else []) if hasattr(f, "worker")]
         for lock in locks:
             lock.acquire()  # no request is half served while its queue indices are copied
         try:
-            return snapshot.save(self, path, asdict(self.config) if self.config is not None else {}, progress)
+            yield
         finally:
             for lock in locks:
                 lock.release()

@@ -17,7 +17,7 @@ from ..errors import BusError, ConfigError
 from .bus import BusRange, MmioBus, PioBus, ReadFn, WriteFn, all_ones
 from .irq import KvmIrqLine
 from .irqroute import GsiRouter
-from .memmap import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
+from ..memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
 
 FIRST_INTX_GSI = 16
 

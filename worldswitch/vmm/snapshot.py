@@ -32,16 +32,17 @@ import queue
 import shutil
 import stat
 import threading
-from dataclasses import dataclass, fields, is_dataclass
+import time
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import __version__
+from ..version import __version__
 from ..errors import WorldswitchError
 from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
-from .memory import PAGE_SIZE, GuestMemory
+from ..memory.guest import PAGE_SIZE, GuestMemory
 
-if TYPE_CHECKING:  # machine.py imports this module lazily
+if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never the other way round
     from .machine import Machine
 
 FORMAT = "worldswitch-snapshot"
@@ -261,10 +262,15 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(out.fileno())
 
 
+def take(machine: Machine, path: str | Path, progress: Progress | None = None) -> SnapshotInfo:
+    """Suspend to disk: quiesce the machine, write it to the new directory `path`, and let it go on
+    running if it was."""
+    with machine.quiesced():
+        return save(machine, path, asdict(machine.config) if machine.config is not None else {}, progress)
+
+
 def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:
     """Write `machine` (paused, devices quiesced by the caller) to the directory `path`."""
-    import time
-
     started = time.monotonic()
     target = Path(path)
     if target.exists():
@@ -438,6 +444,16 @@ def open_snapshot(path: str | Path) -> Snapshot:
     return Snapshot(directory, manifest)
 
 
+def restore_device_states(machine: Machine, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
+    for name, (_save, load, kind) in machine.stateful.items():
+        if name not in states:
+            raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
+        try:
+            load(kind(**states[name]))
+        except (TypeError, ValueError) as error:
+            raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
+
+
 def restore(machine: Machine, snapshot: Snapshot, progress: Progress | None = None) -> None:
     """Put a snapshot's state into a freshly built machine (same description, not started)."""
     manifest = snapshot.manifest
@@ -460,6 +476,6 @@ def restore(machine: Machine, snapshot: Snapshot, progress: Progress | None = No
     restore_vm(machine.vm, vm_state)
     for runner, state in zip(machine.runners, vcpus):
         restore_vcpu(runner.vcpu, state)
-    machine.restore_device_states(devices)
+    restore_device_states(machine, devices)
     for path in changed_disks(manifest):
         machine.warn(f"disk {path} changed after the snapshot was taken; the guest may see it inconsistently")

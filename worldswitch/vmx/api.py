@@ -267,8 +267,10 @@ class Machine:
     def snapshot(self, path: str | Path, progress: Callable[[str, int, int], None] | None = None) -> SnapshotInfo:
         """Suspend to disk: write the whole machine to the new directory `path`; a running guest
         goes on running afterwards."""
+        from ..vmm.snapshot import take  # hashing and mincore load when a snapshot is taken, not at start
+
         with self._transition:
-            info = self.vmm.snapshot(str(path), progress or self.progress)
+            info = take(self.vmm, str(path), progress or self.progress)
         self._event("snapshot", path=info.path, seconds=info.seconds)
         return info
 

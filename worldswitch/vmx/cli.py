@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from ..version import __version__
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
 from ..vmm.defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
             return EXIT_USAGE
         options.signals = signals
         options.whole_process = whole_process
+        options.kvm_path = kvm_path()
         return COMMANDS[options.command](options)
     except WorldswitchError as error:
         print(f"worldswitch: error: {error}", file=sys.stderr)

@@ -15,12 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..devices.ucall import Ucall, UcallCommand
-from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
-from ..driver.kvm import Kvm
 from ..sandbox import available as sandbox_unavailable
 from ..sandbox.seccomp_filter import binding_name as seccomp_binding_name
 from ..vmm.builder import MachineConfig, build_machine
-from ..vmm.host import HostKind, detect_host_kind
+from ..vmm.host import HostKind, detect_host_kind, probe_kvm, required_capabilities
 from ..vmm.result import StopReason
 PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}
 
@@ -97,21 +95,21 @@ def measure_syscall(kernel_pages: bool = False) -> int | None:
 
 def gather(kvm_path: str = "/dev/kvm", measure: bool = True) -> HostInfo:
     model = _cpu_model()
-    with Kvm(kvm_path) as kvm:
-        caps = {cap.name: kvm.check_extension(cap) for cap in (*REQUIRED_CAPS, *USEFUL_CAPS)}
-        info = HostInfo(
-            kvm_path=kvm_path,
-            api_version=kvm.get_api_version(),
-            cpu_model=model,
-            host_cpus=os.cpu_count() or 1,
-            kind=detect_host_kind(),
-            capabilities=caps,
-            required_missing=[cap.name for cap in REQUIRED_CAPS if not caps[cap.name]],
-            max_vcpus=caps["MAX_VCPUS"],
-            recommended_vcpus=caps["NR_VCPUS"],
-            memory_slots=caps["NR_MEMSLOTS"],
-            sandbox=sandbox_summary(),
-        )
+    kvm = probe_kvm(kvm_path)
+    caps = kvm.capabilities
+    info = HostInfo(
+        kvm_path=kvm_path,
+        api_version=kvm.api_version,
+        cpu_model=model,
+        host_cpus=os.cpu_count() or 1,
+        kind=detect_host_kind(),
+        capabilities=caps,
+        required_missing=kvm.required_missing,
+        max_vcpus=caps["MAX_VCPUS"],
+        recommended_vcpus=caps["NR_VCPUS"],
+        memory_slots=caps["NR_MEMSLOTS"],
+        sandbox=sandbox_summary(),
+    )
     if measure and not info.required_missing:
         info.measured = measure_rings()
         info.syscall_ring = measure_syscall()
@@ -167,7 +165,7 @@ def format_info(info: HostInfo) -> str:
     lines.append(f"sandbox      {info.sandbox}")
     lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
     lines.append("capabilities (* = required by worldswitch)")
-    required = {cap.name for cap in REQUIRED_CAPS}
+    required = required_capabilities()
     for name, value in info.capabilities.items():
         mark = "*" if name in required else " "
         state = "yes" if value else "NO"

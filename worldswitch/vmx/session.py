@@ -19,7 +19,6 @@ from ..sandbox import Sandbox, SandboxSettings
 from ..vmm.result import MachineResult, StopReason
 from ..devices.virtio.console import PtyBackend
 from .api import Machine as VirtualMachine
-from .cli import kvm_path
 from .console import Console, open_console, stderr_line
 from .machine_file import KEYS, load_machine_file, machine_config, merge, parse_disk, parse_net
 from .signals import StopSignals
@@ -50,13 +49,13 @@ def run_from_options(options: argparse.Namespace) -> int:
     config = machine_config(settings)
     config.program()
     return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings, options.signals,
-                       options.whole_process)
+                       options.whole_process, options.kvm_path)
 
 
 def restore_from_options(options: argparse.Namespace) -> int:
     settings = merge(given_settings(options))
     return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings,
-                       options.signals, options.whole_process)
+                       options.signals, options.whole_process, options.kvm_path)
 
 
 def make_sandbox(settings: dict[str, Any], whole_process: bool) -> Sandbox:
@@ -101,7 +100,7 @@ class ProgressLine:
 
 
 def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], signals: StopSignals,
-                whole_process: bool) -> int:
+                whole_process: bool, kvm_path: str) -> int:
     """Build (or restore) the machine, run it on the console until it ends, report how."""
     quiet = settings["quiet"]
     timeout = settings["timeout"]
@@ -110,7 +109,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
     try:
         vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
                   trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
-                  kvm_path=kvm_path())
+                  kvm_path=kvm_path)
         check_power_cycle(vm, settings)
         with vm:
             if not quiet:

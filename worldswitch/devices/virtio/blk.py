@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import ConfigError
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 from . import BLOCK
 from .device import VirtioDevice
 from .image_lock import lock_image

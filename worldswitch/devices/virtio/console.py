@@ -12,7 +12,7 @@ import os
 import tty
 
 from ...errors import ConfigError
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 from . import CONSOLE
 from .device import VirtioDevice
 

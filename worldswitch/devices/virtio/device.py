@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 from . import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from .packed import PackedQueue
 from .queue import SplitQueue

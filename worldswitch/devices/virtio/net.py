@@ -19,7 +19,7 @@ import socket
 import struct
 
 from ...errors import ConfigError
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 from . import NET
 from .device import VirtioDevice
 from .queue import DescriptorChain

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 from .queue import full_barrier
 from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
                     VirtqueueError, check_areas, check_buffer, check_indirect_table, need_event)

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ...errors import WorldswitchError
-from ...vmm.memory import GuestMemory
+from ...memory.guest import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2

@@ -2,7 +2,7 @@
  * pvh.S: a second way in, for other VMMs. The Xen PVH boot protocol (XEN_ELFNOTE_PHYS32_ENTRY),
  * which QEMU's -kernel, Firecracker and cloud-hypervisor support, enters a 64-bit ELF in 32-bit
  * protected mode with paging off and EBX = struct hvm_start_info. This stub builds the same
- * environment worldswitch's VMM provides (vmm/longmode.py: GDT, TSS with I/O bitmap, 4 GiB
+ * environment worldswitch's VMM provides (boot/longmode.py: GDT, TSS with I/O bitmap, 4 GiB
  * identity map, user-accessible) and joins the normal entry path, so that bench/ can run the
  * very same guest binaries under QEMU.
  */

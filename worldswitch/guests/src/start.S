@@ -105,7 +105,7 @@ enter_user:
     pushq %rax /* RSP */
     /* IOPL 3: ring 3 may use every port (SDM vol. 1, 19.5.1: CPL <= IOPL, no bitmap consulted).
      * Hosts that force the hardware IOPL to 0 in guest user mode (PVM) consult the TSS I/O bitmap
-     * instead, which the VMM also grants (vmm/longmode.py build_tss); see docs/hosts.md. */
+     * instead, which the VMM also grants (boot/longmode.py build_tss); see docs/hosts.md. */
     movq $0x3002, %rax
     testl %edx, %edx
     jz 1f

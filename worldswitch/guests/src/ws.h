@@ -34,7 +34,7 @@ typedef unsigned long uintptr_t;
 #define IOAPIC_BASE 0xfec00000UL
 #define UNMAPPED_MMIO 0xd0000000UL /* in the PCI hole, owned by no device */
 
-/* GDT selectors the VMM provides (vmm/longmode.py). */
+/* GDT selectors the VMM provides (boot/longmode.py). */
 #define KERNEL_CS 0x08
 #define KERNEL_DS 0x10
 #define USER_DS 0x1b

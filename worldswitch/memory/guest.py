@@ -7,12 +7,15 @@ import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, TypeVar
+from typing import Iterator, Protocol, TypeVar
 
 from ..errors import GuestMemoryError
 
-if TYPE_CHECKING:
-    from ..driver.kvm import Vm
+
+class SlotTable(Protocol):
+    """What registers guest RAM with the hypervisor (driver.kvm.Vm): memory knows no more of it."""
+
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int) -> None: ...
 
 PAGE_SIZE = 4096
 T = TypeVar("T", bound=ctypes.Structure)
@@ -80,7 +83,7 @@ class GuestMemory:
                 total += sum(byte & 1 for byte in bytes(vector)) * PAGE_SIZE
         return total
 
-    def register(self, vm: Vm) -> None:
+    def register(self, vm: SlotTable) -> None:
         for region in self.regions:
             vm.set_user_memory_region(region.slot, region.guest_phys_addr, region.size, region.host_addr)
 
