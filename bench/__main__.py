@@ -13,6 +13,7 @@ puts the table into README.md. As root it drops the page cache before each disk 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import datetime
 import json
 import platform
@@ -50,11 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-readme", action="store_true", help="put the results table into README.md")
     parser.add_argument("--no-qemu", action="store_true", help="leave QEMU out even if it is installed")
     options = parser.parse_args(argv)
-    try:  # say so now, not after minutes of measuring
-        import matplotlib  # noqa: F401
-        charting = True
-    except ImportError:
-        charting = False
+    charting = importlib.util.find_spec("matplotlib") is not None  # say so now, not after minutes of measuring
+    if not charting:
         print("bench: matplotlib is not installed (pip install -e '.[bench]'): writing results.json and the table, "
               "no chart", file=sys.stderr)
 

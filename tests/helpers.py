@@ -21,7 +21,8 @@ class RecordingLine:
 import threading
 from dataclasses import dataclass, field
 
-from worldswitch.vmm.builder import MachineConfig, build_machine
+from worldswitch.vmm.builder import build_machine
+from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.machine import Machine
 from worldswitch.vmm.result import MachineResult
 from worldswitch.vmm.stats import MachineStats

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from worldswitch.devices.pci import ECAM_FUNCTION_SIZE, HostBridge, PciBus
-from worldswitch.vmm.builder import DiskConfig
+from worldswitch.vmm.config import DiskConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import StopReason
 

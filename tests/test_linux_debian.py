@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.vmm.builder import MachineConfig, build_machine
+from worldswitch.vmm.builder import build_machine
+from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmx.debian import fetch_debian
 

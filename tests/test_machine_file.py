@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worldswitch.errors import ConfigError
-from worldswitch.vmm.builder import DiskConfig, NetConfig
+from worldswitch.vmm.config import DiskConfig, NetConfig
 from worldswitch.vmx.machine_file import KEYS, load_machine_file, machine_config, merge
 
 

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from worldswitch.vmm import snapshot as snapshot_module
-from worldswitch.vmm.builder import DiskConfig
+from worldswitch.vmm.config import DiskConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import StopReason
 from worldswitch.vmm.snapshot import VERSION, SnapshotError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.vmm.builder import DiskConfig
+from worldswitch.vmm.config import DiskConfig
 from worldswitch.vmm.result import StopReason
 
 from .helpers import run_guest

@@ -61,7 +61,7 @@ MADT_PCAT_COMPAT = 1 << 0
 MAX_XAPIC_ID = 254  # MADT type-0 entries carry 8-bit APIC IDs; 0xff means broadcast
 
 
-def checksum(data: bytes) -> int:
+def checksum(data: bytes | bytearray) -> int:
     """The byte that makes the sum of `data` (with it in place of 0) zero modulo 256."""
     return (-sum(data)) & 0xFF
 

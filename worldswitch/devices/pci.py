@@ -125,7 +125,7 @@ class PciFunction:
 
     @property
     def command(self) -> int:
-        return struct.unpack_from("<H", self.config, COMMAND)[0]
+        return int(struct.unpack_from("<H", self.config, COMMAND)[0])
 
     def config_read(self, offset: int, size: int) -> int:
         if offset >= CONFIG_SIZE:

@@ -45,7 +45,7 @@ _errno_location.restype = ctypes.POINTER(ctypes.c_int)
 
 def last_errno() -> int:
     """errno of the calling thread, as the last libc call left it."""
-    return _errno_location().contents.value
+    return int(_errno_location().contents.value)
 
 
 @dataclass(frozen=True)
@@ -103,4 +103,4 @@ def ioctl(fd: int, request: Ioctl, arg: object = 0) -> int:
         result = libc_ioctl(fd, request.number, ctypes.addressof(arg))  # type: ignore[arg-type]
     if result < 0:
         raise KvmError(request.name, ctypes.get_errno())
-    return result
+    return int(result)

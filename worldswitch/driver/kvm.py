@@ -311,7 +311,7 @@ class Vcpu:
     def get_mp_state(self) -> int:
         state = s.kvm_mp_state()
         ioctl(self.fd, rq.KVM_GET_MP_STATE, state)
-        return state.mp_state
+        return int(state.mp_state)
 
     def set_mp_state(self, mp_state: int) -> None:
         ioctl(self.fd, rq.KVM_SET_MP_STATE, s.kvm_mp_state(mp_state))

@@ -4,8 +4,6 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..boot import acpi
@@ -29,12 +27,11 @@ from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
-from ..guests import DEFAULT_GUEST, builtin_path
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
-from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
+from .config import MachineConfig
 from .emulate import VmxEmulator
 from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
 from .host import detect_host_kind, emulated_kernel_parameters
@@ -52,79 +49,6 @@ KVM_TSS_ADDR = 0xFFFBD000
 KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 
 ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
-
-
-@dataclass
-class DiskConfig:
-    path: str
-    read_only: bool = False
-    serial: str | None = None
-    shared: bool = False  # read-only, and others may write it meanwhile (no write lock kept out)
-
-
-@dataclass
-class NetConfig:
-    tap: str
-    mac: str | None = None
-
-
-@dataclass
-class MachineConfig:
-    memory: int | None = None  # bytes; None: 128 MiB for programs, 512 MiB for Linux
-    cpus: int = 1
-    elf: str | None = None  # a user's bare-metal ELF64 program
-    guest: str | None = None  # or a built-in guest by name (the default when nothing is given)
-    args: str = ""  # the program's argument string
-    kernel: str | None = None  # or Linux: a bzImage or an ELF vmlinux
-    initrd: str | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    decompress: str = "auto"  # host, guest, or auto (host where guest kernel code is emulated)
-    disks: list[DiskConfig] = field(default_factory=list)  # virtio-blk, in PCI slot order
-    nets: list[NetConfig] = field(default_factory=list)  # virtio-net on tap devices
-    rng: bool = False  # virtio-rng
-    vconsole: str | None = None  # virtio-console back end: pty, file:PATH or none
-    packed_queues: bool = False  # offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device
-
-    def program(self) -> tuple[str, str]:
-        """(display name, path) of what boots."""
-        chosen = [what for what in (self.elf, self.guest, self.kernel) if what]
-        if len(chosen) > 1:
-            raise ConfigError("give one of a built-in guest, an ELF program or a Linux kernel")
-        if self.initrd and not self.kernel:
-            raise ConfigError("an initrd needs a Linux kernel (--kernel)")
-        if self.kernel:
-            return self.kernel, self.kernel
-        if self.elf:
-            return self.elf, self.elf
-        name = self.guest or DEFAULT_GUEST
-        return f"built-in guest '{name}'", str(builtin_path(name))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MachineConfig":  # type: ignore[type-arg]
-        """The inverse of dataclasses.asdict (snapshots store the description this way)."""
-        data = dict(data)
-        data["disks"] = [DiskConfig(**disk) for disk in data.get("disks", [])]
-        data["nets"] = [NetConfig(**net) for net in data.get("nets", [])]
-        return cls(**data)
-
-    def absolute(self) -> "MachineConfig":
-        """The same description with every file path absolute, so that a snapshot of it can be
-        restored from any working directory."""
-        def path(value: str | None) -> str | None:
-            return os.path.abspath(value) if value else value
-
-        vconsole = self.vconsole
-        if vconsole is not None and vconsole.startswith("file:"):
-            vconsole = "file:" + os.path.abspath(vconsole[5:])
-        return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd),
-                       disks=[replace(d, path=os.path.abspath(d.path)) for d in self.disks],
-                       nets=[replace(n) for n in self.nets], vconsole=vconsole)
-
-    @property
-    def memory_bytes(self) -> int:
-        if self.memory is not None:
-            return self.memory
-        return DEFAULT_LINUX_MEMORY if self.kernel else DEFAULT_MEMORY
 
 
 def build_machine(
@@ -278,7 +202,16 @@ def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> N
     machine.register_state("i8042", i8042.state, i8042.restore, I8042State)  # type: ignore[arg-type]
     machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
     for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
-        machine.register_state(name, lambda r=register: r.state, register.restore, SequenceState)  # type: ignore[arg-type]
+        machine.register_state(name, _state_of(register), register.restore, SequenceState)  # type: ignore[arg-type]
+
+
+def _state_of(register: SequenceRegister) -> Callable[[], SequenceState]:
+    return lambda: register.state
+
+
+def _input_pause(function: VirtioPciFunction, fd: int) -> Callable[[bool], None]:
+    """A device's way to stop (and restart) its I/O thread reading `fd` when the guest has no room."""
+    return lambda paused: function.worker.interest(fd, not paused)
 
 
 def _attach_pci(machine: Machine, config: MachineConfig) -> None:
@@ -300,14 +233,14 @@ def _attach_pci(machine: Machine, config: MachineConfig) -> None:
     for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
         function = add(f"virtio-net{index}", device)
-        device.pause_input = lambda paused, f=function, d=device: f.worker.interest(d.tap.fd, not paused)
+        device.pause_input = _input_pause(function, device.tap.fd)
     if config.rng:
         add("virtio-rng", VirtioRng(machine.memory))
     if config.vconsole:
         console = VirtioConsole(machine.memory, open_backend(config.vconsole))
         function = add("virtio-console", console)
         if console.backend.fd is not None:
-            console.pause_input = lambda paused, f=function, d=console: f.worker.interest(d.backend.fd, not paused)
+            console.pause_input = _input_pause(function, console.backend.fd)
 
 
 def restore_machine(

@@ -13,12 +13,18 @@ from ..driver import structs as s
 from ..errors import KvmError
 from ..driver.kvm import Kvm, Vm
 from .bus import MmioBus, PioBus
+from .config import MachineConfig
+from .cpuid import HiddenFeature
+from .host import HostKind
+from .pci_platform import PciPlatform
+from ..boot.linux import LinuxBoot
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
 
@@ -42,23 +48,21 @@ class Machine:
         self._started_ns = 0
         self._ended_ns = 0
         self._closed = False
-        self.trace_writer = None  # a trace.TraceWriter while recording
-        self.host = None  # host.HostKind, set by the builder
-        self.boot = None  # boot.linux.LinuxBoot when the machine boots Linux
-        self.forced_cpuid: list = []  # cpuid.HiddenFeature the host would not let us hide
-        self.pci = None  # pci_platform.PciPlatform
+        self.trace_writer: TraceWriter | None = None  # while recording
+        self.host: HostKind | None = None  # set by the builder
+        self.boot: LinuxBoot | None = None  # when the machine boots Linux
+        self.forced_cpuid: list[HiddenFeature] = []  # what the host would not let us hide
+        self.pci: PciPlatform | None = None
         self.warn: Callable[[str], None] = lambda text: None
-        self.config = None  # the builder's MachineConfig, kept for snapshots
+        self.config: MachineConfig | None = None  # the builder's, kept for snapshots
         self.stateful: dict[str, tuple[Callable[[], object], Callable[[object], None], type]] = {}
-        self._paused_clock = None
+        self._paused_clock: s.kvm_clock_data | None = None
         self._paused = False
 
     # --- life cycle ------------------------------------------------------------------------
 
     def enable_trace(self, path: str, limit: int = DEFAULT_TRACE_LIMIT) -> None:
         """Record every world switch of every vCPU to `path` (see trace.py). Before start()."""
-        from .trace import TraceWriter
-
         if self._started_ns:
             raise RuntimeError("tracing must be enabled before the machine starts")
         self.trace_writer = TraceWriter(path, len(self.runners), limit, self.warn)

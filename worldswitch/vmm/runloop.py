@@ -105,10 +105,14 @@ class VcpuRunner:
         self._mmio_is_write = ctypes.c_uint8.from_buffer(page, _MMIO_OFFSET + s.kvm_run_mmio.is_write.offset)
         # Indexed by access size: views of the data KVM hands over (port I/O in the page after
         # kvm_run proper, MMIO inside kvm_run.mmio.data).
-        self._pio_values = [_VIEW_TYPES[size].from_buffer(page, PIO_DATA_OFFSET) if size in (1, 2, 4) else None
-                            for size in range(5)]
-        self._mmio_values = [_VIEW_TYPES[size].from_buffer(page, _MMIO_OFFSET + s.kvm_run_mmio.data.offset)
-                             if size in _MMIO_SIZES else None for size in range(9)]
+        # Sizes no exit reports (3, 5-7) hold a view of nothing, never read, so the hot path indexes
+        # without a check.
+        unused = ctypes.c_uint64()
+        self._pio_values: list[ctypes._SimpleCData[int]] = [
+            _VIEW_TYPES[size].from_buffer(page, PIO_DATA_OFFSET) if size in (1, 2, 4) else unused for size in range(5)]
+        self._mmio_values: list[ctypes._SimpleCData[int]] = [
+            _VIEW_TYPES[size].from_buffer(page, _MMIO_OFFSET + s.kvm_run_mmio.data.offset) if size in _MMIO_SIZES
+            else unused for size in range(9)]
 
         handlers: list[Callable[[], None]] = [self._on_unexpected] * EXIT_REASON_LIMIT
         handlers[ExitReason.INTR] = self._on_intr
@@ -369,10 +373,11 @@ class VcpuRunner:
         )
 
     def _on_internal_error(self) -> None:
-        from ..driver.exits import decode_exit  # rare path: kept off the start-up import chain
+        from ..driver.exits import InternalErrorExit, decode_exit  # rare path: kept off the start-up import chain
         from .insn import describe_internal_error
 
-        exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, self.vcpu.run_mmap)
+        exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, memoryview(self.vcpu.run_mmap))
+        assert isinstance(exit_, InternalErrorExit)  # what decode_exit gives for this reason
         regs = self.vcpu.get_regs()
         if self.emulator is not None and exit_.suberror == 1:  # KVM_INTERNAL_ERROR_EMULATION
             code = exit_.insn_bytes

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..vmm.builder import DEFAULT_CMDLINE, DiskConfig, MachineConfig, NetConfig, build_machine, restore_machine
+from ..vmm.builder import build_machine, restore_machine
+from ..vmm.config import DiskConfig, MachineConfig, NetConfig
+from ..vmm.defaults import DEFAULT_CMDLINE
 from ..vmm.machine import Machine as VmmMachine
 from ..vmm.result import MachineResult, StopReason
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..devices.ucall import Ucall, UcallCommand
 from ..sandbox import available as sandbox_unavailable
 from ..sandbox.seccomp_filter import binding_name as seccomp_binding_name
-from ..vmm.builder import MachineConfig, build_machine
+from ..vmm.builder import build_machine
+from ..vmm.config import MachineConfig
 from ..vmm.host import HostKind, detect_host_kind, probe_kvm, required_capabilities
 from ..vmm.result import StopReason
 PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..vmm.builder import DEFAULT_CMDLINE, DiskConfig, MachineConfig, NetConfig
+from ..vmm.config import DiskConfig, MachineConfig, NetConfig
+from ..vmm.defaults import DEFAULT_CMDLINE
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .units import parse_seconds, parse_size
 

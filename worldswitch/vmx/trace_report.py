@@ -56,9 +56,9 @@ def summarise(trace: Trace, top: int = 8, timeline: int = 20) -> str:
     result = trace.trailer.get("result")
     if isinstance(result, dict):
         lines.append(f"the run ended: {result.get('message')}")
-    dropped = trace.trailer.get("dropped") or {}
-    if dropped:
-        lines.append(f"trace limit reached: {sum(dropped.values())} later world switches were counted but not recorded")  # type: ignore[union-attr]
+    dropped = trace.trailer.get("dropped")
+    if isinstance(dropped, dict) and dropped:
+        lines.append(f"trace limit reached: {sum(dropped.values())} later world switches were counted but not recorded")
     if trace.trailer.get("truncated"):
         lines.append("the file ends early (the VMX did not finish writing it); showing what is there")
 

@@ -23,7 +23,7 @@ from ...memory.guest import GuestMemory
 from . import BLOCK
 from .device import VirtioDevice
 from .image_lock import lock_image
-from .queue import DescriptorChain, VirtqueueError
+from .queue import Buffer, DescriptorChain, VirtqueueError
 
 SECTOR = 512
 HEADER = struct.Struct("<IIQ")
@@ -187,7 +187,7 @@ class VirtioBlock(VirtioDevice):
         self.memory.write_int(status_at, 1, status)
         return written + 1
 
-    def _views(self, buffers: list, skip: int = 0, limit: int | None = None) -> list[memoryview]:
+    def _views(self, buffers: list[Buffer], skip: int = 0, limit: int | None = None) -> list[memoryview]:
         views, budget = [], limit
         for buffer in buffers:
             view = self.memory.view(buffer.gpa, buffer.length)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tty
+from typing import Callable
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
@@ -36,25 +37,26 @@ class ConsoleBackend:
 
 class PtyBackend(ConsoleBackend):
     def __init__(self) -> None:
-        self.fd, self._slave = os.openpty()
+        self._master, self._slave = os.openpty()
+        self.fd = self._master
         tty.setraw(self._slave)  # bytes pass unchanged, as on a serial line
-        os.set_blocking(self.fd, False)
+        os.set_blocking(self._master, False)
         self.name = os.ttyname(self._slave)
 
     def read(self) -> bytes:
         try:
-            return os.read(self.fd, 4096)
+            return os.read(self._master, 4096)
         except (BlockingIOError, OSError):
             return b""
 
     def write(self, data: bytes) -> None:
         try:
-            os.write(self.fd, data)
+            os.write(self._master, data)
         except OSError:
             pass  # nobody attached and the pty buffer is full: console output is not worth a stall
 
     def close(self) -> None:
-        for fd in (self.fd, self._slave):
+        for fd in (self._master, self._slave):
             os.close(fd)
 
 
@@ -93,7 +95,7 @@ class VirtioConsole(VirtioDevice):
         self.backend = backend
         self.pending = bytearray()
         self.bytes_in = self.bytes_out = 0
-        self.pause_input = lambda paused: None  # set by the VMM: stop/resume reading the back end
+        self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM: stop/resume reading the back end
 
     def config(self) -> bytes:
         return bytes(12)  # cols, rows, max_nr_ports, emerg_wr: none of their features is offered

@@ -28,7 +28,7 @@ FLOCK = struct.Struct("hhqqi4x")  # struct flock on x86-64: type, whence, start,
 def _lock(fd: int, command: int, kind: int, byte: int) -> int:
     """fcntl on one byte; the lock type fcntl found in the way (F_UNLCK if none) for F_OFD_GETLK."""
     answer = fcntl.fcntl(fd, command, FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
-    return FLOCK.unpack(answer)[0]
+    return int(FLOCK.unpack(answer)[0])
 
 
 def lock_image(fd: int, path: str, read_only: bool, share_writes: bool = False) -> None:

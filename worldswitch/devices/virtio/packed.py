@@ -17,6 +17,7 @@ chain must itself be marked available. A violation raises VirtqueueError.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from ...memory.guest import GuestMemory
 from .queue import full_barrier
@@ -35,6 +36,13 @@ WRAP_BIT = 1 << 15
 
 def _is_available(flags: int, wrap: bool) -> bool:
     return bool(flags & VIRTQ_DESC_F_AVAIL) == wrap and bool(flags & VIRTQ_DESC_F_USED) != wrap
+
+
+@dataclass(frozen=True)
+class PackedMark:
+    next_avail: int
+    avail_wrap: bool
+    in_flight: dict[int, int]
 
 
 class PackedQueue:
@@ -115,13 +123,14 @@ class PackedQueue:
             check_buffer(self.memory, address, size, self.next_avail)
             chain.add(address, size, bool(flags & VIRTQ_DESC_F_WRITE))
 
-    def mark(self) -> tuple[int, bool, dict[int, int]]:
-        """Where the device is in the ring, to give back buffers it took but cannot use yet."""
-        return self.next_avail, self.avail_wrap, dict(self.in_flight)
+    def mark(self) -> object:
+        """Where the device is in the ring, to give back buffers it took but cannot use yet
+        (opaque: only this queue's rewind() takes it)."""
+        return PackedMark(self.next_avail, self.avail_wrap, dict(self.in_flight))
 
-    def rewind(self, mark: tuple[int, bool, dict[int, int]]) -> None:
-        self.next_avail, self.avail_wrap, in_flight = mark
-        self.in_flight = dict(in_flight)
+    def rewind(self, mark: object) -> None:
+        assert isinstance(mark, PackedMark), "a mark of another queue"
+        self.next_avail, self.avail_wrap, self.in_flight = mark.next_avail, mark.avail_wrap, dict(mark.in_flight)
 
     # --- used descriptors -------------------------------------------------------------------------
 
@@ -156,7 +165,7 @@ class PackedQueue:
                 return True  # nonsense from the driver: an interrupt too many is harmless
             event = self._position(offset, bool(off_wrap & WRAP_BIT))
             return need_event(event, new, old, modulo=2 * self.size)
-        return flags != RING_EVENT_FLAGS_DISABLE
+        return bool(flags != RING_EVENT_FLAGS_DISABLE)
 
     def arm(self) -> bool:
         """The device event suppression structure stays at ENABLE: every buffer the driver makes

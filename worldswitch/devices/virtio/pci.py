@@ -195,10 +195,10 @@ class VirtioPciFunction(PciFunction):
             for setup, saved in zip(self.setups, state.setups):
                 setup.size, setup.msix_vector, setup.enabled = saved["size"], saved["msix_vector"], saved["enabled"]
                 setup.desc, setup.driver, setup.device = saved["desc"], saved["driver"], saved["device"]
-            for index, (setup, saved) in enumerate(zip(self.setups, state.queues)):
-                if setup.enabled and saved is not None:
+            for index, (setup, queue_state) in enumerate(zip(self.setups, state.queues)):
+                if setup.enabled and queue_state is not None:
                     queue = self._new_queue(setup)
-                    queue.load_state(saved)
+                    queue.load_state(queue_state)
                     self.device.queues[index] = queue
             self.device.load_extra(state.device)
             for bar, address in zip(self.bars, state.bars):

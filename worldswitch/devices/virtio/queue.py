@@ -137,11 +137,13 @@ class SplitQueue:
     def has_available(self) -> bool:
         return self.available() > 0
 
-    def mark(self) -> int:
-        """Where the device is in the available ring, to give back buffers it cannot use yet."""
+    def mark(self) -> object:
+        """Where the device is in the available ring, to give back buffers it cannot use yet
+        (opaque: only this queue's rewind() takes it)."""
         return self.last_avail
 
-    def rewind(self, mark: int) -> None:
+    def rewind(self, mark: object) -> None:
+        assert isinstance(mark, int), "a mark of another queue"
         self.last_avail = mark
 
     def pop(self) -> DescriptorChain | None:

@@ -1,0 +1,27 @@
+"""Static checks, run with the suite so that they hold by themselves: mypy at the level pyproject.toml
+sets (strict for driver/, memory/ and devices/), and pyflakes (unused imports and names, undefined
+names) over the package, the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_types_check() -> None:
+    pytest.importorskip("mypy", reason="mypy is a test dependency: pip install -e '.[test]'")
+    done = subprocess.run([sys.executable, "-m", "mypy", "--no-error-summary"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_pyflakes_finds_nothing() -> None:
+    pytest.importorskip("pyflakes", reason="pyflakes is a test dependency: pip install -e '.[test]'")
+    done = subprocess.run([sys.executable, "-m", "pyflakes", "worldswitch", "tests", "bench"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
