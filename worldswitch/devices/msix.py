@@ -13,7 +13,6 @@ import struct
 import threading
 from typing import Callable
 
-CAP_ID = 0x11
 CONTROL_ENABLE = 1 << 15
 CONTROL_FUNCTION_MASK = 1 << 14
 ENTRY_SIZE = 16

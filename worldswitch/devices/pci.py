@@ -190,14 +190,6 @@ class PciFunction:
             bar.address = (bar.address & ~0xFFFFFFFF) | low
         self._update_mappings()
 
-    def place_bar(self, index: int, address: int) -> None:
-        """The firmware's assignment, before the guest runs."""
-        with self.lock:
-            bar = self.bars[index]
-            assert bar is not None and address % bar.size == 0
-            bar.address = address
-            self._update_mappings()
-
     def _bar_decodes(self, bar: Bar) -> bool:
         enabled = self.command & (COMMAND_IO if bar.io else COMMAND_MEMORY)
         limit = 1 << 16 if bar.io else (1 << 64 if bar.mem64 else 1 << 32)

@@ -151,10 +151,6 @@ class Serial:
             self._refill()
             self._update_irq()
 
-    @property
-    def pending_input(self) -> int:
-        return len(self.rx_fifo) + len(self.backlog)
-
     # --- guest side (bus interface) ---------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE,
+from ..devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, INTERRUPT_PIN,
                            RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
 from ..devices.virtio.device import VirtioDevice
 from ..devices.virtio.pci import VirtioPciFunction
@@ -55,7 +55,7 @@ class PciPlatform:
         slot = self.bus.add(function, slot)
         self.functions.append(function)
         function.on_bar_change = lambda index, bar, old, new: self._bar_moved(function, index, bar, old, new)
-        pin = function.config_read(0x3D, 1)
+        pin = function.config_read(INTERRUPT_PIN, 1)
         if pin:
             gsi = FIRST_INTX_GSI + (slot + pin - 1) % 4  # the swizzle the DSDT's _PRT describes
             function.config[INTERRUPT_LINE] = gsi

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..driver import structs as s
 from ..driver.binary_stats import BinaryStats
-from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, SystemEvent
+from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, InternalError, SystemEvent
 from ..driver.ioctl import kvm_run_call, last_errno
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
 from ..errors import KvmError
@@ -379,7 +379,7 @@ class VcpuRunner:
         exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, memoryview(self.vcpu.run_mmap))
         assert isinstance(exit_, InternalErrorExit)  # what decode_exit gives for this reason
         regs = self.vcpu.get_regs()
-        if self.emulator is not None and exit_.suberror == 1:  # KVM_INTERNAL_ERROR_EMULATION
+        if self.emulator is not None and exit_.suberror == InternalError.EMULATION:
             code = exit_.insn_bytes
             if not code and self.fetch_code is not None:
                 try:

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..base import InterruptLine
 from ..msix import NO_VECTOR, MsixCapability
-from ..pci import COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, PciFunction
+from ..pci import CAP_MSIX, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, PciFunction
 from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, PCI_DEVICE_ID_BASE,
                PCI_VENDOR_ID, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                VIRTIO_RING_F_INDIRECT_DESC)
@@ -129,7 +129,7 @@ class VirtioPciFunction(PciFunction):
         self.add_capability(0x09, _cap(CFG_DEVICE, 0, DEVICE_OFFSET, max(len(device.config()), 1)))
         self.pci_cfg = self.add_capability(0x09, _cap(CFG_PCI, 0, 0, 0, bytes(4)),
                                            writable=bytes(2) + b"\xff" + bytes(3) + b"\xff" * 12)  # bar, offset, length, data
-        self.msix.cap_offset = self.add_capability(0x11, self.msix.capability_body(), self.msix.capability_writable())
+        self.msix.cap_offset = self.add_capability(CAP_MSIX, self.msix.capability_body(), self.msix.capability_writable())
         device.interrupt = self.interrupt_queue
         device.config_changed = self.interrupt_config
 

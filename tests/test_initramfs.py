@@ -1,0 +1,60 @@
+"""The busybox initramfs as the kernel will unpack it (newc, Documentation/driver-api/early-userspace/
+buffer-format.rst), read back entry by entry: directories before their contents, the console device
+for the first process, an executable /init that prints the marker, every module in load order."""
+
+from __future__ import annotations
+
+import gzip
+import stat
+from pathlib import Path
+
+import pytest
+
+from worldswitch.boot.initramfs import CpioEntry, InitramfsSpec, build_initramfs, cpio_newc, read_cpio_newc
+from worldswitch.errors import ConfigError, GuestImageError
+
+
+def fake_busybox(tmp_path: Path) -> Path:
+    path = tmp_path / "busybox"
+    path.write_bytes(b"\x7fELF" + bytes(60))
+    return path
+
+
+def test_what_the_kernel_unpacks(tmp_path: Path) -> None:
+    module = tmp_path / "virtio_blk.ko"
+    module.write_bytes(b"\x7fELF module")
+    spec = InitramfsSpec(fake_busybox(tmp_path), [module], marker="MARK", commands=["echo hi"])
+    archive = gzip.decompress(build_initramfs(spec))
+    assert archive[:6] == b"070701" and len(archive) % 4 == 0
+    entries = {entry.name: entry for entry in read_cpio_newc(archive)}
+    names = list(entries)
+    for name, entry in entries.items():  # every parent before its child
+        parent = name.rpartition("/")[0]
+        assert not parent or names.index(parent) < names.index(name)
+    assert stat.S_ISCHR(entries["dev/console"].mode) and entries["dev/console"].rdev == (5, 1)
+    assert stat.S_ISLNK(entries["bin/sh"].mode) and entries["bin/sh"].data == b"busybox"
+    init = entries["init"]
+    assert stat.S_IMODE(init.mode) == 0o755 and init.data.startswith(b"#!/bin/busybox sh\n")
+    lines = init.data.decode().splitlines()
+    assert lines.index("insmod /lib/modules/virtio_blk.ko || echo 'worldswitch: insmod virtio_blk.ko failed'") \
+        < lines.index("echo 'MARK'") < lines.index("echo hi") < lines.index("poweroff -f")
+    assert entries["lib/modules/virtio_blk.ko"].data == b"\x7fELF module"
+
+
+def test_the_archive_reads_back_as_written() -> None:
+    written = [CpioEntry("d", stat.S_IFDIR | 0o755), CpioEntry("d/f", stat.S_IFREG | 0o600, b"x" * 5),
+               CpioEntry("d/e", stat.S_IFREG | 0o644)]
+    assert read_cpio_newc(cpio_newc(written)) == written
+    with pytest.raises(GuestImageError, match="not a newc cpio archive"):
+        read_cpio_newc(b"x" * 200)
+
+
+def test_what_cannot_be_an_initramfs_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read busybox"):
+        build_initramfs(InitramfsSpec(tmp_path / "missing"))
+    text = tmp_path / "busybox.txt"
+    text.write_text("#!/bin/sh\n")
+    with pytest.raises(ConfigError, match="not an ELF executable"):
+        build_initramfs(InitramfsSpec(text))
+    with pytest.raises(ConfigError, match="single quote"):
+        build_initramfs(InitramfsSpec(fake_busybox(tmp_path), marker="it's"))
