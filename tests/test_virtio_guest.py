@@ -41,6 +41,10 @@ def test_a_guest_driver_reads_writes_and_flushes_through_virtio_blk(disk) -> Non
     # one kick per request at most (an eventfd coalesces close ones), and the VMX's own at DRIVER_OK
     assert 1 <= function.worker.kicks <= 7  # type: ignore[attr-defined]
     assert run.stats.exits.get("mmio", 0) < 40
+    # what --stats and the control API's stats show of it: a read past the end is the one error
+    assert run.stats.devices["virtio-blk0"] == {"requests": 6, "reads": 2, "writes": 1, "flushes": 1,
+                                               "bytes_read": 4608, "bytes_written": 4096, "errors": 1}
+    assert run.stats.as_dict()["devices"]["virtio-blk0"]["writes"] == 1
 
 
 @pytest.mark.parametrize("pattern", ["seq 300 8", "rand 300 1", "seq 300 32 packed", "rand 300 7 packed"])

@@ -127,6 +127,10 @@ class Serial:
 
     # --- snapshot ---------------------------------------------------------------------------
 
+    def counters(self) -> dict[str, int]:
+        """What the guest printed and was given, for --stats."""
+        return {"bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
     def state(self) -> SerialState:
         with self._lock:
             return SerialState(

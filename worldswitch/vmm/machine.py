@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 from ..devices.ucall import Ucall, UcallCommand
 from ..driver import structs as s
@@ -27,6 +27,13 @@ from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A device that counts what it does (serial, every virtio device)."""
+
+    def counters(self) -> dict[str, int]: ...
 
 
 class Machine:
@@ -260,6 +267,7 @@ class Machine:
             wall_ns=wall,
             unmapped_mmio=self.mmio.unmapped.count,
             unmapped_pio=self.pio.unmapped.count,
+            devices={name: device.counters() for name, device in self.devices.items() if isinstance(device, Counted)},
             vmx_resident_kib=process_resident_kib(),
             guest_resident_kib=self.memory.resident_bytes() // 1024 if not self._closed else 0,
         )

@@ -149,4 +149,7 @@ class MachineStats:
             )
         if self.unmapped_mmio or self.unmapped_pio:
             lines.append(f"unmapped accesses: {self.unmapped_mmio} MMIO, {self.unmapped_pio} port I/O")
+        for name, counters in sorted(self.devices.items()):
+            done = ", ".join(f"{key} {value}" for key, value in counters.items() if value)
+            lines.append(f"{name}: {done or 'idle'}")
         return "\n".join(lines)

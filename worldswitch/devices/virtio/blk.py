@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ...errors import ConfigError
@@ -122,6 +122,9 @@ class VirtioBlock(VirtioDevice):
             MAX_SECTORS, MAX_SEGMENTS, 1,  # 36: max_discard_sectors, max_discard_seg, discard_sector_alignment
             MAX_SECTORS, MAX_SEGMENTS, 1,  # 48: max_write_zeroes_sectors, max_write_zeroes_seg; 56: may_unmap
         )
+
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), **asdict(self.stats)}
 
     def close(self) -> None:
         if self.fd >= 0:

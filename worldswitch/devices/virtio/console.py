@@ -109,6 +109,9 @@ class VirtioConsole(VirtioDevice):
         self.bytes_in += len(data)
         self._deliver()
 
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
     def process(self, index: int) -> None:
         queue = self.queues[index]
         assert queue is not None

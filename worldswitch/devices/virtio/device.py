@@ -63,6 +63,10 @@ class VirtioDevice:
     def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
         pass
 
+    def counters(self) -> dict[str, int]:
+        """What the device has done, for --stats and the control API's `stats`."""
+        return {"requests": self.requests}
+
     def extra_fds(self) -> list[tuple[int, Callable[[], None]]]:
         """Host file descriptors the I/O thread should watch for the device (a tap, a pty)."""
         return []

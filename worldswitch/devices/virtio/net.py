@@ -124,6 +124,10 @@ class VirtioNet(VirtioDevice):
         self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM
         self.rx_packets = self.tx_packets = self.rx_dropped = 0
 
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "rx_packets": self.rx_packets, "tx_packets": self.tx_packets,
+                "rx_dropped": self.rx_dropped}
+
     def config(self) -> bytes:
         return struct.pack("<6sHH", self.mac, VIRTIO_NET_S_LINK_UP, 1)  # mac, status, max_virtqueue_pairs
 

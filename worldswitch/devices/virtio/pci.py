@@ -164,6 +164,9 @@ class VirtioPciFunction(PciFunction):
 
     # --- snapshots -------------------------------------------------------------------------------
 
+    def counters(self) -> dict[str, int]:
+        return self.device.counters()
+
     def state(self) -> VirtioPciState:
         """Called with the machine paused and this transport's lock held by the snapshotter."""
         queues = [None if queue is None else queue.state() for queue in self.device.queues]

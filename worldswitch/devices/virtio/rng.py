@@ -20,6 +20,9 @@ class VirtioRng(VirtioDevice):
         super().__init__(memory)
         self.bytes_given = 0
 
+    def counters(self) -> dict[str, int]:
+        return {**super().counters(), "bytes": self.bytes_given}
+
     def process(self, index: int) -> None:
         queue = self.queues[index]
         assert queue is not None
