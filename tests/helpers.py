@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from worldswitch.vmm.builder import build_machine
 from worldswitch.vmm.config import MachineConfig
-from worldswitch.vmm.machine import Machine
+from worldswitch.vmm.machine import Vmm
 from worldswitch.vmm.result import MachineResult
 from worldswitch.vmm.stats import MachineStats
 
@@ -33,7 +33,7 @@ class Run:
     result: MachineResult
     output: bytes
     stats: MachineStats
-    machine: Machine
+    machine: Vmm
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -58,7 +58,7 @@ class Output:
             return self.changed.wait_for(lambda: needle in self.data, timeout)
 
 
-def start_guest(guest: str = "hello", args: str = "", **config: object) -> tuple[Machine, Output, list[str]]:
+def start_guest(guest: str = "hello", args: str = "", **config: object) -> tuple[Vmm, Output, list[str]]:
     output, warnings = Output(), []
     machine = build_machine(MachineConfig(guest=guest, args=args, **config), output, warn=warnings.append)  # type: ignore[arg-type]
     machine.start()

@@ -32,7 +32,7 @@ from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from .bus import MmioBus, PioBus
 from .cpu import cpuid_for_vcpu, set_lint
 from .config import MachineConfig
-from .emulate import VmxEmulator
+from .emulate import TrapEmulator
 from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
 from .host import detect_host_kind, emulated_kernel_parameters
 from .irq import KvmIrqLine
@@ -40,7 +40,7 @@ from .kick import install_kick_handler
 from .longmode import program_registers, setup_long_mode
 from .pci_platform import PciPlatform
 from .result import MachineResult, StopReason
-from .machine import Machine
+from .machine import Vmm
 from .runloop import VcpuRunner
 from .user_syscall import MSR_LSTAR, UserSyscall
 
@@ -57,7 +57,7 @@ def build_machine(
     warn: Callable[[str], None] | None = None,
     kvm_path: str = "/dev/kvm",
     restoring: bool = False,
-) -> Machine:
+) -> Vmm:
     """Build a machine ready to start(). On failure everything opened so far is closed again.
     `restoring`: a snapshot will provide memory and CPU state, so no program is loaded."""
     if config.cpus < 1:
@@ -89,7 +89,7 @@ def build_machine(
             vm.close()
         kvm.close()
         raise
-    machine = Machine(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
+    machine = Vmm(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
     machine.warn = warn or (lambda text: None)
     machine.config = config.absolute()
     try:
@@ -100,7 +100,7 @@ def build_machine(
     return machine
 
 
-def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
+def _assemble(machine: Vmm, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
               serial_sink: Callable[[bytes], None], restoring: bool = False) -> None:
     vm, memory = machine.vm, machine.memory
     memory.register(vm)
@@ -132,7 +132,7 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     complete_syscalls = host.kernel_code_emulated and all(
         vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER))
     for vcpu in vcpus:
-        emulator = VmxEmulator(memory)
+        emulator = TrapEmulator(memory)
         runner = VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu), emulator)
         if complete_syscalls:
             runner.user_syscall = UserSyscall(vcpu, emulator)
@@ -166,7 +166,7 @@ def _assemble(machine: Machine, config: MachineConfig, name: str, image: bytes, 
     vcpus[0].set_regs(bsp_regs)
 
 
-def _attach_devices(machine: Machine, serial_sink: Callable[[bytes], None]) -> None:
+def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
     pio, mmio = machine.pio, machine.mmio
 
     serial = Serial(KvmIrqLine(machine.vm, COM1_IRQ), serial_sink)
@@ -214,7 +214,7 @@ def _input_pause(function: VirtioPciFunction, fd: int) -> Callable[[bool], None]
     return lambda paused: function.worker.interest(fd, not paused)
 
 
-def _attach_pci(machine: Machine, config: MachineConfig) -> None:
+def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
     reset = machine.devices["reset"]
     pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write),  # type: ignore[attr-defined]
@@ -249,7 +249,7 @@ def restore_machine(
     warn: Callable[[str], None] | None = None,
     kvm_path: str = "/dev/kvm",
     progress: Callable[[str, int, int], None] | None = None,
-) -> Machine:
+) -> Vmm:
     """A machine rebuilt from a snapshot's description and put back into the snapshot's state,
     ready to start() where it stopped."""
     from . import snapshot
@@ -271,7 +271,7 @@ def restore_machine(
     return machine
 
 
-def _code_fetcher(machine: Machine, vcpu: Vcpu) -> Callable[[int], bytes]:
+def _code_fetcher(machine: Vmm, vcpu: Vcpu) -> Callable[[int], bytes]:
     """Instruction bytes at a guest virtual address, for error reports (through KVM_TRANSLATE)."""
 
     def fetch(rip: int) -> bytes:

@@ -70,7 +70,7 @@ class EmulationRefused(Exception):
     """The instruction is one we emulate, but not in this state; the original failure stands."""
 
 
-class VmxEmulator:
+class TrapEmulator:
     """Emulates, for one vCPU, what KVM's emulator would not. Counts what it did."""
 
     def __init__(self, memory: GuestMemory) -> None:

@@ -7,7 +7,7 @@ KVM_RUN return EINTR before entering the guest. Either way the request is seen e
 nothing polls.
 
 The signal needs a handler (its default action would kill the process), and Python installs
-handlers only from the main thread, so the first Machine must be created there.
+handlers only from the main thread, so the first Vmm must be created there.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def install_kick_handler() -> None:
         return
     if threading.current_thread() is not threading.main_thread():
         raise ConfigError(
-            "the first worldswitch Machine must be created in the main thread "
+            "the first worldswitch machine must be created in the main thread "
             f"(it installs the {KICK_SIGNAL.name} handler that kicks vCPUs out of the guest)"
         )
     signal.signal(KICK_SIGNAL, _ignore_kick)

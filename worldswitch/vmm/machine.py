@@ -1,5 +1,6 @@
-"""A Machine: one VM's KVM objects, guest memory, buses, devices and vCPU runners, and the single
-place that decides how the VM ended. vmm/builder.py assembles it; the VMX drives it."""
+"""Vmm: the monitor of one virtual machine: its KVM objects, guest memory, buses, devices and vCPU
+runners, and the single place that decides how the VM ended. vmm/builder.py assembles it; the VMX
+(vmx/api.py's Machine, the one class of that name) drives it."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class Counted(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-class Machine:
+class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus) -> None:
         self.kvm = kvm
         self.vm = vm
@@ -226,7 +227,7 @@ class Machine:
         self.kvm.close()
         self.memory.close()
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> "Vmm":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,7 +34,7 @@ from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
 from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes
 
 if TYPE_CHECKING:
-    from .emulate import VmxEmulator
+    from .emulate import TrapEmulator
     from .user_syscall import UserSyscall
 
 RequestExit = Callable[[MachineResult], None]
@@ -61,7 +61,7 @@ class VcpuRunner:
         mmio: MmioBus,
         request_exit: RequestExit,
         fetch_code: Callable[[int], bytes] | None = None,
-        emulator: VmxEmulator | None = None,
+        emulator: TrapEmulator | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports

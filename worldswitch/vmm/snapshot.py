@@ -43,7 +43,7 @@ from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, 
 from ..memory.guest import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never the other way round
-    from .machine import Machine
+    from .machine import Vmm
 
 FORMAT = "worldswitch-snapshot"
 VERSION = 2  # 2: manifest.sha256 covers the manifest
@@ -262,14 +262,14 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(out.fileno())
 
 
-def take(machine: Machine, path: str | Path, progress: Progress | None = None) -> SnapshotInfo:
+def take(machine: Vmm, path: str | Path, progress: Progress | None = None) -> SnapshotInfo:
     """Suspend to disk: quiesce the machine, write it to the new directory `path`, and let it go on
     running if it was."""
     with machine.quiesced():
         return save(machine, path, asdict(machine.config) if machine.config is not None else {}, progress)
 
 
-def save(machine: Machine, path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:
+def save(machine: Vmm, path: str | Path, config: dict[str, Any], progress: Progress | None = None) -> SnapshotInfo:
     """Write `machine` (paused, devices quiesced by the caller) to the directory `path`."""
     started = time.monotonic()
     target = Path(path)
@@ -444,7 +444,7 @@ def open_snapshot(path: str | Path) -> Snapshot:
     return Snapshot(directory, manifest)
 
 
-def restore_device_states(machine: Machine, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
+def restore_device_states(machine: Vmm, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
     for name, (_save, load, kind) in machine.stateful.items():
         if name not in states:
             raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
@@ -454,7 +454,7 @@ def restore_device_states(machine: Machine, states: dict[str, dict]) -> None:  #
             raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
 
 
-def restore(machine: Machine, snapshot: Snapshot, progress: Progress | None = None) -> None:
+def restore(machine: Vmm, snapshot: Snapshot, progress: Progress | None = None) -> None:
     """Put a snapshot's state into a freshly built machine (same description, not started)."""
     manifest = snapshot.manifest
     layout = [[region.guest_phys_addr, region.size] for region in machine.memory.regions]

@@ -31,7 +31,7 @@ import struct
 from ..driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP
 from ..driver.kvm import Vcpu
 from ..errors import KvmError
-from .emulate import EmulationRefused, VmxEmulator
+from .emulate import EmulationRefused, TrapEmulator
 
 MSR_LSTAR = 0xC0000082
 MSR_SFMASK = 0xC0000084
@@ -46,7 +46,7 @@ EXCEPTION_FRAME = struct.Struct("<QQQQQQ")  # error code, RIP, CS, RFLAGS, RSP, 
 class UserSyscall:
     """One vCPU's SYSCALL completion. Runs on the vCPU's thread, from its exit handlers."""
 
-    def __init__(self, vcpu: Vcpu, emulator: VmxEmulator) -> None:
+    def __init__(self, vcpu: Vcpu, emulator: TrapEmulator) -> None:
         self.vcpu = vcpu
         self.emulator = emulator  # for guest-virtual reads through KVM_TRANSLATE
         self.lstar = 0

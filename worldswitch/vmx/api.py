@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ..vmm.builder import build_machine, restore_machine
 from ..vmm.config import DiskConfig, MachineConfig, NetConfig
 from ..vmm.defaults import DEFAULT_CMDLINE
-from ..vmm.machine import Machine as VmmMachine
+from ..vmm.machine import Vmm
 from ..vmm.result import MachineResult, StopReason
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .control import ControlServer
@@ -147,7 +147,7 @@ class Machine:
         self.boots = 0
         self._transition = threading.Lock()  # pause, resume and snapshot one at a time, from any thread
         self._restore_from: str | None = None
-        self._vm: VmmMachine | None = None
+        self._vm: Vmm | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **keywords: Any) -> "Machine":
@@ -174,7 +174,7 @@ class Machine:
     # --- life cycle -----------------------------------------------------------------------------
 
     @property
-    def vmm(self) -> VmmMachine:
+    def vmm(self) -> Vmm:
         """The VMM-level machine (vCPUs, memory, devices) behind this one."""
         if self._vm is None:
             raise RuntimeError("the machine has not been started")
@@ -192,7 +192,7 @@ class Machine:
     def restored_from(self) -> str | None:
         return self._restore_from
 
-    def build(self) -> VmmMachine:
+    def build(self) -> Vmm:
         """Create the VM (or restore it) without starting it."""
         if self._vm is None:
             if self._restore_from is not None:
