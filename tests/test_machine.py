@@ -35,7 +35,7 @@ def test_every_exit_is_counted_exactly_once() -> None:
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     assert run.result.value == n
     for name in ("testdev_pio", "testdev_mmio"):
-        state = run.machine.devices[name].state
+        state = run.machine.devices[name].state()
         assert (state.writes, state.last, state.errors) == (n, n, 0)
     # n writes + 1 read-back + 1 ucall port write; n MMIO writes + 1 read-back
     assert run.stats.exits == {"io": n + 2, "mmio": n + 1}
@@ -49,8 +49,8 @@ def test_exits_guest_can_do_one_kind_only(mode: str) -> None:
     run = run_guest("exits", f"500 {mode}")
     assert run.result.reason is StopReason.GUEST_DONE
     other = "mmio" if mode == "io" else "io"
-    assert run.machine.devices[f"testdev_{mode if mode == 'mmio' else 'pio'}"].state.writes == 500
-    assert run.machine.devices[f"testdev_{other if other == 'mmio' else 'pio'}"].state.writes == 0
+    assert run.machine.devices[f"testdev_{mode if mode == 'mmio' else 'pio'}"].state().writes == 500
+    assert run.machine.devices[f"testdev_{other if other == 'mmio' else 'pio'}"].state().writes == 0
 
 
 @pytest.mark.parametrize("source", ["lapic", "pit"])
@@ -127,13 +127,13 @@ def test_pause_parks_every_vcpu_and_resume_reenters_the_guest() -> None:
         time.sleep(0.2)
         machine.pause()
         register = machine.devices["testdev_pio"]
-        before = register.state.writes  # type: ignore[attr-defined]
+        before = register.state().writes  # type: ignore[attr-defined]
         time.sleep(0.2)
-        assert register.state.writes == before  # type: ignore[attr-defined]  # parked: no guest progress
+        assert register.state().writes == before  # type: ignore[attr-defined]  # parked: no guest progress
         assert machine.runners[0].parked.is_set()
         machine.resume()
         time.sleep(0.1)
-        assert register.state.writes > before  # type: ignore[attr-defined]
+        assert register.state().writes > before  # type: ignore[attr-defined]
         machine.stop()
 
 
@@ -148,7 +148,7 @@ def test_no_exit_is_lost_or_handled_twice_under_a_storm_of_kicks() -> None:
             pauses += 1
         result = machine.result
         stats = machine.stats()
-        states = [machine.devices[name].state for name in ("testdev_pio", "testdev_mmio")]
+        states = [machine.devices[name].state() for name in ("testdev_pio", "testdev_mmio")]
     assert result is not None and result.reason is StopReason.GUEST_DONE, result
     assert pauses > 50
     for state in states:

@@ -140,7 +140,7 @@ def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path, layout: str)
         vm.stop()
     saved = json.loads((tmp_path / "snap" / "devices.json").read_text())
     queue = next(state for name, state in saved.items() if name.startswith("virtio-blk"))["queues"][0]
-    assert queue["layout"] == layout
+    assert ("next_used" in queue) == packed  # a packed ring's state, or a split one's
     assert queue["next_used" if packed else "used_idx"] == 0  # nothing was served before the snapshot
     with Machine.restore(tmp_path / "snap") as restored:
         result = restored.run(timeout=30)

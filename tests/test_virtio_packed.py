@@ -16,10 +16,11 @@ from worldswitch.devices.virtio import pci as vp
 from worldswitch.devices.virtio.blk import VirtioBlock
 from worldswitch.devices.virtio.packed import (EVENT_SUPPRESS, PACKED_DESCRIPTOR, RING_EVENT_FLAGS_DESC,
                                                RING_EVENT_FLAGS_DISABLE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
-                                               PackedQueue)
+                                               PackedQueue, PackedQueueState)
 from worldswitch.devices.virtio.queue import SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
 from worldswitch.memory.guest import GuestMemory
+from worldswitch.state import decode, to_json
 
 from .helpers import RecordingLine
 from .test_virtio import EVENT_IDX, INDIRECT, MIB, blk_request
@@ -284,13 +285,13 @@ def test_queue_state_round_trips_through_json(memory) -> None:
     first, second = queue.pop(), queue.pop()
     assert first is not None and second is not None and (first.head, second.head) == (4, 2)
     queue.push(2, 8)  # out of order: the second buffer finishes first, written at slot 0
-    saved = json.loads(json.dumps(queue.state()))
-    assert saved == {"layout": "packed", "next_avail": 3, "avail_wrap": True, "next_used": 1, "used_wrap": True,
-                     "signalled": 0, "in_flight": [[4, 2]]}
+    saved = json.loads(json.dumps(to_json(queue.state())))
+    assert saved == {"next_avail": 3, "avail_wrap": True, "next_used": 1, "used_wrap": True, "signalled": 0,
+                     "in_flight": [[4, 2]]}
     again = PackedQueue(memory, 5, 0x10000, 0x11000, 0x11004)
-    again.load_state(saved)
+    again.restore(decode(PackedQueueState, saved))
     again.push(4, 0)  # the restored queue knows the first buffer took two slots
     assert (again.next_used, again.used_wrap, again.in_flight) == (3, True, {})
     assert struct.unpack("<IHH", memory.read(0x10000 + 8, 8)) == (8, 2, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED | WRITE)
     with pytest.raises(ValueError, match="split queue's state"):
-        again.load_state(SplitQueue(memory, 8, 0x20000, 0x21000, 0x22000).state())
+        again.restore(SplitQueue(memory, 8, 0x20000, 0x21000, 0x22000).state())  # type: ignore[arg-type]

@@ -42,7 +42,6 @@ class SequenceRegister:
         self.errors = 0
         self.first_error: tuple[int, int] | None = None
 
-    @property
     def state(self) -> SequenceState:
         return SequenceState(self.writes, self.last, self.errors, self.first_error)
 

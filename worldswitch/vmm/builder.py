@@ -202,11 +202,7 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
     machine.register_state("i8042", i8042.state, i8042.restore, I8042State)  # type: ignore[arg-type]
     machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
     for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
-        machine.register_state(name, _state_of(register), register.restore, SequenceState)  # type: ignore[arg-type]
-
-
-def _state_of(register: SequenceRegister) -> Callable[[], SequenceState]:
-    return lambda: register.state
+        machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
 
 
 def _input_pause(function: VirtioPciFunction, fd: int) -> Callable[[bool], None]:

@@ -33,10 +33,11 @@ import shutil
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..state import decode, to_json
 from ..version import __version__
 from ..errors import WorldswitchError
 from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
@@ -46,7 +47,7 @@ if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never
     from .machine import Vmm
 
 FORMAT = "worldswitch-snapshot"
-VERSION = 2  # 2: manifest.sha256 covers the manifest
+VERSION = 3  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py)
 FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
 MANIFEST_DIGEST = "manifest.sha256"
 
@@ -69,31 +70,6 @@ class SnapshotInfo:
     memory_bytes: int  # guest RAM described
     stored_bytes: int  # non-zero pages actually written
     seconds: float
-
-
-# --- JSON for device state dataclasses -------------------------------------------------------
-
-
-def to_json(value: Any) -> Any:
-    if is_dataclass(value):
-        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, (bytes, bytearray)):
-        return {"hex": bytes(value).hex()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): to_json(item) for key, item in value.items()}
-    return value
-
-
-def from_json(data: Any) -> Any:
-    if isinstance(data, dict):
-        if set(data) == {"hex"}:
-            return bytes.fromhex(data["hex"])
-        return {key: from_json(item) for key, item in data.items()}
-    if isinstance(data, list):
-        return [from_json(item) for item in data]
-    return data
 
 
 # --- guest memory ------------------------------------------------------------------------------
@@ -449,7 +425,7 @@ def restore_device_states(machine: Vmm, states: dict[str, dict]) -> None:  # typ
         if name not in states:
             raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
         try:
-            load(kind(**states[name]))
+            load(decode(kind, states[name]))
         except (TypeError, ValueError) as error:
             raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
 
@@ -469,7 +445,7 @@ def restore(machine: Vmm, snapshot: Snapshot, progress: Progress | None = None) 
                                 f"the manifest says {manifest['vcpus']}")
         vcpus = [VcpuState.from_json(data) for data in saved]
         vm_state = VmState.from_json(json.loads((snapshot.path / "vm.json").read_text()))
-        devices = from_json(json.loads((snapshot.path / "devices.json").read_text()))
+        devices = json.loads((snapshot.path / "devices.json").read_text())
     except (ValueError, KeyError, TypeError) as error:
         raise SnapshotError(f"the snapshot's state is malformed: {error}") from None
     read_memory(machine.memory, snapshot.path / "memory.bin", manifest["memory_digest"], progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tty
+from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import ConfigError
@@ -85,6 +86,11 @@ def open_backend(spec: str) -> ConsoleBackend:
     raise ConfigError(f"unknown virtio console back end {spec!r}: use pty, file:PATH or none")
 
 
+@dataclass(frozen=True)
+class ConsoleState:
+    pending: bytes  # received from the back end, not yet given to the guest
+
+
 class VirtioConsole(VirtioDevice):
     device_type = CONSOLE
     name = "virtio-console"
@@ -145,11 +151,14 @@ class VirtioConsole(VirtioDevice):
                     break  # delivered all, or no buffers and none came after we looked
         self.pause_input(len(self.pending) >= PENDING_LIMIT)
 
-    def save_extra(self) -> dict:  # type: ignore[type-arg]
-        return {"pending": bytes(self.pending)}
+    state_type = ConsoleState
 
-    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
-        self.pending = bytearray(state.get("pending", b""))
+    def state(self) -> ConsoleState:
+        return ConsoleState(bytes(self.pending))
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, ConsoleState)
+        self.pending = bytearray(state.pending)
 
     def reset(self) -> None:
         self.pending.clear()

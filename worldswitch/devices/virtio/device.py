@@ -3,6 +3,8 @@ transport (pci.py) handles status, negotiation and queue set-up, and calls in he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Callable
 
 from ...memory.guest import GuestMemory
@@ -13,6 +15,11 @@ from .queue import SplitQueue
 Virtqueue = SplitQueue | PackedQueue  # the two layouts answer the same methods
 
 COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+
+
+@dataclass(frozen=True)
+class NoDeviceState:
+    """The state of a device that keeps none beyond its queues."""
 
 
 class VirtioDevice:
@@ -56,11 +63,13 @@ class VirtioDevice:
     def close(self) -> None:
         """The machine is ending: release back ends, making completed writes durable."""
 
-    def save_extra(self) -> dict:  # type: ignore[type-arg]
-        """Device-specific state beyond the transport's, JSON-friendly (bytes are fine)."""
-        return {}
+    state_type: type = NoDeviceState  # what state() gives and restore() takes
 
-    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
+    def state(self) -> object:
+        """Device-specific state beyond the transport's (a dataclass of type `state_type`)."""
+        return NoDeviceState()
+
+    def restore(self, state: object) -> None:
         pass
 
     def counters(self) -> dict[str, int]:

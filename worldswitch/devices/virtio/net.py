@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import ConfigError
@@ -108,6 +109,11 @@ class TapBackend:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@dataclass(frozen=True)
+class NetState:
+    waiting: bytes | None  # a packet from the tap that no receive buffer has taken yet
 
 
 class VirtioNet(VirtioDevice):
@@ -214,11 +220,14 @@ class VirtioNet(VirtioDevice):
         self.rx_packets += 1
         return True
 
-    def save_extra(self) -> dict:  # type: ignore[type-arg]
-        return {"waiting": self.waiting, "mac": self.mac}
+    state_type = NetState
 
-    def load_extra(self, state: dict) -> None:  # type: ignore[type-arg]
-        self.waiting = state.get("waiting")
+    def state(self) -> NetState:
+        return NetState(self.waiting)
+
+    def restore(self, state: object) -> None:
+        assert isinstance(state, NetState)
+        self.waiting = state.waiting
 
     def reset(self) -> None:
         self.waiting = None

@@ -39,6 +39,18 @@ def _is_available(flags: int, wrap: bool) -> bool:
 
 
 @dataclass(frozen=True)
+class PackedQueueState:
+    """Where the device is in a packed ring, and the buffers it holds (ID -> slots they took)."""
+
+    next_avail: int
+    avail_wrap: bool
+    next_used: int
+    used_wrap: bool
+    signalled: int
+    in_flight: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class PackedMark:
     next_avail: int
     avail_wrap: bool
@@ -176,15 +188,14 @@ class PackedQueue:
 
     # --- snapshots ---------------------------------------------------------------------------------
 
-    def state(self) -> dict:  # type: ignore[type-arg]
-        return {"layout": "packed", "next_avail": self.next_avail, "avail_wrap": self.avail_wrap,
-                "next_used": self.next_used, "used_wrap": self.used_wrap, "signalled": self.signalled,
-                "in_flight": sorted(self.in_flight.items())}
+    def state(self) -> PackedQueueState:
+        return PackedQueueState(self.next_avail, self.avail_wrap, self.next_used, self.used_wrap, self.signalled,
+                                sorted(self.in_flight.items()))
 
-    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
-        if state.get("layout") != "packed":
+    def restore(self, state: PackedQueueState) -> None:
+        if not isinstance(state, PackedQueueState):
             raise ValueError("a split queue's state cannot be loaded into a packed queue")
-        self.next_avail, self.avail_wrap = int(state["next_avail"]) % self.size, bool(state["avail_wrap"])
-        self.next_used, self.used_wrap = int(state["next_used"]) % self.size, bool(state["used_wrap"])
-        self.signalled = int(state["signalled"]) % (2 * self.size)
-        self.in_flight = {int(buffer_id): int(slots) for buffer_id, slots in state["in_flight"]}
+        self.next_avail, self.avail_wrap = state.next_avail % self.size, state.avail_wrap
+        self.next_used, self.used_wrap = state.next_used % self.size, state.used_wrap
+        self.signalled = state.signalled % (2 * self.size)
+        self.in_flight = dict(state.in_flight)

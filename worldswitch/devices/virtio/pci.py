@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from ...state import decode
 from ..base import InterruptLine
 from ..msix import NO_VECTOR, MsixCapability
 from ..pci import CAP_MSIX, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, PciFunction
@@ -26,8 +27,8 @@ from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATU
                PCI_VENDOR_ID, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                VIRTIO_RING_F_INDIRECT_DESC)
 from .device import Virtqueue, VirtioDevice
-from .packed import PackedQueue
-from .queue import SplitQueue, VirtqueueError
+from .packed import PackedQueue, PackedQueueState
+from .queue import SplitQueue, SplitQueueState, VirtqueueError
 from .worker import VirtioWorker
 
 BAR0_SIZE = 0x4000
@@ -56,6 +57,18 @@ def _cap(cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") 
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
 
 
+@dataclass(frozen=True)
+class QueueSetupState:
+    """What the driver wrote to configure one queue (virtio 1.2, 4.1.4.3)."""
+
+    size: int
+    msix_vector: int
+    enabled: bool
+    desc: int
+    driver: int
+    device: int
+
+
 @dataclass
 class VirtioPciState:
     """Everything the guest can observe of the transport, for snapshots."""
@@ -74,9 +87,11 @@ class VirtioPciState:
     queue_select: int
     config_vector: int
     broken: str | None
-    setups: list[dict]  # type: ignore[type-arg]
-    queues: list[dict | None]  # type: ignore[type-arg]
-    device: dict  # type: ignore[type-arg]
+    setups: list[QueueSetupState]
+    queues: list[SplitQueueState | PackedQueueState | None]
+    device: object  # the device's own state_type, decoded by the device's transport
+
+
 
 
 class QueueSetup:
@@ -177,9 +192,8 @@ class VirtioPciFunction(PciFunction):
             device_feature_select=self.device_feature_select, driver_feature_select=self.driver_feature_select,
             driver_features=self.driver_features, queue_select=self.queue_select, config_vector=self.config_vector,
             broken=self.broken,
-            setups=[{"size": s.size, "msix_vector": s.msix_vector, "enabled": s.enabled, "desc": s.desc,
-                     "driver": s.driver, "device": s.device} for s in self.setups],
-            queues=queues, device=self.device.save_extra(),
+            setups=[QueueSetupState(s.size, s.msix_vector, s.enabled, s.desc, s.driver, s.device) for s in self.setups],
+            queues=queues, device=self.device.state(),
         )
 
     def restore(self, state: VirtioPciState) -> None:
@@ -196,14 +210,14 @@ class VirtioPciFunction(PciFunction):
             self.driver_features = self.device.driver_features = state.driver_features
             self.queue_select, self.config_vector, self.broken = state.queue_select, state.config_vector, state.broken
             for setup, saved in zip(self.setups, state.setups):
-                setup.size, setup.msix_vector, setup.enabled = saved["size"], saved["msix_vector"], saved["enabled"]
-                setup.desc, setup.driver, setup.device = saved["desc"], saved["driver"], saved["device"]
+                setup.size, setup.msix_vector, setup.enabled = saved.size, saved.msix_vector, saved.enabled
+                setup.desc, setup.driver, setup.device = saved.desc, saved.driver, saved.device
             for index, (setup, queue_state) in enumerate(zip(self.setups, state.queues)):
                 if setup.enabled and queue_state is not None:
                     queue = self._new_queue(setup)
-                    queue.load_state(queue_state)
+                    queue.restore(queue_state)  # type: ignore[arg-type]  # each queue checks its own kind
                     self.device.queues[index] = queue
-            self.device.load_extra(state.device)
+            self.device.restore(decode(self.device.state_type, state.device))
             for bar, address in zip(self.bars, state.bars):
                 if bar is not None and address >= 0:
                     bar.address = address

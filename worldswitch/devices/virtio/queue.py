@@ -104,6 +104,15 @@ def check_areas(memory: GuestMemory, areas: tuple[tuple[str, int, int, int], ...
             raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
 
 
+@dataclass(frozen=True)
+class SplitQueueState:
+    """Where the device is in a split ring (the ring itself is in guest memory)."""
+
+    last_avail: int
+    used_idx: int
+    signalled_used: int
+
+
 class SplitQueue:
     def __init__(self, memory: GuestMemory, size: int, desc: int, avail: int, used: int, *,
                  event_idx: bool = False, indirect: bool = False) -> None:
@@ -216,13 +225,12 @@ class SplitQueue:
 
     # --- snapshots ---------------------------------------------------------------------------------
 
-    def state(self) -> dict:  # type: ignore[type-arg]
-        return {"layout": "split", "last_avail": self.last_avail, "used_idx": self.used_idx,
-                "signalled_used": self.signalled_used}
+    def state(self) -> SplitQueueState:
+        return SplitQueueState(self.last_avail, self.used_idx, self.signalled_used)
 
-    def load_state(self, state: dict) -> None:  # type: ignore[type-arg]
-        if state.get("layout", "split") != "split":  # snapshots before packed queues have no layout
+    def restore(self, state: SplitQueueState) -> None:
+        if not isinstance(state, SplitQueueState):
             raise ValueError("a packed queue's state cannot be loaded into a split queue")
-        self.last_avail = int(state["last_avail"]) & 0xFFFF
-        self.used_idx = int(state["used_idx"]) & 0xFFFF
-        self.signalled_used = int(state["signalled_used"]) & 0xFFFF
+        self.last_avail = state.last_avail & 0xFFFF
+        self.used_idx = state.used_idx & 0xFFFF
+        self.signalled_used = state.signalled_used & 0xFFFF
