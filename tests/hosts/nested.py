@@ -408,6 +408,10 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                         help="L1's memory in MiB (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=Resources.timeout, metavar="SECONDS",
                         help="stop L1 after this long and exit with 124 (default %(default)s)")
+    parser.add_argument("--retries", type=int, default=0, metavar="N",
+                        help="when the nested host itself fails (L1 crashed or stopped responding: status 125), "
+                             "run the command again from the start, at most N times; never when the command "
+                             "fails (docs/hosts.md has the QEMU TCG faults that make this needed)")
     parser.add_argument("--build", action="store_true", help="only build (or find) the cached L1 image")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the shell command (default: worldswitch info)")
     options = parser.parse_args(argv)
@@ -417,7 +421,15 @@ def main(flavour: Flavour, argv: list[str]) -> int:
             print(image.root.parent)
             return 0
         command = " ".join(options.command) or "worldswitch info"
-        return run(flavour, command, Resources(options.cpus, options.memory, options.timeout))
+        resources = Resources(options.cpus, options.memory, options.timeout)
+        status = run(flavour, command, resources)
+        for attempt in range(options.retries):
+            if status != EXIT_HOST_FAILED:
+                break
+            print(f"nested host: it failed, not the command; running the command again "
+                  f"({attempt + 2} of {options.retries + 1})", file=sys.stderr, flush=True)
+            status = run(flavour, command, resources)
+        return status
     except (WorldswitchError, OSError) as error:
         print(f"tests/hosts/{flavour.name}: {error}", file=sys.stderr)
         return EXIT_HOST_FAILED
