@@ -21,7 +21,7 @@ class RecordingLine:
 import threading
 from dataclasses import dataclass, field
 
-from worldswitch.vmm.builder import build_machine
+from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.machine import Vmm
 from worldswitch.vmm.result import MachineResult
@@ -60,7 +60,7 @@ class Output:
 
 def start_guest(guest: str = "hello", args: str = "", **config: object) -> tuple[Vmm, Output, list[str]]:
     output, warnings = Output(), []
-    machine = build_machine(MachineConfig(guest=guest, args=args, **config), output, warn=warnings.append)  # type: ignore[arg-type]
+    machine = build_for_boot(MachineConfig(guest=guest, args=args, **config), output, warn=warnings.append)  # type: ignore[arg-type]
     machine.start()
     return machine, output, warnings
 

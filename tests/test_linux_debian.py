@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.vmm.builder import build_machine
+from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmx.debian import fetch_debian
@@ -50,7 +50,7 @@ def marker_initrd(debian, tmp_path_factory) -> Path:
 def test_debian_kernel_prints_its_version_e820_and_our_acpi_tables(debian) -> None:
     output = Output()
     config = MachineConfig(kernel=str(debian.kernel), cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200")
-    machine = build_machine(config, output)
+    machine = build_for_boot(config, output)
     with machine:
         assert machine.boot.mode == "vmlinux" if EMULATED else True  # host decompression where it matters
         machine.start()

@@ -20,11 +20,11 @@ pytestmark = pytest.mark.kvm
 
 
 def test_every_world_switch_is_recorded_with_its_details(tmp_path: Path) -> None:
-    from worldswitch.vmm.builder import build_machine
+    from worldswitch.vmm.builder import build_for_boot
     from worldswitch.vmm.config import MachineConfig
 
     path = tmp_path / "run.trace"
-    machine = build_machine(MachineConfig(guest="exits", args="500"), lambda _b: None)
+    machine = build_for_boot(MachineConfig(guest="exits", args="500"), lambda _b: None)
     with machine:
         machine.enable_trace(str(path))
         machine.start()
@@ -44,11 +44,11 @@ def test_every_world_switch_is_recorded_with_its_details(tmp_path: Path) -> None
 
 
 def test_the_interrupt_path_timeline(tmp_path: Path) -> None:
-    from worldswitch.vmm.builder import build_machine
+    from worldswitch.vmm.builder import build_for_boot
     from worldswitch.vmm.config import MachineConfig
 
     path = tmp_path / "kicks.trace"
-    machine = build_machine(MachineConfig(guest="fault", args="spin"), lambda _b: None)
+    machine = build_for_boot(MachineConfig(guest="fault", args="spin"), lambda _b: None)
     with machine:
         machine.enable_trace(str(path))
         machine.start()

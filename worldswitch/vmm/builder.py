@@ -51,15 +51,40 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
 
 
-def build_machine(
-    config: MachineConfig,
-    serial_sink: Callable[[bytes], None],
-    warn: Callable[[str], None] | None = None,
-    kvm_path: str = "/dev/kvm",
-    restoring: bool = False,
-) -> Vmm:
-    """Build a machine ready to start(). On failure everything opened so far is closed again.
-    `restoring`: a snapshot will provide memory and CPU state, so no program is loaded."""
+def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
+                   warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
+    """A machine ready to start() its program or kernel from the beginning. On failure everything
+    opened so far is closed again."""
+    name, path = check_config(config)
+    # Read the user's files before touching /dev/kvm: a typo should not need KVM.
+    image = read_image(path, "kernel" if config.kernel else "guest program")
+    initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    machine = _create_machine(config, warn, kvm_path)
+    try:
+        tables = _assemble_platform(machine, serial_sink)
+        _load_program(machine, name, image, initrd, tables)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None],
+                      warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
+    """A machine of the same make as `config`, with nothing loaded: a snapshot gives it memory and
+    CPU state (restore_machine)."""
+    check_config(config)
+    machine = _create_machine(config, warn, kvm_path)
+    try:
+        _assemble_platform(machine, serial_sink)
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def check_config(config: MachineConfig) -> tuple[str, str]:
+    """What the machine boots, (display name, path), once the description holds together."""
     if config.cpus < 1:
         raise ConfigError("a machine needs at least one vCPU")
     if config.cpus > acpi.MAX_XAPIC_ID + 1:
@@ -68,12 +93,12 @@ def build_machine(
         config.args.encode()
     except UnicodeEncodeError:
         raise ConfigError("--args must be UTF-8 text") from None
-    name, path = config.program()
-    # Read the user's files before touching /dev/kvm: a typo should not need KVM.
-    image = b"" if restoring else read_image(path, "kernel" if config.kernel else "guest program")
-    initrd = read_image(config.initrd, "initrd") if config.initrd and not restoring else None
-    memory_map = MemoryMap.for_memory(config.memory_bytes)
+    return config.program()
 
+
+def _create_machine(config: MachineConfig, warn: Callable[[str], None] | None, kvm_path: str) -> Vmm:
+    """The VM and its guest memory, empty."""
+    memory_map = MemoryMap.for_memory(config.memory_bytes)
     install_kick_handler()
     kvm = Kvm.open(kvm_path)
     max_vcpus = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS)
@@ -89,37 +114,33 @@ def build_machine(
             vm.close()
         kvm.close()
         raise
-    machine = Vmm(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn))
-    machine.warn = warn or (lambda text: None)
-    machine.config = config.absolute()
-    try:
-        _assemble(machine, config, name, image, initrd, serial_sink, restoring)
-    except BaseException:
-        machine.close()
-        raise
-    return machine
+    return Vmm(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn), config.absolute(), detect_host_kind(),
+               warn or (lambda text: None))
 
 
-def _assemble(machine: Vmm, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
-              serial_sink: Callable[[bytes], None], restoring: bool = False) -> None:
-    vm, memory = machine.vm, machine.memory
-    memory.register(vm)
+def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None]) -> acpi.AcpiTables:
+    """Everything but the program: the in-kernel irqchip and PIT, the legacy devices, PCI and the
+    virtio devices, the ACPI tables, the vCPUs and their runners."""
+    vm = machine.vm
+    machine.memory.register(vm)
     vm.set_tss_addr(KVM_TSS_ADDR)
     vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
     vm.create_irqchip()  # PIC, IOAPIC and a LAPIC per vCPU, all in the kernel
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
-
     _attach_devices(machine, serial_sink)
-    _attach_pci(machine, config)
-    tables = acpi.build(ACPI_BASE, config.cpus, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
-    memory.write(tables.base, tables.blob)
+    _attach_pci(machine, machine.config)
+    tables = acpi.build(ACPI_BASE, machine.config.cpus, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
+    machine.memory.write(tables.base, tables.blob)
+    _create_vcpus(machine)
+    return tables
 
-    host = detect_host_kind()
-    machine.host = host
+
+def _create_vcpus(machine: Vmm) -> None:
+    vm, memory, host = machine.vm, machine.memory, machine.host
     hidden = hidden_features(host)
     supported = filter_cpuid(machine.kvm.get_supported_cpuid(), hidden)
     vcpus = []
-    for index in range(config.cpus):
+    for index in range(machine.config.cpus):
         vcpu = vm.create_vcpu(index)
         vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
         set_lint(vcpu)
@@ -139,8 +160,11 @@ def _assemble(machine: Vmm, config: MachineConfig, name: str, image: bytes, init
         machine.runners.append(runner)
     if complete_syscalls:
         vm.deny_msr_writes([MSR_LSTAR])
-    if restoring:
-        return  # the snapshot has the vCPUs' state
+
+
+def _load_program(machine: Vmm, name: str, image: bytes, initrd: bytes | None, tables: acpi.AcpiTables) -> None:
+    """The kernel or program in guest memory, and the boot vCPU at its entry in long mode."""
+    config, memory, host = machine.config, machine.memory, machine.host
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(machine.forced_cpuid, config.cmdline)
@@ -160,10 +184,11 @@ def _assemble(machine: Vmm, config: MachineConfig, name: str, image: bytes, init
 
     # The bootstrap processor enters the program; the others wait for INIT/SIPI from it, which the
     # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
-    sregs = vcpus[0].get_sregs()
+    bsp = machine.runners[0].vcpu
+    sregs = bsp.get_sregs()
     setup_long_mode(memory, sregs, layout)
-    vcpus[0].set_sregs(sregs)
-    vcpus[0].set_regs(bsp_regs)
+    bsp.set_sregs(sregs)
+    bsp.set_regs(bsp_regs)
 
 
 def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
@@ -255,7 +280,7 @@ def restore_machine(
         config = MachineConfig.from_dict(saved.config)
     except (TypeError, KeyError) as error:
         raise snapshot.SnapshotError(f"the snapshot's machine description is malformed: {error}") from None
-    machine = build_machine(config, serial_sink, warn, kvm_path, restoring=True)
+    machine = build_for_restore(config, serial_sink, warn, kvm_path)
     try:
         snapshot.restore(machine, saved, progress)
         for runner in machine.runners:

@@ -38,7 +38,8 @@ class Counted(Protocol):
 
 
 class Vmm:
-    def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus) -> None:
+    def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus,
+                 config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
         self.kvm = kvm
         self.vm = vm
         self.memory_map = memory_map
@@ -57,12 +58,12 @@ class Vmm:
         self._ended_ns = 0
         self._closed = False
         self.trace_writer: TraceWriter | None = None  # while recording
-        self.host: HostKind | None = None  # set by the builder
+        self.host = host
         self.boot: LinuxBoot | None = None  # when the machine boots Linux
         self.forced_cpuid: list[HiddenFeature] = []  # what the host would not let us hide
         self.pci: PciPlatform | None = None
-        self.warn: Callable[[str], None] = lambda text: None
-        self.config: MachineConfig | None = None  # the builder's, kept for snapshots
+        self.warn = warn
+        self.config = config  # with absolute paths, kept for snapshots
         self.stateful: dict[str, tuple[Callable[[], object], Callable[[object], None], type]] = {}
         self._paused_clock: s.kvm_clock_data | None = None
         self._paused = False

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ..vmm.builder import build_machine, restore_machine
+from ..vmm.builder import build_for_boot, restore_machine
 from ..vmm.config import DiskConfig, MachineConfig, NetConfig
 from ..vmm.defaults import DEFAULT_CMDLINE
 from ..vmm.machine import Vmm
@@ -198,7 +198,7 @@ class Machine:
             if self._restore_from is not None:
                 vm = restore_machine(self._restore_from, self.console, self.warn, self.kvm_path, self.progress)
             else:
-                vm = build_machine(self.config, self.console, self.warn, self.kvm_path)
+                vm = build_for_boot(self.config, self.console, self.warn, self.kvm_path)
             self._vm = vm
             serial = vm.devices["serial"]
             self.console._receive = serial.receive  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..devices.ucall import Ucall, UcallCommand
 from ..sandbox import available as sandbox_unavailable
 from ..sandbox.seccomp_filter import binding_name as seccomp_binding_name
-from ..vmm.builder import build_machine
+from ..vmm.builder import build_for_boot
 from ..vmm.config import MachineConfig
 from ..vmm.host import HostKind, detect_host_kind, probe_kvm, required_capabilities
 from ..vmm.result import StopReason
@@ -66,7 +66,7 @@ def measure_rings() -> dict[str, float]:
             if call.command in (UcallCommand.SYNC, UcallCommand.DONE):
                 stamps.append(time.perf_counter_ns())
 
-        machine = build_machine(MachineConfig(guest="probe", args=f"{ring} {iterations}"), lambda _b: None)
+        machine = build_for_boot(MachineConfig(guest="probe", args=f"{ring} {iterations}"), lambda _b: None)
         with machine:
             machine.on_ucall = stamp
             machine.start()
@@ -83,7 +83,7 @@ def measure_syscall(kernel_pages: bool = False) -> int | None:
     the handler is in a supervisor-only page, as a kernel's is: where the host leaves SYSCALL in
     ring 3, that is the case the VMX completes (vmm/user_syscall.py)."""
     args = "syscall kernel" if kernel_pages else "syscall"
-    machine = build_machine(MachineConfig(guest="probe", args=args), lambda _b: None)
+    machine = build_for_boot(MachineConfig(guest="probe", args=args), lambda _b: None)
     with machine:
         machine.start()
         result = machine.wait(30)
