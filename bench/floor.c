@@ -101,7 +101,7 @@ int main(int argc, char **argv)
     uint64_t entry = load_elf(mem, argv[1]);
     strncpy((char *)mem + ARGS, argv[2], 4095);
 
-    /* The same scaffolding as worldswitch/vmm/longmode.py. */
+    /* The same scaffolding as worldswitch/boot/longmode.py. */
     uint64_t *gdt = (uint64_t *)(mem + GDT);
     gdt[1] = descriptor(0, 0xfffff, 0x9a, 0xa);
     gdt[2] = descriptor(0, 0xfffff, 0x92, 0xc);

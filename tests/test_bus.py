@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from worldswitch.errors import BusError
-from worldswitch.vmm.bus import MmioBus, PioBus, UnmappedAccessLog
+from worldswitch.vmm.platform.bus import MmioBus, PioBus, UnmappedAccessLog
 
 
 class Recorder:

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 from worldswitch.driver import structs as s
-from worldswitch.vmm.cpu import cpuid_for_vcpu
-from worldswitch.vmm.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features, kernel_parameters
+from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
+from worldswitch.vmm.x86.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features, kernel_parameters
 from worldswitch.vmm.host import HostKind
 
 PVM = HostKind("pvm", False, "")

@@ -13,7 +13,7 @@ from worldswitch.driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MAS
 from worldswitch.driver.exits import IoOut, MmioWrite, decode_exit
 from worldswitch.driver.kvm import Kvm
 from worldswitch.errors import KvmError, KvmUnavailableError
-from worldswitch.vmm.longmode import setup_long_mode
+from worldswitch.vmm.x86.longmode import setup_long_mode
 from worldswitch.memory.guest import GuestMemory
 
 pytestmark = pytest.mark.kvm

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from worldswitch.vmm.emulate import SoftwareInterrupt, software_interrupt
+from worldswitch.vmm.x86.emulate import SoftwareInterrupt, software_interrupt
 
 
 def test_software_interrupt_decoding() -> None:

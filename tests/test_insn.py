@@ -6,7 +6,7 @@ import pytest
 
 from worldswitch.driver import structs as s
 from worldswitch.driver.exits import InternalErrorExit
-from worldswitch.vmm.insn import decode_mnemonic, describe_internal_error
+from worldswitch.vmm.x86.insn import decode_mnemonic, describe_internal_error
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import struct
 
 from worldswitch.driver import structs as s
 from worldswitch.boot import longmode as tables
-from worldswitch.vmm import longmode as lm
+from worldswitch.vmm.x86 import longmode as lm
 from worldswitch.memory.guest import GuestMemory
 
 

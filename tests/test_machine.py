@@ -180,7 +180,7 @@ def test_two_vcpus_the_second_waits_for_sipi() -> None:
 
 
 def test_ring0_int3_reaches_the_guest_handler_on_any_host() -> None:
-    """On PVM, KVM's emulator cannot deliver INT3 in long mode and the VMX does it (vmm/emulate.py);
+    """On PVM, KVM's emulator cannot deliver INT3 in long mode and the VMX does it (vmm/x86/emulate.py);
     with VT-x/AMD-V the CPU does. Either way the guest's #BP handler runs and IRETQ returns."""
     run = run_guest("fault", "int3 5")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
@@ -208,7 +208,7 @@ def test_syscall_from_ring_3_lands_where_this_host_puts_it() -> None:
 def test_a_syscall_into_kernel_pages_reaches_ring_0() -> None:
     """LSTAR in a supervisor-only page, as every kernel has it. On hardware the SYSCALL enters ring 0
     by itself; on PVM the handler's fetch faults in ring 3 and the VMX completes the SYSCALL
-    (vmm/user_syscall.py), which the statistics count."""
+    (vmm/x86/user_syscall.py), which the statistics count."""
     run = run_guest("probe", "syscall kernel")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     assert run.result.details["ucall"].args[:3] == (0, 0x08, 1)  # type: ignore[union-attr]  # ring 0, STAR's CS, RCX
@@ -239,7 +239,7 @@ def test_a_completed_syscall_returns_to_ring_3_with_sysret() -> None:
 @pytest.mark.skipif(not detect_host_kind().kernel_code_emulated,
                     reason="only hosts that leave a guest's SYSCALL in ring 3 need the VMX to complete it")
 def test_without_the_vmx_completing_it_the_syscall_faults_in_ring_3(monkeypatch) -> None:
-    from worldswitch.vmm.user_syscall import UserSyscall
+    from worldswitch.vmm.x86.user_syscall import UserSyscall
 
     monkeypatch.setattr(UserSyscall, "arm", lambda self: None)  # LSTAR is written, no breakpoint is set
     run = run_guest("probe", "syscall kernel")

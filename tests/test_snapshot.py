@@ -150,7 +150,7 @@ def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path, layout: str)
 
 def test_a_restored_kernel_gets_its_syscalls_completed(tmp_path: Path) -> None:
     """The guest wrote LSTAR before the snapshot (which armed the VMX's SYSCALL completion on PVM
-    hosts, vmm/user_syscall.py); the restored VM must arm it again by itself."""
+    hosts, vmm/x86/user_syscall.py); the restored VM must arm it again by itself."""
     with Machine(guest="probe", args="syscall kernel wait") as vm:
         vm.start()
         flag = slots_address(vm)  # ring 3 waits here, after the WRMSR, before its SYSCALL

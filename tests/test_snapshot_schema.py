@@ -18,7 +18,7 @@ from worldswitch.devices.virtio.pci import QueueSetupState, VirtioPciState
 from worldswitch.devices.virtio.queue import SplitQueueState
 from worldswitch.state import decode, schema, to_json
 from worldswitch.vmm import snapshot
-from worldswitch.vmm.cpu_state import VcpuState, VmState
+from worldswitch.vmm.x86.cpu_state import VcpuState, VmState
 
 STATES = (AcpiPmState, ConsoleState, I8042State, NetState, NoDeviceState, PackedQueueState, QueueSetupState,
           SequenceState, SerialState, SplitQueueState, VcpuState, VirtioPciState, VmState)

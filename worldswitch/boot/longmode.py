@@ -1,7 +1,7 @@
 """The tables a vCPU needs in guest memory to start in 64-bit long mode, skipping real and protected
 mode (as Firecracker does): a flat GDT, a TSS with an I/O permission bitmap, identity-mapped page
 tables, and where they all go (LongModeLayout). Writing them is the loader's part; describing them
-to the CPU (kvm_sregs) is the VMM's (vmm/longmode.py). The same layout serves the built-in guests,
+to the CPU (kvm_sregs) is the VMM's (vmm/x86/longmode.py). The same layout serves the built-in guests,
 `--elf` programs and Linux.
 """
 

@@ -3,7 +3,7 @@ a pending-bit array in a BAR. A device raises vector N; whether that becomes a m
 pending bit delivered when the guest unmasks, is decided here.
 
 Delivery itself is injected: `deliver(vector, address, data)` is the VMM's (an irqfd bound to a
-GSI that KVM routes to the message; see vmm/irqroute.py), and `program(vector, address, data)`
+GSI that KVM routes to the message; see vmm/platform/irqroute.py), and `program(vector, address, data)`
 tells it that the guest changed an entry so that the route can follow.
 """
 

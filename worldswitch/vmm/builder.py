@@ -1,4 +1,4 @@
-"""Assembling a Machine from a MachineConfig: KVM objects, memory, the in-kernel irqchip and PIT,
+"""Assembling a Vmm from a MachineConfig: KVM objects, memory, the in-kernel irqchip and PIT,
 devices wired in an explicit order, the guest loaded, every vCPU set up. Nothing registers
 itself; reading this file tells you the whole machine."""
 
@@ -29,20 +29,20 @@ from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
-from .bus import MmioBus, PioBus
-from .cpu import cpuid_for_vcpu, set_lint
+from .platform.bus import MmioBus, PioBus
+from .x86.cpu import cpuid_for_vcpu, set_lint
 from .config import MachineConfig
-from .emulate import TrapEmulator
-from .cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
+from .x86.emulate import TrapEmulator
+from .x86.cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
 from .host import detect_host_kind, emulated_kernel_parameters
-from .irq import KvmIrqLine
+from .platform.irq import KvmIrqLine
 from .kick import install_kick_handler
-from .longmode import program_registers, setup_long_mode
-from .pci_platform import PciPlatform
+from .x86.longmode import program_registers, setup_long_mode
+from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .machine import Vmm
 from .runloop import VcpuRunner
-from .user_syscall import MSR_LSTAR, UserSyscall
+from .x86.user_syscall import MSR_LSTAR, UserSyscall
 
 # Addresses the VMX (Intel real-mode support) needs below 4 GiB, inside the PCI hole.
 KVM_TSS_ADDR = 0xFFFBD000

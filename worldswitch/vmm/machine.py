@@ -13,11 +13,11 @@ from ..devices.ucall import Ucall, UcallCommand
 from ..driver import structs as s
 from ..errors import KvmError
 from ..driver.kvm import Kvm, Vm
-from .bus import MmioBus, PioBus
+from .platform.bus import MmioBus, PioBus
 from .config import MachineConfig
-from .cpuid import HiddenFeature
+from .x86.cpuid import HiddenFeature
 from .host import HostKind
-from .pci_platform import PciPlatform
+from .platform.pci_platform import PciPlatform
 from ..boot.linux import LinuxBoot
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap

@@ -27,15 +27,15 @@ from ..driver.ioctl import kvm_run_call, last_errno
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
 from ..errors import KvmError
 from ..sandbox import confine_thread
-from .bus import MmioBus, PioBus
+from .platform.bus import MmioBus, PioBus
 from .kick import kick_thread
 from .result import MachineResult, StopReason
 from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
 from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes
 
 if TYPE_CHECKING:
-    from .emulate import TrapEmulator
-    from .user_syscall import UserSyscall
+    from .x86.emulate import TrapEmulator
+    from .x86.user_syscall import UserSyscall
 
 RequestExit = Callable[[MachineResult], None]
 
@@ -374,7 +374,7 @@ class VcpuRunner:
 
     def _on_internal_error(self) -> None:
         from ..driver.exits import InternalErrorExit, decode_exit  # rare path: kept off the start-up import chain
-        from .insn import describe_internal_error
+        from .x86.insn import describe_internal_error
 
         exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, memoryview(self.vcpu.run_mmap))
         assert isinstance(exit_, InternalErrorExit)  # what decode_exit gives for this reason

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..state import decode, to_json
 from ..version import __version__
 from ..errors import WorldswitchError
-from .cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
+from .x86.cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
 from ..memory.guest import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never the other way round

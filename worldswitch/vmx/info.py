@@ -81,7 +81,7 @@ def measure_syscall(kernel_pages: bool = False) -> int | None:
     """The ring in which the probe guest's SYSCALL handler ran: 0 where KVM implements SYSCALL
     from guest user mode as the CPU does; None if the probe did not report. With `kernel_pages`
     the handler is in a supervisor-only page, as a kernel's is: where the host leaves SYSCALL in
-    ring 3, that is the case the VMX completes (vmm/user_syscall.py)."""
+    ring 3, that is the case the VMX completes (vmm/x86/user_syscall.py)."""
     args = "syscall kernel" if kernel_pages else "syscall"
     machine = build_for_boot(MachineConfig(guest="probe", args=args), lambda _b: None)
     with machine:

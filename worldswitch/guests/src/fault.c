@@ -7,7 +7,7 @@
  *   halt       halts in ring 0 with interrupts disabled, forever
  *   abort      fails a guest assertion
  *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
- *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/emulate.py) */
+ *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py) */
 #include "ws.h"
 
 static int misbehave(u64 unused)

@@ -7,7 +7,7 @@
  *                    process depends on it.
  *   syscall kernel   the same with LSTAR in a supervisor-only page, as Linux has it: where the
  *                    host leaves the SYSCALL in ring 3, the fetch there faults, and the VMX's
- *                    SYSCALL completion (vmm/user_syscall.py) is what can bring it to ring 0.
+ *                    SYSCALL completion (vmm/x86/user_syscall.py) is what can bring it to ring 0.
  *   syscall kernel sysret   ... and the handler returns with SYSRETQ, as a kernel does (STAR's
  *                    base then names this runtime's user segments): DONE(ring the handler ran
  *                    in, its CS, RCX == the return address, the CS back in user mode).

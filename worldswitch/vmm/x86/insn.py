@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..driver import structs as s
-from ..driver.constants import InternalError
-from ..driver.exits import InternalErrorExit
+from ...driver import structs as s
+from ...driver.constants import InternalError
+from ...driver.exits import InternalErrorExit
 
 _LEGACY_PREFIXES = {
     0xF0: "lock",

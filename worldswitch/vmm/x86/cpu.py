@@ -6,8 +6,8 @@ from __future__ import annotations
 import ctypes
 import struct
 
-from ..driver import structs as s
-from ..driver.kvm import Vcpu
+from ...driver import structs as s
+from ...driver.kvm import Vcpu
 
 CPUID_FEATURES = 0x1
 CPUID_EXT_TOPOLOGY = 0xB

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import struct
 
-from ..driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP
-from ..driver.kvm import Vcpu
-from ..errors import KvmError
+from ...driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP
+from ...driver.kvm import Vcpu
+from ...errors import KvmError
 from .emulate import EmulationRefused, TrapEmulator
 
 MSR_LSTAR = 0xC0000082

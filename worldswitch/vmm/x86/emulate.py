@@ -21,9 +21,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..driver import structs as s
-from ..driver.kvm import Vcpu
-from ..memory.guest import GuestMemory
+from ...driver import structs as s
+from ...driver.kvm import Vcpu
+from ...memory.guest import GuestMemory
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import threading
 
-from ..driver import structs as s
-from ..driver.constants import (KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
+from ...driver import structs as s
+from ...driver.constants import (KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
                                 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQFD_FLAG_DEASSIGN)
-from ..driver.kvm import Vm
+from ...driver.kvm import Vm
 
 IOAPIC_PINS = 24
 MSI_ADDRESS_BASE = 0xFEE00000

@@ -13,10 +13,10 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from ..driver import structs as s
-from ..driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
-from ..driver.kvm import Kvm, Vcpu, Vm
-from ..errors import KvmError
+from ...driver import structs as s
+from ...driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+from ...driver.kvm import Kvm, Vcpu, Vm
+from ...errors import KvmError
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
 

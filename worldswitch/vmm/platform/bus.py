@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import BusError
+from ...errors import BusError
 
 ReadFn = Callable[[int, int], int]  # (offset, size) -> value
 WriteFn = Callable[[int, int, int], None]  # (offset, size, value)

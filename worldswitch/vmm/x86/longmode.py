@@ -4,10 +4,10 @@ describe the tables boot/longmode.py writes into guest memory, given to KVM thro
 
 from __future__ import annotations
 
-from ..boot.longmode import FLAT_LIMIT, TSS_SIZE, LongModeLayout, write_long_mode_tables
-from ..boot.program import ProgramEntry
-from ..driver import structs as s
-from ..memory.guest import GuestMemory
+from ...boot.longmode import FLAT_LIMIT, TSS_SIZE, LongModeLayout, write_long_mode_tables
+from ...boot.program import ProgramEntry
+from ...driver import structs as s
+from ...memory.guest import GuestMemory
 
 RFLAGS_RESERVED = 0x2  # bit 1 always reads 1; interrupts start disabled
 

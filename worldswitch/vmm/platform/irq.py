@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..driver.kvm import Vm
+    from ...driver.kvm import Vm
 
 
 class KvmIrqLine:

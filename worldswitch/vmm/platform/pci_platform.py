@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, INTERRUPT_PIN,
+from ...devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, INTERRUPT_PIN,
                            RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
-from ..devices.virtio.device import VirtioDevice
-from ..devices.virtio.pci import VirtioPciFunction
-from ..driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
-from ..driver.kvm import Vm
-from ..errors import BusError, ConfigError
+from ...devices.virtio.device import VirtioDevice
+from ...devices.virtio.pci import VirtioPciFunction
+from ...driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
+from ...driver.kvm import Vm
+from ...errors import BusError, ConfigError
 from .bus import BusRange, MmioBus, PioBus, ReadFn, WriteFn, all_ones
 from .irq import KvmIrqLine
 from .irqroute import GsiRouter
-from ..memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
+from ...memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
 
 FIRST_INTX_GSI = 16
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..driver import structs as s
-from .host import HostKind
+from ...driver import structs as s
+from ..host import HostKind
 
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
