@@ -211,6 +211,16 @@ class Vm:
         return Vcpu(self, fd, vcpu_id)
 
 
+def run_failed() -> int:
+    """What a KVM_RUN that returned -1 means: a kick (EINTR, or EAGAIN with immediate_exit) is
+    ExitReason.INTR, KVM having left exit_reason stale; anything else is an error. The run loop's
+    inlined KVM_RUN and Vcpu.run() both end here."""
+    code = last_errno()
+    if code == errno.EINTR or code == errno.EAGAIN:
+        return int(ExitReason.INTR)
+    raise KvmError("KVM_RUN", code)
+
+
 class Vcpu:
     """A vCPU file descriptor, with its kvm_run page mapped once."""
 
@@ -240,11 +250,8 @@ class Vcpu:
         """Enter the guest until it exits; return the exit reason. A signal or immediate_exit gives
         ExitReason.INTR (KVM leaves exit_reason stale in that case, so we say it ourselves)."""
         if kvm_run_call(self.fd, self.run_request, None) < 0:
-            code = last_errno()
-            if code == errno.EINTR or code == errno.EAGAIN:
-                return ExitReason.INTR
-            raise KvmError("KVM_RUN", code)
-        return self._exit_reason.value
+            return run_failed()
+        return int(self._exit_reason.value)
 
     def get_regs(self) -> s.kvm_regs:
         regs = s.kvm_regs()

@@ -15,7 +15,6 @@ request (stop, or park for a pause) before the guest is entered again.
 from __future__ import annotations
 
 import ctypes
-import errno
 import threading
 import time
 from typing import TYPE_CHECKING, Callable
@@ -23,9 +22,8 @@ from typing import TYPE_CHECKING, Callable
 from ..driver import structs as s
 from ..driver.binary_stats import BinaryStats
 from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, InternalError, SystemEvent
-from ..driver.ioctl import kvm_run_call, last_errno
-from ..driver.kvm import PIO_DATA_OFFSET, Vcpu
-from ..errors import KvmError
+from ..driver.ioctl import kvm_run_call
+from ..driver.kvm import PIO_DATA_OFFSET, Vcpu, run_failed
 from ..sandbox import confine_thread
 from .platform.bus import MmioBus, PioBus
 from .kick import kick_thread
@@ -209,7 +207,7 @@ class VcpuRunner:
         try:
             while not self._stop:
                 if run_ioctl(fd, request, None) < 0:
-                    reason = self._run_failed()
+                    reason = run_failed()  # a kick (INTR: see _on_intr) or an error
                 else:
                     reason = exit_reason.value
                 t_exit = clock()
@@ -285,12 +283,6 @@ class VcpuRunner:
             address, flags = self._last_kick_latency, FLAG_KICKED
             self._last_kick_latency = 0
         trace.record(t_exit, in_guest, in_vmx, reason, address, value, size, flags)
-
-    def _run_failed(self) -> int:
-        code = last_errno()
-        if code == errno.EINTR or code == errno.EAGAIN:
-            return _INTR  # a kick: see _on_intr
-        raise KvmError("KVM_RUN", code)
 
     # --- exit handlers ---------------------------------------------------------------------
 
