@@ -1,0 +1,113 @@
+"""The run loop without KVM, as Firecracker tests its vCPU loop: a fake vCPU whose KVM_RUN writes
+canned exits into a kvm_run page laid out as the kernel's, so that dispatch to the buses, the
+inline fast paths, the statistics and the end of a run are checked exit by exit."""
+
+from __future__ import annotations
+
+import mmap
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+
+from worldswitch.driver import structs as s
+from worldswitch.driver.constants import KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, ExitReason, SystemEvent
+from worldswitch.driver.kvm import PIO_DATA_OFFSET
+from worldswitch.vmm import runloop
+from worldswitch.vmm.platform.bus import MmioBus, PioBus
+from worldswitch.vmm.result import MachineResult, StopReason
+
+PORT = 0x80
+MMIO_BASE = 0xD000_0000
+
+
+class FakeVcpu:
+    """What VcpuRunner uses of driver.kvm.Vcpu: an id, an fd, the kvm_run mapping."""
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.fd = -1
+        self.run_request = 0
+        self.run_mmap = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+        self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
+        self.vm = SimpleNamespace(check_extension=lambda capability: 0)  # no binary statistics
+
+    def get_regs(self) -> s.kvm_regs:
+        return s.kvm_regs(rip=0x1234, rsp=0x8000)
+
+
+def io(run: s.kvm_run, page: mmap.mmap, direction: int, port: int, size: int, value: int = 0) -> None:
+    run.exit_reason = ExitReason.IO
+    run.io.direction, run.io.size, run.io.port, run.io.count, run.io.data_offset = direction, size, port, 1, PIO_DATA_OFFSET
+    page[PIO_DATA_OFFSET:PIO_DATA_OFFSET + size] = value.to_bytes(size, "little")
+
+
+def mmio(run: s.kvm_run, address: int, size: int, write: bool, value: int = 0) -> None:
+    run.exit_reason = ExitReason.MMIO
+    run.mmio.phys_addr, run.mmio.len, run.mmio.is_write = address, size, int(write)
+    run.mmio.data[:8] = list(value.to_bytes(8, "little"))
+
+
+def power_off(run: s.kvm_run) -> None:
+    run.exit_reason = ExitReason.SYSTEM_EVENT
+    run.system_event.type = SystemEvent.SHUTDOWN
+
+
+def run_fake(monkeypatch: pytest.MonkeyPatch, exits: list[Callable[[s.kvm_run, mmap.mmap], None]],
+             pio: PioBus, mmio_bus: MmioBus) -> tuple[runloop.VcpuRunner, list[MachineResult], list[bytes]]:
+    """Run the loop over `exits`; returns the runner, what it asked the machine, and the port I/O
+    data page as the loop left it before each next entry (what a guest's IN would read)."""
+    vcpu = FakeVcpu()
+    pending = list(exits)
+    seen: list[bytes] = []
+
+    def kvm_run(fd: int, request: int, argument: object) -> int:
+        seen.append(bytes(vcpu.run_mmap[PIO_DATA_OFFSET:PIO_DATA_OFFSET + 8]))
+        pending.pop(0)(vcpu.kvm_run, vcpu.run_mmap)
+        return 0
+
+    monkeypatch.setattr(runloop, "kvm_run_call", kvm_run)
+    results: list[MachineResult] = []
+    runner = runloop.VcpuRunner(vcpu, pio, mmio_bus, results.append)  # type: ignore[arg-type]
+    runner.start()
+    assert runner.finished.wait(10), "the loop did not end"
+    runner.release()
+    return runner, results, seen
+
+
+def test_exits_reach_their_devices_and_a_power_off_ends_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    writes: list[tuple[str, int, int, int]] = []
+    pio, mmio_bus = PioBus(), MmioBus()
+    pio.register("port", PORT, 1, lambda offset, size: 0x5A, lambda offset, size, value: writes.append(("pio", offset, size, value)))
+    mmio_bus.register("window", MMIO_BASE, 0x1000, lambda offset, size: 0x1122334455667788 & ((1 << 8 * size) - 1),
+                      lambda offset, size, value: writes.append(("mmio", offset, size, value)), max_size=8)
+    exits = [
+        lambda run, page: io(run, page, KVM_EXIT_IO_OUT, PORT, 1, 0x41),
+        lambda run, page: io(run, page, KVM_EXIT_IO_IN, PORT, 1),
+        lambda run, page: io(run, page, KVM_EXIT_IO_OUT, 0x3FF, 2, 0xFFFF),  # nobody's port: dropped
+        lambda run, page: mmio(run, MMIO_BASE + 8, 4, True, 0xDEADBEEF),
+        lambda run, page: mmio(run, MMIO_BASE + 16, 8, False),
+        lambda run, page: power_off(run),
+    ]
+    runner, results, seen = run_fake(monkeypatch, exits, pio, mmio_bus)
+    assert runner.error is None, runner.error
+    assert writes == [("pio", 0, 1, 0x41), ("mmio", 8, 4, 0xDEADBEEF)]
+    assert seen[2][0] == 0x5A  # the IN's answer was in the data page when the guest re-entered
+    assert [r.reason for r in results] == [StopReason.POWER_OFF]
+    assert runner.counts[ExitReason.IO] == 3 and runner.counts[ExitReason.MMIO] == 2
+    assert runner.counts[ExitReason.SYSTEM_EVENT] == 1
+    assert pio.unmapped.count == 1
+
+
+def test_a_bug_in_a_device_ends_the_vm_with_the_vcpu_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    pio = PioBus()
+
+    def broken(offset: int, size: int, value: int) -> None:
+        raise RuntimeError("a bug in the device")
+
+    pio.register("port", PORT, 1, lambda offset, size: 0, broken)
+    runner, results, _ = run_fake(monkeypatch, [lambda run, page: io(run, page, KVM_EXIT_IO_OUT, PORT, 1, 1)],
+                                  pio, MmioBus())
+    assert isinstance(runner.error, RuntimeError)
+    assert [r.reason for r in results] == [StopReason.VMX_ERROR]
+    assert "vCPU 0: RuntimeError: a bug in the device" in results[0].message
