@@ -105,6 +105,12 @@ class ControlServer:
         """Clients connected now."""
         return len(self._clients)
 
+    @property
+    def subscribers(self) -> int:
+        """Clients receiving events now (and not yet dropped)."""
+        with self._lock:
+            return sum(1 for client in self._clients.values() if client.subscribed and client.dropped_at is None)
+
     # --- the socket file ----------------------------------------------------------------------
 
     def start(self) -> None:
