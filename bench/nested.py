@@ -132,6 +132,9 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
     receiver.start()
     rx_started = 0.0
     output = b""
+    watchdog = threading.Timer(timeout, process.kill)  # a VMM that prints nothing must end too
+    watchdog.daemon = True
+    watchdog.start()
     try:
         for line in iter(process.stdout.readline, b""):
             output += line
@@ -153,6 +156,7 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
                 raise TimeoutError(f"{name}: no end after {timeout:.0f} s")
         process.wait(timeout)
     finally:
+        watchdog.cancel()
         process.kill()
         listener.close()
     receiver.join(5)
