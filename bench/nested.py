@@ -29,7 +29,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
+import typing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,9 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
     listener = socket.create_server((HOST_IP, TX_PORT))
     listener.settimeout(timeout)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # stderr to a file: a pipe nobody reads while stdout is followed would stop a chatty VMM when it fills
+    errors = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
     assert process.stdout is not None
     tx: dict[str, float] = {}
 
@@ -164,8 +168,13 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
     missing = [key for key, value in vars(boot).items() if value == 0.0]
     if missing:
         raise RuntimeError(f"{name}: no {', '.join(missing)}; its console ended with "
-                           f"{output[-800:].decode(errors='replace')!r} {process.stderr.read()[-400:]!r}")  # type: ignore[union-attr]
+                           f"{output[-800:].decode(errors='replace')!r} {_tail_of(errors)!r}")
     return boot
+
+
+def _tail_of(file: typing.IO[bytes], size: int = 400) -> bytes:
+    file.seek(0)
+    return file.read()[-size:]
 
 
 @dataclass
