@@ -43,6 +43,7 @@ def net(request):
     device = VirtioNet(memory, TapBackend(name), MAC)
     function = VirtioPciFunction(device, packed=packed)
     function.intx = RecordingLine()
+    device.pause_input = lambda paused: function.worker.interest(device.tap.fd, not paused)
     function.start()
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
     host.bind((name, 0))

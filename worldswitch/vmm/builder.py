@@ -230,6 +230,11 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
         machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
 
 
+def _input_pause(function: VirtioPciFunction, fd: int) -> Callable[[bool], None]:
+    """A device's way to stop (and restart) its I/O thread reading `fd` when the guest has no room."""
+    return lambda paused: function.worker.interest(fd, not paused)
+
+
 def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
     reset = machine.devices["reset"]
@@ -248,11 +253,15 @@ def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
                                               shared=disk.shared))
     for index, net in enumerate(config.nets):
         device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
-        add(f"virtio-net{index}", device)
+        function = add(f"virtio-net{index}", device)
+        device.pause_input = _input_pause(function, device.tap.fd)
     if config.rng:
         add("virtio-rng", VirtioRng(machine.memory))
     if config.vconsole:
-        add("virtio-console", VirtioConsole(machine.memory, open_backend(config.vconsole)))
+        console = VirtioConsole(machine.memory, open_backend(config.vconsole))
+        function = add("virtio-console", console)
+        if console.backend.fd is not None:
+            console.pause_input = _input_pause(function, console.backend.fd)
 
 
 def restore_machine(

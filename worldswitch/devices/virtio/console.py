@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tty
 from dataclasses import dataclass
+from typing import Callable
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
@@ -100,6 +101,7 @@ class VirtioConsole(VirtioDevice):
         self.backend = backend
         self.pending = bytearray()
         self.bytes_in = self.bytes_out = 0
+        self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM: stop/resume reading the back end
 
     def config(self) -> bytes:
         return bytes(12)  # cols, rows, max_nr_ports, emerg_wr: none of their features is offered

@@ -32,10 +32,9 @@ class VirtioDevice:
         self.device_features = COMMON_FEATURES
         self.driver_features = 0
         self.queues: list[Virtqueue | None] = [None] * len(self.queue_sizes)
-        # What the transport acts on after each call into the device (settle()): the queues whose
-        # driver wants an interrupt, and whether the back end's input should wait (no buffers).
-        self.interrupts_due: set[int] = set()
-        self.input_paused = False
+        # Set by the transport: raise a used-buffer interrupt for a queue, or a configuration change.
+        self.interrupt: Callable[[int], None] = lambda queue: None
+        self.config_changed: Callable[[], None] = lambda: None
         self.requests = 0
         self.errors = 0
 
@@ -92,9 +91,5 @@ class VirtioDevice:
         wants to hear of what was used; True if buffers arrived meanwhile, which no kick announces."""
         more = queue.arm()
         if queue.needs_interrupt():
-            self.interrupts_due.add(index)
+            self.interrupt(index)
         return more
-
-    def pause_input(self, paused: bool) -> None:
-        """Stop (or resume) taking input from the back end: the guest has no room for it."""
-        self.input_paused = paused

@@ -18,6 +18,7 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
@@ -126,6 +127,7 @@ class VirtioNet(VirtioDevice):
         self.mac = mac or random_mac()
         self.device_features |= (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
         self.waiting: bytes | None = None  # a received packet with no buffer to go to yet
+        self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM
         self.rx_packets = self.tx_packets = self.rx_dropped = 0
 
     def counters(self) -> dict[str, int]:

@@ -145,7 +145,8 @@ class VirtioPciFunction(PciFunction):
         self.pci_cfg = self.add_capability(0x09, _cap(CFG_PCI, 0, 0, 0, bytes(4)),
                                            writable=bytes(2) + b"\xff" + bytes(3) + b"\xff" * 12)  # bar, offset, length, data
         self.msix.cap_offset = self.add_capability(CAP_MSIX, self.msix.capability_body(), self.msix.capability_writable())
-        self._input_paused = False
+        device.interrupt = self.interrupt_queue
+        device.config_changed = self.interrupt_config
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -159,18 +160,6 @@ class VirtioPciFunction(PciFunction):
         with self.lock:
             self.device.close()
 
-    def _settle(self) -> None:
-        """After a call into the device: raise the interrupts it found due, and stop or resume
-        watching its back end's descriptors as it asked. Under the lock."""
-        due, self.device.interrupts_due = self.device.interrupts_due, set()
-        for index in sorted(due):
-            self.interrupt_queue(index)
-        paused = self.device.input_paused
-        if paused != self._input_paused:
-            self._input_paused = paused
-            for fd, _callback in self.device.extra_fds():
-                self.worker.interest(fd, not paused)
-
     def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             with self.lock:
@@ -181,8 +170,6 @@ class VirtioPciFunction(PciFunction):
                         self._needs_reset(str(error))
                     except OSError as error:
                         self._back_end_failed(error)
-                    finally:
-                        self._settle()
         return run
 
     def _back_end_failed(self, error: OSError) -> None:
@@ -428,8 +415,6 @@ class VirtioPciFunction(PciFunction):
         self.queue_select = 0
         self.device.queues = [None] * len(self.setups)
         self.setups = [QueueSetup(setup.max_size) for setup in self.setups]
-        self.device.interrupts_due.clear()
-        self._settle()  # a reset device takes input again
         self._set_intx(False)
 
     def _needs_reset(self, reason: str) -> None:
@@ -455,8 +440,6 @@ class VirtioPciFunction(PciFunction):
                 self._needs_reset(f"queue {index}: {error}")
             except OSError as error:
                 self._back_end_failed(error)
-            finally:
-                self._settle()
 
     # --- interrupts ---------------------------------------------------------------------------
 
