@@ -14,7 +14,6 @@ from .seccomp_filter import SandboxError
 
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -59,10 +58,6 @@ def drop_capabilities() -> None:
 
 def set_no_new_privs() -> None:
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
-
-
-def no_new_privs() -> bool:
-    return _prctl(PR_GET_NO_NEW_PRIVS) == 1
 
 
 def check_jail(directory: str, uid: int | None, gid: int | None) -> None:
