@@ -13,8 +13,8 @@ puts the table into README.md. As root it drops the page cache before each disk 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import datetime
+import importlib.util
 import json
 import platform
 import sys
@@ -22,8 +22,7 @@ from pathlib import Path
 
 from worldswitch.vmx.info import gather
 
-from . import vmms
-from . import measure, snapshots
+from . import measure, snapshots, vmms
 from .measure import Figure, exit_round_trip, memory_use, start_times, tsc_khz
 from .report import chart, readme_table, update_readme
 

@@ -31,8 +31,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-import typing
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -59,7 +59,7 @@ def test_keywords_are_checked_when_the_machine_is_made() -> None:
     with pytest.raises(ConfigError, match="give one of"):
         worldswitch.Machine(guest="hello", kernel="vmlinuz")
     with pytest.raises(ConfigError, match="expected PATH"):
-        worldswitch.Machine(disks=["disk.img,bogus"])
+        worldswitch.Machine(disk=["disk.img,bogus"])
     with pytest.raises(RuntimeError, match="not been started"):
         worldswitch.Machine().stats()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import pty
+import re
 import select
 import shutil
 import signal
@@ -66,10 +66,10 @@ def test_stats_table_and_json(tmp_path: Path) -> None:
         (["--elf", "/etc/hostname"], 2, "is not an ELF file"),
         (["--elf", "/"], 2, "is a directory"),
         (["--guest", "nosuch"], 2, "no built-in guest named 'nosuch'"),
-        (["--memory", "lots"], 2, "--memory 'lots' is not a size"),
+        (["--memory", "lots"], 2, "--memory: 'lots' is not a size"),
         (["--memory", "1M"], 2, "memory must be at least 2 MiB"),
-        (["--cpus", "0"], 2, "at least one vCPU"),
-        (["--serial", "tcp:1"], 2, "unknown serial back end"),
+        (["--cpus", "0"], 2, "--cpus: expected a positive integer"),
+        (["--serial", "tcp:1"], 2, "--serial: expected stdio, none or file:PATH"),
         (["--timeout", "never"], 2, "is not a number of seconds"),
     ],
 )

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from worldswitch.boot.linux import kernel_parameters
 from worldswitch.driver import structs as s
-from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
-from worldswitch.vmm.x86.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features, kernel_parameters
 from worldswitch.vmm.host import HostKind
+from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
+from worldswitch.vmm.x86.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features
 
 PVM = HostKind("pvm", False, "")
 VTX = HostKind("vmx", True, "")
@@ -37,10 +38,10 @@ def test_forced_features_become_kernel_parameters() -> None:
     effective = table((1 << 26) | (1 << 23) | (1 << 13), 1 << 5)  # xsave, popcnt, cx16, avx2
     forced = forced_features(effective, PVM_HIDDEN)
     assert [f.name for f in forced] == ["cx16", "popcnt", "xsave", "avx2"]
-    params = [p for p, _ in kernel_parameters(forced, "console=ttyS0")]
+    params = [p for p, _ in kernel_parameters("console=ttyS0", forced, code_emulated=False)]
     assert params == ["noxsave", "clearcpuid=141,151,293"]
-    assert kernel_parameters(forced, "console=ttyS0 noxsave clearcpuid=1") == []  # the user's own choice wins
-    assert kernel_parameters([], "console=ttyS0") == []
+    assert kernel_parameters("console=ttyS0 noxsave clearcpuid=1", forced, False) == []  # the user's own choice wins
+    assert kernel_parameters("console=ttyS0", [], False) == []
 
 
 def test_each_vcpu_gets_its_apic_id() -> None:
@@ -50,7 +51,5 @@ def test_each_vcpu_gets_its_apic_id() -> None:
 
 
 def test_emulated_hosts_skip_the_crypto_self_tests_unless_the_user_said_otherwise() -> None:
-    from worldswitch.vmm.host import emulated_kernel_parameters
-
-    assert [p for p, _ in emulated_kernel_parameters("console=ttyS0")] == ["cryptomgr.notests"]
-    assert emulated_kernel_parameters("console=ttyS0 cryptomgr.notests=0") == []
+    assert [p for p, _ in kernel_parameters("console=ttyS0", [], code_emulated=True)] == ["cryptomgr.notests"]
+    assert kernel_parameters("console=ttyS0 cryptomgr.notests=0", [], True) == []

@@ -9,12 +9,13 @@ import os
 import pytest
 
 from worldswitch.driver import structs as s
-from worldswitch.driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_MP_STATE_RUNNABLE, Cap, ExitReason
+from worldswitch.driver.constants import (KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_MP_STATE_RUNNABLE, Cap,
+                                          ExitReason)
 from worldswitch.driver.exits import IoOut, MmioWrite, decode_exit
 from worldswitch.driver.kvm import Kvm
 from worldswitch.errors import KvmError, KvmUnavailableError
-from worldswitch.vmm.x86.longmode import setup_long_mode
 from worldswitch.memory.guest import GuestMemory
+from worldswitch.vmm.x86.longmode import setup_long_mode
 
 pytestmark = pytest.mark.kvm
 

@@ -10,6 +10,7 @@ from worldswitch.memory.guest import GuestMemory
 
 from .helpers import make_elf
 
+
 @pytest.fixture
 def memory() -> GuestMemory:
     mem = GuestMemory([(0, 0xA0000), (0x100000, 0x200000)])

@@ -35,8 +35,8 @@ def test_memory_the_host_cannot_map_is_one_line() -> None:
 @pytest.mark.parametrize("args, text", [
     (["--cpus", "256"], "at most 255 vCPUs: the MADT gives each an 8-bit APIC ID"),
     (["--disk", "/dev/null"], "disk image /dev/null is not a file or a block device"),
-    (["--timeout", "nan"], "--timeout must be a positive, finite number of seconds"),
-    (["--timeout", "inf"], "--timeout must be a positive, finite number of seconds"),
+    (["--timeout", "nan"], "--timeout: expected a positive, finite number of seconds"),
+    (["--timeout", "inf"], "--timeout: expected a positive, finite number of seconds"),
     (["--trace", "/dev/full"], "cannot write the trace file /dev/full: No space left on device"),
 ])
 def test_what_the_host_cannot_give_is_refused_before_start(args: list[str], text: str) -> None:

@@ -43,7 +43,7 @@ def test_a_guest_spraying_every_bus_at_every_size_ends_normally(tmp_path: Path) 
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     stride = 17 if detect_host_kind().cpu_emulated else 3
-    run = run_guest("spray", str(stride), timeout=600, disks=[DiskConfig(str(disk))], rng=True, vconsole="none")
+    run = run_guest("spray", str(stride), timeout=600, disk=[DiskConfig(str(disk))], rng=True, vconsole="none")
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     accesses, regions, _, _ = run.result.details["ucall"].args  # type: ignore[union-attr]
     assert regions == 3 * 2 + 36  # two BARs per virtio function, 32 ECAM pages and four more regions

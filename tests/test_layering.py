@@ -14,14 +14,15 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "version": set(),
     "state": set(),  # the state protocol's codec
+    "options": {"errors"},  # the option schema
     "memory": {"errors"},
     "sandbox": {"errors"},
     "driver": {"errors"},
     "guests": {"errors"},
     "devices": {"errors", "state", "memory", "sandbox"},  # a device sees guest memory, never a vCPU or an fd
     "boot": {"errors", "memory", "devices"},  # firmware tables describe the devices
-    "vmm": {"errors", "version", "state", "memory", "sandbox", "driver", "guests", "devices", "boot"},
-    "vmx": {"errors", "version", "state", "memory", "sandbox", "driver", "guests", "devices", "boot", "vmm"},
+    "vmm": {"errors", "version", "state", "options", "memory", "sandbox", "driver", "guests", "devices", "boot"},
+    "vmx": {"errors", "version", "state", "options", "memory", "sandbox", "driver", "guests", "devices", "boot", "vmm"},
     "__init__": {"version", "vmx"},  # the package's face hands on the API's Machine
     "__main__": {"vmx"},
 }

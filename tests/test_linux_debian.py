@@ -49,7 +49,7 @@ def marker_initrd(debian, tmp_path_factory) -> Path:
 
 def test_debian_kernel_prints_its_version_e820_and_our_acpi_tables(debian) -> None:
     output = Output()
-    config = MachineConfig(kernel=str(debian.kernel), cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200")
+    config = MachineConfig(kernel=str(debian.kernel), append="console=ttyS0 earlyprintk=serial,ttyS0,115200")
     machine = build_for_boot(config, output)
     with machine:
         assert machine.boot.mode == "vmlinux" if EMULATED else True  # host decompression where it matters

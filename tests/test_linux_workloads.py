@@ -179,7 +179,7 @@ def linux(debian: DebianLinux, initrd: Path, netns: str, tmp_path_factory: pytes
     disk.write_bytes(bytes(8 << 20))
 
     def make() -> Machine:
-        vm = Machine(kernel=str(debian.kernel), initrd=str(initrd), cpus=2, disks=[str(disk)], nets=["tap=tap0"],
+        vm = Machine(kernel=str(debian.kernel), initrd=str(initrd), cpus=2, disk=[str(disk)], net=["tap=tap0"],
                      rng=True, vconsole="pty")
         with inside(netns):
             vm.build()  # the tap is opened in the test's namespace
@@ -282,7 +282,7 @@ def test_virtio_net_ping_and_tcp_both_ways(linux: Shell, netns: str) -> None:
 def test_virtio_blk_keeps_an_ext4_filesystem_across_boots(debian: DebianLinux, initrd: Path, tmp_path: Path) -> None:
     disk = tmp_path / "data.img"
     disk.write_bytes(bytes(64 << 20))
-    with booted(debian, initrd, disks=[str(disk)]) as shell:
+    with booted(debian, initrd, disk=[str(disk)]) as shell:
         shell.run("mke2fs -q /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt")
         shell.run("seq 1 20000 > /mnt/numbers && dd if=/dev/urandom of=/mnt/random bs=4096 count=256 2>/dev/null")
         shell.run("cd /mnt && md5sum numbers random > sums && cd / && sync && umount /mnt")
@@ -292,7 +292,7 @@ def test_virtio_blk_keeps_an_ext4_filesystem_across_boots(debian: DebianLinux, i
     assert check.returncode == 0, check.stdout + check.stderr
     numbers = subprocess.run(["debugfs", "-R", "cat /numbers", str(disk)], capture_output=True, text=True).stdout
     assert numbers == "".join(f"{n}\n" for n in range(1, 20001))
-    with booted(debian, initrd, disks=[str(disk)]) as shell:
+    with booted(debian, initrd, disk=[str(disk)]) as shell:
         shell.run("mkdir -p /mnt && mount -t ext4 /dev/vda /mnt")
         checked = shell.run("cd /mnt && md5sum -c sums")
         assert "numbers: OK" in checked and "random: OK" in checked
@@ -304,7 +304,7 @@ def test_linux_takes_packed_virtqueues(debian: DebianLinux, initrd: Path, tmp_pa
     disk = tmp_path / "packed.img"
     content = os.urandom(4 << 20)
     disk.write_bytes(content)
-    with booted(debian, initrd, disks=[str(disk)], rng=True, packed_queues=True) as shell:
+    with booted(debian, initrd, disk=[str(disk)], rng=True, packed_queues=True) as shell:
         for name in ("virtio-blk0", "virtio-rng"):
             assert shell.vm.vmm.devices[name].device.has(VIRTIO_F_RING_PACKED)  # type: ignore[attr-defined]
         assert shell.run("dd if=/dev/vda bs=4096 2>/dev/null | md5sum").split()[0] == hashlib.md5(content).hexdigest()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import struct
 
-from worldswitch.driver import structs as s
 from worldswitch.boot import longmode as tables
-from worldswitch.vmm.x86 import longmode as lm
+from worldswitch.driver import structs as s
 from worldswitch.memory.guest import GuestMemory
+from worldswitch.vmm.x86 import longmode as lm
 
 
 def decode(descriptor: int) -> dict[str, int]:

@@ -125,7 +125,7 @@ def test_a_virtio_disk_keeps_its_in_flight_requests(tmp_path: Path, layout: str)
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(1 << 20))
     packed = layout == "packed"
-    with Machine(guest="vblk", args=f"seq 64 8 {layout}", disks=[DiskConfig(str(disk))], packed_queues=packed) as vm:
+    with Machine(guest="vblk", args=f"seq 64 8 {layout}", disk=[DiskConfig(str(disk))], packed_queues=packed) as vm:
         function = next(f for f in vm.build().pci.functions if getattr(f, "device", None) and f.device.name == "virtio-blk")
         held: list[int] = []
         function.worker.on_kick = held.append  # the device never looks: the requests stay in flight

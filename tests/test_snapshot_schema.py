@@ -18,13 +18,15 @@ from worldswitch.devices.virtio.pci import QueueSetupState, VirtioPciState
 from worldswitch.devices.virtio.queue import SplitQueueState
 from worldswitch.state import decode, schema, to_json
 from worldswitch.vmm import snapshot
+from worldswitch.vmm.config import DiskConfig, MachineConfig, NetConfig
 from worldswitch.vmm.x86.cpu_state import VcpuState, VmState
 
 STATES = (AcpiPmState, ConsoleState, I8042State, NetState, NoDeviceState, PackedQueueState, QueueSetupState,
-          SequenceState, SerialState, SplitQueueState, VcpuState, VirtioPciState, VmState)
+          SequenceState, SerialState, SplitQueueState, VcpuState, VirtioPciState, VmState,
+          MachineConfig, DiskConfig, NetConfig)  # the machine's description is stored too
 
 # snapshot format version -> fingerprint of every state's layout at that version
-FINGERPRINTS = {3: "06e129d4569fed75"}
+FINGERPRINTS = {3: "06e129d4569fed75", 4: "f2afb98f8652204f"}  # 4 adds the machine description
 
 
 def fingerprint() -> str:

@@ -1,6 +1,7 @@
 """Static checks, run with the suite so that they hold by themselves: mypy at the level pyproject.toml
-sets (strict for driver/, memory/ and devices/), and pyflakes (unused imports and names, undefined
-names) over the package, the tests and the benchmarks."""
+sets (strict for driver/, memory/ and devices/), pyflakes (unused imports and names, undefined
+names) and isort (import order; pyproject.toml's [tool.isort]) over the package, the tests and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -25,3 +26,10 @@ def test_pyflakes_finds_nothing() -> None:
     done = subprocess.run([sys.executable, "-m", "pyflakes", "worldswitch", "tests", "bench"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_imports_are_sorted() -> None:
+    pytest.importorskip("isort", reason="isort is a test dependency: pip install -e '.[test]'")
+    done = subprocess.run([sys.executable, "-m", "isort", "--check-only", "--diff", "worldswitch", "tests", "bench"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, "run `python -m isort worldswitch tests bench`:\n" + done.stdout + done.stderr

@@ -12,6 +12,7 @@ import pytest
 from worldswitch.driver.binary_stats import BinaryStats
 from worldswitch.errors import WorldswitchError
 from worldswitch.vmm.trace import FLAG_KICKED, FLAG_WRITE, read_trace
+from worldswitch.vmx.stats_report import table
 from worldswitch.vmx.trace_report import summarise
 
 from .helpers import start_guest
@@ -112,4 +113,4 @@ def test_kvm_binary_stats_count_exits_the_kernel_handled() -> None:
     assert vcpu.world_switches == 1  # the DONE ucall
     assert vcpu.kvm["irq_injections"] >= 30  # every timer tick, injected by KVM
     assert vcpu.kvm["exits"] > vcpu.world_switches
-    assert "handled in the kernel" in stats.table()
+    assert "handled in the kernel" in table(stats)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -21,19 +21,16 @@ from worldswitch.devices.virtio.console import ConsoleBackend, VirtioConsole
 from worldswitch.devices.virtio.queue import DESCRIPTOR, SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
 
-from .helpers import RecordingLine
-from .virtio_driver import VERSION_1, Driver
+from .virtio_driver import UNPLUGGED, VERSION_1, Driver, wiring
 
 MIB = 1 << 20
 INDIRECT = 1 << virtio.VIRTIO_RING_F_INDIRECT_DESC
 EVENT_IDX = 1 << virtio.VIRTIO_RING_F_EVENT_IDX
 
 
-def plug(device, memory, region=(MIB, 16 * MIB)):
-    function = vp.VirtioPciFunction(device)
-    function.intx = RecordingLine()
+def plug(make_device, memory, region=(MIB, 16 * MIB)):
     delivered: list[int] = []
-    function.msix.deliver = lambda vector, address, data: delivered.append(vector)
+    function = vp.VirtioPciFunction(make_device, wiring(delivered))
     function.start()
     return function, Driver(function, memory, region), delivered
 
@@ -61,7 +58,7 @@ def blk_request(driver: Driver, kind: int, sector: int, data: bytes | int = 0, *
 
 
 def test_version_1_is_required(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         assert driver.device_features() & VERSION_1
         assert not driver.negotiate(0)  # a legacy driver is refused: FEATURES_OK does not stick
@@ -72,7 +69,7 @@ def test_version_1_is_required(memory, image) -> None:
 
 
 def test_capabilities_describe_the_bar_layout(memory, image) -> None:
-    function, _, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, _, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         found = {}
         offset = function.config_read(0x34, 1)
@@ -93,7 +90,7 @@ def test_capabilities_describe_the_bar_layout(memory, image) -> None:
 
 
 def test_pci_cfg_capability_reaches_the_bar(memory, image) -> None:
-    function, _, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, _, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         cap = function.pci_cfg
         function.config_write(cap + 4, 1, 0)  # BAR 0
@@ -109,8 +106,8 @@ def test_pci_cfg_capability_reaches_the_bar(memory, image) -> None:
 
 @pytest.mark.parametrize("indirect", [False, True])
 def test_blk_read_write_flush_and_get_id(memory, image, indirect: bool) -> None:
-    device = VirtioBlock(memory, str(image), serial="disk-serial-1")
-    function, driver, delivered = plug(device, memory)
+    function, driver, delivered = plug(lambda link: VirtioBlock(link, memory, str(image), serial="disk-serial-1"), memory)
+    device = function.device
     try:
         driver.start(VERSION_1 | INDIRECT)
         assert struct.unpack_from("<Q", bytes(device.config()))[0] == 4 * MIB // 512
@@ -128,7 +125,7 @@ def test_blk_read_write_flush_and_get_id(memory, image, indirect: bool) -> None:
 
 
 def test_blk_discard_write_zeroes_and_range_checks(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start()
         segment = struct.pack("<QII", 8, 2, 0)
@@ -149,8 +146,7 @@ def test_blk_discard_write_zeroes_and_range_checks(memory, image) -> None:
 
 
 def test_read_only_disk_refuses_writes(memory, image) -> None:
-    device = VirtioBlock(memory, str(image), read_only=True)
-    function, driver, _ = plug(device, memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image), read_only=True), memory)
     try:
         assert driver.device_features() & (1 << vb.VIRTIO_BLK_F_RO)
         driver.start()
@@ -162,7 +158,7 @@ def test_read_only_disk_refuses_writes(memory, image) -> None:
 
 
 def test_msix_interrupts_and_event_index(memory, image) -> None:
-    function, driver, delivered = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, delivered = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         assert driver.negotiate(VERSION_1 | EVENT_IDX)
         driver.setup_queue(0, msix_vector=1)
@@ -181,7 +177,7 @@ def test_msix_interrupts_and_event_index(memory, image) -> None:
 
 
 def test_intx_when_msix_is_off_and_isr_read_acknowledges(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start()
         blk_request(driver, vb.T_IN, 0, 512)
@@ -218,7 +214,7 @@ def broken(driver: Driver, function: vp.VirtioPciFunction, descriptors: list[tup
     ],
 )
 def test_malformed_chains_put_the_device_in_needs_reset(memory, image, descriptors, reason) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start()
         assert reason in broken(driver, function, descriptors)
@@ -230,7 +226,7 @@ def test_malformed_chains_put_the_device_in_needs_reset(memory, image, descripto
 
 
 def test_avail_index_beyond_the_queue_size_breaks_the_queue(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start()
         queue = driver.queues[0]
@@ -242,7 +238,7 @@ def test_avail_index_beyond_the_queue_size_breaks_the_queue(memory, image) -> No
 
 
 def test_queue_addresses_outside_ram_are_refused_at_enable(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         assert driver.negotiate(VERSION_1)
         driver.write(vp.QUEUE_SELECT, 2, 0)
@@ -254,7 +250,7 @@ def test_queue_addresses_outside_ram_are_refused_at_enable(memory, image) -> Non
 
 
 def test_reset_mid_request_forgets_the_queue(memory, image) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start()
         # DRIVER_OK kicks every queue; once that kick is served the worker is done with the queue, so a
@@ -277,7 +273,7 @@ def test_a_buffer_made_available_while_the_device_arms_its_queue_is_served_witho
     """The lost-kick race of event suppression (virtio 1.2, 2.7.10): the driver adds a buffer after the
     device found the ring empty but before the device wrote avail_event, reads the old avail_event and
     does not kick. The device must look again after arming, or that buffer waits forever."""
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start(VERSION_1 | EVENT_IDX)
         assert function.worker.wait_kicks(1, timeout=5)
@@ -307,8 +303,7 @@ def test_a_buffer_made_available_while_the_device_arms_its_queue_is_served_witho
 
 
 def test_rng_fills_buffers_and_bounds_huge_ones(memory) -> None:
-    device = VirtioRng(memory)
-    function, driver, _ = plug(device, memory)
+    function, driver, _ = plug(lambda link: VirtioRng(link, memory), memory)
     try:
         driver.start()
         small = driver.buffer(64)
@@ -342,8 +337,7 @@ class Collector(ConsoleBackend):
 
 def test_console_transmits_and_receives(memory) -> None:
     backend = Collector()
-    device = VirtioConsole(memory, backend)
-    function, driver, _ = plug(device, memory)
+    function, driver, _ = plug(lambda link: VirtioConsole(link, memory, backend), memory)
     try:
         driver.start(queues=(0, 1))
         driver.queues[1].add([(*driver.buffer(b"hello "), False), (*driver.buffer(b"host"), False)])
@@ -376,8 +370,7 @@ class FullDisk(ConsoleBackend):
 
 def test_a_back_end_failure_needs_a_reset_and_the_io_thread_lives_on(memory) -> None:
     backend = FullDisk()
-    device = VirtioConsole(memory, backend)
-    function, driver, _ = plug(device, memory)
+    function, driver, _ = plug(lambda link: VirtioConsole(link, memory, backend), memory)
     try:
         driver.start(queues=(0, 1))
         for text in (b"fits", b"does not"):
@@ -406,7 +399,7 @@ def test_a_full_disk_answers_ioerr_with_one_warning(memory, tmp_path) -> None:
         with open(image, "wb") as file:
             file.truncate(1 << 20)  # 1 MiB of holes on 64 KiB of space
         warnings: list[str] = []
-        function, driver, _ = plug(VirtioBlock(memory, str(image), warn=warnings.append), memory)
+        function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image), warn=warnings.append), memory)
         try:
             driver.start()
             statuses = [blk_request(driver, vb.T_OUT, sector, b"\xab" * 4096)[0] for sector in range(0, 256, 8)]
@@ -461,23 +454,23 @@ def test_fuzzed_rings_give_valid_chains_or_virtqueue_errors(memory, descriptors,
 def test_an_image_has_one_writer_or_many_readers(memory, image) -> None:
     from worldswitch.errors import ConfigError
 
-    writer = VirtioBlock(memory, str(image))
+    writer = VirtioBlock(UNPLUGGED, memory, str(image))
     try:
         with pytest.raises(ConfigError, match="is in use"):
-            VirtioBlock(memory, str(image))  # a second writer, even in the same process
+            VirtioBlock(UNPLUGGED, memory, str(image))  # a second writer, even in the same process
         with pytest.raises(ConfigError, match=r"is in use: another process may write it \(to read it anyway"):
-            VirtioBlock(memory, str(image), read_only=True)
-        VirtioBlock(memory, str(image), read_only=True, shared=True).close()  # the user's explicit choice
+            VirtioBlock(UNPLUGGED, memory, str(image), read_only=True)
+        VirtioBlock(UNPLUGGED, memory, str(image), read_only=True, shared=True).close()  # the user's explicit choice
     finally:
         writer.close()
-    readers = [VirtioBlock(memory, str(image), read_only=True) for _ in range(2)]
+    readers = [VirtioBlock(UNPLUGGED, memory, str(image), read_only=True) for _ in range(2)]
     try:
         with pytest.raises(ConfigError, match="does not let others write it"):
-            VirtioBlock(memory, str(image))
+            VirtioBlock(UNPLUGGED, memory, str(image))
     finally:
         for reader in readers:
             reader.close()
-    VirtioBlock(memory, str(image)).close()  # the locks went with the descriptors
+    VirtioBlock(UNPLUGGED, memory, str(image)).close()  # the locks went with the descriptors
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -487,7 +480,7 @@ def test_qemu_and_worldswitch_respect_each_others_locks(memory, image) -> None:
 
     from worldswitch.errors import ConfigError
 
-    writer = VirtioBlock(memory, str(image))
+    writer = VirtioBlock(UNPLUGGED, memory, str(image))
     try:
         qemu_io = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 512", str(image)], capture_output=True,
                                  text=True, timeout=60)
@@ -500,7 +493,7 @@ def test_qemu_and_worldswitch_respect_each_others_locks(memory, image) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                VirtioBlock(memory, str(image)).close()
+                VirtioBlock(UNPLUGGED, memory, str(image)).close()
             except ConfigError as error:
                 assert "is in use" in str(error)
                 break

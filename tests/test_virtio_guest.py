@@ -28,7 +28,7 @@ def disk(tmp_path):
 
 
 def test_a_guest_driver_reads_writes_and_flushes_through_virtio_blk(disk) -> None:
-    run = run_guest("vblk", "test", disks=[DiskConfig(str(disk), serial="ws-disk-01")])
+    run = run_guest("vblk", "test", disk=[DiskConfig(str(disk), serial="ws-disk-01")])
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     passed, capacity, serial, _ = run.result.details["ucall"].args  # type: ignore[union-attr]
     assert passed == 7
@@ -49,7 +49,7 @@ def test_a_guest_driver_reads_writes_and_flushes_through_virtio_blk(disk) -> Non
 
 @pytest.mark.parametrize("pattern", ["seq 300 8", "rand 300 1", "seq 300 32 packed", "rand 300 7 packed"])
 def test_the_guest_benchmark_modes_complete(disk, pattern: str) -> None:
-    run = run_guest("vblk", pattern, disks=[DiskConfig(str(disk))], packed_queues="packed" in pattern)
+    run = run_guest("vblk", pattern, disk=[DiskConfig(str(disk))], packed_queues="packed" in pattern)
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     assert run.result.value == 300
 
@@ -57,7 +57,7 @@ def test_the_guest_benchmark_modes_complete(disk, pattern: str) -> None:
 def test_a_guest_driver_on_a_packed_ring(disk) -> None:
     """The same checks through VIRTIO_F_RING_PACKED; 300 reads of 3 descriptors each took the
     128-slot ring around several times in the benchmark test above."""
-    run = run_guest("vblk", "test packed", disks=[DiskConfig(str(disk), serial="ws-packed")], packed_queues=True)
+    run = run_guest("vblk", "test packed", disk=[DiskConfig(str(disk), serial="ws-packed")], packed_queues=True)
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     passed, _, serial, _ = run.result.details["ucall"].args  # type: ignore[union-attr]
     assert passed == 7 and serial.to_bytes(8, "little") == b"ws-packe"
@@ -66,12 +66,12 @@ def test_a_guest_driver_on_a_packed_ring(disk) -> None:
     assert type(function.device.queues[0]).__name__ == "PackedQueue"  # type: ignore[attr-defined]
     assert function.device.requests == 6 and function.device.errors == 0  # type: ignore[attr-defined]
     # Without packed queues offered, the driver's check that the device offers them fails.
-    refused = run_guest("vblk", "test packed", disks=[DiskConfig(str(disk))])
+    refused = run_guest("vblk", "test packed", disk=[DiskConfig(str(disk))])
     assert refused.result.reason is not StopReason.GUEST_DONE
 
 
 def test_a_read_only_disk_is_refused_writes_by_the_guest(disk) -> None:
-    run = run_guest("vblk", "test", disks=[DiskConfig(str(disk), read_only=True)])
+    run = run_guest("vblk", "test", disk=[DiskConfig(str(disk), read_only=True)])
     assert run.result.value == 5  # of 7: the write's status, and the pattern's read-back, fail
     assert disk.read_bytes()[8 * 512 : 8 * 512 + 4] == bytes(4)
 
@@ -80,7 +80,7 @@ def test_several_disks_each_on_its_own_function_and_file(disk, tmp_path) -> None
     other = tmp_path / "other.img"
     other.write_bytes(disk.read_bytes())
     before = disk.read_bytes()
-    run = run_guest("vblk", "test second", disks=[DiskConfig(str(disk), serial="first"), DiskConfig(str(other), serial="second")])
+    run = run_guest("vblk", "test second", disk=[DiskConfig(str(disk), serial="first"), DiskConfig(str(other), serial="second")])
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     passed, _, serial = run.result.details["ucall"].args[:3]
     assert passed == 7 and serial.to_bytes(8, "little").rstrip(b"\0") == b"second"
@@ -113,7 +113,7 @@ def test_a_bug_in_a_device_thread_ends_the_vm_like_a_vcpus(tmp_path: Path, monke
     monkeypatch.setattr(VirtioBlock, "process", broken)
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    run = run_guest("vblk", "test", timeout=60, disks=[DiskConfig(str(disk))])
+    run = run_guest("vblk", "test", timeout=60, disk=[DiskConfig(str(disk))])
     assert run.result.reason is StopReason.VMX_ERROR and run.result.exit_status == 70
     assert "virtio-blk's I/O thread: RuntimeError: a bug in the device" in run.result.message
 
@@ -121,7 +121,7 @@ def test_a_bug_in_a_device_thread_ends_the_vm_like_a_vcpus(tmp_path: Path, monke
 def test_a_second_vm_cannot_take_a_disk_in_use(disk) -> None:
     from worldswitch.vmx.api import Machine
 
-    with Machine(guest="fault", args="spin", disks=[str(disk)]) as vm:
+    with Machine(guest="fault", args="spin", disk=[str(disk)]) as vm:
         vm.start()
         second = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", str(disk)], capture_output=True,
                                 text=True, timeout=60)

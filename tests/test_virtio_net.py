@@ -18,8 +18,7 @@ from worldswitch.devices.virtio.net import HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, 
 from worldswitch.devices.virtio.pci import VirtioPciFunction
 from worldswitch.memory.guest import GuestMemory
 
-from .helpers import RecordingLine
-from .virtio_driver import VERSION_1, Driver
+from .virtio_driver import VERSION_1, Driver, wiring
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"),
                                 reason="tap devices need root, /dev/net/tun and iproute2")
@@ -40,10 +39,8 @@ def net(request):
     memory = GuestMemory([(0, 16 << 20)])
     name = "wst" + uuid.uuid4().hex[:8]
     quiet_tap(name)
-    device = VirtioNet(memory, TapBackend(name), MAC)
-    function = VirtioPciFunction(device, packed=packed)
-    function.intx = RecordingLine()
-    device.pause_input = lambda paused: function.worker.interest(device.tap.fd, not paused)
+    function = VirtioPciFunction(lambda link: VirtioNet(link, memory, TapBackend(name), MAC), wiring([]), packed=packed)
+    device = function.device
     function.start()
     host = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
     host.bind((name, 0))

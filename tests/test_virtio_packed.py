@@ -22,18 +22,15 @@ from worldswitch.devices.virtio.rng import VirtioRng
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.state import decode, to_json
 
-from .helpers import RecordingLine
 from .test_virtio import EVENT_IDX, INDIRECT, MIB, blk_request
-from .virtio_driver import RING_PACKED, VERSION_1, Driver, PackedDriverQueue
+from .virtio_driver import RING_PACKED, VERSION_1, Driver, PackedDriverQueue, wiring
 
 AVAIL_1 = VIRTQ_DESC_F_AVAIL  # available while the driver's wrap counter is 1
 
 
-def plug(device, memory, packed=True):
-    function = vp.VirtioPciFunction(device, packed=packed)
-    function.intx = RecordingLine()
+def plug(make_device, memory, packed=True):
     delivered: list[int] = []
-    function.msix.deliver = lambda vector, address, data: delivered.append(vector)
+    function = vp.VirtioPciFunction(make_device, wiring(delivered), packed=packed)
     function.start()
     return function, Driver(function, memory, (MIB, 16 * MIB)), delivered
 
@@ -42,8 +39,8 @@ def test_packed_rings_are_offered_only_when_asked(memory, image) -> None:
     # Two devices, two images: one writer per image is the lock's rule, in one process as across many.
     second = image.with_name("second.img")
     second.write_bytes(image.read_bytes())
-    plain, _, _ = plug(VirtioBlock(memory, str(image)), memory, packed=False)
-    offered, driver, _ = plug(VirtioBlock(memory, str(second)), memory)
+    plain, _, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory, packed=False)
+    offered, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(second)), memory)
     try:
         assert not plain.device.device_features & RING_PACKED
         assert driver.device_features() & RING_PACKED
@@ -61,8 +58,8 @@ def test_packed_rings_are_offered_only_when_asked(memory, image) -> None:
 def test_blk_requests_through_a_packed_ring_that_wraps(memory, image, indirect: bool) -> None:
     """A 7-slot ring and 3-descriptor requests: chains start and end at every offset, split across the
     end of the ring, and both wrap counters flip many times."""
-    device = VirtioBlock(memory, str(image), serial="packed-1")
-    function, driver, _ = plug(device, memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image), serial="packed-1"), memory)
+    device = function.device
     try:
         assert driver.negotiate(VERSION_1 | RING_PACKED | INDIRECT)
         driver.setup_queue(0, size=7)  # packed rings need not be a power of two
@@ -88,7 +85,7 @@ def test_blk_requests_through_a_packed_ring_that_wraps(memory, image, indirect: 
 def test_a_batch_of_buffers_is_used_in_order_with_slot_skipping(memory) -> None:
     """Several buffers of different lengths in one kick: one used descriptor per buffer, each at the
     slot where its buffer began (2.8.6), and the driver finds every ID again."""
-    function, driver, _ = plug(VirtioRng(memory), memory)
+    function, driver, _ = plug(lambda link: VirtioRng(link, memory), memory)
     try:
         driver.start(VERSION_1 | RING_PACKED)
         queue = driver.queues[0]
@@ -110,7 +107,7 @@ def test_a_batch_of_buffers_is_used_in_order_with_slot_skipping(memory) -> None:
 def test_driver_event_suppression(memory, image) -> None:
     """DISABLE silences interrupts, ENABLE (the default) raises one per batch, and with EVENT_IDX
     the DESC mode raises one only when the used position passes the driver's offset and wrap."""
-    function, driver, delivered = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, delivered = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         assert driver.negotiate(VERSION_1 | RING_PACKED | EVENT_IDX)
         driver.setup_queue(0, size=4, msix_vector=1)
@@ -164,7 +161,7 @@ NEXT, WRITE, IND = 1, 2, 4
     ],
 )
 def test_malformed_packed_rings_put_the_device_in_needs_reset(memory, image, descriptors, reason) -> None:
-    function, driver, _ = plug(VirtioBlock(memory, str(image)), memory)
+    function, driver, _ = plug(lambda link: VirtioBlock(link, memory, str(image)), memory)
     try:
         driver.start(VERSION_1 | RING_PACKED)
         queue = driver.queues[0]

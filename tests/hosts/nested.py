@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs, cpio_newc, CpioEntry, resolve_modules  # noqa: E402
+from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramfs, cpio_newc,  # noqa: E402
+                                        resolve_modules)
 from worldswitch.errors import WorldswitchError  # noqa: E402
 from worldswitch.vmx.debian import DebianLinux, fetch_debian  # noqa: E402
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from typing import Protocol, Sequence
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
@@ -123,6 +124,37 @@ def place_initrd(memory_map: MemoryMap, size: int, above: int, initrd_addr_max: 
             f"{ceiling:#x} ({room >> 20} MiB free); give the machine more memory"
         )
     return start, start + size
+
+
+class CpuFeature(Protocol):
+    """A CPU feature a kernel can be told not to use."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def linux_feature(self) -> int:
+        """X86_FEATURE_* number (word * 32 + bit), as clearcpuid= takes it."""
+
+
+def kernel_parameters(cmdline: str, forced: Sequence[CpuFeature], code_emulated: bool) -> list[tuple[str, str]]:
+    """(parameter, reason) a kernel needs beyond what the user wrote: not to use the CPU features the
+    host forces into CPUID although KVM cannot run them, and, where guest kernel code is emulated,
+    not to start work that takes milliseconds natively but so long emulated that the kernel gives
+    up on it (measured in docs/pvm.md). A parameter the user set is left alone."""
+    words = cmdline.split()
+    added: list[tuple[str, str]] = []
+    if any(f.name == "xsave" for f in forced) and "noxsave" not in words:
+        added.append(("noxsave", "the host forces XSAVE into the guest's CPUID, and XRSTOR is beyond KVM's emulator"))
+    rest = [f for f in forced if f.name != "xsave"]
+    if rest and not any(word.startswith("clearcpuid=") for word in words):
+        numbers = ",".join(str(f.linux_feature) for f in rest)
+        names = ", ".join(f.name for f in rest)
+        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; KVM's emulator runs none of them"))
+    if code_emulated and not any(word.startswith("cryptomgr.notests") for word in words):
+        added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
+                                           "and certificate loading times out waiting for them"))
+    return added
 
 
 def load_linux(

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .longmode import LongModeLayout
 from ..memory.guest import GuestMemory
+from .longmode import LongModeLayout
 
 ARGS_ADDR = 0x5000
 ARGS_MAX = 4095

@@ -1,4 +1,4 @@
-"""What a device is given by the VMM: an interrupt line to drive and guest memory to read. Devices
+"""What a device is given by the VMM: an interrupt line (or MSI vectors) to drive and guest memory to read. Devices
 depend on these protocols only, never on a vCPU, a file descriptor or the KVM binding."""
 
 from __future__ import annotations
@@ -10,6 +10,15 @@ class InterruptLine(Protocol):
     """One interrupt input of the machine (an ISA IRQ of the in-kernel PIC/IOAPIC, or a fake)."""
 
     def set_level(self, asserted: bool) -> None: ...
+
+
+class MsiSink(Protocol):
+    """Where a function's MSI-X vectors go: `program` when the guest writes a table entry (so the
+    VMM's route follows it), `deliver` when a vector fires (an irqfd bound to the route)."""
+
+    def program(self, vector: int, address: int, data: int) -> None: ...
+
+    def deliver(self, vector: int, address: int, data: int) -> None: ...
 
 
 class GuestRam(Protocol):

@@ -2,16 +2,18 @@
 a pending-bit array in a BAR. A device raises vector N; whether that becomes a message now, or a
 pending bit delivered when the guest unmasks, is decided here.
 
-Delivery itself is injected: `deliver(vector, address, data)` is the VMM's (an irqfd bound to a
-GSI that KVM routes to the message; see vmm/platform/irqroute.py), and `program(vector, address, data)`
-tells it that the guest changed an entry so that the route can follow.
+Delivery itself is the VMM's, given at construction as an MsiSink: `deliver(vector, address, data)`
+(an irqfd bound to a GSI that KVM routes to the message; see vmm/platform/irqroute.py), and
+`program(vector, address, data)`, which tells it that the guest changed an entry so that the route
+can follow.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable
+
+from .base import MsiSink
 
 CONTROL_ENABLE = 1 << 15
 CONTROL_FUNCTION_MASK = 1 << 14
@@ -19,11 +21,10 @@ ENTRY_SIZE = 16
 VECTOR_MASKED = 1 << 0
 NO_VECTOR = 0xFFFF  # virtio's "no vector"
 
-Deliver = Callable[[int, int, int], None]  # (vector, address, data)
-
 
 class MsixCapability:
-    def __init__(self, vectors: int, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int) -> None:
+    def __init__(self, vectors: int, table_bar: int, table_offset: int, pba_bar: int, pba_offset: int,
+                 sink: MsiSink) -> None:
         if not 1 <= vectors <= 2048:
             raise ValueError("MSI-X supports 1 to 2048 vectors")
         self.vectors = vectors
@@ -34,9 +35,7 @@ class MsixCapability:
         self.control = vectors - 1
         self.table_bir = (table_offset & ~7) | table_bar
         self.pba_bir = (pba_offset & ~7) | pba_bar
-        self.cap_offset = 0  # where the function put the capability
-        self.deliver: Deliver | None = None
-        self.program: Deliver | None = None
+        self.sink = sink
         self.delivered = 0
         self._lock = threading.Lock()
 
@@ -80,8 +79,7 @@ class MsixCapability:
             self.table[offset : offset + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
             address, data, masked = self.entry(vector)
             ready = self._deliverable_pending()
-        if self.program is not None:
-            self.program(vector, address, data)
+        self.sink.program(vector, address, data)
         for pending_vector in ready:
             self._send(pending_vector)
 
@@ -117,5 +115,4 @@ class MsixCapability:
     def _send(self, vector: int) -> None:
         address, data, _ = self.entry(vector)
         self.delivered += 1
-        if self.deliver is not None:
-            self.deliver(vector, address, data)
+        self.sink.deliver(vector, address, data)

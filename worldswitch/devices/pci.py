@@ -6,7 +6,7 @@ A PciFunction owns a 256-byte configuration header (type 0) with a capability li
 BARs. BARs are placed by the VMM (the firmware's job) and may be moved by the guest; a BAR is
 mapped on the MMIO or port bus only while its decoding is enabled in the command register, and
 follows the guest when it writes a new address, as on real hardware. Where a BAR is mapped is the
-VMM's business: the function calls `on_bar_change(index, old, new)`.
+VMM's business: the function calls the `on_bar_change(function, index, bar, old, new)` it was given.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ConfigError
 from .base import InterruptLine
 
 CONFIG_ADDRESS_PORT = 0xCF8
@@ -72,11 +73,18 @@ class Bar:
         return BAR_IO if self.io else (BAR_MEM64 if self.mem64 else 0)
 
 
+BarChange = Callable[["PciFunction", int, "Bar", "int | None", "int | None"], None]  # (function, index, bar, old, new)
+
+
+def _unmapped(function: "PciFunction", index: int, bar: "Bar", old: int | None, new: int | None) -> None:
+    """For a function nobody maps (tests, or one without BARs)."""
+
+
 class PciFunction:
     """A PCI function's configuration header and BARs. Subclasses add capabilities and behaviour."""
 
     def __init__(self, vendor: int, device: int, class_code: int, revision: int = 0, subsystem_vendor: int = 0,
-                 subsystem: int = 0, interrupt_pin: int = 0) -> None:
+                 subsystem: int = 0, interrupt_pin: int = 0, on_bar_change: BarChange = _unmapped) -> None:
         self.config = bytearray(CONFIG_SIZE)
         self.writable = bytearray(CONFIG_SIZE)  # per-byte write masks
         struct.pack_into("<HH", self.config, VENDOR_ID, vendor, device)
@@ -88,7 +96,7 @@ class PciFunction:
         self.writable[COMMAND + 1] = COMMAND_INTX_DISABLE >> 8
         self.writable[INTERRUPT_LINE] = 0xFF
         self.bars: list[Bar | None] = [None] * 6
-        self.on_bar_change: Callable[[int, Bar, int | None, int | None], None] | None = None
+        self.on_bar_change = on_bar_change
         self._next_capability = FIRST_CAPABILITY
         self._last_capability = 0
         self.lock = threading.RLock()
@@ -204,8 +212,7 @@ class PciFunction:
             wanted = bar.address if self._bar_decodes(bar) else None
             if wanted != bar.mapped_at:
                 old, bar.mapped_at = bar.mapped_at, wanted
-                if self.on_bar_change is not None:
-                    self.on_bar_change(index, bar, old, wanted)
+                self.on_bar_change(self, index, bar, old, wanted)
 
 
 class HostBridge(PciFunction):
@@ -241,9 +248,15 @@ class PciBus:
         self._chipset_write = chipset_write or (lambda offset, size, value: None)
         self._lock = threading.Lock()
 
+    def free_slot(self) -> int:
+        free = [number for number in range(MAX_DEVICES) if number not in self.slots]
+        if not free:
+            raise ConfigError(f"too many PCI devices: bus 0 has {MAX_DEVICES} slots")
+        return free[0]
+
     def add(self, function: PciFunction, slot: int | None = None) -> int:
         if slot is None:
-            slot = next(i for i in range(MAX_DEVICES) if i not in self.slots)
+            slot = self.free_slot()
         if slot in self.slots or not 0 <= slot < MAX_DEVICES:
             raise ValueError(f"PCI slot {slot} is taken or does not exist")
         self.slots[slot] = Slot(slot, function)

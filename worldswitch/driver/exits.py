@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import structs as s
-from .constants import KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, ExitReason, InternalError, SystemEvent
+from .constants import (KVM_EXIT_IO_OUT, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, ExitReason, InternalError,
+                        SystemEvent)
 
 
 @dataclass(frozen=True)

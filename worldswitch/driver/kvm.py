@@ -15,8 +15,7 @@ from typing import Iterable, Sequence
 from ..errors import KvmError, KvmUnavailableError
 from . import requests as rq
 from . import structs as s
-from .constants import (KVM_API_VERSION, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_WRITE, REQUIRED_CAPS, Cap,
-                        ExitReason)
+from .constants import KVM_API_VERSION, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILTER_WRITE, REQUIRED_CAPS, Cap, ExitReason
 from .ioctl import ioctl, kvm_run_call, last_errno, libc_ioctl
 
 KVM_DEVICE = "/dev/kvm"

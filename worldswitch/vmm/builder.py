@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
-from ..boot.linux import load_linux
+from ..boot.linux import kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
@@ -16,12 +16,14 @@ from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
-from ..devices.testdev import TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister, SequenceState
+from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
+                               SequenceState)
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
 from ..devices.virtio.blk import VirtioBlock
 from ..devices.virtio.console import VirtioConsole, open_backend
+from ..devices.virtio.device import VirtioDevice, VirtioLink
 from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
-from ..devices.virtio.pci import VirtioPciFunction, VirtioPciState
+from ..devices.virtio.pci import VirtioPciState
 from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
@@ -29,19 +31,19 @@ from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
-from .platform.bus import MmioBus, PioBus
-from .x86.cpu import cpuid_for_vcpu, set_lint
-from .config import MachineConfig
-from .x86.emulate import TrapEmulator
-from .x86.cpuid import filter_cpuid, forced_features, hidden_features, kernel_parameters
-from .host import detect_host_kind, emulated_kernel_parameters
-from .platform.irq import KvmIrqLine
+from .config import DiskConfig, MachineConfig, NetConfig
+from .host import detect_host_kind
 from .kick import install_kick_handler
-from .x86.longmode import program_registers, setup_long_mode
+from .machine import Vmm
+from .platform.bus import MmioBus, PioBus
+from .platform.irq import KvmIrqLine
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
-from .machine import Vmm
 from .runloop import VcpuRunner
+from .x86.cpu import cpuid_for_vcpu, set_lint
+from .x86.cpuid import filter_cpuid, forced_features, hidden_features
+from .x86.emulate import TrapEmulator
+from .x86.longmode import program_registers, setup_long_mode
 from .x86.user_syscall import MSR_LSTAR, UserSyscall
 
 # Addresses the VMX (Intel real-mode support) needs below 4 GiB, inside the PCI hole.
@@ -167,10 +169,8 @@ def _load_program(machine: Vmm, name: str, image: bytes, initrd: bytes | None, t
     config, memory, host = machine.config, machine.memory, machine.host
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(machine.forced_cpuid, config.cmdline)
-        if host.kernel_code_emulated:
-            added += emulated_kernel_parameters(config.cmdline)
-        cmdline = " ".join([config.cmdline, *(parameter for parameter, _ in added)]).strip()
+        added = kernel_parameters(config.append, machine.forced_cpuid, host.kernel_code_emulated)
+        cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
         boot = load_linux(memory, machine.memory_map, image, name, initrd, config.initrd or "", cmdline,
                           config.decompress, host.kernel_code_emulated, tables.rsdp_address)
         boot.notes.extend(f"added {parameter}: {why}" for parameter, why in added)
@@ -230,11 +230,6 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
         machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
 
 
-def _input_pause(function: VirtioPciFunction, fd: int) -> Callable[[bool], None]:
-    """A device's way to stop (and restart) its I/O thread reading `fd` when the guest has no room."""
-    return lambda paused: function.worker.interest(fd, not paused)
-
-
 def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
     """The PCI host bridge and the virtio devices the user asked for, in slot order."""
     reset = machine.devices["reset"]
@@ -242,26 +237,29 @@ def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
                       lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn)
     machine.pci = pci
 
-    def add(name: str, device: object) -> VirtioPciFunction:
-        function = pci.add_virtio(device, packed=config.packed_queues)  # type: ignore[arg-type]
+    def add(name: str, make_device: Callable[[VirtioLink], VirtioDevice]) -> None:
+        function = pci.add_virtio(make_device, packed=config.packed_queues)
         machine.devices[name] = function
         machine.register_state(name, function.state, function.restore, VirtioPciState)  # type: ignore[arg-type]
-        return function
 
-    for index, disk in enumerate(config.disks):
-        add(f"virtio-blk{index}", VirtioBlock(machine.memory, disk.path, disk.read_only, disk.serial, machine.warn,
-                                              shared=disk.shared))
-    for index, net in enumerate(config.nets):
-        device = VirtioNet(machine.memory, TapBackend(net.tap), parse_mac(net.mac) if net.mac else None)
-        function = add(f"virtio-net{index}", device)
-        device.pause_input = _input_pause(function, device.tap.fd)
+    memory, warn = machine.memory, machine.warn
+
+    def block(disk: DiskConfig) -> Callable[[VirtioLink], VirtioDevice]:
+        return lambda link: VirtioBlock(link, memory, disk.path, disk.read_only, disk.serial, warn, shared=disk.shared)
+
+    def network(net: NetConfig) -> Callable[[VirtioLink], VirtioDevice]:
+        mac = parse_mac(net.mac) if net.mac else None
+        return lambda link: VirtioNet(link, memory, TapBackend(net.tap), mac)
+
+    for index, disk in enumerate(config.disk):
+        add(f"virtio-blk{index}", block(disk))
+    for index, net in enumerate(config.net):
+        add(f"virtio-net{index}", network(net))
     if config.rng:
-        add("virtio-rng", VirtioRng(machine.memory))
+        add("virtio-rng", lambda link: VirtioRng(link, memory))
     if config.vconsole:
-        console = VirtioConsole(machine.memory, open_backend(config.vconsole))
-        function = add("virtio-console", console)
-        if console.backend.fd is not None:
-            console.pause_input = _input_pause(function, console.backend.fd)
+        backend = open_backend(config.vconsole)
+        add("virtio-console", lambda link: VirtioConsole(link, memory, backend))
 
 
 def restore_machine(

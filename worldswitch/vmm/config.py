@@ -5,10 +5,13 @@ machine from it; nothing here touches KVM."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..guests import DEFAULT_GUEST, builtin_path
+from ..options import COUNT, FLAG, PATH, SIZE, TEXT, backend, choice, option, repeated
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 
 
@@ -19,29 +22,105 @@ class DiskConfig:
     serial: str | None = None
     shared: bool = False  # read-only, and others may write it meanwhile (no write lock kept out)
 
+    def __post_init__(self) -> None:
+        if self.shared and not self.read_only:
+            raise ConfigError(f"disk {self.path}: shared is for read-only disks (ro,shared): two writers would corrupt it")
+
+    @classmethod
+    def parse(cls, spec: str, base: Path | None = None) -> "DiskConfig":
+        """PATH[,ro[,shared]][,serial=ID], the --disk syntax; a relative PATH is taken from `base`."""
+        path, options = _split(spec)
+        unknown = set(options) - {"ro", "shared", "serial"}
+        if not path or unknown:
+            raise ConfigError(f"{spec!r}: expected PATH[,ro[,shared]][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+        return cls(str(base / path) if base else path, "ro" in options, options.get("serial") or None, "shared" in options)
+
+    @classmethod
+    def convert(cls, raw: Any, base: Path | None) -> "DiskConfig":
+        """A disk as the command line (a spec), a machine file (a spec or a table) or the API (a spec
+        or a DiskConfig) gives it."""
+        if isinstance(raw, DiskConfig):
+            return raw
+        if isinstance(raw, str):
+            return cls.parse(raw, base)
+        if isinstance(raw, dict):
+            unknown = set(raw) - {"path", "read_only", "serial", "shared"}
+            if unknown or not isinstance(raw.get("path"), str) or not raw["path"]:
+                raise ConfigError(f"a disk table has a path and optionally read_only, shared and serial, not {sorted(unknown)}")
+            if not all(isinstance(raw.get(key, False), bool) for key in ("read_only", "shared")) or \
+                    not isinstance(raw.get("serial", ""), str):
+                raise ConfigError("a disk's read_only and shared are true or false and its serial a string")
+            path = str(base / raw["path"]) if base else raw["path"]
+            return cls(path, raw.get("read_only", False), raw.get("serial"), raw.get("shared", False))
+        raise ConfigError("each disk is a string or a table")
+
 
 @dataclass
 class NetConfig:
     tap: str
     mac: str | None = None
 
+    @classmethod
+    def parse(cls, spec: str) -> "NetConfig":
+        """tap=NAME[,mac=MAC], the --net syntax."""
+        first, options = _split(spec)
+        key, _, tap = first.partition("=")
+        if key != "tap" or not tap or set(options) - {"mac"}:
+            raise ConfigError(f"{spec!r}: expected tap=NAME[,mac=52:54:00:12:34:56]")
+        return cls(tap, options.get("mac"))
+
+    @classmethod
+    def convert(cls, raw: Any, base: Path | None) -> "NetConfig":
+        if isinstance(raw, NetConfig):
+            return raw
+        if isinstance(raw, str):
+            return cls.parse(raw)
+        if isinstance(raw, dict) and isinstance(raw.get("tap"), str) and set(raw) <= {"tap", "mac"}:
+            return cls(raw["tap"], raw.get("mac"))
+        raise ConfigError('each network is "tap=NAME[,mac=MAC]" or a table with tap and mac')
+
+
+def _split(spec: str) -> tuple[str, dict[str, str]]:
+    first, *rest = spec.split(",")
+    options: dict[str, str] = {}
+    for item in rest:
+        key, _, value = item.partition("=")
+        options[key] = value
+    return first, options
+
 
 @dataclass
 class MachineConfig:
-    memory: int | None = None  # bytes; None: 128 MiB for programs, 512 MiB for Linux
-    cpus: int = 1
-    elf: str | None = None  # a user's bare-metal ELF64 program
-    guest: str | None = None  # or a built-in guest by name (the default when nothing is given)
-    args: str = ""  # the program's argument string
-    kernel: str | None = None  # or Linux: a bzImage or an ELF vmlinux
-    initrd: str | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    decompress: str = "auto"  # host, guest, or auto (host where guest kernel code is emulated)
-    disks: list[DiskConfig] = field(default_factory=list)  # virtio-blk, in PCI slot order
-    nets: list[NetConfig] = field(default_factory=list)  # virtio-net on tap devices
-    rng: bool = False  # virtio-rng
-    vconsole: str | None = None  # virtio-console back end: pty, file:PATH or none
-    packed_queues: bool = False  # offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device
+    """Every field is a user's option (worldswitch/options.py): `worldswitch run --NAME`, the machine
+    file's NAME key and Machine(NAME=...) are derived from it."""
+
+    memory: int | None = option(None, kind=SIZE, short="-m", metavar="SIZE",
+                                help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
+    cpus: int = option(1, kind=COUNT, metavar="N", help="number of vCPUs (default 1)")
+    guest: str | None = option(None, kind=TEXT, metavar="NAME", program=True,
+                               help=f"a built-in guest (the default: {DEFAULT_GUEST}; `worldswitch guests` lists them)")
+    elf: str | None = option(None, kind=PATH, metavar="FILE", program=True,
+                             help="your own static ELF64 program, entered in 64-bit ring 0")
+    kernel: str | None = option(None, kind=PATH, metavar="FILE", program=True,
+                                help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
+    args: str = option("", kind=TEXT, metavar="STRING", help="argument string passed to the program (RDI)")
+    initrd: str | None = option(None, kind=PATH, metavar="FILE", help="initial ramdisk for --kernel")
+    append: str = option(DEFAULT_CMDLINE, kind=TEXT, metavar="CMDLINE",
+                         help=f"the Linux kernel's command line (default {DEFAULT_CMDLINE!r})")
+    decompress: str = option("auto", kind=choice("auto", "host", "guest"),
+                             help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
+                                  "auto (the default): the host where guest kernel code is emulated (PVM)")
+    disk: list[DiskConfig] = option(kind=repeated(DiskConfig.convert, "disks"), default_factory=list,
+                                    metavar="PATH[,ro[,shared]][,serial=ID]",
+                                    help="a raw disk image as virtio-blk, in PCI slot order (repeatable)")
+    net: list[NetConfig] = option(kind=repeated(NetConfig.convert, "networks"), default_factory=list,
+                                  metavar="tap=NAME[,mac=MAC]",
+                                  help="virtio-net on a tap interface, created if needed (repeatable)")
+    rng: bool = option(False, kind=FLAG, help="a virtio-rng fed from the host's getrandom()")
+    vconsole: str | None = option(None, kind=backend("pty", "none"), metavar="BACKEND",
+                                  help="a virtio-console: pty, file:PATH or none")
+    packed_queues: bool = option(False, kind=FLAG,
+                                 help="offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device")
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
@@ -58,11 +137,11 @@ class MachineConfig:
         return f"built-in guest '{name}'", str(builtin_path(name))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "MachineConfig":  # type: ignore[type-arg]
+    def from_dict(cls, data: dict[str, Any]) -> "MachineConfig":
         """The inverse of dataclasses.asdict (snapshots store the description this way)."""
         data = dict(data)
-        data["disks"] = [DiskConfig(**disk) for disk in data.get("disks", [])]
-        data["nets"] = [NetConfig(**net) for net in data.get("nets", [])]
+        data["disk"] = [DiskConfig(**disk) for disk in data.get("disk", [])]
+        data["net"] = [NetConfig(**net) for net in data.get("net", [])]
         return cls(**data)
 
     def absolute(self) -> "MachineConfig":
@@ -75,8 +154,8 @@ class MachineConfig:
         if vconsole is not None and vconsole.startswith("file:"):
             vconsole = "file:" + os.path.abspath(vconsole[5:])
         return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd),
-                       disks=[replace(d, path=os.path.abspath(d.path)) for d in self.disks],
-                       nets=[replace(n) for n in self.nets], vconsole=vconsole)
+                       disk=[replace(d, path=os.path.abspath(d.path)) for d in self.disk],
+                       net=[replace(n) for n in self.net], vconsole=vconsole)
 
     @property
     def memory_bytes(self) -> int:

@@ -139,18 +139,6 @@ def detect_host_kind(flags: set[str] | None = None) -> HostKind:
     return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise" + nested, inside, signature)
 
 
-def emulated_kernel_parameters(cmdline: str) -> list[tuple[str, str]]:
-    """(parameter, reason) a Linux guest needs where its kernel code is emulated, beyond CPUID
-    (cpuid.kernel_parameters): work that takes milliseconds natively but so long emulated that
-    the kernel gives up on it. Measured in docs/pvm.md; a parameter the user set is left alone."""
-    words = cmdline.split()
-    added = []
-    if not any(word.startswith("cryptomgr.notests") for word in words):
-        added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
-                                           "and certificate loading times out waiting for them"))
-    return added
-
-
 @dataclass(frozen=True)
 class KvmFacts:
     """What this host's KVM answers: its API version and the capabilities worldswitch asks about."""

@@ -9,23 +9,23 @@ import threading
 import time
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
+from ..boot.linux import LinuxBoot
 from ..devices.ucall import Ucall, UcallCommand
 from ..driver import structs as s
-from ..errors import KvmError
 from ..driver.kvm import Kvm, Vm
-from .platform.bus import MmioBus, PioBus
-from .config import MachineConfig
-from .x86.cpuid import HiddenFeature
-from .host import HostKind
-from .platform.pci_platform import PciPlatform
-from ..boot.linux import LinuxBoot
+from ..errors import KvmError
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap
+from .config import MachineConfig
+from .host import HostKind
+from .platform.bus import MmioBus, PioBus
+from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .trace import TraceWriter
+from .x86.cpuid import HiddenFeature
 
 JOIN_TIMEOUT_S = 5.0
 

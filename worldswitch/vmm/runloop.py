@@ -25,8 +25,8 @@ from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReas
 from ..driver.ioctl import kvm_run_call
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu, run_failed
 from ..sandbox import confine_thread
-from .platform.bus import MmioBus, PioBus
 from .kick import kick_thread
+from .platform.bus import MmioBus, PioBus
 from .result import MachineResult, StopReason
 from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
 from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes

@@ -37,17 +37,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import WorldswitchError
+from ..memory.guest import PAGE_SIZE, GuestMemory
 from ..state import decode, to_json
 from ..version import __version__
-from ..errors import WorldswitchError
 from .x86.cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
-from ..memory.guest import PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never the other way round
     from .machine import Vmm
 
 FORMAT = "worldswitch-snapshot"
-VERSION = 3  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py)
+VERSION = 4  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py);
+# 4: the machine description keyed by its option names (append, disk, net)
 FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
 MANIFEST_DIGEST = "manifest.sha256"
 
@@ -274,7 +275,7 @@ def save(machine: Vmm, path: str | Path, config: dict[str, Any], progress: Progr
             "memory": [[region.guest_phys_addr, region.size] for region in machine.memory.regions],
             "memory_digest": digest,
             "stored_bytes": stored,
-            "disks": [_disk_fingerprint(disk["path"]) for disk in config.get("disks", [])],
+            "disks": [_disk_fingerprint(disk["path"]) for disk in config.get("disk", [])],
             "files": {name: _sha256(temporary / name) for name in FILES},
         }
         _write_json(temporary / "manifest.json", manifest)

@@ -21,17 +21,16 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
+from ..errors import ConfigError
 from ..vmm.builder import build_for_boot, restore_machine
-from ..vmm.config import DiskConfig, MachineConfig, NetConfig
-from ..vmm.defaults import DEFAULT_CMDLINE
+from ..vmm.config import MachineConfig
 from ..vmm.machine import Vmm
 from ..vmm.result import MachineResult, StopReason
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .control import ControlServer
-from .machine_file import parse_disk, parse_net
-from .units import parse_size
+from .settings import from_keywords
 
 if TYPE_CHECKING:  # the snapshot module (hashing, mincore) loads when a snapshot is taken
     from ..vmm.snapshot import SnapshotInfo
@@ -113,26 +112,21 @@ def vcpu_registers(vcpu: Any) -> dict[str, int]:
 
 
 class Machine:
-    """A worldswitch virtual machine. Keyword arguments mirror `worldswitch run`'s options and the
-    keys of a machine file; `control=True` (or a socket path) also serves the control API."""
+    """A worldswitch virtual machine. Its option keywords are `worldswitch run`'s options and the keys
+    of a machine file (one schema: vmx/settings.py); `control=True` (or a socket path) also serves
+    the control API."""
 
-    def __init__(self, memory: str | int | None = None, cpus: int = 1, *, guest: str | None = None,
-                 elf: str | None = None, args: str = "", kernel: str | None = None, initrd: str | None = None,
-                 append: str = DEFAULT_CMDLINE, decompress: str = "auto",
-                 disks: Sequence[str | DiskConfig] = (), nets: Sequence[str | NetConfig] = (),
-                 rng: bool = False, vconsole: str | None = None, packed_queues: bool = False,
-                 config: MachineConfig | None = None,
-                 echo: Callable[[bytes], None] | None = None, warn: Callable[[str], None] | None = None,
-                 control: str | bool = False, trace: str | None = None, trace_limit: int = DEFAULT_TRACE_LIMIT,
-                 console_keep: int = 64 << 20, kvm_path: str = "/dev/kvm") -> None:
+    def __init__(self, config: MachineConfig | None = None, *, echo: Callable[[bytes], None] | None = None,
+                 warn: Callable[[str], None] | None = None, control: str | bool = False, trace: str | None = None,
+                 trace_limit: int = DEFAULT_TRACE_LIMIT, console_keep: int = 64 << 20, kvm_path: str = "/dev/kvm",
+                 **options: Any) -> None:
+        """`options` are MachineConfig's (vmx/settings.py lists them: memory="512M", kernel=...,
+        disk=["root.img", "data.img,ro"], net=["tap=tap0"], ...), taken as the command line takes them;
+        or give a whole `config`."""
         if config is None:
-            config = MachineConfig(
-                memory=parse_size(memory, "memory") if isinstance(memory, str) else memory, cpus=cpus, guest=guest,
-                elf=elf, args=args, kernel=kernel, initrd=initrd, cmdline=append, decompress=decompress,
-                disks=[parse_disk(d) if isinstance(d, str) else d for d in disks],
-                nets=[parse_net(n) if isinstance(n, str) else n for n in nets], rng=rng, vconsole=vconsole,
-                packed_queues=packed_queues,
-            )
+            config = MachineConfig(**from_keywords(options))
+        elif options:
+            raise ConfigError(f"give either a config or options ({', '.join(options)}), not both")
         config.program()  # contradictions are refused here, not at start()
         self.config = config
         self.console = ConsoleBuffer(echo, console_keep)
@@ -153,9 +147,10 @@ class Machine:
     def from_file(cls, path: str | Path, **keywords: Any) -> "Machine":
         """A machine described by a TOML machine file (see worldswitch/vmx/machine_file.py).
         Keywords are the constructor's non-machine ones (echo, warn, control, ...)."""
-        from .machine_file import load_machine_file, machine_config, merge
+        from .machine_file import load_machine_file
+        from .settings import merge, settings_of
 
-        return cls(config=machine_config(merge(load_machine_file(path))), **keywords)
+        return cls(config=settings_of(merge(load_machine_file(path))).machine, **keywords)
 
     @classmethod
     def restore(cls, path: str | Path, **keywords: Any) -> "Machine":

@@ -22,11 +22,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..version import __version__
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
-from ..vmm.defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
-from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from ..version import __version__
 from .signals import StopSignals
 
 KVM_PATH_VARIABLE = "WORLDSWITCH_KVM"  # another KVM device node than /dev/kvm
@@ -39,33 +37,9 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a program the signal ended
 
 
-def _session_options(parser: argparse.ArgumentParser) -> None:
-    """Options of a VM session, shared by run and restore; defaults are applied after the machine
-    file, so only what the user typed overrides it."""
-    parser.add_argument("--timeout", metavar="SECONDS", help="stop the guest if it has not ended after this long")
-    parser.add_argument("--serial", metavar="BACKEND", help="console: stdio (default), file:PATH or none")
-    parser.add_argument("--reboot", action="store_true", help="when the guest resets, start it again instead of ending")
-    parser.add_argument("--control", metavar="PATH",
-                        help="the control socket (default $XDG_RUNTIME_DIR/worldswitch/PID.sock, or /tmp/worldswitch-UID/)")
-    parser.add_argument("--on-panic", choices=("stop", "pause", "continue"),
-                        help="when the guest kernel panics: end the VM (default), pause it for inspection "
-                             "through the control socket, or let it be")
-    parser.add_argument("--stats", action="store_true", help="print the full world-switch table at exit")
-    parser.add_argument("--stats-json", metavar="FILE", help="write the world-switch statistics as JSON")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print nothing but the guest's output and errors")
-    parser.add_argument("--trace", metavar="FILE", help="record every world switch to FILE (see `worldswitch trace`)")
-    parser.add_argument("--trace-limit", type=int, metavar="N",
-                        help=f"record at most N world switches (default {DEFAULT_TRACE_LIMIT}, 32 bytes each)")
-    parser.add_argument("--no-sandbox", dest="sandbox", action="store_false",
-                        help="run the VMX with every privilege it started with (by default, once the machine is "
-                             "built, it drops capabilities and runs under a seccomp allow-list)")
-    parser.add_argument("--jail", metavar="DIR", help="as root: chroot into DIR after set-up and run as --uid/--gid "
-                                                      "(paths named later, snapshots and --stats-json, are then inside DIR)")
-    parser.add_argument("--uid", type=int, metavar="N", help="the user a jailed VMX runs as")
-    parser.add_argument("--gid", type=int, metavar="N", help="the group a jailed VMX runs as")
-
-
 def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from .settings import MACHINE_OPTIONS, SESSION_OPTIONS, add_arguments
+
     run = sub.add_parser(
         "run",
         help="run a virtual machine",
@@ -75,28 +49,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         argument_default=argparse.SUPPRESS,
     )
     run.add_argument("machine", nargs="?", metavar="MACHINE.toml", help="a machine file")
-    program = run.add_mutually_exclusive_group()
-    program.add_argument("--guest", metavar="NAME", help=f"a built-in guest ({', '.join(sorted(BUILTIN_GUESTS))})")
-    program.add_argument("--elf", metavar="FILE", help="your own static ELF64 program, entered in 64-bit ring 0")
-    program.add_argument("--kernel", metavar="FILE", help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
-    run.add_argument("--args", metavar="STRING", help="argument string passed to the program (RDI)")
-    run.add_argument("--initrd", metavar="FILE", help="initial ramdisk for --kernel")
-    run.add_argument("--append", metavar="CMDLINE", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
-    run.add_argument("--decompress", choices=("host", "guest"),
-                     help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
-                          "default: host where guest kernel code is emulated (PVM), else guest")
-    run.add_argument("--disk", action="append", metavar="PATH[,ro][,serial=ID]",
-                     help="a raw disk image as virtio-blk (repeatable)")
-    run.add_argument("--net", action="append", metavar="tap=NAME[,mac=MAC]",
-                     help="virtio-net on a tap interface, created if needed (repeatable)")
-    run.add_argument("--rng", action="store_true", help="a virtio-rng fed from the host's getrandom()")
-    run.add_argument("--vconsole", metavar="BACKEND", help="a virtio-console: pty, file:PATH or none")
-    run.add_argument("--packed-queues", action="store_true",
-                     help="offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device")
-    run.add_argument("--memory", "-m", metavar="SIZE",
-                     help=f"guest RAM (default {DEFAULT_MEMORY >> 20}M, {DEFAULT_LINUX_MEMORY >> 20}M for --kernel)")
-    run.add_argument("--cpus", type=int, metavar="N", help="number of vCPUs (default 1)")
-    _session_options(run)
+    add_arguments(run, MACHINE_OPTIONS + SESSION_OPTIONS)
 
     restore = sub.add_parser(
         "restore",
@@ -106,7 +59,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         argument_default=argparse.SUPPRESS,
     )
     restore.add_argument("snapshot", metavar="DIR", help="a snapshot directory")
-    _session_options(restore)
+    add_arguments(restore, SESSION_OPTIONS)
 
     ctl = sub.add_parser(
         "ctl",

@@ -21,6 +21,7 @@ from ..vmm.builder import build_for_boot
 from ..vmm.config import MachineConfig
 from ..vmm.host import HostKind, detect_host_kind, probe_kvm, required_capabilities
 from ..vmm.result import StopReason
+
 PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}
 
 

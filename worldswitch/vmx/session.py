@@ -14,68 +14,52 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..devices.virtio.console import PtyBackend
 from ..errors import ConfigError
 from ..sandbox import Sandbox, SandboxSettings
 from ..vmm.result import MachineResult, StopReason
-from ..devices.virtio.console import PtyBackend
+from . import stats_report
 from .api import Machine as VirtualMachine
 from .console import Console, open_console, stderr_line
-from .machine_file import KEYS, load_machine_file, machine_config, merge, parse_disk, parse_net
+from .machine_file import load_machine_file
+from .settings import MACHINE_OPTIONS, SESSION_OPTIONS, SessionConfig, given, merge, settings_of
 from .signals import StopSignals
-from .units import parse_seconds, parse_size
 
 POLL_S = 0.1  # how often the session looks at signals and the deadline while the guest runs
 PANIC_GRACE_S = 2.0  # a panicking kernel prints its backtrace after the panic line; let it finish
 
 
-# options typed as text that the settings hold parsed (the rest are taken as they are)
-PARSERS: dict[str, Callable[[Any], Any]] = {
-    "memory": lambda text: parse_size(text, "--memory"),
-    "timeout": lambda text: parse_seconds(text, "--timeout"),
-    "disk": lambda specs: [parse_disk(spec) for spec in specs],
-    "net": lambda specs: [parse_net(spec) for spec in specs],
-}
-
-
-def given_settings(options: argparse.Namespace) -> dict[str, Any]:
-    """The settings the user typed on the command line, as machine-file values (paths stay
-    relative to the working directory)."""
-    return {key: PARSERS.get(key, lambda value: value)(getattr(options, key)) for key in KEYS if hasattr(options, key)}
-
-
 def run_from_options(options: argparse.Namespace) -> int:
     file_values = load_machine_file(options.machine) if getattr(options, "machine", None) else {}
-    settings = merge(file_values, given_settings(options))
-    config = machine_config(settings)
-    config.program()
-    return run_session(lambda **keywords: VirtualMachine(config=config, **keywords), settings, options.signals,
-                       options.whole_process, options.kvm_path)
-
-
-def restore_from_options(options: argparse.Namespace) -> int:
-    settings = merge(given_settings(options))
-    return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), settings,
+    settings = settings_of(merge(file_values, given(options, MACHINE_OPTIONS + SESSION_OPTIONS)))
+    return run_session(lambda **keywords: VirtualMachine(config=settings.machine, **keywords), settings.session,
                        options.signals, options.whole_process, options.kvm_path)
 
 
-def make_sandbox(settings: dict[str, Any], whole_process: bool) -> Sandbox:
+def restore_from_options(options: argparse.Namespace) -> int:
+    session = settings_of(merge(given(options, SESSION_OPTIONS))).session
+    return run_session(lambda **keywords: VirtualMachine.restore(options.snapshot, **keywords), session,
+                       options.signals, options.whole_process, options.kvm_path)
+
+
+def make_sandbox(settings: SessionConfig, whole_process: bool) -> Sandbox:
     """The sandbox the settings ask for, checked before anything is built; none for a session that
     shares its process with other code (a sandbox would confine that code too)."""
-    if not whole_process and settings["jail"] is not None:
+    if not whole_process and settings.jail is not None:
         raise ConfigError("--jail needs the worldswitch command: this process is not the VMX's alone")
-    chosen = SandboxSettings(enabled=settings["sandbox"] and whole_process, jail=settings["jail"], uid=settings["uid"],
-                             gid=settings["gid"], off_reason="--no-sandbox" if whole_process else "in another program's process")
+    chosen = SandboxSettings(enabled=settings.sandbox and whole_process, jail=settings.jail, uid=settings.uid,
+                             gid=settings.gid, off_reason="--no-sandbox" if whole_process else "in another program's process")
     return Sandbox(chosen, debug=bool(os.environ.get("WORLDSWITCH_DEBUG")))
 
 
-def check_power_cycle(vm: VirtualMachine, settings: dict[str, Any]) -> None:
+def check_power_cycle(vm: VirtualMachine, settings: SessionConfig) -> None:
     """--reboot builds a new VM after set-up; refuse what a sandboxed VMX could not build again."""
-    if not settings["reboot"] or not settings["sandbox"]:
+    if not settings.reboot or not settings.sandbox:
         return
-    if settings["jail"] is not None:
+    if settings.jail is not None:
         raise ConfigError("--reboot cannot go with --jail: a power-cycle opens the kernel and disks again, "
                           "which are outside the jail")
-    if vm.config.nets:
+    if vm.config.net:
         raise ConfigError("--reboot with --net needs --no-sandbox: a power-cycle creates the tap again, which "
                           "needs CAP_NET_ADMIN, and the sandbox gives every capability up")
 
@@ -99,16 +83,16 @@ class ProgressLine:
             stderr_line(f"{self.what}: {phase} {quarter * 25}% of {total >> 20} MiB", self.console)
 
 
-def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], signals: StopSignals,
+def run_session(make: Callable[..., VirtualMachine], settings: SessionConfig, signals: StopSignals,
                 whole_process: bool, kvm_path: str) -> int:
     """Build (or restore) the machine, run it on the console until it ends, report how."""
-    quiet = settings["quiet"]
-    timeout = settings["timeout"]
+    quiet = settings.quiet
+    timeout = settings.timeout
     sandbox = make_sandbox(settings, whole_process)
-    console = open_console(settings["serial"])
+    console = open_console(settings.serial)
     try:
-        vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings["control"] or True,
-                  trace=settings["trace"], trace_limit=settings["trace_limit"], console_keep=64 << 10,
+        vm = make(echo=console.write, warn=lambda text: stderr_line(text, console), control=settings.control or True,
+                  trace=settings.trace, trace_limit=settings.trace_limit, console_keep=64 << 10,
                   kvm_path=kvm_path)
         check_power_cycle(vm, settings)
         with vm:
@@ -127,7 +111,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
             if console_device is not None and isinstance(console_device.device.backend, PtyBackend):  # type: ignore[attr-defined]
                 # said even with --quiet: without it nobody can reach the console
                 stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]
-            watch_for_panics(vm, settings["on_panic"], console)
+            watch_for_panics(vm, settings.on_panic, console)
             vm.serve_control()
             sandbox.apply()  # everything is open: give up what a running VMX does not need
             # The guest's time starts now: building, and above all restoring, do not count against it.
@@ -139,7 +123,7 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
                 if not quiet:
                     stderr_line(sandbox.describe(), console)
                 result = drive(vm, console, deadline, timeout, VirtualMachine.start, signals)
-                while result.reason is StopReason.RESET and settings["reboot"]:
+                while result.reason is StopReason.RESET and settings.reboot:
                     if deadline is not None and time.monotonic() >= deadline:
                         result = MachineResult.of(StopReason.TIMEOUT, f"the guest did not finish within {timeout:g} s "
                                                   f"(it reset {vm.boots} times); stopped it")
@@ -154,20 +138,20 @@ def run_session(make: Callable[..., VirtualMachine], settings: dict[str, Any], s
         console.close()
     if not quiet or not result.ok:
         stderr_line(result.message, console)
-    if settings["stats"]:
-        sys.stderr.write(stats.table() + "\n" + sandbox.describe() + "\n")
+    if settings.stats:
+        sys.stderr.write(stats_report.table(stats) + "\n" + sandbox.describe() + "\n")
     elif not quiet:
-        stderr_line(stats.summary(), console)
-    if settings["stats_json"]:
+        stderr_line(stats_report.summary(stats), console)
+    if settings.stats_json:
         ucall = result.details.get("ucall")
         payload = {"result": {"reason": result.reason.value, "message": result.message, "exit_status": result.exit_status,
                               "value": result.value, "boots": boots,
                               "ucall_args": list(ucall.args) if ucall is not None else None},  # type: ignore[attr-defined]
                    "stats": stats.as_dict(), "sandbox": sandbox.describe()}
         try:
-            Path(settings["stats_json"]).write_text(json.dumps(payload, indent=2) + "\n")
+            Path(settings.stats_json).write_text(json.dumps(payload, indent=2) + "\n")
         except OSError as error:  # the host's failure, after the guest's run: report it, keep the guest's status
-            stderr_line(f"warning: cannot write the statistics to {settings['stats_json']}: {error.strerror or error}")
+            stderr_line(f"warning: cannot write the statistics to {settings.stats_json}: {error.strerror or error}")
     return result.exit_status
 
 

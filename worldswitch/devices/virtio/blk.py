@@ -21,7 +21,7 @@ from typing import Callable
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
 from . import BLOCK
-from .device import VirtioDevice
+from .device import VirtioDevice, VirtioLink
 from .image_lock import lock_image
 from .queue import Buffer, DescriptorChain, VirtqueueError
 
@@ -76,9 +76,9 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     queue_sizes = (256,)
 
-    def __init__(self, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None,
+    def __init__(self, link: VirtioLink, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None,
                  warn: Callable[[str], None] | None = None, shared: bool = False) -> None:
-        super().__init__(memory)
+        super().__init__(link, memory)
         self.warn = warn or (lambda text: None)
         self.failures = 0  # requests the host refused (each answered IOERR; the first one is reported)
         flags = os.O_RDONLY if read_only else os.O_RDWR

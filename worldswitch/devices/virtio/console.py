@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import tty
 from dataclasses import dataclass
-from typing import Callable
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
 from . import CONSOLE
-from .device import VirtioDevice
+from .device import VirtioDevice, VirtioLink
 
 RECEIVE, TRANSMIT = 0, 1
 PENDING_LIMIT = 64 * 1024
@@ -96,12 +95,15 @@ class VirtioConsole(VirtioDevice):
     name = "virtio-console"
     queue_sizes = (64, 64)
 
-    def __init__(self, memory: GuestMemory, backend: ConsoleBackend) -> None:
-        super().__init__(memory)
+    def __init__(self, link: VirtioLink, memory: GuestMemory, backend: ConsoleBackend) -> None:
+        super().__init__(link, memory)
         self.backend = backend
         self.pending = bytearray()
         self.bytes_in = self.bytes_out = 0
-        self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM: stop/resume reading the back end
+
+    def _pause_input(self, paused: bool) -> None:
+        if self.backend.fd is not None:
+            self.link.pause_input(self.backend.fd, paused)
 
     def config(self) -> bytes:
         return bytes(12)  # cols, rows, max_nr_ports, emerg_wr: none of their features is offered
@@ -149,7 +151,7 @@ class VirtioConsole(VirtioDevice):
                     self.complete(queue, RECEIVE, chain.head, written)
                 if not (self.finish_batch(queue, RECEIVE) and self.pending):
                     break  # delivered all, or no buffers and none came after we looked
-        self.pause_input(len(self.pending) >= PENDING_LIMIT)
+        self._pause_input(len(self.pending) >= PENDING_LIMIT)
 
     state_type = ConsoleState
 
@@ -162,7 +164,7 @@ class VirtioConsole(VirtioDevice):
 
     def reset(self) -> None:
         self.pending.clear()
-        self.pause_input(False)
+        self._pause_input(False)
 
     def close(self) -> None:
         self.backend.close()

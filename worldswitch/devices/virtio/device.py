@@ -4,8 +4,7 @@ transport (pci.py) handles status, negotiation and queue set-up, and calls in he
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from typing import Callable
+from typing import Callable, Protocol
 
 from ...memory.guest import GuestMemory
 from . import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
@@ -22,19 +21,27 @@ class NoDeviceState:
     """The state of a device that keeps none beyond its queues."""
 
 
+class VirtioLink(Protocol):
+    """What a device is given by its transport (pci.py), at construction."""
+
+    def interrupt(self, queue: int) -> None:
+        """Tell the driver that `queue` has used buffers (its MSI-X vector, or INTx and the ISR)."""
+
+    def pause_input(self, fd: int, paused: bool) -> None:
+        """Stop (or restart) reading the back end `fd` while the guest has no room for what it brings."""
+
+
 class VirtioDevice:
     device_type: int = 0
     name: str = "virtio"
     queue_sizes: tuple[int, ...] = (256,)
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, link: VirtioLink, memory: GuestMemory) -> None:
+        self.link = link
         self.memory = memory
         self.device_features = COMMON_FEATURES
         self.driver_features = 0
         self.queues: list[Virtqueue | None] = [None] * len(self.queue_sizes)
-        # Set by the transport: raise a used-buffer interrupt for a queue, or a configuration change.
-        self.interrupt: Callable[[int], None] = lambda queue: None
-        self.config_changed: Callable[[], None] = lambda: None
         self.requests = 0
         self.errors = 0
 
@@ -91,5 +98,5 @@ class VirtioDevice:
         wants to hear of what was used; True if buffers arrived meanwhile, which no kick announces."""
         more = queue.arm()
         if queue.needs_interrupt():
-            self.interrupt(index)
+            self.link.interrupt(index)
         return more

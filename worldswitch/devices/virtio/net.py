@@ -18,12 +18,11 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
 from . import NET
-from .device import VirtioDevice
+from .device import VirtioDevice, VirtioLink
 from .queue import DescriptorChain
 
 RECEIVE, TRANSMIT = 0, 1
@@ -121,13 +120,12 @@ class VirtioNet(VirtioDevice):
     name = "virtio-net"
     queue_sizes = (256, 256)
 
-    def __init__(self, memory: GuestMemory, tap: TapBackend, mac: bytes | None = None) -> None:
-        super().__init__(memory)
+    def __init__(self, link: VirtioLink, memory: GuestMemory, tap: TapBackend, mac: bytes | None = None) -> None:
+        super().__init__(link, memory)
         self.tap = tap
         self.mac = mac or random_mac()
         self.device_features |= (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
         self.waiting: bytes | None = None  # a received packet with no buffer to go to yet
-        self.pause_input: Callable[[bool], None] = lambda paused: None  # set by the VMM
         self.rx_packets = self.tx_packets = self.rx_dropped = 0
 
     def counters(self) -> dict[str, int]:
@@ -175,7 +173,7 @@ class VirtioNet(VirtioDevice):
                 break  # none: keep the packet, stop reading the tap until the guest posts more
             self.waiting = None
         self.finish_batch(queue, RECEIVE)
-        self.pause_input(self.waiting is not None)
+        self.link.pause_input(self.tap.fd, self.waiting is not None)
 
     def _place(self, packet: bytes) -> bool:
         """Copy one packet into as many receive chains as it needs; False if there are too few."""
@@ -231,7 +229,7 @@ class VirtioNet(VirtioDevice):
 
     def reset(self) -> None:
         self.waiting = None
-        self.pause_input(False)
+        self.link.pause_input(self.tap.fd, False)
 
     def close(self) -> None:
         self.tap.close()

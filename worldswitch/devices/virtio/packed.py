@@ -20,9 +20,8 @@ import struct
 from dataclasses import dataclass
 
 from ...memory.guest import GuestMemory
-from .queue import full_barrier
 from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
-                    VirtqueueError, check_areas, check_buffer, check_indirect_table, need_event)
+                    VirtqueueError, check_areas, check_buffer, check_indirect_table, full_barrier, need_event)
 
 VIRTQ_DESC_F_AVAIL = 1 << 7
 VIRTQ_DESC_F_USED = 1 << 15

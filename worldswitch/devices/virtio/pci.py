@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...state import decode
-from ..base import InterruptLine
+from ..base import InterruptLine, MsiSink
 from ..msix import NO_VECTOR, MsixCapability
-from ..pci import CAP_MSIX, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, PciFunction
+from ..pci import CAP_MSIX, COMMAND_INTX_DISABLE, STATUS, STATUS_INTERRUPT, Bar, BarChange, PciFunction
 from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, PCI_DEVICE_ID_BASE,
                PCI_VENDOR_ID, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                VIRTIO_RING_F_INDIRECT_DESC)
-from .device import Virtqueue, VirtioDevice
+from .device import VirtioDevice, VirtioLink, Virtqueue
 from .packed import PackedQueue, PackedQueueState
 from .queue import SplitQueue, SplitQueueState, VirtqueueError
 from .worker import VirtioWorker
@@ -105,15 +105,29 @@ class QueueSetup:
         self.desc = self.driver = self.device = 0
 
 
+@dataclass(frozen=True)
+class PciWiring:
+    """What the platform gives a virtio PCI function when it is made."""
+
+    intx: InterruptLine | None  # the line its interrupt pin is routed to (None: no INTx)
+    msi: Callable[[int], MsiSink]  # the MSI-X vectors, for how many the function has
+    on_bar_change: BarChange  # map (or unmap) a BAR where the guest decodes it
+    on_needs_reset: Callable[[str], None]  # the device stopped until its driver resets it: why
+    on_bug: Callable[[str], None]  # the device's I/O thread died of an exception: end the machine
+
+
 class VirtioPciFunction(PciFunction):
-    def __init__(self, device: VirtioDevice, msix_vectors: int | None = None, packed: bool = False,
-                 on_bug: Callable[[str], None] | None = None) -> None:
-        """`on_bug(message)`: the device's I/O thread died of an exception, a bug in worldswitch; the
-        machine must end (the VMM ends it with status 70, as for a vCPU thread's)."""
+    def __init__(self, make_device: Callable[[VirtioLink], VirtioDevice], wiring: PciWiring,
+                 packed: bool = False) -> None:
+        """`make_device(link)` builds the device this function transports, given the function itself
+        as the device's link (interrupts, pausing input). `wiring.on_bug(message)`: the device's I/O
+        thread died of an exception, a bug in worldswitch; the machine must end (the VMM ends it
+        with status 70, as for a vCPU thread's)."""
+        device = make_device(self)
         super().__init__(
             vendor=PCI_VENDOR_ID, device=PCI_DEVICE_ID_BASE + device.device_type, revision=1,
             class_code=PCI_CLASS.get(device.device_type, 0x00FF00), subsystem_vendor=PCI_VENDOR_ID,
-            subsystem=0x40, interrupt_pin=1,
+            subsystem=0x40, interrupt_pin=1, on_bar_change=wiring.on_bar_change,
         )
         self.device = device
         if packed:  # offered; the driver chooses (QEMU's packed=on)
@@ -121,10 +135,13 @@ class VirtioPciFunction(PciFunction):
         self.lock = threading.RLock()
         queues = len(device.queue_sizes)
         self.setups = [QueueSetup(size) for size in device.queue_sizes]
-        self.msix = MsixCapability(msix_vectors or queues + 1, 1, MSIX_TABLE_OFFSET, 1, MSIX_PBA_OFFSET)
-        self.intx: InterruptLine | None = None
+        vectors = queues + 1
+        self.msix = MsixCapability(vectors, 1, MSIX_TABLE_OFFSET, 1, MSIX_PBA_OFFSET, wiring.msi(vectors))
+        self.intx = wiring.intx
+        on_bug = wiring.on_bug
         self.worker = VirtioWorker(device.name, queues, self._kicked, on_error=lambda error: on_bug(
-            f"{device.name}'s I/O thread: {type(error).__name__}: {error}") if on_bug is not None else None)
+            f"{device.name}'s I/O thread: {type(error).__name__}: {error}"))
+        self.on_needs_reset = wiring.on_needs_reset
         self.status = 0
         self.isr = 0
         self.generation = 0
@@ -133,7 +150,6 @@ class VirtioPciFunction(PciFunction):
         self.queue_select = 0
         self.config_vector = NO_VECTOR
         self.broken: str | None = None  # why the device needs a reset
-        self.on_needs_reset: Callable[[str], None] | None = None
 
         self.add_bar(0, Bar(BAR0_SIZE, read=self.bar0_read, write=self.bar0_write))
         self.add_bar(1, Bar(BAR1_SIZE, read=self.bar1_read, write=self.bar1_write))
@@ -144,9 +160,12 @@ class VirtioPciFunction(PciFunction):
         self.add_capability(0x09, _cap(CFG_DEVICE, 0, DEVICE_OFFSET, max(len(device.config()), 1)))
         self.pci_cfg = self.add_capability(0x09, _cap(CFG_PCI, 0, 0, 0, bytes(4)),
                                            writable=bytes(2) + b"\xff" + bytes(3) + b"\xff" * 12)  # bar, offset, length, data
-        self.msix.cap_offset = self.add_capability(CAP_MSIX, self.msix.capability_body(), self.msix.capability_writable())
-        device.interrupt = self.interrupt_queue
-        device.config_changed = self.interrupt_config
+        self.msix_at = self.add_capability(CAP_MSIX, self.msix.capability_body(), self.msix.capability_writable())
+
+    # --- the device's link -------------------------------------------------------------------
+
+    def pause_input(self, fd: int, paused: bool) -> None:
+        self.worker.interest(fd, not paused)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -222,10 +241,9 @@ class VirtioPciFunction(PciFunction):
                 if bar is not None and address >= 0:
                     bar.address = address
             self._update_mappings()
-            if self.msix.program is not None:
-                for vector in range(self.msix.vectors):
-                    address, data, _ = self.msix.entry(vector)
-                    self.msix.program(vector, address, data)
+            for vector in range(self.msix.vectors):
+                address, data, _ = self.msix.entry(vector)
+                self.msix.sink.program(vector, address, data)
             self._set_intx(bool(self.isr) and not self.msix.enabled)
         for index, setup in enumerate(self.setups):
             if setup.enabled:
@@ -234,7 +252,7 @@ class VirtioPciFunction(PciFunction):
     # --- configuration space hooks (MSI-X control, the PCI configuration access capability) -----
 
     def capability_written(self, offset: int, size: int) -> None:
-        control_at = self.msix.cap_offset + 2
+        control_at = self.msix_at + 2
         if offset <= control_at + 1 and offset + size > control_at:
             self.msix.control_written(struct.unpack_from("<H", self.config, control_at)[0])
         data_at = self.pci_cfg + 16
@@ -242,8 +260,8 @@ class VirtioPciFunction(PciFunction):
             self._pci_cfg_access(write=True)
 
     def config_read(self, offset: int, size: int) -> int:
-        if self.msix.cap_offset + 2 <= offset < self.msix.cap_offset + 4:
-            struct.pack_into("<H", self.config, self.msix.cap_offset + 2, self.msix.control)
+        if self.msix_at + 2 <= offset < self.msix_at + 4:
+            struct.pack_into("<H", self.config, self.msix_at + 2, self.msix.control)
         data_at = self.pci_cfg + 16
         if data_at <= offset < data_at + 4:
             self._pci_cfg_access(write=False)
@@ -422,8 +440,7 @@ class VirtioPciFunction(PciFunction):
         self.device.errors += 1
         self.status |= DEVICE_NEEDS_RESET
         self.generation += 1
-        if self.on_needs_reset is not None:
-            self.on_needs_reset(reason)
+        self.on_needs_reset(f"{self.device.name} needs a reset: {reason}")
         self.interrupt_config()
 
     # --- requests ----------------------------------------------------------------------------
@@ -443,7 +460,8 @@ class VirtioPciFunction(PciFunction):
 
     # --- interrupts ---------------------------------------------------------------------------
 
-    def interrupt_queue(self, index: int) -> None:
+    def interrupt(self, index: int) -> None:
+        """A used-buffer notification for queue `index` (the device's link)."""
         if self.msix.enabled:
             self.msix.notify(self.setups[index].msix_vector)
         else:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 
+from ...memory.guest import GuestMemory
 from . import ENTROPY
-from .device import VirtioDevice
+from .device import VirtioDevice, VirtioLink
 
 MAX_PER_REQUEST = 64 * 1024  # a hostile driver may offer gigabytes; it gets this much per buffer chain
 
@@ -16,8 +17,8 @@ class VirtioRng(VirtioDevice):
     name = "virtio-rng"
     queue_sizes = (64,)
 
-    def __init__(self, memory) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(memory)
+    def __init__(self, link: VirtioLink, memory: GuestMemory) -> None:
+        super().__init__(link, memory)
         self.bytes_given = 0
 
     def counters(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ from ...sandbox import confine_thread
 
 class VirtioWorker:
     def __init__(self, name: str, queue_count: int, on_kick: Callable[[int], None],
-                 on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None]) -> None:
         """`on_error` hears of an exception that ended the thread: a bug in the device, which must end
         the VM (back-end failures are the transport's to answer, and never get here)."""
         self.name = name
@@ -77,8 +77,7 @@ class VirtioWorker:
                         self._extra[fd]()
         except BaseException as error:  # noqa: BLE001 - a device bug must surface, not vanish
             self.error = error
-            if self.on_error is not None:
-                self.on_error(error)
+            self.on_error(error)
 
     def stop(self) -> None:
         os.eventfd_write(self._stop_fd, 1)

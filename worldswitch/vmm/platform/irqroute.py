@@ -14,7 +14,7 @@ import threading
 
 from ...driver import structs as s
 from ...driver.constants import (KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_IRQCHIP_IOAPIC,
-                                KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQFD_FLAG_DEASSIGN)
+                                 KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQFD_FLAG_DEASSIGN)
 from ...driver.kvm import Vm
 
 IOAPIC_PINS = 24
@@ -65,6 +65,19 @@ class MsiRoute:
         os.eventfd_write(self.eventfd, 1)
 
 
+class MsiVectors:
+    """One function's MSI-X vectors, each its own MsiRoute: the MsiSink its capability is given."""
+
+    def __init__(self, routes: list[MsiRoute]) -> None:
+        self.routes = routes
+
+    def program(self, vector: int, address: int, data: int) -> None:
+        self.routes[vector].program(address, data)
+
+    def deliver(self, vector: int, address: int, data: int) -> None:
+        self.routes[vector].raise_()
+
+
 class GsiRouter:
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
@@ -80,6 +93,10 @@ class GsiRouter:
         self.commit()
         self.vm.irqfd(route.eventfd, route.gsi)
         return route
+
+    def msi_vectors(self, count: int) -> MsiVectors:
+        """`count` MSI-X vectors for one function, a route each."""
+        return MsiVectors([self.msi_route() for _ in range(count)])
 
     def commit(self) -> None:
         """Hand KVM the whole table: defaults, then every MSI route with a valid message."""

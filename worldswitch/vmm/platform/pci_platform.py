@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ...devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE, INTERRUPT_PIN,
-                           RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
-from ...devices.virtio.device import VirtioDevice
-from ...devices.virtio.pci import VirtioPciFunction
+from ...devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE,
+                            INTERRUPT_PIN, RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
+from ...devices.virtio.device import VirtioDevice, VirtioLink
+from ...devices.virtio.pci import PciWiring, VirtioPciFunction
 from ...driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
 from ...driver.kvm import Vm
 from ...errors import BusError, ConfigError
+from ...memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
 from .bus import BusRange, MmioBus, PioBus, ReadFn, WriteFn, all_ones
 from .irq import KvmIrqLine
 from .irqroute import GsiRouter
-from ...memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
 
 FIRST_INTX_GSI = 16
 
@@ -54,13 +54,9 @@ class PciPlatform:
     def add(self, function: PciFunction, slot: int | None = None) -> int:
         slot = self.bus.add(function, slot)
         self.functions.append(function)
-        function.on_bar_change = lambda index, bar, old, new: self._bar_moved(function, index, bar, old, new)
         pin = function.config_read(INTERRUPT_PIN, 1)
         if pin:
-            gsi = FIRST_INTX_GSI + (slot + pin - 1) % 4  # the swizzle the DSDT's _PRT describes
-            function.config[INTERRUPT_LINE] = gsi
-            if isinstance(function, VirtioPciFunction):
-                function.intx = KvmIrqLine(self.vm, gsi)
+            function.config[INTERRUPT_LINE] = self._intx_gsi(slot, pin)  # what firmware writes for the OS
         # Firmware's job: give every BAR an address in the window and turn decoding on.
         for index, bar in enumerate(function.bars):
             if bar is None or bar.io:
@@ -73,14 +69,19 @@ class PciPlatform:
         function.config_write(COMMAND, 2, function.command | COMMAND_MEMORY)
         return slot
 
-    def add_virtio(self, device: VirtioDevice, packed: bool = False) -> VirtioPciFunction:
-        function = VirtioPciFunction(device, packed=packed, on_bug=self.on_bug)
-        routes = [self.router.msi_route() for _ in range(function.msix.vectors)]
-        function.msix.deliver = lambda vector, _address, _data: routes[vector].raise_()
-        function.msix.program = lambda vector, address, data: routes[vector].program(address, data)
-        function.on_needs_reset = lambda reason: self.warn(f"{device.name} needs a reset: {reason}")
-        self.add(function)
+    def add_virtio(self, make_device: Callable[[VirtioLink], VirtioDevice], packed: bool = False) -> VirtioPciFunction:
+        """A virtio device on the next free slot, wired to its INTx line (pin A), MSI-X routes and
+        this platform's BAR mapping."""
+        slot = self.bus.free_slot()
+        wiring = PciWiring(intx=KvmIrqLine(self.vm, self._intx_gsi(slot, 1)), msi=self.router.msi_vectors,
+                           on_bar_change=self._bar_moved, on_needs_reset=self.warn, on_bug=self.on_bug)
+        function = VirtioPciFunction(make_device, wiring, packed=packed)
+        self.add(function, slot)
         return function
+
+    @staticmethod
+    def _intx_gsi(slot: int, pin: int) -> int:
+        return FIRST_INTX_GSI + (slot + pin - 1) % 4  # the swizzle the DSDT's _PRT describes
 
     def _bar_moved(self, function: PciFunction, index: int, bar: Bar, old: int | None, new: int | None) -> None:
         key = (id(function), index)

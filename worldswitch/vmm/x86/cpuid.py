@@ -96,17 +96,3 @@ def forced_features(effective: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFea
     """Hidden features the host put back: present in the vCPU's CPUID as KVM reports it after
     KVM_SET_CPUID2."""
     return [feature for feature in hidden if feature.present(effective)]
-
-
-def kernel_parameters(forced: list[HiddenFeature], cmdline: str) -> list[tuple[str, str]]:
-    """(parameter, reason) a Linux guest needs so it does not use what CPUID could not hide."""
-    words = cmdline.split()
-    added: list[tuple[str, str]] = []
-    if any(f.name == "xsave" for f in forced) and "noxsave" not in words:
-        added.append(("noxsave", "the host forces XSAVE into the guest's CPUID, and XRSTOR is beyond KVM's emulator"))
-    rest = [f for f in forced if f.name != "xsave"]
-    if rest and not any(word.startswith("clearcpuid=") for word in words):
-        numbers = ",".join(str(f.linux_feature) for f in rest)
-        names = ", ".join(f.name for f in rest)
-        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; KVM's emulator runs none of them"))
-    return added

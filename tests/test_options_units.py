@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from worldswitch.errors import ConfigError
-from worldswitch.vmx.units import parse_seconds, parse_size
+from worldswitch.options import parse_seconds, parse_size
 
 
 @pytest.mark.parametrize("text,value", [("512M", 512 << 20), ("2G", 2 << 30), ("64MiB", 64 << 20), ("1024k", 1 << 20),
@@ -15,7 +15,7 @@ def test_sizes(text: str, value: int) -> None:
 @pytest.mark.parametrize("text", ["", "lots", "-1G", "0", "5X"])
 def test_bad_sizes(text: str) -> None:
     with pytest.raises(ConfigError):
-        parse_size(text, "--memory")
+        parse_size(text)
 
 
 def test_seconds() -> None:
