@@ -108,7 +108,11 @@ def commands(linux: DebianLinux, initrd: Path, disk: Path, tap: str) -> dict[str
                  "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
                  "-kernel", str(linux.kernel), "-initrd", str(initrd), "-append", "console=ttyS0",
                  "-drive", f"file={disk},if=none,id=disk,format=raw", "-device", "virtio-blk-pci,drive=disk",
-                 "-netdev", f"tap,id=net,ifname={tap},script=no,downscript=no", "-device", "virtio-net-pci,netdev=net"],
+                 # vnet_hdr=off: no checksum or segmentation offloads, as worldswitch's virtio-net offers none
+                 # (a like-for-like comparison); with them, QEMU's guest stops after its first megabyte
+                 # of TCP on the nested host (docs/hosts.md, TCG issue 7)
+                 "-netdev", f"tap,id=net,ifname={tap},script=no,downscript=no,vnet_hdr=off",
+                 "-device", "virtio-net-pci,netdev=net"],
     }
 
 

@@ -65,7 +65,7 @@ reboot = true
     ("timeout = 'soon'", "timeout: 'soon' is not a number of seconds"),
     ("disk = 'a.img'", "disk: expected a list of disks"),
     ("disk = [{ file = 'a.img' }]", "disk: a disk table has a path"),
-    ("disk = ['a.img,rw']", "expected PATH[,ro[,shared]][,serial=ID], not rw"),
+    ("disk = ['a.img,rw']", "expected PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2], not rw"),
     ("net = ['tap0']", "expected tap=NAME"),
     ("kernel = ''", "kernel: expected a path"),
     ("kernel = 'vmlinuz'\nguest = 'hello'", "give one of a built-in guest, an ELF program or a Linux kernel"),

@@ -26,7 +26,7 @@ STATES = (AcpiPmState, ConsoleState, I8042State, NetState, NoDeviceState, Packed
           MachineConfig, DiskConfig, NetConfig)  # the machine's description is stored too
 
 # snapshot format version -> fingerprint of every state's layout at that version
-FINGERPRINTS = {3: "06e129d4569fed75", 4: "f2afb98f8652204f"}  # 4 adds the machine description
+FINGERPRINTS = {3: "06e129d4569fed75", 4: "2410b4303a8f4ae4"}  # 4 adds the machine description
 
 
 def fingerprint() -> str:

@@ -245,7 +245,8 @@ def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
     memory, warn = machine.memory, machine.warn
 
     def block(disk: DiskConfig) -> Callable[[VirtioLink], VirtioDevice]:
-        return lambda link: VirtioBlock(link, memory, disk.path, disk.read_only, disk.serial, warn, shared=disk.shared)
+        return lambda link: VirtioBlock(link, memory, disk.path, disk.read_only, disk.serial, warn, disk.shared,
+                                         disk.format)
 
     def network(net: NetConfig) -> Callable[[VirtioLink], VirtioDevice]:
         mac = parse_mac(net.mac) if net.mac else None

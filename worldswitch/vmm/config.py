@@ -9,10 +9,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..devices.disk.image import FORMATS as DISK_FORMATS
 from ..errors import ConfigError
 from ..guests import DEFAULT_GUEST, builtin_path
 from ..options import COUNT, FLAG, PATH, SIZE, TEXT, backend, choice, option, repeated
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
+
+DISK_SYNTAX = "PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2]"
 
 
 @dataclass
@@ -21,19 +24,24 @@ class DiskConfig:
     read_only: bool = False
     serial: str | None = None
     shared: bool = False  # read-only, and others may write it meanwhile (no write lock kept out)
+    format: str | None = None  # raw or qcow2; None: probed from the image (a probed raw image keeps its format)
 
     def __post_init__(self) -> None:
         if self.shared and not self.read_only:
             raise ConfigError(f"disk {self.path}: shared is for read-only disks (ro,shared): two writers would corrupt it")
+        if self.format not in (None, *DISK_FORMATS):
+            raise ConfigError(f"disk {self.path}: format {self.format!r} is not one of {', '.join(DISK_FORMATS)}")
 
     @classmethod
     def parse(cls, spec: str, base: Path | None = None) -> "DiskConfig":
-        """PATH[,ro[,shared]][,serial=ID], the --disk syntax; a relative PATH is taken from `base`."""
+        """PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2], the --disk syntax; a relative PATH is taken
+        from `base`."""
         path, options = _split(spec)
-        unknown = set(options) - {"ro", "shared", "serial"}
+        unknown = set(options) - {"ro", "shared", "serial", "format"}
         if not path or unknown:
-            raise ConfigError(f"{spec!r}: expected PATH[,ro[,shared]][,serial=ID]" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
-        return cls(str(base / path) if base else path, "ro" in options, options.get("serial") or None, "shared" in options)
+            raise ConfigError(f"{spec!r}: expected {DISK_SYNTAX}" + (f", not {', '.join(sorted(unknown))}" if unknown else ""))
+        return cls(str(base / path) if base else path, "ro" in options, options.get("serial") or None, "shared" in options,
+                   options.get("format") or None)
 
     @classmethod
     def convert(cls, raw: Any, base: Path | None) -> "DiskConfig":
@@ -44,14 +52,15 @@ class DiskConfig:
         if isinstance(raw, str):
             return cls.parse(raw, base)
         if isinstance(raw, dict):
-            unknown = set(raw) - {"path", "read_only", "serial", "shared"}
+            unknown = set(raw) - {"path", "read_only", "serial", "shared", "format"}
             if unknown or not isinstance(raw.get("path"), str) or not raw["path"]:
-                raise ConfigError(f"a disk table has a path and optionally read_only, shared and serial, not {sorted(unknown)}")
+                raise ConfigError("a disk table has a path and optionally read_only, shared, serial and format, "
+                                  f"not {sorted(unknown)}")
             if not all(isinstance(raw.get(key, False), bool) for key in ("read_only", "shared")) or \
-                    not isinstance(raw.get("serial", ""), str):
-                raise ConfigError("a disk's read_only and shared are true or false and its serial a string")
+                    not all(isinstance(raw.get(key, ""), str) for key in ("serial", "format")):
+                raise ConfigError("a disk's read_only and shared are true or false, its serial and format strings")
             path = str(base / raw["path"]) if base else raw["path"]
-            return cls(path, raw.get("read_only", False), raw.get("serial"), raw.get("shared", False))
+            return cls(path, raw.get("read_only", False), raw.get("serial"), raw.get("shared", False), raw.get("format"))
         raise ConfigError("each disk is a string or a table")
 
 
@@ -111,8 +120,8 @@ class MachineConfig:
                              help="who decompresses a bzImage: the host (fast) or the guest's own decompressor; "
                                   "auto (the default): the host where guest kernel code is emulated (PVM)")
     disk: list[DiskConfig] = option(kind=repeated(DiskConfig.convert, "disks"), default_factory=list,
-                                    metavar="PATH[,ro[,shared]][,serial=ID]",
-                                    help="a raw disk image as virtio-blk, in PCI slot order (repeatable)")
+                                    metavar=DISK_SYNTAX,
+                                    help="a disk image (raw or qcow2) as virtio-blk, in PCI slot order (repeatable)")
     net: list[NetConfig] = option(kind=repeated(NetConfig.convert, "networks"), default_factory=list,
                                   metavar="tap=NAME[,mac=MAC]",
                                   help="virtio-net on a tap interface, created if needed (repeatable)")

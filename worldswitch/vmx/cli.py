@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     initramfs.add_argument("--shell", action="store_true", help="start a shell instead of powering off")
     initramfs.add_argument("--marker", default=None, help="the line /init prints once it runs")
     initramfs.add_argument("--no-compress", action="store_true", help="write a plain cpio archive, not gzip")
+    disk = sub.add_parser("disk", help="make disk images")
+    disk_commands = disk.add_subparsers(dest="disk_command", metavar="COMMAND", required=True)
+    create = disk_commands.add_parser("create", help="a new, empty disk image",
+                                      description="A new disk image of SIZE (512M, 20G, ...): qcow2 (grows as the "
+                                                  "guest writes, what QEMU makes with qemu-img create -f qcow2) or raw "
+                                                  "(a sparse file). An existing file is never replaced.")
+    create.add_argument("path", metavar="PATH", help="the image to make")
+    create.add_argument("size", metavar="SIZE", help="its size as the guest sees it")
+    create.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="the image format (default %(default)s)")
     trace = sub.add_parser("trace", help="summarise an exit trace recorded with `run --trace`")
     trace.add_argument("file", help="the trace file")
     trace.add_argument("--json", action="store_true", help="machine-readable output")
@@ -222,8 +231,27 @@ def cmd_initramfs(options: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_disk(options: argparse.Namespace) -> int:
+    from ..devices.disk.qcow2 import create_qcow2
+    from ..options import parse_size
+
+    size = parse_size(options.size)
+    if options.format == "qcow2":
+        create_qcow2(options.path, size)
+    else:
+        try:
+            with open(options.path, "xb") as file:
+                file.truncate(size)
+        except FileExistsError:
+            raise ConfigError(f"{options.path} exists; worldswitch does not overwrite it") from None
+        except OSError as error:
+            raise ConfigError(f"cannot create {options.path}: {error.strerror}") from None
+    print(f"made {options.path}: {options.format}, {size >> 20} MiB")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "profile": cmd_profile, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
-            "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs}
+            "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs, "disk": cmd_disk}
 
 
 def main(argv: list[str] | None = None, whole_process: bool = False) -> int:

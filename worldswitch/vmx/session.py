@@ -21,7 +21,6 @@ from ..vmm.result import MachineResult, StopReason
 from . import stats_report
 from .api import Machine as VirtualMachine
 from .console import Console, open_console, stderr_line
-from .machine_file import load_machine_file
 from .settings import MACHINE_OPTIONS, SESSION_OPTIONS, SessionConfig, given, merge, settings_of
 from .signals import StopSignals
 
@@ -30,7 +29,11 @@ PANIC_GRACE_S = 2.0  # a panicking kernel prints its backtrace after the panic l
 
 
 def run_from_options(options: argparse.Namespace) -> int:
-    file_values = load_machine_file(options.machine) if getattr(options, "machine", None) else {}
+    file_values = {}
+    if getattr(options, "machine", None):
+        from .machine_file import load_machine_file  # tomllib, only for a run that has a machine file
+
+        file_values = load_machine_file(options.machine)
     settings = settings_of(merge(file_values, given(options, MACHINE_OPTIONS + SESSION_OPTIONS)))
     return run_session(lambda **keywords: VirtualMachine(config=settings.machine, **keywords), settings.session,
                        options.signals, options.whole_process, options.kvm_path)

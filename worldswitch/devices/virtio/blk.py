@@ -1,28 +1,24 @@
-"""virtio-blk (virtio 1.2, section 5.2) on a raw image file.
+"""virtio-blk (virtio 1.2, section 5.2) on a disk image (devices/disk/: raw or qcow2).
 
 Requests are a 16-byte header (type, reserved, sector), data buffers, and a one-byte status the
-device writes last. Reads are preadv and writes pwritev straight between the file and guest memory
-(zero-copy views through the bounds-checked accessor); FLUSH is fdatasync; DISCARD punches holes
-and WRITE_ZEROES zeroes ranges with fallocate. Every sector range is checked against the capacity.
-A write is completed only after pwritev returned, and close() syncs the file, so a power-off never
+device writes last. Data moves straight between the image and guest memory (zero-copy views through
+the bounds-checked accessor); FLUSH is the image's flush (fdatasync); DISCARD and WRITE_ZEROES are
+offered where the image can punch holes (raw). Every sector range is checked against the capacity.
+A write is completed only after the image took it, and close() syncs the image, so a power-off never
 loses a write the guest saw complete.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import stat
 import struct
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from ...errors import ConfigError
 from ...memory.guest import GuestMemory
+from ..disk import open_disk
 from . import BLOCK
 from .device import VirtioDevice, VirtioLink
-from .image_lock import lock_image
 from .queue import Buffer, DescriptorChain, VirtqueueError
 
 SECTOR = 512
@@ -46,12 +42,6 @@ WRITE_ZEROES_UNMAP = 1
 SEG_MAX = 254
 MAX_SEGMENTS = 64  # discard / write-zeroes segments per request
 MAX_SECTORS = 1 << 22  # per discard / write-zeroes segment (2 GiB)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 class RequestError(Exception):
@@ -76,39 +66,22 @@ class VirtioBlock(VirtioDevice):
     name = "virtio-blk"
     queue_sizes = (256,)
 
-    def __init__(self, link: VirtioLink, memory: GuestMemory, path: str, read_only: bool = False, serial: str | None = None,
-                 warn: Callable[[str], None] | None = None, shared: bool = False) -> None:
+    def __init__(self, link: VirtioLink, memory: GuestMemory, path: str, read_only: bool = False,
+                 serial: str | None = None, warn: Callable[[str], None] | None = None, shared: bool = False,
+                 format: str | None = None) -> None:
         super().__init__(link, memory)
         self.warn = warn or (lambda text: None)
         self.failures = 0  # requests the host refused (each answered IOERR; the first one is reported)
-        flags = os.O_RDONLY if read_only else os.O_RDWR
-        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below)
-            self.fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as error:
-            raise ConfigError(f"cannot open disk image {path}: {error.strerror}") from None
-        mode = os.fstat(self.fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            os.close(self.fd)
-            raise ConfigError(f"disk image {path} is not a file or a block device")
-        os.set_blocking(self.fd, True)
-        try:
-            lock_image(self.fd, path, read_only, share_writes=shared)
-        except ConfigError:
-            os.close(self.fd)
-            raise
-        size = os.lseek(self.fd, 0, os.SEEK_END)  # a block device's st_size is 0
-        if size % SECTOR:
-            os.close(self.fd)
-            raise ConfigError(f"disk image {path} is {size} bytes, not a multiple of {SECTOR}")
+        self.image = open_disk(path, read_only, shared, format)
         self.path = path
         self.read_only = read_only
-        self.capacity = size // SECTOR
+        self.capacity = self.image.size // SECTOR
         self.serial = (serial or os.path.basename(path))[:SERIAL_LENGTH].encode()
         self.stats = BlockStats()
         self.device_features |= (1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
         if read_only:
             self.device_features |= 1 << VIRTIO_BLK_F_RO
-        else:
+        elif self.image.can_discard:
             self.device_features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
 
     def config(self) -> bytes:
@@ -127,11 +100,7 @@ class VirtioBlock(VirtioDevice):
         return {**super().counters(), **asdict(self.stats)}
 
     def close(self) -> None:
-        if self.fd >= 0:
-            if not self.read_only:
-                os.fdatasync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+        self.image.close()
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -167,8 +136,7 @@ class VirtioBlock(VirtioDevice):
             elif kind == T_OUT:
                 self._write(sector, data_in)
             elif kind == T_FLUSH:
-                if not self.read_only:
-                    os.fdatasync(self.fd)
+                self.image.flush()
                 self.stats.flushes += 1
             elif kind == T_GET_ID:
                 written = self._copy_out(self.serial.ljust(SERIAL_LENGTH, b"\0"), data_out)
@@ -212,13 +180,7 @@ class VirtioBlock(VirtioDevice):
 
     def _read(self, sector: int, buffers: list[memoryview]) -> int:
         length = sum(len(b) for b in buffers)
-        offset = self._check(sector, length)
-        done = 0
-        while done < length:
-            got = os.preadv(self.fd, self._tail(buffers, done), offset + done)
-            if got == 0:
-                raise RequestError(S_IOERR)
-            done += got
+        self.image.readv(buffers, self._check(sector, length))
         self.stats.reads += 1
         self.stats.bytes_read += length
         return length
@@ -227,24 +189,9 @@ class VirtioBlock(VirtioDevice):
         if self.read_only:
             raise RequestError(S_IOERR)
         length = sum(len(b) for b in buffers)
-        offset = self._check(sector, length)
-        done = 0
-        while done < length:
-            done += os.pwritev(self.fd, self._tail(buffers, done), offset + done)
+        self.image.writev(buffers, self._check(sector, length))
         self.stats.writes += 1
         self.stats.bytes_written += length
-
-    @staticmethod
-    def _tail(buffers: list[memoryview], skip: int) -> list[memoryview]:
-        """The buffers after the first `skip` bytes (a short preadv/pwritev resumes here)."""
-        out = []
-        for view in buffers:
-            if skip >= len(view):
-                skip -= len(view)
-                continue
-            out.append(view[skip:])
-            skip = 0
-        return out
 
     @staticmethod
     def _copy_out(data: bytes, buffers: list[memoryview]) -> int:
@@ -266,12 +213,7 @@ class VirtioBlock(VirtioDevice):
             sector, count, flags = SEGMENT.unpack_from(payload, at)
             if count > MAX_SECTORS or flags & ~WRITE_ZEROES_UNMAP or (kind == T_DISCARD and flags):
                 raise RequestError(S_UNSUPP)
-            offset = self._check(sector, count * SECTOR)
-            if kind == T_DISCARD or flags & WRITE_ZEROES_UNMAP:
-                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            else:
-                mode = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
-            if _libc.fallocate(self.fd, mode, offset, count * SECTOR) != 0:
-                if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise OSError(ctypes.get_errno(), "fallocate")
-                os.pwrite(self.fd, bytes(count * SECTOR), offset)  # a file system without holes
+            if not self.image.can_discard:
+                raise RequestError(S_UNSUPP)
+            keep = kind == T_WRITE_ZEROES and not flags & WRITE_ZEROES_UNMAP  # zeroed in place, not unmapped
+            self.image.discard(self._check(sector, count * SECTOR), count * SECTOR, zero=keep)

@@ -1,0 +1,46 @@
+"""Disk images, as a block device's back end: raw files and block devices (raw.py), and QEMU's qcow2
+format with backing files (qcow2.py). A device sees a DiskImage: a size, vectored reads and writes at
+byte offsets, flush, and what the format can do with discards.
+
+The format is the user's to name (`--disk PATH,format=qcow2`) or probed from the image's first bytes.
+A probed raw image never lets its guest write an image format's signature into its first sector:
+otherwise the guest could make the next run open it as qcow2 with a backing file of its choosing,
+anywhere on the host (QEMU refuses the same write for the same reason).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from ...errors import ConfigError
+from .image import FORMATS, DiskImage, open_file, probe
+from .qcow2 import MAX_BACKING_DEPTH, Qcow2Image
+from .raw import RawImage
+
+__all__ = ["DiskImage", "open_disk"]
+
+
+def open_disk(path: str, read_only: bool, shared: bool = False, format: str | None = None,
+              depth: int = 0) -> DiskImage:
+    """The image at `path` in `format` (None: probed), opened and locked."""
+    if format is not None and format not in FORMATS:
+        raise ConfigError(f"disk image {path}: unknown format {format!r} (known: {', '.join(FORMATS)})")
+    fd = open_file(path, read_only, shared)
+    try:
+        chosen = format or probe(fd)
+        if chosen == "qcow2":
+            return Qcow2Image(fd, path, read_only, _open_backing(depth + 1))
+        return RawImage(fd, path, read_only, probed=format is None)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_backing(depth: int) -> Callable[[str, str | None], DiskImage]:
+    def open_backing(path: str, format: str | None) -> DiskImage:
+        if depth > MAX_BACKING_DEPTH:
+            raise ConfigError(f"disk image {path}: more than {MAX_BACKING_DEPTH} backing files deep (a loop?)")
+        return open_disk(path, read_only=True, format=format, depth=depth)
+
+    return open_backing
