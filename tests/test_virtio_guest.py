@@ -127,6 +127,6 @@ def test_a_second_vm_cannot_take_a_disk_in_use(disk) -> None:
                                 text=True, timeout=60)
         assert second.returncode == 2 and second.stderr.strip().splitlines() == [
             f"worldswitch: error: disk image {disk} is in use: another process does not let others write it"]
-        shared = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--disk", f"{disk},ro,shared"],
+        shared = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--guest", "hello", "--disk", f"{disk},ro,shared"],
                                 capture_output=True, text=True, timeout=60)
         assert shared.returncode == 0, shared.stderr  # read-only sharing, asked for by name

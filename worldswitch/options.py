@@ -139,6 +139,16 @@ def backend(*names: str) -> Kind:
     return Kind(convert)
 
 
+def name_or_path(*names: str) -> Kind:
+    """One of `names`, or a path (relative to a machine file's folder)."""
+    def convert(raw: Any, base: Path | None) -> str:
+        if isinstance(raw, str) and raw in names:
+            return raw
+        return _path(raw, base)
+
+    return Kind(convert)
+
+
 def repeated(convert_one: Convert, what: str) -> Kind:
     """A list of items, each converted by `convert_one` (the command line gives one per flag)."""
     def convert(raw: Any, base: Path | None) -> list[Any]:

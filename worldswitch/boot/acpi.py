@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..devices.acpi_pm import RESET_VALUE, S5_SLEEP_TYPE  # the tables describe the device
 from . import aml
@@ -132,7 +133,8 @@ def mcfg(pci: PciHost) -> bytes:
     return table(b"MCFG", 1, bytes(8) + struct.pack("<QHBBI", pci.ecam_base, 0, 0, 0, 0))
 
 
-def fadt(dsdt_address: int) -> bytes:
+def fadt(dsdt_address: int, cmos_rtc: bool = False) -> bytes:
+    """`cmos_rtc`: the machine has the CMOS real-time clock at 0x70 (machines that boot firmware)."""
     body = bytearray(FADT_LENGTH - HEADER.size)
 
     def put(offset: int, fmt: str, *values: int) -> None:
@@ -150,7 +152,7 @@ def fadt(dsdt_address: int) -> bytes:
     put(76, "<I", PM_TMR_BLK)
     put(88, "<BBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
     put(96, "<HH", 101, 1001)  # C2 and C3 latencies above their limits: no C2/C3
-    put(109, "<H", IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_NO_VGA | IAPC_NO_CMOS_RTC)
+    put(109, "<H", IAPC_LEGACY_DEVICES | IAPC_8042 | IAPC_NO_VGA | (0 if cmos_rtc else IAPC_NO_CMOS_RTC))
     put(112, "<I", FADT_WBINVD | FADT_PROC_C1 | FADT_PWR_BUTTON | FADT_SLP_BUTTON | FADT_TMR_VAL_EXT | FADT_RESET_REG_SUP)
     put_bytes(116, gas(RESET_PORT, 8, ACCESS_BYTE))
     put(128, "<B", RESET_VALUE)
@@ -198,9 +200,11 @@ class AcpiTables:
     base: int
     blob: bytes  # everything, to be written at `base`
     addresses: dict[str, int]  # signature -> guest-physical address
+    listed: list[int]  # what the RSDT and XSDT point at, in their order
 
 
-def build(base: int, vcpus: int, extra: list[bytes] = (), pci: PciHost | None = None) -> AcpiTables:  # type: ignore[assignment]
+def build(base: int, vcpus: int, extra: Sequence[bytes] = (), pci: PciHost | None = None,
+          cmos_rtc: bool = False) -> AcpiTables:
     """Lay out every table from `base` (16-byte aligned, RSDP first) and link them together.
     `extra` holds more finished tables for the XSDT and RSDT to list; with `pci`, the DSDT has a
     root bridge and an MCFG is added."""
@@ -219,7 +223,7 @@ def build(base: int, vcpus: int, extra: list[bytes] = (), pci: PciHost | None = 
 
     place("RSDP", bytes(RSDP.size))  # filled in last, once the XSDT's address is known
     dsdt_address = place("DSDT", dsdt(pci))
-    listed = [place("FACP", fadt(dsdt_address)), place("APIC", madt(vcpus))]
+    listed = [place("FACP", fadt(dsdt_address, cmos_rtc)), place("APIC", madt(vcpus))]
     if pci is not None:
         extra = [*extra, mcfg(pci)]
     for data in extra:
@@ -227,4 +231,4 @@ def build(base: int, vcpus: int, extra: list[bytes] = (), pci: PciHost | None = 
     rsdt_address = place("RSDT", rsdt(listed))
     xsdt_address = place("XSDT", xsdt(listed))
     blob[: RSDP.size] = rsdp(rsdt_address, xsdt_address)
-    return AcpiTables(base, base, bytes(blob), addresses)
+    return AcpiTables(base, base, bytes(blob), addresses, listed)

@@ -15,7 +15,8 @@ from ..errors import GuestMemoryError
 class SlotTable(Protocol):
     """What registers guest RAM with the hypervisor (driver.kvm.Vm): memory knows no more of it."""
 
-    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int) -> None: ...
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, userspace_addr: int,
+                               flags: int = 0) -> None: ...
 
 PAGE_SIZE = 4096
 T = TypeVar("T", bound=ctypes.Structure)

@@ -4,17 +4,30 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
+import struct
 from typing import Callable
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
+from ..boot.firmware import ROM_TOP, acpi_files, e820_file, low_copy, read_rom
 from ..boot.linux import kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
+from ..devices.chipset import A20_PORT, POST_PORT, I440fxHostBridge, Piix3IsaBridge, PostCodes, SystemControlPort
+from ..devices.cmos import INDEX_PORT as CMOS_PORT
+from ..devices.cmos import PORT_SPAN as CMOS_PORT_SPAN
+from ..devices.cmos import RTC_IRQ, Cmos, CmosState
+from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from ..devices.fw_cfg import MAX_CPUS, NB_CPUS
+from ..devices.fw_cfg import PORT_SPAN as FW_CFG_SPAN
+from ..devices.fw_cfg import RAM_SIZE
+from ..devices.fw_cfg import SELECTOR_PORT as FW_CFG_PORT
+from ..devices.fw_cfg import FwCfg, FwCfgFile
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
+from ..devices.pci import PciFunction
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
                                SequenceState)
@@ -30,7 +43,8 @@ from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..memory.guest import GuestMemory
-from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
+from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap, RegionKind
+from ..memory.rom import Rom
 from .config import DiskConfig, MachineConfig, NetConfig
 from .host import detect_host_kind
 from .kick import install_kick_handler
@@ -55,16 +69,24 @@ ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4
 
 def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
                    warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
-    """A machine ready to start() its program or kernel from the beginning. On failure everything
-    opened so far is closed again."""
+    """A machine ready to start() its program, kernel or firmware from the beginning. On failure
+    everything it had opened is closed again."""
     name, path = check_config(config)
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
-    image = read_image(path, "kernel" if config.kernel else "guest program")
-    initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    if config.boots_firmware:
+        rom, image, initrd = read_rom(path), b"", None
+    else:
+        rom = None
+        image = read_image(path, "kernel" if config.kernel else "guest program")
+        initrd = read_image(config.initrd, "initrd") if config.initrd else None
     machine = _create_machine(config, warn, kvm_path)
     try:
-        tables = _assemble_platform(machine, serial_sink)
-        _load_program(machine, name, image, initrd, tables)
+        tables = _assemble_platform(machine, serial_sink, rom)
+        if rom is not None:
+            address, low = low_copy(rom)
+            machine.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
+        else:
+            _load_program(machine, name, image, initrd, tables)
     except BaseException:
         machine.close()
         raise
@@ -75,10 +97,11 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
                       warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
     """A machine of the same make as `config`, with nothing loaded: a snapshot gives it memory and
     CPU state (restore_machine)."""
-    check_config(config)
+    _name, path = check_config(config)
+    rom = read_rom(path) if config.boots_firmware else None
     machine = _create_machine(config, warn, kvm_path)
     try:
-        _assemble_platform(machine, serial_sink)
+        _assemble_platform(machine, serial_sink, rom)
     except BaseException:
         machine.close()
         raise
@@ -120,21 +143,53 @@ def _create_machine(config: MachineConfig, warn: Callable[[str], None] | None, k
                warn or (lambda text: None))
 
 
-def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None]) -> acpi.AcpiTables:
+def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: bytes | None) -> acpi.AcpiTables:
     """Everything but the program: the in-kernel irqchip and PIT, the legacy devices, PCI and the
-    virtio devices, the ACPI tables, the vCPUs and their runners."""
-    vm = machine.vm
+    virtio devices, the ACPI tables, the vCPUs and their runners. With a firmware `rom`, the PC
+    parts a BIOS expects too (chipset, CMOS, fw_cfg), and the ROM at the top of 4 GiB."""
+    vm, config = machine.vm, machine.config
     machine.memory.register(vm)
     vm.set_tss_addr(KVM_TSS_ADDR)
     vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
     vm.create_irqchip()  # PIC, IOAPIC and a LAPIC per vCPU, all in the kernel
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
     _attach_devices(machine, serial_sink)
-    _attach_pci(machine, machine.config)
-    tables = acpi.build(ACPI_BASE, machine.config.cpus, pci=acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END))
-    machine.memory.write(tables.base, tables.blob)
+    pci_host = acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END)
+    if rom is None:
+        _attach_pci(machine, config, chipset=[])
+        tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
+        machine.memory.write(tables.base, tables.blob)
+    else:
+        _attach_pci(machine, config, chipset=[I440fxHostBridge(), Piix3IsaBridge()])
+        tables = acpi.build(0, config.cpus, pci=pci_host, cmos_rtc=True)  # the firmware places them
+        _attach_firmware_devices(machine, tables)
+        firmware = Rom(ROM_TOP - len(rom), rom)
+        firmware.register(vm, slot=len(machine.memory.regions))
+        machine.devices["rom"] = firmware
     _create_vcpus(machine)
     return tables
+
+
+def _attach_firmware_devices(machine: Vmm, tables: acpi.AcpiTables) -> None:
+    """What a BIOS reads the machine's description from (fw_cfg, CMOS) and the ports it pokes."""
+    memory_map, config, pio = machine.memory_map, machine.config, machine.pio
+    below_4g = max((r.end for r in memory_map.regions if r.kind is RegionKind.RAM and r.end <= 1 << 32), default=0)
+    above_4g = sum(r.size for r in memory_map.regions if r.kind is RegionKind.RAM and r.start >= 1 << 32)
+    cmos = Cmos(KvmIrqLine(machine.vm, RTC_IRQ), cmos_memory_bytes(below_4g, above_4g, config.cpus))
+    pio.register("CMOS/RTC", CMOS_PORT, CMOS_PORT_SPAN, cmos.read, cmos.write)
+    control = SystemControlPort(on_reset=machine.guest_reset)
+    pio.register("system control port A (A20, reset)", A20_PORT, 1, control.read, control.write)
+    post = PostCodes()
+    pio.register("POST codes", POST_PORT, 1, post.read, post.write)
+    files = [FwCfgFile(name, data) for name, data in acpi_files(tables).items()]
+    files += [FwCfgFile("etc/e820", e820_file(memory_map)), FwCfgFile("etc/sercon-port", struct.pack("<H", COM1_BASE))]
+    fw_cfg = FwCfg(machine.memory, {RAM_SIZE: struct.pack("<Q", machine.memory.size),
+                                    NB_CPUS: struct.pack("<H", config.cpus), MAX_CPUS: struct.pack("<H", config.cpus)},
+                   files)
+    pio.register("fw_cfg", FW_CFG_PORT, FW_CFG_SPAN, fw_cfg.read, fw_cfg.write)
+    machine.devices.update(cmos=cmos, system_control=control, post=post, fw_cfg=fw_cfg)
+    machine.services.append(cmos)
+    machine.register_state("cmos", cmos.state, cmos.restore, CmosState)  # type: ignore[arg-type]
 
 
 def _create_vcpus(machine: Vmm) -> None:
@@ -230,11 +285,12 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
         machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
 
 
-def _attach_pci(machine: Vmm, config: MachineConfig) -> None:
-    """The PCI host bridge and the virtio devices the user asked for, in slot order."""
+def _attach_pci(machine: Vmm, config: MachineConfig, chipset: list[PciFunction]) -> None:
+    """The PCI host bridge (and what goes with it) and the virtio devices the user asked for, in slot order."""
     reset = machine.devices["reset"]
     pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write),  # type: ignore[attr-defined]
-                      lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn)
+                      lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn,
+                      chipset)
     machine.pci = pci
 
     def add(name: str, make_device: Callable[[VirtioLink], VirtioDevice]) -> None:

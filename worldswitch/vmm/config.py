@@ -9,10 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..boot.firmware import firmware_path
 from ..devices.disk.image import FORMATS as DISK_FORMATS
 from ..errors import ConfigError
 from ..guests import DEFAULT_GUEST, builtin_path
-from ..options import COUNT, FLAG, PATH, SIZE, TEXT, backend, choice, option, repeated
+from ..options import COUNT, FLAG, PATH, SIZE, TEXT, backend, choice, name_or_path, option, repeated
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 
 DISK_SYNTAX = "PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2]"
@@ -112,6 +113,9 @@ class MachineConfig:
                              help="your own static ELF64 program, entered in 64-bit ring 0")
     kernel: str | None = option(None, kind=PATH, metavar="FILE", program=True,
                                 help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
+    firmware: str | None = option(None, kind=name_or_path("bios"), metavar="bios|FILE", program=True,
+                                  help="boot through firmware: bios is SeaBIOS (Debian's seabios package), or give "
+                                       "another BIOS image; the default when only disks are given")
     args: str = option("", kind=TEXT, metavar="STRING", help="argument string passed to the program (RDI)")
     initrd: str | None = option(None, kind=PATH, metavar="FILE", help="initial ramdisk for --kernel")
     append: str = option(DEFAULT_CMDLINE, kind=TEXT, metavar="CMDLINE",
@@ -133,15 +137,18 @@ class MachineConfig:
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
-        chosen = [what for what in (self.elf, self.guest, self.kernel) if what]
+        chosen = [what for what in (self.elf, self.guest, self.kernel, self.firmware) if what]
         if len(chosen) > 1:
-            raise ConfigError("give one of a built-in guest, an ELF program or a Linux kernel")
+            raise ConfigError("give one of a built-in guest, an ELF program, a Linux kernel or firmware")
         if self.initrd and not self.kernel:
             raise ConfigError("an initrd needs a Linux kernel (--kernel)")
         if self.kernel:
             return self.kernel, self.kernel
         if self.elf:
             return self.elf, self.elf
+        if self.boots_firmware:
+            path = firmware_path(self.firmware or "bios")
+            return f"firmware {path}", path
         name = self.guest or DEFAULT_GUEST
         return f"built-in guest '{name}'", str(builtin_path(name))
 
@@ -162,9 +169,15 @@ class MachineConfig:
         vconsole = self.vconsole
         if vconsole is not None and vconsole.startswith("file:"):
             vconsole = "file:" + os.path.abspath(vconsole[5:])
-        return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd),
+        firmware = self.firmware if self.firmware in (None, "bios") else path(self.firmware)
+        return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd), firmware=firmware,
                        disk=[replace(d, path=os.path.abspath(d.path)) for d in self.disk],
                        net=[replace(n) for n in self.net], vconsole=vconsole)
+
+    @property
+    def boots_firmware(self) -> bool:
+        """Firmware boots the machine: asked for, or nothing else given but disks (a PC with a disk)."""
+        return bool(self.firmware) or (not (self.elf or self.guest or self.kernel) and bool(self.disk))
 
     @property
     def memory_bytes(self) -> int:

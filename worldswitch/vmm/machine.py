@@ -37,6 +37,14 @@ class Counted(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
+class Service(Protocol):
+    """A device with a thread of its own, started with the machine and stopped with it."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus,
                  config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
@@ -62,6 +70,7 @@ class Vmm:
         self.boot: LinuxBoot | None = None  # when the machine boots Linux
         self.forced_cpuid: list[HiddenFeature] = []  # what the host would not let us hide
         self.pci: PciPlatform | None = None
+        self.services: list[Service] = []  # devices with threads of their own (the RTC's periodic interrupt)
         self.warn = warn
         self.config = config  # with absolute paths, kept for snapshots
         self.stateful: dict[str, tuple[Callable[[], object], Callable[[object], None], type]] = {}
@@ -99,6 +108,8 @@ class Vmm:
         self._started_ns = time.perf_counter_ns()
         if self.pci is not None:
             self.pci.start()  # device I/O threads first: a guest may kick a queue at once
+        for service in self.services:
+            service.start()
         for runner in self.runners:
             runner.start()
 
@@ -218,6 +229,8 @@ class Vmm:
         self._finish_trace()
         if self.pci is not None:
             self.pci.close()  # after the vCPUs: no request arrives any more; disks are synced
+        for service in self.services:
+            service.close()
         self._closed = True
         for runner in self.runners:
             if not runner.finished.is_set() and runner.thread is not None:

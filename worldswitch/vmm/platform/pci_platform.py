@@ -5,7 +5,7 @@ kick never leaves the kernel."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from ...devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE,
                             INTERRUPT_PIN, RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
@@ -27,7 +27,10 @@ class PciPlatform:
     0xcf8-0xcfb), as (read, write) taking offsets from 0xcf9."""
 
     def __init__(self, vm: Vm, pio: PioBus, mmio: MmioBus, reset: tuple[ReadFn, WriteFn],
-                 on_bug: Callable[[str], None], warn: Callable[[str], None] | None = None) -> None:
+                 on_bug: Callable[[str], None], warn: Callable[[str], None] | None = None,
+                 chipset: Sequence[PciFunction] = ()) -> None:
+        """`chipset`: the host bridge and its companions, from slot 0 on (a generic PCIe host bridge
+        when empty)."""
         self.vm = vm
         self.on_bug = on_bug  # a device thread died: end the machine (status 70)
         self.pio = pio
@@ -49,7 +52,8 @@ class PciPlatform:
         pio.register("PCI CONFIG_DATA", CONFIG_DATA_PORT, 4, self.bus.data_read, self.bus.data_write)
         # PCIe configuration requests are at most a dword: wider accesses arrive split (PCIe 4.0, 7.2.2)
         mmio.register("PCIe ECAM", ECAM_BASE, ECAM_SIZE, self.bus.ecam_read, self.bus.ecam_write, max_size=4)
-        self.add(HostBridge(), slot=0)
+        for slot, function in enumerate(chipset or [HostBridge()]):
+            self.add(function, slot)
 
     def add(self, function: PciFunction, slot: int | None = None) -> int:
         slot = self.bus.add(function, slot)

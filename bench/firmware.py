@@ -1,0 +1,121 @@
+"""Booting through SeaBIOS, worldswitch beside QEMU, side by side.
+
+    python -m bench.firmware [--rounds N] [--update-readme]
+
+Both run Debian's SeaBIOS (the same bios-256k.bin) with the same raw disk on virtio-blk-pci: QEMU as
+`-M pc -accel kvm`, worldswitch as `run --disk` (firmware is its default for a disk alone). The disk's
+boot sector prints a line through the BIOS (int 10h, which SeaBIOS sends to COM1). Measured from
+process start: the firmware's banner on the serial console, and the boot sector's line. Rounds are
+interleaved; the table gives medians and the worldswitch / QEMU ratio (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from worldswitch.boot.firmware import SEABIOS
+from worldswitch.guests.bootsector import MESSAGE, boot_sector
+from worldswitch.vmm.host import detect_host_kind
+
+from .vmms import QEMU, qemu_version
+
+ROOT = Path(__file__).resolve().parent.parent
+BANNER = b"SeaBIOS (version"
+BEGIN, END = "<!-- firmware:begin -->", "<!-- firmware:end -->"
+
+
+def boot_sector_image(path: Path) -> Path:
+    path.write_bytes(boot_sector(MESSAGE) + bytes((8 << 20) - 512))
+    return path
+
+
+def commands(disk: Path) -> dict[str, list[str]]:
+    return {
+        "worldswitch": [sys.executable, "-m", "worldswitch", "run", "--disk", f"{disk},format=raw", "--quiet",
+                        "--timeout", "300"],
+        "qemu": [QEMU, "-accel", "kvm", "-M", "pc", "-m", "512", "-nodefaults", "-no-user-config", "-display", "none",
+                 "-machine", "graphics=off", "-serial", "stdio", "-bios", SEABIOS, "-no-reboot",
+                 "-drive", f"file={disk},if=none,id=disk,format=raw,readonly=on", "-device", "virtio-blk-pci,drive=disk"],
+    }
+
+
+def time_boot(command: list[str], timeout: float) -> tuple[float, float]:
+    """(seconds to the banner, seconds to the boot sector's line)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert process.stdout is not None
+    watchdog = threading.Timer(timeout, process.kill)
+    watchdog.start()
+    seen, banner, message = b"", 0.0, 0.0
+    try:
+        while not message and (chunk := process.stdout.read1(4096)):
+            seen += chunk
+            now = time.perf_counter() - started
+            if not banner and BANNER in seen:
+                banner = now
+            if MESSAGE in seen:
+                message = now
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
+    if not (banner and message):
+        raise RuntimeError(f"{command[0]}: no boot within {timeout:.0f} s; the console showed {seen[-300:]!r}")
+    return banner, message
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.firmware", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--update-readme", action="store_true")
+    options = parser.parse_args(argv)
+    for need in (QEMU, SEABIOS):
+        if shutil.which(need) is None and not Path(need).exists():
+            print(f"bench.firmware: {need} is not installed", file=sys.stderr)
+            return 2
+    with tempfile.TemporaryDirectory() as work:
+        disk = boot_sector_image(Path(work) / "boot.img")
+        runs: dict[str, list[tuple[float, float]]] = {"worldswitch": [], "qemu": []}
+        for number in range(options.rounds):
+            for name in (["worldswitch", "qemu"] if number % 2 == 0 else ["qemu", "worldswitch"]):
+                runs[name].append(time_boot(commands(disk)[name], options.timeout))
+            print(f"round {number + 1}: " + ", ".join(f"{name} {runs[name][-1][0]:.2f}/{runs[name][-1][1]:.2f} s"
+                                                      for name in runs), flush=True)
+    host = detect_host_kind()
+    lines = [f"Measured {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} on "
+             f"{host.description.split(';')[0]}; {qemu_version()}; median of {options.rounds} interleaved rounds "
+             "(min-max); seconds from process start (lower is better).", "",
+             "| figure | worldswitch | QEMU (`-M pc`) | worldswitch / QEMU |", "| --- | --- | --- | --- |"]
+    for index, title in ((0, "SeaBIOS banner on COM1"), (1, "the disk's boot sector runs (virtio-blk)")):
+        ws = [run[index] for run in runs["worldswitch"]]
+        qemu = [run[index] for run in runs["qemu"]]
+        lines.append(f"| {title} | {statistics.median(ws):.2f} s ({min(ws):.2f}-{max(ws):.2f}) | "
+                     f"{statistics.median(qemu):.2f} s ({min(qemu):.2f}-{max(qemu):.2f}) | "
+                     f"{statistics.median(ws) / statistics.median(qemu):.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "firmware.json").write_text(json.dumps({"rounds": runs, "table": text}, indent=2) + "\n")
+    if options.update_readme:
+        readme = ROOT / "bench" / "README.md"
+        content = readme.read_text()
+        start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
+        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Booting like a PC on a real /dev/kvm: Debian's SeaBIOS (the binary QEMU's pc machine runs) on
+worldswitch's i440FX, CMOS and fw_cfg prints its banner on COM1, finds a virtio-blk disk (raw or
+qcow2) and runs its boot sector, which prints through the BIOS (int 10h, redirected to the serial
+port by etc/sercon-port) and powers off through ACPI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worldswitch.boot.firmware import SEABIOS
+from worldswitch.guests.bootsector import MESSAGE, boot_sector
+from worldswitch.vmm.config import DiskConfig, MachineConfig
+from worldswitch.vmm.result import StopReason
+
+from .helpers import Output
+
+pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not Path(SEABIOS).exists(), reason="seabios is not installed")]
+
+
+@pytest.fixture
+def raw_disk(tmp_path: Path) -> Path:
+    path = tmp_path / "boot.img"
+    path.write_bytes(boot_sector(MESSAGE) + bytes((8 << 20) - 512))
+    return path
+
+
+def boot(config: MachineConfig, timeout: float = 120) -> tuple[object, bytes]:
+    from worldswitch.vmm.builder import build_for_boot
+
+    output = Output()
+    machine = build_for_boot(config, output)
+    with machine:
+        machine.start()
+        result = machine.wait(timeout)
+        if result is None:
+            machine.stop()
+        stats = machine.stats()
+    return result, bytes(output.data), stats  # type: ignore[return-value]
+
+
+def test_seabios_boots_a_raw_disk_from_virtio_blk(raw_disk: Path) -> None:
+    result, output, stats = boot(MachineConfig(disk=[DiskConfig(str(raw_disk))]))  # firmware: the default with a disk
+    assert b"SeaBIOS (version" in output and b"Booting from Hard Disk" in output
+    assert MESSAGE in output
+    assert result is not None and result.reason is StopReason.POWER_OFF, (result, output[-500:])  # type: ignore[attr-defined]
+    assert stats.devices["virtio-blk0"]["reads"] >= 1  # type: ignore[attr-defined]  # the boot sector, through virtio
+
+
+def test_seabios_boots_a_qcow2_overlay(tmp_path: Path, raw_disk: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-utils is not installed")
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(raw_disk), "-F", "raw", str(overlay)], check=True)
+    result, output, _ = boot(MachineConfig(firmware="bios", disk=[DiskConfig(str(overlay))]))
+    assert MESSAGE in output and result.reason is StopReason.POWER_OFF  # type: ignore[attr-defined]
+
+
+def test_without_a_bootable_disk_seabios_says_so(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(1 << 20))
+    result, output, _ = boot(MachineConfig(firmware="bios", disk=[DiskConfig(str(blank))]), timeout=20)
+    assert b"SeaBIOS (version" in output and b"No bootable device" in output, output[-500:]
+
+
+def test_the_command_line_boots_a_disk_with_firmware_and_refuses_a_bad_rom(tmp_path: Path, raw_disk: Path) -> None:
+    command = [sys.executable, "-m", "worldswitch", "run", "--disk", str(raw_disk), "--timeout", "120", "--stats"]
+    done = subprocess.run(command, capture_output=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert MESSAGE in done.stdout and b"powered off" in done.stderr
+    assert b"fw_cfg: dma_transfers" in done.stderr  # the firmware read the machine through fw_cfg's DMA
+    bad = tmp_path / "bad.rom"
+    bad.write_bytes(b"not a bios")
+    done = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--firmware", str(bad)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"worldswitch: error: firmware {bad} is 10 bytes; a BIOS image is a multiple of 64 KiB, at most 16 MiB"]

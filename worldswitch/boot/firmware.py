@@ -1,0 +1,98 @@
+"""Booting through firmware (SeaBIOS): the ROM image and where it goes, and what the firmware reads
+through fw_cfg (devices/fw_cfg.py) about the machine: its e820 map, and the ACPI tables as QEMU's
+"BIOS linker" hands them over (etc/table-loader: the firmware allocates the table files, patches the
+pointers between them with the addresses it chose, and fixes the checksums), so a guest sees the
+same tables whichever way it boots.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from ..errors import ConfigError, GuestImageError
+from ..memory.layout import MemoryMap
+from . import acpi
+from .linux import e820_map
+
+SEABIOS = "/usr/share/seabios/bios-256k.bin"  # Debian's seabios package, as QEMU's pc machine uses it
+ROM_TOP = 1 << 32  # the reset vector is 16 bytes below
+LOW_ROM_END = 0x100000  # the BIOS's last 128 KiB also appear below 1 MiB
+LOW_ROM_MAX = 128 << 10
+MAX_ROM = 16 << 20
+
+LOADER_ENTRY = 128
+LOADER_FILE = 56
+ALLOCATE, ADD_POINTER, ADD_CHECKSUM = 1, 2, 3
+ZONE_HIGH, ZONE_FSEG = 1, 2
+TABLES_FILE, RSDP_FILE, LOADER_FILE_NAME = "etc/acpi/tables", "etc/acpi/rsdp", "etc/table-loader"
+E820_ENTRY = struct.Struct("<QQI")
+HEADER_LENGTH_AT, HEADER_CHECKSUM_AT = 4, 9  # in every ACPI table header
+
+
+def firmware_path(choice: str) -> str:
+    """`bios` is Debian's SeaBIOS; anything else is the path of another build."""
+    return SEABIOS if choice == "bios" else choice
+
+
+def read_rom(path: str) -> bytes:
+    try:
+        rom = Path(path).read_bytes()
+    except FileNotFoundError:
+        hint = " (apt-get install seabios)" if path == SEABIOS else ""
+        raise ConfigError(f"firmware {path} does not exist{hint}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read firmware {path}: {error.strerror}") from None
+    if not rom or len(rom) % 0x10000 or len(rom) > MAX_ROM:
+        raise GuestImageError(f"firmware {path} is {len(rom)} bytes; a BIOS image is a multiple of 64 KiB, "
+                              f"at most {MAX_ROM >> 20} MiB")
+    return rom
+
+
+def low_copy(rom: bytes) -> tuple[int, bytes]:
+    """(address, bytes) of the ROM's copy below 1 MiB: its last 128 KiB end at 1 MiB."""
+    tail = rom[-LOW_ROM_MAX:]
+    return LOW_ROM_END - len(tail), tail
+
+
+def e820_file(memory_map: MemoryMap) -> bytes:
+    """etc/e820: the RAM and reserved ranges, as QEMU hands them to SeaBIOS."""
+    return b"".join(E820_ENTRY.pack(start, size, kind) for start, size, kind in e820_map(memory_map))
+
+
+def _name(name: str) -> bytes:
+    return name.encode().ljust(LOADER_FILE, b"\0")
+
+
+def _allocate(file: str, align: int, zone: int) -> bytes:
+    return struct.pack("<I", ALLOCATE) + _name(file) + struct.pack("<IB", align, zone)
+
+
+def _pointer(dest: str, src: str, offset: int, size: int) -> bytes:
+    return struct.pack("<I", ADD_POINTER) + _name(dest) + _name(src) + struct.pack("<IB", offset, size)
+
+
+def _checksum(file: str, offset: int, start: int, length: int) -> bytes:
+    return struct.pack("<I", ADD_CHECKSUM) + _name(file) + struct.pack("<III", offset, start, length)
+
+
+def acpi_files(tables: acpi.AcpiTables) -> dict[str, bytes]:
+    """The tables (laid out from address 0, so every pointer holds an offset into the tables file)
+    as etc/acpi/tables, the RSDP as etc/acpi/rsdp, and the loader script linking them."""
+    if tables.base != 0:
+        raise ValueError("tables for the loader are laid out from 0")
+    blob = tables.blob
+    length = lambda at: struct.unpack_from("<I", blob, at + HEADER_LENGTH_AT)[0]  # noqa: E731
+    fadt, rsdt, xsdt = tables.addresses["FACP"], tables.addresses["RSDT"], tables.addresses["XSDT"]
+    commands = [_allocate(TABLES_FILE, 64, ZONE_HIGH), _allocate(RSDP_FILE, 16, ZONE_FSEG),
+                _pointer(TABLES_FILE, TABLES_FILE, fadt + 40, 4), _pointer(TABLES_FILE, TABLES_FILE, fadt + 140, 8)]
+    for index in range(len(tables.listed)):
+        commands.append(_pointer(TABLES_FILE, TABLES_FILE, rsdt + acpi.HEADER.size + 4 * index, 4))
+        commands.append(_pointer(TABLES_FILE, TABLES_FILE, xsdt + acpi.HEADER.size + 8 * index, 8))
+    for table in (fadt, rsdt, xsdt):
+        commands.append(_checksum(TABLES_FILE, table + HEADER_CHECKSUM_AT, table, length(table)))
+    rsdp = blob[: acpi.RSDP.size]
+    commands += [_pointer(RSDP_FILE, TABLES_FILE, 16, 4), _pointer(RSDP_FILE, TABLES_FILE, 24, 8),
+                 _checksum(RSDP_FILE, 8, 0, 20), _checksum(RSDP_FILE, 32, 0, acpi.RSDP.size)]
+    script = b"".join(command.ljust(LOADER_ENTRY, b"\0") for command in commands)
+    return {TABLES_FILE: blob, RSDP_FILE: rsdp, LOADER_FILE_NAME: script}
