@@ -55,6 +55,7 @@ PACKAGES = (
     "dash", "coreutils", "python3", "python-is-python3", "python3-pytest", "python3-pytest-timeout", "python3-hypothesis",
     "python3-lz4", "python3-zstandard", "python3-seccomp", "busybox-static", "gcc", "libc6-dev", "binutils", "acpica-tools",
     "iproute2", "iputils-ping", "e2fsprogs", "procps", "util-linux", "apt", "qemu-system-x86", "qemu-utils",
+    "seabios", "grub-pc-bin", "grub-common", "xorriso",  # booting through firmware: SeaBIOS, GRUB disks and ISOs
 )
 
 # Loaded by L1's initramfs, in this order with their dependencies: the root disk and the shared checkout,

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("guests", help="list the built-in guest programs")
     fetch = sub.add_parser("fetch-debian", help="download Debian's cloud kernel and busybox into a cache folder")
     fetch.add_argument("--dir", type=Path, default=DEFAULT_CACHE, help="cache folder (default %(default)s)")
+    fetch.add_argument("--disk", type=Path, metavar="FILE", help="also make a bootable disk image: GRUB for BIOS, "
+                                                                 "the kernel and a busybox initramfs with a shell")
+    fetch.add_argument("--iso", type=Path, metavar="FILE", help="also make a hybrid ISO of the same (grub-mkrescue)")
     initramfs = sub.add_parser("initramfs", help="build a busybox initramfs")
     initramfs.add_argument("-o", "--output", type=Path, required=True, help="the archive to write")
     source = initramfs.add_mutually_exclusive_group(required=True)
@@ -206,6 +209,18 @@ def cmd_fetch_debian(options: argparse.Namespace) -> int:
 
     linux = fetch_debian(options.dir)
     print(f"kernel   {linux.kernel}\nmodules  {linux.modules}\nbusybox  {linux.busybox}")
+    if options.disk is not None or options.iso is not None:
+        from ..boot.initramfs import InitramfsSpec, build_initramfs, resolve_modules
+        from .debian_image import build_disk, build_iso
+
+        modules = resolve_modules(["virtio_pci", "virtio_blk", "virtio_net"], linux.modules)
+        initrd = build_initramfs(InitramfsSpec(linux.busybox, modules, shell=True))
+        if options.disk is not None:
+            build_disk(options.disk, linux.kernel, initrd)
+            print(f"disk     {options.disk}: worldswitch run --disk {options.disk}")
+        if options.iso is not None:
+            build_iso(options.iso, linux.kernel, initrd)
+            print(f"iso      {options.iso}: worldswitch run --disk {options.iso},ro,format=raw")
     print(f"next: worldswitch initramfs --debian {options.dir} --shell -o initrd.img && "
           f"worldswitch run --kernel {linux.kernel} --initrd initrd.img")
     return 0

@@ -1,0 +1,84 @@
+"""The Debian disk image and hybrid ISO `worldswitch fetch-debian --disk/--iso` makes (vmx/debian_image.py):
+their layout, and booting them through SeaBIOS and GRUB. On this PVM host GRUB's menu comes up in about
+a minute (real mode and GRUB's decompressor run emulated); Linux itself, behind GRUB, boots where guest
+kernel code runs natively (the nested AMD-V host), so that part is `slow` here, like the other workloads."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from worldswitch.boot.firmware import SEABIOS
+from worldswitch.boot.initramfs import DEFAULT_MARKER, InitramfsSpec, build_initramfs, resolve_modules
+from worldswitch.vmm.host import detect_host_kind
+from worldswitch.vmx.api import Machine
+from worldswitch.vmx.debian import DebianLinux, fetch_debian
+from worldswitch.vmx.debian_image import PARTITION_START, build_disk, build_iso, grub_config, mbr
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
+TOOLS = ("grub-mkimage", "grub-mkrescue", "xorriso", "mke2fs", "apt-get")
+EMULATED = detect_host_kind().kernel_code_emulated
+MENU_TIMEOUT = 300
+
+
+def test_the_mbr_holds_grubs_code_one_bootable_partition_and_the_signature() -> None:
+    code = bytes(range(256)) * 2
+    sector = mbr(code, 1 << 20)
+    assert len(sector) == 512 and sector[:440] == code[:440] and sector[510:] == b"\x55\xaa"
+    status, _, kind, _, start, count = struct.unpack_from("<B3sB3sII", sector, 446)
+    assert (status, kind, start, count) == (0x80, 0x83, PARTITION_START, (1 << 20) - PARTITION_START)
+    assert sector[462:510] == bytes(48)  # the other three entries are empty
+    assert "terminal_output serial" in grub_config() and "linux /boot/vmlinuz console=ttyS0" in grub_config()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing or not Path(SEABIOS).exists():
+        pytest.skip(f"needs {', '.join(missing) or 'seabios'} (.ci/run installs grub-pc-bin, xorriso, seabios)")
+    linux: DebianLinux = fetch_debian(CACHE)
+    initrd = build_initramfs(InitramfsSpec(linux.busybox, resolve_modules(["virtio_pci", "virtio_blk"], linux.modules),
+                                           shell=True))
+    folder = tmp_path_factory.mktemp("debian-image")
+    disk, iso = folder / "debian.img", folder / "debian.iso"
+    build_disk(disk, linux.kernel, initrd, size=128 << 20)
+    build_iso(iso, linux.kernel, initrd)
+    return disk, iso
+
+
+def test_the_images_are_what_they_say(images: tuple[Path, Path]) -> None:
+    disk, iso = images
+    head = disk.read_bytes()[: 2 * 512]
+    assert head[510:512] == b"\x55\xaa" and struct.unpack_from("<I", head, 446 + 8)[0] == PARTITION_START
+    assert struct.unpack_from("<QH", head, 1024 - 12)[0] == 2  # core.img in sector 1 loads the rest from sector 2
+    with open(disk, "rb") as file:  # the ext2 superblock of the partition: magic 0xEF53, label "debian"
+        file.seek(PARTITION_START * 512 + 1024)
+        superblock = file.read(1024)
+    assert superblock[56:58] == b"\x53\xef" and superblock[120:126] == b"debian"
+    assert iso.read_bytes()[0x8001:0x8006] == b"CD001" and iso.read_bytes()[510:512] == b"\x55\xaa"  # ISO 9660 + MBR
+
+
+@pytest.mark.kvm
+def test_the_hybrid_iso_boots_through_seabios_into_grubs_menu(images: tuple[Path, Path]) -> None:
+    _, iso = images
+    with Machine(disk=[f"{iso},ro,format=raw"]) as vm:
+        vm.start()
+        vm.console.expect(r"SeaBIOS \(version", timeout=60)
+        vm.console.expect(r"GNU GRUB", timeout=MENU_TIMEOUT)
+        vm.console.expect(r"Booting `Debian GNU/Linux", timeout=60)  # the menu's timeout picks the entry
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("which", ["disk", "iso"])
+@pytest.mark.skipif(EMULATED, reason="Linux behind GRUB takes a quarter of an hour where kernel code is emulated")
+def test_linux_boots_to_its_shell_from_the_disk_and_the_iso(images: tuple[Path, Path], which: str) -> None:
+    disk, iso = images
+    spec = str(disk) if which == "disk" else f"{iso},ro,format=raw"
+    with Machine(disk=[spec]) as vm:
+        vm.start()
+        vm.console.expect(r"Booting `Debian GNU/Linux", timeout=MENU_TIMEOUT)
+        vm.console.expect(r"Linux version", timeout=300)
+        vm.console.expect(DEFAULT_MARKER, timeout=300)
