@@ -79,3 +79,24 @@ def test_the_command_line_boots_a_disk_with_firmware_and_refuses_a_bad_rom(tmp_p
                           text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"worldswitch: error: firmware {bad} is 10 bytes; a BIOS image is a multiple of 64 KiB, at most 16 MiB"]
+
+
+def test_a_firmware_machine_snapshots_and_resumes_where_it_waited(tmp_path: Path) -> None:
+    """The boot sector waits for a key in the BIOS (int 16h); the machine is snapshotted there and
+    restored (its ROM mapped again, its CMOS and devices put back); the key, typed into the
+    restored machine's serial port, reaches the BIOS, and the boot sector goes on to power off."""
+    from worldswitch.guests.bootsector import WAITING
+    from worldswitch.vmx.api import Machine
+
+    disk = tmp_path / "wait.img"
+    disk.write_bytes(boot_sector(MESSAGE, wait_for_key=True) + bytes((1 << 20) - 512))
+    with Machine(disk=[f"{disk},format=raw"]) as vm:
+        vm.start()
+        vm.console.expect(WAITING, timeout=60)
+        vm.snapshot(tmp_path / "snap")
+    with Machine.restore(tmp_path / "snap") as vm:
+        vm.start()
+        vm.console.send("x")
+        vm.console.expect(MESSAGE, timeout=60)
+        result = vm.wait(60)
+        assert result is not None and result.reason is StopReason.POWER_OFF

@@ -211,10 +211,9 @@ def _create_vcpus(machine: Vmm) -> None:
         vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER))
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
-        runner = VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit, _code_fetcher(machine, vcpu), emulator)
-        if complete_syscalls:
-            runner.user_syscall = UserSyscall(vcpu, emulator)
-        machine.runners.append(runner)
+        machine.runners.append(VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit,
+                                          _code_fetcher(machine, vcpu), emulator,
+                                          UserSyscall(vcpu, emulator) if complete_syscalls else None))
     if complete_syscalls:
         vm.deny_msr_writes([MSR_LSTAR])
 

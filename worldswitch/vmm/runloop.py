@@ -60,7 +60,9 @@ class VcpuRunner:
         request_exit: RequestExit,
         fetch_code: Callable[[int], bytes] | None = None,
         emulator: TrapEmulator | None = None,
+        user_syscall: UserSyscall | None = None,
     ) -> None:
+        """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -74,8 +76,7 @@ class VcpuRunner:
         self.parked_ns = 0
         self.kicks = 0
         self.kick_latency_ns_max = 0
-        self.debug_hook: Callable[[VcpuRunner], bool] | None = None  # returns False to stop
-        self.user_syscall: UserSyscall | None = None  # PVM hosts: the VMX completes ring-3 SYSCALLs
+        self.user_syscall = user_syscall
         self.trace: TraceBuffer | None = None  # set before start() to record every world switch
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
@@ -392,11 +393,9 @@ class VcpuRunner:
             msr.error = 1  # KVM injects #GP, as for an MSR the CPU does not have
 
     def _on_debug(self) -> None:
-        if self.user_syscall is not None and self.user_syscall.on_debug():
-            return
-        hook = self.debug_hook
-        if hook is not None and not hook(self):
-            self._end(StopReason.STOPPED, "stopped by the debugger")
+        """A debug exit: the single step user_syscall asked for (nothing else turns debugging on)."""
+        if self.user_syscall is not None:
+            self.user_syscall.on_debug()
 
     def _on_unexpected(self) -> None:
         reason = self._run.exit_reason
