@@ -82,3 +82,19 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso(images: tuple[Path, 
         vm.console.expect(r"Booting `Debian GNU/Linux", timeout=MENU_TIMEOUT)
         vm.console.expect(r"Linux version", timeout=300)
         vm.console.expect(DEFAULT_MARKER, timeout=300)
+
+
+@pytest.mark.kvm
+def test_the_iso_boots_from_the_ide_cdrom_before_a_blank_disk(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """An installer's set-up: an empty disk and the ISO on the IDE controller's ATAPI drive. The
+    bootorder fw_cfg file puts the CD first; SeaBIOS reads its El Torito image through ATAPI PIO."""
+    _, iso = images
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(1 << 20))
+    with Machine(cdrom=str(iso), disk=[f"{blank},format=raw"]) as vm:
+        vm.start()
+        vm.console.expect(r"Booting from DVD/CD", timeout=60)
+        vm.console.expect(r"GNU GRUB", timeout=MENU_TIMEOUT)
+        vm.console.expect(r"Booting `Debian GNU/Linux", timeout=60)
+        assert "Booting from Hard Disk" not in vm.console.text
+        assert vm.stats()["devices"]["cdrom"]["reads"] > 0

@@ -68,7 +68,7 @@ reboot = true
     ("disk = ['a.img,rw']", "expected PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2], not rw"),
     ("net = ['tap0']", "expected tap=NAME"),
     ("kernel = ''", "kernel: expected a path"),
-    ("kernel = 'vmlinuz'\nguest = 'hello'", "give one of a built-in guest, an ELF program, a Linux kernel or firmware"),
+    ("kernel = 'vmlinuz'\nguest = 'hello'", "give one of a built-in guest, an ELF program or a Linux kernel"),
     ("initrd = 'x.img'", "an initrd needs a Linux kernel"),
     ("cpus = [", "is not valid TOML"),
 ])

@@ -9,6 +9,7 @@ import hashlib
 from worldswitch.devices.acpi_pm import AcpiPmState
 from worldswitch.devices.cmos import CmosState
 from worldswitch.devices.i8042 import I8042State
+from worldswitch.devices.ide import IdeState
 from worldswitch.devices.serial import SerialState
 from worldswitch.devices.testdev import SequenceState
 from worldswitch.devices.virtio.console import ConsoleState
@@ -24,10 +25,10 @@ from worldswitch.vmm.x86.cpu_state import VcpuState, VmState
 
 STATES = (AcpiPmState, ConsoleState, I8042State, NetState, NoDeviceState, PackedQueueState, QueueSetupState,
           SequenceState, SerialState, SplitQueueState, VcpuState, VirtioPciState, VmState,
-          MachineConfig, DiskConfig, NetConfig, CmosState)  # the machine's description is stored too
+          MachineConfig, DiskConfig, NetConfig, CmosState, IdeState)  # the machine's description is stored too
 
 # snapshot format version -> fingerprint of every state's layout at that version
-FINGERPRINTS = {3: "06e129d4569fed75", 4: "2410b4303a8f4ae4", 5: "183f6f74af8067a7"}  # 4 adds the machine description
+FINGERPRINTS = {3: "06e129d4569fed75", 4: "2410b4303a8f4ae4", 5: "e466b0fc8dc53bc4"}  # 4 adds the machine description
 
 
 def fingerprint() -> str:

@@ -8,14 +8,19 @@ same tables whichever way it boots.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..devices import fw_cfg
 from ..errors import ConfigError, GuestImageError
 from ..memory.layout import MemoryMap
 from . import acpi
+from .bzimage import parse_bzimage
 from .linux import e820_map
 
 SEABIOS = "/usr/share/seabios/bios-256k.bin"  # Debian's seabios package, as QEMU's pc machine uses it
+LINUXBOOT_ROM = "/usr/share/qemu/linuxboot_dma.bin"  # QEMU's option ROM that boots a kernel from fw_cfg
+LINUXBOOT_FILE = "genroms/linuxboot_dma.bin"
 ROM_TOP = 1 << 32  # the reset vector is 16 bytes below
 LOW_ROM_END = 0x100000  # the BIOS's last 128 KiB also appear below 1 MiB
 LOW_ROM_MAX = 128 << 10
@@ -58,6 +63,67 @@ def low_copy(rom: bytes) -> tuple[int, bytes]:
 def e820_file(memory_map: MemoryMap) -> bytes:
     """etc/e820: the RAM and reserved ranges, as QEMU hands them to SeaBIOS."""
     return b"".join(E820_ENTRY.pack(start, size, kind) for start, size, kind in e820_map(memory_map))
+
+
+@dataclass(frozen=True)
+class FirmwareKernel:
+    """A kernel, initrd and command line laid out for the firmware's Linux loader (linuxboot_dma):
+    the fw_cfg items it reads, by key, and where each part goes."""
+
+    items: dict[int, bytes]
+    setup_address: int
+    kernel_address: int
+    initrd_address: int | None
+
+
+REAL_MODE, CMDLINE_AT, PROTECTED_MODE = 0x10000, 0x20000, 0x100000  # boot.rst's layout for protocol 2.02+
+TYPE_OF_LOADER, LOADFLAGS, RAMDISK_IMAGE, RAMDISK_SIZE, HEAP_END_PTR, CMD_LINE_PTR = 0x210, 0x211, 0x218, 0x21C, 0x224, 0x228
+CAN_USE_HEAP = 0x80
+LOADER_ID = 0xB0  # "QEMU", the loader linuxboot_dma is
+
+
+def firmware_kernel(image: bytes, name: str, initrd: bytes | None, cmdline: str, ram_below_4g: int) -> FirmwareKernel:
+    """What QEMU's x86_load_linux does for -kernel on a BIOS machine: split the bzImage into its
+    real-mode setup and protected-mode kernel, fill in the header fields a boot loader owns
+    (Documentation/arch/x86/boot.rst), and place the initrd as high as the kernel allows."""
+    kernel = parse_bzimage(image, name)
+    setup = bytearray(image[: len(image) - len(kernel.kernel)])
+    command = cmdline.encode() + b"\0"
+    if len(command) > min(kernel.header.cmdline_size + 1, 0x10000 - 0x200):
+        raise ConfigError(f"the kernel command line is {len(command) - 1} bytes; {name} takes at most "
+                          f"{kernel.header.cmdline_size}")
+    setup[TYPE_OF_LOADER] = LOADER_ID
+    setup[LOADFLAGS] |= CAN_USE_HEAP
+    struct.pack_into("<H", setup, HEAP_END_PTR, CMDLINE_AT - REAL_MODE - 0x200)
+    struct.pack_into("<I", setup, CMD_LINE_PTR, CMDLINE_AT)
+    items = {fw_cfg.SETUP_ADDR: _u32(REAL_MODE), fw_cfg.SETUP_SIZE: _u32(len(setup)),
+             fw_cfg.KERNEL_ADDR: _u32(PROTECTED_MODE), fw_cfg.KERNEL_SIZE: _u32(len(kernel.kernel)),
+             fw_cfg.KERNEL_DATA: kernel.kernel, fw_cfg.CMDLINE_ADDR: _u32(CMDLINE_AT),
+             fw_cfg.CMDLINE_SIZE: _u32(len(command)), fw_cfg.CMDLINE_DATA: command}
+    initrd_address = None
+    if initrd:
+        top = min(kernel.header.initrd_addr_max, ram_below_4g - 1)
+        initrd_address = (top + 1 - len(initrd)) & ~0xFFF
+        if initrd_address < PROTECTED_MODE + kernel.header.init_size:
+            raise ConfigError(f"the initrd ({len(initrd) >> 20} MiB) does not fit in memory below "
+                              f"{top + 1:#x} beside the kernel: give the machine more memory")
+        struct.pack_into("<II", setup, RAMDISK_IMAGE, initrd_address, len(initrd))
+        items.update({fw_cfg.INITRD_ADDR: _u32(initrd_address), fw_cfg.INITRD_SIZE: _u32(len(initrd)),
+                      fw_cfg.INITRD_DATA: initrd})
+    items[fw_cfg.SETUP_DATA] = bytes(setup)
+    return FirmwareKernel(items, REAL_MODE, PROTECTED_MODE, initrd_address)
+
+
+def linuxboot_rom() -> bytes:
+    try:
+        return Path(LINUXBOOT_ROM).read_bytes()
+    except OSError:
+        raise ConfigError(f"booting a kernel through firmware needs QEMU's option ROM {LINUXBOOT_ROM} "
+                          "(apt-get install qemu-system-data)") from None
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("<I", value)
 
 
 def _name(name: str) -> bytes:

@@ -43,7 +43,6 @@ class Piix3IsaBridge(PciFunction):
 
     def __init__(self) -> None:
         super().__init__(vendor=0x8086, device=0x7000, class_code=0x060100)
-        self.config[0x0E] = 0x80  # a multi-function device, as the real PIIX3 is
         for register in range(PIIX3_PIRQ_ROUTE, PIIX3_PIRQ_ROUTE + PIIX3_PIRQ_COUNT):
             self.config[register] = PIRQ_DISABLED
             self.writable[register] = 0x8F

@@ -9,7 +9,8 @@ from typing import Callable
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
-from ..boot.firmware import ROM_TOP, acpi_files, e820_file, low_copy, read_rom
+from ..boot.firmware import (LINUXBOOT_FILE, ROM_TOP, FirmwareKernel, acpi_files, e820_file, firmware_kernel,
+                             linuxboot_rom, low_copy, read_rom)
 from ..boot.linux import kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
@@ -21,12 +22,17 @@ from ..devices.cmos import PORT_SPAN as CMOS_PORT_SPAN
 from ..devices.cmos import RTC_IRQ, Cmos, CmosState
 from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from ..devices.disk import DiskImage, open_disk
 from ..devices.fw_cfg import MAX_CPUS, NB_CPUS
 from ..devices.fw_cfg import PORT_SPAN as FW_CFG_SPAN
 from ..devices.fw_cfg import RAM_SIZE
 from ..devices.fw_cfg import SELECTOR_PORT as FW_CFG_PORT
 from ..devices.fw_cfg import FwCfg, FwCfgFile
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
+from ..devices.ide import COMMAND_BASE as IDE_COMMAND_BASE
+from ..devices.ide import CONTROL_PORT as IDE_CONTROL_PORT
+from ..devices.ide import IRQ as IDE_IRQ
+from ..devices.ide import AtapiCdrom, IdeChannel, IdeState, Piix3Ide
 from ..devices.pci import PciFunction
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
@@ -74,14 +80,19 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     name, path = check_config(config)
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
     if config.boots_firmware:
-        rom, image, initrd = read_rom(path), b"", None
+        rom = read_rom(path)
+        image = read_image(config.kernel, "kernel") if config.kernel else b""
+        initrd = read_image(config.initrd, "initrd") if config.initrd else None
     else:
         rom = None
         image = read_image(path, "kernel" if config.kernel else "guest program")
         initrd = read_image(config.initrd, "initrd") if config.initrd else None
     machine = _create_machine(config, warn, kvm_path)
     try:
-        tables = _assemble_platform(machine, serial_sink, rom)
+        kernel = None
+        if rom is not None and config.kernel:
+            kernel = firmware_kernel(image, config.kernel, initrd, config.append, _ram_below_4g(machine.memory_map))
+        tables = _assemble_platform(machine, serial_sink, rom, kernel)
         if rom is not None:
             address, low = low_copy(rom)
             machine.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
@@ -143,7 +154,8 @@ def _create_machine(config: MachineConfig, warn: Callable[[str], None] | None, k
                warn or (lambda text: None))
 
 
-def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: bytes | None) -> acpi.AcpiTables:
+def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: bytes | None,
+                       kernel: FirmwareKernel | None = None) -> acpi.AcpiTables:
     """Everything but the program: the in-kernel irqchip and PIT, the legacy devices, PCI and the
     virtio devices, the ACPI tables, the vCPUs and their runners. With a firmware `rom`, the PC
     parts a BIOS expects too (chipset, CMOS, fw_cfg), and the ROM at the top of 4 GiB."""
@@ -160,9 +172,12 @@ def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: 
         tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
         machine.memory.write(tables.base, tables.blob)
     else:
-        _attach_pci(machine, config, chipset=[I440fxHostBridge(), Piix3IsaBridge()])
+        chipset: list[PciFunction] = [I440fxHostBridge(), Piix3IsaBridge()]
+        if config.cdrom:
+            chipset.append(Piix3Ide())
+        _attach_pci(machine, config, chipset)
         tables = acpi.build(0, config.cpus, pci=pci_host, cmos_rtc=True)  # the firmware places them
-        _attach_firmware_devices(machine, tables)
+        _attach_firmware_devices(machine, tables, kernel)
         firmware = Rom(ROM_TOP - len(rom), rom)
         firmware.register(vm, slot=len(machine.memory.regions))
         machine.devices["rom"] = firmware
@@ -170,10 +185,15 @@ def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: 
     return tables
 
 
-def _attach_firmware_devices(machine: Vmm, tables: acpi.AcpiTables) -> None:
-    """What a BIOS reads the machine's description from (fw_cfg, CMOS) and the ports it pokes."""
+def _ram_below_4g(memory_map: MemoryMap) -> int:
+    return max((r.end for r in memory_map.regions if r.kind is RegionKind.RAM and r.end <= 1 << 32), default=0)
+
+
+def _attach_firmware_devices(machine: Vmm, tables: acpi.AcpiTables, kernel: FirmwareKernel | None) -> None:
+    """What a BIOS reads the machine's description from (fw_cfg, CMOS) and the ports it pokes;
+    with `kernel`, what its Linux loader reads too."""
     memory_map, config, pio = machine.memory_map, machine.config, machine.pio
-    below_4g = max((r.end for r in memory_map.regions if r.kind is RegionKind.RAM and r.end <= 1 << 32), default=0)
+    below_4g = _ram_below_4g(memory_map)
     above_4g = sum(r.size for r in memory_map.regions if r.kind is RegionKind.RAM and r.start >= 1 << 32)
     cmos = Cmos(KvmIrqLine(machine.vm, RTC_IRQ), cmos_memory_bytes(below_4g, above_4g, config.cpus))
     pio.register("CMOS/RTC", CMOS_PORT, CMOS_PORT_SPAN, cmos.read, cmos.write)
@@ -183,9 +203,24 @@ def _attach_firmware_devices(machine: Vmm, tables: acpi.AcpiTables) -> None:
     pio.register("POST codes", POST_PORT, 1, post.read, post.write)
     files = [FwCfgFile(name, data) for name, data in acpi_files(tables).items()]
     files += [FwCfgFile("etc/e820", e820_file(memory_map)), FwCfgFile("etc/sercon-port", struct.pack("<H", COM1_BASE))]
-    fw_cfg = FwCfg(machine.memory, {RAM_SIZE: struct.pack("<Q", machine.memory.size),
-                                    NB_CPUS: struct.pack("<H", config.cpus), MAX_CPUS: struct.pack("<H", config.cpus)},
-                   files)
+    boot_first: list[str] = []
+    if kernel is not None:
+        files.append(FwCfgFile(LINUXBOOT_FILE, linuxboot_rom()))
+        boot_first.append(f"/rom@{LINUXBOOT_FILE}")
+    if config.cdrom:
+        image = open_disk(config.cdrom, read_only=True, shared=True, format="raw")
+        channel = IdeChannel(KvmIrqLine(machine.vm, IDE_IRQ), AtapiCdrom(image))
+        pio.register("IDE secondary (ATAPI CD-ROM)", IDE_COMMAND_BASE, 8, channel.read, channel.write)
+        pio.register("IDE secondary control", IDE_CONTROL_PORT, 1, channel.read_control, channel.write_control)
+        machine.devices["cdrom"] = channel
+        machine.register_state("cdrom", channel.state, channel.restore, IdeState)  # type: ignore[arg-type]
+        machine.services.append(_Closing(image))
+        boot_first.append(f"/pci@i0cf8/*@{CDROM_SLOT}/drive@1/disk@0")  # the CD, as an installer wants it
+    if boot_first:  # then SeaBIOS goes on with the disks, in slot order
+        files.append(FwCfgFile("bootorder", "".join(f"{entry}\n" for entry in boot_first).encode()))
+    items = {RAM_SIZE: struct.pack("<Q", machine.memory.size), NB_CPUS: struct.pack("<H", config.cpus),
+             MAX_CPUS: struct.pack("<H", config.cpus), **(kernel.items if kernel is not None else {})}
+    fw_cfg = FwCfg(machine.memory, items, files)
     pio.register("fw_cfg", FW_CFG_PORT, FW_CFG_SPAN, fw_cfg.read, fw_cfg.write)
     machine.devices.update(cmos=cmos, system_control=control, post=post, fw_cfg=fw_cfg)
     machine.services.append(cmos)
@@ -282,6 +317,22 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
     machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
     for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
         machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
+
+
+CDROM_SLOT = 2  # the IDE function's slot: after the host bridge and the ISA bridge
+
+
+class _Closing:
+    """Closes a back end with the machine (a service with nothing to start)."""
+
+    def __init__(self, image: DiskImage) -> None:
+        self.image = image
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.image.close()
 
 
 def _attach_pci(machine: Vmm, config: MachineConfig, chipset: list[PciFunction]) -> None:

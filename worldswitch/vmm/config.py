@@ -113,9 +113,10 @@ class MachineConfig:
                              help="your own static ELF64 program, entered in 64-bit ring 0")
     kernel: str | None = option(None, kind=PATH, metavar="FILE", program=True,
                                 help="a Linux kernel: bzImage (vmlinuz) or ELF vmlinux")
-    firmware: str | None = option(None, kind=name_or_path("bios"), metavar="bios|FILE", program=True,
+    firmware: str | None = option(None, kind=name_or_path("bios"), metavar="bios|FILE",
                                   help="boot through firmware: bios is SeaBIOS (Debian's seabios package), or give "
-                                       "another BIOS image; the default when only disks are given")
+                                       "another BIOS image; the default when only disks or a CD are given. With "
+                                       "--kernel, the firmware boots the kernel (through fw_cfg, as QEMU's -kernel)")
     args: str = option("", kind=TEXT, metavar="STRING", help="argument string passed to the program (RDI)")
     initrd: str | None = option(None, kind=PATH, metavar="FILE", help="initial ramdisk for --kernel")
     append: str = option(DEFAULT_CMDLINE, kind=TEXT, metavar="CMDLINE",
@@ -129,6 +130,9 @@ class MachineConfig:
     net: list[NetConfig] = option(kind=repeated(NetConfig.convert, "networks"), default_factory=list,
                                   metavar="tap=NAME[,mac=MAC]",
                                   help="virtio-net on a tap interface, created if needed (repeatable)")
+    cdrom: str | None = option(None, kind=PATH, metavar="FILE.iso",
+                               help="an ISO image as an ATAPI CD-ROM on the IDE controller, booted before the disks "
+                                    "(a machine that boots through firmware)")
     rng: bool = option(False, kind=FLAG, help="a virtio-rng fed from the host's getrandom()")
     vconsole: str | None = option(None, kind=backend("pty", "none"), metavar="BACKEND",
                                   help="a virtio-console: pty, file:PATH or none")
@@ -137,18 +141,22 @@ class MachineConfig:
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
-        chosen = [what for what in (self.elf, self.guest, self.kernel, self.firmware) if what]
+        chosen = [what for what in (self.elf, self.guest, self.kernel) if what]
         if len(chosen) > 1:
-            raise ConfigError("give one of a built-in guest, an ELF program, a Linux kernel or firmware")
+            raise ConfigError("give one of a built-in guest, an ELF program or a Linux kernel")
         if self.initrd and not self.kernel:
             raise ConfigError("an initrd needs a Linux kernel (--kernel)")
+        if self.firmware and (self.elf or self.guest):
+            raise ConfigError("firmware boots disks, a CD or a Linux kernel (--kernel), not a program")
+        if self.cdrom and not self.boots_firmware:
+            raise ConfigError("--cdrom is for a machine that boots through firmware (--firmware), not a kernel or program")
+        if self.boots_firmware:
+            path = firmware_path(self.firmware or "bios")
+            return (f"{self.kernel} through firmware {path}" if self.kernel else f"firmware {path}"), path
         if self.kernel:
             return self.kernel, self.kernel
         if self.elf:
             return self.elf, self.elf
-        if self.boots_firmware:
-            path = firmware_path(self.firmware or "bios")
-            return f"firmware {path}", path
         name = self.guest or DEFAULT_GUEST
         return f"built-in guest '{name}'", str(builtin_path(name))
 
@@ -171,13 +179,14 @@ class MachineConfig:
             vconsole = "file:" + os.path.abspath(vconsole[5:])
         firmware = self.firmware if self.firmware in (None, "bios") else path(self.firmware)
         return replace(self, elf=path(self.elf), kernel=path(self.kernel), initrd=path(self.initrd), firmware=firmware,
+                       cdrom=path(self.cdrom),
                        disk=[replace(d, path=os.path.abspath(d.path)) for d in self.disk],
                        net=[replace(n) for n in self.net], vconsole=vconsole)
 
     @property
     def boots_firmware(self) -> bool:
         """Firmware boots the machine: asked for, or nothing else given but disks (a PC with a disk)."""
-        return bool(self.firmware) or (not (self.elf or self.guest or self.kernel) and bool(self.disk))
+        return bool(self.firmware) or (not (self.elf or self.guest or self.kernel) and bool(self.disk or self.cdrom))
 
     @property
     def memory_bytes(self) -> int:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never
 
 FORMAT = "worldswitch-snapshot"
 VERSION = 5  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py);
-# 4: the machine description keyed by its option names (append, disk, net); 5: firmware machines (CMOS)
+# 4: the machine description keyed by its option names (append, disk, net); 5: firmware machines (CMOS, IDE CD-ROM)
 FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
 MANIFEST_DIGEST = "manifest.sha256"
 
