@@ -98,3 +98,25 @@ def test_the_iso_boots_from_the_ide_cdrom_before_a_blank_disk(images: tuple[Path
         vm.console.expect(r"Booting `Debian GNU/Linux", timeout=60)
         assert "Booting from Hard Disk" not in vm.console.text
         assert vm.stats()["devices"]["cdrom"]["reads"] > 0
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(EMULATED, reason="Linux takes a quarter of an hour where kernel code is emulated")
+def test_linux_reads_the_cd_through_ata_piix(images: tuple[Path, Path], tmp_path: Path) -> None:
+    """An installer's view of the IDE CD-ROM: Linux's own ata_piix and sr drivers, no virtio. The BIOS
+    boots the kernel (--firmware bios --kernel); its initramfs mounts the CD and lists it."""
+    if not Path("/usr/share/qemu/linuxboot_dma.bin").exists():
+        pytest.skip("qemu-system-data is not installed")
+    _, iso = images
+    linux = fetch_debian(CACHE)
+    spec = InitramfsSpec(linux.busybox, resolve_modules(["ata_piix", "sr_mod", "isofs"], linux.modules),
+                         commands=["mkdir -p /cd", "mount -t iso9660 -o ro /dev/sr0 /cd && ls /cd/boot && echo CD-OK"])
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(build_initramfs(spec))
+    with Machine(firmware="bios", kernel=str(linux.kernel), initrd=str(initrd), append="console=ttyS0",
+                 cdrom=str(iso)) as vm:
+        vm.start()
+        vm.console.expect(r"Booting from ROM", timeout=120)
+        vm.console.expect(DEFAULT_MARKER, timeout=600)
+        vm.console.expect(r"vmlinuz", timeout=120)  # the CD's /boot, read through ATAPI
+        vm.console.expect(r"CD-OK", timeout=60)
