@@ -90,14 +90,17 @@ def test_what_qemu_img_made_reads_and_writes_and_stays_clean(tmp_path: Path) -> 
     again.close()
 
 
-def test_version_2_images(tmp_path: Path) -> None:
-    path = make(tmp_path / "v2.qcow2", "4M", "-o", "compat=0.10")
-    model = bytearray(4 * MIB)
+def written_and_checked(path: Path, model: bytearray, rounds: int, seed: int) -> None:
+    """Random writes into the image as into `model`; then qemu-img finds it clean and reads `model`."""
     image = open_disk(str(path), read_only=False)
-    random_writes(image, model, 30, seed=2)
+    random_writes(image, model, rounds, seed)
     image.close()
     check_clean(path)
     assert as_raw(path) == bytes(model)
+
+
+def test_version_2_images(tmp_path: Path) -> None:
+    written_and_checked(make(tmp_path / "v2.qcow2", "4M", "-o", "compat=0.10"), bytearray(4 * MIB), 30, seed=2)
 
 
 def test_a_backing_file_shows_through_where_the_overlay_has_nothing(tmp_path: Path) -> None:
@@ -130,12 +133,7 @@ def test_a_compressed_qcow2_base_under_a_qcow2_overlay_and_writes_over_compresse
     assert read(image, 0, 4 * MIB) == bytes(data)
     image.close()
     # writing into the compressed image itself: each written cluster leaves its compressed home
-    model = bytearray(data)
-    image = open_disk(str(compressed), read_only=False)
-    random_writes(image, model, 30, seed=6)
-    image.close()
-    check_clean(compressed)
-    assert as_raw(compressed) == bytes(model)
+    written_and_checked(compressed, bytearray(data), 30, seed=6)
 
 
 def test_a_disk_worldswitch_creates_is_what_qemu_img_expects(tmp_path: Path) -> None:

@@ -145,12 +145,17 @@ class Qcow2Image:
     # --- reading -------------------------------------------------------------------------------
 
     def readv(self, buffers: list[memoryview], offset: int) -> None:
+        self._by_cluster(buffers, offset, self._read_piece)
+
+    def _by_cluster(self, buffers: list[memoryview], offset: int,
+                    piece: Callable[[int, int, list[memoryview]], None]) -> None:
+        """Call piece(address, offset in its cluster, views) for each cluster the range touches."""
         done, length = 0, sum(len(view) for view in buffers)
         while done < length:
             at = offset + done
             within = at & (self.cluster_size - 1)
             count = min(self.cluster_size - within, length - done)
-            self._read_piece(at, within, _slices(buffers, done, count))
+            piece(at, within, _slices(buffers, done, count))
             done += count
 
     def _read_piece(self, at: int, within: int, views: list[memoryview]) -> None:
@@ -207,9 +212,7 @@ class Qcow2Image:
     def _l2_table(self, offset: int) -> bytearray:
         table = self._l2.get(offset)
         if table is None:
-            table = bytearray(os.pread(self.fd, self.cluster_size, offset))
-            if len(table) != self.cluster_size:
-                raise OSError(errno.EIO, "an L2 table beyond the end of the image")
+            table = self._metadata_cluster(offset, "an L2 table")
             self._l2[offset] = table
             if len(self._l2) > L2_CACHE:
                 self._l2.popitem(last=False)
@@ -222,13 +225,7 @@ class Qcow2Image:
     def writev(self, buffers: list[memoryview], offset: int) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "the image is read-only")
-        done, length = 0, sum(len(view) for view in buffers)
-        while done < length:
-            at = offset + done
-            within = at & (self.cluster_size - 1)
-            count = min(self.cluster_size - within, length - done)
-            self._write_piece(at, within, _slices(buffers, done, count))
-            done += count
+        self._by_cluster(buffers, offset, self._write_piece)
 
     def _write_piece(self, at: int, within: int, views: list[memoryview]) -> None:
         cluster = at >> self.cluster_bits
@@ -329,10 +326,13 @@ class Qcow2Image:
     def _block(self, offset: int) -> bytearray:
         content = self._refcounts.get(offset)
         if content is None:
-            content = bytearray(os.pread(self.fd, self.cluster_size, offset))
-            if len(content) != self.cluster_size:
-                raise OSError(errno.EIO, "a refcount block beyond the end of the image")
-            self._refcounts[offset] = content
+            content = self._refcounts[offset] = self._metadata_cluster(offset, "a refcount block")
+        return content
+
+    def _metadata_cluster(self, offset: int, what: str) -> bytearray:
+        content = bytearray(os.pread(self.fd, self.cluster_size, offset))
+        if len(content) != self.cluster_size:
+            raise OSError(errno.EIO, f"{what} beyond the end of the image")
         return content
 
     # --- the rest of the DiskImage protocol ----------------------------------------------------
