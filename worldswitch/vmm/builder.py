@@ -4,35 +4,18 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
-import struct
 from typing import Callable
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
-from ..boot.firmware import (LINUXBOOT_FILE, ROM_TOP, FirmwareKernel, acpi_files, e820_file, firmware_kernel,
-                             linuxboot_rom, low_copy, read_rom)
+from ..boot.firmware import ROM_TOP, FirmwareKernel, firmware_kernel, low_copy, read_rom
 from ..boot.linux import kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
-from ..devices.chipset import A20_PORT, POST_PORT, I440fxHostBridge, Piix3IsaBridge, PostCodes, SystemControlPort
-from ..devices.cmos import INDEX_PORT as CMOS_PORT
-from ..devices.cmos import PORT_SPAN as CMOS_PORT_SPAN
-from ..devices.cmos import RTC_IRQ, Cmos, CmosState
-from ..devices.cmos import memory_bytes as cmos_memory_bytes
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
-from ..devices.disk import DiskImage, open_disk
-from ..devices.fw_cfg import MAX_CPUS, NB_CPUS
-from ..devices.fw_cfg import PORT_SPAN as FW_CFG_SPAN
-from ..devices.fw_cfg import RAM_SIZE
-from ..devices.fw_cfg import SELECTOR_PORT as FW_CFG_PORT
-from ..devices.fw_cfg import FwCfg, FwCfgFile
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
-from ..devices.ide import COMMAND_BASE as IDE_COMMAND_BASE
-from ..devices.ide import CONTROL_PORT as IDE_CONTROL_PORT
-from ..devices.ide import IRQ as IDE_IRQ
-from ..devices.ide import AtapiCdrom, IdeChannel, IdeState, Piix3Ide
 from ..devices.pci import PciFunction
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
@@ -49,12 +32,13 @@ from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu
 from ..errors import ConfigError, WorldswitchError
 from ..memory.guest import GuestMemory
-from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap, RegionKind
+from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from ..memory.rom import Rom
 from .config import DiskConfig, MachineConfig, NetConfig
 from .host import detect_host_kind
 from .kick import install_kick_handler
 from .machine import Vmm
+from .platform import pc
 from .platform.bus import MmioBus, PioBus
 from .platform.irq import KvmIrqLine
 from .platform.pci_platform import PciPlatform
@@ -80,18 +64,15 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     name, path = check_config(config)
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
     if config.boots_firmware:
-        rom = read_rom(path)
-        image = read_image(config.kernel, "kernel") if config.kernel else b""
-        initrd = read_image(config.initrd, "initrd") if config.initrd else None
+        rom, image = read_rom(path), (read_image(config.kernel, "kernel") if config.kernel else b"")
     else:
-        rom = None
-        image = read_image(path, "kernel" if config.kernel else "guest program")
-        initrd = read_image(config.initrd, "initrd") if config.initrd else None
+        rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
+    initrd = read_image(config.initrd, "initrd") if config.initrd else None
     machine = _create_machine(config, warn, kvm_path)
     try:
         kernel = None
         if rom is not None and config.kernel:
-            kernel = firmware_kernel(image, config.kernel, initrd, config.append, _ram_below_4g(machine.memory_map))
+            kernel = firmware_kernel(image, config.kernel, initrd, config.append, pc.ram_below_4g(machine.memory_map))
         tables = _assemble_platform(machine, serial_sink, rom, kernel)
         if rom is not None:
             address, low = low_copy(rom)
@@ -172,59 +153,14 @@ def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: 
         tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
         machine.memory.write(tables.base, tables.blob)
     else:
-        chipset: list[PciFunction] = [I440fxHostBridge(), Piix3IsaBridge()]
-        if config.cdrom:
-            chipset.append(Piix3Ide())
-        _attach_pci(machine, config, chipset)
+        _attach_pci(machine, config, pc.chipset(bool(config.cdrom)))
         tables = acpi.build(0, config.cpus, pci=pci_host, cmos_rtc=True)  # the firmware places them
-        _attach_firmware_devices(machine, tables, kernel)
+        pc.attach_pc_devices(machine, tables, kernel)
         firmware = Rom(ROM_TOP - len(rom), rom)
         firmware.register(vm, slot=len(machine.memory.regions))
         machine.devices["rom"] = firmware
     _create_vcpus(machine)
     return tables
-
-
-def _ram_below_4g(memory_map: MemoryMap) -> int:
-    return max((r.end for r in memory_map.regions if r.kind is RegionKind.RAM and r.end <= 1 << 32), default=0)
-
-
-def _attach_firmware_devices(machine: Vmm, tables: acpi.AcpiTables, kernel: FirmwareKernel | None) -> None:
-    """What a BIOS reads the machine's description from (fw_cfg, CMOS) and the ports it pokes;
-    with `kernel`, what its Linux loader reads too."""
-    memory_map, config, pio = machine.memory_map, machine.config, machine.pio
-    below_4g = _ram_below_4g(memory_map)
-    above_4g = sum(r.size for r in memory_map.regions if r.kind is RegionKind.RAM and r.start >= 1 << 32)
-    cmos = Cmos(KvmIrqLine(machine.vm, RTC_IRQ), cmos_memory_bytes(below_4g, above_4g, config.cpus))
-    pio.register("CMOS/RTC", CMOS_PORT, CMOS_PORT_SPAN, cmos.read, cmos.write)
-    control = SystemControlPort(on_reset=machine.guest_reset)
-    pio.register("system control port A (A20, reset)", A20_PORT, 1, control.read, control.write)
-    post = PostCodes()
-    pio.register("POST codes", POST_PORT, 1, post.read, post.write)
-    files = [FwCfgFile(name, data) for name, data in acpi_files(tables).items()]
-    files += [FwCfgFile("etc/e820", e820_file(memory_map)), FwCfgFile("etc/sercon-port", struct.pack("<H", COM1_BASE))]
-    boot_first: list[str] = []
-    if kernel is not None:
-        files.append(FwCfgFile(LINUXBOOT_FILE, linuxboot_rom()))
-        boot_first.append(f"/rom@{LINUXBOOT_FILE}")
-    if config.cdrom:
-        image = open_disk(config.cdrom, read_only=True, shared=True, format="raw")
-        channel = IdeChannel(KvmIrqLine(machine.vm, IDE_IRQ), AtapiCdrom(image))
-        pio.register("IDE secondary (ATAPI CD-ROM)", IDE_COMMAND_BASE, 8, channel.read, channel.write)
-        pio.register("IDE secondary control", IDE_CONTROL_PORT, 1, channel.read_control, channel.write_control)
-        machine.devices["cdrom"] = channel
-        machine.register_state("cdrom", channel.state, channel.restore, IdeState)  # type: ignore[arg-type]
-        machine.services.append(_Closing(image))
-        boot_first.append(f"/pci@i0cf8/*@{CDROM_SLOT}/drive@1/disk@0")  # the CD, as an installer wants it
-    if boot_first:  # then SeaBIOS goes on with the disks, in slot order
-        files.append(FwCfgFile("bootorder", "".join(f"{entry}\n" for entry in boot_first).encode()))
-    items = {RAM_SIZE: struct.pack("<Q", machine.memory.size), NB_CPUS: struct.pack("<H", config.cpus),
-             MAX_CPUS: struct.pack("<H", config.cpus), **(kernel.items if kernel is not None else {})}
-    fw_cfg = FwCfg(machine.memory, items, files)
-    pio.register("fw_cfg", FW_CFG_PORT, FW_CFG_SPAN, fw_cfg.read, fw_cfg.write)
-    machine.devices.update(cmos=cmos, system_control=control, post=post, fw_cfg=fw_cfg)
-    machine.services.append(cmos)
-    machine.register_state("cmos", cmos.state, cmos.restore, CmosState)  # type: ignore[arg-type]
 
 
 def _create_vcpus(machine: Vmm) -> None:
@@ -317,22 +253,6 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
     machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
     for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
         machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
-
-
-CDROM_SLOT = 2  # the IDE function's slot: after the host bridge and the ISA bridge
-
-
-class _Closing:
-    """Closes a back end with the machine (a service with nothing to start)."""
-
-    def __init__(self, image: DiskImage) -> None:
-        self.image = image
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.image.close()
 
 
 def _attach_pci(machine: Vmm, config: MachineConfig, chipset: list[PciFunction]) -> None:
