@@ -110,7 +110,11 @@ def test_linux_reads_the_cd_through_ata_piix(images: tuple[Path, Path], tmp_path
     _, iso = images
     linux = fetch_debian(CACHE)
     spec = InitramfsSpec(linux.busybox, resolve_modules(["ata_piix", "sr_mod", "isofs"], linux.modules),
-                         commands=["mkdir -p /cd", "mount -t iso9660 -o ro /dev/sr0 /cd && ls /cd/boot && echo CD-OK"])
+                         commands=["mkdir -p /cd",
+                                   # libata probes the port after the module has loaded: wait for the drive
+                                   "for i in $(seq 120); do [ -b /dev/sr0 ] && break; sleep 1; done",
+                                   "dmesg | grep -E 'ata2|sr0|sr 1' ",
+                                   "mount -t iso9660 -o ro /dev/sr0 /cd && ls /cd/boot && echo CD-OK"])
     initrd = tmp_path / "initrd.img"
     initrd.write_bytes(build_initramfs(spec))
     with Machine(firmware="bios", kernel=str(linux.kernel), initrd=str(initrd), append="console=ttyS0",
@@ -118,5 +122,5 @@ def test_linux_reads_the_cd_through_ata_piix(images: tuple[Path, Path], tmp_path
         vm.start()
         vm.console.expect(r"Booting from ROM", timeout=120)
         vm.console.expect(DEFAULT_MARKER, timeout=600)
-        vm.console.expect(r"vmlinuz", timeout=120)  # the CD's /boot, read through ATAPI
+        vm.console.expect(r"vmlinuz", timeout=180)  # the CD's /boot, read through ATAPI
         vm.console.expect(r"CD-OK", timeout=60)
