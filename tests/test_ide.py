@@ -142,3 +142,12 @@ def test_a_channel_mid_read_is_saved_and_restored(channel, tmp_path: Path) -> No
     assert b"".join(first) + rest == bytes([5]) * 2048 + bytes([6]) * 2048 + bytes([7]) * 2048
     with pytest.raises(ValueError):
         again.restore(ide.IdeState([0], b"", 0, False, None, b"", 0, [0, 0]))
+
+
+def test_the_pci_function_leaves_both_channels_decoded() -> None:
+    function = ide.Piix3Ide()
+    assert function.config_read(0, 4) == 0x70108086 and function.config_read(0x08, 4) >> 8 == 0x010180
+    assert function.config_read(ide.IDETIM_PRIMARY, 2) & ide.IDE_DECODE_ENABLE
+    assert function.config_read(ide.IDETIM_SECONDARY, 2) & ide.IDE_DECODE_ENABLE
+    function.config_write(ide.IDETIM_SECONDARY, 2, 0xA307)  # firmware's timing: kept, read back
+    assert function.config_read(ide.IDETIM_SECONDARY, 2) == 0xA307

@@ -351,10 +351,18 @@ class IdeChannel:
         return {"commands": self.commands, "reads": self.master.reads if self.master is not None else 0}
 
 
+IDETIM_PRIMARY, IDETIM_SECONDARY, SIDETIM = 0x40, 0x42, 0x44
+IDE_DECODE_ENABLE = 0x8000  # IDETIM bit 15: the channel's ports are decoded (Linux's ata_piix checks it)
+
+
 class Piix3Ide(PciFunction):
-    """00:01.1, Intel 82371SB (PIIX3) function 1: the IDE controller, both channels in compatibility
-    mode at the legacy ports (class 01:01, programming interface 0x80: no native-mode switch; no bus
-    master BAR: PIO only, which SeaBIOS and Linux's ata_piix both accept)."""
+    """Intel 82371SB (PIIX3) function 1: the IDE controller, both channels in compatibility mode at
+    the legacy ports (class 01:01, programming interface 0x80: no native-mode switch; no bus master
+    BAR: PIO only, which SeaBIOS and Linux's ata_piix both accept). Its timing registers (IDETIM,
+    SIDETIM) keep what is written; both channels start decoded, as firmware leaves them."""
 
     def __init__(self) -> None:
         super().__init__(vendor=0x8086, device=0x7010, class_code=0x010180)
+        for register in (IDETIM_PRIMARY, IDETIM_SECONDARY):
+            struct.pack_into("<H", self.config, register, IDE_DECODE_ENABLE)
+        self.writable[IDETIM_PRIMARY : SIDETIM + 1] = b"\xff" * (SIDETIM + 1 - IDETIM_PRIMARY)
