@@ -14,6 +14,7 @@ import pytest
 from worldswitch.boot.firmware import SEABIOS
 from worldswitch.boot.initramfs import DEFAULT_MARKER, InitramfsSpec, build_initramfs, resolve_modules
 from worldswitch.vmm.host import detect_host_kind
+from worldswitch.vmm.result import StopReason
 from worldswitch.vmx.api import Machine
 from worldswitch.vmx.debian import DebianLinux, fetch_debian
 from worldswitch.vmx.debian_image import PARTITION_START, build_disk, build_iso, grub_config, mbr
@@ -74,7 +75,7 @@ def test_the_hybrid_iso_boots_through_seabios_into_grubs_menu(images: tuple[Path
 @pytest.mark.kvm
 @pytest.mark.parametrize("which", ["disk", "iso"])
 @pytest.mark.skipif(EMULATED, reason="Linux behind GRUB takes a quarter of an hour where kernel code is emulated")
-def test_linux_boots_to_its_shell_from_the_disk_and_the_iso(images: tuple[Path, Path], which: str) -> None:
+def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(images: tuple[Path, Path], which: str) -> None:
     disk, iso = images
     spec = str(disk) if which == "disk" else f"{iso},ro,format=raw"
     with Machine(disk=[spec]) as vm:
@@ -82,6 +83,10 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso(images: tuple[Path, 
         vm.console.expect(r"Booting `Debian GNU/Linux", timeout=MENU_TIMEOUT)
         vm.console.expect(r"Linux version", timeout=300)
         vm.console.expect(DEFAULT_MARKER, timeout=300)
+        vm.console.expect(r"# ", timeout=60)  # busybox's shell
+        vm.console.send("poweroff -f\n")
+        result = vm.wait(120)
+        assert result is not None and result.reason is StopReason.POWER_OFF, result
 
 
 @pytest.mark.kvm

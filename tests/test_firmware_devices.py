@@ -233,3 +233,20 @@ def test_the_boot_sector_guest_powers_off_where_the_acpi_tables_say() -> None:
     assert bootsector.PM1_CNT == acpi.PM1_CNT_BLK and bootsector.S5_SLEEP_TYPE == S5_SLEEP_TYPE
     sector = bootsector.boot_sector(b"hello")
     assert len(sector) == 512 and sector.endswith(b"\x55\xaa") and b"hello\r\n" in sector
+
+
+def test_every_selector_read_past_its_end_by_port_and_by_dma_leaves_the_device_standing() -> None:
+    """A guest that selects every selector value, reads past each item's end through the data port,
+    and asks DMA for each at an MMIO address (the LAPIC's), outside RAM and across its top: each answer
+    is zeros or the error bit, as QEMU gives them, and nothing raises."""
+    cfg, memory = device([fc.FwCfgFile(f"etc/file{n}", bytes([n]) * n) for n in range(1, 5)])
+    for key in range(0x10000):
+        select(cfg, key)
+        entry = cfg.entries.get(key, b"")
+        got = bytes(cfg.read(1, 1) for _ in range(min(len(entry), 64) + 2))
+        assert got[len(got) - 2 :] == bytes(2) or len(entry) > 64  # zeros past the end
+    for target in (0xFEE00000, 3 * MIB, 2 * MIB - 4):
+        for key in (fc.SIGNATURE, fc.FILE_DIR, fc.FILE_FIRST, 0xFFFF):
+            assert dma(cfg, memory, 0x1000, (key << 16) | fc.DMA_SELECT | fc.DMA_READ, 64, target) == fc.DMA_ERROR
+    assert dma(cfg, memory, 0x1000, (fc.SIGNATURE << 16) | fc.DMA_SELECT | fc.DMA_READ, 4, 0x2000) == 0  # still serves
+    assert memory.read(0x2000, 4) == b"QEMU"
