@@ -165,7 +165,8 @@ def cmd_ctl(options: argparse.Namespace) -> int:
     if options.request == "snapshot" and isinstance(arguments.get("path"), str):
         arguments["path"] = os.path.abspath(arguments["path"])  # the VMX's working directory is not ours
     if options.request == "events":
-        stream_events(options.socket, lambda event: print(json.dumps(event), flush=True))
+        stream_events(options.socket, lambda event: print(json.dumps(event), flush=True),
+                      lambda: print(f"worldswitch: subscribed to {options.socket}", file=sys.stderr, flush=True))
         return 0
     response = request(options.socket, options.request, options.timeout, arguments)
     if not response.get("ok"):

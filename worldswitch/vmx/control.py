@@ -474,8 +474,10 @@ def request(socket_path: str | Path, command: str, timeout: float = 60.0,
         connection.close()
 
 
-def stream_events(path: str | Path, on_event: Callable[[dict[str, Any]], None]) -> None:
-    """Subscribe and hand every event to on_event until the VMX ends the stream."""
+def stream_events(path: str | Path, on_event: Callable[[dict[str, Any]], None],
+                  on_subscribed: Callable[[], None] = lambda: None) -> None:
+    """Subscribe and hand every event to on_event until the VMX ends the stream; on_subscribed is
+    called once the VMX has taken the subscription (from then on no event is missed)."""
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(str(path))
@@ -487,3 +489,5 @@ def stream_events(path: str | Path, on_event: Callable[[dict[str, Any]], None]) 
             message = json.loads(line)
             if "event" in message:
                 on_event(message)
+            elif message.get("result") == {"subscribed": True}:
+                on_subscribed()
