@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from worldswitch.boot.firmware import SEABIOS
+from worldswitch.boot.bios import SEABIOS
 from worldswitch.guests.bootsector import MESSAGE, boot_sector
 from worldswitch.vmm.host import detect_host_kind
 

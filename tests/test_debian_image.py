@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.boot.firmware import SEABIOS
+from worldswitch.boot.bios import SEABIOS
 from worldswitch.boot.initramfs import DEFAULT_MARKER, InitramfsSpec, build_initramfs, resolve_modules
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import StopReason

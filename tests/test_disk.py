@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.devices.disk import open_disk
+from worldswitch.devices.disk.opener import open_disk
 from worldswitch.devices.disk.qcow2 import create_qcow2
 from worldswitch.errors import ConfigError
 from worldswitch.vmm.config import DiskConfig

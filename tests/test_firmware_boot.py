@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.boot.firmware import SEABIOS
+from worldswitch.boot.bios import SEABIOS
 from worldswitch.guests.bootsector import MESSAGE, boot_sector
 from worldswitch.vmm.config import DiskConfig, MachineConfig
 from worldswitch.vmm.result import StopReason

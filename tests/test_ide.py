@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from worldswitch.devices import ide
-from worldswitch.devices.disk import open_disk
+from worldswitch.devices.disk.opener import open_disk
 
 from .helpers import RecordingLine
 

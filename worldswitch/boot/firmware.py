@@ -15,11 +15,10 @@ from ..devices import fw_cfg
 from ..errors import ConfigError, GuestImageError
 from ..memory.layout import MemoryMap
 from . import acpi
+from .bios import LINUXBOOT_ROM, SEABIOS
 from .bzimage import parse_bzimage
 from .linux import e820_map
 
-SEABIOS = "/usr/share/seabios/bios-256k.bin"  # Debian's seabios package, as QEMU's pc machine uses it
-LINUXBOOT_ROM = "/usr/share/qemu/linuxboot_dma.bin"  # QEMU's option ROM that boots a kernel from fw_cfg
 LINUXBOOT_FILE = "genroms/linuxboot_dma.bin"
 ROM_TOP = 1 << 32  # the reset vector is 16 bytes below
 LOW_ROM_END = 0x100000  # the BIOS's last 128 KiB also appear below 1 MiB
@@ -33,11 +32,6 @@ ZONE_HIGH, ZONE_FSEG = 1, 2
 TABLES_FILE, RSDP_FILE, LOADER_FILE_NAME = "etc/acpi/tables", "etc/acpi/rsdp", "etc/table-loader"
 E820_ENTRY = struct.Struct("<QQI")
 HEADER_LENGTH_AT, HEADER_CHECKSUM_AT = 4, 9  # in every ACPI table header
-
-
-def firmware_path(choice: str) -> str:
-    """`bios` is Debian's SeaBIOS; anything else is the path of another build."""
-    return SEABIOS if choice == "bios" else choice
 
 
 def read_rom(path: str) -> bytes:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..boot.firmware import firmware_path
+from ..boot.bios import firmware_path
 from ..devices.disk.image import FORMATS as DISK_FORMATS
 from ..errors import ConfigError
 from ..guests import DEFAULT_GUEST, builtin_path

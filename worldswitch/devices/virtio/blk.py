@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ...memory.guest import GuestMemory
-from ..disk import open_disk
+from ..disk.opener import open_disk
 from . import BLOCK
 from .device import VirtioDevice, VirtioLink
 from .queue import Buffer, DescriptorChain, VirtqueueError

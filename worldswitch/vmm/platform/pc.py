@@ -13,7 +13,8 @@ from ...devices.cmos import INDEX_PORT as CMOS_PORT
 from ...devices.cmos import PORT_SPAN as CMOS_PORT_SPAN
 from ...devices.cmos import RTC_IRQ, Cmos, CmosState
 from ...devices.cmos import memory_bytes as cmos_memory_bytes
-from ...devices.disk import DiskImage, open_disk
+from ...devices.disk.image import DiskImage
+from ...devices.disk.opener import open_disk
 from ...devices.fw_cfg import MAX_CPUS, NB_CPUS
 from ...devices.fw_cfg import PORT_SPAN as FW_CFG_SPAN
 from ...devices.fw_cfg import RAM_SIZE
