@@ -79,21 +79,21 @@ def _path(raw: Any, base: Path | None) -> str:
     return str(base / Path(raw).expanduser()) if base is not None else raw
 
 
-def _count(raw: Any, base: Path | None) -> int:
+def _integer(raw: Any, minimum: int, expected: str) -> int:
     if isinstance(raw, str) and raw.strip().isdigit():  # as typed on the command line
         raw = int(raw)
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
-        raise ConfigError("expected a positive integer")
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < minimum:
+        raise ConfigError(f"expected {expected}")
     return raw
+
+
+def _count(raw: Any, base: Path | None) -> int:
+    return _integer(raw, 1, "a positive integer")
 
 
 def _identity(raw: Any, base: Path | None) -> int:
     """A user or group ID: 0 is a valid one (what is done with it is for the caller to judge)."""
-    if isinstance(raw, str) and raw.strip().isdigit():
-        raw = int(raw)
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise ConfigError("expected a user or group ID (a number, 0 or more)")
-    return raw
+    return _integer(raw, 0, "a user or group ID (a number, 0 or more)")
 
 
 def _flag(raw: Any, base: Path | None) -> bool:
@@ -200,7 +200,9 @@ class Described:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        """How the user types it: --name, or --no-name for a flag that is on by default."""
+        spelled = self.name.replace("_", "-")
+        return f"--no-{spelled}" if self.option.kind.shape is Shape.FLAG and self.default is True else f"--{spelled}"
 
     def convert(self, raw: Any, base: Path | None, where: str) -> Any:
         """The setting for `raw`; a ConfigError names `where` the value came from."""

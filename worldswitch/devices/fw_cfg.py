@@ -92,8 +92,6 @@ class FwCfg:
             elif offset == DMA_PORT + 4 - SELECTOR_PORT and size == 4:
                 self._dma((self.dma_high << 32) | _swap32(value))
                 self.dma_high = 0
-            elif offset == DMA_PORT - SELECTOR_PORT and size == 8:
-                self._dma(int.from_bytes(value.to_bytes(8, "little"), "big"))
 
     def _data_byte(self) -> int:
         entry = self.entries.get(self.selector, b"")

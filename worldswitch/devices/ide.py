@@ -40,7 +40,7 @@ TEST_UNIT_READY, REQUEST_SENSE, INQUIRY, START_STOP, PREVENT_ALLOW = 0x00, 0x03,
 READ_CAPACITY, READ_10, READ_TOC, GET_CONFIGURATION, GET_EVENT_STATUS = 0x25, 0x28, 0x43, 0x46, 0x4A
 MODE_SENSE_10, READ_12, SET_CD_SPEED = 0x5A, 0xA8, 0xBB
 NO_SENSE, NOT_READY, ILLEGAL_REQUEST = 0x0, 0x2, 0x5
-INVALID_OPCODE, LBA_OUT_OF_RANGE, INVALID_FIELD = 0x20, 0x21, 0x24
+INVALID_OPCODE, LBA_OUT_OF_RANGE, INVALID_FIELD, MEDIUM_NOT_PRESENT = 0x20, 0x21, 0x24, 0x3A
 
 
 def _ata_string(text: str, length: int) -> bytes:
@@ -274,17 +274,21 @@ class IdeChannel:
         try:
             data, reads = drive.execute(cdb)
         except CheckCondition as condition:
-            drive.sense = (condition.key, condition.code)
-            self.nsector = REASON_IO | REASON_COD
-            self._done(condition.key << 4 | ABRT)
+            self._check_condition(condition.key, condition.code)
             return
         except OSError:
-            drive.sense = (NOT_READY, 0x3A)  # the medium failed: "medium not present", as a drive would say
-            self.nsector = REASON_IO | REASON_COD
-            self._done(NOT_READY << 4 | ABRT)
+            self._check_condition(NOT_READY, MEDIUM_NOT_PRESENT)  # the medium failed, as a drive would say
             return
         self.pending, self.remaining = bytearray(data), reads
         self._next_piece()
+
+    def _check_condition(self, key: int, code: int) -> None:
+        """End the PACKET command with CHECK CONDITION: the sense kept for REQUEST SENSE, the key in
+        the error register."""
+        if self.master is not None:
+            self.master.sense = (key, code)
+        self.nsector = REASON_IO | REASON_COD
+        self._done(key << 4 | ABRT)
 
     def _next_piece(self) -> None:
         """Hand over the next piece of the answer, or end the command."""
@@ -300,10 +304,8 @@ class IdeChannel:
             try:
                 self.pending += self.master.read(lba, take)  # type: ignore[union-attr]
             except OSError:
-                self.master.sense = (NOT_READY, 0x3A)  # type: ignore[union-attr]
                 self.pending, self.remaining = bytearray(), None
-                self.nsector = REASON_IO | REASON_COD
-                self._done(NOT_READY << 4 | ABRT)
+                self._check_condition(NOT_READY, MEDIUM_NOT_PRESENT)
                 return
             self.remaining = (lba + take, count - take)
         self.buffer, self.position = self.pending[:piece], 0

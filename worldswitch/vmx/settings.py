@@ -76,12 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser, options: tuple[Described, ...
         target: Any = programs if entry.option.program else parser
         flags = [entry.flag, *([entry.option.short] if entry.option.short else [])]
         extra: dict[str, Any] = {}
-        if entry.option.kind.shape is Shape.FLAG:
-            if entry.default is True:  # on by default: the flag turns it off
-                flags = ["--no-" + entry.flag[2:]]
-                extra = {"action": "store_false", "dest": entry.name}
-            else:
-                extra = {"action": "store_true"}
+        if entry.option.kind.shape is Shape.FLAG:  # on by default: the flag (--no-name) turns it off
+            extra = {"action": "store_false" if entry.default is True else "store_true", "dest": entry.name}
         else:
             extra = {"metavar": entry.option.metavar or "VALUE"}
             if entry.option.kind.shape is Shape.REPEATED:
@@ -97,8 +93,7 @@ def given(namespace: argparse.Namespace, options: tuple[Described, ...]) -> dict
     values = {}
     for entry in options:
         if hasattr(namespace, entry.name):
-            where = entry.flag if entry.default is not True else "--no-" + entry.flag[2:]
-            values[entry.name] = entry.convert(getattr(namespace, entry.name), None, where)
+            values[entry.name] = entry.convert(getattr(namespace, entry.name), None, entry.flag)
     return values
 
 

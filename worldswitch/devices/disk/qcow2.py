@@ -182,13 +182,18 @@ class Qcow2Image:
         if inside < length:
             _scatter(_slices(views, inside, length - inside), None)
 
-    def _decompress(self, entry: int) -> bytes:
-        if self._decompressed is not None and self._decompressed[0] == entry:
-            return self._decompressed[1]
+    def _compressed_extent(self, entry: int) -> tuple[int, int]:
+        """(host offset, length) of a compressed cluster's deflate stream: its L2 entry holds the offset
+        and how many 512-byte sectors beyond the first it reaches into."""
         shift = 62 - (self.cluster_bits - 8)
         host = entry & ((1 << shift) - 1)
         sectors = (entry >> shift) & ((1 << (62 - shift)) - 1)
-        length = (sectors + 1) * 512 - (host & 511)
+        return host, (sectors + 1) * 512 - (host & 511)
+
+    def _decompress(self, entry: int) -> bytes:
+        if self._decompressed is not None and self._decompressed[0] == entry:
+            return self._decompressed[1]
+        host, length = self._compressed_extent(entry)
         data = os.pread(self.fd, length, host)
         try:
             cluster = zlib.decompressobj(-12).decompress(data, self.cluster_size)
@@ -253,10 +258,8 @@ class Qcow2Image:
 
     def _release_compressed(self, entry: int) -> None:
         """A compressed cluster no longer referenced: one reference less on each host cluster it lay in."""
-        shift = 62 - (self.cluster_bits - 8)
-        host = entry & ((1 << shift) - 1)
-        sectors = (entry >> shift) & ((1 << (62 - shift)) - 1)
-        last = host + (sectors + 1) * 512 - (host & 511) - 1
+        host, length = self._compressed_extent(entry)
+        last = host + length - 1
         for cluster_offset in range(host & ~(self.cluster_size - 1), last + 1, self.cluster_size):
             self._set_refcount(cluster_offset, max(0, self._refcount(cluster_offset) - 1))
 
