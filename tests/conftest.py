@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.journal"]  # a retry on the nested host resumes where the last attempt stopped
+
 
 def _kvm_problem() -> str | None:
     try:

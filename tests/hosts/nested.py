@@ -412,8 +412,9 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                         help="stop L1 after this long and exit with 124 (default %(default)s)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="when the nested host itself fails (L1 crashed or stopped responding: status 125), "
-                             "run the command again from the start, at most N times; never when the command "
-                             "fails (docs/hosts.md has the QEMU TCG faults that make this needed)")
+                             "run the command again, at most N times; never when the command fails. A pytest "
+                             "run resumes after the tests that had finished (tests/journal.py; docs/hosts.md "
+                             "has the QEMU TCG faults that make this needed)")
     parser.add_argument("--build", action="store_true", help="only build (or find) the cached L1 image")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the shell command (default: worldswitch info)")
     options = parser.parse_args(argv)
@@ -424,13 +425,23 @@ def main(flavour: Flavour, argv: list[str]) -> int:
             return 0
         command = " ".join(options.command) or "worldswitch info"
         resources = Resources(options.cpus, options.memory, options.timeout)
-        status = run(flavour, command, resources)
-        for attempt in range(options.retries):
-            if status != EXIT_HOST_FAILED:
-                break
-            print(f"nested host: it failed, not the command; running the command again "
-                  f"({attempt + 2} of {options.retries + 1})", file=sys.stderr, flush=True)
-            status = run(flavour, command, resources)
+        # the attempts share a test journal (tests/journal.py): a pytest run resumes after the tests
+        # an attempt finished before L1 died, and the failures among them still count
+        journals = CACHE / "journals"
+        journals.mkdir(parents=True, exist_ok=True)
+        journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
+        environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal)}
+        try:
+            status = run(flavour, command, resources, environment)
+            for attempt in range(options.retries):
+                if status != EXIT_HOST_FAILED:
+                    break
+                print(f"nested host: it failed, not the command; running the command again "
+                      f"({attempt + 2} of {options.retries + 1}; pytest resumes after the tests that finished)",
+                      file=sys.stderr, flush=True)
+                status = run(flavour, command, resources, environment)
+        finally:
+            journal.unlink(missing_ok=True)
         return status
     except (WorldswitchError, OSError) as error:
         print(f"tests/hosts/{flavour.name}: {error}", file=sys.stderr)

@@ -1,0 +1,91 @@
+"""A pytest run that resumes where an earlier attempt of it was cut off.
+
+The nested test host (tests/hosts/nested.py) runs the suite again when L1 itself crashes (docs/hosts.md,
+TCG issue 6). Without a journal the new attempt starts from the first test, and a crash late in the run
+costs the whole run again. With `WORLDSWITCH_TEST_JOURNAL=FILE` set, every finished test's outcome is
+appended to FILE as it ends (flushed and synced, so it survives the host that ran it), and a run that
+finds the file deselects the tests it names. Their failures still count: the run exits with pytest's
+"tests failed" status if any earlier attempt had one, and lists them in its summary. The test that was
+running when the host died has no entry, so it runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ENVIRONMENT = "WORLDSWITCH_TEST_JOURNAL"
+_RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+
+class Journal:
+    """Registered as a pytest plugin when ENVIRONMENT names a file (this module is one: tests/conftest.py
+    loads it; `-p tests.journal` does elsewhere)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.earlier = self._read(path)
+        self.outcomes: dict[str, str] = {}  # this run's tests, their worst phase so far
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, str]:
+        earlier: dict[str, str] = {}
+        if not path.exists():
+            return earlier
+        text = path.read_text(errors="replace")
+        if text and not text.endswith("\n"):
+            with path.open("a") as journal:  # end the line the crash cut short, so that ours start clean
+                journal.write("\n")
+        for line in text.splitlines():
+            try:
+                entry = json.loads(line)
+                earlier[str(entry["test"])] = str(entry["outcome"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short when the host died: that test runs again
+        return earlier
+
+    @property
+    def earlier_failures(self) -> list[str]:
+        return sorted(test for test, outcome in self.earlier.items() if outcome == "failed")
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        done = [item for item in items if item.nodeid in self.earlier]
+        if done:
+            items[:] = [item for item in items if item.nodeid not in self.earlier]
+            config.hook.pytest_deselected(items=done)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        outcome = report.outcome if report.outcome in _RANK else "failed"
+        before = self.outcomes.get(report.nodeid, "passed")
+        self.outcomes[report.nodeid] = max(before, outcome, key=_RANK.__getitem__)
+        if report.when == "teardown":
+            line = json.dumps({"test": report.nodeid, "outcome": self.outcomes[report.nodeid]}) + "\n"
+            with self.path.open("a") as journal:
+                journal.write(line)
+                journal.flush()
+                os.fsync(journal.fileno())
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:  # type: ignore[no-untyped-def]
+        if not self.earlier:
+            return
+        failures = self.earlier_failures
+        terminalreporter.write_line(f"resumed: {len(self.earlier)} tests had finished in an earlier attempt, "
+                                    f"{len(failures)} of them failed")
+        for test in failures:
+            terminalreporter.write_line(f"FAILED (earlier attempt) {test}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if self.earlier_failures and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        elif not self.earlier_failures and self.earlier and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+            session.exitstatus = pytest.ExitCode.OK  # everything had run before the host died
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = os.environ.get(ENVIRONMENT)
+    if name:
+        config.pluginmanager.register(Journal(Path(name)), "worldswitch-journal")

@@ -1,0 +1,78 @@
+"""The test journal (tests/journal.py): a pytest run cut off mid-test resumes after the tests that had
+finished, and an earlier attempt's failure still fails the run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SAMPLE = '''
+import os
+from pathlib import Path
+
+def test_first():
+    pass
+
+def test_second():
+    assert {fail}
+
+def test_third():
+    mark = Path(os.environ["SAMPLE_MARK"])
+    if not mark.exists():
+        mark.touch()
+        os._exit(125)  # the host dies here, in the middle of a test
+
+def test_fourth():
+    pass
+'''
+
+
+def _pytest(directory: Path, journal: Path) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ, PYTHONPATH=str(REPO), WORLDSWITCH_TEST_JOURNAL=str(journal),
+                       SAMPLE_MARK=str(directory / "mark"))
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.journal", "-p", "no:cacheprovider",
+                           "-q", "-rf", "test_sample.py"],
+                          cwd=directory, env=environment, capture_output=True, text=True, timeout=120)
+
+
+def _sample(tmp_path: Path, fail: bool) -> Path:
+    (tmp_path / "test_sample.py").write_text(SAMPLE.format(fail="False" if fail else "True"))
+    return tmp_path / "journal.jsonl"
+
+
+def test_a_run_cut_off_resumes_after_the_finished_tests_and_keeps_their_failure(tmp_path: Path) -> None:
+    journal = _sample(tmp_path, fail=True)
+    first = _pytest(tmp_path, journal)
+    assert first.returncode == 125, first.stdout
+    assert journal.read_text().count("\n") == 2  # first and second finished; third was cut off
+
+    second = _pytest(tmp_path, journal)
+    assert "2 passed, 2 deselected" in second.stdout, second.stdout
+    assert "FAILED (earlier attempt) test_sample.py::test_second" in second.stdout
+    assert second.returncode == 1, second.stdout
+
+    third = _pytest(tmp_path, journal)  # nothing left to run: the earlier failure decides
+    assert "4 deselected" in third.stdout, third.stdout
+    assert third.returncode == 1, third.stdout
+
+
+def test_a_resumed_run_without_failures_passes_even_with_nothing_left(tmp_path: Path) -> None:
+    journal = _sample(tmp_path, fail=False)
+    assert _pytest(tmp_path, journal).returncode == 125
+    second = _pytest(tmp_path, journal)
+    assert second.returncode == 0 and "2 passed, 2 deselected" in second.stdout, second.stdout
+    assert _pytest(tmp_path, journal).returncode == 0
+
+
+def test_a_line_cut_short_by_the_crash_is_ignored(tmp_path: Path) -> None:
+    journal = _sample(tmp_path, fail=False)
+    journal.write_text('{"test": "test_sample.py::test_first", "outcome": "passed"}\n{"test": "test_sa')
+    (tmp_path / "mark").touch()
+    result = _pytest(tmp_path, journal)
+    assert result.returncode == 0 and "3 passed, 1 deselected" in result.stdout, result.stdout
+    again = _pytest(tmp_path, journal)  # the cut line was ended, so this run's entries were read back
+    assert again.returncode == 0 and "4 deselected" in again.stdout, again.stdout
