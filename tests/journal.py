@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ENVIRONMENT = "WORLDSWITCH_TEST_JOURNAL"
 _RANK = {"passed": 0, "skipped": 1, "failed": 2}
+_REPORT_CHARS = 4000  # the end of a failure's report, kept so that a later attempt can show it
+
+
+@dataclass
+class Entry:
+    outcome: str  # passed, skipped or failed: a test's worst phase
+    report: str = ""  # for a failure, the end of pytest's report of it
 
 
 class Journal:
@@ -28,11 +36,11 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.earlier = self._read(path)
-        self.outcomes: dict[str, str] = {}  # this run's tests, their worst phase so far
+        self.current: dict[str, Entry] = {}  # this run's tests, their worst phase so far
 
     @staticmethod
-    def _read(path: Path) -> dict[str, str]:
-        earlier: dict[str, str] = {}
+    def _read(path: Path) -> dict[str, Entry]:
+        earlier: dict[str, Entry] = {}
         if not path.exists():
             return earlier
         text = path.read_text(errors="replace")
@@ -42,14 +50,14 @@ class Journal:
         for line in text.splitlines():
             try:
                 entry = json.loads(line)
-                earlier[str(entry["test"])] = str(entry["outcome"])
-            except (ValueError, KeyError, TypeError):
+                earlier[str(entry["test"])] = Entry(str(entry["outcome"]), str(entry.get("report", "")))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a line cut short when the host died: that test runs again
         return earlier
 
     @property
     def earlier_failures(self) -> list[str]:
-        return sorted(test for test, outcome in self.earlier.items() if outcome == "failed")
+        return sorted(test for test, entry in self.earlier.items() if entry.outcome == "failed")
 
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         done = [item for item in items if item.nodeid in self.earlier]
@@ -59,10 +67,13 @@ class Journal:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         outcome = report.outcome if report.outcome in _RANK else "failed"
-        before = self.outcomes.get(report.nodeid, "passed")
-        self.outcomes[report.nodeid] = max(before, outcome, key=_RANK.__getitem__)
+        entry = self.current.setdefault(report.nodeid, Entry("passed"))
+        if _RANK[outcome] > _RANK[entry.outcome]:
+            entry.outcome = outcome
+        if outcome == "failed":
+            entry.report = (entry.report + f"({report.when}) " + report.longreprtext)[-_REPORT_CHARS:]
         if report.when == "teardown":
-            line = json.dumps({"test": report.nodeid, "outcome": self.outcomes[report.nodeid]}) + "\n"
+            line = json.dumps({"test": report.nodeid, "outcome": entry.outcome, "report": entry.report}) + "\n"
             with self.path.open("a") as journal:
                 journal.write(line)
                 journal.flush()
@@ -75,7 +86,8 @@ class Journal:
         terminalreporter.write_line(f"resumed: {len(self.earlier)} tests had finished in an earlier attempt, "
                                     f"{len(failures)} of them failed")
         for test in failures:
-            terminalreporter.write_line(f"FAILED (earlier attempt) {test}")
+            terminalreporter.write_sep("_", f"FAILED (earlier attempt) {test}")
+            terminalreporter.write_line(self.earlier[test].report)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:

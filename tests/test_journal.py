@@ -53,6 +53,7 @@ def test_a_run_cut_off_resumes_after_the_finished_tests_and_keeps_their_failure(
     second = _pytest(tmp_path, journal)
     assert "2 passed, 2 deselected" in second.stdout, second.stdout
     assert "FAILED (earlier attempt) test_sample.py::test_second" in second.stdout
+    assert "assert False" in second.stdout  # the earlier attempt's report of it
     assert second.returncode == 1, second.stdout
 
     third = _pytest(tmp_path, journal)  # nothing left to run: the earlier failure decides
