@@ -21,7 +21,7 @@ def test_application_processors_start_and_report_from_their_own_vcpus(cpus: int)
     assert run.result.reason is StopReason.GUEST_DONE, run.result.message
     running, mask, announced, _ = run.result.details["ucall"].args  # type: ignore[union-attr]
     assert (running, mask, announced) == (cpus, (1 << cpus) - 1, cpus)
-    syncs = sorted(call.args[0] for call in run.machine.ucalls if call.command == UcallCommand.SYNC)
+    syncs = sorted(call.args[0] for call in run.machine.outcome.ucalls if call.command == UcallCommand.SYNC)
     assert syncs == list(range(1, cpus))  # one SYNC per AP, carrying its APIC ID
     for vcpu in run.stats.vcpus[1:]:
         assert vcpu.exits.get("io") == 1  # each AP's SYNC was a world switch of its own vCPU

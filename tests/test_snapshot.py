@@ -32,9 +32,9 @@ AP_TARGET = 100_000
 
 def slots_address(vm: Machine) -> int:
     deadline = time.monotonic() + 10
-    while not vm.vmm.ucalls and time.monotonic() < deadline:
+    while not vm.vmm.outcome.ucalls and time.monotonic() < deadline:
         time.sleep(0.01)
-    return vm.vmm.ucalls[0].args[0]
+    return vm.vmm.outcome.ucalls[0].args[0]
 
 
 def counts(vm: Machine, address: int, cpus: int) -> list[int]:

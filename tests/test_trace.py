@@ -11,7 +11,7 @@ import pytest
 
 from worldswitch.driver.binary_stats import BinaryStats
 from worldswitch.errors import WorldswitchError
-from worldswitch.vmm.trace import FLAG_KICKED, FLAG_WRITE, read_trace
+from worldswitch.vmm.trace import FLAG_KICKED, FLAG_WRITE, TraceRequest, read_trace
 from worldswitch.vmx.stats_report import table
 from worldswitch.vmx.trace_report import summarise
 
@@ -25,9 +25,8 @@ def test_every_world_switch_is_recorded_with_its_details(tmp_path: Path) -> None
     from worldswitch.vmm.config import MachineConfig
 
     path = tmp_path / "run.trace"
-    machine = build_for_boot(MachineConfig(guest="exits", args="500"), lambda _b: None)
+    machine = build_for_boot(MachineConfig(guest="exits", args="500"), lambda _b: None, trace=TraceRequest(str(path)))
     with machine:
-        machine.enable_trace(str(path))
         machine.start()
         assert machine.wait(30) is not None
         stats = machine.stats()
@@ -49,9 +48,8 @@ def test_the_interrupt_path_timeline(tmp_path: Path) -> None:
     from worldswitch.vmm.config import MachineConfig
 
     path = tmp_path / "kicks.trace"
-    machine = build_for_boot(MachineConfig(guest="fault", args="spin"), lambda _b: None)
+    machine = build_for_boot(MachineConfig(guest="fault", args="spin"), lambda _b: None, trace=TraceRequest(str(path)))
     with machine:
-        machine.enable_trace(str(path))
         machine.start()
         for _ in range(5):
             time.sleep(0.05)

@@ -4,19 +4,19 @@ itself; reading this file tells you the whole machine."""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, NamedTuple
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
 from ..boot.firmware import ROM_TOP, FirmwareKernel, firmware_kernel, low_copy, read_rom
-from ..boot.linux import kernel_parameters, load_linux
+from ..boot.linux import LinuxBoot, kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
-from ..devices.pci import PciFunction
 from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
                                SequenceState)
@@ -29,23 +29,25 @@ from ..devices.virtio.pci import VirtioPciState
 from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from ..driver.kvm import Kvm, Vcpu
+from ..driver.kvm import Kvm, Vcpu, Vm
 from ..errors import ConfigError, WorldswitchError
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from ..memory.rom import Rom
 from .config import DiskConfig, MachineConfig, NetConfig
-from .host import detect_host_kind
+from .host import HostKind, detect_host_kind
 from .kick import install_kick_handler
-from .machine import Vmm
+from .machine import Parts, Platform, StateBinding, Vmm
+from .outcome import Outcome
 from .platform import pc
 from .platform.bus import MmioBus, PioBus
 from .platform.irq import KvmIrqLine
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
+from .trace import TraceRequest, TraceWriter
 from .x86.cpu import cpuid_for_vcpu, set_lint
-from .x86.cpuid import filter_cpuid, forced_features, hidden_features
+from .x86.cpuid import HiddenFeature, filter_cpuid, forced_features, hidden_features
 from .x86.emulate import TrapEmulator
 from .x86.longmode import program_registers, setup_long_mode
 from .x86.user_syscall import MSR_LSTAR, UserSyscall
@@ -57,8 +59,18 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
 
 
+class _Core(NamedTuple):
+    """The VM, its guest memory (registered with KVM), and what the host is."""
+    kvm: Kvm
+    vm: Vm
+    memory_map: MemoryMap
+    memory: GuestMemory
+    host: HostKind
+
+
 def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
-                   warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
+                   warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm",
+                   trace: TraceRequest | None = None) -> Vmm:
     """A machine ready to start() its program, kernel or firmware from the beginning. On failure
     everything it had opened is closed again."""
     name, path = check_config(config)
@@ -68,36 +80,50 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     else:
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
     initrd = read_image(config.initrd, "initrd") if config.initrd else None
-    machine = _create_machine(config, warn, kvm_path)
-    try:
+    warn = warn or _quiet
+    with contextlib.ExitStack() as undo:
+        core = _open_vm(config, kvm_path, undo)
+        outcome = Outcome()
         kernel = None
         if rom is not None and config.kernel:
-            kernel = firmware_kernel(image, config.kernel, initrd, config.append, pc.ram_below_4g(machine.memory_map))
-        tables = _assemble_platform(machine, serial_sink, rom, kernel)
+            kernel = firmware_kernel(image, config.kernel, initrd, config.append, pc.ram_below_4g(core.memory_map))
+        platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
+        writer = _open_trace(trace, config, warn, undo)
+        runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
+        boot = None
         if rom is not None:
             address, low = low_copy(rom)
-            machine.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
+            core.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
         else:
-            _load_program(machine, name, image, initrd, tables)
-    except BaseException:
-        machine.close()
-        raise
+            boot = _load_program(core, config, name, image, initrd, tables, runners[0].vcpu, forced_cpuid)
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, forced_cpuid, writer, config.absolute(),
+                      core.host, warn)
+        undo.pop_all()  # the machine owns it all now
     return machine
 
 
 def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None],
-                      warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm") -> Vmm:
+                      warn: Callable[[str], None] | None = None, kvm_path: str = "/dev/kvm",
+                      trace: TraceRequest | None = None) -> Vmm:
     """A machine of the same make as `config`, with nothing loaded: a snapshot gives it memory and
     CPU state (restore_machine)."""
     _name, path = check_config(config)
     rom = read_rom(path) if config.boots_firmware else None
-    machine = _create_machine(config, warn, kvm_path)
-    try:
-        _assemble_platform(machine, serial_sink, rom)
-    except BaseException:
-        machine.close()
-        raise
+    warn = warn or _quiet
+    with contextlib.ExitStack() as undo:
+        core = _open_vm(config, kvm_path, undo)
+        outcome = Outcome()
+        platform, _tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, None, undo)
+        writer = _open_trace(trace, config, warn, undo)
+        runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, None, forced_cpuid, writer, config.absolute(),
+                      core.host, warn)
+        undo.pop_all()
     return machine
+
+
+def _quiet(_text: str) -> None:
+    pass
 
 
 def check_config(config: MachineConfig) -> tuple[str, str]:
@@ -113,93 +139,110 @@ def check_config(config: MachineConfig) -> tuple[str, str]:
     return config.program()
 
 
-def _create_machine(config: MachineConfig, warn: Callable[[str], None] | None, kvm_path: str) -> Vmm:
+def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -> _Core:
     """The VM and its guest memory, empty."""
     memory_map = MemoryMap.for_memory(config.memory_bytes)
     install_kick_handler()
     kvm = Kvm.open(kvm_path)
+    undo.callback(kvm.close)
     max_vcpus = kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS)
     if config.cpus > max_vcpus:
-        kvm.close()
         raise ConfigError(f"this host's KVM supports at most {max_vcpus} vCPUs per VM")
-    vm = None
-    try:
-        vm = kvm.create_vm()
-        memory = GuestMemory(memory_map.backed_ranges())
-    except BaseException:  # the host refused (no memory to map, ...): nothing may stay open
-        if vm is not None:
-            vm.close()
-        kvm.close()
-        raise
-    return Vmm(kvm, vm, memory_map, memory, PioBus(), MmioBus(warn), config.absolute(), detect_host_kind(),
-               warn or (lambda text: None))
+    vm = kvm.create_vm()
+    undo.callback(vm.close)
+    memory = GuestMemory(memory_map.backed_ranges())  # the host may refuse (no memory to map)
+    undo.callback(memory.close)
+    memory.register(vm)
+    return _Core(kvm, vm, memory_map, memory, detect_host_kind())
 
 
-def _assemble_platform(machine: Vmm, serial_sink: Callable[[bytes], None], rom: bytes | None,
-                       kernel: FirmwareKernel | None = None) -> acpi.AcpiTables:
-    """Everything but the program: the in-kernel irqchip and PIT, the legacy devices, PCI and the
-    virtio devices, the ACPI tables, the vCPUs and their runners. With a firmware `rom`, the PC
-    parts a BIOS expects too (chipset, CMOS, fw_cfg), and the ROM at the top of 4 GiB."""
-    vm, config = machine.vm, machine.config
-    machine.memory.register(vm)
+def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, serial_sink: Callable[[bytes], None],
+                       warn: Callable[[str], None], rom: bytes | None, kernel: FirmwareKernel | None,
+                       undo: contextlib.ExitStack) -> tuple[Platform, acpi.AcpiTables]:
+    """Everything but the vCPUs and the program: the in-kernel irqchip and PIT, the legacy devices,
+    PCI and the virtio devices, the ACPI tables. With a firmware `rom`, the PC parts a BIOS expects
+    too (chipset, CMOS, fw_cfg), and the ROM at the top of 4 GiB."""
+    vm, memory = core.vm, core.memory
     vm.set_tss_addr(KVM_TSS_ADDR)
     vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
     vm.create_irqchip()  # PIC, IOAPIC and a LAPIC per vCPU, all in the kernel
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
-    _attach_devices(machine, serial_sink)
+    pio, mmio = PioBus(), MmioBus(warn)
+    legacy, serial, reset = _legacy_devices(core, pio, mmio, outcome, serial_sink)
     pci_host = acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END)
+    chipset = pc.chipset(bool(config.cdrom)) if rom is not None else []
+    pci = PciPlatform(vm, pio, mmio, (reset.read, reset.write),
+                      lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)), warn, chipset)
+    undo.callback(pci.close)
+    parts = legacy + _virtio_devices(pci, memory, config, warn)
     if rom is None:
-        _attach_pci(machine, config, chipset=[])
         tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
-        machine.memory.write(tables.base, tables.blob)
+        memory.write(tables.base, tables.blob)
     else:
-        _attach_pci(machine, config, pc.chipset(bool(config.cdrom)))
         tables = acpi.build(0, config.cpus, pci=pci_host, cmos_rtc=True)  # the firmware places them
-        pc.attach_pc_devices(machine, tables, kernel)
+        pc_parts = pc.pc_parts(vm, memory, core.memory_map, pio, config, outcome, tables, kernel)
+        undo.callback(pc_parts.close)
         firmware = Rom(ROM_TOP - len(rom), rom)
-        firmware.register(vm, slot=len(machine.memory.regions))
-        machine.devices["rom"] = firmware
-    _create_vcpus(machine)
-    return tables
+        firmware.register(vm, slot=len(memory.regions))
+        parts = parts + pc_parts + Parts({"rom": firmware})
+    return Platform(core.memory_map, memory, pio, mmio, pci, parts, serial), tables
 
 
-def _create_vcpus(machine: Vmm) -> None:
-    vm, memory, host = machine.vm, machine.memory, machine.host
+def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callable[[str], None],
+                undo: contextlib.ExitStack) -> TraceWriter | None:
+    if trace is None:
+        return None
+    writer = TraceWriter(trace.path, config.cpus, trace.limit, warn)
+    undo.callback(writer.close, {"result": None, "error": "the machine could not be built"})
+    return writer
+
+
+def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
+                  trace: TraceWriter | None, undo: contextlib.ExitStack) -> tuple[list[VcpuRunner], list[HiddenFeature]]:
+    """A runner per vCPU, and what the host put back into the CPUID despite us (see cpuid.py): a
+    kernel must be told."""
+    vm, memory, host = core.vm, core.memory, core.host
     hidden = hidden_features(host)
-    supported = filter_cpuid(machine.kvm.get_supported_cpuid(), hidden)
+    supported = filter_cpuid(core.kvm.get_supported_cpuid(), hidden)
     vcpus = []
-    for index in range(machine.config.cpus):
+    for index in range(config.cpus):
         vcpu = vm.create_vcpu(index)
+        undo.callback(vcpu.close)
         vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
         set_lint(vcpu)
         vcpus.append(vcpu)
-    # What the host put back into the CPUID despite us (see cpuid.py): a kernel must be told.
-    machine.forced_cpuid = forced_features(vcpus[0].get_cpuid2(), hidden)
+    forced = forced_features(vcpus[0].get_cpuid2(), hidden)
 
     # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it; it needs
     # the guest's WRMSR to LSTAR, which an MSR filter sends here.
     complete_syscalls = host.kernel_code_emulated and all(
         vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER))
+    runners = []
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
-        machine.runners.append(VcpuRunner(vcpu, machine.pio, machine.mmio, machine.request_exit,
-                                          _code_fetcher(machine, vcpu), emulator,
-                                          UserSyscall(vcpu, emulator) if complete_syscalls else None))
+        runner = VcpuRunner(vcpu, platform.pio, platform.mmio, outcome.request, _code_fetcher(memory, vcpu), emulator,
+                            UserSyscall(vcpu, emulator) if complete_syscalls else None,
+                            trace.buffer_for(vcpu.id) if trace is not None else None)
+        undo.callback(runner.release)
+        runners.append(runner)
     if complete_syscalls:
         vm.deny_msr_writes([MSR_LSTAR])
+    return runners, forced
 
 
-def _load_program(machine: Vmm, name: str, image: bytes, initrd: bytes | None, tables: acpi.AcpiTables) -> None:
-    """The kernel or program in guest memory, and the boot vCPU at its entry in long mode."""
-    config, memory, host = machine.config, machine.memory, machine.host
+def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
+                  tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
+    """The kernel or program in guest memory, and the boot vCPU at its entry in long mode; what
+    was done to boot Linux, if it is Linux."""
+    memory, host = core.memory, core.host
+    boot = None
     if config.kernel:
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(config.append, machine.forced_cpuid, host.kernel_code_emulated)
+        added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
-        boot = load_linux(memory, machine.memory_map, image, name, initrd, config.initrd or "", cmdline,
+        boot = load_linux(memory, core.memory_map, image, name, initrd, config.initrd or "", cmdline,
                           config.decompress, host.kernel_code_emulated, tables.rsdp_address)
         boot.notes.extend(f"added {parameter}: {why}" for parameter, why in added)
-        machine.boot = boot
         # The 64-bit boot protocol: long mode, __BOOT_CS/__BOOT_DS, interrupts off, RSI = zero page.
         bsp_regs = s.kvm_regs(rip=boot.entry, rsi=boot.zero_page, rsp=layout.stack_top, rflags=0x2)
     else:
@@ -209,20 +252,21 @@ def _load_program(machine: Vmm, name: str, image: bytes, initrd: bytes | None, t
 
     # The bootstrap processor enters the program; the others wait for INIT/SIPI from it, which the
     # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
-    bsp = machine.runners[0].vcpu
     sregs = bsp.get_sregs()
     setup_long_mode(memory, sregs, layout)
     bsp.set_sregs(sregs)
     bsp.set_regs(bsp_regs)
+    return boot
 
 
-def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
-    pio, mmio = machine.pio, machine.mmio
-
-    serial = Serial(KvmIrqLine(machine.vm, COM1_IRQ), serial_sink)
+def _legacy_devices(core: _Core, pio: PioBus, mmio: MmioBus, outcome: Outcome,
+                    serial_sink: Callable[[bytes], None]) -> tuple[Parts, Serial, ResetRegister]:
+    """The devices every machine has on its ports, its serial console again, and the reset register
+    the PCI platform routes (a byte at 0xcf9, inside the host bridge's dword)."""
+    serial = Serial(KvmIrqLine(core.vm, COM1_IRQ), serial_sink)
     pio.register("serial0 (16550A)", COM1_BASE, REGISTER_COUNT, serial.read, serial.write)
 
-    i8042 = I8042(on_reset=machine.guest_reset)
+    i8042 = I8042(on_reset=outcome.guest_reset)
     pio.register("i8042 data", DATA_PORT, 1, lambda _o, size: i8042.read(0, size), lambda _o, size, v: i8042.write(0, size, v))
     pio.register(
         "i8042 command", COMMAND_PORT, 1,
@@ -230,45 +274,41 @@ def _attach_devices(machine: Vmm, serial_sink: Callable[[bytes], None]) -> None:
         lambda _o, size, v: i8042.write(COMMAND_PORT - DATA_PORT, size, v),
     )
 
-    debug_exit = DebugExit(on_exit=machine.guest_exit)
+    debug_exit = DebugExit(on_exit=outcome.guest_exit)
     pio.register("debug-exit", DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, debug_exit.read, debug_exit.write)
 
-    pm = AcpiPm(on_power_off=machine.guest_power_off)
+    pm = AcpiPm(on_power_off=outcome.guest_power_off)
     pio.register("ACPI PM1/timer", acpi.PM_BASE, PM_BLOCK_SIZE, pm.read, pm.write)
-    reset = ResetRegister(on_reset=machine.guest_reset)  # a byte at 0xcf9: the PCI platform routes it
+    reset = ResetRegister(on_reset=outcome.guest_reset)
 
-    ucall = UcallPort(machine.memory, machine.handle_ucall)
+    ucall = UcallPort(core.memory, outcome.ucall)
     pio.register("ucall", UCALL_PORT, UCALL_PORT_SIZE, ucall.read, ucall.write)
 
     pio_sequence, mmio_sequence = SequenceRegister(), SequenceRegister()
     pio.register("testdev (port)", TESTDEV_PORT, TESTDEV_PORT_SIZE, pio_sequence.read, pio_sequence.write)
     mmio.register("testdev (MMIO)", TESTDEV_MMIO, TESTDEV_MMIO_SIZE, mmio_sequence.read, mmio_sequence.write)
 
-    machine.devices.update(
-        serial=serial, i8042=i8042, debug_exit=debug_exit, acpi_pm=pm, reset=reset, ucall=ucall,
-        testdev_pio=pio_sequence, testdev_mmio=mmio_sequence,
-    )
-    machine.register_state("serial", serial.state, serial.restore, SerialState)  # type: ignore[arg-type]
-    machine.register_state("i8042", i8042.state, i8042.restore, I8042State)  # type: ignore[arg-type]
-    machine.register_state("acpi_pm", pm.state, pm.restore, AcpiPmState)  # type: ignore[arg-type]
-    for name, register in (("testdev_pio", pio_sequence), ("testdev_mmio", mmio_sequence)):
-        machine.register_state(name, register.state, register.restore, SequenceState)  # type: ignore[arg-type]
+    devices: dict[str, object] = dict(serial=serial, i8042=i8042, debug_exit=debug_exit, acpi_pm=pm, reset=reset,
+                                      ucall=ucall, testdev_pio=pio_sequence, testdev_mmio=mmio_sequence)
+    states = {
+        "serial": StateBinding(serial.state, serial.restore, SerialState),
+        "i8042": StateBinding(i8042.state, i8042.restore, I8042State),
+        "acpi_pm": StateBinding(pm.state, pm.restore, AcpiPmState),
+        "testdev_pio": StateBinding(pio_sequence.state, pio_sequence.restore, SequenceState),
+        "testdev_mmio": StateBinding(mmio_sequence.state, mmio_sequence.restore, SequenceState),
+    }
+    return Parts(devices, states), serial, reset
 
 
-def _attach_pci(machine: Vmm, config: MachineConfig, chipset: list[PciFunction]) -> None:
-    """The PCI host bridge (and what goes with it) and the virtio devices the user asked for, in slot order."""
-    reset = machine.devices["reset"]
-    pci = PciPlatform(machine.vm, machine.pio, machine.mmio, (reset.read, reset.write),  # type: ignore[attr-defined]
-                      lambda message: machine.request_exit(MachineResult.of(StopReason.VMX_ERROR, message)), machine.warn,
-                      chipset)
-    machine.pci = pci
+def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig, warn: Callable[[str], None]) -> Parts:
+    """The virtio devices the user asked for, on the PCI platform in slot order."""
+    devices: dict[str, object] = {}
+    states: dict[str, StateBinding] = {}
 
     def add(name: str, make_device: Callable[[VirtioLink], VirtioDevice]) -> None:
         function = pci.add_virtio(make_device, packed=config.packed_queues)
-        machine.devices[name] = function
-        machine.register_state(name, function.state, function.restore, VirtioPciState)  # type: ignore[arg-type]
-
-    memory, warn = machine.memory, machine.warn
+        devices[name] = function
+        states[name] = StateBinding(function.state, function.restore, VirtioPciState)
 
     def block(disk: DiskConfig) -> Callable[[VirtioLink], VirtioDevice]:
         return lambda link: VirtioBlock(link, memory, disk.path, disk.read_only, disk.serial, warn, disk.shared,
@@ -287,6 +327,7 @@ def _attach_pci(machine: Vmm, config: MachineConfig, chipset: list[PciFunction])
     if config.vconsole:
         backend = open_backend(config.vconsole)
         add("virtio-console", lambda link: VirtioConsole(link, memory, backend))
+    return Parts(devices, states)
 
 
 def restore_machine(
@@ -295,6 +336,7 @@ def restore_machine(
     warn: Callable[[str], None] | None = None,
     kvm_path: str = "/dev/kvm",
     progress: Callable[[str, int, int], None] | None = None,
+    trace: TraceRequest | None = None,
 ) -> Vmm:
     """A machine rebuilt from a snapshot's description and put back into the snapshot's state,
     ready to start() where it stopped."""
@@ -305,7 +347,7 @@ def restore_machine(
         config = MachineConfig.from_dict(saved.config)
     except (TypeError, KeyError) as error:
         raise snapshot.SnapshotError(f"the snapshot's machine description is malformed: {error}") from None
-    machine = build_for_restore(config, serial_sink, warn, kvm_path)
+    machine = build_for_restore(config, serial_sink, warn, kvm_path, trace)
     try:
         snapshot.restore(machine, saved, progress)
         for runner in machine.runners:
@@ -317,13 +359,13 @@ def restore_machine(
     return machine
 
 
-def _code_fetcher(machine: Vmm, vcpu: Vcpu) -> Callable[[int], bytes]:
+def _code_fetcher(memory: GuestMemory, vcpu: Vcpu) -> Callable[[int], bytes]:
     """Instruction bytes at a guest virtual address, for error reports (through KVM_TRANSLATE)."""
 
     def fetch(rip: int) -> bytes:
         translation = vcpu.translate(rip)
         if not translation.valid:
             raise WorldswitchError(f"rip {rip:#x} is not mapped")
-        return machine.memory.read(translation.physical_address, 15)
+        return memory.read(translation.physical_address, 15)
 
     return fetch

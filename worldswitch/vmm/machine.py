@@ -1,16 +1,16 @@
-"""Vmm: the monitor of one virtual machine: its KVM objects, guest memory, buses, devices and vCPU
-runners, and the single place that decides how the VM ended. vmm/builder.py assembles it; the VMX
-(vmx/api.py's Machine, the one class of that name) drives it."""
+"""Vmm: the monitor of one virtual machine: its KVM objects, its platform (guest memory, buses,
+devices), its vCPU runners and its Outcome (how it ended). vmm/builder.py makes every part and then
+the Vmm, whole; the VMX (vmx/api.py's Machine, the one class of that name) drives it."""
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from typing import Callable, Iterator, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
 
 from ..boot.linux import LinuxBoot
-from ..devices.ucall import Ucall, UcallCommand
+from ..devices.serial import Serial
 from ..driver import structs as s
 from ..driver.kvm import Kvm, Vm
 from ..errors import KvmError
@@ -18,12 +18,12 @@ from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap
 from .config import MachineConfig
 from .host import HostKind
+from .outcome import Outcome
 from .platform.bus import MmioBus, PioBus
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
-from .trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 from .trace import TraceWriter
 from .x86.cpuid import HiddenFeature
 
@@ -37,62 +37,98 @@ class Counted(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-class Service(Protocol):
-    """A device with a thread of its own, started with the machine and stopped with it."""
-
-    def start(self) -> None: ...
+class Owned(Protocol):
+    """A host resource the machine closes when it ends (the CD-ROM's image)."""
 
     def close(self) -> None: ...
 
 
+class Service(Owned, Protocol):
+    """A part with a thread of its own, started with the machine and closed with it (the RTC's
+    periodic interrupt)."""
+
+    def start(self) -> None: ...
+
+
+class StateBinding(NamedTuple):
+    """How a snapshot saves and restores one part: its state() and restore(state), and the state's type."""
+    save: Callable[[], object]
+    load: Callable[[Any], None]
+    kind: type
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What one step of the builder made: devices by name, the state of those a snapshot saves, the
+    services among them and the host resources they hold. Steps' parts add up (a name is used once)."""
+    devices: dict[str, object] = field(default_factory=dict)
+    states: dict[str, StateBinding] = field(default_factory=dict)
+    services: tuple[Service, ...] = ()
+    owned: tuple[Owned, ...] = ()
+
+    def __add__(self, other: "Parts") -> "Parts":
+        twice = (self.devices.keys() & other.devices.keys()) | (self.states.keys() & other.states.keys())
+        if twice:
+            raise ValueError(f"two parts named {', '.join(sorted(twice))}")
+        return Parts({**self.devices, **other.devices}, {**self.states, **other.states},
+                     self.services + other.services, self.owned + other.owned)
+
+    def close(self) -> None:
+        for part in (*self.services, *self.owned):
+            part.close()
+
+
+@dataclass(frozen=True)
+class Platform:
+    """The machine without its vCPUs: memory, the buses, and what is attached to them."""
+    memory_map: MemoryMap
+    memory: GuestMemory
+    pio: PioBus
+    mmio: MmioBus
+    pci: PciPlatform | None
+    parts: Parts
+    serial: Serial  # also in parts: the console the VMX attaches to
+
+
 class Vmm:
-    def __init__(self, kvm: Kvm, vm: Vm, memory_map: MemoryMap, memory: GuestMemory, pio: PioBus, mmio: MmioBus,
+    def __init__(self, kvm: Kvm, vm: Vm, platform: Platform, runners: list[VcpuRunner], outcome: Outcome,
+                 boot: LinuxBoot | None, forced_cpuid: list[HiddenFeature], trace: TraceWriter | None,
                  config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
+        """`boot`: when the machine boots Linux; `forced_cpuid`: what the host would not let us hide;
+        `trace`: where every world switch is recorded, if it is (the runners hold its buffers)."""
         self.kvm = kvm
         self.vm = vm
-        self.memory_map = memory_map
-        self.memory = memory
-        self.pio = pio
-        self.mmio = mmio
-        self.runners: list[VcpuRunner] = []
-        self.devices: dict[str, object] = {}
-        self.ucalls: list[Ucall] = []  # SYNC and PRINT calls, in arrival order
-        self.on_ucall: Callable[[Ucall], None] | None = None
-        self.on_exit: list[Callable[[MachineResult], None]] = []
-        self._result: MachineResult | None = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._started_ns = 0
-        self._ended_ns = 0
-        self._closed = False
-        self.trace_writer: TraceWriter | None = None  # while recording
+        self.memory_map = platform.memory_map
+        self.memory = platform.memory
+        self.pio = platform.pio
+        self.mmio = platform.mmio
+        self.pci = platform.pci
+        self.devices = platform.parts.devices
+        self.serial = platform.serial
+        self.states = platform.parts.states
+        self.parts = platform.parts
+        self.runners = runners
+        self.outcome = outcome
+        self.boot = boot
+        self.forced_cpuid = forced_cpuid
+        self.trace_writer = trace
         self.host = host
-        self.boot: LinuxBoot | None = None  # when the machine boots Linux
-        self.forced_cpuid: list[HiddenFeature] = []  # what the host would not let us hide
-        self.pci: PciPlatform | None = None
-        self.services: list[Service] = []  # devices with threads of their own (the RTC's periodic interrupt)
         self.warn = warn
         self.config = config  # with absolute paths, kept for snapshots
-        self.stateful: dict[str, tuple[Callable[[], object], Callable[[object], None], type]] = {}
+        self._started_ns = 0
+        self._closed = False
         self._paused_clock: s.kvm_clock_data | None = None
         self._paused = False
+        outcome.listen(self._stop_runners)
 
     # --- life cycle ------------------------------------------------------------------------
-
-    def enable_trace(self, path: str, limit: int = DEFAULT_TRACE_LIMIT) -> None:
-        """Record every world switch of every vCPU to `path` (see trace.py). Before start()."""
-        if self._started_ns:
-            raise RuntimeError("tracing must be enabled before the machine starts")
-        self.trace_writer = TraceWriter(path, len(self.runners), limit, self.warn)
-        for runner in self.runners:
-            runner.trace = self.trace_writer.buffer_for(runner.index)
 
     def _finish_trace(self) -> None:
         writer, self.trace_writer = self.trace_writer, None
         if writer is None:
             return
         stats = self.stats()
-        result = self._result
+        result = self.outcome.result
         writer.close({
             "devices": [
                 {"bus": bus_name, "name": r.name, "base": r.base, "length": r.length}
@@ -108,7 +144,7 @@ class Vmm:
         self._started_ns = time.perf_counter_ns()
         if self.pci is not None:
             self.pci.start()  # device I/O threads first: a guest may kick a queue at once
-        for service in self.services:
+        for service in self.parts.services:
             service.start()
         for runner in self.runners:
             runner.start()
@@ -119,40 +155,35 @@ class Vmm:
 
     @property
     def running(self) -> bool:
-        return bool(self._started_ns) and not self._done.is_set()
+        return bool(self._started_ns) and not self.outcome.decided
 
     @property
     def result(self) -> MachineResult | None:
-        return self._result
+        return self.outcome.result
 
     def request_exit(self, result: MachineResult) -> None:
-        """End the machine with `result`. The first request wins; later ones are ignored, so a
-        vCPU that faults while another one powers off cannot rewrite history."""
-        with self._lock:
-            if self._result is not None:
-                return
-            self._result = result
-            self._ended_ns = time.perf_counter_ns()
+        """End the machine with `result` (Outcome.request: the first request wins)."""
+        self.outcome.request(result)
+
+    def _stop_runners(self, _result: MachineResult) -> None:
         for runner in self.runners:
             runner.stop()
-        self._done.set()
-        for callback in self.on_exit:
-            callback(result)
 
     def wait(self, timeout: float | None = None) -> MachineResult | None:
         """Block until the machine ends (its result) or `timeout` seconds pass (None)."""
-        self._done.wait(timeout)
-        if self._result is not None:
+        result = self.outcome.wait(timeout)
+        if result is not None:
             for runner in self.runners:
                 runner.join(JOIN_TIMEOUT_S)
-        return self._result
+        return result
 
     def stop(self, reason: StopReason = StopReason.STOPPED, message: str = "stopped") -> MachineResult:
         self.request_exit(MachineResult.of(reason, message))
         for runner in self.runners:
             runner.join(JOIN_TIMEOUT_S)
-        assert self._result is not None
-        return self._result
+        result = self.outcome.result
+        assert result is not None
+        return result
 
     @property
     def paused(self) -> bool:
@@ -196,11 +227,8 @@ class Vmm:
 
     # --- snapshots -----------------------------------------------------------------------------
 
-    def register_state(self, name: str, save: Callable[[], object], load: Callable[[object], None], kind: type) -> None:
-        self.stateful[name] = (save, load, kind)
-
     def device_states(self) -> dict[str, object]:
-        return {name: save() for name, (save, _load, _kind) in self.stateful.items()}
+        return {name: binding.save() for name, binding in self.states.items()}
 
     @contextlib.contextmanager
     def quiesced(self) -> Iterator[None]:
@@ -229,8 +257,7 @@ class Vmm:
         self._finish_trace()
         if self.pci is not None:
             self.pci.close()  # after the vCPUs: no request arrives any more; disks are synced
-        for service in self.services:
-            service.close()
+        self.parts.close()
         self._closed = True
         for runner in self.runners:
             if not runner.finished.is_set() and runner.thread is not None:
@@ -247,33 +274,12 @@ class Vmm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # --- guest reports ---------------------------------------------------------------------
-
-    def handle_ucall(self, call: Ucall) -> None:
-        if call.command == UcallCommand.DONE:
-            message = f"guest finished: DONE {', '.join(str(a) for a in call.args)}"
-            self.request_exit(MachineResult.of(StopReason.GUEST_DONE, message, call.args[0], ucall=call))
-        elif call.command == UcallCommand.ABORT:
-            self.request_exit(MachineResult.of(StopReason.GUEST_ABORT, call.describe(), call.args[0], ucall=call))
-        else:
-            self.ucalls.append(call)
-        if self.on_ucall is not None:
-            self.on_ucall(call)
-
-    def guest_exit(self, value: int) -> None:
-        self.request_exit(MachineResult.of(StopReason.GUEST_EXIT, f"guest exited with status {value}", value))
-
-    def guest_power_off(self) -> None:
-        self.request_exit(MachineResult.of(StopReason.POWER_OFF, "guest powered off (ACPI S5)"))
-
-    def guest_reset(self) -> None:
-        self.request_exit(MachineResult.of(StopReason.RESET, "guest requested a reset"))
-
     # --- numbers ---------------------------------------------------------------------------
 
     def stats(self) -> MachineStats:
-        end = self._ended_ns or time.perf_counter_ns()
-        if self._ended_ns and all(runner.finished_ns for runner in self.runners):
+        ended_ns = self.outcome.ended_ns
+        end = ended_ns or time.perf_counter_ns()
+        if ended_ns and all(runner.finished_ns for runner in self.runners):
             # a vCPU accounts the exit that ended the machine until it leaves its loop
             end = max(end, *(runner.finished_ns for runner in self.runners))
         wall = end - self._started_ns if self._started_ns else 0

@@ -61,8 +61,10 @@ class VcpuRunner:
         fetch_code: Callable[[int], bytes] | None = None,
         emulator: TrapEmulator | None = None,
         user_syscall: UserSyscall | None = None,
+        trace: TraceBuffer | None = None,
     ) -> None:
-        """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs."""
+        """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs;
+        `trace`: where every world switch is recorded, if it is."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -77,7 +79,7 @@ class VcpuRunner:
         self.kicks = 0
         self.kick_latency_ns_max = 0
         self.user_syscall = user_syscall
-        self.trace: TraceBuffer | None = None  # set before start() to record every world switch
+        self.trace = trace
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
         if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):

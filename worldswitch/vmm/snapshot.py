@@ -422,11 +422,11 @@ def open_snapshot(path: str | Path) -> Snapshot:
 
 
 def restore_device_states(machine: Vmm, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
-    for name, (_save, load, kind) in machine.stateful.items():
+    for name, binding in machine.states.items():
         if name not in states:
             raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
         try:
-            load(decode(kind, states[name]))
+            binding.load(decode(binding.kind, states[name]))
         except (TypeError, ValueError) as error:
             raise SnapshotError(f"the saved state of {name} does not fit: {error}") from None
 

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import WorldswitchError
 
@@ -37,6 +37,12 @@ FLAG_KICKED = 2
 U32_MAX = 0xFFFFFFFF
 BUFFER_RECORDS = 2048
 DEFAULT_LIMIT = 2_000_000
+
+
+class TraceRequest(NamedTuple):
+    """Record every world switch of the machine to `path`, at most `limit` records."""
+    path: str
+    limit: int = DEFAULT_LIMIT
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ..vmm.config import MachineConfig
 from ..vmm.machine import Vmm
 from ..vmm.result import MachineResult, StopReason
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
+from ..vmm.trace import TraceRequest
 from .control import ControlServer
 from .settings import from_keywords
 
@@ -44,7 +45,9 @@ class ConsoleBuffer:
     At most `keep` bytes are kept (the oldest go first), so a VM that runs for weeks does not
     grow without bound; expect() never matches across what was dropped."""
 
-    def __init__(self, echo: Callable[[bytes], None] | None = None, keep: int = 64 << 20) -> None:
+    def __init__(self, echo: Callable[[bytes], None] | None = None, keep: int = 64 << 20,
+                 on_panic: Callable[[str], None] | None = None) -> None:
+        """`on_panic` hears a guest kernel's panic line, once per panic."""
         self.echo = echo
         self.keep = keep
         self.data = bytearray()
@@ -52,8 +55,8 @@ class ConsoleBuffer:
         self.cursor = 0  # expect() searches from here and moves it past each match
         self._after_panic = 0  # a panic line is reported once
         self._changed = threading.Condition()
-        self._receive: Callable[[bytes], None] | None = None
-        self.on_panic: Callable[[str], None] | None = None
+        self._receive: Callable[[bytes], None] | None = None  # the UART of the VM attached
+        self.on_panic = on_panic
 
     def __call__(self, chunk: bytes) -> None:
         with self._changed:
@@ -95,6 +98,10 @@ class ConsoleBuffer:
                     raise TimeoutError(f"the console did not show {regex.pattern.decode(errors='replace')!r} within {timeout:g} s; it ends with: {tail!r}")
                 self._changed.wait(remaining)
 
+    def attach(self, receive: Callable[[bytes], None]) -> None:
+        """Type into this UART from now on: a console outlives its VM (a reboot builds a new one)."""
+        self._receive = receive
+
     def send(self, text: str | bytes) -> None:
         """Type `text` into the guest's serial port (it waits in the UART's receive FIFO)."""
         if self._receive is None:
@@ -129,7 +136,7 @@ class Machine:
             raise ConfigError(f"give either a config or options ({', '.join(options)}), not both")
         config.program()  # contradictions are refused here, not at start()
         self.config = config
-        self.console = ConsoleBuffer(echo, console_keep)
+        self.console = ConsoleBuffer(echo, console_keep, on_panic=lambda line: self._event("guest-panic", line=line))
         self.warn = warn
         self.kvm_path = kvm_path
         self.control_path = control
@@ -190,18 +197,15 @@ class Machine:
     def build(self) -> Vmm:
         """Create the VM (or restore it) without starting it."""
         if self._vm is None:
+            trace = TraceRequest(self.trace, self.trace_limit) if self.trace else None
             if self._restore_from is not None:
-                vm = restore_machine(self._restore_from, self.console, self.warn, self.kvm_path, self.progress)
+                vm = restore_machine(self._restore_from, self.console, self.warn, self.kvm_path, self.progress, trace)
             else:
-                vm = build_for_boot(self.config, self.console, self.warn, self.kvm_path)
+                vm = build_for_boot(self.config, self.console, self.warn, self.kvm_path, trace)
             self._vm = vm
-            serial = vm.devices["serial"]
-            self.console._receive = serial.receive  # type: ignore[attr-defined]
-            self.console.on_panic = lambda line: self._event("guest-panic", line=line)
-            vm.on_exit.append(lambda result: self._event(
+            self.console.attach(vm.serial.receive)
+            vm.outcome.listen(lambda result: self._event(
                 "shutdown", reason=result.reason.value, message=result.message, exit_status=result.exit_status))
-            if self.trace:
-                vm.enable_trace(self.trace, self.trace_limit)
         return self._vm
 
     def start(self) -> "Machine":

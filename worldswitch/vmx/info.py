@@ -69,7 +69,7 @@ def measure_rings() -> dict[str, float]:
 
         machine = build_for_boot(MachineConfig(guest="probe", args=f"{ring} {iterations}"), lambda _b: None)
         with machine:
-            machine.on_ucall = stamp
+            machine.outcome.listen_to_ucalls(stamp)
             machine.start()
             result = machine.wait(60)
             if result is None or result.reason is not StopReason.GUEST_DONE or len(stamps) != 2:
