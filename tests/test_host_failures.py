@@ -111,3 +111,23 @@ def test_a_snapshot_the_disk_cannot_hold_fails_with_the_reason(tmp_path: Path) -
         assert json.loads(json.dumps(answer))  # and the VM goes on
         assert vm.status()["state"] == "running"
         assert not any(small.iterdir())  # nothing half-written is left
+
+
+def test_a_build_that_fails_late_leaves_nothing_open(tmp_path: Path) -> None:
+    """The program is refused after the VM, its vCPUs, a disk, the trace file and the PCI platform
+    exist: every one of them is closed again (vmm/builder.py unwinds one ExitStack)."""
+    from worldswitch.errors import WorldswitchError
+    from worldswitch.vmm.builder import build_for_boot
+    from worldswitch.vmm.config import DiskConfig, MachineConfig
+    from worldswitch.vmm.trace import TraceRequest
+
+    program = tmp_path / "not-a-program.elf"
+    program.write_bytes(b"\x7fELF" + bytes(60))  # the magic, then nothing an ELF loader can use
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    config = MachineConfig(elf=str(program), cpus=2, disk=[DiskConfig(str(disk))])
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(WorldswitchError):
+            build_for_boot(config, lambda _b: None, trace=TraceRequest(str(tmp_path / "run.trace")))
+    assert sorted(os.listdir("/proc/self/fd")) == before
