@@ -33,3 +33,14 @@ def test_imports_are_sorted() -> None:
     done = subprocess.run([sys.executable, "-m", "isort", "--check-only", "--diff", "worldswitch", "tests", "bench"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, "run `python -m isort worldswitch tests bench`:\n" + done.stdout + done.stderr
+
+
+def test_the_readme_lists_every_module() -> None:
+    """The architecture table in the README has a line for each module (issue 14: a reader finds
+    every part's room there)."""
+    readme = (ROOT / "README.md").read_text()
+    package = ROOT / "worldswitch"
+    modules = sorted(str(path.relative_to(package)) for path in package.rglob("*.py")
+                     if path.name not in ("__init__.py", "__main__.py"))
+    missing = [module for module in modules if f"| `{module}` |" not in readme]
+    assert not missing, f"README.md's architecture table lacks {', '.join(missing)}"
