@@ -24,6 +24,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "count": "every vCPU counts to a target, checking memory against its register at each step (args: [N] [N for APs])",
     "spray": "reads and writes every size at every offset of every device region and port, to show the VMX survives it (args: [stride])",
     "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls, or tests SYSCALL from ring 3 (args: ring0|ring3 [N] | syscall)",
+    "gates": "times int3, #GP and timer interrupts from ring 3 to a handler in ring 3 or ring 0 (args: int3|gp|timer [N] [kernel])",
 }
 
 DEFAULT_GUEST = "hello"

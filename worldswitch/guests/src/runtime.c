@@ -64,14 +64,17 @@ struct idt_gate {
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 static trap_handler handlers[256];
 
-static void set_gate(int vector, int user_callable)
+static void set_gate(int vector, int user_callable, u16 code_segment)
 {
     u64 target = trap_stubs[vector];
     idt[vector].offset_low = target & 0xffff;
-    idt[vector].selector = KERNEL_CS;
+    idt[vector].selector = code_segment;
     idt[vector].ist = 0;
-    /* present, 64-bit interrupt gate (interrupts off inside handlers), DPL 0 or 3 */
-    idt[vector].type_attr = 0x8e | (user_callable ? 0x60 : 0);
+    /* present, DPL 0 or 3; a 64-bit interrupt gate (interrupts off inside the handler), except for
+     * a handler in ring 3: there IRETQ cannot set IF again where IOPL is 0 (PVM forces it so in
+     * user mode), so a trap gate, which leaves IF as it was, keeps the next interrupt coming */
+    u8 type = (code_segment & 3) == 3 ? 0x8f : 0x8e;
+    idt[vector].type_attr = type | (user_callable ? 0x60 : 0);
     idt[vector].offset_mid = (target >> 16) & 0xffff;
     idt[vector].offset_high = target >> 32;
 }
@@ -79,7 +82,13 @@ static void set_gate(int vector, int user_callable)
 void set_trap_handler(int vector, trap_handler handler)
 {
     handlers[vector] = handler;
-    set_gate(vector, 0);
+    set_gate(vector, 0, KERNEL_CS);
+}
+
+void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment)
+{
+    handlers[vector] = handler;
+    set_gate(vector, 1, code_segment);
 }
 
 static const char *const exception_names[32] = {
@@ -108,7 +117,7 @@ void runtime_init(void)
 {
     /* Exceptions only: interrupt vectors get a gate when a guest installs a handler. */
     for (int vector = 0; vector < 32; vector++)
-        set_gate(vector, 0);
+        set_gate(vector, 0, KERNEL_CS);
     struct {
         u16 limit;
         u64 base;

@@ -67,6 +67,10 @@ struct trap_frame {
 };
 typedef void (*trap_handler)(struct trap_frame *frame);
 void set_trap_handler(int vector, trap_handler handler);
+/* A gate ring 3 may also raise with int/int3 (DPL 3), whose handler runs in the ring of
+ * `code_segment`: KERNEL_CS, or USER_CS for a handler in ring 3 itself (no privilege change: the
+ * CPU delivers on the current stack), the path an in-guest monitor's IDT takes (docs/monitor.md). */
+void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment);
 
 /* Leave ring 0 for good: run fn(arg) in ring 3 on the runtime's user stack, with interrupts
  * enabled if `interrupts` is non-zero. fn's return value becomes the exit status. */
