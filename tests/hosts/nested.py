@@ -413,7 +413,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="when the nested host itself fails (L1 crashed or stopped responding: status 125), "
                              "run the command again, at most N times; never when the command fails. A pytest "
-                             "run resumes after the tests that had finished (tests/journal.py; docs/hosts.md "
+                             "run resumes after the tests that had passed (tests/journal.py; docs/hosts.md "
                              "has the QEMU TCG faults that make this needed)")
     parser.add_argument("--build", action="store_true", help="only build (or find) the cached L1 image")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the shell command (default: worldswitch info)")
@@ -426,7 +426,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         command = " ".join(options.command) or "worldswitch info"
         resources = Resources(options.cpus, options.memory, options.timeout)
         # the attempts share a test journal (tests/journal.py): a pytest run resumes after the tests
-        # an attempt finished before L1 died, and the failures among them still count
+        # that passed before L1 died; what failed with it runs again
         journals = CACHE / "journals"
         journals.mkdir(parents=True, exist_ok=True)
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
@@ -437,7 +437,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                 if status != EXIT_HOST_FAILED:
                     break
                 print(f"nested host: it failed, not the command; running the command again "
-                      f"({attempt + 2} of {options.retries + 1}; pytest resumes after the tests that finished)",
+                      f"({attempt + 2} of {options.retries + 1}; pytest resumes after the tests that passed)",
                       file=sys.stderr, flush=True)
                 status = run(flavour, command, resources, environment)
         finally:
