@@ -103,10 +103,8 @@ class Vmm:
         self.pio = platform.pio
         self.mmio = platform.mmio
         self.pci = platform.pci
-        self.devices = platform.parts.devices
-        self.serial = platform.serial
-        self.states = platform.parts.states
         self.parts = platform.parts
+        self.serial = platform.serial
         self.runners = runners
         self.outcome = outcome
         self.boot = boot
@@ -152,6 +150,10 @@ class Vmm:
     @property
     def started(self) -> bool:
         return bool(self._started_ns)
+
+    @property
+    def devices(self) -> dict[str, object]:
+        return self.parts.devices
 
     @property
     def running(self) -> bool:
@@ -228,7 +230,7 @@ class Vmm:
     # --- snapshots -----------------------------------------------------------------------------
 
     def device_states(self) -> dict[str, object]:
-        return {name: binding.save() for name, binding in self.states.items()}
+        return {name: binding.save() for name, binding in self.parts.states.items()}
 
     @contextlib.contextmanager
     def quiesced(self) -> Iterator[None]:

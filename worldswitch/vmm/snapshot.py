@@ -422,7 +422,7 @@ def open_snapshot(path: str | Path) -> Snapshot:
 
 
 def restore_device_states(machine: Vmm, states: dict[str, dict]) -> None:  # type: ignore[type-arg]
-    for name, binding in machine.states.items():
+    for name, binding in machine.parts.states.items():
         if name not in states:
             raise SnapshotError(f"the snapshot has no state for device {name}: it was taken of another machine")
         try:

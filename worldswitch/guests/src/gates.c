@@ -44,23 +44,18 @@ static void on_spurious(struct trap_frame *frame)
 {
 }
 
-static int breakpoints(u64 n)
-{
-    GUEST_SYNC(1, n);
-    u64 t0 = rdtsc();
-    for (u64 i = 0; i < n; i++)
-        __asm__ volatile("int3" ::: "memory");
-    u64 t1 = rdtsc();
-    GUEST_DONE(handled, (t1 - t0) / n, handler_ring, 0);
-    return 0;
-}
+static int use_int3; /* else `hlt` */
 
-static int faults(u64 n)
+static int traps(u64 n)
 {
     GUEST_SYNC(1, n);
     u64 t0 = rdtsc();
-    for (u64 i = 0; i < n; i++)
-        __asm__ volatile("hlt" ::: "memory");
+    for (u64 i = 0; i < n; i++) {
+        if (use_int3)
+            __asm__ volatile("int3" ::: "memory");
+        else
+            __asm__ volatile("hlt" ::: "memory");
+    }
     u64 t1 = rdtsc();
     GUEST_DONE(handled, (t1 - t0) / n, handler_ring, 0);
     return 0;
@@ -87,13 +82,10 @@ int main(const char *args)
     if (n == 0)
         n = 1;
     u16 code_segment = arg_has("kernel") ? KERNEL_CS : USER_CS;
-    if (arg_has("int3")) {
-        set_trap_handler_in(3, on_trap, code_segment);
-        enter_user(breakpoints, n, 0);
-    }
-    if (arg_has("gp")) {
-        set_trap_handler_in(13, on_trap, code_segment);
-        enter_user(faults, n, 0);
+    use_int3 = arg_has("int3");
+    if (use_int3 || arg_has("gp")) {
+        set_trap_handler_in(use_int3 ? 3 : 13, on_trap, code_segment);
+        enter_user(traps, n, 0);
     }
     GUEST_ASSERT(arg_has("timer"));
     set_trap_handler(SPURIOUS_VECTOR, on_spurious);
