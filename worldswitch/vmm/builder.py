@@ -80,26 +80,19 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     else:
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
     initrd = read_image(config.initrd, "initrd") if config.initrd else None
-    warn = warn or _quiet
-    with contextlib.ExitStack() as undo:
-        core = _open_vm(config, kvm_path, undo)
-        outcome = Outcome()
-        kernel = None
-        if rom is not None and config.kernel:
-            kernel = firmware_kernel(image, config.kernel, initrd, config.append, pc.ram_below_4g(core.memory_map))
-        platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
-        writer = _open_trace(trace, config, warn, undo)
-        runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
-        boot = None
-        if rom is not None:
-            address, low = low_copy(rom)
-            core.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
-        else:
-            boot = _load_program(core, config, name, image, initrd, tables, runners[0].vcpu, forced_cpuid)
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, forced_cpuid, writer, config.absolute(),
-                      core.host, warn)
-        undo.pop_all()  # the machine owns it all now
-    return machine
+    kernel = None
+    if rom is not None and config.kernel:
+        below_4g = pc.ram_below_4g(MemoryMap.for_memory(config.memory_bytes))
+        kernel = firmware_kernel(image, config.kernel, initrd, config.append, below_4g)
+
+    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
+        if rom is None:
+            return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid)
+        address, low = low_copy(rom)
+        core.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
+        return None
+
+    return _build(config, serial_sink, warn, kvm_path, trace, rom, kernel, load)
 
 
 def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None],
@@ -109,16 +102,27 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
     CPU state (restore_machine)."""
     _name, path = check_config(config)
     rom = read_rom(path) if config.boots_firmware else None
+    return _build(config, serial_sink, warn, kvm_path, trace, rom, None, None)
+
+
+_Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature]], LinuxBoot | None]
+
+
+def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Callable[[str], None] | None,
+           kvm_path: str, trace: TraceRequest | None, rom: bytes | None, kernel: FirmwareKernel | None,
+           load: _Load | None) -> Vmm:
+    """The recipe both builders share; `load` puts what the machine boots into it (none to restore)."""
     warn = warn or _quiet
     with contextlib.ExitStack() as undo:
         core = _open_vm(config, kvm_path, undo)
         outcome = Outcome()
-        platform, _tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, None, undo)
+        platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
         runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, None, forced_cpuid, writer, config.absolute(),
+        boot = load(core, tables, runners[0].vcpu, forced_cpuid) if load is not None else None
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, forced_cpuid, writer, config.absolute(),
                       core.host, warn)
-        undo.pop_all()
+        undo.pop_all()  # the machine owns it all now
     return machine
 
 
