@@ -1,5 +1,6 @@
 """The test journal (tests/journal.py): a pytest run cut off mid-test resumes after the tests that had
-passed; what had failed before the host died runs again, and that run decides."""
+passed; what had failed before the host died runs again, and that run decides. And the nested host's
+policy for attempts (tests/hosts/nested.py): a host failure resumes, failed tests get one fresh host."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, next_attempt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +56,7 @@ def test_a_run_cut_off_resumes_after_what_passed_and_a_real_failure_fails_again(
 
     second = _pytest(tmp_path, journal)  # second runs again (and fails again), then third and fourth
     assert "1 failed, 2 passed, 1 deselected" in second.stdout, second.stdout
-    assert "failed in the attempt cut off, ran again: test_sample.py::test_second" in second.stdout
+    assert "failed in an earlier attempt, ran again: test_sample.py::test_second" in second.stdout
     assert "assert False" in second.stdout  # the earlier attempt's report of it
     assert second.returncode == 1, second.stdout
 
@@ -75,3 +78,23 @@ def test_a_line_cut_short_by_the_crash_is_ignored(tmp_path: Path) -> None:
     assert result.returncode == 0 and "3 passed, 1 deselected" in result.stdout, result.stdout
     again = _pytest(tmp_path, journal)  # the cut line was ended, so this run's entries were read back
     assert again.returncode == 0 and "4 deselected" in again.stdout, again.stdout
+
+
+def test_the_nested_host_resumes_after_its_failures_and_gives_failed_tests_one_fresh_host(tmp_path: Path) -> None:
+    journal = _sample(tmp_path, "False")
+    first = _pytest(tmp_path, journal)  # the "host" dies in test_third, after test_second failed
+    assert next_attempt(first.returncode, journal, reran=False) is not None
+    assert next_attempt(first.returncode, journal, reran=True) is not None  # a host failure always resumes
+    second = _pytest(tmp_path, journal)  # test_second fails again: a real failure
+    assert second.returncode == EXIT_TESTS_FAILED
+    assert "once more" in str(next_attempt(second.returncode, journal, reran=False))
+    third = _pytest(tmp_path, journal)  # its one run in a fresh host
+    assert "1 failed, 3 deselected" in third.stdout, third.stdout
+    assert next_attempt(third.returncode, journal, reran=True) is None  # and that run decided
+
+
+def test_the_nested_host_does_not_rerun_a_command_that_failed_without_failed_tests(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.jsonl"  # no pytest wrote it: the command was something else
+    assert next_attempt(EXIT_TESTS_FAILED, journal, reran=False) is None
+    assert next_attempt(0, journal, reran=False) is None
+    assert next_attempt(EXIT_HOST_FAILED, journal, reran=False) is not None
