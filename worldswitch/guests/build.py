@@ -24,6 +24,10 @@ from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
 RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c")
 EXTRA_SOURCES = {"smp": ("aps.c", "ap_trampoline.S"), "count": ("aps.c", "ap_trampoline.S")}  # guests with more than their own .c file
+# The in-guest monitor (docs/monitor.md) is not a guest program: its own sources, linked at the top
+# of the address space (-mcmodel=kernel: addresses in the top 2 GiB), beside the guests in bin/.
+MONITOR = "monitor"
+MONITOR_SOURCES = ("monitor.S", "monitor.c")
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",
@@ -49,16 +53,23 @@ def toolchain() -> str:
     return " / ".join(versions)
 
 
+def _command(name: str, target: Path) -> list[str]:
+    if name == MONITOR:
+        flags = [flag.replace("-mcmodel=small", "-mcmodel=kernel") for flag in CFLAGS]
+        links = [flag.replace("guest.ld", "monitor.ld") for flag in LDFLAGS]
+        return ["gcc", *flags, *links, "-o", str(target), *MONITOR_SOURCES]
+    sources = [*RUNTIME_SOURCES, *EXTRA_SOURCES.get(name, ()), f"{name}.c"]
+    return ["gcc", *CFLAGS, *LDFLAGS, "-o", str(target), *sources]
+
+
 def build(out_dir: Path) -> dict[str, str]:
-    """Build every guest into out_dir; return name -> SHA-256 of its ELF."""
+    """Build every guest and the monitor into out_dir; return name -> SHA-256 of its ELF."""
     out_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
     with tempfile.TemporaryDirectory(prefix="ws-guests-") as tmp:
-        for name in sorted(BUILTIN_GUESTS):
+        for name in sorted([*BUILTIN_GUESTS, MONITOR]):
             target = Path(tmp) / f"{name}.elf"
-            sources = [*RUNTIME_SOURCES, *EXTRA_SOURCES.get(name, ()), f"{name}.c"]
-            command = ["gcc", *CFLAGS, *LDFLAGS, "-o", str(target), *sources]
-            result = subprocess.run(command, cwd=SOURCE_DIR, capture_output=True, text=True)
+            result = subprocess.run(_command(name, target), cwd=SOURCE_DIR, capture_output=True, text=True)
             if result.returncode != 0:
                 raise SystemExit(f"building guest {name} failed:\n{result.stderr}")
             data = target.read_bytes()

@@ -12,6 +12,7 @@ from ..boot.elf import load_elf, read_image
 from ..boot.firmware import ROM_TOP, FirmwareKernel, firmware_kernel, low_copy, read_rom
 from ..boot.linux import LinuxBoot, kernel_parameters, load_linux
 from ..boot.longmode import LINUX_GDT, LongModeLayout
+from ..boot.monitor import MONITOR_SIZE, MonitorPlacement, load_monitor
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
@@ -31,6 +32,7 @@ from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu, Vm
 from ..errors import ConfigError, WorldswitchError
+from ..guests import MONITOR_IMAGE
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
 from ..memory.rom import Rom
@@ -80,14 +82,17 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     else:
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
     initrd = read_image(config.initrd, "initrd") if config.initrd else None
+    monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor else None
     kernel = None
     if rom is not None and config.kernel:
         below_4g = pc.ram_below_4g(MemoryMap.for_memory(config.memory_bytes))
         kernel = firmware_kernel(image, config.kernel, initrd, config.append, below_4g)
 
-    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
+    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature],
+             monitor: MonitorPlacement | None) -> LinuxBoot | None:
         if rom is None:
-            return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid)
+            loaded_monitor = (monitor, monitor_image) if monitor is not None and monitor_image is not None else None
+            return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid, loaded_monitor)
         address, low = low_copy(rom)
         core.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
         return None
@@ -105,7 +110,7 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
     return _build(config, serial_sink, warn, kvm_path, trace, rom, None, None)
 
 
-_Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature]], LinuxBoot | None]
+_Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature], MonitorPlacement | None], LinuxBoot | None]
 
 
 def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Callable[[str], None] | None,
@@ -115,19 +120,31 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
     warn = warn or _quiet
     with contextlib.ExitStack() as undo:
         core = _open_vm(config, kvm_path, undo)
+        monitor = _place_monitor(config, core)
         outcome = Outcome()
         platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
         runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
-        boot = load(core, tables, runners[0].vcpu, forced_cpuid) if load is not None else None
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, forced_cpuid, writer, config.absolute(),
-                      core.host, warn)
+        boot = load(core, tables, runners[0].vcpu, forced_cpuid, monitor) if load is not None else None
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, monitor, forced_cpuid, writer,
+                      config.absolute(), core.host, warn)
         undo.pop_all()  # the machine owns it all now
     return machine
 
 
 def _quiet(_text: str) -> None:
     pass
+
+
+def _place_monitor(config: MachineConfig, core: _Core) -> MonitorPlacement | None:
+    """Where the in-guest monitor goes, if the machine runs under it; refused where hardware
+    virtualization already runs guest kernel code natively (the monitor's whole job)."""
+    if not config.monitor:
+        return None
+    if not core.host.kernel_code_emulated:
+        raise ConfigError("--monitor is for hosts that emulate guest kernel code (PVM); this host runs it "
+                          "natively with VT-x/AMD-V, which does the monitor's job")
+    return MonitorPlacement.below(core.memory_map.top_of_low_ram)
 
 
 def check_config(config: MachineConfig) -> tuple[str, str]:
@@ -235,9 +252,10 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
 
 
 def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
-                  tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
-    """The kernel or program in guest memory, and the boot vCPU at its entry in long mode; what
-    was done to boot Linux, if it is Linux."""
+                  tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature],
+                  monitor: tuple[MonitorPlacement, bytes] | None) -> LinuxBoot | None:
+    """The kernel or program in guest memory, and the boot vCPU at its entry in long mode (or at the
+    monitor's, which enters the program in turn); what was done to boot Linux, if it is Linux."""
     memory, host = core.memory, core.host
     boot = None
     if config.kernel:
@@ -251,13 +269,20 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         bsp_regs = s.kvm_regs(rip=boot.entry, rsi=boot.zero_page, rsp=layout.stack_top, rflags=0x2)
     else:
         layout = LongModeLayout()
-        loaded = load_elf(memory, image, name, reserved=reserved_ranges(layout))
-        bsp_regs = program_registers(configure_program(memory, loaded.entry, config.args, config.cpus, layout))
+        reserved = reserved_ranges(layout)
+        if monitor is not None:
+            reserved.append((monitor[0].physical_base, monitor[0].physical_base + MONITOR_SIZE))
+        loaded = load_elf(memory, image, name, reserved=reserved)
+        entry = configure_program(memory, loaded.entry, config.args, config.cpus, layout)
+        bsp_regs = program_registers(entry)
 
     # The bootstrap processor enters the program; the others wait for INIT/SIPI from it, which the
     # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
     sregs = bsp.get_sregs()
     setup_long_mode(memory, sregs, layout)
+    if monitor is not None and boot is None:
+        placement, monitor_image = monitor
+        bsp_regs = s.kvm_regs(rip=load_monitor(memory, monitor_image, placement, layout, entry), rflags=0x2)
     bsp.set_sregs(sregs)
     bsp.set_regs(bsp_regs)
     return boot

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
 
 from ..boot.linux import LinuxBoot
+from ..boot.monitor import MonitorPlacement
 from ..devices.serial import Serial
 from ..driver import structs as s
 from ..driver.kvm import Kvm, Vm
@@ -92,10 +93,11 @@ class Platform:
 
 class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, platform: Platform, runners: list[VcpuRunner], outcome: Outcome,
-                 boot: LinuxBoot | None, forced_cpuid: list[HiddenFeature], trace: TraceWriter | None,
-                 config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
-        """`boot`: when the machine boots Linux; `forced_cpuid`: what the host would not let us hide;
-        `trace`: where every world switch is recorded, if it is (the runners hold its buffers)."""
+                 boot: LinuxBoot | None, monitor: MonitorPlacement | None, forced_cpuid: list[HiddenFeature],
+                 trace: TraceWriter | None, config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
+        """`boot`: when the machine boots Linux; `monitor`: where the in-guest monitor is, if the
+        program runs under it; `forced_cpuid`: what the host would not let us hide; `trace`: where
+        every world switch is recorded, if it is (the runners hold its buffers)."""
         self.kvm = kvm
         self.vm = vm
         self.memory_map = platform.memory_map
@@ -108,6 +110,7 @@ class Vmm:
         self.runners = runners
         self.outcome = outcome
         self.boot = boot
+        self.monitor = monitor
         self.forced_cpuid = forced_cpuid
         self.trace_writer = trace
         self.host = host
@@ -293,6 +296,7 @@ class Vmm:
             devices={name: device.counters() for name, device in self.devices.items() if isinstance(device, Counted)},
             vmx_resident_kib=process_resident_kib(),
             guest_resident_kib=self.memory.resident_bytes() // 1024 if not self._closed else 0,
+            monitor=self.monitor.counters(self.memory) if self.monitor is not None and not self._closed else {},
         )
 
 

@@ -61,6 +61,7 @@ class MachineStats:
     devices: dict[str, dict[str, int]] = field(default_factory=dict)
     vmx_resident_kib: int = 0  # the whole VMX process (VmRSS)
     guest_resident_kib: int = 0  # of which guest RAM
+    monitor: dict[str, int] = field(default_factory=dict)  # the in-guest monitor's traps by kind (--monitor)
 
     @property
     def vmx_overhead_kib(self) -> int:
@@ -91,4 +92,5 @@ class MachineStats:
             "vmx_overhead_kib": self.vmx_overhead_kib,
             "vcpus": [v.as_dict() for v in self.vcpus],
             "devices": self.devices,
+            "monitor": self.monitor,
         }

@@ -164,6 +164,11 @@ def format_info(info: HostInfo) -> str:
         lines.append(f"syscall      a guest's SYSCALL from ring 3 stays in ring {info.syscall_ring}: this KVM expects a "
                      "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
                      "a system call (docs/pvm.md)")
+    if info.kind.kernel_code_emulated:
+        lines.append("monitor      applies here: --monitor runs a program's ring-0 code natively in ring 3 under "
+                     "worldswitch's in-guest monitor (one vCPU, no Linux yet; docs/monitor.md)")
+    else:
+        lines.append("monitor      not here: this host runs guest kernel code natively, the monitor's job (--monitor is refused)")
     lines.append(f"sandbox      {info.sandbox}")
     lines.append(f"vCPUs        up to {info.max_vcpus} per VM ({info.recommended_vcpus} recommended); {info.memory_slots} memory slots")
     lines.append("capabilities (* = required by worldswitch)")

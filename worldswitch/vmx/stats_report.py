@@ -43,7 +43,7 @@ def table(stats: MachineStats) -> str:
                 f"{v.kicks} kicks, slowest back in {v.kick_latency_ns_max / 1000:.0f} us"
             )
     if any(v.kvm for v in stats.vcpus):
-        lines.append("KVM's own counters (kernel side; exits it handled itstats never reach the VMX):")
+        lines.append("KVM's own counters (kernel side; exits it handled itself never reach the VMX):")
         names = [n for n in KVM_VCPU_COUNTERS if any(v.kvm.get(n) for v in stats.vcpus)]
         for name in names:
             lines.append(f"  {name:<20}" + "".join(f"{v.kvm.get(name, 0):>12}" for v in stats.vcpus))
@@ -55,6 +55,9 @@ def table(stats: MachineStats) -> str:
         if v.vmx_emulated:
             done = ", ".join(f"{count} {name}" for name, count in v.vmx_emulated.items())
             lines.append(f"vcpu{v.vcpu}: the VMX emulated (trap-and-emulate) what KVM left undone: {done}")
+    if stats.monitor:
+        traps = ", ".join(f"{count} {kind}" for kind, count in stats.monitor.items() if count)
+        lines.append(f"monitor: {stats.monitor.get('events', 0)} traps into the in-guest monitor ({traps or 'none'})")
     if stats.vmx_resident_kib:
         lines.append(
             f"memory: VMX resident {stats.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "

@@ -7,7 +7,9 @@
  *   halt       halts in ring 0 with interrupts disabled, forever
  *   abort      fails a guest assertion
  *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
- *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py) */
+ *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
+ *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
+ *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0 */
 #include "ws.h"
 
 static int misbehave(u64 unused)
@@ -64,6 +66,16 @@ int main(const char *args)
             u64 base;
         } __attribute__((packed)) empty = { 0, 0 };
         __asm__ volatile("lidt %0; ud2" : : "m"(empty));
+    }
+    if (arg_has("peek"))
+        GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);
+    if (arg_has("idt")) {
+        struct {
+            u16 limit;
+            u64 base;
+        } __attribute__((packed)) forged = { 4095, arg_number(0, 0) };
+        __asm__ volatile("lidt %0; int3" : : "m"(forged));
+        GUEST_ASSERT(!"int3 came back through a forged IDT");
     }
     if (arg_has("halt"))
         for (;;)

@@ -1,5 +1,6 @@
 /* timer: takes N timer interrupts (default 100) through its IDT while spinning in ring 3, from
- * the LAPIC timer (default) or the PIT through the 8259 PIC ("pit"), both at about 1 kHz.
+ * the LAPIC timer (default) or the PIT through the 8259 PIC ("pit"), both at about 1 kHz. With
+ * "held", ring 0 waits with interrupts off until the LAPIC timer's first tick is due.
  * Reports DONE(ticks, ticks that interrupted ring 3, 1 if PIT). */
 #include "ws.h"
 
@@ -58,6 +59,11 @@ int main(const char *args)
         lapic_write(LAPIC_TIMER_DIVIDE, 0x3); /* divide by 16: KVM's 1 GHz APIC bus gives 62.5 MHz */
         lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR | LAPIC_PERIODIC);
         lapic_write(LAPIC_TIMER_INITIAL, 62500); /* 1 ms */
+        if (arg_has("held")) { /* interrupts stay off until a tick is due: it waits for the drop to ring 3 */
+            u32 last = lapic_read(LAPIC_TIMER_CURRENT);
+            for (u32 now; (now = lapic_read(LAPIC_TIMER_CURRENT)) <= last; last = now)
+                ;
+        }
     }
     enter_user(spin, 0, 1);
 }

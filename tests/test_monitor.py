@@ -1,0 +1,176 @@
+"""The in-guest monitor (`--monitor`, issue 13 stage 1, docs/monitor.md): our ring-0 programs with
+their kernel code deprivileged in ring 3, on a host that emulates guest ring 0 (PVM). Each test runs a
+real guest on /dev/kvm; where the same program runs without the monitor too, the two must agree on
+what the guest saw, and KVM's count of emulated instructions shows where the code ran."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from worldswitch.boot.monitor import MonitorPlacement
+from worldswitch.devices.ucall import Ucall
+from worldswitch.memory.layout import MemoryMap
+from worldswitch.vmm.builder import build_for_boot
+from worldswitch.vmm.config import DEFAULT_MEMORY, MachineConfig
+from worldswitch.vmm.host import detect_host_kind
+from worldswitch.vmm.result import MachineResult, StopReason
+from worldswitch.vmm.stats import MachineStats
+
+pytestmark = pytest.mark.kvm
+
+EMULATED = detect_host_kind().kernel_code_emulated
+needs_emulating_host = pytest.mark.skipif(not EMULATED, reason="the monitor is for hosts that emulate guest ring 0 (PVM)")
+MONITOR_BASE = MonitorPlacement.below(MemoryMap.for_memory(DEFAULT_MEMORY).top_of_low_ram).physical_base
+
+
+def run(guest: str, args: str, monitor: bool = True) -> tuple[MachineResult, MachineStats]:
+    machine = build_for_boot(MachineConfig(guest=guest, args=args, monitor=monitor), lambda _b: None)
+    with machine:
+        machine.start()
+        result = machine.wait(120)
+        assert result is not None, f"{guest} {args} did not finish within 120 s"
+        return result, machine.stats()
+
+
+def done(result: MachineResult) -> tuple[int, ...]:
+    assert result.reason is StopReason.GUEST_DONE, result.message
+    call = result.details["ucall"]
+    assert isinstance(call, Ucall)
+    return tuple(call.args)
+
+
+def emulated(stats: MachineStats) -> int:
+    return stats.vcpus[0].kvm.get("insn_emulation", 0)
+
+
+@needs_emulating_host
+def test_a_ring_0_loop_runs_natively_under_the_monitor() -> None:
+    n = 1_000_000
+    plain, plain_stats = run("probe", f"ring0 {n}", monitor=False)
+    monitored, stats = run("probe", f"ring0 {n}")
+    assert done(plain)[0] == done(monitored)[0] == n
+    assert emulated(plain_stats) >= n  # dec and jnz, each emulated
+    assert emulated(stats) < 20_000, stats.monitor  # the monitor's start and its one trap (the program's lidt)
+    assert stats.monitor["descriptor"] == 1 and stats.monitor["events"] == 1
+
+
+def test_the_privileged_guest_sees_each_instruction_do_what_the_cpu_does() -> None:
+    result, _ = run("privileged", "", monitor=False)  # on every host: the reference the monitor must match
+    assert done(result) == (12, 2, 1, 0)  # checks passed, ticks, refused WRMSRs
+
+
+@needs_emulating_host
+def test_each_privileged_instruction_a_kernel_uses_is_emulated_as_the_cpu_executes_it() -> None:
+    plain, _ = run("privileged", "", monitor=False)
+    result, stats = run("privileged", "")
+    assert done(result) == done(plain) == (12, 2, 1, 0)
+    for kind in ("cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr", "wrmsr", "descriptor", "invlpg", "wbinvd",
+                 "deferred"):
+        assert stats.monitor[kind] >= 1, (kind, stats.monitor)
+
+
+@needs_emulating_host
+@pytest.mark.parametrize("source", ["lapic", "pit"])
+def test_timer_interrupts_reach_the_programs_ring_0_handler_through_the_monitor(source: str) -> None:
+    result, stats = run("timer", f"100 {source}")
+    assert done(result)[:3] == (100, 100, 1 if source == "pit" else 0)  # ticks, of which in user mode, PIT
+    assert stats.monitor["interrupts"] >= 100
+    # the handler's IRETQ back to user mode runs natively, except while an interrupt is held (the
+    # user code segment is then absent, so that the return traps and the monitor can deliver it)
+    assert stats.monitor["iretq"] <= stats.monitor["deferred"] + 1, stats.monitor
+
+
+@needs_emulating_host
+def test_an_interrupt_while_the_programs_interrupts_are_off_waits_for_its_return_to_user_mode() -> None:
+    plain, _ = run("timer", "100 held", monitor=False)
+    result, stats = run("timer", "100 held")  # ring 0 spins with IF clear until a tick is due
+    assert done(result)[:2] == done(plain)[:2] == (100, 100)
+    assert stats.monitor["deferred"] >= 1, stats.monitor
+    assert stats.monitor["iretq"] >= 1, stats.monitor  # the drop to ring 3 trapped, to deliver it there
+
+
+@needs_emulating_host
+@pytest.mark.parametrize("event", ["int3", "gp", "timer"])
+def test_the_programs_kernel_handlers_run_in_ring_3(event: str) -> None:
+    rounds = 100
+    result, stats = run("gates", f"{event} {rounds} kernel")
+    handled, _cycles, ring, _ = done(result)
+    assert (handled, ring) == (rounds, 3)  # the handler the program put in ring 0 ran in ring 3
+    assert stats.monitor["exceptions" if event != "timer" else "interrupts"] >= rounds
+
+
+@needs_emulating_host
+@pytest.mark.parametrize("mode", ["ud", "gp", "abort"])
+def test_a_fault_reaches_the_program_as_it_would_without_the_monitor(mode: str) -> None:
+    plain, _ = run("fault", mode, monitor=False)
+    monitored, stats = run("fault", mode)
+    assert (monitored.reason, monitored.message) == (plain.reason, plain.message)
+    if mode != "abort":
+        assert stats.monitor["exceptions"] == 1
+
+
+@needs_emulating_host
+def test_int3_in_the_programs_kernel_reaches_its_handler_with_its_own_code_segment() -> None:
+    result, stats = run("fault", "int3 5")  # the handler asserts that the frame's CS is KERNEL_CS
+    assert done(result)[0] == 5
+    assert stats.monitor["exceptions"] == 5
+
+
+@needs_emulating_host
+def test_the_monitors_pages_are_not_in_the_programs_view_of_memory() -> None:
+    below, _ = run("fault", f"peek {MONITOR_BASE - 8}")
+    assert done(below)[1] == MONITOR_BASE  # the RAM size the program is given ends below the monitor
+    result, _ = run("fault", f"peek {MONITOR_BASE}")
+    assert result.reason is StopReason.GUEST_ABORT, result.message
+    assert "#PF" in result.message, result.message
+
+
+@needs_emulating_host
+@pytest.mark.parametrize("where", [MONITOR_BASE, 1 << 40])
+def test_an_idt_outside_the_programs_memory_ends_its_vm_with_a_report(where: int) -> None:
+    result, _ = run("fault", f"idt {where}")
+    assert result.reason is StopReason.GUEST_ABORT, result.message
+    assert "monitor: the guest pointed outside its memory" in result.message, result.message
+
+
+@needs_emulating_host
+def test_an_empty_idt_ends_the_vm_with_the_monitors_report_where_the_cpu_would_triple_fault() -> None:
+    plain, _ = run("fault", "triple", monitor=False)
+    assert plain.reason is StopReason.TRIPLE_FAULT, plain.message
+    result, _ = run("fault", "triple")
+    assert result.reason is StopReason.GUEST_ABORT, result.message
+    assert "monitor: the guest has no IDT gate for this vector" in result.message, result.message
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worldswitch", "run", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(EMULATED, reason="this host emulates guest ring 0: the monitor applies here")
+def test_the_monitor_is_refused_where_hardware_runs_kernel_code() -> None:
+    result = _cli("--monitor")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "--monitor is for hosts that emulate guest kernel code (PVM); this host runs it natively with VT-x/AMD-V, "
+        "which does the monitor's job"), result.stderr
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--cpus", "2"], "--monitor runs one vCPU"),
+    (["--kernel", "/dev/null"], "--monitor runs a bare-metal program"),
+])
+def test_what_the_monitor_does_not_run_yet_is_refused_in_one_line(args: list[str], why: str) -> None:
+    result = _cli("--monitor", *args)
+    assert result.returncode != 0
+    assert why in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_info_says_whether_the_monitor_applies_here() -> None:
+    result = subprocess.run([sys.executable, "-m", "worldswitch", "info", "--no-measure"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("monitor"))
+    assert ("applies here" in line) == EMULATED and ("not here" in line) == (not EMULATED), line

@@ -1,0 +1,93 @@
+"""Loading the in-guest monitor (`--monitor`; docs/monitor.md): worldswitch's own VMM, which runs a
+bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts that emulate guest
+ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at the top 4 MiB of the 64-bit address
+space as VMware's VMM reserved the top 4 MB; its pages are the top 4 MiB of the RAM below the PCI
+hole, mapped there supervisor-only and taken out of the guest's identity map. The VMM enters the
+monitor instead of the program, with the program's entry in the handoff page
+(guests/src/monitor.h is the other half of this file's constants)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import ConfigError, GuestImageError
+from ..memory.guest import GuestMemory
+from .elf import parse_elf
+from .longmode import PTE_HUGE, PTE_PRESENT, PTE_WRITE, LongModeLayout
+from .program import ProgramEntry
+
+MONITOR_BASE = 0xFFFF_FFFF_FFC0_0000
+MONITOR_SIZE = 4 << 20
+HUGE_PAGE = 2 << 20
+HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
+# The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
+COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
+            "wrmsr", "descriptor", "invlpg", "wbinvd")
+_HANDOFF = struct.Struct("<11Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR
+_TABLE_PAGES = 2  # the PDPT and PD that map the monitor, in the last pages of its range
+
+
+@dataclass(frozen=True)
+class MonitorPlacement:
+    """Where the monitor's 4 MiB are in guest-physical memory: the top of the RAM below the PCI hole
+    (so that a 32-bit port write can name its reports), on a 2 MiB boundary."""
+    physical_base: int
+
+    @classmethod
+    def below(cls, top_of_low_ram: int) -> "MonitorPlacement":
+        physical_base = (top_of_low_ram - MONITOR_SIZE) & ~(HUGE_PAGE - 1)
+        if physical_base < (16 << 20):
+            raise ConfigError("--monitor needs at least 20 MiB of guest RAM: 4 MiB of it is the monitor's")
+        return cls(physical_base)
+
+    @property
+    def guest_limit(self) -> int:
+        """RAM the program may use: everything below the monitor."""
+        return self.physical_base
+
+    def counters(self, memory: GuestMemory) -> dict[str, int]:
+        """The monitor's trap counts, read from its handoff page (guest memory: the program could
+        overwrite them only by mapping the monitor's pages itself)."""
+        raw = memory.read(self.physical_base + _HANDOFF.size, 8 * len(COUNTERS))
+        return dict(zip(COUNTERS, struct.unpack(f"<{len(COUNTERS)}Q", raw)))
+
+
+def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement, layout: LongModeLayout,
+                 program: ProgramEntry) -> int:
+    """Copy the monitor to `placement`, map it at MONITOR_BASE in the page tables `layout` describes
+    (already written), hide it from the identity map, and hand it `program`'s entry. Returns the
+    monitor's entry, where the VMM starts the vCPU instead of the program's."""
+    physical_base = placement.physical_base
+    entry, segments = parse_elf(image, "the monitor")
+    table_space = MONITOR_BASE + MONITOR_SIZE - _TABLE_PAGES * 0x1000
+    for segment in segments:
+        if segment.vaddr < MONITOR_BASE or segment.vaddr + segment.memsz > table_space:
+            raise GuestImageError(f"the monitor's segment at {segment.vaddr:#x} is outside its 4 MiB")
+        at = physical_base + segment.vaddr - MONITOR_BASE
+        memory.write(at, image[segment.offset: segment.offset + segment.filesz])
+        if segment.memsz > segment.filesz:
+            memory.fill(at + segment.filesz, segment.memsz - segment.filesz)
+    if not MONITOR_BASE <= entry < table_space:
+        raise GuestImageError(f"the monitor's entry {entry:#x} is outside its 4 MiB")
+
+    # PML4[511] -> PDPT[511] -> PD[510..511]: two supervisor-only 2 MiB pages (no PTE_USER: the
+    # program, all of it in ring 3 now, cannot touch them)
+    pdpt = physical_base + MONITOR_SIZE - 2 * 0x1000
+    pd = physical_base + MONITOR_SIZE - 0x1000
+    memory.write(layout.pml4 + 511 * 8, struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE))
+    memory.write(pdpt, bytes(511 * 8) + struct.pack("<Q", pd | PTE_PRESENT | PTE_WRITE))
+    pages = [physical_base + i * HUGE_PAGE | PTE_PRESENT | PTE_WRITE | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
+    first = (MONITOR_BASE >> 21) & 511
+    memory.write(pd, bytes(first * 8) + struct.pack(f"<{len(pages)}Q", *pages))
+    # and the identity map's view of the same pages: not present
+    for i in range(MONITOR_SIZE // HUGE_PAGE):
+        address = physical_base + i * HUGE_PAGE
+        if address >> 30 < layout.identity_gib:
+            memory.write(layout.pd + (address >> 30) * 0x1000 + ((address >> 21) & 511) * 8, bytes(8))
+
+    gdt_limit = (layout.selectors.entries * 8) - 1
+    memory.write(physical_base, _HANDOFF.pack(
+        HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, physical_base, program.vcpus,
+        physical_base, physical_base, layout.gdt, gdt_limit, layout.selectors.tss))
+    return entry

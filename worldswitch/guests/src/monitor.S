@@ -1,0 +1,150 @@
+/*
+ * monitor.S: the monitor's entry from the VMM, its event stubs, and the few instructions that
+ * need a fault fix-up or an exact order (docs/monitor.md).
+ *
+ * The VMM enters monitor_start in 64-bit ring 0 on its own GDT (boot/program.py's state). The
+ * monitor installs its GDT, IDT and TSS and leaves for the program's entry in ring 3; from then
+ * on it runs only in its event stubs: every exception and interrupt reaches it in ring 0 on the
+ * TSS stack, through interrupt gates (interrupts stay off while it runs).
+ */
+    .file "monitor.S"
+    .code64
+    .section .text.start, "ax"
+    .globl monitor_start
+monitor_start:
+    leaq monitor_stack_top(%rip), %rsp
+    call monitor_init               /* tables built and loaded; returns the code selector */
+    leaq 1f(%rip), %rcx
+    pushq %rax
+    pushq %rcx
+    lretq                           /* CS = the monitor's own ring-0 code segment */
+1:  movl $0x40, %eax
+    movw %ax, %ss
+    movw %ax, %ds
+    movw %ax, %es
+    subq $8 * 22, %rsp              /* a frame (struct frame) for the first entry into the guest */
+    movq %rsp, %rdi
+    call monitor_first_frame
+    jmp event_return
+
+/* One stub per vector; vectors 8, 10-14, 17, 21, 29 and 30 come with an error code. */
+    .text
+    .altmacro
+    .macro event_stub vector
+    .align 16
+event_stub_\vector:
+    .if (\vector == 8) || (\vector >= 10 && \vector <= 14) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $\vector
+    jmp event_common
+    .endm
+
+    .set vector, 0
+    .rept 256
+    event_stub %vector
+    .set vector, vector + 1
+    .endr
+
+event_common:
+    pushq %rax
+    pushq %rbx
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %rbp
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, %rdi
+    cld
+    call monitor_event
+event_return:
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rbp
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rbx
+    popq %rax
+    addq $16, %rsp
+    iretq
+
+    .section .rodata
+    .align 8
+    .globl event_stubs
+    .macro stub_address vector
+    .quad event_stub_\vector
+    .endm
+event_stubs:
+    .set vector, 0
+    .rept 256
+    stub_address %vector
+    .set vector, vector + 1
+    .endr
+
+/* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value): 0, or 1 if the CPU
+ * refused with #GP (the event handler moves RIP from msr_*_at to msr_refused). */
+    .text
+    .globl msr_read, msr_write, msr_read_at, msr_write_at, msr_refused
+msr_read:
+    movl %edi, %ecx
+msr_read_at:
+    rdmsr
+    shlq $32, %rdx
+    movl %eax, %eax
+    orq %rdx, %rax
+    movq %rax, (%rsi)
+    xorl %eax, %eax
+    ret
+msr_write:
+    movl %edi, %ecx
+    movl %esi, %eax
+    movq %rsi, %rdx
+    shrq $32, %rdx
+msr_write_at:
+    wrmsr
+    xorl %eax, %eax
+    ret
+msr_refused:
+    movl $1, %eax
+    ret
+
+/* void wait_for_interrupt(void): the guest halted with its virtual IF set. STI's one-instruction
+ * shadow covers HLT, so an interrupt that is already waiting wakes it rather than being taken
+ * before it; the interrupt's entry marks it pending (monitor_event, from ring 0). */
+    .globl wait_for_interrupt
+wait_for_interrupt:
+    sti
+    hlt
+    cli
+    ret
+
+/* void halt_forever(void): the guest halted with its virtual IF clear, as a CPU does. */
+    .globl halt_forever
+halt_forever:
+    cli
+1:  hlt
+    jmp 1b
+
+    .bss
+    .align 16
+monitor_stack:
+    .skip 16384
+    .globl monitor_stack_top
+monitor_stack_top:

@@ -1,0 +1,645 @@
+/*
+ * monitor.c: runs a bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts
+ * that emulate guest ring 0 (docs/monitor.md has the facts and the design; issue 13, stage 1).
+ *
+ * The program keeps its own view of the machine: its IDT, GDT and TR, its interrupt flag, its
+ * control registers. The real ones are the monitor's: a GDT whose guest-kernel segments have
+ * DPL 3, an IDT that sends every exception and interrupt here (ring 0, interrupt gates, the TSS
+ * stack), and a TSS whose I/O bitmap grants every port, so port I/O needs no help. What traps:
+ *   - the privileged instructions (#GP in ring 3): emulated against the virtual state;
+ *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode while an
+ *     interrupt is held (#NP: the user code segment is then marked not present), so that a held
+ *     interrupt is delivered at the first chance; with none held, that IRETQ runs natively;
+ *   - exceptions and interrupts: reflected through the program's own IDT, as the CPU would have
+ *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
+ *     held until it sets IF again (STI, IRETQ, HLT).
+ * Not yet (docs/monitor.md): shadow page tables (a CR3 load of other tables is refused), more than
+ * one vCPU, SYSCALL/SYSRET, SWAPGS, and PUSHF/POPF, which run natively and see the real IF.
+ * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
+ * rules ends its own VM with a report, never more.
+ */
+#include "ws.h"
+#include "monitor.h"
+
+/* Real selectors in the monitor's GDT. The guest's kernel runs on copies of its segments with
+ * DPL 3 at the same indexes, so it knows them as 0x08 and 0x10 and the CPU as 0x0b and 0x13. */
+#define REAL_KERNEL_CS (KERNEL_CS | 3)
+#define REAL_KERNEL_SS (KERNEL_DS | 3)
+#define MONITOR_CS 0x38
+#define MONITOR_DS 0x40
+#define TSS_SELECTOR 0x28
+#define USER_CS_INDEX (USER_CS >> 3)
+
+#define RFLAGS_IF 0x200ul
+#define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF-less: DF OF AC, what IRETQ gives back to ring 3 */
+#define RFLAGS_FIXED 0x2ul
+
+#define DESCRIPTOR_PRESENT (1ul << 47)
+#define CODE64_DPL3 0x00affa000000fffful
+#define DATA_DPL3 0x00cff2000000fffful
+#define CODE64_DPL0 0x00af9a000000fffful
+#define DATA_DPL0 0x00cf92000000fffful
+
+__attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
+
+static u64 gdt[9] __attribute__((aligned(16)));
+
+static struct {
+    u32 reserved0;
+    u64 rsp[3];
+    u64 reserved1;
+    u64 ist[7];
+    u64 reserved2;
+    u16 reserved3;
+    u16 io_map_base;
+    u8 io_map[8192]; /* every port allowed */
+    u8 io_map_end;   /* all ones (SDM vol. 1, 19.5.2) */
+} __attribute__((packed, aligned(16))) tss;
+
+static struct {
+    u16 offset_low, selector;
+    u8 ist, type_attr;
+    u16 offset_mid;
+    u32 offset_high, reserved;
+} __attribute__((packed)) idt[256] __attribute__((aligned(16)));
+
+extern const u64 event_stubs[256];
+extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[];
+int msr_read(u32 index, u64 *value);
+int msr_write(u32 index, u64 value);
+void wait_for_interrupt(void);
+void halt_forever(void) __attribute__((noreturn));
+
+/* The guest's virtual CPU state. */
+static struct {
+    int interrupts;   /* its IF, while it runs in kernel mode (user mode always takes interrupts) */
+    int user;         /* the mode it runs in now */
+    u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
+    u64 cr0, cr2, cr4;
+    u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
+} guest;
+
+/* ---- reports --------------------------------------------------------------------------------- */
+
+static struct ucall report;
+
+static char *append(char *at, const char *end, const char *text)
+{
+    while (*text && at < end)
+        *at++ = *text++;
+    return at;
+}
+
+static char *append_hex(char *at, const char *end, u64 value)
+{
+    char digits[19] = "0x";
+    int n = 2;
+    for (int shift = 60; shift >= 0; shift -= 4) {
+        u64 digit = (value >> shift) & 0xf;
+        if (digit || n > 2 || shift == 0)
+            digits[n++] = "0123456789abcdef"[digit];
+    }
+    digits[n] = 0;
+    return append(at, end, digits);
+}
+
+/* End the VM with a report (the VMX shows it as the guest's abort): the guest broke a rule the
+ * monitor enforces, or asked for what this monitor does not do yet. */
+static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u64 a1)
+{
+    char *at = report.text, *end = report.text + sizeof(report.text) - 1;
+    at = append(at, end, "monitor: ");
+    at = append(at, end, what);
+    at = append(at, end, " (");
+    at = append_hex(at, end, a0);
+    at = append(at, end, ", ");
+    at = append_hex(at, end, a1);
+    at = append(at, end, ")");
+    *at = 0;
+    append(report.file, report.file + sizeof(report.file) - 1, "monitor.c");
+    report.cmd = UCALL_ABORT;
+    report.line = line;
+    report.args[0] = a0;
+    report.args[1] = a1;
+    outl(UCALL_PORT, (u32)((u64)&report - MONITOR_BASE + handoff.physical_base));
+    halt_forever();
+}
+#define STOP(what, a0, a1) stop(__LINE__, what, (a0), (a1))
+
+/* ---- guest memory: only RAM below the monitor, never the monitor's own pages ------------------- */
+
+static void *guest_bytes(u64 address, u64 length)
+{
+    if (address >= handoff.guest_limit || length > handoff.guest_limit - address)
+        STOP("the guest pointed outside its memory", address, length);
+    return (void *)address;
+}
+
+static u64 read_u64(u64 address) { return *(u64 *)guest_bytes(address, 8); }
+static void write_u64(u64 address, u64 value) { *(u64 *)guest_bytes(address, 8) = value; }
+
+/* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
+ * entries). Read at LTR, as the CPU reads it into TR's hidden part; 0 for no TSS. */
+static u64 tss_base_of(u64 selector)
+{
+    u64 index = selector & ~7ul;
+    if (index == 0 || index + 15 > guest.gdt_limit)
+        return 0;
+    u64 low = read_u64(guest.gdt_base + index), high = read_u64(guest.gdt_base + index + 8);
+    return ((low >> 16) & 0xffffff) | ((low >> 56) & 0xff) << 24 | (high & 0xffffffff) << 32;
+}
+
+/* ---- the monitor's tables ---------------------------------------------------------------------- */
+
+static void set_user_code_present(int present)
+{
+    if (present)
+        gdt[USER_CS_INDEX] |= DESCRIPTOR_PRESENT;
+    else
+        gdt[USER_CS_INDEX] &= ~DESCRIPTOR_PRESENT;
+}
+
+u64 monitor_init(void)
+{
+    if (handoff.magic != HANDOFF_MAGIC)
+        halt_forever(); /* not loaded by a VMM that knows the handoff: nothing to report through */
+    u64 tss_base = (u64)&tss;
+    gdt[KERNEL_CS >> 3] = CODE64_DPL3;
+    gdt[KERNEL_DS >> 3] = DATA_DPL3;
+    gdt[USER_DS >> 3] = DATA_DPL3;
+    gdt[USER_CS_INDEX] = CODE64_DPL3;
+    gdt[TSS_SELECTOR >> 3] = (sizeof(tss) - 1) | (tss_base & 0xffffff) << 16 | 0x89ul << 40 |
+                             ((tss_base >> 24) & 0xff) << 56;
+    gdt[(TSS_SELECTOR >> 3) + 1] = tss_base >> 32;
+    gdt[MONITOR_CS >> 3] = CODE64_DPL0;
+    gdt[MONITOR_DS >> 3] = DATA_DPL0;
+    tss.rsp[0] = (u64)monitor_stack_top;
+    tss.io_map_base = (u16)((u64)tss.io_map - tss_base);
+    tss.io_map_end = 0xff;
+    for (int vector = 0; vector < 256; vector++) {
+        u64 target = event_stubs[vector];
+        idt[vector].offset_low = target & 0xffff;
+        idt[vector].selector = MONITOR_CS;
+        /* interrupt gates, DPL 0, except int3 and into, which ring 3 raises on purpose */
+        idt[vector].type_attr = vector == 3 || vector == 4 ? 0xee : 0x8e;
+        idt[vector].offset_mid = (target >> 16) & 0xffff;
+        idt[vector].offset_high = target >> 32;
+    }
+    struct { u16 limit; u64 base; } __attribute__((packed)) gdtr = { sizeof(gdt) - 1, (u64)gdt },
+                                                             idtr = { sizeof(idt) - 1, (u64)idt };
+    __asm__ volatile("lgdt %0; lidt %1" : : "m"(gdtr), "m"(idtr) : "memory");
+    __asm__ volatile("ltr %w0" : : "r"(TSS_SELECTOR));
+    __asm__ volatile("mov %%cr0, %0" : "=r"(guest.cr0));
+    __asm__ volatile("mov %%cr4, %0" : "=r"(guest.cr4));
+    guest.gdt_base = handoff.guest_gdt_base;
+    guest.gdt_limit = handoff.guest_gdt_limit;
+    guest.tr = handoff.guest_tr;
+    guest.tss_base = tss_base_of(guest.tr);
+    return MONITOR_CS;
+}
+
+/* The program's entry, as boot/program.py documents it, with its ring-0 code in ring 3. */
+void monitor_first_frame(struct trap_frame *frame)
+{
+    memset(frame, 0, sizeof(*frame));
+    frame->rip = handoff.guest_rip;
+    frame->rsp = handoff.guest_rsp;
+    frame->rdi = handoff.guest_rdi;
+    frame->rsi = handoff.guest_rsi;
+    frame->rdx = handoff.guest_rdx;
+    frame->cs = REAL_KERNEL_CS;
+    frame->ss = REAL_KERNEL_SS;
+    frame->rflags = RFLAGS_FIXED | RFLAGS_IF; /* the real IF; the guest's starts clear */
+}
+
+void *memset(void *dst, int c, size_t n)
+{
+    u8 *d = dst;
+    while (n--)
+        *d++ = (u8)c;
+    return dst;
+}
+
+void *memcpy(void *dst, const void *src, size_t n)
+{
+    u8 *d = dst;
+    const u8 *s = src;
+    while (n--)
+        *d++ = *s++;
+    return dst;
+}
+
+/* ---- delivering events to the guest ------------------------------------------------------------ */
+
+static int has_error_code(u64 vector)
+{
+    return vector == 8 || (vector >= 10 && vector <= 14) || vector == 17 || vector == 21 || vector == 29 || vector == 30;
+}
+
+static u64 guest_tss_base(u64 vector)
+{
+    if (!guest.tss_base)
+        STOP("the guest took an event to its kernel stack without a TSS", guest.tr, vector);
+    return guest.tss_base;
+}
+
+static void push(u64 *rsp, u64 value)
+{
+    *rsp -= 8;
+    write_u64(*rsp, value);
+}
+
+/* Deliver `vector` through the guest's IDT, as the CPU would: on the stack its gate and TSS name,
+ * with the frame its handler expects (CS and SS as the guest knows them, its own IF). */
+static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
+{
+    if (vector * 16 + 15 > guest.idt_limit)
+        STOP("the guest has no IDT gate for this vector", vector, frame->rip);
+    u64 low = read_u64(guest.idt_base + vector * 16), high = read_u64(guest.idt_base + vector * 16 + 8);
+    if (!(low & DESCRIPTOR_PRESENT))
+        STOP("the guest's IDT gate for this vector is not present", vector, frame->rip);
+    u64 target = (low & 0xffff) | ((low >> 48) & 0xffff) << 16 | (high & 0xffffffff) << 32;
+    u64 selector = (low >> 16) & 0xffff, type = (low >> 40) & 0xf, dpl = (low >> 45) & 3, ist = (low >> 32) & 7;
+    if ((vector == 3 || vector == 4) && guest.user && dpl < 3) { /* int3/into where the gate forbids it */
+        deliver(frame, 13, 1, vector * 8 + 2);
+        return;
+    }
+    u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user || guest.interrupts ? RFLAGS_IF : 0);
+    u64 cs = guest.user ? USER_CS : KERNEL_CS, ss = guest.user ? USER_DS : KERNEL_DS;
+    u64 rsp;
+    if (selector == USER_CS) {
+        if (!guest.user)
+            STOP("the guest's kernel took an event to a ring-3 gate", vector, frame->rip);
+        rsp = frame->rsp & ~15ul; /* no change of privilege: the current stack */
+    } else if ((selector & ~3ul) == KERNEL_CS) {
+        if (ist)
+            rsp = read_u64(guest_tss_base(vector) + 0x24 + 8 * (ist - 1));
+        else
+            rsp = guest.user ? read_u64(guest_tss_base(vector) + 4) : frame->rsp;
+        rsp &= ~15ul;
+    } else {
+        STOP("the guest's IDT gate names an unknown code segment", vector, selector);
+    }
+    push(&rsp, ss);
+    push(&rsp, frame->rsp);
+    push(&rsp, rflags);
+    push(&rsp, cs);
+    push(&rsp, frame->rip);
+    if (error)
+        push(&rsp, error_code);
+    frame->rip = target;
+    frame->rsp = rsp;
+    frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
+    if (selector == USER_CS) {
+        frame->cs = USER_CS;
+        frame->ss = USER_DS;
+    } else {
+        frame->cs = REAL_KERNEL_CS;
+        frame->ss = REAL_KERNEL_SS;
+        guest.user = 0;
+        if (type == 0xe)
+            guest.interrupts = 0; /* an interrupt gate; a trap gate leaves IF alone */
+    }
+}
+
+static int take_pending(void)
+{
+    for (int word = 3; word >= 0; word--)
+        if (guest.pending[word]) {
+            int bit = 63 - __builtin_clzl(guest.pending[word]);
+            guest.pending[word] &= ~(1ul << bit);
+            return word * 64 + bit;
+        }
+    return -1;
+}
+
+static int any_pending(void)
+{
+    return (guest.pending[0] | guest.pending[1] | guest.pending[2] | guest.pending[3]) != 0;
+}
+
+static void hold(u64 vector)
+{
+    guest.pending[vector / 64] |= 1ul << (vector % 64);
+}
+
+/* A held interrupt, delivered now that the guest takes interrupts (the highest vector first). */
+static void deliver_held(struct trap_frame *frame)
+{
+    if (!(guest.user || guest.interrupts) || !any_pending())
+        return;
+    handoff.counters[COUNT_INTERRUPTS]++;
+    deliver(frame, (u64)take_pending(), 0, 0);
+}
+
+/* ---- emulating the guest kernel's privileged instructions ---------------------------------------- */
+
+struct instruction {
+    const u8 *bytes;
+    int length;   /* so far: prefixes, opcode, ModRM, SIB, displacement */
+    int rex;
+    int mod, reg, rm;
+};
+
+static u64 *gpr(struct trap_frame *frame, int n)
+{
+    switch (n) {
+    case 0: return &frame->rax;
+    case 1: return &frame->rcx;
+    case 2: return &frame->rdx;
+    case 3: return &frame->rbx;
+    case 4: return &frame->rsp;
+    case 5: return &frame->rbp;
+    case 6: return &frame->rsi;
+    case 7: return &frame->rdi;
+    case 8: return &frame->r8;
+    case 9: return &frame->r9;
+    case 10: return &frame->r10;
+    case 11: return &frame->r11;
+    case 12: return &frame->r12;
+    case 13: return &frame->r13;
+    case 14: return &frame->r14;
+    default: return &frame->r15;
+    }
+}
+
+/* ModRM (and SIB and displacement) at insn->bytes[insn->length]; for a memory operand, its address. */
+static u64 decode_modrm(struct trap_frame *frame, struct instruction *insn)
+{
+    u8 modrm = insn->bytes[insn->length++];
+    insn->mod = modrm >> 6;
+    insn->reg = ((modrm >> 3) & 7) | (insn->rex & 4 ? 8 : 0);
+    insn->rm = (modrm & 7) | (insn->rex & 1 ? 8 : 0);
+    if (insn->mod == 3)
+        return 0;
+    u64 address;
+    if ((modrm & 7) == 4) { /* SIB */
+        u8 sib = insn->bytes[insn->length++];
+        int index = ((sib >> 3) & 7) | (insn->rex & 2 ? 8 : 0), base = (sib & 7) | (insn->rex & 1 ? 8 : 0);
+        address = index == 4 ? 0 : *gpr(frame, index) << (sib >> 6);
+        if ((sib & 7) == 5 && insn->mod == 0) {
+            address += (u64)(i64)*(const int *)&insn->bytes[insn->length];
+            insn->length += 4;
+        } else {
+            address += *gpr(frame, base);
+        }
+    } else if ((modrm & 7) == 5 && insn->mod == 0) { /* RIP-relative: from the next instruction */
+        i64 displacement = *(const int *)&insn->bytes[insn->length];
+        insn->length += 4;
+        return frame->rip + (u64)insn->length + (u64)displacement; /* no immediate follows here */
+    } else {
+        address = *gpr(frame, insn->rm);
+    }
+    if (insn->mod == 1)
+        address += (u64)(i64)(signed char)insn->bytes[insn->length++];
+    else if (insn->mod == 2) {
+        address += (u64)(i64)*(const int *)&insn->bytes[insn->length];
+        insn->length += 4;
+    }
+    return address;
+}
+
+#define CR0_GUEST_MAY_CHANGE 0x5002eul /* MP EM TS NE WP AM */
+#define CR4_GUEST_MAY_CHANGE 0x40680ul /* PGE OSFXSR OSXMMEXCPT OSXSAVE */
+
+static void write_cr(int cr, u64 value)
+{
+    switch (cr) {
+    case 0:
+        if ((value ^ guest.cr0) & ~CR0_GUEST_MAY_CHANGE)
+            STOP("the guest changed CR0 bits this monitor keeps fixed", guest.cr0, value);
+        __asm__ volatile("mov %0, %%cr0" : : "r"(value) : "memory");
+        guest.cr0 = value;
+        return;
+    case 2:
+        guest.cr2 = value;
+        return;
+    case 3: {
+        u64 cr3;
+        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+        if ((value & ~0xffful) != (cr3 & ~0xffful))
+            STOP("the guest loaded other page tables; this monitor has no shadow paging yet", cr3, value);
+        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory"); /* the same tables: a TLB flush */
+        return;
+    }
+    case 4:
+        if ((value ^ guest.cr4) & ~CR4_GUEST_MAY_CHANGE)
+            STOP("the guest changed CR4 bits this monitor keeps fixed", guest.cr4, value);
+        __asm__ volatile("mov %0, %%cr4" : : "r"(value) : "memory");
+        guest.cr4 = value;
+        return;
+    case 8:
+        __asm__ volatile("mov %0, %%cr8" : : "r"(value));
+        return;
+    }
+}
+
+static int read_cr(int cr, u64 *value)
+{
+    switch (cr) {
+    case 0: *value = guest.cr0; return 1;
+    case 2: *value = guest.cr2; return 1;
+    case 3: __asm__ volatile("mov %%cr3, %0" : "=r"(*value)); return 1;
+    case 4: *value = guest.cr4; return 1;
+    case 8: __asm__ volatile("mov %%cr8, %0" : "=r"(*value)); return 1;
+    }
+    return 0;
+}
+
+/* IRETQ from the guest's kernel: to its kernel (a #GP, the frame's CS having RPL 0) or to its user
+ * mode (a #NP on the user code segment). */
+static void emulate_iretq(struct trap_frame *frame)
+{
+    u64 rsp = frame->rsp;
+    u64 rip = read_u64(rsp), cs = read_u64(rsp + 8), rflags = read_u64(rsp + 16);
+    u64 new_rsp = read_u64(rsp + 24), ss = read_u64(rsp + 32);
+    frame->rip = rip;
+    frame->rsp = new_rsp;
+    frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
+    if (cs == USER_CS) {
+        if (ss != USER_DS)
+            STOP("the guest returned to user mode with a stack segment other than its user data", ss, rip);
+        frame->cs = USER_CS;
+        frame->ss = USER_DS;
+        guest.user = 1;
+    } else if ((cs & ~3ul) == KERNEL_CS) {
+        frame->cs = REAL_KERNEL_CS;
+        frame->ss = REAL_KERNEL_SS;
+        guest.interrupts = (rflags & RFLAGS_IF) != 0;
+    } else {
+        STOP("the guest returned with IRETQ to an unknown code segment", cs, rip);
+    }
+}
+
+/* The instruction at the guest kernel's RIP, if it is one the monitor emulates: 1 when done. */
+static int emulate(struct trap_frame *frame)
+{
+    struct instruction insn = { .bytes = guest_bytes(frame->rip, 16) };
+    while ((insn.bytes[insn.length] & 0xf0) == 0x40 || insn.bytes[insn.length] == 0x66) {
+        if ((insn.bytes[insn.length] & 0xf0) == 0x40)
+            insn.rex = insn.bytes[insn.length];
+        if (++insn.length > 4)
+            return 0;
+    }
+    u8 opcode = insn.bytes[insn.length++];
+    u64 *counters = handoff.counters;
+    switch (opcode) {
+    case 0xfa: /* cli */
+        counters[COUNT_CLI]++;
+        guest.interrupts = 0;
+        frame->rip += (u64)insn.length;
+        return 1;
+    case 0xfb: /* sti; STI's shadow keeps the next instruction before any interrupt: a HLT there
+                * waits for one (the idiom that would otherwise sleep through its wake-up) */
+        counters[COUNT_STI]++;
+        guest.interrupts = 1;
+        frame->rip += (u64)insn.length;
+        if (insn.bytes[insn.length] != 0xf4)
+            return 1;
+        insn.length++;
+        /* fall through */
+    case 0xf4: /* hlt */
+        counters[COUNT_HLT]++;
+        frame->rip += opcode == 0xf4 ? (u64)insn.length : 1;
+        if (!guest.interrupts)
+            halt_forever(); /* as the CPU: only an NMI or INIT would wake it */
+        while (!any_pending())
+            wait_for_interrupt();
+        return 1;
+    case 0xcf: /* iretq */
+        if (!(insn.rex & 8))
+            STOP("the guest used a 32-bit IRET, which this monitor does not emulate", frame->rip, 0);
+        counters[COUNT_IRETQ]++;
+        emulate_iretq(frame);
+        return 1;
+    case 0x0f:
+        break;
+    default:
+        return 0;
+    }
+    u8 second = insn.bytes[insn.length++];
+    u64 value, address;
+    switch (second) {
+    case 0x01: {
+        address = decode_modrm(frame, &insn);
+        if (insn.mod == 3)
+            STOP("the guest used a privileged 0f 01 instruction this monitor does not emulate", frame->rip,
+                 insn.bytes[insn.length - 1]);
+        if (insn.reg == 2 || insn.reg == 3) { /* lgdt, lidt */
+            u8 *operand = guest_bytes(address, 10);
+            u64 limit = *(u16 *)operand, base = *(u64 *)(operand + 2);
+            counters[COUNT_DESCRIPTOR]++;
+            if (insn.reg == 2) {
+                guest.gdt_base = base;
+                guest.gdt_limit = limit;
+            } else {
+                guest.idt_base = base;
+                guest.idt_limit = limit;
+            }
+        } else if (insn.reg == 7) { /* invlpg */
+            counters[COUNT_INVLPG]++;
+            __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+        } else {
+            return 0;
+        }
+        break;
+    }
+    case 0x00: /* ltr */
+        address = decode_modrm(frame, &insn);
+        if (insn.reg != 3)
+            return 0;
+        counters[COUNT_DESCRIPTOR]++;
+        guest.tr = insn.mod == 3 ? *gpr(frame, insn.rm) & 0xffff : *(u16 *)guest_bytes(address, 2);
+        guest.tss_base = tss_base_of(guest.tr);
+        break;
+    case 0x06: /* clts */
+        counters[COUNT_MOV_CR]++;
+        write_cr(0, guest.cr0 & ~8ul);
+        break;
+    case 0x09: /* wbinvd: a VM's caches are the host's to keep coherent; nothing to write back */
+        counters[COUNT_WBINVD]++;
+        break;
+    case 0x20: /* mov %crN, reg */
+    case 0x22: /* mov reg, %crN */
+        decode_modrm(frame, &insn);
+        counters[COUNT_MOV_CR]++;
+        if (!read_cr(insn.reg, &value)) {
+            deliver(frame, 6, 0, 0); /* #UD: a control register that does not exist */
+            return 1;
+        }
+        if (second == 0x22)
+            write_cr(insn.reg, *gpr(frame, insn.rm));
+        else
+            *gpr(frame, insn.rm) = value;
+        break;
+    case 0x30: /* wrmsr */
+        counters[COUNT_WRMSR]++;
+        if (msr_write((u32)frame->rcx, (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff))) {
+            deliver(frame, 13, 1, 0);
+            return 1;
+        }
+        break;
+    case 0x32: /* rdmsr */
+        counters[COUNT_RDMSR]++;
+        if (msr_read((u32)frame->rcx, &value)) {
+            deliver(frame, 13, 1, 0);
+            return 1;
+        }
+        frame->rax = value & 0xffffffff;
+        frame->rdx = value >> 32;
+        break;
+    default:
+        return 0;
+    }
+    frame->rip += (u64)insn.length;
+    return 1;
+}
+
+/* ---- the entry from the stubs ------------------------------------------------------------------ */
+
+/* An event while the monitor itself ran: an interrupt that ends a wait, or a fault it expected. */
+static void own_event(struct trap_frame *frame)
+{
+    if (frame->vector >= 32) {
+        hold(frame->vector);
+        return;
+    }
+    if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at)) {
+        frame->rip = (u64)msr_refused;
+        return;
+    }
+    u64 cr2;
+    __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    STOP(frame->vector == 14 ? "page fault in the monitor (the guest's page tables changed under it?)"
+                             : "exception in the monitor",
+         frame->vector, frame->vector == 14 ? cr2 : frame->rip);
+}
+
+void monitor_event(struct trap_frame *frame)
+{
+    if ((frame->cs & 3) == 0) {
+        own_event(frame);
+        return;
+    }
+    handoff.counters[COUNT_EVENTS]++;
+    guest.user = frame->cs == USER_CS;
+    u64 vector = frame->vector;
+    int user_cs_absent = vector == 11 && (frame->error_code & ~7ul) == (USER_CS & ~3ul);
+    if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
+        deliver_held(frame);
+    } else if (vector < 32) {
+        handoff.counters[COUNT_EXCEPTIONS]++;
+        if (vector == 14)
+            __asm__ volatile("mov %%cr2, %0" : "=r"(guest.cr2));
+        deliver(frame, vector, has_error_code(vector), frame->error_code);
+    } else if (guest.user || guest.interrupts) {
+        handoff.counters[COUNT_INTERRUPTS]++;
+        deliver(frame, vector, 0, 0);
+    } else {
+        handoff.counters[COUNT_DEFERRED]++;
+        hold(vector);
+    }
+    /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
+     * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
+    set_user_code_present(frame->cs == USER_CS || !any_pending());
+}

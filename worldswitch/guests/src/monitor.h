@@ -1,0 +1,38 @@
+/*
+ * monitor.h: what the VMM and the in-guest monitor share (boot/monitor.py writes the handoff).
+ *
+ * The monitor (docs/monitor.md) runs a bare-metal program's ring-0 code deprivileged in ring 3 on
+ * hosts without VT-x/AMD-V. It is linked at the top 4 MiB of the 64-bit address space, as VMware's
+ * VMM reserved the top 4 MB; its pages are the top 4 MiB of guest RAM, mapped supervisor-only.
+ */
+#ifndef MONITOR_H
+#define MONITOR_H
+
+#define MONITOR_BASE 0xffffffffffc00000UL
+#define MONITOR_SIZE 0x400000UL
+#define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
+
+/* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with
+ * boot/monitor.py MONITOR_COUNTERS). */
+enum {
+    COUNT_EVENTS,      /* every entry into the monitor from the guest */
+    COUNT_EXCEPTIONS,  /* exceptions reflected to the guest's IDT */
+    COUNT_INTERRUPTS,  /* interrupts reflected to the guest's IDT */
+    COUNT_DEFERRED,    /* interrupts held while the guest's virtual IF was clear */
+    COUNT_CLI, COUNT_STI, COUNT_HLT, COUNT_IRETQ, COUNT_MOV_CR, COUNT_RDMSR, COUNT_WRMSR,
+    COUNT_DESCRIPTOR,  /* lgdt, lidt, ltr */
+    COUNT_INVLPG, COUNT_WBINVD,
+    COUNT_KINDS
+};
+
+/* At MONITOR_BASE: what the VMM hands over, then the counters. All fields are 64-bit. */
+struct handoff {
+    unsigned long magic;
+    unsigned long guest_rip, guest_rsp, guest_rdi, guest_rsi, guest_rdx; /* the program's entry */
+    unsigned long guest_limit;   /* guest RAM below the monitor: the only memory it reads or writes for the guest */
+    unsigned long physical_base; /* where the monitor's pages are in guest-physical memory */
+    unsigned long guest_gdt_base, guest_gdt_limit, guest_tr; /* the descriptor tables the VMM built */
+    unsigned long counters[COUNT_KINDS];
+};
+
+#endif

@@ -1,0 +1,106 @@
+/* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
+ * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, and a
+ * wrmsr the CPU refuses with #GP), lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
+ * interrupt held by cli until sti, and sti;hlt woken by one). Every host gives the same answer;
+ * under the monitor each of them traps and is emulated (docs/monitor.md).
+ * Reports DONE(checks passed, ticks, refused wrmsr #GPs, 0). */
+#include "ws.h"
+
+#define TIMER_VECTOR 0x30
+#define MSR_STAR 0xc0000081
+#define MSR_NONEXISTENT 0xdeadbeef
+#define PROGRAM_GDT_BASE 0x1000 /* boot/longmode.py: the VMM's GDT, seven entries */
+#define PROGRAM_GDT_LIMIT (7 * 8 - 1)
+
+static volatile u64 ticks, refused;
+
+static void on_tick(struct trap_frame *frame)
+{
+    ticks++;
+    lapic_write(LAPIC_EOI, 0);
+}
+
+static void on_gp(struct trap_frame *frame)
+{
+    refused++;
+    frame->rip += 2; /* past the wrmsr */
+}
+
+static inline u64 rdmsr(u32 index)
+{
+    u32 low, high;
+    __asm__ volatile("rdmsr" : "=a"(low), "=d"(high) : "c"(index));
+    return (u64)high << 32 | low;
+}
+
+static inline void wrmsr(u32 index, u64 value)
+{
+    __asm__ volatile("wrmsr" : : "c"(index), "a"((u32)value), "d"((u32)(value >> 32)) : "memory");
+}
+
+#define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
+#define WRITE_CR(n, v) __asm__ volatile("mov %0, %%cr" #n : : "r"((u64)(v)) : "memory")
+
+static void one_shot(void)
+{
+    lapic_write(LAPIC_TIMER_DIVIDE, 0x3);
+    lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR); /* one-shot */
+    lapic_write(LAPIC_TIMER_INITIAL, 62500);    /* 1 ms */
+}
+
+int main(const char *args)
+{
+    u64 passed = 0;
+    u64 cr0 = READ_CR(0);
+    WRITE_CR(0, cr0 | 8); /* TS */
+    GUEST_ASSERT(READ_CR(0) & 8);
+    __asm__ volatile("clts");
+    GUEST_ASSERT_EQ(READ_CR(0), cr0 & ~8ul);
+    passed += 2;
+    WRITE_CR(2, 0x123456789ul);
+    GUEST_ASSERT_EQ(READ_CR(2), 0x123456789ul);
+    u64 cr3 = READ_CR(3);
+    WRITE_CR(3, cr3); /* the same tables: a TLB flush */
+    GUEST_ASSERT_EQ(READ_CR(3), cr3);
+    GUEST_ASSERT(READ_CR(4) & (1u << 5)); /* PAE, as long mode needs */
+    passed += 3;
+
+    u64 star = rdmsr(MSR_STAR);
+    wrmsr(MSR_STAR, 0x0023001000000000ul);
+    GUEST_ASSERT_EQ(rdmsr(MSR_STAR), 0x0023001000000000ul);
+    wrmsr(MSR_STAR, star);
+    set_trap_handler(13, on_gp);
+    wrmsr(MSR_NONEXISTENT, 1);
+    GUEST_ASSERT_EQ(refused, 1);
+    passed += 2;
+
+    struct {
+        u16 limit;
+        u64 base;
+    } __attribute__((packed)) gdtr = { PROGRAM_GDT_LIMIT, PROGRAM_GDT_BASE };
+    __asm__ volatile("lgdt %0" : : "m"(gdtr));
+    __asm__ volatile("invlpg (%0)" : : "r"(0x200000ul) : "memory");
+    __asm__ volatile("wbinvd" ::: "memory");
+    passed += 3;
+
+    set_trap_handler(TIMER_VECTOR, on_tick);
+    lapic_write(LAPIC_SVR, 0x1ff); /* software-enable the LAPIC, spurious vector 0xff */
+    cli();
+    one_shot();
+    while (lapic_read(LAPIC_TIMER_CURRENT) != 0)
+        cpu_relax();
+    for (int i = 0; i < 1000; i++)
+        cpu_relax(); /* the tick is due: it must wait for sti */
+    GUEST_ASSERT_EQ(ticks, 0);
+    sti();
+    for (int i = 0; i < 1000 && ticks == 0; i++)
+        cpu_relax();
+    GUEST_ASSERT_EQ(ticks, 1);
+    cli();
+    one_shot();
+    __asm__ volatile("sti; hlt" ::: "memory"); /* the tick wakes it */
+    GUEST_ASSERT_EQ(ticks, 2);
+    passed += 2;
+    GUEST_DONE(passed, ticks, refused, 0);
+    return 0;
+}
