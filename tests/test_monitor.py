@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,7 @@ from worldswitch.vmm.config import DEFAULT_MEMORY, MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import MachineResult, StopReason
 from worldswitch.vmm.stats import MachineStats
+from worldswitch.vmx.api import Machine
 
 pytestmark = pytest.mark.kvm
 
@@ -142,7 +145,7 @@ def test_an_empty_idt_ends_the_vm_with_the_monitors_report_where_the_cpu_would_t
     assert plain.reason is StopReason.TRIPLE_FAULT, plain.message
     result, _ = run("fault", "triple")
     assert result.reason is StopReason.GUEST_ABORT, result.message
-    assert "monitor: the guest has no IDT gate for this vector" in result.message, result.message
+    assert "monitor: no IDT gate for this vector" in result.message, result.message
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -174,3 +177,29 @@ def test_info_says_whether_the_monitor_applies_here() -> None:
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("monitor"))
     assert ("applies here" in line) == EMULATED and ("not here" in line) == (not EMULATED), line
+
+
+@needs_emulating_host
+def test_a_program_under_the_monitor_goes_on_after_a_restore(tmp_path: Path) -> None:
+    """The monitor's state is guest memory and the vCPU's registers: a snapshot carries it, and the
+    restored machine (made with the monitor again, from the snapshot's configuration) goes on."""
+    with Machine(guest="timer", args="1500", monitor=True) as vm:
+        vm.start()
+        time.sleep(0.4)
+        vm.pause()
+        vm.snapshot(tmp_path / "snap")
+        before = vm.stats()["monitor"]["interrupts"]
+        vm.stop()
+    assert before > 0
+    with Machine.restore(tmp_path / "snap") as restored:
+        result = restored.run(timeout=30)
+        after = restored.stats()["monitor"]["interrupts"]
+    assert done(result)[:2] == (1500, 1500)
+    assert after >= 1500  # the counters travelled in guest memory, and went on counting
+
+
+@needs_emulating_host
+def test_a_program_that_turns_syscall_on_is_told_the_monitor_does_not_run_it_yet() -> None:
+    result, _ = run("probe", "syscall")
+    assert result.reason is StopReason.GUEST_ABORT, result.message
+    assert "monitor: SYSCALL under the monitor is not built yet" in result.message, result.message

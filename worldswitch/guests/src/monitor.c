@@ -30,6 +30,9 @@
 #define TSS_SELECTOR 0x28
 #define USER_CS_INDEX (USER_CS >> 3)
 
+#define MSR_EFER 0xc0000080u
+#define EFER_SCE 1ul
+
 #define RFLAGS_IF 0x200ul
 #define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF-less: DF OF AC, what IRETQ gives back to ring 3 */
 #define RFLAGS_FIXED 0x2ul
@@ -104,7 +107,8 @@ static char *append_hex(char *at, const char *end, u64 value)
 }
 
 /* End the VM with a report (the VMX shows it as the guest's abort): the guest broke a rule the
- * monitor enforces, or asked for what this monitor does not do yet. */
+ * monitor enforces, or asked for what this monitor does not do yet. `what` stays under 47
+ * characters, so that the report's 96 bytes hold it with both numbers. */
 static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u64 a1)
 {
     char *at = report.text, *end = report.text + sizeof(report.text) - 1;
@@ -239,7 +243,7 @@ static int has_error_code(u64 vector)
 static u64 guest_tss_base(u64 vector)
 {
     if (!guest.tss_base)
-        STOP("the guest took an event to its kernel stack without a TSS", guest.tr, vector);
+        STOP("event to the kernel stack without a TSS", guest.tr, vector);
     return guest.tss_base;
 }
 
@@ -254,10 +258,10 @@ static void push(u64 *rsp, u64 value)
 static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
 {
     if (vector * 16 + 15 > guest.idt_limit)
-        STOP("the guest has no IDT gate for this vector", vector, frame->rip);
+        STOP("no IDT gate for this vector", vector, frame->rip);
     u64 low = read_u64(guest.idt_base + vector * 16), high = read_u64(guest.idt_base + vector * 16 + 8);
     if (!(low & DESCRIPTOR_PRESENT))
-        STOP("the guest's IDT gate for this vector is not present", vector, frame->rip);
+        STOP("IDT gate not present for this vector", vector, frame->rip);
     u64 target = (low & 0xffff) | ((low >> 48) & 0xffff) << 16 | (high & 0xffffffff) << 32;
     u64 selector = (low >> 16) & 0xffff, type = (low >> 40) & 0xf, dpl = (low >> 45) & 3, ist = (low >> 32) & 7;
     if ((vector == 3 || vector == 4) && guest.user && dpl < 3) { /* int3/into where the gate forbids it */
@@ -269,7 +273,7 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     u64 rsp;
     if (selector == USER_CS) {
         if (!guest.user)
-            STOP("the guest's kernel took an event to a ring-3 gate", vector, frame->rip);
+            STOP("kernel-mode event to a ring-3 gate", vector, frame->rip);
         rsp = frame->rsp & ~15ul; /* no change of privilege: the current stack */
     } else if ((selector & ~3ul) == KERNEL_CS) {
         if (ist)
@@ -278,7 +282,7 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
             rsp = guest.user ? read_u64(guest_tss_base(vector) + 4) : frame->rsp;
         rsp &= ~15ul;
     } else {
-        STOP("the guest's IDT gate names an unknown code segment", vector, selector);
+        STOP("IDT gate with an unknown code segment", vector, selector);
     }
     push(&rsp, ss);
     push(&rsp, frame->rsp);
@@ -407,7 +411,7 @@ static void write_cr(int cr, u64 value)
     switch (cr) {
     case 0:
         if ((value ^ guest.cr0) & ~CR0_GUEST_MAY_CHANGE)
-            STOP("the guest changed CR0 bits this monitor keeps fixed", guest.cr0, value);
+            STOP("the guest changed fixed CR0 bits", guest.cr0, value);
         __asm__ volatile("mov %0, %%cr0" : : "r"(value) : "memory");
         guest.cr0 = value;
         return;
@@ -418,13 +422,13 @@ static void write_cr(int cr, u64 value)
         u64 cr3;
         __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
         if ((value & ~0xffful) != (cr3 & ~0xffful))
-            STOP("the guest loaded other page tables; this monitor has no shadow paging yet", cr3, value);
+            STOP("other page tables: no shadow paging yet", cr3, value);
         __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory"); /* the same tables: a TLB flush */
         return;
     }
     case 4:
         if ((value ^ guest.cr4) & ~CR4_GUEST_MAY_CHANGE)
-            STOP("the guest changed CR4 bits this monitor keeps fixed", guest.cr4, value);
+            STOP("the guest changed fixed CR4 bits", guest.cr4, value);
         __asm__ volatile("mov %0, %%cr4" : : "r"(value) : "memory");
         guest.cr4 = value;
         return;
@@ -458,7 +462,7 @@ static void emulate_iretq(struct trap_frame *frame)
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
     if (cs == USER_CS) {
         if (ss != USER_DS)
-            STOP("the guest returned to user mode with a stack segment other than its user data", ss, rip);
+            STOP("user-mode return with a non-user stack", ss, rip);
         frame->cs = USER_CS;
         frame->ss = USER_DS;
         guest.user = 1;
@@ -467,7 +471,7 @@ static void emulate_iretq(struct trap_frame *frame)
         frame->ss = REAL_KERNEL_SS;
         guest.interrupts = (rflags & RFLAGS_IF) != 0;
     } else {
-        STOP("the guest returned with IRETQ to an unknown code segment", cs, rip);
+        STOP("IRETQ to an unknown code segment", cs, rip);
     }
 }
 
@@ -508,7 +512,7 @@ static int emulate(struct trap_frame *frame)
         return 1;
     case 0xcf: /* iretq */
         if (!(insn.rex & 8))
-            STOP("the guest used a 32-bit IRET, which this monitor does not emulate", frame->rip, 0);
+            STOP("32-bit IRET is not emulated", frame->rip, 0);
         counters[COUNT_IRETQ]++;
         emulate_iretq(frame);
         return 1;
@@ -523,7 +527,7 @@ static int emulate(struct trap_frame *frame)
     case 0x01: {
         address = decode_modrm(frame, &insn);
         if (insn.mod == 3)
-            STOP("the guest used a privileged 0f 01 instruction this monitor does not emulate", frame->rip,
+            STOP("unsupported privileged 0f 01 instruction", frame->rip,
                  insn.bytes[insn.length - 1]);
         if (insn.reg == 2 || insn.reg == 3) { /* lgdt, lidt */
             u8 *operand = guest_bytes(address, 10);
@@ -572,8 +576,13 @@ static int emulate(struct trap_frame *frame)
         else
             *gpr(frame, insn.rm) = value;
         break;
+    case 0x07: /* sysretq */
+        STOP("SYSCALL under the monitor is not built yet", frame->rip, 0);
     case 0x30: /* wrmsr */
         counters[COUNT_WRMSR]++;
+        if ((u32)frame->rcx == MSR_EFER && (frame->rax & EFER_SCE))
+            STOP("SYSCALL under the monitor is not built yet", frame->rip,
+                 frame->rax);
         if (msr_write((u32)frame->rcx, (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff))) {
             deliver(frame, 13, 1, 0);
             return 1;
@@ -610,7 +619,7 @@ static void own_event(struct trap_frame *frame)
     }
     u64 cr2;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-    STOP(frame->vector == 14 ? "page fault in the monitor (the guest's page tables changed under it?)"
+    STOP(frame->vector == 14 ? "page fault in the monitor"
                              : "exception in the monitor",
          frame->vector, frame->vector == 14 ? cr2 : frame->rip);
 }
