@@ -203,3 +203,20 @@ def test_a_program_that_turns_syscall_on_is_told_the_monitor_does_not_run_it_yet
     result, _ = run("probe", "syscall")
     assert result.reason is StopReason.GUEST_ABORT, result.message
     assert "monitor: SYSCALL under the monitor is not built yet" in result.message, result.message
+
+
+@needs_emulating_host
+def test_port_and_mmio_exits_from_the_programs_user_mode_need_no_monitor_trap() -> None:
+    result, stats = run("exits", "1000")
+    assert done(result)[0] == 1000
+    assert stats.monitor["events"] <= 2, stats.monitor  # its lidt, and the drop to ring 3 if a tick was held
+
+
+@needs_emulating_host
+def test_a_machine_file_turns_the_monitor_on(tmp_path: Path) -> None:
+    machine = tmp_path / "vm.toml"
+    machine.write_text('guest = "privileged"\nmonitor = true\n')
+    result = subprocess.run([sys.executable, "-m", "worldswitch", "run", str(machine), "--stats"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "traps into the in-guest monitor" in result.stdout + result.stderr, result.stderr
