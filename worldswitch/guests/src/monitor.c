@@ -140,7 +140,6 @@ static void *guest_bytes(u64 address, u64 length)
 }
 
 static u64 read_u64(u64 address) { return *(u64 *)guest_bytes(address, 8); }
-static void write_u64(u64 address, u64 value) { *(u64 *)guest_bytes(address, 8) = value; }
 
 /* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
  * entries). Read at LTR, as the CPU reads it into TR's hidden part; 0 for no TSS. */
@@ -247,19 +246,14 @@ static u64 guest_tss_base(u64 vector)
     return guest.tss_base;
 }
 
-static void push(u64 *rsp, u64 value)
-{
-    *rsp -= 8;
-    write_u64(*rsp, value);
-}
-
 /* Deliver `vector` through the guest's IDT, as the CPU would: on the stack its gate and TSS name,
  * with the frame its handler expects (CS and SS as the guest knows them, its own IF). */
 static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
 {
     if (vector * 16 + 15 > guest.idt_limit)
         STOP("no IDT gate for this vector", vector, frame->rip);
-    u64 low = read_u64(guest.idt_base + vector * 16), high = read_u64(guest.idt_base + vector * 16 + 8);
+    const u64 *gate = guest_bytes(guest.idt_base + vector * 16, 16);
+    u64 low = gate[0], high = gate[1];
     if (!(low & DESCRIPTOR_PRESENT))
         STOP("IDT gate not present for this vector", vector, frame->rip);
     u64 target = (low & 0xffff) | ((low >> 48) & 0xffff) << 16 | (high & 0xffffffff) << 32;
@@ -284,13 +278,16 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     } else {
         STOP("IDT gate with an unknown code segment", vector, selector);
     }
-    push(&rsp, ss);
-    push(&rsp, frame->rsp);
-    push(&rsp, rflags);
-    push(&rsp, cs);
-    push(&rsp, frame->rip);
+    u64 words = error ? 6 : 5; /* the frame the CPU pushes, checked as one range */
+    rsp -= words * 8;
+    u64 *pushed = guest_bytes(rsp, words * 8);
     if (error)
-        push(&rsp, error_code);
+        *pushed++ = error_code;
+    pushed[0] = frame->rip;
+    pushed[1] = cs;
+    pushed[2] = rflags;
+    pushed[3] = frame->rsp;
+    pushed[4] = ss;
     frame->rip = target;
     frame->rsp = rsp;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
@@ -454,9 +451,8 @@ static int read_cr(int cr, u64 *value)
  * mode (a #NP on the user code segment). */
 static void emulate_iretq(struct trap_frame *frame)
 {
-    u64 rsp = frame->rsp;
-    u64 rip = read_u64(rsp), cs = read_u64(rsp + 8), rflags = read_u64(rsp + 16);
-    u64 new_rsp = read_u64(rsp + 24), ss = read_u64(rsp + 32);
+    const u64 *popped = guest_bytes(frame->rsp, 5 * 8);
+    u64 rip = popped[0], cs = popped[1], rflags = popped[2], new_rsp = popped[3], ss = popped[4];
     frame->rip = rip;
     frame->rsp = new_rsp;
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
