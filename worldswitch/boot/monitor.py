@@ -23,7 +23,7 @@ HUGE_PAGE = 2 << 20
 HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
-            "wrmsr", "descriptor", "invlpg", "wbinvd")
+            "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush")
 _HANDOFF = struct.Struct("<11Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR
 _TABLE_PAGES = 2  # the PDPT and PD that map the monitor, in the last pages of its range
 

@@ -9,7 +9,9 @@
  *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
  *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
  *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
- *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0 */
+ *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0
+ *   map A      maps the 2 MiB at physical address A (decimal) at the same address in its identity
+ *              map (a page the VMM may have left out of it), then reads it: DONE(word) */
 #include "ws.h"
 
 static int misbehave(u64 unused)
@@ -69,6 +71,16 @@ int main(const char *args)
     }
     if (arg_has("peek"))
         GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);
+    if (arg_has("map")) {
+        u64 address = arg_number(0, 0), cr3;
+        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+        const u64 address_bits = 0x000ffffffffff000ul;
+        u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
+        u64 *pd = (u64 *)(pdpt[address >> 30] & address_bits);
+        pd[(address >> 21) & 511] = (address & ~0x1ffffful) | 0x87; /* present, writable, user, 2 MiB */
+        __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+        GUEST_DONE(*(volatile u64 *)address, 0, 0, 0);
+    }
     if (arg_has("idt")) {
         struct {
             u16 limit;

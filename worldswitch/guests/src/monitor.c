@@ -78,7 +78,7 @@ static struct {
     int interrupts;   /* its IF, while it runs in kernel mode (user mode always takes interrupts) */
     int user;         /* the mode it runs in now */
     u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
-    u64 cr0, cr2, cr4;
+    u64 cr0, cr2, cr3, cr4;
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
 } guest;
 
@@ -130,16 +130,288 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 }
 #define STOP(what, a0, a1) stop(__LINE__, what, (a0), (a1))
 
-/* ---- guest memory: only RAM below the monitor, never the monitor's own pages ------------------- */
+/* ---- the guest's memory, through the guest's own page tables ------------------------------------ */
 
-static void *guest_bytes(u64 address, u64 length)
+/* The monitor reaches guest RAM through a direct map of it (PML4 slot 510, supervisor-only), and a
+ * guest virtual address by walking the guest's tables, as the CPU would. It never touches anything
+ * but guest RAM below the monitor. */
+#define PAGE_SIZE 4096ul
+#define PTE_P 0x1ul
+#define PTE_W 0x2ul
+#define PTE_U 0x4ul
+#define PTE_CACHE 0x18ul /* PWT, PCD */
+#define PTE_A 0x20ul
+#define PTE_D 0x40ul
+#define PTE_PS 0x80ul
+#define PTE_FROM_1G 0x200ul /* software bit in a shadow PDE: part of a guest 1 GiB page */
+#define PTE_NX (1ul << 63)
+#define PTE_ADDR 0x000ffffffffff000ul
+#define CR0_WP (1ul << 16)
+#define DIRECT_BASE 0xffffff0000000000ul /* PML4 slot 510 */
+#define PF_PRESENT 1ul
+#define PF_WRITE 2ul
+#define PF_USER 4ul
+#define PF_FETCH 0x10ul
+
+static u64 direct_pdpt[512] __attribute__((aligned(4096)));
+static u64 direct_pd[4][512] __attribute__((aligned(4096)));
+
+static u64 physical(const void *monitor_address)
 {
-    if (address >= handoff.guest_limit || length > handoff.guest_limit - address)
-        STOP("the guest pointed outside its memory", address, length);
+    return (u64)monitor_address - MONITOR_BASE + handoff.physical_base;
+}
+
+static void *in_ram(u64 guest_physical, u64 length)
+{
+    if (guest_physical >= handoff.guest_limit || length > handoff.guest_limit - guest_physical)
+        STOP("the guest pointed outside its memory", guest_physical, length);
+    return (void *)(DIRECT_BASE + guest_physical);
+}
+
+struct translation {
+    u64 physical;  /* of the address walked */
+    u64 size;      /* of the guest page: 4 KiB, 2 MiB or 1 GiB */
+    u64 *leaf;     /* the guest's entry for it */
+    u64 *entries[4];
+    int levels;    /* entries walked */
+    int writable, user, executable;
+};
+
+/* Walk the guest's tables for `address`: 1 if mapped (the permissions are in *t), else 0. */
+static int walk(u64 address, struct translation *t)
+{
+    u64 table = guest.cr3 & PTE_ADDR;
+    t->writable = t->user = t->executable = 1;
+    t->levels = 0;
+    for (int level = 3; level >= 0; level--) {
+        u64 *entry = in_ram(table + ((address >> (12 + 9 * level)) & 511) * 8, 8);
+        u64 e = *entry;
+        if (!(e & PTE_P))
+            return 0;
+        t->entries[t->levels++] = entry;
+        t->writable &= (e & PTE_W) != 0;
+        t->user &= (e & PTE_U) != 0;
+        t->executable &= !(e & PTE_NX);
+        if (level == 0 || (level <= 2 && (e & PTE_PS))) {
+            t->size = 1ul << (12 + 9 * level);
+            t->physical = ((e & PTE_ADDR) & ~(t->size - 1)) | (address & (t->size - 1));
+            t->leaf = entry;
+            return 1;
+        }
+        table = e & PTE_ADDR;
+    }
+    return 0;
+}
+
+/* May an access of `kind` (PF_WRITE, PF_USER, PF_FETCH bits) use translation t? As the CPU decides,
+ * with the guest's CR0.WP for supervisor writes. */
+static int allowed(const struct translation *t, u64 kind)
+{
+    if ((kind & PF_USER) && !t->user)
+        return 0;
+    if ((kind & PF_WRITE) && !t->writable && ((kind & PF_USER) || (guest.cr0 & CR0_WP)))
+        return 0;
+    return !(kind & PF_FETCH) || t->executable;
+}
+
+/* The accessed bits the CPU sets on a walk, and the dirty bit on a write. */
+static void mark(struct translation *t, u64 kind)
+{
+    for (int i = 0; i < t->levels; i++)
+        *t->entries[i] |= PTE_A;
+    if (kind & PF_WRITE)
+        *t->leaf |= PTE_D;
+}
+
+/* A guest virtual address the monitor may use directly: it runs on the same shadow tables, so
+ * a plain load or store reaches what the guest would; a page not in the shadow yet faults into
+ * own_event, which fills it from the guest's tables (or ends the VM if they do not map it) and the
+ * access is retried. Only the monitor's own slots (510 and 511) are out of the guest's reach. */
+static void *guest_pointer(u64 address, u64 length)
+{
+    int canonical = address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
+    if (!canonical || address >= DIRECT_BASE || length > DIRECT_BASE - address)
+        STOP("the guest pointed at the monitor's addresses", address, length);
     return (void *)address;
 }
 
-static u64 read_u64(u64 address) { return *(u64 *)guest_bytes(address, 8); }
+static void read_guest(u64 address, void *buffer, u64 length)
+{
+    const void *from = guest_pointer(address, length);
+    __asm__ volatile("rep movsb" : "+D"(buffer), "+S"(from), "+c"(length) : : "memory");
+}
+
+static void write_guest(u64 address, const void *buffer, u64 length)
+{
+    void *to = guest_pointer(address, length);
+    __asm__ volatile("rep movsb" : "+D"(to), "+S"(buffer), "+c"(length) : : "memory");
+}
+
+static u64 read_u64(u64 address)
+{
+    u64 value;
+    read_guest(address, &value, 8);
+    return value;
+}
+
+/* ---- shadow page tables ------------------------------------------------------------------------- */
+
+/* The CPU walks the monitor's shadow tables, never the guest's. A shadow is a software TLB: filled
+ * from the guest's tables when a page fault finds nothing there, emptied by INVLPG (one page) and by
+ * a CR3 load (all), which is what the architecture already asks of a guest that changes a mapping.
+ * Every guest page is user-accessible in it (the guest's kernel runs in ring 3), except that while
+ * the guest's kernel has used a supervisor-only page, its user mode runs on a second shadow with
+ * only its user pages (`split`); the guest's return to user mode then always traps, to switch. Slot
+ * 511 maps the monitor and slot 510 guest RAM for the monitor, both supervisor-only; no guest
+ * mapping may reach the monitor's pages. */
+#define SHADOW_PAGES 448
+
+static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
+static u64 bare_root[512] __attribute__((aligned(4096))); /* only the monitor's slots: run on it while the pool is reset */
+static int shadow_used;
+static u64 *kernel_root, *user_root;
+static int split;
+static u64 monitor_slot, direct_slot; /* PML4 entries 511 and 510 */
+
+static u64 *shadow_page(void)
+{
+    u64 *page = shadow_pool[shadow_used++];
+    memset(page, 0, PAGE_SIZE);
+    return page;
+}
+
+static u64 *new_root(void)
+{
+    u64 *root = shadow_page();
+    root[511] = monitor_slot;
+    root[510] = direct_slot;
+    return root;
+}
+
+static void load_root(u64 *root)
+{
+    __asm__ volatile("mov %0, %%cr3" : : "r"(physical(root)) : "memory");
+}
+
+/* Empty both shadows (a CR3 load, or the pool used up): they refill as the guest runs. */
+static void shadow_flush(void)
+{
+    handoff.counters[COUNT_SHADOW_FLUSH]++;
+    load_root(bare_root); /* the pool's first page is the root the CPU is on */
+    shadow_used = 0;
+    split = 0;
+    kernel_root = user_root = new_root();
+    load_root(kernel_root);
+}
+
+/* The shadow entry that maps `address` at `size` (4 KiB or 2 MiB) in `root`, its tables made. */
+static u64 *shadow_entry(u64 *root, u64 address, u64 size)
+{
+    u64 *table = root;
+    int last = size == PAGE_SIZE ? 0 : 1;
+    for (int level = 3; level > last; level--) {
+        u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
+        if (!(*entry & PTE_P))
+            *entry = physical(shadow_page()) | PTE_P | PTE_W | PTE_U;
+        table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
+    }
+    return &table[(address >> (12 + 9 * last)) & 511];
+}
+
+/* Map in the current shadow what translation t gives `address` for an access of `kind`. Write
+ * permission waits for the guest's dirty bit, so that the first write faults and sets it. */
+static void shadow_fill(u64 *root, u64 address, const struct translation *t)
+{
+    if (shadow_used > SHADOW_PAGES - 4)
+        shadow_flush(); /* a fill needs at most three new tables */
+    u64 size = t->size == PAGE_SIZE ? PAGE_SIZE : 2ul << 20; /* a 1 GiB guest page: 2 MiB at a time */
+    u64 frame = t->physical & ~(size - 1);
+    if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
+        STOP("the guest mapped the monitor's memory", address, frame);
+    if (root == kernel_root && !t->user && !split) { /* its kernel's first supervisor-only page */
+        split = 1;
+        user_root = new_root();
+    }
+    u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
+    if ((*t->leaf & PTE_D) && allowed(t, PF_WRITE | (root == kernel_root ? 0 : PF_USER)))
+        entry |= PTE_W;
+    if (!t->executable)
+        entry |= PTE_NX;
+    if (size != PAGE_SIZE)
+        entry |= PTE_PS | (t->size != size ? PTE_FROM_1G : 0);
+    *shadow_entry(root, address, size) = entry;
+    handoff.counters[COUNT_SHADOW_FILL]++;
+}
+
+/* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
+ * as 2 MiB ones). */
+static void shadow_invalidate(u64 address)
+{
+    u64 *roots[2] = { kernel_root, user_root };
+    for (int r = 0; r < (split ? 2 : 1); r++) {
+        u64 *table = roots[r];
+        for (int level = 3; level >= 0; level--) {
+            u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
+            if (!(*entry & PTE_P))
+                break;
+            if (level == 0 || (*entry & PTE_PS)) {
+                if (*entry & PTE_FROM_1G)
+                    memset(table, 0, PAGE_SIZE);
+                else
+                    *entry = 0;
+                break;
+            }
+            table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
+        }
+    }
+    __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+    if (split)
+        load_root(kernel_root); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
+}
+
+/* A page fault from the guest (`user`: in its user mode), or from the monitor's own access for it
+ * (a supervisor access, on the kernel's shadow): the shadow's to fill (1), or the guest's own (0:
+ * *code is the error code its handler gets). */
+static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
+{
+    u64 kind = (hardware_code & (PF_WRITE | PF_FETCH)) | (user ? PF_USER : 0);
+    struct translation t;
+    if (!walk(address, &t)) {
+        *code = kind;
+        return 0;
+    }
+    if (!allowed(&t, kind)) {
+        *code = kind | PF_PRESENT;
+        return 0;
+    }
+    mark(&t, kind);
+    shadow_fill(user ? user_root : kernel_root, address, &t);
+    return 1;
+}
+
+/* Slots 511 and 510 of every shadow, and the first one. The monitor starts on the VMM's tables,
+ * which map it at slot 511 already; guest RAM is mapped with 2 MiB pages. */
+static void paging_init(void)
+{
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    guest.cr3 = cr3 & PTE_ADDR;
+    monitor_slot = ((u64 *)(cr3 & PTE_ADDR))[511]; /* the VMM's PML4, identity-mapped below 640 KiB */
+    u64 gib = (handoff.guest_limit + (1ul << 30) - 1) >> 30;
+    for (u64 g = 0; g < gib && g < 4; g++) {
+        direct_pdpt[g] = physical(direct_pd[g]) | PTE_P | PTE_W;
+        for (u64 i = 0; i < 512; i++) {
+            u64 address = (g << 30) | (i << 21);
+            if (address < handoff.guest_limit)
+                direct_pd[g][i] = address | PTE_P | PTE_W | PTE_PS | PTE_NX;
+        }
+    }
+    direct_slot = physical(direct_pdpt) | PTE_P | PTE_W;
+    bare_root[511] = monitor_slot;
+    bare_root[510] = direct_slot;
+    shadow_flush();
+    handoff.counters[COUNT_SHADOW_FLUSH] = 0;
+}
 
 /* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
  * entries). Read at LTR, as the CPU reads it into TR's hidden part; 0 for no TSS. */
@@ -197,13 +469,15 @@ u64 monitor_init(void)
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
-    guest.tss_base = tss_base_of(guest.tr);
+    paging_init();
     return MONITOR_CS;
 }
 
 /* The program's entry, as boot/program.py documents it, with its ring-0 code in ring 3. */
 void monitor_first_frame(struct trap_frame *frame)
 {
+    /* on the monitor's own code segment now: its accesses to guest memory may fault and return */
+    guest.tss_base = tss_base_of(guest.tr);
     memset(frame, 0, sizeof(*frame));
     frame->rip = handoff.guest_rip;
     frame->rsp = handoff.guest_rsp;
@@ -252,7 +526,8 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
 {
     if (vector * 16 + 15 > guest.idt_limit)
         STOP("no IDT gate for this vector", vector, frame->rip);
-    const u64 *gate = guest_bytes(guest.idt_base + vector * 16, 16);
+    u64 gate[2];
+    read_guest(guest.idt_base + vector * 16, gate, 16);
     u64 low = gate[0], high = gate[1];
     if (!(low & DESCRIPTOR_PRESENT))
         STOP("IDT gate not present for this vector", vector, frame->rip);
@@ -278,16 +553,10 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     } else {
         STOP("IDT gate with an unknown code segment", vector, selector);
     }
-    u64 words = error ? 6 : 5; /* the frame the CPU pushes, checked as one range */
+    u64 pushed[6] = { error_code, frame->rip, cs, rflags, frame->rsp, ss }; /* the frame the CPU pushes */
+    u64 words = error ? 6 : 5;
     rsp -= words * 8;
-    u64 *pushed = guest_bytes(rsp, words * 8);
-    if (error)
-        *pushed++ = error_code;
-    pushed[0] = frame->rip;
-    pushed[1] = cs;
-    pushed[2] = rflags;
-    pushed[3] = frame->rsp;
-    pushed[4] = ss;
+    write_guest(rsp, pushed + 6 - words, words * 8);
     frame->rip = target;
     frame->rsp = rsp;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
@@ -410,19 +679,17 @@ static void write_cr(int cr, u64 value)
         if ((value ^ guest.cr0) & ~CR0_GUEST_MAY_CHANGE)
             STOP("the guest changed fixed CR0 bits", guest.cr0, value);
         __asm__ volatile("mov %0, %%cr0" : : "r"(value) : "memory");
+        if ((value ^ guest.cr0) & CR0_WP)
+            shadow_flush(); /* what its kernel may write changed */
         guest.cr0 = value;
         return;
     case 2:
         guest.cr2 = value;
         return;
-    case 3: {
-        u64 cr3;
-        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-        if ((value & ~0xffful) != (cr3 & ~0xffful))
-            STOP("other page tables: no shadow paging yet", cr3, value);
-        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory"); /* the same tables: a TLB flush */
+    case 3:
+        guest.cr3 = value;
+        shadow_flush();
         return;
-    }
     case 4:
         if ((value ^ guest.cr4) & ~CR4_GUEST_MAY_CHANGE)
             STOP("the guest changed fixed CR4 bits", guest.cr4, value);
@@ -440,7 +707,7 @@ static int read_cr(int cr, u64 *value)
     switch (cr) {
     case 0: *value = guest.cr0; return 1;
     case 2: *value = guest.cr2; return 1;
-    case 3: __asm__ volatile("mov %%cr3, %0" : "=r"(*value)); return 1;
+    case 3: *value = guest.cr3; return 1;
     case 4: *value = guest.cr4; return 1;
     case 8: __asm__ volatile("mov %%cr8, %0" : "=r"(*value)); return 1;
     }
@@ -451,7 +718,8 @@ static int read_cr(int cr, u64 *value)
  * mode (a #NP on the user code segment). */
 static void emulate_iretq(struct trap_frame *frame)
 {
-    const u64 *popped = guest_bytes(frame->rsp, 5 * 8);
+    u64 popped[5];
+    read_guest(frame->rsp, popped, sizeof(popped));
     u64 rip = popped[0], cs = popped[1], rflags = popped[2], new_rsp = popped[3], ss = popped[4];
     frame->rip = rip;
     frame->rsp = new_rsp;
@@ -474,7 +742,7 @@ static void emulate_iretq(struct trap_frame *frame)
 /* The instruction at the guest kernel's RIP, if it is one the monitor emulates: 1 when done. */
 static int emulate(struct trap_frame *frame)
 {
-    struct instruction insn = { .bytes = guest_bytes(frame->rip, 16) };
+    struct instruction insn = { .bytes = guest_pointer(frame->rip, 16) }; /* read as decoded */
     while ((insn.bytes[insn.length] & 0xf0) == 0x40 || insn.bytes[insn.length] == 0x66) {
         if ((insn.bytes[insn.length] & 0xf0) == 0x40)
             insn.rex = insn.bytes[insn.length];
@@ -526,7 +794,8 @@ static int emulate(struct trap_frame *frame)
             STOP("unsupported privileged 0f 01 instruction", frame->rip,
                  insn.bytes[insn.length - 1]);
         if (insn.reg == 2 || insn.reg == 3) { /* lgdt, lidt */
-            u8 *operand = guest_bytes(address, 10);
+            u8 operand[10];
+            read_guest(address, operand, sizeof(operand));
             u64 limit = *(u16 *)operand, base = *(u64 *)(operand + 2);
             counters[COUNT_DESCRIPTOR]++;
             if (insn.reg == 2) {
@@ -538,7 +807,7 @@ static int emulate(struct trap_frame *frame)
             }
         } else if (insn.reg == 7) { /* invlpg */
             counters[COUNT_INVLPG]++;
-            __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+            shadow_invalidate(address);
         } else {
             return 0;
         }
@@ -549,7 +818,13 @@ static int emulate(struct trap_frame *frame)
         if (insn.reg != 3)
             return 0;
         counters[COUNT_DESCRIPTOR]++;
-        guest.tr = insn.mod == 3 ? *gpr(frame, insn.rm) & 0xffff : *(u16 *)guest_bytes(address, 2);
+        if (insn.mod == 3) {
+            guest.tr = *gpr(frame, insn.rm) & 0xffff;
+        } else {
+            u16 selector;
+            read_guest(address, &selector, sizeof(selector));
+            guest.tr = selector;
+        }
         guest.tss_base = tss_base_of(guest.tr);
         break;
     case 0x06: /* clts */
@@ -613,8 +888,13 @@ static void own_event(struct trap_frame *frame)
         frame->rip = (u64)msr_refused;
         return;
     }
-    u64 cr2;
+    u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    if (frame->vector == 14 && cr2 < DIRECT_BASE) { /* its access for the guest, not in the shadow yet */
+        if (!shadow_fault(cr2, frame->error_code, 0, &code))
+            STOP("the guest's tables do not map this for it", cr2, code);
+        return;
+    }
     STOP(frame->vector == 14 ? "page fault in the monitor"
                              : "exception in the monitor",
          frame->vector, frame->vector == 14 ? cr2 : frame->rip);
@@ -628,14 +908,22 @@ void monitor_event(struct trap_frame *frame)
     }
     handoff.counters[COUNT_EVENTS]++;
     guest.user = frame->cs == USER_CS;
+    if (split && guest.user)
+        load_root(kernel_root); /* the monitor works on the kernel's view */
     u64 vector = frame->vector;
     int user_cs_absent = vector == 11 && (frame->error_code & ~7ul) == (USER_CS & ~3ul);
     if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
         deliver_held(frame);
+    } else if (vector == 14) {
+        u64 address, code;
+        __asm__ volatile("mov %%cr2, %0" : "=r"(address));
+        if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
+            handoff.counters[COUNT_EXCEPTIONS]++;
+            guest.cr2 = address;
+            deliver(frame, 14, 1, code);
+        }
     } else if (vector < 32) {
         handoff.counters[COUNT_EXCEPTIONS]++;
-        if (vector == 14)
-            __asm__ volatile("mov %%cr2, %0" : "=r"(guest.cr2));
         deliver(frame, vector, has_error_code(vector), frame->error_code);
     } else if (guest.user || guest.interrupts) {
         handoff.counters[COUNT_INTERRUPTS]++;
@@ -646,5 +934,7 @@ void monitor_event(struct trap_frame *frame)
     }
     /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
      * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
-    set_user_code_present(frame->cs == USER_CS || !any_pending());
+    set_user_code_present(frame->cs == USER_CS || (!any_pending() && !split));
+    if (split && frame->cs == USER_CS)
+        load_root(user_root);
 }

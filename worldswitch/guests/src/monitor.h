@@ -22,6 +22,8 @@ enum {
     COUNT_CLI, COUNT_STI, COUNT_HLT, COUNT_IRETQ, COUNT_MOV_CR, COUNT_RDMSR, COUNT_WRMSR,
     COUNT_DESCRIPTOR,  /* lgdt, lidt, ltr */
     COUNT_INVLPG, COUNT_WBINVD,
+    COUNT_SHADOW_FILL,  /* shadow page-table entries made from the guest's */
+    COUNT_SHADOW_FLUSH, /* shadows emptied: CR3 loads, or the pool used up */
     COUNT_KINDS
 };
 

@@ -1,0 +1,109 @@
+/* paging: what a kernel does with its page tables, checked from the inside; every host (and the
+ * monitor's shadow page tables, docs/monitor.md) must give the same answers.
+ *   dirty       writes to a 2 MiB page it had not touched: DONE(accessed and dirty bits before, after
+ *               a read, after a write)
+ *   cr3         builds a second set of tables in which 1 GiB maps the 2 MiB at 32 MiB, loads it, and
+ *               reads and writes through both names: DONE(checks passed, value read through the alias)
+ *   supervisor  makes a 2 MiB page supervisor-only, uses it in ring 0, then reads it from ring 3: the
+ *               runtime reports the #PF (error code 5: present, user) */
+#include "ws.h"
+
+#define ADDRESS_BITS 0x000ffffffffff000ul
+#define PTE_ACCESSED 0x20ul
+#define PTE_DIRTY 0x40ul
+#define TEST_PAGE 0x02000000ul /* 32 MiB: a 2 MiB page of the identity map nothing else uses */
+#define ALIAS 0x40000000ul     /* 1 GiB */
+
+static u64 read_cr3(void)
+{
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    return cr3;
+}
+
+/* The identity map's page-directory entry for `address` (below 1 GiB: the first directory). */
+static u64 *pde(u64 address)
+{
+    u64 *pml4 = (u64 *)(read_cr3() & ADDRESS_BITS);
+    u64 *pdpt = (u64 *)(pml4[0] & ADDRESS_BITS);
+    u64 *pd = (u64 *)(pdpt[address >> 30] & ADDRESS_BITS);
+    return &pd[(address >> 21) & 511];
+}
+
+static u64 bits(u64 entry)
+{
+    return entry & (PTE_ACCESSED | PTE_DIRTY);
+}
+
+static void dirty(void)
+{
+    volatile u64 *entry = pde(TEST_PAGE); /* the CPU (or the monitor) changes it behind the compiler */
+    *entry &= ~(PTE_ACCESSED | PTE_DIRTY);
+    __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
+    u64 before = bits(*entry);
+    (void)*(volatile u64 *)(TEST_PAGE + 64);
+    u64 after_read = bits(*entry);
+    *(volatile u64 *)(TEST_PAGE + 64) = 42;
+    u64 after_write = bits(*entry);
+    GUEST_DONE(before, after_read, after_write, 0);
+}
+
+static u64 tables[3][512] __attribute__((aligned(4096)));
+
+static void second_tables(void)
+{
+    u64 passed = 0, old = read_cr3();
+    u64 *pml4 = (u64 *)(old & ADDRESS_BITS), *pdpt = (u64 *)(pml4[0] & ADDRESS_BITS);
+    memcpy(tables[0], pml4, 4096);
+    memcpy(tables[1], pdpt, 4096);
+    memset(tables[2], 0, 4096);
+    tables[0][0] = (u64)tables[1] | 7;
+    tables[1][1] = (u64)tables[2] | 7;                   /* the second GiB: one page in it */
+    tables[2][0] = TEST_PAGE | 0x87;                      /* 1 GiB -> 32 MiB, 2 MiB, user, writable */
+    *(volatile u64 *)TEST_PAGE = 0x5eed;
+    __asm__ volatile("mov %0, %%cr3" : : "r"((u64)tables[0]) : "memory");
+    GUEST_ASSERT_EQ(read_cr3(), (u64)tables[0]);
+    u64 seen = *(volatile u64 *)ALIAS;
+    GUEST_ASSERT_EQ(seen, 0x5eed);
+    passed++;
+    *(volatile u64 *)(ALIAS + 8) = 0xa11a5;
+    GUEST_ASSERT_EQ(*(volatile u64 *)(TEST_PAGE + 8), 0xa11a5);
+    passed++;
+    tables[2][0] = (TEST_PAGE + (2ul << 20)) | 0x87;      /* remapped: stale until INVLPG */
+    __asm__ volatile("invlpg (%0)" : : "r"(ALIAS) : "memory");
+    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0xbeef;
+    GUEST_ASSERT_EQ(*(volatile u64 *)ALIAS, 0xbeef);
+    passed++;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(old) : "memory");
+    GUEST_ASSERT_EQ(read_cr3(), old);
+    passed++;
+    GUEST_DONE(passed, seen, 0, 0);
+}
+
+static int read_from_user(u64 address)
+{
+    GUEST_DONE(*(volatile u64 *)address, 0, 0, 0); /* never: the read faults */
+    return 0;
+}
+
+static void supervisor(void)
+{
+    u64 *entry = pde(TEST_PAGE);
+    *entry &= ~4ul; /* U/S */
+    __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
+    *(volatile u64 *)TEST_PAGE = 7; /* ring 0 may */
+    GUEST_ASSERT_EQ(*(volatile u64 *)TEST_PAGE, 7);
+    enter_user(read_from_user, TEST_PAGE, 0);
+}
+
+int main(const char *args)
+{
+    if (arg_has("dirty"))
+        dirty();
+    if (arg_has("cr3"))
+        second_tables();
+    if (arg_has("supervisor"))
+        supervisor();
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3 or supervisor");
+    return 1;
+}
