@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from worldswitch.boot.monitor import MONITOR_BASE as MONITOR_VIRTUAL
 from worldswitch.boot.monitor import MonitorPlacement
 from worldswitch.devices.ucall import Ucall
 from worldswitch.memory.layout import MemoryMap
@@ -137,6 +138,15 @@ def test_an_idt_the_programs_tables_do_not_map_ends_its_vm_with_a_report(where: 
     result, _ = run("fault", f"idt {where}")  # the monitor's pages are not in its identity map either
     assert result.reason is StopReason.GUEST_ABORT, result.message
     assert "monitor: the guest's tables do not map this for it" in result.message, result.message
+
+
+@needs_emulating_host
+def test_the_monitors_own_addresses_are_out_of_the_programs_reach() -> None:
+    plain, _ = run("fault", f"peek {MONITOR_VIRTUAL}", monitor=False)
+    assert plain.reason is StopReason.GUEST_ABORT and "#PF" in plain.message, plain.message  # not mapped for it
+    result, _ = run("fault", f"peek {MONITOR_VIRTUAL}")
+    assert result.reason is StopReason.GUEST_ABORT, result.message
+    assert "monitor: the guest used the monitor's addresses" in result.message, result.message
 
 
 @needs_emulating_host

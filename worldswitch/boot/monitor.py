@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
@@ -24,8 +25,14 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush")
-_HANDOFF = struct.Struct("<11Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR
-_TABLE_PAGES = 2  # the PDPT and PD that map the monitor, in the last pages of its range
+_HANDOFF = struct.Struct("<12Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3
+_TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
+
+
+class MonitorStart(NamedTuple):
+    """Where the vCPU starts instead of the program: the monitor's entry, on its own boot tables."""
+    rip: int
+    cr3: int
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,10 @@ class MonitorPlacement:
 
 
 def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement, layout: LongModeLayout,
-                 program: ProgramEntry) -> int:
-    """Copy the monitor to `placement`, map it at MONITOR_BASE in the page tables `layout` describes
-    (already written), hide it from the identity map, and hand it `program`'s entry. Returns the
-    monitor's entry, where the VMM starts the vCPU instead of the program's."""
+                 program: ProgramEntry) -> MonitorStart:
+    """Copy the monitor to `placement`, give it boot tables that map it at MONITOR_BASE beside the
+    program's first GiB, hide its pages from the program's identity map (the tables `layout`
+    describes, already written), and hand it `program`'s entry and tables."""
     physical_base = placement.physical_base
     entry, segments = parse_elf(image, "the monitor")
     table_space = MONITOR_BASE + MONITOR_SIZE - _TABLE_PAGES * 0x1000
@@ -71,11 +78,14 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     if not MONITOR_BASE <= entry < table_space:
         raise GuestImageError(f"the monitor's entry {entry:#x} is outside its 4 MiB")
 
-    # PML4[511] -> PDPT[511] -> PD[510..511]: two supervisor-only 2 MiB pages (no PTE_USER: the
-    # program, all of it in ring 3 now, cannot touch them)
+    # The monitor's boot PML4: slot 0 as the program's (the monitor reads the handoff's tables through
+    # it until it runs on its shadows), slot 511 -> PDPT[511] -> PD[510..511], two supervisor-only
+    # 2 MiB pages. The program's own tables never map the monitor.
+    boot_pml4 = physical_base + MONITOR_SIZE - 3 * 0x1000
     pdpt = physical_base + MONITOR_SIZE - 2 * 0x1000
     pd = physical_base + MONITOR_SIZE - 0x1000
-    memory.write(layout.pml4 + 511 * 8, struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE))
+    first_slot = memory.read(layout.pml4, 8)
+    memory.write(boot_pml4, first_slot + bytes(510 * 8) + struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE))
     memory.write(pdpt, bytes(511 * 8) + struct.pack("<Q", pd | PTE_PRESENT | PTE_WRITE))
     pages = [physical_base + i * HUGE_PAGE | PTE_PRESENT | PTE_WRITE | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
     first = (MONITOR_BASE >> 21) & 511
@@ -89,5 +99,5 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     gdt_limit = (layout.selectors.entries * 8) - 1
     memory.write(physical_base, _HANDOFF.pack(
         HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, physical_base, program.vcpus,
-        physical_base, physical_base, layout.gdt, gdt_limit, layout.selectors.tss))
-    return entry
+        physical_base, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4))
+    return MonitorStart(entry, boot_pml4)

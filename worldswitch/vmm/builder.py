@@ -282,7 +282,9 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
     setup_long_mode(memory, sregs, layout)
     if monitor is not None and boot is None:
         placement, monitor_image = monitor
-        bsp_regs = s.kvm_regs(rip=load_monitor(memory, monitor_image, placement, layout, entry), rflags=0x2)
+        start = load_monitor(memory, monitor_image, placement, layout, entry)
+        bsp_regs = s.kvm_regs(rip=start.rip, rflags=0x2)
+        sregs.cr3 = start.cr3
     bsp.set_sregs(sregs)
     bsp.set_regs(bsp_regs)
     return boot

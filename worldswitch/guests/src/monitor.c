@@ -311,7 +311,7 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
     int last = size == PAGE_SIZE ? 0 : 1;
     for (int level = 3; level > last; level--) {
         u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
-        if (!(*entry & PTE_P))
+        if (!(*entry & PTE_P) || (*entry & PTE_PS)) /* none yet, or a large page the guest has split */
             *entry = physical(shadow_page()) | PTE_P | PTE_W | PTE_U;
         table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
     }
@@ -320,20 +320,21 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
 
 /* Map in the current shadow what translation t gives `address` for an access of `kind`. Write
  * permission waits for the guest's dirty bit, so that the first write faults and sets it. */
-static void shadow_fill(u64 *root, u64 address, const struct translation *t)
+static void shadow_fill(int user, u64 address, const struct translation *t)
 {
-    if (shadow_used > SHADOW_PAGES - 4)
-        shadow_flush(); /* a fill needs at most three new tables */
+    if (shadow_used > SHADOW_PAGES - 5)
+        shadow_flush(); /* a fill needs at most three new tables, and a user root */
     u64 size = t->size == PAGE_SIZE ? PAGE_SIZE : 2ul << 20; /* a 1 GiB guest page: 2 MiB at a time */
     u64 frame = t->physical & ~(size - 1);
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
         STOP("the guest mapped the monitor's memory", address, frame);
-    if (root == kernel_root && !t->user && !split) { /* its kernel's first supervisor-only page */
+    if (!user && !t->user && !split) { /* its kernel's first supervisor-only page */
         split = 1;
         user_root = new_root();
     }
+    u64 *root = user ? user_root : kernel_root;
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
-    if ((*t->leaf & PTE_D) && allowed(t, PF_WRITE | (root == kernel_root ? 0 : PF_USER)))
+    if ((*t->leaf & PTE_D) && allowed(t, PF_WRITE | (user ? PF_USER : 0)))
         entry |= PTE_W;
     if (!t->executable)
         entry |= PTE_NX;
@@ -376,6 +377,8 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
 {
     u64 kind = (hardware_code & (PF_WRITE | PF_FETCH)) | (user ? PF_USER : 0);
     struct translation t;
+    if (address >= DIRECT_BASE) /* slots 510 and 511 are the monitor's */
+        STOP("the guest used the monitor's addresses", address, kind);
     if (!walk(address, &t)) {
         *code = kind;
         return 0;
@@ -385,7 +388,7 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
         return 0;
     }
     mark(&t, kind);
-    shadow_fill(user ? user_root : kernel_root, address, &t);
+    shadow_fill(user, address, &t);
     return 1;
 }
 
@@ -394,9 +397,9 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
 static void paging_init(void)
 {
     u64 cr3;
-    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-    guest.cr3 = cr3 & PTE_ADDR;
-    monitor_slot = ((u64 *)(cr3 & PTE_ADDR))[511]; /* the VMM's PML4, identity-mapped below 640 KiB */
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3)); /* the VMM's boot tables for the monitor, in its pages */
+    guest.cr3 = handoff.guest_cr3;
+    monitor_slot = ((u64 *)(MONITOR_BASE + (cr3 & PTE_ADDR) - handoff.physical_base))[511];
     u64 gib = (handoff.guest_limit + (1ul << 30) - 1) >> 30;
     for (u64 g = 0; g < gib && g < 4; g++) {
         direct_pdpt[g] = physical(direct_pd[g]) | PTE_P | PTE_W;

@@ -34,6 +34,7 @@ struct handoff {
     unsigned long guest_limit;   /* guest RAM below the monitor: the only memory it reads or writes for the guest */
     unsigned long physical_base; /* where the monitor's pages are in guest-physical memory */
     unsigned long guest_gdt_base, guest_gdt_limit, guest_tr; /* the descriptor tables the VMM built */
+    unsigned long guest_cr3;     /* the program's page tables (the monitor starts on its own) */
     unsigned long counters[COUNT_KINDS];
 };
 
