@@ -179,6 +179,14 @@ def test_shadow_page_tables_give_the_program_what_its_own_tables_say(mode: str, 
 
 
 @needs_emulating_host
+def test_the_shadow_pool_runs_out_and_starts_again() -> None:
+    plain, _ = run("paging", "many", monitor=False)
+    result, stats = run("paging", "many")  # 512 page tables' worth of mappings: more than the pool holds
+    assert done(result) == done(plain) == (512, 0, 0, 0)
+    assert stats.monitor["shadow_flush"] >= 2, stats.monitor  # its CR3 load, and at least one emptied pool
+
+
+@needs_emulating_host
 def test_a_supervisor_only_page_faults_in_the_programs_user_mode_and_not_in_its_kernel() -> None:
     plain, _ = run("paging", "supervisor", monitor=False)
     result, stats = run("paging", "supervisor")

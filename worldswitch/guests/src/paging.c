@@ -5,7 +5,9 @@
  *   cr3         builds a second set of tables in which 1 GiB maps the 2 MiB at 32 MiB, loads it, and
  *               reads and writes through both names: DONE(checks passed, value read through the alias)
  *   supervisor  makes a 2 MiB page supervisor-only, uses it in ring 0, then reads it from ring 3: the
- *               runtime reports the #PF (error code 5: present, user) */
+ *               runtime reports the #PF (error code 5: present, user)
+ *   many        maps the second GiB with 4 KiB pages, all 512 of its 2 MiB through one page table,
+ *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables */
 #include "ws.h"
 
 #define ADDRESS_BITS 0x000ffffffffff000ul
@@ -80,6 +82,24 @@ static void second_tables(void)
     GUEST_DONE(passed, seen, 0, 0);
 }
 
+static u64 small[2][512] __attribute__((aligned(4096))); /* a page directory, and one page table */
+
+static void many(void)
+{
+    u64 *pml4 = (u64 *)(read_cr3() & ADDRESS_BITS), *pdpt = (u64 *)(pml4[0] & ADDRESS_BITS);
+    for (int i = 0; i < 512; i++) {
+        small[1][i] = (TEST_PAGE + i * 4096ul) | 7; /* 4 KiB pages over the test page */
+        small[0][i] = (u64)small[1] | 7;            /* every 2 MiB through the same table */
+        *(volatile u64 *)(TEST_PAGE + i * 4096ul) = 1000 + i;
+    }
+    pdpt[1] = (u64)small[0] | 7;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
+    u64 right = 0;
+    for (u64 i = 0; i < 512; i++) /* 2 MiB apart, and one 4 KiB page further each time */
+        right += *(volatile u64 *)(ALIAS + (i << 21) + i * 4096ul) == 1000 + i;
+    GUEST_DONE(right, 0, 0, 0);
+}
+
 static int read_from_user(u64 address)
 {
     GUEST_DONE(*(volatile u64 *)address, 0, 0, 0); /* never: the read faults */
@@ -104,6 +124,8 @@ int main(const char *args)
         second_tables();
     if (arg_has("supervisor"))
         supervisor();
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3 or supervisor");
+    if (arg_has("many"))
+        many();
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor or many");
     return 1;
 }
