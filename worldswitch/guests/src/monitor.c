@@ -13,8 +13,9 @@
  *   - exceptions and interrupts: reflected through the program's own IDT, as the CPU would have
  *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
  *     held until it sets IF again (STI, IRETQ, HLT).
- * Not yet (docs/monitor.md): shadow page tables (a CR3 load of other tables is refused), more than
- * one vCPU, SYSCALL/SYSRET, SWAPGS, and PUSHF/POPF, which run natively and see the real IF.
+ *   - page faults: the shadow page tables' to fill from the program's own, or the program's.
+ * Not yet (docs/monitor.md): more than one vCPU, SYSCALL/SYSRET and SYSENTER (EFER.SCE is kept
+ * off), SWAPGS, and PUSHF/POPF, which run natively and see the real IF.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
  * rules ends its own VM with a report, never more.
  */
@@ -32,9 +33,10 @@
 
 #define MSR_EFER 0xc0000080u
 #define EFER_SCE 1ul
+#define MSR_SYSENTER_CS 0x174u /* to 0x176: SYSENTER's target */
 
 #define RFLAGS_IF 0x200ul
-#define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF-less: DF OF AC, what IRETQ gives back to ring 3 */
+#define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF DF OF AC: what the guest's IRETQ may set */
 #define RFLAGS_FIXED 0x2ul
 
 #define DESCRIPTOR_PRESENT (1ul << 47)
@@ -80,6 +82,7 @@ static struct {
     u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
     u64 cr0, cr2, cr3, cr4;
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
+    u64 efer_sce; /* EFER.SCE as the guest sees it: SYSCALL stays off under the monitor */
 } guest;
 
 /* ---- reports --------------------------------------------------------------------------------- */
@@ -472,6 +475,10 @@ u64 monitor_init(void)
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
+    u64 efer;
+    msr_read(MSR_EFER, &efer);
+    guest.efer_sce = efer & EFER_SCE;
+    msr_write(MSR_EFER, efer & ~EFER_SCE); /* a user-mode SYSCALL must not leave the monitor's control */
     paging_init();
     return MONITOR_CS;
 }
@@ -857,6 +864,8 @@ static int emulate(struct trap_frame *frame)
         if ((u32)frame->rcx == MSR_EFER && (frame->rax & EFER_SCE))
             STOP("SYSCALL under the monitor is not built yet", frame->rip,
                  frame->rax);
+        if ((u32)frame->rcx - MSR_SYSENTER_CS < 3)
+            STOP("SYSENTER under the monitor is not built yet", frame->rip, frame->rcx);
         if (msr_write((u32)frame->rcx, (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff))) {
             deliver(frame, 13, 1, 0);
             return 1;
@@ -868,6 +877,8 @@ static int emulate(struct trap_frame *frame)
             deliver(frame, 13, 1, 0);
             return 1;
         }
+        if ((u32)frame->rcx == MSR_EFER)
+            value |= guest.efer_sce; /* as the VMM set it; the real one is off (monitor_init) */
         frame->rax = value & 0xffffffff;
         frame->rdx = value >> 32;
         break;
