@@ -231,6 +231,7 @@ class Resources:
 EXIT_TIMEOUT = 124  # as timeout(1)
 EXIT_HOST_FAILED = 125  # the nested host itself failed: no status came back
 EXIT_TESTS_FAILED = 1  # pytest's status when tests failed
+MIN_ATTEMPT_S = 120  # an attempt needs L1's boot (about 10 s) and time for the tests it resumes
 
 
 def run(flavour: Flavour, command: str, resources: Resources = Resources(),
@@ -424,7 +425,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
     parser.add_argument("--memory", type=int, default=Resources.memory_mib, metavar="MIB",
                         help="L1's memory in MiB (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=Resources.timeout, metavar="SECONDS",
-                        help="stop L1 after this long and exit with 124 (default %(default)s)")
+                        help="stop after this long, all attempts together, and exit with 124 (default %(default)s)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="when the nested host itself fails (L1 crashed or stopped responding: status 125), "
                              "run the command again, at most N times; when pytest reports failed tests, run "
@@ -440,7 +441,11 @@ def main(flavour: Flavour, argv: list[str]) -> int:
             print(image.root.parent)
             return 0
         command = " ".join(options.command) or "worldswitch info"
-        resources = Resources(options.cpus, options.memory, options.timeout)
+        deadline = time.monotonic() + options.timeout
+
+        def resources() -> Resources:  # each attempt has what is left of the time
+            return Resources(options.cpus, options.memory, max(1.0, deadline - time.monotonic()))
+
         # the attempts share a test journal (tests/journal.py): a pytest run resumes after the tests
         # that passed in earlier attempts; what failed there runs again
         journals = CACHE / "journals"
@@ -448,16 +453,20 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
         environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal)}
         try:
-            status = run(flavour, command, resources, environment)
+            status = run(flavour, command, resources(), environment)
             reran = False  # the tests that failed have had their run in a fresh L1
             for attempt in range(options.retries):
                 why = next_attempt(status, journal, reran)
                 if why is None:
                     break
+                if deadline - time.monotonic() < MIN_ATTEMPT_S:
+                    print(f"nested host: {why.split(';')[0]}, but too little of --timeout is left for "
+                          "another attempt", file=sys.stderr, flush=True)
+                    break
                 reran = reran or status != EXIT_HOST_FAILED
                 print(f"nested host: {why} ({attempt + 2} of {options.retries + 1}; pytest resumes after the "
                       "tests that passed)", file=sys.stderr, flush=True)
-                status = run(flavour, command, resources, environment)
+                status = run(flavour, command, resources(), environment)
         finally:
             journal.unlink(missing_ok=True)
         return status
