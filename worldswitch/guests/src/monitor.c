@@ -395,8 +395,9 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
     return 1;
 }
 
-/* Slots 511 and 510 of every shadow, and the first one. The monitor starts on the VMM's tables,
- * which map it at slot 511 already; guest RAM is mapped with 2 MiB pages. */
+/* Slots 511 and 510 of every shadow, and the first shadow. The monitor starts on the boot tables
+ * the VMM made for it (boot/monitor.py), whose slot 511 every shadow shares; guest RAM is mapped
+ * for it with 2 MiB pages. */
 static void paging_init(void)
 {
     u64 cr3;
