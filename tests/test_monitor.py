@@ -5,6 +5,7 @@ what the guest saw, and KVM's count of emulated instructions shows where the cod
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -277,3 +278,12 @@ def test_a_machine_file_turns_the_monitor_on(tmp_path: Path) -> None:
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "traps into the in-guest monitor" in result.stdout + result.stderr, result.stderr
+
+
+@needs_emulating_host
+def test_info_measures_ring_0_under_the_monitor() -> None:
+    result = subprocess.run([sys.executable, "-m", "worldswitch", "info", "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(result.stdout)["measured"]
+    assert measured["ring0_monitor"] > 50 * measured["ring0"], measured  # natively, where ring 0 is emulated
