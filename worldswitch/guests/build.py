@@ -22,12 +22,12 @@ from pathlib import Path
 from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
-RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c")
+RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c", "string.c")
 EXTRA_SOURCES = {"smp": ("aps.c", "ap_trampoline.S"), "count": ("aps.c", "ap_trampoline.S")}  # guests with more than their own .c file
 # The in-guest monitor (docs/monitor.md) is not a guest program: its own sources, linked at the top
 # of the address space (-mcmodel=kernel: addresses in the top 2 GiB), beside the guests in bin/.
 MONITOR = "monitor"
-MONITOR_SOURCES = ("monitor.S", "monitor.c")
+MONITOR_SOURCES = ("monitor.S", "monitor.c", "string.c")
 
 CFLAGS = [
     "-std=gnu11", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror",

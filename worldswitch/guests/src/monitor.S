@@ -27,76 +27,27 @@ monitor_start:
     call monitor_first_frame
     jmp event_return
 
-/* One stub per vector; vectors 8, 10-14, 17, 21, 29 and 30 come with an error code. */
+/* One stub per vector (frame.inc), then struct trap_frame for monitor_event. */
     .text
     .altmacro
-    .macro event_stub vector
-    .align 16
-event_stub_\vector:
-    .if (\vector == 8) || (\vector >= 10 && \vector <= 14) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
-    .else
-    pushq $0
-    .endif
-    pushq $\vector
-    jmp event_common
-    .endm
-
-    .set vector, 0
-    .rept 256
-    event_stub %vector
-    .set vector, vector + 1
-    .endr
+    .include "frame.inc"
+    trap_stubs event_stub_, event_common
 
 event_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    push_registers
     movq %rsp, %rdi
     cld
     call monitor_event
 event_return:
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
+    pop_registers
     addq $16, %rsp
     iretq
 
     .section .rodata
     .align 8
     .globl event_stubs
-    .macro stub_address vector
-    .quad event_stub_\vector
-    .endm
 event_stubs:
-    .set vector, 0
-    .rept 256
-    stub_address %vector
-    .set vector, vector + 1
-    .endr
+    trap_stub_table event_stub_
 
 /* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value): 0, or 1 if the CPU
  * refused with #GP (the event handler moves RIP from msr_*_at to msr_refused). */

@@ -500,23 +500,6 @@ void monitor_first_frame(struct trap_frame *frame)
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF; /* the real IF; the guest's starts clear */
 }
 
-void *memset(void *dst, int c, size_t n)
-{
-    u8 *d = dst;
-    while (n--)
-        *d++ = (u8)c;
-    return dst;
-}
-
-void *memcpy(void *dst, const void *src, size_t n)
-{
-    u8 *d = dst;
-    const u8 *s = src;
-    while (n--)
-        *d++ = *s++;
-    return dst;
-}
-
 /* ---- delivering events to the guest ------------------------------------------------------------ */
 
 static int has_error_code(u64 vector)

@@ -186,24 +186,6 @@ int str_eq(const char *a, const char *b)
     return *a == *b;
 }
 
-/* gcc may emit calls to these for struct copies and initialisers. */
-void *memset(void *dst, int c, size_t n)
-{
-    u8 *d = dst;
-    while (n--)
-        *d++ = (u8)c;
-    return dst;
-}
-
-void *memcpy(void *dst, const void *src, size_t n)
-{
-    u8 *d = dst;
-    const u8 *s = src;
-    while (n--)
-        *d++ = *s++;
-    return dst;
-}
-
 struct out {
     char *buf;
     size_t size, len;

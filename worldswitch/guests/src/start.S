@@ -20,79 +20,26 @@ runtime_start:                           /* pvh.S joins here */
     movl %eax, %edi
     call ws_exit
 
-/*
- * One stub per vector. The CPU pushes an error code for vectors 8, 10-14, 17, 21, 29, 30;
- * for the others the stub pushes a 0 so every frame looks alike (struct trap_frame).
- */
     .text
     .altmacro
-    .macro trap_stub vector
-    .align 16
-trap_stub_\vector:
-    .if (\vector == 8) || (\vector >= 10 && \vector <= 14) || (\vector == 17) || (\vector == 21) || (\vector == 29) || (\vector == 30)
-    .else
-    pushq $0
-    .endif
-    pushq $\vector
-    jmp trap_common
-    .endm
-
-    .set vector, 0
-    .rept 256
-    trap_stub %vector
-    .set vector, vector + 1
-    .endr
+    .include "frame.inc"
+    trap_stubs trap_stub_, trap_common
 
 trap_common:
-    pushq %rax
-    pushq %rbx
-    pushq %rcx
-    pushq %rdx
-    pushq %rsi
-    pushq %rdi
-    pushq %rbp
-    pushq %r8
-    pushq %r9
-    pushq %r10
-    pushq %r11
-    pushq %r12
-    pushq %r13
-    pushq %r14
-    pushq %r15
+    push_registers
     movq %rsp, %rdi
     cld
     call trap_dispatch
-    popq %r15
-    popq %r14
-    popq %r13
-    popq %r12
-    popq %r11
-    popq %r10
-    popq %r9
-    popq %r8
-    popq %rbp
-    popq %rdi
-    popq %rsi
-    popq %rdx
-    popq %rcx
-    popq %rbx
-    popq %rax
+    pop_registers
     addq $16, %rsp /* vector and error code */
     iretq
 
 /* The address of every stub, for the IDT. */
-    .macro stub_address vector
-    .quad trap_stub_\vector
-    .endm
     .section .rodata
     .align 8
     .globl trap_stubs
 trap_stubs:
-    .set vector, 0
-    .rept 256
-    stub_address %vector
-    .set vector, vector + 1
-    .endr
+    trap_stub_table trap_stub_
 
 /* void enter_user(int (*fn)(u64), u64 arg, int interrupts): iretq to user_trampoline. */
     .text
