@@ -48,11 +48,6 @@ class MonitorPlacement:
             raise ConfigError("--monitor needs at least 20 MiB of guest RAM: 4 MiB of it is the monitor's")
         return cls(physical_base)
 
-    @property
-    def guest_limit(self) -> int:
-        """RAM the program may use: everything below the monitor."""
-        return self.physical_base
-
     def counters(self, memory: GuestMemory) -> dict[str, int]:
         """The monitor's trap counts, read from its handoff page (guest memory: the program could
         overwrite them only by mapping the monitor's pages itself)."""
@@ -97,7 +92,8 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
             memory.write(layout.pd + (address >> 30) * 0x1000 + ((address >> 21) & 511) * 8, bytes(8))
 
     gdt_limit = (layout.selectors.entries * 8) - 1
+    guest_limit = physical_base  # the program's RAM ends where the monitor's pages begin (its RSI says so too)
     memory.write(physical_base, _HANDOFF.pack(
-        HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, physical_base, program.vcpus,
-        physical_base, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4))
+        HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, guest_limit, program.vcpus,
+        guest_limit, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4))
     return MonitorStart(entry, boot_pml4)
