@@ -135,9 +135,10 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 
 /* ---- the guest's memory, through the guest's own page tables ------------------------------------ */
 
-/* The monitor reaches guest RAM through a direct map of it (PML4 slot 510, supervisor-only), and a
- * guest virtual address by walking the guest's tables, as the CPU would. It never touches anything
- * but guest RAM below the monitor. */
+/* The monitor reads the guest's page tables, which name guest-physical addresses, through a direct
+ * map of guest RAM (PML4 slot 510, supervisor-only), and walks them as the CPU would to fill its
+ * shadows (below); a guest virtual address it reaches through those shadows (guest_pointer). It
+ * never touches anything but guest RAM below the monitor. */
 #define PAGE_SIZE 4096ul
 #define PTE_P 0x1ul
 #define PTE_W 0x2ul
