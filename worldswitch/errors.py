@@ -1,5 +1,7 @@
 """One exception hierarchy: the CLI turns every WorldswitchError into one line."""
 
+import os
+
 
 class WorldswitchError(Exception):
     """Root of every error worldswitch raises on purpose."""
@@ -9,8 +11,6 @@ class KvmError(WorldswitchError):
     """An ioctl on a KVM file descriptor failed; keeps the errno and the ioctl's name."""
 
     def __init__(self, request: str, errno: int, detail: str = "") -> None:
-        import os
-
         self.request = request
         self.errno = errno
         message = f"{request} failed: {os.strerror(errno)} (errno {errno})"

@@ -28,21 +28,25 @@ from .seccomp_filter import SandboxError
 
 __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "describe_process"]
 
-# Standard modules the VMX imports on first use (snapshots, error reports) that a sandboxed VMX could
-# no longer open: in a jail the files are not there, and a guest-facing thread may not open at all.
-# So are the packages whose code runs on the VM's threads (some of it imported on a rare path only).
-LATE_IMPORTS = ("hashlib", "json", "shutil", "datetime", "encodings.utf_8", "encodings.latin_1", "faulthandler",
-                "queue", "traceback", "dataclasses")
+# Standard modules a confined thread (a vCPU, a virtio worker, the console or control I/O) may load
+# on first use, on an error path, and could no longer open then: a guest-facing thread may not open
+# files at all. Our own code on those threads imports at module level only (tests/test_layering.py).
+THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue", "traceback")
+
+# In a jail not even the main and control-command threads can open a module later (the files are not
+# there): they need what snapshots and reports use, and every module of the parts that run a machine.
+JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "dataclasses")
+JAIL_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices", "worldswitch.boot")
 
 
-RUNNING_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices")
-
-
-def _import_what_runs_later() -> None:
-    for package in RUNNING_PACKAGES:
-        for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
-            importlib.import_module(module.name)
-    for name in LATE_IMPORTS:
+def _import_what_runs_later(jailed: bool) -> None:
+    names = list(THREAD_IMPORTS)
+    if jailed:
+        names += JAIL_IMPORTS
+        for package in JAIL_PACKAGES:
+            names += [module.name for module in
+                      pkgutil.walk_packages(importlib.import_module(package).__path__, package + ".")]
+    for name in names:
         importlib.import_module(name)
 
 
@@ -80,7 +84,7 @@ class Sandbox:
         global _thread_rules
         if not self.settings.enabled or self.applied:
             return
-        _import_what_runs_later()
+        _import_what_runs_later(self.settings.jail is not None)
         if self.debug:
             sigsys.install(_syscall_name)
         settings = self.settings

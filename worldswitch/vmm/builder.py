@@ -5,14 +5,11 @@ itself; reading this file tells you the whole machine."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
-from ..boot.firmware import ROM_TOP, FirmwareKernel, firmware_kernel, low_copy, read_rom
-from ..boot.linux import LinuxBoot, kernel_parameters, load_linux
-from ..boot.longmode import LINUX_GDT, LongModeLayout
-from ..boot.monitor import MONITOR_SIZE, MonitorPlacement, load_monitor
+from ..boot.longmode import LongModeLayout
 from ..boot.program import configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
@@ -22,12 +19,6 @@ from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, Serial
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
                                SequenceState)
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
-from ..devices.virtio.blk import VirtioBlock
-from ..devices.virtio.console import VirtioConsole, open_backend
-from ..devices.virtio.device import VirtioDevice, VirtioLink
-from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
-from ..devices.virtio.pci import VirtioPciState
-from ..devices.virtio.rng import VirtioRng
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import Kvm, Vcpu, Vm
@@ -35,24 +26,32 @@ from ..errors import ConfigError, WorldswitchError
 from ..guests import MONITOR_IMAGE
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
-from ..memory.rom import Rom
-from .config import DiskConfig, MachineConfig, NetConfig
+from .config import MachineConfig
 from .host import HostKind, detect_host_kind
 from .kick import install_kick_handler
 from .machine import Parts, Platform, StateBinding, Vmm
 from .outcome import Outcome
-from .platform import pc
 from .platform.bus import MmioBus, PioBus
 from .platform.irq import KvmIrqLine
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
-from .trace import TraceRequest, TraceWriter
 from .x86.cpu import cpuid_for_vcpu, set_lint
 from .x86.cpuid import HiddenFeature, filter_cpuid, forced_features, hidden_features
 from .x86.emulate import TrapEmulator
 from .x86.longmode import program_registers, setup_long_mode
 from .x86.user_syscall import MSR_LSTAR, UserSyscall
+
+# What only some machines have (virtio devices, firmware and the PC parts it needs, a Linux kernel,
+# the monitor, a trace) is imported by the step that adds it, on this (the main) thread: a machine
+# pays at start-up only for what it has. Names here are for the types alone.
+if TYPE_CHECKING:
+    from ..boot.firmware import FirmwareKernel
+    from ..boot.linux import LinuxBoot
+    from ..boot.monitor import MonitorPlacement
+    from ..devices.virtio.device import VirtioDevice, VirtioLink
+    from .config import DiskConfig, NetConfig
+    from .trace import TraceRequest, TraceWriter
 
 # Addresses the VMX (Intel real-mode support) needs below 4 GiB, inside the PCI hole.
 KVM_TSS_ADDR = 0xFFFBD000
@@ -78,6 +77,8 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     name, path = check_config(config)
     # Read the user's files before touching /dev/kvm: a typo should not need KVM.
     if config.boots_firmware:
+        from ..boot.firmware import read_rom
+
         rom, image = read_rom(path), (read_image(config.kernel, "kernel") if config.kernel else b"")
     else:
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
@@ -85,6 +86,9 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor else None
     kernel = None
     if rom is not None and config.kernel:
+        from ..boot.firmware import firmware_kernel
+        from .platform import pc
+
         below_4g = pc.ram_below_4g(MemoryMap.for_memory(config.memory_bytes))
         kernel = firmware_kernel(image, config.kernel, initrd, config.append, below_4g)
 
@@ -93,6 +97,8 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
         if rom is None:
             loaded_monitor = (monitor, monitor_image) if monitor is not None and monitor_image is not None else None
             return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid, loaded_monitor)
+        from ..boot.firmware import low_copy
+
         address, low = low_copy(rom)
         core.memory.write(address, low)  # the vCPUs stay at the reset vector, in the ROM
         return None
@@ -106,11 +112,16 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
     """A machine of the same make as `config`, with nothing loaded: a snapshot gives it memory and
     CPU state (restore_machine)."""
     _name, path = check_config(config)
-    rom = read_rom(path) if config.boots_firmware else None
+    rom = None
+    if config.boots_firmware:
+        from ..boot.firmware import read_rom
+
+        rom = read_rom(path)
     return _build(config, serial_sink, warn, kvm_path, trace, rom, None, None)
 
 
-_Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature], MonitorPlacement | None], LinuxBoot | None]
+if TYPE_CHECKING:
+    _Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature], MonitorPlacement | None], LinuxBoot | None]
 
 
 def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Callable[[str], None] | None,
@@ -144,6 +155,8 @@ def _place_monitor(config: MachineConfig, core: _Core) -> MonitorPlacement | Non
     if not core.host.kernel_code_emulated:
         raise ConfigError("--monitor is for hosts that emulate guest kernel code (PVM); this host runs it "
                           "natively with VT-x/AMD-V, which does the monitor's job")
+    from ..boot.monitor import MonitorPlacement
+
     return MonitorPlacement.below(core.memory_map.top_of_low_ram)
 
 
@@ -191,15 +204,23 @@ def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, ser
     pio, mmio = PioBus(), MmioBus(warn)
     legacy, serial, reset = _legacy_devices(core, pio, mmio, outcome, serial_sink)
     pci_host = acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END)
-    chipset = pc.chipset(bool(config.cdrom)) if rom is not None else []
+    if rom is not None:
+        from .platform import pc
+
+        chipset = pc.chipset(bool(config.cdrom))
+    else:
+        chipset = []
     pci = PciPlatform(vm, pio, mmio, (reset.read, reset.write),
                       lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)), warn, chipset)
     undo.callback(pci.close)
-    parts = legacy + _virtio_devices(pci, memory, config, warn)
+    parts = legacy + (_virtio_devices(pci, memory, config, warn) if config.has_virtio else Parts({}, {}))
     if rom is None:
         tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
         memory.write(tables.base, tables.blob)
     else:
+        from ..boot.firmware import ROM_TOP
+        from ..memory.rom import Rom
+
         tables = acpi.build(0, config.cpus, pci=pci_host, cmos_rtc=True)  # the firmware places them
         pc_parts = pc.pc_parts(vm, memory, core.memory_map, pio, config, outcome, tables, kernel)
         undo.callback(pc_parts.close)
@@ -213,6 +234,8 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
                 undo: contextlib.ExitStack) -> TraceWriter | None:
     if trace is None:
         return None
+    from .trace import TraceWriter
+
     writer = TraceWriter(trace.path, config.cpus, trace.limit, warn)
     undo.callback(writer.close, {"result": None, "error": "the machine could not be built"})
     return writer
@@ -259,6 +282,9 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
     memory, host = core.memory, core.host
     boot = None
     if config.kernel:
+        from ..boot.linux import kernel_parameters, load_linux
+        from ..boot.longmode import LINUX_GDT
+
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
@@ -271,6 +297,8 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         layout = LongModeLayout()
         reserved = reserved_ranges(layout)
         if monitor is not None:
+            from ..boot.monitor import MONITOR_SIZE
+
             reserved.append((monitor[0].physical_base, monitor[0].physical_base + MONITOR_SIZE))
         loaded = load_elf(memory, image, name, reserved=reserved)
         entry = configure_program(memory, loaded.entry, config.args, config.cpus, layout)
@@ -281,6 +309,8 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
     sregs = bsp.get_sregs()
     setup_long_mode(memory, sregs, layout)
     if monitor is not None and boot is None:
+        from ..boot.monitor import load_monitor
+
         placement, monitor_image = monitor
         start = load_monitor(memory, monitor_image, placement, layout, entry)
         bsp_regs = s.kvm_regs(rip=start.rip, rflags=0x2)
@@ -332,7 +362,10 @@ def _legacy_devices(core: _Core, pio: PioBus, mmio: MmioBus, outcome: Outcome,
 
 
 def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig, warn: Callable[[str], None]) -> Parts:
-    """The virtio devices the user asked for, on the PCI platform in slot order."""
+    """The virtio devices the user asked for, on the PCI platform in slot order (each kind's module
+    imported only for a machine that has one)."""
+    from ..devices.virtio.pci import VirtioPciState
+
     devices: dict[str, object] = {}
     states: dict[str, StateBinding] = {}
 
@@ -342,10 +375,14 @@ def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig
         states[name] = StateBinding(function.state, function.restore, VirtioPciState)
 
     def block(disk: DiskConfig) -> Callable[[VirtioLink], VirtioDevice]:
+        from ..devices.virtio.blk import VirtioBlock
+
         return lambda link: VirtioBlock(link, memory, disk.path, disk.read_only, disk.serial, warn, disk.shared,
                                          disk.format)
 
     def network(net: NetConfig) -> Callable[[VirtioLink], VirtioDevice]:
+        from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
+
         mac = parse_mac(net.mac) if net.mac else None
         return lambda link: VirtioNet(link, memory, TapBackend(net.tap), mac)
 
@@ -354,8 +391,12 @@ def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig
     for index, net in enumerate(config.net):
         add(f"virtio-net{index}", network(net))
     if config.rng:
+        from ..devices.virtio.rng import VirtioRng
+
         add("virtio-rng", lambda link: VirtioRng(link, memory))
     if config.vconsole:
+        from ..devices.virtio.console import VirtioConsole, open_backend
+
         backend = open_backend(config.vconsole)
         add("virtio-console", lambda link: VirtioConsole(link, memory, backend))
     return Parts(devices, states)

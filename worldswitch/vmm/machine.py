@@ -7,10 +7,8 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
 
-from ..boot.linux import LinuxBoot
-from ..boot.monitor import MonitorPlacement
 from ..devices.serial import Serial
 from ..driver import structs as s
 from ..driver.kvm import Kvm, Vm
@@ -25,8 +23,12 @@ from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
-from .trace import TraceWriter
 from .x86.cpuid import HiddenFeature
+
+if TYPE_CHECKING:  # parts only some machines have; the builder imports them for those (start-up time)
+    from ..boot.linux import LinuxBoot
+    from ..boot.monitor import MonitorPlacement
+    from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
 

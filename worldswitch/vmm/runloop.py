@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from ..driver import structs as s
 from ..driver.binary_stats import BinaryStats
 from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReason, InternalError, SystemEvent
+from ..driver.exits import InternalErrorExit, decode_exit
 from ..driver.ioctl import kvm_run_call
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu, run_failed
 from ..sandbox import confine_thread
@@ -30,6 +31,7 @@ from .platform.bus import MmioBus, PioBus
 from .result import MachineResult, StopReason
 from .stats import KVM_VCPU_COUNTERS, VcpuStats, reason_name
 from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and two classes
+from .x86.insn import describe_internal_error
 
 if TYPE_CHECKING:
     from .x86.emulate import TrapEmulator
@@ -368,9 +370,6 @@ class VcpuRunner:
         )
 
     def _on_internal_error(self) -> None:
-        from ..driver.exits import InternalErrorExit, decode_exit  # rare path: kept off the start-up import chain
-        from .x86.insn import describe_internal_error
-
         exit_ = decode_exit(ExitReason.INTERNAL_ERROR, self._run, memoryview(self.vcpu.run_mmap))
         assert isinstance(exit_, InternalErrorExit)  # what decode_exit gives for this reason
         regs = self.vcpu.get_regs()

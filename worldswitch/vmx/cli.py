@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
@@ -36,8 +36,10 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as the shell reports a program the signal ended
 
+Subparsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
-def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+
+def _add_run(sub: Subparsers) -> None:
     from .settings import MACHINE_OPTIONS, SESSION_OPTIONS, add_arguments
 
     run = sub.add_parser(
@@ -51,6 +53,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     run.add_argument("machine", nargs="?", metavar="MACHINE.toml", help="a machine file")
     add_arguments(run, MACHINE_OPTIONS + SESSION_OPTIONS)
 
+
+def _add_restore(sub: Subparsers) -> None:
+    from .settings import SESSION_OPTIONS, add_arguments
+
     restore = sub.add_parser(
         "restore",
         help="resume a virtual machine from a snapshot",
@@ -61,6 +67,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     restore.add_argument("snapshot", metavar="DIR", help="a snapshot directory")
     add_arguments(restore, SESSION_OPTIONS)
 
+
+def _add_ctl(sub: Subparsers) -> None:
     ctl = sub.add_parser(
         "ctl",
         help="talk to a running VM's control socket",
@@ -72,6 +80,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ctl.add_argument("arguments", nargs="*", metavar="KEY=VALUE", help="request arguments (a value is JSON or a string)")
     ctl.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the answer (default %(default)s)")
 
+
+def _add_profile(sub: Subparsers) -> None:
     profile = sub.add_parser(
         "profile",
         help="sample where a running VM's vCPUs are, by function",
@@ -85,23 +95,25 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     profile.add_argument("--top", type=int, default=25, help="how many functions to list (default %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="worldswitch",
-        description="A hackable hosted hypervisor on Linux KVM.",
-    )
-    parser.add_argument("--version", action="version", version=f"worldswitch {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _run_parser(sub)
+def _add_info(sub: Subparsers) -> None:
     info = sub.add_parser("info", help="describe this host's KVM")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--no-measure", action="store_true", help="skip timing ring-0 and ring-3 guest code")
+
+
+def _add_guests(sub: Subparsers) -> None:
     sub.add_parser("guests", help="list the built-in guest programs")
+
+
+def _add_fetch_debian(sub: Subparsers) -> None:
     fetch = sub.add_parser("fetch-debian", help="download Debian's cloud kernel and busybox into a cache folder")
     fetch.add_argument("--dir", type=Path, default=DEFAULT_CACHE, help="cache folder (default %(default)s)")
     fetch.add_argument("--disk", type=Path, metavar="FILE", help="also make a bootable disk image: GRUB for BIOS, "
                                                                  "the kernel and a busybox initramfs with a shell")
     fetch.add_argument("--iso", type=Path, metavar="FILE", help="also make a hybrid ISO of the same (grub-mkrescue)")
+
+
+def _add_initramfs(sub: Subparsers) -> None:
     initramfs = sub.add_parser("initramfs", help="build a busybox initramfs")
     initramfs.add_argument("-o", "--output", type=Path, required=True, help="the archive to write")
     source = initramfs.add_mutually_exclusive_group(required=True)
@@ -112,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     initramfs.add_argument("--shell", action="store_true", help="start a shell instead of powering off")
     initramfs.add_argument("--marker", default=None, help="the line /init prints once it runs")
     initramfs.add_argument("--no-compress", action="store_true", help="write a plain cpio archive, not gzip")
+
+
+def _add_disk(sub: Subparsers) -> None:
     disk = sub.add_parser("disk", help="make disk images")
     disk_commands = disk.add_subparsers(dest="disk_command", metavar="COMMAND", required=True)
     create = disk_commands.add_parser("create", help="a new, empty disk image",
@@ -121,11 +136,35 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("path", metavar="PATH", help="the image to make")
     create.add_argument("size", metavar="SIZE", help="its size as the guest sees it")
     create.add_argument("--format", choices=("qcow2", "raw"), default="qcow2", help="the image format (default %(default)s)")
+
+
+def _add_trace(sub: Subparsers) -> None:
     trace = sub.add_parser("trace", help="summarise an exit trace recorded with `run --trace`")
     trace.add_argument("file", help="the trace file")
     trace.add_argument("--json", action="store_true", help="machine-readable output")
     trace.add_argument("--top", type=int, default=8, help="how many ports and addresses to list")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; with `only`, just that command's (the others' flags cost start-up
+    time, above all run's: one per option; `worldswitch --help` still lists every command)."""
+    parser = argparse.ArgumentParser(
+        prog="worldswitch",
+        description="A hackable hosted hypervisor on Linux KVM.",
+    )
+    parser.add_argument("--version", action="version", version=f"worldswitch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        if only is None or name == only:
+            command.add(sub)
     return parser
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The command a command line names, if it names one we have: the first word that is not an option
+    (the top-level options take no value)."""
+    word = next((word for word in argv if not word.startswith("-")), None)
+    return word if word in COMMANDS else None
 
 
 def cmd_run(options: argparse.Namespace) -> int:
@@ -266,8 +305,23 @@ def cmd_disk(options: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "restore": cmd_restore, "ctl": cmd_ctl, "profile": cmd_profile, "info": cmd_info, "guests": cmd_guests, "trace": cmd_trace,
-            "fetch-debian": cmd_fetch_debian, "initramfs": cmd_initramfs, "disk": cmd_disk}
+class Command(NamedTuple):
+    add: Callable[[Subparsers], None]  # its parser
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = {
+    "run": Command(_add_run, cmd_run),
+    "restore": Command(_add_restore, cmd_restore),
+    "ctl": Command(_add_ctl, cmd_ctl),
+    "profile": Command(_add_profile, cmd_profile),
+    "info": Command(_add_info, cmd_info),
+    "guests": Command(_add_guests, cmd_guests),
+    "fetch-debian": Command(_add_fetch_debian, cmd_fetch_debian),
+    "initramfs": Command(_add_initramfs, cmd_initramfs),
+    "disk": Command(_add_disk, cmd_disk),
+    "trace": Command(_add_trace, cmd_trace),
+}
 
 
 def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
@@ -277,15 +331,16 @@ def main(argv: list[str] | None = None, whole_process: bool = False) -> int:
     if threading.current_thread() is threading.main_thread():
         signals.install()
     try:
-        parser = build_parser()
-        options = parser.parse_args(argv)
+        words = sys.argv[1:] if argv is None else argv
+        parser = build_parser(command_named(words))
+        options = parser.parse_args(words)
         if options.command is None:
             parser.print_help()
             return EXIT_USAGE
         options.signals = signals
         options.whole_process = whole_process
         options.kvm_path = kvm_path()
-        return COMMANDS[options.command](options)
+        return COMMANDS[options.command].run(options)
     except WorldswitchError as error:
         print(f"worldswitch: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..devices.virtio.console import PtyBackend
 from ..errors import ConfigError
 from ..sandbox import Sandbox, SandboxSettings
 from ..vmm.result import MachineResult, StopReason
@@ -111,6 +110,8 @@ def run_session(make: Callable[..., VirtualMachine], settings: SessionConfig, si
                     notes = "; ".join(boot.notes)
                     stderr_line(f"booting {boot.version or vm.config.kernel} as a {boot.mode}" + (f" ({notes})" if notes else ""), console)
             console_device = machine.devices.get("virtio-console")
+            if console_device is not None:
+                from ..devices.virtio.console import PtyBackend  # loaded by the machine that has one
             if console_device is not None and isinstance(console_device.device.backend, PtyBackend):  # type: ignore[attr-defined]
                 # said even with --quiet: without it nobody can reach the console
                 stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]

@@ -5,12 +5,10 @@ kick never leaves the kernel."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ...devices.pci import (COMMAND, COMMAND_MEMORY, CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, INTERRUPT_LINE,
                             INTERRUPT_PIN, RESET_CONTROL_OFFSET, Bar, HostBridge, PciBus, PciFunction)
-from ...devices.virtio.device import VirtioDevice, VirtioLink
-from ...devices.virtio.pci import PciWiring, VirtioPciFunction
 from ...driver.constants import KVM_IOEVENTFD_FLAG_DEASSIGN, Cap
 from ...driver.kvm import Vm
 from ...errors import BusError, ConfigError
@@ -18,6 +16,10 @@ from ...memory.layout import ECAM_BASE, ECAM_SIZE, PCI_MMIO_END, PCI_MMIO_START
 from .bus import BusRange, MmioBus, PioBus, ReadFn, WriteFn, all_ones
 from .irq import KvmIrqLine
 from .irqroute import GsiRouter
+
+if TYPE_CHECKING:  # add_virtio imports them: a machine without virtio devices never loads them
+    from ...devices.virtio.device import VirtioDevice, VirtioLink
+    from ...devices.virtio.pci import VirtioPciFunction
 
 FIRST_INTX_GSI = 16
 
@@ -43,6 +45,7 @@ class PciPlatform:
         )
         self.router = GsiRouter(vm)
         self.functions: list[PciFunction] = []
+        self._virtio: dict[int, VirtioPciFunction] = {}  # by id(): the functions add_virtio made
         self._mapped: dict[tuple[int, int], BusRange] = {}
         self._ioeventfds: dict[int, list[tuple[int, int]]] = {}
         self._next_mmio = PCI_MMIO_START
@@ -76,10 +79,13 @@ class PciPlatform:
     def add_virtio(self, make_device: Callable[[VirtioLink], VirtioDevice], packed: bool = False) -> VirtioPciFunction:
         """A virtio device on the next free slot, wired to its INTx line (pin A), MSI-X routes and
         this platform's BAR mapping."""
+        from ...devices.virtio.pci import PciWiring, VirtioPciFunction
+
         slot = self.bus.free_slot()
         wiring = PciWiring(intx=KvmIrqLine(self.vm, self._intx_gsi(slot, 1)), msi=self.router.msi_vectors,
                            on_bar_change=self._bar_moved, on_needs_reset=self.warn, on_bug=self.on_bug)
         function = VirtioPciFunction(make_device, wiring, packed=packed)
+        self._virtio[id(function)] = function
         self.add(function, slot)
         return function
 
@@ -91,8 +97,9 @@ class PciPlatform:
         key = (id(function), index)
         if key in self._mapped:
             self.mmio.unregister(self._mapped.pop(key))
-        if isinstance(function, VirtioPciFunction) and index == 0:
-            self._unbind_notifications(function)
+        virtio = self._virtio.get(id(function))
+        if virtio is not None and index == 0:
+            self._unbind_notifications(virtio)
         if new is None or bar.io or bar.read is None or bar.write is None:
             return
         try:
@@ -103,8 +110,8 @@ class PciPlatform:
             self.warn(f"guest placed a PCI BAR where it cannot go ({error}); left unmapped")
             bar.mapped_at = None
             return
-        if isinstance(function, VirtioPciFunction) and index == 0:
-            self._bind_notifications(function)
+        if virtio is not None and index == 0:
+            self._bind_notifications(virtio)
 
     def _bind_notifications(self, function: VirtioPciFunction) -> None:
         bound = []
@@ -124,12 +131,10 @@ class PciPlatform:
             self.vm.ioeventfd(fd, address, length, KVM_IOEVENTFD_FLAG_DEASSIGN)
 
     def start(self) -> None:
-        for function in self.functions:
-            if isinstance(function, VirtioPciFunction):
-                function.start()
+        for function in self._virtio.values():
+            function.start()
 
     def close(self) -> None:
-        for function in self.functions:
-            if isinstance(function, VirtioPciFunction):
-                function.close()
+        for function in self._virtio.values():
+            function.close()
         self.router.close()
