@@ -19,6 +19,7 @@ call is named on stderr first (see `sigsys.py`).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from types import ModuleType
@@ -31,6 +32,7 @@ class SandboxError(WorldswitchError):
     """The sandbox asked for cannot be set up on this host."""
 
 
+@functools.cache  # a failed `import seccomp` searches sys.path again each time
 def binding() -> ModuleType:
     """libseccomp's Python binding: Debian's python3-seccomp, or pyseccomp (the same API)."""
     try:

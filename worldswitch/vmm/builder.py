@@ -5,6 +5,7 @@ itself; reading this file tells you the whole machine."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..boot import acpi
@@ -60,13 +61,38 @@ KVM_IDENTITY_MAP_ADDR = 0xFFFBC000
 ACPI_BASE = 0xE0000  # in the ROM area, where an OS scans for the RSDP (ACPI 6.4, 5.2.5.1)
 
 
+class _Meanwhile:
+    """A blocking KVM call on a thread of its own while the build goes on (ctypes lets go of the GIL
+    during the ioctl); `wait` gives back its error, if it had one."""
+
+    def __init__(self, name: str, call: Callable[[], None], undo: contextlib.ExitStack) -> None:
+        self._call = call
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        undo.callback(self._thread.join)  # on failure, before the VM's fd closes: the call uses it
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as error:  # noqa: BLE001 - handed to the builder's thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class _Core(NamedTuple):
-    """The VM, its guest memory (registered with KVM), and what the host is."""
+    """The VM, its guest memory (registered with KVM), what the host is, and whether the VMX completes
+    a guest's user-mode SYSCALL (then the LSTAR write filter is being installed meanwhile)."""
     kvm: Kvm
     vm: Vm
     memory_map: MemoryMap
     memory: GuestMemory
     host: HostKind
+    msr_filter: _Meanwhile | None
 
 
 def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
@@ -137,6 +163,8 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         writer = _open_trace(trace, config, warn, undo)
         runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
         boot = load(core, tables, runners[0].vcpu, forced_cpuid, monitor) if load is not None else None
+        if core.msr_filter is not None:
+            core.msr_filter.wait()
         machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, monitor, forced_cpuid, writer,
                       config.absolute(), core.host, warn)
         undo.pop_all()  # the machine owns it all now
@@ -187,7 +215,14 @@ def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -
     memory = GuestMemory(memory_map.backed_ranges())  # the host may refuse (no memory to map)
     undo.callback(memory.close)
     memory.register(vm)
-    return _Core(kvm, vm, memory_map, memory, detect_host_kind())
+    host = detect_host_kind()
+    # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it; it needs
+    # the guest's WRMSR to LSTAR, which an MSR filter sends here. Installing one waits for an SRCU
+    # grace period in the kernel (about 10 ms on a PVM host), which the rest of the build overlaps.
+    msr_filter = None
+    if host.kernel_code_emulated and all(vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER)):
+        msr_filter = _Meanwhile("msr-filter", lambda: vm.deny_msr_writes([MSR_LSTAR]), undo)
+    return _Core(kvm, vm, memory_map, memory, host, msr_filter)
 
 
 def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, serial_sink: Callable[[bytes], None],
@@ -256,11 +291,7 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         set_lint(vcpu)
         vcpus.append(vcpu)
     forced = forced_features(vcpus[0].get_cpuid2(), hidden)
-
-    # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it; it needs
-    # the guest's WRMSR to LSTAR, which an MSR filter sends here.
-    complete_syscalls = host.kernel_code_emulated and all(
-        vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER))
+    complete_syscalls = core.msr_filter is not None
     runners = []
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
@@ -269,8 +300,6 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
                             trace.buffer_for(vcpu.id) if trace is not None else None)
         undo.callback(runner.release)
         runners.append(runner)
-    if complete_syscalls:
-        vm.deny_msr_writes([MSR_LSTAR])
     return runners, forced
 
 
