@@ -64,16 +64,16 @@ def test_a_ring_0_loop_runs_natively_under_the_monitor() -> None:
 
 def test_the_privileged_guest_sees_each_instruction_do_what_the_cpu_does() -> None:
     result, _ = run("privileged", "", monitor=False)  # on every host: the reference the monitor must match
-    assert done(result) == (12, 2, 1, 0)  # checks passed, ticks, refused WRMSRs
+    assert done(result) == (14, 2, 1, 0)  # checks passed, ticks, refused WRMSRs
 
 
 @needs_emulating_host
 def test_each_privileged_instruction_a_kernel_uses_is_emulated_as_the_cpu_executes_it() -> None:
     plain, _ = run("privileged", "", monitor=False)
     result, stats = run("privileged", "")
-    assert done(result) == done(plain) == (12, 2, 1, 0)
+    assert done(result) == done(plain) == (14, 2, 1, 0)
     for kind in ("cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr", "wrmsr", "descriptor", "invlpg", "wbinvd",
-                 "deferred"):
+                 "deferred", "swapgs"):
         assert stats.monitor[kind] >= 1, (kind, stats.monitor)
 
 
@@ -256,10 +256,31 @@ def test_a_program_under_the_monitor_goes_on_after_a_restore(tmp_path: Path) -> 
 
 
 @needs_emulating_host
-def test_a_program_that_turns_syscall_on_is_told_the_monitor_does_not_run_it_yet() -> None:
-    result, _ = run("probe", "syscall")
-    assert result.reason is StopReason.GUEST_ABORT, result.message
-    assert "monitor: SYSCALL under the monitor is not built yet" in result.message, result.message
+@pytest.mark.parametrize("where", ["", "kernel"])  # LSTAR in a user page, or in a supervisor-only one as Linux has it
+def test_a_syscall_from_user_mode_enters_the_programs_kernel_at_its_lstar(where: str) -> None:
+    """This host's KVM leaves a ring-3 SYSCALL in ring 3 at the real LSTAR, the monitor's gate, whose
+    fetch faults: the monitor finishes the SYSCALL into the program's kernel (the VMX does not)."""
+    result, stats = run("probe", f"syscall {where}")
+    ring, _cs, rcx_is_return, r11 = done(result)
+    assert ring == 3  # the handler's CS: its kernel code runs in ring 3 (CS reads give PVM's user CS)
+    assert rcx_is_return == 1 and r11 & 0x202 == 0x202  # RCX the return address, R11 the caller's RFLAGS
+    assert stats.monitor["syscall"] == 1, stats.monitor
+    assert stats.vcpus[0].vmx_emulated.get("syscall", 0) == 0  # the VMX's own completion stays out
+
+
+@needs_emulating_host
+def test_sysretq_takes_the_programs_kernel_back_to_user_mode() -> None:
+    result, stats = run("probe", "syscall kernel sysret")
+    assert done(result)[2] == 1  # the kernel's handler saw RCX = the return address, and returned there
+    assert stats.monitor["syscall"] == 1 and stats.monitor["sysret"] == 1, stats.monitor
+
+
+@needs_emulating_host
+def test_a_non_canonical_lstar_is_refused_as_the_cpu_refuses_it() -> None:
+    plain, _ = run("probe", "badlstar", monitor=False)
+    result, _ = run("probe", "badlstar")
+    assert result.reason is plain.reason is StopReason.GUEST_ABORT
+    assert "unhandled #GP" in result.message and "unhandled #GP" in plain.message, (plain.message, result.message)
 
 
 @needs_emulating_host

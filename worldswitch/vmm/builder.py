@@ -216,11 +216,12 @@ def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -
     undo.callback(memory.close)
     memory.register(vm)
     host = detect_host_kind()
-    # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it; it needs
-    # the guest's WRMSR to LSTAR, which an MSR filter sends here. Installing one waits for an SRCU
-    # grace period in the kernel (about 10 ms on a PVM host), which the rest of the build overlaps.
+    # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it (under the
+    # monitor, the monitor does); it needs the guest's WRMSR to LSTAR, which an MSR filter sends
+    # here. Installing one waits for an SRCU grace period in the kernel (about 10 ms on a PVM host),
+    # which the rest of the build overlaps.
     msr_filter = None
-    if host.kernel_code_emulated and all(vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER)):
+    if host.kernel_code_emulated and not config.monitor and all(vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER)):
         msr_filter = _Meanwhile("msr-filter", lambda: vm.deny_msr_writes([MSR_LSTAR]), undo)
     return _Core(kvm, vm, memory_map, memory, host, msr_filter)
 

@@ -86,6 +86,13 @@ wait_for_interrupt:
     cli
     ret
 
+/* The real LSTAR. A SYSCALL from the guest reaches it in ring 3, where this supervisor-only page
+ * cannot be fetched: the page fault is the monitor's signal (monitor_event), and nothing here runs. */
+    .globl syscall_gate
+    .balign 16
+syscall_gate:
+    ud2
+
 /* void halt_forever(void): the guest halted with its virtual IF clear, as a CPU does. */
     .globl halt_forever
 halt_forever:

@@ -14,8 +14,12 @@
  *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
  *     held until it sets IF again (STI, IRETQ, HLT).
  *   - page faults: the shadow page tables' to fill from the program's own, or the program's.
- * Not yet (docs/monitor.md): more than one vCPU, SYSCALL/SYSRET and SYSENTER (EFER.SCE is kept
- * off), SWAPGS, and PUSHF/POPF, which run natively and see the real IF.
+ *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, in its supervisor-only pages, so the
+ *     SYSCALL (which this host's KVM leaves in ring 3) faults on its first fetch there and the
+ *     monitor finishes it into the guest's kernel at the guest's LSTAR; SYSRETQ and SWAPGS trap
+ *     (#GP in ring 3) and are emulated.
+ * Not yet (docs/monitor.md): more than one vCPU, SYSENTER, and PUSHF/POPF, which run natively and
+ * see the real IF.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
  * rules ends its own VM with a report, never more.
  */
@@ -32,7 +36,10 @@
 #define USER_CS_INDEX (USER_CS >> 3)
 
 #define MSR_EFER 0xc0000080u
-#define EFER_SCE 1ul
+#define MSR_STAR 0xc0000081u
+#define MSR_LSTAR 0xc0000082u
+#define MSR_CSTAR 0xc0000083u
+#define MSR_SFMASK 0xc0000084u
 #define MSR_SYSENTER_CS 0x174u /* to 0x176: SYSENTER's target */
 
 #define RFLAGS_IF 0x200ul
@@ -69,7 +76,7 @@ static struct {
 } __attribute__((packed)) idt[256] __attribute__((aligned(16)));
 
 extern const u64 event_stubs[256];
-extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[];
+extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[];
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
@@ -82,7 +89,7 @@ static struct {
     u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
     u64 cr0, cr2, cr3, cr4;
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
-    u64 efer_sce; /* EFER.SCE as the guest sees it: SYSCALL stays off under the monitor */
+    u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
 } guest;
 
 /* ---- reports --------------------------------------------------------------------------------- */
@@ -477,10 +484,11 @@ u64 monitor_init(void)
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
-    u64 efer;
-    msr_read(MSR_EFER, &efer);
-    guest.efer_sce = efer & EFER_SCE;
-    msr_write(MSR_EFER, efer & ~EFER_SCE); /* a user-mode SYSCALL must not leave the monitor's control */
+    msr_read(MSR_STAR, &guest.star);
+    msr_read(MSR_LSTAR, &guest.lstar);
+    msr_read(MSR_CSTAR, &guest.cstar);
+    msr_read(MSR_SFMASK, &guest.sfmask);
+    msr_write(MSR_LSTAR, (u64)syscall_gate); /* a SYSCALL, from any mode of the guest, comes here */
     paging_init();
     return MONITOR_CS;
 }
@@ -734,6 +742,60 @@ static void emulate_iretq(struct trap_frame *frame)
     }
 }
 
+static int canonical(u64 address)
+{
+    return address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
+}
+
+/* The guest's copy of a SYSCALL MSR, or 0 for any other MSR (those pass through to the CPU). */
+static u64 *syscall_msr_of(u32 index)
+{
+    switch (index) {
+    case MSR_STAR: return &guest.star;
+    case MSR_LSTAR: return &guest.lstar;
+    case MSR_CSTAR: return &guest.cstar;
+    case MSR_SFMASK: return &guest.sfmask;
+    }
+    return 0;
+}
+
+/* SYSCALL, from the guest's user mode (or its kernel): the CPU saved the return address in RCX and
+ * RFLAGS in R11 and jumped to the real LSTAR, the monitor's gate, without leaving ring 3 (which is
+ * what this host's KVM does with a ring-3 SYSCALL; on hardware it would be ring 0 anyway, and the
+ * gate's fetch would not fault). The rest, as the CPU does it for the guest (SDM vol. 2, SYSCALL):
+ * its kernel's code and stack segments from STAR, RIP from its LSTAR, RFLAGS masked by its SFMASK;
+ * the stack pointer is left as it was. */
+static void emulate_syscall(struct trap_frame *frame)
+{
+    if (((guest.star >> 32) & 0xfffc) != KERNEL_CS)
+        STOP("SYSCALL to an unknown code segment", guest.star, frame->rcx);
+    u64 rflags = frame->r11 & ~guest.sfmask;
+    frame->rip = guest.lstar;
+    frame->cs = REAL_KERNEL_CS;
+    frame->ss = REAL_KERNEL_SS;
+    frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
+    guest.interrupts = (rflags & RFLAGS_IF) != 0;
+    guest.user = 0;
+}
+
+/* SYSRETQ from the guest's kernel (#GP: ring 3 may not): to user mode at RCX with RFLAGS from R11,
+ * the user segments STAR names, which must be the ones the monitor's GDT has at those indexes. */
+static void emulate_sysret(struct trap_frame *frame)
+{
+    u64 base = (guest.star >> 48) & 0xfffc;
+    if (((base + 16) | 3) != USER_CS || ((base + 8) | 3) != USER_DS)
+        STOP("SYSRET to unknown user segments", guest.star, frame->rcx);
+    if (!canonical(frame->rcx)) {
+        deliver(frame, 13, 1, 0); /* the CPU's #GP(0), in the kernel */
+        return;
+    }
+    frame->rip = frame->rcx;
+    frame->rflags = (frame->r11 & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF; /* user mode takes interrupts */
+    frame->cs = USER_CS;
+    frame->ss = USER_DS;
+    guest.user = 1;
+}
+
 /* The instruction at the guest kernel's RIP, if it is one the monitor emulates: 1 when done. */
 static int emulate(struct trap_frame *frame)
 {
@@ -785,6 +847,12 @@ static int emulate(struct trap_frame *frame)
     switch (second) {
     case 0x01: {
         address = decode_modrm(frame, &insn);
+        if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs: the monitor never uses GS, so the
+                                                    * CPU's own swap is exactly the guest's */
+            counters[COUNT_SWAPGS]++;
+            __asm__ volatile("swapgs" ::: "memory");
+            break;
+        }
         if (insn.mod == 3)
             STOP("unsupported privileged 0f 01 instruction", frame->rip,
                  insn.bytes[insn.length - 1]);
@@ -843,27 +911,32 @@ static int emulate(struct trap_frame *frame)
             *gpr(frame, insn.rm) = value;
         break;
     case 0x07: /* sysretq */
-        STOP("SYSCALL under the monitor is not built yet", frame->rip, 0);
+        if (!(insn.rex & 8))
+            STOP("32-bit SYSRET is not emulated", frame->rip, 0);
+        counters[COUNT_SYSRET]++;
+        emulate_sysret(frame);
+        return 1;
     case 0x30: /* wrmsr */
         counters[COUNT_WRMSR]++;
-        if ((u32)frame->rcx == MSR_EFER && (frame->rax & EFER_SCE))
-            STOP("SYSCALL under the monitor is not built yet", frame->rip,
-                 frame->rax);
         if ((u32)frame->rcx - MSR_SYSENTER_CS < 3)
             STOP("SYSENTER under the monitor is not built yet", frame->rip, frame->rcx);
-        if (msr_write((u32)frame->rcx, (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff))) {
-            deliver(frame, 13, 1, 0);
+        value = (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff);
+        u64 *syscall_msr = syscall_msr_of((u32)frame->rcx);
+        if (syscall_msr != 0 && (syscall_msr == &guest.star || syscall_msr == &guest.sfmask || canonical(value))) {
+            *syscall_msr = value;
+        } else if (syscall_msr != 0 || msr_write((u32)frame->rcx, value)) {
+            deliver(frame, 13, 1, 0); /* a non-canonical LSTAR or CSTAR, or what the CPU refused */
             return 1;
         }
         break;
     case 0x32: /* rdmsr */
         counters[COUNT_RDMSR]++;
-        if (msr_read((u32)frame->rcx, &value)) {
+        if (syscall_msr_of((u32)frame->rcx) != 0) {
+            value = *syscall_msr_of((u32)frame->rcx);
+        } else if (msr_read((u32)frame->rcx, &value)) {
             deliver(frame, 13, 1, 0);
             return 1;
         }
-        if ((u32)frame->rcx == MSR_EFER)
-            value |= guest.efer_sce; /* as the VMM set it; the real one is off (monitor_init) */
         frame->rax = value & 0xffffffff;
         frame->rdx = value >> 32;
         break;
@@ -906,12 +979,17 @@ void monitor_event(struct trap_frame *frame)
         return;
     }
     handoff.counters[COUNT_EVENTS]++;
-    guest.user = frame->cs == USER_CS;
-    if (split && guest.user)
-        load_root(kernel_root); /* the monitor works on the kernel's view */
     u64 vector = frame->vector;
+    int syscall = vector == 14 && frame->rip == (u64)syscall_gate && (frame->error_code & PF_FETCH);
+    guest.user = frame->cs == USER_CS;
+    if (split && (guest.user || syscall))
+        load_root(kernel_root); /* the monitor works on the kernel's view */
     int user_cs_absent = vector == 11 && (frame->error_code & ~7ul) == (USER_CS & ~3ul);
-    if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
+    if (syscall) {
+        handoff.counters[COUNT_SYSCALL]++;
+        emulate_syscall(frame);
+        deliver_held(frame);
+    } else if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
         deliver_held(frame);
     } else if (vector == 14) {
         u64 address, code;

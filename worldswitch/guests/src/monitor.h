@@ -24,6 +24,7 @@ enum {
     COUNT_INVLPG, COUNT_WBINVD,
     COUNT_SHADOW_FILL,  /* shadow page-table entries made from the guest's */
     COUNT_SHADOW_FLUSH, /* shadows emptied: CR3 loads, or the pool used up */
+    COUNT_SYSCALL, COUNT_SYSRET, COUNT_SWAPGS,
     COUNT_KINDS
 };
 

@@ -1,6 +1,6 @@
 /* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
  * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, and a
- * wrmsr the CPU refuses with #GP), lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
+ * wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
  * interrupt held by cli until sti, and sti;hlt woken by one). Every host gives the same answer;
  * under the monitor each of them traps and is emulated (docs/monitor.md).
  * Reports DONE(checks passed, ticks, refused wrmsr #GPs, 0). */
@@ -8,11 +8,14 @@
 
 #define TIMER_VECTOR 0x30
 #define MSR_STAR 0xc0000081
+#define MSR_GS_BASE 0xc0000101
+#define MSR_KERNEL_GS_BASE 0xc0000102
 #define MSR_NONEXISTENT 0xdeadbeef
 #define PROGRAM_GDT_BASE 0x1000 /* boot/longmode.py: the VMM's GDT, seven entries */
 #define PROGRAM_GDT_LIMIT (7 * 8 - 1)
 
 static volatile u64 ticks, refused;
+static volatile u64 per_cpu = 0x7065722d637075; /* what a kernel's GS base points at after swapgs */
 
 static void on_tick(struct trap_frame *frame)
 {
@@ -72,6 +75,21 @@ int main(const char *args)
     set_trap_handler(13, on_gp);
     wrmsr(MSR_NONEXISTENT, 1);
     GUEST_ASSERT_EQ(refused, 1);
+    passed += 2;
+
+    u64 gs = rdmsr(MSR_GS_BASE), kernel_gs = rdmsr(MSR_KERNEL_GS_BASE);
+    wrmsr(MSR_GS_BASE, 0x1000);
+    wrmsr(MSR_KERNEL_GS_BASE, (u64)&per_cpu);
+    __asm__ volatile("swapgs" ::: "memory");
+    GUEST_ASSERT_EQ(rdmsr(MSR_GS_BASE), (u64)&per_cpu);
+    GUEST_ASSERT_EQ(rdmsr(MSR_KERNEL_GS_BASE), 0x1000);
+    u64 through_gs;
+    __asm__ volatile("mov %%gs:0, %0" : "=r"(through_gs));
+    GUEST_ASSERT_EQ(through_gs, per_cpu);
+    __asm__ volatile("swapgs" ::: "memory");
+    GUEST_ASSERT_EQ(rdmsr(MSR_GS_BASE), 0x1000);
+    wrmsr(MSR_GS_BASE, gs);
+    wrmsr(MSR_KERNEL_GS_BASE, kernel_gs);
     passed += 2;
 
     struct {
