@@ -48,6 +48,9 @@ event_return:
     .globl event_stubs
 event_stubs:
     trap_stub_table event_stub_
+    .globl error_code_vectors
+error_code_vectors:
+    error_code_table
 
 /* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value): 0, or 1 if the CPU
  * refused with #GP (the event handler moves RIP from msr_*_at to msr_refused). */

@@ -76,6 +76,7 @@ static struct {
 } __attribute__((packed)) idt[256] __attribute__((aligned(16)));
 
 extern const u64 event_stubs[256];
+extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[];
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
@@ -513,7 +514,7 @@ void monitor_first_frame(struct trap_frame *frame)
 
 static int has_error_code(u64 vector)
 {
-    return vector == 8 || (vector >= 10 && vector <= 14) || vector == 17 || vector == 21 || vector == 29 || vector == 30;
+    return error_code_vectors[vector] != 0; /* frame.inc's list, which the stubs follow */
 }
 
 static u64 guest_tss_base(u64 vector)
