@@ -14,9 +14,8 @@ import dataclasses
 import enum
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .errors import ConfigError
 
@@ -60,8 +59,7 @@ class Shape(enum.Enum):
 Convert = Callable[[Any, "Path | None"], Any]  # (raw value, the machine file's folder or None) -> setting
 
 
-@dataclass(frozen=True)
-class Kind:
+class Kind(NamedTuple):
     convert: Convert
     shape: Shape = Shape.VALUE
     choices: tuple[str, ...] = ()
@@ -170,8 +168,7 @@ SECONDS = Kind(_seconds)
 
 # --- options ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     kind: Kind
     help: str
     metavar: str | None = None
@@ -190,8 +187,7 @@ def option(default: Any = dataclasses.MISSING, *, kind: Kind, help: str, metavar
     return dataclasses.field(default=default, metadata=metadata)
 
 
-@dataclass(frozen=True)
-class Described:
+class Described(NamedTuple):
     """One option of a described dataclass: its name (the field's), description and default."""
 
     name: str

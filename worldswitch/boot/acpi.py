@@ -10,8 +10,7 @@ RSDP; Linux is also told the RSDP's address in boot_params.acpi_rsdp_addr.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from ..devices.acpi_pm import RESET_VALUE, S5_SLEEP_TYPE  # the tables describe the device
 from . import aml
@@ -85,8 +84,7 @@ def aml_s5() -> bytes:
     return bytes([0x08]) + b"_S5_" + bytes([0x12, len(package) + 1]) + package  # NameOp, NameSeg, PackageOp, PkgLength
 
 
-@dataclass(frozen=True)
-class PciHost:
+class PciHost(NamedTuple):
     """What the DSDT's root bridge and the MCFG describe."""
 
     ecam_base: int
@@ -194,8 +192,7 @@ def rsdp(rsdt_address: int, xsdt_address: int) -> bytes:
     return bytes(raw)
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(NamedTuple):
     rsdp_address: int
     base: int
     blob: bytes  # everything, to be written at `base`

@@ -8,8 +8,8 @@ bare-metal programs, boot/linux.py for a vmlinux).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import GuestImageError
 from ..memory.guest import GuestMemory
@@ -31,8 +31,7 @@ SHT_SYMTAB = 2
 STT_FUNC = 2
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     offset: int  # in the file
     paddr: int
     vaddr: int
@@ -45,8 +44,7 @@ class Segment:
         return self.paddr + self.memsz
 
 
-@dataclass(frozen=True)
-class LoadedElf:
+class LoadedElf(NamedTuple):
     path: str
     entry: int
     segments: tuple[Segment, ...]

@@ -8,7 +8,7 @@ to the CPU (kvm_sregs) is the VMM's (vmm/x86/longmode.py). The same layout serve
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..memory.guest import GuestMemory
 
@@ -24,8 +24,7 @@ USER_DATA = (0xF2, 0xC)  # DPL3
 USER_CODE64 = (0xFA, 0xA)  # DPL3, L
 
 
-@dataclass(frozen=True)
-class GdtLayout:
+class GdtLayout(NamedTuple):
     """Which selector holds which flat segment. The TSS takes two slots from `tss`."""
 
     kernel_cs: int
@@ -56,8 +55,7 @@ TSS_SIZE = TSS_HEADER + IO_BITMAP_BYTES + 1  # the bitmap ends with an all-ones 
 FLAT_LIMIT = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
-class LongModeLayout:
+class LongModeLayout(NamedTuple):
     """Where the long-mode scaffolding lives in guest-physical memory (all below 640 KiB)."""
 
     gdt: int = 0x1000

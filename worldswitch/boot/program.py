@@ -13,7 +13,7 @@ At entry:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..memory.guest import GuestMemory
@@ -23,8 +23,7 @@ ARGS_ADDR = 0x5000
 ARGS_MAX = 4095
 
 
-@dataclass(frozen=True)
-class ProgramEntry:
+class ProgramEntry(NamedTuple):
     rip: int
     rsp: int
     args_addr: int

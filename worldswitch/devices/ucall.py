@@ -14,9 +14,8 @@ port 0x1000; the device reads it through the bounds-checked guest memory accesso
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import GuestMemoryError
 from .base import GuestRam
@@ -34,8 +33,7 @@ class UcallCommand(IntEnum):
     PRINT = 4  # a line of text for the host's log
 
 
-@dataclass(frozen=True)
-class Ucall:
+class Ucall(NamedTuple):
     command: int
     line: int
     args: tuple[int, int, int, int]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import structs as s
 
@@ -21,8 +21,7 @@ KVM_STATS_TYPE_LINEAR_HIST = 0x3
 KVM_STATS_TYPE_LOG_HIST = 0x4
 
 
-@dataclass(frozen=True)
-class StatDescriptor:
+class StatDescriptor(NamedTuple):
     name: str
     flags: int
     exponent: int

@@ -9,7 +9,7 @@ signal makes it return -1/EINTR instead of being retried behind our back.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import KvmError
 
@@ -48,8 +48,7 @@ def last_errno() -> int:
     return int(_errno_location().contents.value)
 
 
-@dataclass(frozen=True)
-class Ioctl:
+class Ioctl(NamedTuple):
     """One ioctl request: its name (for errors), its number, and the argument type it carries."""
 
     name: str

@@ -13,8 +13,8 @@ e820 table and the ACPI/MP tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from ..errors import ConfigError
 
@@ -45,8 +45,7 @@ class RegionKind(Enum):
     MMIO = "mmio"  # not backed: device windows and holes
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     start: int
     size: int
     kind: RegionKind
@@ -61,8 +60,7 @@ class Region:
         return self.kind in (RegionKind.RAM, RegionKind.RESERVED)
 
 
-@dataclass(frozen=True)
-class MemoryMap:
+class MemoryMap(NamedTuple):
     memory: int  # guest RAM the user asked for, in bytes
     regions: tuple[Region, ...]
 

@@ -19,9 +19,8 @@ import importlib
 import os
 import pkgutil
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import privileges, seccomp_filter, sigsys
 from .seccomp_filter import SandboxError
@@ -50,8 +49,7 @@ def _import_what_runs_later(jailed: bool) -> None:
         importlib.import_module(name)
 
 
-@dataclass(frozen=True)
-class SandboxSettings:
+class SandboxSettings(NamedTuple):
     enabled: bool = True
     jail: str | None = None
     uid: int | None = None

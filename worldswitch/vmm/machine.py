@@ -81,8 +81,7 @@ class Parts:
             part.close()
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(NamedTuple):
     """The machine without its vCPUs: memory, the buses, and what is attached to them."""
     memory_map: MemoryMap
     memory: GuestMemory

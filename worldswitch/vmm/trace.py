@@ -45,8 +45,7 @@ class TraceRequest(NamedTuple):
     limit: int = DEFAULT_LIMIT
 
 
-@dataclass(frozen=True)
-class TraceRecord:
+class TraceRecord(NamedTuple):
     t_exit_ns: int
     guest_ns: int
     vmx_ns: int

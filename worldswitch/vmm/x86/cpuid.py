@@ -17,7 +17,7 @@ host's CPUID anyway) while honouring others being cleared:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ...driver import structs as s
 from ..host import HostKind
@@ -25,8 +25,7 @@ from ..host import HostKind
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
 
-@dataclass(frozen=True)
-class HiddenFeature:
+class HiddenFeature(NamedTuple):
     leaf: int
     subleaf: int | None  # None: every subleaf
     register: str

@@ -19,7 +19,7 @@ only raises a pending unmasked x87 exception, so with none pending it is a one-b
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ...driver import structs as s
 from ...driver.kvm import Vcpu
@@ -38,8 +38,7 @@ FWAIT = b"\x9b"
 FSW_ES = 1 << 7  # x87 status word: an unmasked exception is pending
 
 
-@dataclass(frozen=True)
-class SoftwareInterrupt:
+class SoftwareInterrupt(NamedTuple):
     vector: int
     length: int  # of the instruction: the return RIP points past it
 
@@ -55,8 +54,7 @@ def software_interrupt(code: bytes) -> SoftwareInterrupt | None:
     return None
 
 
-@dataclass(frozen=True)
-class Gate:
+class Gate(NamedTuple):
     """A 64-bit IDT entry (Intel SDM vol. 3, 6.14.1)."""
 
     target: int
