@@ -106,11 +106,19 @@ def build_hostread(work: Path) -> Path:
 UNSANDBOXED = "worldswitch --no-sandbox"
 
 
+def command() -> list[str]:
+    """The `worldswitch` command pip installed beside this interpreter, which is what a user types
+    (`python -m` would add runpy's start-up to every figure), or `python -m worldswitch` where there is
+    none (a checkout run without installing)."""
+    script = Path(sys.executable).parent / "worldswitch"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "worldswitch"]
+
+
 def worldswitch(sandbox: bool = True) -> Worldswitch:
     """As a user runs it: sandboxed (the default), or not."""
     if sandbox:
-        return Worldswitch("worldswitch", [sys.executable, "-m", "worldswitch"])
-    return Worldswitch(UNSANDBOXED, [sys.executable, "-m", "worldswitch"], ("--no-sandbox",))
+        return Worldswitch("worldswitch", command())
+    return Worldswitch(UNSANDBOXED, command(), ("--no-sandbox",))
 
 
 def build_floor(work: Path | None = None) -> Floor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
 from ..driver.kvm import Kvm
@@ -20,8 +20,7 @@ SYS_MODULE = Path("/sys/module")
 DMI = Path("/sys/class/dmi/id")
 
 
-@dataclass(frozen=True)
-class HostKind:
+class HostKind(NamedTuple):
     driver: str  # "vmx", "svm", "pvm" or "unknown"
     nested_paging: bool | None
     description: str
@@ -139,8 +138,7 @@ def detect_host_kind(flags: set[str] | None = None) -> HostKind:
     return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise" + nested, inside, signature)
 
 
-@dataclass(frozen=True)
-class KvmFacts:
+class KvmFacts(NamedTuple):
     """What this host's KVM answers: its API version and the capabilities worldswitch asks about."""
 
     api_version: int

@@ -44,7 +44,7 @@ class HostInfo:
     sandbox: str = ""  # what confines a VMX started here (worldswitch/sandbox/)
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "kind": self.kind._asdict()}  # a record of its own, as JSON has it
 
 
 def _cpu_model() -> str:
