@@ -10,13 +10,20 @@
  *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
  *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
  *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0
+ *   stack      points its TSS's RSP0 at an address its tables do not map, then executes ud2 in
+ *              ring 3: the #UD, the #PF and the #DF all fail on that stack, a triple fault
+ *   gate       executes int3 in ring 0 through a gate marked not present: the CPU raises #NP with
+ *              the gate's error code (vector 3 * 8 + 2: the IDT, not external); DONE(error code)
  *   map A      maps the 2 MiB at physical address A (decimal) at the same address in its identity
  *              map (a page the VMM may have left out of it), then reads it: DONE(word) */
 #include "ws.h"
 
+#define PROGRAM_TSS 0x2000 /* boot/longmode.py: where the VMM put its TSS */
+#define NOT_MAPPED 0x00007f0000000000ul
+
 static int misbehave(u64 unused)
 {
-    if (arg_has("ud"))
+    if (arg_has("ud") || arg_has("stack"))
         __asm__ volatile("ud2");
     if (arg_has("gp")) {
         u64 cr0;
@@ -39,6 +46,12 @@ static int misbehave(u64 unused)
 }
 
 static volatile u64 breakpoints;
+
+static void on_not_present(struct trap_frame *frame)
+{
+    frame->rip += 1; /* past the int3: #NP is a fault, reported at the instruction */
+    GUEST_DONE(frame->error_code, frame->vector, 0, 0);
+}
 
 static void on_breakpoint(struct trap_frame *frame)
 {
@@ -68,6 +81,14 @@ int main(const char *args)
             u64 base;
         } __attribute__((packed)) empty = { 0, 0 };
         __asm__ volatile("lidt %0; ud2" : : "m"(empty));
+    }
+    if (arg_has("stack"))
+        *(volatile u64 *)(PROGRAM_TSS + 4) = NOT_MAPPED; /* RSP0 */
+    if (arg_has("gate")) {
+        set_trap_handler(11, on_not_present);
+        clear_gate_present(3);
+        __asm__ volatile("int3" ::: "memory");
+        GUEST_ASSERT(!"int3 through a gate not present came back");
     }
     if (arg_has("peek"))
         GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);

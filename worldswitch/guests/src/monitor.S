@@ -79,6 +79,20 @@ msr_refused:
     movl $1, %eax
     ret
 
+/* int guest_copy(void *to, const void *from, u64 length): 0, or 1 if a page fault on guest memory
+ * found nothing the guest's tables give (the event handler moves RIP from guest_copy_at to
+ * guest_copy_failed; a fault the shadow can fill is retried where it happened). */
+    .globl guest_copy, guest_copy_at, guest_copy_failed
+guest_copy:
+    movq %rdx, %rcx
+guest_copy_at:
+    rep movsb
+    xorl %eax, %eax
+    ret
+guest_copy_failed:
+    movl $1, %eax
+    ret
+
 /* void wait_for_interrupt(void): the guest halted with its virtual IF set. STI's one-instruction
  * shadow covers HLT, so an interrupt that is already waiting wakes it rather than being taken
  * before it; the interrupt's entry marks it pending (monitor_event, from ring 0). */
@@ -96,12 +110,25 @@ wait_for_interrupt:
 syscall_gate:
     ud2
 
+/* void triple_fault(void): an event the guest's IDT cannot take, even as a double fault. The CPU
+ * shuts down as it would have without the monitor: no IDT at all, and an exception in ring 0. */
+    .globl triple_fault
+triple_fault:
+    lidt no_idt(%rip)
+    ud2
+
 /* void halt_forever(void): the guest halted with its virtual IF clear, as a CPU does. */
     .globl halt_forever
 halt_forever:
     cli
 1:  hlt
     jmp 1b
+
+    .section .rodata
+    .align 16
+no_idt:
+    .word 0
+    .quad 0
 
     .bss
     .align 16

@@ -81,6 +81,8 @@ extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], s
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
+int guest_copy(void *to, const void *from, u64 length);
+extern char guest_copy_at[], guest_copy_failed[];
 void halt_forever(void) __attribute__((noreturn));
 
 /* The guest's virtual CPU state. */
@@ -247,16 +249,28 @@ static void *guest_pointer(u64 address, u64 length)
     return (void *)address;
 }
 
-static void read_guest(u64 address, void *buffer, u64 length)
+/* The copy's page fault when the guest's tables did not give it: what the CPU would report. */
+static struct {
+    u64 address, code;
+} refused_access;
+
+/* Copy to or from guest memory: 0, or 1 where the guest's tables do not give its kernel the access
+ * (refused_access then says what the CPU's page fault would). The CPU's own event delivery gets the
+ * fault it would have had; elsewhere the monitor ends the VM with its report. */
+static int try_read_guest(u64 address, void *buffer, u64 length)
 {
-    const void *from = guest_pointer(address, length);
-    __asm__ volatile("rep movsb" : "+D"(buffer), "+S"(from), "+c"(length) : : "memory");
+    return guest_copy(buffer, guest_pointer(address, length), length);
 }
 
-static void write_guest(u64 address, const void *buffer, u64 length)
+static int try_write_guest(u64 address, const void *buffer, u64 length)
 {
-    void *to = guest_pointer(address, length);
-    __asm__ volatile("rep movsb" : "+D"(to), "+S"(buffer), "+c"(length) : : "memory");
+    return guest_copy(guest_pointer(address, length), buffer, length);
+}
+
+static void read_guest(u64 address, void *buffer, u64 length)
+{
+    if (try_read_guest(address, buffer, length))
+        STOP("the guest's tables do not map this for it", refused_access.address, refused_access.code);
 }
 
 static u64 read_u64(u64 address)
@@ -517,24 +531,50 @@ static int has_error_code(u64 vector)
     return error_code_vectors[vector] != 0; /* frame.inc's list, which the stubs follow */
 }
 
-static u64 guest_tss_base(u64 vector)
+void triple_fault(void) __attribute__((noreturn));
+
+static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code);
+
+/* What the CPU does when it cannot deliver `vector` because of `fault` (SDM vol. 3, 6.15, interrupt 8,
+ * the double-fault conditions): a benign event gets the fault delivered instead; a contributory one
+ * (#DE, #TS, #NP, #SS, #GP) or a page fault gets a double fault, and a double fault that cannot be
+ * delivered is a triple fault: the VM shuts down, as KVM reports it. */
+static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 code)
 {
-    if (!guest.tss_base)
-        STOP("event to the kernel stack without a TSS", guest.tr, vector);
-    return guest.tss_base;
+    handoff.counters[COUNT_EXCEPTIONS]++;
+    if (fault == 14) { /* a page fault in the delivery's own access */
+        guest.cr2 = refused_access.address;
+        code = refused_access.code;
+    }
+    if (vector == 8)
+        triple_fault();
+    if (vector == 0 || (vector >= 10 && vector <= 14))
+        deliver(frame, 8, 1, 0);
+    else
+        deliver(frame, fault, 1, code);
 }
 
 /* Deliver `vector` through the guest's IDT, as the CPU would: on the stack its gate and TSS name,
- * with the frame its handler expects (CS and SS as the guest knows them, its own IF). */
+ * with the frame its handler expects (CS and SS as the guest knows them, its own IF). Where the CPU
+ * would fault instead (no gate, a gate not present, memory its tables do not give the kernel), the
+ * monitor delivers that fault, up to the triple fault (`code` 0 for a page fault: refused_access). */
 static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
 {
-    if (vector * 16 + 15 > guest.idt_limit)
-        STOP("no IDT gate for this vector", vector, frame->rip);
+    u64 idt_code = vector * 8 + 2 + (vector != 3 && vector != 4); /* IDT, and EXT unless int3 or into */
+    if (vector * 16 + 15 > guest.idt_limit) {
+        deliver_failed(frame, vector, 13, idt_code);
+        return;
+    }
     u64 gate[2];
-    read_guest(guest.idt_base + vector * 16, gate, 16);
+    if (try_read_guest(guest.idt_base + vector * 16, gate, 16)) {
+        deliver_failed(frame, vector, 14, 0);
+        return;
+    }
     u64 low = gate[0], high = gate[1];
-    if (!(low & DESCRIPTOR_PRESENT))
-        STOP("IDT gate not present for this vector", vector, frame->rip);
+    if (!(low & DESCRIPTOR_PRESENT)) {
+        deliver_failed(frame, vector, 11, idt_code);
+        return;
+    }
     u64 target = (low & 0xffff) | ((low >> 48) & 0xffff) << 16 | (high & 0xffffffff) << 32;
     u64 selector = (low >> 16) & 0xffff, type = (low >> 40) & 0xf, dpl = (low >> 45) & 3, ist = (low >> 32) & 7;
     if ((vector == 3 || vector == 4) && guest.user && dpl < 3) { /* int3/into where the gate forbids it */
@@ -544,23 +584,34 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user || guest.interrupts ? RFLAGS_IF : 0);
     u64 cs = guest.user ? USER_CS : KERNEL_CS, ss = guest.user ? USER_DS : KERNEL_DS;
     u64 rsp;
-    if (selector == USER_CS) {
-        if (!guest.user)
-            STOP("kernel-mode event to a ring-3 gate", vector, frame->rip);
+    if (selector == USER_CS && guest.user) {
         rsp = frame->rsp & ~15ul; /* no change of privilege: the current stack */
     } else if ((selector & ~3ul) == KERNEL_CS) {
-        if (ist)
-            rsp = read_u64(guest_tss_base(vector) + 0x24 + 8 * (ist - 1));
-        else
-            rsp = guest.user ? read_u64(guest_tss_base(vector) + 4) : frame->rsp;
+        u64 offset = ist ? 0x24 + 8 * (ist - 1) : 4; /* an IST entry, or RSP0 */
+        if (ist || guest.user) {
+            if (!guest.tss_base) { /* no TSS to take the stack from: #TS */
+                deliver_failed(frame, vector, 10, guest.tr & ~3ul);
+                return;
+            }
+            if (try_read_guest(guest.tss_base + offset, &rsp, 8)) {
+                deliver_failed(frame, vector, 14, 0);
+                return;
+            }
+        } else {
+            rsp = frame->rsp;
+        }
         rsp &= ~15ul;
-    } else {
-        STOP("IDT gate with an unknown code segment", vector, selector);
+    } else { /* a gate to a code segment the monitor does not know, or to user code from the kernel */
+        deliver_failed(frame, vector, 13, selector & ~3ul);
+        return;
     }
     u64 pushed[6] = { error_code, frame->rip, cs, rflags, frame->rsp, ss }; /* the frame the CPU pushes */
     u64 words = error ? 6 : 5;
     rsp -= words * 8;
-    write_guest(rsp, pushed + 6 - words, words * 8);
+    if (try_write_guest(rsp, pushed + 6 - words, words * 8)) {
+        deliver_failed(frame, vector, 14, 0);
+        return;
+    }
     frame->rip = target;
     frame->rsp = rsp;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
@@ -964,9 +1015,15 @@ static void own_event(struct trap_frame *frame)
     u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
     if (frame->vector == 14 && cr2 < DIRECT_BASE) { /* its access for the guest, not in the shadow yet */
-        if (!shadow_fault(cr2, frame->error_code, 0, &code))
-            STOP("the guest's tables do not map this for it", cr2, code);
-        return;
+        if (shadow_fault(cr2, frame->error_code, 0, &code))
+            return; /* filled: the access is retried */
+        if (frame->rip == (u64)guest_copy_at) {
+            refused_access.address = cr2;
+            refused_access.code = code;
+            frame->rip = (u64)guest_copy_failed;
+            return;
+        }
+        STOP("the guest's tables do not map this for it", cr2, code);
     }
     STOP(frame->vector == 14 ? "page fault in the monitor"
                              : "exception in the monitor",

@@ -91,6 +91,11 @@ void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment)
     set_gate(vector, 1, code_segment);
 }
 
+void clear_gate_present(int vector)
+{
+    idt[vector].type_attr &= 0x7f;
+}
+
 static const char *const exception_names[32] = {
     "#DE (divide error)", "#DB (debug)", "NMI", "#BP (breakpoint)", "#OF (overflow)",
     "#BR (bound range)", "#UD (invalid opcode)", "#NM (device not available)",

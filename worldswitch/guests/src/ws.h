@@ -71,6 +71,8 @@ void set_trap_handler(int vector, trap_handler handler);
  * `code_segment`: KERNEL_CS, or USER_CS for a handler in ring 3 itself (no privilege change: the
  * CPU delivers on the current stack), the path an in-guest monitor's IDT takes (docs/monitor.md). */
 void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment);
+/* The gate for `vector` marked not present: the CPU answers an event there with #NP. */
+void clear_gate_present(int vector);
 
 /* Leave ring 0 for good: run fn(arg) in ring 3 on the runtime's user stack, with interrupts
  * enabled if `interrupts` is non-zero. fn's return value becomes the exit status. */
