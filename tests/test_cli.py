@@ -48,6 +48,19 @@ def test_the_main_command_runs_the_default_guest_and_reports_world_switches() ->
     assert elapsed < 10  # in practice well under a second, plus interpreter start-up
 
 
+@pytest.mark.parametrize("args", [["--help"], ["-h", "run"]])
+def test_the_help_lists_every_command(args: list[str]) -> None:
+    """A command named first gets only its own parser (start-up time); a help before it, all of them."""
+    result = worldswitch(*args)
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in ("run", "restore", "ctl", "info", "fetch-debian", "trace"))
+
+
+def test_a_commands_help_is_its_own() -> None:
+    result = worldswitch("run", "--help")
+    assert result.returncode == 0 and "--memory SIZE" in result.stdout and "fetch-debian" not in result.stdout
+
+
 def test_stats_table_and_json(tmp_path: Path) -> None:
     out = tmp_path / "stats.json"
     result = worldswitch("run", "--guest", "exits", "--args", "100", "--stats", "--stats-json", str(out))

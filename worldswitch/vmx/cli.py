@@ -161,10 +161,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def command_named(argv: list[str]) -> str | None:
-    """The command a command line names, if it names one we have: the first word that is not an option
-    (the top-level options take no value)."""
-    word = next((word for word in argv if not word.startswith("-")), None)
-    return word if word in COMMANDS else None
+    """The command a command line names first, if it is one we have (anything else, `--help` first
+    included, gets the whole parser)."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
 
 
 def cmd_run(options: argparse.Namespace) -> int:
