@@ -257,6 +257,8 @@ def test_an_event_the_program_cannot_take_ends_in_a_triple_fault_as_on_the_cpu(h
     assert plain.reason is result.reason is StopReason.TRIPLE_FAULT, result.message
 
 
+@pytest.mark.xfail(detect_host_kind().cpu_emulated, strict=True,
+                   reason="QEMU's TCG names the gate by its byte offset in a 64-bit IDT, 3 * 16 + 2 = 50 (docs/hosts.md)")
 def test_a_gate_not_present_raises_not_present_with_the_gates_error_code() -> None:
     """int3 in ring 0 through a gate marked not present: #NP, whose error code names the IDT entry
     (SDM vol. 3, 6.13: index 3, the IDT bit, EXT clear for int3). Where ring 0 is emulated, KVM's
