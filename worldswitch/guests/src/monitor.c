@@ -241,10 +241,14 @@ static void mark(struct translation *t, u64 kind)
  * a plain load or store reaches what the guest would; a page not in the shadow yet faults into
  * own_event, which fills it from the guest's tables (or ends the VM if they do not map it) and the
  * access is retried. Only the monitor's own slots (510 and 511) are out of the guest's reach. */
+static int canonical(u64 address)
+{
+    return address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
+}
+
 static void *guest_pointer(u64 address, u64 length)
 {
-    int canonical = address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
-    if (!canonical || address >= DIRECT_BASE || length > DIRECT_BASE - address)
+    if (!canonical(address) || address >= DIRECT_BASE || length > DIRECT_BASE - address)
         STOP("the guest pointed at the monitor's addresses", address, length);
     return (void *)address;
 }
@@ -794,11 +798,6 @@ static void emulate_iretq(struct trap_frame *frame)
     }
 }
 
-static int canonical(u64 address)
-{
-    return address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
-}
-
 /* The guest's copy of a SYSCALL MSR, or 0 for any other MSR (those pass through to the CPU). */
 static u64 *syscall_msr_of(u32 index)
 {
@@ -895,7 +894,7 @@ static int emulate(struct trap_frame *frame)
         return 0;
     }
     u8 second = insn.bytes[insn.length++];
-    u64 value, address;
+    u64 value, address, *syscall_msr;
     switch (second) {
     case 0x01: {
         address = decode_modrm(frame, &insn);
@@ -973,7 +972,7 @@ static int emulate(struct trap_frame *frame)
         if ((u32)frame->rcx - MSR_SYSENTER_CS < 3)
             STOP("SYSENTER under the monitor is not built yet", frame->rip, frame->rcx);
         value = (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff);
-        u64 *syscall_msr = syscall_msr_of((u32)frame->rcx);
+        syscall_msr = syscall_msr_of((u32)frame->rcx);
         if (syscall_msr != 0 && (syscall_msr == &guest.star || syscall_msr == &guest.sfmask || canonical(value))) {
             *syscall_msr = value;
         } else if (syscall_msr != 0 || msr_write((u32)frame->rcx, value)) {
@@ -983,8 +982,9 @@ static int emulate(struct trap_frame *frame)
         break;
     case 0x32: /* rdmsr */
         counters[COUNT_RDMSR]++;
-        if (syscall_msr_of((u32)frame->rcx) != 0) {
-            value = *syscall_msr_of((u32)frame->rcx);
+        syscall_msr = syscall_msr_of((u32)frame->rcx);
+        if (syscall_msr != 0) {
+            value = *syscall_msr;
         } else if (msr_read((u32)frame->rcx, &value)) {
             deliver(frame, 13, 1, 0);
             return 1;
