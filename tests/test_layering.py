@@ -120,7 +120,7 @@ LAZY_IMPORTERS: dict[str, set[str]] = {
     "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},  # only for a kernel packed that way
     "worldswitch.sandbox.seccomp_filter": {"binding"},
     "worldswitch.vmm.builder": {"build_for_boot", "load", "build_for_restore", "_place_monitor", "_assemble_platform",
-                                "_open_trace", "_load_program", "_virtio_devices", "block", "network",
+                                "_open_trace", "_load_program", "_virtio_devices", "add", "block", "network",
                                 "restore_machine"},
     "worldswitch.vmm.platform.pci_platform": {"add_virtio"},
 }

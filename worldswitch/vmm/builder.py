@@ -249,7 +249,7 @@ def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, ser
     pci = PciPlatform(vm, pio, mmio, (reset.read, reset.write),
                       lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)), warn, chipset)
     undo.callback(pci.close)
-    parts = legacy + (_virtio_devices(pci, memory, config, warn) if config.has_virtio else Parts({}, {}))
+    parts = legacy + _virtio_devices(pci, memory, config, warn)
     if rom is None:
         tables = acpi.build(ACPI_BASE, config.cpus, pci=pci_host)
         memory.write(tables.base, tables.blob)
@@ -394,12 +394,12 @@ def _legacy_devices(core: _Core, pio: PioBus, mmio: MmioBus, outcome: Outcome,
 def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig, warn: Callable[[str], None]) -> Parts:
     """The virtio devices the user asked for, on the PCI platform in slot order (each kind's module
     imported only for a machine that has one)."""
-    from ..devices.virtio.pci import VirtioPciState
-
     devices: dict[str, object] = {}
     states: dict[str, StateBinding] = {}
 
     def add(name: str, make_device: Callable[[VirtioLink], VirtioDevice]) -> None:
+        from ..devices.virtio.pci import VirtioPciState
+
         function = pci.add_virtio(make_device, packed=config.packed_queues)
         devices[name] = function
         states[name] = StateBinding(function.state, function.restore, VirtioPciState)

@@ -193,10 +193,6 @@ class MachineConfig:
                        net=[replace(n) for n in self.net], vconsole=vconsole)
 
     @property
-    def has_virtio(self) -> bool:
-        return bool(self.disk or self.net or self.rng or self.vconsole)
-
-    @property
     def boots_firmware(self) -> bool:
         """Firmware boots the machine: asked for, or nothing else given but disks (a PC with a disk)."""
         return bool(self.firmware) or (not (self.elf or self.guest or self.kernel) and bool(self.disk or self.cdrom))

@@ -112,9 +112,10 @@ def run_session(make: Callable[..., VirtualMachine], settings: SessionConfig, si
             console_device = machine.devices.get("virtio-console")
             if console_device is not None:
                 from ..devices.virtio.console import PtyBackend  # loaded by the machine that has one
-            if console_device is not None and isinstance(console_device.device.backend, PtyBackend):  # type: ignore[attr-defined]
-                # said even with --quiet: without it nobody can reach the console
-                stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]
+
+                if isinstance(console_device.device.backend, PtyBackend):  # type: ignore[attr-defined]
+                    # said even with --quiet: without it nobody can reach the console
+                    stderr_line(f"virtio console on {console_device.device.backend.name}", console)  # type: ignore[attr-defined]
             watch_for_panics(vm, settings.on_panic, console)
             vm.serve_control()
             sandbox.apply()  # everything is open: give up what a running VMX does not need
