@@ -2,7 +2,8 @@
 bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts that emulate guest
 ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at the top 4 MiB of the 64-bit address
 space as VMware's VMM reserved the top 4 MB; its pages are the top 4 MiB of the RAM below the PCI
-hole, mapped there supervisor-only and taken out of the guest's identity map. The VMM enters the
+hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken out of the
+guest's identity map. The VMM enters the
 monitor instead of the program, with the program's entry in the handoff page
 (guests/src/monitor.h is the other half of this file's constants)."""
 
@@ -15,7 +16,7 @@ from typing import NamedTuple
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from .elf import parse_elf
-from .longmode import PTE_HUGE, PTE_PRESENT, PTE_WRITE, LongModeLayout
+from .longmode import PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 from .program import ProgramEntry
 
 MONITOR_BASE = 0xFFFF_FFFF_FFC0_0000
@@ -24,7 +25,8 @@ HUGE_PAGE = 2 << 20
 HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
-            "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs")
+            "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
+            "ring0")
 _HANDOFF = struct.Struct("<12Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3
 _TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
 
@@ -74,15 +76,15 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
         raise GuestImageError(f"the monitor's entry {entry:#x} is outside its 4 MiB")
 
     # The monitor's boot PML4: slot 0 as the program's (the monitor reads the handoff's tables through
-    # it until it runs on its shadows), slot 511 -> PDPT[511] -> PD[510..511], two supervisor-only
-    # 2 MiB pages. The program's own tables never map the monitor.
+    # it until it runs on its shadows), slot 511 -> PDPT[511] -> PD[510..511], two 2 MiB pages that
+    # ring 3 may use: the monitor's body runs there. The program's own tables never map the monitor.
     boot_pml4 = physical_base + MONITOR_SIZE - 3 * 0x1000
     pdpt = physical_base + MONITOR_SIZE - 2 * 0x1000
     pd = physical_base + MONITOR_SIZE - 0x1000
     first_slot = memory.read(layout.pml4, 8)
-    memory.write(boot_pml4, first_slot + bytes(510 * 8) + struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE))
-    memory.write(pdpt, bytes(511 * 8) + struct.pack("<Q", pd | PTE_PRESENT | PTE_WRITE))
-    pages = [physical_base + i * HUGE_PAGE | PTE_PRESENT | PTE_WRITE | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
+    memory.write(boot_pml4, first_slot + bytes(510 * 8) + struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE | PTE_USER))
+    memory.write(pdpt, bytes(511 * 8) + struct.pack("<Q", pd | PTE_PRESENT | PTE_WRITE | PTE_USER))
+    pages = [physical_base + i * HUGE_PAGE | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
     first = (MONITOR_BASE >> 21) & 511
     memory.write(pd, bytes(first * 8) + struct.pack(f"<{len(pages)}Q", *pages))
     # and the identity map's view of the same pages: not present

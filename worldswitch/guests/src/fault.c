@@ -15,7 +15,9 @@
  *   gate       executes int3 in ring 0 through a gate marked not present: the CPU raises #NP with
  *              the gate's error code (vector 3 * 8 + 2: the IDT, not external); DONE(error code)
  *   map A      maps the 2 MiB at physical address A (decimal) at the same address in its identity
- *              map (a page the VMM may have left out of it), then reads it: DONE(word) */
+ *              map (a page the VMM may have left out of it), then reads it: DONE(word)
+ *   wipe A N   writes N zero bytes from address A (decimal) in ring 0, then executes int3 there
+ *              with a #BP handler installed: DONE(breakpoints) if it came back */
 #include "ws.h"
 
 #define PROGRAM_TSS 0x2000 /* boot/longmode.py: where the VMM put its TSS */
@@ -89,6 +91,12 @@ int main(const char *args)
         clear_gate_present(3);
         __asm__ volatile("int3" ::: "memory");
         GUEST_ASSERT(!"int3 through a gate not present came back");
+    }
+    if (arg_has("wipe")) {
+        set_trap_handler(3, on_breakpoint);
+        memset((void *)arg_number(0, 0), 0, arg_number(1, 0));
+        __asm__ volatile("int3; nop" ::: "memory");
+        GUEST_DONE(breakpoints, 0, 0, 0);
     }
     if (arg_has("peek"))
         GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);

@@ -1,18 +1,35 @@
 /*
- * monitor.S: the monitor's entry from the VMM, its event stubs, and the few instructions that
- * need a fault fix-up or an exact order (docs/monitor.md).
+ * monitor.S: the monitor's entry from the VMM, its ring-0 trampoline, the entry and exit of its
+ * body, and the few instructions that need a fault fix-up or an exact order (docs/monitor.md).
  *
  * The VMM enters monitor_start in 64-bit ring 0 on its own GDT (boot/program.py's state). The
- * monitor installs its GDT, IDT and TSS and leaves for the program's entry in ring 3; from then
- * on it runs only in its event stubs: every exception and interrupt reaches it in ring 0 on the
- * TSS stack, through interrupt gates (interrupts stay off while it runs).
+ * monitor installs its GDT, IDT and TSS and leaves for the program's entry in ring 3. From then on
+ * every exception and interrupt reaches event_common in ring 0, on the TSS stack, through an
+ * interrupt gate. Ring 0 is emulated on the hosts the monitor is for, at about a microsecond an
+ * instruction, so it does as little as it can there: an event from the guest is handed, in eight
+ * instructions, to the monitor's body, which runs natively in ring 3 on its own
+ * stack (body_entry); ring 0 itself serves only the body's own events (a page fault on guest memory,
+ * an interrupt while it runs) and the privileged operations it asks for (ring0_call).
  */
     .file "monitor.S"
+#include "monitor.h"
+#define MONITOR_BASE_IMM -0x400000  /* MONITOR_BASE as a sign-extended 32-bit immediate */
+#define BODY_CS 0x0b                /* the body runs on the guest kernel's DPL 3 segments */
+#define BODY_SS 0x13
+#define BODY_RFLAGS 0x202
+#define EVENT_STACK_SIZE 0x4000
+#define EVENT_STACKS_FLIP 0xc000    /* the two event stacks' tops, XORed */
+#define TSS_RSP0 tss + 4
+#define EVENT_FRAME (8 * 7)         /* vector, error code, RIP, CS, RFLAGS, RSP, SS */
     .code64
     .section .text.start, "ax"
     .globl monitor_start
 monitor_start:
     leaq monitor_stack_top(%rip), %rsp
+    leaq event_stacks(%rip), %rdi
+    call body_entry_frame
+    leaq event_stacks + EVENT_STACK_SIZE(%rip), %rdi
+    call body_entry_frame
     call monitor_init               /* tables built and loaded; returns the code selector */
     leaq 1f(%rip), %rcx
     pushq %rax
@@ -27,21 +44,118 @@ monitor_start:
     call monitor_first_frame
     jmp event_return
 
-/* One stub per vector (frame.inc), then struct trap_frame for monitor_event. */
+/* One stub per vector (frame.inc), then the trampoline. */
     .text
     .altmacro
     .include "frame.inc"
     trap_stubs event_stub_, event_common
 
+/* The two event stacks: ring 0 takes an event from ring 3 on the one TSS.RSP0 names, and the body
+ * then runs on it, below the event's frame, while RSP0 names the other one, for the body's own events
+ * (a page fault on guest memory, an interrupt, a call into ring 0). The next event from the guest
+ * finds the body done and takes the other stack in turn. The stacks are 64 KiB aligned, so that their
+ * tops differ in bits 14 and 15 only (monitor.ld checks it): one XOR turns RSP0 from one to the other.
+ * The lowest five words of each are an IRETQ frame into the body, on the event's frame at its top
+ * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
+ * a microsecond where ring 0 is emulated; the common path is eight of them, the stub's three included. */
+
 event_common:
+    cmpq $MONITOR_BASE_IMM, 16(%rsp)    /* RIP in the monitor: its own event, in the body or in ring 0 */
+    jae ring0_event
+to_body:                                /* from the guest: into the body */
+    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
+    andq $-EVENT_STACK_SIZE, %rsp
+    iretq
+
+/* The page fault's own entry (the IDT's vector 14): its address, which only ring 0 can read, for
+ * the body. The CPU pushed the error code. */
+    .globl page_fault_entry
+page_fault_entry:
+    pushq $14
+    cmpq $MONITOR_BASE_IMM, 16(%rsp)
+    jae ring0_event
+    pushq %rax
+    movq %cr2, %rax
+    movq %rax, event_cr2(%rip)
+    popq %rax
+    jmp to_body
+
+/* void body_entry_frame(u64 *stack): the IRETQ frame at the bottom of an event stack. */
+body_entry_frame:
+    leaq body_entry(%rip), %rax
+    movq %rax, (%rdi)
+    movq $BODY_CS, 8(%rdi)
+    movq $BODY_RFLAGS, 16(%rdi)
+    leaq EVENT_STACK_SIZE - EVENT_FRAME(%rdi), %rax
+    movq %rax, 24(%rdi)
+    movq $BODY_SS, 32(%rdi)
+    ret
+
+ring0_event:
     push_registers
     movq %rsp, %rdi
     cld
-    call monitor_event
+    call monitor_ring0_event
 event_return:
     pop_registers
     addq $16, %rsp
     iretq
+
+/* The body, in ring 3: the guest's registers saved below the event's frame (struct trap_frame,
+ * at body_frame), the event handled in C, then the way back to the guest. An interrupt while the
+ * body runs is held by ring 0, which sets leave_again; one between the last look at leave_again
+ * and the IRETQ (body_window) is sent back to body_exit, so that no interrupt waits for the guest's
+ * next trap (Xen's 32-bit PV guests fixed up the same window). */
+    .globl body_entry, body_exit, body_window, body_window_end
+body_entry:
+    push_registers
+    movq %rsp, body_frame(%rip)
+    movq %rsp, %rdi
+    cld
+    call monitor_event
+body_exit:
+    movq body_frame(%rip), %rsp
+    movq %rsp, %rdi
+    cld
+    call monitor_leave
+body_window:
+    cmpb $0, leave_again(%rip)
+    jne body_exit
+    pop_registers
+    addq $16, %rsp
+    iretq
+body_window_end:
+
+/* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR: the
+ * body's entry, on the event stack RSP0 names (turned to the other one before the frame is
+ * written, as the trampoline does), with the frame a SYSCALL would have made: RCX the return
+ * address, R11 RFLAGS, the stack the guest's own. monitor_event finishes it for the guest. */
+    .globl syscall_gate
+    .balign 16
+syscall_gate:
+    movq %rsp, syscall_rsp(%rip)
+    movq TSS_RSP0(%rip), %rsp
+    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
+    subq $EVENT_FRAME, %rsp
+    movq %rcx, 16(%rsp)                 /* RIP: where the SYSCALL returns */
+    movq syscall_rsp(%rip), %rcx
+    movq %rcx, 40(%rsp)                 /* RSP */
+    movq 16(%rsp), %rcx
+    movq $SYSCALL_EVENT, (%rsp)
+    movq $0, 8(%rsp)
+    movq $0x23, 24(%rsp)                /* CS: USER_CS (ws.h) */
+    movq %r11, 32(%rsp)                 /* RFLAGS */
+    movq $0x1b, 48(%rsp)                /* SS: USER_DS */
+    jmp body_entry
+
+/* u64 ring0_call(u64 service, u64 a, u64 b): what the body cannot do in ring 3 (privileged(), in
+ * monitor.c, run by monitor_ring0_event).
+ * int3's gate is the one ring 3 may raise; from this site, ring 0 takes it as a call. */
+    .globl ring0_call, ring0_return
+ring0_call:
+    int3
+ring0_return:
+    ret
 
     .section .rodata
     .align 8
@@ -103,13 +217,6 @@ wait_for_interrupt:
     cli
     ret
 
-/* The real LSTAR. A SYSCALL from the guest reaches it in ring 3, where this supervisor-only page
- * cannot be fetched: the page fault is the monitor's signal (monitor_event), and nothing here runs. */
-    .globl syscall_gate
-    .balign 16
-syscall_gate:
-    ud2
-
 /* void triple_fault(void): an event the guest's IDT cannot take, even as a double fault. The CPU
  * shuts down as it would have without the monitor: no IDT at all, and an exception in ring 0. */
     .globl triple_fault
@@ -131,8 +238,14 @@ no_idt:
     .quad 0
 
     .bss
-    .align 16
-monitor_stack:
-    .skip 16384
-    .globl monitor_stack_top
-monitor_stack_top:
+    .balign 65536
+    .globl event_stacks, monitor_stack_top
+event_stacks:
+    .skip EVENT_STACK_SIZE
+monitor_stack_top:                      /* the first; the VMM's entry runs on it too */
+    .skip EVENT_STACK_SIZE
+    .align 8
+body_frame:                             /* the event the body handles: its struct trap_frame */
+    .skip 8
+syscall_rsp:
+    .skip 8

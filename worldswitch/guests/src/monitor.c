@@ -4,8 +4,18 @@
  *
  * The program keeps its own view of the machine: its IDT, GDT and TR, its interrupt flag, its
  * control registers. The real ones are the monitor's: a GDT whose guest-kernel segments have
- * DPL 3, an IDT that sends every exception and interrupt here (ring 0, interrupt gates, the TSS
- * stack), and a TSS whose I/O bitmap grants every port, so port I/O needs no help. What traps:
+ * DPL 3, an IDT that sends every exception and interrupt to ring 0 (interrupt gates, the TSS
+ * stack), and a TSS whose I/O bitmap grants every port, so port I/O needs no help.
+ *
+ * Two halves. Ring 0 is emulated on the hosts this is for, at about a microsecond an instruction,
+ * so ring 0 (monitor.S) only hands each of the guest's events to the body, in eight instructions,
+ * and serves the body's own events (monitor_ring0_event). The body (monitor_event, monitor_leave)
+ * runs natively in ring 3, on the guest kernel's DPL 3 segments, in the monitor's pages, which ring
+ * 3 may use; what it cannot do there (CR3, INVLPG, MSRs, HLT, SWAPGS) it asks ring 0 for
+ * (privileged). The program's kernel, in ring 3 too, can therefore reach the monitor's pages:
+ * long mode has no segment limits to hide them with. What it breaks there is its own VM's.
+ *
+ * What the guest's events are:
  *   - the privileged instructions (#GP in ring 3): emulated against the virtual state;
  *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode while an
  *     interrupt is held (#NP: the user code segment is then marked not present), so that a held
@@ -14,14 +24,13 @@
  *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
  *     held until it sets IF again (STI, IRETQ, HLT).
  *   - page faults: the shadow page tables' to fill from the program's own, or the program's.
- *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, in its supervisor-only pages, so the
- *     SYSCALL (which this host's KVM leaves in ring 3) faults on its first fetch there and the
- *     monitor finishes it into the guest's kernel at the guest's LSTAR; SYSRETQ and SWAPGS trap
- *     (#GP in ring 3) and are emulated.
+ *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, the body's entry: this host's KVM
+ *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
+ *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated.
  * Not yet (docs/monitor.md): more than one vCPU, SYSENTER, and PUSHF/POPF, which run natively and
  * see the real IF.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
- * rules ends its own VM with a report, never more.
+ * rules the monitor checks ends its own VM with a report, never more.
  */
 #include "ws.h"
 #include "monitor.h"
@@ -56,7 +65,7 @@ __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0
 
 static u64 gdt[9] __attribute__((aligned(16)));
 
-static struct {
+struct {
     u32 reserved0;
     u64 rsp[3];
     u64 reserved1;
@@ -66,7 +75,7 @@ static struct {
     u16 io_map_base;
     u8 io_map[8192]; /* every port allowed */
     u8 io_map_end;   /* all ones (SDM vol. 1, 19.5.2) */
-} __attribute__((packed, aligned(16))) tss;
+} __attribute__((packed, aligned(16))) tss; /* monitor.S turns RSP0 between its two event stacks */
 
 static struct {
     u16 offset_low, selector;
@@ -78,12 +87,18 @@ static struct {
 extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[];
+extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[];
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
 extern char guest_copy_at[], guest_copy_failed[];
 void halt_forever(void) __attribute__((noreturn));
+void triple_fault(void) __attribute__((noreturn));
+u64 ring0_call(u64 service, u64 a, u64 b);
+
+u64 event_cr2;             /* the guest's page fault's address, which the trampoline read in ring 0 */
+volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body's exit looks again */
 
 /* The guest's virtual CPU state. */
 static struct {
@@ -94,6 +109,56 @@ static struct {
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
 } guest;
+
+/* One locked instruction: ring 0 counts too, between any two instructions of the body. */
+static void count(int kind)
+{
+    __atomic_fetch_add(&handoff.counters[kind], 1, __ATOMIC_RELAXED);
+}
+
+/* ---- ring 0: what the body cannot do in ring 3 ---------------------------------------------------- */
+
+enum service {
+    SERVICE_CR3, SERVICE_INVLPG, SERVICE_CR0, SERVICE_CR4, SERVICE_CR8, SERVICE_READ_CR8,
+    SERVICE_RDMSR, SERVICE_WRMSR, SERVICE_SWAPGS, SERVICE_WAIT, SERVICE_HALT, SERVICE_TRIPLE_FAULT,
+};
+
+static int in_ring0(void)
+{
+    u64 cs;
+    __asm__ volatile("mov %%cs, %0" : "=r"(cs));
+    return (cs & 3) == 0;
+}
+
+static int any_pending(void);
+
+/* Do `service` with arguments a and b: directly in ring 0 (init, and ring 0's own events), else
+ * through ring0_call, which is monitor_ring0_event coming back here in ring 0. */
+static u64 privileged(enum service service, u64 a, u64 b)
+{
+    if (!in_ring0()) {
+        count(COUNT_RING0);
+        return ring0_call(service, a, b);
+    }
+    switch (service) {
+    case SERVICE_CR3: __asm__ volatile("mov %0, %%cr3" : : "r"(a) : "memory"); return 0;
+    case SERVICE_INVLPG: __asm__ volatile("invlpg (%0)" : : "r"(a) : "memory"); return 0;
+    case SERVICE_CR0: __asm__ volatile("mov %0, %%cr0" : : "r"(a) : "memory"); return 0;
+    case SERVICE_CR4: __asm__ volatile("mov %0, %%cr4" : : "r"(a) : "memory"); return 0;
+    case SERVICE_CR8: __asm__ volatile("mov %0, %%cr8" : : "r"(a)); return 0;
+    case SERVICE_READ_CR8: __asm__ volatile("mov %%cr8, %0" : "=r"(a)); return a;
+    case SERVICE_RDMSR: return (u64)msr_read((u32)a, (u64 *)b); /* b: where the value goes, in the monitor */
+    case SERVICE_WRMSR: return (u64)msr_write((u32)a, b);
+    case SERVICE_SWAPGS: __asm__ volatile("swapgs" ::: "memory"); return 0;
+    case SERVICE_WAIT:
+        while (!any_pending())
+            wait_for_interrupt();
+        return 0;
+    case SERVICE_HALT: halt_forever();
+    case SERVICE_TRIPLE_FAULT: triple_fault();
+    }
+    return 0;
+}
 
 /* ---- reports --------------------------------------------------------------------------------- */
 
@@ -139,14 +204,15 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
     report.args[0] = a0;
     report.args[1] = a1;
     outl(UCALL_PORT, (u32)((u64)&report - MONITOR_BASE + handoff.physical_base));
-    halt_forever();
+    privileged(SERVICE_HALT, 0, 0);
+    __builtin_unreachable();
 }
 #define STOP(what, a0, a1) stop(__LINE__, what, (a0), (a1))
 
 /* ---- the guest's memory, through the guest's own page tables ------------------------------------ */
 
 /* The monitor reads the guest's page tables, which name guest-physical addresses, through a direct
- * map of guest RAM (PML4 slot 510, supervisor-only), and walks them as the CPU would to fill its
+ * map of guest RAM (PML4 slot 510), and walks them as the CPU would to fill its
  * shadows (below); a guest virtual address it reaches through those shadows (guest_pointer). It
  * never touches anything but guest RAM below the monitor. */
 #define PAGE_SIZE 4096ul
@@ -292,8 +358,8 @@ static u64 read_u64(u64 address)
  * Every guest page is user-accessible in it (the guest's kernel runs in ring 3), except that while
  * the guest's kernel has used a supervisor-only page, its user mode runs on a second shadow with
  * only its user pages (`split`); the guest's return to user mode then always traps, to switch. Slot
- * 511 maps the monitor and slot 510 guest RAM for the monitor, both supervisor-only; no guest
- * mapping may reach the monitor's pages. */
+ * 511 maps the monitor and slot 510 guest RAM for the monitor, in every shadow, for the body in
+ * ring 3; no mapping the guest makes may reach the monitor's pages. */
 #define SHADOW_PAGES 448
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
@@ -320,13 +386,13 @@ static u64 *new_root(void)
 
 static void load_root(u64 *root)
 {
-    __asm__ volatile("mov %0, %%cr3" : : "r"(physical(root)) : "memory");
+    privileged(SERVICE_CR3, physical(root), 0);
 }
 
 /* Empty both shadows (a CR3 load, or the pool used up): they refill as the guest runs. */
 static void shadow_flush(void)
 {
-    handoff.counters[COUNT_SHADOW_FLUSH]++;
+    count(COUNT_SHADOW_FLUSH);
     load_root(bare_root); /* the pool's first page is the root the CPU is on */
     shadow_used = 0;
     split = 0;
@@ -371,7 +437,7 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     if (size != PAGE_SIZE)
         entry |= PTE_PS | (t->size != size ? PTE_FROM_1G : 0);
     *shadow_entry(root, address, size) = entry;
-    handoff.counters[COUNT_SHADOW_FILL]++;
+    count(COUNT_SHADOW_FILL);
 }
 
 /* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
@@ -395,7 +461,7 @@ static void shadow_invalidate(u64 address)
             table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
         }
     }
-    __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+    privileged(SERVICE_INVLPG, address, 0);
     if (split)
         load_root(kernel_root); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
 }
@@ -433,14 +499,14 @@ static void paging_init(void)
     monitor_slot = ((u64 *)(MONITOR_BASE + (cr3 & PTE_ADDR) - handoff.physical_base))[511];
     u64 gib = (handoff.guest_limit + (1ul << 30) - 1) >> 30;
     for (u64 g = 0; g < gib && g < 4; g++) {
-        direct_pdpt[g] = physical(direct_pd[g]) | PTE_P | PTE_W;
+        direct_pdpt[g] = physical(direct_pd[g]) | PTE_P | PTE_W | PTE_U;
         for (u64 i = 0; i < 512; i++) {
             u64 address = (g << 30) | (i << 21);
             if (address < handoff.guest_limit)
-                direct_pd[g][i] = address | PTE_P | PTE_W | PTE_PS | PTE_NX;
+                direct_pd[g][i] = address | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_NX;
         }
     }
-    direct_slot = physical(direct_pdpt) | PTE_P | PTE_W;
+    direct_slot = physical(direct_pdpt) | PTE_P | PTE_W | PTE_U;
     bare_root[511] = monitor_slot;
     bare_root[510] = direct_slot;
     shadow_flush();
@@ -486,7 +552,7 @@ u64 monitor_init(void)
     tss.io_map_base = (u16)((u64)tss.io_map - tss_base);
     tss.io_map_end = 0xff;
     for (int vector = 0; vector < 256; vector++) {
-        u64 target = event_stubs[vector];
+        u64 target = vector == 14 ? (u64)page_fault_entry : event_stubs[vector];
         idt[vector].offset_low = target & 0xffff;
         idt[vector].selector = MONITOR_CS;
         /* interrupt gates, DPL 0, except int3 and into, which ring 3 raises on purpose */
@@ -535,8 +601,6 @@ static int has_error_code(u64 vector)
     return error_code_vectors[vector] != 0; /* frame.inc's list, which the stubs follow */
 }
 
-void triple_fault(void) __attribute__((noreturn));
-
 static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code);
 
 /* What the CPU does when it cannot deliver `vector` because of `fault` (SDM vol. 3, 6.15, interrupt 8,
@@ -545,13 +609,13 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
  * delivered is a triple fault: the VM shuts down, as KVM reports it. */
 static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 code)
 {
-    handoff.counters[COUNT_EXCEPTIONS]++;
+    count(COUNT_EXCEPTIONS);
     if (fault == 14) { /* a page fault in the delivery's own access */
         guest.cr2 = refused_access.address;
         code = refused_access.code;
     }
     if (vector == 8)
-        triple_fault();
+        privileged(SERVICE_TRIPLE_FAULT, 0, 0);
     if (vector == 0 || (vector >= 10 && vector <= 14))
         deliver(frame, 8, 1, 0);
     else
@@ -636,7 +700,8 @@ static int take_pending(void)
     for (int word = 3; word >= 0; word--)
         if (guest.pending[word]) {
             int bit = 63 - __builtin_clzl(guest.pending[word]);
-            guest.pending[word] &= ~(1ul << bit);
+            /* one locked instruction: ring 0 may hold another vector between any two of the body's */
+            __atomic_fetch_and(&guest.pending[word], ~(1ul << bit), __ATOMIC_RELAXED);
             return word * 64 + bit;
         }
     return -1;
@@ -649,7 +714,7 @@ static int any_pending(void)
 
 static void hold(u64 vector)
 {
-    guest.pending[vector / 64] |= 1ul << (vector % 64);
+    __atomic_fetch_or(&guest.pending[vector / 64], 1ul << (vector % 64), __ATOMIC_RELAXED);
 }
 
 /* A held interrupt, delivered now that the guest takes interrupts (the highest vector first). */
@@ -657,7 +722,7 @@ static void deliver_held(struct trap_frame *frame)
 {
     if (!(guest.user || guest.interrupts) || !any_pending())
         return;
-    handoff.counters[COUNT_INTERRUPTS]++;
+    count(COUNT_INTERRUPTS);
     deliver(frame, (u64)take_pending(), 0, 0);
 }
 
@@ -737,7 +802,7 @@ static void write_cr(int cr, u64 value)
     case 0:
         if ((value ^ guest.cr0) & ~CR0_GUEST_MAY_CHANGE)
             STOP("the guest changed fixed CR0 bits", guest.cr0, value);
-        __asm__ volatile("mov %0, %%cr0" : : "r"(value) : "memory");
+        privileged(SERVICE_CR0, value, 0);
         if ((value ^ guest.cr0) & CR0_WP)
             shadow_flush(); /* what its kernel may write changed */
         guest.cr0 = value;
@@ -752,11 +817,11 @@ static void write_cr(int cr, u64 value)
     case 4:
         if ((value ^ guest.cr4) & ~CR4_GUEST_MAY_CHANGE)
             STOP("the guest changed fixed CR4 bits", guest.cr4, value);
-        __asm__ volatile("mov %0, %%cr4" : : "r"(value) : "memory");
+        privileged(SERVICE_CR4, value, 0);
         guest.cr4 = value;
         return;
     case 8:
-        __asm__ volatile("mov %0, %%cr8" : : "r"(value));
+        privileged(SERVICE_CR8, value, 0);
         return;
     }
 }
@@ -768,7 +833,7 @@ static int read_cr(int cr, u64 *value)
     case 2: *value = guest.cr2; return 1;
     case 3: *value = guest.cr3; return 1;
     case 4: *value = guest.cr4; return 1;
-    case 8: __asm__ volatile("mov %%cr8, %0" : "=r"(*value)); return 1;
+    case 8: *value = privileged(SERVICE_READ_CR8, 0, 0); return 1;
     }
     return 0;
 }
@@ -812,10 +877,9 @@ static u64 *syscall_msr_of(u32 index)
 
 /* SYSCALL, from the guest's user mode (or its kernel): the CPU saved the return address in RCX and
  * RFLAGS in R11 and jumped to the real LSTAR, the monitor's gate, without leaving ring 3 (which is
- * what this host's KVM does with a ring-3 SYSCALL; on hardware it would be ring 0 anyway, and the
- * gate's fetch would not fault). The rest, as the CPU does it for the guest (SDM vol. 2, SYSCALL):
- * its kernel's code and stack segments from STAR, RIP from its LSTAR, RFLAGS masked by its SFMASK;
- * the stack pointer is left as it was. */
+ * what this host's KVM does with a ring-3 SYSCALL). The rest, as the CPU does it for the guest (SDM
+ * vol. 2, SYSCALL): its kernel's code and stack segments from STAR, RIP from its LSTAR, RFLAGS
+ * masked by its SFMASK; the stack pointer is left as it was. */
 static void emulate_syscall(struct trap_frame *frame)
 {
     if (((guest.star >> 32) & 0xfffc) != KERNEL_CS)
@@ -858,16 +922,15 @@ static int emulate(struct trap_frame *frame)
             return 0;
     }
     u8 opcode = insn.bytes[insn.length++];
-    u64 *counters = handoff.counters;
     switch (opcode) {
     case 0xfa: /* cli */
-        counters[COUNT_CLI]++;
+        count(COUNT_CLI);
         guest.interrupts = 0;
         frame->rip += (u64)insn.length;
         return 1;
     case 0xfb: /* sti; STI's shadow keeps the next instruction before any interrupt: a HLT there
                 * waits for one (the idiom that would otherwise sleep through its wake-up) */
-        counters[COUNT_STI]++;
+        count(COUNT_STI);
         guest.interrupts = 1;
         frame->rip += (u64)insn.length;
         if (insn.bytes[insn.length] != 0xf4)
@@ -875,17 +938,16 @@ static int emulate(struct trap_frame *frame)
         insn.length++;
         /* fall through */
     case 0xf4: /* hlt */
-        counters[COUNT_HLT]++;
+        count(COUNT_HLT);
         frame->rip += opcode == 0xf4 ? (u64)insn.length : 1;
         if (!guest.interrupts)
-            halt_forever(); /* as the CPU: only an NMI or INIT would wake it */
-        while (!any_pending())
-            wait_for_interrupt();
+            privileged(SERVICE_HALT, 0, 0); /* as the CPU: only an NMI or INIT would wake it */
+        privileged(SERVICE_WAIT, 0, 0);
         return 1;
     case 0xcf: /* iretq */
         if (!(insn.rex & 8))
             STOP("32-bit IRET is not emulated", frame->rip, 0);
-        counters[COUNT_IRETQ]++;
+        count(COUNT_IRETQ);
         emulate_iretq(frame);
         return 1;
     case 0x0f:
@@ -900,8 +962,8 @@ static int emulate(struct trap_frame *frame)
         address = decode_modrm(frame, &insn);
         if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs: the monitor never uses GS, so the
                                                     * CPU's own swap is exactly the guest's */
-            counters[COUNT_SWAPGS]++;
-            __asm__ volatile("swapgs" ::: "memory");
+            count(COUNT_SWAPGS);
+            privileged(SERVICE_SWAPGS, 0, 0);
             break;
         }
         if (insn.mod == 3)
@@ -911,7 +973,7 @@ static int emulate(struct trap_frame *frame)
             u8 operand[10];
             read_guest(address, operand, sizeof(operand));
             u64 limit = *(u16 *)operand, base = *(u64 *)(operand + 2);
-            counters[COUNT_DESCRIPTOR]++;
+            count(COUNT_DESCRIPTOR);
             if (insn.reg == 2) {
                 guest.gdt_base = base;
                 guest.gdt_limit = limit;
@@ -920,7 +982,7 @@ static int emulate(struct trap_frame *frame)
                 guest.idt_limit = limit;
             }
         } else if (insn.reg == 7) { /* invlpg */
-            counters[COUNT_INVLPG]++;
+            count(COUNT_INVLPG);
             shadow_invalidate(address);
         } else {
             return 0;
@@ -931,7 +993,7 @@ static int emulate(struct trap_frame *frame)
         address = decode_modrm(frame, &insn);
         if (insn.reg != 3)
             return 0;
-        counters[COUNT_DESCRIPTOR]++;
+        count(COUNT_DESCRIPTOR);
         if (insn.mod == 3) {
             guest.tr = *gpr(frame, insn.rm) & 0xffff;
         } else {
@@ -942,16 +1004,16 @@ static int emulate(struct trap_frame *frame)
         guest.tss_base = tss_base_of(guest.tr);
         break;
     case 0x06: /* clts */
-        counters[COUNT_MOV_CR]++;
+        count(COUNT_MOV_CR);
         write_cr(0, guest.cr0 & ~8ul);
         break;
     case 0x09: /* wbinvd: a VM's caches are the host's to keep coherent; nothing to write back */
-        counters[COUNT_WBINVD]++;
+        count(COUNT_WBINVD);
         break;
     case 0x20: /* mov %crN, reg */
     case 0x22: /* mov reg, %crN */
         decode_modrm(frame, &insn);
-        counters[COUNT_MOV_CR]++;
+        count(COUNT_MOV_CR);
         if (!read_cr(insn.reg, &value)) {
             deliver(frame, 6, 0, 0); /* #UD: a control register that does not exist */
             return 1;
@@ -964,28 +1026,28 @@ static int emulate(struct trap_frame *frame)
     case 0x07: /* sysretq */
         if (!(insn.rex & 8))
             STOP("32-bit SYSRET is not emulated", frame->rip, 0);
-        counters[COUNT_SYSRET]++;
+        count(COUNT_SYSRET);
         emulate_sysret(frame);
         return 1;
     case 0x30: /* wrmsr */
-        counters[COUNT_WRMSR]++;
+        count(COUNT_WRMSR);
         if ((u32)frame->rcx - MSR_SYSENTER_CS < 3)
             STOP("SYSENTER under the monitor is not built yet", frame->rip, frame->rcx);
         value = (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff);
         syscall_msr = syscall_msr_of((u32)frame->rcx);
         if (syscall_msr != 0 && (syscall_msr == &guest.star || syscall_msr == &guest.sfmask || canonical(value))) {
             *syscall_msr = value;
-        } else if (syscall_msr != 0 || msr_write((u32)frame->rcx, value)) {
+        } else if (syscall_msr != 0 || privileged(SERVICE_WRMSR, (u32)frame->rcx, value)) {
             deliver(frame, 13, 1, 0); /* a non-canonical LSTAR or CSTAR, or what the CPU refused */
             return 1;
         }
         break;
     case 0x32: /* rdmsr */
-        counters[COUNT_RDMSR]++;
+        count(COUNT_RDMSR);
         syscall_msr = syscall_msr_of((u32)frame->rcx);
         if (syscall_msr != 0) {
             value = *syscall_msr;
-        } else if (msr_read((u32)frame->rcx, &value)) {
+        } else if (privileged(SERVICE_RDMSR, (u32)frame->rcx, (u64)&value)) {
             deliver(frame, 13, 1, 0);
             return 1;
         }
@@ -999,13 +1061,17 @@ static int emulate(struct trap_frame *frame)
     return 1;
 }
 
-/* ---- the entry from the stubs ------------------------------------------------------------------ */
+/* ---- ring 0's events ---------------------------------------------------------------------------- */
 
-/* An event while the monitor itself ran: an interrupt that ends a wait, or a fault it expected. */
+/* An event while the monitor itself ran, in its body or in a ring-0 service: an interrupt (held for
+ * the guest), or a fault it expected (a refused MSR, a page of guest memory not in the shadow yet). */
 static void own_event(struct trap_frame *frame)
 {
     if (frame->vector >= 32) {
         hold(frame->vector);
+        leave_again = 1;
+        if (frame->rip >= (u64)body_window && frame->rip < (u64)body_window_end)
+            frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
         return;
     }
     if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at)) {
@@ -1030,43 +1096,57 @@ static void own_event(struct trap_frame *frame)
          frame->vector, frame->vector == 14 ? cr2 : frame->rip);
 }
 
-void monitor_event(struct trap_frame *frame)
+/* Every event that stays in ring 0 (event_common sends the guest's to the body): the body's calls
+ * (int3 at ring0_call) and the monitor's own events. */
+void monitor_ring0_event(struct trap_frame *frame)
 {
-    if ((frame->cs & 3) == 0) {
-        own_event(frame);
+    if (frame->vector == 3 && frame->rip == (u64)ring0_return && (frame->cs & 3)) {
+        frame->rax = privileged((enum service)frame->rdi, frame->rsi, frame->rdx);
         return;
     }
-    handoff.counters[COUNT_EVENTS]++;
+    own_event(frame);
+}
+
+/* ---- the body: the guest's events, in ring 3 --------------------------------------------------- */
+
+void monitor_event(struct trap_frame *frame)
+{
+    count(COUNT_EVENTS);
     u64 vector = frame->vector;
-    int syscall = vector == 14 && frame->rip == (u64)syscall_gate && (frame->error_code & PF_FETCH);
+    int syscall = vector == SYSCALL_EVENT;
     guest.user = frame->cs == USER_CS;
     if (split && (guest.user || syscall))
         load_root(kernel_root); /* the monitor works on the kernel's view */
     int user_cs_absent = vector == 11 && (frame->error_code & ~7ul) == (USER_CS & ~3ul);
     if (syscall) {
-        handoff.counters[COUNT_SYSCALL]++;
+        count(COUNT_SYSCALL);
         emulate_syscall(frame);
-        deliver_held(frame);
     } else if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
-        deliver_held(frame);
+        /* emulated; a held interrupt the guest now takes is delivered on the way out */
     } else if (vector == 14) {
-        u64 address, code;
-        __asm__ volatile("mov %%cr2, %0" : "=r"(address));
+        u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
-            handoff.counters[COUNT_EXCEPTIONS]++;
+            count(COUNT_EXCEPTIONS);
             guest.cr2 = address;
             deliver(frame, 14, 1, code);
         }
     } else if (vector < 32) {
-        handoff.counters[COUNT_EXCEPTIONS]++;
+        count(COUNT_EXCEPTIONS);
         deliver(frame, vector, has_error_code(vector), frame->error_code);
     } else if (guest.user || guest.interrupts) {
-        handoff.counters[COUNT_INTERRUPTS]++;
+        count(COUNT_INTERRUPTS);
         deliver(frame, vector, 0, 0);
     } else {
-        handoff.counters[COUNT_DEFERRED]++;
+        count(COUNT_DEFERRED);
         hold(vector);
     }
+}
+
+/* The way back to the guest (body_exit; again whenever ring 0 held an interrupt meanwhile). */
+void monitor_leave(struct trap_frame *frame)
+{
+    leave_again = 0;
+    deliver_held(frame);
     /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
      * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
     set_user_code_present(frame->cs == USER_CS || (!any_pending() && !split));

@@ -12,6 +12,11 @@
 #define MONITOR_SIZE 0x400000UL
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
+/* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
+#define SYSCALL_EVENT 256
+
+#ifndef __ASSEMBLER__
+
 /* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with
  * boot/monitor.py MONITOR_COUNTERS). */
 enum {
@@ -25,6 +30,7 @@ enum {
     COUNT_SHADOW_FILL,  /* shadow page-table entries made from the guest's */
     COUNT_SHADOW_FLUSH, /* shadows emptied: CR3 loads, or the pool used up */
     COUNT_SYSCALL, COUNT_SYSRET, COUNT_SWAPGS,
+    COUNT_RING0,       /* the body's calls into ring 0 (ring0_call): what it could not do in ring 3 */
     COUNT_KINDS
 };
 
@@ -39,4 +45,5 @@ struct handoff {
     unsigned long counters[COUNT_KINDS];
 };
 
+#endif /* __ASSEMBLER__ */
 #endif
