@@ -16,7 +16,8 @@
  * long mode has no segment limits to hide them with. What it breaks there is its own VM's.
  *
  * What the guest's events are:
- *   - the privileged instructions (#GP in ring 3): emulated against the virtual state;
+ *   - the privileged instructions (#GP in ring 3): emulated against the virtual state; so are the
+ *     descriptor stores (SGDT, SIDT, SLDT, STR, SMSW), which UMIP makes fault, from either mode;
  *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode while an
  *     interrupt is held (#NP: the user code segment is then marked not present), so that a held
  *     interrupt is delivered at the first chance; with none held, that IRETQ runs natively;
@@ -50,6 +51,9 @@
 #define MSR_CSTAR 0xc0000083u
 #define MSR_SFMASK 0xc0000084u
 #define MSR_SYSENTER_CS 0x174u /* to 0x176: SYSENTER's target */
+
+#define CR4_UMIP (1ul << 11)
+#define CPUID_7_UMIP (1u << 2) /* leaf 7, ECX */
 
 #define RFLAGS_IF 0x200ul
 #define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF DF OF AC: what the guest's IRETQ may set */
@@ -159,6 +163,8 @@ static u64 privileged(enum service service, u64 a, u64 b)
     }
     return 0;
 }
+
+static u64 real_cr4_extra; /* CR4 bits the monitor keeps set for itself (UMIP), out of the guest's view */
 
 /* ---- reports --------------------------------------------------------------------------------- */
 
@@ -566,6 +572,12 @@ u64 monitor_init(void)
     __asm__ volatile("ltr %w0" : : "r"(TSS_SELECTOR));
     __asm__ volatile("mov %%cr0, %0" : "=r"(guest.cr0));
     __asm__ volatile("mov %%cr4, %0" : "=r"(guest.cr4));
+    u32 eax = 7, ebx, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (ecx & CPUID_7_UMIP) { /* the descriptor stores fault in ring 3: emulated, they show the guest's */
+        real_cr4_extra = CR4_UMIP;
+        __asm__ volatile("mov %0, %%cr4" : : "r"(guest.cr4 | real_cr4_extra));
+    }
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
@@ -732,6 +744,7 @@ struct instruction {
     const u8 *bytes;
     int length;   /* so far: prefixes, opcode, ModRM, SIB, displacement */
     int rex;
+    int opsize16; /* a 0x66 prefix */
     int mod, reg, rm;
 };
 
@@ -794,7 +807,7 @@ static u64 decode_modrm(struct trap_frame *frame, struct instruction *insn)
 }
 
 #define CR0_GUEST_MAY_CHANGE 0x5002eul /* MP EM TS NE WP AM */
-#define CR4_GUEST_MAY_CHANGE 0x40680ul /* PGE OSFXSR OSXMMEXCPT OSXSAVE */
+#define CR4_GUEST_MAY_CHANGE 0x40680ul /* PGE OSFXSR OSXMMEXCPT OSXSAVE; and UMIP, where the CPU has it */
 
 static void write_cr(int cr, u64 value)
 {
@@ -815,9 +828,9 @@ static void write_cr(int cr, u64 value)
         shadow_flush();
         return;
     case 4:
-        if ((value ^ guest.cr4) & ~CR4_GUEST_MAY_CHANGE)
+        if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | real_cr4_extra))
             STOP("the guest changed fixed CR4 bits", guest.cr4, value);
-        privileged(SERVICE_CR4, value, 0);
+        privileged(SERVICE_CR4, value | real_cr4_extra, 0);
         guest.cr4 = value;
         return;
     case 8:
@@ -911,17 +924,93 @@ static void emulate_sysret(struct trap_frame *frame)
     guest.user = 1;
 }
 
-/* The instruction at the guest kernel's RIP, if it is one the monitor emulates: 1 when done. */
+/* Store `length` bytes at the guest's `address` for an instruction it executed: 0 when done, 1 when
+ * its tables do not give it the write (in its user mode, only user pages do), and the page fault
+ * the CPU would raise has been delivered instead. */
+static int store_for_guest(struct trap_frame *frame, u64 address, const void *value, u64 length)
+{
+    if (guest.user) {
+        for (u64 page = address & ~(PAGE_SIZE - 1); page <= ((address + length - 1) & ~(PAGE_SIZE - 1)); page += PAGE_SIZE) {
+            struct translation t;
+            u64 at = page < address ? address : page;
+            int mapped = walk(at, &t);
+            if (!mapped || !allowed(&t, PF_USER | PF_WRITE)) {
+                guest.cr2 = at;
+                deliver(frame, 14, 1, PF_USER | PF_WRITE | (mapped ? PF_PRESENT : 0));
+                return 1;
+            }
+        }
+    }
+    if (try_write_guest(address, value, length)) {
+        guest.cr2 = refused_access.address;
+        deliver(frame, 14, 1, refused_access.code);
+        return 1;
+    }
+    return 0;
+}
+
+/* A register operand of `value`, at the instruction's operand size (a 32-bit one zero-extends). */
+static void store_register(struct trap_frame *frame, const struct instruction *insn, u64 value)
+{
+    u64 *reg = gpr(frame, insn->rm);
+    if (insn->opsize16)
+        *reg = (*reg & ~0xfffful) | (value & 0xffff);
+    else
+        *reg = insn->rex & 8 ? value : value & 0xffffffff;
+}
+
+/* SGDT, SIDT and SMSW (0f 01 /0, /1, /4), SLDT and STR (0f 00 /0, /1). With UMIP, which the monitor
+ * keeps on where the CPU has it, they fault in ring 3, where they would show the monitor's tables:
+ * the guest gets its own, in its kernel, and in its user mode unless its CR4 asks for UMIP itself.
+ * 0: not one of them; 1: done (RIP moved on, or a page fault delivered). */
+static int emulate_store_descriptor(struct trap_frame *frame, struct instruction *insn, u8 second, u64 address)
+{
+    u8 operand[10];
+    u64 value = 0, length = 2;
+    if (guest.user && (guest.cr4 & CR4_UMIP))
+        return 0; /* the guest's own UMIP: its #GP */
+    if (second == 0x01 && insn->reg <= 1) { /* sgdt, sidt: memory only */
+        if (insn->mod == 3)
+            return 0;
+        *(u16 *)operand = (u16)(insn->reg == 0 ? guest.gdt_limit : guest.idt_limit);
+        *(u64 *)(operand + 2) = insn->reg == 0 ? guest.gdt_base : guest.idt_base;
+        length = 10;
+    } else if (second == 0x01 && insn->reg == 4) { /* smsw */
+        value = guest.cr0;
+    } else if (second == 0x00 && insn->reg <= 1) { /* sldt (no LDT: lldt is not emulated), str */
+        value = insn->reg == 0 ? 0 : guest.tr;
+    } else {
+        return 0;
+    }
+    count(COUNT_DESCRIPTOR);
+    if (length == 2 && insn->mod == 3) {
+        store_register(frame, insn, value);
+    } else {
+        if (length == 2)
+            *(u16 *)operand = (u16)value;
+        if (store_for_guest(frame, address, operand, length))
+            return 1;
+    }
+    frame->rip += (u64)insn->length;
+    return 1;
+}
+
+/* The instruction at the guest's RIP, if it is one the monitor emulates: 1 when done. In its user
+ * mode only the descriptor stores qualify (UMIP's); everything else is its own #GP. */
 static int emulate(struct trap_frame *frame)
 {
     struct instruction insn = { .bytes = guest_pointer(frame->rip, 16) }; /* read as decoded */
     while ((insn.bytes[insn.length] & 0xf0) == 0x40 || insn.bytes[insn.length] == 0x66) {
         if ((insn.bytes[insn.length] & 0xf0) == 0x40)
             insn.rex = insn.bytes[insn.length];
+        else
+            insn.opsize16 = 1;
         if (++insn.length > 4)
             return 0;
     }
     u8 opcode = insn.bytes[insn.length++];
+    if (guest.user && opcode != 0x0f)
+        return 0;
     switch (opcode) {
     case 0xfa: /* cli */
         count(COUNT_CLI);
@@ -956,10 +1045,16 @@ static int emulate(struct trap_frame *frame)
         return 0;
     }
     u8 second = insn.bytes[insn.length++];
+    if (guest.user && second > 0x01)
+        return 0;
     u64 value, address, *syscall_msr;
     switch (second) {
     case 0x01: {
         address = decode_modrm(frame, &insn);
+        if (emulate_store_descriptor(frame, &insn, second, address))
+            return 1;
+        if (guest.user)
+            return 0;
         if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs: the monitor never uses GS, so the
                                                     * CPU's own swap is exactly the guest's */
             count(COUNT_SWAPGS);
@@ -991,7 +1086,9 @@ static int emulate(struct trap_frame *frame)
     }
     case 0x00: /* ltr */
         address = decode_modrm(frame, &insn);
-        if (insn.reg != 3)
+        if (emulate_store_descriptor(frame, &insn, second, address))
+            return 1;
+        if (guest.user || insn.reg != 3)
             return 0;
         count(COUNT_DESCRIPTOR);
         if (insn.mod == 3) {
@@ -1121,7 +1218,7 @@ void monitor_event(struct trap_frame *frame)
     if (syscall) {
         count(COUNT_SYSCALL);
         emulate_syscall(frame);
-    } else if (!guest.user && (vector == 13 || user_cs_absent) && emulate(frame)) {
+    } else if ((vector == 13 || (user_cs_absent && !guest.user)) && emulate(frame)) {
         /* emulated; a held interrupt the guest now takes is delivered on the way out */
     } else if (vector == 14) {
         u64 address = event_cr2, code;

@@ -5,7 +5,8 @@
  *   cr3         builds a second set of tables in which 1 GiB maps the 2 MiB at 32 MiB, loads it, and
  *               reads and writes through both names: DONE(checks passed, value read through the alias)
  *   supervisor  makes a 2 MiB page supervisor-only, uses it in ring 0, then reads it from ring 3: the
- *               runtime reports the #PF (error code 5: present, user)
+ *               runtime reports the #PF (error code 5: present, user); with `sgdt`, ring 3 stores
+ *               its GDTR there instead (error code 7: present, write, user)
  *   many        maps the second GiB with 4 KiB pages, all 512 of its 2 MiB through one page table,
  *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables */
 #include "ws.h"
@@ -102,6 +103,8 @@ static void many(void)
 
 static int read_from_user(u64 address)
 {
+    if (arg_has("sgdt"))
+        __asm__ volatile("sgdt (%0)" : : "r"(address) : "memory"); /* faults: a store, from user mode */
     GUEST_DONE(*(volatile u64 *)address, 0, 0, 0); /* never: the read faults */
     return 0;
 }

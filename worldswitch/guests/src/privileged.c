@@ -1,9 +1,11 @@
 /* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
  * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, and a
  * wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
- * interrupt held by cli until sti, and sti;hlt woken by one). Every host gives the same answer;
- * under the monitor each of them traps and is emulated (docs/monitor.md).
- * Reports DONE(checks passed, ticks, refused wrmsr #GPs, 0). */
+ * interrupt held by cli until sti, and sti;hlt woken by one); then the descriptor stores (sgdt, sidt,
+ * sldt, str, smsw), which a kernel may read in ring 0 and its user mode too, and which must show
+ * the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
+ * and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
+ * wrmsr #GPs, 0). */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -13,8 +15,11 @@
 #define MSR_NONEXISTENT 0xdeadbeef
 #define PROGRAM_GDT_BASE 0x1000 /* boot/longmode.py: the VMM's GDT, seven entries */
 #define PROGRAM_GDT_LIMIT (7 * 8 - 1)
+#define PROGRAM_TR 0x28 /* boot/longmode.py PROGRAM_GDT.tss */
+#define IDT_LIMIT (256 * 16 - 1) /* runtime.c's IDT */
 
 static volatile u64 ticks, refused;
+static u64 kernel_cr0; /* for user mode's smsw */
 static volatile u64 per_cpu = 0x7065722d637075; /* what a kernel's GS base points at after swapgs */
 
 static void on_tick(struct trap_frame *frame)
@@ -43,6 +48,39 @@ static inline void wrmsr(u32 index, u64 value)
 
 #define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
 #define WRITE_CR(n, v) __asm__ volatile("mov %0, %%cr" #n : : "r"((u64)(v)) : "memory")
+
+struct descriptor_table {
+    u16 limit;
+    u64 base;
+} __attribute__((packed));
+
+/* The descriptor stores show the program's own tables and registers, in either ring: 5 checks. */
+static u64 check_descriptor_stores(void)
+{
+    struct descriptor_table table;
+    __asm__ volatile("sgdt %0" : "=m"(table));
+    GUEST_ASSERT_EQ(table.limit, PROGRAM_GDT_LIMIT);
+    GUEST_ASSERT_EQ(table.base, PROGRAM_GDT_BASE);
+    __asm__ volatile("sidt %0" : "=m"(table));
+    GUEST_ASSERT_EQ(table.limit, IDT_LIMIT);
+    GUEST_ASSERT(table.base < ws_ram_size);
+    u64 selector = ~0ul;
+    __asm__ volatile("str %k0" : "+r"(selector)); /* a 32-bit register: zero-extended */
+    GUEST_ASSERT_EQ(selector, PROGRAM_TR);
+    __asm__ volatile("sldt %k0" : "+r"(selector));
+    GUEST_ASSERT_EQ(selector, 0);
+    u16 msw;
+    __asm__ volatile("smsw %0" : "=m"(msw));
+    GUEST_ASSERT_EQ(msw, (u16)kernel_cr0);
+    return 5;
+}
+
+static int in_user_mode(u64 passed)
+{
+    passed += check_descriptor_stores();
+    GUEST_DONE(passed, ticks, refused, 0);
+    return 0;
+}
 
 static void one_shot(void)
 {
@@ -122,6 +160,7 @@ int main(const char *args)
     __asm__ volatile("sti; hlt" ::: "memory"); /* the tick wakes it */
     GUEST_ASSERT_EQ(ticks, 2);
     passed += 2;
-    GUEST_DONE(passed, ticks, refused, 0);
-    return 0;
+    kernel_cr0 = READ_CR(0);
+    passed += check_descriptor_stores();
+    enter_user(in_user_mode, passed, 0);
 }
