@@ -27,7 +27,7 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0")
-_HANDOFF = struct.Struct("<12Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3
+_HANDOFF = struct.Struct("<14Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS
 _TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
 
 
@@ -97,5 +97,6 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     guest_limit = physical_base  # the program's RAM ends where the monitor's pages begin (its RSI says so too)
     memory.write(physical_base, _HANDOFF.pack(
         HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, guest_limit, program.vcpus,
-        guest_limit, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4))
+        guest_limit, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4,
+        layout.selectors.kernel_cs, layout.selectors.kernel_ds))
     return MonitorStart(entry, boot_pml4)

@@ -14,8 +14,6 @@
     .file "monitor.S"
 #include "monitor.h"
 #define MONITOR_BASE_IMM -0x400000  /* MONITOR_BASE as a sign-extended 32-bit immediate */
-#define BODY_CS 0x0b                /* the body runs on the guest kernel's DPL 3 segments */
-#define BODY_SS 0x13
 #define BODY_RFLAGS 0x202
 #define EVENT_STACK_SIZE 0x4000
 #define EVENT_STACKS_FLIP 0xc000    /* the two event stacks' tops, XORed */
@@ -35,7 +33,7 @@ monitor_start:
     pushq %rax
     pushq %rcx
     lretq                           /* CS = the monitor's own ring-0 code segment */
-1:  movl $0x40, %eax
+1:  movl $MONITOR_DS, %eax
     movw %ax, %ss
     movw %ax, %ds
     movw %ax, %es
@@ -143,9 +141,9 @@ syscall_gate:
     movq 16(%rsp), %rcx
     movq $SYSCALL_EVENT, (%rsp)
     movq $0, 8(%rsp)
-    movq $0x23, 24(%rsp)                /* CS: USER_CS (ws.h) */
+    movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */
     movq %r11, 32(%rsp)                 /* RFLAGS */
-    movq $0x1b, 48(%rsp)                /* SS: USER_DS */
+    movq $0, 48(%rsp)
     jmp body_entry
 
 /* u64 ring0_call(u64 service, u64 a, u64 b): what the body cannot do in ring 3 (privileged(), in

@@ -36,14 +36,6 @@
 #include "ws.h"
 #include "monitor.h"
 
-/* Real selectors in the monitor's GDT. The guest's kernel runs on copies of its segments with
- * DPL 3 at the same indexes, so it knows them as 0x08 and 0x10 and the CPU as 0x0b and 0x13. */
-#define REAL_KERNEL_CS (KERNEL_CS | 3)
-#define REAL_KERNEL_SS (KERNEL_DS | 3)
-#define MONITOR_CS 0x38
-#define MONITOR_DS 0x40
-#define TSS_SELECTOR 0x28
-#define USER_CS_INDEX (USER_CS >> 3)
 
 #define MSR_EFER 0xc0000080u
 #define MSR_STAR 0xc0000081u
@@ -60,6 +52,9 @@
 #define RFLAGS_FIXED 0x2ul
 
 #define DESCRIPTOR_PRESENT (1ul << 47)
+#define DESCRIPTOR_SEGMENT (1ul << 44) /* S: code or data, not a system descriptor */
+#define DESCRIPTOR_CODE (1ul << 43)
+#define DESCRIPTOR_DPL3 (3ul << 45)
 #define CODE64_DPL3 0x00affa000000fffful
 #define DATA_DPL3 0x00cff2000000fffful
 #define CODE64_DPL0 0x00af9a000000fffful
@@ -67,7 +62,11 @@
 
 __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
 
-static u64 gdt[9] __attribute__((aligned(16)));
+static u64 gdt[GDT_ENTRIES] __attribute__((aligned(16))); /* monitor.h has its layout */
+
+/* What each of the guest's GDT entries is to it (mirror_gdt): the monitor's view of its selectors. */
+enum segment_kind { NO_SEGMENT, KERNEL_CODE, KERNEL_DATA, USER_CODE, USER_DATA };
+static u8 segment_kind[GUEST_GDT_ENTRIES];
 
 struct {
     u32 reserved0;
@@ -532,12 +531,59 @@ static u64 tss_base_of(u64 selector)
 
 /* ---- the monitor's tables ---------------------------------------------------------------------- */
 
+static enum segment_kind kind_of(u64 selector)
+{
+    u64 index = selector >> 3;
+    return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
+}
+
+/* A real selector as the guest knows it: its kernel's segments have RPL 0 to it, 3 to the CPU. */
+static u64 guest_view(u64 selector)
+{
+    enum segment_kind kind = kind_of(selector);
+    return kind == KERNEL_CODE || kind == KERNEL_DATA ? selector & ~3ul : selector;
+}
+
+/* The stack segment the CPU runs the guest's kernel code segment `cs` on when it loads none (a
+ * privilege change, which gives it a null SS, or a return to a null one): the data segment after
+ * it, as SYSCALL takes it. Ring 3 cannot run on a null SS. */
+static u64 kernel_stack_segment(u64 cs)
+{
+    u64 ss = (cs & ~7ul) + 8;
+    if (kind_of(ss) != KERNEL_DATA)
+        STOP("no kernel data segment after the code segment", cs, ss);
+    return ss | 3;
+}
+
 static void set_user_code_present(int present)
 {
-    if (present)
-        gdt[USER_CS_INDEX] |= DESCRIPTOR_PRESENT;
-    else
-        gdt[USER_CS_INDEX] &= ~DESCRIPTOR_PRESENT;
+    for (int index = 1; index < GUEST_GDT_ENTRIES; index++)
+        if (segment_kind[index] == USER_CODE) {
+            if (present)
+                gdt[index] |= DESCRIPTOR_PRESENT;
+            else
+                gdt[index] &= ~DESCRIPTOR_PRESENT;
+        }
+}
+
+/* The guest's GDT, at its LGDT and at the start: each of its code and data segments at its own
+ * index in the real GDT, its kernel's (DPL 0) with DPL 3; no system descriptors (the TSS the CPU
+ * uses is the monitor's; the guest's is read at its LTR). */
+static void mirror_gdt(void)
+{
+    for (u64 index = 1; index < GUEST_GDT_ENTRIES; index++) {
+        u64 d = index * 8 + 7 <= guest.gdt_limit ? read_u64(guest.gdt_base + index * 8) : 0;
+        segment_kind[index] = NO_SEGMENT;
+        gdt[index] = 0;
+        if (!(d & DESCRIPTOR_SEGMENT)) {
+            if ((d & DESCRIPTOR_PRESENT) && index + 1 < GUEST_GDT_ENTRIES)
+                gdt[++index] = 0, segment_kind[index] = NO_SEGMENT; /* a system descriptor is two entries */
+            continue;
+        }
+        int code = (d & DESCRIPTOR_CODE) != 0, user = ((d >> 45) & 3) == 3;
+        segment_kind[index] = user ? (code ? USER_CODE : USER_DATA) : (code ? KERNEL_CODE : KERNEL_DATA);
+        gdt[index] = d | DESCRIPTOR_DPL3;
+    }
 }
 
 u64 monitor_init(void)
@@ -545,10 +591,8 @@ u64 monitor_init(void)
     if (handoff.magic != HANDOFF_MAGIC)
         halt_forever(); /* not loaded by a VMM that knows the handoff: nothing to report through */
     u64 tss_base = (u64)&tss;
-    gdt[KERNEL_CS >> 3] = CODE64_DPL3;
-    gdt[KERNEL_DS >> 3] = DATA_DPL3;
-    gdt[USER_DS >> 3] = DATA_DPL3;
-    gdt[USER_CS_INDEX] = CODE64_DPL3;
+    gdt[BODY_CS >> 3] = CODE64_DPL3;
+    gdt[BODY_SS >> 3] = DATA_DPL3;
     gdt[TSS_SELECTOR >> 3] = (sizeof(tss) - 1) | (tss_base & 0xffffff) << 16 | 0x89ul << 40 |
                              ((tss_base >> 24) & 0xff) << 56;
     gdt[(TSS_SELECTOR >> 3) + 1] = tss_base >> 32;
@@ -594,6 +638,7 @@ u64 monitor_init(void)
 void monitor_first_frame(struct trap_frame *frame)
 {
     /* on the monitor's own code segment now: its accesses to guest memory may fault and return */
+    mirror_gdt();
     guest.tss_base = tss_base_of(guest.tr);
     memset(frame, 0, sizeof(*frame));
     frame->rip = handoff.guest_rip;
@@ -601,8 +646,8 @@ void monitor_first_frame(struct trap_frame *frame)
     frame->rdi = handoff.guest_rdi;
     frame->rsi = handoff.guest_rsi;
     frame->rdx = handoff.guest_rdx;
-    frame->cs = REAL_KERNEL_CS;
-    frame->ss = REAL_KERNEL_SS;
+    frame->cs = handoff.guest_cs | 3;
+    frame->ss = handoff.guest_ss | 3;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF; /* the real IF; the guest's starts clear */
 }
 
@@ -662,11 +707,12 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
         return;
     }
     u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user || guest.interrupts ? RFLAGS_IF : 0);
-    u64 cs = guest.user ? USER_CS : KERNEL_CS, ss = guest.user ? USER_DS : KERNEL_DS;
+    u64 cs = guest_view(frame->cs), ss = guest_view(frame->ss);
+    enum segment_kind target_kind = kind_of(selector & ~3ul);
     u64 rsp;
-    if (selector == USER_CS && guest.user) {
+    if (target_kind == USER_CODE && guest.user) {
         rsp = frame->rsp & ~15ul; /* no change of privilege: the current stack */
-    } else if ((selector & ~3ul) == KERNEL_CS) {
+    } else if (target_kind == KERNEL_CODE) {
         u64 offset = ist ? 0x24 + 8 * (ist - 1) : 4; /* an IST entry, or RSP0 */
         if (ist || guest.user) {
             if (!guest.tss_base) { /* no TSS to take the stack from: #TS */
@@ -695,12 +741,10 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     frame->rip = target;
     frame->rsp = rsp;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
-    if (selector == USER_CS) {
-        frame->cs = USER_CS;
-        frame->ss = USER_DS;
-    } else {
-        frame->cs = REAL_KERNEL_CS;
-        frame->ss = REAL_KERNEL_SS;
+    frame->cs = selector | 3;
+    if (target_kind == KERNEL_CODE) {
+        if (guest.user)
+            frame->ss = kernel_stack_segment(selector); /* the CPU's null SS, as ring 3 can have it */
         guest.user = 0;
         if (type == 0xe)
             guest.interrupts = 0; /* an interrupt gate; a trap gate leaves IF alone */
@@ -861,15 +905,15 @@ static void emulate_iretq(struct trap_frame *frame)
     frame->rip = rip;
     frame->rsp = new_rsp;
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
-    if (cs == USER_CS) {
-        if (ss != USER_DS)
+    if (kind_of(cs) == USER_CODE && (cs & 3) == 3) {
+        if (kind_of(ss) != USER_DATA || (ss & 3) != 3)
             STOP("user-mode return with a non-user stack", ss, rip);
-        frame->cs = USER_CS;
-        frame->ss = USER_DS;
+        frame->cs = cs;
+        frame->ss = ss;
         guest.user = 1;
-    } else if ((cs & ~3ul) == KERNEL_CS) {
-        frame->cs = REAL_KERNEL_CS;
-        frame->ss = REAL_KERNEL_SS;
+    } else if (kind_of(cs) == KERNEL_CODE && (cs & 3) == 0) {
+        frame->cs = cs | 3;
+        frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : kernel_stack_segment(cs);
         guest.interrupts = (rflags & RFLAGS_IF) != 0;
     } else {
         STOP("IRETQ to an unknown code segment", cs, rip);
@@ -895,12 +939,13 @@ static u64 *syscall_msr_of(u32 index)
  * masked by its SFMASK; the stack pointer is left as it was. */
 static void emulate_syscall(struct trap_frame *frame)
 {
-    if (((guest.star >> 32) & 0xfffc) != KERNEL_CS)
+    u64 cs = (guest.star >> 32) & 0xfffc;
+    if (kind_of(cs) != KERNEL_CODE)
         STOP("SYSCALL to an unknown code segment", guest.star, frame->rcx);
     u64 rflags = frame->r11 & ~guest.sfmask;
     frame->rip = guest.lstar;
-    frame->cs = REAL_KERNEL_CS;
-    frame->ss = REAL_KERNEL_SS;
+    frame->cs = cs | 3;
+    frame->ss = kernel_stack_segment(cs);
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
     guest.interrupts = (rflags & RFLAGS_IF) != 0;
     guest.user = 0;
@@ -911,7 +956,7 @@ static void emulate_syscall(struct trap_frame *frame)
 static void emulate_sysret(struct trap_frame *frame)
 {
     u64 base = (guest.star >> 48) & 0xfffc;
-    if (((base + 16) | 3) != USER_CS || ((base + 8) | 3) != USER_DS)
+    if (kind_of(base + 16) != USER_CODE || kind_of(base + 8) != USER_DATA)
         STOP("SYSRET to unknown user segments", guest.star, frame->rcx);
     if (!canonical(frame->rcx)) {
         deliver(frame, 13, 1, 0); /* the CPU's #GP(0), in the kernel */
@@ -919,8 +964,8 @@ static void emulate_sysret(struct trap_frame *frame)
     }
     frame->rip = frame->rcx;
     frame->rflags = (frame->r11 & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF; /* user mode takes interrupts */
-    frame->cs = USER_CS;
-    frame->ss = USER_DS;
+    frame->cs = (base + 16) | 3;
+    frame->ss = (base + 8) | 3;
     guest.user = 1;
 }
 
@@ -1072,6 +1117,7 @@ static int emulate(struct trap_frame *frame)
             if (insn.reg == 2) {
                 guest.gdt_base = base;
                 guest.gdt_limit = limit;
+                mirror_gdt();
             } else {
                 guest.idt_base = base;
                 guest.idt_limit = limit;
@@ -1165,6 +1211,7 @@ static int emulate(struct trap_frame *frame)
 static void own_event(struct trap_frame *frame)
 {
     if (frame->vector >= 32) {
+        count(COUNT_DEFERRED);
         hold(frame->vector);
         leave_again = 1;
         if (frame->rip >= (u64)body_window && frame->rip < (u64)body_window_end)
@@ -1211,10 +1258,10 @@ void monitor_event(struct trap_frame *frame)
     count(COUNT_EVENTS);
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
-    guest.user = frame->cs == USER_CS;
+    guest.user = syscall || kind_of(frame->cs) == USER_CODE;
     if (split && (guest.user || syscall))
         load_root(kernel_root); /* the monitor works on the kernel's view */
-    int user_cs_absent = vector == 11 && (frame->error_code & ~7ul) == (USER_CS & ~3ul);
+    int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
         emulate_syscall(frame);
@@ -1246,7 +1293,8 @@ void monitor_leave(struct trap_frame *frame)
     deliver_held(frame);
     /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
      * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
-    set_user_code_present(frame->cs == USER_CS || (!any_pending() && !split));
-    if (split && frame->cs == USER_CS)
+    int to_user = kind_of(frame->cs) == USER_CODE;
+    set_user_code_present(to_user || (!any_pending() && !split));
+    if (split && to_user)
         load_root(user_root);
 }

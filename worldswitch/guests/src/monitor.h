@@ -15,6 +15,16 @@
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
 
+/* The real GDT: the guest's own descriptors at their own indexes, 0 to GUEST_GDT_ENTRIES - 1 (its
+ * kernel's with DPL 3, so that they run in ring 3), then the monitor's. */
+#define GUEST_GDT_ENTRIES 32
+#define TSS_SELECTOR 0x100 /* entries 32 and 33 */
+#define MONITOR_CS 0x110   /* ring 0 */
+#define MONITOR_DS 0x118
+#define BODY_CS 0x123      /* the body, in ring 3 */
+#define BODY_SS 0x12b
+#define GDT_ENTRIES 38
+
 #ifndef __ASSEMBLER__
 
 /* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with
@@ -23,7 +33,7 @@ enum {
     COUNT_EVENTS,      /* every entry into the monitor from the guest */
     COUNT_EXCEPTIONS,  /* exceptions reflected to the guest's IDT */
     COUNT_INTERRUPTS,  /* interrupts reflected to the guest's IDT */
-    COUNT_DEFERRED,    /* interrupts held while the guest's virtual IF was clear */
+    COUNT_DEFERRED,    /* interrupts held: the guest's virtual IF was clear, or the monitor busy */
     COUNT_CLI, COUNT_STI, COUNT_HLT, COUNT_IRETQ, COUNT_MOV_CR, COUNT_RDMSR, COUNT_WRMSR,
     COUNT_DESCRIPTOR,  /* lgdt, lidt, ltr */
     COUNT_INVLPG, COUNT_WBINVD,
@@ -42,6 +52,7 @@ struct handoff {
     unsigned long physical_base; /* where the monitor's pages are in guest-physical memory */
     unsigned long guest_gdt_base, guest_gdt_limit, guest_tr; /* the descriptor tables the VMM built */
     unsigned long guest_cr3;     /* the program's page tables (the monitor starts on its own) */
+    unsigned long guest_cs, guest_ss; /* its kernel's segments at the entry */
     unsigned long counters[COUNT_KINDS];
 };
 
