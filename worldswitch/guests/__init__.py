@@ -18,7 +18,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "hello": "prints a banner through the UART from ring 3 and exits through the debug-exit port",
     "exits": "makes N port-I/O and N MMIO exits from ring 3 (args: [N] [io|mmio|both])",
     "timer": "takes N LAPIC or PIT timer interrupts through its IDT while spinning in ring 3 (args: [N] [lapic|pit] [held])",
-    "fault": "misbehaves on purpose (args: ud | gp | triple | unmapped N | spin | halt | abort | int3 N | peek A | idt A | map A)",
+    "fault": "misbehaves on purpose (args: ud | gp | triple | unmapped N | spin | halt | abort | int3 N | peek A | idt A | map A | wipe A N | stack | gate)",
     "echo": "echoes UART input back in upper case until it reads a line 'quit' (interrupt-driven)",
     "power": "powers off (ACPI S5) or resets (i8042, ACPI reset register) from ring 3 (args: off | kbd | acpi)",
     "smp": "starts the other vCPUs with INIT/SIPI and counts them (args: [seconds to wait])",
@@ -26,7 +26,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "count": "every vCPU counts to a target, checking memory against its register at each step (args: [N] [N for APs])",
     "spray": "reads and writes every size at every offset of every device region and port, to show the VMX survives it (args: [stride])",
     "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls, or tests SYSCALL from ring 3 (args: ring0|ring3 [N] | syscall)",
-    "privileged": "executes in ring 0 the privileged instructions a kernel uses and checks each (control registers, MSRs, descriptor tables, the interrupt flag)",
+    "privileged": "executes in ring 0 the privileged instructions a kernel uses and checks each (control registers, MSRs, descriptor tables, the interrupt flag; args: [linux] for Linux's GDT layout)",
     "paging": "what a kernel does with its page tables, checked from the inside (args: dirty | cr3 | supervisor | many)",
     "gates": "times int3, #GP and timer interrupts from ring 3 to a handler in ring 3 or ring 0 (args: int3|gp|timer [N] [kernel])",
 }

@@ -67,6 +67,14 @@ static u64 gdt[GDT_ENTRIES] __attribute__((aligned(16))); /* monitor.h has its l
 /* What each of the guest's GDT entries is to it (mirror_gdt): the monitor's view of its selectors. */
 enum segment_kind { NO_SEGMENT, KERNEL_CODE, KERNEL_DATA, USER_CODE, USER_DATA };
 static u8 segment_kind[GUEST_GDT_ENTRIES];
+/* The CPU keeps a segment register's descriptor from its load until the next one, whatever LGDT
+ * does meanwhile; the monitor reloads CS and SS at every return to the guest. So at the guest's
+ * LGDT its CS and SS move to copies of their descriptors (LOADED_CS, LOADED_SS), until it loads
+ * them again: what each is to the guest, and the selector it knows. */
+static struct {
+    u8 kind;
+    u16 selector;
+} loaded[2];
 
 struct {
     u32 reserved0;
@@ -534,14 +542,29 @@ static u64 tss_base_of(u64 selector)
 static enum segment_kind kind_of(u64 selector)
 {
     u64 index = selector >> 3;
+    if (selector == LOADED_CS || selector == LOADED_SS)
+        return (enum segment_kind)loaded[selector == LOADED_SS].kind;
     return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
 }
 
 /* A real selector as the guest knows it: its kernel's segments have RPL 0 to it, 3 to the CPU. */
 static u64 guest_view(u64 selector)
 {
+    if (selector == LOADED_CS || selector == LOADED_SS)
+        return loaded[selector == LOADED_SS].selector;
     enum segment_kind kind = kind_of(selector);
     return kind == KERNEL_CODE || kind == KERNEL_DATA ? selector & ~3ul : selector;
+}
+
+/* Before the GDT changes under the guest: its segment register `which` (0 CS, 1 SS) onto a copy. */
+static void keep_loaded(u64 *selector, int which)
+{
+    if (*selector == LOADED_CS || *selector == LOADED_SS)
+        return; /* on its copy already, since an earlier LGDT */
+    loaded[which].kind = (u8)kind_of(*selector);
+    loaded[which].selector = (u16)guest_view(*selector);
+    gdt[(which ? LOADED_SS : LOADED_CS) >> 3] = (*selector >> 3) < GUEST_GDT_ENTRIES ? gdt[*selector >> 3] : 0;
+    *selector = which ? LOADED_SS : LOADED_CS;
 }
 
 /* The stack segment the CPU runs the guest's kernel code segment `cs` on when it loads none (a
@@ -1078,6 +1101,37 @@ static int emulate(struct trap_frame *frame)
             privileged(SERVICE_HALT, 0, 0); /* as the CPU: only an NMI or INIT would wake it */
         privileged(SERVICE_WAIT, 0, 0);
         return 1;
+    case 0xcb: { /* lretq, as a kernel reloads CS after its LGDT: to its kernel (RPL 0 < CPL 3) */
+        if (!(insn.rex & 8))
+            STOP("32-bit far return is not emulated", frame->rip, 0);
+        u64 popped[2];
+        read_guest(frame->rsp, popped, sizeof(popped));
+        if (kind_of(popped[1]) != KERNEL_CODE || (popped[1] & 3))
+            STOP("far return to other than the kernel", popped[1], popped[0]);
+        count(COUNT_SEGMENT);
+        frame->rip = popped[0];
+        frame->cs = popped[1] | 3;
+        frame->rsp += sizeof(popped);
+        return 1;
+    }
+    case 0x8e: { /* mov to a segment register: SS with RPL 0 faults in ring 3 (the others load) */
+        u64 operand = decode_modrm(frame, &insn);
+        if (insn.reg != 2)
+            return 0;
+        u16 selector;
+        if (insn.mod == 3)
+            selector = (u16)*gpr(frame, insn.rm);
+        else
+            read_guest(operand, &selector, sizeof(selector));
+        if (selector > 3 && kind_of(selector) != KERNEL_DATA) {
+            deliver(frame, 13, 1, selector & ~3ul); /* as the CPU: SS must be a data segment of CPL */
+            return 1;
+        }
+        count(COUNT_SEGMENT);
+        frame->ss = selector > 3 ? (u64)selector | 3 : kernel_stack_segment(frame->cs); /* a null SS too */
+        frame->rip += (u64)insn.length;
+        return 1;
+    }
     case 0xcf: /* iretq */
         if (!(insn.rex & 8))
             STOP("32-bit IRET is not emulated", frame->rip, 0);
@@ -1117,6 +1171,8 @@ static int emulate(struct trap_frame *frame)
             if (insn.reg == 2) {
                 guest.gdt_base = base;
                 guest.gdt_limit = limit;
+                keep_loaded(&frame->cs, 0);
+                keep_loaded(&frame->ss, 1);
                 mirror_gdt();
             } else {
                 guest.idt_base = base;

@@ -23,7 +23,9 @@
 #define MONITOR_DS 0x118
 #define BODY_CS 0x123      /* the body, in ring 3 */
 #define BODY_SS 0x12b
-#define GDT_ENTRIES 38
+#define LOADED_CS 0x133    /* the guest's CS and SS as it loaded them, kept across its LGDT */
+#define LOADED_SS 0x13b
+#define GDT_ENTRIES 40
 
 #ifndef __ASSEMBLER__
 
@@ -41,6 +43,7 @@ enum {
     COUNT_SHADOW_FLUSH, /* shadows emptied: CR3 loads, or the pool used up */
     COUNT_SYSCALL, COUNT_SYSRET, COUNT_SWAPGS,
     COUNT_RING0,       /* the body's calls into ring 0 (ring0_call): what it could not do in ring 3 */
+    COUNT_SEGMENT,     /* lretq and mov to SS: its kernel's own segment loads */
     COUNT_KINDS
 };
 

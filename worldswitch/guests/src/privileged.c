@@ -5,7 +5,10 @@
  * sldt, str, smsw), which a kernel may read in ring 0 and its user mode too, and which must show
  * the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
  * and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
- * wrmsr #GPs, 0). */
+ * wrmsr #GPs, 0).
+ *   linux   first loads a GDT with Linux's layout (arch/x86/include/asm/segment.h: kernel CS 0x10,
+ *           DS 0x18, user DS 0x2b, CS 0x33, TSS 0x40), reloading CS with LRETQ and SS with MOV, and
+ *           runs the same checks on it; it enters user mode with SYSRETQ from Linux's STAR. */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -17,6 +20,16 @@
 #define PROGRAM_GDT_LIMIT (7 * 8 - 1)
 #define PROGRAM_TR 0x28 /* boot/longmode.py PROGRAM_GDT.tss */
 #define IDT_LIMIT (256 * 16 - 1) /* runtime.c's IDT */
+#define MSR_EFER 0xc0000080
+#define EFER_SCE 1
+
+/* Linux's GDT layout, for `linux`. */
+#define LINUX_KERNEL_CS 0x10
+#define LINUX_KERNEL_DS 0x18
+#define LINUX_USER32_CS 0x23 /* STAR's SYSRET base: user DS = base + 8, user CS = base + 16 */
+#define LINUX_TSS 0x40
+static u64 linux_gdt[10] __attribute__((aligned(16)));
+static int linux_layout;
 
 static volatile u64 ticks, refused;
 static u64 kernel_cr0; /* for user mode's smsw */
@@ -54,19 +67,56 @@ struct descriptor_table {
     u64 base;
 } __attribute__((packed));
 
+/* The GDT in use: the VMM's, or Linux's layout. */
+static struct descriptor_table program_gdt(void)
+{
+    struct descriptor_table gdtr = { PROGRAM_GDT_LIMIT, PROGRAM_GDT_BASE };
+    if (linux_layout)
+        gdtr = (struct descriptor_table){ sizeof(linux_gdt) - 1, (u64)linux_gdt };
+    return gdtr;
+}
+
+/* Linux's layout, with the runtime's TSS (marked available again, as LTR wants it). */
+static void use_linux_gdt(void)
+{
+    const u64 *vmm_gdt = (const u64 *)PROGRAM_GDT_BASE;
+    linux_gdt[1] = 0x00cf9a000000fffful; /* KERNEL32_CS */
+    linux_gdt[2] = 0x00af9a000000fffful; /* KERNEL_CS */
+    linux_gdt[3] = 0x00cf92000000fffful; /* KERNEL_DS */
+    linux_gdt[4] = 0x00cffa000000fffful; /* USER32_CS */
+    linux_gdt[5] = 0x00cff2000000fffful; /* USER_DS */
+    linux_gdt[6] = 0x00affa000000fffful; /* USER_CS */
+    linux_gdt[8] = (vmm_gdt[PROGRAM_TR >> 3] & ~(0xful << 40)) | 0x9ul << 40;
+    linux_gdt[9] = vmm_gdt[(PROGRAM_TR >> 3) + 1];
+    linux_layout = 1;
+    struct descriptor_table gdtr = program_gdt();
+    __asm__ volatile("lgdt %0\n"
+                     "pushq $0x10\n" /* LINUX_KERNEL_CS */
+                     "leaq 1f(%%rip), %%rax\n"
+                     "pushq %%rax\n"
+                     "lretq\n"
+                     "1: movl $0x18, %%eax\n" /* LINUX_KERNEL_DS */
+                     "mov %%eax, %%ss\n"
+                     "mov %%eax, %%ds\n"
+                     "mov %%eax, %%es\n"
+                     : : "m"(gdtr) : "rax", "memory");
+    __asm__ volatile("ltr %w0" : : "r"((u16)LINUX_TSS));
+    use_kernel_code_segment(LINUX_KERNEL_CS);
+}
+
 /* The descriptor stores show the program's own tables and registers, in either ring: 5 checks. */
 static u64 check_descriptor_stores(void)
 {
-    struct descriptor_table table;
+    struct descriptor_table table, gdtr = program_gdt();
     __asm__ volatile("sgdt %0" : "=m"(table));
-    GUEST_ASSERT_EQ(table.limit, PROGRAM_GDT_LIMIT);
-    GUEST_ASSERT_EQ(table.base, PROGRAM_GDT_BASE);
+    GUEST_ASSERT_EQ(table.limit, gdtr.limit);
+    GUEST_ASSERT_EQ(table.base, gdtr.base);
     __asm__ volatile("sidt %0" : "=m"(table));
     GUEST_ASSERT_EQ(table.limit, IDT_LIMIT);
     GUEST_ASSERT(table.base < ws_ram_size);
     u64 selector = ~0ul;
     __asm__ volatile("str %k0" : "+r"(selector)); /* a 32-bit register: zero-extended */
-    GUEST_ASSERT_EQ(selector, PROGRAM_TR);
+    GUEST_ASSERT_EQ(selector, linux_layout ? LINUX_TSS : PROGRAM_TR);
     __asm__ volatile("sldt %k0" : "+r"(selector));
     GUEST_ASSERT_EQ(selector, 0);
     u16 msw;
@@ -82,6 +132,20 @@ static int in_user_mode(u64 passed)
     return 0;
 }
 
+static u8 user_stack[4096] __attribute__((aligned(16)));
+
+/* User mode as Linux enters it: SYSRETQ, to the user segments its STAR names. */
+static void __attribute__((noreturn)) sysret_to_user(u64 passed)
+{
+    wrmsr(MSR_STAR, (u64)LINUX_USER32_CS << 48 | (u64)LINUX_KERNEL_CS << 32);
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
+    __asm__ volatile("movq %0, %%rsp\n"
+                     "sysretq"
+                     : : "r"(user_stack + sizeof(user_stack) - 8), "c"(in_user_mode), "r"(0x3002ul), "D"(passed)
+                     : "memory");
+    __builtin_unreachable();
+}
+
 static void one_shot(void)
 {
     lapic_write(LAPIC_TIMER_DIVIDE, 0x3);
@@ -92,6 +156,8 @@ static void one_shot(void)
 int main(const char *args)
 {
     u64 passed = 0;
+    if (arg_has("linux"))
+        use_linux_gdt();
     u64 cr0 = READ_CR(0);
     WRITE_CR(0, cr0 | 8); /* TS */
     GUEST_ASSERT(READ_CR(0) & 8);
@@ -130,10 +196,7 @@ int main(const char *args)
     wrmsr(MSR_KERNEL_GS_BASE, kernel_gs);
     passed += 2;
 
-    struct {
-        u16 limit;
-        u64 base;
-    } __attribute__((packed)) gdtr = { PROGRAM_GDT_LIMIT, PROGRAM_GDT_BASE };
+    struct descriptor_table gdtr = program_gdt();
     __asm__ volatile("lgdt %0" : : "m"(gdtr));
     __asm__ volatile("invlpg (%0)" : : "r"(0x200000ul) : "memory");
     __asm__ volatile("wbinvd" ::: "memory");
@@ -162,5 +225,7 @@ int main(const char *args)
     passed += 2;
     kernel_cr0 = READ_CR(0);
     passed += check_descriptor_stores();
+    if (linux_layout)
+        sysret_to_user(passed);
     enter_user(in_user_mode, passed, 0);
 }

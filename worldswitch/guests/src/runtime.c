@@ -63,6 +63,7 @@ struct idt_gate {
 
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 static trap_handler handlers[256];
+static u16 kernel_code_segment = KERNEL_CS;
 
 static void set_gate(int vector, int user_callable, u16 code_segment)
 {
@@ -82,7 +83,15 @@ static void set_gate(int vector, int user_callable, u16 code_segment)
 void set_trap_handler(int vector, trap_handler handler)
 {
     handlers[vector] = handler;
-    set_gate(vector, 0, KERNEL_CS);
+    set_gate(vector, 0, kernel_code_segment);
+}
+
+void use_kernel_code_segment(u16 code_segment)
+{
+    for (int vector = 0; vector < 256; vector++)
+        if (idt[vector].selector == kernel_code_segment)
+            idt[vector].selector = code_segment;
+    kernel_code_segment = code_segment;
 }
 
 void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment)

@@ -71,6 +71,9 @@ void set_trap_handler(int vector, trap_handler handler);
  * `code_segment`: KERNEL_CS, or USER_CS for a handler in ring 3 itself (no privilege change: the
  * CPU delivers on the current stack), the path an in-guest monitor's IDT takes (docs/monitor.md). */
 void set_trap_handler_in(int vector, trap_handler handler, u16 code_segment);
+/* After a guest loads a GDT of its own: its gates, set and to come, name `code_segment` as the
+ * kernel's (they name KERNEL_CS, the VMM's, until then). */
+void use_kernel_code_segment(u16 code_segment);
 /* The gate for `vector` marked not present: the CPU answers an event there with #NP. */
 void clear_gate_present(int vector);
 
