@@ -89,8 +89,21 @@ body_entry_frame:
     movq $BODY_SS, 32(%rdi)
     ret
 
+/* The body's call into ring 0 (int3 at ring0_call): a CR3 load and an INVLPG here, the rest in C. */
 ring0_event:
-    push_registers
+    cmpq $ring0_return, 16(%rsp)
+    jne 2f
+    cmpq $SERVICE_CR3, %rdi
+    jne 1f
+    movq %rsi, %cr3
+    addq $16, %rsp
+    iretq
+1:  cmpq $SERVICE_INVLPG, %rdi
+    jne 2f
+    invlpg (%rsi)
+    addq $16, %rsp
+    iretq
+2:  push_registers
     movq %rsp, %rdi
     cld
     call monitor_ring0_event

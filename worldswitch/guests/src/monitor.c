@@ -129,11 +129,6 @@ static void count(int kind)
 
 /* ---- ring 0: what the body cannot do in ring 3 ---------------------------------------------------- */
 
-enum service {
-    SERVICE_CR3, SERVICE_INVLPG, SERVICE_CR0, SERVICE_CR4, SERVICE_CR8, SERVICE_READ_CR8,
-    SERVICE_RDMSR, SERVICE_WRMSR, SERVICE_SWAPGS, SERVICE_WAIT, SERVICE_HALT, SERVICE_TRIPLE_FAULT,
-};
-
 static int in_ring0(void)
 {
     u64 cs;
@@ -145,7 +140,7 @@ static int any_pending(void);
 
 /* Do `service` with arguments a and b: directly in ring 0 (init, and ring 0's own events), else
  * through ring0_call, which is monitor_ring0_event coming back here in ring 0. */
-static u64 privileged(enum service service, u64 a, u64 b)
+static u64 privileged(u64 service, u64 a, u64 b)
 {
     if (!in_ring0()) {
         count(COUNT_RING0);
@@ -376,9 +371,13 @@ static u64 read_u64(u64 address)
 #define SHADOW_PAGES 448
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
-static u64 bare_root[512] __attribute__((aligned(4096))); /* only the monitor's slots: run on it while the pool is reset */
+/* The roots: the kernel's shadow, and its user mode's once split. They stay, and are emptied in
+ * place: a page the host's own MMU knows as a page table costs a trap to KVM for every write to it,
+ * so a flush writes only the entries that were in use (on PVM, zeroing a fresh root page and loading
+ * CR3 twice, as the first version did, cost most of a flush). */
+static u64 roots[2][512] __attribute__((aligned(4096)));
 static int shadow_used;
-static u64 *kernel_root, *user_root;
+static u64 *kernel_root = roots[0], *user_root = roots[0];
 static int split;
 static u64 monitor_slot, direct_slot; /* PML4 entries 511 and 510 */
 
@@ -389,12 +388,12 @@ static u64 *shadow_page(void)
     return page;
 }
 
-static u64 *new_root(void)
+/* A root with only the monitor's slots (510 and 511) left. */
+static void empty_root(u64 *root)
 {
-    u64 *root = shadow_page();
-    root[511] = monitor_slot;
-    root[510] = direct_slot;
-    return root;
+    for (int slot = 0; slot < 510; slot++)
+        if (root[slot])
+            root[slot] = 0;
 }
 
 static void load_root(u64 *root)
@@ -406,10 +405,12 @@ static void load_root(u64 *root)
 static void shadow_flush(void)
 {
     count(COUNT_SHADOW_FLUSH);
-    load_root(bare_root); /* the pool's first page is the root the CPU is on */
+    empty_root(roots[0]); /* the CPU may be on either: the monitor's own slots stay */
+    if (split)
+        empty_root(roots[1]);
     shadow_used = 0;
     split = 0;
-    kernel_root = user_root = new_root();
+    kernel_root = user_root = roots[0];
     load_root(kernel_root);
 }
 
@@ -431,15 +432,16 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
  * permission waits for the guest's dirty bit, so that the first write faults and sets it. */
 static void shadow_fill(int user, u64 address, const struct translation *t)
 {
-    if (shadow_used > SHADOW_PAGES - 5)
-        shadow_flush(); /* a fill needs at most three new tables, and a user root */
+    if (shadow_used > SHADOW_PAGES - 3)
+        shadow_flush(); /* a fill needs at most three new tables */
     u64 size = t->size == PAGE_SIZE ? PAGE_SIZE : 2ul << 20; /* a 1 GiB guest page: 2 MiB at a time */
     u64 frame = t->physical & ~(size - 1);
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
         STOP("the guest mapped the monitor's memory", address, frame);
     if (!user && !t->user && !split) { /* its kernel's first supervisor-only page */
         split = 1;
-        user_root = new_root();
+        empty_root(roots[1]); /* what it held was of the pool before the last flush */
+        user_root = roots[1];
     }
     u64 *root = user ? user_root : kernel_root;
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
@@ -520,8 +522,10 @@ static void paging_init(void)
         }
     }
     direct_slot = physical(direct_pdpt) | PTE_P | PTE_W | PTE_U;
-    bare_root[511] = monitor_slot;
-    bare_root[510] = direct_slot;
+    for (int r = 0; r < 2; r++) {
+        roots[r][511] = monitor_slot;
+        roots[r][510] = direct_slot;
+    }
     shadow_flush();
     handoff.counters[COUNT_SHADOW_FLUSH] = 0;
 }
@@ -1301,7 +1305,7 @@ static void own_event(struct trap_frame *frame)
 void monitor_ring0_event(struct trap_frame *frame)
 {
     if (frame->vector == 3 && frame->rip == (u64)ring0_return && (frame->cs & 3)) {
-        frame->rax = privileged((enum service)frame->rdi, frame->rsi, frame->rdx);
+        frame->rax = privileged(frame->rdi, frame->rsi, frame->rdx);
         return;
     }
     own_event(frame);

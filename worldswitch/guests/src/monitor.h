@@ -27,6 +27,21 @@
 #define LOADED_SS 0x13b
 #define GDT_ENTRIES 40
 
+/* The body's calls into ring 0 (ring0_call's first argument). monitor.S serves the first two itself,
+ * in a few instructions: a kernel's context switch and TLB flushes make them the frequent ones. */
+#define SERVICE_CR3 0
+#define SERVICE_INVLPG 1
+#define SERVICE_CR0 2
+#define SERVICE_CR4 3
+#define SERVICE_CR8 4
+#define SERVICE_READ_CR8 5
+#define SERVICE_RDMSR 6
+#define SERVICE_WRMSR 7
+#define SERVICE_SWAPGS 8
+#define SERVICE_WAIT 9
+#define SERVICE_HALT 10
+#define SERVICE_TRIPLE_FAULT 11
+
 #ifndef __ASSEMBLER__
 
 /* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with

@@ -8,7 +8,10 @@
  *               runtime reports the #PF (error code 5: present, user); with `sgdt`, ring 3 stores
  *               its GDTR there instead (error code 7: present, write, user)
  *   many        maps the second GiB with 4 KiB pages, all 512 of its 2 MiB through one page table,
- *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables */
+ *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables
+ *   switch [N] [P]  loads CR3 N times (default 200) in ring 0, as a kernel's context switch does,
+ *               and reads a word in each of P (up to 8, default 8) 2 MiB pages after each load,
+ *               between SYNC and DONE (the bench's "cr3"): DONE(N, the words' sum) */
 #include "ws.h"
 
 #define ADDRESS_BITS 0x000ffffffffff000ul
@@ -101,6 +104,21 @@ static void many(void)
     GUEST_DONE(right, 0, 0, 0);
 }
 
+#define SWITCH_PAGES 8
+#define WORKING_SET 0x04000000ul /* 64 MiB: 8 2 MiB pages of the identity map nothing else uses */
+
+static void switches(u64 n, u64 pages)
+{
+    u64 cr3 = read_cr3(), sum = 0;
+    GUEST_SYNC(0, n);
+    for (u64 i = 0; i < n; i++) {
+        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+        for (u64 page = 0; page < pages; page++)
+            sum += *(volatile u64 *)(WORKING_SET + ((page % SWITCH_PAGES) << 21));
+    }
+    GUEST_DONE(n, sum, 0, 0);
+}
+
 static int read_from_user(u64 address)
 {
     if (arg_has("sgdt"))
@@ -129,6 +147,8 @@ int main(const char *args)
         supervisor();
     if (arg_has("many"))
         many();
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor or many");
+    if (arg_has("switch"))
+        switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES));
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many or switch");
     return 1;
 }
