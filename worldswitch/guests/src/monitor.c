@@ -377,6 +377,19 @@ static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
  * CR3 twice, as the first version did, cost most of a flush). */
 static u64 roots[2][512] __attribute__((aligned(4096)));
 static int shadow_used;
+
+/* Each fill, as it was made: what a CR3 load of the same tables checks (shadow_check). The guest's
+ * entries on the way are kept by value, accessed and dirty bits included, so that any change to
+ * them, even a cleared accessed bit, takes the shadow's entry away as a flush would. */
+#define FILLS 2048
+static struct fill {
+    u64 address;
+    u64 *shadow; /* the entry made */
+    u64 entry;
+    u64 guest[4]; /* the guest's entries walked, top level first */
+    int levels;
+} fills[FILLS];
+static int fills_used;
 static u64 *kernel_root = roots[0], *user_root = roots[0];
 static int split;
 static u64 monitor_slot, direct_slot; /* PML4 entries 511 and 510 */
@@ -409,6 +422,7 @@ static void shadow_flush(void)
     if (split)
         empty_root(roots[1]);
     shadow_used = 0;
+    fills_used = 0;
     split = 0;
     kernel_root = user_root = roots[0];
     load_root(kernel_root);
@@ -432,8 +446,8 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
  * permission waits for the guest's dirty bit, so that the first write faults and sets it. */
 static void shadow_fill(int user, u64 address, const struct translation *t)
 {
-    if (shadow_used > SHADOW_PAGES - 3)
-        shadow_flush(); /* a fill needs at most three new tables */
+    if (shadow_used > SHADOW_PAGES - 3 || fills_used == FILLS)
+        shadow_flush(); /* a fill needs at most three new tables, and a record */
     u64 size = t->size == PAGE_SIZE ? PAGE_SIZE : 2ul << 20; /* a 1 GiB guest page: 2 MiB at a time */
     u64 frame = t->physical & ~(size - 1);
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
@@ -451,8 +465,45 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
         entry |= PTE_NX;
     if (size != PAGE_SIZE)
         entry |= PTE_PS | (t->size != size ? PTE_FROM_1G : 0);
-    *shadow_entry(root, address, size) = entry;
+    u64 *shadow = shadow_entry(root, address, size);
+    *shadow = entry;
+    struct fill *record = &fills[fills_used++];
+    record->address = address & ~(size - 1);
+    record->shadow = shadow;
+    record->entry = entry;
+    record->levels = t->levels;
+    for (int level = 0; level < t->levels; level++)
+        record->guest[level] = *t->entries[level];
     count(COUNT_SHADOW_FILL);
+}
+
+/* A CR3 load of the tables the shadows were filled from: the guest may have changed them, and
+ * counts on the load to make its changes seen. Every entry whose guest entries no longer read as
+ * they did at its fill goes, as from a flush; the others stay, which a flush and its refills would
+ * only have made again (one page fault each, where a CR3 load is a context switch). The real TLB
+ * is flushed only if an entry went. */
+static void shadow_check(void)
+{
+    count(COUNT_SHADOW_CHECK);
+    int kept = 0, gone = 0;
+    for (int i = 0; i < fills_used; i++) {
+        struct fill *record = &fills[i];
+        if ((*record->shadow & ~(PTE_A | PTE_D)) != record->entry) /* the CPU marks the shadow's entries too */
+            continue; /* invalidated, or made again since: a later record has it */
+        struct translation t;
+        int same = walk(record->address, &t) && t.levels == record->levels;
+        for (int level = 0; same && level < t.levels; level++)
+            same = *t.entries[level] == record->guest[level];
+        if (!same) {
+            *record->shadow = 0;
+            gone = 1;
+            continue;
+        }
+        fills[kept++] = *record;
+    }
+    fills_used = kept;
+    if (gone)
+        load_root(kernel_root);
 }
 
 /* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
@@ -895,8 +946,12 @@ static void write_cr(int cr, u64 value)
         guest.cr2 = value;
         return;
     case 3:
-        guest.cr3 = value;
-        shadow_flush();
+        if (value == guest.cr3) {
+            shadow_check();
+        } else {
+            guest.cr3 = value;
+            shadow_flush();
+        }
         return;
     case 4:
         if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | real_cr4_extra))

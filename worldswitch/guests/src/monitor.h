@@ -59,6 +59,7 @@ enum {
     COUNT_SYSCALL, COUNT_SYSRET, COUNT_SWAPGS,
     COUNT_RING0,       /* the body's calls into ring 0 (ring0_call): what it could not do in ring 3 */
     COUNT_SEGMENT,     /* lretq and mov to SS: its kernel's own segment loads */
+    COUNT_SHADOW_CHECK, /* CR3 loads of the same tables: the shadows checked against them, kept */
     COUNT_KINDS
 };
 

@@ -9,6 +9,10 @@
  *               its GDTR there instead (error code 7: present, write, user)
  *   many        maps the second GiB with 4 KiB pages, all 512 of its 2 MiB through one page table,
  *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables
+ *   reload      remaps a 2 MiB page it has used and loads CR3 with the same tables (no INVLPG): the
+ *               load must make the new mapping seen; then clears the entry's accessed bit, loads
+ *               CR3 again and reads: the bit must be set again. DONE(word before, word after,
+ *               accessed bit after the second load)
  *   switch [N] [P]  loads CR3 N times (default 200) in ring 0, as a kernel's context switch does,
  *               and reads a word in each of P (up to 8, default 8) 2 MiB pages after each load,
  *               between SYNC and DONE (the bench's "cr3"): DONE(N, the words' sum) */
@@ -104,6 +108,25 @@ static void many(void)
     GUEST_DONE(right, 0, 0, 0);
 }
 
+static void reload(void)
+{
+    u64 *entry = pde(TEST_PAGE), original = *entry;
+    volatile u64 *word = (volatile u64 *)TEST_PAGE;
+    *word = 0x1111;
+    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
+    u64 before = *word;
+    *entry = (original & ~ADDRESS_BITS) | (TEST_PAGE + (2ul << 20)); /* the next 2 MiB instead */
+    __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
+    u64 after = *word;
+    *entry &= ~PTE_ACCESSED;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
+    (void)*word;
+    u64 accessed = *(volatile u64 *)entry & PTE_ACCESSED; /* set by the walk, behind the compiler's back */
+    *entry = original;
+    __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
+    GUEST_DONE(before, after, accessed, 0);
+}
+
 #define SWITCH_PAGES 8
 #define WORKING_SET 0x04000000ul /* 64 MiB: 8 2 MiB pages of the identity map nothing else uses */
 
@@ -147,8 +170,10 @@ int main(const char *args)
         supervisor();
     if (arg_has("many"))
         many();
+    if (arg_has("reload"))
+        reload();
     if (arg_has("switch"))
         switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES));
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many or switch");
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, reload or switch");
     return 1;
 }
