@@ -8,7 +8,8 @@ Each workload runs without and with the monitor, interleaved, N times; the table
 - `int3`, `gp`, `timer`: the gates guest's events from ring 3 to the program's ring-0 handler (a
   kernel's path), timed per event by the guest's own `rdtsc`;
 - `cr3`: the paging guest's CR3 loads in ring 0, each followed by reads in 8 pages (a context
-  switch and its first steps), timed by the VMX between SYNC and DONE.
+  switch and its first steps), timed by the VMX between SYNC and DONE; `cr3 two` alternates between
+  two address spaces (two PML4s sharing their lower tables), as a switch between processes does.
 KVM's count of emulated instructions is read at the same SYNC and DONE. Where ring 0 is emulated
 (PVM), the monitor runs the program's kernel code natively in ring 3 and traps only what it must,
 behind a ring-0 trampoline of a few instructions; what its body must still do in ring 0 (a CR3
@@ -34,8 +35,8 @@ LOOP = 1_000_000
 EVENTS = 200
 WORKLOADS = {"loop": ("probe", f"ring0 {LOOP}"), "int3": ("gates", f"int3 {EVENTS} kernel"),
              "gp": ("gates", f"gp {EVENTS} kernel"), "timer": ("gates", f"timer {EVENTS} kernel"),
-             "cr3": ("paging", f"switch {EVENTS}")}
-PER_SWITCH = ("cr3",)  # timed by the VMX between SYNC and DONE, per CR3 load
+             "cr3": ("paging", f"switch {EVENTS}"), "cr3 two": ("paging", f"switch {EVENTS} 8 two")}
+PER_SWITCH = ("cr3", "cr3 two")  # timed by the VMX between SYNC and DONE, per CR3 load
 
 
 @dataclass(frozen=True)

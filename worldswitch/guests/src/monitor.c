@@ -371,11 +371,21 @@ static u64 read_u64(u64 address)
 #define SHADOW_PAGES 448
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
-/* The roots: the kernel's shadow, and its user mode's once split. They stay, and are emptied in
- * place: a page the host's own MMU knows as a page table costs a trap to KVM for every write to it,
- * so a flush writes only the entries that were in use (on PVM, zeroing a fresh root page and loading
- * CR3 twice, as the first version did, cost most of a flush). */
-static u64 roots[2][512] __attribute__((aligned(4096)));
+/* A shadow per address space: SPACES of the guest's page tables (CR3 values) are kept, each with
+ * its kernel's root and its user mode's (once split); a CR3 load of one of them switches to it and
+ * checks it (shadow_check), a load of another takes the least recently made one's place. The roots
+ * stay, and are emptied in place: a page the host's own MMU knows as a page table costs a trap to
+ * KVM for every write to it, so emptying writes only the entries that were in use (on PVM, zeroing
+ * a fresh root page and loading CR3 twice, as the first version did, cost most of a flush). The
+ * shadows' lower tables come from one pool; when it runs out every shadow is emptied. */
+#define SPACES 4
+static u64 roots[SPACES][2][512] __attribute__((aligned(4096)));
+static struct space {
+    u64 cr3;   /* the guest's tables */
+    int split; /* its kernel has used a supervisor-only page: its user mode has a root of its own */
+} spaces[SPACES];
+static int space;      /* the current one */
+static int next_space; /* the one a new address space takes */
 static int shadow_used;
 
 /* Each fill, as it was made: what a CR3 load of the same tables checks (shadow_check). The guest's
@@ -384,13 +394,14 @@ static int shadow_used;
 #define FILLS 2048
 static struct fill {
     u64 address;
+    int space;
     u64 *shadow; /* the entry made */
     u64 entry;
     u64 guest[4]; /* the guest's entries walked, top level first */
     int levels;
 } fills[FILLS];
 static int fills_used;
-static u64 *kernel_root = roots[0], *user_root = roots[0];
+static u64 *kernel_root = roots[0][0], *user_root = roots[0][0]; /* the current space's */
 static int split;
 static u64 monitor_slot, direct_slot; /* PML4 entries 511 and 510 */
 
@@ -414,17 +425,40 @@ static void load_root(u64 *root)
     privileged(SERVICE_CR3, physical(root), 0);
 }
 
-/* Empty both shadows (a CR3 load, or the pool used up): they refill as the guest runs. */
+/* Address space `index` empty, its records gone (the pool's pages it used stay taken). */
+static void empty_space(int index)
+{
+    empty_root(roots[index][0]); /* the CPU may be on it: the monitor's own slots stay */
+    empty_root(roots[index][1]);
+    spaces[index].split = 0;
+    int kept = 0;
+    for (int i = 0; i < fills_used; i++)
+        if (fills[i].space != index)
+            fills[kept++] = fills[i];
+    fills_used = kept;
+}
+
+static void enter_space(int index)
+{
+    space = index;
+    split = spaces[index].split;
+    kernel_root = roots[index][0];
+    user_root = roots[index][split];
+}
+
+/* Empty every shadow (the pool used up, or what the guest's kernel may write changed): they refill
+ * as the guest runs. */
 static void shadow_flush(void)
 {
     count(COUNT_SHADOW_FLUSH);
-    empty_root(roots[0]); /* the CPU may be on either: the monitor's own slots stay */
-    if (split)
-        empty_root(roots[1]);
+    for (int index = 0; index < SPACES; index++) {
+        empty_root(roots[index][0]);
+        empty_root(roots[index][1]);
+        spaces[index].split = 0;
+    }
     shadow_used = 0;
     fills_used = 0;
-    split = 0;
-    kernel_root = user_root = roots[0];
+    enter_space(space);
     load_root(kernel_root);
 }
 
@@ -453,9 +487,8 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
         STOP("the guest mapped the monitor's memory", address, frame);
     if (!user && !t->user && !split) { /* its kernel's first supervisor-only page */
-        split = 1;
-        empty_root(roots[1]); /* what it held was of the pool before the last flush */
-        user_root = roots[1];
+        split = spaces[space].split = 1;
+        user_root = roots[space][1]; /* empty: emptied with the space */
     }
     u64 *root = user ? user_root : kernel_root;
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
@@ -469,6 +502,7 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     *shadow = entry;
     struct fill *record = &fills[fills_used++];
     record->address = address & ~(size - 1);
+    record->space = space;
     record->shadow = shadow;
     record->entry = entry;
     record->levels = t->levels;
@@ -477,17 +511,21 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     count(COUNT_SHADOW_FILL);
 }
 
-/* A CR3 load of the tables the shadows were filled from: the guest may have changed them, and
- * counts on the load to make its changes seen. Every entry whose guest entries no longer read as
- * they did at its fill goes, as from a flush; the others stay, which a flush and its refills would
- * only have made again (one page fault each, where a CR3 load is a context switch). The real TLB
- * is flushed only if an entry went. */
-static void shadow_check(void)
+/* A CR3 load of tables the current shadow was filled from (the same tables, or a switch back to
+ * them): the guest may have changed them, and counts on the load to make its changes seen. Every
+ * entry whose guest entries no longer read as they did at its fill goes, as from a flush; the others
+ * stay, which a flush and its refills would only have made again (one page fault each, where a CR3
+ * load is a context switch). 1 if an entry went, and so the real TLB must be flushed. */
+static int shadow_check(void)
 {
     count(COUNT_SHADOW_CHECK);
     int kept = 0, gone = 0;
     for (int i = 0; i < fills_used; i++) {
         struct fill *record = &fills[i];
+        if (record->space != space) {
+            fills[kept++] = *record;
+            continue;
+        }
         if ((*record->shadow & ~(PTE_A | PTE_D)) != record->entry) /* the CPU marks the shadow's entries too */
             continue; /* invalidated, or made again since: a later record has it */
         struct translation t;
@@ -502,8 +540,34 @@ static void shadow_check(void)
         fills[kept++] = *record;
     }
     fills_used = kept;
-    if (gone)
-        load_root(kernel_root);
+    return gone;
+}
+
+/* The guest's CR3 load: the same tables are checked; another address space's shadow, kept or new,
+ * becomes the current one. */
+static void load_guest_tables(u64 cr3)
+{
+    if (cr3 == guest.cr3) {
+        if (shadow_check())
+            load_root(kernel_root);
+        return;
+    }
+    guest.cr3 = cr3;
+    spaces[space].split = split;
+    for (int index = 0; index < SPACES; index++)
+        if (spaces[index].cr3 == cr3 && index != space) {
+            enter_space(index);
+            shadow_check();
+            load_root(kernel_root);
+            return;
+        }
+    int index = next_space == space ? (next_space + 1) % SPACES : next_space;
+    next_space = (index + 1) % SPACES;
+    count(COUNT_SHADOW_FLUSH);
+    empty_space(index);
+    spaces[index].cr3 = cr3;
+    enter_space(index);
+    load_root(kernel_root);
 }
 
 /* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
@@ -573,12 +637,15 @@ static void paging_init(void)
         }
     }
     direct_slot = physical(direct_pdpt) | PTE_P | PTE_W | PTE_U;
-    for (int r = 0; r < 2; r++) {
-        roots[r][511] = monitor_slot;
-        roots[r][510] = direct_slot;
-    }
-    shadow_flush();
-    handoff.counters[COUNT_SHADOW_FLUSH] = 0;
+    for (int index = 0; index < SPACES; index++)
+        for (int r = 0; r < 2; r++) {
+            roots[index][r][511] = monitor_slot;
+            roots[index][r][510] = direct_slot;
+        }
+    spaces[0].cr3 = guest.cr3;
+    next_space = 1;
+    enter_space(0); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
+    load_root(kernel_root);
 }
 
 /* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
@@ -946,12 +1013,7 @@ static void write_cr(int cr, u64 value)
         guest.cr2 = value;
         return;
     case 3:
-        if (value == guest.cr3) {
-            shadow_check();
-        } else {
-            guest.cr3 = value;
-            shadow_flush();
-        }
+        load_guest_tables(value);
         return;
     case 4:
         if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | real_cr4_extra))

@@ -13,9 +13,13 @@
  *               load must make the new mapping seen; then clears the entry's accessed bit, loads
  *               CR3 again and reads: the bit must be set again. DONE(word before, word after,
  *               accessed bit after the second load)
- *   switch [N] [P]  loads CR3 N times (default 200) in ring 0, as a kernel's context switch does,
- *               and reads a word in each of P (up to 8, default 8) 2 MiB pages after each load,
- *               between SYNC and DONE (the bench's "cr3"): DONE(N, the words' sum) */
+ *   spaces      alternates CR3 between its tables and a second PML4 that shares their lower levels,
+ *               remapping a 2 MiB page before each load: each load must show the mapping made in
+ *               the other address space. DONE(loads that read the right word, of 8)
+ *   switch [N] [P] [two]  loads CR3 N times (default 200) in ring 0, as a kernel's context switch
+ *               does, and reads a word in each of P (up to 8, default 8) 2 MiB pages after each
+ *               load, between SYNC and DONE (the bench's "cr3"); with `two`, alternately its tables
+ *               and a second PML4 sharing their lower levels (two processes): DONE(N, the sum) */
 #include "ws.h"
 
 #define ADDRESS_BITS 0x000ffffffffff000ul
@@ -127,15 +131,41 @@ static void reload(void)
     GUEST_DONE(before, after, accessed, 0);
 }
 
+static u64 second_pml4[512] __attribute__((aligned(4096)));
+
+static void two_spaces(void)
+{
+    u64 first = read_cr3(), *pml4 = (u64 *)(first & ADDRESS_BITS);
+    for (int i = 0; i < 512; i++)
+        second_pml4[i] = pml4[i];
+    u64 tables[2] = { first, (u64)second_pml4 }, *entry = pde(TEST_PAGE), original = *entry, right = 0;
+    volatile u64 *word = (volatile u64 *)TEST_PAGE;
+    *word = 0x1111;
+    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
+    for (u64 i = 0; i < 8; i++) {
+        u64 frame = TEST_PAGE + (i % 2) * (2ul << 20);
+        *(volatile u64 *)entry = (original & ~ADDRESS_BITS) | frame; /* in this space; seen in both */
+        __asm__ volatile("mov %0, %%cr3" : : "r"(tables[(i + 1) % 2]) : "memory");
+        right += *word == (i % 2 ? 0x2222ul : 0x1111ul);
+    }
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    *entry = original;
+    __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
+    GUEST_DONE(right, 0, 0, 0);
+}
+
 #define SWITCH_PAGES 8
 #define WORKING_SET 0x04000000ul /* 64 MiB: 8 2 MiB pages of the identity map nothing else uses */
 
-static void switches(u64 n, u64 pages)
+static void switches(u64 n, u64 pages, int two)
 {
-    u64 cr3 = read_cr3(), sum = 0;
+    u64 cr3 = read_cr3(), sum = 0, *pml4 = (u64 *)(cr3 & ADDRESS_BITS);
+    for (int i = 0; i < 512; i++)
+        second_pml4[i] = pml4[i];
+    u64 tables[2] = { cr3, two ? (u64)second_pml4 : cr3 };
     GUEST_SYNC(0, n);
     for (u64 i = 0; i < n; i++) {
-        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+        __asm__ volatile("mov %0, %%cr3" : : "r"(tables[i % 2]) : "memory");
         for (u64 page = 0; page < pages; page++)
             sum += *(volatile u64 *)(WORKING_SET + ((page % SWITCH_PAGES) << 21));
     }
@@ -172,8 +202,10 @@ int main(const char *args)
         many();
     if (arg_has("reload"))
         reload();
+    if (arg_has("spaces"))
+        two_spaces();
     if (arg_has("switch"))
-        switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES));
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, reload or switch");
+        switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES), arg_has("two"));
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, reload, spaces or switch");
     return 1;
 }
