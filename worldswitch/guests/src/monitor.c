@@ -361,8 +361,9 @@ static u64 read_u64(u64 address)
 /* ---- shadow page tables ------------------------------------------------------------------------- */
 
 /* The CPU walks the monitor's shadow tables, never the guest's. A shadow is a software TLB: filled
- * from the guest's tables when a page fault finds nothing there, emptied by INVLPG (one page) and by
- * a CR3 load (all), which is what the architecture already asks of a guest that changes a mapping.
+ * from the guest's tables when a page fault finds nothing there, emptied by INVLPG (one page) and
+ * checked at a CR3 load (shadow_check: what changed goes), which is what the architecture already
+ * asks of a guest that changes a mapping.
  * Every guest page is user-accessible in it (the guest's kernel runs in ring 3), except that while
  * the guest's kernel has used a supervisor-only page, its user mode runs on a second shadow with
  * only its user pages (`split`); the guest's return to user mode then always traps, to switch. Slot
