@@ -662,19 +662,25 @@ static u64 tss_base_of(u64 selector)
 
 /* ---- the monitor's tables ---------------------------------------------------------------------- */
 
+/* 0 or 1 for the copies of the guest's CS and SS (keep_loaded), else -1. */
+static int loaded_copy(u64 selector)
+{
+    return selector == LOADED_CS ? 0 : selector == LOADED_SS ? 1 : -1;
+}
+
 static enum segment_kind kind_of(u64 selector)
 {
     u64 index = selector >> 3;
-    if (selector == LOADED_CS || selector == LOADED_SS)
-        return (enum segment_kind)loaded[selector == LOADED_SS].kind;
+    if (loaded_copy(selector) >= 0)
+        return (enum segment_kind)loaded[loaded_copy(selector)].kind;
     return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
 }
 
 /* A real selector as the guest knows it: its kernel's segments have RPL 0 to it, 3 to the CPU. */
 static u64 guest_view(u64 selector)
 {
-    if (selector == LOADED_CS || selector == LOADED_SS)
-        return loaded[selector == LOADED_SS].selector;
+    if (loaded_copy(selector) >= 0)
+        return loaded[loaded_copy(selector)].selector;
     enum segment_kind kind = kind_of(selector);
     return kind == KERNEL_CODE || kind == KERNEL_DATA ? selector & ~3ul : selector;
 }
@@ -682,7 +688,7 @@ static u64 guest_view(u64 selector)
 /* Before the GDT changes under the guest: its segment register `which` (0 CS, 1 SS) onto a copy. */
 static void keep_loaded(u64 *selector, int which)
 {
-    if (*selector == LOADED_CS || *selector == LOADED_SS)
+    if (loaded_copy(*selector) >= 0)
         return; /* on its copy already, since an earlier LGDT */
     loaded[which].kind = (u8)kind_of(*selector);
     loaded[which].selector = (u16)guest_view(*selector);

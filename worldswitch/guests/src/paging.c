@@ -133,12 +133,20 @@ static void reload(void)
 
 static u64 second_pml4[512] __attribute__((aligned(4096)));
 
-static void two_spaces(void)
+/* A second address space: a PML4 that shares the current one's lower tables, as two processes share
+ * their kernel's. Its CR3. */
+static u64 second_space(void)
 {
-    u64 first = read_cr3(), *pml4 = (u64 *)(first & ADDRESS_BITS);
+    const u64 *pml4 = (const u64 *)(read_cr3() & ADDRESS_BITS);
     for (int i = 0; i < 512; i++)
         second_pml4[i] = pml4[i];
-    u64 tables[2] = { first, (u64)second_pml4 }, *entry = pde(TEST_PAGE), original = *entry, right = 0;
+    return (u64)second_pml4;
+}
+
+static void two_spaces(void)
+{
+    u64 first = read_cr3();
+    u64 tables[2] = { first, second_space() }, *entry = pde(TEST_PAGE), original = *entry, right = 0;
     volatile u64 *word = (volatile u64 *)TEST_PAGE;
     *word = 0x1111;
     *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
@@ -159,10 +167,8 @@ static void two_spaces(void)
 
 static void switches(u64 n, u64 pages, int two)
 {
-    u64 cr3 = read_cr3(), sum = 0, *pml4 = (u64 *)(cr3 & ADDRESS_BITS);
-    for (int i = 0; i < 512; i++)
-        second_pml4[i] = pml4[i];
-    u64 tables[2] = { cr3, two ? (u64)second_pml4 : cr3 };
+    u64 cr3 = read_cr3(), sum = 0;
+    u64 tables[2] = { cr3, two ? second_space() : cr3 };
     GUEST_SYNC(0, n);
     for (u64 i = 0; i < n; i++) {
         __asm__ volatile("mov %0, %%cr3" : : "r"(tables[i % 2]) : "memory");
