@@ -192,6 +192,7 @@ def test_a_program_that_maps_the_monitors_pages_itself_is_stopped() -> None:
     ("cr3", (4, 0x5EED, 0, 0)),  # a second set of tables: aliases, a remapping made visible by INVLPG
     ("reload", (0x1111, 0x2222, 0x20, 0)),  # a remapping, and a cleared accessed bit, made seen by a CR3 load
     ("spaces", (8, 0, 0, 0)),  # two address spaces sharing tables: a change made in one is seen in the other
+    ("high", (0x10, 0x20, 0, 0)),  # a mapping in PML4 slot 511, where Linux keeps its kernel image
 ])
 def test_the_paging_guest_sees_what_the_cpu_does(mode: str, expected: tuple[int, ...]) -> None:
     result, _ = run("paging", mode, monitor=False)
@@ -200,11 +201,12 @@ def test_the_paging_guest_sees_what_the_cpu_does(mode: str, expected: tuple[int,
 
 @needs_emulating_host
 @pytest.mark.parametrize("mode, expected", [("dirty", (0, 0x20, 0x60, 0)), ("cr3", (4, 0x5EED, 0, 0)),
-                                            ("reload", (0x1111, 0x2222, 0x20, 0)), ("spaces", (8, 0, 0, 0))])
+                                            ("reload", (0x1111, 0x2222, 0x20, 0)), ("spaces", (8, 0, 0, 0)),
+                                            ("high", (0x10, 0x20, 0, 0))])
 def test_shadow_page_tables_give_the_program_what_its_own_tables_say(mode: str, expected: tuple[int, ...]) -> None:
     result, stats = run("paging", mode)
     assert done(result) == expected
-    assert stats.monitor["shadow_fill"] >= 3 and stats.monitor["invlpg"] == 1
+    assert stats.monitor["shadow_fill"] >= 3 and stats.monitor["invlpg"] == (0 if mode == "high" else 1)
     if mode == "cr3":  # a load of other tables: a new shadow; the load back: the first one, checked
         assert stats.monitor["shadow_flush"] == 1 and stats.monitor["shadow_check"] == 1, stats.monitor
     if mode == "reload":  # a load of the same tables checks them: the changed entries go, the others stay

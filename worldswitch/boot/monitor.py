@@ -1,7 +1,8 @@
 """Loading the in-guest monitor (`--monitor`; docs/monitor.md): worldswitch's own VMM, which runs a
 bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts that emulate guest
-ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at the top 4 MiB of the 64-bit address
-space as VMware's VMM reserved the top 4 MB; its pages are the top 4 MiB of the RAM below the PCI
+ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at MONITOR_BASE, in a PML4 slot Linux
+leaves unused (where VMware's VMM took the top 4 MB); its pages are the top 4 MiB of the RAM below
+the PCI
 hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken out of the
 guest's identity map. The VMM enters the
 monitor instead of the program, with the program's entry in the handoff page
@@ -19,7 +20,7 @@ from .elf import parse_elf
 from .longmode import PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 from .program import ProgramEntry
 
-MONITOR_BASE = 0xFFFF_FFFF_FFC0_0000
+MONITOR_BASE = 0xFFFF_FE80_0000_0000  # PML4 slot 509, which its map of guest RAM shares (monitor.h)
 MONITOR_SIZE = 4 << 20
 HUGE_PAGE = 2 << 20
 HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
@@ -76,17 +77,18 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
         raise GuestImageError(f"the monitor's entry {entry:#x} is outside its 4 MiB")
 
     # The monitor's boot PML4: slot 0 as the program's (the monitor reads the handoff's tables through
-    # it until it runs on its shadows), slot 511 -> PDPT[511] -> PD[510..511], two 2 MiB pages that
-    # ring 3 may use: the monitor's body runs there. The program's own tables never map the monitor.
+    # it until it runs on its shadows), and the monitor's slot -> a PDPT -> a PD -> two 2 MiB pages
+    # that ring 3 may use: the monitor's body runs there. The program's own tables never map it.
     boot_pml4 = physical_base + MONITOR_SIZE - 3 * 0x1000
     pdpt = physical_base + MONITOR_SIZE - 2 * 0x1000
     pd = physical_base + MONITOR_SIZE - 0x1000
-    first_slot = memory.read(layout.pml4, 8)
-    memory.write(boot_pml4, first_slot + bytes(510 * 8) + struct.pack("<Q", pdpt | PTE_PRESENT | PTE_WRITE | PTE_USER))
-    memory.write(pdpt, bytes(511 * 8) + struct.pack("<Q", pd | PTE_PRESENT | PTE_WRITE | PTE_USER))
-    pages = [physical_base + i * HUGE_PAGE | PTE_PRESENT | PTE_WRITE | PTE_USER | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
-    first = (MONITOR_BASE >> 21) & 511
-    memory.write(pd, bytes(first * 8) + struct.pack(f"<{len(pages)}Q", *pages))
+    table = PTE_PRESENT | PTE_WRITE | PTE_USER
+    memory.fill(boot_pml4, 3 * 0x1000)
+    memory.write(boot_pml4, memory.read(layout.pml4, 8))
+    memory.write(boot_pml4 + ((MONITOR_BASE >> 39) & 511) * 8, struct.pack("<Q", pdpt | table))
+    memory.write(pdpt + ((MONITOR_BASE >> 30) & 511) * 8, struct.pack("<Q", pd | table))
+    pages = [physical_base + i * HUGE_PAGE | table | PTE_HUGE for i in range(MONITOR_SIZE // HUGE_PAGE)]
+    memory.write(pd + ((MONITOR_BASE >> 21) & 511) * 8, struct.pack(f"<{len(pages)}Q", *pages))
     # and the identity map's view of the same pages: not present
     for i in range(MONITOR_SIZE // HUGE_PAGE):
         address = physical_base + i * HUGE_PAGE

@@ -24,8 +24,9 @@ from . import BIN_DIR, BUILTIN_GUESTS, GUESTS_DIR, SOURCE_DIR
 MANIFEST = GUESTS_DIR / "MANIFEST.json"
 RUNTIME_SOURCES = ("start.S", "pvh.S", "runtime.c", "string.c")
 EXTRA_SOURCES = {"smp": ("aps.c", "ap_trampoline.S"), "count": ("aps.c", "ap_trampoline.S")}  # guests with more than their own .c file
-# The in-guest monitor (docs/monitor.md) is not a guest program: its own sources, linked at the top
-# of the address space (-mcmodel=kernel: addresses in the top 2 GiB), beside the guests in bin/.
+# The in-guest monitor (docs/monitor.md) is not a guest program: its own sources, linked in the
+# hypervisor's hole of the address space (position-independent code: no 32-bit absolute address
+# reaches there), beside the guests in bin/.
 MONITOR = "monitor"
 MONITOR_SOURCES = ("monitor.S", "monitor.c", "string.c")
 
@@ -55,7 +56,7 @@ def toolchain() -> str:
 
 def _command(name: str, target: Path) -> list[str]:
     if name == MONITOR:
-        flags = [flag.replace("-mcmodel=small", "-mcmodel=kernel") for flag in CFLAGS]
+        flags = [flag for flag in CFLAGS if flag not in ("-fno-pic", "-fno-pie")] + ["-fpie", "-fvisibility=hidden"]
         links = [flag.replace("guest.ld", "monitor.ld") for flag in LDFLAGS]
         return ["gcc", *flags, *links, "-o", str(target), *MONITOR_SOURCES]
     sources = [*RUNTIME_SOURCES, *EXTRA_SOURCES.get(name, ()), f"{name}.c"]

@@ -13,7 +13,8 @@
  */
     .file "monitor.S"
 #include "monitor.h"
-#define MONITOR_BASE_IMM -0x400000  /* MONITOR_BASE as a sign-extended 32-bit immediate */
+#define MONITOR_RIP_WORD 20         /* RIP's bits 32-47, in a frame at (%rsp) */
+#define MONITOR_RIP_BITS ((MONITOR_BASE >> 32) & 0xffff) /* there in the monitor's first 4 GiB, nowhere else */
 #define BODY_RFLAGS 0x202
 #define EVENT_STACK_SIZE 0x4000
 #define EVENT_STACKS_FLIP 0xc000    /* the two event stacks' tops, XORed */
@@ -58,8 +59,8 @@ monitor_start:
  * a microsecond where ring 0 is emulated; the common path is eight of them, the stub's three included. */
 
 event_common:
-    cmpq $MONITOR_BASE_IMM, 16(%rsp)    /* RIP in the monitor: its own event, in the body or in ring 0 */
-    jae ring0_event
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
+    je ring0_event
 to_body:                                /* from the guest: into the body */
     xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
@@ -70,8 +71,8 @@ to_body:                                /* from the guest: into the body */
     .globl page_fault_entry
 page_fault_entry:
     pushq $14
-    cmpq $MONITOR_BASE_IMM, 16(%rsp)
-    jae ring0_event
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)
+    je ring0_event
     pushq %rax
     movq %cr2, %rax
     movq %rax, event_cr2(%rip)
@@ -91,7 +92,7 @@ body_entry_frame:
 
 /* The body's call into ring 0 (int3 at ring0_call): a CR3 load and an INVLPG here, the rest in C. */
 ring0_event:
-    cmpq $ring0_return, 16(%rsp)
+    cmpl $(ring0_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
     jne 2f
     cmpq $SERVICE_CR3, %rdi
     jne 1f

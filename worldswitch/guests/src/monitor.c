@@ -220,7 +220,7 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 /* ---- the guest's memory, through the guest's own page tables ------------------------------------ */
 
 /* The monitor reads the guest's page tables, which name guest-physical addresses, through a direct
- * map of guest RAM (PML4 slot 510), and walks them as the CPU would to fill its
+ * map of guest RAM (DIRECT_BASE, in its own slot), and walks them as the CPU would to fill its
  * shadows (below); a guest virtual address it reaches through those shadows (guest_pointer). It
  * never touches anything but guest RAM below the monitor. */
 #define PAGE_SIZE 4096ul
@@ -235,13 +235,14 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 #define PTE_NX (1ul << 63)
 #define PTE_ADDR 0x000ffffffffff000ul
 #define CR0_WP (1ul << 16)
-#define DIRECT_BASE 0xffffff0000000000ul /* PML4 slot 510 */
+#define DIRECT_BASE (MONITOR_BASE + (256ul << 30)) /* the monitor's slot, from its 256th GiB */
+#define SLOT_OF(address) (((address) >> 39) & 511)
 #define PF_PRESENT 1ul
 #define PF_WRITE 2ul
 #define PF_USER 4ul
 #define PF_FETCH 0x10ul
 
-static u64 direct_pdpt[512] __attribute__((aligned(4096)));
+static u64 monitor_pdpt[512] __attribute__((aligned(4096))); /* the monitor's slot: itself, and guest RAM */
 static u64 direct_pd[4][512] __attribute__((aligned(4096)));
 
 static u64 physical(const void *monitor_address)
@@ -314,15 +315,21 @@ static void mark(struct translation *t, u64 kind)
 /* A guest virtual address the monitor may use directly: it runs on the same shadow tables, so
  * a plain load or store reaches what the guest would; a page not in the shadow yet faults into
  * own_event, which fills it from the guest's tables (or ends the VM if they do not map it) and the
- * access is retried. Only the monitor's own slots (510 and 511) are out of the guest's reach. */
+ * access is retried. Only the monitor's own slot is out of the guest's reach. */
 static int canonical(u64 address)
 {
     return address < 0x0000800000000000ul || address >= 0xffff800000000000ul;
 }
 
+static int monitor_slot_of(u64 address)
+{
+    return SLOT_OF(address) == MONITOR_SLOT;
+}
+
 static void *guest_pointer(u64 address, u64 length)
 {
-    if (!canonical(address) || address >= DIRECT_BASE || length > DIRECT_BASE - address)
+    if (!canonical(address) || !canonical(address + length - 1) || length > (1ul << 39) ||
+        monitor_slot_of(address) || monitor_slot_of(address + length - 1))
         STOP("the guest pointed at the monitor's addresses", address, length);
     return (void *)address;
 }
@@ -367,8 +374,8 @@ static u64 read_u64(u64 address)
  * Every guest page is user-accessible in it (the guest's kernel runs in ring 3), except that while
  * the guest's kernel has used a supervisor-only page, its user mode runs on a second shadow with
  * only its user pages (`split`); the guest's return to user mode then always traps, to switch. Slot
- * 511 maps the monitor and slot 510 guest RAM for the monitor, in every shadow, for the body in
- * ring 3; no mapping the guest makes may reach the monitor's pages. */
+ * MONITOR_SLOT maps the monitor and guest RAM for it, in every shadow, for the body in ring 3; no
+ * mapping the guest makes may reach the monitor's pages. */
 #define SHADOW_PAGES 448
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
@@ -404,7 +411,7 @@ static struct fill {
 static int fills_used;
 static u64 *kernel_root = roots[0][0], *user_root = roots[0][0]; /* the current space's */
 static int split;
-static u64 monitor_slot, direct_slot; /* PML4 entries 511 and 510 */
+static u64 monitor_slot; /* the PML4 entry for MONITOR_SLOT */
 
 static u64 *shadow_page(void)
 {
@@ -413,11 +420,11 @@ static u64 *shadow_page(void)
     return page;
 }
 
-/* A root with only the monitor's slots (510 and 511) left. */
+/* A root with only the monitor's slots left. */
 static void empty_root(u64 *root)
 {
-    for (int slot = 0; slot < 510; slot++)
-        if (root[slot])
+    for (int slot = 0; slot < 512; slot++)
+        if (root[slot] && slot != MONITOR_SLOT)
             root[slot] = 0;
 }
 
@@ -604,7 +611,7 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
 {
     u64 kind = (hardware_code & (PF_WRITE | PF_FETCH)) | (user ? PF_USER : 0);
     struct translation t;
-    if (address >= DIRECT_BASE) /* slots 510 and 511 are the monitor's */
+    if (monitor_slot_of(address))
         STOP("the guest used the monitor's addresses", address, kind);
     if (!walk(address, &t)) {
         *code = kind;
@@ -619,30 +626,29 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
     return 1;
 }
 
-/* Slots 511 and 510 of every shadow, and the first shadow. The monitor starts on the boot tables
- * the VMM made for it (boot/monitor.py), whose slot 511 every shadow shares; guest RAM is mapped
- * for it with 2 MiB pages. */
+/* The monitor's slot of every shadow, and the first shadow. The monitor starts on the boot tables
+ * the VMM made for it (boot/monitor.py), whose map of the monitor goes into its own slot beside
+ * guest RAM, mapped with 2 MiB pages from DIRECT_BASE. */
 static void paging_init(void)
 {
     u64 cr3;
     __asm__ volatile("mov %%cr3, %0" : "=r"(cr3)); /* the VMM's boot tables for the monitor, in its pages */
     guest.cr3 = handoff.guest_cr3;
-    monitor_slot = ((u64 *)(MONITOR_BASE + (cr3 & PTE_ADDR) - handoff.physical_base))[511];
+    u64 boot_slot = ((u64 *)(MONITOR_BASE + (cr3 & PTE_ADDR) - handoff.physical_base))[MONITOR_SLOT];
+    monitor_pdpt[0] = ((u64 *)(MONITOR_BASE + (boot_slot & PTE_ADDR) - handoff.physical_base))[0];
     u64 gib = (handoff.guest_limit + (1ul << 30) - 1) >> 30;
     for (u64 g = 0; g < gib && g < 4; g++) {
-        direct_pdpt[g] = physical(direct_pd[g]) | PTE_P | PTE_W | PTE_U;
+        monitor_pdpt[((DIRECT_BASE >> 30) & 511) + g] = physical(direct_pd[g]) | PTE_P | PTE_W | PTE_U;
         for (u64 i = 0; i < 512; i++) {
             u64 address = (g << 30) | (i << 21);
             if (address < handoff.guest_limit)
                 direct_pd[g][i] = address | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_NX;
         }
     }
-    direct_slot = physical(direct_pdpt) | PTE_P | PTE_W | PTE_U;
+    monitor_slot = physical(monitor_pdpt) | PTE_P | PTE_W | PTE_U;
     for (int index = 0; index < SPACES; index++)
-        for (int r = 0; r < 2; r++) {
-            roots[index][r][511] = monitor_slot;
-            roots[index][r][510] = direct_slot;
-        }
+        for (int r = 0; r < 2; r++)
+            roots[index][r][MONITOR_SLOT] = monitor_slot;
     spaces[0].cr3 = guest.cr3;
     next_space = 1;
     enter_space(0); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
@@ -1408,7 +1414,7 @@ static void own_event(struct trap_frame *frame)
     }
     u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-    if (frame->vector == 14 && cr2 < DIRECT_BASE) { /* its access for the guest, not in the shadow yet */
+    if (frame->vector == 14 && !monitor_slot_of(cr2)) { /* its access for the guest, not in the shadow yet */
         if (shadow_fault(cr2, frame->error_code, 0, &code))
             return; /* filled: the access is retried */
         if (frame->rip == (u64)guest_copy_at) {

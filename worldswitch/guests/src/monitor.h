@@ -2,13 +2,18 @@
  * monitor.h: what the VMM and the in-guest monitor share (boot/monitor.py writes the handoff).
  *
  * The monitor (docs/monitor.md) runs a bare-metal program's ring-0 code deprivileged in ring 3 on
- * hosts without VT-x/AMD-V. It is linked at the top 4 MiB of the 64-bit address space, as VMware's
- * VMM reserved the top 4 MB; its pages are the top 4 MiB of guest RAM, mapped supervisor-only.
+ * hosts without VT-x/AMD-V. VMware's VMM reserved the top 4 MB of the guest's address space; this
+ * one takes one PML4 slot, 509: a hole in Linux's layout, between its cpu_entry_area and its ESPFIX
+ * stacks, and out of its KASLR's reach (Documentation/arch/x86/x86_64/mm.rst). Not the hole Linux
+ * leaves for a hypervisor (slots 256 to 271): a PVM host keeps at least slot 256 for itself, and
+ * ring 3 cannot run there. The slot's first 4 MiB are the monitor, its 256th GiB on its map of
+ * guest RAM. Its pages are the top 4 MiB of guest RAM below the PCI hole.
  */
 #ifndef MONITOR_H
 #define MONITOR_H
 
-#define MONITOR_BASE 0xffffffffffc00000UL
+#define MONITOR_BASE 0xfffffe8000000000 /* PML4 slot 509 (no suffix: monitor.S uses it too) */
+#define MONITOR_SLOT 509
 #define MONITOR_SIZE 0x400000UL
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 

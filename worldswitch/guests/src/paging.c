@@ -13,6 +13,9 @@
  *               load must make the new mapping seen; then clears the entry's accessed bit, loads
  *               CR3 again and reads: the bit must be set again. DONE(word before, word after,
  *               accessed bit after the second load)
+ *   high        maps a 2 MiB page also at 0xffffffff80000000 (PML4 slot 511, where Linux keeps its
+ *               kernel image), writes through each name and reads through the other: DONE(word
+ *               read high, word read low)
  *   spaces      alternates CR3 between its tables and a second PML4 that shares their lower levels,
  *               remapping a 2 MiB page before each load: each load must show the mapping made in
  *               the other address space. DONE(loads that read the right word, of 8)
@@ -131,6 +134,23 @@ static void reload(void)
     GUEST_DONE(before, after, accessed, 0);
 }
 
+#define HIGH_ALIAS 0xffffffff80000000ul
+static u64 high_pdpt[512] __attribute__((aligned(4096))), high_pd[512] __attribute__((aligned(4096)));
+
+static void high(void)
+{
+    u64 *pml4 = (u64 *)(read_cr3() & ADDRESS_BITS);
+    high_pd[(HIGH_ALIAS >> 21) & 511] = TEST_PAGE | 0x83; /* present, writable, 2 MiB */
+    high_pdpt[(HIGH_ALIAS >> 30) & 511] = (u64)high_pd | 3;
+    pml4[511] = (u64)high_pdpt | 3;
+    __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
+    volatile u64 *low = (volatile u64 *)TEST_PAGE, *alias = (volatile u64 *)HIGH_ALIAS;
+    *low = 0x10;
+    u64 read_high = *alias;
+    *alias = 0x20;
+    GUEST_DONE(read_high, *low, 0, 0);
+}
+
 static u64 second_pml4[512] __attribute__((aligned(4096)));
 
 /* A second address space: a PML4 that shares the current one's lower tables, as two processes share
@@ -210,8 +230,10 @@ int main(const char *args)
         reload();
     if (arg_has("spaces"))
         two_spaces();
+    if (arg_has("high"))
+        high();
     if (arg_has("switch"))
         switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES), arg_has("two"));
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, reload, spaces or switch");
+    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, reload, spaces, high or switch");
     return 1;
 }
