@@ -178,10 +178,11 @@ event_stubs:
 error_code_vectors:
     error_code_table
 
-/* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value): 0, or 1 if the CPU
- * refused with #GP (the event handler moves RIP from msr_*_at to msr_refused). */
+/* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value), int xcr_write(u32
+ * index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler moves RIP from
+ * msr_*_at or xcr_write_at to msr_refused). */
     .text
-    .globl msr_read, msr_write, msr_read_at, msr_write_at, msr_refused
+    .globl msr_read, msr_write, msr_read_at, msr_write_at, msr_refused, xcr_write, xcr_write_at
 msr_read:
     movl %edi, %ecx
 msr_read_at:
@@ -199,6 +200,15 @@ msr_write:
     shrq $32, %rdx
 msr_write_at:
     wrmsr
+    xorl %eax, %eax
+    ret
+xcr_write:
+    movl %edi, %ecx
+    movl %esi, %eax
+    movq %rsi, %rdx
+    shrq $32, %rdx
+xcr_write_at:
+    xsetbv
     xorl %eax, %eax
     ret
 msr_refused:

@@ -45,6 +45,9 @@
 #define MSR_SYSENTER_CS 0x174u /* to 0x176: SYSENTER's target */
 
 #define CR4_UMIP (1ul << 11)
+#define CR4_OSXSAVE (1ul << 18)
+#define DR6_FIXED 0xffff0ff0ul /* the bits DR6 and DR7 read as 1 */
+#define DR7_FIXED 0x400ul
 #define CPUID_7_UMIP (1u << 2) /* leaf 7, ECX */
 
 #define RFLAGS_IF 0x200ul
@@ -97,10 +100,11 @@ static struct {
 
 extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
-extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[];
+extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[], xcr_write_at[];
 extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[];
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
+int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
 extern char guest_copy_at[], guest_copy_failed[];
@@ -117,6 +121,7 @@ static struct {
     int user;         /* the mode it runs in now */
     u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
     u64 cr0, cr2, cr3, cr4;
+    u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
 } guest;
@@ -155,6 +160,7 @@ static u64 privileged(u64 service, u64 a, u64 b)
     case SERVICE_READ_CR8: __asm__ volatile("mov %%cr8, %0" : "=r"(a)); return a;
     case SERVICE_RDMSR: return (u64)msr_read((u32)a, (u64 *)b); /* b: where the value goes, in the monitor */
     case SERVICE_WRMSR: return (u64)msr_write((u32)a, b);
+    case SERVICE_XSETBV: return (u64)xcr_write((u32)a, b);
     case SERVICE_SWAPGS: __asm__ volatile("swapgs" ::: "memory"); return 0;
     case SERVICE_WAIT:
         while (!any_pending())
@@ -780,6 +786,8 @@ u64 monitor_init(void)
         real_cr4_extra = CR4_UMIP;
         __asm__ volatile("mov %0, %%cr4" : : "r"(guest.cr4 | real_cr4_extra));
     }
+    guest.dr[6] = DR6_FIXED;
+    guest.dr[7] = DR7_FIXED;
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
@@ -1294,6 +1302,18 @@ static int emulate(struct trap_frame *frame)
             privileged(SERVICE_SWAPGS, 0, 0);
             break;
         }
+        if (insn.bytes[insn.length - 1] == 0xd1) { /* xsetbv: XCR0, which the CPU keeps for the guest */
+            if (!(guest.cr4 & CR4_OSXSAVE)) {
+                deliver(frame, 6, 0, 0); /* #UD, as without OSXSAVE */
+                return 1;
+            }
+            count(COUNT_XSETBV);
+            if (privileged(SERVICE_XSETBV, (u32)frame->rcx, (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff))) {
+                deliver(frame, 13, 1, 0); /* what the CPU refused */
+                return 1;
+            }
+            break;
+        }
         if (insn.mod == 3)
             STOP("unsupported privileged 0f 01 instruction", frame->rip,
                  insn.bytes[insn.length - 1]);
@@ -1324,7 +1344,20 @@ static int emulate(struct trap_frame *frame)
         address = decode_modrm(frame, &insn);
         if (emulate_store_descriptor(frame, &insn, second, address))
             return 1;
-        if (guest.user || insn.reg != 3)
+        if (guest.user)
+            return 0;
+        if (insn.reg == 2) { /* lldt: only the null selector, as a 64-bit kernel loads it */
+            u16 selector;
+            if (insn.mod == 3)
+                selector = (u16)*gpr(frame, insn.rm);
+            else
+                read_guest(address, &selector, sizeof(selector));
+            if (selector & ~3)
+                STOP("an LDT is not emulated", frame->rip, selector);
+            count(COUNT_DESCRIPTOR);
+            break;
+        }
+        if (insn.reg != 3)
             return 0;
         count(COUNT_DESCRIPTOR);
         if (insn.mod == 3) {
@@ -1340,6 +1373,22 @@ static int emulate(struct trap_frame *frame)
         count(COUNT_MOV_CR);
         write_cr(0, guest.cr0 & ~8ul);
         break;
+    case 0x21: /* mov %drN, reg */
+    case 0x23: { /* mov reg, %drN: the guest's own copies; the CPU's stay clear, so its breakpoints
+                  * do not fire (a kernel clears DR7 at boot, and a debugger is not run under this) */
+        decode_modrm(frame, &insn);
+        int n = insn.reg & 7;
+        if (n == 4 || n == 5)
+            n += 2; /* DR6 and DR7 by their old names (CR4.DE clear) */
+        count(COUNT_MOV_DR);
+        if (second == 0x21) {
+            *gpr(frame, insn.rm) = guest.dr[n];
+        } else {
+            value = *gpr(frame, insn.rm);
+            guest.dr[n] = n == 6 ? value | DR6_FIXED : n == 7 ? (value & 0xffffffff) | DR7_FIXED : value;
+        }
+        break;
+    }
     case 0x09: /* wbinvd: a VM's caches are the host's to keep coherent; nothing to write back */
         count(COUNT_WBINVD);
         break;
@@ -1408,7 +1457,8 @@ static void own_event(struct trap_frame *frame)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
         return;
     }
-    if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at)) {
+    if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at ||
+                                frame->rip == (u64)xcr_write_at)) {
         frame->rip = (u64)msr_refused;
         return;
     }

@@ -46,6 +46,7 @@
 #define SERVICE_WAIT 9
 #define SERVICE_HALT 10
 #define SERVICE_TRIPLE_FAULT 11
+#define SERVICE_XSETBV 12
 
 #ifndef __ASSEMBLER__
 
@@ -65,6 +66,7 @@ enum {
     COUNT_RING0,       /* the body's calls into ring 0 (ring0_call): what it could not do in ring 3 */
     COUNT_SEGMENT,     /* lretq and mov to SS: its kernel's own segment loads */
     COUNT_SHADOW_CHECK, /* CR3 loads of the same tables: the shadows checked against them, kept */
+    COUNT_XSETBV, COUNT_MOV_DR,
     COUNT_KINDS
 };
 

@@ -1,7 +1,8 @@
 /* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
  * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, and a
  * wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
- * interrupt held by cli until sti, and sti;hlt woken by one); then the descriptor stores (sgdt, sidt,
+ * interrupt held by cli until sti, and sti;hlt woken by one); XCR0 (xsetbv, and one the CPU refuses),
+ * the debug registers and LLDT's null selector; then the descriptor stores (sgdt, sidt,
  * sldt, str, smsw), which a kernel may read in ring 0 and its user mode too, and which must show
  * the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
  * and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
@@ -41,10 +42,12 @@ static void on_tick(struct trap_frame *frame)
     lapic_write(LAPIC_EOI, 0);
 }
 
+static volatile u64 refused_length = 2; /* of the instruction a #GP is expected at: wrmsr's */
+
 static void on_gp(struct trap_frame *frame)
 {
     refused++;
-    frame->rip += 2; /* past the wrmsr */
+    frame->rip += refused_length;
 }
 
 static inline u64 rdmsr(u32 index)
@@ -61,6 +64,40 @@ static inline void wrmsr(u32 index, u64 value)
 
 #define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
 #define WRITE_CR(n, v) __asm__ volatile("mov %0, %%cr" #n : : "r"((u64)(v)) : "memory")
+
+#define CR4_OSXSAVE (1ul << 18)
+#define CPUID_1_XSAVE (1u << 26)
+
+static inline void xsetbv(u32 index, u64 value)
+{
+    __asm__ volatile("xsetbv" : : "c"(index), "a"((u32)value), "d"((u32)(value >> 32)) : "memory");
+}
+
+/* XCR0 set with OSXSAVE on (and a value the CPU refuses: #GP), two debug registers, and the null
+ * LDT: 2 checks. XCR0 is not read back: KVM's emulator, which runs a PVM guest's ring 0, has no
+ * XGETBV, and in ring 3 a PVM guest reads the host's XCR0. Every host worldswitch runs on has XSAVE. */
+#define XCR0_X87_SSE 3ul
+
+static u64 check_extended_state_and_debug(void)
+{
+    u32 eax = 1, ebx, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    GUEST_ASSERT(ecx & CPUID_1_XSAVE);
+    __asm__ volatile("mov %0, %%cr4" : : "r"(READ_CR(4) | CR4_OSXSAVE) : "memory");
+    xsetbv(0, XCR0_X87_SSE);
+    refused_length = 3;
+    xsetbv(0, 0); /* x87 state cannot be off: #GP */
+    refused_length = 2;
+    u64 dr0, dr7;
+    __asm__ volatile("mov %0, %%dr0" : : "r"(0x1234ul));
+    __asm__ volatile("mov %0, %%dr7" : : "r"(0ul));
+    __asm__ volatile("mov %%dr0, %0" : "=r"(dr0));
+    __asm__ volatile("mov %%dr7, %0" : "=r"(dr7));
+    GUEST_ASSERT_EQ(dr0, 0x1234);
+    GUEST_ASSERT_EQ(dr7, 0x400); /* bit 10 reads as 1 */
+    __asm__ volatile("lldt %w0" : : "r"(0));
+    return 2;
+}
 
 struct descriptor_table {
     u16 limit;
@@ -223,6 +260,7 @@ int main(const char *args)
     __asm__ volatile("sti; hlt" ::: "memory"); /* the tick wakes it */
     GUEST_ASSERT_EQ(ticks, 2);
     passed += 2;
+    passed += check_extended_state_and_debug();
     kernel_cr0 = READ_CR(0);
     passed += check_descriptor_stores();
     if (linux_layout)
