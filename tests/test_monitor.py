@@ -156,6 +156,26 @@ def test_the_counters_the_vmx_reads_are_the_ones_the_monitor_keeps() -> None:
     assert tuple(name.lower() for name in re.findall(r"\bCOUNT_(\w+)", kinds)) == COUNTERS
 
 
+INT_N = (1, 0x81 * 8 + 2, 0, 0)  # INT 0x80 handled; INT 0x81's #GP names its gate (IDT, not external)
+
+
+@pytest.mark.skipif(EMULATED, reason="this host turns INT n in ring 3 into #UD: the monitor's test below")
+def test_int_n_from_user_mode_reaches_its_gate_on_the_cpu() -> None:
+    plain, _ = run("fault", "intn", monitor=False)
+    assert done(plain) == INT_N
+
+
+@needs_emulating_host
+def test_int_n_from_user_mode_reaches_its_gate_under_the_monitor_as_on_the_cpu() -> None:
+    """Without the monitor this host's KVM turns INT n in ring 3 into #UD (docs/monitor.md, fact 4);
+    the monitor delivers it through the program's gate, or refuses it as the CPU does."""
+    plain, _ = run("fault", "intn", monitor=False)
+    assert plain.reason is StopReason.GUEST_ABORT and "#UD" in plain.message, plain.message
+    result, stats = run("fault", "intn")
+    assert done(result) == INT_N
+    assert stats.monitor["int_n"] == 2, stats.monitor
+
+
 @needs_emulating_host
 def test_the_monitors_pages_are_in_reach_of_ring_3_where_its_body_runs() -> None:
     """The monitor's body runs natively in ring 3, in pages ring 3 may use; the program's kernel runs

@@ -27,7 +27,7 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
-            "ring0", "segment", "shadow_check", "xsetbv", "mov_dr")
+            "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n")
 _HANDOFF = struct.Struct("<14Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS
 _TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
 

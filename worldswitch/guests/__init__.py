@@ -18,7 +18,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "hello": "prints a banner through the UART from ring 3 and exits through the debug-exit port",
     "exits": "makes N port-I/O and N MMIO exits from ring 3 (args: [N] [io|mmio|both])",
     "timer": "takes N LAPIC or PIT timer interrupts through its IDT while spinning in ring 3 (args: [N] [lapic|pit] [held])",
-    "fault": "misbehaves on purpose (args: ud | gp | triple | unmapped N | spin | halt | abort | int3 N | peek A | idt A | map A | wipe A N | stack | gate)",
+    "fault": "misbehaves on purpose (args: ud | gp | triple | unmapped N | spin | halt | abort | int3 N | peek A | idt A | map A | wipe A N | stack | gate | intn)",
     "echo": "echoes UART input back in upper case until it reads a line 'quit' (interrupt-driven)",
     "power": "powers off (ACPI S5) or resets (i8042, ACPI reset register) from ring 3 (args: off | kbd | acpi)",
     "smp": "starts the other vCPUs with INIT/SIPI and counts them (args: [seconds to wait])",

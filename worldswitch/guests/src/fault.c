@@ -16,6 +16,8 @@
  *              the gate's error code (vector 3 * 8 + 2: the IDT, not external); DONE(error code)
  *   map A      maps the 2 MiB at physical address A (decimal) at the same address in its identity
  *              map (a page the VMM may have left out of it), then reads it: DONE(word)
+ *   intn       from user mode: INT 0x80 through a gate user mode may use, then INT 0x81 through one
+ *              it may not (#GP with error code 0x81 * 8 + 2): DONE(0x80 handled, the #GP's code)
  *   wipe A N   writes N zero bytes from address A (decimal) in ring 0, then executes int3 there
  *              with a #BP handler installed: DONE(breakpoints) if it came back */
 #include "ws.h"
@@ -47,7 +49,28 @@ static int misbehave(u64 unused)
     return 1;
 }
 
-static volatile u64 breakpoints;
+static volatile u64 breakpoints, int80s, intn_gp_code;
+
+static void on_int80(struct trap_frame *frame)
+{
+    GUEST_ASSERT_EQ(frame->vector, 0x80);
+    GUEST_ASSERT_EQ(frame->cs, USER_CS);
+    int80s++;
+}
+
+static void on_intn_gp(struct trap_frame *frame)
+{
+    intn_gp_code = frame->error_code;
+    frame->rip += 2; /* past the int: #GP is a fault, reported at the instruction */
+}
+
+static int user_int_n(u64 unused)
+{
+    __asm__ volatile("int $0x80" ::: "memory");
+    __asm__ volatile("int $0x81" ::: "memory");
+    GUEST_DONE(int80s, intn_gp_code, 0, 0);
+    return 0;
+}
 
 static void on_not_present(struct trap_frame *frame)
 {
@@ -91,6 +114,12 @@ int main(const char *args)
         clear_gate_present(3);
         __asm__ volatile("int3" ::: "memory");
         GUEST_ASSERT(!"int3 through a gate not present came back");
+    }
+    if (arg_has("intn")) {
+        set_trap_handler_in(0x80, on_int80, KERNEL_CS); /* DPL 3 */
+        set_trap_handler(0x81, on_int80);                /* DPL 0 */
+        set_trap_handler(13, on_intn_gp);
+        enter_user(user_int_n, 0, 0);
     }
     if (arg_has("wipe")) {
         set_trap_handler(3, on_breakpoint);

@@ -845,13 +845,22 @@ static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 
         deliver(frame, fault, 1, code);
 }
 
+static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 error_code, int software);
+
+static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
+{
+    deliver_event(frame, vector, error, error_code, vector == 3 || vector == 4); /* int3 and into are the program's own */
+}
+
 /* Deliver `vector` through the guest's IDT, as the CPU would: on the stack its gate and TSS name,
  * with the frame its handler expects (CS and SS as the guest knows them, its own IF). Where the CPU
  * would fault instead (no gate, a gate not present, memory its tables do not give the kernel), the
- * monitor delivers that fault, up to the triple fault (`code` 0 for a page fault: refused_access). */
-static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_code)
+ * monitor delivers that fault, up to the triple fault (`code` 0 for a page fault: refused_access).
+ * A `software` event (INT n, INT3, INTO) is refused by a gate whose DPL is below the program's
+ * privilege, and its error codes do not have the EXT bit. */
+static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 error_code, int software)
 {
-    u64 idt_code = vector * 8 + 2 + (vector != 3 && vector != 4); /* IDT, and EXT unless int3 or into */
+    u64 idt_code = vector * 8 + 2 + !software; /* IDT, and EXT unless the program raised it */
     if (vector * 16 + 15 > guest.idt_limit) {
         deliver_failed(frame, vector, 13, idt_code);
         return;
@@ -868,7 +877,7 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
     }
     u64 target = (low & 0xffff) | ((low >> 48) & 0xffff) << 16 | (high & 0xffffffff) << 32;
     u64 selector = (low >> 16) & 0xffff, type = (low >> 40) & 0xf, dpl = (low >> 45) & 3, ist = (low >> 32) & 7;
-    if ((vector == 3 || vector == 4) && guest.user && dpl < 3) { /* int3/into where the gate forbids it */
+    if (software && guest.user && dpl < 3) { /* INT n, INT3 or INTO where the gate forbids it */
         deliver(frame, 13, 1, vector * 8 + 2);
         return;
     }
@@ -1443,6 +1452,20 @@ static int emulate(struct trap_frame *frame)
     return 1;
 }
 
+/* INT n (CD ib), which this host's KVM turns into #UD in ring 3 before anything sees it (a #UD at a
+ * CD byte can have no other cause: it is a valid instruction in every mode): delivered as the CPU
+ * would, through the program's gate for n, returning past the instruction. 1 if it was one. */
+static int emulate_int_n(struct trap_frame *frame)
+{
+    const u8 *bytes = guest_pointer(frame->rip, 2);
+    if (bytes[0] != 0xcd)
+        return 0;
+    count(COUNT_INT_N);
+    frame->rip += 2;
+    deliver_event(frame, bytes[1], 0, 0, 1);
+    return 1;
+}
+
 /* ---- ring 0's events ---------------------------------------------------------------------------- */
 
 /* An event while the monitor itself ran, in its body or in a ring-0 service: an interrupt (held for
@@ -1514,6 +1537,8 @@ void monitor_event(struct trap_frame *frame)
             guest.cr2 = address;
             deliver(frame, 14, 1, code);
         }
+    } else if (vector == 6 && emulate_int_n(frame)) {
+        /* delivered through its gate */
     } else if (vector < 32) {
         count(COUNT_EXCEPTIONS);
         deliver(frame, vector, has_error_code(vector), frame->error_code);

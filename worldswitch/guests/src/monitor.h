@@ -67,6 +67,7 @@ enum {
     COUNT_SEGMENT,     /* lretq and mov to SS: its kernel's own segment loads */
     COUNT_SHADOW_CHECK, /* CR3 loads of the same tables: the shadows checked against them, kept */
     COUNT_XSETBV, COUNT_MOV_DR,
+    COUNT_INT_N,       /* INT n from ring 3, which this host turns into #UD, delivered as the CPU would */
     COUNT_KINDS
 };
 
