@@ -28,7 +28,7 @@
  *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, the body's entry: this host's KVM
  *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
  *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated.
- * Not yet (docs/monitor.md): more than one vCPU, SYSENTER, and PUSHF/POPF, which run natively and
+ * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself, and PUSHF/POPF, which run natively and
  * see the real IF.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
  * rules the monitor checks ends its own VM with a report, never more.
@@ -124,6 +124,7 @@ static struct {
     u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
+    u64 sysenter[3];  /* SYSENTER's CS, ESP and EIP, likewise (the real ones stay null) */
 } guest;
 
 /* One locked instruction: ring 0 counts too, between any two instructions of the body. */
@@ -1094,14 +1095,18 @@ static void emulate_iretq(struct trap_frame *frame)
     }
 }
 
-/* The guest's copy of a SYSCALL MSR, or 0 for any other MSR (those pass through to the CPU). */
-static u64 *syscall_msr_of(u32 index)
+/* The guest's copy of an MSR the monitor keeps for it (SYSCALL's and SYSENTER's), or 0 for any
+ * other MSR (those pass through to the CPU). A 64-bit kernel sets SYSENTER's at boot for its 32-bit
+ * processes; SYSENTER itself is not emulated: with the real MSRs null, it is a #GP. */
+static u64 *kept_msr_of(u32 index)
 {
     switch (index) {
     case MSR_STAR: return &guest.star;
     case MSR_LSTAR: return &guest.lstar;
     case MSR_CSTAR: return &guest.cstar;
     case MSR_SFMASK: return &guest.sfmask;
+    case MSR_SYSENTER_CS: case MSR_SYSENTER_CS + 1: case MSR_SYSENTER_CS + 2:
+        return &guest.sysenter[index - MSR_SYSENTER_CS];
     }
     return 0;
 }
@@ -1297,7 +1302,7 @@ static int emulate(struct trap_frame *frame)
     u8 second = insn.bytes[insn.length++];
     if (guest.user && second > 0x01)
         return 0;
-    u64 value, address, *syscall_msr;
+    u64 value, address, *kept_msr;
     switch (second) {
     case 0x01: {
         address = decode_modrm(frame, &insn);
@@ -1422,22 +1427,21 @@ static int emulate(struct trap_frame *frame)
         return 1;
     case 0x30: /* wrmsr */
         count(COUNT_WRMSR);
-        if ((u32)frame->rcx - MSR_SYSENTER_CS < 3)
-            STOP("SYSENTER under the monitor is not built yet", frame->rip, frame->rcx);
         value = (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff);
-        syscall_msr = syscall_msr_of((u32)frame->rcx);
-        if (syscall_msr != 0 && (syscall_msr == &guest.star || syscall_msr == &guest.sfmask || canonical(value))) {
-            *syscall_msr = value;
-        } else if (syscall_msr != 0 || privileged(SERVICE_WRMSR, (u32)frame->rcx, value)) {
-            deliver(frame, 13, 1, 0); /* a non-canonical LSTAR or CSTAR, or what the CPU refused */
+        kept_msr = kept_msr_of((u32)frame->rcx);
+        if (kept_msr != 0 && (kept_msr == &guest.star || kept_msr == &guest.sfmask ||
+                              kept_msr == &guest.sysenter[0] || canonical(value))) {
+            *kept_msr = value;
+        } else if (kept_msr != 0 || privileged(SERVICE_WRMSR, (u32)frame->rcx, value)) {
+            deliver(frame, 13, 1, 0); /* a non-canonical address, or what the CPU refused */
             return 1;
         }
         break;
     case 0x32: /* rdmsr */
         count(COUNT_RDMSR);
-        syscall_msr = syscall_msr_of((u32)frame->rcx);
-        if (syscall_msr != 0) {
-            value = *syscall_msr;
+        kept_msr = kept_msr_of((u32)frame->rcx);
+        if (kept_msr != 0) {
+            value = *kept_msr;
         } else if (privileged(SERVICE_RDMSR, (u32)frame->rcx, (u64)&value)) {
             deliver(frame, 13, 1, 0);
             return 1;

@@ -1,6 +1,6 @@
 /* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
- * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, and a
- * wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
+ * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, SYSENTER's,
+ * and a wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
  * interrupt held by cli until sti, and sti;hlt woken by one); XCR0 (xsetbv, and one the CPU refuses),
  * the debug registers and LLDT's null selector; then the descriptor stores (sgdt, sidt,
  * sldt, str, smsw), which a kernel may read in ring 0 and its user mode too, and which must show
@@ -14,6 +14,7 @@
 
 #define TIMER_VECTOR 0x30
 #define MSR_STAR 0xc0000081
+#define MSR_SYSENTER_CS 0x174 /* then ESP, EIP */
 #define MSR_GS_BASE 0xc0000101
 #define MSR_KERNEL_GS_BASE 0xc0000102
 #define MSR_NONEXISTENT 0xdeadbeef
@@ -213,6 +214,11 @@ int main(const char *args)
     wrmsr(MSR_STAR, 0x0023001000000000ul);
     GUEST_ASSERT_EQ(rdmsr(MSR_STAR), 0x0023001000000000ul);
     wrmsr(MSR_STAR, star);
+    for (u32 i = 0; i < 3; i++) /* SYSENTER's CS, ESP and EIP, as a 64-bit kernel sets them at boot */
+        wrmsr(MSR_SYSENTER_CS + i, i == 0 ? KERNEL_CS : 0x7000 + i);
+    for (u32 i = 0; i < 3; i++)
+        GUEST_ASSERT_EQ(rdmsr(MSR_SYSENTER_CS + i), i == 0 ? KERNEL_CS : 0x7000 + i);
+    passed += 1;
     set_trap_handler(13, on_gp);
     wrmsr(MSR_NONEXISTENT, 1);
     GUEST_ASSERT_EQ(refused, 1);
