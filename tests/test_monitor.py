@@ -160,6 +160,8 @@ INT_N = (1, 0x81 * 8 + 2, 0, 0)  # INT 0x80 handled; INT 0x81's #GP names its ga
 
 
 @pytest.mark.skipif(EMULATED, reason="this host turns INT n in ring 3 into #UD: the monitor's test below")
+@pytest.mark.xfail(detect_host_kind().cpu_emulated, strict=True,
+                   reason="QEMU's TCG names the gate by its byte offset in a 64-bit IDT, 0x81 * 16 + 2 (docs/hosts.md)")
 def test_int_n_from_user_mode_reaches_its_gate_on_the_cpu() -> None:
     plain, _ = run("fault", "intn", monitor=False)
     assert done(plain) == INT_N
