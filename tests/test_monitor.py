@@ -247,6 +247,14 @@ def test_the_shadow_pool_runs_out_and_starts_again() -> None:
 
 
 @needs_emulating_host
+def test_the_record_of_fills_runs_out_and_starts_again() -> None:
+    plain, _ = run("paging", "wide", monitor=False)
+    result, stats = run("paging", "wide")  # 2,560 pages in 5 tables: more fills than the monitor records
+    assert done(result) == done(plain) == (2560, 0, 0, 0)
+    assert stats.monitor["shadow_flush"] >= 1 and stats.monitor["shadow_fill"] >= 2560, stats.monitor
+
+
+@needs_emulating_host
 @pytest.mark.parametrize("args, code", [("supervisor", 5), ("supervisor sgdt", 7)])
 def test_a_supervisor_only_page_faults_in_the_programs_user_mode_and_not_in_its_kernel(args: str, code: int) -> None:
     """Read from user mode (error code 5: present, user), or stored into by an emulated `sgdt` in

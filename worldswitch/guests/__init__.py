@@ -27,7 +27,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "spray": "reads and writes every size at every offset of every device region and port, to show the VMX survives it (args: [stride])",
     "probe": "runs a counted loop in ring 0 or ring 3 between two ucalls, or tests SYSCALL from ring 3 (args: ring0|ring3 [N] | syscall)",
     "privileged": "executes in ring 0 the privileged instructions a kernel uses and checks each (control registers, MSRs, descriptor tables, the interrupt flag; args: [linux] for Linux's GDT layout)",
-    "paging": "what a kernel does with its page tables, checked from the inside (args: dirty | cr3 | supervisor [sgdt] | many | reload | spaces | high | switch [N] [P] [two])",
+    "paging": "what a kernel does with its page tables, checked from the inside (args: dirty | cr3 | supervisor [sgdt] | many | wide | reload | spaces | high | switch [N] [P] [two])",
     "gates": "times int3, #GP and timer interrupts from ring 3 to a handler in ring 3 or ring 0 (args: int3|gp|timer [N] [kernel])",
 }
 
