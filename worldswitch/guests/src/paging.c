@@ -237,26 +237,25 @@ static void supervisor(void)
     enter_user(read_from_user, TEST_PAGE, 0);
 }
 
+static void switch_mode(void)
+{
+    switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES), arg_has("two"));
+}
+
+static const struct {
+    const char *name;
+    void (*run)(void); /* reports DONE, or the runtime reports its fault */
+} modes[] = {
+    { "dirty", dirty }, { "cr3", second_tables }, { "supervisor", supervisor }, { "many", many },
+    { "wide", wide }, { "reload", reload }, { "spaces", two_spaces }, { "high", high },
+    { "switch", switch_mode },
+};
+
 int main(const char *args)
 {
-    if (arg_has("dirty"))
-        dirty();
-    if (arg_has("cr3"))
-        second_tables();
-    if (arg_has("supervisor"))
-        supervisor();
-    if (arg_has("many"))
-        many();
-    if (arg_has("wide"))
-        wide();
-    if (arg_has("reload"))
-        reload();
-    if (arg_has("spaces"))
-        two_spaces();
-    if (arg_has("high"))
-        high();
-    if (arg_has("switch"))
-        switches(arg_number(0, 200), arg_number(1, SWITCH_PAGES), arg_has("two"));
-    GUEST_ASSERT(!"unknown mode: use dirty, cr3, supervisor, many, wide, reload, spaces, high or switch");
+    for (u64 i = 0; i < sizeof(modes) / sizeof(modes[0]); i++)
+        if (arg_has(modes[i].name))
+            modes[i].run();
+    GUEST_ASSERT(!"unknown mode: see the modes at the top of paging.c");
     return 1;
 }
