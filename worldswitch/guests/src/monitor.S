@@ -4,12 +4,12 @@
  *
  * The VMM enters monitor_start in 64-bit ring 0 on its own GDT (boot/program.py's state). The
  * monitor installs its GDT, IDT and TSS and leaves for the program's entry in ring 3. From then on
- * every exception and interrupt reaches event_common in ring 0, on the TSS stack, through an
- * interrupt gate. Ring 0 is emulated on the hosts the monitor is for, at about a microsecond an
- * instruction, so it does as little as it can there: an event from the guest is handed, in eight
- * instructions, to the monitor's body, which runs natively in ring 3 on its own
- * stack (body_entry); ring 0 itself serves only the body's own events (a page fault on guest memory,
- * an interrupt while it runs) and the privileged operations it asks for (ring0_call).
+ * every exception and interrupt reaches its stub (event_stub_N) in ring 0, on the TSS stack, through
+ * an interrupt gate. Ring 0 is emulated on the hosts the monitor is for, at about a microsecond an
+ * instruction, so it does as little as it can there: an event from the guest is handed, in seven
+ * instructions, to the monitor's body, which runs natively in ring 3 on the event's stack
+ * (body_entry); ring 0 itself serves only the body's own events (a page fault on guest memory, an
+ * interrupt while it runs) and the privileged operations it asks for (ring0_call).
  */
     .file "monitor.S"
 #include "monitor.h"
@@ -43,11 +43,32 @@ monitor_start:
     call monitor_first_frame
     jmp event_return
 
-/* One stub per vector (frame.inc), then the trampoline. */
+/* The trampoline, one copy per vector (frame.inc's error-code list): the vector, then the way into
+ * the body for an event from the guest, or to ring0_event for the monitor's own. */
     .text
     .altmacro
     .include "frame.inc"
-    trap_stubs event_stub_, event_common
+
+    .macro monitor_stub vector
+    .align 64
+event_stub_\vector:
+    error_code_of \vector
+    .if .Lhas_error_code == 0
+    pushq $0
+    .endif
+    pushq $\vector
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
+    je ring0_event
+    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
+    andq $-EVENT_STACK_SIZE, %rsp
+    iretq
+    .endm
+
+    .set vector, 0
+    .rept 256
+    monitor_stub %vector
+    .set vector, vector + 1
+    .endr
 
 /* The two event stacks: ring 0 takes an event from ring 3 on the one TSS.RSP0 names, and the body
  * then runs on it, below the event's frame, while RSP0 names the other one, for the body's own events
@@ -56,12 +77,9 @@ monitor_start:
  * tops differ in bits 14 and 15 only (monitor.ld checks it): one XOR turns RSP0 from one to the other.
  * The lowest five words of each are an IRETQ frame into the body, on the event's frame at its top
  * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
- * a microsecond where ring 0 is emulated; the common path is eight of them, the stub's three included. */
+ * a microsecond where ring 0 is emulated; a stub is seven of them. */
 
-event_common:
-    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
-    je ring0_event
-to_body:                                /* from the guest: into the body */
+to_body:                                /* from the guest's page fault: into the body */
     xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq

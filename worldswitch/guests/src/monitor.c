@@ -8,9 +8,9 @@
  * stack), and a TSS whose I/O bitmap grants every port, so port I/O needs no help.
  *
  * Two halves. Ring 0 is emulated on the hosts this is for, at about a microsecond an instruction,
- * so ring 0 (monitor.S) only hands each of the guest's events to the body, in eight instructions,
+ * so ring 0 (monitor.S) only hands each of the guest's events to the body, in seven instructions,
  * and serves the body's own events (monitor_ring0_event). The body (monitor_event, monitor_leave)
- * runs natively in ring 3, on the guest kernel's DPL 3 segments, in the monitor's pages, which ring
+ * runs natively in ring 3, on DPL 3 segments of its own, in the monitor's pages, which ring
  * 3 may use; what it cannot do there (CR3, INVLPG, MSRs, HLT, SWAPGS) it asks ring 0 for
  * (privileged). The program's kernel, in ring 3 too, can therefore reach the monitor's pages:
  * long mode has no segment limits to hide them with. What it breaks there is its own VM's.
@@ -1507,7 +1507,7 @@ static void own_event(struct trap_frame *frame)
          frame->vector, frame->vector == 14 ? cr2 : frame->rip);
 }
 
-/* Every event that stays in ring 0 (event_common sends the guest's to the body): the body's calls
+/* Every event that stays in ring 0 (the stubs send the guest's to the body): the body's calls
  * (int3 at ring0_call) and the monitor's own events. */
 void monitor_ring0_event(struct trap_frame *frame)
 {
