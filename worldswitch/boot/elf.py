@@ -28,6 +28,7 @@ _PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr
 _SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
 _SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
 SHT_SYMTAB = 2
+SHT_NOBITS = 8
 STT_FUNC = 2
 
 
@@ -136,16 +137,45 @@ def load_elf(
 
 
 
+class Section(NamedTuple):
+    address: int
+    offset: int  # in the file
+    size: int
+
+
+def _section_headers(image: bytes) -> tuple[list[tuple[int, ...]], int]:
+    """An ELF64 file's section headers (Elf64_Shdr fields) and the index of its names' section;
+    none for a file without a readable section header table."""
+    if len(image) < _EHDR.size or image[:4] != ELF_MAGIC or image[4] != ELFCLASS64:
+        return [], 0
+    header = _EHDR.unpack_from(image)
+    shoff, shentsize, shnum, shstrndx = header[6], header[11], header[12], header[13]
+    if shentsize != _SHDR.size or shoff + shnum * _SHDR.size > len(image):
+        return [], 0
+    return [_SHDR.unpack_from(image, shoff + i * _SHDR.size) for i in range(shnum)], shstrndx
+
+
+def read_sections(image: bytes) -> dict[str, Section]:
+    """An ELF64 file's sections by name, those whose bytes lie within the file."""
+    headers, shstrndx = _section_headers(image)
+    if shstrndx >= len(headers):
+        return {}
+    names_offset, names_size = headers[shstrndx][4], headers[shstrndx][5]
+    names = image[names_offset : names_offset + names_size]
+    sections = {}
+    for name_index, kind, _flags, address, offset, size, *_ in headers:
+        end = names.find(b"\0", name_index)
+        if kind == SHT_NOBITS or end < 0 or offset + size > len(image):
+            continue
+        sections[names[name_index:end].decode(errors="replace")] = Section(address, offset, size)
+    return sections
+
+
 def read_function_symbols(image: bytes) -> list[tuple[int, str]]:
     """(address, name) of every function in an ELF64 file's symbol table (.symtab), for naming
     guest addresses; an image without one (stripped) gives an empty list."""
-    if len(image) < _EHDR.size or image[:4] != ELF_MAGIC or image[4] != 2:
-        return []
-    header = _EHDR.unpack_from(image)
-    shoff, shentsize, shnum = header[6], header[11], header[12]
-    if shentsize != _SHDR.size or shoff + shnum * _SHDR.size > len(image):
-        return []
-    sections = [_SHDR.unpack_from(image, shoff + i * _SHDR.size) for i in range(shnum)]
+    sections, _names = _section_headers(image)
+    shnum = len(sections)
     symbols = []
     for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
         if kind != SHT_SYMTAB or entsize != _SYM.size or link >= shnum or offset + size > len(image):

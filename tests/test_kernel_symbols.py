@@ -1,0 +1,76 @@
+"""Reading a Linux vmlinux's own symbols (kallsyms) and types (BTF), against Debian's cloud kernel,
+whose package ships no System.map: three sources that must agree (docs/monitor.md, stage 2)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
+from worldswitch.boot.elf import read_sections
+from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, kallsyms, pv_irq_slots
+from worldswitch.errors import GuestImageError
+from worldswitch.vmx.debian import fetch_debian
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
+
+
+@pytest.fixture(scope="module")
+def vmlinux() -> bytes:
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available: not a Debian-based host")
+    kernel = fetch_debian(CACHE).kernel
+    return extract_vmlinux(parse_bzimage(Path(kernel).read_bytes(), "kernel"))
+
+
+def read_u64(vmlinux: bytes, address: int) -> int:
+    for section in read_sections(vmlinux).values():
+        if section.address <= address < section.address + section.size:
+            return int(struct.unpack_from("<Q", vmlinux, section.offset + address - section.address)[0])
+    raise AssertionError(f"{address:#x} is in no section of the image")
+
+
+def test_kallsyms_names_the_kernels_symbols(vmlinux: bytes) -> None:
+    symbols = kallsyms(vmlinux)
+    assert len(symbols) > 50_000
+    assert symbols["startup_64"].address == KERNEL_TEXT and symbols["startup_64"].kind == "T"
+    assert symbols["pv_ops"].kind == "D" and symbols["native_save_fl"].kind == "T"
+
+
+def test_btf_gives_pv_ops_its_layout(vmlinux: bytes) -> None:
+    types = BtfTypes(vmlinux)
+    size, template = types.struct("paravirt_patch_template")
+    assert list(template) == ["cpu", "irq", "mmu", "lock"] and template["irq"].type_name == "pv_irq_ops"
+    symbols = kallsyms(vmlinux)
+    assert symbols["pv_ops"].address + size == symbols["pv_info"].address  # pv_info follows pv_ops
+    _, irq = types.struct("pv_irq_ops")
+    assert [irq[name].offset for name in PV_IRQ_OPS] == [0, 8, 16, 24, 32]
+    assert irq["save_fl"].type_name == "paravirt_callee_save" and irq["halt"].type_name == "pointer"
+
+
+def test_the_interrupt_flag_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes) -> None:
+    """Where BTF and kallsyms put pv_ops.irq, the image holds pointers to the functions kallsyms
+    calls native: the three sources agree."""
+    symbols = kallsyms(vmlinux)
+    natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
+               "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt"}
+    for name, address in pv_irq_slots(vmlinux).items():
+        assert read_u64(vmlinux, address) == symbols[natives[name]].address, name
+
+
+def test_what_is_not_a_kernel_is_refused_in_one_line() -> None:
+    with pytest.raises(GuestImageError, match="no .rodata section"):
+        kallsyms(b"not an ELF file at all")
+    with pytest.raises(GuestImageError, match="no .BTF section"):
+        BtfTypes(b"\x7fELF" + bytes(200))
+
+
+def test_a_corrupt_btf_section_is_refused_in_one_line(vmlinux: bytes) -> None:
+    btf = read_sections(vmlinux)[".BTF"]
+    damaged = bytearray(vmlinux)
+    damaged[btf.offset + 4 : btf.offset + 8] = struct.pack("<I", 0xFFFF0000)  # the header's length
+    with pytest.raises(GuestImageError, match="not BTF, or is truncated"):
+        BtfTypes(bytes(damaged))

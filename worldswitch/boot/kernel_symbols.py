@@ -1,0 +1,203 @@
+"""What a Linux vmlinux says about itself: its symbols, from the kallsyms tables it carries (a
+distribution's image has them even where its System.map is a placeholder, as Debian's is), and its
+types, from its BTF section (CONFIG_DEBUG_INFO_BTF). The in-guest monitor's Linux support
+(docs/monitor.md, stage 2) needs both: where `pv_ops` is, and where its interrupt-flag entries lie
+in it.
+
+The image is the user's file: every table is bounds-checked, and what cannot be read is a
+GuestImageError naming what was missing, never an exception from deep inside.
+
+kallsyms (scripts/kallsyms.c, as Linux 6.1 lays it out in .rodata, base-relative with absolute
+per-CPU symbols): kallsyms_offsets (s32 each), padding to 8, kallsyms_relative_base (u64),
+kallsyms_num_syms, kallsyms_names (each a length byte and that many token codes), and later the
+256-entry kallsyms_token_table, in which every character that names use is a one-character token
+at its own code. BTF: Documentation/bpf/btf.rst.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from ..errors import GuestImageError
+from .elf import read_sections
+
+KERNEL_TEXT = 0xFFFF_FFFF_8100_0000  # kallsyms_relative_base of an x86-64 kernel linked at its default
+_DIGIT_TOKENS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
+_MIN_SYMBOLS, _MAX_SYMBOLS = 1_000, 2_000_000
+
+
+class Symbol(NamedTuple):
+    kind: str  # nm's letter: T text, D data, ... (lower case: local)
+    address: int
+
+
+def _tokens(rodata: bytes) -> list[bytes]:
+    """kallsyms_token_table: the run of one-character tokens '0'..'9' sits at codes 0x30..0x39, and
+    code 0 holds a token of several characters (a table of single bytes is something else)."""
+    at = -1
+    while True:
+        at = rodata.find(_DIGIT_TOKENS, at + 1)
+        if at < 0:
+            raise GuestImageError("the kernel has no kallsyms token table (is it built with CONFIG_KALLSYMS?)")
+        start = at
+        for _ in range(0x30):
+            start = rodata.rfind(b"\0", 0, start - 1) + 1
+        first_end = rodata.find(b"\0", start)
+        if first_end - start > 1:
+            break
+    tokens, position = [], start
+    for _ in range(256):
+        end = rodata.find(b"\0", position)
+        if end < 0:
+            raise GuestImageError("the kernel's kallsyms token table is truncated")
+        tokens.append(rodata[position:end])
+        position = end + 1
+    return tokens
+
+
+def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
+    """Every symbol kallsyms names, by name (the last of equal names wins)."""
+    rodata_section = read_sections(vmlinux).get(".rodata")
+    if rodata_section is None:
+        raise GuestImageError("the kernel has no .rodata section")
+    rodata = vmlinux[rodata_section.offset : rodata_section.offset + rodata_section.size]
+    tokens = _tokens(rodata)
+    base = struct.pack("<Q", KERNEL_TEXT)
+    at = -1
+    while True:
+        at = rodata.find(base, at + 1)
+        if at < 0:
+            raise GuestImageError("the kernel's kallsyms_relative_base was not found (not base-relative kallsyms?)")
+        if at % 8 or at + 16 > len(rodata):
+            continue
+        count = struct.unpack_from("<I", rodata, at + 8)[0]
+        table = at - 4 * count - (4 * count) % 8
+        if _MIN_SYMBOLS <= count <= _MAX_SYMBOLS and table >= 0:
+            break
+    names, position = [], at + 16
+    for _ in range(count):
+        if position >= len(rodata) or position + 1 + rodata[position] > len(rodata):
+            raise GuestImageError("the kernel's kallsyms_names run past .rodata")
+        length = rodata[position]
+        names.append(b"".join(tokens[code] for code in rodata[position + 1 : position + 1 + length]))
+        position += 1 + length
+    offsets = struct.unpack_from(f"<{count}i", rodata, table)
+    symbols = {}
+    for name, offset in zip(names, offsets):
+        if not name:
+            raise GuestImageError("the kernel's kallsyms_names hold an empty name")
+        address = offset if offset >= 0 else KERNEL_TEXT - 1 - offset  # absolute per-CPU, or relative
+        symbols[name[1:].decode(errors="replace")] = Symbol(chr(name[0]), address)
+    return symbols
+
+
+class Member(NamedTuple):
+    offset: int  # in bytes
+    type_name: str  # the member's type, through typedefs and qualifiers
+
+
+_BTF_MAGIC = 0xEB9F
+_BTF_HEADER = struct.Struct("<HBBIIIII")
+_TYPE = struct.Struct("<III")
+_STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
+_QUALIFIERS = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
+# bytes that follow each kind's header: fixed, or per member (vlen)
+_FIXED_TAIL = {1: 4, 2: 0, 3: 12, 7: 0, 8: 0, 9: 0, 10: 0, 11: 0, 12: 0, 14: 4, 16: 0, 17: 4, 18: 0}
+_PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
+_UNNAMED = {2: "pointer", 3: "array", 13: "function"}
+
+
+class _Type(NamedTuple):
+    kind: int
+    name: str
+    size_or_type: int
+    members: tuple[tuple[str, int, int], ...]  # (name, type id, bit offset) for a struct or union
+
+
+class BtfTypes:
+    """The type graph of a vmlinux's .BTF section, read whole when made."""
+
+    def __init__(self, vmlinux: bytes) -> None:
+        section = read_sections(vmlinux).get(".BTF")
+        if section is None:
+            raise GuestImageError("the kernel has no .BTF section (is it built with CONFIG_DEBUG_INFO_BTF?)")
+        btf = vmlinux[section.offset : section.offset + section.size]
+        if len(btf) < _BTF_HEADER.size:
+            raise GuestImageError("the kernel's .BTF section is truncated")
+        magic, _version, _flags, header_length, type_offset, type_length, string_offset, string_length = _BTF_HEADER.unpack_from(btf)
+        if magic != _BTF_MAGIC or header_length + max(type_offset + type_length, string_offset + string_length) > len(btf):
+            raise GuestImageError("the kernel's .BTF section is not BTF, or is truncated")
+        self._strings = btf[header_length + string_offset : header_length + string_offset + string_length]
+        self._types = self._read(btf[header_length + type_offset : header_length + type_offset + type_length])
+
+    def _string(self, offset: int) -> str:
+        end = self._strings.find(b"\0", offset)
+        if offset >= len(self._strings) or end < 0:
+            raise GuestImageError("the kernel's BTF names a string outside its string section")
+        return self._strings[offset:end].decode(errors="replace")
+
+    def _read(self, data: bytes) -> list[_Type | None]:
+        types: list[_Type | None] = [None]  # type 0 is void
+        position = 0
+        while position + _TYPE.size <= len(data):
+            name, info, size_or_type = _TYPE.unpack_from(data, position)
+            position += _TYPE.size
+            kind, count, bitfields = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+            members: tuple[tuple[str, int, int], ...] = ()
+            if kind in (_STRUCT, _UNION):
+                if position + 12 * count > len(data):
+                    raise GuestImageError("the kernel's BTF is truncated")
+                members = tuple((self._string(member_name), member_type, offset & 0xFFFFFF if bitfields else offset)
+                                for member_name, member_type, offset in
+                                (_TYPE.unpack_from(data, position + 12 * i) for i in range(count)))
+                position += 12 * count
+            elif kind in _PER_MEMBER:
+                position += _PER_MEMBER[kind] * count
+            elif kind in _FIXED_TAIL:
+                position += _FIXED_TAIL[kind]
+            else:
+                raise GuestImageError(f"the kernel's BTF has a type of unknown kind {kind}")
+            types.append(_Type(kind, self._string(name), size_or_type, members))
+        return types
+
+    def _resolve(self, type_id: int) -> _Type | None:
+        for _ in range(64):  # a chain of typedefs and qualifiers; a loop would be a corrupt file
+            found = self._types[type_id] if type_id < len(self._types) else None
+            if found is None or found.kind not in _QUALIFIERS:
+                return found
+            type_id = found.size_or_type
+        raise GuestImageError("the kernel's BTF has a loop of typedefs")
+
+    def struct(self, name: str) -> tuple[int, dict[str, Member]]:
+        """(size, members by name) of `struct name`."""
+        for found in self._types:
+            if found is not None and found.kind == _STRUCT and found.name == name:
+                members = {}
+                for member_name, member_type, bit_offset in found.members:
+                    target = self._resolve(member_type)
+                    type_name = "void" if target is None else target.name or _UNNAMED.get(target.kind, "anonymous")
+                    members[member_name] = Member(bit_offset // 8, type_name)
+                return found.size_or_type, members
+        raise GuestImageError(f"the kernel's BTF has no struct {name}")
+
+
+PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
+
+
+def pv_irq_slots(vmlinux: bytes) -> dict[str, int]:
+    """The addresses (as linked) of the function pointers in pv_ops.irq, by member name: where a
+    VMM points a PARAVIRT_XXL kernel's interrupt flag at its own code before the kernel runs."""
+    symbols = kallsyms(vmlinux)
+    if "pv_ops" not in symbols:
+        raise GuestImageError("the kernel has no pv_ops (is it built with CONFIG_PARAVIRT?)")
+    types = BtfTypes(vmlinux)
+    _size, template = types.struct("paravirt_patch_template")
+    if "irq" not in template:
+        raise GuestImageError("the kernel's pv_ops has no interrupt operations (no CONFIG_PARAVIRT_XXL?)")
+    _size, irq = types.struct(template["irq"].type_name)
+    missing = [name for name in PV_IRQ_OPS if name not in irq]
+    if missing:
+        raise GuestImageError(f"the kernel's pv_irq_ops has no {', '.join(missing)}")
+    base = symbols["pv_ops"].address + template["irq"].offset
+    return {name: base + irq[name].offset for name in PV_IRQ_OPS}
