@@ -108,21 +108,49 @@ body_entry_frame:
     movq $BODY_SS, 32(%rdi)
     ret
 
-/* The body's call into ring 0 (int3 at ring0_call): a CR3 load and an INVLPG here, the rest in C. */
+/* The body's call into ring 0 (int3 at ring0_call): a CR3 load, an INVLPG, an MSR write or read
+ * here, the rest in C. ring0_call is a function call: RAX, RCX and RDX are the body's to lose. An
+ * MSR the CPU refuses is a #GP at fast_wrmsr_at or fast_rdmsr_at, which own_event sends to
+ * fast_msr_refused: 1 for the body, as msr_write and msr_read answer. */
+    .globl fast_wrmsr_at, fast_rdmsr_at, fast_msr_refused
 ring0_event:
     cmpl $(ring0_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
-    jne 2f
+    jne 5f
     cmpq $SERVICE_CR3, %rdi
     jne 1f
     movq %rsi, %cr3
-    addq $16, %rsp
-    iretq
+    jmp 4f
 1:  cmpq $SERVICE_INVLPG, %rdi
     jne 2f
     invlpg (%rsi)
+    jmp 4f
+2:  cmpq $SERVICE_WRMSR, %rdi
+    jne 3f
+    movl %esi, %ecx
+    movq %rdx, %rax
+    shrq $32, %rdx
+fast_wrmsr_at:
+    wrmsr
+    xorl %eax, %eax
+    jmp 4f
+3:  cmpq $SERVICE_RDMSR, %rdi
+    jne 5f
+    movl %esi, %ecx
+    movq %rdx, %r8                      /* where the value goes, in the body's memory */
+fast_rdmsr_at:
+    rdmsr
+    shlq $32, %rdx
+    movl %eax, %eax
+    orq %rdx, %rax
+    movq %rax, (%r8)
+    xorl %eax, %eax
+4:  addq $16, %rsp
+    iretq
+fast_msr_refused:
+    movl $1, %eax
     addq $16, %rsp
     iretq
-2:  push_registers
+5:  push_registers
     movq %rsp, %rdi
     cld
     call monitor_ring0_event

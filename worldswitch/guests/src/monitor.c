@@ -101,6 +101,7 @@ static struct {
 extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[], xcr_write_at[];
+extern char fast_wrmsr_at[], fast_rdmsr_at[], fast_msr_refused[];
 extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[];
 int msr_read(u32 index, u64 *value);
 int msr_write(u32 index, u64 value);
@@ -1487,6 +1488,10 @@ static void own_event(struct trap_frame *frame)
     if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at ||
                                 frame->rip == (u64)xcr_write_at)) {
         frame->rip = (u64)msr_refused;
+        return;
+    }
+    if (frame->vector == 13 && (frame->rip == (u64)fast_wrmsr_at || frame->rip == (u64)fast_rdmsr_at)) {
+        frame->rip = (u64)fast_msr_refused; /* the body's call, answered in ring0_event's own frame */
         return;
     }
     u64 cr2, code;

@@ -32,8 +32,9 @@
 #define LOADED_SS 0x13b
 #define GDT_ENTRIES 40
 
-/* The body's calls into ring 0 (ring0_call's first argument). monitor.S serves the first two itself,
- * in a few instructions: a kernel's context switch and TLB flushes make them the frequent ones. */
+/* The body's calls into ring 0 (ring0_call's first argument). monitor.S serves CR3, INVLPG, WRMSR and
+ * RDMSR itself, in a few instructions: a kernel's context switches, TLB flushes and timer and
+ * interrupt-controller MSRs make them the frequent ones. */
 #define SERVICE_CR3 0
 #define SERVICE_INVLPG 1
 #define SERVICE_CR0 2
