@@ -685,6 +685,8 @@ static int loaded_copy(u64 selector)
 static enum segment_kind kind_of(u64 selector)
 {
     u64 index = selector >> 3;
+    if (selector == BODY_SS)
+        return KERNEL_DATA; /* the guest kernel's null SS (NULL_SS) */
     if (loaded_copy(selector) >= 0)
         return (enum segment_kind)loaded[loaded_copy(selector)].kind;
     return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
@@ -693,6 +695,8 @@ static enum segment_kind kind_of(u64 selector)
 /* A real selector as the guest knows it: its kernel's segments have RPL 0 to it, 3 to the CPU. */
 static u64 guest_view(u64 selector)
 {
+    if (selector == BODY_SS)
+        return 0;
     if (loaded_copy(selector) >= 0)
         return loaded[loaded_copy(selector)].selector;
     enum segment_kind kind = kind_of(selector);
@@ -710,15 +714,16 @@ static void keep_loaded(u64 *selector, int which)
     *selector = which ? LOADED_SS : LOADED_CS;
 }
 
-/* The stack segment the CPU runs the guest's kernel code segment `cs` on when it loads none (a
- * privilege change, which gives it a null SS, or a return to a null one): the data segment after
- * it, as SYSCALL takes it. Ring 3 cannot run on a null SS. */
-static u64 kernel_stack_segment(u64 cs)
+/* The guest kernel's null SS (what the CPU loads at a privilege change, or a kernel loads itself):
+ * ring 3 cannot run on a null SS, so the real one is the monitor's own flat data segment, which the
+ * guest sees as null (guest_view). */
+#define NULL_SS BODY_SS
+
+/* SYSCALL's stack segment: the selector after its code segment in STAR, as the CPU takes it. */
+static u64 syscall_stack_segment(u64 cs)
 {
     u64 ss = (cs & ~7ul) + 8;
-    if (kind_of(ss) != KERNEL_DATA)
-        STOP("no kernel data segment after the code segment", cs, ss);
-    return ss | 3;
+    return kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
 }
 
 static void set_user_code_present(int present)
@@ -921,7 +926,7 @@ static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 e
     frame->cs = selector | 3;
     if (target_kind == KERNEL_CODE) {
         if (guest.user)
-            frame->ss = kernel_stack_segment(selector); /* the CPU's null SS, as ring 3 can have it */
+            frame->ss = NULL_SS; /* what the CPU loads at a change of privilege */
         guest.user = 0;
         if (type == 0xe)
             guest.interrupts = 0; /* an interrupt gate; a trap gate leaves IF alone */
@@ -1028,7 +1033,8 @@ static u64 decode_modrm(struct trap_frame *frame, struct instruction *insn)
 }
 
 #define CR0_GUEST_MAY_CHANGE 0x5002eul /* MP EM TS NE WP AM */
-#define CR4_GUEST_MAY_CHANGE 0x40680ul /* PGE OSFXSR OSXMMEXCPT OSXSAVE; and UMIP, where the CPU has it */
+#define CR4_GUEST_MAY_CHANGE 0x407d8ul /* DE PSE MCE PGE PCE OSFXSR OSXMMEXCPT OSXSAVE; and UMIP, where the CPU has it */
+#define CR4_GUEST_ONLY 0x300004ul /* TSD SMEP SMAP: the guest's to set, never the CPU's (its kernel runs in ring 3) */
 
 static void write_cr(int cr, u64 value)
 {
@@ -1048,9 +1054,9 @@ static void write_cr(int cr, u64 value)
         load_guest_tables(value);
         return;
     case 4:
-        if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | real_cr4_extra))
+        if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | CR4_GUEST_ONLY | real_cr4_extra))
             STOP("the guest changed fixed CR4 bits", guest.cr4, value);
-        privileged(SERVICE_CR4, value | real_cr4_extra, 0);
+        privileged(SERVICE_CR4, (value & ~CR4_GUEST_ONLY) | real_cr4_extra, 0);
         guest.cr4 = value;
         return;
     case 8:
@@ -1089,7 +1095,7 @@ static void emulate_iretq(struct trap_frame *frame)
         guest.user = 1;
     } else if (kind_of(cs) == KERNEL_CODE && (cs & 3) == 0) {
         frame->cs = cs | 3;
-        frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : kernel_stack_segment(cs);
+        frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
         guest.interrupts = (rflags & RFLAGS_IF) != 0;
     } else {
         STOP("IRETQ to an unknown code segment", cs, rip);
@@ -1125,7 +1131,7 @@ static void emulate_syscall(struct trap_frame *frame)
     u64 rflags = frame->r11 & ~guest.sfmask;
     frame->rip = guest.lstar;
     frame->cs = cs | 3;
-    frame->ss = kernel_stack_segment(cs);
+    frame->ss = syscall_stack_segment(cs);
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
     guest.interrupts = (rflags & RFLAGS_IF) != 0;
     guest.user = 0;
@@ -1285,7 +1291,7 @@ static int emulate(struct trap_frame *frame)
             return 1;
         }
         count(COUNT_SEGMENT);
-        frame->ss = selector > 3 ? (u64)selector | 3 : kernel_stack_segment(frame->cs); /* a null SS too */
+        frame->ss = selector > 3 ? (u64)selector | 3 : NULL_SS;
         frame->rip += (u64)insn.length;
         return 1;
     }

@@ -67,6 +67,8 @@ static inline void wrmsr(u32 index, u64 value)
 #define WRITE_CR(n, v) __asm__ volatile("mov %0, %%cr" #n : : "r"((u64)(v)) : "memory")
 
 #define CR4_OSXSAVE (1ul << 18)
+#define CR4_DE (1ul << 3)
+#define CR4_PSE (1ul << 4)
 #define CPUID_1_XSAVE (1u << 26)
 
 static inline void xsetbv(u32 index, u64 value)
@@ -129,6 +131,8 @@ static void use_linux_gdt(void)
     linux_layout = 1;
     struct descriptor_table gdtr = program_gdt();
     __asm__ volatile("lgdt %0\n"
+                     "xorl %%eax, %%eax\n" /* a null SS first, as Linux's startup_64 loads, before CS is reloaded */
+                     "mov %%eax, %%ss\n"
                      "pushq $0x10\n" /* LINUX_KERNEL_CS */
                      "leaq 1f(%%rip), %%rax\n"
                      "pushq %%rax\n"
@@ -208,7 +212,11 @@ int main(const char *args)
     WRITE_CR(3, cr3); /* the same tables: a TLB flush */
     GUEST_ASSERT_EQ(READ_CR(3), cr3);
     GUEST_ASSERT(READ_CR(4) & (1u << 5)); /* PAE, as long mode needs */
-    passed += 3;
+    u64 cr4 = READ_CR(4);
+    WRITE_CR(4, cr4 | CR4_DE | CR4_PSE); /* as a kernel sets them at boot */
+    GUEST_ASSERT_EQ(READ_CR(4), cr4 | CR4_DE | CR4_PSE);
+    WRITE_CR(4, cr4);
+    passed += 4;
 
     u64 star = rdmsr(MSR_STAR);
     wrmsr(MSR_STAR, 0x0023001000000000ul);
