@@ -706,11 +706,11 @@ static u64 guest_view(u64 selector)
 /* Before the GDT changes under the guest: its segment register `which` (0 CS, 1 SS) onto a copy. */
 static void keep_loaded(u64 *selector, int which)
 {
-    if (loaded_copy(*selector) >= 0)
-        return; /* on its copy already, since an earlier LGDT */
+    if ((*selector >> 3) >= GUEST_GDT_ENTRIES)
+        return; /* on its copy already, since an earlier LGDT, or the null SS, which no GDT holds */
     loaded[which].kind = (u8)kind_of(*selector);
     loaded[which].selector = (u16)guest_view(*selector);
-    gdt[(which ? LOADED_SS : LOADED_CS) >> 3] = (*selector >> 3) < GUEST_GDT_ENTRIES ? gdt[*selector >> 3] : 0;
+    gdt[(which ? LOADED_SS : LOADED_CS) >> 3] = gdt[*selector >> 3];
     *selector = which ? LOADED_SS : LOADED_CS;
 }
 

@@ -130,8 +130,9 @@ static void use_linux_gdt(void)
     linux_gdt[9] = vmm_gdt[(PROGRAM_TR >> 3) + 1];
     linux_layout = 1;
     struct descriptor_table gdtr = program_gdt();
-    __asm__ volatile("lgdt %0\n"
-                     "xorl %%eax, %%eax\n" /* a null SS first, as Linux's startup_64 loads, before CS is reloaded */
+    __asm__ volatile("xorl %%eax, %%eax\n" /* a null SS, on the VMM's GDT and on the new one before CS is */
+                     "mov %%eax, %%ss\n"   /* reloaded: what a kernel's startup may load (a ring-0 SS may be null) */
+                     "lgdt %0\n"
                      "mov %%eax, %%ss\n"
                      "pushq $0x10\n" /* LINUX_KERNEL_CS */
                      "leaq 1f(%%rip), %%rax\n"
