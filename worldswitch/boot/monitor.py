@@ -2,11 +2,10 @@
 bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts that emulate guest
 ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at MONITOR_BASE, in a PML4 slot Linux
 leaves unused (where VMware's VMM took the top 4 MB); its pages are the top 4 MiB of the RAM below
-the PCI
-hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken out of the
-guest's identity map. The VMM enters the
-monitor instead of the program, with the program's entry in the handoff page
-(guests/src/monitor.h is the other half of this file's constants)."""
+the PCI hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken
+out of the guest's identity map. The VMM enters the monitor instead of the program, with the
+program's entry in the handoff page (guests/src/monitor.h is the other half of this file's
+constants)."""
 
 from __future__ import annotations
 
