@@ -417,8 +417,6 @@ static struct fill {
     int levels;
 } fills[FILLS];
 static int fills_used;
-static u64 *kernel_root = roots[0][0], *user_root = roots[0][0]; /* the current space's */
-static int split;
 static u64 monitor_slot; /* the PML4 entry for MONITOR_SLOT */
 
 static u64 *shadow_page(void)
@@ -441,6 +439,17 @@ static void load_root(u64 *root)
     privileged(SERVICE_CR3, physical(root), 0);
 }
 
+/* The current address space's roots: its kernel's, and its user mode's (the same until it splits). */
+static u64 *kernel_root(void)
+{
+    return roots[space][0];
+}
+
+static u64 *user_root(void)
+{
+    return roots[space][spaces[space].split];
+}
+
 /* Address space `index` empty, its records gone (the pool's pages it used stay taken). */
 static void empty_space(int index)
 {
@@ -454,28 +463,16 @@ static void empty_space(int index)
     fills_used = kept;
 }
 
-static void enter_space(int index)
-{
-    space = index;
-    split = spaces[index].split;
-    kernel_root = roots[index][0];
-    user_root = roots[index][split];
-}
-
 /* Empty every shadow (the pool used up, or what the guest's kernel may write changed): they refill
  * as the guest runs. */
 static void shadow_flush(void)
 {
     count(COUNT_SHADOW_FLUSH);
-    for (int index = 0; index < SPACES; index++) {
-        empty_root(roots[index][0]);
-        empty_root(roots[index][1]);
-        spaces[index].split = 0;
-    }
-    shadow_used = 0;
     fills_used = 0;
-    enter_space(space);
-    load_root(kernel_root);
+    for (int index = 0; index < SPACES; index++)
+        empty_space(index);
+    shadow_used = 0;
+    load_root(kernel_root());
 }
 
 /* The shadow entry that maps `address` at `size` (4 KiB or 2 MiB) in `root`, its tables made. */
@@ -502,11 +499,9 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     u64 frame = t->physical & ~(size - 1);
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
         STOP("the guest mapped the monitor's memory", address, frame);
-    if (!user && !t->user && !split) { /* its kernel's first supervisor-only page */
-        split = spaces[space].split = 1;
-        user_root = roots[space][1]; /* empty: emptied with the space */
-    }
-    u64 *root = user ? user_root : kernel_root;
+    if (!user && !t->user && !spaces[space].split) /* its kernel's first supervisor-only page */
+        spaces[space].split = 1; /* its user root was emptied with the space */
+    u64 *root = user ? user_root() : kernel_root();
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
     if ((*t->leaf & PTE_D) && allowed(t, PF_WRITE | (user ? PF_USER : 0)))
         entry |= PTE_W;
@@ -565,16 +560,15 @@ static void load_guest_tables(u64 cr3)
 {
     if (cr3 == guest.cr3) {
         if (shadow_check())
-            load_root(kernel_root);
+            load_root(kernel_root());
         return;
     }
     guest.cr3 = cr3;
-    spaces[space].split = split;
     for (int index = 0; index < SPACES; index++)
         if (spaces[index].cr3 == cr3 && index != space) {
-            enter_space(index);
+            space = index;
             shadow_check();
-            load_root(kernel_root);
+            load_root(kernel_root());
             return;
         }
     int index = next_space == space ? (next_space + 1) % SPACES : next_space;
@@ -582,17 +576,16 @@ static void load_guest_tables(u64 cr3)
     count(COUNT_SHADOW_FLUSH);
     empty_space(index);
     spaces[index].cr3 = cr3;
-    enter_space(index);
-    load_root(kernel_root);
+    space = index;
+    load_root(kernel_root());
 }
 
 /* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
  * as 2 MiB ones). */
 static void shadow_invalidate(u64 address)
 {
-    u64 *roots[2] = { kernel_root, user_root };
-    for (int r = 0; r < (split ? 2 : 1); r++) {
-        u64 *table = roots[r];
+    for (int r = 0; r <= spaces[space].split; r++) {
+        u64 *table = roots[space][r];
         for (int level = 3; level >= 0; level--) {
             u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
             if (!(*entry & PTE_P))
@@ -608,8 +601,8 @@ static void shadow_invalidate(u64 address)
         }
     }
     privileged(SERVICE_INVLPG, address, 0);
-    if (split)
-        load_root(kernel_root); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
+    if (spaces[space].split)
+        load_root(kernel_root()); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
 }
 
 /* A page fault from the guest (`user`: in its user mode), or from the monitor's own access for it
@@ -659,8 +652,7 @@ static void paging_init(void)
             roots[index][r][MONITOR_SLOT] = monitor_slot;
     spaces[0].cr3 = guest.cr3;
     next_space = 1;
-    enter_space(0); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
-    load_root(kernel_root);
+    load_root(kernel_root()); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
 }
 
 /* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
@@ -1537,8 +1529,8 @@ void monitor_event(struct trap_frame *frame)
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
     guest.user = syscall || kind_of(frame->cs) == USER_CODE;
-    if (split && (guest.user || syscall))
-        load_root(kernel_root); /* the monitor works on the kernel's view */
+    if (spaces[space].split && (guest.user || syscall))
+        load_root(kernel_root()); /* the monitor works on the kernel's view */
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
@@ -1574,7 +1566,7 @@ void monitor_leave(struct trap_frame *frame)
     /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
      * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
     int to_user = kind_of(frame->cs) == USER_CODE;
-    set_user_code_present(to_user || (!any_pending() && !split));
-    if (split && to_user)
-        load_root(user_root);
+    set_user_code_present(to_user || (!any_pending() && !spaces[space].split));
+    if (spaces[space].split && to_user)
+        load_root(user_root());
 }
