@@ -1147,6 +1147,17 @@ static void emulate_sysret(struct trap_frame *frame)
     guest.user = 1;
 }
 
+/* A segment selector operand (LTR, LLDT, MOV to a segment register): the register's low 16 bits,
+ * or the word at `address` (decode_modrm's) in memory. */
+static u16 selector_operand(struct trap_frame *frame, const struct instruction *insn, u64 address)
+{
+    u16 selector;
+    if (insn->mod == 3)
+        return (u16)*gpr(frame, insn->rm);
+    read_guest(address, &selector, sizeof(selector));
+    return selector;
+}
+
 /* Store `length` bytes at the guest's `address` for an instruction it executed: 0 when done, 1 when
  * its tables do not give it the write (in its user mode, only user pages do), and the page fault
  * the CPU would raise has been delivered instead. */
@@ -1273,11 +1284,7 @@ static int emulate(struct trap_frame *frame)
         u64 operand = decode_modrm(frame, &insn);
         if (insn.reg != 2)
             return 0;
-        u16 selector;
-        if (insn.mod == 3)
-            selector = (u16)*gpr(frame, insn.rm);
-        else
-            read_guest(operand, &selector, sizeof(selector));
+        u16 selector = selector_operand(frame, &insn, operand);
         if (selector > 3 && kind_of(selector) != KERNEL_DATA) {
             deliver(frame, 13, 1, selector & ~3ul); /* as the CPU: SS must be a data segment of CPL */
             return 1;
@@ -1360,11 +1367,7 @@ static int emulate(struct trap_frame *frame)
         if (guest.user)
             return 0;
         if (insn.reg == 2) { /* lldt: only the null selector, as a 64-bit kernel loads it */
-            u16 selector;
-            if (insn.mod == 3)
-                selector = (u16)*gpr(frame, insn.rm);
-            else
-                read_guest(address, &selector, sizeof(selector));
+            u16 selector = selector_operand(frame, &insn, address);
             if (selector & ~3)
                 STOP("an LDT is not emulated", frame->rip, selector);
             count(COUNT_DESCRIPTOR);
@@ -1373,13 +1376,7 @@ static int emulate(struct trap_frame *frame)
         if (insn.reg != 3)
             return 0;
         count(COUNT_DESCRIPTOR);
-        if (insn.mod == 3) {
-            guest.tr = *gpr(frame, insn.rm) & 0xffff;
-        } else {
-            u16 selector;
-            read_guest(address, &selector, sizeof(selector));
-            guest.tr = selector;
-        }
+        guest.tr = selector_operand(frame, &insn, address);
         guest.tss_base = tss_base_of(guest.tr);
         break;
     case 0x06: /* clts */
