@@ -108,11 +108,11 @@ body_entry_frame:
     movq $BODY_SS, 32(%rdi)
     ret
 
-/* The body's call into ring 0 (int3 at ring0_call): a CR3 load, an INVLPG, an MSR write or read
- * here, the rest in C. ring0_call is a function call: RAX, RCX and RDX are the body's to lose. An
- * MSR the CPU refuses is a #GP at fast_wrmsr_at or fast_rdmsr_at, which own_event sends to
- * fast_msr_refused: 1 for the body, as msr_write and msr_read answer. */
-    .globl fast_wrmsr_at, fast_rdmsr_at, fast_msr_refused
+/* The body's call into ring 0 (int3 at ring0_call; ring 0 makes the same call for the MSRs): a CR3
+ * load, an INVLPG, an MSR write or read here, the rest in C. ring0_call is a function call: RAX,
+ * RCX and RDX are the caller's to lose. An MSR the CPU refuses is a #GP at wrmsr_at or rdmsr_at,
+ * which own_event sends to msr_refused: the call answers 1 (0 when done). */
+    .globl wrmsr_at, rdmsr_at, msr_refused
 ring0_event:
     cmpl $(ring0_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
     jne 5f
@@ -129,7 +129,7 @@ ring0_event:
     movl %esi, %ecx
     movq %rdx, %rax
     shrq $32, %rdx
-fast_wrmsr_at:
+wrmsr_at:
     wrmsr
     xorl %eax, %eax
     jmp 4f
@@ -137,7 +137,7 @@ fast_wrmsr_at:
     jne 5f
     movl %esi, %ecx
     movq %rdx, %r8                      /* where the value goes, in the body's memory */
-fast_rdmsr_at:
+rdmsr_at:
     rdmsr
     shlq $32, %rdx
     movl %eax, %eax
@@ -146,7 +146,7 @@ fast_rdmsr_at:
     xorl %eax, %eax
 4:  addq $16, %rsp
     iretq
-fast_msr_refused:
+msr_refused:
     movl $1, %eax
     addq $16, %rsp
     iretq
@@ -224,30 +224,10 @@ event_stubs:
 error_code_vectors:
     error_code_table
 
-/* int msr_read(u32 index, u64 *value), int msr_write(u32 index, u64 value), int xcr_write(u32
- * index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler moves RIP from
- * msr_*_at or xcr_write_at to msr_refused). */
+/* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler
+ * moves RIP from xcr_write_at to xcr_refused). The MSRs are ring0_event's, on its own path. */
     .text
-    .globl msr_read, msr_write, msr_read_at, msr_write_at, msr_refused, xcr_write, xcr_write_at
-msr_read:
-    movl %edi, %ecx
-msr_read_at:
-    rdmsr
-    shlq $32, %rdx
-    movl %eax, %eax
-    orq %rdx, %rax
-    movq %rax, (%rsi)
-    xorl %eax, %eax
-    ret
-msr_write:
-    movl %edi, %ecx
-    movl %esi, %eax
-    movq %rsi, %rdx
-    shrq $32, %rdx
-msr_write_at:
-    wrmsr
-    xorl %eax, %eax
-    ret
+    .globl xcr_write, xcr_write_at, xcr_refused
 xcr_write:
     movl %edi, %ecx
     movl %esi, %eax
@@ -257,7 +237,7 @@ xcr_write_at:
     xsetbv
     xorl %eax, %eax
     ret
-msr_refused:
+xcr_refused:
     movl $1, %eax
     ret
 

@@ -100,11 +100,9 @@ static struct {
 
 extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
-extern char monitor_stack_top[], msr_read_at[], msr_write_at[], msr_refused[], syscall_gate[], xcr_write_at[];
-extern char fast_wrmsr_at[], fast_rdmsr_at[], fast_msr_refused[];
+extern char monitor_stack_top[], syscall_gate[], xcr_write_at[], xcr_refused[];
+extern char wrmsr_at[], rdmsr_at[], msr_refused[];
 extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[];
-int msr_read(u32 index, u64 *value);
-int msr_write(u32 index, u64 value);
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
@@ -160,8 +158,9 @@ static u64 privileged(u64 service, u64 a, u64 b)
     case SERVICE_CR4: __asm__ volatile("mov %0, %%cr4" : : "r"(a) : "memory"); return 0;
     case SERVICE_CR8: __asm__ volatile("mov %0, %%cr8" : : "r"(a)); return 0;
     case SERVICE_READ_CR8: __asm__ volatile("mov %%cr8, %0" : "=r"(a)); return a;
-    case SERVICE_RDMSR: return (u64)msr_read((u32)a, (u64 *)b); /* b: where the value goes, in the monitor */
-    case SERVICE_WRMSR: return (u64)msr_write((u32)a, b);
+    case SERVICE_RDMSR: /* b: where the value goes, in the monitor */
+    case SERVICE_WRMSR: /* ring 0's entry serves both, with their fault fix-up, from ring 0 too */
+        return ring0_call(service, a, b);
     case SERVICE_XSETBV: return (u64)xcr_write((u32)a, b);
     case SERVICE_SWAPGS: __asm__ volatile("swapgs" ::: "memory"); return 0;
     case SERVICE_WAIT:
@@ -790,11 +789,6 @@ u64 monitor_init(void)
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
     guest.tr = handoff.guest_tr;
-    msr_read(MSR_STAR, &guest.star);
-    msr_read(MSR_LSTAR, &guest.lstar);
-    msr_read(MSR_CSTAR, &guest.cstar);
-    msr_read(MSR_SFMASK, &guest.sfmask);
-    msr_write(MSR_LSTAR, (u64)syscall_gate); /* a SYSCALL, from any mode of the guest, comes here */
     paging_init();
     return MONITOR_CS;
 }
@@ -802,7 +796,13 @@ u64 monitor_init(void)
 /* The program's entry, as boot/program.py documents it, with its ring-0 code in ring 3. */
 void monitor_first_frame(struct trap_frame *frame)
 {
-    /* on the monitor's own code segment now: its accesses to guest memory may fault and return */
+    /* on the monitor's own code segment now: its accesses to guest memory may fault and return, and
+     * an int3 (ring0_call, for the MSRs) comes back */
+    privileged(SERVICE_RDMSR, MSR_STAR, (u64)&guest.star);
+    privileged(SERVICE_RDMSR, MSR_LSTAR, (u64)&guest.lstar);
+    privileged(SERVICE_RDMSR, MSR_CSTAR, (u64)&guest.cstar);
+    privileged(SERVICE_RDMSR, MSR_SFMASK, (u64)&guest.sfmask);
+    privileged(SERVICE_WRMSR, MSR_LSTAR, (u64)syscall_gate); /* a SYSCALL, from any mode of the guest, comes here */
     mirror_gdt();
     guest.tss_base = tss_base_of(guest.tr);
     memset(frame, 0, sizeof(*frame));
@@ -1480,13 +1480,12 @@ static void own_event(struct trap_frame *frame)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
         return;
     }
-    if (frame->vector == 13 && (frame->rip == (u64)msr_read_at || frame->rip == (u64)msr_write_at ||
-                                frame->rip == (u64)xcr_write_at)) {
-        frame->rip = (u64)msr_refused;
+    if (frame->vector == 13 && frame->rip == (u64)xcr_write_at) {
+        frame->rip = (u64)xcr_refused;
         return;
     }
-    if (frame->vector == 13 && (frame->rip == (u64)fast_wrmsr_at || frame->rip == (u64)fast_rdmsr_at)) {
-        frame->rip = (u64)fast_msr_refused; /* the body's call, answered in ring0_event's own frame */
+    if (frame->vector == 13 && (frame->rip == (u64)wrmsr_at || frame->rip == (u64)rdmsr_at)) {
+        frame->rip = (u64)msr_refused; /* the call, answered in ring0_event's own frame */
         return;
     }
     u64 cr2, code;
