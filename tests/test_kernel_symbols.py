@@ -11,7 +11,7 @@ import pytest
 
 from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
 from worldswitch.boot.elf import read_sections
-from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, kallsyms, pv_irq_slots
+from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_irq_slots
 from worldswitch.errors import GuestImageError
 from worldswitch.vmx.debian import fetch_debian
 
@@ -26,6 +26,11 @@ def vmlinux() -> bytes:
     return extract_vmlinux(parse_bzimage(Path(kernel).read_bytes(), "kernel"))
 
 
+@pytest.fixture(scope="module")
+def symbols(vmlinux: bytes) -> dict[str, Symbol]:
+    return kallsyms(vmlinux)
+
+
 def read_u64(vmlinux: bytes, address: int) -> int:
     for section in read_sections(vmlinux).values():
         if section.address <= address < section.address + section.size:
@@ -33,28 +38,25 @@ def read_u64(vmlinux: bytes, address: int) -> int:
     raise AssertionError(f"{address:#x} is in no section of the image")
 
 
-def test_kallsyms_names_the_kernels_symbols(vmlinux: bytes) -> None:
-    symbols = kallsyms(vmlinux)
+def test_kallsyms_names_the_kernels_symbols(symbols: dict[str, Symbol]) -> None:
     assert len(symbols) > 50_000
     assert symbols["startup_64"].address == KERNEL_TEXT and symbols["startup_64"].kind == "T"
     assert symbols["pv_ops"].kind == "D" and symbols["native_save_fl"].kind == "T"
 
 
-def test_btf_gives_pv_ops_its_layout(vmlinux: bytes) -> None:
+def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
     types = BtfTypes(vmlinux)
     size, template = types.struct("paravirt_patch_template")
     assert list(template) == ["cpu", "irq", "mmu", "lock"] and template["irq"].type_name == "pv_irq_ops"
-    symbols = kallsyms(vmlinux)
     assert symbols["pv_ops"].address + size == symbols["pv_info"].address  # pv_info follows pv_ops
     _, irq = types.struct("pv_irq_ops")
     assert [irq[name].offset for name in PV_IRQ_OPS] == [0, 8, 16, 24, 32]
     assert irq["save_fl"].type_name == "paravirt_callee_save" and irq["halt"].type_name == "pointer"
 
 
-def test_the_interrupt_flag_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes) -> None:
+def test_the_interrupt_flag_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
     """Where BTF and kallsyms put pv_ops.irq, the image holds pointers to the functions kallsyms
     calls native: the three sources agree."""
-    symbols = kallsyms(vmlinux)
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt"}
     for name, address in pv_irq_slots(vmlinux).items():
