@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, next_attempt
+from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, StallWatch, next_attempt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,3 +98,39 @@ def test_the_nested_host_does_not_rerun_a_command_that_failed_without_failed_tes
     assert next_attempt(EXIT_TESTS_FAILED, journal, reran=False) is None
     assert next_attempt(0, journal, reran=False) is None
     assert next_attempt(EXIT_HOST_FAILED, journal, reran=False) is not None
+
+
+# Linux's stall reports in its own formats (kernel/rcu/tree_stall.h, kernel/watchdog.c); the soft lockup
+# is L1's own, from a run on 2026-11-30 (docs/hosts.md, issue 8)
+RCU_STALL = (b"[ 3526.011203] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+             b"[ 3526.011302] rcu: \t0-...!: (1 GPs behind) idle=a5c/1/0x4000000000000000 softirq=1/1 fqs=0\n"
+             b"[ 3547.026800] rcu: rcu_preempt kthread starved for 10502 jiffies! g7297 f0x0 RCU_GP_WAIT_FQS(5) "
+             b"->state=0x0 ->cpu=0\n")
+SOFT_LOCKUP = b"[   73.173561] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [khugepaged:36]\n"
+
+
+def test_the_nested_host_calls_l1_stuck_after_its_kernel_reports_stalls_for_five_minutes() -> None:
+    watch = StallWatch(limit=300, gap=180)
+    watch.console(b"[    1.0] Run /init as init process\n", 0)
+    assert not watch.stuck(1000)  # quiet for long: the heartbeat's and pytest's business, not this watch's
+    for now in range(100, 400, 63):  # Linux repeats the report while the stall lasts
+        watch.console(RCU_STALL, now)
+        assert not watch.stuck(now)
+    watch.console(RCU_STALL, 415)
+    assert watch.stuck(415)
+
+
+def test_a_stall_that_passes_or_a_test_that_finishes_ends_the_episode() -> None:
+    watch = StallWatch(limit=300, gap=180)
+    watch.console(SOFT_LOCKUP, 0)
+    watch.console(SOFT_LOCKUP, 26)
+    assert not watch.stuck(200)
+    assert not watch.stuck(400)  # no report for more than the gap: L1 recovered
+    watch.console(SOFT_LOCKUP, 500)  # a new episode starts here
+    watch.console(SOFT_LOCKUP, 650)
+    assert not watch.stuck(700)
+    watch.console(SOFT_LOCKUP[:30], 790)  # a report the console has not finished is not one yet
+    watch.console(SOFT_LOCKUP[30:], 800)
+    assert watch.stuck(800)
+    watch.progressed()  # a test finished: the CPUs are getting on
+    assert not watch.stuck(801)

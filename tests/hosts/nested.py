@@ -235,8 +235,10 @@ MIN_ATTEMPT_S = 120  # an attempt needs L1's boot (about 10 s) and time for the 
 
 
 def run(flavour: Flavour, command: str, resources: Resources = Resources(),
-        environment: dict[str, str] | None = None) -> int:
-    """Run `command` (a shell command line) in L1 at the checkout's root; its status, or 124/125."""
+        environment: dict[str, str] | None = None, progress: Path | None = None) -> int:
+    """Run `command` (a shell command line) in L1 at the checkout's root; its status, or 124/125.
+    `progress` is a file that grows while the command gets on (the test journal): a stall that L1's
+    kernel reports ends only when it grows."""
     if os.geteuid() != 0:
         raise HostError("the nested host needs root here (virtiofsd shares the checkout from a new namespace)")
     for tool in (QEMU, str(VIRTIOFSD)):
@@ -287,7 +289,7 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
                 "-chardev", f"file,id=err,path={relays[1].fifo}", "-serial", "chardev:err",
                 "-chardev", f"file,id=status,path={status_file}", "-serial", "chardev:status",
             ]
-            return _supervise(qemu, resources.timeout, status_file, console, host_log, monitor)
+            return _supervise(qemu, resources.timeout, status_file, console, host_log, monitor, progress)
         finally:
             for relay in relays:
                 relay.finish()
@@ -334,26 +336,79 @@ def _wait_for_socket(path: Path, process: subprocess.Popen) -> None:
 
 HEARTBEAT_LOST_S = 180  # L1 prints a heartbeat every 5 s (l1-init); this long without one, its CPUs are stuck
 
+# L1's kernel reports a CPU that stopped scheduling (docs/hosts.md, issue 10), in Linux's own words
+# (kernel/rcu/tree_stall.h, kernel/watchdog.c). The other CPU can go on printing the heartbeat.
+STALL_REPORT = re.compile(rb"rcu: INFO: \S+ (?:self-)?detected stalls?|rcu: \S+ kthread starved for"
+                          rb"|watchdog: BUG: soft lockup|watchdog: Watchdog detected hard LOCKUP")
+
+
+class StallWatch:
+    """Tells when L1's kernel has been reporting stalls for `limit` seconds with no test finishing.
+
+    One report alone proves nothing: under TCG on a loaded machine a CPU can miss the RCU deadline
+    (21 s) and recover. Linux repeats its report while a stall lasts (RCU about every 63 s, the soft
+    lockup watchdog about every 26 s), so reports less than `gap` seconds apart are one episode, and
+    a test finishing (the journal grew) ends it. An episode `limit` seconds long is an L1 that is
+    stuck: pytest's own timeout cannot help then, since its alarm is a timer on the stuck CPU."""
+
+    def __init__(self, limit: float = 300.0, gap: float = 180.0) -> None:
+        self.limit = limit
+        self.gap = gap
+        self.first: float | None = None  # the episode's first report
+        self.last = 0.0  # its latest report
+        self._partial = b""  # a line the console has not finished
+
+    def console(self, text: bytes, now: float) -> None:
+        lines = (self._partial + text).split(b"\n")
+        self._partial = lines.pop()[-4096:]
+        if any(STALL_REPORT.search(line) for line in lines):
+            if self.first is None or now - self.last > self.gap:
+                self.first = now
+            self.last = now
+
+    def progressed(self) -> None:
+        self.first = None
+
+    def stuck(self, now: float) -> bool:
+        return self.first is not None and now - self.last <= self.gap and now - self.first >= self.limit
+
 
 def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path, host_log: Path,
-               monitor: Path) -> int:
+               monitor: Path, progress: Path | None) -> int:
     with host_log.open("a") as log:
         process = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stderr=log, start_new_session=True)
     started = last_beat = time.monotonic()
     size = 0
+    stalls = StallWatch()
+    console_read = 0
+    progress_size = _size(progress)
     try:
         while process.poll() is None:
             time.sleep(1)
             now = time.monotonic()
-            grown = status_file.stat().st_size if status_file.exists() else 0
+            grown = _size(status_file)
             if grown != size:
                 size, last_beat = grown, now
+            if _size(progress) != progress_size:
+                progress_size = _size(progress)
+                stalls.progressed()
+            if _size(console) > console_read:
+                with console.open("rb") as text:
+                    text.seek(console_read)
+                    new = text.read()
+                console_read += len(new)
+                stalls.console(new, now)
             if now - started > timeout:
                 print(f"nested host: no end after {timeout:.0f} s; stopped it. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_TIMEOUT)
             if size and now - last_beat > HEARTBEAT_LOST_S:
                 print(f"nested host: L1 stopped responding (no heartbeat for {HEARTBEAT_LOST_S} s); stopped it. "
                       f"Where its CPUs were: {_cpu_places(monitor)}. Its console: {console}", file=sys.stderr)
+                return _stop(process, monitor, console, EXIT_HOST_FAILED)
+            if stalls.stuck(now):
+                print(f"nested host: L1's kernel has reported stalled CPUs for {stalls.limit:.0f} s with no test "
+                      f"finishing; stopped it. Where its CPUs were: {_cpu_places(monitor)}. Its console: {console}",
+                      file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_HOST_FAILED)
     except KeyboardInterrupt:
         _stop(process, monitor, console, 130)
@@ -366,6 +421,13 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
         _tail(host_log, 5)
         return EXIT_HOST_FAILED
     return int(status[-1])
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except FileNotFoundError:
+        return 0
 
 
 def _stop(process: subprocess.Popen, monitor: Path, console: Path, status: int) -> int:
@@ -453,7 +515,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
         environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal)}
         try:
-            status = run(flavour, command, resources(), environment)
+            status = run(flavour, command, resources(), environment, journal)
             reran = False  # the tests that failed have had their run in a fresh L1
             for attempt in range(options.retries):
                 why = next_attempt(status, journal, reran)
@@ -466,7 +528,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                 reran = reran or status != EXIT_HOST_FAILED
                 print(f"nested host: {why} ({attempt + 2} of {options.retries + 1}; pytest resumes after the "
                       "tests that passed)", file=sys.stderr, flush=True)
-                status = run(flavour, command, resources(), environment)
+                status = run(flavour, command, resources(), environment, journal)
         finally:
             journal.unlink(missing_ok=True)
         return status
