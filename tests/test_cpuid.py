@@ -4,7 +4,7 @@ from worldswitch.boot.linux import kernel_parameters
 from worldswitch.driver import structs as s
 from worldswitch.vmm.host import HostKind
 from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
-from worldswitch.vmm.x86.cpuid import PVM_HIDDEN, filter_cpuid, forced_features, hidden_features
+from worldswitch.vmm.x86.cpuid import MONITOR_HIDDEN, PVM_HIDDEN, filter_cpuid, forced_features, hidden_features
 
 PVM = HostKind("pvm", False, "")
 VTX = HostKind("vmx", True, "")
@@ -23,8 +23,11 @@ def test_linux_feature_numbers_follow_the_kernels_words() -> None:
 
 
 def test_only_emulating_hosts_hide_anything() -> None:
-    assert hidden_features(VTX) == ()
-    assert hidden_features(PVM) == PVM_HIDDEN
+    assert hidden_features(VTX, monitor=False) == ()
+    assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
+    # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
+    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsave", "fsgsbase", "smap"]
+    assert set(MONITOR_HIDDEN) < set(PVM_HIDDEN)
 
 
 def test_filtering_clears_the_bits_and_keeps_the_rest() -> None:
@@ -53,3 +56,11 @@ def test_each_vcpu_gets_its_apic_id() -> None:
 def test_emulated_hosts_skip_the_crypto_self_tests_unless_the_user_said_otherwise() -> None:
     assert [p for p, _ in kernel_parameters("console=ttyS0", [], code_emulated=True)] == ["cryptomgr.notests"]
     assert kernel_parameters("console=ttyS0 cryptomgr.notests=0", [], True) == []
+    assert kernel_parameters("console=ttyS0", [], code_emulated=True, monitor=True) == []  # its code runs natively
+
+
+def test_under_the_monitor_the_reasons_name_the_monitor() -> None:
+    forced = forced_features(table(1 << 26, 1 << 20), MONITOR_HIDDEN)  # xsave, smap
+    added = dict(kernel_parameters("console=ttyS0", forced, code_emulated=True, monitor=True))
+    assert list(added) == ["noxsave", "clearcpuid=308"]
+    assert "under the monitor runs no XSAVES" in added["noxsave"] and "KVM" not in added["clearcpuid=308"]

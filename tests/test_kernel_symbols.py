@@ -1,5 +1,6 @@
 """Reading a Linux vmlinux's own symbols (kallsyms) and types (BTF), against Debian's cloud kernel,
-whose package ships no System.map: three sources that must agree (docs/monitor.md, stage 2)."""
+whose package ships no System.map: three sources that must agree (docs/monitor.md, stage 2). And
+what the VMM does with them for the monitor (boot/paravirt.py), checked byte by byte in the image."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
 from worldswitch.boot.elf import read_sections
 from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_irq_slots
+from worldswitch.boot.monitor import PV_BASE, pv_functions
+from worldswitch.boot.paravirt import ALT_FLAG_NOT, X86_FEATURE_XENPV, paravirtualize
 from worldswitch.errors import GuestImageError
 from worldswitch.vmx.debian import fetch_debian
 
@@ -59,7 +62,7 @@ def test_the_interrupt_flag_slots_hold_the_native_functions_kallsyms_names(vmlin
     calls native: the three sources agree."""
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt"}
-    for name, address in pv_irq_slots(vmlinux).items():
+    for name, address in pv_irq_slots(symbols, BtfTypes(vmlinux)).items():
         assert read_u64(vmlinux, address) == symbols[natives[name]].address, name
 
 
@@ -76,3 +79,45 @@ def test_a_corrupt_btf_section_is_refused_in_one_line(vmlinux: bytes) -> None:
     damaged[btf.offset + 4 : btf.offset + 8] = struct.pack("<I", 0xFFFF0000)  # the header's length
     with pytest.raises(GuestImageError, match="not BTF, or is truncated"):
         BtfTypes(bytes(damaged))
+
+
+def _alternatives(vmlinux: bytes) -> dict[int, int]:
+    """Each .altinstructions entry's file offset -> its feature word (struct alt_instr, Linux 6.1:
+    s32 instr_offset, s32 repl_offset, u16 cpuid, u8 instrlen, u8 replacementlen)."""
+    section = read_sections(vmlinux)[".altinstructions"]
+    return {at: struct.unpack_from("<H", vmlinux, at + 8)[0] for at in range(section.offset, section.offset + section.size, 12)}
+
+
+def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
+    result = paravirtualize(vmlinux, pv_functions())
+    slots = pv_irq_slots(symbols, BtfTypes(vmlinux))
+    for name, slot in slots.items():  # pv_ops.irq now holds the monitor's pv page functions
+        assert read_u64(result.vmlinux, slot) == pv_functions()[name], name
+        assert PV_BASE <= read_u64(result.vmlinux, slot) < PV_BASE + 0x1000
+    assert PV_BASE - KERNEL_TEXT < 1 << 31  # within a direct call of the kernel's text, as Linux patches it
+    # Linux 6.1's pv_ops.irq call sites: 1300 (save_fl, irq_disable and irq_enable each with an
+    # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt without)
+    assert (result.sites, result.alternatives) == (1300, 1290)
+    before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
+    changed = [at for at in before if before[at] != after[at]]
+    assert len(changed) == 1290
+    assert all(before[at] == ALT_FLAG_NOT | X86_FEATURE_XENPV and after[at] == X86_FEATURE_XENPV for at in changed)
+    assert sum(1 for word in after.values() if word == ALT_FLAG_NOT | X86_FEATURE_XENPV) == 923  # the rest stay
+    iret = result.iret_site
+    assert iret == symbols["native_irq_return_iret"].address
+    text = read_sections(vmlinux)[".text"]
+    at = text.offset + iret - text.address
+    assert vmlinux[at : at + 2] == b"\x48\xcf" and result.vmlinux[at : at + 2] == b"\x0f\x0b"  # IRETQ -> UD2
+    # nothing else in the image moved: 5 slots of 8 bytes, 1290 feature words, the 2 bytes of the IRETQ
+    differing = sum(1 for a, b in zip(vmlinux, result.vmlinux) if a != b)
+    assert differing <= 5 * 8 + 1290 + 2
+
+
+def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(vmlinux: bytes) -> None:
+    sections = read_sections(vmlinux)
+    damaged = bytearray(vmlinux)
+    iret = kallsyms(vmlinux)["native_irq_return_iret"].address
+    text = sections[".text"]
+    damaged[text.offset + iret - text.address] = 0x90  # not an IRETQ there any more
+    with pytest.raises(GuestImageError, match="is not an IRETQ"):
+        paravirtualize(bytes(damaged), pv_functions())

@@ -84,6 +84,23 @@ def test_memory_map_just_under_and_over_the_pci_hole(memory: int) -> None:
         assert above[0].start == 1 << 32 and mm.top_of_low_ram == PCI_HOLE_START
 
 
+def test_memory_the_vmm_keeps_in_the_guest_is_reserved_in_e820_and_stays_backed() -> None:
+    from worldswitch.boot import bootparams as bp
+    from worldswitch.boot.linux import e820_map, place_initrd
+    from worldswitch.errors import ConfigError
+
+    mm = MemoryMap.for_memory(512 * MIB)  # RAM to 0x2006_0000: 512 MiB and the legacy hole's 384 KiB
+    kept = mm.reserving(0x1FC0_0000, 0x2006_0000 - 0x1FC0_0000, "the in-guest monitor")
+    assert kept.backed_ranges() == mm.backed_ranges()  # the same memory slots: only its use changed
+    assert (0x1FC0_0000, 0x46_0000, bp.E820_RESERVED) in e820_map(kept)
+    assert (0x10_0000, 0x1FC0_0000 - 0x10_0000, bp.E820_RAM) in e820_map(kept)
+    assert kept.top_of_low_ram == 0x1FC0_0000
+    start, end = place_initrd(kept, 2 * MIB, 0x300_0000, 0x7FFF_FFFF, "initrd")
+    assert end <= 0x1FC0_0000 and start >= 0x300_0000  # below what is kept, as high as it goes
+    with pytest.raises(ConfigError, match="does not fit in one range of guest RAM"):
+        mm.reserving(0x9F000, 0x2000, "across the legacy hole")
+
+
 def test_memory_map_rejects_nonsense() -> None:
     from worldswitch.errors import ConfigError
 

@@ -185,13 +185,12 @@ class BtfTypes:
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
 
 
-def pv_irq_slots(vmlinux: bytes) -> dict[str, int]:
-    """The addresses (as linked) of the function pointers in pv_ops.irq, by member name: where a
-    VMM points a PARAVIRT_XXL kernel's interrupt flag at its own code before the kernel runs."""
-    symbols = kallsyms(vmlinux)
+def pv_irq_slots(symbols: dict[str, Symbol], types: BtfTypes) -> dict[str, int]:
+    """The addresses (as linked) of the function pointers in pv_ops.irq, by member name, from a
+    kernel's symbols and types: where a VMM points a PARAVIRT_XXL kernel's interrupt flag at its own
+    code before the kernel runs."""
     if "pv_ops" not in symbols:
         raise GuestImageError("the kernel has no pv_ops (is it built with CONFIG_PARAVIRT?)")
-    types = BtfTypes(vmlinux)
     _size, template = types.struct("paravirt_patch_template")
     if "irq" not in template:
         raise GuestImageError("the kernel's pv_ops has no interrupt operations (no CONFIG_PARAVIRT_XXL?)")

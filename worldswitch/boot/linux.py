@@ -54,6 +54,7 @@ class LinuxBoot:
     compression: str = ""
     decompress_s: float = 0.0  # host decompression time, when the vmlinux came from a bzImage
     notes: list[str] = field(default_factory=list)
+    iret_site: int = 0  # its IRETQ to user mode, made a UD2 for the monitor (paravirt.py); 0 if untouched
 
 
 def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
@@ -113,17 +114,20 @@ def choose_decompression(requested: str, kernel_code_emulated: bool) -> str:
 
 
 def place_initrd(memory_map: MemoryMap, size: int, above: int, initrd_addr_max: int, name: str) -> tuple[int, int]:
-    """The highest page-aligned spot for the initrd that ends at or below initrd_addr_max and below
-    the PCI hole, and starts above the kernel (boot.rst: "as high as possible")."""
+    """The highest page-aligned spot for the initrd in one range of RAM, ending at or below
+    initrd_addr_max and below the PCI hole, and starting above the kernel (boot.rst: "as high as
+    possible")."""
     ceiling = min(initrd_addr_max + 1, memory_map.top_of_low_ram)
-    start = (ceiling - size) & ~(INITRD_ALIGNMENT - 1)
-    if size == 0 or start < above:
-        room = max(0, ceiling - above)
-        raise GuestImageError(
-            f"initrd {name} ({size >> 20} MiB) does not fit between the kernel (ends at {above:#x}) and "
-            f"{ceiling:#x} ({room >> 20} MiB free); give the machine more memory"
-        )
-    return start, start + size
+    for region in sorted(memory_map.ram(), key=lambda r: r.end, reverse=True):
+        top = min(ceiling, region.end)
+        start = (top - size) & ~(INITRD_ALIGNMENT - 1)
+        if size and start >= max(region.start, above):
+            return start, start + size
+    room = max(0, ceiling - above)
+    raise GuestImageError(
+        f"initrd {name} ({size >> 20} MiB) does not fit between the kernel (ends at {above:#x}) and "
+        f"{ceiling:#x} ({room >> 20} MiB free); give the machine more memory"
+    )
 
 
 class CpuFeature(Protocol):
@@ -137,21 +141,25 @@ class CpuFeature(Protocol):
         """X86_FEATURE_* number (word * 32 + bit), as clearcpuid= takes it."""
 
 
-def kernel_parameters(cmdline: str, forced: Sequence[CpuFeature], code_emulated: bool) -> list[tuple[str, str]]:
+def kernel_parameters(cmdline: str, forced: Sequence[CpuFeature], code_emulated: bool,
+                      monitor: bool = False) -> list[tuple[str, str]]:
     """(parameter, reason) a kernel needs beyond what the user wrote: not to use the CPU features the
-    host forces into CPUID although KVM cannot run them, and, where guest kernel code is emulated,
-    not to start work that takes milliseconds natively but so long emulated that the kernel gives
-    up on it (measured in docs/pvm.md). A parameter the user set is left alone."""
+    host forces into CPUID although KVM's emulator (or, under the in-guest `monitor`, the kernel's
+    ring 3) cannot run them, and, where guest kernel code is emulated (not under the monitor), not
+    to start work that takes milliseconds natively but so long emulated that the kernel gives up on
+    it (measured in docs/pvm.md). A parameter the user set is left alone."""
     words = cmdline.split()
     added: list[tuple[str, str]] = []
+    runs = "the kernel's ring 3 under the monitor runs" if monitor else "KVM's emulator runs"
     if any(f.name == "xsave" for f in forced) and "noxsave" not in words:
-        added.append(("noxsave", "the host forces XSAVE into the guest's CPUID, and XRSTOR is beyond KVM's emulator"))
+        added.append(("noxsave", f"the host forces XSAVE into the guest's CPUID, and {runs} no "
+                                 f"{'XSAVES' if monitor else 'XRSTOR'}"))
     rest = [f for f in forced if f.name != "xsave"]
     if rest and not any(word.startswith("clearcpuid=") for word in words):
         numbers = ",".join(str(f.linux_feature) for f in rest)
         names = ", ".join(f.name for f in rest)
-        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; KVM's emulator runs none of them"))
-    if code_emulated and not any(word.startswith("cryptomgr.notests") for word in words):
+        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; {runs} none of them"))
+    if code_emulated and not monitor and not any(word.startswith("cryptomgr.notests") for word in words):
         added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
                                            "and certificate loading times out waiting for them"))
     return added
@@ -168,8 +176,11 @@ def load_linux(
     decompress: str,
     kernel_code_emulated: bool,
     rsdp_address: int,
+    pv_irq: dict[str, int] | None = None,
 ) -> LinuxBoot:
-    """Place a bzImage or an ELF vmlinux, its initrd and command line, and the zero page."""
+    """Place a bzImage or an ELF vmlinux, its initrd and command line, and the zero page. With
+    `pv_irq`, the vmlinux is made ready for the in-guest monitor (paravirt.py): its paravirtual
+    interrupt flag goes to those functions, its IRETQ to user mode traps."""
     bz: BzImage | None = None
     notes: list[str] = []
     if is_bzimage(kernel_image):
@@ -184,6 +195,7 @@ def load_linux(
         raise ConfigError("the kernel command line is too long for the space below the VMM's stack")
 
     decompress_s = 0.0
+    iret_site = 0
     compression = bz.compression if bz is not None else "none"
     mode = choose_decompression(decompress, kernel_code_emulated) if bz is not None else "host"
     if bz is not None and mode == "host":
@@ -196,8 +208,22 @@ def load_linux(
     else:
         vmlinux = b""
 
+    if pv_irq is not None:
+        if not vmlinux:
+            raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
+        from .paravirt import paravirtualize
+
+        paravirtualized = paravirtualize(vmlinux, pv_irq)
+        vmlinux, iret_site = paravirtualized.vmlinux, paravirtualized.iret_site
+        notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
+                     f"{paravirtualized.alternatives} native alternatives over them disarmed; its IRETQ to user "
+                     f"mode at {iret_site:#x} made a UD2")
+
     if vmlinux:
-        loaded = load_elf(memory, vmlinux, kernel_name, reserved=[(0, LOW_MEMORY_END)])
+        # not over the first megabyte (the loader's own structures) or memory the map reserves above it
+        reserved = [(0, LOW_MEMORY_END)] + [(r.start, r.end) for r in memory_map.regions
+                                            if r.kind is RegionKind.RESERVED and r.start >= LOW_MEMORY_END]
+        loaded = load_elf(memory, vmlinux, kernel_name, reserved=reserved)
         if loaded.entry % 0x1000 or not loaded.low <= loaded.entry < loaded.high:
             raise GuestImageError(f"{kernel_name}: ELF entry {loaded.entry:#x} is not a vmlinux startup_64")
         kernel_range = (loaded.low, loaded.high)
@@ -229,4 +255,5 @@ def load_linux(
     params = build_zero_page(header, memory_map, CMDLINE_ADDR, initrd, rsdp_address)
     memory.write(ZERO_PAGE, bytes(params))
     version = bz.version_string if bz is not None else ""
-    return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes)
+    return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes,
+                     iret_site)

@@ -1,10 +1,10 @@
 """Loading the in-guest monitor (`--monitor`; docs/monitor.md): worldswitch's own VMM, which runs a
-bare-metal program's ring-0 code deprivileged, natively in ring 3, on hosts that emulate guest
-ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at MONITOR_BASE, in a PML4 slot Linux
+guest's kernel code (a bare-metal program's ring 0, or a paravirtual Linux) deprivileged, natively
+in ring 3, on hosts that emulate guest ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at MONITOR_BASE, in a PML4 slot Linux
 leaves unused (where VMware's VMM took the top 4 MB); its pages are the top 4 MiB of the RAM below
 the PCI hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken
-out of the guest's identity map. The VMM enters the monitor instead of the program, with the
-program's entry in the handoff page (guests/src/monitor.h is the other half of this file's
+out of the guest's identity map. The VMM enters the monitor instead of the program (or Linux), with
+the guest's entry in the handoff page (guests/src/monitor.h is the other half of this file's
 constants)."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from .elf import parse_elf
 from .longmode import PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
-from .program import ProgramEntry
 
 MONITOR_BASE = 0xFFFF_FE80_0000_0000  # PML4 slot 509, which its map of guest RAM shares (monitor.h)
 MONITOR_SIZE = 4 << 20
@@ -27,8 +26,28 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n")
-_HANDOFF = struct.Struct("<14Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS
+# The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq, at
+# PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
+PV_BASE = 0xFFFF_FFFF_FFE0_0000
+PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "safe_halt": 0x80, "halt": 0xA0}
+_HANDOFF = struct.Struct("<15Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ site
 _TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
+
+
+class GuestEntry(NamedTuple):
+    """The registers the monitor enters the guest with (its kernel's, in 64-bit mode on the tables
+    the VMM built): a program's entry and arguments, or Linux's startup_64 and its zero page."""
+    rip: int
+    rsp: int
+    rdi: int
+    rsi: int
+    rdx: int
+    iret_site: int = 0  # a paravirtual Linux's IRETQ to user mode, made a UD2 (paravirt.py); 0 for a program
+
+
+def pv_functions() -> dict[str, int]:
+    """Where a paravirtual Linux's pv_ops.irq functions are under the monitor, by member name."""
+    return {name: PV_BASE + offset for name, offset in PV_FUNCTIONS.items()}
 
 
 class MonitorStart(NamedTuple):
@@ -58,10 +77,10 @@ class MonitorPlacement:
 
 
 def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement, layout: LongModeLayout,
-                 program: ProgramEntry) -> MonitorStart:
+                 guest: GuestEntry) -> MonitorStart:
     """Copy the monitor to `placement`, give it boot tables that map it at MONITOR_BASE beside the
-    program's first GiB, hide its pages from the program's identity map (the tables `layout`
-    describes, already written), and hand it `program`'s entry and tables."""
+    guest's first GiB, hide its pages from the guest's identity map (the tables `layout` describes,
+    already written), and hand it the guest's entry and tables."""
     physical_base = placement.physical_base
     entry, segments = parse_elf(image, "the monitor")
     table_space = MONITOR_BASE + MONITOR_SIZE - _TABLE_PAGES * 0x1000
@@ -95,9 +114,9 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
             memory.write(layout.pd + (address >> 30) * 0x1000 + ((address >> 21) & 511) * 8, bytes(8))
 
     gdt_limit = (layout.selectors.entries * 8) - 1
-    guest_limit = physical_base  # the program's RAM ends where the monitor's pages begin (its RSI says so too)
+    guest_limit = physical_base  # the guest's RAM ends where the monitor's pages begin
     memory.write(physical_base, _HANDOFF.pack(
-        HANDOFF_MAGIC, program.rip, program.rsp, program.args_addr, guest_limit, program.vcpus,
-        guest_limit, physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4,
-        layout.selectors.kernel_cs, layout.selectors.kernel_ds))
+        HANDOFF_MAGIC, guest.rip, guest.rsp, guest.rdi, guest.rsi, guest.rdx, guest_limit, physical_base, layout.gdt,
+        gdt_limit, layout.selectors.tss, layout.pml4, layout.selectors.kernel_cs, layout.selectors.kernel_ds,
+        guest.iret_site))
     return MonitorStart(entry, boot_pml4)

@@ -103,6 +103,22 @@ class MemoryMap(NamedTuple):
                 merged.append([region.start, region.size])
         return [(start, size) for start, size in merged]
 
+    def reserving(self, start: int, size: int, name: str) -> "MemoryMap":
+        """This map with [start, start + size) of its RAM set aside: still backed, reserved in e820,
+        as memory the VMM keeps for itself inside the guest (the in-guest monitor's pages)."""
+        regions: list[Region] = []
+        for region in self.regions:
+            if region.kind is RegionKind.RAM and region.start <= start and start + size <= region.end:
+                parts = (Region(region.start, start - region.start, RegionKind.RAM, region.name),
+                         Region(start, size, RegionKind.RESERVED, name),
+                         Region(start + size, region.end - start - size, RegionKind.RAM, region.name))
+                regions.extend(part for part in parts if part.size)
+            else:
+                regions.append(region)
+        if len(regions) == len(self.regions) and all(a == b for a, b in zip(regions, self.regions)):
+            raise ConfigError(f"{name} ({size >> 20} MiB at {start:#x}) does not fit in one range of guest RAM")
+        return MemoryMap(self.memory, tuple(regions))
+
     def ram(self) -> list[Region]:
         return [r for r in self.regions if r.kind is RegionKind.RAM]
 

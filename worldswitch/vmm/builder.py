@@ -93,6 +93,7 @@ class _Core(NamedTuple):
     memory: GuestMemory
     host: HostKind
     msr_filter: _Meanwhile | None
+    monitor: MonitorPlacement | None  # where the in-guest monitor's pages are, if the machine runs under it
 
 
 def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
@@ -118,10 +119,9 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
         below_4g = pc.ram_below_4g(MemoryMap.for_memory(config.memory_bytes))
         kernel = firmware_kernel(image, config.kernel, initrd, config.append, below_4g)
 
-    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature],
-             monitor: MonitorPlacement | None) -> LinuxBoot | None:
+    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
         if rom is None:
-            loaded_monitor = (monitor, monitor_image) if monitor is not None and monitor_image is not None else None
+            loaded_monitor = (core.monitor, monitor_image) if core.monitor is not None and monitor_image is not None else None
             return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid, loaded_monitor)
         from ..boot.firmware import low_copy
 
@@ -147,7 +147,7 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
 
 
 if TYPE_CHECKING:
-    _Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature], MonitorPlacement | None], LinuxBoot | None]
+    _Load = Callable[[_Core, acpi.AcpiTables, Vcpu, list[HiddenFeature]], LinuxBoot | None]
 
 
 def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Callable[[str], None] | None,
@@ -157,15 +157,14 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
     warn = warn or _quiet
     with contextlib.ExitStack() as undo:
         core = _open_vm(config, kvm_path, undo)
-        monitor = _place_monitor(config, core)
         outcome = Outcome()
         platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
         runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
-        boot = load(core, tables, runners[0].vcpu, forced_cpuid, monitor) if load is not None else None
+        boot = load(core, tables, runners[0].vcpu, forced_cpuid) if load is not None else None
         if core.msr_filter is not None:
             core.msr_filter.wait()
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, monitor, forced_cpuid, writer,
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, forced_cpuid, writer,
                       config.absolute(), core.host, warn)
         undo.pop_all()  # the machine owns it all now
     return machine
@@ -175,17 +174,20 @@ def _quiet(_text: str) -> None:
     pass
 
 
-def _place_monitor(config: MachineConfig, core: _Core) -> MonitorPlacement | None:
-    """Where the in-guest monitor goes, if the machine runs under it; refused where hardware
-    virtualization already runs guest kernel code natively (the monitor's whole job)."""
+def _place_monitor(config: MachineConfig, memory_map: MemoryMap) -> tuple[MemoryMap, MonitorPlacement | None]:
+    """Where the in-guest monitor's pages go, if the machine runs under it, and the memory map with
+    them reserved (the guest's e820 leaves them alone; they stay backed)."""
     if not config.monitor:
-        return None
-    if not core.host.kernel_code_emulated:
-        raise ConfigError("--monitor is for hosts that emulate guest kernel code (PVM); this host runs it "
-                          "natively with VT-x/AMD-V, which does the monitor's job")
+        return memory_map, None
     from ..boot.monitor import MonitorPlacement
 
-    return MonitorPlacement.below(core.memory_map.top_of_low_ram)
+    if memory_map.top_of_ram > memory_map.top_of_low_ram:
+        raise ConfigError(f"--monitor maps guest RAM below the PCI hole only: give the machine at most "
+                          f"{(memory_map.top_of_low_ram - (1 << 20) + (640 << 10)) >> 20} MiB")
+    top = memory_map.top_of_low_ram
+    placement = MonitorPlacement.below(top)
+    # from the monitor's pages to the top: RAM above them (less than a 2 MiB page) would be out of its reach
+    return memory_map.reserving(placement.physical_base, top - placement.physical_base, "the in-guest monitor"), placement
 
 
 def check_config(config: MachineConfig) -> tuple[str, str]:
@@ -203,7 +205,7 @@ def check_config(config: MachineConfig) -> tuple[str, str]:
 
 def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -> _Core:
     """The VM and its guest memory, empty."""
-    memory_map = MemoryMap.for_memory(config.memory_bytes)
+    memory_map, monitor = _place_monitor(config, MemoryMap.for_memory(config.memory_bytes))
     install_kick_handler()
     kvm = Kvm.open(kvm_path)
     undo.callback(kvm.close)
@@ -216,6 +218,9 @@ def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -
     undo.callback(memory.close)
     memory.register(vm)
     host = detect_host_kind()
+    if monitor is not None and not host.kernel_code_emulated:
+        raise ConfigError("--monitor is for hosts that emulate guest kernel code (PVM); this host runs it "
+                          "natively with VT-x/AMD-V, which does the monitor's job")
     # Where KVM leaves a guest's user-mode SYSCALL in ring 3 (PVM), the VMX completes it (under the
     # monitor, the monitor does); it needs the guest's WRMSR to LSTAR, which an MSR filter sends
     # here. Installing one waits for an SRCU grace period in the kernel (about 10 ms on a PVM host),
@@ -223,7 +228,7 @@ def _open_vm(config: MachineConfig, kvm_path: str, undo: contextlib.ExitStack) -
     msr_filter = None
     if host.kernel_code_emulated and not config.monitor and all(vm.check_extension(cap) for cap in (Cap.X86_USER_SPACE_MSR, Cap.X86_MSR_FILTER)):
         msr_filter = _Meanwhile("msr-filter", lambda: vm.deny_msr_writes([MSR_LSTAR]), undo)
-    return _Core(kvm, vm, memory_map, memory, host, msr_filter)
+    return _Core(kvm, vm, memory_map, memory, host, msr_filter, monitor)
 
 
 def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, serial_sink: Callable[[bytes], None],
@@ -282,7 +287,7 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
     """A runner per vCPU, and what the host put back into the CPUID despite us (see cpuid.py): a
     kernel must be told."""
     vm, memory, host = core.vm, core.memory, core.host
-    hidden = hidden_features(host)
+    hidden = hidden_features(host, config.monitor)
     supported = filter_cpuid(core.kvm.get_supported_cpuid(), hidden)
     vcpus = []
     for index in range(config.cpus):
@@ -316,10 +321,15 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         from ..boot.longmode import LINUX_GDT
 
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated)
+        added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated, monitor is not None)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
+        pv_irq = None
+        if monitor is not None:
+            from ..boot.monitor import pv_functions
+
+            pv_irq = pv_functions()
         boot = load_linux(memory, core.memory_map, image, name, initrd, config.initrd or "", cmdline,
-                          config.decompress, host.kernel_code_emulated, tables.rsdp_address)
+                          config.decompress, host.kernel_code_emulated, tables.rsdp_address, pv_irq)
         boot.notes.extend(f"added {parameter}: {why}" for parameter, why in added)
         # The 64-bit boot protocol: long mode, __BOOT_CS/__BOOT_DS, interrupts off, RSI = zero page.
         bsp_regs = s.kvm_regs(rip=boot.entry, rsi=boot.zero_page, rsp=layout.stack_top, rflags=0x2)
@@ -338,11 +348,15 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
     # in-kernel LAPIC delivers (KVM starts them in the wait-for-SIPI state).
     sregs = bsp.get_sregs()
     setup_long_mode(memory, sregs, layout)
-    if monitor is not None and boot is None:
-        from ..boot.monitor import load_monitor
+    if monitor is not None:
+        from ..boot.monitor import GuestEntry, load_monitor
 
         placement, monitor_image = monitor
-        start = load_monitor(memory, monitor_image, placement, layout, entry)
+        if boot is not None:  # Linux's 64-bit boot protocol: RSI = the zero page
+            guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site)
+        else:  # a program's entry, with its RAM ending where the monitor's pages begin
+            guest = GuestEntry(entry.rip, entry.rsp, entry.args_addr, placement.physical_base, entry.vcpus)
+        start = load_monitor(memory, monitor_image, placement, layout, guest)
         bsp_regs = s.kvm_regs(rip=start.rip, rflags=0x2)
         sregs.cr3 = start.cr3
     bsp.set_sregs(sregs)

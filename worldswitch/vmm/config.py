@@ -139,9 +139,9 @@ class MachineConfig:
     packed_queues: bool = option(False, kind=FLAG,
                                  help="offer packed virtqueues (VIRTIO_F_RING_PACKED) on every virtio device")
     monitor: bool = option(False, kind=FLAG,
-                           help="run the program's ring-0 code deprivileged, natively in ring 3, under worldswitch's "
-                                "in-guest monitor (docs/monitor.md): for hosts that emulate guest kernel code (PVM); "
-                                "refused where VT-x/AMD-V runs it natively")
+                           help="run the guest's kernel code (a program's ring 0, or a paravirtual Linux) deprivileged, "
+                                "natively in ring 3, under worldswitch's in-guest monitor (docs/monitor.md): for hosts "
+                                "that emulate guest kernel code (PVM); refused where VT-x/AMD-V runs it natively")
 
     def program(self) -> tuple[str, str]:
         """(display name, path) of what boots."""
@@ -154,9 +154,12 @@ class MachineConfig:
             raise ConfigError("firmware boots disks, a CD or a Linux kernel (--kernel), not a program")
         if self.cdrom and not self.boots_firmware:
             raise ConfigError("--cdrom is for a machine that boots through firmware (--firmware), not a kernel or program")
-        if self.monitor and (self.kernel or self.boots_firmware):
-            raise ConfigError("--monitor runs a bare-metal program (a built-in guest or --elf); Linux and firmware "
-                              "under it are not built yet (docs/monitor.md)")
+        if self.monitor and self.boots_firmware:
+            raise ConfigError("--monitor runs a program (a built-in guest or --elf) or a Linux kernel (--kernel); "
+                              "firmware under it is not built yet (docs/monitor.md)")
+        if self.monitor and self.kernel and self.decompress == "guest":
+            raise ConfigError("--monitor needs the kernel decompressed on the host (--decompress host), to point "
+                              "its paravirtual interrupt flag at the monitor before it runs")
         if self.monitor and self.cpus != 1:
             raise ConfigError("--monitor runs one vCPU; more are not built yet (docs/monitor.md)")
         if self.boots_firmware:

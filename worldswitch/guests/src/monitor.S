@@ -116,6 +116,8 @@ body_entry_frame:
 ring0_event:
     cmpl $(ring0_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
     jne 5f
+    cmpq $3, (%rsp)                     /* and the int3's own vector: an interrupt that lands on the */
+    jne 5f                              /* `ret` after a call has that RIP too, and is no call */
     cmpq $SERVICE_CR3, %rdi
     jne 1f
     movq %rsi, %cr3
@@ -223,6 +225,49 @@ event_stubs:
     .globl error_code_vectors
 error_code_vectors:
     error_code_table
+
+/* The pv page (monitor.h PV_*): a paravirtual Linux's interrupt flag, as Xen's PV guests keep an
+ * event mask. The kernel calls these at PV_BASE + the offsets, in its ring 3; they run there, so they
+ * name the monitor's data by absolute address, never RIP-relative. The virtual IF is a word of the
+ * monitor's (virtual_if: RFLAGS_IF or 0), which the kernel reads and writes without a trap; only an
+ * enable that finds an interrupt held traps (its STI, which the monitor emulates and then delivers),
+ * and halting. save_fl, irq_disable and irq_enable follow Linux's callee-save convention: only RAX
+ * may change. */
+    .section .pv, "ax"
+    .balign 4096
+    .globl pv_page
+pv_page:
+    .org pv_page + PV_SAVE_FL, 0xcc
+    movabsq $virtual_if, %rax
+    movq (%rax), %rax
+    ret
+    .org pv_page + PV_IRQ_DISABLE, 0xcc
+    movabsq $virtual_if, %rax
+    movq $0, (%rax)
+    ret
+    .org pv_page + PV_IRQ_ENABLE, 0xcc
+    movabsq $virtual_if, %rax
+    movq $0x200, (%rax)                 /* from here an interrupt is delivered at once, not held */
+    movabsq $held, %rax
+    cmpq $0, (%rax)
+    jne 1f
+    cmpq $0, 8(%rax)
+    jne 1f
+    cmpq $0, 16(%rax)
+    jne 1f
+    cmpq $0, 24(%rax)
+    jne 1f
+    ret
+1:  sti                                 /* traps: emulated, then what was held is delivered */
+    ret
+    .org pv_page + PV_SAFE_HALT, 0xcc
+    sti                                 /* the monitor takes STI; HLT as one: no wake-up lost between */
+    hlt
+    ret
+    .org pv_page + PV_HALT, 0xcc
+    hlt
+    ret
+    .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler
  * moves RIP from xcr_write_at to xcr_refused). The MSRs are ring0_event's, on its own path. */

@@ -28,8 +28,9 @@
  *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, the body's entry: this host's KVM
  *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
  *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated.
- * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself, and PUSHF/POPF, which run natively and
- * see the real IF.
+ * PUSHF and POPF run natively and see the real IF: a paravirtual Linux keeps its IF through the pv
+ * page's functions instead (monitor.S; the VMM points its pv_ops.irq there, boot/paravirt.py).
+ * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
  * rules the monitor checks ends its own VM with a report, never more.
  */
@@ -102,7 +103,7 @@ extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], syscall_gate[], xcr_write_at[], xcr_refused[];
 extern char wrmsr_at[], rdmsr_at[], msr_refused[];
-extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[];
+extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[], pv_page[];
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
@@ -114,11 +115,16 @@ u64 ring0_call(u64 service, u64 a, u64 b);
 u64 event_cr2;             /* the guest's page fault's address, which the trampoline read in ring 0 */
 volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body's exit looks again */
 
-/* The guest's virtual CPU state. */
+/* The guest's IF while its kernel runs (RFLAGS_IF or 0; its user mode always takes interrupts), and
+ * the interrupt vectors taken while it was clear, not yet delivered. The pv page's functions
+ * (monitor.S) read and write both from the guest's kernel; so the pending set changes only by
+ * single locked instructions, and virtual_if by single stores. */
+u64 virtual_if;
+u64 held[4];
+
+/* The rest of the guest's virtual CPU state. */
 static struct {
-    int interrupts;   /* its IF, while it runs in kernel mode (user mode always takes interrupts) */
     int user;         /* the mode it runs in now */
-    u64 pending[4];   /* interrupt vectors taken while IF was clear, not yet delivered */
     u64 cr0, cr2, cr3, cr4;
     u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
     u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
@@ -611,6 +617,17 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
 {
     u64 kind = (hardware_code & (PF_WRITE | PF_FETCH)) | (user ? PF_USER : 0);
     struct translation t;
+    if ((address & ~(PAGE_SIZE - 1)) == PV_BASE && !user) { /* the pv page, whatever the guest's tables say */
+        if (kind & PF_WRITE) {
+            *code = kind | PF_PRESENT;
+            return 0;
+        }
+        if (shadow_used > SHADOW_PAGES - 3)
+            shadow_flush();
+        *shadow_entry(kernel_root(), address, PAGE_SIZE) = physical(pv_page) | PTE_P | PTE_U;
+        count(COUNT_SHADOW_FILL);
+        return 1;
+    }
     if (monitor_slot_of(address))
         STOP("the guest used the monitor's addresses", address, kind);
     if (!walk(address, &t)) {
@@ -680,7 +697,20 @@ static enum segment_kind kind_of(u64 selector)
         return KERNEL_DATA; /* the guest kernel's null SS (NULL_SS) */
     if (loaded_copy(selector) >= 0)
         return (enum segment_kind)loaded[loaded_copy(selector)].kind;
-    return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
+    if (selector & 4)
+        return NO_SEGMENT;
+    if (index >= USER_ALIASES && index < USER_ALIASES + GUEST_GDT_ENTRIES) {
+        enum segment_kind kind = (enum segment_kind)segment_kind[index - USER_ALIASES];
+        return kind == USER_CODE || kind == USER_DATA ? kind : NO_SEGMENT;
+    }
+    return index < GUEST_GDT_ENTRIES ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
+}
+
+/* The real selector the guest's user mode runs on for its user segment `selector` (USER_ALIASES). */
+static u64 user_alias(u64 selector)
+{
+    u64 index = selector >> 3;
+    return index < GUEST_GDT_ENTRIES ? (index + USER_ALIASES) << 3 | 3 : selector;
 }
 
 /* A real selector as the guest knows it: its kernel's segments have RPL 0 to it, 3 to the CPU. */
@@ -690,6 +720,8 @@ static u64 guest_view(u64 selector)
         return 0;
     if (loaded_copy(selector) >= 0)
         return loaded[loaded_copy(selector)].selector;
+    if ((selector >> 3) >= USER_ALIASES && (selector >> 3) < USER_ALIASES + GUEST_GDT_ENTRIES)
+        return ((selector >> 3) - USER_ALIASES) << 3 | (selector & 3);
     enum segment_kind kind = kind_of(selector);
     return kind == KERNEL_CODE || kind == KERNEL_DATA ? selector & ~3ul : selector;
 }
@@ -736,7 +768,7 @@ static void mirror_gdt(void)
     for (u64 index = 1; index < GUEST_GDT_ENTRIES; index++) {
         u64 d = index * 8 + 7 <= guest.gdt_limit ? read_u64(guest.gdt_base + index * 8) : 0;
         segment_kind[index] = NO_SEGMENT;
-        gdt[index] = 0;
+        gdt[index] = gdt[USER_ALIASES + index] = 0;
         if (!(d & DESCRIPTOR_SEGMENT)) {
             if ((d & DESCRIPTOR_PRESENT) && index + 1 < GUEST_GDT_ENTRIES)
                 gdt[++index] = 0, segment_kind[index] = NO_SEGMENT; /* a system descriptor is two entries */
@@ -745,6 +777,7 @@ static void mirror_gdt(void)
         int code = (d & DESCRIPTOR_CODE) != 0, user = ((d >> 45) & 3) == 3;
         segment_kind[index] = user ? (code ? USER_CODE : USER_DATA) : (code ? KERNEL_CODE : KERNEL_DATA);
         gdt[index] = d | DESCRIPTOR_DPL3;
+        gdt[USER_ALIASES + index] = user ? d : 0;
     }
 }
 
@@ -880,7 +913,7 @@ static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 e
         deliver(frame, 13, 1, vector * 8 + 2);
         return;
     }
-    u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user || guest.interrupts ? RFLAGS_IF : 0);
+    u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user ? RFLAGS_IF : virtual_if);
     u64 cs = guest_view(frame->cs), ss = guest_view(frame->ss);
     enum segment_kind target_kind = kind_of(selector & ~3ul);
     u64 rsp;
@@ -915,23 +948,23 @@ static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 e
     frame->rip = target;
     frame->rsp = rsp;
     frame->rflags = RFLAGS_FIXED | RFLAGS_IF;
-    frame->cs = selector | 3;
+    frame->cs = target_kind == USER_CODE ? user_alias(selector) : selector | 3;
     if (target_kind == KERNEL_CODE) {
         if (guest.user)
             frame->ss = NULL_SS; /* what the CPU loads at a change of privilege */
         guest.user = 0;
         if (type == 0xe)
-            guest.interrupts = 0; /* an interrupt gate; a trap gate leaves IF alone */
+            virtual_if = 0; /* an interrupt gate; a trap gate leaves IF alone */
     }
 }
 
 static int take_pending(void)
 {
     for (int word = 3; word >= 0; word--)
-        if (guest.pending[word]) {
-            int bit = 63 - __builtin_clzl(guest.pending[word]);
+        if (held[word]) {
+            int bit = 63 - __builtin_clzl(held[word]);
             /* one locked instruction: ring 0 may hold another vector between any two of the body's */
-            __atomic_fetch_and(&guest.pending[word], ~(1ul << bit), __ATOMIC_RELAXED);
+            __atomic_fetch_and(&held[word], ~(1ul << bit), __ATOMIC_RELAXED);
             return word * 64 + bit;
         }
     return -1;
@@ -939,18 +972,18 @@ static int take_pending(void)
 
 static int any_pending(void)
 {
-    return (guest.pending[0] | guest.pending[1] | guest.pending[2] | guest.pending[3]) != 0;
+    return (held[0] | held[1] | held[2] | held[3]) != 0;
 }
 
 static void hold(u64 vector)
 {
-    __atomic_fetch_or(&guest.pending[vector / 64], 1ul << (vector % 64), __ATOMIC_RELAXED);
+    __atomic_fetch_or(&held[vector / 64], 1ul << (vector % 64), __ATOMIC_RELAXED);
 }
 
 /* A held interrupt, delivered now that the guest takes interrupts (the highest vector first). */
 static void deliver_held(struct trap_frame *frame)
 {
-    if (!(guest.user || guest.interrupts) || !any_pending())
+    if (!(guest.user || virtual_if) || !any_pending())
         return;
     count(COUNT_INTERRUPTS);
     deliver(frame, (u64)take_pending(), 0, 0);
@@ -1082,13 +1115,13 @@ static void emulate_iretq(struct trap_frame *frame)
     if (kind_of(cs) == USER_CODE && (cs & 3) == 3) {
         if (kind_of(ss) != USER_DATA || (ss & 3) != 3)
             STOP("user-mode return with a non-user stack", ss, rip);
-        frame->cs = cs;
-        frame->ss = ss;
+        frame->cs = user_alias(cs);
+        frame->ss = user_alias(ss);
         guest.user = 1;
     } else if (kind_of(cs) == KERNEL_CODE && (cs & 3) == 0) {
         frame->cs = cs | 3;
         frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
-        guest.interrupts = (rflags & RFLAGS_IF) != 0;
+        virtual_if = rflags & RFLAGS_IF;
     } else {
         STOP("IRETQ to an unknown code segment", cs, rip);
     }
@@ -1125,7 +1158,7 @@ static void emulate_syscall(struct trap_frame *frame)
     frame->cs = cs | 3;
     frame->ss = syscall_stack_segment(cs);
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
-    guest.interrupts = (rflags & RFLAGS_IF) != 0;
+    virtual_if = rflags & RFLAGS_IF;
     guest.user = 0;
 }
 
@@ -1142,8 +1175,8 @@ static void emulate_sysret(struct trap_frame *frame)
     }
     frame->rip = frame->rcx;
     frame->rflags = (frame->r11 & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF; /* user mode takes interrupts */
-    frame->cs = (base + 16) | 3;
-    frame->ss = (base + 8) | 3;
+    frame->cs = user_alias(base + 16);
+    frame->ss = user_alias(base + 8);
     guest.user = 1;
 }
 
@@ -1248,13 +1281,13 @@ static int emulate(struct trap_frame *frame)
     switch (opcode) {
     case 0xfa: /* cli */
         count(COUNT_CLI);
-        guest.interrupts = 0;
+        virtual_if = 0;
         frame->rip += (u64)insn.length;
         return 1;
     case 0xfb: /* sti; STI's shadow keeps the next instruction before any interrupt: a HLT there
                 * waits for one (the idiom that would otherwise sleep through its wake-up) */
         count(COUNT_STI);
-        guest.interrupts = 1;
+        virtual_if = RFLAGS_IF;
         frame->rip += (u64)insn.length;
         if (insn.bytes[insn.length] != 0xf4)
             return 1;
@@ -1263,7 +1296,7 @@ static int emulate(struct trap_frame *frame)
     case 0xf4: /* hlt */
         count(COUNT_HLT);
         frame->rip += opcode == 0xf4 ? (u64)insn.length : 1;
-        if (!guest.interrupts)
+        if (!virtual_if)
             privileged(SERVICE_HALT, 0, 0); /* as the CPU: only an NMI or INIT would wake it */
         privileged(SERVICE_WAIT, 0, 0);
         return 1;
@@ -1540,12 +1573,18 @@ void monitor_event(struct trap_frame *frame)
             guest.cr2 = address;
             deliver(frame, 14, 1, code);
         }
+    } else if (vector == 6 && !guest.user && frame->rip == handoff.guest_iret_site && handoff.guest_iret_site) {
+        /* the kernel's IRETQ to user mode, which the VMM made a UD2: on this host a native IRETQ to
+         * the user segments Linux shares with the host runs without a trap, and the host would go on
+         * reporting the kernel's CS; the monitor must see the guest change mode */
+        count(COUNT_IRETQ);
+        emulate_iretq(frame);
     } else if (vector == 6 && emulate_int_n(frame)) {
         /* delivered through its gate */
     } else if (vector < 32) {
         count(COUNT_EXCEPTIONS);
         deliver(frame, vector, has_error_code(vector), frame->error_code);
-    } else if (guest.user || guest.interrupts) {
+    } else if (guest.user || virtual_if) {
         count(COUNT_INTERRUPTS);
         deliver(frame, vector, 0, 0);
     } else {

@@ -17,6 +17,17 @@
 #define MONITOR_SIZE 0x400000UL
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
+/* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), which
+ * the VMM points the kernel at before it runs (boot/paravirt.py). One page of the monitor's, mapped
+ * read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the address space, a hole in Linux's
+ * layout within reach of its text's 32-bit calls (Linux patches each call site into a direct call). */
+#define PV_BASE 0xffffffffffe00000
+#define PV_SAVE_FL 0x00      /* offsets in the page: keep in step with boot/monitor.py PV_FUNCTIONS */
+#define PV_IRQ_DISABLE 0x20
+#define PV_IRQ_ENABLE 0x40
+#define PV_SAFE_HALT 0x80
+#define PV_HALT 0xa0
+
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
 
@@ -30,7 +41,12 @@
 #define BODY_SS 0x12b
 #define LOADED_CS 0x133    /* the guest's CS and SS as it loaded them, kept across its LGDT */
 #define LOADED_SS 0x13b
-#define GDT_ENTRIES 40
+/* The guest's user segments again, at USER_ALIASES + their index: the selectors its user mode runs on.
+ * A PVM host runs a ring-3 IRETQ to the host's own user selectors (0x33 and 0x2b, which Linux uses
+ * too) natively, without a trap, and then goes on reporting the CS it last saw; to selectors of the
+ * monitor's own it traps and keeps count. */
+#define USER_ALIASES 40
+#define GDT_ENTRIES 72
 
 /* The body's calls into ring 0 (ring0_call's first argument). monitor.S serves CR3, INVLPG, WRMSR and
  * RDMSR itself, in a few instructions: a kernel's context switches, TLB flushes and timer and
@@ -81,6 +97,7 @@ struct handoff {
     unsigned long guest_gdt_base, guest_gdt_limit, guest_tr; /* the descriptor tables the VMM built */
     unsigned long guest_cr3;     /* the program's page tables (the monitor starts on its own) */
     unsigned long guest_cs, guest_ss; /* its kernel's segments at the entry */
+    unsigned long guest_iret_site; /* a paravirtual Linux's return to user mode: its IRETQ, made a UD2 (or 0) */
     unsigned long counters[COUNT_KINDS];
 };
 

@@ -75,8 +75,20 @@ PVM_HIDDEN = (
 )
 
 
-def hidden_features(host: HostKind) -> tuple[HiddenFeature, ...]:
-    return PVM_HIDDEN if host.kernel_code_emulated else ()
+# Under the in-guest monitor the kernel's code runs natively in ring 3: only what faults there, or needs
+# a CR4 bit the monitor keeps, stays hidden. The rest (CMPXCHG16B above all: without it Linux's per-CPU
+# cmpxchg falls back to PUSHF; CLI; POPF, and a POPF in ring 3 cannot set IF again) is the CPU's.
+MONITOR_HIDDEN = (
+    _leaf1(26, "xsave"),  # XSAVES and XRSTORS are ring-0 instructions
+    _leaf7(0, "fsgsbase"),  # CR4.FSGSBASE, which the monitor does not give
+    _leaf7(20, "smap"),  # CLAC/STAC are ring-0 instructions
+)
+
+
+def hidden_features(host: HostKind, monitor: bool) -> tuple[HiddenFeature, ...]:
+    if not host.kernel_code_emulated:
+        return ()
+    return MONITOR_HIDDEN if monitor else PVM_HIDDEN
 
 
 def filter_cpuid(entries: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...]) -> list[s.kvm_cpuid_entry2]:
