@@ -1,9 +1,9 @@
 """Loading the in-guest monitor (`--monitor`; docs/monitor.md): worldswitch's own VMM, which runs a
 guest's kernel code (a bare-metal program's ring 0, or a paravirtual Linux) deprivileged, natively
-in ring 3, on hosts that emulate guest ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at MONITOR_BASE, in a PML4 slot Linux
-leaves unused (where VMware's VMM took the top 4 MB); its pages are the top 4 MiB of the RAM below
-the PCI hole, mapped there as pages ring 3 may use (the monitor's body runs in ring 3) and taken
-out of the guest's identity map. The VMM enters the monitor instead of the program (or Linux), with
+in ring 3, on hosts that emulate guest ring 0 (PVM). Its image is guests/bin/monitor.elf, linked at
+MONITOR_BASE, in a PML4 slot Linux leaves unused (where VMware's VMM took the top 4 MB); its pages
+are the top 4 MiB of the RAM below the PCI hole, mapped there as pages ring 3 may use (the monitor's
+body runs in ring 3) and taken out of the guest's identity map. The VMM enters the monitor instead of the program (or Linux), with
 the guest's entry in the handoff page (guests/src/monitor.h is the other half of this file's
 constants)."""
 

@@ -690,6 +690,12 @@ static int loaded_copy(u64 selector)
     return selector == LOADED_CS ? 0 : selector == LOADED_SS ? 1 : -1;
 }
 
+/* Whether `selector` is one of the copies of the guest's user segments its user mode runs on. */
+static int user_alias_of(u64 selector)
+{
+    return (selector >> 3) >= USER_ALIASES && (selector >> 3) < USER_ALIASES + GUEST_GDT_ENTRIES && !(selector & 4);
+}
+
 static enum segment_kind kind_of(u64 selector)
 {
     u64 index = selector >> 3;
@@ -697,13 +703,11 @@ static enum segment_kind kind_of(u64 selector)
         return KERNEL_DATA; /* the guest kernel's null SS (NULL_SS) */
     if (loaded_copy(selector) >= 0)
         return (enum segment_kind)loaded[loaded_copy(selector)].kind;
-    if (selector & 4)
-        return NO_SEGMENT;
-    if (index >= USER_ALIASES && index < USER_ALIASES + GUEST_GDT_ENTRIES) {
+    if (user_alias_of(selector)) {
         enum segment_kind kind = (enum segment_kind)segment_kind[index - USER_ALIASES];
         return kind == USER_CODE || kind == USER_DATA ? kind : NO_SEGMENT;
     }
-    return index < GUEST_GDT_ENTRIES ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
+    return index < GUEST_GDT_ENTRIES && !(selector & 4) ? (enum segment_kind)segment_kind[index] : NO_SEGMENT;
 }
 
 /* The real selector the guest's user mode runs on for its user segment `selector` (USER_ALIASES). */
@@ -720,7 +724,7 @@ static u64 guest_view(u64 selector)
         return 0;
     if (loaded_copy(selector) >= 0)
         return loaded[loaded_copy(selector)].selector;
-    if ((selector >> 3) >= USER_ALIASES && (selector >> 3) < USER_ALIASES + GUEST_GDT_ENTRIES)
+    if (user_alias_of(selector))
         return ((selector >> 3) - USER_ALIASES) << 3 | (selector & 3);
     enum segment_kind kind = kind_of(selector);
     return kind == KERNEL_CODE || kind == KERNEL_DATA ? selector & ~3ul : selector;
