@@ -439,9 +439,12 @@ static void empty_root(u64 *root)
             root[slot] = 0;
 }
 
+static u64 *loaded_root; /* the root CR3 holds */
+
 static void load_root(u64 *root)
 {
     privileged(SERVICE_CR3, physical(root), 0);
+    loaded_root = root;
 }
 
 /* The current address space's roots: its kernel's, and its user mode's (the same until it splits). */
@@ -453,6 +456,17 @@ static u64 *kernel_root(void)
 static u64 *user_root(void)
 {
     return roots[space][spaces[space].split];
+}
+
+/* The body works on the kernel's shadow: its accesses to guest memory are its kernel's, and its page
+ * faults are filled there. The user mode's may be loaded: at an event from user mode, and when an
+ * interrupt in the exit window sends the body back to monitor_leave after it loaded the user's (on
+ * the user's, each of those accesses faulted into ring 0 and was filled where the CPU did not look,
+ * until a full record log emptied every shadow: about 2,000 faults of ring 0's emulated C code). */
+static void use_kernel_root(void)
+{
+    if (loaded_root != kernel_root())
+        load_root(kernel_root());
 }
 
 /* Address space `index` empty, its records gone (the pool's pages it used stay taken). */
@@ -1562,8 +1576,7 @@ void monitor_event(struct trap_frame *frame)
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
     guest.user = syscall || kind_of(frame->cs) == USER_CODE;
-    if (spaces[space].split && (guest.user || syscall))
-        load_root(kernel_root()); /* the monitor works on the kernel's view */
+    use_kernel_root();
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
@@ -1601,6 +1614,7 @@ void monitor_event(struct trap_frame *frame)
 void monitor_leave(struct trap_frame *frame)
 {
     leave_again = 0;
+    use_kernel_root(); /* again after the exit window's interrupt, which finds the user's loaded */
     deliver_held(frame);
     /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
      * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
