@@ -465,3 +465,30 @@ def test_debians_kernel_boots_under_the_monitor_to_its_shell_commands_and_powers
     # where the kernel's code ran: 0.8 million instructions emulated for the whole boot; 15 million while
     # the body, sent back by an interrupt in its exit window, worked on the user mode's shadow
     assert emulated(stats) < 5_000_000, (emulated(stats), stats.monitor)
+
+
+@needs_emulating_host
+def test_debians_shell_under_the_monitor_answers_commands(debian_under_monitor: tuple[Path, Path],
+                                                           tmp_path: Path) -> None:
+    """The stage's second goal: the busybox shell of that boot answering commands (each forks and
+    execs a program or two), through the Python API's console."""
+    from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
+    from worldswitch.vmx.debian import fetch_debian
+
+    kernel, _marker_initrd = debian_under_monitor
+    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
+    initrd = tmp_path / "shell.img"
+    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
+    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        vm.start()
+        vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
+        vm.console.expect(rb"# ", timeout=60)  # the shell's prompt: it reads its input from here on
+        for n, (command, answer) in enumerate([("uname -r", rb"6\.\d+\.\d+-\d+-cloud-amd64"),
+                                               ("ls /bin | wc -l", rb"\n[1-9]\d*\r?\n"),
+                                               ("cat /proc/cpuinfo | grep -c processor", rb"\n1\r?\n")]):
+            vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
+            match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
+            assert re.search(answer, bytes(vm.console.data[: match.start()])[-200:]), vm.console.text[-500:]
+        vm.console.send("poweroff -f\n")
+        result = vm.wait(60)
+    assert result is not None and result.reason is StopReason.POWER_OFF, result
