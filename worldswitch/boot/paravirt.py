@@ -27,8 +27,6 @@ from .kernel_symbols import PV_IRQ_OPS, BtfTypes, Member, kallsyms, pv_irq_slots
 
 ALT_FLAG_NOT = 0x8000  # ALTINSTR_FLAG_INV in alt_instr.cpuid: apply where the CPU lacks the feature
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
-
-
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
 
 
