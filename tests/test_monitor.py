@@ -465,6 +465,7 @@ def test_debians_kernel_boots_under_the_monitor_to_its_shell_commands_and_powers
     # where the kernel's code ran: 0.8 million instructions emulated for the whole boot; 15 million while
     # the body, sent back by an interrupt in its exit window, worked on the user mode's shadow
     assert emulated(stats) < 5_000_000, (emulated(stats), stats.monitor)
+    assert stats.monitor["own_fill"] < 1_000, stats.monitor  # 18 in a boot here; tens of thousands then
 
 
 @needs_emulating_host

@@ -1542,8 +1542,10 @@ static void own_event(struct trap_frame *frame)
     u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
     if (frame->vector == 14 && !monitor_slot_of(cr2)) { /* its access for the guest, not in the shadow yet */
-        if (shadow_fault(cr2, frame->error_code, 0, &code))
+        if (shadow_fault(cr2, frame->error_code, 0, &code)) {
+            count(COUNT_OWN_FILL);
             return; /* filled: the access is retried */
+        }
         if (frame->rip == (u64)guest_copy_at) {
             refused_access.address = cr2;
             refused_access.code = code;

@@ -85,6 +85,7 @@ enum {
     COUNT_SHADOW_CHECK, /* CR3 loads of the same tables: the shadows checked against them, kept */
     COUNT_XSETBV, COUNT_MOV_DR,
     COUNT_INT_N,       /* INT n from ring 3, which this host turns into #UD, delivered as the CPU would */
+    COUNT_OWN_FILL,    /* the monitor's own accesses to guest memory the shadow lacked: filled by ring 0 */
     COUNT_KINDS
 };
 
