@@ -9,6 +9,7 @@
  *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
  *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
  *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
+ *   upeek A    reads the word at address A (decimal) in ring 3: DONE(word)
  *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0
  *   stack      points its TSS's RSP0 at an address its tables do not map, then executes ud2 in
  *              ring 3: the #UD, the #PF and the #DF all fail on that stack, a triple fault
@@ -84,6 +85,12 @@ static void on_breakpoint(struct trap_frame *frame)
     breakpoints++;
 }
 
+static int user_peek(u64 address)
+{
+    GUEST_DONE(*(volatile u64 *)address, 0, 0, 0);
+    return 0;
+}
+
 static int report_breakpoints(u64 expected)
 {
     GUEST_ASSERT_EQ(breakpoints, expected);
@@ -127,6 +134,8 @@ int main(const char *args)
         __asm__ volatile("int3; nop" ::: "memory");
         GUEST_DONE(breakpoints, 0, 0, 0);
     }
+    if (arg_has("upeek"))
+        enter_user(user_peek, arg_number(0, 0), 0);
     if (arg_has("peek"))
         GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);
     if (arg_has("map")) {

@@ -59,6 +59,8 @@ event_stub_\vector:
     pushq $\vector
     cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
     je ring0_event
+    cmpb $0, user_root_loaded(%rip)     /* from user mode, on its shadow: the body's is the kernel's */
+    jne to_body_from_user
     xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq
@@ -79,7 +81,13 @@ event_stub_\vector:
  * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
  * a microsecond where ring 0 is emulated; a stub is seven of them. */
 
-to_body:                                /* from the guest's page fault: into the body */
+to_body_from_user:                      /* an event from user mode: the kernel's shadow, then the body */
+    pushq %rax
+    movq kernel_root_cr3(%rip), %rax
+    movq %rax, %cr3
+    popq %rax
+    movb $0, user_root_loaded(%rip)
+to_body:                                /* from the guest's page fault and SYSCALL too: into the body */
     xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq
@@ -95,6 +103,8 @@ page_fault_entry:
     movq %cr2, %rax
     movq %rax, event_cr2(%rip)
     popq %rax
+    cmpb $0, user_root_loaded(%rip)
+    jne to_body_from_user
     jmp to_body
 
 /* void body_entry_frame(u64 *stack): the IRETQ frame at the bottom of an event stack. */
@@ -114,10 +124,14 @@ body_entry_frame:
  * which own_event sends to msr_refused: the call answers 1 (0 when done). */
     .globl wrmsr_at, rdmsr_at, msr_refused
 ring0_event:
-    cmpl $(ring0_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
+    cmpq $3, (%rsp)                     /* the int3s of a call, the way out to user mode and the SYSCALL */
+    jne 5f                              /* gate: an interrupt that lands after one has its RIP too */
+    cmpl $(leave_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
+    je leave_to_user
+    cmpl $(syscall_gate_return - MONITOR_BASE), 16(%rsp)
+    je syscall_entry
+    cmpl $(ring0_return - MONITOR_BASE), 16(%rsp)
     jne 5f
-    cmpq $3, (%rsp)                     /* and the int3's own vector: an interrupt that lands on the */
-    jne 5f                              /* `ret` after a call has that RIP too, and is no call */
     cmpq $SERVICE_CR3, %rdi
     jne 1f
     movq %rsi, %cr3
@@ -161,6 +175,28 @@ event_return:
     addq $16, %rsp
     iretq
 
+/* The way into the guest's user mode, from the body's int3 at its exit: onto the user mode's shadow,
+ * where the monitor's pages are ring 0's, and the guest's registers from the body's frame. */
+leave_to_user:
+    movq user_root_cr3(%rip), %rax
+    movq %rax, %cr3
+    movb $1, user_root_loaded(%rip)
+    movq body_frame(%rip), %rsp
+    jmp event_return
+
+/* A SYSCALL from the guest: the gate's int3 (below), on the event stack RSP0 names, as for any
+ * event from the guest. Its frame is made the one a SYSCALL would have (RCX the return address, R11
+ * RFLAGS, the stack the guest's own); monitor_event finishes it for the guest. */
+syscall_entry:
+    movq $SYSCALL_EVENT, (%rsp)
+    movq %rcx, 16(%rsp)                 /* RIP: where the SYSCALL returns */
+    movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */
+    movq %r11, 32(%rsp)                 /* RFLAGS */
+    movq $0, 48(%rsp)
+    cmpb $0, user_root_loaded(%rip)
+    jne to_body_from_user
+    jmp to_body
+
 /* The body, in ring 3: the guest's registers saved below the event's frame (struct trap_frame,
  * at body_frame), the event handled in C, then the way back to the guest. An interrupt while the
  * body runs is held by ring 0, which sets leave_again; one between the last look at leave_again
@@ -181,32 +217,27 @@ body_exit:
 body_window:
     cmpb $0, leave_again(%rip)
     jne body_exit
-    pop_registers
+    testl %eax, %eax
+    jnz 1f
+    pop_registers                       /* to the guest's kernel: natively */
     addq $16, %rsp
     iretq
+1:  int3                                /* to its user mode: through ring 0 (leave_to_user) */
+leave_return:
 body_window_end:
 
-/* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR: the
- * body's entry, on the event stack RSP0 names (turned to the other one before the frame is
- * written, as the trampoline does), with the frame a SYSCALL would have made: RCX the return
- * address, R11 RFLAGS, the stack the guest's own. monitor_event finishes it for the guest. */
+/* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
+ * shadow the guest was on: a user process's shows it this page alone of the monitor's. So the gate
+ * is one int3, into ring 0 (syscall_entry). */
+    .section .gate, "ax"
+    .balign 4096
     .globl syscall_gate
-    .balign 16
 syscall_gate:
-    movq %rsp, syscall_rsp(%rip)
-    movq TSS_RSP0(%rip), %rsp
-    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
-    subq $EVENT_FRAME, %rsp
-    movq %rcx, 16(%rsp)                 /* RIP: where the SYSCALL returns */
-    movq syscall_rsp(%rip), %rcx
-    movq %rcx, 40(%rsp)                 /* RSP */
-    movq 16(%rsp), %rcx
-    movq $SYSCALL_EVENT, (%rsp)
-    movq $0, 8(%rsp)
-    movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */
-    movq %r11, 32(%rsp)                 /* RFLAGS */
-    movq $0, 48(%rsp)
-    jmp body_entry
+    int3
+syscall_gate_return:
+    ud2
+    .balign 4096, 0xcc
+    .text
 
 /* u64 ring0_call(u64 service, u64 a, u64 b): what the body cannot do in ring 3 (privileged(), in
  * monitor.c, run by monitor_ring0_event).
@@ -339,6 +370,4 @@ monitor_stack_top:                      /* the first; the VMM's entry runs on it
     .skip EVENT_STACK_SIZE
     .align 8
 body_frame:                             /* the event the body handles: its struct trap_frame */
-    .skip 8
-syscall_rsp:
     .skip 8

@@ -256,6 +256,10 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 #define PF_FETCH 0x10ul
 
 static u64 monitor_pdpt[512] __attribute__((aligned(4096))); /* the monitor's slot: itself, and guest RAM */
+/* the same slot in the user mode's shadows: the monitor's pages for ring 0, the SYSCALL gate's for all */
+static u64 user_monitor_pdpt[512] __attribute__((aligned(4096)));
+static u64 user_monitor_pd[512] __attribute__((aligned(4096)));
+static u64 user_monitor_pt[512] __attribute__((aligned(4096)));
 static u64 direct_pd[4][512] __attribute__((aligned(4096)));
 
 static u64 physical(const void *monitor_address)
@@ -384,16 +388,17 @@ static u64 read_u64(u64 address)
  * from the guest's tables when a page fault finds nothing there, emptied by INVLPG (one page) and
  * checked at a CR3 load (shadow_check: what changed goes), which is what the architecture already
  * asks of a guest that changes a mapping.
- * Every guest page is user-accessible in it (the guest's kernel runs in ring 3), except that while
- * the guest's kernel has used a supervisor-only page, its user mode runs on a second shadow with
- * only its user pages (`split`); the guest's return to user mode then always traps, to switch. Slot
- * MONITOR_SLOT maps the monitor and guest RAM for it, in every shadow, for the body in ring 3; no
- * mapping the guest makes may reach the monitor's pages. */
+ * Every guest page is user-accessible in its kernel's shadow (the guest's kernel runs in ring 3); its
+ * user mode runs on a second shadow with only its user pages, and the guest's return to user mode
+ * always traps, to switch. Slot MONITOR_SLOT maps the monitor and guest RAM for the body in ring 3 in
+ * the kernel's shadows; in the user mode's, only the monitor's own pages, for ring 0 alone, and the
+ * page of its SYSCALL gate (user_monitor_pdpt): a guest process cannot reach the monitor, or through
+ * it its kernel's memory. No mapping the guest makes may reach the monitor's pages. */
 #define SHADOW_PAGES 448
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
 /* A shadow per address space: SPACES of the guest's page tables (CR3 values) are kept, each with
- * its kernel's root and its user mode's (once split); a CR3 load of one of them switches to it and
+ * its kernel's root and its user mode's; a CR3 load of one of them switches to it and
  * checks it (shadow_check), a load of another takes the least recently made one's place. The roots
  * stay, and are emptied in place: a page the host's own MMU knows as a page table costs a trap to
  * KVM for every write to it, so emptying writes only the entries that were in use (on PVM, zeroing
@@ -403,7 +408,6 @@ static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
 static u64 roots[SPACES][2][512] __attribute__((aligned(4096)));
 static struct space {
     u64 cr3;   /* the guest's tables */
-    int split; /* its kernel has used a supervisor-only page: its user mode has a root of its own */
 } spaces[SPACES];
 static int space;      /* the current one */
 static int next_space; /* the one a new address space takes */
@@ -439,7 +443,12 @@ static void empty_root(u64 *root)
             root[slot] = 0;
 }
 
-static u64 *loaded_root; /* the root CR3 holds */
+static u64 *loaded_root; /* the root CR3 holds, while the body runs */
+/* For ring 0 (monitor.S): the current address space's roots, the physical addresses CR3 takes, and
+ * whether the user mode's is loaded (ring 0 loads it when it leaves for user mode, and the trampoline
+ * loads the kernel's again at the next event from there). */
+u64 kernel_root_cr3, user_root_cr3;
+u8 user_root_loaded;
 
 static void load_root(u64 *root)
 {
@@ -447,7 +456,7 @@ static void load_root(u64 *root)
     loaded_root = root;
 }
 
-/* The current address space's roots: its kernel's, and its user mode's (the same until it splits). */
+/* The current address space's roots: its kernel's, and its user mode's. */
 static u64 *kernel_root(void)
 {
     return roots[space][0];
@@ -455,18 +464,15 @@ static u64 *kernel_root(void)
 
 static u64 *user_root(void)
 {
-    return roots[space][spaces[space].split];
+    return roots[space][1];
 }
 
-/* The body works on the kernel's shadow: its accesses to guest memory are its kernel's, and its page
- * faults are filled there. The user mode's may be loaded: at an event from user mode, and when an
- * interrupt in the exit window sends the body back to monitor_leave after it loaded the user's (on
- * the user's, each of those accesses faulted into ring 0 and was filled where the CPU did not look,
- * until a full record log emptied every shadow: about 2,000 faults of ring 0's emulated C code). */
-static void use_kernel_root(void)
+/* Address space `index` the current one, its roots published for ring 0. */
+static void set_space(int index)
 {
-    if (loaded_root != kernel_root())
-        load_root(kernel_root());
+    space = index;
+    kernel_root_cr3 = physical(roots[index][0]);
+    user_root_cr3 = physical(roots[index][1]);
 }
 
 /* Address space `index` empty, its records gone (the pool's pages it used stay taken). */
@@ -474,7 +480,6 @@ static void empty_space(int index)
 {
     empty_root(roots[index][0]); /* the CPU may be on it: the monitor's own slots stay */
     empty_root(roots[index][1]);
-    spaces[index].split = 0;
     int kept = 0;
     for (int i = 0; i < fills_used; i++)
         if (fills[i].space != index)
@@ -518,8 +523,6 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     u64 frame = t->physical & ~(size - 1);
     if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
         STOP("the guest mapped the monitor's memory", address, frame);
-    if (!user && !t->user && !spaces[space].split) /* its kernel's first supervisor-only page */
-        spaces[space].split = 1; /* its user root was emptied with the space */
     u64 *root = user ? user_root() : kernel_root();
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);
     if ((*t->leaf & PTE_D) && allowed(t, PF_WRITE | (user ? PF_USER : 0)))
@@ -585,7 +588,7 @@ static void load_guest_tables(u64 cr3)
     guest.cr3 = cr3;
     for (int index = 0; index < SPACES; index++)
         if (spaces[index].cr3 == cr3 && index != space) {
-            space = index;
+            set_space(index);
             shadow_check();
             load_root(kernel_root());
             return;
@@ -595,7 +598,7 @@ static void load_guest_tables(u64 cr3)
     count(COUNT_SHADOW_FLUSH);
     empty_space(index);
     spaces[index].cr3 = cr3;
-    space = index;
+    set_space(index);
     load_root(kernel_root());
 }
 
@@ -603,7 +606,7 @@ static void load_guest_tables(u64 cr3)
  * as 2 MiB ones). */
 static void shadow_invalidate(u64 address)
 {
-    for (int r = 0; r <= spaces[space].split; r++) {
+    for (int r = 0; r < 2; r++) {
         u64 *table = roots[space][r];
         for (int level = 3; level >= 0; level--) {
             u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
@@ -620,8 +623,7 @@ static void shadow_invalidate(u64 address)
         }
     }
     privileged(SERVICE_INVLPG, address, 0);
-    if (spaces[space].split)
-        load_root(kernel_root()); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
+    load_root(kernel_root()); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
 }
 
 /* A page fault from the guest (`user`: in its user mode), or from the monitor's own access for it
@@ -642,8 +644,13 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
         count(COUNT_SHADOW_FILL);
         return 1;
     }
-    if (monitor_slot_of(address))
+    if (monitor_slot_of(address)) {
+        if (user) { /* its user mode's view holds the monitor for ring 0 alone: a page not there */
+            *code = kind;
+            return 0;
+        }
         STOP("the guest used the monitor's addresses", address, kind);
+    }
     if (!walk(address, &t)) {
         *code = kind;
         return 0;
@@ -677,9 +684,19 @@ static void paging_init(void)
         }
     }
     monitor_slot = physical(monitor_pdpt) | PTE_P | PTE_W | PTE_U;
-    for (int index = 0; index < SPACES; index++)
-        for (int r = 0; r < 2; r++)
-            roots[index][r][MONITOR_SLOT] = monitor_slot;
+    /* the user mode's view: the monitor's 4 MiB for ring 0 only (the CPU's own accesses at an event:
+     * the IDT, GDT, TSS, trampoline and event stacks), but for the SYSCALL gate's page */
+    for (u64 i = 0; i < 512; i++)
+        user_monitor_pt[i] = (handoff.physical_base + i * PAGE_SIZE) | PTE_P | PTE_W;
+    user_monitor_pt[((u64)syscall_gate - MONITOR_BASE) / PAGE_SIZE] = physical(syscall_gate) | PTE_P | PTE_U;
+    user_monitor_pd[0] = physical(user_monitor_pt) | PTE_P | PTE_W | PTE_U;
+    user_monitor_pd[1] = (handoff.physical_base + (2ul << 20)) | PTE_P | PTE_W | PTE_PS;
+    user_monitor_pdpt[0] = physical(user_monitor_pd) | PTE_P | PTE_W | PTE_U;
+    for (int index = 0; index < SPACES; index++) {
+        roots[index][0][MONITOR_SLOT] = monitor_slot;
+        roots[index][1][MONITOR_SLOT] = physical(user_monitor_pdpt) | PTE_P | PTE_W | PTE_U;
+    }
+    set_space(0);
     spaces[0].cr3 = guest.cr3;
     next_space = 1;
     load_root(kernel_root()); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
@@ -1578,7 +1595,7 @@ void monitor_event(struct trap_frame *frame)
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
     guest.user = syscall || kind_of(frame->cs) == USER_CODE;
-    use_kernel_root();
+    loaded_root = kernel_root(); /* an event from user mode came through the trampoline, which loaded it */
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
@@ -1612,16 +1629,15 @@ void monitor_event(struct trap_frame *frame)
     }
 }
 
-/* The way back to the guest (body_exit; again whenever ring 0 held an interrupt meanwhile). */
-void monitor_leave(struct trap_frame *frame)
+/* The way back to the guest (body_exit; again whenever ring 0 held an interrupt meanwhile): 1 if
+ * to its user mode, which ring 0 enters on the user mode's shadow (monitor.S, leave_to_user). */
+int monitor_leave(struct trap_frame *frame)
 {
     leave_again = 0;
-    use_kernel_root(); /* again after the exit window's interrupt, which finds the user's loaded */
     deliver_held(frame);
-    /* While an interrupt is held, the guest's return to user mode must trap, to deliver it there;
-     * otherwise that IRETQ may run natively (the mode is read again from CS at every entry). */
+    /* The guest kernel's own IRETQ to user mode must trap, to switch shadows: the user code segments
+     * are present only while user mode runs (the mode is read again from CS at every entry). */
     int to_user = kind_of(frame->cs) == USER_CODE;
-    set_user_code_present(to_user || (!any_pending() && !spaces[space].split));
-    if (spaces[space].split && to_user)
-        load_root(user_root());
+    set_user_code_present(to_user);
+    return to_user;
 }
