@@ -18,14 +18,14 @@
  * What the guest's events are:
  *   - the privileged instructions (#GP in ring 3): emulated against the virtual state; so are the
  *     descriptor stores (SGDT, SIDT, SLDT, STR, SMSW), which UMIP makes fault, from either mode;
- *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode while an
- *     interrupt is held (#NP: the user code segment is then marked not present), so that a held
- *     interrupt is delivered at the first chance; with none held, that IRETQ runs natively;
+ *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode (#NP: the user
+ *     code segments are marked not present while its kernel runs), so that the monitor switches to
+ *     the user mode's shadow and delivers a held interrupt at the first chance;
  *   - exceptions and interrupts: reflected through the program's own IDT, as the CPU would have
  *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
  *     held until it sets IF again (STI, IRETQ, HLT).
  *   - page faults: the shadow page tables' to fill from the program's own, or the program's.
- *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, the body's entry: this host's KVM
+ *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, an int3 into ring 0: this host's KVM
  *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
  *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated.
  * PUSHF and POPF run natively and see the real IF: a paravirtual Linux keeps its IF through the pv
