@@ -443,7 +443,6 @@ static void empty_root(u64 *root)
             root[slot] = 0;
 }
 
-static u64 *loaded_root; /* the root CR3 holds, while the body runs */
 /* For ring 0 (monitor.S): the current address space's roots, the physical addresses CR3 takes, and
  * whether the user mode's is loaded (ring 0 loads it when it leaves for user mode, and the trampoline
  * loads the kernel's again at the next event from there). */
@@ -453,7 +452,6 @@ u8 user_root_loaded;
 static void load_root(u64 *root)
 {
     privileged(SERVICE_CR3, physical(root), 0);
-    loaded_root = root;
 }
 
 /* The current address space's roots: its kernel's, and its user mode's. */
@@ -1595,7 +1593,6 @@ void monitor_event(struct trap_frame *frame)
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
     guest.user = syscall || kind_of(frame->cs) == USER_CODE;
-    loaded_root = kernel_root(); /* an event from user mode came through the trampoline, which loaded it */
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
