@@ -81,14 +81,16 @@ event_stub_\vector:
  * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
  * a microsecond where ring 0 is emulated; a stub is seven of them. */
 
+to_body:                                /* from the guest's page fault and SYSCALL: into the body */
+    cmpb $0, user_root_loaded(%rip)
+    je 1f
 to_body_from_user:                      /* an event from user mode: the kernel's shadow, then the body */
     pushq %rax
     movq kernel_root_cr3(%rip), %rax
     movq %rax, %cr3
     popq %rax
     movb $0, user_root_loaded(%rip)
-to_body:                                /* from the guest's page fault and SYSCALL too: into the body */
-    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
+1:  xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq
 
@@ -103,8 +105,6 @@ page_fault_entry:
     movq %cr2, %rax
     movq %rax, event_cr2(%rip)
     popq %rax
-    cmpb $0, user_root_loaded(%rip)
-    jne to_body_from_user
     jmp to_body
 
 /* void body_entry_frame(u64 *stack): the IRETQ frame at the bottom of an event stack. */
@@ -193,8 +193,6 @@ syscall_entry:
     movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */
     movq %r11, 32(%rsp)                 /* RFLAGS */
     movq $0, 48(%rsp)
-    cmpb $0, user_root_loaded(%rip)
-    jne to_body_from_user
     jmp to_body
 
 /* The body, in ring 3: the guest's registers saved below the event's frame (struct trap_frame,
