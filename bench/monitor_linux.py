@@ -7,7 +7,7 @@ Each run boots the kernel with an initramfs whose /init prints a marker and powe
 VMX's clock is read as each milestone line reaches the serial port. Under the monitor the runs go to
 power-off, with the kernel's page-table isolation (its default) and with `pti=off`; without the
 monitor the kernel's ring 0 is emulated (about 23 minutes to init here), so that run stops at the
-milestone `--without-until` names (default: the delay-loop calibration, about 95 s in), and the
+milestone `--without-until` names (default: the delay-loop calibration, about 70 s in), and the
 table compares the milestones both reached, as ratios. Medians of N runs under the monitor.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
+from worldswitch.vmm.result import StopReason
 from worldswitch.vmx.debian import fetch_debian
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
@@ -56,7 +57,7 @@ def boot(kernel: Path, initrd: Path, monitor: bool, append: str, until: str | No
         machine.start()
         if until is None:
             result = machine.wait(600)
-            if result is not None and result.reason.value == "power-off":
+            if result is not None and result.reason is StopReason.POWER_OFF:
                 seen["power-off"] = time.monotonic() - started
         else:
             reached.wait(1800)
