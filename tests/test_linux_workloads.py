@@ -325,6 +325,7 @@ def test_a_booted_linux_snapshot_restores_at_its_prompt(debian: DebianLinux, ini
         restored.count = shell.count
         assert "before-the-snapshot" in restored.run("cat /tmp/note")
         assert "restored-5" in restored.run("echo restored-$((2+3))")
+        assert "woke-7" in restored.run("sleep 1; echo woke-$((3+4))")  # its timer: the TSC deadline travelled
         restored.power_off()
 
 

@@ -506,3 +506,41 @@ def test_debians_shell_under_the_monitor_answers_commands(debian_under_monitor: 
         vm.console.send("poweroff -f\n")
         result = vm.wait(60)
     assert result is not None and result.reason is StopReason.POWER_OFF, result
+
+
+@needs_emulating_host
+def test_debians_shell_under_the_monitor_goes_on_after_a_restore(debian_under_monitor: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    """Stage 3's snapshot: the booted kernel at its prompt, saved and restored into a new VM, still has
+    its files, its timer (`sleep` wakes on the LAPIC) and its processes (fork and exec under the
+    monitor's shadows, rebuilt from guest memory)."""
+    from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
+    from worldswitch.vmx.debian import fetch_debian
+
+    kernel, _marker_initrd = debian_under_monitor
+    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
+    initrd = tmp_path / "shell.img"
+    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
+
+    def ask(vm: Machine, n: int, command: str) -> str:
+        vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
+        match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
+        return bytes(vm.console.data[: match.start()])[-300:].decode(errors="replace")
+
+    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        vm.start()
+        vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
+        vm.console.expect(rb"# ", timeout=60)
+        ask(vm, 1, "echo before-the-snapshot > /tmp/note")
+        vm.pause()
+        vm.snapshot(tmp_path / "snap")
+        vm.stop()
+    with Machine.restore(tmp_path / "snap") as restored:
+        restored.start()
+        assert "before-the-snapshot" in ask(restored, 2, "cat /tmp/note"), restored.console.text[-500:]
+        assert re.search(r"\nslept-5\r?\n", ask(restored, 3, "sleep 1; echo slept-$((2+3))")), restored.console.text[-500:]
+        restored.console.send("poweroff -f\n")
+        result = restored.wait(60)
+        stats = restored.stats()
+    assert result is not None and result.reason is StopReason.POWER_OFF, result
+    assert stats["monitor"]["syscall"] > 0, stats["monitor"]  # the restored kernel ran under the monitor

@@ -6,6 +6,9 @@ and its CPUID. A VM: both PICs and the IOAPIC, the PIT, and the kvmclock.
 
 Restoring follows the order KVM needs (as QEMU does it): CPUID before anything that depends on
 features, special registers before general ones, MSRs and the LAPIC after, events and MP state last.
+The TSC deadline comes after the LAPIC: KVM drops a write of it while the LAPIC's timer is not in
+TSC-deadline mode, which a new vCPU's is not until its LAPIC state is set (QEMU's
+kvm_put_tscdeadline_msr has the same order).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ...driver.kvm import Kvm, Vcpu, Vm
 from ...errors import KvmError
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
+MSR_TSC_DEADLINE = 0x6E0  # IA32_TSC_DEADLINE (SDM vol. 4, table 2-2)
 
 
 @dataclass
@@ -86,8 +90,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
     vcpu.set_xcrs(s.kvm_xcrs.from_buffer_copy(state.xcrs))
     vcpu.set_fpu(s.kvm_fpu.from_buffer_copy(state.fpu))
     for index, value in state.msrs.items():  # one at a time: a refused MSR names itself
-        vcpu.set_msrs({index: value})
+        if index != MSR_TSC_DEADLINE:
+            vcpu.set_msrs({index: value})
     vcpu.set_lapic(s.kvm_lapic_state.from_buffer_copy(state.lapic))
+    if MSR_TSC_DEADLINE in state.msrs:  # armed only now that the LAPIC's timer is in its mode
+        vcpu.set_msrs({MSR_TSC_DEADLINE: state.msrs[MSR_TSC_DEADLINE]})
     vcpu.set_vcpu_events(s.kvm_vcpu_events.from_buffer_copy(state.events))
     vcpu.set_debugregs(s.kvm_debugregs.from_buffer_copy(state.debugregs))
     vcpu.set_mp_state(state.mp_state)
