@@ -230,6 +230,38 @@ def test_the_programs_user_mode_cannot_reach_the_monitor(where: str) -> None:
 
 
 @needs_emulating_host
+def test_a_programs_user_mode_has_the_ports_its_kernel_grants_and_no_more() -> None:
+    """Ring 3 is where the kernel and its user mode both run, and the monitor's TSS grants the kernel
+    every port; user mode gets the guest's own I/O bitmap instead (copied at its first port access),
+    so a port the program's TSS refuses is its #GP, as without the monitor, while COM1 still prints."""
+    plain, _ = run("fault", "uport 128", monitor=False)
+    result, stats = run("fault", "uport 128")
+    assert done(plain) == done(result) == (13, 0, 3, 0), (plain.message, result.message)
+    assert stats.monitor["port_map"] >= 1, stats.monitor  # the fence's fault, then the guest's bitmap
+
+
+@needs_emulating_host
+def test_iopl_3_grants_a_programs_user_mode_every_port_under_the_monitor() -> None:
+    """IOPL 3 grants every port without the bitmap (SDM vol. 1, 19.5.1). This host forces IOPL to 0 in
+    ring 3, so without the monitor the same run gets the #GP; the monitor keeps the IOPL the program's
+    IRETQ set and grants what it grants."""
+    result, stats = run("fault", "uport 128 iopl3")
+    assert done(result)[0] == 0, result.message
+    assert stats.monitor["port_map"] == 0, stats.monitor  # no fence at all: no copy
+
+
+@needs_emulating_host
+def test_a_privileged_instruction_at_the_end_of_user_space_is_the_programs_own_fault() -> None:
+    """A HLT at 0x7fffffffffff: the monitor decodes the #GP's instruction, and reading 16 bytes from
+    there crossed the canonical hole, which ended the VM; the CPU fetched one byte and faulted."""
+    plain, _ = run("fault", f"uedge {64 << 20}", monitor=False)
+    result, _ = run("fault", f"uedge {64 << 20}")
+    for outcome in (plain, result):
+        assert outcome.reason is StopReason.GUEST_ABORT, outcome.message
+        assert "#GP" in outcome.message and "0x7fffffffffff in ring 3" in outcome.message, outcome.message
+
+
+@needs_emulating_host
 def test_a_program_that_wipes_the_monitor_ends_only_its_own_vm() -> None:
     """Zeroing the monitor's 4 MiB (its code, its tables, the shadows the CPU walks) leaves the next
     event no IDT: the VM triple-faults, as a CPU whose tables were wiped would, and the VMX says so."""

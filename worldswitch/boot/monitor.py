@@ -25,7 +25,8 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
-            "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill")
+            "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
+            "port_map")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq, at
 # PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000

@@ -56,5 +56,5 @@ int main(const char *args)
     outb(COM1 + 2, 0x07); /* FCR: FIFOs on and cleared, trigger at 1 byte */
     outb(COM1 + 4, 0x0b); /* MCR: DTR, RTS, OUT2 */
     outb(COM1 + 1, 0x01); /* IER: received data available */
-    enter_user(echo, 0, 1);
+    enter_user(echo, 0, USER_INTERRUPTS);
 }

@@ -20,10 +20,18 @@
  *   intn       from user mode: INT 0x80 through a gate user mode may use, then INT 0x81 through one
  *              it may not (#GP with error code 0x81 * 8 + 2): DONE(0x80 handled, the #GP's code)
  *   wipe A N   writes N zero bytes from address A (decimal) in ring 0, then executes int3 there
- *              with a #BP handler installed: DONE(breakpoints) if it came back */
+ *              with a #BP handler installed: DONE(breakpoints) if it came back
+ *   uport P    refuses port P (decimal) in its TSS's I/O bitmap, then in ring 3 with IOPL 0 prints a
+ *              line (COM1's ports, which the bitmap grants) and reads port P: DONE(13, the #GP's
+ *              error code, the ring it came from) from its #GP handler, or DONE(0, the byte) if the
+ *              read was granted. With "iopl3", ring 3 runs with IOPL 3, which grants every port.
+ *   uedge A    executes hlt in ring 3 at the last byte of the canonical lower half (0x7fffffffffff),
+ *              where it maps the 2 MiB at address A (decimal): the #GP is the runtime's report, as
+ *              for any hlt in ring 3 */
 #include "ws.h"
 
 #define PROGRAM_TSS 0x2000 /* boot/longmode.py: where the VMM put its TSS */
+#define TSS_HEADER 0x68   /* and where its I/O bitmap starts */
 #define NOT_MAPPED 0x00007f0000000000ul
 
 static int misbehave(u64 unused)
@@ -91,6 +99,35 @@ static int user_peek(u64 address)
     return 0;
 }
 
+static void on_port_gp(struct trap_frame *frame)
+{
+    GUEST_DONE(13, frame->error_code, frame->cs & 3, 0);
+}
+
+static int user_port(u64 port)
+{
+    serial_puts("ring 3 prints through COM1\n");
+    GUEST_DONE(0, inb((u16)port), 0, 0);
+    return 0;
+}
+
+static int user_jump(u64 address)
+{
+    ((void (*)(void))address)();
+    return 0;
+}
+
+/* The 2 MiB identity-map entry for `address`, in the tables the VMM built (boot/longmode.py). */
+static volatile u64 *identity_pde(u64 address)
+{
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    const u64 address_bits = 0x000ffffffffff000ul;
+    u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
+    u64 *pd = (u64 *)(pdpt[address >> 30] & address_bits);
+    return &pd[(address >> 21) & 511];
+}
+
 static int report_breakpoints(u64 expected)
 {
     GUEST_ASSERT_EQ(breakpoints, expected);
@@ -139,14 +176,27 @@ int main(const char *args)
     if (arg_has("peek"))
         GUEST_DONE(*(volatile u64 *)arg_number(0, 0), ws_ram_size, 0, 0);
     if (arg_has("map")) {
-        u64 address = arg_number(0, 0), cr3;
-        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-        const u64 address_bits = 0x000ffffffffff000ul;
-        u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
-        u64 *pd = (u64 *)(pdpt[address >> 30] & address_bits);
-        pd[(address >> 21) & 511] = (address & ~0x1ffffful) | 0x87; /* present, writable, user, 2 MiB */
+        u64 address = arg_number(0, 0);
+        *identity_pde(address) = (address & ~0x1ffffful) | 0x87; /* present, writable, user, 2 MiB */
         __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
         GUEST_DONE(*(volatile u64 *)address, 0, 0, 0);
+    }
+    if (arg_has("uport")) {
+        u64 port = arg_number(0, 0x80);
+        *(volatile u8 *)(PROGRAM_TSS + TSS_HEADER + port / 8) |= (u8)(1u << (port % 8));
+        set_trap_handler(13, on_port_gp);
+        enter_user(user_port, port, arg_has("iopl3") ? 0 : USER_IOPL0);
+    }
+    if (arg_has("uedge")) {
+        static u64 top_pdpt[512] __attribute__((aligned(4096))), top_pd[512] __attribute__((aligned(4096)));
+        const u64 last = 0x00007ffffffffffful, address_bits = 0x000ffffffffff000ul;
+        u64 page = arg_number(0, 0) & ~0x1ffffful, cr3;
+        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+        top_pd[511] = page | 0x87; /* present, writable, user, 2 MiB */
+        top_pdpt[511] = (u64)top_pd | 7;
+        ((volatile u64 *)(cr3 & address_bits))[255] = (u64)top_pdpt | 7;
+        *(volatile u8 *)(page + 0x1fffff) = 0xf4; /* hlt, at `last` through the new mapping */
+        enter_user(user_jump, last, 0);
     }
     if (arg_has("idt")) {
         struct {

@@ -94,5 +94,5 @@ int main(const char *args)
     lapic_write(LAPIC_TIMER_DIVIDE, 0x3); /* divide by 16: KVM's 1 GHz APIC bus gives 62.5 MHz */
     lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR | LAPIC_PERIODIC);
     lapic_write(LAPIC_TIMER_INITIAL, 62500); /* 1 ms */
-    enter_user(ticks, n, 1);
+    enter_user(ticks, n, USER_INTERRUPTS);
 }

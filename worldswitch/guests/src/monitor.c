@@ -54,6 +54,7 @@
 #define RFLAGS_IF 0x200ul
 #define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF DF OF AC: what the guest's IRETQ may set */
 #define RFLAGS_FIXED 0x2ul
+#define RFLAGS_IOPL 0x3000ul
 
 #define DESCRIPTOR_PRESENT (1ul << 47)
 #define DESCRIPTOR_SEGMENT (1ul << 44) /* S: code or data, not a system descriptor */
@@ -87,10 +88,17 @@ struct {
     u64 ist[7];
     u64 reserved2;
     u16 reserved3;
-    u16 io_map_base;
-    u8 io_map[8192]; /* every port allowed */
-    u8 io_map_end;   /* all ones (SDM vol. 1, 19.5.2) */
+    u16 io_map_base;      /* io_map or user_io_map: the crossings to and from user mode switch it */
+    u8 io_map[8192];      /* every port: the guest's kernel's, and a user mode's with IOPL 3 */
+    u8 io_map_gap;        /* all ones, so that no access past port 0xffff is granted */
+    u8 user_io_map[8192]; /* a user mode's: none, or the guest's own bitmap (user_ports) */
+    u8 io_map_end;        /* all ones (SDM vol. 1, 19.5.2) */
 } __attribute__((packed, aligned(16))) tss; /* monitor.S turns RSP0 between its two event stacks */
+
+/* What user_io_map holds: no port (DENIED); the guest's own bitmap, copied at the first port access
+ * the fence refused (COPIED), good until its kernel runs and may change it; or what is to be made
+ * DENIED again before user mode next runs (STALE). */
+static enum { PORTS_STALE, PORTS_DENIED, PORTS_COPIED } user_ports = PORTS_STALE;
 
 static struct {
     u16 offset_low, selector;
@@ -125,9 +133,10 @@ u64 held[4];
 /* The rest of the guest's virtual CPU state. */
 static struct {
     int user;         /* the mode it runs in now */
+    u64 user_iopl;    /* its user mode's RFLAGS.IOPL bits, as its kernel's IRETQ or SYSRETQ set them */
     u64 cr0, cr2, cr3, cr4;
     u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
-    u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base;
+    u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base, tss_limit;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
     u64 sysenter[3];  /* SYSENTER's CS, ESP and EIP, likewise (the real ones stay null) */
 } guest;
@@ -700,15 +709,20 @@ static void paging_init(void)
     load_root(kernel_root()); /* every root empty yet (not emptied here: in ring 0 each entry's test is emulated) */
 }
 
-/* The guest's TSS base, from its GDT's descriptor for `selector` (a 64-bit TSS descriptor spans two
- * entries). Read at LTR, as the CPU reads it into TR's hidden part; 0 for no TSS. */
-static u64 tss_base_of(u64 selector)
+/* TR: the selector, and the TSS's base and limit from the guest's GDT descriptor for it (a 64-bit
+ * TSS descriptor spans two entries), read as the CPU reads them into TR's hidden part at LTR; base 0
+ * for no TSS. */
+static void load_tr(u64 selector)
 {
     u64 index = selector & ~7ul;
+    guest.tr = selector;
+    guest.tss_base = guest.tss_limit = 0;
     if (index == 0 || index + 15 > guest.gdt_limit)
-        return 0;
+        return;
     u64 low = read_u64(guest.gdt_base + index), high = read_u64(guest.gdt_base + index + 8);
-    return ((low >> 16) & 0xffffff) | ((low >> 56) & 0xff) << 24 | (high & 0xffffffff) << 32;
+    u64 limit = (low & 0xffff) | ((low >> 48) & 0xf) << 16;
+    guest.tss_base = ((low >> 16) & 0xffffff) | ((low >> 56) & 0xff) << 24 | (high & 0xffffffff) << 32;
+    guest.tss_limit = (low >> 55) & 1 ? limit << 12 | 0xfff : limit; /* G: in pages */
 }
 
 /* ---- the monitor's tables ---------------------------------------------------------------------- */
@@ -828,7 +842,7 @@ u64 monitor_init(void)
     gdt[MONITOR_DS >> 3] = DATA_DPL0;
     tss.rsp[0] = (u64)monitor_stack_top;
     tss.io_map_base = (u16)((u64)tss.io_map - tss_base);
-    tss.io_map_end = 0xff;
+    tss.io_map_gap = tss.io_map_end = 0xff;
     for (int vector = 0; vector < 256; vector++) {
         u64 target = vector == 14 ? (u64)page_fault_entry : event_stubs[vector];
         idt[vector].offset_low = target & 0xffff;
@@ -854,7 +868,6 @@ u64 monitor_init(void)
     guest.dr[7] = DR7_FIXED;
     guest.gdt_base = handoff.guest_gdt_base;
     guest.gdt_limit = handoff.guest_gdt_limit;
-    guest.tr = handoff.guest_tr;
     paging_init();
     return MONITOR_CS;
 }
@@ -870,7 +883,7 @@ void monitor_first_frame(struct trap_frame *frame)
     privileged(SERVICE_RDMSR, MSR_SFMASK, (u64)&guest.sfmask);
     privileged(SERVICE_WRMSR, MSR_LSTAR, (u64)syscall_gate); /* a SYSCALL, from any mode of the guest, comes here */
     mirror_gdt();
-    guest.tss_base = tss_base_of(guest.tr);
+    load_tr(handoff.guest_tr);
     memset(frame, 0, sizeof(*frame));
     frame->rip = handoff.guest_rip;
     frame->rsp = handoff.guest_rsp;
@@ -946,7 +959,7 @@ static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 e
         deliver(frame, 13, 1, vector * 8 + 2);
         return;
     }
-    u64 rflags = (frame->rflags & ~RFLAGS_IF) | (guest.user ? RFLAGS_IF : virtual_if);
+    u64 rflags = (frame->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | (guest.user ? RFLAGS_IF | guest.user_iopl : virtual_if);
     u64 cs = guest_view(frame->cs), ss = guest_view(frame->ss);
     enum segment_kind target_kind = kind_of(selector & ~3ul);
     u64 rsp;
@@ -1023,6 +1036,26 @@ static void deliver_held(struct trap_frame *frame)
 }
 
 /* ---- emulating the guest kernel's privileged instructions ---------------------------------------- */
+
+/* The instruction at `rip`, up to 16 bytes. The CPU fetched it whole before it faulted, but the bytes
+ * after it may lie on a page the guest's tables do not map, or past the end of the canonical lower
+ * half, where a plain read would end the VM: those read as zero, and are no part of it. */
+static int fetchable(u64 address)
+{
+    return canonical(address) && !monitor_slot_of(address);
+}
+
+static void fetch_instruction(u64 rip, u8 bytes[16])
+{
+    memset(bytes, 0, 16);
+    u64 head = PAGE_SIZE - (rip & (PAGE_SIZE - 1));
+    if (head > 16)
+        head = 16;
+    if (!fetchable(rip) || try_read_guest(rip, bytes, head))
+        return;
+    if (head < 16 && fetchable(rip + head))
+        try_read_guest(rip + head, bytes + head, 16 - head);
+}
 
 struct instruction {
     const u8 *bytes;
@@ -1151,6 +1184,7 @@ static void emulate_iretq(struct trap_frame *frame)
         frame->cs = user_alias(cs);
         frame->ss = user_alias(ss);
         guest.user = 1;
+        guest.user_iopl = rflags & RFLAGS_IOPL;
     } else if (kind_of(cs) == KERNEL_CODE && (cs & 3) == 0) {
         frame->cs = cs | 3;
         frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
@@ -1186,6 +1220,7 @@ static void emulate_syscall(struct trap_frame *frame)
     u64 cs = (guest.star >> 32) & 0xfffc;
     if (kind_of(cs) != KERNEL_CODE)
         STOP("SYSCALL to an unknown code segment", guest.star, frame->rcx);
+    frame->r11 = (frame->r11 & ~RFLAGS_IOPL) | guest.user_iopl; /* the RFLAGS its user mode had, as it knows them */
     u64 rflags = frame->r11 & ~guest.sfmask;
     frame->rip = guest.lstar;
     frame->cs = cs | 3;
@@ -1211,6 +1246,7 @@ static void emulate_sysret(struct trap_frame *frame)
     frame->cs = user_alias(base + 16);
     frame->ss = user_alias(base + 8);
     guest.user = 1;
+    guest.user_iopl = frame->r11 & RFLAGS_IOPL;
 }
 
 /* A segment selector operand (LTR, LLDT, MOV to a segment register): the register's low 16 bits,
@@ -1299,7 +1335,9 @@ static int emulate_store_descriptor(struct trap_frame *frame, struct instruction
  * mode only the descriptor stores qualify (UMIP's); everything else is its own #GP. */
 static int emulate(struct trap_frame *frame)
 {
-    struct instruction insn = { .bytes = guest_pointer(frame->rip, 16) }; /* read as decoded */
+    u8 fetched[16];
+    fetch_instruction(frame->rip, fetched);
+    struct instruction insn = { .bytes = fetched };
     while ((insn.bytes[insn.length] & 0xf0) == 0x40 || insn.bytes[insn.length] == 0x66) {
         if ((insn.bytes[insn.length] & 0xf0) == 0x40)
             insn.rex = insn.bytes[insn.length];
@@ -1442,8 +1480,7 @@ static int emulate(struct trap_frame *frame)
         if (insn.reg != 3)
             return 0;
         count(COUNT_DESCRIPTOR);
-        guest.tr = selector_operand(frame, &insn, address);
-        guest.tss_base = tss_base_of(guest.tr);
+        load_tr(selector_operand(frame, &insn, address));
         break;
     case 0x06: /* clts */
         count(COUNT_MOV_CR);
@@ -1523,12 +1560,77 @@ static int emulate(struct trap_frame *frame)
  * would, through the program's gate for n, returning past the instruction. 1 if it was one. */
 static int emulate_int_n(struct trap_frame *frame)
 {
-    const u8 *bytes = guest_pointer(frame->rip, 2);
+    u8 bytes[16];
+    fetch_instruction(frame->rip, bytes);
     if (bytes[0] != 0xcd)
         return 0;
     count(COUNT_INT_N);
     frame->rip += 2;
     deliver_event(frame, bytes[1], 0, 0, 1);
+    return 1;
+}
+
+/* ---- the guest's user mode and the ports ---------------------------------------------------------- */
+
+/* Port I/O in ring 3, where the guest's kernel, the body and the guest's user mode all run, is the
+ * TSS bitmap's to grant (this host forces IOPL to 0 in ring 3). The kernel's and the body's map grants
+ * every port; a user mode whose IOPL the guest set to 3 gets the same. Any other user mode runs on
+ * user_io_map, which grants nothing until its first port access: that #GP copies the guest's own
+ * bitmap there (as its TSS gives it, the bytes past its limit refusing) and the access is retried, now
+ * under the guest's rules: a port it grants runs natively, one it refuses faults again, into the
+ * guest. The copy holds until the guest's kernel runs, which may change its bitmap. */
+static u16 io_map_offset(const u8 *map)
+{
+    return (u16)((u64)map - (u64)&tss);
+}
+
+static void open_ports(void)
+{
+    tss.io_map_base = io_map_offset(tss.io_map);
+}
+
+static void fence_ports(void)
+{
+    if (guest.user_iopl == RFLAGS_IOPL)
+        return; /* the body's map, already loaded */
+    if (user_ports == PORTS_STALE) {
+        memset(tss.user_io_map, 0xff, sizeof(tss.user_io_map));
+        user_ports = PORTS_DENIED;
+    }
+    tss.io_map_base = io_map_offset(tss.user_io_map);
+}
+
+/* IN, OUT, INS or OUTS, after any prefixes. */
+static int port_instruction(const u8 *bytes)
+{
+    int at = 0;
+    while (at < 15 && ((bytes[at] & 0xf0) == 0x40 || bytes[at] == 0x66 || bytes[at] == 0x67 ||
+                       bytes[at] == 0xf2 || bytes[at] == 0xf3 || bytes[at] == 0x26 || bytes[at] == 0x2e ||
+                       bytes[at] == 0x36 || bytes[at] == 0x3e || bytes[at] == 0x64 || bytes[at] == 0x65))
+        at++;
+    u8 opcode = bytes[at];
+    return (opcode >= 0xe4 && opcode <= 0xe7) || (opcode >= 0xec && opcode <= 0xef) || (opcode >= 0x6c && opcode <= 0x6f);
+}
+
+/* A #GP from user mode: 1 if it was the fence's (a port access before the guest's bitmap was
+ * copied), which is then copied for the retry. */
+static int unfence_ports(struct trap_frame *frame)
+{
+    u8 bytes[16];
+    if (user_ports != PORTS_DENIED || frame->error_code != 0)
+        return 0;
+    fetch_instruction(frame->rip, bytes);
+    if (!port_instruction(bytes))
+        return 0;
+    u16 base;
+    u64 map = guest.tss_base, limit = guest.tss_limit, length = 0;
+    if (map && limit >= 0x67 && !try_read_guest(map + 0x66, &base, sizeof(base)) && base <= limit) {
+        length = limit - base + 1 < sizeof(tss.user_io_map) ? limit - base + 1 : sizeof(tss.user_io_map);
+        if (try_read_guest(map + base, tss.user_io_map, length))
+            memset(tss.user_io_map, 0xff, sizeof(tss.user_io_map)); /* as a CPU that cannot read it */
+    }
+    count(COUNT_PORT_MAP);
+    user_ports = PORTS_COPIED;
     return 1;
 }
 
@@ -1589,6 +1691,7 @@ void monitor_ring0_event(struct trap_frame *frame)
 
 void monitor_event(struct trap_frame *frame)
 {
+    open_ports(); /* the body's own: its reports are port I/O */
     count(COUNT_EVENTS);
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
@@ -1599,6 +1702,8 @@ void monitor_event(struct trap_frame *frame)
         emulate_syscall(frame);
     } else if ((vector == 13 || (user_cs_absent && !guest.user)) && emulate(frame)) {
         /* emulated; a held interrupt the guest now takes is delivered on the way out */
+    } else if (vector == 13 && guest.user && unfence_ports(frame)) {
+        /* the guest's bitmap copied: the access is retried */
     } else if (vector == 14) {
         u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
@@ -1636,5 +1741,9 @@ int monitor_leave(struct trap_frame *frame)
      * are present only while user mode runs (the mode is read again from CS at every entry). */
     int to_user = kind_of(frame->cs) == USER_CODE;
     set_user_code_present(to_user);
+    if (to_user)
+        fence_ports();
+    else if (user_ports == PORTS_COPIED)
+        user_ports = PORTS_STALE; /* its kernel runs: its bitmap may change */
     return to_user;
 }

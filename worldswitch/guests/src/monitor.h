@@ -86,6 +86,7 @@ enum {
     COUNT_XSETBV, COUNT_MOV_DR,
     COUNT_INT_N,       /* INT n from ring 3, which this host turns into #UD, delivered as the CPU would */
     COUNT_OWN_FILL,    /* the monitor's own accesses to guest memory the shadow lacked: filled by ring 0 */
+    COUNT_PORT_MAP,    /* the guest's I/O bitmap copied for its user mode, at a port access (unfence_ports) */
     COUNT_KINDS
 };
 

@@ -41,7 +41,7 @@ trap_common:
 trap_stubs:
     trap_stub_table trap_stub_
 
-/* void enter_user(int (*fn)(u64), u64 arg, int interrupts): iretq to user_trampoline. */
+/* void enter_user(int (*fn)(u64), u64 arg, int flags): iretq to user_trampoline (ws.h USER_*). */
     .text
     .globl enter_user
 enter_user:
@@ -54,10 +54,13 @@ enter_user:
      * Hosts that force the hardware IOPL to 0 in guest user mode (PVM) consult the TSS I/O bitmap
      * instead, which the VMM also grants (boot/longmode.py build_tss); see docs/hosts.md. */
     movq $0x3002, %rax
-    testl %edx, %edx
+    testl $1, %edx /* USER_INTERRUPTS */
     jz 1f
     orq $0x200, %rax /* IF */
-1:  pushq %rax /* RFLAGS */
+1:  testl $2, %edx /* USER_IOPL0 */
+    jz 2f
+    andq $~0x3000, %rax
+2:  pushq %rax /* RFLAGS */
     pushq $0x23 /* CS: ring-3 code */
     leaq user_trampoline(%rip), %rax
     pushq %rax /* RIP */

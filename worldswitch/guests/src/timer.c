@@ -131,5 +131,5 @@ int main(const char *args)
         cli();
         GUEST_DONE(ticks, user_ticks, use_pit, differed);
     }
-    enter_user(spin, 0, 1);
+    enter_user(spin, 0, USER_INTERRUPTS);
 }

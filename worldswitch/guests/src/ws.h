@@ -77,9 +77,11 @@ void use_kernel_code_segment(u16 code_segment);
 /* The gate for `vector` marked not present: the CPU answers an event there with #NP. */
 void clear_gate_present(int vector);
 
-/* Leave ring 0 for good: run fn(arg) in ring 3 on the runtime's user stack, with interrupts
- * enabled if `interrupts` is non-zero. fn's return value becomes the exit status. */
-void enter_user(int (*fn)(u64), u64 arg, int interrupts) __attribute__((noreturn));
+/* Leave ring 0 for good: run fn(arg) in ring 3 on the runtime's user stack, with RFLAGS.IOPL 3
+ * (every port) and interrupts disabled, or as `flags` says. fn's return value becomes the exit status. */
+#define USER_INTERRUPTS 1 /* interrupts enabled */
+#define USER_IOPL0 2      /* IOPL 0: only the ports the TSS bitmap grants */
+void enter_user(int (*fn)(u64), u64 arg, int flags) __attribute__((noreturn));
 /* aps.c (guests that link it): start the other vCPUs; each calls entry(cpu number) at ring 0 if
  * entry is not 0, and halts when it returns. */
 void start_aps(void (*entry)(u64 cpu));
