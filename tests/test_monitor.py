@@ -36,8 +36,8 @@ needs_emulating_host = pytest.mark.skipif(not EMULATED, reason="the monitor is f
 MONITOR_BASE = MonitorPlacement.below(MemoryMap.for_memory(DEFAULT_MEMORY).top_of_low_ram).physical_base
 
 
-def run(guest: str, args: str, monitor: bool = True) -> tuple[MachineResult, MachineStats]:
-    machine = build_for_boot(MachineConfig(guest=guest, args=args, monitor=monitor), lambda _b: None)
+def run(guest: str, args: str, monitor: bool = True, memory: int | None = None) -> tuple[MachineResult, MachineStats]:
+    machine = build_for_boot(MachineConfig(guest=guest, args=args, monitor=monitor, memory=memory), lambda _b: None)
     with machine:
         machine.start()
         result = machine.wait(120)
@@ -248,6 +248,26 @@ def test_iopl_3_grants_a_programs_user_mode_every_port_under_the_monitor() -> No
     result, stats = run("fault", "uport 128 iopl3")
     assert done(result)[0] == 0, result.message
     assert stats.monitor["port_map"] == 0, stats.monitor  # no fence at all: no copy
+
+
+@needs_emulating_host
+def test_a_programs_page_tables_above_4_gib_are_walked_under_the_monitor() -> None:
+    """The monitor reads the guest's tables through its map of guest RAM, which covers the RAM above
+    4 GiB through page directories the VMM made; the program puts a page table there and reads
+    through it."""
+    address, memory = (4 << 30) + (512 << 20), 5 << 30
+    plain, _ = run("fault", f"high {address}", monitor=False, memory=memory)
+    result, stats = run("fault", f"high {address}", memory=memory)
+    assert done(plain) == done(result) == (0x5EED0F4161, 0, 0, 0), (plain.message, result.message)
+    assert stats.monitor["shadow_fill"] > 0
+
+
+def test_the_monitor_refuses_guest_ram_beyond_its_map_in_one_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "worldswitch", "run", "--guest", "hello", "--monitor",
+                             "--memory", "300G"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "--monitor maps guest RAM up to 256 GiB of guest-physical addresses: give the machine at most 261119 MiB" \
+        in result.stderr, result.stderr
 
 
 @needs_emulating_host
@@ -518,23 +538,13 @@ def test_debians_shell_under_the_monitor_answers_commands(debian_under_monitor: 
                                                            tmp_path: Path) -> None:
     """The stage's second goal: the busybox shell of that boot answering commands (each forks and
     execs a program or two), through the Python API's console."""
-    from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
-    from worldswitch.vmx.debian import fetch_debian
-
     kernel, _marker_initrd = debian_under_monitor
-    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
-    initrd = tmp_path / "shell.img"
-    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
-    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
-        vm.start()
-        vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
-        vm.console.expect(rb"# ", timeout=60)  # the shell's prompt: it reads its input from here on
-        for n, (command, answer) in enumerate([("uname -r", rb"6\.\d+\.\d+-\d+-cloud-amd64"),
-                                               ("ls /bin | wc -l", rb"\n[1-9]\d*\r?\n"),
-                                               ("cat /proc/cpuinfo | grep -c processor", rb"\n1\r?\n")]):
-            vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
-            match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
-            assert re.search(answer, bytes(vm.console.data[: match.start()])[-200:]), vm.console.text[-500:]
+    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        for n, (command, answer) in enumerate([("uname -r", r"6\.\d+\.\d+-\d+-cloud-amd64"),
+                                               ("ls /bin | wc -l", r"\n[1-9]\d*\r?\n"),
+                                               ("cat /proc/cpuinfo | grep -c processor", r"\n1\r?\n")]):
+            assert re.search(answer, ask(vm, n, command)[-200:]), vm.console.text[-500:]
         vm.console.send("poweroff -f\n")
         result = vm.wait(60)
     assert result is not None and result.reason is StopReason.POWER_OFF, result
@@ -546,23 +556,9 @@ def test_debians_shell_under_the_monitor_goes_on_after_a_restore(debian_under_mo
     """Stage 3's snapshot: the booted kernel at its prompt, saved and restored into a new VM, still has
     its files, its timer (`sleep` wakes on the LAPIC) and its processes (fork and exec under the
     monitor's shadows, rebuilt from guest memory)."""
-    from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
-    from worldswitch.vmx.debian import fetch_debian
-
     kernel, _marker_initrd = debian_under_monitor
-    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
-    initrd = tmp_path / "shell.img"
-    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
-
-    def ask(vm: Machine, n: int, command: str) -> str:
-        vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
-        match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
-        return bytes(vm.console.data[: match.start()])[-300:].decode(errors="replace")
-
-    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
-        vm.start()
-        vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
-        vm.console.expect(rb"# ", timeout=60)
+    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
         ask(vm, 1, "echo before-the-snapshot > /tmp/note")
         vm.pause()
         vm.snapshot(tmp_path / "snap")
@@ -576,3 +572,45 @@ def test_debians_shell_under_the_monitor_goes_on_after_a_restore(debian_under_mo
         stats = restored.stats()
     assert result is not None and result.reason is StopReason.POWER_OFF, result
     assert stats["monitor"]["syscall"] > 0, stats["monitor"]  # the restored kernel ran under the monitor
+
+
+@needs_emulating_host
+def test_debians_kernel_under_the_monitor_uses_its_ram_above_4_gib(debian_under_monitor: tuple[Path, Path],
+                                                                   tmp_path: Path) -> None:
+    """6 GiB: the kernel takes memory from the top down, so its page tables, which the monitor walks
+    through its map of guest RAM, are above 4 GiB from early on."""
+    kernel, _marker_initrd = debian_under_monitor
+    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0",
+                 memory="6G") as vm:
+        at_the_prompt(vm)
+        total = re.search(r"MemTotal:\s+(\d+) kB", ask(vm, 1, "grep MemTotal /proc/meminfo"))
+        assert total is not None and int(total.group(1)) > 5 << 20, vm.console.text[-500:]
+        assert re.search(r"\nfilled-64\r?\n", ask(vm, 2, "dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>/dev/null; "
+                                                   "echo filled-$(( $(wc -c < /tmp/fill) >> 20 ))")), vm.console.text[-500:]
+        vm.console.send("poweroff -f\n")
+        result = vm.wait(60)
+    assert result is not None and result.reason is StopReason.POWER_OFF, result
+
+
+def shell_initrd(tmp_path: Path) -> Path:
+    """An initramfs whose /init starts busybox's shell on the console."""
+    from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
+    from worldswitch.vmx.debian import fetch_debian
+
+    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
+    initrd = tmp_path / "shell.img"
+    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
+    return initrd
+
+
+def at_the_prompt(vm: Machine) -> None:
+    vm.start()
+    vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
+    vm.console.expect(rb"# ", timeout=60)  # the shell's prompt: it reads its input from here on
+
+
+def ask(vm: Machine, n: int, command: str) -> str:
+    """Run `command` at the shell; what the console showed up to its end (the last 300 bytes)."""
+    vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
+    match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
+    return bytes(vm.console.data[: match.start()])[-300:].decode(errors="replace")

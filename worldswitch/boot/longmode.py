@@ -17,6 +17,7 @@ PTE_PRESENT = 1 << 0
 PTE_WRITE = 1 << 1
 PTE_USER = 1 << 2
 PTE_HUGE = 1 << 7
+PTE_NX = 1 << 63  # with EFER.NXE
 
 KERNEL_CODE64 = (0x9A, 0xA)  # access byte (present, DPL0, exec/read), flags (G, L)
 KERNEL_DATA = (0x92, 0xC)  # present, DPL0, read/write; G, D/B

@@ -15,8 +15,9 @@ from typing import NamedTuple
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
+from ..memory.layout import GIB, RAM_ABOVE_4G
 from .elf import parse_elf
-from .longmode import PTE_HUGE, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
+from .longmode import PTE_HUGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 
 MONITOR_BASE = 0xFFFF_FE80_0000_0000  # PML4 slot 509, which its map of guest RAM shares (monitor.h)
 MONITOR_SIZE = 4 << 20
@@ -31,7 +32,13 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
 # PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "safe_halt": 0x80, "halt": 0xA0}
-_HANDOFF = struct.Struct("<15Q")  # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ site
+# magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
+# site, the end of RAM above 4 GiB and the page directories that map it for the monitor
+_HANDOFF = struct.Struct("<17Q")
+# The monitor's map of guest RAM is the upper half of its PML4 slot (monitor.h DIRECT_BASE): guest
+# RAM must end below 256 GiB. Its page directories for the RAM above 4 GiB are the VMM's, one a GiB,
+# below the boot tables (the monitor would fill them in emulated ring 0).
+DIRECT_MAP_LIMIT = 256 << 30
 _TABLE_PAGES = 3  # the monitor's boot PML4, and the PDPT and PD that map it, in the last pages of its range
 
 
@@ -60,15 +67,24 @@ class MonitorStart(NamedTuple):
 @dataclass(frozen=True)
 class MonitorPlacement:
     """Where the monitor's 4 MiB are in guest-physical memory: the top of the RAM below the PCI hole
-    (so that a 32-bit port write can name its reports), on a 2 MiB boundary."""
+    (so that a 32-bit port write can name its reports), on a 2 MiB boundary; and where the guest's
+    RAM above 4 GiB ends (0 if it has none), which the monitor maps too."""
     physical_base: int
+    high_ram_end: int = 0
 
     @classmethod
-    def below(cls, top_of_low_ram: int) -> "MonitorPlacement":
+    def below(cls, top_of_low_ram: int, top_of_ram: int = 0) -> "MonitorPlacement":
         physical_base = (top_of_low_ram - MONITOR_SIZE) & ~(HUGE_PAGE - 1)
         if physical_base < (16 << 20):
             raise ConfigError("--monitor needs at least 20 MiB of guest RAM: 4 MiB of it is the monitor's")
-        return cls(physical_base)
+        if top_of_ram > DIRECT_MAP_LIMIT:
+            raise ConfigError(f"--monitor maps guest RAM up to {DIRECT_MAP_LIMIT // GIB} GiB of guest-physical "
+                              f"addresses; this machine's ends at {top_of_ram / GIB:.1f} GiB")
+        return cls(physical_base, top_of_ram if top_of_ram > RAM_ABOVE_4G else 0)
+
+    def high_ram_gib(self) -> range:
+        """The GiBs of guest-physical addresses above 4 GiB that hold RAM, each a page directory."""
+        return range(RAM_ABOVE_4G // GIB, -(-self.high_ram_end // GIB)) if self.high_ram_end else range(0)
 
     def counters(self, memory: GuestMemory) -> dict[str, int]:
         """The monitor's trap counts, read from its handoff page (guest memory: the program could
@@ -84,10 +100,12 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     already written), and hand it the guest's entry and tables."""
     physical_base = placement.physical_base
     entry, segments = parse_elf(image, "the monitor")
-    table_space = MONITOR_BASE + MONITOR_SIZE - _TABLE_PAGES * 0x1000
+    high_pds = len(placement.high_ram_gib())
+    table_space = MONITOR_BASE + MONITOR_SIZE - (_TABLE_PAGES + high_pds) * 0x1000
     for segment in segments:
         if segment.vaddr < MONITOR_BASE or segment.vaddr + segment.memsz > table_space:
-            raise GuestImageError(f"the monitor's segment at {segment.vaddr:#x} is outside its 4 MiB")
+            raise GuestImageError(f"the monitor's segment at {segment.vaddr:#x} is outside its 4 MiB, less "
+                                  f"its tables for {high_pds} GiB of RAM above 4 GiB")
         at = physical_base + segment.vaddr - MONITOR_BASE
         memory.write(at, image[segment.offset: segment.offset + segment.filesz])
         if segment.memsz > segment.filesz:
@@ -114,10 +132,17 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
         if address >> 30 < layout.identity_gib:
             memory.write(layout.pd + (address >> 30) * 0x1000 + ((address >> 21) & 511) * 8, bytes(8))
 
+    # the monitor's map of the RAM above 4 GiB: 2 MiB pages only ring 3's body uses, never executed
+    high_pd_base = pd - (_TABLE_PAGES - 1 + high_pds) * 0x1000
+    for n, gib in enumerate(placement.high_ram_gib()):
+        starts = (gib * GIB + i * HUGE_PAGE for i in range(512))
+        entries = [start | table | PTE_HUGE | PTE_NX if start < placement.high_ram_end else 0 for start in starts]
+        memory.write(high_pd_base + n * 0x1000, struct.pack("<512Q", *entries))
+
     gdt_limit = (layout.selectors.entries * 8) - 1
-    guest_limit = physical_base  # the guest's RAM ends where the monitor's pages begin
+    guest_limit = physical_base  # the guest's RAM below 4 GiB ends where the monitor's pages begin
     memory.write(physical_base, _HANDOFF.pack(
         HANDOFF_MAGIC, guest.rip, guest.rsp, guest.rdi, guest.rsi, guest.rdx, guest_limit, physical_base, layout.gdt,
         gdt_limit, layout.selectors.tss, layout.pml4, layout.selectors.kernel_cs, layout.selectors.kernel_ds,
-        guest.iret_site))
+        guest.iret_site, placement.high_ram_end, high_pd_base if high_pds else 0))
     return MonitorStart(entry, boot_pml4)

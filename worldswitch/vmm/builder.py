@@ -179,13 +179,13 @@ def _place_monitor(config: MachineConfig, memory_map: MemoryMap) -> tuple[Memory
     them reserved (the guest's e820 leaves them alone; they stay backed)."""
     if not config.monitor:
         return memory_map, None
-    from ..boot.monitor import MonitorPlacement
+    from ..boot.monitor import DIRECT_MAP_LIMIT, MonitorPlacement
 
-    if memory_map.top_of_ram > memory_map.top_of_low_ram:
-        raise ConfigError(f"--monitor maps guest RAM below the PCI hole only: give the machine at most "
-                          f"{(memory_map.top_of_low_ram - (1 << 20) + (640 << 10)) >> 20} MiB")
     top = memory_map.top_of_low_ram
-    placement = MonitorPlacement.below(top)
+    if memory_map.top_of_ram > DIRECT_MAP_LIMIT:  # as much less RAM as its addresses go beyond
+        raise ConfigError(f"--monitor maps guest RAM up to {DIRECT_MAP_LIMIT >> 30} GiB of guest-physical addresses: "
+                          f"give the machine at most {(memory_map.memory - memory_map.top_of_ram + DIRECT_MAP_LIMIT) >> 20} MiB")
+    placement = MonitorPlacement.below(top, memory_map.top_of_ram)
     # from the monitor's pages to the top: RAM above them (less than a 2 MiB page) would be out of its reach
     return memory_map.reserving(placement.physical_base, top - placement.physical_base, "the in-guest monitor"), placement
 

@@ -25,6 +25,9 @@
  *              line (COM1's ports, which the bitmap grants) and reads port P: DONE(13, the #GP's
  *              error code, the ring it came from) from its #GP handler, or DONE(0, the byte) if the
  *              read was granted. With "iopl3", ring 3 runs with IOPL 3, which grants every port.
+ *   high A     maps the GiB of RAM at address A (decimal, above 4 GiB) with a page directory of its
+ *              own, puts a page table at A that maps the page after it at 0xc0000000, and reads
+ *              there: DONE(the word it wrote through the other mapping), its tables above 4 GiB
  *   uedge A    executes hlt in ring 3 at the last byte of the canonical lower half (0x7fffffffffff),
  *              where it maps the 2 MiB at address A (decimal): the #GP is the runtime's report, as
  *              for any hlt in ring 3 */
@@ -186,6 +189,24 @@ int main(const char *args)
         *(volatile u8 *)(PROGRAM_TSS + TSS_HEADER + port / 8) |= (u8)(1u << (port % 8));
         set_trap_handler(13, on_port_gp);
         enter_user(user_port, port, arg_has("iopl3") ? 0 : USER_IOPL0);
+    }
+    if (arg_has("high")) {
+        static u64 high_pd[512] __attribute__((aligned(4096)));
+        const u64 gib = 1ul << 30, window = 0xc0000000ul, address_bits = 0x000ffffffffff000ul;
+        u64 table = arg_number(0, 4 * gib) & ~0xffful, cr3;
+        __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+        for (u64 i = 0; i < 512; i++)
+            high_pd[i] = ((table & ~(gib - 1)) + (i << 21)) | 0x83; /* present, writable, 2 MiB */
+        u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
+        pdpt[table >> 30] = (u64)high_pd | 3;
+        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+        u64 *pt = (u64 *)table;
+        memset(pt, 0, 4096);
+        pt[0] = (table + 4096) | 3;
+        *(volatile u64 *)(table + 4096) = 0x5eed0f4161;
+        *identity_pde(window) = table | 3; /* a page table, not a 2 MiB page */
+        __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+        GUEST_DONE(*(volatile u64 *)window, 0, 0, 0);
     }
     if (arg_has("uedge")) {
         static u64 top_pdpt[512] __attribute__((aligned(4096))), top_pd[512] __attribute__((aligned(4096)));

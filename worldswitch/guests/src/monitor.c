@@ -276,9 +276,11 @@ static u64 physical(const void *monitor_address)
     return (u64)monitor_address - MONITOR_BASE + handoff.physical_base;
 }
 
+/* Guest RAM: below the monitor's pages, and above 4 GiB. */
 static void *in_ram(u64 guest_physical, u64 length)
 {
-    if (guest_physical >= handoff.guest_limit || length > handoff.guest_limit - guest_physical)
+    u64 end = guest_physical >= HIGH_RAM_BASE ? handoff.high_ram_end : handoff.guest_limit;
+    if (guest_physical >= end || length > end - guest_physical)
         STOP("the guest pointed outside its memory", guest_physical, length);
     return (void *)(DIRECT_BASE + guest_physical);
 }
@@ -690,6 +692,12 @@ static void paging_init(void)
                 direct_pd[g][i] = address | PTE_P | PTE_W | PTE_U | PTE_PS | PTE_NX;
         }
     }
+    /* RAM above 4 GiB: the VMM's page directories (here in ring 0, each entry would be emulated) */
+    if (handoff.high_ram_end > DIRECT_MAP_LIMIT)
+        STOP("guest RAM beyond the monitor's map of it", handoff.high_ram_end, DIRECT_MAP_LIMIT);
+    for (u64 g = HIGH_RAM_BASE >> 30; g < (handoff.high_ram_end + (1ul << 30) - 1) >> 30; g++)
+        monitor_pdpt[((DIRECT_BASE >> 30) & 511) + g] =
+            (handoff.high_ram_pds + (g - (HIGH_RAM_BASE >> 30)) * PAGE_SIZE) | PTE_P | PTE_W | PTE_U;
     monitor_slot = physical(monitor_pdpt) | PTE_P | PTE_W | PTE_U;
     /* the user mode's view: the monitor's 4 MiB for ring 0 only (the CPU's own accesses at an event:
      * the IDT, GDT, TSS, trampoline and event stacks), but for the SYSCALL gate's page */

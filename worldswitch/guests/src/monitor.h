@@ -7,7 +7,7 @@
  * stacks, and out of its KASLR's reach (Documentation/arch/x86/x86_64/mm.rst). Not the hole Linux
  * leaves for a hypervisor (slots 256 to 271): a PVM host keeps at least slot 256 for itself, and
  * ring 3 cannot run there. The slot's first 4 MiB are the monitor, its 256th GiB on its map of
- * guest RAM. Its pages are the top 4 MiB of guest RAM below the PCI hole.
+ * guest RAM (so RAM must end below 256 GiB). Its pages are the top 4 MiB of guest RAM below the PCI hole.
  */
 #ifndef MONITOR_H
 #define MONITOR_H
@@ -15,6 +15,8 @@
 #define MONITOR_BASE 0xfffffe8000000000 /* PML4 slot 509 (no suffix: monitor.S uses it too) */
 #define MONITOR_SLOT 509
 #define MONITOR_SIZE 0x400000UL
+#define HIGH_RAM_BASE 0x100000000UL    /* where RAM above the PCI hole starts (memory/layout.py RAM_ABOVE_4G) */
+#define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), which
@@ -100,6 +102,8 @@ struct handoff {
     unsigned long guest_cr3;     /* the program's page tables (the monitor starts on its own) */
     unsigned long guest_cs, guest_ss; /* its kernel's segments at the entry */
     unsigned long guest_iret_site; /* a paravirtual Linux's return to user mode: its IRETQ, made a UD2 (or 0) */
+    unsigned long high_ram_end;    /* the end of guest RAM above 4 GiB, or 0 */
+    unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
     unsigned long counters[COUNT_KINDS];
 };
 
