@@ -33,7 +33,7 @@ pytestmark = pytest.mark.kvm
 
 EMULATED = detect_host_kind().kernel_code_emulated
 needs_emulating_host = pytest.mark.skipif(not EMULATED, reason="the monitor is for hosts that emulate guest ring 0 (PVM)")
-MONITOR_BASE = MonitorPlacement.below(MemoryMap.for_memory(DEFAULT_MEMORY).top_of_low_ram).physical_base
+MONITOR_BASE = MonitorPlacement.for_map(MemoryMap.for_memory(DEFAULT_MEMORY)).physical_base
 
 
 def run(guest: str, args: str, monitor: bool = True, memory: int | None = None) -> tuple[MachineResult, MachineStats]:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
-from ..memory.layout import GIB, RAM_ABOVE_4G
+from ..memory.layout import GIB, RAM_ABOVE_4G, MemoryMap
 from .elf import parse_elf
 from .longmode import PTE_HUGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 
@@ -73,14 +73,15 @@ class MonitorPlacement:
     high_ram_end: int = 0
 
     @classmethod
-    def below(cls, top_of_low_ram: int, top_of_ram: int = 0) -> "MonitorPlacement":
-        physical_base = (top_of_low_ram - MONITOR_SIZE) & ~(HUGE_PAGE - 1)
+    def for_map(cls, memory_map: MemoryMap) -> "MonitorPlacement":
+        physical_base = (memory_map.top_of_low_ram - MONITOR_SIZE) & ~(HUGE_PAGE - 1)
         if physical_base < (16 << 20):
             raise ConfigError("--monitor needs at least 20 MiB of guest RAM: 4 MiB of it is the monitor's")
-        if top_of_ram > DIRECT_MAP_LIMIT:
+        top = memory_map.top_of_ram
+        if top > DIRECT_MAP_LIMIT:  # as much less RAM as its addresses go beyond
             raise ConfigError(f"--monitor maps guest RAM up to {DIRECT_MAP_LIMIT // GIB} GiB of guest-physical "
-                              f"addresses; this machine's ends at {top_of_ram / GIB:.1f} GiB")
-        return cls(physical_base, top_of_ram if top_of_ram > RAM_ABOVE_4G else 0)
+                              f"addresses: give the machine at most {(memory_map.memory - top + DIRECT_MAP_LIMIT) >> 20} MiB")
+        return cls(physical_base, top if top > RAM_ABOVE_4G else 0)
 
     def high_ram_gib(self) -> range:
         """The GiBs of guest-physical addresses above 4 GiB that hold RAM, each a page directory."""

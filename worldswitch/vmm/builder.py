@@ -179,13 +179,10 @@ def _place_monitor(config: MachineConfig, memory_map: MemoryMap) -> tuple[Memory
     them reserved (the guest's e820 leaves them alone; they stay backed)."""
     if not config.monitor:
         return memory_map, None
-    from ..boot.monitor import DIRECT_MAP_LIMIT, MonitorPlacement
+    from ..boot.monitor import MonitorPlacement
 
     top = memory_map.top_of_low_ram
-    if memory_map.top_of_ram > DIRECT_MAP_LIMIT:  # as much less RAM as its addresses go beyond
-        raise ConfigError(f"--monitor maps guest RAM up to {DIRECT_MAP_LIMIT >> 30} GiB of guest-physical addresses: "
-                          f"give the machine at most {(memory_map.memory - memory_map.top_of_ram + DIRECT_MAP_LIMIT) >> 20} MiB")
-    placement = MonitorPlacement.below(top, memory_map.top_of_ram)
+    placement = MonitorPlacement.for_map(memory_map)
     # from the monitor's pages to the top: RAM above them (less than a 2 MiB page) would be out of its reach
     return memory_map.reserving(placement.physical_base, top - placement.physical_base, "the in-guest monitor"), placement
 

@@ -100,6 +100,17 @@ struct {
  * DENIED again before user mode next runs (STALE). */
 static enum { PORTS_STALE, PORTS_DENIED, PORTS_COPIED } user_ports = PORTS_STALE;
 
+static u16 io_map_offset(const u8 *map)
+{
+    return (u16)((u64)map - (u64)&tss);
+}
+
+/* The guest's kernel's and the body's bitmap: every port. */
+static void open_ports(void)
+{
+    tss.io_map_base = io_map_offset(tss.io_map);
+}
+
 static struct {
     u16 offset_low, selector;
     u8 ist, type_attr;
@@ -849,7 +860,7 @@ u64 monitor_init(void)
     gdt[MONITOR_CS >> 3] = CODE64_DPL0;
     gdt[MONITOR_DS >> 3] = DATA_DPL0;
     tss.rsp[0] = (u64)monitor_stack_top;
-    tss.io_map_base = (u16)((u64)tss.io_map - tss_base);
+    open_ports();
     tss.io_map_gap = tss.io_map_end = 0xff;
     for (int vector = 0; vector < 256; vector++) {
         u64 target = vector == 14 ? (u64)page_fault_entry : event_stubs[vector];
@@ -1587,16 +1598,6 @@ static int emulate_int_n(struct trap_frame *frame)
  * bitmap there (as its TSS gives it, the bytes past its limit refusing) and the access is retried, now
  * under the guest's rules: a port it grants runs natively, one it refuses faults again, into the
  * guest. The copy holds until the guest's kernel runs, which may change its bitmap. */
-static u16 io_map_offset(const u8 *map)
-{
-    return (u16)((u64)map - (u64)&tss);
-}
-
-static void open_ports(void)
-{
-    tss.io_map_base = io_map_offset(tss.io_map);
-}
-
 static void fence_ports(void)
 {
     if (guest.user_iopl == RFLAGS_IOPL)
