@@ -282,6 +282,20 @@ def test_a_privileged_instruction_at_the_end_of_user_space_is_the_programs_own_f
 
 
 @needs_emulating_host
+@pytest.mark.parametrize("address, expected", [(0x8000_0000_0000, "#GP"), (0x7FFF_FFFF_F000, "#PF")])
+def test_a_descriptor_store_from_user_mode_to_a_bad_address_is_the_programs_own_fault(address: int,
+                                                                                      expected: str) -> None:
+    """SGDT from ring 3, which the monitor emulates (the real one would show its GDT): to a
+    non-canonical address the CPU's #GP(0), to an unmapped one its #PF, as without the monitor.
+    The non-canonical one was a #PF under the monitor, and from ring 0 it ended the VM."""
+    plain, _ = run("fault", f"usgdt {address}", monitor=False)
+    result, _ = run("fault", f"usgdt {address}")
+    assert plain.reason is result.reason is StopReason.GUEST_ABORT, (plain.message, result.message)
+    assert expected in result.message and "in ring 3" in result.message, result.message
+    assert result.message == plain.message  # the same fault, at the same instruction
+
+
+@needs_emulating_host
 def test_a_program_that_wipes_the_monitor_ends_only_its_own_vm() -> None:
     """Zeroing the monitor's 4 MiB (its code, its tables, the shadows the CPU walks) leaves the next
     event no IDT: the VM triple-faults, as a CPU whose tables were wiped would, and the VMX says so."""

@@ -10,6 +10,7 @@
  *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
  *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
  *   upeek A    reads the word at address A (decimal) in ring 3: DONE(word)
+ *   usgdt A    stores the GDTR at address A (decimal) in ring 3: DONE(its limit) if it returns
  *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0
  *   stack      points its TSS's RSP0 at an address its tables do not map, then executes ud2 in
  *              ring 3: the #UD, the #PF and the #DF all fail on that stack, a triple fault
@@ -131,6 +132,13 @@ static volatile u64 *identity_pde(u64 address)
     return &pd[(address >> 21) & 511];
 }
 
+static int user_sgdt(u64 address)
+{
+    __asm__ volatile("sgdt (%0)" : : "r"(address) : "memory");
+    GUEST_DONE(*(volatile u16 *)address, 0, 0, 0);
+    return 0;
+}
+
 static int report_breakpoints(u64 expected)
 {
     GUEST_ASSERT_EQ(breakpoints, expected);
@@ -174,6 +182,8 @@ int main(const char *args)
         __asm__ volatile("int3; nop" ::: "memory");
         GUEST_DONE(breakpoints, 0, 0, 0);
     }
+    if (arg_has("usgdt"))
+        enter_user(user_sgdt, arg_number(0, 0), 0);
     if (arg_has("upeek"))
         enter_user(user_peek, arg_number(0, 0), 0);
     if (arg_has("peek"))

@@ -1280,10 +1280,14 @@ static u16 selector_operand(struct trap_frame *frame, const struct instruction *
 }
 
 /* Store `length` bytes at the guest's `address` for an instruction it executed: 0 when done, 1 when
- * its tables do not give it the write (in its user mode, only user pages do), and the page fault
- * the CPU would raise has been delivered instead. */
+ * the address is not canonical (#GP(0)) or its tables do not give it the write (in its user mode,
+ * only user pages do; the page fault), and what the CPU would raise has been delivered instead. */
 static int store_for_guest(struct trap_frame *frame, u64 address, const void *value, u64 length)
 {
+    if (!canonical(address) || !canonical(address + length - 1)) {
+        deliver(frame, 13, 1, 0);
+        return 1;
+    }
     if (guest.user) {
         for (u64 page = address & ~(PAGE_SIZE - 1); page <= ((address + length - 1) & ~(PAGE_SIZE - 1)); page += PAGE_SIZE) {
             struct translation t;
