@@ -296,6 +296,19 @@ def test_a_descriptor_store_from_user_mode_to_a_bad_address_is_the_programs_own_
 
 
 @needs_emulating_host
+def test_a_programs_user_mode_cannot_take_its_kernels_code_segment() -> None:
+    """Its kernel's code segment is DPL 3 in the real GDT (the kernel runs in ring 3), and the
+    monitor took the mode from CS: a far return to it from user mode worked, and the `mov %cr3` after
+    it was emulated as the kernel's. Now that segment is not present while user mode runs (the far
+    return is the CPU's #GP(selector)), and the mode is the shadow the event came on."""
+    plain, _ = run("fault", "ukernel", monitor=False)
+    result, _ = run("fault", "ukernel")
+    assert plain.reason is result.reason is StopReason.GUEST_ABORT, (plain.message, result.message)
+    assert "#GP" in result.message and "in ring 3, error code 0x8" in result.message, result.message
+    assert result.message == plain.message
+
+
+@needs_emulating_host
 def test_a_program_that_wipes_the_monitor_ends_only_its_own_vm() -> None:
     """Zeroing the monitor's 4 MiB (its code, its tables, the shadows the CPU walks) leaves the next
     event no IDT: the VM triple-faults, as a CPU whose tables were wiped would, and the VMX says so."""

@@ -59,7 +59,7 @@ event_stub_\vector:
     pushq $\vector
     cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
     je ring0_event
-    cmpb $0, user_root_loaded(%rip)     /* from user mode, on its shadow: the body's is the kernel's */
+    cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip) /* from user mode, on its shadow: the body's is the kernel's */
     jne to_body_from_user
     xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
@@ -82,14 +82,14 @@ event_stub_\vector:
  * a microsecond where ring 0 is emulated; a stub is seven of them. */
 
 to_body:                                /* from the guest's page fault and SYSCALL: into the body */
-    cmpb $0, user_root_loaded(%rip)
+    cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
     je 1f
 to_body_from_user:                      /* an event from user mode: the kernel's shadow, then the body */
     pushq %rax
     movq kernel_root_cr3(%rip), %rax
     movq %rax, %cr3
     popq %rax
-    movb $0, user_root_loaded(%rip)
+    movb $LEFT_USER_ROOT, user_root_loaded(%rip)
 1:  xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq
@@ -180,7 +180,7 @@ event_return:
 leave_to_user:
     movq user_root_cr3(%rip), %rax
     movq %rax, %cr3
-    movb $1, user_root_loaded(%rip)
+    movb $ON_USER_ROOT, user_root_loaded(%rip)
     movq body_frame(%rip), %rsp
     jmp event_return
 

@@ -466,8 +466,8 @@ static void empty_root(u64 *root)
 }
 
 /* For ring 0 (monitor.S): the current address space's roots, the physical addresses CR3 takes, and
- * whether the user mode's is loaded (ring 0 loads it when it leaves for user mode, and the trampoline
- * loads the kernel's again at the next event from there). */
+ * which is loaded (monitor.h ON_*_ROOT: ring 0 loads the user mode's when it leaves for user mode,
+ * and the trampoline the kernel's again at the next event from there). */
 u64 kernel_root_cr3, user_root_cr3;
 u8 user_root_loaded;
 
@@ -815,15 +815,22 @@ static u64 syscall_stack_segment(u64 cs)
     return kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
 }
 
-static void set_user_code_present(int present)
+static void set_present(u64 *descriptor, int present)
+{
+    *descriptor = present ? *descriptor | DESCRIPTOR_PRESENT : *descriptor & ~DESCRIPTOR_PRESENT;
+}
+
+/* The code segments of the mode that is about to run present, the other mode's not. The guest's
+ * kernel's IRETQ to user mode then traps (#NP), so that the monitor sees the change of mode; and its
+ * user mode, on the CPU, cannot load its kernel's code segments, which are DPL 3 in the real GDT:
+ * a far transfer there is #NP, which the monitor gives the guest as the CPU's #GP. */
+static void set_mode_segments(int user)
 {
     for (int index = 1; index < GUEST_GDT_ENTRIES; index++)
-        if (segment_kind[index] == USER_CODE) {
-            if (present)
-                gdt[index] |= DESCRIPTOR_PRESENT;
-            else
-                gdt[index] &= ~DESCRIPTOR_PRESENT;
-        }
+        if (segment_kind[index] == USER_CODE || segment_kind[index] == KERNEL_CODE)
+            set_present(&gdt[index], (segment_kind[index] == USER_CODE) == user);
+    if (loaded[0].kind == KERNEL_CODE)
+        set_present(&gdt[LOADED_CS >> 3], !user);
 }
 
 /* The guest's GDT, at its LGDT and at the start: each of its code and data segments at its own
@@ -1708,8 +1715,10 @@ void monitor_event(struct trap_frame *frame)
     count(COUNT_EVENTS);
     u64 vector = frame->vector;
     int syscall = vector == SYSCALL_EVENT;
-    guest.user = syscall || kind_of(frame->cs) == USER_CODE;
+    guest.user = syscall || user_root_loaded == LEFT_USER_ROOT; /* not CS: its user mode could load others */
+    user_root_loaded = ON_KERNEL_ROOT;
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
+    int kernel_cs_absent = vector == 11 && !(frame->error_code & 4) && kind_of((frame->error_code & ~7ul) | 3) == KERNEL_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
         emulate_syscall(frame);
@@ -1717,6 +1726,9 @@ void monitor_event(struct trap_frame *frame)
         /* emulated; a held interrupt the guest now takes is delivered on the way out */
     } else if (vector == 13 && guest.user && unfence_ports(frame)) {
         /* the guest's bitmap copied: the access is retried */
+    } else if (kernel_cs_absent && guest.user) {
+        count(COUNT_EXCEPTIONS);
+        deliver(frame, 13, 1, frame->error_code); /* DPL 0 < CPL 3: the CPU's #GP(selector) */
     } else if (vector == 14) {
         u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
@@ -1751,9 +1763,9 @@ int monitor_leave(struct trap_frame *frame)
     leave_again = 0;
     deliver_held(frame);
     /* The guest kernel's own IRETQ to user mode must trap, to switch shadows: the user code segments
-     * are present only while user mode runs (the mode is read again from CS at every entry). */
+     * are present only while user mode runs, its kernel's only while its kernel does. */
     int to_user = kind_of(frame->cs) == USER_CODE;
-    set_user_code_present(to_user);
+    set_mode_segments(to_user);
     if (to_user)
         fence_ports();
     else if (user_ports == PORTS_COPIED)

@@ -33,6 +33,13 @@
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
 
+/* Which shadow the CPU is on (user_root_loaded): the kernel's, the user mode's, or the kernel's
+ * again, loaded by the trampoline at an event from user mode, until the body has seen it. Whether
+ * an event came from the guest's user mode is which shadow it came on, whatever CS says. */
+#define ON_KERNEL_ROOT 0
+#define ON_USER_ROOT 1
+#define LEFT_USER_ROOT 2
+
 /* The real GDT: the guest's own descriptors at their own indexes, 0 to GUEST_GDT_ENTRIES - 1 (its
  * kernel's with DPL 3, so that they run in ring 3), then the monitor's. */
 #define GUEST_GDT_ENTRIES 32
