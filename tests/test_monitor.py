@@ -296,15 +296,17 @@ def test_a_descriptor_store_from_user_mode_to_a_bad_address_is_the_programs_own_
 
 
 @needs_emulating_host
-def test_a_programs_user_mode_cannot_take_its_kernels_code_segment() -> None:
-    """Its kernel's code segment is DPL 3 in the real GDT (the kernel runs in ring 3), and the
-    monitor took the mode from CS: a far return to it from user mode worked, and the `mov %cr3` after
-    it was emulated as the kernel's. Now that segment is not present while user mode runs (the far
-    return is the CPU's #GP(selector)), and the mode is the shadow the event came on."""
-    plain, _ = run("fault", "ukernel", monitor=False)
-    result, _ = run("fault", "ukernel")
+@pytest.mark.parametrize("selector", [0x0B, 0x123])  # its kernel's code segment (RPL 3), the body's
+def test_a_programs_user_mode_cannot_take_a_code_segment_of_its_kernel_or_of_the_monitor(selector: int) -> None:
+    """Both are DPL 3 in the real GDT (they run in ring 3), and the monitor took the mode from CS: a
+    far return to either from user mode worked, and the `mov %cr3` after it was emulated as the
+    kernel's. User mode now runs on a GDT of its own (its shadow maps it where the real one is), in
+    which they are null: the far return is the CPU's #GP(selector), and the mode is the shadow an
+    event came on."""
+    plain, _ = run("fault", f"ukernel {selector}", monitor=False)
+    result, _ = run("fault", f"ukernel {selector}")
     assert plain.reason is result.reason is StopReason.GUEST_ABORT, (plain.message, result.message)
-    assert "#GP" in result.message and "in ring 3, error code 0x8" in result.message, result.message
+    assert "#GP" in result.message and f"in ring 3, error code {selector & ~3:#x}" in result.message, result.message
     assert result.message == plain.message
 
 

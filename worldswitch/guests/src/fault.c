@@ -10,8 +10,9 @@
  *              (KVM's emulator cannot deliver it on PVM hosts; the VMX does, see vmm/x86/emulate.py)
  *   peek A     reads the word at address A (decimal) in ring 0: DONE(word, RAM size it was given)
  *   upeek A    reads the word at address A (decimal) in ring 3: DONE(word)
- *   ukernel    in ring 3, far-returns to the kernel's code segment (RPL 3), then reads CR3 there:
- *              DONE(CR3) if both worked, where the CPU refuses the first with #GP(the selector)
+ *   ukernel [S] in ring 3, far-returns to code segment selector S (decimal; the kernel's, RPL 3,
+ *              by default), then reads CR3 there: DONE(CR3) if both worked, where the CPU refuses
+ *              the first with #GP(the selector) for a DPL 0 segment or one past the GDT's limit
  *   usgdt A    stores the GDTR at address A (decimal) in ring 3: DONE(its limit) if it returns
  *   idt A      points its IDT at address A (decimal) and executes int3 in ring 0
  *   stack      points its TSS's RSP0 at an address its tables do not map, then executes ud2 in
@@ -134,11 +135,11 @@ static volatile u64 *identity_pde(u64 address)
     return &pd[(address >> 21) & 511];
 }
 
-static int user_kernel_segment(u64 unused)
+static int user_far_return(u64 selector)
 {
     u64 cr3;
     __asm__ volatile("pushq %1; leaq 1f(%%rip), %0; pushq %0; lretq; 1: mov %%cr3, %0"
-                     : "=&r"(cr3) : "i"(KERNEL_CS | 3) : "memory");
+                     : "=&r"(cr3) : "r"(selector) : "memory");
     GUEST_DONE(cr3, 0, 0, 0);
     return 0;
 }
@@ -194,7 +195,7 @@ int main(const char *args)
         GUEST_DONE(breakpoints, 0, 0, 0);
     }
     if (arg_has("ukernel"))
-        enter_user(user_kernel_segment, 0, 0);
+        enter_user(user_far_return, arg_number(0, KERNEL_CS | 3), 0);
     if (arg_has("usgdt"))
         enter_user(user_sgdt, arg_number(0, 0), 0);
     if (arg_has("upeek"))

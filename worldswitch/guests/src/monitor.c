@@ -67,7 +67,14 @@
 
 __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
 
-static u64 gdt[GDT_ENTRIES] __attribute__((aligned(16))); /* monitor.h has its layout */
+/* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
+ * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
+ * guest's user segments (at their own indexes and as USER_ALIASES), and what the CPU itself loads at
+ * an event (the monitor's ring-0 segments). Its kernel's segments, the body's and the copies are
+ * DPL 3 in the real GDT, since they run in ring 3; in the user mode's they are null, so that user
+ * code loading one gets the #GP(selector) the CPU gives for a DPL 0 segment. A page each. */
+static u64 gdt[512] __attribute__((section(".gdt"), aligned(4096)));
+static u64 user_gdt[512] __attribute__((section(".gdt"), aligned(4096)));
 
 /* What each of the guest's GDT entries is to it (mirror_gdt): the monitor's view of its selectors. */
 enum segment_kind { NO_SEGMENT, KERNEL_CODE, KERNEL_DATA, USER_CODE, USER_DATA };
@@ -715,6 +722,7 @@ static void paging_init(void)
     for (u64 i = 0; i < 512; i++)
         user_monitor_pt[i] = (handoff.physical_base + i * PAGE_SIZE) | PTE_P | PTE_W;
     user_monitor_pt[((u64)syscall_gate - MONITOR_BASE) / PAGE_SIZE] = physical(syscall_gate) | PTE_P | PTE_U;
+    user_monitor_pt[((u64)gdt - MONITOR_BASE) / PAGE_SIZE] = physical(user_gdt) | PTE_P | PTE_W;
     user_monitor_pd[0] = physical(user_monitor_pt) | PTE_P | PTE_W | PTE_U;
     user_monitor_pd[1] = (handoff.physical_base + (2ul << 20)) | PTE_P | PTE_W | PTE_PS;
     user_monitor_pdpt[0] = physical(user_monitor_pd) | PTE_P | PTE_W | PTE_U;
@@ -815,23 +823,6 @@ static u64 syscall_stack_segment(u64 cs)
     return kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
 }
 
-static void set_present(u64 *descriptor, int present)
-{
-    *descriptor = present ? *descriptor | DESCRIPTOR_PRESENT : *descriptor & ~DESCRIPTOR_PRESENT;
-}
-
-/* The code segments of the mode that is about to run present, the other mode's not. The guest's
- * kernel's IRETQ to user mode then traps (#NP), so that the monitor sees the change of mode; and its
- * user mode, on the CPU, cannot load its kernel's code segments, which are DPL 3 in the real GDT:
- * a far transfer there is #NP, which the monitor gives the guest as the CPU's #GP. */
-static void set_mode_segments(int user)
-{
-    for (int index = 1; index < GUEST_GDT_ENTRIES; index++)
-        if (segment_kind[index] == USER_CODE || segment_kind[index] == KERNEL_CODE)
-            set_present(&gdt[index], (segment_kind[index] == USER_CODE) == user);
-    if (loaded[0].kind == KERNEL_CODE)
-        set_present(&gdt[LOADED_CS >> 3], !user);
-}
 
 /* The guest's GDT, at its LGDT and at the start: each of its code and data segments at its own
  * index in the real GDT, its kernel's (DPL 0) with DPL 3; no system descriptors (the TSS the CPU
@@ -841,16 +832,18 @@ static void mirror_gdt(void)
     for (u64 index = 1; index < GUEST_GDT_ENTRIES; index++) {
         u64 d = index * 8 + 7 <= guest.gdt_limit ? read_u64(guest.gdt_base + index * 8) : 0;
         segment_kind[index] = NO_SEGMENT;
-        gdt[index] = gdt[USER_ALIASES + index] = 0;
+        gdt[index] = gdt[USER_ALIASES + index] = user_gdt[index] = user_gdt[USER_ALIASES + index] = 0;
         if (!(d & DESCRIPTOR_SEGMENT)) {
             if ((d & DESCRIPTOR_PRESENT) && index + 1 < GUEST_GDT_ENTRIES)
-                gdt[++index] = 0, segment_kind[index] = NO_SEGMENT; /* a system descriptor is two entries */
+                index++, gdt[index] = user_gdt[index] = 0, segment_kind[index] = NO_SEGMENT; /* a system descriptor is two entries */
             continue;
         }
         int code = (d & DESCRIPTOR_CODE) != 0, user = ((d >> 45) & 3) == 3;
         segment_kind[index] = user ? (code ? USER_CODE : USER_DATA) : (code ? KERNEL_CODE : KERNEL_DATA);
-        gdt[index] = d | DESCRIPTOR_DPL3;
-        gdt[USER_ALIASES + index] = user ? d : 0;
+        /* the guest's kernel's IRETQ to a user code segment must trap (#NP): the monitor changes shadows */
+        gdt[index] = user && code ? d & ~DESCRIPTOR_PRESENT : d | DESCRIPTOR_DPL3;
+        if (user)
+            gdt[USER_ALIASES + index] = user_gdt[USER_ALIASES + index] = user_gdt[index] = d;
     }
 }
 
@@ -864,8 +857,8 @@ u64 monitor_init(void)
     gdt[TSS_SELECTOR >> 3] = (sizeof(tss) - 1) | (tss_base & 0xffffff) << 16 | 0x89ul << 40 |
                              ((tss_base >> 24) & 0xff) << 56;
     gdt[(TSS_SELECTOR >> 3) + 1] = tss_base >> 32;
-    gdt[MONITOR_CS >> 3] = CODE64_DPL0;
-    gdt[MONITOR_DS >> 3] = DATA_DPL0;
+    gdt[MONITOR_CS >> 3] = user_gdt[MONITOR_CS >> 3] = CODE64_DPL0; /* the CPU loads them at an event */
+    gdt[MONITOR_DS >> 3] = user_gdt[MONITOR_DS >> 3] = DATA_DPL0;
     tss.rsp[0] = (u64)monitor_stack_top;
     open_ports();
     tss.io_map_gap = tss.io_map_end = 0xff;
@@ -878,7 +871,7 @@ u64 monitor_init(void)
         idt[vector].offset_mid = (target >> 16) & 0xffff;
         idt[vector].offset_high = target >> 32;
     }
-    struct { u16 limit; u64 base; } __attribute__((packed)) gdtr = { sizeof(gdt) - 1, (u64)gdt },
+    struct { u16 limit; u64 base; } __attribute__((packed)) gdtr = { GDT_ENTRIES * 8 - 1, (u64)gdt },
                                                              idtr = { sizeof(idt) - 1, (u64)idt };
     __asm__ volatile("lgdt %0; lidt %1" : : "m"(gdtr), "m"(idtr) : "memory");
     __asm__ volatile("ltr %w0" : : "r"(TSS_SELECTOR));
@@ -1718,7 +1711,6 @@ void monitor_event(struct trap_frame *frame)
     guest.user = syscall || user_root_loaded == LEFT_USER_ROOT; /* not CS: its user mode could load others */
     user_root_loaded = ON_KERNEL_ROOT;
     int user_cs_absent = vector == 11 && !(frame->error_code & 7) && kind_of(frame->error_code) == USER_CODE;
-    int kernel_cs_absent = vector == 11 && !(frame->error_code & 4) && kind_of((frame->error_code & ~7ul) | 3) == KERNEL_CODE;
     if (syscall) {
         count(COUNT_SYSCALL);
         emulate_syscall(frame);
@@ -1726,9 +1718,7 @@ void monitor_event(struct trap_frame *frame)
         /* emulated; a held interrupt the guest now takes is delivered on the way out */
     } else if (vector == 13 && guest.user && unfence_ports(frame)) {
         /* the guest's bitmap copied: the access is retried */
-    } else if (kernel_cs_absent && guest.user) {
-        count(COUNT_EXCEPTIONS);
-        deliver(frame, 13, 1, frame->error_code); /* DPL 0 < CPL 3: the CPU's #GP(selector) */
+
     } else if (vector == 14) {
         u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
@@ -1762,10 +1752,7 @@ int monitor_leave(struct trap_frame *frame)
 {
     leave_again = 0;
     deliver_held(frame);
-    /* The guest kernel's own IRETQ to user mode must trap, to switch shadows: the user code segments
-     * are present only while user mode runs, its kernel's only while its kernel does. */
-    int to_user = kind_of(frame->cs) == USER_CODE;
-    set_mode_segments(to_user);
+    int to_user = guest.user;
     if (to_user)
         fence_ports();
     else if (user_ports == PORTS_COPIED)
