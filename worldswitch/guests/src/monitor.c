@@ -19,8 +19,9 @@
  *   - the privileged instructions (#GP in ring 3): emulated against the virtual state; so are the
  *     descriptor stores (SGDT, SIDT, SLDT, STR, SMSW), which UMIP makes fault, from either mode;
  *   - the program's IRETQ to its kernel (#GP: RPL 0 < CPL 3), and to its user mode (#NP: the user
- *     code segments are marked not present while its kernel runs), so that the monitor switches to
- *     the user mode's shadow and delivers a held interrupt at the first chance;
+ *     code segments are not present in the real GDT; user mode runs on a GDT of its own, which its
+ *     shadow maps), so that the monitor switches to the user mode's shadow and delivers a held
+ *     interrupt at the first chance;
  *   - exceptions and interrupts: reflected through the program's own IDT, as the CPU would have
  *     delivered them, on the stack its TSS names; an interrupt while its virtual IF is clear is
  *     held until it sets IF again (STI, IRETQ, HLT).
