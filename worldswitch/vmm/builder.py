@@ -38,7 +38,7 @@ from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .x86.cpu import cpuid_for_vcpu, set_lint
-from .x86.cpuid import HiddenFeature, filter_cpuid, forced_features, hidden_features
+from .x86.cpuid import HiddenFeature, filter_cpuid, forced_features, hidden_features, with_tsc_deadline
 from .x86.emulate import TrapEmulator
 from .x86.longmode import program_registers, setup_long_mode
 from .x86.user_syscall import MSR_LSTAR, UserSyscall
@@ -286,6 +286,8 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
     vm, memory, host = core.vm, core.memory, core.host
     hidden = hidden_features(host, config.monitor)
     supported = filter_cpuid(core.kvm.get_supported_cpuid(), hidden)
+    if vm.check_extension(Cap.TSC_DEADLINE_TIMER):
+        supported = with_tsc_deadline(supported)
     vcpus = []
     for index in range(config.cpus):
         vcpu = vm.create_vcpu(index)

@@ -103,6 +103,23 @@ def filter_cpuid(entries: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature,
     return out
 
 
+TSC_DEADLINE_BIT = 24  # CPUID.1:ECX: the LAPIC timer's TSC-deadline mode
+
+
+def with_tsc_deadline(entries: list[s.kvm_cpuid_entry2]) -> list[s.kvm_cpuid_entry2]:
+    """`entries` with the TSC-deadline timer offered. KVM's in-kernel LAPIC emulates that mode wherever
+    it has KVM_CAP_TSC_DEADLINE_TIMER, but it takes the mode only from a guest whose CPUID has the
+    bit, and KVM_GET_SUPPORTED_CPUID leaves the bit out on VT-x and AMD-V: the VMM adds it (as QEMU
+    does). This PVM host's KVM reports it already."""
+    out = []
+    for entry in entries:
+        entry = s.kvm_cpuid_entry2.from_buffer_copy(entry)
+        if entry.function == 1:
+            entry.ecx |= 1 << TSC_DEADLINE_BIT
+        out.append(entry)
+    return out
+
+
 def forced_features(effective: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...]) -> list[HiddenFeature]:
     """Hidden features the host put back: present in the vCPU's CPUID as KVM reports it after
     KVM_SET_CPUID2."""
