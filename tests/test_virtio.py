@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -490,16 +491,16 @@ def test_qemu_and_worldswitch_respect_each_others_locks(memory, image) -> None:
     qemu = subprocess.Popen(["qemu-io", "-f", "raw", str(image)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # opens the image read-write and waits for commands
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                VirtioBlock(UNPLUGGED, memory, str(image)).close()
-            except ConfigError as error:
-                assert "is in use" in str(error)
-                break
-            time.sleep(0.1)  # QEMU has not opened it yet
-        else:
-            pytest.fail("worldswitch opened an image QEMU writes")
+        # Wait until QEMU holds its locks, watching /proc/locks rather than trying to open the image:
+        # a try of ours holds locks too, and one at QEMU's open made QEMU give up (a nested-host failure).
+        inode = f":{image.stat().st_ino} "
+        deadline = time.monotonic() + 120
+        while not any("OFDLCK" in line and inode in line for line in Path("/proc/locks").read_text().splitlines()):
+            assert qemu.poll() is None, "qemu-io could not open the image"
+            assert time.monotonic() < deadline, "qemu-io did not lock the image within 120 s"
+            time.sleep(0.05)
+        with pytest.raises(ConfigError, match="is in use"):
+            VirtioBlock(UNPLUGGED, memory, str(image)).close()
     finally:
         qemu.kill()
         qemu.wait()
