@@ -1636,11 +1636,11 @@ static int unfence_ports(struct trap_frame *frame)
     fetch_instruction(frame->rip, bytes);
     if (!port_instruction(bytes))
         return 0;
-    u16 base;
-    u64 map = guest.tss_base, limit = guest.tss_limit, length = 0;
-    if (map && limit >= 0x67 && !try_read_guest(map + 0x66, &base, sizeof(base)) && base <= limit) {
-        length = limit - base + 1 < sizeof(tss.user_io_map) ? limit - base + 1 : sizeof(tss.user_io_map);
-        if (try_read_guest(map + base, tss.user_io_map, length))
+    u16 base; /* the guest's I/O map base, at 0x66 in its TSS */
+    u64 limit = guest.tss_limit;
+    if (guest.tss_base && limit >= 0x67 && !try_read_guest(guest.tss_base + 0x66, &base, sizeof(base)) && base <= limit) {
+        u64 length = limit - base + 1 < sizeof(tss.user_io_map) ? limit - base + 1 : sizeof(tss.user_io_map);
+        if (try_read_guest(guest.tss_base + base, tss.user_io_map, length))
             memset(tss.user_io_map, 0xff, sizeof(tss.user_io_map)); /* as a CPU that cannot read it */
     }
     count(COUNT_PORT_MAP);
