@@ -124,14 +124,20 @@ static int user_jump(u64 address)
     return 0;
 }
 
-/* The 2 MiB identity-map entry for `address`, in the tables the VMM built (boot/longmode.py). */
-static volatile u64 *identity_pde(u64 address)
+#define ADDRESS_BITS 0x000ffffffffff000ul
+
+/* The identity map's PDPT, in the tables the VMM built (boot/longmode.py). */
+static u64 *identity_pdpt(void)
 {
     u64 cr3;
     __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-    const u64 address_bits = 0x000ffffffffff000ul;
-    u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
-    u64 *pd = (u64 *)(pdpt[address >> 30] & address_bits);
+    return (u64 *)(((u64 *)(cr3 & ADDRESS_BITS))[0] & ADDRESS_BITS);
+}
+
+/* The 2 MiB identity-map entry for `address`. */
+static volatile u64 *identity_pde(u64 address)
+{
+    u64 *pd = (u64 *)(identity_pdpt()[address >> 30] & ADDRESS_BITS);
     return &pd[(address >> 21) & 511];
 }
 
@@ -216,13 +222,12 @@ int main(const char *args)
     }
     if (arg_has("high")) {
         static u64 high_pd[512] __attribute__((aligned(4096)));
-        const u64 gib = 1ul << 30, window = 0xc0000000ul, address_bits = 0x000ffffffffff000ul;
+        const u64 gib = 1ul << 30, window = 0xc0000000ul;
         u64 table = arg_number(0, 4 * gib) & ~0xffful, cr3;
         __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
         for (u64 i = 0; i < 512; i++)
             high_pd[i] = ((table & ~(gib - 1)) + (i << 21)) | 0x83; /* present, writable, 2 MiB */
-        u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
-        pdpt[table >> 30] = (u64)high_pd | 3;
+        identity_pdpt()[table >> 30] = (u64)high_pd | 3;
         __asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
         u64 *pt = (u64 *)table;
         memset(pt, 0, 4096);
@@ -234,12 +239,12 @@ int main(const char *args)
     }
     if (arg_has("uedge")) {
         static u64 top_pdpt[512] __attribute__((aligned(4096))), top_pd[512] __attribute__((aligned(4096)));
-        const u64 last = 0x00007ffffffffffful, address_bits = 0x000ffffffffff000ul;
+        const u64 last = 0x00007ffffffffffful;
         u64 page = arg_number(0, 0) & ~0x1ffffful, cr3;
         __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
         top_pd[511] = page | 0x87; /* present, writable, user, 2 MiB */
         top_pdpt[511] = (u64)top_pd | 7;
-        ((volatile u64 *)(cr3 & address_bits))[255] = (u64)top_pdpt | 7;
+        ((volatile u64 *)(cr3 & ADDRESS_BITS))[255] = (u64)top_pdpt | 7;
         *(volatile u8 *)(page + 0x1fffff) = 0xf4; /* hlt, at `last` through the new mapping */
         enter_user(user_jump, last, 0);
     }
