@@ -20,6 +20,7 @@
 #define EVENT_STACKS_FLIP 0xc000    /* the two event stacks' tops, XORed */
 #define TSS_RSP0 tss + 4
 #define EVENT_FRAME (8 * 7)         /* vector, error code, RIP, CS, RFLAGS, RSP, SS */
+#define RING0_UNANSWERED -1         /* ring0_call's RAX until ring 0 answers; no service answers it */
     .code64
     .section .text.start, "ax"
     .globl monitor_start
@@ -147,7 +148,6 @@ ring0_event:
     shrq $32, %rdx
 wrmsr_at:
     wrmsr
-    xorl %eax, %eax
     jmp 4f
 3:  cmpq $SERVICE_RDMSR, %rdi
     jne 5f
@@ -159,8 +159,8 @@ rdmsr_at:
     movl %eax, %eax
     orq %rdx, %rax
     movq %rax, (%r8)
-    xorl %eax, %eax
-4:  addq $16, %rsp
+4:  xorl %eax, %eax                     /* the answer: ring0_call's RAX is no longer RING0_UNANSWERED */
+    addq $16, %rsp
     iretq
 msr_refused:
     movl $1, %eax
@@ -222,6 +222,7 @@ body_window:
     iretq
 1:  int3                                /* to its user mode: through ring 0 (leave_to_user) */
 leave_return:
+    jmp 1b                              /* only where the host dropped the int3 (ring0_call) */
 body_window_end:
 
 /* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
@@ -233,17 +234,26 @@ body_window_end:
 syscall_gate:
     int3
 syscall_gate_return:
-    ud2
+    jmp syscall_gate                    /* only where the host dropped the int3 (ring0_call) */
     .balign 4096, 0xcc
     .text
 
 /* u64 ring0_call(u64 service, u64 a, u64 b): what the body cannot do in ring 3 (privileged(), in
  * monitor.c, run by monitor_ring0_event).
- * int3's gate is the one ring 3 may raise; from this site, ring 0 takes it as a call. */
+ * int3's gate is the one ring 3 may raise; from this site, ring 0 takes it as a call.
+ * This host's KVM can drop an int3 from ring 3: its trap advances RIP past it and queues the #BP, and
+ * KVM_GET_VCPU_EVENTS leaves a queued software exception out (VT-x and AMD-V keep RIP on the int3,
+ * so there it would come again). A snapshot taken in that instant restores the vCPU after the int3
+ * with no #BP to come (docs/monitor.md). So every int3 of the monitor's is followed by its retry:
+ * here the answer ring 0 always gives in RAX, the others a jump back (a second int3 after one that
+ * was taken is never reached: leave_to_user and syscall_entry do not return there). */
     .globl ring0_call, ring0_return
 ring0_call:
-    int3
+    movq $RING0_UNANSWERED, %rax
+1:  int3
 ring0_return:
+    cmpq $RING0_UNANSWERED, %rax
+    je 1b
     ret
 
     .section .rodata
