@@ -26,7 +26,7 @@ from worldswitch.vmm.config import DEFAULT_MEMORY, MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import MachineResult, StopReason
 from worldswitch.vmm.stats import MachineStats
-from worldswitch.vmm.x86.cpu_state import restore_vcpu, save_vcpu, saveable_msrs
+from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
 from worldswitch.vmx.api import Machine
 
 from .helpers import Output
@@ -459,7 +459,7 @@ def test_the_monitors_int3s_survive_a_snapshot_at_any_instant(mode: str) -> None
         vm.resume()
         while vm.wait(timeout=chooser.uniform(0.0005, 0.003)) is None:
             vm.pause()
-            restore_vcpu(vcpu, save_vcpu(vcpu, msrs))
+            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
             vm.resume()
             rounds += 1
         result = vm.wait(timeout=30)
@@ -652,7 +652,7 @@ def test_debians_shell_under_the_monitor_survives_snapshots_at_any_instant(debia
         while b"ws-done-7" not in bytes(vm.console.data) and time.monotonic() < deadline and vm.alive:
             time.sleep(chooser.uniform(0.0005, 0.003))
             vm.pause()
-            restore_vcpu(vcpu, save_vcpu(vcpu, msrs))
+            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
             vm.resume()
             rounds += 1
         text = vm.console.text

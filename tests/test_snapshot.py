@@ -321,7 +321,7 @@ def test_a_breakpoint_is_never_lost_to_a_snapshot() -> None:
     saved and put back as a snapshot does, at random instants: every breakpoint reaches the handler."""
     import random
 
-    from worldswitch.vmm.x86.cpu_state import restore_vcpu, save_vcpu, saveable_msrs
+    from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
 
     chooser, rounds = random.Random(13), 0
     with Machine(guest="gates", args="20000 int3 kernel") as vm:
@@ -332,7 +332,7 @@ def test_a_breakpoint_is_never_lost_to_a_snapshot() -> None:
         vm.resume()
         while vm.wait(timeout=chooser.uniform(0.0005, 0.003)) is None:
             vm.pause()
-            restore_vcpu(vcpu, save_vcpu(vcpu, msrs))
+            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
             vm.resume()
             rounds += 1
         result = vm.wait(timeout=30)

@@ -83,7 +83,14 @@ def save_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
 
 
 def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    """Put `state` into a new vCPU, one that has not run."""
     vcpu.set_cpuid2([s.kvm_cpuid_entry2.from_buffer_copy(entry) for entry in state.cpuid])
+    restore_running_vcpu(vcpu, state)
+
+
+def restore_running_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    """Put `state` back into the vCPU it was saved from: all of it but the CPUID, which KVM refuses
+    to change once a vCPU has run."""
     vcpu.set_sregs(s.kvm_sregs.from_buffer_copy(state.sregs))
     vcpu.set_regs(s.kvm_regs.from_buffer_copy(state.regs))
     vcpu.set_xsave(state.xsave)
