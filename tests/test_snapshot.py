@@ -319,7 +319,7 @@ def test_worldswitch_restore_on_the_command_line(snapshot_dir: Path, tmp_path: P
 def test_a_breakpoint_is_never_lost_to_a_snapshot() -> None:
     """The guest's int3 from ring 3 to its ring-0 handler, many thousand times, while the vCPU's state
     is saved and put back as a snapshot does, at random instants: every breakpoint reaches the handler.
-    Where ring 0 is emulated a breakpoint takes about 200 us, natively (and under TCG) far less: the
+    Where ring 0 is emulated a breakpoint's handler is slow, natively (and under TCG) it is not: the
     count keeps the run to some hundreds of round trips on either."""
     import random
 
