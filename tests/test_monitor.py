@@ -446,9 +446,10 @@ def test_a_program_under_the_monitor_goes_on_after_a_restore(tmp_path: Path) -> 
 def test_the_monitors_int3s_survive_a_snapshot_at_any_instant(mode: str) -> None:
     """This host's KVM drops an int3 from ring 3 that a snapshot catches between its trap and its
     delivery (the vCPU comes back after it, with no #BP to come): each of the monitor's own is
-    retried (monitor.S, ring0_call). The vCPU's state is saved and put back as a snapshot does, some
-    hundreds of times at random instants; a lost way out to user mode ended the VM with the monitor's
-    report, a lost MSR call with an MSR that read back wrong."""
+    retried (monitor.S, ring0_call). The vCPU's state is saved and put back with a snapshot's ioctls,
+    some hundreds of times at random instants, but without the VMM's own look for such an int3 before
+    a snapshot (Vmm.quiesced), which would hide whether the monitor needs it; a lost way out to user
+    mode ended the VM with the monitor's report, a lost MSR call with an MSR that read back wrong."""
     rounds = 0
     chooser = random.Random(13)
     with Machine(guest="timer", args=f"1500 {mode}", monitor=True) as vm:

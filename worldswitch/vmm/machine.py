@@ -23,6 +23,7 @@ from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
+from .x86.cpu_state import software_exception_in_flight
 from .x86.cpuid import HiddenFeature
 
 if TYPE_CHECKING:  # parts only some machines have; the builder imports them for those (start-up time)
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # parts only some machines have; the builder imports them for
     from .trace import TraceWriter
 
 JOIN_TIMEOUT_S = 5.0
+SETTLE_ROUNDS = 20  # runs of the guest before a snapshot gives up waiting for an int3 to be delivered
+SETTLE_RUN_S = 0.001  # the first run; each next one is longer by as much
 
 
 @runtime_checkable
@@ -242,6 +245,7 @@ class Vmm:
         machine that was running runs again afterwards."""
         was_running = self.running and not self._paused
         self.pause()
+        self._settle()
         locks = [f.lock for f in (self.pci.functions if self.pci is not None else []) if hasattr(f, "worker")]
         for lock in locks:
             lock.acquire()  # no request is half served while its queue indices are copied
@@ -252,6 +256,26 @@ class Vmm:
                 lock.release()
             if was_running:
                 self.resume()
+
+    def _settle(self) -> None:
+        """Where a state round trip can lose an int3 the guest executed but was not delivered yet
+        (PVM: docs/pvm.md, section 8), let a vCPU that may hold one run on for a moment, so that
+        the breakpoint is delivered before its state is saved (a machine the user paused too: it runs
+        for milliseconds, its clock held). Rarely needed: it takes a pause at the instant between
+        the two, or one just after the guest's own return past an int3."""
+        if not self.host.kernel_code_emulated or not self.running:
+            return
+        for round_ in range(SETTLE_ROUNDS + 1):
+            if not any(software_exception_in_flight(runner.vcpu, self.memory) for runner in self.runners
+                       if not runner.finished.is_set()):
+                return
+            if round_ == SETTLE_ROUNDS:
+                break
+            self.resume()
+            time.sleep(SETTLE_RUN_S * (round_ + 1))
+            self.pause()
+        self.warn("the guest's int3 just before this snapshot may be lost: this host's KVM does not show "
+                  "whether it was delivered (docs/pvm.md, section 8)")
 
     def close(self) -> None:
         if self._closed:

@@ -17,12 +17,15 @@ import ctypes
 from dataclasses import dataclass
 
 from ...driver import structs as s
-from ...driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE
+from ...driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_RUNNABLE
 from ...driver.kvm import Kvm, Vcpu, Vm
-from ...errors import KvmError
+from ...errors import GuestMemoryError, KvmError
+from ...memory.guest import GuestMemory
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
 MSR_TSC_DEADLINE = 0x6E0  # IA32_TSC_DEADLINE (SDM vol. 4, table 2-2)
+BREAKPOINT, OVERFLOW = 3, 4  # the vectors of the software exceptions: int3 (and int 3), into
+SOFTWARE_EXCEPTION_ENDINGS = ((b"\xcc", BREAKPOINT), (b"\xcd\x03", BREAKPOINT), (b"\xce", OVERFLOW))
 
 
 @dataclass
@@ -71,6 +74,40 @@ def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> list[int]:
         except KvmError:
             continue
     return readable
+
+
+def software_exception_in_flight(vcpu: Vcpu, memory: GuestMemory) -> bool:
+    """Whether the vCPU may hold an int3 or into that it executed in ring 3 and has not delivered yet,
+    which KVM_GET_VCPU_EVENTS does not show (docs/pvm.md, section 8). Where RIP stays on the
+    instruction (VT-x, AMD-V) it comes again; on PVM RIP is past it. The queue itself cannot be read,
+    and the last vector KVM reports may be long delivered: so "may", when that vector is a software
+    exception's, the vCPU is in ring 3 and not halted, and the bytes just before RIP are its
+    instruction. A snapshot lets such a vCPU run on a little before it saves it."""
+    events = vcpu.get_vcpu_events()
+    if events.exception.nr not in (BREAKPOINT, OVERFLOW) or vcpu.get_mp_state() != KVM_MP_STATE_RUNNABLE:
+        return False
+    sregs = vcpu.get_sregs()
+    if sregs.cs.dpl != 3:
+        return False
+    end = sregs.cs.base + vcpu.get_regs().rip
+    for ending, vector in SOFTWARE_EXCEPTION_ENDINGS:
+        if vector == events.exception.nr and _code_before(vcpu, memory, end, len(ending)) == ending:
+            return True
+    return False
+
+
+def _code_before(vcpu: Vcpu, memory: GuestMemory, end: int, length: int) -> bytes | None:
+    """The `length` bytes of guest code before the linear address `end`, if the guest maps them."""
+    code = b""
+    for address in range(end - length, end):
+        try:
+            translation = vcpu.translate(address & 0xFFFF_FFFF_FFFF_FFFF)
+            if not translation.valid:
+                return None
+            code += memory.read(translation.physical_address, 1)
+        except (KvmError, GuestMemoryError):
+            return None
+    return code
 
 
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:
