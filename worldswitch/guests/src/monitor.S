@@ -244,9 +244,9 @@ syscall_gate_return:
  * This host's KVM can drop an int3 from ring 3: its trap advances RIP past it and queues the #BP, and
  * KVM_GET_VCPU_EVENTS leaves a queued software exception out (VT-x and AMD-V keep RIP on the int3,
  * so there it would come again). A snapshot taken in that instant restores the vCPU after the int3
- * with no #BP to come (docs/monitor.md). So every int3 of the monitor's is followed by its retry:
- * here the answer ring 0 always gives in RAX, the others a jump back (a second int3 after one that
- * was taken is never reached: leave_to_user and syscall_entry do not return there). */
+ * with no #BP to come (docs/pvm.md, section 8). So every int3 of the monitor's is followed by its
+ * retry: here the answer ring 0 always gives in RAX, the others a jump back (a second int3 after one
+ * that was taken is never reached: leave_to_user and syscall_entry do not return there). */
     .globl ring0_call, ring0_return
 ring0_call:
     movq $RING0_UNANSWERED, %rax

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from ...driver import structs as s
 from ...driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_RUNNABLE
 from ...driver.kvm import Kvm, Vcpu, Vm
-from ...errors import GuestMemoryError, KvmError
+from ...errors import KvmError
 from ...memory.guest import GuestMemory
+from .emulate import EmulationRefused, read_virtual
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
 MSR_TSC_DEADLINE = 0x6E0  # IA32_TSC_DEADLINE (SDM vol. 4, table 2-2)
@@ -91,23 +92,14 @@ def software_exception_in_flight(vcpu: Vcpu, memory: GuestMemory) -> bool:
         return False
     end = sregs.cs.base + vcpu.get_regs().rip
     for ending, vector in SOFTWARE_EXCEPTION_ENDINGS:
-        if vector == events.exception.nr and _code_before(vcpu, memory, end, len(ending)) == ending:
-            return True
-    return False
-
-
-def _code_before(vcpu: Vcpu, memory: GuestMemory, end: int, length: int) -> bytes | None:
-    """The `length` bytes of guest code before the linear address `end`, if the guest maps them."""
-    code = b""
-    for address in range(end - length, end):
+        if vector != events.exception.nr or end < len(ending):
+            continue
         try:
-            translation = vcpu.translate(address & 0xFFFF_FFFF_FFFF_FFFF)
-            if not translation.valid:
-                return None
-            code += memory.read(translation.physical_address, 1)
-        except (KvmError, GuestMemoryError):
-            return None
-    return code
+            if read_virtual(vcpu, memory, end - len(ending), len(ending)) == ending:
+                return True
+        except (EmulationRefused, KvmError):
+            continue  # not the guest's code: no instruction of its ends there
+    return False
 
 
 def save_vcpu(vcpu: Vcpu, msr_indices: list[int]) -> VcpuState:

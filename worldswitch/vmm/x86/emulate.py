@@ -68,6 +68,28 @@ class EmulationRefused(Exception):
     """The instruction is one we emulate, but not in this state; the original failure stands."""
 
 
+def physical_address(vcpu: Vcpu, memory: GuestMemory, address: int, length: int) -> int:
+    """Guest-physical address of the guest-virtual [address, address+length), which must not cross a
+    page; EmulationRefused where the vCPU's tables map no RAM there."""
+    translation = vcpu.translate(address)
+    if not translation.valid:
+        raise EmulationRefused(f"{address:#x} is not mapped")
+    physical = translation.physical_address
+    if not memory.contains(physical, length):
+        raise EmulationRefused(f"{address:#x} is not RAM")
+    return physical
+
+
+def read_virtual(vcpu: Vcpu, memory: GuestMemory, address: int, length: int) -> bytes:
+    """Guest-virtual read, translated page by page."""
+    out = b""
+    while length:
+        chunk = min(length, 4096 - address % 4096)
+        out += memory.read(physical_address(vcpu, memory, address, chunk), chunk)
+        address, length = address + chunk, length - chunk
+    return out
+
+
 class TrapEmulator:
     """Emulates, for one vCPU, what KVM's emulator would not. Counts what it did."""
 
@@ -100,24 +122,8 @@ class TrapEmulator:
 
     # --- 64-bit interrupt delivery ------------------------------------------------------------
 
-    def _linear(self, vcpu: Vcpu, address: int, length: int) -> int:
-        """Guest-physical address of [address, address+length), which must not cross a page."""
-        translation = vcpu.translate(address)
-        if not translation.valid:
-            raise EmulationRefused(f"{address:#x} is not mapped")
-        physical = translation.physical_address
-        if not self.memory.contains(physical, length):
-            raise EmulationRefused(f"{address:#x} is not RAM")
-        return physical
-
     def read_virtual(self, vcpu: Vcpu, address: int, length: int) -> bytes:
-        """Guest-virtual read, translated page by page."""
-        out = b""
-        while length:
-            chunk = min(length, 4096 - address % 4096)
-            out += self.memory.read(self._linear(vcpu, address, chunk), chunk)
-            address, length = address + chunk, length - chunk
-        return out
+        return read_virtual(vcpu, self.memory, address, length)
 
     def read_gate(self, vcpu: Vcpu, sregs: s.kvm_sregs, vector: int) -> Gate:
         if vector * 16 + 15 > sregs.idt.limit:
@@ -129,7 +135,7 @@ class TrapEmulator:
 
     def _push(self, vcpu: Vcpu, rsp: int, value: int) -> int:
         rsp = (rsp - 8) & 0xFFFFFFFFFFFFFFFF
-        self.memory.write(self._linear(vcpu, rsp, 8), struct.pack("<Q", value))  # 8-aligned: one page
+        self.memory.write(physical_address(vcpu, self.memory, rsp, 8), struct.pack("<Q", value))  # 8-aligned: one page
         return rsp
 
     def _deliver(self, vcpu: Vcpu, interrupt: SoftwareInterrupt) -> None:
