@@ -18,14 +18,20 @@ class RecordingLine:
         self.level = asserted
 
 
+import contextlib
+import random
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.machine import Vmm
 from worldswitch.vmm.result import MachineResult
 from worldswitch.vmm.stats import MachineStats
+from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
+from worldswitch.vmx.api import Machine
 
 
 @dataclass
@@ -97,3 +103,28 @@ def make_elf(segments: list[tuple[int, bytes, int]], entry: int | None = None, *
     return header + b"".join(phdrs) + data
 
 
+@contextlib.contextmanager
+def _paused(vm: Machine) -> Iterator[None]:
+    vm.pause()
+    try:
+        yield
+    finally:
+        vm.resume()
+
+
+def round_trip_vcpu_state(vm: Machine, until: Callable[[], bool], *, quiesce: bool, deadline_s: float = 120.0) -> int:
+    """Save the first vCPU's state and put it back with a snapshot's own ioctls, at random instants
+    0.5 to 3 ms apart, until `until()` holds, the machine ends or `deadline_s` passes: inside the
+    snapshot's quiesce (`quiesce`, with the VMM's look for an int3 in flight), or only paused. The
+    number of round trips."""
+    vcpu = vm.vmm.runners[0].vcpu
+    with _paused(vm):  # a vCPU's ioctls wait while it runs: an idle guest may not exit for long
+        msrs = saveable_msrs(vm.vmm.kvm, vcpu)
+    chooser, rounds = random.Random(13), 0
+    deadline = time.monotonic() + deadline_s
+    while not until() and vm.alive and time.monotonic() < deadline:
+        time.sleep(chooser.uniform(0.0005, 0.003))
+        with vm.vmm.quiesced() if quiesce else _paused(vm):
+            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
+        rounds += 1
+    return rounds

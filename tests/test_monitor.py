@@ -6,7 +6,6 @@ what the guest saw, and KVM's count of emulated instructions shows where the cod
 from __future__ import annotations
 
 import json
-import random
 import re
 import subprocess
 import sys
@@ -26,10 +25,9 @@ from worldswitch.vmm.config import DEFAULT_MEMORY, MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import MachineResult, StopReason
 from worldswitch.vmm.stats import MachineStats
-from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
 from worldswitch.vmx.api import Machine
 
-from .helpers import Output
+from .helpers import Output, round_trip_vcpu_state
 
 pytestmark = pytest.mark.kvm
 
@@ -450,19 +448,9 @@ def test_the_monitors_int3s_survive_a_snapshot_at_any_instant(mode: str) -> None
     some hundreds of times at random instants, but without the VMM's own look for such an int3 before
     a snapshot (Vmm.quiesced), which would hide whether the monitor needs it; a lost way out to user
     mode ended the VM with the monitor's report, a lost MSR call with an MSR that read back wrong."""
-    rounds = 0
-    chooser = random.Random(13)
     with Machine(guest="timer", args=f"1500 {mode}", monitor=True) as vm:
         vm.start()
-        vcpu = vm.vmm.runners[0].vcpu
-        vm.pause()  # a vCPU's ioctls wait while it runs
-        msrs = saveable_msrs(vm.vmm.kvm, vcpu)
-        vm.resume()
-        while vm.wait(timeout=chooser.uniform(0.0005, 0.003)) is None:
-            vm.pause()
-            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
-            vm.resume()
-            rounds += 1
+        rounds = round_trip_vcpu_state(vm, lambda: False, quiesce=False)
         result = vm.wait(timeout=30)
     assert result is not None
     assert done(result) == (1500, 0 if mode else 1500, 0, 0)
@@ -641,21 +629,11 @@ def test_debians_shell_under_the_monitor_survives_snapshots_at_any_instant(debia
     user mode through the body's) while the vCPU's state is saved and put back, some thousands of
     times. Before the retries the kernel panicked within seconds."""
     kernel, _marker_initrd = debian_under_monitor
-    chooser = random.Random(13)
     with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
-        vcpu = vm.vmm.runners[0].vcpu
-        vm.pause()  # a vCPU's ioctls wait while it runs: this idle kernel may not exit for long
-        msrs = saveable_msrs(vm.vmm.kvm, vcpu)
-        vm.resume()
         vm.console.send("dd if=/dev/zero of=/dev/null bs=1 count=2000; echo ws-done-$((7*1))\n")
-        rounds, deadline = 0, time.monotonic() + 100  # 14 s here
-        while b"ws-done-7" not in bytes(vm.console.data) and time.monotonic() < deadline and vm.alive:
-            time.sleep(chooser.uniform(0.0005, 0.003))
-            vm.pause()
-            restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
-            vm.resume()
-            rounds += 1
+        rounds = round_trip_vcpu_state(vm, lambda: b"ws-done-7" in bytes(vm.console.data), quiesce=False,
+                                       deadline_s=100)  # 14 s here
         text = vm.console.text
         assert re.search(r"2000\+0 records out", text), text[-500:]
         assert "ws-done-7" in text, text[-500:]

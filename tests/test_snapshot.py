@@ -23,6 +23,8 @@ from worldswitch.vmm.result import StopReason
 from worldswitch.vmm.snapshot import VERSION, SnapshotError
 from worldswitch.vmx.api import Machine
 
+from .helpers import round_trip_vcpu_state
+
 pytestmark = pytest.mark.kvm
 
 SLOT = 64  # bytes per vCPU slot in count.c
@@ -316,26 +318,14 @@ def test_a_breakpoint_is_never_lost_to_a_snapshot() -> None:
     """The guest's int3 from ring 3 to its ring-0 handler, many thousand times, while the vCPU's state
     is saved and put back as a snapshot does (quiesced, then the ioctls), at random instants: every
     breakpoint reaches the handler. On PVM a state caught between an int3's trap and its delivery
-    comes back without it (docs/pvm.md, section 8); before the VMM let such a vCPU run on, 62 of
-    1,024 round trips here lost one.
+    comes back without it (docs/pvm.md, section 8); before the VMM let such a vCPU run on, 62
+    breakpoints were lost in 1,024 round trips here.
     Where ring 0 is emulated a breakpoint's handler is slow, natively (and under TCG) it is not: the
     count keeps the run to some hundreds of round trips on either."""
-    import random
-
-    from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
-
     breakpoints = 20000 if detect_host_kind().kernel_code_emulated else 400000
-    chooser, rounds = random.Random(13), 0
     with Machine(guest="gates", args=f"{breakpoints} int3 kernel") as vm:
         vm.start()
-        vcpu = vm.vmm.runners[0].vcpu
-        vm.pause()  # a vCPU's ioctls wait while it runs
-        msrs = saveable_msrs(vm.vmm.kvm, vcpu)
-        vm.resume()
-        while vm.wait(timeout=chooser.uniform(0.0005, 0.003)) is None:
-            with vm.vmm.quiesced():
-                restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
-            rounds += 1
+        rounds = round_trip_vcpu_state(vm, lambda: False, quiesce=True)
         result = vm.wait(timeout=30)
     assert result is not None and result.reason is StopReason.GUEST_DONE, result
     assert rounds > 100, rounds
