@@ -265,17 +265,20 @@ class Vmm:
         the two, or one just after the guest's own return past an int3."""
         if not self.host.kernel_code_emulated or not self.running:
             return
-        for round_ in range(SETTLE_ROUNDS + 1):
-            if not any(software_exception_in_flight(runner.vcpu, self.memory) for runner in self.runners
-                       if not runner.finished.is_set()):
+
+        def may_hold_one() -> bool:
+            return any(software_exception_in_flight(runner.vcpu, self.memory) for runner in self.runners
+                       if not runner.finished.is_set())
+
+        for round_ in range(SETTLE_ROUNDS):
+            if not may_hold_one():
                 return
-            if round_ == SETTLE_ROUNDS:
-                break
             self.resume()
             time.sleep(SETTLE_RUN_S * (round_ + 1))
             self.pause()
-        self.warn("the guest's int3 just before this snapshot may be lost: this host's KVM does not show "
-                  "whether it was delivered (docs/pvm.md, section 8)")
+        if may_hold_one():
+            self.warn("the guest's int3 just before this snapshot may be lost: this host's KVM does not show "
+                      "whether it was delivered (docs/pvm.md, section 8)")
 
     def close(self) -> None:
         if self._closed:
