@@ -119,7 +119,6 @@ def test_the_graph_is_read_whole() -> None:
 LAZY_IMPORTERS: dict[str, set[str]] = {
     "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},  # only for a kernel packed that way
     "worldswitch.boot.linux": {"load_linux"},  # paravirt, only for a kernel under the monitor
-    "worldswitch.sandbox.seccomp_filter": {"binding"},
     "worldswitch.vmm.builder": {"build_for_boot", "load", "build_for_restore", "_place_monitor", "_assemble_platform",
                                 "_open_trace", "_load_program", "_virtio_devices", "add", "block", "network",
                                 "restore_machine"},

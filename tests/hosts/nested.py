@@ -54,7 +54,7 @@ LAYOUT_VERSION = 2  # bump when the image's layout or the stage-1 init changes, 
 # and QEMU itself, the peer the benchmarks compare against inside the same nested host.
 PACKAGES = (
     "dash", "coreutils", "python3", "python-is-python3", "python3-pytest", "python3-pytest-timeout", "python3-hypothesis",
-    "python3-lz4", "python3-zstandard", "python3-seccomp", "busybox-static", "gcc", "libc6-dev", "binutils", "acpica-tools",
+    "python3-lz4", "python3-zstandard", "libseccomp2", "busybox-static", "gcc", "libc6-dev", "binutils", "acpica-tools",
     "iproute2", "iputils-ping", "e2fsprogs", "procps", "util-linux", "apt", "qemu-system-x86", "qemu-utils",
     "seabios", "grub-pc-bin", "grub-common", "xorriso",  # booting through firmware: SeaBIOS, GRUB disks and ISOs
 )

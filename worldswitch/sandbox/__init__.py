@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from . import privileges, seccomp_filter, sigsys
+from . import libseccomp, privileges, seccomp_filter, sigsys
 from .seccomp_filter import SandboxError
 
 __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "describe_process"]
@@ -112,7 +112,7 @@ class Sandbox:
         return "sandbox: " + "; ".join(parts)
 
 
-_thread_rules: Any = None
+_thread_rules: libseccomp.Filter | None = None
 _local = threading.local()
 
 
@@ -127,12 +127,7 @@ def confine_thread() -> None:
 
 
 def _syscall_name(number: int) -> str:
-    module = seccomp_filter.binding()
-    try:
-        name = module.resolve_syscall(0, number)  # 0: the native architecture (SCMP_ARCH_NATIVE)
-    except (OSError, ValueError):
-        return "an unknown call"
-    return name.decode() if isinstance(name, bytes) else str(name)
+    return libseccomp.syscall_name(number) or "an unknown call"
 
 
 def describe_process(pid: int | str = "self") -> dict[str, Any]:
@@ -151,7 +146,7 @@ def describe_process(pid: int | str = "self") -> dict[str, Any]:
 def available() -> str | None:
     """Why this host cannot sandbox a VMX, or None if it can (the reason, not an exception: `info` asks)."""
     try:
-        seccomp_filter.binding()
+        seccomp_filter.binding_name()
     except SandboxError as error:
         return str(error)
     return None if os.path.exists("/proc/self/status") else "no /proc"

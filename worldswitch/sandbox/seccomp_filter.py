@@ -1,10 +1,4 @@
-"""The VMX's system-call allow-lists, built with libseccomp.
-
-libseccomp compiles rules into the BPF program the kernel runs on every system call; we use it
-through a binding rather than assembling BPF by hand (the issue of architecture checks, syscall
-numbering per ABI and argument comparisons on 64-bit values is exactly what it exists for). Debian's
-`python3-seccomp` is libseccomp's own binding; `pyseccomp` (pip, ctypes) offers the same API on hosts
-without it. Either serves.
+"""The VMX's system-call allow-lists, built with libseccomp (`libseccomp.py` binds it).
 
 Two filters, stacked as the kernel allows (the strictest answer wins):
 - the *process* filter, for every thread after set-up: what the VMX needs to run a guest, drive it
@@ -19,38 +13,24 @@ call is named on stderr first (see `sigsys.py`).
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import socket
-from types import ModuleType
-from typing import Any
 
 from ..errors import WorldswitchError
+from . import libseccomp
+from .libseccomp import ALLOW, ATTR_CTL_NNP, ATTR_CTL_TSYNC, EQ, MASKED_EQ, Arg, Filter
 
 
 class SandboxError(WorldswitchError):
     """The sandbox asked for cannot be set up on this host."""
 
 
-@functools.cache  # a failed `import seccomp` searches sys.path again each time
-def binding() -> ModuleType:
-    """libseccomp's Python binding: Debian's python3-seccomp, or pyseccomp (the same API)."""
-    try:
-        import seccomp
-        return seccomp
-    except ImportError:
-        pass
-    try:
-        import pyseccomp
-        return pyseccomp
-    except (ImportError, RuntimeError) as error:  # pyseccomp raises RuntimeError without libseccomp.so
-        raise SandboxError(f"no seccomp binding: install libseccomp2 and pyseccomp (pip) or python3-seccomp "
-                           f"(apt), or run with --no-sandbox ({error})") from None
-
-
 def binding_name() -> str:
-    module = binding()
-    return "python3-seccomp" if module.__name__ == "seccomp" else f"pyseccomp {getattr(module, '__version__', '')}".strip()
+    """What builds the filters, for reports: libseccomp and its version."""
+    try:
+        return f"libseccomp {libseccomp.version()}"
+    except libseccomp.SeccompUnavailable as error:
+        raise SandboxError(str(error)) from None
 
 
 # What every VMX thread may do after set-up, by purpose. Names are x86-64 Linux system calls.
@@ -85,37 +65,42 @@ IOCTL_TYPE_MASK = 0xFF00
 CLONE_THREAD = 0x00010000  # a thread, never a new process
 
 
-def _action(module: ModuleType, debug: bool) -> int:
-    return int(module.TRAP if debug else module.KILL_PROCESS)
+def _action(debug: bool) -> int:
+    return libseccomp.TRAP if debug else libseccomp.KILL_PROCESS
 
 
-def process_filter(debug: bool) -> Any:
+def process_filter(debug: bool) -> Filter:
     """Everything not allowed here ends the process (or traps, with `debug`)."""
-    seccomp = binding()
-    rules = seccomp.SyscallFilter(_action(seccomp, debug))
+    rules = _filter(_action(debug))
     for name in PROCESS_CALLS:
-        rules.add_rule(seccomp.ALLOW, name)
+        rules.add_rule(ALLOW, name)
     for kind in IOCTL_TYPES:
-        rules.add_rule(seccomp.ALLOW, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
-    rules.add_rule(seccomp.ALLOW, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
+        rules.add_rule(ALLOW, "ioctl", Arg(1, MASKED_EQ, IOCTL_TYPE_MASK, kind << 8))
+    rules.add_rule(ALLOW, "clone", Arg(0, MASKED_EQ, CLONE_THREAD, CLONE_THREAD))
     # clone3 passes its flags in memory, where a filter cannot look: answer ENOSYS, and glibc falls
     # back to clone, whose flags it can check.
-    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    rules.add_rule(libseccomp.errno_action(errno.ENOSYS), "clone3")
     # Signals only to this process's own threads (kicking a vCPU out of KVM_RUN).
-    rules.add_rule(seccomp.ALLOW, "tgkill", seccomp.Arg(0, seccomp.EQ, os.getpid()))
+    rules.add_rule(ALLOW, "tgkill", Arg(0, EQ, os.getpid()))
     # Unix-domain socket pairs only (no network): nothing in the VMX makes one today, but a denied
     # socket(AF_UNIX) is not a threat worth a crash; every other family is.
-    rules.add_rule(seccomp.ALLOW, "socketpair", seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX))
-    rules.set_attr(seccomp.Attr.CTL_TSYNC, 1)  # every thread at once, those running included
+    rules.add_rule(ALLOW, "socketpair", Arg(0, EQ, socket.AF_UNIX))
+    rules.set_attribute(ATTR_CTL_TSYNC, 1)  # every thread at once, those running included
     return rules
 
 
-def guest_facing_filter(debug: bool) -> Any:
+def guest_facing_filter(debug: bool) -> Filter:
     """Stacked on the process filter by a thread that handles guest or client input."""
-    seccomp = binding()
-    rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    action = _action(seccomp, debug)
+    rules = _filter(ALLOW)
+    action = _action(debug)
     for name in PATH_CALLS:
         rules.add_rule(action, name)
-    rules.set_attr(seccomp.Attr.CTL_NNP, 0)  # already set for the process; prctl is not allowed
+    rules.set_attribute(ATTR_CTL_NNP, 0)  # already set for the process; prctl is not allowed
     return rules
+
+
+def _filter(default_action: int) -> Filter:
+    try:
+        return Filter(default_action)
+    except libseccomp.SeccompUnavailable as error:
+        raise SandboxError(str(error)) from None
