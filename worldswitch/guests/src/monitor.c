@@ -424,7 +424,7 @@ static u64 read_u64(u64 address)
  * the kernel's shadows; in the user mode's, only the monitor's own pages, for ring 0 alone, and the
  * page of its SYSCALL gate (user_monitor_pdpt): a guest process cannot reach the monitor, or through
  * it its kernel's memory. No mapping the guest makes may reach the monitor's pages. */
-#define SHADOW_PAGES 448
+#define SHADOW_PAGES 576
 
 static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
 /* A shadow per address space: SPACES of the guest's page tables (CR3 values) are kept, each with
@@ -433,8 +433,11 @@ static u64 shadow_pool[SHADOW_PAGES][512] __attribute__((aligned(4096)));
  * stay, and are emptied in place: a page the host's own MMU knows as a page table costs a trap to
  * KVM for every write to it, so emptying writes only the entries that were in use (on PVM, zeroing
  * a fresh root page and loading CR3 twice, as the first version did, cost most of a flush). The
- * shadows' lower tables come from one pool; when it runs out every shadow is emptied. */
-#define SPACES 4
+ * shadows' lower tables come from one pool; when it runs out every shadow is emptied.
+ * Sized for a shell pipeline: with four spaces, seven processes made a shadow again at nearly every
+ * context switch (docs/monitor.md). The whole image must leave the top of the monitor's 4 MiB to the
+ * boot tables and the directories for RAM above 4 GiB (boot/monitor.py checks it at load). */
+#define SPACES 16
 static u64 roots[SPACES][2][512] __attribute__((aligned(4096)));
 static struct space {
     u64 cr3;   /* the guest's tables */
@@ -446,7 +449,7 @@ static int shadow_used;
 /* Each fill, as it was made: what a CR3 load of the same tables checks (shadow_check). The guest's
  * entries on the way are kept by value, accessed and dirty bits included, so that any change to
  * them, even a cleared accessed bit, takes the shadow's entry away as a flush would. */
-#define FILLS 2048
+#define FILLS 4096
 static struct fill {
     u64 address;
     int space;

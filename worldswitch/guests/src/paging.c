@@ -7,9 +7,10 @@
  *   supervisor  makes a 2 MiB page supervisor-only, uses it in ring 0, then reads it from ring 3: the
  *               runtime reports the #PF (error code 5: present, user); with `sgdt`, ring 3 stores
  *               its GDTR there instead (error code 7: present, write, user)
- *   many        maps the second GiB with 4 KiB pages, all 512 of its 2 MiB through one page table,
- *               and reads a word in each: DONE(words read as written); a shadow needs 512 tables
- *   wide        the same tables, read in every 4 KiB page of 5 of those 2 MiB: DONE(2560, words read
+ *   many        maps the second and third GiB with 4 KiB pages, all 1,024 of their 2 MiB through one
+ *               page table, and reads a word in each: DONE(words read as written); a shadow needs
+ *               1,024 tables, more than the monitor's pool holds (576)
+ *   wide        the same tables, read in every 4 KiB page of 9 of those 2 MiB: DONE(4608, words read
  *               as written)
  *   reload      remaps a 2 MiB page it has used and loads CR3 with the same tables (no INVLPG): the
  *               load must make the new mapping seen; then clears the entry's accessed bit, loads
@@ -21,6 +22,9 @@
  *   spaces      alternates CR3 between its tables and a second PML4 that shares their lower levels,
  *               remapping a 2 MiB page before each load: each load must show the mapping made in
  *               the other address space. DONE(loads that read the right word, of 8)
+ *   rotate      loads CR3 with 8 sets of tables in turn (its own and 7 PML4s sharing their lower
+ *               levels: 8 processes), 4 rounds, reading a word after each load: DONE(loads that read
+ *               it, of 32); the monitor keeps a shadow for each (16 address spaces)
  *   switch [N] [P] [two]  loads CR3 N times (default 200) in ring 0, as a kernel's context switch
  *               does, and reads a word in each of P (up to 8, default 8) 2 MiB pages after each
  *               load, between SYNC and DONE (the bench's "cr3"); with `two`, alternately its tables
@@ -101,9 +105,11 @@ static void second_tables(void)
 
 static u64 small[2][512] __attribute__((aligned(4096))); /* a page directory, and one page table */
 
-/* The second GiB: every 2 MiB of it through one page table of 4 KiB pages over the test page,
- * whose words read 1000 + their page's index. */
-static void map_second_gib(void)
+#define ALIAS_GIB 2 /* the second and third GiB, unused by the identity map of the program's RAM */
+
+/* The second and third GiB: every 2 MiB of them through one page table of 4 KiB pages over the test
+ * page, whose words read 1000 + their page's index. */
+static void map_alias(void)
 {
     u64 *pml4 = (u64 *)(read_cr3() & ADDRESS_BITS), *pdpt = (u64 *)(pml4[0] & ADDRESS_BITS);
     for (int i = 0; i < 512; i++) {
@@ -111,24 +117,25 @@ static void map_second_gib(void)
         small[0][i] = (u64)small[1] | 7;            /* every 2 MiB through the same table */
         *(volatile u64 *)(TEST_PAGE + i * 4096ul) = 1000 + i;
     }
-    pdpt[1] = (u64)small[0] | 7;
+    for (int gib = 1; gib <= ALIAS_GIB; gib++)
+        pdpt[gib] = (u64)small[0] | 7;
     __asm__ volatile("mov %0, %%cr3" : : "r"(read_cr3()) : "memory");
 }
 
 static void many(void)
 {
-    map_second_gib();
+    map_alias();
     u64 right = 0;
-    for (u64 i = 0; i < 512; i++) /* 2 MiB apart, and one 4 KiB page further each time */
-        right += *(volatile u64 *)(ALIAS + (i << 21) + i * 4096ul) == 1000 + i;
+    for (u64 i = 0; i < ALIAS_GIB * 512; i++) /* 2 MiB apart, and one 4 KiB page further each time */
+        right += *(volatile u64 *)(ALIAS + (i << 21) + (i % 512) * 4096ul) == 1000 + i % 512;
     GUEST_DONE(right, 0, 0, 0);
 }
 
-#define WIDE_TABLES 5 /* 2,560 pages: more than the monitor keeps records of fills for (2,048) */
+#define WIDE_TABLES 9 /* 4,608 pages: more than the monitor keeps records of fills for (4,096) */
 
 static void wide(void)
 {
-    map_second_gib();
+    map_alias();
     u64 right = 0;
     for (u64 i = 0; i < WIDE_TABLES; i++)
         for (u64 page = 0; page < 512; page++)
@@ -203,6 +210,27 @@ static void two_spaces(void)
     GUEST_DONE(right, 0, 0, 0);
 }
 
+#define ROTATE_SPACES 8
+#define ROTATE_ROUNDS 4
+static u64 rotate_pml4[ROTATE_SPACES - 1][512] __attribute__((aligned(4096)));
+
+static void rotate(void)
+{
+    u64 first = read_cr3(), right = 0, tables[ROTATE_SPACES] = { first };
+    for (int k = 1; k < ROTATE_SPACES; k++) {
+        memcpy(rotate_pml4[k - 1], (const u64 *)(first & ADDRESS_BITS), 4096);
+        tables[k] = (u64)rotate_pml4[k - 1];
+    }
+    *(volatile u64 *)TEST_PAGE = 0x707;
+    for (int round = 0; round < ROTATE_ROUNDS; round++)
+        for (int k = 0; k < ROTATE_SPACES; k++) {
+            __asm__ volatile("mov %0, %%cr3" : : "r"(tables[k]) : "memory");
+            right += *(volatile u64 *)TEST_PAGE == 0x707;
+        }
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    GUEST_DONE(right, 0, 0, 0);
+}
+
 #define SWITCH_PAGES 8
 #define WORKING_SET 0x04000000ul /* 64 MiB: 8 2 MiB pages of the identity map nothing else uses */
 
@@ -248,7 +276,7 @@ static const struct {
 } modes[] = {
     { "dirty", dirty }, { "cr3", second_tables }, { "supervisor", supervisor }, { "many", many },
     { "wide", wide }, { "reload", reload }, { "spaces", two_spaces }, { "high", high },
-    { "switch", switch_mode },
+    { "switch", switch_mode }, { "rotate", rotate },
 };
 
 int main(const char *args)

@@ -1,0 +1,79 @@
+"""Debian's busybox shell under the in-guest monitor (`--monitor`, docs/monitor.md): how long commands
+take, and what the monitor did for them, on a host that emulates guest kernel code (PVM).
+
+    python -m bench.monitor_shell [--rounds N]
+
+One VM boots Debian's cloud kernel to its shell; each command then runs N times (default 5), timed
+from the line sent on the console to the shell's answer. Beside the median time, the monitor's
+counters for one run of it: its shadow fills, the shadows it made (`shadow_flush`: a new address
+space's, or all of them emptied), its calls into ring 0 and the guest's system calls. The commands
+go from one process to a pipeline of seven (more address spaces than the monitor kept before
+2026-12-01) and a pipe of many small writes (a context switch and system calls each line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
+from worldswitch.vmx.api import Machine
+from worldswitch.vmx.debian import fetch_debian
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
+COMMANDS = ("echo hi", "ls /bin | wc -l", "ls /bin | cat | cat | cat | cat | cat | wc -l", "seq 1 2000 | wc -l")
+COUNTERS = ("shadow_fill", "shadow_flush", "ring0", "syscall")
+
+
+def ask(vm: Machine, n: int, command: str) -> None:
+    vm.console.send(f"{command}; echo bench-done-$(({n}*1))\n")
+    vm.console.expect(rb"bench-done-" + str(n).encode() + rb"\r?\n", timeout=300)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.monitor_shell", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each command (default 5)")
+    options = parser.parse_args(argv)
+    if shutil.which("apt-get") is None:
+        print("bench.monitor_shell: needs apt-get (Debian's kernel and busybox)", file=sys.stderr)
+        return 2
+    debian = fetch_debian(CACHE)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        initrd = Path(scratch) / "initrd.img"
+        initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True),
+                                           compress=False))
+        with Machine(kernel=str(debian.kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+            vm.start()
+            vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
+            vm.console.expect(rb"# ", timeout=60)
+            n = 0
+            for command in COMMANDS:
+                ask(vm, n, command)  # once first: the programs' pages read, their first fills made
+                n += 1
+                times, counts = [], {}
+                for _ in range(options.rounds):
+                    before = vm.stats()["monitor"]
+                    started = time.monotonic()
+                    ask(vm, n, command)
+                    times.append(time.monotonic() - started)
+                    after = vm.stats()["monitor"]
+                    counts = {name: after.get(name, 0) - before.get(name, 0) for name in COUNTERS}
+                    n += 1
+                rows.append((command, statistics.median(times), counts))
+            vm.console.send("poweroff -f\n")
+            vm.wait(60)
+    print(f"| command | median of {options.rounds} | {' | '.join(COUNTERS)} |")
+    print("| --- | --- |" + " --- |" * len(COUNTERS))
+    for command, seconds, counts in rows:
+        print(f"| `{command}` | {seconds * 1000:.0f} ms | {' | '.join(f'{counts[name]:,}' for name in COUNTERS)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
