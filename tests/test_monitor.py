@@ -67,11 +67,12 @@ def test_a_ring_0_loop_runs_natively_under_the_monitor() -> None:
     assert stats.monitor["descriptor"] == 1 and stats.monitor["events"] <= 1 + stats.monitor["shadow_fill"]
 
 
-@pytest.mark.parametrize("args", ["", "linux"])
+@pytest.mark.parametrize("args", ["", "linux", "linux syscalls 8"])
 def test_the_privileged_guest_sees_each_instruction_do_what_the_cpu_does(args: str) -> None:
     """On every host: the reference the monitor must match. `linux` runs it on Linux's GDT layout."""
     result, _ = run("privileged", args, monitor=False)
-    assert done(result) == (28, 2, 2, 0)  # checks passed (in ring 0 and user mode), ticks, refused WRMSR and XSETBV
+    # checks passed (in ring 0 and user mode), ticks, refused WRMSR and XSETBV, system calls that saw GS swapped
+    assert done(result) == (28, 2, 2, 8 if "syscalls" in args else 0)
 
 
 @needs_emulating_host
@@ -85,6 +86,19 @@ def test_each_privileged_instruction_a_kernel_uses_is_emulated_as_the_cpu_execut
         assert stats.monitor[kind] >= 1, (kind, stats.monitor)
     if args == "linux":  # a null SS before and after its LGDT, its LRETQ, MOV to SS, and SYSRETQ to Linux's user segments
         assert stats.monitor["segment"] == 4 and stats.monitor["sysret"] == 1, stats.monitor
+
+
+@needs_emulating_host
+def test_a_system_call_into_linuxs_entry_is_two_events_for_the_monitor() -> None:
+    """Linux enters a system call with SWAPGS and leaves with SWAPGS; SYSRETQ (a short jump between):
+    the monitor does the first SWAPGS as it delivers the SYSCALL, and the SYSRETQ at the second's
+    trap, so 32 more calls cost 64 more events, not 128 (the SYSCALL, then a trap at each SWAPGS and
+    at the SYSRETQ)."""
+    few, before = run("privileged", "linux syscalls 8")
+    result, after = run("privileged", "linux syscalls 40")
+    assert done(few) == (28, 2, 2, 8) and done(result) == (28, 2, 2, 40)  # each read its per-CPU word through GS
+    more = {kind: after.monitor[kind] - before.monitor[kind] for kind in ("syscall", "swapgs", "sysret", "events")}
+    assert more == {"syscall": 32, "swapgs": 64, "sysret": 32, "events": 64}, more
 
 
 @needs_emulating_host

@@ -119,8 +119,9 @@ body_entry_frame:
     movq $BODY_SS, 32(%rdi)
     ret
 
-/* The body's call into ring 0 (int3 at ring0_call; ring 0 makes the same call for the MSRs): a CR3
- * load, an INVLPG, an MSR write or read here, the rest in C. ring0_call is a function call: RAX,
+/* The body's call into ring 0 (int3 at ring0_call; ring 0 makes the same call for the MSRs): a
+ * SWAPGS (two a system call: Linux's entry and return), a CR3 load, an INVLPG, an MSR write or read
+ * here, the rest in C. ring0_call is a function call: RAX,
  * RCX and RDX are the caller's to lose. An MSR the CPU refuses is a #GP at wrmsr_at or rdmsr_at,
  * which own_event sends to msr_refused: the call answers 1 (0 when done). */
     .globl wrmsr_at, rdmsr_at, msr_refused
@@ -133,7 +134,11 @@ ring0_event:
     je syscall_entry
     cmpl $(ring0_return - MONITOR_BASE), 16(%rsp)
     jne 5f
-    cmpq $SERVICE_CR3, %rdi
+    cmpq $SERVICE_SWAPGS, %rdi
+    jne 0f
+    swapgs                              /* the monitor never uses GS: the CPU's swap is the guest's */
+    jmp 4f
+0:  cmpq $SERVICE_CR3, %rdi
     jne 1f
     movq %rsi, %cr3
     jmp 4f

@@ -1251,6 +1251,18 @@ static void emulate_syscall(struct trap_frame *frame)
     frame->rflags = (rflags & RFLAGS_STATUS) | RFLAGS_FIXED | RFLAGS_IF;
     virtual_if = rflags & RFLAGS_IF;
     guest.user = 0;
+    /* Linux's entry_SYSCALL_64 begins with SWAPGS (after an ENDBR64, with indirect-branch tracking
+     * built in: a no-op without CR4.CET), which would trap at once: done now, in this event (one
+     * trip into the monitor fewer per system call; the guest starts after it, as the CPU would be
+     * once it had run them, with interrupts still masked by SFMASK) */
+    u8 bytes[16];
+    fetch_instruction(frame->rip, bytes);
+    int at = bytes[0] == 0xf3 && bytes[1] == 0x0f && bytes[2] == 0x1e && bytes[3] == 0xfa ? 4 : 0;
+    if (bytes[at] == 0x0f && bytes[at + 1] == 0x01 && bytes[at + 2] == 0xf8) {
+        count(COUNT_SWAPGS);
+        privileged(SERVICE_SWAPGS, 0, 0);
+        frame->rip += (u64)at + 3;
+    }
 }
 
 /* SYSRETQ from the guest's kernel (#GP: ring 3 may not): to user mode at RCX with RFLAGS from R11,
@@ -1451,6 +1463,19 @@ static int emulate(struct trap_frame *frame)
                                                     * CPU's own swap is exactly the guest's */
             count(COUNT_SWAPGS);
             privileged(SERVICE_SWAPGS, 0, 0);
+            /* SWAPGS; SYSRETQ, Linux's return from a system call, with a short jump between where
+             * its CPU needs no VERW there (an alternative): both in this event, the SYSRETQ at its
+             * own address should it fault */
+            int at = insn.length;
+            if (insn.bytes[at] == 0xeb)
+                at += 2 + (signed char)insn.bytes[at + 1];
+            if (at >= insn.length && at <= 16 - 3 && insn.bytes[at] == 0x48 && insn.bytes[at + 1] == 0x0f &&
+                insn.bytes[at + 2] == 0x07) {
+                frame->rip += (u64)at;
+                count(COUNT_SYSRET);
+                emulate_sysret(frame);
+                return 1;
+            }
             break;
         }
         if (insn.bytes[insn.length - 1] == 0xd1) { /* xsetbv: XCR0, which the CPU keeps for the guest */

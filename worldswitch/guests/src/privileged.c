@@ -9,7 +9,11 @@
  * wrmsr #GPs, 0).
  *   linux   first loads a GDT with Linux's layout (arch/x86/include/asm/segment.h: kernel CS 0x10,
  *           DS 0x18, user DS 0x2b, CS 0x33, TSS 0x40), reloading CS with LRETQ and SS with MOV, and
- *           runs the same checks on it; it enters user mode with SYSRETQ from Linux's STAR. */
+ *           runs the same checks on it; it enters user mode with SYSRETQ from Linux's STAR.
+ *   linux syscalls [N]  ... then makes N (default 8) SYSCALLs from user mode into an entry shaped
+ *           as Linux's, in a supervisor-only page as Linux keeps it (SWAPGS first; SWAPGS, a short
+ *           jump over VERW's bytes and SYSRETQ to return), which reads its per-CPU word through GS:
+ *           DONE(..., calls that read it). */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -24,6 +28,10 @@
 #define IDT_LIMIT (256 * 16 - 1) /* runtime.c's IDT */
 #define MSR_EFER 0xc0000080
 #define EFER_SCE 1
+#define MSR_LSTAR 0xc0000082
+#define MSR_SFMASK 0xc0000084
+#define LINUX_SFMASK 0x47700ul /* TF DF IF IOPL NT AC: what Linux masks at SYSCALL */
+#define SUPERVISOR_PAGE 0x06000000ul /* a 2 MiB page of the identity map nothing else uses */
 
 /* Linux's GDT layout, for `linux`. */
 #define LINUX_KERNEL_CS 0x10
@@ -36,6 +44,37 @@ static int linux_layout;
 static volatile u64 ticks, refused;
 static u64 kernel_cr0; /* for user mode's smsw */
 static volatile u64 per_cpu = 0x7065722d637075; /* what a kernel's GS base points at after swapgs */
+static u64 syscalls_wanted;
+
+/* Linux's entry_SYSCALL_64 and its return, reduced to what the monitor recognises in them: the
+ * per-CPU word through GS into RAX. The 7 bytes jumped over are VERW's, as Linux's return has them
+ * where its CPU needs no VERW (an alternative). No stack: RCX and R11 are SYSRETQ's. */
+extern const char linux_syscall_entry[], linux_syscall_end[];
+__asm__(".text\n"
+        "linux_syscall_entry:\n"
+        "    swapgs\n"
+        "    movq %gs:0, %rax\n"
+        "    swapgs\n"
+        "    jmp 1f\n"
+        "    .byte 0x0f, 0x00, 0x2d, 0, 0, 0, 0\n"
+        "1:  sysretq\n"
+        "linux_syscall_end:\n");
+
+/* The entry copied to the 2 MiB page at SUPERVISOR_PAGE, made supervisor-only (it is position
+ * independent): where Linux's is, and where this host's VMM finishes a user-mode SYSCALL into
+ * ring 0 (vmm/x86/user_syscall.py). */
+static u64 supervisor_entry(void)
+{
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pml4 = (u64 *)(cr3 & 0x000ffffffffff000ul);
+    u64 *pdpt = (u64 *)(pml4[0] & 0x000ffffffffff000ul);
+    u64 *pd = (u64 *)(pdpt[0] & 0x000ffffffffff000ul);
+    pd[SUPERVISOR_PAGE >> 21] &= ~4ul; /* U/S */
+    __asm__ volatile("invlpg (%0)" : : "r"(SUPERVISOR_PAGE) : "memory");
+    memcpy((void *)SUPERVISOR_PAGE, linux_syscall_entry, (u64)(linux_syscall_end - linux_syscall_entry));
+    return SUPERVISOR_PAGE;
+}
 
 static void on_tick(struct trap_frame *frame)
 {
@@ -171,7 +210,13 @@ static u64 check_descriptor_stores(void)
 static int in_user_mode(u64 passed)
 {
     passed += check_descriptor_stores();
-    GUEST_DONE(passed, ticks, refused, 0);
+    u64 through_gs = 0;
+    for (u64 i = 0; i < syscalls_wanted; i++) {
+        u64 seen;
+        __asm__ volatile("syscall" : "=a"(seen) : : "rcx", "r11", "memory");
+        through_gs += seen == per_cpu;
+    }
+    GUEST_DONE(passed, ticks, refused, through_gs);
     return 0;
 }
 
@@ -201,6 +246,8 @@ int main(const char *args)
     u64 passed = 0;
     if (arg_has("linux"))
         use_linux_gdt();
+    syscalls_wanted = arg_has("syscalls") ? arg_number(0, 8) : 0;
+    GUEST_ASSERT(!syscalls_wanted || linux_layout); /* they return with SYSRETQ, to Linux's segments */
     u64 cr0 = READ_CR(0);
     WRITE_CR(0, cr0 | 8); /* TS */
     GUEST_ASSERT(READ_CR(0) & 8);
@@ -278,6 +325,11 @@ int main(const char *args)
     passed += check_extended_state_and_debug();
     kernel_cr0 = READ_CR(0);
     passed += check_descriptor_stores();
+    if (linux_layout && syscalls_wanted) {
+        wrmsr(MSR_LSTAR, supervisor_entry());
+        wrmsr(MSR_SFMASK, LINUX_SFMASK);
+        wrmsr(MSR_KERNEL_GS_BASE, (u64)&per_cpu); /* the user mode's GS base stays as it is */
+    }
     if (linux_layout)
         sysret_to_user(passed);
     enter_user(in_user_mode, passed, 0);
