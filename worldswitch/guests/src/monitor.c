@@ -28,7 +28,9 @@
  *   - page faults: the shadow page tables' to fill from the program's own, or the program's.
  *   - SYSCALL: the real LSTAR is the monitor's syscall_gate, an int3 into ring 0: this host's KVM
  *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
- *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated.
+ *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated. Linux's entry begins with
+ *     SWAPGS and its return is SWAPGS; SYSRETQ: the first is done with the SYSCALL, the SYSRETQ at
+ *     the second's trap, so a system call is two events, not four.
  * PUSHF and POPF run natively and see the real IF: a paravirtual Linux keeps its IF through the pv
  * page's functions instead (monitor.S; the VMM points its pv_ops.irq there, boot/paravirt.py).
  * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself.
