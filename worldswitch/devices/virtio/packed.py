@@ -96,11 +96,16 @@ class PackedQueue:
         chain = DescriptorChain(self.next_avail)  # named by its first slot until its ID is read
         slots = 0
         while True:
-            address, length, buffer_id, flags = self.memory.unpack(PACKED_DESCRIPTOR, self.desc + 16 * index)
+            # The flags first, then the rest: a driver writes a descriptor's flags last, so one load of
+            # all 16 bytes (address first) could pair its new flags with the address and length the
+            # slot held before, which the driver was still writing (x86 keeps loads in order)
+            at = self.desc + 16 * index
+            flags = self.memory.read_int(at + 14, 2)
             if not _is_available(flags, wrap):
                 if not slots:
                     return None  # nothing new from the driver
                 raise VirtqueueError(f"descriptor {index} of a chain from {self.next_avail} is not marked available")
+            address, length, buffer_id, _ = self.memory.unpack(PACKED_DESCRIPTOR, at)
             slots += 1
             if slots > self.size:  # only a driver rewriting the ring under the device gets here
                 raise VirtqueueError(f"descriptor chain from {self.next_avail} is longer than the queue ({self.size})")
