@@ -134,13 +134,6 @@ static u64 *identity_pdpt(void)
     return (u64 *)(((u64 *)(cr3 & ADDRESS_BITS))[0] & ADDRESS_BITS);
 }
 
-/* The 2 MiB identity-map entry for `address`. */
-static volatile u64 *identity_pde(u64 address)
-{
-    u64 *pd = (u64 *)(identity_pdpt()[address >> 30] & ADDRESS_BITS);
-    return &pd[(address >> 21) & 511];
-}
-
 static int user_far_return(u64 selector)
 {
     u64 cr3;

@@ -44,15 +44,6 @@ static u64 read_cr3(void)
     return cr3;
 }
 
-/* The identity map's page-directory entry for `address` (below 1 GiB: the first directory). */
-static u64 *pde(u64 address)
-{
-    u64 *pml4 = (u64 *)(read_cr3() & ADDRESS_BITS);
-    u64 *pdpt = (u64 *)(pml4[0] & ADDRESS_BITS);
-    u64 *pd = (u64 *)(pdpt[address >> 30] & ADDRESS_BITS);
-    return &pd[(address >> 21) & 511];
-}
-
 static u64 bits(u64 entry)
 {
     return entry & (PTE_ACCESSED | PTE_DIRTY);
@@ -60,7 +51,7 @@ static u64 bits(u64 entry)
 
 static void dirty(void)
 {
-    volatile u64 *entry = pde(TEST_PAGE); /* the CPU (or the monitor) changes it behind the compiler */
+    volatile u64 *entry = identity_pde(TEST_PAGE); /* the CPU (or the monitor) changes it behind the compiler */
     *entry &= ~(PTE_ACCESSED | PTE_DIRTY);
     __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
     u64 before = bits(*entry);
@@ -145,7 +136,7 @@ static void wide(void)
 
 static void reload(void)
 {
-    u64 *entry = pde(TEST_PAGE), original = *entry;
+    u64 *entry = identity_pde(TEST_PAGE), original = *entry;
     volatile u64 *word = (volatile u64 *)TEST_PAGE;
     *word = 0x1111;
     *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
@@ -194,7 +185,7 @@ static u64 second_space(void)
 static void two_spaces(void)
 {
     u64 first = read_cr3();
-    u64 tables[2] = { first, second_space() }, *entry = pde(TEST_PAGE), original = *entry, right = 0;
+    u64 tables[2] = { first, second_space() }, *entry = identity_pde(TEST_PAGE), original = *entry, right = 0;
     volatile u64 *word = (volatile u64 *)TEST_PAGE;
     *word = 0x1111;
     *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
@@ -257,7 +248,7 @@ static int read_from_user(u64 address)
 
 static void supervisor(void)
 {
-    u64 *entry = pde(TEST_PAGE);
+    u64 *entry = identity_pde(TEST_PAGE);
     *entry &= ~4ul; /* U/S */
     __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
     *(volatile u64 *)TEST_PAGE = 7; /* ring 0 may */

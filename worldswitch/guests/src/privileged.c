@@ -65,13 +65,7 @@ __asm__(".text\n"
  * ring 0 (vmm/x86/user_syscall.py). */
 static u64 supervisor_entry(void)
 {
-    u64 cr3;
-    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-    u64 *pml4 = (u64 *)(cr3 & 0x000ffffffffff000ul);
-    u64 *pdpt = (u64 *)(pml4[0] & 0x000ffffffffff000ul);
-    u64 *pd = (u64 *)(pdpt[0] & 0x000ffffffffff000ul);
-    pd[SUPERVISOR_PAGE >> 21] &= ~4ul; /* U/S */
-    __asm__ volatile("invlpg (%0)" : : "r"(SUPERVISOR_PAGE) : "memory");
+    supervisor_only(SUPERVISOR_PAGE);
     memcpy((void *)SUPERVISOR_PAGE, linux_syscall_entry, (u64)(linux_syscall_end - linux_syscall_entry));
     return SUPERVISOR_PAGE;
 }

@@ -68,13 +68,7 @@ __asm__(".text\n"
  * (through RAX: RCX and R11 must reach the handler as SYSCALL left them). */
 static u64 supervisor_lstar(u64 handler)
 {
-    u64 cr3;
-    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-    const u64 address_bits = 0x000ffffffffff000ul;
-    u64 *pml4 = (u64 *)(cr3 & address_bits);
-    u64 *pdpt = (u64 *)(pml4[0] & address_bits);
-    u64 *pd = (u64 *)(pdpt[0] & address_bits);
-    pd[SUPERVISOR_PAGE >> 21] &= ~4ul; /* clear U/S */
+    supervisor_only(SUPERVISOR_PAGE);
     volatile u8 *stub = (u8 *)SUPERVISOR_PAGE;
     stub[0] = 0x48; /* movabs $syscall_entry, %rax */
     stub[1] = 0xb8;
@@ -82,7 +76,6 @@ static u64 supervisor_lstar(u64 handler)
         stub[2 + i] = (u8)(handler >> (8 * i));
     stub[10] = 0xff; /* jmp *%rax */
     stub[11] = 0xe0;
-    __asm__ volatile("invlpg (%0)" : : "r"(SUPERVISOR_PAGE) : "memory");
     return SUPERVISOR_PAGE;
 }
 

@@ -105,6 +105,22 @@ void clear_gate_present(int vector)
     idt[vector].type_attr &= 0x7f;
 }
 
+u64 *identity_pde(u64 address)
+{
+    const u64 address_bits = 0x000ffffffffff000ul;
+    u64 cr3;
+    __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    u64 *pdpt = (u64 *)(((u64 *)(cr3 & address_bits))[0] & address_bits);
+    u64 *pd = (u64 *)(pdpt[(address >> 30) & 511] & address_bits);
+    return &pd[(address >> 21) & 511];
+}
+
+void supervisor_only(u64 address)
+{
+    *identity_pde(address) &= ~4ul; /* U/S */
+    __asm__ volatile("invlpg (%0)" : : "r"(address) : "memory");
+}
+
 static const char *const exception_names[32] = {
     "#DE (divide error)", "#DB (debug)", "NMI", "#BP (breakpoint)", "#OF (overflow)",
     "#BR (bound range)", "#UD (invalid opcode)", "#NM (device not available)",

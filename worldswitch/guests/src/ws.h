@@ -82,6 +82,11 @@ void clear_gate_present(int vector);
 #define USER_INTERRUPTS 1 /* interrupts enabled */
 #define USER_IOPL0 2      /* IOPL 0: only the ports the TSS bitmap grants */
 void enter_user(int (*fn)(u64), u64 arg, int flags) __attribute__((noreturn));
+
+/* The VMM's identity map (boot/longmode.py: 2 MiB pages, PML4 slot 0): the page-directory entry that
+ * maps `address`, and that 2 MiB page made supervisor-only (U/S cleared, its TLB entry flushed). */
+u64 *identity_pde(u64 address);
+void supervisor_only(u64 address);
 /* aps.c (guests that link it): start the other vCPUs; each calls entry(cpu number) at ring 0 if
  * entry is not 0, and halts when it returns. */
 void start_aps(void (*entry)(u64 cpu));
