@@ -1,4 +1,4 @@
-"""libseccomp, bound through ctypes: the six functions the VMX's filters need.
+"""libseccomp, bound through ctypes: the eight functions the VMX's filters and reports need.
 
 libseccomp compiles rules into the BPF program the kernel runs on every system call, with the
 architecture checks, the x86-64/x32 split and 64-bit argument comparisons done right; we never write
