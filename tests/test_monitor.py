@@ -378,8 +378,8 @@ def test_shadow_page_tables_give_the_program_what_its_own_tables_say(mode: str, 
 @needs_emulating_host
 def test_eight_address_spaces_in_turn_each_keep_their_shadow() -> None:
     """Eight processes' tables loaded in turn, four rounds: one new shadow for each of the seven new
-    ones, and every later load returns to a kept one (with four kept, as before, every load after the
-    first round made a shadow again: 28 of 32)."""
+    ones, and every later load returns to a kept one (with four kept, as before, every load but the
+    first made a shadow again: 32, with the load back to its own tables)."""
     plain, _ = run("paging", "rotate", monitor=False)
     result, stats = run("paging", "rotate")
     assert done(result) == done(plain) == (32, 0, 0, 0)
