@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import libseccomp, privileges, seccomp_filter, sigsys
-from .seccomp_filter import SandboxError
+from .libseccomp import SandboxError
 
 __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "describe_process"]
 

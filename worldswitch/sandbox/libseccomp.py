@@ -23,8 +23,10 @@ from ..errors import WorldswitchError
 SONAME = "libseccomp.so.2"
 
 
-class SeccompUnavailable(WorldswitchError):
-    """libseccomp cannot be loaded on this host."""
+class SandboxError(WorldswitchError):
+    """The sandbox asked for cannot be set up on this host: here, libseccomp is missing; the jail and
+    the privileges raise it too (privileges.py). Defined at the bottom of the package, so that every
+    part raises the one error the session reports."""
 
 
 # Filter actions (SCMP_ACT_*, seccomp.h): what the kernel does with a call a rule matches.
@@ -66,7 +68,7 @@ def _load() -> ctypes.CDLL:
     try:
         library = ctypes.CDLL(SONAME, use_errno=True)
     except OSError as error:
-        raise SeccompUnavailable(f"cannot load {SONAME} (install libseccomp2, or run with --no-sandbox): "
+        raise SandboxError(f"cannot load {SONAME} (install libseccomp2, or run with --no-sandbox): "
                                  f"{error}") from None
     library.seccomp_init.argtypes = (ctypes.c_uint32,)
     library.seccomp_init.restype = ctypes.c_void_p

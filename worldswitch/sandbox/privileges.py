@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from .seccomp_filter import SandboxError
+from .libseccomp import SandboxError
 
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38

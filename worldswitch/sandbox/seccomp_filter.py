@@ -16,21 +16,13 @@ import errno
 import os
 import socket
 
-from ..errors import WorldswitchError
 from . import libseccomp
 from .libseccomp import ALLOW, ATTR_CTL_NNP, ATTR_CTL_TSYNC, EQ, MASKED_EQ, Arg, Filter
 
 
-class SandboxError(WorldswitchError):
-    """The sandbox asked for cannot be set up on this host."""
-
-
 def binding_name() -> str:
-    """What builds the filters, for reports: libseccomp and its version."""
-    try:
-        return f"libseccomp {libseccomp.version()}"
-    except libseccomp.SeccompUnavailable as error:
-        raise SandboxError(str(error)) from None
+    """What builds the filters, for reports: libseccomp and its version (SandboxError without it)."""
+    return f"libseccomp {libseccomp.version()}"
 
 
 # What every VMX thread may do after set-up, by purpose. Names are x86-64 Linux system calls.
@@ -71,7 +63,7 @@ def _action(debug: bool) -> int:
 
 def process_filter(debug: bool) -> Filter:
     """Everything not allowed here ends the process (or traps, with `debug`)."""
-    rules = _filter(_action(debug))
+    rules = Filter(_action(debug))
     for name in PROCESS_CALLS:
         rules.add_rule(ALLOW, name)
     for kind in IOCTL_TYPES:
@@ -91,16 +83,9 @@ def process_filter(debug: bool) -> Filter:
 
 def guest_facing_filter(debug: bool) -> Filter:
     """Stacked on the process filter by a thread that handles guest or client input."""
-    rules = _filter(ALLOW)
+    rules = Filter(ALLOW)
     action = _action(debug)
     for name in PATH_CALLS:
         rules.add_rule(action, name)
     rules.set_attribute(ATTR_CTL_NNP, 0)  # already set for the process; prctl is not allowed
     return rules
-
-
-def _filter(default_action: int) -> Filter:
-    try:
-        return Filter(default_action)
-    except libseccomp.SeccompUnavailable as error:
-        raise SandboxError(str(error)) from None
