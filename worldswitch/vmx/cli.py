@@ -52,8 +52,8 @@ def _help_width() -> int:
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """argparse's, given the width: without one, argparse imports shutil (and with it bz2, lzma and
-    fnmatch) for every flag it adds, about 3 ms of every start."""
+    """argparse's, given the width: without one, argparse asks shutil for it at every flag it adds, and
+    importing shutil (with bz2, lzma and fnmatch) cost about 3 ms of every start."""
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: int | None = None) -> None:
