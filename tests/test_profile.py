@@ -56,9 +56,10 @@ def test_profiling_a_spinning_guest_finds_its_loop(tmp_path: Path) -> None:
     socket = tmp_path / "vm.sock"
     with Machine(guest="fault", args="spin", control=str(socket)) as vm:
         vm.start()
-        profile = sample(socket, seconds=0.5, interval=0.005)
+        # a sample size, not a time: under nested TCG one request takes ~25 ms (17 in 0.5 s)
+        profile = sample(socket, seconds=120, interval=0.005, limit=20)
         assert vm.alive
-    assert profile.samples >= 20
+    assert profile.samples == 20
     functions = profile.by_function(Symbols.load(builtin_path("fault")))
     name, count = functions.most_common(1)[0]
     assert name == "misbehave (user)" and count >= profile.samples * 0.9
@@ -69,10 +70,14 @@ def test_worldswitch_profile_on_the_command_line(tmp_path: Path) -> None:
     socket = tmp_path / "vm.sock"
     with Machine(guest="fault", args="spin", control=str(socket)) as vm:
         vm.start()
-        result = subprocess.run([sys.executable, "-m", "worldswitch", "profile", str(socket), "--seconds", "0.5",
+        result = subprocess.run([sys.executable, "-m", "worldswitch", "profile", str(socket), "--samples", "10",
                                  "--symbols", str(builtin_path("fault"))], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "ring 3 100%" in result.stdout and "misbehave (user)" in result.stdout
+    assert result.stdout.startswith("10 samples of 1 vCPU(s): ring 3 100%")
+    assert "misbehave (user)" in result.stdout
     result = subprocess.run([sys.executable, "-m", "worldswitch", "profile", str(tmp_path / "gone.sock")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith("worldswitch: error: cannot reach the VMX")
+    result = subprocess.run([sys.executable, "-m", "worldswitch", "profile", str(socket), "--samples", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--samples must be positive" in result.stderr

@@ -120,6 +120,7 @@ def _add_profile(sub: Subparsers) -> None:
     profile.add_argument("socket", metavar="SOCKET", help="the control socket `worldswitch run` printed")
     profile.add_argument("--seconds", type=float, default=10.0, help="how long to sample (default %(default)s)")
     profile.add_argument("--interval", type=float, default=0.01, help="seconds between samples (default %(default)s)")
+    profile.add_argument("--samples", type=int, metavar="N", help="stop after N samples (and at --seconds at the latest)")
     profile.add_argument("--symbols", metavar="FILE", help="System.map, nm output, or an ELF file with a symbol table")
     profile.add_argument("--top", type=int, default=25, help="how many functions to list (default %(default)s)")
 
@@ -211,9 +212,9 @@ def cmd_profile(options: argparse.Namespace) -> int:
     from .profile import Symbols, report, sample
 
     symbols = Symbols.load(options.symbols) if options.symbols else None
-    if options.seconds <= 0 or options.interval < 0:
-        raise ConfigError("--seconds must be positive and --interval not negative")
-    print(report(sample(options.socket, options.seconds, options.interval), symbols, options.top))
+    if options.seconds <= 0 or options.interval < 0 or (options.samples is not None and options.samples <= 0):
+        raise ConfigError("--seconds and --samples must be positive and --interval not negative")
+    print(report(sample(options.socket, options.seconds, options.interval, options.samples), symbols, options.top))
     return 0
 
 

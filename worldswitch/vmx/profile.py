@@ -80,12 +80,13 @@ class Profile:
         return functions
 
 
-def sample(socket: str | Path, seconds: float, interval: float,
+def sample(socket: str | Path, seconds: float, interval: float, limit: int | None = None,
            clock: Callable[[], float] = time.monotonic) -> Profile:
-    """Registers of every vCPU every `interval` seconds for `seconds`, or until the VM ends."""
+    """Registers of every vCPU every `interval` seconds for `seconds`, or until `limit` samples or
+    the VM ends. A slow host answers fewer requests a second: a limit asks for a sample size."""
     profile = Profile()
     deadline = clock() + seconds
-    while clock() < deadline:
+    while clock() < deadline and (limit is None or profile.samples < limit):
         response = request(socket, "registers", timeout=30)
         if not response.get("ok"):
             if response.get("error", {}).get("code") == "not-running" and profile.samples:
