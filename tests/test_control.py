@@ -55,6 +55,7 @@ def spinning(tmp_path: Path) -> Iterator[tuple[Machine, Path]]:
     path = tmp_path / "vm.sock"
     with Machine(guest="fault", args="spin", control=str(path)) as vm:
         vm.start()
+        vm.console.expect("spinning in ring 3", timeout=30)  # past the runtime's ring-0 set-up
         yield vm, path
     assert not path.exists()  # the socket goes with the VM
 

@@ -56,6 +56,7 @@ def test_profiling_a_spinning_guest_finds_its_loop(tmp_path: Path) -> None:
     socket = tmp_path / "vm.sock"
     with Machine(guest="fault", args="spin", control=str(socket)) as vm:
         vm.start()
+        vm.console.expect("spinning in ring 3", timeout=30)  # past the runtime's ring-0 set-up
         # a sample size, not a time: under nested TCG one request takes ~25 ms (17 in 0.5 s)
         profile = sample(socket, seconds=120, interval=0.005, limit=20)
         assert vm.alive
@@ -70,6 +71,7 @@ def test_worldswitch_profile_on_the_command_line(tmp_path: Path) -> None:
     socket = tmp_path / "vm.sock"
     with Machine(guest="fault", args="spin", control=str(socket)) as vm:
         vm.start()
+        vm.console.expect("spinning in ring 3", timeout=30)
         result = subprocess.run([sys.executable, "-m", "worldswitch", "profile", str(socket), "--samples", "10",
                                  "--symbols", str(builtin_path("fault"))], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

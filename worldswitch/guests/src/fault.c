@@ -3,7 +3,8 @@
  *   gp         reads CR0 in ring 3 (#GP)
  *   triple     loads an empty IDT and executes ud2 in ring 0: a triple fault
  *   unmapped N writes N times to an MMIO address no device owns, then reports DONE(N, value read)
- *   spin       loops forever in ring 3
+ *   spin       says "spinning in ring 3" and loops forever there (a test waits for the line
+ *              before it looks at the vCPU: until then the runtime's ring-0 set-up runs)
  *   halt       halts in ring 0 with interrupts disabled, forever
  *   abort      fails a guest assertion
  *   int3 N     executes int3 N times in ring 0 with a #BP handler installed, then DONE(handled)
@@ -56,9 +57,11 @@ static int misbehave(u64 unused)
         u32 value = mmio_read32(UNMAPPED_MMIO);
         GUEST_DONE(n, value, 0, 0);
     }
-    if (arg_has("spin"))
+    if (arg_has("spin")) {
+        serial_puts("spinning in ring 3\n");
         for (;;)
             barrier();
+    }
     if (arg_has("abort"))
         GUEST_ASSERT_EQ(2 + 2, 5);
     GUEST_ASSERT(!"unknown fault mode: use ud, gp, triple, unmapped N, spin, halt or abort");
