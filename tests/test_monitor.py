@@ -353,6 +353,7 @@ def test_a_program_that_maps_the_monitors_pages_itself_is_stopped() -> None:
     ("reload", (0x1111, 0x2222, 0x20, 0)),  # a remapping, and a cleared accessed bit, made seen by a CR3 load
     ("spaces", (8, 0, 0, 0)),  # two address spaces sharing tables: a change made in one is seen in the other
     ("high", (0x10, 0x20, 0, 0)),  # a mapping in PML4 slot 511, where Linux keeps its kernel image
+    ("global", (0x1111, 0x2222, 1, 0)),  # a remapping made seen by turning CR4.PGE off and on (off at boot)
 ])
 def test_the_paging_guest_sees_what_the_cpu_does(mode: str, expected: tuple[int, ...]) -> None:
     result, _ = run("paging", mode, monitor=False)
@@ -362,11 +363,13 @@ def test_the_paging_guest_sees_what_the_cpu_does(mode: str, expected: tuple[int,
 @needs_emulating_host
 @pytest.mark.parametrize("mode, expected", [("dirty", (0, 0x20, 0x60, 0)), ("cr3", (4, 0x5EED, 0, 0)),
                                             ("reload", (0x1111, 0x2222, 0x20, 0)), ("spaces", (8, 0, 0, 0)),
-                                            ("high", (0x10, 0x20, 0, 0))])
+                                            ("high", (0x10, 0x20, 0, 0)), ("global", (0x1111, 0x2222, 1, 0))])
 def test_shadow_page_tables_give_the_program_what_its_own_tables_say(mode: str, expected: tuple[int, ...]) -> None:
     result, stats = run("paging", mode)
     assert done(result) == expected
     assert stats.monitor["shadow_fill"] >= 3 and stats.monitor["invlpg"] == (0 if mode == "high" else 1)
+    if mode == "global":  # CR4.PGE set, cleared, set: each change empties every shadow, as it does the TLB
+        assert stats.monitor["shadow_flush"] == 3, stats.monitor
     if mode == "cr3":  # a load of other tables: a new shadow; the load back: the first one, checked
         assert stats.monitor["shadow_flush"] == 1 and stats.monitor["shadow_check"] == 1, stats.monitor
     if mode == "reload":  # a load of the same tables checks them: the changed entries go, the others stay

@@ -48,6 +48,7 @@
 #define MSR_SFMASK 0xc0000084u
 #define MSR_SYSENTER_CS 0x174u /* to 0x176: SYSENTER's target */
 
+#define CR4_PGE (1ul << 7)
 #define CR4_UMIP (1ul << 11)
 #define CR4_OSXSAVE (1ul << 18)
 #define DR6_FIXED 0xffff0ff0ul /* the bits DR6 and DR7 read as 1 */
@@ -1173,6 +1174,9 @@ static void write_cr(int cr, u64 value)
         if ((value ^ guest.cr4) & ~(CR4_GUEST_MAY_CHANGE | CR4_GUEST_ONLY | real_cr4_extra))
             STOP("the guest changed fixed CR4 bits", guest.cr4, value);
         privileged(SERVICE_CR4, (value & ~CR4_GUEST_ONLY) | real_cr4_extra, 0);
+        if ((value ^ guest.cr4) & CR4_PGE)
+            shadow_flush(); /* the CPU's TLB empties, global entries too (SDM vol. 3A, 4.10.4.1): Linux's
+                               flush of a kernel range too large for INVLPGs, with no CR3 load to check */
         guest.cr4 = value;
         return;
     case 8:

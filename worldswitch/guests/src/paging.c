@@ -16,6 +16,10 @@
  *               load must make the new mapping seen; then clears the entry's accessed bit, loads
  *               CR3 again and reads: the bit must be set again. DONE(word before, word after,
  *               accessed bit after the second load)
+ *   global      remaps a 2 MiB page it has used, its entry global, and turns CR4.PGE off and on
+ *               again (no INVLPG, no CR3 load), as Linux flushes its kernel's global mappings for a
+ *               range too large for INVLPGs: the new mapping must be seen. DONE(word before, word
+ *               after, CR4.PGE at the end, CR4.PGE at the start)
  *   high        maps a 2 MiB page also at 0xffffffff80000000 (PML4 slot 511, where Linux keeps its
  *               kernel image), writes through each name and reads through the other: DONE(word
  *               read high, word read low)
@@ -153,6 +157,30 @@ static void reload(void)
     GUEST_DONE(before, after, accessed, 0);
 }
 
+#define PTE_GLOBAL 0x100ul
+#define CR4_PGE 0x80ul
+
+static void global_flush(void)
+{
+    u64 cr4, *entry = identity_pde(TEST_PAGE), original = *entry;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    u64 at_start = (cr4 & CR4_PGE) != 0;
+    cr4 |= CR4_PGE;
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4) : "memory");
+    volatile u64 *word = (volatile u64 *)TEST_PAGE;
+    *word = 0x1111;
+    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
+    u64 before = *word;
+    *entry = (original & ~ADDRESS_BITS) | (TEST_PAGE + (2ul << 20)) | PTE_GLOBAL; /* the next 2 MiB instead */
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4 & ~CR4_PGE) : "memory");
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4) : "memory");
+    u64 after = *word;
+    *entry = original;
+    __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    GUEST_DONE(before, after, (cr4 & CR4_PGE) != 0, at_start);
+}
+
 #define HIGH_ALIAS 0xffffffff80000000ul
 static u64 high_pdpt[512] __attribute__((aligned(4096))), high_pd[512] __attribute__((aligned(4096)));
 
@@ -266,7 +294,7 @@ static const struct {
     void (*run)(void); /* reports DONE, or the runtime reports its fault */
 } modes[] = {
     { "dirty", dirty }, { "cr3", second_tables }, { "supervisor", supervisor }, { "many", many },
-    { "wide", wide }, { "reload", reload }, { "spaces", two_spaces }, { "high", high },
+    { "wide", wide }, { "reload", reload }, { "spaces", two_spaces }, { "high", high }, { "global", global_flush },
     { "switch", switch_mode }, { "rotate", rotate },
 };
 
