@@ -29,8 +29,11 @@ def test_only_emulating_hosts_hide_anything() -> None:
     assert hidden_features(VTX, monitor=False) == ()
     assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
     # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
-    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsave", "fsgsbase", "smap"]
-    assert set(MONITOR_HIDDEN) < set(PVM_HIDDEN)
+    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsave", "fsgsbase", "smap", "pcid", "invpcid"]
+    # all but the two the monitor itself cannot give (CR4.PCIDE, INVPCID) are hidden without it too
+    assert {f.name for f in set(MONITOR_HIDDEN) - set(PVM_HIDDEN)} == {"pcid", "invpcid"}
+    assert {(f.leaf, f.register, f.bit, f.linux_feature) for f in MONITOR_HIDDEN[-2:]} == {
+        (1, "ecx", 17, 4 * 32 + 17), (7, "ebx", 10, 9 * 32 + 10)}  # X86_FEATURE_PCID, X86_FEATURE_INVPCID
 
 
 def test_filtering_clears_the_bits_and_keeps_the_rest() -> None:

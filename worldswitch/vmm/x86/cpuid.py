@@ -82,6 +82,10 @@ MONITOR_HIDDEN = (
     _leaf1(26, "xsave"),  # XSAVES and XRSTORS are ring-0 instructions
     _leaf7(0, "fsgsbase"),  # CR4.FSGSBASE, which the monitor does not give
     _leaf7(20, "smap"),  # CLAC/STAC are ring-0 instructions
+    # This PVM host offers neither; one that did would get a kernel setting CR4.PCIDE, which the
+    # monitor does not give, and flushing with INVPCID, a ring-0 instruction it does not emulate.
+    _leaf1(17, "pcid"),
+    _leaf7(10, "invpcid"),
 )
 
 
