@@ -183,7 +183,11 @@ event_return:
 /* The way into the guest's user mode, from the body's int3 at its exit: onto the user mode's shadow,
  * where the monitor's pages are ring 0's, and the guest's registers from the body's frame. */
 leave_to_user:
-    movq user_root_cr3(%rip), %rax
+    cmpb $0, pending_swapgs(%rip)       /* the return's SWAPGS (monitor.c): here, not a call of its own */
+    je 1f
+    swapgs
+    movb $0, pending_swapgs(%rip)
+1:  movq user_root_cr3(%rip), %rax
     movq %rax, %cr3
     movb $ON_USER_ROOT, user_root_loaded(%rip)
     movq body_frame(%rip), %rsp
@@ -193,7 +197,10 @@ leave_to_user:
  * event from the guest. Its frame is made the one a SYSCALL would have (RCX the return address, R11
  * RFLAGS, the stack the guest's own); monitor_event finishes it for the guest. */
 syscall_entry:
-    movq $SYSCALL_EVENT, (%rsp)
+    cmpb $0, entry_swapgs(%rip)         /* Linux's entry's SWAPGS, as the SYSCALL is delivered (monitor.c) */
+    je 1f
+    swapgs
+1:  movq $SYSCALL_EVENT, (%rsp)
     movq %rcx, 16(%rsp)                 /* RIP: where the SYSCALL returns */
     movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */
     movq %r11, 32(%rsp)                 /* RFLAGS */

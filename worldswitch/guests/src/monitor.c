@@ -144,6 +144,12 @@ u64 ring0_call(u64 service, u64 a, u64 b);
 
 u64 event_cr2;             /* the guest's page fault's address, which the trampoline read in ring 0 */
 volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body's exit looks again */
+/* SWAPGS done where ring 0 already is, instead of by a call into it of its own (two a system call):
+ * entry_swapgs, for ring 0's SYSCALL entry: the guest's LSTAR begins with SWAPGS, so swap there (the
+ * body checks the bytes each time and corrects both); pending_swapgs: the guest's SWAPGS is owed, done
+ * on the way out of the event, by leave_to_user or, to its kernel, by monitor_leave: no guest code
+ * runs with it owed, so nothing reads GS's bases with it owed. */
+u8 entry_swapgs, pending_swapgs;
 
 /* The guest's IF while its kernel runs (RFLAGS_IF or 0; its user mode always takes interrupts), and
  * the interrupt vectors taken while it was clear, not yet delivered. The pv page's functions
@@ -1264,10 +1270,14 @@ static void emulate_syscall(struct trap_frame *frame)
     u8 bytes[16];
     fetch_instruction(frame->rip, bytes);
     int at = bytes[0] == 0xf3 && bytes[1] == 0x0f && bytes[2] == 0x1e && bytes[3] == 0xfa ? 4 : 0;
-    if (bytes[at] == 0x0f && bytes[at + 1] == 0x01 && bytes[at + 2] == 0xf8) {
+    u8 swaps = bytes[at] == 0x0f && bytes[at + 1] == 0x01 && bytes[at + 2] == 0xf8;
+    if (swaps) {
         count(COUNT_SWAPGS);
-        privileged(SERVICE_SWAPGS, 0, 0);
         frame->rip += (u64)at + 3;
+    }
+    if (swaps != entry_swapgs) { /* ring 0 swapped at the gate for the LSTAR it knew: set it right */
+        pending_swapgs ^= 1;
+        entry_swapgs = swaps;
     }
 }
 
@@ -1468,7 +1478,7 @@ static int emulate(struct trap_frame *frame)
         if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs: the monitor never uses GS, so the
                                                     * CPU's own swap is exactly the guest's */
             count(COUNT_SWAPGS);
-            privileged(SERVICE_SWAPGS, 0, 0);
+            pending_swapgs ^= 1;
             /* SWAPGS; SYSRETQ, Linux's return from a system call, with a short jump between where
              * its CPU needs no VERW there (an alternative): both in this event, the SYSRETQ at its
              * own address should it fault */
@@ -1788,6 +1798,10 @@ int monitor_leave(struct trap_frame *frame)
     leave_again = 0;
     deliver_held(frame);
     int to_user = guest.user;
+    if (!to_user && pending_swapgs) { /* to its kernel, natively: the swap before it reads GS */
+        privileged(SERVICE_SWAPGS, 0, 0);
+        pending_swapgs = 0;
+    }
     if (to_user)
         fence_ports();
     else if (user_ports == PORTS_COPIED)

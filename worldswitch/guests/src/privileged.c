@@ -13,7 +13,8 @@
  *   linux syscalls [N]  ... then makes N (default 8) SYSCALLs from user mode into an entry shaped
  *           as Linux's, in a supervisor-only page as Linux keeps it (SWAPGS first; SWAPGS, a short
  *           jump over VERW's bytes and SYSRETQ to return), which reads its per-CPU word through GS:
- *           DONE(..., calls that read it). */
+ *           DONE(..., calls that read it); then two into an entry without SWAPGS, which must read
+ *           the user mode's word through GS. */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -44,12 +45,15 @@ static int linux_layout;
 static volatile u64 ticks, refused;
 static u64 kernel_cr0; /* for user mode's smsw */
 static volatile u64 per_cpu = 0x7065722d637075; /* what a kernel's GS base points at after swapgs */
+static volatile u64 user_word = 0x757365722d6773; /* what its user mode's GS base points at */
 static u64 syscalls_wanted;
 
 /* Linux's entry_SYSCALL_64 and its return, reduced to what the monitor recognises in them: the
  * per-CPU word through GS into RAX. The 7 bytes jumped over are VERW's, as Linux's return has them
- * where its CPU needs no VERW (an alternative). No stack: RCX and R11 are SYSRETQ's. */
-extern const char linux_syscall_entry[], linux_syscall_end[];
+ * where its CPU needs no VERW (an alternative). No stack: RCX and R11 are SYSRETQ's. Then an entry
+ * without SWAPGS, which reads the word the user mode's GS base names (the monitor must not swap for
+ * it, having swapped for the first). */
+extern const char linux_syscall_entry[], plain_syscall_entry[], linux_syscall_end[];
 __asm__(".text\n"
         "linux_syscall_entry:\n"
         "    swapgs\n"
@@ -58,6 +62,9 @@ __asm__(".text\n"
         "    jmp 1f\n"
         "    .byte 0x0f, 0x00, 0x2d, 0, 0, 0, 0\n"
         "1:  sysretq\n"
+        "plain_syscall_entry:\n"
+        "    movq %gs:0, %rax\n"
+        "    sysretq\n"
         "linux_syscall_end:\n");
 
 /* The entry copied to the 2 MiB page at SUPERVISOR_PAGE, made supervisor-only (it is position
@@ -94,6 +101,13 @@ static inline u64 rdmsr(u32 index)
 static inline void wrmsr(u32 index, u64 value)
 {
     __asm__ volatile("wrmsr" : : "c"(index), "a"((u32)value), "d"((u32)(value >> 32)) : "memory");
+}
+
+/* From user mode's UD2, once its Linux-shaped calls are done: the entry without SWAPGS from now on. */
+static void on_ud(struct trap_frame *frame)
+{
+    wrmsr(MSR_LSTAR, SUPERVISOR_PAGE + (u64)(plain_syscall_entry - linux_syscall_entry));
+    frame->rip += 2;
 }
 
 #define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
@@ -210,6 +224,14 @@ static int in_user_mode(u64 passed)
         __asm__ volatile("syscall" : "=a"(seen) : : "rcx", "r11", "memory");
         through_gs += seen == per_cpu;
     }
+    if (syscalls_wanted) {
+        __asm__ volatile("ud2"); /* on_ud: to the entry without SWAPGS */
+        for (int i = 0; i < 2; i++) {
+            u64 seen;
+            __asm__ volatile("syscall" : "=a"(seen) : : "rcx", "r11", "memory");
+            GUEST_ASSERT_EQ(seen, user_word);
+        }
+    }
     GUEST_DONE(passed, ticks, refused, through_gs);
     return 0;
 }
@@ -322,7 +344,9 @@ int main(const char *args)
     if (linux_layout && syscalls_wanted) {
         wrmsr(MSR_LSTAR, supervisor_entry());
         wrmsr(MSR_SFMASK, LINUX_SFMASK);
-        wrmsr(MSR_KERNEL_GS_BASE, (u64)&per_cpu); /* the user mode's GS base stays as it is */
+        wrmsr(MSR_KERNEL_GS_BASE, (u64)&per_cpu);
+        wrmsr(MSR_GS_BASE, (u64)&user_word); /* the user mode's */
+        set_trap_handler(6, on_ud);
     }
     if (linux_layout)
         sysret_to_user(passed);
