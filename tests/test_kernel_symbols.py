@@ -12,7 +12,7 @@ import pytest
 
 from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
 from worldswitch.boot.elf import read_sections
-from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_irq_slots
+from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_slots
 from worldswitch.boot.monitor import PV_BASE, pv_functions
 from worldswitch.boot.paravirt import ALT_FLAG_NOT, X86_FEATURE_XENPV, paravirtualize
 from worldswitch.errors import GuestImageError
@@ -57,12 +57,13 @@ def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol])
     assert irq["save_fl"].type_name == "paravirt_callee_save" and irq["halt"].type_name == "pointer"
 
 
-def test_the_interrupt_flag_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
-    """Where BTF and kallsyms put pv_ops.irq, the image holds pointers to the functions kallsyms
-    calls native: the three sources agree."""
+def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
+    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr, the image holds pointers to the
+    functions kallsyms calls native: the three sources agree."""
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
-               "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt"}
-    for name, address in pv_irq_slots(symbols, BtfTypes(vmlinux)).items():
+               "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt",
+               "write_msr": "native_write_msr"}
+    for name, address in pv_slots(symbols, BtfTypes(vmlinux)).items():
         assert read_u64(vmlinux, address) == symbols[natives[name]].address, name
 
 
@@ -90,14 +91,16 @@ def _alternatives(vmlinux: bytes) -> dict[int, int]:
 
 def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
     result = paravirtualize(vmlinux, pv_functions())
-    slots = pv_irq_slots(symbols, BtfTypes(vmlinux))
-    for name, slot in slots.items():  # pv_ops.irq now holds the monitor's pv page functions
+    slots = pv_slots(symbols, BtfTypes(vmlinux))
+    assert len(slots) == 6
+    for name, slot in slots.items():  # pv_ops.irq and cpu.write_msr now hold the monitor's pv page functions
         assert read_u64(result.vmlinux, slot) == pv_functions()[name], name
         assert PV_BASE <= read_u64(result.vmlinux, slot) < PV_BASE + 0x1000
     assert PV_BASE - KERNEL_TEXT < 1 << 31  # within a direct call of the kernel's text, as Linux patches it
     # Linux 6.1's pv_ops.irq call sites: 1300 (save_fl, irq_disable and irq_enable each with an
     # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt without)
     assert (result.sites, result.alternatives) == (1300, 1290)
+    assert result.msr_sites == 357  # pv_ops.cpu.write_msr's, with no alternative over any
     before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
     changed = [at for at in before if before[at] != after[at]]
     assert len(changed) == 1290
@@ -108,9 +111,9 @@ def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_eve
     text = read_sections(vmlinux)[".text"]
     at = text.offset + iret - text.address
     assert vmlinux[at : at + 2] == b"\x48\xcf" and result.vmlinux[at : at + 2] == b"\x0f\x0b"  # IRETQ -> UD2
-    # nothing else in the image moved: 5 slots of 8 bytes, 1290 feature words, the 2 bytes of the IRETQ
+    # nothing else in the image moved: 6 slots of 8 bytes, 1290 feature words, the 2 bytes of the IRETQ
     differing = sum(1 for a, b in zip(vmlinux, result.vmlinux) if a != b)
-    assert differing <= 5 * 8 + 1290 + 2
+    assert differing <= 6 * 8 + 1290 + 2
 
 
 def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(vmlinux: bytes) -> None:

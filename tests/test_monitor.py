@@ -109,6 +109,19 @@ def test_a_system_call_into_linuxs_entry_is_two_events_for_the_monitor() -> None
 
 
 @needs_emulating_host
+def test_a_kernels_msr_writes_through_the_pv_page_take_ring_0s_gate() -> None:
+    """pv_ops.cpu.write_msr under the monitor (msr_gate): ring 0 writes the FS base with no trap; STAR,
+    which the monitor keeps, and a base the CPU refuses go to the pv page's trapping WRMSR (the last a
+    #GP for the kernel, as the instruction would have raised)."""
+    result, plain_stats = run("privileged", "")
+    assert done(result) == (28, 2, 2, 0)
+    result, stats = run("privileged", "msrgate")
+    assert done(result) == (32, 2, 3, 0)  # 4 more checks, 1 more refused write
+    assert stats.monitor["msr_gate"] == 1 and plain_stats.monitor["msr_gate"] == 0
+    assert stats.monitor["wrmsr"] - plain_stats.monitor["wrmsr"] == 4  # the two ring 0 refused, and the two restores
+
+
+@needs_emulating_host
 @pytest.mark.parametrize("source", ["lapic", "pit"])
 def test_timer_interrupts_reach_the_programs_ring_0_handler_through_the_monitor(source: str) -> None:
     result, stats = run("timer", f"100 {source}")
@@ -651,6 +664,26 @@ def test_a_pipeline_of_seven_processes_keeps_its_shadows(debian_under_monitor: t
     assert re.search(r"\n[1-9]\d*\r?\n", answer[-200:]), answer
     made, fills = after["shadow_flush"] - before["shadow_flush"], after["shadow_fill"] - before["shadow_fill"]
     assert made < 40 and fills < 15_000, (made, fills)
+
+
+@needs_emulating_host
+def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_under_monitor: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """`seq | wc`: a context switch at each line, each writing the FS base (the thread-local storage) of
+    the process it switches to, through pv_ops.cpu.write_msr and the monitor's msr_gate rather than a
+    trap. Both programs' answers depend on their own FS base."""
+    kernel, _marker_initrd = debian_under_monitor
+    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        before = vm.stats()["monitor"]
+        answer = ask(vm, 0, "seq 1 2000 | wc -l")
+        after = vm.stats()["monitor"]
+        vm.console.send("poweroff -f\n")
+        vm.wait(60)
+    assert re.search(r"\n2000\r?\n", answer[-100:]), answer
+    gate, traps = after["msr_gate"] - before["msr_gate"], after["wrmsr"] - before["wrmsr"]
+    # 2,000 lines: 3,715 through the gate, 543 traps (the x2APIC's registers and the like)
+    assert gate >= 2000 and traps * 3 < gate, (gate, traps)
 
 
 @needs_emulating_host

@@ -183,20 +183,25 @@ class BtfTypes:
 
 
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
+PV_CPU_OPS = ("write_msr",)
+PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS}  # pv_ops's groups, and the members of each a VMM may point
 
 
-def pv_irq_slots(symbols: dict[str, Symbol], types: BtfTypes) -> dict[str, int]:
-    """The addresses (as linked) of the function pointers in pv_ops.irq, by member name, from a
-    kernel's symbols and types: where a VMM points a PARAVIRT_XXL kernel's interrupt flag at its own
-    code before the kernel runs."""
+def pv_slots(symbols: dict[str, Symbol], types: BtfTypes) -> dict[str, int]:
+    """The addresses (as linked) of the function pointers in pv_ops that PV_OPS names, by member name
+    (unique across the groups), from a kernel's symbols and types: where a VMM points a PARAVIRT_XXL
+    kernel's interrupt flag and MSR writes at its own code before the kernel runs."""
     if "pv_ops" not in symbols:
         raise GuestImageError("the kernel has no pv_ops (is it built with CONFIG_PARAVIRT?)")
     _size, template = types.struct("paravirt_patch_template")
-    if "irq" not in template:
-        raise GuestImageError("the kernel's pv_ops has no interrupt operations (no CONFIG_PARAVIRT_XXL?)")
-    _size, irq = types.struct(template["irq"].type_name)
-    missing = [name for name in PV_IRQ_OPS if name not in irq]
-    if missing:
-        raise GuestImageError(f"the kernel's pv_irq_ops has no {', '.join(missing)}")
-    base = symbols["pv_ops"].address + template["irq"].offset
-    return {name: base + irq[name].offset for name in PV_IRQ_OPS}
+    slots = {}
+    for group, names in PV_OPS.items():
+        if group not in template:
+            raise GuestImageError(f"the kernel's pv_ops has no {group} operations (no CONFIG_PARAVIRT_XXL?)")
+        _size, members = types.struct(template[group].type_name)
+        missing = [name for name in names if name not in members]
+        if missing:
+            raise GuestImageError(f"the kernel's {template[group].type_name} has no {', '.join(missing)}")
+        base = symbols["pv_ops"].address + template[group].offset
+        slots.update({name: base + members[name].offset for name in names})
+    return slots

@@ -176,11 +176,11 @@ def load_linux(
     decompress: str,
     kernel_code_emulated: bool,
     rsdp_address: int,
-    pv_irq: dict[str, int] | None = None,
+    pv_ops: dict[str, int] | None = None,
 ) -> LinuxBoot:
     """Place a bzImage or an ELF vmlinux, its initrd and command line, and the zero page. With
-    `pv_irq`, the vmlinux is made ready for the in-guest monitor (paravirt.py): its paravirtual
-    interrupt flag goes to those functions, its IRETQ to user mode traps."""
+    `pv_ops`, the vmlinux is made ready for the in-guest monitor (paravirt.py): its paravirtual
+    interrupt flag and MSR writes go to those functions, its IRETQ to user mode traps."""
     bz: BzImage | None = None
     notes: list[str] = []
     if is_bzimage(kernel_image):
@@ -208,16 +208,16 @@ def load_linux(
     else:
         vmlinux = b""
 
-    if pv_irq is not None:
+    if pv_ops is not None:
         if not vmlinux:
             raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
         from .paravirt import paravirtualize
 
-        paravirtualized = paravirtualize(vmlinux, pv_irq)
+        paravirtualized = paravirtualize(vmlinux, pv_ops)
         vmlinux, iret_site = paravirtualized.vmlinux, paravirtualized.iret_site
         notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
-                     f"{paravirtualized.alternatives} native alternatives over them disarmed; its IRETQ to user "
-                     f"mode at {iret_site:#x} made a UD2")
+                     f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
+                     f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} made a UD2")
 
     if vmlinux:
         # not over the first megabyte (the loader's own structures) or memory the map reserves above it

@@ -1,7 +1,9 @@
 """Making a paravirtual Linux's vmlinux ready to run deprivileged under the in-guest monitor
 (docs/monitor.md, stage 2), before it runs: its interrupt flag goes to the monitor's functions,
 since its kernel runs in ring 3, where PUSHF, POPF, CLI and STI cannot show or change the real IF
-without a trap; and its one IRETQ to user mode is made to trap (see paravirtualize).
+without a trap; so do its MSR writes (`pv_ops.cpu.write_msr`: the FS base at every context switch,
+which the monitor writes with one trip into ring 0 instead of a trap and a call); and its one IRETQ
+to user mode is made to trap (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
 irq_disable, irq_enable, safe_halt, halt). Two tables decide what each call site becomes at boot
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
-from .kernel_symbols import PV_IRQ_OPS, BtfTypes, Member, kallsyms, pv_irq_slots
+from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, kallsyms, pv_slots
 
 ALT_FLAG_NOT = 0x8000  # ALTINSTR_FLAG_INV in alt_instr.cpuid: apply where the CPU lacks the feature
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
@@ -32,17 +34,19 @@ IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
 
 class Paravirtualized(NamedTuple):
     vmlinux: bytes
-    sites: int  # call sites that stay calls to the new functions
+    sites: int  # pv_ops.irq call sites that stay calls to the new functions
+    msr_sites: int  # pv_ops.cpu.write_msr call sites
     alternatives: int  # native replacements taken away from them
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
-    """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots holding
-    `functions` (by member name), every call site of them kept a call (the native alternatives over
-    them disarmed), and its IRETQ to user mode a UD2."""
-    if set(functions) != set(PV_IRQ_OPS):
-        raise ValueError(f"pv_ops.irq functions must be exactly {', '.join(PV_IRQ_OPS)}")
+    """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
+    pv_ops.cpu.write_msr holding `functions` (by member name), every call site of them kept a call
+    (the native alternatives over the irq ones disarmed), and its IRETQ to user mode a UD2."""
+    names = [name for group in PV_OPS.values() for name in group]
+    if sorted(functions) != sorted(names):
+        raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
     image = bytearray(vmlinux)
 
@@ -53,19 +57,22 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         raise GuestImageError(f"the kernel image holds no bytes for {address:#x}")
 
     symbols, types = kallsyms(vmlinux), BtfTypes(vmlinux)
-    slots = pv_irq_slots(symbols, types)
+    slots = pv_slots(symbols, types)
     pv_ops = symbols["pv_ops"].address
     for name, slot in slots.items():
         struct.pack_into("<Q", image, file_offset(slot, 8), functions[name])
 
-    irq_types = {(slot - pv_ops) // 8 for slot in slots.values()}
-    sites = set()
+    types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
+    sites, msr_sites = set(), set()
     site_size, site = types.struct("paravirt_patch_site")
     site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
     for at in _entries(sections, ".parainstructions", site_size):
         instruction = struct.unpack_from("<Q", vmlinux, at + site_instr)[0]
-        if vmlinux[at + site_type] in irq_types:
+        op = types_of.get(vmlinux[at + site_type])
+        if op in PV_IRQ_OPS:
             sites.add(instruction)
+        elif op is not None:
+            msr_sites.add(instruction)
 
     alt_size, alt = types.struct("alt_instr")
     alt_instr, alt_cpuid = _fields(alt_size, alt, "alt_instr", instr_offset=4, cpuid=2)
@@ -75,6 +82,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     for at in entries:
         relative = struct.unpack_from("<i", vmlinux, at + alt_instr)[0]
         instruction = (section.address + at - section.offset + alt_instr + relative) & (2**64 - 1)
+        if instruction in msr_sites:  # nothing would put WRMSR back over these: keep it so
+            raise GuestImageError(f"the kernel has an alternative at the pv_ops.cpu.write_msr call {instruction:#x}")
         if instruction not in sites:
             continue
         feature_at = at + alt_cpuid
@@ -94,7 +103,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     if vmlinux[at : at + len(IRETQ)] != IRETQ:
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
-    return Paravirtualized(bytes(image), len(sites), disarmed, iret_site)
+    return Paravirtualized(bytes(image), len(sites), len(msr_sites), disarmed, iret_site)
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:

@@ -322,13 +322,13 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         layout = LongModeLayout(selectors=LINUX_GDT)
         added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated, monitor is not None)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
-        pv_irq = None
+        pv_ops = None
         if monitor is not None:
             from ..boot.monitor import pv_functions
 
-            pv_irq = pv_functions()
+            pv_ops = pv_functions()
         boot = load_linux(memory, core.memory_map, image, name, initrd, config.initrd or "", cmdline,
-                          config.decompress, host.kernel_code_emulated, tables.rsdp_address, pv_irq)
+                          config.decompress, host.kernel_code_emulated, tables.rsdp_address, pv_ops)
         boot.notes.extend(f"added {parameter}: {why}" for parameter, why in added)
         # The 64-bit boot protocol: long mode, __BOOT_CS/__BOOT_DS, interrupts off, RSI = zero page.
         bsp_regs = s.kvm_regs(rip=boot.entry, rsi=boot.zero_page, rsp=layout.stack_top, rflags=0x2)

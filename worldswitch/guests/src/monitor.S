@@ -133,7 +133,7 @@ ring0_event:
     cmpl $(syscall_gate_return - MONITOR_BASE), 16(%rsp)
     je syscall_entry
     cmpl $(ring0_return - MONITOR_BASE), 16(%rsp)
-    jne 5f
+    jne msr_gate_event
     cmpq $SERVICE_SWAPGS, %rdi
     jne 0f
     swapgs                              /* the monitor never uses GS: the CPU's swap is the guest's */
@@ -171,6 +171,21 @@ msr_refused:
     movl $1, %eax
     addq $16, %rsp
     iretq
+/* msr_gate's int3, from the guest's kernel, whose registers are live here: an MSR of those it may
+ * write without the monitor's look (the FS and GS bases, the TSC deadline) is written, on the path
+ * of the body's own writes; any other is refused, and msr_gate traps with it instead. */
+msr_gate_event:
+    cmpl $(msr_gate_return - MONITOR_BASE), 16(%rsp)
+    jne 5f
+    cmpl $MSR_FS_BASE, %edi
+    jb 6f
+    cmpl $MSR_KERNEL_GS_BASE, %edi
+    jbe 7f
+6:  cmpl $MSR_TSC_DEADLINE, %edi
+    jne msr_refused
+7:  movl %edi, %ecx
+    movl %esi, %eax                     /* EDX holds the high half already */
+    jmp wrmsr_at
 5:  push_registers
     movq %rsp, %rdi
     cld
@@ -236,6 +251,28 @@ body_window:
 leave_return:
     jmp 1b                              /* only where the host dropped the int3 (ring0_call) */
 body_window_end:
+
+/* pv_ops.cpu.write_msr(u32 msr, u32 low, u32 high), from the guest's kernel (the pv page jumps here, so
+ * that ring 0 knows this int3 by its address): Linux writes the FS base at a context switch, which
+ * as a trapping WRMSR is an event and then a call into ring 0; here it is one trip into ring 0. What
+ * ring 0 refuses (another MSR, or one the CPU refused) goes to the WRMSR in the pv page, which traps
+ * and is emulated as any. An interrupt between msr_gate and msr_gate_end is held and sends the
+ * kernel to that WRMSR too (own_event), whose event delivers it: the MSRs ring 0 writes here take a
+ * second write of the same value. The int3's retry is ring0_call's. */
+    .globl msr_gate, msr_gate_end
+msr_gate:
+    movq $RING0_UNANSWERED, %rax
+1:  int3
+msr_gate_return:
+    cmpq $RING0_UNANSWERED, %rax
+    je 1b
+    testl %eax, %eax
+    jnz 2f
+    lock incq handoff + HANDOFF_MSR_GATE_COUNT(%rip)
+    ret
+2:  movabsq $(PV_BASE + PV_WRITE_MSR_TRAP), %rax
+    jmp *%rax
+msr_gate_end:
 
 /* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
  * shadow the guest was on: a user process's shows it this page alone of the monitor's. So the gate
@@ -317,6 +354,14 @@ pv_page:
     ret
     .org pv_page + PV_HALT, 0xcc
     hlt
+    ret
+    .org pv_page + PV_WRITE_MSR, 0xcc
+    movabsq $msr_gate, %rax
+    jmp *%rax
+    .org pv_page + PV_WRITE_MSR_TRAP, 0xcc
+    movl %edi, %ecx
+    movl %esi, %eax
+    wrmsr                               /* traps: the body emulates it, as any of the kernel's */
     ret
     .balign 4096, 0xcc                  /* int3 between and after them */
 

@@ -70,6 +70,8 @@
 #define DATA_DPL0 0x00cf92000000fffful
 
 __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_GATE]) == HANDOFF_MSR_GATE_COUNT,
+               "monitor.h: HANDOFF_MSR_GATE_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -137,7 +139,7 @@ extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
-extern char guest_copy_at[], guest_copy_failed[];
+extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[];
 void halt_forever(void) __attribute__((noreturn));
 void triple_fault(void) __attribute__((noreturn));
 u64 ring0_call(u64 service, u64 a, u64 b);
@@ -1704,6 +1706,8 @@ static void own_event(struct trap_frame *frame)
         leave_again = 1;
         if (frame->rip >= (u64)body_window && frame->rip < (u64)body_window_end)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
+        else if (frame->rip >= (u64)msr_gate && frame->rip < (u64)msr_gate_end)
+            frame->rip = PV_BASE + PV_WRITE_MSR_TRAP; /* its kernel's write again, through a trap: its event delivers */
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)xcr_write_at) {

@@ -19,8 +19,8 @@
 #define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
-/* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), which
- * the VMM points the kernel at before it runs (boot/paravirt.py). One page of the monitor's, mapped
+/* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq) and MSR
+ * writes (pv_ops.cpu.write_msr), which the VMM points the kernel at before it runs (boot/paravirt.py). One page of the monitor's, mapped
  * read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the address space, a hole in Linux's
  * layout within reach of its text's 32-bit calls (Linux patches each call site into a direct call). */
 #define PV_BASE 0xffffffffffe00000
@@ -29,6 +29,14 @@
 #define PV_IRQ_ENABLE 0x40
 #define PV_SAFE_HALT 0x80
 #define PV_HALT 0xa0
+#define PV_WRITE_MSR 0xc0
+#define PV_WRITE_MSR_TRAP 0xe0 /* not the kernel's: msr_gate's way to the trapping WRMSR */
+/* The MSRs msr_gate writes for the kernel (monitor.S), and where it counts them: the handoff's
+ * counters[COUNT_MSR_GATE] (monitor.c checks the offset against the struct). */
+#define MSR_FS_BASE 0xc0000100u
+#define MSR_KERNEL_GS_BASE 0xc0000102u /* GS_BASE, 0xc0000101, between them */
+#define MSR_TSC_DEADLINE 0x6e0u
+#define HANDOFF_MSR_GATE_COUNT (8 * (17 + 27))
 
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
@@ -96,6 +104,7 @@ enum {
     COUNT_INT_N,       /* INT n from ring 3, which this host turns into #UD, delivered as the CPU would */
     COUNT_OWN_FILL,    /* the monitor's own accesses to guest memory the shadow lacked: filled by ring 0 */
     COUNT_PORT_MAP,    /* the guest's I/O bitmap copied for its user mode, at a port access (unfence_ports) */
+    COUNT_MSR_GATE,    /* its kernel's MSR writes that ring 0 did through msr_gate, without a trap */
     COUNT_KINDS
 };
 

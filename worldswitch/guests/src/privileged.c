@@ -14,7 +14,11 @@
  *           as Linux's, in a supervisor-only page as Linux keeps it (SWAPGS first; SWAPGS, a short
  *           jump over VERW's bytes and SYSRETQ to return), which reads its per-CPU word through GS:
  *           DONE(..., calls that read it); then two into an entry without SWAPGS, which must read
- *           the user mode's word through GS. */
+ *           the user mode's word through GS.
+ *   msrgate (under the monitor only) also writes MSRs through the monitor's pv_ops.cpu.write_msr, as
+ *           a paravirtual Linux does: the FS base (ring 0 writes it), STAR (the monitor keeps it: a
+ *           trap) and a non-canonical FS base (a #GP at the pv page's WRMSR): 4 more checks, 1 more
+ *           refused write. */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -33,6 +37,8 @@
 #define MSR_SFMASK 0xc0000084
 #define LINUX_SFMASK 0x47700ul /* TF DF IF IOPL NT AC: what Linux masks at SYSCALL */
 #define SUPERVISOR_PAGE 0x06000000ul /* a 2 MiB page of the identity map nothing else uses */
+#define MSR_FS_BASE 0xc0000100
+#define PV_WRITE_MSR 0xffffffffffe000c0ul /* the monitor's pv page (monitor.h PV_BASE + PV_WRITE_MSR) */
 
 /* Linux's GDT layout, for `linux`. */
 #define LINUX_KERNEL_CS 0x10
@@ -46,6 +52,7 @@ static volatile u64 ticks, refused;
 static u64 kernel_cr0; /* for user mode's smsw */
 static volatile u64 per_cpu = 0x7065722d637075; /* what a kernel's GS base points at after swapgs */
 static volatile u64 user_word = 0x757365722d6773; /* what its user mode's GS base points at */
+static volatile u64 fs_word = 0x66732d776f7264; /* what msrgate's FS base points at */
 static u64 syscalls_wanted;
 
 /* Linux's entry_SYSCALL_64 and its return, reduced to what the monitor recognises in them: the
@@ -108,6 +115,28 @@ static void on_ud(struct trap_frame *frame)
 {
     wrmsr(MSR_LSTAR, SUPERVISOR_PAGE + (u64)(plain_syscall_entry - linux_syscall_entry));
     frame->rip += 2;
+}
+
+/* msrgate: 4 checks, and one refused write (a #GP at the pv page's 2-byte WRMSR, which on_gp steps
+ * over to its RET). */
+static u64 check_msr_gate(void)
+{
+    void (*write_msr)(u32, u32, u32) = (void (*)(u32, u32, u32))PV_WRITE_MSR;
+    u64 fs = rdmsr(MSR_FS_BASE), base = (u64)&fs_word, through_fs;
+    write_msr(MSR_FS_BASE, (u32)base, (u32)(base >> 32));
+    GUEST_ASSERT_EQ(rdmsr(MSR_FS_BASE), base);
+    __asm__ volatile("mov %%fs:0, %0" : "=r"(through_fs));
+    GUEST_ASSERT_EQ(through_fs, fs_word);
+    u64 star = rdmsr(MSR_STAR);
+    write_msr(MSR_STAR, 0, 0x00230010);
+    GUEST_ASSERT_EQ(rdmsr(MSR_STAR), 0x0023001000000000ul);
+    wrmsr(MSR_STAR, star);
+    u64 refused_before = refused;
+    write_msr(MSR_FS_BASE, 0, 0x01000000); /* bit 56 set, 57-63 clear: canonical with neither 48 nor 57 bits */
+    GUEST_ASSERT_EQ(refused, refused_before + 1);
+    GUEST_ASSERT_EQ(rdmsr(MSR_FS_BASE), base);
+    wrmsr(MSR_FS_BASE, fs);
+    return 4;
 }
 
 #define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
@@ -310,6 +339,8 @@ int main(const char *args)
     wrmsr(MSR_GS_BASE, gs);
     wrmsr(MSR_KERNEL_GS_BASE, kernel_gs);
     passed += 2;
+    if (arg_has("msrgate"))
+        passed += check_msr_gate();
 
     struct descriptor_table gdtr = program_gdt();
     __asm__ volatile("lgdt %0" : : "m"(gdtr));
