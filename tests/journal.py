@@ -48,6 +48,7 @@ class Journal:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         outcome = report.outcome if report.outcome in RANK else "failed"
         entry = self.current.setdefault(report.nodeid, Entry("passed"))
+        entry.seconds += report.duration
         if RANK[outcome] > RANK[entry.outcome]:
             entry.outcome = outcome
         if outcome == "failed":

@@ -16,6 +16,7 @@ RANK = {"passed": 0, "skipped": 1, "failed": 2}
 class Entry:
     outcome: str  # passed, skipped or failed: a test's worst phase
     report: str = ""  # for a failure, the end of pytest's report of it
+    seconds: float = 0.0  # its set-up, call and teardown together
 
 
 def read(path: Path) -> dict[str, Entry]:
@@ -32,7 +33,8 @@ def read(path: Path) -> dict[str, Entry]:
     for line in text.splitlines():
         try:
             entry = json.loads(line)
-            entries[str(entry["test"])] = Entry(str(entry["outcome"]), str(entry.get("report", "")))
+            entries[str(entry["test"])] = Entry(str(entry["outcome"]), str(entry.get("report", "")),
+                                                float(entry.get("seconds", 0.0)))
         except (ValueError, KeyError, TypeError, AttributeError):
             continue
     return entries
@@ -45,7 +47,8 @@ def failed(entries: dict[str, Entry]) -> list[str]:
 
 def append(path: Path, test: str, entry: Entry) -> None:
     """Record `test`'s outcome, flushed and synced: it must survive the host that ran it."""
-    line = json.dumps({"test": test, "outcome": entry.outcome, "report": entry.report}) + "\n"
+    line = json.dumps({"test": test, "outcome": entry.outcome, "report": entry.report,
+                       "seconds": round(entry.seconds, 6)}) + "\n"
     with path.open("a") as journal:
         journal.write(line)
         journal.flush()

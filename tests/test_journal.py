@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, StallWatch, next_attempt
+from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, EXIT_TIMEOUT, StallWatch, next_attempt, unfinished
+from tests.journal_file import read
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,19 @@ def test_the_nested_host_does_not_rerun_a_command_that_failed_without_failed_tes
     assert next_attempt(EXIT_TESTS_FAILED, journal, reran=False) is None
     assert next_attempt(0, journal, reran=False) is None
     assert next_attempt(EXIT_HOST_FAILED, journal, reran=False) is not None
+
+
+def test_a_run_that_timed_out_shows_why_its_earlier_failures_failed(tmp_path: Path) -> None:
+    journal = _sample(tmp_path, "False")
+    first = _pytest(tmp_path, journal)  # test_second fails; the "host" dies in test_third, before any summary
+    assert "AssertionError" not in first.stdout
+    lines = unfinished(EXIT_TIMEOUT, read(journal))
+    assert lines[0].endswith("2 finished tests, 1 of them failed: test_sample.py::test_second"), lines
+    assert "the slowest: test_sample.py::test_" in lines[1], lines
+    assert all(entry.seconds > 0 for entry in read(journal).values())
+    assert any("assert False" in line for line in lines[2:]), lines
+    assert unfinished(EXIT_TESTS_FAILED, read(journal)) == []  # pytest's summary shows them then
+    assert unfinished(0, read(journal)) == [] and unfinished(EXIT_HOST_FAILED, {}) == []
 
 
 # Linux's stall reports in its own formats (kernel/rcu/tree_stall.h, kernel/watchdog.c); the soft lockup

@@ -258,9 +258,10 @@ def test_virtio_net_ping_and_tcp_both_ways(linux: Shell, netns: str) -> None:
         def take() -> None:
             connection, _ = listener.accept()
             with connection:
+                connection.settimeout(COMMAND_TIMEOUT)  # accept() gives a blocking socket: a stalled stream would hold it
                 received.append(_receive_all(connection, size))
 
-        taker = threading.Thread(target=take)
+        taker = threading.Thread(target=take, daemon=True)
         taker.start()
         linux.run("nc -w 30 10.0.2.1 5001 < /tmp/out")
         taker.join(COMMAND_TIMEOUT)

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.journal_file import failed, read  # noqa: E402
+from tests.journal_file import Entry, failed, read  # noqa: E402
 from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramfs, cpio_newc,  # noqa: E402
                                         resolve_modules)
 from worldswitch.errors import WorldswitchError  # noqa: E402
@@ -476,6 +476,24 @@ def next_attempt(status: int, journal: Path, reran: bool) -> str | None:
     return None
 
 
+def unfinished(status: int, entries: dict[str, Entry], report_chars: int = 1500) -> list[str]:
+    """What a run that did not end well leaves in its journal, for the log: how many tests finished, how
+    long they took (the slowest named), and each failure's report (its end). A run that L1's death or --timeout ended never reaches pytest's
+    summary, and without this a test that failed before it leaves no trace of why."""
+    if status in (0, EXIT_TESTS_FAILED) or not entries:  # pytest's own summary has said it all
+        return []
+    failures = failed(entries)
+    slowest = sorted(entries, key=lambda test: entries[test].seconds, reverse=True)[:5]
+    lines = [f"nested host: the journal holds {len(entries)} finished tests, {len(failures)} of them failed"
+             + (": " + ", ".join(failures) if failures else ""),
+             f"nested host: they took {sum(entry.seconds for entry in entries.values()):.0f} s; the slowest: "
+             + ", ".join(f"{test} {entries[test].seconds:.0f} s" for test in slowest)]
+    for test in failures:
+        lines.append(f"--- {test}, as its attempt reported it (the end):")
+        lines.extend(f"  | {line}" for line in entries[test].report[-report_chars:].splitlines())
+    return lines
+
+
 def main(flavour: Flavour, argv: list[str]) -> int:
     import argparse
 
@@ -514,6 +532,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         journals.mkdir(parents=True, exist_ok=True)
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
         environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal)}
+        status = EXIT_HOST_FAILED
         try:
             status = run(flavour, command, resources(), environment, journal)
             reran = False  # the tests that failed have had their run in a fresh L1
@@ -530,6 +549,8 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                       "tests that passed)", file=sys.stderr, flush=True)
                 status = run(flavour, command, resources(), environment, journal)
         finally:
+            for line in unfinished(status, read(journal)):
+                print(line, file=sys.stderr, flush=True)
             journal.unlink(missing_ok=True)
         return status
     except (WorldswitchError, OSError) as error:
