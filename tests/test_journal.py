@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from tests.hosts.nested import EXIT_HOST_FAILED, EXIT_TESTS_FAILED, EXIT_TIMEOUT, StallWatch, next_attempt, unfinished
+from tests.hosts.nested import (EXIT_HOST_FAILED, EXIT_TESTS_FAILED, EXIT_TIMEOUT, Relay, StallWatch, next_attempt,
+                                unfinished)
 from tests.journal_file import read
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,31 @@ def test_a_run_that_timed_out_shows_why_its_earlier_failures_failed(tmp_path: Pa
     assert any("assert False" in line for line in lines[2:]), lines
     assert unfinished(EXIT_TESTS_FAILED, read(journal)) == []  # pytest's summary shows them then
     assert unfinished(0, read(journal)) == [] and unfinished(EXIT_HOST_FAILED, {}) == []
+
+
+def test_a_relay_finishes_whether_or_not_qemu_opened_its_fifo(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        unopened = Relay(tmp_path / "unopened", write_end)  # QEMU failed before opening it
+        unopened.finish()
+        assert not unopened._thread.is_alive()
+        used = Relay(tmp_path / "used", write_end)
+        with open(used.fifo, "wb") as qemu:
+            qemu.write(b"out\n")
+        used._thread.join(5)
+        assert os.read(read_end, 100) == b"out\n"
+        # QEMU's end seen just after finish() looked: the copier alive then, no reader at the open
+        release = threading.Event()
+        used._thread = threading.Thread(target=release.wait, daemon=True)
+        used._thread.start()
+        finishing = threading.Thread(target=used.finish, args=(0.5,), daemon=True)
+        finishing.start()
+        finishing.join(5)
+        assert not finishing.is_alive(), "finish() waits for a reader that is gone"
+        release.set()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 # Linux's stall reports in its own formats (kernel/rcu/tree_stall.h, kernel/watchdog.c); the soft lockup

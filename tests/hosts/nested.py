@@ -316,14 +316,17 @@ class Relay:
             while chunk := source.read(65536):
                 os.write(self._target, chunk)
 
-    def finish(self) -> None:
-        if self._thread.is_alive():
-            try:  # QEMU never opened it (it failed first): let the copier's open return
-                with open(self.fifo, "wb", buffering=0):
-                    pass
-            except OSError:
-                pass
-        self._thread.join(5)
+    def finish(self, wait: float = 5.0) -> None:
+        # Where QEMU never opened it (it failed first), let the copier's open return. Without blocking:
+        # a copier that has just seen QEMU's end leaves no reader, and a blocking open would wait forever
+        deadline = time.monotonic() + wait
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            try:
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK))
+                break
+            except OSError:  # ENXIO: no reader, not yet or not any more
+                time.sleep(0.01)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen) -> None:
@@ -335,6 +338,7 @@ def _wait_for_socket(path: Path, process: subprocess.Popen) -> None:
 
 
 HEARTBEAT_LOST_S = 180  # L1 prints a heartbeat every 5 s (l1-init); this long without one, its CPUs are stuck
+WAKE_WAIT_S = 60  # and this long more after a keyboard interrupt meant to wake them (docs/hosts.md, issue 8)
 
 # L1's kernel reports a CPU that stopped scheduling (docs/hosts.md, issue 10), in Linux's own words
 # (kernel/rcu/tree_stall.h, kernel/watchdog.c). The other CPU can go on printing the heartbeat.
@@ -382,6 +386,7 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
     stalls = StallWatch()
     console_read = 0
     progress_size = _size(progress)
+    woken = 0.0  # when L1, silent, was sent a keyboard interrupt to wake it
     try:
         while process.poll() is None:
             time.sleep(1)
@@ -401,9 +406,22 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
             if now - started > timeout:
                 print(f"nested host: no end after {timeout:.0f} s; stopped it. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_TIMEOUT)
-            if size and now - last_beat > HEARTBEAT_LOST_S:
-                print(f"nested host: L1 stopped responding (no heartbeat for {HEARTBEAT_LOST_S} s); stopped it. "
-                      f"Where its CPUs were: {_cpu_places(monitor)}. Its console: {console}", file=sys.stderr)
+            if size and now - last_beat > HEARTBEAT_LOST_S and not woken:
+                # issue 8: L1 idle in HLT, its timer's interrupt requested in the LAPIC but never taken.
+                # A keyboard interrupt makes QEMU look at the LAPIC again; L1 ignores the key.
+                print(f"nested host: no heartbeat from L1 for {HEARTBEAT_LOST_S} s; its CPUs: "
+                      f"{_cpu_places(monitor)}; CPU 0's LAPIC: {_lapic(monitor)}. Sending it a keyboard "
+                      "interrupt", file=sys.stderr, flush=True)
+                _ask(monitor, "sendkey shift")
+                woken = now
+            elif woken and last_beat > woken:
+                print(f"nested host: L1 went on {last_beat - woken:.0f} s after the keyboard interrupt",
+                      file=sys.stderr, flush=True)
+                woken = 0.0
+            elif woken and now - woken > WAKE_WAIT_S:
+                print(f"nested host: L1 stopped responding (no heartbeat for {now - last_beat:.0f} s, none "
+                      f"{WAKE_WAIT_S} s after a keyboard interrupt); stopped it. Where its CPUs were: "
+                      f"{_cpu_places(monitor)}. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_HOST_FAILED)
             if stalls.stuck(now):
                 print(f"nested host: L1's kernel has reported stalled CPUs for {stalls.limit:.0f} s with no test "
@@ -437,24 +455,36 @@ def _stop(process: subprocess.Popen, monitor: Path, console: Path, status: int) 
     return status
 
 
-def _cpu_places(monitor: Path) -> str:
-    """Each L1 CPU's RIP and privilege level, from QEMU's monitor (for a report on a stuck host)."""
+def _ask(monitor: Path, command: str) -> bytes:
+    """QEMU's monitor's answer to one command ("" when it does not answer)."""
     try:
         with socket.socket(socket.AF_UNIX) as connection:
             connection.settimeout(5)
             connection.connect(str(monitor))
-            connection.sendall(b"info registers -a\n")
+            connection.sendall(command.encode() + b"\n")
             answer = b""
             while answer.count(b"(qemu)") < 2:  # the greeting's prompt, then the one after the answer
                 chunk = connection.recv(1 << 16)
                 if not chunk:
                     break
                 answer += chunk
-    except OSError as error:
-        return f"unknown ({error})"
-    places = re.findall(rb"RIP=([0-9a-f]+) RFL=([0-9a-f]+) .*?CPL=(\d)", answer)
+    except OSError:
+        return b""
+    return answer
+
+
+def _cpu_places(monitor: Path) -> str:
+    """Each L1 CPU's RIP and privilege level, from QEMU's monitor (for a report on a stuck host)."""
+    places = re.findall(rb"RIP=([0-9a-f]+) RFL=([0-9a-f]+) .*?CPL=(\d)", _ask(monitor, "info registers -a"))
     return ", ".join(f"CPU{n} rip {rip.decode()} rflags {rfl.decode()} ring {cpl.decode()}"
                      for n, (rip, rfl, cpl) in enumerate(places)) or "unknown"
+
+
+def _lapic(monitor: Path) -> str:
+    """CPU 0's local APIC as QEMU has it: the interrupts it requests and has in service, and its timer."""
+    answer = _ask(monitor, "info lapic").decode(errors="replace")
+    lines = [" ".join(line.split()) for line in answer.splitlines() if line.startswith(("IRR", "ISR", "LVTT", "Timer"))]
+    return "; ".join(lines) or "unknown"
 
 
 def _tail(log: Path, lines: int = 30) -> None:
