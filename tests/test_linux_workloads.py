@@ -330,8 +330,9 @@ def test_a_booted_linux_snapshot_restores_at_its_prompt(debian: DebianLinux, ini
         restored.power_off()
 
 
-@pytest.mark.xfail(EMULATED_CPU, strict=False, reason="QEMU's TCG sometimes runs the second boot's L2 at an L1 kernel "
-                   "address (docs/hosts.md, issue 5); on hardware this test must pass")
+@pytest.mark.skipif(EMULATED_CPU, reason="on QEMU's TCG its outcome cannot count (the second boot's L2 sometimes "
+                    "runs at an L1 kernel address, docs/hosts.md issue 5), and L1 panicked in it in 3 of its 3 "
+                    "panics on 2026-12-01 (issue 6); on hardware this test must pass")
 def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path, tmp_path: Path) -> None:
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         try:
