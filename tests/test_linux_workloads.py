@@ -258,7 +258,7 @@ def test_virtio_net_ping_and_tcp_both_ways(linux: Shell, netns: str) -> None:
         def take() -> None:
             connection, _ = listener.accept()
             with connection:
-                connection.settimeout(COMMAND_TIMEOUT)  # accept() gives a blocking socket: a stalled stream would hold it
+                connection.settimeout(COMMAND_TIMEOUT)  # accept() gives a blocking socket: a stalled stream holds it
                 received.append(_receive_all(connection, size))
 
         taker = threading.Thread(target=take, daemon=True)
@@ -331,8 +331,8 @@ def test_a_booted_linux_snapshot_restores_at_its_prompt(debian: DebianLinux, ini
 
 
 @pytest.mark.skipif(EMULATED_CPU, reason="on QEMU's TCG its outcome cannot count (the second boot's L2 sometimes "
-                    "runs at an L1 kernel address, docs/hosts.md issue 5), and L1 panicked in it in 3 of its 3 "
-                    "panics on 2026-12-01 (issue 6); on hardware this test must pass")
+                    "runs at an L1 kernel address, docs/hosts.md issue 5), and all three L1 panics of 2026-12-01 "
+                    "came during it (issue 6); on hardware this test must pass")
 def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path, tmp_path: Path) -> None:
     for attempt in range(1, BOOT_ATTEMPTS + 1):
         try:

@@ -407,8 +407,8 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
                 print(f"nested host: no end after {timeout:.0f} s; stopped it. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_TIMEOUT)
             if size and now - last_beat > HEARTBEAT_LOST_S and not woken:
-                # issue 8: L1 idle in HLT, its timer's interrupt requested in the LAPIC but never taken.
-                # A keyboard interrupt makes QEMU look at the LAPIC again; L1 ignores the key.
+                # issue 8: L1 idle in HLT, waiting for a timer interrupt that does not come. A keyboard
+                # interrupt wakes it and makes QEMU look at the LAPIC's requests again; L1 ignores the key.
                 print(f"nested host: no heartbeat from L1 for {HEARTBEAT_LOST_S} s; its CPUs: "
                       f"{_cpu_places(monitor)}; CPU 0's LAPIC: {_lapic(monitor)}. Sending it a keyboard "
                       "interrupt", file=sys.stderr, flush=True)
@@ -508,8 +508,9 @@ def next_attempt(status: int, journal: Path, reran: bool) -> str | None:
 
 def unfinished(status: int, entries: dict[str, Entry], report_chars: int = 1500) -> list[str]:
     """What a run that did not end well leaves in its journal, for the log: how many tests finished, how
-    long they took (the slowest named), and each failure's report (its end). A run that L1's death or --timeout ended never reaches pytest's
-    summary, and without this a test that failed before it leaves no trace of why."""
+    long they took (the slowest named), and each failure's report (its end). A run that L1's death or
+    --timeout ended never reaches pytest's summary, and without this a test that failed before it
+    leaves no trace of why."""
     if status in (0, EXIT_TESTS_FAILED) or not entries:  # pytest's own summary has said it all
         return []
     failures = failed(entries)
