@@ -338,7 +338,7 @@ def _wait_for_socket(path: Path, process: subprocess.Popen) -> None:
 
 
 HEARTBEAT_LOST_S = 180  # L1 prints a heartbeat every 5 s (l1-init); this long without one, its CPUs are stuck
-WAKE_WAIT_S = 60  # and this long more after a keyboard interrupt meant to wake them (docs/hosts.md, issue 8)
+WAKE_WAIT_S = 60  # and this long more after a keyboard interrupt and an NMI meant to wake them (docs/hosts.md, issue 8)
 
 # L1's kernel reports a CPU that stopped scheduling (docs/hosts.md, issue 10), in Linux's own words
 # (kernel/rcu/tree_stall.h, kernel/watchdog.c). The other CPU can go on printing the heartbeat.
@@ -386,7 +386,7 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
     stalls = StallWatch()
     console_read = 0
     progress_size = _size(progress)
-    woken = 0.0  # when L1, silent, was sent a keyboard interrupt to wake it
+    woken = 0.0  # when L1, silent, was sent a keyboard interrupt and an NMI to wake it
     try:
         while process.poll() is None:
             time.sleep(1)
@@ -409,18 +409,21 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
             if size and now - last_beat > HEARTBEAT_LOST_S and not woken:
                 # issue 8: L1 idle in HLT, waiting for a timer interrupt that does not come. A keyboard
                 # interrupt wakes it and makes QEMU look at the LAPIC's requests again; L1 ignores the key.
+                # An NMI reaches a CPU spinning with interrupts off, and takes one out of VMRUN (L1's
+                # kernel reports it as of unknown reason and goes on)
                 print(f"nested host: no heartbeat from L1 for {HEARTBEAT_LOST_S} s; its CPUs: "
                       f"{_cpu_places(monitor)}; CPU 0's LAPIC: {_lapic(monitor)}. Sending it a keyboard "
-                      "interrupt", file=sys.stderr, flush=True)
+                      "interrupt and an NMI", file=sys.stderr, flush=True)
                 _ask(monitor, "sendkey shift")
+                _ask(monitor, "nmi")
                 woken = now
             elif woken and last_beat > woken:
-                print(f"nested host: L1 went on {last_beat - woken:.0f} s after the keyboard interrupt",
+                print(f"nested host: L1 went on {last_beat - woken:.0f} s after the keyboard interrupt and NMI",
                       file=sys.stderr, flush=True)
                 woken = 0.0
             elif woken and now - woken > WAKE_WAIT_S:
                 print(f"nested host: L1 stopped responding (no heartbeat for {now - last_beat:.0f} s, none "
-                      f"{WAKE_WAIT_S} s after a keyboard interrupt); stopped it. Where its CPUs were: "
+                      f"{WAKE_WAIT_S} s after a keyboard interrupt and an NMI); stopped it. Where its CPUs were: "
                       f"{_cpu_places(monitor)}. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_HOST_FAILED)
             if stalls.stuck(now):
