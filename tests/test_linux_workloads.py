@@ -331,7 +331,7 @@ def test_a_booted_linux_snapshot_restores_at_its_prompt(debian: DebianLinux, ini
 
 
 @pytest.mark.skipif(EMULATED_CPU, reason="on QEMU's TCG its outcome cannot count (the second boot's L2 sometimes "
-                    "runs at an L1 kernel address, docs/hosts.md issue 5), and three of the four L1 panics of "
+                    "runs at an L1 kernel address, docs/hosts.md issue 5), and three of the five L1 panics of "
                     "2026-12-01 came during it (issue 6); on hardware this test must pass")
 def test_reboot_option_survives_a_guest_reboot(debian: DebianLinux, initrd: Path, tmp_path: Path) -> None:
     for attempt in range(1, BOOT_ATTEMPTS + 1):
