@@ -653,14 +653,9 @@ def test_a_pipeline_of_seven_processes_keeps_its_shadows(debian_under_monitor: t
     keeps 16). With four kept, this pipeline made a shadow again at 1,200 of its context switches,
     59,500 fills in 8.6 s; with sixteen, 7 and 3,100 in 1.3 s (docs/monitor.md)."""
     kernel, _marker_initrd = debian_under_monitor
-    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
-        at_the_prompt(vm)
-        ask(vm, 0, "ls /bin | cat | wc -l")  # the programs' pages in the page cache, their first fills made
-        before = vm.stats()["monitor"]
-        answer = ask(vm, 1, "ls /bin | cat | cat | cat | cat | cat | wc -l")
-        after = vm.stats()["monitor"]
-        vm.console.send("poweroff -f\n")
-        vm.wait(60)
+    # `ls | cat | wc` first: the programs' pages in the page cache, their first fills made
+    answer, before, after = counted(kernel, tmp_path, "ls /bin | cat | cat | cat | cat | cat | wc -l",
+                                    first="ls /bin | cat | wc -l")
     assert re.search(r"\n[1-9]\d*\r?\n", answer[-200:]), answer
     made, fills = after["shadow_flush"] - before["shadow_flush"], after["shadow_fill"] - before["shadow_fill"]
     assert made < 40 and fills < 15_000, (made, fills)
@@ -673,13 +668,7 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_unde
     the process it switches to, through pv_ops.cpu.write_msr and the monitor's msr_gate rather than a
     trap. Both programs' answers depend on their own FS base."""
     kernel, _marker_initrd = debian_under_monitor
-    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
-        at_the_prompt(vm)
-        before = vm.stats()["monitor"]
-        answer = ask(vm, 0, "seq 1 2000 | wc -l")
-        after = vm.stats()["monitor"]
-        vm.console.send("poweroff -f\n")
-        vm.wait(60)
+    answer, before, after = counted(kernel, tmp_path, "seq 1 2000 | wc -l")
     assert re.search(r"\n2000\r?\n", answer[-100:]), answer
     gate, traps = after["msr_gate"] - before["msr_gate"], after["wrmsr"] - before["wrmsr"]
     # 2,000 lines: 3,715 through the gate, 543 traps (the x2APIC's registers and the like)
@@ -765,6 +754,22 @@ def at_the_prompt(vm: Machine) -> None:
     vm.start()
     vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
     vm.console.expect(rb"# ", timeout=60)  # the shell's prompt: it reads its input from here on
+
+
+def counted(kernel: Path, tmp_path: Path, command: str,
+            first: str | None = None) -> tuple[str, dict[str, int], dict[str, int]]:
+    """Debian's shell under the monitor runs `first`, then `command`: the console's answer to `command`,
+    and the monitor's counters before and after it."""
+    with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        if first is not None:
+            ask(vm, 0, first)
+        before = vm.stats()["monitor"]
+        answer = ask(vm, 1, command)
+        after = vm.stats()["monitor"]
+        vm.console.send("poweroff -f\n")
+        vm.wait(60)
+    return answer, before, after
 
 
 def ask(vm: Machine, n: int, command: str) -> str:
