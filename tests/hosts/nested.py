@@ -486,7 +486,8 @@ def _cpu_places(monitor: Path) -> str:
 def _lapic(monitor: Path) -> str:
     """CPU 0's local APIC as QEMU has it: the interrupts it requests and has in service, and its timer."""
     answer = _ask(monitor, "info lapic").decode(errors="replace")
-    lines = [" ".join(line.split()) for line in answer.splitlines() if line.startswith(("IRR", "ISR", "LVTT", "Timer"))]
+    lines = [" ".join(line.split()) for line in answer.splitlines()
+             if line.split(None, 1)[:1] in (["IRR"], ["ISR"], ["LVTT"], ["Timer"])]  # LVTTHMR is not the timer
     return "; ".join(lines) or "unknown"
 
 

@@ -217,7 +217,8 @@ def load_linux(
         vmlinux, iret_site = paravirtualized.vmlinux, paravirtualized.iret_site
         notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
                      f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
-                     f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} made a UD2")
+                     f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
+                     "made a UD2")
 
     if vmlinux:
         # not over the first megabyte (the loader's own structures) or memory the map reserves above it

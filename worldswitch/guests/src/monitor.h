@@ -20,9 +20,10 @@
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq) and MSR
- * writes (pv_ops.cpu.write_msr), which the VMM points the kernel at before it runs (boot/paravirt.py). One page of the monitor's, mapped
- * read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the address space, a hole in Linux's
- * layout within reach of its text's 32-bit calls (Linux patches each call site into a direct call). */
+ * writes (pv_ops.cpu.write_msr), which the VMM points the kernel at before it runs (boot/paravirt.py).
+ * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
+ * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
+ * call site into a direct call). */
 #define PV_BASE 0xffffffffffe00000
 #define PV_SAVE_FL 0x00      /* offsets in the page: keep in step with boot/monitor.py PV_FUNCTIONS */
 #define PV_IRQ_DISABLE 0x20
