@@ -123,6 +123,7 @@ LAZY_IMPORTERS: dict[str, set[str]] = {
                                 "_open_trace", "_load_program", "_virtio_devices", "add", "block", "network",
                                 "restore_machine"},
     "worldswitch.vmm.platform.pci_platform": {"add_virtio"},
+    "worldswitch.sandbox": {"_import_what_runs_later"},  # pkgutil, on the main thread before the filters
 }
 # Where code runs on a confined thread (a vCPU, a device worker, console or control I/O), which may not
 # open a file: an import there on first use would end the VMX (worldswitch/sandbox/__init__.py).

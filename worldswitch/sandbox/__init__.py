@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
-import pkgutil
 import threading
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,7 +29,10 @@ __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "desc
 # Standard modules a confined thread (a vCPU, a virtio worker, the console or control I/O) may load
 # on first use, on an error path, and could no longer open then: a guest-facing thread may not open
 # files at all. Our own code on those threads imports at module level only (tests/test_layering.py).
-THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue", "traceback")
+# Not `traceback`: nothing of ours on those threads formats one, and CPython's own display of an
+# uncaught exception opens the source file whatever is imported; importing it (with textwrap) cost
+# about 8 ms of every sandboxed start.
+THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue")
 
 # In a jail not even the main and control-command threads can open a module later (the files are not
 # there): they need what snapshots and reports use, and every module of the parts that run a machine.
@@ -41,6 +43,8 @@ JAIL_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices",
 def _import_what_runs_later(jailed: bool) -> None:
     names = list(THREAD_IMPORTS)
     if jailed:
+        import pkgutil  # only a jail walks the packages (about 2 ms of every start otherwise)
+
         names += JAIL_IMPORTS
         for package in JAIL_PACKAGES:
             names += [module.name for module in
