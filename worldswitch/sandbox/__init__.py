@@ -31,19 +31,19 @@ __all__ = ["Sandbox", "SandboxError", "SandboxSettings", "confine_thread", "desc
 # files at all. Our own code on those threads imports at module level only (tests/test_layering.py).
 # Not `traceback`: nothing of ours on those threads formats one, and CPython's own display of an
 # uncaught exception opens the source file whatever is imported; importing it (with textwrap) cost
-# about 8 ms of every sandboxed start.
+# about 3 ms of every sandboxed start. A jail imports it: the CLI's WORLDSWITCH_DEBUG report uses it.
 THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue")
 
 # In a jail not even the main and control-command threads can open a module later (the files are not
 # there): they need what snapshots and reports use, and every module of the parts that run a machine.
-JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "dataclasses")
+JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "dataclasses", "traceback")
 JAIL_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices", "worldswitch.boot")
 
 
 def _import_what_runs_later(jailed: bool) -> None:
     names = list(THREAD_IMPORTS)
     if jailed:
-        import pkgutil  # only a jail walks the packages (about 2 ms of every start otherwise)
+        import pkgutil  # only a jail walks the packages; every other start would pay for its import
 
         names += JAIL_IMPORTS
         for package in JAIL_PACKAGES:
