@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 
@@ -25,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from worldswitch.boot import bootparams as bp
+from worldswitch.boot.bzimage import parse_bzimage
+from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.machine import Vmm
@@ -128,3 +132,24 @@ def round_trip_vcpu_state(vm: Machine, until: Callable[[], bool], *, quiesce: bo
             restore_running_vcpu(vcpu, save_vcpu(vcpu, msrs))
         rounds += 1
     return rounds
+
+
+LOADER_ZERO_PAGE, LOADER_CMDLINE = 0x90000, 0x98000
+
+
+def loaded_by_a_boot_loader(memory: GuestMemory, image: bytes, entry: int, cmdline: bytes = b"console=ttyS0",
+                            **fields: int) -> None:
+    """What GRUB leaves in guest memory as it enters a bzImage at its 32-bit entry (seen here): the protected-mode
+    kernel at `entry` (its code32_start), a zero page with the kernel's setup header and what the
+    loader filled in (`fields` override either), the command line."""
+    kernel = parse_bzimage(image)
+    raw = bytearray(ctypes.sizeof(bp.boot_params))
+    raw[bp.SETUP_HEADER_OFFSET: bp.SETUP_HEADER_OFFSET + len(kernel.header_bytes)] = kernel.header_bytes
+    params = bp.boot_params.from_buffer(raw)
+    params.hdr.code32_start, params.hdr.cmd_line_ptr, params.hdr.type_of_loader = entry, LOADER_CMDLINE, 0x72
+    params.hdr.boot_flag = 0  # GRUB 2.06 leaves the boot sector's signature out
+    for name, value in fields.items():
+        setattr(params.hdr if hasattr(params.hdr, name) else params, name, value)
+    memory.write(LOADER_ZERO_PAGE, bytes(raw))
+    memory.write(LOADER_CMDLINE, cmdline + b"\0")
+    memory.write(entry, kernel.kernel)

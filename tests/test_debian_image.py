@@ -74,11 +74,16 @@ def test_the_hybrid_iso_boots_through_seabios_into_grubs_menu(images: tuple[Path
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("which", ["disk", "iso"])
-@pytest.mark.skipif(EMULATED, reason="Linux behind GRUB takes a quarter of an hour where kernel code is emulated")
 def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(images: tuple[Path, Path], which: str) -> None:
+    """Where guest kernel code is emulated, Linux runs under the monitor (--monitor), taken over where
+    GRUB enters it (vmm/x86/handoff.py): about 110 s here to power-off, 70 of them GRUB loading the
+    kernel and initrd through the BIOS, where without the monitor it takes a quarter of an hour. There
+    only the disk: the ISO differs in how GRUB finds its files, which the ISO's menu test covers."""
+    if EMULATED and which == "iso":
+        pytest.skip("GRUB's loading through the BIOS is emulated here: the disk alone takes two minutes")
     disk, iso = images
     spec = str(disk) if which == "disk" else f"{iso},ro,format=raw"
-    with Machine(disk=[spec]) as vm:
+    with Machine(disk=[spec], monitor=EMULATED) as vm:
         vm.start()
         vm.console.expect(r"Booting `Debian GNU/Linux", timeout=MENU_TIMEOUT)
         vm.console.expect(r"Linux version", timeout=300)
@@ -87,6 +92,9 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
         vm.console.send("poweroff -f\n")
         result = vm.wait(120)
         assert result is not None and result.reason is StopReason.POWER_OFF, result
+        handoff = vm.vmm.runners[0].handoff
+    if EMULATED:  # GRUB loads a relocatable kernel at its pref_address, 16 MiB, and enters it there
+        assert handoff is not None and handoff.boot is not None and "(type 0x72) started it at 0x1000000" in handoff.boot.notes[0]
 
 
 @pytest.mark.kvm

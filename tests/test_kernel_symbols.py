@@ -7,18 +7,31 @@ from __future__ import annotations
 import shutil
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
+from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
 from worldswitch.boot.elf import read_sections
 from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_slots
+from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, take_over_linux
 from worldswitch.boot.monitor import PV_BASE, pv_functions
 from worldswitch.boot.paravirt import ALT_FLAG_NOT, X86_FEATURE_XENPV, paravirtualize
 from worldswitch.errors import GuestImageError
+from worldswitch.memory.guest import GuestMemory
+from worldswitch.memory.layout import MIB, MemoryMap
 from worldswitch.vmx.debian import fetch_debian
 
+from .helpers import LOADER_ZERO_PAGE, loaded_by_a_boot_loader
+
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
+
+
+class Feature(NamedTuple):
+    """A CPU feature the host forces into CPUID (boot/linux.py CpuFeature)."""
+    name: str
+    linux_feature: int
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +137,29 @@ def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(v
     damaged[text.offset + iret - text.address] = 0x90  # not an IRETQ there any more
     with pytest.raises(GuestImageError, match="is not an IRETQ"):
         paravirtualize(bytes(damaged), pv_functions())
+
+
+def test_the_kernel_a_boot_loader_started_is_made_ready_for_the_monitor_in_guest_memory(vmlinux: bytes) -> None:
+    """Firmware under the monitor (vmm/x86/handoff.py): Debian's bzImage as GRUB leaves it at its
+    32-bit entry, taken over as --kernel --monitor loads a file: the vmlinux patched as
+    paravirtualize patches it, at its physical addresses; the loader's zero page and command line
+    copied below 1 MiB for the 64-bit entry, its initrd left where the loader put it."""
+    image = Path(fetch_debian(CACHE).kernel).read_bytes()
+    memory_map = MemoryMap.for_memory(256 * MIB)
+    memory = GuestMemory(memory_map.backed_ranges())
+    try:
+        entry = parse_bzimage(image).header.pref_address  # where GRUB loads a relocatable kernel
+        initrd = (0xC000000, 0xC000000 + MIB)
+        loaded_by_a_boot_loader(memory, image, entry, b"console=ttyS0 quiet", ramdisk_image=initrd[0], ramdisk_size=MIB)
+        boot = take_over_linux(memory, memory_map, LOADER_ZERO_PAGE, entry, pv_functions(), [Feature("xsave", 26)])
+        patched = paravirtualize(vmlinux, pv_functions())
+        first = read_sections(patched.vmlinux)[".text"]
+        assert memory.read(first.address - KERNEL_TEXT + 0x1000000, 4096) == patched.vmlinux[first.offset:first.offset + 4096]
+        assert boot.iret_site == patched.iret_site and boot.initrd == initrd and boot.zero_page == ZERO_PAGE
+        assert boot.cmdline == "console=ttyS0 quiet noxsave"
+        params = memory.read_obj(ZERO_PAGE, bp.boot_params)
+        assert (params.hdr.cmd_line_ptr, params.hdr.ramdisk_image, params.hdr.type_of_loader) == (CMDLINE_ADDR, initrd[0], 0x72)
+        assert memory.read_cstring(CMDLINE_ADDR, 100) == b"console=ttyS0 quiet noxsave"
+        assert f"started it at {entry:#x}" in boot.notes[0] and any("lz4" in note or "zstd" in note for note in boot.notes)
+    finally:
+        memory.close()

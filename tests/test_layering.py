@@ -117,11 +117,13 @@ def test_the_graph_is_read_whole() -> None:
 # The functions that import when called, all of them run while a machine is built or a session set up
 # (on the main thread, before the sandbox) or on a control-command thread (which may still open files).
 LAZY_IMPORTERS: dict[str, set[str]] = {
-    "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},  # only for a kernel packed that way
-    "worldswitch.boot.linux": {"load_linux"},  # paravirt, only for a kernel under the monitor
+    # only for a kernel packed that way, or under the monitor; vmm/x86/handoff.py, which runs both on a
+    # vCPU's thread, imports them first on the main thread
+    "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},
+    "worldswitch.boot.linux": {"_paravirtualize"},
     "worldswitch.vmm.builder": {"build_for_boot", "load", "build_for_restore", "_place_monitor", "_assemble_platform",
-                                "_open_trace", "_load_program", "_virtio_devices", "add", "block", "network",
-                                "restore_machine"},
+                                "_open_trace", "_create_vcpus", "_firmware_kernel", "_load_program", "_virtio_devices", "add", "block",
+                                "network", "restore_machine"},
     "worldswitch.vmm.platform.pci_platform": {"add_virtio"},
     "worldswitch.sandbox": {"_import_what_runs_later"},  # pkgutil, on the main thread before the filters
 }

@@ -14,12 +14,13 @@ import zstandard
 
 from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import decompress, extract_vmlinux, parse_bzimage
-from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, choose_decompression, e820_map, load_linux
+from worldswitch.boot.linux import (CMDLINE_ADDR, ZERO_PAGE, choose_decompression, e820_map, enters_linux, load_linux,
+                                    take_over_linux)
 from worldswitch.errors import ConfigError, GuestImageError
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.memory.layout import GIB, MIB, MemoryMap
 
-from .helpers import make_elf
+from .helpers import LOADER_ZERO_PAGE, loaded_by_a_boot_loader, make_elf
 
 VMLINUX = make_elf([(0x1000000, b"\x90" * 64 + b"startup_64", 0x200000)])
 
@@ -123,7 +124,19 @@ def test_a_corrupt_lz4_payload_is_refused(kind: str, message: str) -> None:
 
 def test_a_payload_larger_than_init_size_is_refused() -> None:
     kernel = parse_bzimage(make_bzimage(lz4_legacy(VMLINUX), init_size=64))
-    with pytest.raises(GuestImageError, match="more than the 64 its header says the kernel needs"):
+    with pytest.raises(GuestImageError, match="more than the 64 bytes its header says the kernel needs"):
+        extract_vmlinux(kernel)
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESSORS))
+def test_decompression_stops_past_its_limit(compression: str) -> None:
+    """A payload that unpacks to far more than its header declares (a guest's boot loader hands one
+    over under the monitor) costs the host no more than the limit: 64 MiB of zeros, cut at 1 MiB."""
+    bomb = COMPRESSORS[compression](bytes(64 * MIB))
+    out = decompress(bomb, compression, limit=MIB)
+    assert MIB < len(out) <= MIB + (8 << 20)  # lz4 stops at its block's end; the others one byte past
+    kernel = parse_bzimage(make_bzimage(bomb, init_size=MIB))
+    with pytest.raises(GuestImageError, match="more than the 1048576 bytes"):
         extract_vmlinux(kernel)
 
 
@@ -234,3 +247,46 @@ def test_e820_just_under_and_over_the_pci_hole(memory: int) -> None:
     assert (0xE0000000, 1 << 20, bp.E820_RESERVED) in entries  # the ECAM window MCFG names is reserved
     above = [e for e in entries if e[0] >= 1 << 32]
     assert bool(above) == (memory > 3 * GIB - 0x60000)
+
+
+# --- a kernel a boot loader started (firmware under the monitor: boot/linux.py take_over_linux) -----
+
+ENTRY = 0x100000
+
+
+def test_the_entry_is_known_by_a_zero_page_that_names_it(machine_memory) -> None:
+    memory, _ = machine_memory
+    assert not enters_linux(memory, LOADER_ZERO_PAGE, ENTRY)  # nothing there yet: GRUB's own code at 1 MiB
+    loaded_by_a_boot_loader(memory, make_bzimage(gzip.compress(VMLINUX)), ENTRY)
+    assert enters_linux(memory, LOADER_ZERO_PAGE, ENTRY)
+    assert not enters_linux(memory, LOADER_ZERO_PAGE, ENTRY + 0x1000)
+    assert not enters_linux(memory, 0xFFFF_F000, ENTRY)  # ESI outside RAM
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"syssize": 0x0FFF_FFFF}, "do not fit in guest RAM"),
+    ({"init_size": 0x7FFF_FFFF}, "do not fit in guest RAM"),
+    ({"ramdisk_image": 0x7F00_0000, "ramdisk_size": 1 << 20}, "its initrd at 0x7f000000"),
+    ({"cmd_line_ptr": 0x7F00_0000}, "its command line at 0x7f000000"),
+    ({"version": 0x0200}, "boot protocol 2.00"),
+    ({"payload_length": 0x0FFF_0000}, "is truncated"),
+    ({"init_size": 64}, "more than the 64 bytes"),
+])
+def test_what_a_guests_boot_loader_hands_over_is_checked_before_anything_is_written(
+        machine_memory, fields: dict[str, int], message: str) -> None:
+    """Every length and address in the zero page is guest-written: each is bounded by RAM, and a bad
+    one refuses the kernel before a byte of guest memory changes."""
+    memory, memory_map = machine_memory
+    loaded_by_a_boot_loader(memory, make_bzimage(gzip.compress(VMLINUX)), ENTRY, **fields)
+    with pytest.raises(GuestImageError, match=message):
+        take_over_linux(memory, memory_map, LOADER_ZERO_PAGE, ENTRY, {}, [])
+    assert memory.read(ZERO_PAGE, 16) == bytes(16) and memory.read(0x1000000, 16) == bytes(16)
+
+
+def test_a_zero_page_that_does_not_name_the_entry_is_refused(machine_memory) -> None:
+    memory, memory_map = machine_memory
+    loaded_by_a_boot_loader(memory, make_bzimage(gzip.compress(VMLINUX)), ENTRY, code32_start=0x200000)
+    with pytest.raises(GuestImageError, match="code32_start 0x200000"):
+        take_over_linux(memory, memory_map, LOADER_ZERO_PAGE, ENTRY, {}, [])
+    with pytest.raises(GuestImageError, match="zero page at 0xfffff000 is not in guest RAM"):
+        take_over_linux(memory, memory_map, 0xFFFF_F000, ENTRY, {}, [])

@@ -76,8 +76,28 @@ def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
         raise GuestImageError(f"{name} is cut short: {len(image)} bytes end inside its boot header "
                               f"(which ends at byte {header_end})")
     header = bp.setup_header.from_buffer_copy(image, bp.SETUP_HEADER_OFFSET)
-    if header.boot_flag != bp.BOOT_FLAG:
+    if header.boot_flag != bp.BOOT_FLAG:  # the file's boot sector's (GRUB does not pass it on in a zero page)
         raise GuestImageError(f"{name}: boot sector signature is {header.boot_flag:#06x}, not 0xaa55")
+    check_header(header, name)
+    setup_sects = header.setup_sects or 4  # boot.rst: 0 means 4
+    kernel_start = (setup_sects + 1) * SECTOR
+    if kernel_start >= len(image):
+        raise GuestImageError(f"{name} is truncated: {setup_sects} setup sectors and nothing after them")
+    # The header ends where the jump at 0x200 lands (boot.rst: "the end of the setup header can be
+    # calculated from the jump instruction"); copy no further than our structure.
+    header_end = min(0x202 + image[0x201], bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header))
+    kernel = image[kernel_start:]
+    check_kernel_length(header, len(kernel), name)
+    version = ""
+    if header.kernel_version:
+        at = header.kernel_version + 0x200
+        version = image[at : at + 256].split(b"\0", 1)[0].decode("ascii", "replace")
+    return BzImage(name, header, image[bp.SETUP_HEADER_OFFSET : header_end], kernel, version)
+
+
+def check_header(header: bp.setup_header, name: str) -> None:
+    """What a boot loader must check of a setup header (in a file, or in a zero page a loader filled)
+    before it relies on it."""
     if header.version < MIN_PROTOCOL:
         raise GuestImageError(
             f"{name} speaks boot protocol {header.version >> 8}.{header.version & 0xff:02d}; worldswitch needs "
@@ -87,29 +107,21 @@ def parse_bzimage(image: bytes, name: str = "kernel") -> BzImage:
         raise GuestImageError(f"{name} has no 64-bit entry point (XLF_KERNEL_64 is clear): a 32-bit kernel?")
     if not header.loadflags & bp.LOADED_HIGH:
         raise GuestImageError(f"{name} must be loaded low (loadflags.LOADED_HIGH is clear): a zImage, not a bzImage")
-    setup_sects = header.setup_sects or 4  # boot.rst: 0 means 4
-    kernel_start = (setup_sects + 1) * SECTOR
-    if kernel_start >= len(image):
-        raise GuestImageError(f"{name} is truncated: {setup_sects} setup sectors and nothing after them")
     alignment = header.kernel_alignment
     if alignment & (alignment - 1) or alignment < 0x1000:
         raise GuestImageError(f"{name}: kernel_alignment {alignment:#x} is not a power of two of at least 4 KiB")
-    # The header ends where the jump at 0x200 lands (boot.rst: "the end of the setup header can be
-    # calculated from the jump instruction"); copy no further than our structure.
-    header_end = min(0x202 + image[0x201], bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header))
-    kernel = image[kernel_start:]
+
+
+def check_kernel_length(header: bp.setup_header, length: int, name: str) -> None:
+    """The protected-mode kernel (`length` bytes) must hold what its header says: syssize paragraphs
+    and the payload."""
     payload_end = header.payload_offset + header.payload_length
-    if header.syssize * 16 > len(kernel) + 15 or (header.version >= 0x0208 and payload_end > len(kernel)):
+    if header.syssize * 16 > length + 15 or (header.version >= 0x0208 and payload_end > length):
         raise GuestImageError(f"{name} is truncated: the header promises {max(header.syssize * 16, payload_end)} "
-                              f"bytes of kernel, the file has {len(kernel)}")
-    version = ""
-    if header.kernel_version:
-        at = header.kernel_version + 0x200
-        version = image[at : at + 256].split(b"\0", 1)[0].decode("ascii", "replace")
-    return BzImage(name, header, image[bp.SETUP_HEADER_OFFSET : header_end], kernel, version)
+                              f"bytes of kernel, the file has {length}")
 
 
-def _lz4_legacy(payload: bytes) -> bytes:
+def _lz4_legacy(payload: bytes, limit: int) -> bytes:
     """LZ4's legacy frame format, which the kernel uses: magic, then (u32 size, block)* where every
     block but the last unpacks to exactly 8 MiB; then the 4 bytes of size the kernel build appends.
     The format has no checksums, so its structure is all there is to check: every block must fit,
@@ -131,33 +143,48 @@ def _lz4_legacy(payload: bytes) -> bytes:
         block = lz4.block.decompress(payload[position : position + size], uncompressed_size=LZ4_LEGACY_BLOCK)
         short_block = len(block) < LZ4_LEGACY_BLOCK
         out += block
+        if len(out) > limit:
+            break  # decompress() says so
         position += size
-    if position != len(payload) - 4:
+    if len(out) <= limit and position != len(payload) - 4:
         raise ValueError("the blocks do not end where the appended size begins")
     return bytes(out)
 
 
-def _zstd(payload: bytes) -> bytes:
+ZSTD_FEED = 256  # input per call: a zstd block unpacks to at most 128 KiB from 4 bytes, so 8 MiB at most
+
+
+def _zstd(payload: bytes, limit: int) -> bytes:
+    """The first frame (the size the build appends follows it), fed in small pieces: the binding's
+    decompressobj has no output limit of its own."""
     import zstandard
 
-    return zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    out = bytearray()
+    for start in range(0, len(payload), ZSTD_FEED):
+        out += decompressor.decompress(payload[start : start + ZSTD_FEED])
+        if decompressor.eof or len(out) > limit:
+            break
+    return bytes(out)
 
 
-def decompress(payload: bytes, compression: str, name: str = "kernel") -> bytes:
-    """Decompress a kernel payload. Trailing bytes (the size the kernel build appends) are ignored."""
+def decompress(payload: bytes, compression: str, name: str = "kernel", limit: int = 1 << 32) -> bytes:
+    """Decompress a kernel payload, stopping past `limit` bytes of output (a payload that unpacks to
+    more is refused by its caller, without the host's memory spent on the rest). Trailing bytes (the
+    size the kernel build appends) are ignored."""
     try:
         if compression == "gzip":
-            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload, limit + 1)
         if compression == "xz":
-            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload)
+            return lzma.LZMADecompressor(lzma.FORMAT_XZ).decompress(payload, limit + 1)
         if compression == "lzma":
-            return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload)
+            return lzma.LZMADecompressor(lzma.FORMAT_ALONE).decompress(payload, limit + 1)
         if compression == "bzip2":
-            return bz2.BZ2Decompressor().decompress(payload)
+            return bz2.BZ2Decompressor().decompress(payload, limit + 1)
         if compression == "lz4":
-            return _lz4_legacy(payload)
+            return _lz4_legacy(payload, limit)
         if compression == "zstd":
-            return _zstd(payload)
+            return _zstd(payload, limit)
         if compression == "none":
             return payload
     except ImportError as error:
@@ -173,22 +200,24 @@ def check_unpacked_size(data: bytes, payload: bytes, compression: str, init_size
     it so), and the kernel needs no more room than its header's init_size."""
     if compression == "none":
         return
+    if len(data) > init_size:  # decompress() stops one byte past it
+        raise GuestImageError(f"{name}: its payload unpacks to more than the {init_size} bytes its header says "
+                              "the kernel needs (init_size): not a kernel this header describes")
     recorded = int.from_bytes(payload[-4:], "little")
     if len(payload) < 4 or recorded != len(data) & 0xFFFFFFFF:
         raise GuestImageError(f"{name}: its {compression} payload is corrupt: it unpacks to {len(data)} bytes, "
                               f"the kernel build recorded {recorded}")
-    if len(data) > init_size:
-        raise GuestImageError(f"{name}: its payload unpacks to {len(data)} bytes, more than the {init_size} its "
-                              "header says the kernel needs (init_size): not a kernel this header describes")
 
 
 def extract_vmlinux(kernel: BzImage) -> bytes:
-    """The ELF vmlinux inside a bzImage (protocol 2.08+ describes where the payload is)."""
+    """The ELF vmlinux inside a bzImage (protocol 2.08+ describes where the payload is), decompressed
+    no further than the init_size its header declares."""
     if kernel.header.version < 0x0208 or not kernel.header.payload_length:
         raise GuestImageError(f"{kernel.name}: boot protocol {kernel.protocol} does not locate its payload; "
                               "use --decompress=guest")
-    data = decompress(kernel.payload, kernel.compression, kernel.name)
-    check_unpacked_size(data, kernel.payload, kernel.compression, kernel.header.init_size, kernel.name)
+    init_size = kernel.header.init_size
+    data = decompress(kernel.payload, kernel.compression, kernel.name, init_size)
+    check_unpacked_size(data, kernel.payload, kernel.compression, init_size, kernel.name)
     if not data.startswith(b"\x7fELF"):
         raise GuestImageError(f"{kernel.name}: the decompressed {kernel.compression} payload is not an ELF vmlinux")
     return data

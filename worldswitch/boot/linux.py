@@ -23,7 +23,7 @@ from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap, RegionKind
 from . import bootparams as bp
-from .bzimage import BzImage, extract_vmlinux, is_bzimage, parse_bzimage
+from .bzimage import BzImage, check_header, check_kernel_length, extract_vmlinux, is_bzimage, parse_bzimage
 from .elf import load_elf
 
 ZERO_PAGE = 0x7000
@@ -211,24 +211,10 @@ def load_linux(
     if pv_ops is not None:
         if not vmlinux:
             raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
-        from .paravirt import paravirtualize
-
-        paravirtualized = paravirtualize(vmlinux, pv_ops)
-        vmlinux, iret_site = paravirtualized.vmlinux, paravirtualized.iret_site
-        notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
-                     f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
-                     f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
-                     "made a UD2")
+        vmlinux, iret_site = _paravirtualize(vmlinux, pv_ops, notes)
 
     if vmlinux:
-        # not over the first megabyte (the loader's own structures) or memory the map reserves above it
-        reserved = [(0, LOW_MEMORY_END)] + [(r.start, r.end) for r in memory_map.regions
-                                            if r.kind is RegionKind.RESERVED and r.start >= LOW_MEMORY_END]
-        loaded = load_elf(memory, vmlinux, kernel_name, reserved=reserved)
-        if loaded.entry % 0x1000 or not loaded.low <= loaded.entry < loaded.high:
-            raise GuestImageError(f"{kernel_name}: ELF entry {loaded.entry:#x} is not a vmlinux startup_64")
-        kernel_range = (loaded.low, loaded.high)
-        entry = loaded.entry
+        kernel_range, entry = _load_vmlinux(memory, memory_map, vmlinux, kernel_name, [])
         boot_mode = "vmlinux"
     else:
         assert bz is not None
@@ -258,3 +244,104 @@ def load_linux(
     version = bz.version_string if bz is not None else ""
     return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes,
                      iret_site)
+
+
+def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int]:
+    """The vmlinux made ready for the in-guest monitor (paravirt.py), and its IRETQ site."""
+    from .paravirt import paravirtualize
+
+    paravirtualized = paravirtualize(vmlinux, pv_ops)
+    iret_site = paravirtualized.iret_site
+    notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
+                 f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
+                 f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
+                 "made a UD2")
+    return paravirtualized.vmlinux, iret_site
+
+
+def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, name: str,
+                  keep: list[tuple[int, int]]) -> tuple[tuple[int, int], int]:
+    """The vmlinux at its physical addresses: ([start, end), its startup_64). Not over the first
+    megabyte (the loader's own structures), memory the map reserves above it, or `keep`."""
+    reserved = [(0, LOW_MEMORY_END), *keep] + [(r.start, r.end) for r in memory_map.regions
+                                               if r.kind is RegionKind.RESERVED and r.start >= LOW_MEMORY_END]
+    loaded = load_elf(memory, vmlinux, name, reserved=reserved)
+    if loaded.entry % 0x1000 or not loaded.low <= loaded.entry < loaded.high:
+        raise GuestImageError(f"{name}: ELF entry {loaded.entry:#x} is not a vmlinux startup_64")
+    return (loaded.low, loaded.high), loaded.entry
+
+
+HANDED_OVER = "the kernel its boot loader started"
+
+
+def enters_linux(memory: GuestMemory, zero_page: int, entry: int) -> bool:
+    """Whether code reached at `entry` with `zero_page` in ESI is a boot loader entering Linux: the
+    zero page holds a setup header whose code32_start is that entry (a boot loader's own code may run
+    at the same address first: GRUB's decompressed core starts at 1 MiB)."""
+    at = zero_page + bp.SETUP_HEADER_OFFSET
+    if not memory.contains(at, ctypes.sizeof(bp.setup_header)):
+        return False
+    header = memory.read_obj(at, bp.setup_header)
+    return bool(header.header == bp.HDRS_MAGIC and header.code32_start == entry)
+
+
+def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, entry: int,
+                    pv_ops: dict[str, int], forced: Sequence[CpuFeature]) -> LinuxBoot:
+    """A bzImage that a boot loader (GRUB, or SeaBIOS's linuxboot through the kernel's own setup code)
+    loaded and is entering at its 32-bit entry (boot.rst, "32-bit Boot Protocol": ESI the zero page,
+    the protected-mode kernel at code32_start), made ready for the in-guest monitor as `load_linux`
+    makes a file: its payload decompressed on the host, paravirtualized, the vmlinux at its physical
+    addresses, and the loader's zero page and command line copied to where the 64-bit entry finds
+    them, with the parameters the monitor needs (kernel_parameters) added to its command line.
+    Everything here is read from guest memory, which guest code wrote: each length and address is
+    checked against RAM, and nothing is written until all of it has been."""
+    name = HANDED_OVER
+    size = ctypes.sizeof(bp.boot_params)
+    if not memory.contains(zero_page, size):
+        raise GuestImageError(f"{name}: its zero page at {zero_page:#x} is not in guest RAM")
+    params = bp.boot_params.from_buffer_copy(memory.read(zero_page, size))
+    header = params.hdr
+    if header.header != bp.HDRS_MAGIC:
+        raise GuestImageError(f"{name}: the zero page at {zero_page:#x} holds no setup header ('HdrS')")
+    check_header(header, name)
+    if header.code32_start != entry:
+        raise GuestImageError(f"{name}: entered at {entry:#x}, but its zero page says code32_start {header.code32_start:#x}")
+    length = header.syssize * 16
+    if not memory.contains(entry, length) or header.init_size > memory_map.memory:
+        raise GuestImageError(f"{name}: {length} bytes of kernel at {entry:#x}, needing {header.init_size} "
+                              "to decompress, do not fit in guest RAM")
+    check_kernel_length(header, length, name)
+    header_bytes = bytes(params)[bp.SETUP_HEADER_OFFSET: bp.SETUP_HEADER_OFFSET + ctypes.sizeof(bp.setup_header)]
+    notes = [f"its boot loader (type {header.type_of_loader:#04x}) started it at {entry:#x}"]
+    initrd = None
+    initrd_size = header.ramdisk_size | params.ext_ramdisk_size << 32
+    if initrd_size:
+        start = header.ramdisk_image | params.ext_ramdisk_image << 32
+        if not memory.contains(start, initrd_size):
+            raise GuestImageError(f"{name}: its initrd at {start:#x}+{initrd_size:#x} is not in guest RAM")
+        initrd = (start, start + initrd_size)
+    cmdline_size = min(header.cmdline_size or DEFAULT_CMDLINE_SIZE, CMDLINE_AREA_END - CMDLINE_ADDR - 1)
+    cmdline_at = header.cmd_line_ptr | params.ext_cmd_line_ptr << 32
+    if cmdline_at and not memory.contains(cmdline_at):
+        raise GuestImageError(f"{name}: its command line at {cmdline_at:#x} is not in guest RAM")
+    given = memory.read_cstring(cmdline_at, cmdline_size).decode(errors="replace") if cmdline_at else ""
+    added = kernel_parameters(given, forced, True, monitor=True)
+    notes.extend(f"added {parameter}: {why}" for parameter, why in added)
+    cmdline = " ".join([given, *(parameter for parameter, _ in added)]).strip().encode()
+    if len(cmdline) >= cmdline_size:
+        raise GuestImageError(f"{name}: its command line with {' '.join(p for p, _ in added)} added is "
+                              f"{len(cmdline)} bytes; it takes at most {cmdline_size - 1}")
+
+    bz = BzImage(name, header, header_bytes, memory.read(entry, length), "")
+    started = time.perf_counter()
+    vmlinux = extract_vmlinux(bz)
+    decompress_s = time.perf_counter() - started
+    notes.append(f"decompressed its {bz.compression} payload on the host in {decompress_s * 1000:.0f} ms")
+    vmlinux, iret_site = _paravirtualize(vmlinux, pv_ops, notes)
+
+    kernel_range, startup_64 = _load_vmlinux(memory, memory_map, vmlinux, name, [initrd] if initrd else [])
+    memory.write(CMDLINE_ADDR, cmdline + b"\0")
+    header.cmd_line_ptr, params.ext_cmd_line_ptr = CMDLINE_ADDR, 0
+    memory.write(ZERO_PAGE, bytes(params))
+    return LinuxBoot("vmlinux", startup_64, ZERO_PAGE, kernel_range, initrd, cmdline.decode(errors="replace"), "",
+                     bz.compression, decompress_s, notes, iret_site)

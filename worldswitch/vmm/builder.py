@@ -111,13 +111,7 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
     initrd = read_image(config.initrd, "initrd") if config.initrd else None
     monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor else None
-    kernel = None
-    if rom is not None and config.kernel:
-        from ..boot.firmware import firmware_kernel
-        from .platform import pc
-
-        below_4g = pc.ram_below_4g(MemoryMap.for_memory(config.memory_bytes))
-        kernel = firmware_kernel(image, config.kernel, initrd, config.append, below_4g)
+    kernel = _firmware_kernel(config, image, initrd) if rom is not None and config.kernel else None
 
     def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
         if rom is None:
@@ -138,12 +132,24 @@ def build_for_restore(config: MachineConfig, serial_sink: Callable[[bytes], None
     """A machine of the same make as `config`, with nothing loaded: a snapshot gives it memory and
     CPU state (restore_machine)."""
     _name, path = check_config(config)
-    rom = None
+    rom = kernel = None
     if config.boots_firmware:
         from ..boot.firmware import read_rom
 
         rom = read_rom(path)
-    return _build(config, serial_sink, warn, kvm_path, trace, rom, None, None)
+        if config.kernel:  # fw_cfg offers it again: the firmware may not have loaded it yet
+            initrd = read_image(config.initrd, "initrd") if config.initrd else None
+            kernel = _firmware_kernel(config, read_image(config.kernel, "kernel"), initrd)
+    return _build(config, serial_sink, warn, kvm_path, trace, rom, kernel, None)
+
+
+def _firmware_kernel(config: MachineConfig, image: bytes, initrd: bytes | None) -> FirmwareKernel:
+    """The kernel, initrd and command line as the firmware's Linux loader reads them from fw_cfg."""
+    from ..boot.firmware import firmware_kernel
+    from .platform import pc
+
+    memory_map, _ = _place_monitor(config, MemoryMap.for_memory(config.memory_bytes))  # the initrd goes below it
+    return firmware_kernel(image, config.kernel or "", initrd, config.append, pc.ram_below_4g(memory_map))
 
 
 if TYPE_CHECKING:
@@ -162,6 +168,8 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         writer = _open_trace(trace, config, warn, undo)
         runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
         boot = load(core, tables, runners[0].vcpu, forced_cpuid) if load is not None else None
+        if load is not None and runners[0].handoff is not None:
+            runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
         if core.msr_filter is not None:
             core.msr_filter.wait()
         machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, forced_cpuid, writer,
@@ -282,7 +290,8 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
 def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
                   trace: TraceWriter | None, undo: contextlib.ExitStack) -> tuple[list[VcpuRunner], list[HiddenFeature]]:
     """A runner per vCPU, and what the host put back into the CPUID despite us (see cpuid.py): a
-    kernel must be told."""
+    kernel must be told. Under the monitor, a machine that boots through firmware watches on its
+    boot vCPU for the kernel its boot loader starts (x86/handoff.py)."""
     vm, memory, host = core.vm, core.memory, core.host
     hidden = hidden_features(host, config.monitor)
     supported = filter_cpuid(core.kvm.get_supported_cpuid(), hidden)
@@ -297,12 +306,19 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         vcpus.append(vcpu)
     forced = forced_features(vcpus[0].get_cpuid2(), hidden)
     complete_syscalls = core.msr_filter is not None
+    handoff = None
+    if core.monitor is not None and config.boots_firmware:
+        from .x86.handoff import FirmwareHandoff
+
+        handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
+                                  read_image(MONITOR_IMAGE, "the monitor"), forced)
     runners = []
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
         runner = VcpuRunner(vcpu, platform.pio, platform.mmio, outcome.request, _code_fetcher(memory, vcpu), emulator,
                             UserSyscall(vcpu, emulator) if complete_syscalls else None,
-                            trace.buffer_for(vcpu.id) if trace is not None else None)
+                            trace.buffer_for(vcpu.id) if trace is not None else None,
+                            handoff if vcpu is vcpus[0] else None)
         undo.callback(runner.release)
         runners.append(runner)
     return runners, forced
@@ -468,6 +484,8 @@ def restore_machine(
         for runner in machine.runners:
             if runner.user_syscall is not None:
                 runner.user_syscall.arm()  # a kernel that set LSTAR before the snapshot
+            if runner.handoff is not None:
+                runner.handoff.arm()  # firmware that had not started its kernel yet
     except BaseException:
         machine.close()
         raise

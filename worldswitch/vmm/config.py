@@ -154,9 +154,6 @@ class MachineConfig:
             raise ConfigError("firmware boots disks, a CD or a Linux kernel (--kernel), not a program")
         if self.cdrom and not self.boots_firmware:
             raise ConfigError("--cdrom is for a machine that boots through firmware (--firmware), not a kernel or program")
-        if self.monitor and self.boots_firmware:
-            raise ConfigError("--monitor runs a program (a built-in guest or --elf) or a Linux kernel (--kernel); "
-                              "firmware under it is not built yet (docs/monitor.md)")
         if self.monitor and self.kernel and self.decompress == "guest":
             raise ConfigError("--monitor needs the kernel decompressed on the host (--decompress host), to point "
                               "its paravirtual interrupt flag at the monitor before it runs")

@@ -25,6 +25,7 @@ from ..driver.constants import EXIT_REASON_LIMIT, KVM_EXIT_IO_OUT, Cap, ExitReas
 from ..driver.exits import InternalErrorExit, decode_exit
 from ..driver.ioctl import kvm_run_call
 from ..driver.kvm import PIO_DATA_OFFSET, Vcpu, run_failed
+from ..errors import WorldswitchError
 from ..sandbox import confine_thread
 from .kick import kick_thread
 from .platform.bus import MmioBus, PioBus
@@ -35,6 +36,7 @@ from .x86.insn import describe_internal_error
 
 if TYPE_CHECKING:
     from .x86.emulate import TrapEmulator
+    from .x86.handoff import FirmwareHandoff
     from .x86.user_syscall import UserSyscall
 
 RequestExit = Callable[[MachineResult], None]
@@ -64,9 +66,11 @@ class VcpuRunner:
         emulator: TrapEmulator | None = None,
         user_syscall: UserSyscall | None = None,
         trace: TraceBuffer | None = None,
+        handoff: FirmwareHandoff | None = None,
     ) -> None:
         """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs;
-        `trace`: where every world switch is recorded, if it is."""
+        `trace`: where every world switch is recorded, if it is; `handoff`: on the boot vCPU of a
+        machine that boots Linux through firmware under the monitor, its watch for the kernel's entry."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -82,6 +86,7 @@ class VcpuRunner:
         self.kick_latency_ns_max = 0
         self.user_syscall = user_syscall
         self.trace = trace
+        self.handoff = handoff
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
         if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):
@@ -394,7 +399,15 @@ class VcpuRunner:
             msr.error = 1  # KVM injects #GP, as for an MSR the CPU does not have
 
     def _on_debug(self) -> None:
-        """A debug exit: the single step user_syscall asked for (nothing else turns debugging on)."""
+        """A debug exit: user_syscall's breakpoint or single step, or the handoff's breakpoint (nothing
+        else turns debugging on)."""
+        if self.handoff is not None:
+            try:
+                if self.handoff.on_debug():
+                    return
+            except WorldswitchError as error:
+                self._end(StopReason.EMULATION_FAILURE, f"--monitor: {error}")
+                return
         if self.user_syscall is not None:
             self.user_syscall.on_debug()
 

@@ -174,8 +174,9 @@ def format_info(info: HostInfo) -> str:
                      "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
                      "a system call (docs/pvm.md)")
     if info.kind.kernel_code_emulated:
-        lines.append("monitor      applies here: --monitor runs a program's ring-0 code natively in ring 3 under "
-                     "worldswitch's in-guest monitor (one vCPU, no Linux yet; docs/monitor.md)")
+        lines.append("monitor      applies here: --monitor runs a program's ring 0, or a paravirtual Linux (--kernel, "
+                     "or one its firmware boots), natively in ring 3 under worldswitch's in-guest monitor (one vCPU; "
+                     "docs/monitor.md)")
     else:
         lines.append("monitor      not here: this host runs guest kernel code natively, the monitor's job (--monitor is refused)")
     lines.append(f"sandbox      {info.sandbox}")

@@ -1158,6 +1158,9 @@ static u64 decode_modrm(struct trap_frame *frame, struct instruction *insn)
 }
 
 #define CR0_GUEST_MAY_CHANGE 0x5002eul /* MP EM TS NE WP AM */
+#define CR0_GUEST_ONLY 0x60000000ul /* NW CD: the guest's view only (a kernel that found MTRRs on, as a
+                                       BIOS leaves them, disables caching to change them); caching stays
+                                       on for the CPU, which KVM gives the host's memory types anyway */
 #define CR4_GUEST_MAY_CHANGE 0x407d8ul /* DE PSE MCE PGE PCE OSFXSR OSXMMEXCPT OSXSAVE; and UMIP, where the CPU has it */
 #define CR4_GUEST_ONLY 0x300004ul /* TSD SMEP SMAP: the guest's to set, never the CPU's (its kernel runs in ring 3) */
 
@@ -1165,9 +1168,9 @@ static void write_cr(int cr, u64 value)
 {
     switch (cr) {
     case 0:
-        if ((value ^ guest.cr0) & ~CR0_GUEST_MAY_CHANGE)
+        if ((value ^ guest.cr0) & ~(CR0_GUEST_MAY_CHANGE | CR0_GUEST_ONLY))
             STOP("the guest changed fixed CR0 bits", guest.cr0, value);
-        privileged(SERVICE_CR0, value, 0);
+        privileged(SERVICE_CR0, value & ~CR0_GUEST_ONLY, 0);
         if ((value ^ guest.cr0) & CR0_WP)
             shadow_flush(); /* what its kernel may write changed */
         guest.cr0 = value;
