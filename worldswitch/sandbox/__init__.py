@@ -39,6 +39,21 @@ THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue
 JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "dataclasses", "traceback")
 JAIL_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices", "worldswitch.boot")
 
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _malloc_in_one_arena() -> None:
+    """glibc's malloc reads /proc/sys/vm/overcommit_memory the first time it shrinks the heap of a
+    thread's own arena (arena.c, check_may_shrink_heap). A guest-facing thread may open no path, so
+    one that frees enough was killed for it: the monitor's firmware handoff, which decompresses a
+    kernel on the vCPU's thread, was. With one arena, every thread's memory comes from the main
+    one, which shrinks through brk, and no thread heap exists to shrink. It must come before the
+    first thread (one that has an arena keeps it), hence here; Python's GIL leaves little for more
+    arenas to win. Without glibc (no mallopt) there is nothing to do."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, 1)
+
 
 def _import_what_runs_later(jailed: bool) -> None:
     names = list(THREAD_IMPORTS)
@@ -76,6 +91,7 @@ class Sandbox:
             return
         if settings.jail is not None:
             privileges.check_jail(settings.jail, settings.uid, settings.gid)
+        _malloc_in_one_arena()
         self.binding = seccomp_filter.binding_name()
         # built now, while files can still be opened (libseccomp may read its tables on first use)
         self._process_rules = seccomp_filter.process_filter(debug)

@@ -13,9 +13,10 @@ instruction. The VMM then does what its own loader does for `--kernel --monitor`
 and placed, the loader's zero page and command line kept), masks the PICs the firmware programmed,
 and enters the monitor in long mode as a direct boot does.
 
-Why the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs (only its
-virtual IF is the kernel's), and the BIOS left the PIC's vectors at 8: a timer tick from the running
-PIT would arrive as a double fault. Linux programs and unmasks the PICs itself when it wants them.
+Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
+(only its virtual IF is the kernel's), and the BIOS left the PIT ticking and the PIC's vectors at 8:
+a tick would arrive as a double fault. They are left as a reset leaves them, as a direct boot finds
+them; Linux programs them itself.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ PRELOADED = (lz4.block, zstandard, paravirt)
 ENTRIES = (0x100000, 0x200000, 0x1000000)
 DR7_EXECUTE = sum(1 << (2 * index) for index in range(len(ENTRIES)))  # L0, L1, L2; R/W and LEN 0
 PIC_ALL_MASKED = 0xFF
+PIT_NO_MODE = 0xFF  # what KVM's PIT reset leaves in a channel: it counts nothing until programmed
 
 
 class FirmwareHandoff:
@@ -101,7 +103,7 @@ class FirmwareHandoff:
         self.vcpu.set_guest_debug(0)  # once: the boot loader has chosen
         boot = take_over_linux(self.memory, self.memory_map, regs.rsi & 0xFFFFFFFF, regs.rip, pv_functions(),
                                self.forced)
-        self._mask_pics()
+        self._silence_legacy_interrupts()
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
         guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site)
@@ -113,7 +115,15 @@ class FirmwareHandoff:
         self.boot = boot
         return True
 
-    def _mask_pics(self) -> None:
+    def _silence_legacy_interrupts(self) -> None:
+        """The PIT stopped and the PICs masked, as after a reset. Masks alone are not enough: Linux's
+        init_8259A starts with ICW1, which clears the mask, and a tick between it and ICW2 came at
+        the BIOS's vector 8 (a #DF under the monitor, a general protection fault and a panic in
+        Linux; seen under load, where that window is wide)."""
+        pit = self.vm.get_pit2()
+        pit.channels[0].mode = PIT_NO_MODE
+        pit.channels[0].count = 0
+        self.vm.set_pit2(pit)
         for chip_id in (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE):
             chip = self.vm.get_irqchip(chip_id)
             chip.chip.pic.imr = PIC_ALL_MASKED
