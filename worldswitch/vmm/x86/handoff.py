@@ -10,8 +10,8 @@ through the kernel's own real-mode setup code, which jumps to 1 MiB. Hardware br
 (KVM_SET_GUEST_DEBUG; KVM's emulator honours them, as user_syscall.py found) stop the vCPU at that
 instruction. The VMM then does what its own loader does for `--kernel --monitor`
 (boot/linux.py, take_over_linux: the payload decompressed on the host, the vmlinux paravirtualized
-and placed, the loader's zero page and command line kept), masks the PICs the firmware programmed,
-and enters the monitor in long mode as a direct boot does.
+and placed, the loader's zero page and command line kept), stops the PIT and masks the PICs the
+firmware programmed, and enters the monitor in long mode as a direct boot does.
 
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
 (only its virtual IF is the kernel's), and the BIOS left the PIT ticking and the PIC's vectors at 8:
