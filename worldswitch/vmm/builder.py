@@ -110,7 +110,8 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     else:
         rom, image = None, read_image(path, "kernel" if config.kernel else "guest program")
     initrd = read_image(config.initrd, "initrd") if config.initrd else None
-    monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor else None
+    # a firmware boot's monitor is read by its handoff (_create_vcpus), which a restore makes too
+    monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor and rom is None else None
     kernel = _firmware_kernel(config, image, initrd) if rom is not None and config.kernel else None
 
     def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:

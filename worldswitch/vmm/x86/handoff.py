@@ -21,7 +21,6 @@ them; Linux programs them itself.
 
 from __future__ import annotations
 
-import struct
 from typing import Sequence
 
 import lz4.block
@@ -73,13 +72,12 @@ class FirmwareHandoff:
     def handed_over(self) -> bool:
         """Whether the monitor runs: its handoff page holds the magic load_monitor writes (guest
         memory, so that a restored machine knows too)."""
-        magic = self.memory.read(self.placement.physical_base, 8)
-        return struct.unpack("<Q", magic)[0] == HANDOFF_MAGIC
+        return self.memory.read_int(self.placement.physical_base, 8) == HANDOFF_MAGIC
 
     def arm(self) -> None:
         """The breakpoints, unless the monitor runs already (a restored machine)."""
         if not self.handed_over:
-            debugreg = [*ENTRIES, 0, 0, 0, 0, 0][:7] + [DR7_EXECUTE]  # DR0-DR7, DR4 to DR6 unused
+            debugreg = [*ENTRIES, 0, 0, 0, 0, DR7_EXECUTE]  # DR0-DR2 the entries, DR3-DR6 unused, DR7
             self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, debugreg)
         self.stepping = False
 
