@@ -6,8 +6,8 @@ from worldswitch.boot.linux import kernel_parameters
 from worldswitch.driver import structs as s
 from worldswitch.vmm.host import HostKind
 from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
-from worldswitch.vmm.x86.cpuid import (MONITOR_HIDDEN, PVM_HIDDEN, TSC_DEADLINE_BIT, filter_cpuid, forced_features,
-                                       hidden_features, with_tsc_deadline)
+from worldswitch.vmm.x86.cpuid import (MONITOR_HIDDEN, PVM_HIDDEN, TSC_DEADLINE_BIT, features_to_refuse, filter_cpuid,
+                                       forced_features, hidden_features, with_tsc_deadline)
 
 PVM = HostKind("pvm", False, "")
 VTX = HostKind("vmx", True, "")
@@ -29,11 +29,13 @@ def test_only_emulating_hosts_hide_anything() -> None:
     assert hidden_features(VTX, monitor=False) == ()
     assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
     # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
-    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsave", "fsgsbase", "smap", "pcid", "invpcid"]
-    # all but the two the monitor itself cannot give (CR4.PCIDE, INVPCID) are hidden without it too
-    assert {f.name for f in set(MONITOR_HIDDEN) - set(PVM_HIDDEN)} == {"pcid", "invpcid"}
-    assert {(f.leaf, f.register, f.bit, f.linux_feature) for f in MONITOR_HIDDEN[-2:]} == {
-        (1, "ecx", 17, 4 * 32 + 17), (7, "ebx", 10, 9 * 32 + 10)}  # X86_FEATURE_PCID, X86_FEATURE_INVPCID
+    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsave", "fsgsbase", "smap", "pcid", "invpcid",
+                                                                    "rdtscp", "rdpid"]
+    # all but what the monitor itself does not give (CR4.PCIDE, INVPCID, TSC_AUX) are hidden without it too
+    assert {f.name for f in set(MONITOR_HIDDEN) - set(PVM_HIDDEN)} == {"pcid", "invpcid", "rdtscp", "rdpid"}
+    assert {(f.leaf, f.register, f.bit, f.linux_feature) for f in MONITOR_HIDDEN[-4:]} == {
+        (1, "ecx", 17, 4 * 32 + 17), (7, "ebx", 10, 9 * 32 + 10),  # X86_FEATURE_PCID, X86_FEATURE_INVPCID
+        (0x80000001, "edx", 27, 1 * 32 + 27), (7, "ecx", 22, 16 * 32 + 22)}  # X86_FEATURE_RDTSCP, X86_FEATURE_RDPID
 
 
 def test_filtering_clears_the_bits_and_keeps_the_rest() -> None:
@@ -65,11 +67,17 @@ def test_emulated_hosts_skip_the_crypto_self_tests_unless_the_user_said_otherwis
     assert kernel_parameters("console=ttyS0", [], code_emulated=True, monitor=True) == []  # its code runs natively
 
 
-def test_under_the_monitor_the_reasons_name_the_monitor() -> None:
-    forced = forced_features(table(1 << 26, 1 << 20), MONITOR_HIDDEN)  # xsave, smap
-    added = dict(kernel_parameters("console=ttyS0", forced, code_emulated=True, monitor=True))
-    assert list(added) == ["noxsave", "clearcpuid=308"]
-    assert "under the monitor runs no XSAVES" in added["noxsave"] and "KVM" not in added["clearcpuid=308"]
+def test_under_the_monitor_every_hidden_feature_is_refused_whatever_kvms_table_says() -> None:
+    """Its kernel's CPUID runs natively in ring 3 and shows the host CPU's features: a table that
+    KVM put nothing back into still leaves PCID to refuse (an EPYC host's kernel set CR4.PCIDE)."""
+    assert features_to_refuse(table(0), MONITOR_HIDDEN, monitor=True) == list(MONITOR_HIDDEN)
+    assert features_to_refuse(table(0), PVM_HIDDEN, monitor=False) == []
+    assert [f.name for f in features_to_refuse(table(1 << 13), PVM_HIDDEN, monitor=False)] == ["cx16"]
+    added = dict(kernel_parameters("console=ttyS0", features_to_refuse(table(0), MONITOR_HIDDEN, True),
+                                   code_emulated=True, monitor=True))
+    refused = "clearcpuid=288,308,145,298,59,534"  # fsgsbase, smap, pcid, invpcid, rdtscp, rdpid
+    assert list(added) == ["noxsave", refused]
+    assert "natively in ring 3" in added["noxsave"] and "KVM" not in added[refused]
 
 
 def test_the_tsc_deadline_timer_is_offered_in_leaf_1_only() -> None:

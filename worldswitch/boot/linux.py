@@ -141,24 +141,29 @@ class CpuFeature(Protocol):
         """X86_FEATURE_* number (word * 32 + bit), as clearcpuid= takes it."""
 
 
-def kernel_parameters(cmdline: str, forced: Sequence[CpuFeature], code_emulated: bool,
+def kernel_parameters(cmdline: str, refused: Sequence[CpuFeature], code_emulated: bool,
                       monitor: bool = False) -> list[tuple[str, str]]:
-    """(parameter, reason) a kernel needs beyond what the user wrote: not to use the CPU features the
-    host forces into CPUID although KVM's emulator (or, under the in-guest `monitor`, the kernel's
-    ring 3) cannot run them, and, where guest kernel code is emulated (not under the monitor), not
-    to start work that takes milliseconds natively but so long emulated that the kernel gives up on
-    it (measured in docs/pvm.md). A parameter the user set is left alone."""
+    """(parameter, reason) a kernel needs beyond what the user wrote: not to use the `refused` CPU
+    features, which KVM's emulator (or, under the in-guest `monitor`, the kernel's ring 3) cannot run
+    although the kernel's CPUID shows them (the host forces them into KVM's table; under the monitor
+    CPUID runs natively in ring 3), and, where guest kernel code is emulated (not under the monitor),
+    not to start work that takes milliseconds natively but so long emulated that the kernel gives up
+    on it (measured in docs/pvm.md). A parameter the user set is left alone."""
     words = cmdline.split()
     added: list[tuple[str, str]] = []
-    runs = "the kernel's ring 3 under the monitor runs" if monitor else "KVM's emulator runs"
-    if any(f.name == "xsave" for f in forced) and "noxsave" not in words:
-        added.append(("noxsave", f"the host forces XSAVE into the guest's CPUID, and {runs} no "
-                                 f"{'XSAVES' if monitor else 'XRSTOR'}"))
-    rest = [f for f in forced if f.name != "xsave"]
+
+    def why(names: str, instructions: str) -> str:
+        if monitor:
+            return (f"under the monitor the kernel's CPUID runs natively in ring 3 and may show the host CPU's "
+                    f"{names}, which the monitor does not give the kernel")
+        return f"the host forces {names} into the guest's CPUID, and KVM's emulator runs {instructions}"
+
+    if any(f.name == "xsave" for f in refused) and "noxsave" not in words:
+        added.append(("noxsave", why("XSAVE", "no XRSTOR")))
+    rest = [f for f in refused if f.name != "xsave"]
     if rest and not any(word.startswith("clearcpuid=") for word in words):
         numbers = ",".join(str(f.linux_feature) for f in rest)
-        names = ", ".join(f.name for f in rest)
-        added.append((f"clearcpuid={numbers}", f"the host forces {names} into the guest's CPUID; {runs} none of them"))
+        added.append((f"clearcpuid={numbers}", why(", ".join(f.name for f in rest), "none of them")))
     if code_emulated and not monitor and not any(word.startswith("cryptomgr.notests") for word in words):
         added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
                                            "and certificate loading times out waiting for them"))
@@ -286,7 +291,7 @@ def enters_linux(memory: GuestMemory, zero_page: int, entry: int) -> bool:
 
 
 def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, entry: int,
-                    pv_ops: dict[str, int], forced: Sequence[CpuFeature]) -> LinuxBoot:
+                    pv_ops: dict[str, int], refused: Sequence[CpuFeature]) -> LinuxBoot:
     """A bzImage that a boot loader (GRUB, or SeaBIOS's linuxboot through the kernel's own setup code)
     loaded and is entering at its 32-bit entry (boot.rst, "32-bit Boot Protocol": ESI the zero page,
     the protected-mode kernel at code32_start), made ready for the in-guest monitor as `load_linux`
@@ -325,7 +330,7 @@ def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, 
     if cmdline_at and not memory.contains(cmdline_at):
         raise GuestImageError(f"{name}: its command line at {cmdline_at:#x} is not in guest RAM")
     given = memory.read_cstring(cmdline_at, cmdline_size).decode(errors="replace") if cmdline_at else ""
-    added = kernel_parameters(given, forced, True, monitor=True)
+    added = kernel_parameters(given, refused, True, monitor=True)
     notes.extend(f"added {parameter}: {why}" for parameter, why in added)
     cmdline = " ".join([given, *(parameter for parameter, _ in added)]).strip().encode()
     if len(cmdline) >= cmdline_size:

@@ -38,7 +38,7 @@ from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .x86.cpu import cpuid_for_vcpu, set_lint
-from .x86.cpuid import HiddenFeature, filter_cpuid, forced_features, hidden_features, with_tsc_deadline
+from .x86.cpuid import HiddenFeature, features_to_refuse, filter_cpuid, hidden_features, with_tsc_deadline
 from .x86.emulate import TrapEmulator
 from .x86.longmode import program_registers, setup_long_mode
 from .x86.user_syscall import MSR_LSTAR, UserSyscall
@@ -114,10 +114,10 @@ def build_for_boot(config: MachineConfig, serial_sink: Callable[[bytes], None],
     monitor_image = read_image(MONITOR_IMAGE, "the monitor") if config.monitor and rom is None else None
     kernel = _firmware_kernel(config, image, initrd) if rom is not None and config.kernel else None
 
-    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
+    def load(core: _Core, tables: acpi.AcpiTables, bsp: Vcpu, refused_cpuid: list[HiddenFeature]) -> LinuxBoot | None:
         if rom is None:
             loaded_monitor = (core.monitor, monitor_image) if core.monitor is not None and monitor_image is not None else None
-            return _load_program(core, config, name, image, initrd, tables, bsp, forced_cpuid, loaded_monitor)
+            return _load_program(core, config, name, image, initrd, tables, bsp, refused_cpuid, loaded_monitor)
         from ..boot.firmware import low_copy
 
         address, low = low_copy(rom)
@@ -167,13 +167,13 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         outcome = Outcome()
         platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
-        runners, forced_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
-        boot = load(core, tables, runners[0].vcpu, forced_cpuid) if load is not None else None
+        runners, refused_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
+        boot = load(core, tables, runners[0].vcpu, refused_cpuid) if load is not None else None
         if load is not None and runners[0].handoff is not None:
             runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
         if core.msr_filter is not None:
             core.msr_filter.wait()
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, forced_cpuid, writer,
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, refused_cpuid, writer,
                       config.absolute(), core.host, warn)
         undo.pop_all()  # the machine owns it all now
     return machine
@@ -290,8 +290,8 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
 
 def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
                   trace: TraceWriter | None, undo: contextlib.ExitStack) -> tuple[list[VcpuRunner], list[HiddenFeature]]:
-    """A runner per vCPU, and what the host put back into the CPUID despite us (see cpuid.py): a
-    kernel must be told. Under the monitor, a machine that boots through firmware watches on its
+    """A runner per vCPU, and the CPU features a kernel must be told not to use (what the host put
+    back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py). Under the monitor, a machine that boots through firmware watches on its
     boot vCPU for the kernel its boot loader starts (x86/handoff.py)."""
     vm, memory, host = core.vm, core.memory, core.host
     hidden = hidden_features(host, config.monitor)
@@ -305,14 +305,14 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         vcpu.set_cpuid2(cpuid_for_vcpu(supported, index))
         set_lint(vcpu)
         vcpus.append(vcpu)
-    forced = forced_features(vcpus[0].get_cpuid2(), hidden)
+    refused = features_to_refuse(vcpus[0].get_cpuid2(), hidden, core.monitor is not None)
     complete_syscalls = core.msr_filter is not None
     handoff = None
     if core.monitor is not None and config.boots_firmware:
         from .x86.handoff import FirmwareHandoff
 
         handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
-                                  read_image(MONITOR_IMAGE, "the monitor"), forced)
+                                  read_image(MONITOR_IMAGE, "the monitor"), refused)
     runners = []
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
@@ -322,11 +322,11 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
                             handoff if vcpu is vcpus[0] else None)
         undo.callback(runner.release)
         runners.append(runner)
-    return runners, forced
+    return runners, refused
 
 
 def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
-                  tables: acpi.AcpiTables, bsp: Vcpu, forced_cpuid: list[HiddenFeature],
+                  tables: acpi.AcpiTables, bsp: Vcpu, refused_cpuid: list[HiddenFeature],
                   monitor: tuple[MonitorPlacement, bytes] | None) -> LinuxBoot | None:
     """The kernel or program in guest memory, and the boot vCPU at its entry in long mode (or at the
     monitor's, which enters the program in turn); what was done to boot Linux, if it is Linux."""
@@ -337,7 +337,7 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         from ..boot.longmode import LINUX_GDT
 
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(config.append, forced_cpuid, host.kernel_code_emulated, monitor is not None)
+        added = kernel_parameters(config.append, refused_cpuid, host.kernel_code_emulated, monitor is not None)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
         pv_ops = None
         if monitor is not None:

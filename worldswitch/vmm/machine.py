@@ -97,10 +97,10 @@ class Platform(NamedTuple):
 
 class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, platform: Platform, runners: list[VcpuRunner], outcome: Outcome,
-                 boot: LinuxBoot | None, monitor: MonitorPlacement | None, forced_cpuid: list[HiddenFeature],
+                 boot: LinuxBoot | None, monitor: MonitorPlacement | None, refused_cpuid: list[HiddenFeature],
                  trace: TraceWriter | None, config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
         """`boot`: when the machine boots Linux; `monitor`: where the in-guest monitor is, if the
-        program runs under it; `forced_cpuid`: what the host would not let us hide; `trace`: where
+        program runs under it; `refused_cpuid`: the CPU features its kernel is told not to use; `trace`: where
         every world switch is recorded, if it is (the runners hold its buffers)."""
         self.kvm = kvm
         self.vm = vm
@@ -115,7 +115,7 @@ class Vmm:
         self.outcome = outcome
         self.boot = boot
         self.monitor = monitor
-        self.forced_cpuid = forced_cpuid
+        self.refused_cpuid = refused_cpuid
         self.trace_writer = trace
         self.host = host
         self.warn = warn

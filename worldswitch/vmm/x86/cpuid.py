@@ -49,6 +49,14 @@ def _leaf7(bit: int, name: str) -> HiddenFeature:
     return HiddenFeature(0x7, 0, EBX, bit, name, 9 * 32 + bit)  # word 9 is CPUID.(7,0):EBX
 
 
+def _leaf7_ecx(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0x7, 0, ECX, bit, name, 16 * 32 + bit)  # word 16 is CPUID.(7,0):ECX
+
+
+def _extended1_edx(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0x80000001, None, EDX, bit, name, 1 * 32 + bit)  # word 1 is CPUID.80000001H:EDX
+
+
 # Extensions KVM's instruction emulator does not implement (what a PVM host cannot run in ring 0).
 PVM_HIDDEN = (
     _leaf1(0, "pni"),  # SSE3
@@ -82,10 +90,15 @@ MONITOR_HIDDEN = (
     _leaf1(26, "xsave"),  # XSAVES and XRSTORS are ring-0 instructions
     _leaf7(0, "fsgsbase"),  # CR4.FSGSBASE, which the monitor does not give
     _leaf7(20, "smap"),  # CLAC/STAC are ring-0 instructions
-    # This PVM host offers neither; one that did would get a kernel setting CR4.PCIDE, which the
-    # monitor does not give, and flushing with INVPCID, a ring-0 instruction it does not emulate.
+    # A kernel that sees PCID sets CR4.PCIDE, which the monitor does not give, and flushes with
+    # INVPCID, a ring-0 instruction it does not emulate.
     _leaf1(17, "pcid"),
     _leaf7(10, "invpcid"),
+    # RDTSCP and RDPID read TSC_AUX, which a kernel that sees either writes at boot (its CPU number,
+    # for getcpu): KVM refuses that write where its own table lacks them, and in ring 3 both
+    # instructions read the host's TSC_AUX anyway. Without them Linux's getcpu uses LSL.
+    _extended1_edx(27, "rdtscp"),
+    _leaf7_ecx(22, "rdpid"),
 )
 
 
@@ -128,3 +141,13 @@ def forced_features(effective: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFea
     """Hidden features the host put back: present in the vCPU's CPUID as KVM reports it after
     KVM_SET_CPUID2."""
     return [feature for feature in hidden if feature.present(effective)]
+
+
+def features_to_refuse(effective: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...],
+                       monitor: bool) -> list[HiddenFeature]:
+    """The hidden features a Linux guest must be told not to use (boot/linux.py kernel_parameters):
+    those the host put back into the CPUID KVM gives; under the in-guest monitor, every one. Its
+    kernel runs in ring 3, where CPUID executes natively on this host and shows the host CPU's
+    features, not KVM's table: on an AMD EPYC host with PCID, Debian's kernel under the monitor saw
+    PCID, which the table had cleared and KVM had not put back, and set CR4.PCIDE (2026-12-02)."""
+    return list(hidden) if monitor else forced_features(effective, hidden)

@@ -57,14 +57,14 @@ class FirmwareHandoff:
     vCPU's thread, from its debug exits."""
 
     def __init__(self, vcpu: Vcpu, vm: Vm, memory: GuestMemory, memory_map: MemoryMap, placement: MonitorPlacement,
-                 monitor_image: bytes, forced: Sequence[CpuFeature]) -> None:
+                 monitor_image: bytes, refused: Sequence[CpuFeature]) -> None:
         self.vcpu = vcpu
         self.vm = vm
         self.memory = memory
         self.memory_map = memory_map
         self.placement = placement
         self.monitor_image = monitor_image
-        self.forced = forced
+        self.refused = refused  # the CPU features its kernel is told not to use
         self.stepping = False  # over a boot loader's own code at a watched address
         self.boot: LinuxBoot | None = None  # what was taken over, once it has been
 
@@ -100,7 +100,7 @@ class FirmwareHandoff:
             return True
         self.vcpu.set_guest_debug(0)  # once: the boot loader has chosen
         boot = take_over_linux(self.memory, self.memory_map, regs.rsi & 0xFFFFFFFF, regs.rip, pv_functions(),
-                               self.forced)
+                               self.refused)
         self._silence_legacy_interrupts()
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
