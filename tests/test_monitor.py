@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -677,12 +679,70 @@ def test_debians_shell_under_the_monitor_answers_commands(debian_under_monitor: 
                                                ("cat /proc/cpuinfo | grep -c processor", r"\n1\r?\n"),
                                                # none of what its ring 3 cannot run, whatever the host CPU has:
                                                # CPUID runs natively there (an EPYC host's PCID reached it)
-                                               ("grep -cwE 'xsave|fsgsbase|smap|pcid|invpcid|rdtscp|rdpid' /proc/cpuinfo",
+                                               ("grep -cwE 'xsaves|xsavec|fsgsbase|smap|pcid|invpcid|rdtscp|rdpid' /proc/cpuinfo",
                                                 r"\n0\r?\n")]):
             assert re.search(answer, ask(vm, n, command)[-200:]), vm.console.text[-500:]
         vm.console.send("poweroff -f\n")
         result = vm.wait(60)
     assert result is not None and result.reason is StopReason.POWER_OFF, result
+
+
+# Four processes, each with its own pattern in YMM3 (AVX), yielding to one another 20,000 times.
+YMM_PROGRAM = r"""
+#include <sys/syscall.h>
+typedef unsigned long u64;
+static long sys(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+}
+static void say(const char *s) { int n = 0; while (s[n]) n++; sys(SYS_write, 1, (long)s, n); }
+__attribute__((used)) void run(void) {
+    unsigned low, high;
+    __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
+    if ((low & 6) != 6) { say("YMM-NO-AVX\n"); sys(SYS_exit, 0, 0, 0); }
+    int id = 0;
+    for (int k = 0; k < 2; k++) id = id * 2 + (sys(SYS_fork, 0, 0, 0) == 0);
+    u64 mine[4] = {id, id + 10, id + 20, id + 30}, back[4];
+    long lost = 0;
+    for (long i = 0; i < 20000; i++) {
+        __asm__ volatile("vmovdqu %0, %%ymm3" : : "m"(mine));
+        sys(SYS_sched_yield, 0, 0, 0);
+        __asm__ volatile("vmovdqu %%ymm3, %0" : "=m"(back));
+        lost += back[0] != mine[0] || back[1] != mine[1] || back[2] != mine[2] || back[3] != mine[3];
+    }
+    say(lost ? "YMM-LOST\n" : "YMM-KEPT\n");
+    sys(SYS_exit, 0, 0, 0);
+}
+__asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
+"""
+
+
+@needs_emulating_host
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the guest's AVX program")
+def test_debians_processes_keep_their_avx_registers_apart(debian_under_monitor: tuple[Path, Path],
+                                                          tmp_path: Path) -> None:
+    """Its processes run on the host's XCR0 (this PVM host does not load the guest's for ring 3), so
+    they use AVX wherever the host has it; only a kernel that keeps XSAVE (XSAVES refused, not XSAVE:
+    cpuid.py) switches their YMM registers. With `noxsave` each of these four lost its pattern, and
+    Debian's busybox its TLS in glibc's AVX memcpy (a pipeline's process segfaulted)."""
+    from worldswitch.boot.initramfs import CpioEntry, cpio_newc
+
+    kernel, _marker_initrd = debian_under_monitor
+    source, program = tmp_path / "ymm.c", tmp_path / "ymm"
+    source.write_text(YMM_PROGRAM)
+    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", "-mavx", "-o", str(program),
+                    str(source)], check=True)
+    initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
+    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry("ymm", stat.S_IFREG | 0o755, program.read_bytes())]))
+    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        answer = ask(vm, 0, "/ymm; sleep 1")
+        if "YMM-NO-AVX" in answer:
+            pytest.skip("this host's CPU has no AVX")
+        assert answer.count("YMM-KEPT") == 4 and "YMM-LOST" not in answer, answer
+        vm.console.send("poweroff -f\n")
+        vm.wait(60)
 
 
 @needs_emulating_host

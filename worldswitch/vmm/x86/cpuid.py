@@ -53,6 +53,10 @@ def _leaf7_ecx(bit: int, name: str) -> HiddenFeature:
     return HiddenFeature(0x7, 0, ECX, bit, name, 16 * 32 + bit)  # word 16 is CPUID.(7,0):ECX
 
 
+def _xsave_leaf(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0xD, 1, EAX, bit, name, 10 * 32 + bit)  # word 10 is CPUID.(0DH,1):EAX
+
+
 def _extended1_edx(bit: int, name: str) -> HiddenFeature:
     return HiddenFeature(0x80000001, None, EDX, bit, name, 1 * 32 + bit)  # word 1 is CPUID.80000001H:EDX
 
@@ -87,7 +91,14 @@ PVM_HIDDEN = (
 # a CR4 bit the monitor keeps, stays hidden. The rest (CMPXCHG16B above all: without it Linux's per-CPU
 # cmpxchg falls back to PUSHF; CLI; POPF, and a POPF in ring 3 cannot set IF again) is the CPU's.
 MONITOR_HIDDEN = (
-    _leaf1(26, "xsave"),  # XSAVES and XRSTORS are ring-0 instructions
+    # XSAVE stays: its user processes run on the host's XCR0 (AVX-512's state on an EPYC host; this
+    # PVM host does not load the guest's XCR0 for ring 3), which only a kernel that saves the extended
+    # state with XSAVE keeps apart between processes. Hidden: XSAVES (XSAVES and XRSTORS are ring-0
+    # instructions) and XSAVEC, without which Linux uses XSAVE's standard format, whose size it
+    # checks against the CPU's (with XSAVEC it computed 2,472 bytes where CPUID said 2,432, and
+    # gave XSAVE up).
+    _xsave_leaf(3, "xsaves"),
+    _xsave_leaf(1, "xsavec"),
     _leaf7(0, "fsgsbase"),  # CR4.FSGSBASE, which the monitor does not give
     _leaf7(20, "smap"),  # CLAC/STAC are ring-0 instructions
     # A kernel that sees PCID sets CR4.PCIDE, which the monitor does not give, and flushes with
