@@ -71,11 +71,11 @@ def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol])
 
 
 def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
-    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr, the image holds pointers to the
+    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr and load_gs_index, the image holds pointers to the
     functions kallsyms calls native: the three sources agree."""
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt",
-               "write_msr": "native_write_msr"}
+               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}
     for name, address in pv_slots(symbols, BtfTypes(vmlinux)).items():
         assert read_u64(vmlinux, address) == symbols[natives[name]].address, name
 
@@ -105,15 +105,15 @@ def _alternatives(vmlinux: bytes) -> dict[int, int]:
 def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
     result = paravirtualize(vmlinux, pv_functions())
     slots = pv_slots(symbols, BtfTypes(vmlinux))
-    assert len(slots) == 6
-    for name, slot in slots.items():  # pv_ops.irq and cpu.write_msr now hold the monitor's pv page functions
+    assert len(slots) == 7
+    for name, slot in slots.items():  # pv_ops.irq, cpu.write_msr and cpu.load_gs_index now hold the pv page's
         assert read_u64(result.vmlinux, slot) == pv_functions()[name], name
         assert PV_BASE <= read_u64(result.vmlinux, slot) < PV_BASE + 0x1000
     assert PV_BASE - KERNEL_TEXT < 1 << 31  # within a direct call of the kernel's text, as Linux patches it
     # Linux 6.1's pv_ops.irq call sites: 1300 (save_fl, irq_disable and irq_enable each with an
     # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt without)
     assert (result.sites, result.alternatives) == (1300, 1290)
-    assert result.msr_sites == 357  # pv_ops.cpu.write_msr's, with no alternative over any
+    assert result.cpu_sites == 357 + 12  # pv_ops.cpu.write_msr's and load_gs_index's, with no alternative over any
     before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
     changed = [at for at in before if before[at] != after[at]]
     assert len(changed) == 1290

@@ -183,7 +183,7 @@ class BtfTypes:
 
 
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
-PV_CPU_OPS = ("write_msr",)
+PV_CPU_OPS = ("write_msr", "load_gs_index")
 PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS}  # pv_ops's groups, and the members of each a VMM may point
 
 

@@ -259,7 +259,7 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
     iret_site = paravirtualized.iret_site
     notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
                  f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
-                 f"too ({paravirtualized.msr_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
+                 f"and load_gs_index too ({paravirtualized.cpu_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
                  "made a UD2")
     return paravirtualized.vmlinux, iret_site
 

@@ -2,8 +2,9 @@
 (docs/monitor.md, stage 2), before it runs: its interrupt flag goes to the monitor's functions,
 since its kernel runs in ring 3, where PUSHF, POPF, CLI and STI cannot show or change the real IF
 without a trap; so do its MSR writes (`pv_ops.cpu.write_msr`: the FS base at every context switch,
-which the monitor writes with one trip into ring 0 instead of a trap and a call); and its one IRETQ
-to user mode is made to trap (see paravirtualize).
+which the monitor writes with one trip into ring 0 instead of a trap and a call) and its user GS loads
+(`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead); and its
+one IRETQ to user mode is made to trap (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
 irq_disable, irq_enable, safe_halt, halt). Two tables decide what each call site becomes at boot
@@ -35,14 +36,14 @@ IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
 class Paravirtualized(NamedTuple):
     vmlinux: bytes
     sites: int  # pv_ops.irq call sites that stay calls to the new functions
-    msr_sites: int  # pv_ops.cpu.write_msr call sites
+    cpu_sites: int  # pv_ops.cpu.write_msr and load_gs_index call sites
     alternatives: int  # native replacements taken away from them
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
-    pv_ops.cpu.write_msr holding `functions` (by member name), every call site of them kept a call
+    pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of them kept a call
     (the native alternatives over the irq ones disarmed), and its IRETQ to user mode a UD2."""
     names = [name for group in PV_OPS.values() for name in group]
     if sorted(functions) != sorted(names):
@@ -63,7 +64,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         struct.pack_into("<Q", image, file_offset(slot, 8), functions[name])
 
     types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
-    sites, msr_sites = set(), set()
+    sites, cpu_sites = set(), set()
     site_size, site = types.struct("paravirt_patch_site")
     site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
     for at in _entries(sections, ".parainstructions", site_size):
@@ -72,7 +73,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         if op in PV_IRQ_OPS:
             sites.add(instruction)
         elif op is not None:
-            msr_sites.add(instruction)
+            cpu_sites.add(instruction)
 
     alt_size, alt = types.struct("alt_instr")
     alt_instr, alt_cpuid = _fields(alt_size, alt, "alt_instr", instr_offset=4, cpuid=2)
@@ -82,8 +83,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     for at in entries:
         relative = struct.unpack_from("<i", vmlinux, at + alt_instr)[0]
         instruction = (section.address + at - section.offset + alt_instr + relative) & (2**64 - 1)
-        if instruction in msr_sites:  # nothing would put WRMSR back over these: keep it so
-            raise GuestImageError(f"the kernel has an alternative at the pv_ops.cpu.write_msr call {instruction:#x}")
+        if instruction in cpu_sites:  # nothing would put the native code back over these: keep it so
+            raise GuestImageError(f"the kernel has an alternative at the pv_ops.cpu call {instruction:#x}")
         if instruction not in sites:
             continue
         feature_at = at + alt_cpuid
@@ -103,7 +104,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     if vmlinux[at : at + len(IRETQ)] != IRETQ:
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
-    return Paravirtualized(bytes(image), len(sites), len(msr_sites), disarmed, iret_site)
+    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site)
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:

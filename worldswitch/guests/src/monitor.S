@@ -176,7 +176,7 @@ msr_refused:
  * of the body's own writes; any other is refused, and msr_gate traps with it instead. */
 msr_gate_event:
     cmpl $(msr_gate_return - MONITOR_BASE), 16(%rsp)
-    jne 5f
+    jne gs_gate_event
     cmpl $MSR_FS_BASE, %edi
     jb 6f
     cmpl $MSR_KERNEL_GS_BASE, %edi
@@ -186,6 +186,23 @@ msr_gate_event:
 7:  movl %edi, %ecx
     movl %esi, %eax                     /* EDX holds the high half already */
     jmp wrmsr_at
+/* gs_gate's int3: the user mode's GS loaded with the kernel's selector (EDI). A selector the CPU
+ * refuses (#GP at gs_load_at, own_event) loads the null one instead, as Linux's own fix-up does. */
+    .globl gs_load_at, gs_load_refused
+gs_gate_event:
+    cmpl $(gs_gate_return - MONITOR_BASE), 16(%rsp)
+    jne 5f
+    swapgs                              /* no swap is ever owed while the guest's kernel runs */
+gs_load_at:
+    movl %edi, %gs
+1:  swapgs
+    xorl %eax, %eax
+    addq $16, %rsp
+    iretq
+gs_load_refused:
+    xorl %eax, %eax
+    movl %eax, %gs
+    jmp 1b
 5:  push_registers
     movq %rsp, %rdi
     cld
@@ -273,6 +290,23 @@ msr_gate_return:
 2:  movabsq $(PV_BASE + PV_WRITE_MSR_TRAP), %rax
     jmp *%rax
 msr_gate_end:
+
+/* pv_ops.cpu.load_gs_index(u16 selector), from the guest's kernel: the user mode's GS selector (and
+ * with it its base, the descriptor's) loaded between two SWAPGS, which as traps are four events; an
+ * AMD CPU's kernel does two of these at nearly every context switch (X86_BUG_NULL_SEG: __USER_DS, then
+ * the null selector, so that the base is zeroed). Here it is one trip into ring 0 (gs_gate_event),
+ * known by its address as msr_gate's is. An interrupt between gs_gate and gs_gate_end is held and
+ * sends the kernel to a trapping CR8 read in the pv page (own_event), whose event delivers it, and
+ * back into gs_gate: the load is then done again, as loads may be. */
+    .globl gs_gate, gs_gate_end
+gs_gate:
+    movq $RING0_UNANSWERED, %rax
+1:  int3
+gs_gate_return:
+    cmpq $RING0_UNANSWERED, %rax
+    je 1b
+    ret
+gs_gate_end:
 
 /* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
  * shadow the guest was on: a user process's shows it this page alone of the monitor's. So the gate
@@ -363,6 +397,13 @@ pv_page:
     movl %esi, %eax
     wrmsr                               /* traps: the body emulates it, as any of the kernel's */
     ret
+    .org pv_page + PV_LOAD_GS_INDEX, 0xcc
+    movabsq $gs_gate, %rax
+    jmp *%rax
+    .org pv_page + PV_LOAD_GS_INDEX_AGAIN, 0xcc
+    movq %cr8, %rax                     /* traps: the interrupt held in gs_gate is delivered at its event */
+    movabsq $gs_gate, %rax              /* (Linux's own SWAPGS, MOV, SWAPGS would need its IF kept off) */
+    jmp *%rax
     .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler

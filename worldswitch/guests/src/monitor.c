@@ -139,7 +139,8 @@ extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
-extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[];
+extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[], gs_gate[], gs_gate_end[];
+extern char gs_load_at[], gs_load_refused[];
 void halt_forever(void) __attribute__((noreturn));
 void triple_fault(void) __attribute__((noreturn));
 u64 ring0_call(u64 service, u64 a, u64 b);
@@ -1711,6 +1712,12 @@ static void own_event(struct trap_frame *frame)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
         else if (frame->rip >= (u64)msr_gate && frame->rip < (u64)msr_gate_end)
             frame->rip = PV_BASE + PV_WRITE_MSR_TRAP; /* its kernel's write again, through a trap: its event delivers */
+        else if (frame->rip >= (u64)gs_gate && frame->rip < (u64)gs_gate_end)
+            frame->rip = PV_BASE + PV_LOAD_GS_INDEX_AGAIN; /* a trap to deliver it, then the gate again */
+        return;
+    }
+    if (frame->vector == 13 && frame->rip == (u64)gs_load_at) {
+        frame->rip = (u64)gs_load_refused;
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)xcr_write_at) {

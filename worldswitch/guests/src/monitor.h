@@ -19,8 +19,8 @@
 #define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
-/* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq) and MSR
- * writes (pv_ops.cpu.write_msr), which the VMM points the kernel at before it runs (boot/paravirt.py).
+/* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
+ * writes (pv_ops.cpu.write_msr) and user GS loads (pv_ops.cpu.load_gs_index), which the VMM points the kernel at before it runs (boot/paravirt.py).
  * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
@@ -32,6 +32,8 @@
 #define PV_HALT 0xa0
 #define PV_WRITE_MSR 0xc0
 #define PV_WRITE_MSR_TRAP 0xe0 /* not the kernel's: msr_gate's way to the trapping WRMSR */
+#define PV_LOAD_GS_INDEX 0x100
+#define PV_LOAD_GS_INDEX_AGAIN 0x120 /* not the kernel's: gs_gate's way back after an interrupt */
 /* The MSRs msr_gate writes for the kernel (monitor.S), and where it counts them: the handoff's
  * counters[COUNT_MSR_GATE] (monitor.c checks the offset against the struct). */
 #define MSR_FS_BASE 0xc0000100u
