@@ -28,9 +28,9 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
             "port_map", "msr_gate")
-# The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq and
-# pv_ops.cpu.write_msr and load_gs_index, at PV_BASE in its kernel's address space (boot/paravirt.py points the
-# kernel there).
+# The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
+# pv_ops.cpu.write_msr and pv_ops.cpu.load_gs_index, at PV_BASE in its kernel's address space
+# (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "safe_halt": 0x80, "halt": 0xA0,
                 "write_msr": 0xC0, "load_gs_index": 0x100}

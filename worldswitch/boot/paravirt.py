@@ -43,8 +43,9 @@ class Paravirtualized(NamedTuple):
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
-    pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of them kept a call
-    (the native alternatives over the irq ones disarmed), and its IRETQ to user mode a UD2."""
+    pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of
+    them kept a call (the native alternatives over the irq ones disarmed), and its IRETQ to user mode
+    a UD2."""
     names = [name for group in PV_OPS.values() for name in group]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")

@@ -173,7 +173,7 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
             runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
         if core.msr_filter is not None:
             core.msr_filter.wait()
-        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, refused_cpuid, writer,
+        machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, writer,
                       config.absolute(), core.host, warn)
         undo.pop_all()  # the machine owns it all now
     return machine
@@ -291,8 +291,9 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
 def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
                   trace: TraceWriter | None, undo: contextlib.ExitStack) -> tuple[list[VcpuRunner], list[HiddenFeature]]:
     """A runner per vCPU, and the CPU features a kernel must be told not to use (what the host put
-    back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py). Under the monitor, a machine that boots through firmware watches on its
-    boot vCPU for the kernel its boot loader starts (x86/handoff.py)."""
+    back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py). Under the
+    monitor, a machine that boots through firmware watches on its boot vCPU for the kernel its boot
+    loader starts (x86/handoff.py)."""
     vm, memory, host = core.vm, core.memory, core.host
     hidden = hidden_features(host, config.monitor)
     supported = filter_cpuid(core.kvm.get_supported_cpuid(), hidden)

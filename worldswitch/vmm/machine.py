@@ -24,7 +24,6 @@ from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
 from .stats import MachineStats
 from .x86.cpu_state import software_exception_in_flight
-from .x86.cpuid import HiddenFeature
 
 if TYPE_CHECKING:  # parts only some machines have; the builder imports them for those (start-up time)
     from ..boot.linux import LinuxBoot
@@ -97,11 +96,11 @@ class Platform(NamedTuple):
 
 class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, platform: Platform, runners: list[VcpuRunner], outcome: Outcome,
-                 boot: LinuxBoot | None, monitor: MonitorPlacement | None, refused_cpuid: list[HiddenFeature],
+                 boot: LinuxBoot | None, monitor: MonitorPlacement | None,
                  trace: TraceWriter | None, config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
         """`boot`: when the machine boots Linux; `monitor`: where the in-guest monitor is, if the
-        program runs under it; `refused_cpuid`: the CPU features its kernel is told not to use; `trace`: where
-        every world switch is recorded, if it is (the runners hold its buffers)."""
+        program runs under it; `trace`: where every world switch is recorded, if it is (the runners
+        hold its buffers)."""
         self.kvm = kvm
         self.vm = vm
         self.memory_map = platform.memory_map
@@ -115,7 +114,6 @@ class Vmm:
         self.outcome = outcome
         self.boot = boot
         self.monitor = monitor
-        self.refused_cpuid = refused_cpuid
         self.trace_writer = trace
         self.host = host
         self.warn = warn

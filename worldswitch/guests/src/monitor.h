@@ -20,7 +20,8 @@
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
- * writes (pv_ops.cpu.write_msr) and user GS loads (pv_ops.cpu.load_gs_index), which the VMM points the kernel at before it runs (boot/paravirt.py).
+ * writes (pv_ops.cpu.write_msr) and user GS loads (pv_ops.cpu.load_gs_index), which the VMM points
+ * the kernel at before it runs (boot/paravirt.py).
  * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
