@@ -71,8 +71,8 @@ def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol])
 
 
 def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
-    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr and load_gs_index, the image holds pointers to the
-    functions kallsyms calls native: the three sources agree."""
+    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr and load_gs_index, the image
+    holds pointers to the functions kallsyms calls native: the three sources agree."""
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt",
                "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}

@@ -95,8 +95,8 @@ MONITOR_HIDDEN = (
     # PVM host does not load the guest's XCR0 for ring 3), which only a kernel that saves the extended
     # state with XSAVE keeps apart between processes. Hidden: XSAVES (XSAVES and XRSTORS are ring-0
     # instructions) and XSAVEC, without which Linux uses XSAVE's standard format, whose size it
-    # checks against the CPU's (with XSAVEC it computed 2,472 bytes where CPUID said 2,432, and
-    # gave XSAVE up).
+    # checks against the CPU's (with XSAVES hidden alone it computed 2,472 bytes where CPUID said
+    # 2,432, and gave XSAVE up).
     _xsave_leaf(3, "xsaves"),
     _xsave_leaf(1, "xsavec"),
     _leaf7(0, "fsgsbase"),  # CR4.FSGSBASE, which the monitor does not give
