@@ -3,8 +3,9 @@
 since its kernel runs in ring 3, where PUSHF, POPF, CLI and STI cannot show or change the real IF
 without a trap; so do its MSR writes (`pv_ops.cpu.write_msr`: the FS base at every context switch,
 which the monitor writes with one trip into ring 0 instead of a trap and a call) and its user GS loads
-(`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead); and its
-one IRETQ to user mode is made to trap (see paravirtualize).
+(`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead); its
+one IRETQ to user mode is made to trap, and an AMD CPU's SS load at a context switch, a trap that
+changes nothing there, goes (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
 irq_disable, irq_enable, safe_halt, halt). Two tables decide what each call site becomes at boot
@@ -26,11 +27,14 @@ from typing import NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
-from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, kallsyms, pv_slots
+from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsyms, pv_slots
 
 ALT_FLAG_NOT = 0x8000  # ALTINSTR_FLAG_INV in alt_instr.cpuid: apply where the CPU lacks the feature
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
+MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
+REX_B = 0x41
+NOPS = {2: b"\x66\x90", 3: b"\x0f\x1f\x00"}  # the SDM's recommended NOPs of those lengths
 
 
 class Paravirtualized(NamedTuple):
@@ -39,6 +43,7 @@ class Paravirtualized(NamedTuple):
     cpu_sites: int  # pv_ops.cpu.write_msr and load_gs_index call sites
     alternatives: int  # native replacements taken away from them
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
+    ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
@@ -105,7 +110,46 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     if vmlinux[at : at + len(IRETQ)] != IRETQ:
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
-    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site)
+    ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
+    ss_load_site = None
+    if ss_load is not None:
+        ss_load_site, length = ss_load
+        at = file_offset(ss_load_site, length)
+        image[at : at + length] = NOPS[length]
+    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, ss_load_site)
+
+
+def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
+                    types: BtfTypes) -> tuple[int, int] | None:
+    """Where `__switch_to` loads SS, and that instruction's length, if it does. On an AMD CPU
+    (X86_BUG_SYSRET_SS_ATTRS, Linux 4.3 on, arch/x86/kernel/process_64.c) it loads __KERNEL_DS at every context switch to a task whose SS reads
+    otherwise, since an interrupt may have left a null SS that SYSRET would not mend. Deprivileged, SS
+    always reads otherwise (the monitor's selectors have RPL 3), so the load always comes, and a ring-0
+    selector is one ring 3 may not load: a #GP, an event that ends with the monitor's copy of SS set,
+    which the CPU never sees (the monitor's SYSRETQ loads the user mode's SS whole). Its
+    `loadsegment` is a MOV to SS with an exception-table entry, so the table names the instruction:
+    the one MOV to SS among `__switch_to`'s entries."""
+    switch = symbols.get("__switch_to")
+    if switch is None or "__ex_table" not in sections:
+        return None
+    end = min((symbol.address for symbol in symbols.values() if symbol.address > switch.address), default=switch.address)
+    size, members = types.struct("exception_table_entry")
+    (insn,) = _fields(size, members, "exception_table_entry", insn=4)
+    table, text = sections["__ex_table"], sections[".text"]
+    loads = []
+    for at in _entries(sections, "__ex_table", size):
+        relative = struct.unpack_from("<i", vmlinux, at + insn)[0]
+        instruction = table.address + at - table.offset + insn + relative
+        if not (switch.address <= instruction < end and text.address <= instruction <= text.address + text.size - 3):
+            continue
+        offset = text.offset + instruction - text.address
+        prefix = int(vmlinux[offset] == REX_B)
+        opcode, modrm = vmlinux[offset + prefix], vmlinux[offset + prefix + 1]
+        if opcode == MOV_TO_SS[0] and modrm >> 6 == 3 and (modrm >> 3) & 7 == MOV_TO_SS[1]:  # from a register
+            loads.append((instruction, prefix + 2))
+    if len(loads) > 1:
+        raise GuestImageError(f"the kernel's __switch_to loads SS at {len(loads)} places; one was expected")
+    return loads[0] if loads else None
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:

@@ -212,18 +212,21 @@ event_return:
     addq $16, %rsp
     iretq
 
-/* The way into the guest's user mode, from the body's int3 at its exit: onto the user mode's shadow,
- * where the monitor's pages are ring 0's, and the guest's registers from the body's frame. */
+/* The way into the guest's user mode, from the body's int3 at its exit, with the guest's registers
+ * loaded and the body's stack at the guest's IRETQ frame (body_window): onto the user mode's shadow,
+ * where the monitor's pages are ring 0's, and out through that frame. */
 leave_to_user:
     cmpb $0, pending_swapgs(%rip)       /* the return's SWAPGS (monitor.c): here, not a call of its own */
     je 1f
     swapgs
     movb $0, pending_swapgs(%rip)
-1:  movq user_root_cr3(%rip), %rax
+1:  pushq %rax
+    movq user_root_cr3(%rip), %rax
     movq %rax, %cr3
+    popq %rax
     movb $ON_USER_ROOT, user_root_loaded(%rip)
-    movq body_frame(%rip), %rsp
-    jmp event_return
+    movq 40(%rsp), %rsp                 /* the int3's frame's RSP: the body's, at the guest's frame */
+    iretq
 
 /* A SYSCALL from the guest: the gate's int3 (below), on the event stack RSP0 names, as for any
  * event from the guest. Its frame is made the one a SYSCALL would have (RCX the return address, R11
@@ -260,12 +263,12 @@ body_window:
     cmpb $0, leave_again(%rip)
     jne body_exit
     testl %eax, %eax
+    pop_registers                       /* natively, either way: POP and LEA leave the flags */
+    leaq 16(%rsp), %rsp
     jnz 1f
-    pop_registers                       /* to the guest's kernel: natively */
-    addq $16, %rsp
-    iretq
-1:  int3                                /* to its user mode: through ring 0 (leave_to_user) */
-leave_return:
+    iretq                               /* to the guest's kernel: natively */
+1:  int3                                /* to its user mode: through ring 0 (leave_to_user), where */
+leave_return:                           /* each instruction is emulated */
     jmp 1b                              /* only where the host dropped the int3 (ring0_call) */
 body_window_end:
 
