@@ -21,10 +21,14 @@ class RecordingLine:
 
 import contextlib
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
+
+import pytest
 
 from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import parse_bzimage
@@ -36,6 +40,7 @@ from worldswitch.vmm.result import MachineResult
 from worldswitch.vmm.stats import MachineStats
 from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
 from worldswitch.vmx.api import Machine
+from worldswitch.vmx.debian import DebianLinux, fetch_debian
 
 
 @dataclass
@@ -153,3 +158,15 @@ def loaded_by_a_boot_loader(memory: GuestMemory, image: bytes, entry: int, cmdli
     memory.write(LOADER_ZERO_PAGE, bytes(raw))
     memory.write(LOADER_CMDLINE, cmdline + b"\0")
     memory.write(entry, kernel.kernel)
+
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache"
+DEBIAN_13 = "trixie"  # Linux 6.12: kallsyms in 6.4's order, pv_ops sites as 6.8's alternatives
+
+
+def debian(release: str | None = None) -> DebianLinux:
+    """Debian's cloud kernel and busybox, fetched once into .cache: from the host's apt sources
+    (Debian 12's on this host), or from `release` on deb.debian.org. Skips where apt-get is missing."""
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available: not a Debian-based host")
+    return fetch_debian(CACHE / ("debian" if release is None else f"debian-{release}"), release=release)

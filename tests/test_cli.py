@@ -96,6 +96,12 @@ def test_bad_input_is_one_line_and_a_non_zero_status(args: list[str], status: in
     assert_one_line_error(worldswitch("run", *args), status, text)
 
 
+def test_an_unknown_debian_release_is_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(worldswitch("fetch-debian", "--release", "hamm", "--dir", str(tmp_path)), 2,
+                          "unknown Debian release 'hamm': one of bookworm, trixie, forky, sid")
+    assert not (tmp_path / "apt").exists()  # nothing written for it
+
+
 def test_a_dynamically_linked_program_is_refused() -> None:
     assert_one_line_error(worldswitch("run", "--elf", shutil.which("ls") or "/bin/ls"), 2, "not a static executable")
 

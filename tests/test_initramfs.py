@@ -5,12 +5,14 @@ for the first process, an executable /init that prints the marker, every module 
 from __future__ import annotations
 
 import gzip
+import lzma
 import stat
 from pathlib import Path
 
 import pytest
 
-from worldswitch.boot.initramfs import CpioEntry, InitramfsSpec, build_initramfs, cpio_newc, read_cpio_newc
+from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramfs, cpio_newc, modinfo, read_cpio_newc,
+                                        resolve_modules)
 from worldswitch.errors import ConfigError, GuestImageError
 
 
@@ -39,6 +41,35 @@ def test_what_the_kernel_unpacks(tmp_path: Path) -> None:
     assert lines.index("insmod /lib/modules/virtio_blk.ko || echo 'worldswitch: insmod virtio_blk.ko failed'") \
         < lines.index("echo 'MARK'") < lines.index("echo hi") < lines.index("poweroff -f")
     assert entries["lib/modules/virtio_blk.ko"].data == b"\x7fELF module"
+
+
+def test_xz_compressed_modules_go_in_decompressed_and_built_in_ones_not_at_all(tmp_path: Path) -> None:
+    """Debian 13's modules are .ko.xz, and its cloud kernel has virtio_pci built in (modules.builtin):
+    busybox's insmod gets the plain ELF, under its .ko name; a built-in module needs no loading."""
+    modules = tmp_path / "lib" / "modules" / "6.12.0"
+    (modules / "kernel" / "drivers").mkdir(parents=True)
+    blk = modules / "kernel" / "drivers" / "virtio_blk.ko.xz"
+    blk.write_bytes(lzma.compress(b"\x7fELF blk", format=lzma.FORMAT_XZ))
+    (modules / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/virtio/virtio.ko\n")
+    assert resolve_modules(["virtio_pci", "virtio"], modules) == []
+    entries = {entry.name: entry for entry in read_cpio_newc(build_initramfs(InitramfsSpec(fake_busybox(tmp_path), [blk]),
+                                                                             compress=False))}
+    assert entries["lib/modules/virtio_blk.ko"].data == b"\x7fELF blk" and "lib/modules/virtio_blk.ko.xz" not in entries
+    assert "insmod /lib/modules/virtio_blk.ko ||" in entries["init"].data.decode()
+    blk.write_bytes(b"not xz")
+    with pytest.raises(GuestImageError, match="virtio_blk.ko.xz is not a valid xz file"):
+        build_initramfs(InitramfsSpec(fake_busybox(tmp_path), [blk]))
+
+
+def test_debian_13s_virtio_modules_resolve_from_its_package() -> None:
+    """The real thing: Debian 13's cloud kernel package (merged /usr: usr/lib/modules)."""
+    from .helpers import DEBIAN_13, debian
+
+    linux = debian(DEBIAN_13)
+    resolved = resolve_modules(["virtio_pci", "virtio_blk", "virtio_net"], linux.modules)
+    assert [path.name for path in resolved][-1] == "virtio_net.ko.xz" and "virtio_blk.ko.xz" in [p.name for p in resolved]
+    assert not any(path.name.startswith("virtio_pci") for path in resolved)  # built in
+    assert modinfo(lzma.decompress(resolved[-1].read_bytes()))["name"] == "virtio_net"
 
 
 def test_the_archive_reads_back_as_written() -> None:

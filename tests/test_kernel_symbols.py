@@ -17,13 +17,13 @@ from worldswitch.boot.elf import read_sections
 from worldswitch.boot.kernel_symbols import KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, kallsyms, pv_slots
 from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, take_over_linux
 from worldswitch.boot.monitor import PV_BASE, pv_functions
-from worldswitch.boot.paravirt import ALT_FLAG_NOT, X86_FEATURE_XENPV, paravirtualize
+from worldswitch.boot.paravirt import CMPXCHG16B_GS, X86_FEATURE_XENPV, alt_format, paravirtualize
 from worldswitch.errors import GuestImageError
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.memory.layout import MIB, MemoryMap
 from worldswitch.vmx.debian import fetch_debian
 
-from .helpers import LOADER_ZERO_PAGE, loaded_by_a_boot_loader
+from .helpers import DEBIAN_13, LOADER_ZERO_PAGE, debian, loaded_by_a_boot_loader
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 
@@ -45,6 +45,13 @@ def vmlinux() -> bytes:
 @pytest.fixture(scope="module")
 def symbols(vmlinux: bytes) -> dict[str, Symbol]:
     return kallsyms(vmlinux)
+
+
+@pytest.fixture(scope="module")
+def vmlinux_13() -> bytes:
+    """Debian 13's cloud kernel (Linux 6.12): kallsyms in 6.4's order, alt_instr with its u32
+    ft_flags, and pv_ops call sites that are alternatives (6.8), not .parainstructions."""
+    return extract_vmlinux(parse_bzimage(Path(debian(DEBIAN_13).kernel).read_bytes(), "kernel"))
 
 
 def read_u64(vmlinux: bytes, address: int) -> int:
@@ -117,8 +124,10 @@ def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_eve
     before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
     changed = [at for at in before if before[at] != after[at]]
     assert len(changed) == 1290
-    assert all(before[at] == ALT_FLAG_NOT | X86_FEATURE_XENPV and after[at] == X86_FEATURE_XENPV for at in changed)
-    assert sum(1 for word in after.values() if word == ALT_FLAG_NOT | X86_FEATURE_XENPV) == 923  # the rest stay
+    flag_not = alt_format(BtfTypes(vmlinux)).flag_not
+    assert flag_not == 0x8000  # ALTINSTR_FLAG_INV, in 6.1's u16 cpuid
+    assert all(before[at] == flag_not | X86_FEATURE_XENPV and after[at] == X86_FEATURE_XENPV for at in changed)
+    assert sum(1 for word in after.values() if word == flag_not | X86_FEATURE_XENPV) == 923  # the rest stay
     iret = result.iret_site
     assert iret == symbols["native_irq_return_iret"].address
     text = read_sections(vmlinux)[".text"]
@@ -129,9 +138,67 @@ def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_eve
     assert ss_load is not None and symbols["__switch_to"].address < ss_load < symbols["__switch_to"].address + 0x400
     at = text.offset + ss_load - text.address
     assert vmlinux[at : at + 2] == b"\x8e\xd0" and result.vmlinux[at : at + 2] == b"\x66\x90"  # mov %eax,%ss
-    # nothing else in the image moved: 7 slots of 8 bytes, 1290 feature words, the IRETQ's and the MOV's 2 bytes each
+    # the 7 calls of this_cpu_cmpxchg16b_emu (LEA, CALL: 8 bytes) now CMPXCHG16B %gs:(%rdi); SETZ %al
+    assert result.cx16_sites == 7
+    emulation = symbols["this_cpu_cmpxchg16b_emu"].address
+    assert text_calls(vmlinux, emulation) == 7 and text_calls(result.vmlinux, emulation) == 0
+    assert result.vmlinux.count(CMPXCHG16B_GS + b"\x0f\x0f\x94\xc0") == vmlinux.count(CMPXCHG16B_GS + b"\x0f\x0f\x94\xc0") + 7
+    # nothing else in the image moved: 7 slots of 8 bytes, 1290 feature words, the IRETQ's and the MOV's 2
+    # bytes each, and the 7 sites' 8 bytes
     differing = sum(1 for a, b in zip(vmlinux, result.vmlinux) if a != b)
-    assert differing <= 7 * 8 + 1290 + 2 + 2
+    assert differing <= 7 * 8 + 1290 + 2 + 2 + 7 * 8
+
+
+def text_calls(vmlinux: bytes, target: int) -> int:
+    """The direct CALLs (E8 rel32) to `target` in the kernel's .text, decoded where they would be."""
+    text = read_sections(vmlinux)[".text"]
+    data = vmlinux[text.offset : text.offset + text.size]
+    count, at = 0, data.find(b"\xe8")
+    while at >= 0:
+        if at + 5 <= len(data) and text.address + at + 5 + struct.unpack_from("<i", data, at + 1)[0] == target:
+            count += 1
+        at = data.find(b"\xe8", at + 1)
+    return count
+
+
+def test_debian_13s_kallsyms_come_in_6_4s_order(vmlinux_13: bytes) -> None:
+    """Linux 6.4 on writes the count and the names first and the offsets and their base after the token
+    index; the symbols read the same way from there. Its startup_64 no longer begins the image."""
+    symbols = kallsyms(vmlinux_13)
+    assert len(symbols) > 100_000
+    assert symbols["_text"].address == KERNEL_TEXT and symbols["startup_64"].address > KERNEL_TEXT
+    assert symbols["pv_ops"].kind == "D" and symbols["native_save_fl"].kind == "T"
+    text = read_sections(vmlinux_13)[".text"]
+    iret = symbols["native_irq_return_iret"].address
+    assert vmlinux_13[text.offset + iret - text.address :][:2] == b"\x48\xcf"  # where kallsyms says: an IRETQ
+    natives = {"save_fl": "pv_native_save_fl", "irq_disable": "pv_native_irq_disable",
+               "irq_enable": "pv_native_irq_enable", "safe_halt": "pv_native_safe_halt", "halt": "native_halt",
+               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}
+    for name, address in pv_slots(symbols, BtfTypes(vmlinux_13)).items():  # BTF, kallsyms and the data agree
+        assert read_u64(vmlinux_13, address) == symbols[natives[name]].address, name
+
+
+def test_debian_13s_pv_ops_sites_are_found_among_its_alternatives(vmlinux_13: bytes) -> None:
+    """Linux 6.8 on has no .parainstructions: each call through pv_ops is an alternative that makes
+    it a direct call to what the slot holds (ALT_CALL_ALWAYS). Those stay; the native instructions
+    over the irq calls (ALT_NOT(X86_FEATURE_XENPV), its "not" now bit 16 of a u32) are disarmed,
+    and the emulation of CMPXCHG16B, whose POPF cannot restore a deprivileged kernel's IF, goes."""
+    fmt = alt_format(BtfTypes(vmlinux_13))
+    assert (fmt.size, fmt.width, fmt.flag_not, fmt.flag_direct_call) == (14, 4, 1 << 16, 2 << 16)
+    result = paravirtualize(vmlinux_13, pv_functions())
+    assert (result.sites, result.cpu_sites, result.alternatives, result.cx16_sites) == (1513, 400, 1505, 13)
+    words = {}
+    section = read_sections(vmlinux_13)[".altinstructions"]
+    for image in (vmlinux_13, result.vmlinux):
+        words[image is vmlinux_13] = [struct.unpack_from("<I", image, at + fmt.feature)[0]
+                                      for at in range(section.offset, section.offset + section.size, fmt.size)]
+    changed = [(a, b) for a, b in zip(words[True], words[False]) if a != b]
+    assert len(changed) == 1505 and set(changed) == {(fmt.flag_not | X86_FEATURE_XENPV, X86_FEATURE_XENPV)}
+    symbols = kallsyms(vmlinux_13)
+    emulation = symbols["this_cpu_cmpxchg16b_emu"].address
+    assert text_calls(vmlinux_13, emulation) == 13 and text_calls(result.vmlinux, emulation) == 0
+    assert result.ss_load_site is not None
+    assert symbols["__switch_to"].address < result.ss_load_site < symbols["__switch_to"].address + 0x400
 
 
 def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(vmlinux: bytes) -> None:

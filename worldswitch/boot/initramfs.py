@@ -4,6 +4,7 @@ Documentation/driver-api/early-userspace/buffer-format.rst), written in Python.
 It holds a static busybox, /dev/console (so init has a console before devtmpfs is mounted), an
 /init script, and optionally kernel modules with their dependencies, read from each module's
 .modinfo section (a Debian kernel package carries no modules.dep; depmod makes it at install).
+Debian 13's modules are xz-compressed (.ko.xz); they go into the archive decompressed, as .ko.
 The /init script mounts proc, sysfs and devtmpfs, loads the modules, prints a marker line, then
 either powers off or starts a shell on the console.
 """
@@ -11,6 +12,7 @@ either powers off or starts a shell on the console.
 from __future__ import annotations
 
 import gzip
+import lzma
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -94,29 +96,60 @@ def modinfo(ko: bytes) -> dict[str, str]:
     return info
 
 
+MODULE_SUFFIXES = (".ko", ".ko.xz")
+
+
+def module_name(path: Path) -> str:
+    """The file name a module has in the archive: `name`.ko, however it was compressed."""
+    return path.name[: path.name.rindex(".ko")] + ".ko"
+
+
+def module_bytes(path: Path) -> bytes:
+    """A module's ELF image, decompressed where it was compressed."""
+    data = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        try:
+            return lzma.decompress(data, format=lzma.FORMAT_XZ)
+        except lzma.LZMAError as error:
+            raise GuestImageError(f"kernel module {path} is not a valid xz file: {error}") from None
+    return data
+
+
 def find_modules(modules_dir: Path) -> dict[str, Path]:
-    """Module name (dashes as underscores) -> .ko path, under lib/modules/<version>."""
+    """Module name (dashes as underscores) -> its file, under lib/modules/<version>."""
     found = {}
-    for path in sorted(modules_dir.rglob("*.ko")):
-        found[path.name[: -len(".ko")].replace("-", "_")] = path
+    for suffix in MODULE_SUFFIXES:
+        for path in sorted(modules_dir.rglob("*" + suffix)):
+            found[module_name(path)[: -len(".ko")].replace("-", "_")] = path
     return found
 
 
+def builtin_modules(modules_dir: Path) -> set[str]:
+    """The modules built into the kernel (modules.builtin, one path per line), by name."""
+    try:
+        lines = (modules_dir / "modules.builtin").read_text(errors="replace").splitlines()
+    except OSError:
+        return set()
+    return {Path(line).name.removesuffix(".ko").replace("-", "_") for line in lines if line.endswith(".ko")}
+
+
 def resolve_modules(wanted: list[str], modules_dir: Path) -> list[Path]:
-    """`wanted` and everything they depend on, in load order (dependencies first)."""
+    """`wanted` and everything they depend on, in load order (dependencies first); those built into
+    the kernel need no loading (Debian 13's cloud kernel has virtio_pci built in)."""
     available = find_modules(modules_dir)
+    builtin = builtin_modules(modules_dir)
     ordered: list[Path] = []
     seen: set[str] = set()
 
     def visit(name: str, chain: tuple[str, ...]) -> None:
         key = name.replace("-", "_")
-        if key in seen:
+        if key in seen or key in builtin:
             return
         if key in chain:
             raise GuestImageError(f"module dependency loop: {' -> '.join(chain + (key,))}")
         if key not in available:
             raise ConfigError(f"no kernel module {name!r} under {modules_dir}")
-        for dependency in filter(None, modinfo(available[key].read_bytes()).get("depends", "").split(",")):
+        for dependency in filter(None, modinfo(module_bytes(available[key])).get("depends", "").split(",")):
             visit(dependency, chain + (key,))
         seen.add(key)
         ordered.append(available[key])
@@ -147,7 +180,8 @@ def init_script(spec: InitramfsSpec) -> str:
         "mount -t devtmpfs devtmpfs /dev 2>/dev/null",
     ]
     for module in spec.modules:
-        lines.append(f"insmod /lib/modules/{module.name} || echo 'worldswitch: insmod {module.name} failed'")
+        name = module_name(module)
+        lines.append(f"insmod /lib/modules/{name} || echo 'worldswitch: insmod {name} failed'")
     lines.append(f"echo '{spec.marker}'")
     lines += spec.commands
     if spec.shell:
@@ -177,6 +211,6 @@ def build_initramfs(spec: InitramfsSpec, compress: bool = True) -> bytes:
         CpioEntry("init", stat.S_IFREG | 0o755, init_script(spec).encode()),
     ]
     for module in spec.modules:
-        entries.append(CpioEntry(f"lib/modules/{module.name}", stat.S_IFREG | 0o644, module.read_bytes()))
+        entries.append(CpioEntry(f"lib/modules/{module_name(module)}", stat.S_IFREG | 0o644, module_bytes(module)))
     archive = cpio_newc(entries)
     return gzip.compress(archive, compresslevel=6, mtime=0) if compress else archive

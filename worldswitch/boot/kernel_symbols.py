@@ -7,11 +7,14 @@ in it.
 The image is the user's file: every table is bounds-checked, and what cannot be read is a
 GuestImageError naming what was missing, never an exception from deep inside.
 
-kallsyms (scripts/kallsyms.c, as Linux 6.1 lays it out in .rodata, base-relative with absolute
-per-CPU symbols): kallsyms_offsets (s32 each), padding to 8, kallsyms_relative_base (u64),
-kallsyms_num_syms, kallsyms_names (each a length byte and that many token codes), and later the
-256-entry kallsyms_token_table, in which every character that names use is a one-character token
-at its own code. BTF: Documentation/bpf/btf.rst.
+kallsyms (scripts/kallsyms.c, base-relative with absolute per-CPU symbols, in .rodata, each table
+aligned to 8): kallsyms_offsets (s32 each), kallsyms_relative_base (u64), kallsyms_num_syms (u32),
+kallsyms_names (each a length, one byte or two for 128 and more, and that many token codes),
+kallsyms_markers, and the 256-entry kallsyms_token_table, in which every character that names use
+is a one-character token at its own code, then its kallsyms_token_index (u16 each). That is Linux
+6.1's order; from 6.4 on (Masahiro Yamada's "scripts/kallsyms: change the output order") the
+offsets and the base come after the token index, and the count before the names.
+BTF: Documentation/bpf/btf.rst.
 """
 
 from __future__ import annotations
@@ -32,7 +35,19 @@ class Symbol(NamedTuple):
     address: int
 
 
-def _tokens(rodata: bytes) -> list[bytes]:
+class _TokenTable(NamedTuple):
+    tokens: list[bytes]
+    start: int  # in .rodata
+    end: int  # past its last token
+
+
+class _Layout(NamedTuple):
+    symbols: int  # how many
+    names: int  # where kallsyms_names begins in .rodata
+    offsets: int  # where kallsyms_offsets begins
+
+
+def _tokens(rodata: bytes) -> _TokenTable:
     """kallsyms_token_table: the run of one-character tokens '0'..'9' sits at codes 0x30..0x39, and
     code 0 holds a token of several characters (a table of single bytes is something else)."""
     at = -1
@@ -53,7 +68,82 @@ def _tokens(rodata: bytes) -> list[bytes]:
             raise GuestImageError("the kernel's kallsyms token table is truncated")
         tokens.append(rodata[position:end])
         position = end + 1
-    return tokens
+    return _TokenTable(tokens, start, position)
+
+
+def _aligned(position: int) -> int:
+    return (position + 7) & ~7
+
+
+def _layout_of_6_1(rodata: bytes) -> _Layout | None:
+    """The offsets, then the base, the count and the names: the base is KERNEL_TEXT, followed by a
+    count that the offsets before it fit."""
+    base = struct.pack("<Q", KERNEL_TEXT)
+    at = -1
+    while True:
+        at = rodata.find(base, at + 1)
+        if at < 0:
+            return None
+        if at % 8 or at + 16 > len(rodata):
+            continue
+        count = struct.unpack_from("<I", rodata, at + 8)[0]
+        table = at - 4 * count - (4 * count) % 8
+        if _MIN_SYMBOLS <= count <= _MAX_SYMBOLS and table >= 0:
+            return _Layout(count, at + 16, table)
+
+
+def _layout_since_6_4(rodata: bytes, table: _TokenTable) -> _Layout | None:
+    """The count and the names first, the token table and index, then the offsets and the base: the
+    offsets begin after the index, and end where the base is (padded to 8, with a zero word, for an
+    odd count); the count, a u32 padded to 8, is the last such word before the names that decode to
+    exactly the markers' start."""
+    index = _aligned(table.end)
+    if index + 512 > len(rodata) or struct.unpack_from("<H", rodata, index)[0] != 0:
+        return None
+    offsets = _aligned(index + 512)
+    at = offsets
+    base = struct.pack("<Q", KERNEL_TEXT)
+    while True:
+        at = rodata.find(base, at)
+        if at < 0:
+            return None
+        if at % 8 == 0:
+            break
+        at += 1
+    count = (at - offsets) // 4
+    if count and struct.unpack_from("<I", rodata, at - 4)[0] == 0:
+        count -= 1  # the padding after an odd count of offsets
+    if not _MIN_SYMBOLS <= count <= _MAX_SYMBOLS:
+        return None
+    markers = 4 * ((count + 255) // 256)
+    word, before = struct.pack("<II", count, 0), table.start
+    while True:
+        names = rodata.rfind(word, 0, before)
+        if names < 0:
+            return None
+        end = _names_end(rodata, names + 8, count, table.start)
+        if names % 8 == 0 and end >= 0 and _aligned(end + markers) == table.start:
+            return _Layout(count, names + 8, offsets)
+        before = names + len(word) - 1
+
+
+def _name_at(rodata: bytes, position: int) -> tuple[int, int]:
+    """A name in kallsyms_names: where its token codes begin, and how many there are. The length is
+    one byte, or for a "big" symbol (Linux 6.1 on) seven bits there and the rest in the next byte."""
+    length = rodata[position]
+    if length & 0x80:
+        return position + 2, (length & 0x7F) | rodata[position + 1] << 7
+    return position + 1, length
+
+
+def _names_end(rodata: bytes, position: int, count: int, limit: int) -> int:
+    """Where `count` names that begin at `position` end, aligned to 8 (-1 if they pass `limit`)."""
+    for _ in range(count):
+        if position + 1 >= limit:
+            return -1
+        codes, length = _name_at(rodata, position)
+        position = codes + length
+    return _aligned(position) if position <= limit else -1
 
 
 def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
@@ -62,27 +152,20 @@ def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
     if rodata_section is None:
         raise GuestImageError("the kernel has no .rodata section")
     rodata = vmlinux[rodata_section.offset : rodata_section.offset + rodata_section.size]
-    tokens = _tokens(rodata)
-    base = struct.pack("<Q", KERNEL_TEXT)
-    at = -1
-    while True:
-        at = rodata.find(base, at + 1)
-        if at < 0:
-            raise GuestImageError("the kernel's kallsyms_relative_base was not found (not base-relative kallsyms?)")
-        if at % 8 or at + 16 > len(rodata):
-            continue
-        count = struct.unpack_from("<I", rodata, at + 8)[0]
-        table = at - 4 * count - (4 * count) % 8
-        if _MIN_SYMBOLS <= count <= _MAX_SYMBOLS and table >= 0:
-            break
-    names, position = [], at + 16
-    for _ in range(count):
-        if position >= len(rodata) or position + 1 + rodata[position] > len(rodata):
+    table = _tokens(rodata)
+    layout = _layout_of_6_1(rodata) or _layout_since_6_4(rodata, table)
+    if layout is None:
+        raise GuestImageError("the kernel's kallsyms_relative_base was not found (not base-relative kallsyms?)")
+    names, position = [], layout.names
+    for _ in range(layout.symbols):
+        if position + 2 > len(rodata):
             raise GuestImageError("the kernel's kallsyms_names run past .rodata")
-        length = rodata[position]
-        names.append(b"".join(tokens[code] for code in rodata[position + 1 : position + 1 + length]))
-        position += 1 + length
-    offsets = struct.unpack_from(f"<{count}i", rodata, table)
+        codes, length = _name_at(rodata, position)
+        if codes + length > len(rodata):
+            raise GuestImageError("the kernel's kallsyms_names run past .rodata")
+        names.append(b"".join(table.tokens[code] for code in rodata[codes : codes + length]))
+        position = codes + length
+    offsets = struct.unpack_from(f"<{layout.symbols}i", rodata, layout.offsets)
     symbols = {}
     for name, offset in zip(names, offsets):
         if not name:

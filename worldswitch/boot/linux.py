@@ -274,8 +274,9 @@ def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, na
     reserved = [(0, LOW_MEMORY_END), *keep] + [(r.start, r.end) for r in memory_map.regions
                                                if r.kind is RegionKind.RESERVED and r.start >= LOW_MEMORY_END]
     loaded = load_elf(memory, vmlinux, name, reserved=reserved)
-    if loaded.entry % 0x1000 or not loaded.low <= loaded.entry < loaded.high:
-        raise GuestImageError(f"{name}: ELF entry {loaded.entry:#x} is not a vmlinux startup_64")
+    # startup_64 began the image up to Linux 6.1; 6.12's is 0xc43 bytes in, after the SEV code
+    if not loaded.low <= loaded.entry < loaded.high:
+        raise GuestImageError(f"{name}: ELF entry {loaded.entry:#x} is outside the image it loads")
     return (loaded.low, loaded.high), loaded.entry
 
 

@@ -8,33 +8,65 @@ one IRETQ to user mode is made to trap, and an AMD CPU's SS load at a context sw
 changes nothing there, goes (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
-irq_disable, irq_enable, safe_halt, halt). Two tables decide what each call site becomes at boot
-(arch/x86/kernel/alternative.c, alternative_instructions(), Linux 6.1):
-1. `.parainstructions` (struct paravirt_patch_site: the site, its pv_ops index, its length):
-   apply_paravirt() turns each indirect call through pv_ops into a direct call to what the slot
-   holds then. So the slots are set here, in the image.
-2. `.altinstructions` (struct alt_instr): apply_alternatives() then puts the native instruction
-   (`cli`, `sti`, `pushf; pop %rax`) over the call unless the CPU has X86_FEATURE_XENPV. Each of
+irq_disable, irq_enable, safe_halt, halt). Its boot decides what each call site becomes
+(arch/x86/kernel/alternative.c, alternative_instructions()):
+1. Each indirect call through pv_ops becomes a direct call to what the slot holds then. So the
+   slots are set here, in the image. Up to Linux 6.7 `.parainstructions` lists the sites (struct
+   paravirt_patch_site: the site, its pv_ops index, its length; apply_paravirt()); from 6.8 on each
+   site is an alternative of its own, ALT_CALL_ALWAYS (ALT_FLAG_DIRECT_CALL: the CALL through
+   RIP-relative memory becomes a direct call to where that memory points), and the slot is found
+   from the instruction.
+2. `.altinstructions` (struct alt_instr): apply_alternatives() puts the native instruction
+   (`cli`, `sti`, `pushf; pop %rax`) over an irq call unless the CPU has X86_FEATURE_XENPV. Each of
    those alternatives is marked ALT_NOT(X86_FEATURE_XENPV); here its "not" goes, so that it
    applies only on a CPU with XENPV, a flag only Linux's Xen PV start-up sets. The call stays.
+   struct alt_instr's feature word is a u16 up to 6.2 (ALTINSTR_FLAG_INV its top bit), and a u32
+   from 6.3 on (ft_flags: the feature, and flags from bit 16 up).
 Both layouts come from the kernel's own BTF; its symbols from its kallsyms (kernel_symbols.py).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
 from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsyms, pv_slots
 
-ALT_FLAG_NOT = 0x8000  # ALTINSTR_FLAG_INV in alt_instr.cpuid: apply where the CPU lacks the feature
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
+CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
+X86_FEATURE_CX16 = 4 * 32 + 13
+CALL_REL32, NOP = 0xE8, b"\x90"
+CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
 MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
 REX_B = 0x41
 NOPS = {2: b"\x66\x90", 3: b"\x0f\x1f\x00"}  # the SDM's recommended NOPs of those lengths
+
+
+class AltFormat(NamedTuple):
+    """struct alt_instr as a kernel lays it out: its size, where its instruction's offset and its
+    feature word are, the word's width, and the flags in it."""
+    size: int
+    instr: int
+    replacement: int
+    feature: int
+    width: int  # bytes: 2 (cpuid, up to Linux 6.2) or 4 (ft_flags, from 6.3)
+    instrlen: int
+    replacementlen: int
+    flag_not: int  # apply where the CPU lacks the feature
+    flag_direct_call: int  # the call becomes a direct one (6.8 on; 0 where the format has none)
+
+
+def alt_format(types: BtfTypes) -> AltFormat:
+    """struct alt_instr's layout, from the kernel's BTF."""
+    size, members = types.struct("alt_instr")
+    width, not_flag, direct_call = (2, 0x8000, 0) if "cpuid" in members else (4, 1 << 16, 2 << 16)
+    feature = {"cpuid": 2} if width == 2 else {"": 4}  # from 6.3 an anonymous union (ft_flags)
+    offsets = _fields(size, members, "alt_instr", instr_offset=4, repl_offset=4, **feature, instrlen=1,
+                      replacementlen=1)
+    return AltFormat(size, offsets[0], offsets[1], offsets[2], width, offsets[3], offsets[4], not_flag, direct_call)
 
 
 class Paravirtualized(NamedTuple):
@@ -44,6 +76,7 @@ class Paravirtualized(NamedTuple):
     alternatives: int  # native replacements taken away from them
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
+    cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
@@ -69,36 +102,30 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     for name, slot in slots.items():
         struct.pack_into("<Q", image, file_offset(slot, 8), functions[name])
 
-    types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
-    sites, cpu_sites = set(), set()
-    site_size, site = types.struct("paravirt_patch_site")
-    site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
-    for at in _entries(sections, ".parainstructions", site_size):
-        instruction = struct.unpack_from("<Q", vmlinux, at + site_instr)[0]
-        op = types_of.get(vmlinux[at + site_type])
-        if op in PV_IRQ_OPS:
-            sites.add(instruction)
-        elif op is not None:
-            cpu_sites.add(instruction)
-
-    alt_size, alt = types.struct("alt_instr")
-    alt_instr, alt_cpuid = _fields(alt_size, alt, "alt_instr", instr_offset=4, cpuid=2)
-    entries = _entries(sections, ".altinstructions", alt_size)
+    fmt = alt_format(types)
+    if ".parainstructions" in sections:
+        sites, cpu_sites = _patch_sites(vmlinux, sections, types, slots, pv_ops)
+    else:
+        sites, cpu_sites = _direct_call_sites(vmlinux, sections, fmt, slots, file_offset)
     section = sections[".altinstructions"]
+    armed = fmt.flag_not | X86_FEATURE_XENPV
+    word = "<H" if fmt.width == 2 else "<I"
     disarmed = 0
-    for at in entries:
-        relative = struct.unpack_from("<i", vmlinux, at + alt_instr)[0]
-        instruction = (section.address + at - section.offset + alt_instr + relative) & (2**64 - 1)
+    for at in _entries(sections, ".altinstructions", fmt.size):
+        relative = struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
+        instruction = (section.address + at - section.offset + fmt.instr + relative) & (2**64 - 1)
+        feature_at = at + fmt.feature
+        feature = struct.unpack_from(word, vmlinux, feature_at)[0]
+        if fmt.flag_direct_call and feature & fmt.flag_direct_call:
+            continue  # the site's own alternative: its call made direct
         if instruction in cpu_sites:  # nothing would put the native code back over these: keep it so
             raise GuestImageError(f"the kernel has an alternative at the pv_ops.cpu call {instruction:#x}")
         if instruction not in sites:
             continue
-        feature_at = at + alt_cpuid
-        feature = struct.unpack_from("<H", vmlinux, feature_at)[0]
-        if feature != ALT_FLAG_NOT | X86_FEATURE_XENPV:
+        if feature != armed:
             raise GuestImageError(f"the kernel's alternative at the pv_ops.irq call {instruction:#x} is for feature "
                                   f"{feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
-        struct.pack_into("<H", image, feature_at, X86_FEATURE_XENPV)
+        struct.pack_into(word, image, feature_at, X86_FEATURE_XENPV)
         disarmed += 1
     # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
     # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
@@ -116,7 +143,44 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         ss_load_site, length = ss_load
         at = file_offset(ss_load_site, length)
         image[at : at + length] = NOPS[length]
-    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, ss_load_site)
+    cx16_sites = _apply_cx16(image, vmlinux, sections, symbols, fmt, file_offset)
+    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, ss_load_site, cx16_sites)
+
+
+def _apply_cx16(image: bytearray, vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
+                fmt: AltFormat, file_offset: Callable[[int, int], int]) -> int:
+    """Puts CMPXCHG16B over each call of `this_cpu_cmpxchg16b_emu`, as the kernel's alternatives do
+    later on a CPU with CX16 (every x86-64 CPU the monitor runs on has it, and the kernel's CPUID,
+    which runs natively there, shows it); the number of sites. Until then the kernel calls the
+    emulation, which is PUSHF, CLI, the exchange and POPF: deprivileged, the POPF cannot restore
+    the interrupt flag that the CLI (which traps) cleared, so the kernel's interrupts stayed off for
+    good. Linux 6.12's SLUB makes such calls between enabling its interrupts and applying its
+    alternatives, and stopped at `BUG_ON(irqs_disabled())` in cpa_flush."""
+    emulation = symbols.get("this_cpu_cmpxchg16b_emu")
+    if emulation is None:
+        return 0
+    section = sections[".altinstructions"]
+    word = "<H" if fmt.width == 2 else "<I"
+    applied = 0
+    for at in _entries(sections, ".altinstructions", fmt.size):
+        if struct.unpack_from(word, vmlinux, at + fmt.feature)[0] != X86_FEATURE_CX16:
+            continue  # another feature, or one with flags (not, or a direct call)
+        base = section.address + at - section.offset
+        instruction = base + fmt.instr + struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
+        replacement = base + fmt.replacement + struct.unpack_from("<i", vmlinux, at + fmt.replacement)[0]
+        length, replacement_length = vmlinux[at + fmt.instrlen], vmlinux[at + fmt.replacementlen]
+        original = vmlinux[file_offset(instruction, length) :][:length]
+        calls = [k for k in range(length - 4) if original[k] == CALL_REL32
+                 and instruction + k + 5 + struct.unpack_from("<i", original, k + 1)[0] == emulation.address]
+        if not calls:
+            continue
+        code = vmlinux[file_offset(replacement, replacement_length) :][:replacement_length]
+        if replacement_length > length or not code.startswith(CMPXCHG16B_GS):
+            raise GuestImageError(f"the kernel's CX16 alternative at {instruction:#x} is not the CMPXCHG16B expected")
+        at_instruction = file_offset(instruction, length)
+        image[at_instruction : at_instruction + length] = code + NOP * (length - replacement_length)
+        applied += 1
+    return applied
 
 
 def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
@@ -150,6 +214,50 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     if len(loads) > 1:
         raise GuestImageError(f"the kernel's __switch_to loads SS at {len(loads)} places; one was expected")
     return loads[0] if loads else None
+
+
+def _patch_sites(vmlinux: bytes, sections: dict[str, Section], types: BtfTypes, slots: dict[str, int],
+                 pv_ops: int) -> tuple[set[int], set[int]]:
+    """The irq and the cpu call sites `.parainstructions` lists (Linux up to 6.7)."""
+    types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
+    sites, cpu_sites = set(), set()
+    site_size, site = types.struct("paravirt_patch_site")
+    site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
+    for at in _entries(sections, ".parainstructions", site_size):
+        instruction = struct.unpack_from("<Q", vmlinux, at + site_instr)[0]
+        op = types_of.get(vmlinux[at + site_type])
+        if op in PV_IRQ_OPS:
+            sites.add(instruction)
+        elif op is not None:
+            cpu_sites.add(instruction)
+    return sites, cpu_sites
+
+
+def _direct_call_sites(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat, slots: dict[str, int],
+                       file_offset: Callable[[int, int], int]) -> tuple[set[int], set[int]]:
+    """The irq and the cpu call sites among the alternatives that make a call direct (Linux 6.8 on):
+    each a CALL through RIP-relative memory, that memory a slot of pv_ops's."""
+    if not fmt.flag_direct_call:
+        raise GuestImageError("the kernel has neither .parainstructions nor direct-call alternatives "
+                              "(is it built with CONFIG_PARAVIRT?)")
+    op_of = {slot: name for name, slot in slots.items()}
+    section = sections[".altinstructions"]
+    word = "<I"
+    sites, cpu_sites = set(), set()
+    for at in _entries(sections, ".altinstructions", fmt.size):
+        if not struct.unpack_from(word, vmlinux, at + fmt.feature)[0] & fmt.flag_direct_call:
+            continue
+        relative = struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
+        instruction = (section.address + at - section.offset + fmt.instr + relative) & (2**64 - 1)
+        code = file_offset(instruction, 6)
+        if vmlinux[code : code + 2] != CALL_RIP_RELATIVE:
+            raise GuestImageError(f"the kernel's direct-call alternative at {instruction:#x} is not a CALL through memory")
+        op = op_of.get(instruction + 6 + struct.unpack_from("<i", vmlinux, code + 2)[0])
+        if op in PV_IRQ_OPS:
+            sites.add(instruction)
+        elif op is not None:
+            cpu_sites.add(instruction)
+    return sites, cpu_sites
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:

@@ -138,6 +138,8 @@ def _add_guests(sub: Subparsers) -> None:
 def _add_fetch_debian(sub: Subparsers) -> None:
     fetch = sub.add_parser("fetch-debian", help="download Debian's cloud kernel and busybox into a cache folder")
     fetch.add_argument("--dir", type=Path, default=DEFAULT_CACHE, help="cache folder (default %(default)s)")
+    fetch.add_argument("--release", metavar="NAME", help="a Debian release from deb.debian.org (bookworm, trixie, "
+                                                         "forky, sid; default: the host's apt sources)")
     fetch.add_argument("--disk", type=Path, metavar="FILE", help="also make a bootable disk image: GRUB for BIOS, "
                                                                  "the kernel and a busybox initramfs with a shell")
     fetch.add_argument("--iso", type=Path, metavar="FILE", help="also make a hybrid ISO of the same (grub-mkrescue)")
@@ -276,7 +278,7 @@ def cmd_trace(options: argparse.Namespace) -> int:
 def cmd_fetch_debian(options: argparse.Namespace) -> int:
     from .debian import fetch_debian
 
-    linux = fetch_debian(options.dir)
+    linux = fetch_debian(options.dir, release=options.release)
     print(f"kernel   {linux.kernel}\nmodules  {linux.modules}\nbusybox  {linux.busybox}")
     if options.disk is not None or options.iso is not None:
         from ..boot.initramfs import InitramfsSpec, build_initramfs, resolve_modules
