@@ -1,7 +1,7 @@
 """Debian's busybox shell under the in-guest monitor (`--monitor`, docs/monitor.md): how long commands
 take, and what the monitor did for them, on a host that emulates guest kernel code (PVM).
 
-    python -m bench.monitor_shell [--rounds N]
+    python -m bench.monitor_shell [--rounds N] [--release trixie]
 
 One VM boots Debian's cloud kernel to its shell; each command then runs N times (default 5), timed
 from the line sent on the console to the shell's answer. Beside the median time, what one run of
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
 from worldswitch.vmx.api import Machine
-from worldswitch.vmx.debian import fetch_debian
+from worldswitch.vmx.debian import fetch_debian, release_cache
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 COMMANDS = ("echo hi", "ls /bin | wc -l", "ls /bin | cat | cat | cat | cat | cat | wc -l", "seq 1 2000 | wc -l")
@@ -47,11 +47,13 @@ def ask(vm: Machine, n: int, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.monitor_shell", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="runs of each command (default 5)")
+    parser.add_argument("--release", help="Debian's kernel of that release (fetch-debian --release; default: "
+                                          "the host's apt sources)")
     options = parser.parse_args(argv)
     if shutil.which("apt-get") is None:
         print("bench.monitor_shell: needs apt-get (Debian's kernel and busybox)", file=sys.stderr)
         return 2
-    debian = fetch_debian(CACHE)
+    debian = fetch_debian(release_cache(CACHE, options.release), release=options.release)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         initrd = Path(scratch) / "initrd.img"

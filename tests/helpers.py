@@ -40,7 +40,7 @@ from worldswitch.vmm.result import MachineResult
 from worldswitch.vmm.stats import MachineStats
 from worldswitch.vmm.x86.cpu_state import restore_running_vcpu, save_vcpu, saveable_msrs
 from worldswitch.vmx.api import Machine
-from worldswitch.vmx.debian import DebianLinux, fetch_debian
+from worldswitch.vmx.debian import DebianLinux, fetch_debian, release_cache
 
 
 @dataclass
@@ -169,4 +169,4 @@ def debian(release: str | None = None) -> DebianLinux:
     (Debian 12's on this host), or from `release` on deb.debian.org. Skips where apt-get is missing."""
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get is not available: not a Debian-based host")
-    return fetch_debian(CACHE / ("debian" if release is None else f"debian-{release}"), release=release)
+    return fetch_debian(release_cache(CACHE / "debian", release), release=release)

@@ -54,6 +54,11 @@ def find_extracted(root: Path) -> DebianLinux | None:
     return DebianLinux(root, kernel, modules, busybox)
 
 
+def release_cache(base: Path, release: str | None) -> Path:
+    """The cache folder for `release` beside the host's own (`base`): .cache/debian, .cache/debian-trixie."""
+    return base if release is None else base.with_name(f"{base.name}-{release}")
+
+
 def apt_options(cache: Path, release: str | None) -> list[str]:
     """apt's options for `release` from deb.debian.org, with its state in `cache`/apt (none: the
     host's own sources and state)."""
