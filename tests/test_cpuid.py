@@ -30,15 +30,16 @@ def test_only_emulating_hosts_hide_anything() -> None:
     assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
     # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
     assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsaves", "xsavec", "fsgsbase", "smap", "pcid",
-                                                                    "invpcid", "rdtscp", "rdpid"]
+                                                                    "invpcid", "rdtscp", "rdpid", "shstk", "ibt"]
     # XSAVE itself stays under the monitor (its user mode's AVX state needs it); what the monitor does
     # not give (XSAVES, CR4.PCIDE, INVPCID, TSC_AUX) is hidden only there
     assert {f.name for f in set(MONITOR_HIDDEN) - set(PVM_HIDDEN)} == {"xsaves", "xsavec", "pcid", "invpcid", "rdtscp",
-                                                                       "rdpid"}
+                                                                       "rdpid", "shstk", "ibt"}
     assert {(f.leaf, f.subleaf, f.register, f.bit, f.linux_feature) for f in MONITOR_HIDDEN if f.name not in BY_NAME} == {
         (0xD, 1, "eax", 3, 10 * 32 + 3), (0xD, 1, "eax", 1, 10 * 32 + 1),  # X86_FEATURE_XSAVES, X86_FEATURE_XSAVEC
         (1, None, "ecx", 17, 4 * 32 + 17), (7, 0, "ebx", 10, 9 * 32 + 10),  # X86_FEATURE_PCID, X86_FEATURE_INVPCID
-        (0x80000001, None, "edx", 27, 1 * 32 + 27), (7, 0, "ecx", 22, 16 * 32 + 22)}  # RDTSCP, RDPID
+        (0x80000001, None, "edx", 27, 1 * 32 + 27), (7, 0, "ecx", 22, 16 * 32 + 22),  # RDTSCP, RDPID
+        (7, 0, "ecx", 7, 16 * 32 + 7), (7, 0, "edx", 20, 18 * 32 + 20)}  # X86_FEATURE_SHSTK, X86_FEATURE_IBT
 
 
 def test_filtering_clears_the_bits_and_keeps_the_rest() -> None:
@@ -78,7 +79,8 @@ def test_under_the_monitor_every_hidden_feature_is_refused_whatever_kvms_table_s
     assert [f.name for f in features_to_refuse(table(1 << 13), PVM_HIDDEN, monitor=False)] == ["cx16"]
     added = dict(kernel_parameters("console=ttyS0", features_to_refuse(table(0), MONITOR_HIDDEN, True),
                                    code_emulated=True, monitor=True))
-    refused = "clearcpuid=323,321,288,308,145,298,59,534"  # xsaves, xsavec, fsgsbase, smap, pcid, invpcid, rdtscp, rdpid
+    # xsaves, xsavec, fsgsbase, smap, pcid, invpcid, rdtscp, rdpid, shstk, ibt
+    refused = "clearcpuid=323,321,288,308,145,298,59,534,519,596"
     assert list(added) == [refused]  # not noxsave: the kernel keeps XSAVE
     assert "natively in ring 3" in added[refused] and "KVM" not in added[refused]
 

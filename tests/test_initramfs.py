@@ -52,8 +52,8 @@ def test_xz_compressed_modules_go_in_decompressed_and_built_in_ones_not_at_all(t
     blk.write_bytes(lzma.compress(b"\x7fELF blk", format=lzma.FORMAT_XZ))
     (modules / "modules.builtin").write_text("kernel/drivers/virtio/virtio_pci.ko\nkernel/drivers/virtio/virtio.ko\n")
     assert resolve_modules(["virtio_pci", "virtio"], modules) == []
-    entries = {entry.name: entry for entry in read_cpio_newc(build_initramfs(InitramfsSpec(fake_busybox(tmp_path), [blk]),
-                                                                             compress=False))}
+    archive = build_initramfs(InitramfsSpec(fake_busybox(tmp_path), [blk]), compress=False)
+    entries = {entry.name: entry for entry in read_cpio_newc(archive)}
     assert entries["lib/modules/virtio_blk.ko"].data == b"\x7fELF blk" and "lib/modules/virtio_blk.ko.xz" not in entries
     assert "insmod /lib/modules/virtio_blk.ko ||" in entries["init"].data.decode()
     blk.write_bytes(b"not xz")
@@ -67,7 +67,8 @@ def test_debian_13s_virtio_modules_resolve_from_its_package() -> None:
 
     linux = debian(DEBIAN_13)
     resolved = resolve_modules(["virtio_pci", "virtio_blk", "virtio_net"], linux.modules)
-    assert [path.name for path in resolved][-1] == "virtio_net.ko.xz" and "virtio_blk.ko.xz" in [p.name for p in resolved]
+    names = [path.name for path in resolved]
+    assert names[-1] == "virtio_net.ko.xz" and "virtio_blk.ko.xz" in names
     assert not any(path.name.startswith("virtio_pci") for path in resolved)  # built in
     assert modinfo(lzma.decompress(resolved[-1].read_bytes()))["name"] == "virtio_net"
 

@@ -686,8 +686,8 @@ def test_debians_shell_under_the_monitor_answers_commands(debian_kernel: Path,
                                                ("cat /proc/cpuinfo | grep -c processor", r"\n1\r?\n"),
                                                # none of what its ring 3 cannot run, whatever the host CPU has:
                                                # CPUID runs natively there (an EPYC host's PCID reached it)
-                                               ("grep -cwE 'xsaves|xsavec|fsgsbase|smap|pcid|invpcid|rdtscp|rdpid' "
-                                                "/proc/cpuinfo", r"\n0\r?\n")]):
+                                               ("grep -cwE 'xsaves|xsavec|fsgsbase|smap|pcid|invpcid|rdtscp|rdpid|"
+                                                "user_shstk|ibt' /proc/cpuinfo", r"\n0\r?\n")]):
             assert re.search(answer, ask(vm, n, command)[-200:]), vm.console.text[-500:]
         vm.console.send("poweroff -f\n")
         result = vm.wait(60)

@@ -186,8 +186,9 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, sections: dict[str, Section], 
 def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
                     types: BtfTypes) -> tuple[int, int] | None:
     """Where `__switch_to` loads SS, and that instruction's length, if it does. On an AMD CPU
-    (X86_BUG_SYSRET_SS_ATTRS, Linux 4.3 on, arch/x86/kernel/process_64.c) it loads __KERNEL_DS at every context switch to a task whose SS reads
-    otherwise, since an interrupt may have left a null SS that SYSRET would not mend. Deprivileged, SS
+    (X86_BUG_SYSRET_SS_ATTRS, Linux 4.3 on, arch/x86/kernel/process_64.c) it loads __KERNEL_DS at
+    every context switch to a task whose SS reads otherwise, since an interrupt may have left a null
+    SS that SYSRET would not mend. Deprivileged, SS
     always reads otherwise (the monitor's selectors have RPL 3), so the load always comes, and a ring-0
     selector is one ring 3 may not load: a #GP, an event that ends with the monitor's copy of SS set,
     which the CPU never sees (the monitor's SYSRETQ loads the user mode's SS whole). Its
@@ -196,7 +197,8 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     switch = symbols.get("__switch_to")
     if switch is None or "__ex_table" not in sections:
         return None
-    end = min((symbol.address for symbol in symbols.values() if symbol.address > switch.address), default=switch.address)
+    end = min((symbol.address for symbol in symbols.values() if symbol.address > switch.address),
+              default=switch.address)
     size, members = types.struct("exception_table_entry")
     (insn,) = _fields(size, members, "exception_table_entry", insn=4)
     table, text = sections["__ex_table"], sections[".text"]
@@ -251,7 +253,8 @@ def _direct_call_sites(vmlinux: bytes, sections: dict[str, Section], fmt: AltFor
         instruction = (section.address + at - section.offset + fmt.instr + relative) & (2**64 - 1)
         code = file_offset(instruction, 6)
         if vmlinux[code : code + 2] != CALL_RIP_RELATIVE:
-            raise GuestImageError(f"the kernel's direct-call alternative at {instruction:#x} is not a CALL through memory")
+            raise GuestImageError(f"the kernel's direct-call alternative at {instruction:#x} is not a CALL "
+                                  "through memory")
         op = op_of.get(instruction + 6 + struct.unpack_from("<i", vmlinux, code + 2)[0])
         if op in PV_IRQ_OPS:
             sites.add(instruction)

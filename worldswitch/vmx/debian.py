@@ -44,7 +44,8 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
 def find_extracted(root: Path) -> DebianLinux | None:
     kernels = sorted(root.glob("boot/vmlinuz-*"))
     # Debian 13's packages put /bin and /lib under /usr (merged /usr); 12's do not
-    busybox = next((path for path in (root / "bin" / "busybox", root / "usr" / "bin" / "busybox") if path.exists()), None)
+    busybox = next((path for path in (root / "bin" / "busybox", root / "usr" / "bin" / "busybox") if path.exists()),
+                   None)
     if not kernels or busybox is None:
         return None
     kernel = kernels[-1]

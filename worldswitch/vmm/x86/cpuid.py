@@ -53,6 +53,10 @@ def _leaf7_ecx(bit: int, name: str) -> HiddenFeature:
     return HiddenFeature(0x7, 0, ECX, bit, name, 16 * 32 + bit)  # word 16 is CPUID.(7,0):ECX
 
 
+def _leaf7_edx(bit: int, name: str) -> HiddenFeature:
+    return HiddenFeature(0x7, 0, EDX, bit, name, 18 * 32 + bit)  # word 18 is CPUID.(7,0):EDX
+
+
 def _xsave_leaf(bit: int, name: str) -> HiddenFeature:
     return HiddenFeature(0xD, 1, EAX, bit, name, 10 * 32 + bit)  # word 10 is CPUID.(0DH,1):EAX
 
@@ -110,6 +114,11 @@ MONITOR_HIDDEN = (
     # instructions read the host's TSC_AUX anyway. Without them Linux's getcpu uses LSL.
     _extended1_edx(27, "rdtscp"),
     _leaf7_ecx(22, "rdpid"),
+    # CET: a kernel that sees shadow stacks (Linux 6.6 on, for user mode) or indirect-branch tracking
+    # (5.18 on, its own) sets CR4.CET, which the monitor does not give. This EPYC host has neither;
+    # AMD's Zen 3 on has shadow stacks, Intel's Tiger Lake on both.
+    _leaf7_ecx(7, "shstk"),
+    _leaf7_edx(20, "ibt"),
 )
 
 
