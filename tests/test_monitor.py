@@ -91,15 +91,17 @@ def test_each_privileged_instruction_a_kernel_uses_is_emulated_as_the_cpu_execut
 
 
 @needs_emulating_host
-def test_a_system_call_into_linuxs_entry_is_two_events_for_the_monitor() -> None:
-    """Linux enters a system call with SWAPGS and leaves with SWAPGS; SYSRETQ (a short jump between):
+@pytest.mark.parametrize("padding", ["", " nops"], ids=["jump", "nops"])
+def test_a_system_call_into_linuxs_entry_is_two_events_for_the_monitor(padding: str) -> None:
+    """Linux enters a system call with SWAPGS and leaves with SWAPGS; SYSRETQ (between them a short
+    jump in 6.1, NOPs in 6.12, where VERW would be):
     the monitor does the first SWAPGS as it delivers the SYSCALL, and the SYSRETQ at the second's
     trap, so 32 more calls cost 64 more events, not 128 (the SYSCALL, then a trap at each SWAPGS and
     at the SYSRETQ). Neither SWAPGS is a call into ring 0 of its own: ring 0 does the first at its
     SYSCALL entry and the second on its way to user mode. The guest's last two calls go to an entry
     without SWAPGS (it asserts that they read the user mode's word), which the monitor must not swap for."""
-    few, before = run("privileged", "linux syscalls 8")
-    result, after = run("privileged", "linux syscalls 40")
+    few, before = run("privileged", "linux syscalls 8" + padding)
+    result, after = run("privileged", "linux syscalls 40" + padding)
     assert done(few) == (28, 2, 2, 8) and done(result) == (28, 2, 2, 40)  # each read its per-CPU word through GS
     kinds = ("syscall", "swapgs", "sysret", "events", "ring0")
     more = {kind: after.monitor[kind] - before.monitor[kind] for kind in kinds}

@@ -1287,6 +1287,29 @@ static void emulate_syscall(struct trap_frame *frame)
     }
 }
 
+/* How far a NOP or a short jump forward at `bytes` takes the guest (0: neither, or not within
+ * `room`): the padding Linux's alternatives leave where an instruction is not needed, a one-byte NOP
+ * in a run, or the long NOPs the SDM recommends (0F 1F /0, with 66 and 2E prefixes). */
+static int nop_or_jump(const u8 *bytes, int room)
+{
+    if (room >= 2 && bytes[0] == 0xeb && (signed char)bytes[1] >= 0)
+        return 2 + bytes[1];
+    int prefixes = 0;
+    while (prefixes < room && (bytes[prefixes] == 0x66 || bytes[prefixes] == 0x2e))
+        prefixes++;
+    if (prefixes < room && bytes[prefixes] == 0x90)
+        return prefixes + 1;
+    if (prefixes + 3 > room || bytes[prefixes] != 0x0f || bytes[prefixes + 1] != 0x1f)
+        return 0;
+    u8 modrm = bytes[prefixes + 2];
+    if ((modrm >> 3 & 7) != 0 || (modrm >> 6) == 3)
+        return 0;
+    int length = prefixes + 3 + ((modrm & 7) == 4) + ((modrm >> 6) == 1 ? 1 : (modrm >> 6) == 2 ? 4 : 0);
+    if ((modrm >> 6) == 0 && (modrm & 7) == 5)
+        length += 4; /* RIP-relative */
+    return length <= room ? length : 0;
+}
+
 /* SYSRETQ from the guest's kernel (#GP: ring 3 may not): to user mode at RCX with RFLAGS from R11,
  * the user segments STAR names, which must be the ones the monitor's GDT has at those indexes. */
 static void emulate_sysret(struct trap_frame *frame)
@@ -1485,12 +1508,12 @@ static int emulate(struct trap_frame *frame)
                                                     * CPU's own swap is exactly the guest's */
             count(COUNT_SWAPGS);
             pending_swapgs ^= 1;
-            /* SWAPGS; SYSRETQ, Linux's return from a system call, with a short jump between where
-             * its CPU needs no VERW there (an alternative): both in this event, the SYSRETQ at its
-             * own address should it fault */
-            int at = insn.length;
-            if (insn.bytes[at] == 0xeb)
-                at += 2 + (signed char)insn.bytes[at + 1];
+            /* SWAPGS; SYSRETQ, Linux's return from a system call, with where its CPU needs no VERW
+             * there (an alternative) a short jump between (6.1) or NOPs (6.12): both in this event,
+             * the SYSRETQ at its own address should it fault */
+            int at = insn.length, skipped;
+            while (at <= 16 - 3 && (skipped = nop_or_jump(insn.bytes + at, 16 - at)) > 0)
+                at += skipped;
             if (at >= insn.length && at <= 16 - 3 && insn.bytes[at] == 0x48 && insn.bytes[at + 1] == 0x0f &&
                 insn.bytes[at + 2] == 0x07) {
                 frame->rip += (u64)at;

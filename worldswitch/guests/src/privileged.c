@@ -14,7 +14,8 @@
  *           as Linux's, in a supervisor-only page as Linux keeps it (SWAPGS first; SWAPGS, a short
  *           jump over VERW's bytes and SYSRETQ to return), which reads its per-CPU word through GS:
  *           DONE(..., calls that read it); then two into an entry without SWAPGS, which must read
- *           the user mode's word through GS.
+ *           the user mode's word through GS. With `nops`, NOPs stand where the jump and VERW's
+ *           bytes were, as in Linux 6.12's return.
  *   msrgate (under the monitor only) also writes MSRs through the monitor's pv_ops.cpu.write_msr, as
  *           a paravirtual Linux does: the FS base (ring 0 writes it), STAR (the monitor keeps it: a
  *           trap) and a non-canonical FS base (a #GP at the pv page's WRMSR): 4 more checks, 1 more
@@ -60,12 +61,13 @@ static u64 syscalls_wanted;
  * where its CPU needs no VERW (an alternative). No stack: RCX and R11 are SYSRETQ's. Then an entry
  * without SWAPGS, which reads the word the user mode's GS base names (the monitor must not swap for
  * it, having swapped for the first). */
-extern const char linux_syscall_entry[], plain_syscall_entry[], linux_syscall_end[];
+extern const char linux_syscall_entry[], linux_syscall_padding[], plain_syscall_entry[], linux_syscall_end[];
 __asm__(".text\n"
         "linux_syscall_entry:\n"
         "    swapgs\n"
         "    movq %gs:0, %rax\n"
         "    swapgs\n"
+        "linux_syscall_padding:\n"
         "    jmp 1f\n"
         "    .byte 0x0f, 0x00, 0x2d, 0, 0, 0, 0\n"
         "1:  sysretq\n"
@@ -81,6 +83,10 @@ static u64 supervisor_entry(void)
 {
     supervisor_only(SUPERVISOR_PAGE);
     memcpy((void *)SUPERVISOR_PAGE, linux_syscall_entry, (u64)(linux_syscall_end - linux_syscall_entry));
+    if (arg_has("nops")) { /* Linux 6.12's return: NOPs where VERW is not needed (a 7-byte one, and 66 90) */
+        static const u8 nops[9] = { 0x0f, 0x1f, 0x80, 0, 0, 0, 0, 0x66, 0x90 };
+        memcpy((void *)(SUPERVISOR_PAGE + (u64)(linux_syscall_padding - linux_syscall_entry)), nops, sizeof(nops));
+    }
     return SUPERVISOR_PAGE;
 }
 
