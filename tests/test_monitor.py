@@ -641,13 +641,13 @@ def test_debians_kernel_boots_under_the_monitor_to_its_shell_commands_and_powers
 
 @needs_emulating_host
 def test_linux_that_the_bios_boots_is_taken_over_at_its_entry_and_runs_under_the_monitor(
-        debian_under_monitor: tuple[Path, Path], tmp_path: Path) -> None:
+        debian_kernel: Path, debian_under_monitor: tuple[Path, Path], tmp_path: Path) -> None:
     """Firmware under the monitor: SeaBIOS and its linuxboot ROM load the kernel and run its real-mode
     setup code, emulated; at the kernel's 32-bit entry the VMM takes the machine over (vmm/x86/handoff.py)
     and boots the kernel under the monitor as --kernel does. Without the monitor this boot takes about
     23 minutes to init here; with it, about 10 s to power-off. A snapshot taken while the firmware
     still runs restores with the watch for the entry armed again."""
-    kernel, initrd = debian_under_monitor
+    kernel, initrd = debian_kernel, debian_under_monitor[1]
     config = dict(firmware="bios", kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0")
     with Machine(**config) as vm:  # type: ignore[arg-type]
         vm.start()
@@ -793,12 +793,11 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
 
 
 @needs_emulating_host
-def test_debians_shell_under_the_monitor_goes_on_after_a_restore(debian_under_monitor: tuple[Path, Path],
-                                                                  tmp_path: Path) -> None:
+def test_debians_shell_under_the_monitor_goes_on_after_a_restore(debian_kernel: Path, tmp_path: Path) -> None:
     """Stage 3's snapshot: the booted kernel at its prompt, saved and restored into a new VM, still has
     its files, its timer (`sleep` wakes on the LAPIC) and its processes (fork and exec under the
     monitor's shadows, rebuilt from guest memory)."""
-    kernel, _marker_initrd = debian_under_monitor
+    kernel = debian_kernel
     with Machine(kernel=str(kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
         ask(vm, 1, "echo before-the-snapshot > /tmp/note")
