@@ -37,6 +37,7 @@ from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsy
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
 X86_FEATURE_CX16 = 4 * 32 + 13
+ADDRESS_MASK = 2**64 - 1
 CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
@@ -69,6 +70,31 @@ def alt_format(types: BtfTypes) -> AltFormat:
     return AltFormat(size, offsets[0], offsets[1], offsets[2], width, offsets[3], offsets[4], not_flag, direct_call)
 
 
+class Alternative(NamedTuple):
+    """One struct alt_instr, read."""
+    entry: int  # its file offset in .altinstructions
+    instruction: int  # the address it patches, and how many bytes
+    length: int
+    replacement: int  # the address of what it puts there, and how many bytes
+    replacement_length: int
+    feature: int  # the feature word, flags included
+
+
+def _alternatives(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat) -> list[Alternative]:
+    """The kernel's `.altinstructions`, each entry's relative addresses made absolute."""
+    entries = _entries(sections, ".altinstructions", fmt.size)  # refuses a kernel without them
+    section = sections[".altinstructions"]
+    word = "<H" if fmt.width == 2 else "<I"
+    found = []
+    for at in entries:
+        base = section.address + at - section.offset
+        instruction = base + fmt.instr + struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
+        replacement = base + fmt.replacement + struct.unpack_from("<i", vmlinux, at + fmt.replacement)[0]
+        found.append(Alternative(at, instruction & ADDRESS_MASK, vmlinux[at + fmt.instrlen], replacement & ADDRESS_MASK,
+                                 vmlinux[at + fmt.replacementlen], struct.unpack_from(word, vmlinux, at + fmt.feature)[0]))
+    return found
+
+
 class Paravirtualized(NamedTuple):
     vmlinux: bytes
     sites: int  # pv_ops.irq call sites that stay calls to the new functions
@@ -82,8 +108,9 @@ class Paravirtualized(NamedTuple):
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
     pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of
-    them kept a call (the native alternatives over the irq ones disarmed), and its IRETQ to user mode
-    a UD2."""
+    them kept a call (the native alternatives over the irq ones disarmed), its IRETQ to user mode a
+    UD2, an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
+    instruction."""
     names = [name for group in PV_OPS.values() for name in group]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
@@ -103,19 +130,15 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         struct.pack_into("<Q", image, file_offset(slot, 8), functions[name])
 
     fmt = alt_format(types)
+    alternatives = _alternatives(vmlinux, sections, fmt)
     if ".parainstructions" in sections:
         sites, cpu_sites = _patch_sites(vmlinux, sections, types, slots, pv_ops)
     else:
-        sites, cpu_sites = _direct_call_sites(vmlinux, sections, fmt, slots, file_offset)
-    section = sections[".altinstructions"]
+        sites, cpu_sites = _direct_call_sites(vmlinux, alternatives, fmt, slots, file_offset)
     armed = fmt.flag_not | X86_FEATURE_XENPV
-    word = "<H" if fmt.width == 2 else "<I"
     disarmed = 0
-    for at in _entries(sections, ".altinstructions", fmt.size):
-        relative = struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
-        instruction = (section.address + at - section.offset + fmt.instr + relative) & (2**64 - 1)
-        feature_at = at + fmt.feature
-        feature = struct.unpack_from(word, vmlinux, feature_at)[0]
+    for alternative in alternatives:
+        instruction, feature = alternative.instruction, alternative.feature
         if fmt.flag_direct_call and feature & fmt.flag_direct_call:
             continue  # the site's own alternative: its call made direct
         if instruction in cpu_sites:  # nothing would put the native code back over these: keep it so
@@ -125,7 +148,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         if feature != armed:
             raise GuestImageError(f"the kernel's alternative at the pv_ops.irq call {instruction:#x} is for feature "
                                   f"{feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
-        struct.pack_into(word, image, feature_at, X86_FEATURE_XENPV)
+        struct.pack_into("<H" if fmt.width == 2 else "<I", image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
         disarmed += 1
     # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
     # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
@@ -143,12 +166,12 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         ss_load_site, length = ss_load
         at = file_offset(ss_load_site, length)
         image[at : at + length] = NOPS[length]
-    cx16_sites = _apply_cx16(image, vmlinux, sections, symbols, fmt, file_offset)
+    cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
     return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, ss_load_site, cx16_sites)
 
 
-def _apply_cx16(image: bytearray, vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
-                fmt: AltFormat, file_offset: Callable[[int, int], int]) -> int:
+def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative], symbols: dict[str, Symbol],
+                file_offset: Callable[[int, int], int]) -> int:
     """Puts CMPXCHG16B over each call of `this_cpu_cmpxchg16b_emu`, as the kernel's alternatives do
     later on a CPU with CX16 (every x86-64 CPU the monitor runs on has it, and the kernel's CPUID,
     which runs natively there, shows it); the number of sites. Until then the kernel calls the
@@ -159,16 +182,12 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, sections: dict[str, Section], 
     emulation = symbols.get("this_cpu_cmpxchg16b_emu")
     if emulation is None:
         return 0
-    section = sections[".altinstructions"]
-    word = "<H" if fmt.width == 2 else "<I"
     applied = 0
-    for at in _entries(sections, ".altinstructions", fmt.size):
-        if struct.unpack_from(word, vmlinux, at + fmt.feature)[0] != X86_FEATURE_CX16:
+    for alternative in alternatives:
+        if alternative.feature != X86_FEATURE_CX16:
             continue  # another feature, or one with flags (not, or a direct call)
-        base = section.address + at - section.offset
-        instruction = base + fmt.instr + struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
-        replacement = base + fmt.replacement + struct.unpack_from("<i", vmlinux, at + fmt.replacement)[0]
-        length, replacement_length = vmlinux[at + fmt.instrlen], vmlinux[at + fmt.replacementlen]
+        instruction, length = alternative.instruction, alternative.length
+        replacement, replacement_length = alternative.replacement, alternative.replacement_length
         original = vmlinux[file_offset(instruction, length) :][:length]
         calls = [k for k in range(length - 4) if original[k] == CALL_REL32
                  and instruction + k + 5 + struct.unpack_from("<i", original, k + 1)[0] == emulation.address]
@@ -188,10 +207,10 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     """Where `__switch_to` loads SS, and that instruction's length, if it does. On an AMD CPU
     (X86_BUG_SYSRET_SS_ATTRS, Linux 4.3 on, arch/x86/kernel/process_64.c) it loads __KERNEL_DS at
     every context switch to a task whose SS reads otherwise, since an interrupt may have left a null
-    SS that SYSRET would not mend. Deprivileged, SS
-    always reads otherwise (the monitor's selectors have RPL 3), so the load always comes, and a ring-0
-    selector is one ring 3 may not load: a #GP, an event that ends with the monitor's copy of SS set,
-    which the CPU never sees (the monitor's SYSRETQ loads the user mode's SS whole). Its
+    SS that SYSRET would not mend. Deprivileged, SS always reads otherwise (the monitor's selectors
+    have RPL 3), so the load always comes, and a ring-0 selector is one ring 3 may not load: a #GP,
+    an event that ends with the monitor's copy of SS set, which the CPU never sees (the monitor's
+    SYSRETQ loads the user mode's SS whole). Its
     `loadsegment` is a MOV to SS with an exception-table entry, so the table names the instruction:
     the one MOV to SS among `__switch_to`'s entries."""
     switch = symbols.get("__switch_to")
@@ -235,7 +254,7 @@ def _patch_sites(vmlinux: bytes, sections: dict[str, Section], types: BtfTypes, 
     return sites, cpu_sites
 
 
-def _direct_call_sites(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat, slots: dict[str, int],
+def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: AltFormat, slots: dict[str, int],
                        file_offset: Callable[[int, int], int]) -> tuple[set[int], set[int]]:
     """The irq and the cpu call sites among the alternatives that make a call direct (Linux 6.8 on):
     each a CALL through RIP-relative memory, that memory a slot of pv_ops's."""
@@ -243,14 +262,11 @@ def _direct_call_sites(vmlinux: bytes, sections: dict[str, Section], fmt: AltFor
         raise GuestImageError("the kernel has neither .parainstructions nor direct-call alternatives "
                               "(is it built with CONFIG_PARAVIRT?)")
     op_of = {slot: name for name, slot in slots.items()}
-    section = sections[".altinstructions"]
-    word = "<I"
     sites, cpu_sites = set(), set()
-    for at in _entries(sections, ".altinstructions", fmt.size):
-        if not struct.unpack_from(word, vmlinux, at + fmt.feature)[0] & fmt.flag_direct_call:
+    for alternative in alternatives:
+        if not alternative.feature & fmt.flag_direct_call:
             continue
-        relative = struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
-        instruction = (section.address + at - section.offset + fmt.instr + relative) & (2**64 - 1)
+        instruction = alternative.instruction
         code = file_offset(instruction, 6)
         if vmlinux[code : code + 2] != CALL_RIP_RELATIVE:
             raise GuestImageError(f"the kernel's direct-call alternative at {instruction:#x} is not a CALL "
