@@ -236,3 +236,19 @@ def test_the_kernel_a_boot_loader_started_is_made_ready_for_the_monitor_in_guest
         assert f"started it at {entry:#x}" in boot.notes[0] and any("lz4" in note or "zstd" in note for note in boot.notes)
     finally:
         memory.close()
+
+
+def test_a_debian_13_kernel_whose_pv_call_is_no_call_through_memory_is_refused_in_one_line(vmlinux_13: bytes) -> None:
+    fmt = alt_format(BtfTypes(vmlinux_13))
+    section = read_sections(vmlinux_13)[".altinstructions"]
+    text = read_sections(vmlinux_13)[".text"]
+    damaged = bytearray(vmlinux_13)
+    for at in range(section.offset, section.offset + section.size, fmt.size):
+        if struct.unpack_from("<I", vmlinux_13, at + fmt.feature)[0] & fmt.flag_direct_call:
+            relative = struct.unpack_from("<i", vmlinux_13, at + fmt.instr)[0]
+            site = section.address + at - section.offset + fmt.instr + relative
+            if text.address <= site < text.address + text.size:
+                damaged[text.offset + site - text.address] = 0x90  # FF 15 no more
+                break
+    with pytest.raises(GuestImageError, match="is not a CALL through memory"):
+        paravirtualize(bytes(damaged), pv_functions())
