@@ -41,17 +41,20 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
+def _unpacked(root: Path, relative: str) -> Path | None:
+    """`relative` as a package unpacked into `root` has it: Debian 13's packages put /bin and /lib
+    under /usr (merged /usr), 12's do not."""
+    return next((path for path in (root / relative, root / "usr" / relative) if path.exists()), None)
+
+
 def find_extracted(root: Path) -> DebianLinux | None:
     kernels = sorted(root.glob("boot/vmlinuz-*"))
-    # Debian 13's packages put /bin and /lib under /usr (merged /usr); 12's do not
-    busybox = next((path for path in (root / "bin" / "busybox", root / "usr" / "bin" / "busybox") if path.exists()),
-                   None)
+    busybox = _unpacked(root, "bin/busybox")
     if not kernels or busybox is None:
         return None
     kernel = kernels[-1]
     version = kernel.name[len("vmlinuz-"):]
-    modules = next((path for path in (root / "lib" / "modules" / version, root / "usr" / "lib" / "modules" / version)
-                    if path.exists()), root / "lib" / "modules" / version)
+    modules = _unpacked(root, f"lib/modules/{version}") or root / "lib" / "modules" / version
     return DebianLinux(root, kernel, modules, busybox)
 
 
