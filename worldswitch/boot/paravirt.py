@@ -59,6 +59,11 @@ class AltFormat(NamedTuple):
     flag_not: int  # apply where the CPU lacks the feature
     flag_direct_call: int  # the call becomes a direct one (6.8 on; 0 where the format has none)
 
+    @property
+    def word(self) -> str:
+        """The feature word's struct format."""
+        return "<H" if self.width == 2 else "<I"
+
 
 def alt_format(types: BtfTypes) -> AltFormat:
     """struct alt_instr's layout, from the kernel's BTF."""
@@ -84,14 +89,13 @@ def _alternatives(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat) 
     """The kernel's `.altinstructions`, each entry's relative addresses made absolute."""
     entries = _entries(sections, ".altinstructions", fmt.size)  # refuses a kernel without them
     section = sections[".altinstructions"]
-    word = "<H" if fmt.width == 2 else "<I"
     found = []
     for at in entries:
         base = section.address + at - section.offset
         instruction = base + fmt.instr + struct.unpack_from("<i", vmlinux, at + fmt.instr)[0]
         replacement = base + fmt.replacement + struct.unpack_from("<i", vmlinux, at + fmt.replacement)[0]
         found.append(Alternative(at, instruction & ADDRESS_MASK, vmlinux[at + fmt.instrlen], replacement & ADDRESS_MASK,
-                                 vmlinux[at + fmt.replacementlen], struct.unpack_from(word, vmlinux, at + fmt.feature)[0]))
+                                 vmlinux[at + fmt.replacementlen], struct.unpack_from(fmt.word, vmlinux, at + fmt.feature)[0]))
     return found
 
 
@@ -132,9 +136,11 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     fmt = alt_format(types)
     alternatives = _alternatives(vmlinux, sections, fmt)
     if ".parainstructions" in sections:
-        sites, cpu_sites = _patch_sites(vmlinux, sections, types, slots, pv_ops)
+        ops = _patch_sites(vmlinux, sections, types, slots, pv_ops)
     else:
-        sites, cpu_sites = _direct_call_sites(vmlinux, alternatives, fmt, slots, file_offset)
+        ops = _direct_call_sites(vmlinux, alternatives, fmt, slots, file_offset)
+    sites = {instruction for instruction, op in ops.items() if op in PV_IRQ_OPS}
+    cpu_sites = set(ops) - sites
     armed = fmt.flag_not | X86_FEATURE_XENPV
     disarmed = 0
     for alternative in alternatives:
@@ -148,7 +154,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         if feature != armed:
             raise GuestImageError(f"the kernel's alternative at the pv_ops.irq call {instruction:#x} is for feature "
                                   f"{feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
-        struct.pack_into("<H" if fmt.width == 2 else "<I", image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
+        struct.pack_into(fmt.word, image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
         disarmed += 1
     # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
     # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
@@ -189,9 +195,9 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative
         instruction, length = alternative.instruction, alternative.length
         replacement, replacement_length = alternative.replacement, alternative.replacement_length
         original = vmlinux[file_offset(instruction, length) :][:length]
-        calls = [k for k in range(length - 4) if original[k] == CALL_REL32
-                 and instruction + k + 5 + struct.unpack_from("<i", original, k + 1)[0] == emulation.address]
-        if not calls:
+        if not any(original[k] == CALL_REL32 and
+                   instruction + k + 5 + struct.unpack_from("<i", original, k + 1)[0] == emulation.address
+                   for k in range(length - 4)):
             continue
         code = vmlinux[file_offset(replacement, replacement_length) :][:replacement_length]
         if replacement_length > length or not code.startswith(CMPXCHG16B_GS):
@@ -210,9 +216,9 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     SS that SYSRET would not mend. Deprivileged, SS always reads otherwise (the monitor's selectors
     have RPL 3), so the load always comes, and a ring-0 selector is one ring 3 may not load: a #GP,
     an event that ends with the monitor's copy of SS set, which the CPU never sees (the monitor's
-    SYSRETQ loads the user mode's SS whole). Its
-    `loadsegment` is a MOV to SS with an exception-table entry, so the table names the instruction:
-    the one MOV to SS among `__switch_to`'s entries."""
+    SYSRETQ loads the user mode's SS whole). Its `loadsegment` is a MOV to SS with an
+    exception-table entry, so the table names the instruction: the one MOV to SS among
+    `__switch_to`'s entries."""
     switch = symbols.get("__switch_to")
     if switch is None or "__ex_table" not in sections:
         return None
@@ -238,31 +244,29 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
 
 
 def _patch_sites(vmlinux: bytes, sections: dict[str, Section], types: BtfTypes, slots: dict[str, int],
-                 pv_ops: int) -> tuple[set[int], set[int]]:
-    """The irq and the cpu call sites `.parainstructions` lists (Linux up to 6.7)."""
+                 pv_ops: int) -> dict[int, str]:
+    """The call sites of the slots the VMM sets, and each one's member, as `.parainstructions` lists
+    them (Linux up to 6.7)."""
     types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
-    sites, cpu_sites = set(), set()
+    ops = {}
     site_size, site = types.struct("paravirt_patch_site")
     site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
     for at in _entries(sections, ".parainstructions", site_size):
-        instruction = struct.unpack_from("<Q", vmlinux, at + site_instr)[0]
         op = types_of.get(vmlinux[at + site_type])
-        if op in PV_IRQ_OPS:
-            sites.add(instruction)
-        elif op is not None:
-            cpu_sites.add(instruction)
-    return sites, cpu_sites
+        if op is not None:
+            ops[struct.unpack_from("<Q", vmlinux, at + site_instr)[0]] = op
+    return ops
 
 
 def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: AltFormat, slots: dict[str, int],
-                       file_offset: Callable[[int, int], int]) -> tuple[set[int], set[int]]:
-    """The irq and the cpu call sites among the alternatives that make a call direct (Linux 6.8 on):
-    each a CALL through RIP-relative memory, that memory a slot of pv_ops's."""
+                       file_offset: Callable[[int, int], int]) -> dict[int, str]:
+    """The call sites of the slots the VMM sets, and each one's member, among the alternatives that
+    make a call direct (Linux 6.8 on): each a CALL through RIP-relative memory, that memory the slot."""
     if not fmt.flag_direct_call:
         raise GuestImageError("the kernel has neither .parainstructions nor direct-call alternatives "
                               "(is it built with CONFIG_PARAVIRT?)")
     op_of = {slot: name for name, slot in slots.items()}
-    sites, cpu_sites = set(), set()
+    ops = {}
     for alternative in alternatives:
         if not alternative.feature & fmt.flag_direct_call:
             continue
@@ -272,11 +276,9 @@ def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: Alt
             raise GuestImageError(f"the kernel's direct-call alternative at {instruction:#x} is not a CALL "
                                   "through memory")
         op = op_of.get(instruction + 6 + struct.unpack_from("<i", vmlinux, code + 2)[0])
-        if op in PV_IRQ_OPS:
-            sites.add(instruction)
-        elif op is not None:
-            cpu_sites.add(instruction)
-    return sites, cpu_sites
+        if op is not None:
+            ops[instruction] = op
+    return ops
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:
