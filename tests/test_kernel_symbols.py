@@ -4,7 +4,6 @@ what the VMM does with them for the monitor (boot/paravirt.py), checked byte by 
 
 from __future__ import annotations
 
-import shutil
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -21,11 +20,8 @@ from worldswitch.boot.paravirt import CMPXCHG16B_GS, X86_FEATURE_XENPV, alt_form
 from worldswitch.errors import GuestImageError
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.memory.layout import MIB, MemoryMap
-from worldswitch.vmx.debian import fetch_debian
 
 from .helpers import DEBIAN_13, LOADER_ZERO_PAGE, debian, loaded_by_a_boot_loader
-
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 
 
 class Feature(NamedTuple):
@@ -36,9 +32,7 @@ class Feature(NamedTuple):
 
 @pytest.fixture(scope="module")
 def vmlinux() -> bytes:
-    if shutil.which("apt-get") is None:
-        pytest.skip("apt-get is not available: not a Debian-based host")
-    kernel = fetch_debian(CACHE).kernel
+    kernel = debian().kernel
     return extract_vmlinux(parse_bzimage(Path(kernel).read_bytes(), "kernel"))
 
 
@@ -217,7 +211,7 @@ def test_the_kernel_a_boot_loader_started_is_made_ready_for_the_monitor_in_guest
     32-bit entry, taken over as --kernel --monitor loads a file: the vmlinux patched as
     paravirtualize patches it, at its physical addresses; the loader's zero page and command line
     copied below 1 MiB for the 64-bit entry, its initrd left where the loader put it."""
-    image = Path(fetch_debian(CACHE).kernel).read_bytes()
+    image = Path(debian().kernel).read_bytes()
     memory_map = MemoryMap.for_memory(256 * MIB)
     memory = GuestMemory(memory_map.backed_ranges())
     try:

@@ -588,19 +588,14 @@ def test_info_measures_ring_0_under_the_monitor() -> None:
 def debian_under_monitor(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Debian's cloud kernel, and an initramfs whose /init prints a marker, sleeps a second (the
     LAPIC timer must wake the idle kernel), runs a few programs and powers off."""
-    import shutil
-
     from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
-    from worldswitch.vmx.debian import fetch_debian
 
-    if shutil.which("apt-get") is None:
-        pytest.skip("apt-get is not available: not a Debian-based host")
-    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
-    spec = InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", False,
+    linux = debian()
+    spec = InitramfsSpec(linux.busybox, [], "WORLDSWITCH-INIT-MARKER", False,
                          commands=["sleep 1", "echo slept", "cat /proc/uptime", "grep LOC /proc/interrupts"])
     initrd = tmp_path_factory.mktemp("monitor-linux") / "initrd.img"
     initrd.write_bytes(build_initramfs(spec, compress=False))
-    return Path(debian.kernel), initrd
+    return Path(linux.kernel), initrd
 
 
 @pytest.fixture(scope="module", params=[None, DEBIAN_13], ids=["debian-12", "debian-13"])
@@ -858,11 +853,9 @@ def test_debians_kernel_under_the_monitor_uses_its_ram_above_4_gib(debian_under_
 def shell_initrd(tmp_path: Path) -> Path:
     """An initramfs whose /init starts busybox's shell on the console."""
     from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
-    from worldswitch.vmx.debian import fetch_debian
 
-    debian = fetch_debian(Path(__file__).resolve().parent.parent / ".cache" / "debian")
     initrd = tmp_path / "shell.img"
-    initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
+    initrd.write_bytes(build_initramfs(InitramfsSpec(debian().busybox, [], "WORLDSWITCH-INIT-MARKER", True), compress=False))
     return initrd
 
 
