@@ -10,8 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.hosts.nested import (EXIT_HOST_FAILED, EXIT_TESTS_FAILED, EXIT_TIMEOUT, Relay, StallWatch, next_attempt,
-                                unfinished)
+from tests.hosts.nested import (EXIT_HOST_FAILED, EXIT_TESTS_FAILED, EXIT_TIMEOUT, JournalWatch, Relay, StallWatch,
+                                next_attempt, unfinished)
 from tests.journal_file import read
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,3 +175,20 @@ def test_a_stall_that_passes_or_a_test_that_finishes_ends_the_episode() -> None:
     assert watch.stuck(800)
     watch.progressed()  # a test finished: the CPUs are getting on
     assert not watch.stuck(801)
+
+
+def test_the_nested_host_calls_l1_stuck_when_no_test_has_finished_for_the_limit() -> None:
+    watch = JournalWatch(limit=720, size=0, now=0)
+    assert not watch.stuck(5000)  # no journal (not pytest, or no test has finished yet): not watched
+    assert watch.grown(120, 100)
+    assert not watch.grown(120, 500)  # the same size: no test finished
+    assert not watch.stuck(820)
+    assert watch.stuck(821)  # CI at c33a17e: 2,852 s like this, heartbeat on, no stall report
+    assert watch.grown(240, 900)  # a test finished after all: the CPUs are getting on
+    assert not watch.stuck(1600)
+
+
+def test_a_resumed_attempt_is_watched_from_its_start() -> None:
+    watch = JournalWatch(limit=720, size=4096, now=50)  # the journal of the attempts before
+    assert not watch.stuck(770)
+    assert watch.stuck(771)

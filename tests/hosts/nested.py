@@ -226,6 +226,8 @@ class Resources:
     cpus: int = 2
     memory_mib: int = 6144
     timeout: float = 3600.0
+    # with a progress file (the test journal): this long without it growing, L1 counts as lost (125)
+    stuck_after: float = 1200.0
 
 
 EXIT_TIMEOUT = 124  # as timeout(1)
@@ -238,7 +240,8 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
         environment: dict[str, str] | None = None, progress: Path | None = None) -> int:
     """Run `command` (a shell command line) in L1 at the checkout's root; its status, or 124/125.
     `progress` is a file that grows while the command gets on (the test journal): a stall that L1's
-    kernel reports ends only when it grows."""
+    kernel reports ends only when it grows, and once it holds anything, `resources.stuck_after`
+    seconds without growth end the attempt."""
     if os.geteuid() != 0:
         raise HostError("the nested host needs root here (virtiofsd shares the checkout from a new namespace)")
     for tool in (QEMU, str(VIRTIOFSD)):
@@ -275,7 +278,8 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
                 "-object", f"memory-backend-memfd,id=ram,size={resources.memory_mib}M,share=on",
                 "-machine", "q35,memory-backend=ram",
                 "-kernel", str(image.kernel), "-initrd", str(initramfs),
-                "-append", "console=ttyS0 panic=-1 nokaslr",
+                # sysrq: a stuck L1 is asked for its blocked tasks and CPUs' stacks (keys from QEMU's monitor)
+                "-append", "console=ttyS0 panic=-1 nokaslr sysrq_always_enabled",
                 # QEMU's monitor, to look into a host that seems stuck (info registers -a, ...)
                 "-monitor", f"unix:{monitor},server=on,wait=off",
                 "-drive", f"file={image.root},if=virtio,format=raw,readonly=on",
@@ -289,7 +293,7 @@ def run(flavour: Flavour, command: str, resources: Resources = Resources(),
                 "-chardev", f"file,id=err,path={relays[1].fifo}", "-serial", "chardev:err",
                 "-chardev", f"file,id=status,path={status_file}", "-serial", "chardev:status",
             ]
-            return _supervise(qemu, resources.timeout, status_file, console, host_log, monitor, progress)
+            return _supervise(qemu, resources, status_file, console, host_log, monitor, progress)
         finally:
             for relay in relays:
                 relay.finish()
@@ -338,6 +342,8 @@ def _wait_for_socket(path: Path, process: subprocess.Popen) -> None:
 
 
 HEARTBEAT_LOST_S = 180  # L1 prints a heartbeat every 5 s (l1-init); this long without one, its CPUs are stuck
+SYSRQ_WAIT_S = 10  # for L1's kernel to print what sysrq asked (a few KiB at 115,200 baud)
+SYSRQ_LINES = 250  # of it, shown
 WAKE_WAIT_S = 60  # and this long more after a keyboard interrupt and an NMI meant to wake them (docs/hosts.md, issue 8)
 
 # L1's kernel reports a CPU that stopped scheduling (docs/hosts.md, issue 10), in Linux's own words
@@ -377,15 +383,35 @@ class StallWatch:
         return self.first is not None and now - self.last <= self.gap and now - self.first >= self.limit
 
 
-def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path, host_log: Path,
+class JournalWatch:
+    """Tells when the test journal, once it holds anything (the command is pytest), has not grown for
+    `limit` seconds: no test has finished. pytest's own --timeout should have ended a test long before."""
+
+    def __init__(self, limit: float, size: int, now: float) -> None:
+        self.limit = limit
+        self.size = size
+        self.since = now  # when it last grew (or the watch began)
+
+    def grown(self, size: int, now: float) -> bool:
+        if size == self.size:
+            return False
+        self.size, self.since = size, now
+        return True
+
+    def stuck(self, now: float) -> bool:
+        return self.size > 0 and now - self.since > self.limit
+
+
+def _supervise(qemu: list[str], resources: Resources, status_file: Path, console: Path, host_log: Path,
                monitor: Path, progress: Path | None) -> int:
     with host_log.open("a") as log:
         process = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    timeout = resources.timeout
     started = last_beat = time.monotonic()
     size = 0
     stalls = StallWatch()
+    journal = JournalWatch(resources.stuck_after, _size(progress), started)
     console_read = 0
-    progress_size = _size(progress)
     woken = 0.0  # when L1, silent, was sent a keyboard interrupt and an NMI to wake it
     try:
         while process.poll() is None:
@@ -394,8 +420,7 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
             grown = _size(status_file)
             if grown != size:
                 size, last_beat = grown, now
-            if _size(progress) != progress_size:
-                progress_size = _size(progress)
+            if journal.grown(_size(progress), now):
                 stalls.progressed()
             if _size(console) > console_read:
                 with console.open("rb") as text:
@@ -426,6 +451,19 @@ def _supervise(qemu: list[str], timeout: float, status_file: Path, console: Path
                       f"{WAKE_WAIT_S} s after a keyboard interrupt and an NMI); stopped it. Where its CPUs were: "
                       f"{_cpu_places(monitor)}. Its console: {console}", file=sys.stderr)
                 return _stop(process, monitor, console, EXIT_HOST_FAILED)
+            if journal.stuck(now):
+                # CI at c33a17e: L1 went on beating and reported no stall, and no test ended for 2,852 s,
+                # though pytest's own --timeout was 900 s
+                print(f"nested host: no test has finished for {resources.stuck_after:.0f} s; stopping L1. Where its "
+                      f"CPUs were: {_cpu_places(monitor)}. Its blocked tasks and CPUs' stacks (sysrq w, l):",
+                      file=sys.stderr, flush=True)
+                asked = _size(console)
+                for key in "wl":
+                    _ask(monitor, f"sendkey alt-sysrq-{key}")
+                time.sleep(SYSRQ_WAIT_S)
+                _tail(console, SYSRQ_LINES, start=asked)
+                print(f"nested host: its console: {console}", file=sys.stderr)
+                return _stop(process, monitor, console, EXIT_HOST_FAILED, lines=0)
             if stalls.stuck(now):
                 print(f"nested host: L1's kernel has reported stalled CPUs for {stalls.limit:.0f} s with no test "
                       f"finishing; stopped it. Where its CPUs were: {_cpu_places(monitor)}. Its console: {console}",
@@ -451,10 +489,10 @@ def _size(path: Path | None) -> int:
         return 0
 
 
-def _stop(process: subprocess.Popen, monitor: Path, console: Path, status: int) -> int:
+def _stop(process: subprocess.Popen, monitor: Path, console: Path, status: int, lines: int = 10) -> int:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    _tail(console, 10)
+    _tail(console, lines)
     return status
 
 
@@ -491,10 +529,13 @@ def _lapic(monitor: Path) -> str:
     return "; ".join(lines) or "unknown"
 
 
-def _tail(log: Path, lines: int = 30) -> None:
-    if log.exists():
-        for line in log.read_text(errors="replace").splitlines()[-lines:]:
-            print(f"  | {line}", file=sys.stderr)
+def _tail(log: Path, lines: int = 30, start: int = 0) -> None:
+    """The last `lines` lines of `log` (of what follows byte `start`), on our standard error."""
+    if log.exists() and lines:
+        with log.open("rb") as text:
+            text.seek(start)
+            for line in text.read().decode(errors="replace").splitlines()[-lines:]:
+                print(f"  | {line}", file=sys.stderr)
 
 
 def next_attempt(status: int, journal: Path, reran: bool) -> str | None:
@@ -541,6 +582,10 @@ def main(flavour: Flavour, argv: list[str]) -> int:
                         help="L1's memory in MiB (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=Resources.timeout, metavar="SECONDS",
                         help="stop after this long, all attempts together, and exit with 124 (default %(default)s)")
+    parser.add_argument("--stuck-after", type=float, default=Resources.stuck_after, metavar="SECONDS",
+                        help="when the command keeps a test journal (pytest) and no test has finished for this "
+                             "long, count L1 as lost (status 125); keep it above pytest's own --timeout "
+                             "(default %(default)s)")
     parser.add_argument("--retries", type=int, default=0, metavar="N",
                         help="when the nested host itself fails (L1 crashed or stopped responding: status 125), "
                              "run the command again, at most N times; when pytest reports failed tests, run "
@@ -559,7 +604,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         deadline = time.monotonic() + options.timeout
 
         def resources() -> Resources:  # each attempt has what is left of the time
-            return Resources(options.cpus, options.memory, max(1.0, deadline - time.monotonic()))
+            return Resources(options.cpus, options.memory, max(1.0, deadline - time.monotonic()), options.stuck_after)
 
         # the attempts share a test journal (tests/journal.py): a pytest run resumes after the tests
         # that passed in earlier attempts; what failed there runs again
