@@ -1,7 +1,7 @@
 """Debian's cloud kernel with and without the in-guest monitor (`--monitor`, issue 13 stage 2,
 docs/monitor.md), on a host that emulates guest kernel code (PVM).
 
-    python -m bench.monitor_linux [--rounds N] [--without-until LINE]
+    python -m bench.monitor_linux [--rounds N] [--without-until LINE] [--release NAME]
 
 Each run boots the kernel with an initramfs whose /init prints a marker and powers off, and the
 VMX's clock is read as each milestone line reaches the serial port. Under the monitor the runs go to
@@ -28,7 +28,7 @@ from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
 from worldswitch.vmm.result import StopReason
-from worldswitch.vmx.debian import fetch_debian
+from worldswitch.vmx.debian import RELEASES, fetch_debian, release_cache
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 MARKER = "WORLDSWITCH-INIT-MARKER"
@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="boots under the monitor per variant (default 3)")
     parser.add_argument("--without-until", default="calibrated", choices=[m for m in MILESTONES if m != "power-off"],
                         help="where the run without the monitor stops (default %(default)s)")
+    parser.add_argument("--release", choices=RELEASES,
+                        help="Debian's kernel of that release, from deb.debian.org (default: the host's apt sources)")
     options = parser.parse_args(argv)
     if shutil.which("apt-get") is None:
         print("bench.monitor_linux: needs apt-get (Debian's kernel and busybox)", file=sys.stderr)
         return 2
-    debian = fetch_debian(CACHE)
+    debian = fetch_debian(release_cache(CACHE, options.release), release=options.release)
     with tempfile.TemporaryDirectory() as scratch:
         initrd = Path(scratch) / "initrd.img"
         initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], MARKER, False), compress=False))

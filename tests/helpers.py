@@ -162,6 +162,9 @@ def loaded_by_a_boot_loader(memory: GuestMemory, image: bytes, entry: int, cmdli
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache"
 DEBIAN_13 = "trixie"  # Linux 6.12: kallsyms in 6.4's order, pv_ops sites as 6.8's alternatives
+# Linux 7.2 in 2026-12 (Debian's testing: it follows what Debian ships next, so a kernel that changes
+# what the VMM reads shows here first): kallsyms place-relative, pv_ops.cpu.write_msr(msr, u64)
+DEBIAN_14 = "forky"
 
 
 def debian(release: str | None = None) -> DebianLinux:

@@ -44,3 +44,15 @@ def test_busybox_and_the_modules_are_found_with_and_without_merged_usr(tmp_path:
     assert found is not None and found.busybox == tmp_path / f"{usr}bin" / "busybox"
     assert found.modules == tmp_path / f"{usr}lib" / "modules" / "6.12.0-cloud-amd64"
     assert found.version == "6.12.0-cloud-amd64"
+
+
+def test_debian_14s_kernel_is_found_where_its_linux_binary_package_puts_it(tmp_path: Path) -> None:
+    """Debian 14 ships the image as /usr/lib/modules/V/vmlinuz (linux-binary-V), not /boot/vmlinuz-V."""
+    modules = tmp_path / "usr" / "lib" / "modules" / "7.2.12+deb14-cloud-amd64"
+    modules.mkdir(parents=True)
+    (modules / "vmlinuz").write_bytes(b"kernel")
+    (tmp_path / "usr" / "bin").mkdir()
+    (tmp_path / "usr" / "bin" / "busybox").write_bytes(b"\x7fELF")
+    found = find_extracted(tmp_path)
+    assert found is not None and found.kernel == modules / "vmlinuz" and found.modules == modules
+    assert found.version == "7.2.12+deb14-cloud-amd64"

@@ -15,6 +15,8 @@ from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramf
                                         resolve_modules)
 from worldswitch.errors import ConfigError, GuestImageError
 
+from .helpers import DEBIAN_13, DEBIAN_14, debian
+
 
 def fake_busybox(tmp_path: Path) -> Path:
     path = tmp_path / "busybox"
@@ -61,11 +63,11 @@ def test_xz_compressed_modules_go_in_decompressed_and_built_in_ones_not_at_all(t
         build_initramfs(InitramfsSpec(fake_busybox(tmp_path), [blk]))
 
 
-def test_debian_13s_virtio_modules_resolve_from_its_package() -> None:
-    """The real thing: Debian 13's cloud kernel package (merged /usr: usr/lib/modules)."""
-    from .helpers import DEBIAN_13, debian
-
-    linux = debian(DEBIAN_13)
+@pytest.mark.parametrize("release", [DEBIAN_13, DEBIAN_14], ids=["debian-13", "debian-14"])
+def test_debians_virtio_modules_resolve_from_its_packages(release: str) -> None:
+    """The real thing: Debian 13's cloud kernel package (merged /usr: usr/lib/modules), and 14's, whose
+    modules and modules.builtin come in two packages of their own (linux-modules-V, linux-base-V)."""
+    linux = debian(release)
     resolved = resolve_modules(["virtio_pci", "virtio_blk", "virtio_net"], linux.modules)
     names = [path.name for path in resolved]
     assert names[-1] == "virtio_net.ko.xz" and "virtio_blk.ko.xz" in names

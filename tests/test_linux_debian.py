@@ -22,17 +22,17 @@ from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmx.debian import DebianLinux
 
 from . import helpers
-from .helpers import DEBIAN_13, Output
+from .helpers import DEBIAN_13, DEBIAN_14, Output
 
 pytestmark = pytest.mark.kvm
 EMULATED = detect_host_kind().kernel_code_emulated
 slow_where_emulated = pytest.mark.slow if EMULATED else (lambda test: test)
 
 
-@pytest.fixture(scope="module", params=[None, DEBIAN_13], ids=["debian-12", "debian-13"])
+@pytest.fixture(scope="module", params=[None, DEBIAN_13, DEBIAN_14], ids=["debian-12", "debian-13", "debian-14"])
 def debian(request: pytest.FixtureRequest) -> DebianLinux:
-    """Debian 12's kernel (Linux 6.1, the host's apt) and 13's (Linux 6.12, whose startup_64 no longer
-    begins its image)."""
+    """Debian 12's kernel (Linux 6.1, the host's apt), 13's (Linux 6.12, whose startup_64 no longer
+    begins its image) and 14's (7.2 in testing: the image in its own package, linux-binary)."""
     return helpers.debian(request.param)
 
 
@@ -57,11 +57,12 @@ def test_debian_kernel_prints_its_version_e820_and_our_acpi_tables(debian) -> No
         machine.stop()
     text = output.data.decode(errors="replace")
     assert reached, text[-2000:]
-    assert re.search(r"Linux version 6\.\d+\.\d+[-+][-+\w]*cloud-amd64", text)
-    # our e820 map for 512 MiB, as the kernel read it from the zero page
-    assert "BIOS-e820: [mem 0x0000000000000000-0x000000000009ffff] usable" in text
-    assert "BIOS-e820: [mem 0x00000000000c0000-0x00000000000fffff] reserved" in text
-    assert "BIOS-e820: [mem 0x0000000000100000-0x000000002005ffff] usable" in text
+    assert re.search(r"Linux version [67]\.\d+\.\d+[-+][-+\w]*cloud-amd64", text)
+    # our e820 map for 512 MiB, as the kernel read it from the zero page (7.2 says "System RAM" and
+    # "device reserved" where 6.1 and 6.12 say "usable" and "reserved")
+    for first, last, kind in ((0, 0x9FFFF, "usable|System RAM"), (0xC0000, 0xFFFFF, "reserved|device reserved"),
+                              (0x100000, 0x2005FFFF, "usable|System RAM")):
+        assert re.search(rf"BIOS-e820: \[mem {first:#018x}-{last:#018x}\] +({kind})\r?\n", text), (first, text[-3000:])
     assert "ACPI: RSDP 0x00000000000E0000 000024 (v02 WSWTCH)" in text
     assert "ACPI: FACP 0x" in text and "ACPI: DSDT 0x" in text
     if EMULATED:  # what an emulated kernel is told, as the kernel itself read it (docs/pvm.md)

@@ -13,7 +13,10 @@ kallsyms_names (each a length, one byte or two for 128 and more, and that many t
 kallsyms_markers, and the 256-entry kallsyms_token_table, in which every character that names use
 is a one-character token at its own code, then its kallsyms_token_index (u16 each). That is Linux
 6.1's order; from 6.4 on (Masahiro Yamada's "scripts/kallsyms: change the output order") the
-offsets and the base come after the token index, and the count before the names.
+offsets and the base come after the token index, and the count before the names. From 7.0 on
+(Ard Biesheuvel's "kallsyms: Get rid of kallsyms relative base", a081b5789255d) there is no base:
+each offset is relative to its own place in kallsyms_offsets, and Debian 14's 7.2 aligns the
+tables to 4, not 8.
 BTF: Documentation/bpf/btf.rst.
 """
 
@@ -45,6 +48,7 @@ class _Layout(NamedTuple):
     symbols: int  # how many
     names: int  # where kallsyms_names begins in .rodata
     offsets: int  # where kallsyms_offsets begins
+    place_relative: bool = False  # 7.0's offsets, each from its own address; before, from KERNEL_TEXT
 
 
 def _tokens(rodata: bytes) -> _TokenTable:
@@ -127,6 +131,53 @@ def _layout_since_6_4(rodata: bytes, table: _TokenTable) -> _Layout | None:
         before = names + len(word) - 1
 
 
+def _markers_before(rodata: bytes, end: int) -> int:
+    """Where kallsyms_markers begins, given where it ends (4-aligned): the u32 offsets of every
+    256th name rise from 0, so walking back from its end they fall until the 0 (-1: not so)."""
+    position, above = end - 4, 1 << 32
+    while position >= 0:
+        marker = struct.unpack_from("<I", rodata, position)[0]
+        if marker >= above:
+            return -1
+        if marker == 0:
+            return position
+        position, above = position - 4, marker
+    return -1
+
+
+def _layout_since_7_0(rodata: bytes, table: _TokenTable, rodata_address: int) -> _Layout | None:
+    """The count and the names first, the markers, the token table and index, then the offsets with
+    no base after them, each table aligned to 4: the markers end where the token table begins, and
+    their number fixes the count within 256; the count is the last word before the names that fits
+    it and whose names end exactly where the markers begin. The offsets follow the index; the first
+    symbol, `_text`, is at KERNEL_TEXT."""
+    if table.start % 4:
+        return None
+    index = table.end + (-table.end % 4)
+    if index + 512 > len(rodata) or struct.unpack_from("<H", rodata, index)[0] != 0:
+        return None
+    markers = _markers_before(rodata, table.start)
+    if markers < 0:
+        return None
+    needed = (table.start - markers) // 4
+    for offsets in (index + 512 + (-(index + 512) % 4), _aligned(index + 512)):
+        if offsets + 4 <= len(rodata) and \
+                rodata_address + offsets + struct.unpack_from("<i", rodata, offsets)[0] == KERNEL_TEXT:
+            break
+    else:
+        return None
+    for position in range(markers - 4, -1, -4):
+        count = struct.unpack_from("<I", rodata, position)[0]
+        if (count + 255) // 256 != needed or not _MIN_SYMBOLS <= count <= _MAX_SYMBOLS:
+            continue
+        if offsets + 4 * count > len(rodata):
+            return None
+        for names in (position + 4, position + 8):
+            if _names_end(rodata, names, count, markers, alignment=4) == markers:
+                return _Layout(count, names, offsets, place_relative=True)
+    return None
+
+
 def _name_at(rodata: bytes, position: int) -> tuple[int, int]:
     """A name in kallsyms_names: where its token codes begin, and how many there are. The length is
     one byte, or for a "big" symbol (Linux 6.1 on) seven bits there and the rest in the next byte."""
@@ -136,14 +187,14 @@ def _name_at(rodata: bytes, position: int) -> tuple[int, int]:
     return position + 1, length
 
 
-def _names_end(rodata: bytes, position: int, count: int, limit: int) -> int:
-    """Where `count` names that begin at `position` end, aligned to 8 (-1 if they pass `limit`)."""
+def _names_end(rodata: bytes, position: int, count: int, limit: int, alignment: int = 8) -> int:
+    """Where `count` names that begin at `position` end, aligned (-1 if they pass `limit`)."""
     for _ in range(count):
         if position + 1 >= limit:
             return -1
         codes, length = _name_at(rodata, position)
         position = codes + length
-    return _aligned(position) if position <= limit else -1
+    return position + (-position % alignment) if position <= limit else -1
 
 
 def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
@@ -153,9 +204,10 @@ def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
         raise GuestImageError("the kernel has no .rodata section")
     rodata = vmlinux[rodata_section.offset : rodata_section.offset + rodata_section.size]
     table = _tokens(rodata)
-    layout = _layout_of_6_1(rodata) or _layout_since_6_4(rodata, table)
+    layout = _layout_of_6_1(rodata) or _layout_since_6_4(rodata, table) or \
+        _layout_since_7_0(rodata, table, rodata_section.address)
     if layout is None:
-        raise GuestImageError("the kernel's kallsyms_relative_base was not found (not base-relative kallsyms?)")
+        raise GuestImageError("the kernel's kallsyms tables were not found in any layout of Linux 6.1 to 7.2")
     names, position = [], layout.names
     for _ in range(layout.symbols):
         if position + 2 > len(rodata):
@@ -166,11 +218,21 @@ def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
         names.append(b"".join(table.tokens[code] for code in rodata[codes : codes + length]))
         position = codes + length
     offsets = struct.unpack_from(f"<{layout.symbols}i", rodata, layout.offsets)
+    # Up to 6.14 x86-64's per-CPU symbols are absolute (KALLSYMS_ABSOLUTE_PERCPU): an offset of 0 or
+    # more is the address itself, and the rest count down from the base, so `_text` is -1. By 6.17
+    # they are not, and every offset counts up from the base: `_text` is 0.
+    text = next((offset for name, offset in zip(names, offsets) if name[1:] == b"_text"), None)
+    absolute_per_cpu = text == -1
     symbols = {}
-    for name, offset in zip(names, offsets):
+    for number, (name, offset) in enumerate(zip(names, offsets)):
         if not name:
             raise GuestImageError("the kernel's kallsyms_names hold an empty name")
-        address = offset if offset >= 0 else KERNEL_TEXT - 1 - offset  # absolute per-CPU, or relative
+        if layout.place_relative:
+            address = (rodata_section.address + layout.offsets + 4 * number + offset) % (1 << 64)
+        elif absolute_per_cpu:
+            address = offset if offset >= 0 else KERNEL_TEXT - 1 - offset
+        else:
+            address = KERNEL_TEXT + (offset & 0xFFFF_FFFF)
         symbols[name[1:].decode(errors="replace")] = Symbol(chr(name[0]), address)
     return symbols
 
@@ -183,7 +245,7 @@ class Member(NamedTuple):
 _BTF_MAGIC = 0xEB9F
 _BTF_HEADER = struct.Struct("<HBBIIIII")
 _TYPE = struct.Struct("<III")
-_STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG = 4, 5, 8, 9, 10, 11, 18
+_POINTER, _STRUCT, _UNION, _TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _FUNC_PROTO, _TYPE_TAG = 2, 4, 5, 8, 9, 10, 11, 13, 18
 _QUALIFIERS = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
 # bytes that follow each kind's header: fixed, or per member (vlen)
 _FIXED_TAIL = {1: 4, 2: 0, 3: 12, 7: 0, 8: 0, 9: 0, 10: 0, 11: 0, 12: 0, 14: 4, 16: 0, 17: 4, 18: 0}
@@ -195,7 +257,7 @@ class _Type(NamedTuple):
     kind: int
     name: str
     size_or_type: int
-    members: tuple[tuple[str, int, int], ...]  # (name, type id, bit offset) for a struct or union
+    members: tuple[tuple[str, int, int], ...]  # (name, type id, bit offset) of a struct or union; a function's parameters
 
 
 class BtfTypes:
@@ -235,6 +297,12 @@ class BtfTypes:
                                 for member_name, member_type, offset in
                                 (_TYPE.unpack_from(data, position + 12 * i) for i in range(count)))
                 position += 12 * count
+            elif kind == _FUNC_PROTO:  # its parameters: (name, type id) each
+                if position + 8 * count > len(data):
+                    raise GuestImageError("the kernel's BTF is truncated")
+                members = tuple((self._string(parameter_name), parameter_type, 0) for parameter_name, parameter_type in
+                                (struct.unpack_from("<II", data, position + 8 * i) for i in range(count)))
+                position += 8 * count
             elif kind in _PER_MEMBER:
                 position += _PER_MEMBER[kind] * count
             elif kind in _FIXED_TAIL:
@@ -251,6 +319,23 @@ class BtfTypes:
                 return found
             type_id = found.size_or_type
         raise GuestImageError("the kernel's BTF has a loop of typedefs")
+
+    def parameters(self, struct_name: str, member: str) -> list[str]:
+        """The parameter types of the function a member of `struct struct_name` points to."""
+        for found in self._types:
+            if found is not None and found.kind == _STRUCT and found.name == struct_name:
+                for member_name, member_type, _offset in found.members:
+                    if member_name != member:
+                        continue
+                    pointer = self._resolve(member_type)
+                    function = self._resolve(pointer.size_or_type) if pointer is not None and pointer.kind == _POINTER else None
+                    if function is None or function.kind != _FUNC_PROTO:
+                        raise GuestImageError(f"the kernel's struct {struct_name} member {member} is not a function pointer")
+                    types = (self._resolve(type_id) for _name, type_id, _ in function.members)
+                    return ["void" if found_type is None else found_type.name or _UNNAMED.get(found_type.kind, "anonymous")
+                            for found_type in types]
+                raise GuestImageError(f"the kernel's struct {struct_name} has no member {member}")
+        raise GuestImageError(f"the kernel's BTF has no struct {struct_name}")
 
     def struct(self, name: str) -> tuple[int, dict[str, Member]]:
         """(size, members by name) of `struct name`."""

@@ -33,7 +33,7 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
 # (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "safe_halt": 0x80, "halt": 0xA0,
-                "write_msr": 0xC0, "load_gs_index": 0x100}
+                "write_msr": 0xC0, "load_gs_index": 0x100, "write_msr_u64": 0x140}
 # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
 # site, the end of RAM above 4 GiB and the page directories that map it for the monitor
 _HANDOFF = struct.Struct("<17Q")
@@ -94,6 +94,27 @@ class MonitorPlacement:
         overwrite them only by mapping the monitor's pages itself)."""
         raw = memory.read(self.physical_base + _HANDOFF.size, 8 * len(COUNTERS))
         return dict(zip(COUNTERS, struct.unpack(f"<{len(COUNTERS)}Q", raw)))
+
+    def failed_event(self, memory: GuestMemory) -> str:
+        """What the monitor last could not deliver through the guest's IDT (the start of the chain a
+        triple fault ends), in words; empty if nothing failed. Guest memory, so only a hint."""
+        vector, fault, rip, cr2 = _FAILED.unpack(memory.read(self.physical_base + _FAILED_AT, _FAILED.size))
+        if fault not in _FAULTS or vector > 255:  # nothing recorded (0), or not the monitor's words
+            return ""
+        return (f"the monitor could not deliver {_vector_name(vector)} at guest rip {rip:#x} through the "
+                f"guest's IDT: {_FAULTS[fault]}" + (f" (at {cr2:#x})" if fault == 14 else ""))
+
+
+_FAILED = struct.Struct("<4Q")  # monitor.h struct handoff: failed_vector, failed_fault, failed_rip, failed_cr2
+_FAILED_AT = _HANDOFF.size + 8 * len(COUNTERS)
+_FAULTS = {10: "#TS, no TSS to take its stack from", 11: "#NP, its gate not present",
+           13: "#GP, its gate or code segment not usable", 14: "#PF, its IDT, TSS or stack not mapped"}
+_EXCEPTIONS = ("#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "vector 9", "#TS", "#NP", "#SS",
+               "#GP", "#PF", "vector 15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP")
+
+
+def _vector_name(vector: int) -> str:
+    return _EXCEPTIONS[vector] if vector < len(_EXCEPTIONS) else f"interrupt {vector}"
 
 
 def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement, layout: LongModeLayout,

@@ -40,10 +40,15 @@ X86_FEATURE_CX16 = 4 * 32 + 13
 ADDRESS_MASK = 2**64 - 1
 CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
+CMPXCHG16B_GS_HIGH = b"\x65\x49\x0f\xc7"  # the same through %r8 to %r15 (REX.WB): Linux 6.2's and 6.5's
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
 MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
 REX_B = 0x41
 NOPS = {2: b"\x66\x90", 3: b"\x0f\x1f\x00"}  # the SDM's recommended NOPs of those lengths
+# pv_ops.cpu.write_msr's parameters as BTF names them -> the monitor's function for that form:
+# (msr, low, high) up to Linux 6.12 at least, (msr, value) in 7.2
+WRITE_MSR_FORMS = {("unsigned int", "unsigned int", "unsigned int"): "write_msr",
+                   ("unsigned int", "long long unsigned int"): "write_msr_u64"}
 
 
 class AltFormat(NamedTuple):
@@ -115,7 +120,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     them kept a call (the native alternatives over the irq ones disarmed), its IRETQ to user mode a
     UD2, an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
     instruction."""
-    names = [name for group in PV_OPS.values() for name in group]
+    names = [name for group in PV_OPS.values() for name in group] + list(WRITE_MSR_FORMS.values())[1:]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
@@ -130,8 +135,13 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     symbols, types = kallsyms(vmlinux), BtfTypes(vmlinux)
     slots = pv_slots(symbols, types)
     pv_ops = symbols["pv_ops"].address
+    write_msr = tuple(types.parameters("pv_cpu_ops", "write_msr"))
+    if write_msr not in WRITE_MSR_FORMS:
+        raise GuestImageError(f"the kernel's pv_ops.cpu.write_msr takes ({', '.join(write_msr)}), a form the monitor "
+                              "does not offer")
+    chosen = dict(functions, write_msr=functions[WRITE_MSR_FORMS[write_msr]])
     for name, slot in slots.items():
-        struct.pack_into("<Q", image, file_offset(slot, 8), functions[name])
+        struct.pack_into("<Q", image, file_offset(slot, 8), chosen[name])
 
     fmt = alt_format(types)
     alternatives = _alternatives(vmlinux, sections, fmt)
@@ -200,7 +210,7 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative
                    for k in range(length - 4)):
             continue
         code = vmlinux[file_offset(replacement, replacement_length) :][:replacement_length]
-        if replacement_length > length or not code.startswith(CMPXCHG16B_GS):
+        if replacement_length > length or not code.startswith((CMPXCHG16B_GS, CMPXCHG16B_GS_HIGH)):
             raise GuestImageError(f"the kernel's CX16 alternative at {instruction:#x} is not the CMPXCHG16B expected")
         at_instruction = file_offset(instruction, length)
         image[at_instruction : at_instruction + length] = code + NOP * (length - replacement_length)

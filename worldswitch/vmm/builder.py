@@ -5,6 +5,7 @@ itself; reading this file tells you the whole machine."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -320,7 +321,8 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         runner = VcpuRunner(vcpu, platform.pio, platform.mmio, outcome.request, _code_fetcher(memory, vcpu), emulator,
                             UserSyscall(vcpu, emulator) if complete_syscalls else None,
                             trace.buffer_for(vcpu.id) if trace is not None else None,
-                            handoff if vcpu is vcpus[0] else None)
+                            handoff if vcpu is vcpus[0] else None,
+                            functools.partial(core.monitor.failed_event, memory) if core.monitor is not None else None)
         undo.callback(runner.release)
         runners.append(runner)
     return runners, refused

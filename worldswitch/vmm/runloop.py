@@ -67,10 +67,13 @@ class VcpuRunner:
         user_syscall: UserSyscall | None = None,
         trace: TraceBuffer | None = None,
         handoff: FirmwareHandoff | None = None,
+        explain_shutdown: Callable[[], str] | None = None,
     ) -> None:
         """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs;
         `trace`: where every world switch is recorded, if it is; `handoff`: on the boot vCPU of a
-        machine that boots Linux through firmware under the monitor, its watch for the kernel's entry."""
+        machine that boots Linux through firmware under the monitor, its watch for the kernel's entry;
+        `explain_shutdown`: what else is known of a triple fault (under the monitor, the event it
+        could not deliver), or empty."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -87,6 +90,7 @@ class VcpuRunner:
         self.user_syscall = user_syscall
         self.trace = trace
         self.handoff = handoff
+        self.explain_shutdown = explain_shutdown
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
         if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):
@@ -349,10 +353,11 @@ class VcpuRunner:
 
     def _on_shutdown(self) -> None:
         regs = self.vcpu.get_regs()
+        known = self.explain_shutdown() if self.explain_shutdown is not None else ""
         self._end(
             StopReason.TRIPLE_FAULT,
             f"guest triple-faulted on vCPU {self.index} (rip {regs.rip:#x}, rsp {regs.rsp:#x}): "
-            "an exception it could not handle, usually a missing or broken IDT or stack",
+            + (known or "an exception it could not handle, usually a missing or broken IDT or stack"),
         )
 
     def _on_system_event(self) -> None:

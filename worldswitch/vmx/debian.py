@@ -48,14 +48,16 @@ def _unpacked(root: Path, relative: str) -> Path | None:
 
 
 def find_extracted(root: Path) -> DebianLinux | None:
-    kernels = sorted(root.glob("boot/vmlinuz-*"))
+    """The kernel, modules and busybox unpacked into `root`: the kernel at /boot/vmlinuz-V (up to
+    Debian 13) or /usr/lib/modules/V/vmlinuz (Debian 14's linux-binary-V)."""
+    kernels = {path.name[len("vmlinuz-"):]: path for path in root.glob("boot/vmlinuz-*")}
+    kernels.update({path.parent.name: path for path in root.glob("usr/lib/modules/*/vmlinuz")})
     busybox = _unpacked(root, "bin/busybox")
     if not kernels or busybox is None:
         return None
-    kernel = kernels[-1]
-    version = kernel.name[len("vmlinuz-"):]
+    version = sorted(kernels)[-1]
     modules = _unpacked(root, f"lib/modules/{version}") or root / "lib" / "modules" / version
-    return DebianLinux(root, kernel, modules, busybox)
+    return DebianLinux(root, kernels[version], modules, busybox)
 
 
 def release_cache(base: Path, release: str | None) -> Path:
@@ -83,18 +85,28 @@ def apt_options(cache: Path, release: str | None) -> list[str]:
             "-o", "Debug::NoLocking=true"]
 
 
-def kernel_package(metapackage: str = KERNEL_METAPACKAGE, options: list[str] | None = None) -> str:
-    """The versioned package a metapackage depends on (linux-image-6.1.0-NN-cloud-amd64)."""
-    for line in _run(["apt-cache", *(options or []), "depends", metapackage]).splitlines():
-        line = line.strip()
-        if line.startswith("Depends:") and "linux-image-" in line:
-            return line.split(":", 1)[1].strip()
-    raise ConfigError(f"apt-cache does not know which kernel {metapackage} stands for (run apt-get update?)")
+def _depends(package: str, options: list[str]) -> list[str]:
+    lines = (line.strip() for line in _run(["apt-cache", *options, "depends", package]).splitlines())
+    return [line.split(":", 1)[1].strip() for line in lines if line.startswith("Depends:")]
+
+
+def kernel_packages(metapackage: str = KERNEL_METAPACKAGE, options: list[str] | None = None) -> list[str]:
+    """The versioned package a metapackage depends on (linux-image-6.1.0-NN-cloud-amd64), and the
+    packages of the same version it depends on in turn: Debian 14 splits a kernel into its image
+    (linux-binary-V: /usr/lib/modules/V/vmlinuz), its modules (linux-modules-V) and the rest
+    (linux-base-V: modules.builtin), with linux-image-V only depending on them."""
+    options = options or []
+    image = next((name for name in _depends(metapackage, options) if name.startswith("linux-image-")), None)
+    if image is None:
+        raise ConfigError(f"apt-cache does not know which kernel {metapackage} stands for (run apt-get update?)")
+    version = image[len("linux-image-"):]
+    return [image, *(name for name in _depends(image, options) if name.endswith(f"-{version}") and name.startswith("linux-"))]
 
 
 def fetch_debian(cache: Path, metapackage: str = KERNEL_METAPACKAGE, release: str | None = None) -> DebianLinux:
     """Download and unpack the kernel and busybox into cache/, unless they are there already: from
     the host's apt sources, or from Debian's `release`."""
+    cache = cache.absolute()  # apt reads a relative Dir:: path as under its own /var/lib/apt
     root = cache / "root"
     found = find_extracted(root)
     if found is not None:
@@ -104,7 +116,7 @@ def fetch_debian(cache: Path, metapackage: str = KERNEL_METAPACKAGE, release: st
         _run(["apt-get", *options, "update"])
     downloads = cache / "debs"
     downloads.mkdir(parents=True, exist_ok=True)
-    packages = [kernel_package(metapackage, options), BUSYBOX_PACKAGE]
+    packages = [*kernel_packages(metapackage, options), BUSYBOX_PACKAGE]
     _run(["apt-get", *options, "download", *packages], cwd=downloads)
     for deb in sorted(downloads.glob("*.deb")):
         _run(["dpkg-deb", "-x", str(deb), str(root)])

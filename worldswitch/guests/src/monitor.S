@@ -407,6 +407,11 @@ pv_page:
     movq %cr8, %rax                     /* traps: the interrupt held in gs_gate is delivered at its event */
     movabsq $gs_gate, %rax              /* (Linux's own SWAPGS, MOV, SWAPGS would need its IF kept off) */
     jmp *%rax
+    .org pv_page + PV_WRITE_MSR_U64, 0xcc
+    movq %rsi, %rdx                     /* the value as the halves msr_gate and WRMSR take: ESI, EDX */
+    shrq $32, %rdx
+    movabsq $msr_gate, %rax
+    jmp *%rax
     .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler

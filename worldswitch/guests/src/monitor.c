@@ -943,6 +943,8 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
  * the double-fault conditions): a benign event gets the fault delivered instead; a contributory one
  * (#DE, #TS, #NP, #SS, #GP) or a page fault gets a double fault, and a double fault that cannot be
  * delivered is a triple fault: the VM shuts down, as KVM reports it. */
+static int failing; /* deliver_failed is delivering the fault that stopped another delivery */
+
 static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 code)
 {
     count(COUNT_EXCEPTIONS);
@@ -952,10 +954,18 @@ static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 
     }
     if (vector == 8)
         privileged(SERVICE_TRIPLE_FAULT, 0, 0);
+    if (!failing) { /* the event that began the chain, for the VMX's report if it ends in a triple fault */
+        handoff.failed_vector = vector;
+        handoff.failed_fault = fault;
+        handoff.failed_rip = frame->rip;
+        handoff.failed_cr2 = guest.cr2;
+    }
+    failing++;
     if (vector == 0 || (vector >= 10 && vector <= 14))
         deliver(frame, 8, 1, 0);
     else
         deliver(frame, fault, 1, code);
+    failing--;
 }
 
 static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 error_code, int software);

@@ -35,6 +35,7 @@
 #define PV_WRITE_MSR_TRAP 0xe0 /* not the kernel's: msr_gate's way to the trapping WRMSR */
 #define PV_LOAD_GS_INDEX 0x100
 #define PV_LOAD_GS_INDEX_AGAIN 0x120 /* not the kernel's: gs_gate's way back after an interrupt */
+#define PV_WRITE_MSR_U64 0x140 /* write_msr(u32 msr, u64 value), Linux 7.2's form; the one above (msr, low, high) 6.12's */
 /* The MSRs msr_gate writes for the kernel (monitor.S), and where it counts them: the handoff's
  * counters[COUNT_MSR_GATE] (monitor.c checks the offset against the struct). */
 #define MSR_FS_BASE 0xc0000100u
@@ -125,6 +126,9 @@ struct handoff {
     unsigned long high_ram_end;    /* the end of guest RAM above 4 GiB, or 0 */
     unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
     unsigned long counters[COUNT_KINDS];
+    /* The last event the guest's IDT could not take (the first of its chain), for the VMX's report of
+     * a triple fault: its vector, the fault that stopped its delivery, the guest's RIP and CR2 then. */
+    unsigned long failed_vector, failed_fault, failed_rip, failed_cr2;
 };
 
 #endif /* __ASSEMBLER__ */
