@@ -320,34 +320,33 @@ class BtfTypes:
             type_id = found.size_or_type
         raise GuestImageError("the kernel's BTF has a loop of typedefs")
 
+    def _struct(self, name: str) -> _Type:
+        for found in self._types:
+            if found is not None and found.kind == _STRUCT and found.name == name:
+                return found
+        raise GuestImageError(f"the kernel's BTF has no struct {name}")
+
+    def _name(self, type_id: int) -> str:
+        """What a type is called, past typedefs and qualifiers."""
+        found = self._resolve(type_id)
+        return "void" if found is None else found.name or _UNNAMED.get(found.kind, "anonymous")
+
     def parameters(self, struct_name: str, member: str) -> list[str]:
         """The parameter types of the function a member of `struct struct_name` points to."""
-        for found in self._types:
-            if found is not None and found.kind == _STRUCT and found.name == struct_name:
-                for member_name, member_type, _offset in found.members:
-                    if member_name != member:
-                        continue
-                    pointer = self._resolve(member_type)
-                    function = self._resolve(pointer.size_or_type) if pointer is not None and pointer.kind == _POINTER else None
-                    if function is None or function.kind != _FUNC_PROTO:
-                        raise GuestImageError(f"the kernel's struct {struct_name} member {member} is not a function pointer")
-                    types = (self._resolve(type_id) for _name, type_id, _ in function.members)
-                    return ["void" if found_type is None else found_type.name or _UNNAMED.get(found_type.kind, "anonymous")
-                            for found_type in types]
-                raise GuestImageError(f"the kernel's struct {struct_name} has no member {member}")
-        raise GuestImageError(f"the kernel's BTF has no struct {struct_name}")
+        member_type = next((type_id for name, type_id, _ in self._struct(struct_name).members if name == member), None)
+        if member_type is None:
+            raise GuestImageError(f"the kernel's struct {struct_name} has no member {member}")
+        pointer = self._resolve(member_type)
+        function = self._resolve(pointer.size_or_type) if pointer is not None and pointer.kind == _POINTER else None
+        if function is None or function.kind != _FUNC_PROTO:
+            raise GuestImageError(f"the kernel's struct {struct_name} member {member} is not a function pointer")
+        return [self._name(type_id) for _name, type_id, _ in function.members]
 
     def struct(self, name: str) -> tuple[int, dict[str, Member]]:
         """(size, members by name) of `struct name`."""
-        for found in self._types:
-            if found is not None and found.kind == _STRUCT and found.name == name:
-                members = {}
-                for member_name, member_type, bit_offset in found.members:
-                    target = self._resolve(member_type)
-                    type_name = "void" if target is None else target.name or _UNNAMED.get(target.kind, "anonymous")
-                    members[member_name] = Member(bit_offset // 8, type_name)
-                return found.size_or_type, members
-        raise GuestImageError(f"the kernel's BTF has no struct {name}")
+        found = self._struct(name)
+        return found.size_or_type, {member_name: Member(bit_offset // 8, self._name(member_type))
+                                    for member_name, member_type, bit_offset in found.members}
 
 
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")

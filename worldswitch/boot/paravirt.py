@@ -120,7 +120,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     them kept a call (the native alternatives over the irq ones disarmed), its IRETQ to user mode a
     UD2, an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
     instruction."""
-    names = [name for group in PV_OPS.values() for name in group] + list(WRITE_MSR_FORMS.values())[1:]
+    names = [name for group in PV_OPS.values() for name in group]
+    names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
