@@ -23,6 +23,7 @@ from worldswitch.vmx.debian import DebianLinux
 
 from . import helpers
 from .helpers import DEBIAN_13, DEBIAN_14, Output
+from .host_defects import xsetbv_unseen
 
 pytestmark = pytest.mark.kvm
 EMULATED = detect_host_kind().kernel_code_emulated
@@ -82,10 +83,14 @@ def test_not_a_kernel_is_one_line(tmp_path) -> None:
 
 @slow_where_emulated
 def test_debian_boots_to_busybox_init_and_powers_off(debian, marker_initrd: Path) -> None:
+    # Where the host lets XSETBV past KVM (the nested host's QEMU 7.2: docs/hosts.md, issue 11), CPUID's
+    # XSAVE size disagrees with the kernel's; 6.x then falls back to FXSAVE, 7.2 oopses in that fallback
+    # (fpstate_reset of the idle task's FPU, which it no longer has): the kernel is told not to try.
+    append = "console=ttyS0" + (" noxsave" if xsetbv_unseen() else "")
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "worldswitch", "run", "--kernel", str(debian.kernel), "--initrd", str(marker_initrd),
-         "--append", "console=ttyS0", "--timeout", "3600"],
+         "--append", append, "--timeout", "3600"],
         capture_output=True, text=True, timeout=3700,
     )
     elapsed = time.monotonic() - started

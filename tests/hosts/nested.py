@@ -37,6 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.host_defects import XSETBV_UNSEEN  # noqa: E402
 from tests.journal_file import Entry, failed, read  # noqa: E402
 from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramfs, cpio_newc,  # noqa: E402
                                         resolve_modules)
@@ -88,6 +89,15 @@ class HostImage:
     kernel: Path
     initramfs: Path
     root: Path  # ext4 image of L1's user space, used read-only
+
+
+def _xsetbv_unseen() -> bool:
+    """Whether L0's QEMU lets L2's XSETBV past L1 (it checks the SVM intercept from 8.2 on)."""
+    version = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"version (\d+)\.(\d+)", version)
+    if found is None:
+        raise HostError(f"{QEMU} --version did not say its version: {version[:80]!r}")
+    return (int(found.group(1)), int(found.group(2))) < (8, 2)
 
 
 # --- building L1 (once; cached) ----------------------------------------------------------------------
@@ -611,7 +621,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         journals = CACHE / "journals"
         journals.mkdir(parents=True, exist_ok=True)
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-        environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal)}
+        environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal), XSETBV_UNSEEN: "1" if _xsetbv_unseen() else ""}
         status = EXIT_HOST_FAILED
         try:
             status = run(flavour, command, resources(), environment, journal)
