@@ -84,14 +84,15 @@ event_stub_\vector:
 
 to_body:                                /* from the guest's page fault and SYSCALL: into the body */
     cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
-    je 1f
+    je to_body_from_kernel
 to_body_from_user:                      /* an event from user mode: the kernel's shadow, then the body */
     pushq %rax
     movq kernel_root_cr3(%rip), %rax
     movq %rax, %cr3
     popq %rax
     movb $LEFT_USER_ROOT, user_root_loaded(%rip)
-1:  xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
+to_body_from_kernel:
+    xorq $EVENT_STACKS_FLIP, TSS_RSP0(%rip)
     andq $-EVENT_STACK_SIZE, %rsp
     iretq
 
@@ -107,6 +108,51 @@ page_fault_entry:
     movq %rax, event_cr2(%rip)
     popq %rax
     jmp to_body
+
+/* The #GP's own entry (the IDT's vector 13). A WRMSR of the guest's kernel to the TSC deadline, or
+ * of 0 to the x2APIC's EOI, is done here at once: Linux makes both at each timer interrupt (7.2 with
+ * WRMSRs of its own, not through pv_ops), and through the body each was an event and then a call
+ * into ring 0; here it is the event alone (KVM keeps the same two writes on its fast path out of a
+ * VM exit, handle_fastpath_set_msr_irqoff). The monitor keeps nothing of either. Not in the pv page,
+ * whose WRMSR is where msr_gate sends the kernel so that its event delivers an interrupt held. A
+ * write the CPU refuses (the EOI in xAPIC mode) goes on to the body (own_event sends it to
+ * fast_wrmsr_refused), which refuses it to the kernel as any; so does an instruction ring 0 could not
+ * read (fast_wrmsr_unread). */
+    .globl general_protection_entry, fast_wrmsr_fetch, fast_wrmsr_unread, fast_wrmsr_at, fast_wrmsr_refused
+general_protection_entry:
+    pushq $13
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)
+    je ring0_event
+    cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
+    jne to_body_from_user
+    cmpl $MSR_X2APIC_EOI, %ecx          /* ECX first: most of the kernel's #GPs are no WRMSR, and the */
+    ja to_body_from_kernel              /* ECX of most lies above both (a SYSCALL's return address): */
+    jb 2f                               /* two instructions more than the other stubs' way */
+    testl %eax, %eax                    /* an EOI's value must be 0 */
+    jnz to_body_from_kernel
+    testl %edx, %edx
+    jnz to_body_from_kernel
+    jmp 1f
+2:  cmpl $MSR_TSC_DEADLINE, %ecx
+    jne to_body_from_kernel
+1:  pushq %rax
+    movq 24(%rsp), %rax                 /* the kernel's RIP: it has just fetched the instruction there */
+    cmpq $PV_BASE, %rax
+    jae fast_wrmsr_unread
+fast_wrmsr_fetch:                       /* a fault here (a 0F at the end of the lower half) is the body's */
+    cmpw $0x300f, (%rax)                /* 0F 30: WRMSR, with no prefix */
+    jne fast_wrmsr_unread
+    popq %rax
+fast_wrmsr_at:
+    wrmsr
+    addq $2, 16(%rsp)                   /* the kernel's RIP, past it */
+    lock incq handoff + HANDOFF_WRMSR_RING0_COUNT(%rip)
+    addq $16, %rsp
+    iretq
+fast_wrmsr_unread:
+    popq %rax
+fast_wrmsr_refused:
+    jmp to_body_from_kernel
 
 /* void body_entry_frame(u64 *stack): the IRETQ frame at the bottom of an event stack. */
 body_entry_frame:

@@ -72,6 +72,8 @@
 __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
 _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_GATE]) == HANDOFF_MSR_GATE_COUNT,
                "monitor.h: HANDOFF_MSR_GATE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_WRMSR_RING0]) == HANDOFF_WRMSR_RING0_COUNT,
+               "monitor.h: HANDOFF_WRMSR_RING0_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -136,6 +138,7 @@ extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], syscall_gate[], xcr_write_at[], xcr_refused[];
 extern char wrmsr_at[], rdmsr_at[], msr_refused[];
 extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[], pv_page[];
+extern char general_protection_entry[], fast_wrmsr_fetch[], fast_wrmsr_unread[], fast_wrmsr_at[], fast_wrmsr_refused[];
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
@@ -879,7 +882,8 @@ u64 monitor_init(void)
     open_ports();
     tss.io_map_gap = tss.io_map_end = 0xff;
     for (int vector = 0; vector < 256; vector++) {
-        u64 target = vector == 14 ? (u64)page_fault_entry : event_stubs[vector];
+        u64 target = vector == 14 ? (u64)page_fault_entry
+                   : vector == 13 ? (u64)general_protection_entry : event_stubs[vector];
         idt[vector].offset_low = target & 0xffff;
         idt[vector].selector = MONITOR_CS;
         /* interrupt gates, DPL 0, except int3 and into, which ring 3 raises on purpose */
@@ -1751,6 +1755,14 @@ static void own_event(struct trap_frame *frame)
     }
     if (frame->vector == 13 && frame->rip == (u64)gs_load_at) {
         frame->rip = (u64)gs_load_refused;
+        return;
+    }
+    if (frame->vector == 13 && frame->rip == (u64)fast_wrmsr_at) {
+        frame->rip = (u64)fast_wrmsr_refused; /* the body emulates it, and delivers the #GP */
+        return;
+    }
+    if ((frame->vector == 13 || frame->vector == 14) && frame->rip == (u64)fast_wrmsr_fetch) {
+        frame->rip = (u64)fast_wrmsr_unread; /* the body fetches it, as for any other #GP */
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)xcr_write_at) {

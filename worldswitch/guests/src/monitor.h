@@ -42,6 +42,10 @@
 #define MSR_KERNEL_GS_BASE 0xc0000102u /* GS_BASE, 0xc0000101, between them */
 #define MSR_TSC_DEADLINE 0x6e0u
 #define HANDOFF_MSR_GATE_COUNT (8 * (17 + 27))
+/* The x2APIC's EOI register, which general_protection_entry writes at once (monitor.S) with the TSC
+ * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
+#define MSR_X2APIC_EOI 0x80bu
+#define HANDOFF_WRMSR_RING0_COUNT (8 * (17 + 28))
 
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
@@ -110,6 +114,7 @@ enum {
     COUNT_OWN_FILL,    /* the monitor's own accesses to guest memory the shadow lacked: filled by ring 0 */
     COUNT_PORT_MAP,    /* the guest's I/O bitmap copied for its user mode, at a port access (unfence_ports) */
     COUNT_MSR_GATE,    /* its kernel's MSR writes that ring 0 did through msr_gate, without a trap */
+    COUNT_WRMSR_RING0, /* its kernel's trapped WRMSRs of a timer interrupt's MSRs, done by ring 0 at once */
     COUNT_KINDS
 };
 

@@ -1,10 +1,10 @@
 /* privileged: executes in ring 0 the privileged instructions a kernel uses, checking what each did:
  * control registers (mov to and from CR0, CR2, CR3, CR4; clts), MSRs (wrmsr and rdmsr, SYSENTER's,
- * and a wrmsr the CPU refuses with #GP), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an
- * interrupt held by cli until sti, and sti;hlt woken by one); XCR0 (xsetbv, and one the CPU refuses),
- * the debug registers and LLDT's null selector; then the descriptor stores (sgdt, sidt,
- * sldt, str, smsw), which a kernel may read in ring 0 and its user mode too, and which must show
- * the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
+ * and two wrmsrs the CPU refuses with #GP: an MSR that does not exist, and the x2APIC's EOI in xAPIC
+ * mode), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an interrupt held by cli until
+ * sti, and sti;hlt woken by one); XCR0 (xsetbv, and one the CPU refuses), the debug registers and
+ * LLDT's null selector; then the descriptor stores (sgdt, sidt, sldt, str, smsw), which a kernel
+ * may read in ring 0 and its user mode too, and which must show the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
  * and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
  * wrmsr #GPs, 0).
  *   linux   first loads a GDT with Linux's layout (arch/x86/include/asm/segment.h: kernel CS 0x10,
@@ -28,6 +28,7 @@
 #define MSR_GS_BASE 0xc0000101
 #define MSR_KERNEL_GS_BASE 0xc0000102
 #define MSR_NONEXISTENT 0xdeadbeef
+#define MSR_X2APIC_EOI 0x80b
 #define PROGRAM_GDT_BASE 0x1000 /* boot/longmode.py: the VMM's GDT, seven entries */
 #define PROGRAM_GDT_LIMIT (7 * 8 - 1)
 #define PROGRAM_TR 0x28 /* boot/longmode.py PROGRAM_GDT.tss */
@@ -329,7 +330,9 @@ int main(const char *args)
     set_trap_handler(13, on_gp);
     wrmsr(MSR_NONEXISTENT, 1);
     GUEST_ASSERT_EQ(refused, 1);
-    passed += 2;
+    wrmsr(MSR_X2APIC_EOI, 0); /* with the LAPIC in xAPIC mode: #GP (under the monitor, after its ring 0 tried) */
+    GUEST_ASSERT_EQ(refused, 2);
+    passed += 3;
 
     u64 gs = rdmsr(MSR_GS_BASE), kernel_gs = rdmsr(MSR_KERNEL_GS_BASE);
     wrmsr(MSR_GS_BASE, 0x1000);

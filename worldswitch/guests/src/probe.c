@@ -13,7 +13,9 @@
  *                    in, its CS, RCX == the return address, the CS back in user mode).
  *                    With `wait`, ring 3 first sends SYNC(address of a flag) and spins until the
  *                    host sets the flag: time for a snapshot between WRMSR and SYSCALL.
- *   badlstar         write a non-canonical LSTAR: the CPU answers with #GP, and so must the VMM. */
+ *   badlstar         write a non-canonical LSTAR: the CPU answers with #GP, and so must the VMM.
+ *   deadline [N]     ring 0 writes the TSC deadline N times (0: the timer stays disarmed), bracketed
+ *                    as the loop is: the WRMSR a kernel makes at each timer interrupt. */
 #include "ws.h"
 
 #define MSR_EFER 0xc0000080
@@ -21,6 +23,7 @@
 #define MSR_LSTAR 0xc0000082
 #define MSR_SFMASK 0xc0000084
 #define EFER_SCE 1
+#define MSR_TSC_DEADLINE 0x6e0
 
 static inline u64 rdmsr(u32 index)
 {
@@ -101,6 +104,14 @@ static void loop(u64 n)
     __asm__ volatile("1: dec %0; jnz 1b" : "+r"(n) : : "cc");
 }
 
+static void deadlines(u64 n)
+{
+    GUEST_SYNC(0, n);
+    for (u64 i = 0; i < n; i++)
+        wrmsr(MSR_TSC_DEADLINE, 0);
+    GUEST_DONE(n, 0, 0, 0);
+}
+
 static int probe(u64 n)
 {
     GUEST_SYNC(0, n);
@@ -130,5 +141,9 @@ int main(const char *args)
         n = 1;
     if (arg_has("ring0"))
         return probe(n);
+    if (arg_has("deadline")) {
+        deadlines(n);
+        return 0;
+    }
     enter_user(probe, n, 0);
 }
