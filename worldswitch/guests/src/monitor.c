@@ -30,7 +30,8 @@
  *     leaves a SYSCALL in ring 3, and the body finishes it into the guest's kernel at the guest's
  *     LSTAR; SYSRETQ and SWAPGS trap (#GP in ring 3) and are emulated. Linux's entry begins with
  *     SWAPGS and its return is SWAPGS; SYSRETQ: the first is done with the SYSCALL, the SYSRETQ at
- *     the second's trap, so a system call is two events, not four.
+ *     the second's trap, so a system call is two events, not four. Its return from an interrupt
+ *     or exception to user mode, SWAPGS; IRETQ (the IRETQ made a UD2 by the VMM), is one event too.
  * PUSHF and POPF run natively and see the real IF: a paravirtual Linux keeps its IF through the pv
  * page's functions instead (monitor.S; the VMM points its pv_ops.irq there, boot/paravirt.py).
  * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself.
@@ -156,6 +157,14 @@ volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body
  * on the way out of the event, by leave_to_user or, to its kernel, by monitor_leave: no guest code
  * runs with it owed, so nothing reads GS's bases with it owed. */
 u8 entry_swapgs, pending_swapgs;
+
+/* A VERW of the guest's kernel on its way to user mode, passed over where the body does that return
+ * in the same event as the SWAPGS before it (Linux's CLEAR_CPU_BUFFERS, where its CPU needs it: 6.12
+ * on an AMD CPU with TSA): executed by monitor_leave instead, natively in ring 3 as the kernel's own
+ * would have been (KVM's emulator has no VERW, so not in ring 0). Only its side effect counts, the
+ * CPU's buffers cleared, which the selector it names does not change. */
+static u8 owed_verw;
+static const u16 verw_selector = BODY_SS;
 
 /* The guest's IF while its kernel runs (RFLAGS_IF or 0; its user mode always takes interrupts), and
  * the interrupt vectors taken while it was clear, not yet delivered. The pv page's functions
@@ -1324,6 +1333,59 @@ static int nop_or_jump(const u8 *bytes, int room)
     return length <= room ? length : 0;
 }
 
+/* How far the way to Linux's return to user mode goes past `bytes`: a NOP or short jump
+ * (nop_or_jump), or a VERW through RIP (0F 00 /5, ModRM 2D), which sets *verw. 0 for anything else. */
+static int on_the_way_out(const u8 *bytes, int room, int *verw)
+{
+    if (room >= 7 && bytes[0] == 0x0f && bytes[1] == 0x00 && bytes[2] == 0x2d) {
+        *verw = 1;
+        return 7;
+    }
+    return nop_or_jump(bytes, room);
+}
+
+/* SWAPGS, then the IRETQ the VMM made a UD2 (guest_iret_site): Linux's return to user mode from an
+ * interrupt or exception (swapgs_restore_regs_and_return_to_usermode), whose IRETQ traps as well.
+ * Both in this event, as SWAPGS; SYSRETQ is. From `at`, past the SWAPGS, the way there: NOPs and
+ * short jumps where VERW would be, or the VERW (on_the_way_out; 6.1 then jumps to the IRETQ), and
+ * 6.12's and 7.2's check that the frame is user mode's (testb $3, 8(%rsp); jnz to the IRETQ), which
+ * the frame must pass. 1 if it was that return; 0 leaves the SWAPGS done alone. */
+static int emulate_swapgs_iretq(struct trap_frame *frame, u64 at)
+{
+    static const u8 test_user_cs[5] = { 0xf6, 0x44, 0x24, 0x08, 0x03 };
+    int verw = 0;
+    for (int step = 0; handoff.guest_iret_site && step < 8; step++) {
+        if (at == handoff.guest_iret_site) {
+            frame->rip = at;
+            count(COUNT_IRETQ);
+            count(COUNT_IRETQ_AT_SWAPGS);
+            owed_verw |= (u8)verw;
+            emulate_iretq(frame);
+            return 1;
+        }
+        u8 bytes[16];
+        fetch_instruction(at, bytes);
+        int skipped = on_the_way_out(bytes, 16, &verw);
+        if (skipped > 0) {
+            at += (u64)skipped;
+            continue;
+        }
+        int same = 1;
+        for (int i = 0; i < 5; i++)
+            same &= bytes[i] == test_user_cs[i];
+        u64 cs;
+        if (!same || try_read_guest(frame->rsp + 8, &cs, sizeof(cs)) || (cs & 3) != 3)
+            return 0;
+        if (bytes[5] == 0x75)
+            at += 7 + (u64)(long)(signed char)bytes[6];
+        else if (bytes[5] == 0x0f && bytes[6] == 0x85)
+            at += 11 + (u64)(long)(int)(bytes[7] | bytes[8] << 8 | bytes[9] << 16 | (u32)bytes[10] << 24);
+        else
+            return 0;
+    }
+    return 0;
+}
+
 /* SYSRETQ from the guest's kernel (#GP: ring 3 may not): to user mode at RCX with RFLAGS from R11,
  * the user segments STAR names, which must be the ones the monitor's GDT has at those indexes. */
 static void emulate_sysret(struct trap_frame *frame)
@@ -1523,18 +1585,21 @@ static int emulate(struct trap_frame *frame)
             count(COUNT_SWAPGS);
             pending_swapgs ^= 1;
             /* SWAPGS; SYSRETQ, Linux's return from a system call, with where its CPU needs no VERW
-             * there (an alternative) a short jump between (6.1) or NOPs (6.12): both in this event,
-             * the SYSRETQ at its own address should it fault */
-            int at = insn.length, skipped;
-            while (at <= 16 - 3 && (skipped = nop_or_jump(insn.bytes + at, 16 - at)) > 0)
+             * there (an alternative) a short jump between (6.1) or NOPs (6.12), and where it does the
+             * VERW (owed_verw): both in this event, the SYSRETQ at its own address should it fault */
+            int at = insn.length, skipped, verw = 0;
+            while (at <= 16 - 3 && (skipped = on_the_way_out(insn.bytes + at, 16 - at, &verw)) > 0)
                 at += skipped;
             if (at >= insn.length && at <= 16 - 3 && insn.bytes[at] == 0x48 && insn.bytes[at + 1] == 0x0f &&
                 insn.bytes[at + 2] == 0x07) {
                 frame->rip += (u64)at;
+                owed_verw |= (u8)verw;
                 count(COUNT_SYSRET);
                 emulate_sysret(frame);
                 return 1;
             }
+            if (emulate_swapgs_iretq(frame, frame->rip + (u64)insn.length))
+                return 1;
             break;
         }
         if (insn.bytes[insn.length - 1] == 0xd1) { /* xsetbv: XCR0, which the CPU keeps for the guest */
@@ -1855,6 +1920,10 @@ void monitor_event(struct trap_frame *frame)
 int monitor_leave(struct trap_frame *frame)
 {
     leave_again = 0;
+    if (owed_verw) {
+        __asm__ volatile("verw %0" : : "m"(verw_selector) : "cc");
+        owed_verw = 0;
+    }
     deliver_held(frame);
     int to_user = guest.user;
     if (!to_user && pending_swapgs) { /* to its kernel, natively: the swap before it reads GS */

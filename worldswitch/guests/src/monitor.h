@@ -115,6 +115,7 @@ enum {
     COUNT_PORT_MAP,    /* the guest's I/O bitmap copied for its user mode, at a port access (unfence_ports) */
     COUNT_MSR_GATE,    /* its kernel's MSR writes that ring 0 did through msr_gate, without a trap */
     COUNT_WRMSR_RING0, /* its kernel's trapped WRMSRs of a timer interrupt's MSRs, done by ring 0 at once */
+    COUNT_IRETQ_AT_SWAPGS, /* of the IRETQs, those to user mode emulated at the SWAPGS before them */
     COUNT_KINDS
 };
 

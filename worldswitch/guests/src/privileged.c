@@ -15,7 +15,8 @@
  *           jump over VERW's bytes and SYSRETQ to return), which reads its per-CPU word through GS:
  *           DONE(..., calls that read it); then two into an entry without SWAPGS, which must read
  *           the user mode's word through GS. With `nops`, NOPs stand where the jump and VERW's
- *           bytes were, as in Linux 6.12's return.
+ *           bytes were, as in Linux 6.12's return; with `verw`, the VERW itself (under the monitor
+ *           only: KVM's emulator of ring 0 has no VERW).
  *   msrgate (under the monitor only) also writes MSRs through the monitor's pv_ops.cpu.write_msr, as
  *           a paravirtual Linux does: the FS base (ring 0 writes it), STAR (the monitor keeps it: a
  *           trap) and a non-canonical FS base (a #GP at the pv page's WRMSR): 4 more checks, 1 more
@@ -87,6 +88,10 @@ static u64 supervisor_entry(void)
     if (arg_has("nops")) { /* Linux 6.12's return: NOPs where VERW is not needed (a 7-byte one, and 66 90) */
         static const u8 nops[9] = { 0x0f, 0x1f, 0x80, 0, 0, 0, 0, 0x66, 0x90 };
         memcpy((void *)(SUPERVISOR_PAGE + (u64)(linux_syscall_padding - linux_syscall_entry)), nops, sizeof(nops));
+    }
+    if (arg_has("verw")) { /* where the CPU needs it (6.12 with TSA): VERW through RIP (its operand the NOP after it) */
+        static const u8 verw[9] = { 0x0f, 0x00, 0x2d, 0, 0, 0, 0, 0x66, 0x90 };
+        memcpy((void *)(SUPERVISOR_PAGE + (u64)(linux_syscall_padding - linux_syscall_entry)), verw, sizeof(verw));
     }
     return SUPERVISOR_PAGE;
 }
