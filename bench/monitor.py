@@ -37,7 +37,8 @@ LOOP = 1_000_000
 EVENTS = 200
 WORKLOADS = {"loop": ("probe", f"ring0 {LOOP}"), "int3": ("gates", f"int3 {EVENTS} kernel"),
              "gp": ("gates", f"gp {EVENTS} kernel"), "timer": ("gates", f"timer {EVENTS} kernel"),
-             "deadline": ("probe", f"deadline {EVENTS}"), "cr3": ("paging", f"switch {EVENTS}"), "cr3 two": ("paging", f"switch {EVENTS} 8 two")}
+             "deadline": ("probe", f"deadline {EVENTS}"), "cr3": ("paging", f"switch {EVENTS}"),
+             "cr3 two": ("paging", f"switch {EVENTS} 8 two")}
 PER_UNIT = {"deadline": "write", "cr3": "load", "cr3 two": "load"}  # timed by the VMX between SYNC and DONE
 
 
