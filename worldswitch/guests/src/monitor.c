@@ -1344,48 +1344,6 @@ static int on_the_way_out(const u8 *bytes, int room, int *verw)
     return nop_or_jump(bytes, room);
 }
 
-/* SWAPGS, then the IRETQ the VMM made a UD2 (guest_iret_site): Linux's return to user mode from an
- * interrupt or exception (swapgs_restore_regs_and_return_to_usermode), whose IRETQ traps as well.
- * Both in this event, as SWAPGS; SYSRETQ is. From `at`, past the SWAPGS, the way there: NOPs and
- * short jumps where VERW would be, or the VERW (on_the_way_out; 6.1 then jumps to the IRETQ), and
- * 6.12's and 7.2's check that the frame is user mode's (testb $3, 8(%rsp); jnz to the IRETQ), which
- * the frame must pass. 1 if it was that return; 0 leaves the SWAPGS done alone. */
-static int emulate_swapgs_iretq(struct trap_frame *frame, u64 at)
-{
-    static const u8 test_user_cs[5] = { 0xf6, 0x44, 0x24, 0x08, 0x03 };
-    int verw = 0;
-    for (int step = 0; handoff.guest_iret_site && step < 8; step++) {
-        if (at == handoff.guest_iret_site) {
-            frame->rip = at;
-            count(COUNT_IRETQ);
-            count(COUNT_IRETQ_AT_SWAPGS);
-            owed_verw |= (u8)verw;
-            emulate_iretq(frame);
-            return 1;
-        }
-        u8 bytes[16];
-        fetch_instruction(at, bytes);
-        int skipped = on_the_way_out(bytes, 16, &verw);
-        if (skipped > 0) {
-            at += (u64)skipped;
-            continue;
-        }
-        int same = 1;
-        for (int i = 0; i < 5; i++)
-            same &= bytes[i] == test_user_cs[i];
-        u64 cs;
-        if (!same || try_read_guest(frame->rsp + 8, &cs, sizeof(cs)) || (cs & 3) != 3)
-            return 0;
-        if (bytes[5] == 0x75)
-            at += 7 + (u64)(long)(signed char)bytes[6];
-        else if (bytes[5] == 0x0f && bytes[6] == 0x85)
-            at += 11 + (u64)(long)(int)(bytes[7] | bytes[8] << 8 | bytes[9] << 16 | (u32)bytes[10] << 24);
-        else
-            return 0;
-    }
-    return 0;
-}
-
 /* SYSRETQ from the guest's kernel (#GP: ring 3 may not): to user mode at RCX with RFLAGS from R11,
  * the user segments STAR names, which must be the ones the monitor's GDT has at those indexes. */
 static void emulate_sysret(struct trap_frame *frame)
@@ -1403,6 +1361,58 @@ static void emulate_sysret(struct trap_frame *frame)
     frame->ss = user_alias(base + 8);
     guest.user = 1;
     guest.user_iopl = frame->r11 & RFLAGS_IOPL;
+}
+
+/* Linux's returns to user mode, from the SWAPGS's #GP at their start to the instruction that leaves,
+ * done in this one event (1), where the SWAPGS and what leaves would each have trapped; 0 leaves the
+ * SWAPGS done alone. From `at`, past the SWAPGS, the way out: NOPs and short jumps where VERW would
+ * be, or the VERW (on_the_way_out, which owes it); then
+ * - SYSRETQ: the return from a system call (entry_SYSCALL_64), at its own address should it fault;
+ * - the IRETQ the VMM made a UD2 (guest_iret_site): the return from an interrupt or exception
+ *   (swapgs_restore_regs_and_return_to_usermode; 6.1 jumps there), whose UD2 traps too;
+ * - 6.12's and 7.2's check before that IRETQ that the frame is user mode's (testb $3, 8(%rsp); jnz
+ *   to it), followed where the frame passes it. */
+static int emulate_swapgs_return(struct trap_frame *frame, u64 at)
+{
+    static const u8 test_user_cs[5] = { 0xf6, 0x44, 0x24, 0x08, 0x03 };
+    int verw = 0;
+    for (int step = 0; step < 8; step++) {
+        u8 bytes[16];
+        fetch_instruction(at, bytes);
+        int skipped = on_the_way_out(bytes, 16, &verw);
+        if (skipped > 0) {
+            at += (u64)skipped;
+            continue;
+        }
+        if (bytes[0] == 0x48 && bytes[1] == 0x0f && bytes[2] == 0x07) {
+            frame->rip = at;
+            owed_verw |= (u8)verw;
+            count(COUNT_SYSRET);
+            emulate_sysret(frame);
+            return 1;
+        }
+        if (handoff.guest_iret_site && at == handoff.guest_iret_site) {
+            frame->rip = at;
+            owed_verw |= (u8)verw;
+            count(COUNT_IRETQ);
+            count(COUNT_IRETQ_AT_SWAPGS);
+            emulate_iretq(frame);
+            return 1;
+        }
+        int same = 1;
+        for (int i = 0; i < 5; i++)
+            same &= bytes[i] == test_user_cs[i];
+        u64 cs;
+        if (!handoff.guest_iret_site || !same || try_read_guest(frame->rsp + 8, &cs, sizeof(cs)) || (cs & 3) != 3)
+            return 0;
+        if (bytes[5] == 0x75)
+            at += 7 + (u64)(long)(signed char)bytes[6];
+        else if (bytes[5] == 0x0f && bytes[6] == 0x85)
+            at += 11 + (u64)(long)(int)(bytes[7] | bytes[8] << 8 | bytes[9] << 16 | (u32)bytes[10] << 24);
+        else
+            return 0;
+    }
+    return 0;
 }
 
 /* A segment selector operand (LTR, LLDT, MOV to a segment register): the register's low 16 bits,
@@ -1584,21 +1594,7 @@ static int emulate(struct trap_frame *frame)
                                                     * CPU's own swap is exactly the guest's */
             count(COUNT_SWAPGS);
             pending_swapgs ^= 1;
-            /* SWAPGS; SYSRETQ, Linux's return from a system call, with where its CPU needs no VERW
-             * there (an alternative) a short jump between (6.1) or NOPs (6.12), and where it does the
-             * VERW (owed_verw): both in this event, the SYSRETQ at its own address should it fault */
-            int at = insn.length, skipped, verw = 0;
-            while (at <= 16 - 3 && (skipped = on_the_way_out(insn.bytes + at, 16 - at, &verw)) > 0)
-                at += skipped;
-            if (at >= insn.length && at <= 16 - 3 && insn.bytes[at] == 0x48 && insn.bytes[at + 1] == 0x0f &&
-                insn.bytes[at + 2] == 0x07) {
-                frame->rip += (u64)at;
-                owed_verw |= (u8)verw;
-                count(COUNT_SYSRET);
-                emulate_sysret(frame);
-                return 1;
-            }
-            if (emulate_swapgs_iretq(frame, frame->rip + (u64)insn.length))
+            if (emulate_swapgs_return(frame, frame->rip + (u64)insn.length))
                 return 1;
             break;
         }

@@ -4,8 +4,8 @@
  * mode), swapgs, lgdt and lidt, invlpg, wbinvd, and the interrupt flag (an interrupt held by cli until
  * sti, and sti;hlt woken by one); XCR0 (xsetbv, and one the CPU refuses), the debug registers and
  * LLDT's null selector; then the descriptor stores (sgdt, sidt, sldt, str, smsw), which a kernel
- * may read in ring 0 and its user mode too, and which must show the kernel's own tables. Every host gives the same answer; under the monitor each of them traps
- * and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
+ * may read in ring 0 and its user mode too, and which must show the kernel's own tables. Every host
+ * gives the same answer; under the monitor each of them traps and is emulated (docs/monitor.md). Reports, from user mode, DONE(checks passed, ticks, refused
  * wrmsr #GPs, 0).
  *   linux   first loads a GDT with Linux's layout (arch/x86/include/asm/segment.h: kernel CS 0x10,
  *           DS 0x18, user DS 0x2b, CS 0x33, TSS 0x40), reloading CS with LRETQ and SS with MOV, and
