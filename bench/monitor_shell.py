@@ -9,7 +9,8 @@ it cost: the instructions KVM emulated (ring 0's, the cost the host's load does 
 events the monitor took (traps into it), its shadow fills, the shadows it made (`shadow_flush`: a
 new address space's, or all of them emptied), its calls into ring 0 and the guest's system calls. The commands
 go from one process to a pipeline of seven (more address spaces than the monitor kept before
-2026-12-01) and a pipe of many small writes (a context switch and system calls each line).
+2026-12-01), a pipe of many small writes (a context switch and system calls each line) and a read
+into 8 MiB of fresh memory (a page fault in the kernel every 4 KiB, each then a return to the kernel).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from worldswitch.vmx.api import Machine
 from worldswitch.vmx.debian import fetch_debian, release_cache
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
-COMMANDS = ("echo hi", "ls /bin | wc -l", "ls /bin | cat | cat | cat | cat | cat | wc -l", "seq 1 2000 | wc -l")
+COMMANDS = ("echo hi", "ls /bin | wc -l", "ls /bin | cat | cat | cat | cat | cat | wc -l", "seq 1 2000 | wc -l",
+            "dd if=/dev/zero of=/dev/null bs=8M count=1 2>/dev/null")
 COUNTERS = ("events", "shadow_fill", "shadow_flush", "ring0", "syscall")
 COLUMNS = ("emulated",) + COUNTERS
 

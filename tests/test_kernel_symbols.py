@@ -304,6 +304,33 @@ def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(v
         paravirtualize(bytes(damaged), pv_functions())
 
 
+@pytest.mark.parametrize("release", [None, DEBIAN_13, DEBIAN_14], ids=["debian-12", "debian-13", "debian-14"])
+def test_each_kernels_return_to_itself_jumps_to_the_monitors_iretq(release: str | None, vmlinux: bytes,
+                                                                   vmlinux_13: bytes, vmlinux_14: bytes) -> None:
+    """restore_regs_and_return_to_kernel ends in a jump at early_xen_iret_patch (Xen PV's patch point)
+    to the IRETQ: in all three, the jump the VMM rewrites into one to the pv page's pv_iret, and only
+    those four bytes change there."""
+    image = {None: vmlinux, DEBIAN_13: vmlinux_13, DEBIAN_14: vmlinux_14}[release]
+    symbols = kallsyms(image)
+    site = symbols["early_xen_iret_patch"].address
+    result = paravirtualize(image, pv_functions())
+    assert result.kernel_return_site == site
+    text = read_sections(image)[".text"]
+    at = text.offset + site - text.address
+    assert image[at] == result.vmlinux[at] == 0xE9
+    assert site + 5 + struct.unpack_from("<i", image, at + 1)[0] == result.iret_site  # the IRETQ, before
+    assert site + 5 + struct.unpack_from("<i", result.vmlinux, at + 1)[0] == pv_functions()["iret"] == PV_BASE + 0x160
+    assert image[at + 5 : at + 7] == b"\x48\xcf" and result.vmlinux[at + 5 : at + 7] == b"\x0f\x0b"  # then the UD2
+
+
+def test_a_kernel_whose_return_to_itself_is_no_jump_is_refused_in_one_line(vmlinux: bytes) -> None:
+    text = read_sections(vmlinux)[".text"]
+    damaged = bytearray(vmlinux)
+    damaged[text.offset + kallsyms(vmlinux)["early_xen_iret_patch"].address - text.address] = 0x90
+    with pytest.raises(GuestImageError, match="early_xen_iret_patch at 0x[0-9a-f]+ is not a jump to its IRETQ"):
+        paravirtualize(bytes(damaged), pv_functions())
+
+
 def test_the_kernel_a_boot_loader_started_is_made_ready_for_the_monitor_in_guest_memory(vmlinux: bytes) -> None:
     """Firmware under the monitor (vmm/x86/handoff.py): Debian's bzImage as GRUB leaves it at its
     32-bit entry, taken over as --kernel --monitor loads a file: the vmlinux patched as

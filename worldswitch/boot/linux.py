@@ -261,6 +261,11 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
                  f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
                  f"and load_gs_index too ({paravirtualized.cpu_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
                  "made a UD2")
+    if paravirtualized.kernel_return_site is not None:
+        notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} (early_xen_iret_patch) pointed "
+                     "at the monitor")
+    else:
+        notes.append("its returns to itself trap at the IRETQ (the kernel has no early_xen_iret_patch)")
     if paravirtualized.ss_load_site is not None:
         notes.append(f"__switch_to's load of SS at {paravirtualized.ss_load_site:#x} made a NOP (an AMD CPU's, "
                      "a trap that changes nothing deprivileged)")

@@ -4,8 +4,9 @@ since its kernel runs in ring 3, where PUSHF, POPF, CLI and STI cannot show or c
 without a trap; so do its MSR writes (`pv_ops.cpu.write_msr`: the FS base at every context switch,
 which the monitor writes with one trip into ring 0 instead of a trap and a call) and its user GS loads
 (`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead); its
-one IRETQ to user mode is made to trap, and an AMD CPU's SS load at a context switch, a trap that
-changes nothing there, goes (see paravirtualize).
+one IRETQ to user mode is made to trap, its return to itself goes to the monitor, which does it
+without a trap, and an AMD CPU's SS load at a context switch, a trap that changes nothing there,
+goes (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
 irq_disable, irq_enable, safe_halt, halt). Its boot decides what each call site becomes
@@ -42,6 +43,10 @@ CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 CMPXCHG16B_GS_HIGH = b"\x65\x49\x0f\xc7"  # the same through %r8 to %r15 (REX.WB): Linux 6.2's and 6.5's
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
+JMP_REL32 = 0xE9
+# The monitor's function for the kernel's IRETQ to itself: not a pv_ops member (Linux had
+# pv_ops.cpu.iret until 5.18), but early_xen_iret_patch's jump (see paravirtualize)
+KERNEL_RETURN = "iret"
 MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
 REX_B = 0x41
 NOPS = {2: b"\x66\x90", 3: b"\x0f\x1f\x00"}  # the SDM's recommended NOPs of those lengths
@@ -110,6 +115,7 @@ class Paravirtualized(NamedTuple):
     cpu_sites: int  # pv_ops.cpu.write_msr and load_gs_index call sites
     alternatives: int  # native replacements taken away from them
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
+    kernel_return_site: int | None  # early_xen_iret_patch, now a jump to the monitor's; None if it has none
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
     cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
 
@@ -118,10 +124,11 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
     pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of
     them kept a call (the native alternatives over the irq ones disarmed), its IRETQ to user mode a
-    UD2, an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
-    instruction."""
+    UD2, its return to itself a jump to `functions[KERNEL_RETURN]`, an AMD CPU's SS load in
+    `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the instruction."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
+    names.append(KERNEL_RETURN)
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
@@ -177,6 +184,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     if vmlinux[at : at + len(IRETQ)] != IRETQ:
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
+    kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN], file_offset)
     ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
     ss_load_site = None
     if ss_load is not None:
@@ -184,7 +192,30 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         at = file_offset(ss_load_site, length)
         image[at : at + length] = NOPS[length]
     cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
-    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, ss_load_site, cx16_sites)
+    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, kernel_return_site,
+                           ss_load_site, cx16_sites)
+
+
+def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site: int, target: int,
+                         file_offset: Callable[[int, int], int]) -> int | None:
+    """The kernel's return to itself (entry_64.S, restore_regs_and_return_to_kernel) ends in a jump
+    at early_xen_iret_patch to its IRETQ, which Xen PV's start-up rewrites into a jump to xen_iret
+    (arch/x86/xen/enlighten_pv.c, xen_start_kernel; Linux 5.18 on, with CONFIG_XEN_PV): here it is
+    rewritten into a jump to `target`, where the monitor does that IRETQ natively (monitor.S
+    pv_iret). Its address, or None for a kernel without it, whose returns to itself trap at the
+    IRETQ, as its returns to user mode do."""
+    if "early_xen_iret_patch" not in symbols:
+        return None
+    site = symbols["early_xen_iret_patch"].address
+    at = file_offset(site, 5)
+    jumps_to = site + 5 + struct.unpack_from("<i", image, at + 1)[0]
+    if image[at] != JMP_REL32 or not site + 5 <= jumps_to <= iret_site:
+        raise GuestImageError(f"the kernel's early_xen_iret_patch at {site:#x} is not a jump to its IRETQ")
+    displacement = target - (site + 5)
+    if not -(1 << 31) <= displacement < 1 << 31:
+        raise GuestImageError(f"the monitor's return to the kernel at {target:#x} is beyond a jump from {site:#x}")
+    struct.pack_into("<i", image, at + 1, displacement)
+    return site
 
 
 def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative], symbols: dict[str, Symbol],

@@ -458,6 +458,55 @@ pv_page:
     shrq $32, %rdx
     movabsq $msr_gate, %rax
     jmp *%rax
+/* The kernel's IRETQ to itself (restore_regs_and_return_to_kernel: the VMM points its jump at
+ * early_xen_iret_patch here, as Xen PV points it at xen_iret), with the IRETQ's frame at RSP and
+ * every register the kernel's. A frame with the kernel's own segments (iret_kernel_cs and _ss, or a
+ * null SS) is made the real one, ring 3 to ring 3, and this IRETQ runs natively: the return that
+ * was an event. The virtual IF is set before the held interrupts are looked at, as in irq_enable:
+ * one that comes after the look is delivered at once, here. Any other frame, or one that sets IF
+ * with an interrupt held, is left as it is, and the IRETQ at 3: traps (#GP: its CS has RPL 0) and
+ * is emulated, which also delivers what was held. */
+    .org pv_page + PV_IRET, 0xcc
+    pushq %rax                          /* the frame: RIP 8(%rsp), CS 16, RFLAGS 24, RSP 32, SS 40 */
+    movabsq $iret_kernel_cs, %rax
+    movq (%rax), %rax
+    cmpq %rax, 16(%rsp)
+    jne 3f
+    movabsq $iret_kernel_ss, %rax
+    movq (%rax), %rax
+    cmpq %rax, 40(%rsp)
+    je 1f
+    cmpq $0, 40(%rsp)
+    jne 3f
+1:  movabsq $virtual_if, %rax
+    testl $RFLAGS_IF, 24(%rsp)
+    jz 2f
+    movq $RFLAGS_IF, (%rax)
+    movabsq $held, %rax
+    cmpq $0, (%rax)
+    jne 3f
+    cmpq $0, 8(%rax)
+    jne 3f
+    cmpq $0, 16(%rax)
+    jne 3f
+    cmpq $0, 24(%rax)
+    jne 3f
+    jmp 4f
+2:  movq $0, (%rax)
+4:  orq $3, 16(%rsp)                    /* CS: the kernel's, whose descriptor has DPL 3 (mirror_gdt) */
+    cmpq $0, 40(%rsp)
+    je 5f
+    orq $3, 40(%rsp)
+    jmp 6f
+5:  movq $BODY_SS, 40(%rsp)             /* the null SS: the monitor's flat one (monitor.c NULL_SS) */
+6:  andq $RFLAGS_STATUS, 24(%rsp)
+    orq $(RFLAGS_FIXED | RFLAGS_IF), 24(%rsp)
+    movabsq $(handoff + HANDOFF_IRETQ_GATE_COUNT), %rax
+    lock incq (%rax)
+    popq %rax
+    iretq
+3:  popq %rax
+    iretq
     .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler

@@ -56,9 +56,6 @@
 #define DR7_FIXED 0x400ul
 #define CPUID_7_UMIP (1u << 2) /* leaf 7, ECX */
 
-#define RFLAGS_IF 0x200ul
-#define RFLAGS_STATUS 0x40dd5ul /* CF PF AF ZF SF TF DF OF AC: what the guest's IRETQ may set */
-#define RFLAGS_FIXED 0x2ul
 #define RFLAGS_IOPL 0x3000ul
 
 #define DESCRIPTOR_PRESENT (1ul << 47)
@@ -75,6 +72,8 @@ _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_GATE]) == H
                "monitor.h: HANDOFF_MSR_GATE_COUNT is not where the counter is");
 _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_WRMSR_RING0]) == HANDOFF_WRMSR_RING0_COUNT,
                "monitor.h: HANDOFF_WRMSR_RING0_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_IRETQ_GATE]) == HANDOFF_IRETQ_GATE_COUNT,
+               "monitor.h: HANDOFF_IRETQ_GATE_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -172,6 +171,12 @@ static const u16 verw_selector = BODY_SS;
  * single locked instructions, and virtual_if by single stores. */
 u64 virtual_if;
 u64 held[4];
+
+/* The code and stack segments (as the guest sees them) of its kernel's IRETQs to itself, which
+ * pv_iret (monitor.S) does natively when a frame has them (its SS may also be null): learnt at the
+ * first such IRETQ the body emulates, forgotten when the GDT changes (mirror_gdt). Until then no
+ * frame matches, and pv_iret's IRETQ traps to the body. */
+u64 iret_kernel_cs = ~0ul, iret_kernel_ss = ~0ul;
 
 /* The rest of the guest's virtual CPU state. */
 static struct {
@@ -857,6 +862,7 @@ static u64 syscall_stack_segment(u64 cs)
  * uses is the monitor's; the guest's is read at its LTR). */
 static void mirror_gdt(void)
 {
+    iret_kernel_cs = iret_kernel_ss = ~0ul; /* their descriptors may change: learnt again */
     for (u64 index = 1; index < GUEST_GDT_ENTRIES; index++) {
         u64 d = index * 8 + 7 <= guest.gdt_limit ? read_u64(guest.gdt_base + index * 8) : 0;
         segment_kind[index] = NO_SEGMENT;
@@ -1253,6 +1259,10 @@ static void emulate_iretq(struct trap_frame *frame)
         frame->cs = cs | 3;
         frame->ss = kind_of(ss) == KERNEL_DATA ? ss | 3 : NULL_SS;
         virtual_if = rflags & RFLAGS_IF;
+        if (kind_of(ss) == KERNEL_DATA && (ss & 3) == 0 && ss >> 3) { /* the segments pv_iret may take */
+            iret_kernel_cs = cs;
+            iret_kernel_ss = ss;
+        }
     } else {
         STOP("IRETQ to an unknown code segment", cs, rip);
     }

@@ -20,8 +20,8 @@
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
- * writes (pv_ops.cpu.write_msr) and user GS loads (pv_ops.cpu.load_gs_index), which the VMM points
- * the kernel at before it runs (boot/paravirt.py).
+ * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index) and IRETQ to itself,
+ * which the VMM points the kernel at before it runs (boot/paravirt.py).
  * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
@@ -36,6 +36,12 @@
 #define PV_LOAD_GS_INDEX 0x100
 #define PV_LOAD_GS_INDEX_AGAIN 0x120 /* not the kernel's: gs_gate's way back after an interrupt */
 #define PV_WRITE_MSR_U64 0x140 /* write_msr(u32 msr, u64 value), Linux 7.2's form; the one above (msr, low, high) 6.12's */
+#define PV_IRET 0x160 /* the kernel's IRETQ to itself, jumped to from early_xen_iret_patch (boot/paravirt.py) */
+/* The RFLAGS bits an IRETQ of the guest's kernel may set (CF PF AF ZF SF TF DF OF AC; its IF is the
+ * virtual one), and the two every real RFLAGS of the guest's has: bit 1 and IF. */
+#define RFLAGS_STATUS 0x40dd5
+#define RFLAGS_FIXED 0x2
+#define RFLAGS_IF 0x200
 /* The MSRs msr_gate writes for the kernel (monitor.S), and where it counts them: the handoff's
  * counters[COUNT_MSR_GATE] (monitor.c checks the offset against the struct). */
 #define MSR_FS_BASE 0xc0000100u
@@ -46,6 +52,8 @@
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
 #define HANDOFF_WRMSR_RING0_COUNT (8 * (17 + 28))
+/* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]). */
+#define HANDOFF_IRETQ_GATE_COUNT (8 * (17 + 30))
 
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
@@ -116,6 +124,7 @@ enum {
     COUNT_MSR_GATE,    /* its kernel's MSR writes that ring 0 did through msr_gate, without a trap */
     COUNT_WRMSR_RING0, /* its kernel's trapped WRMSRs of a timer interrupt's MSRs, done by ring 0 at once */
     COUNT_IRETQ_AT_SWAPGS, /* of the IRETQs, those to user mode emulated at the SWAPGS before them */
+    COUNT_IRETQ_GATE,  /* its kernel's IRETQs to itself done in the pv page, natively (pv_iret), not counted as IRETQs */
     COUNT_KINDS
 };
 
