@@ -27,7 +27,8 @@ HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt", "iretq", "mov_cr", "rdmsr",
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
-            "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate")
+            "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate",
+            "held_gate")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
 # pv_ops.cpu.write_msr and pv_ops.cpu.load_gs_index, and its IRETQ to itself ("iret"), at PV_BASE
 # in its kernel's address space (boot/paravirt.py points the kernel there).

@@ -400,10 +400,11 @@ error_code_vectors:
 /* The pv page (monitor.h PV_*): a paravirtual Linux's interrupt flag, as Xen's PV guests keep an
  * event mask. The kernel calls these at PV_BASE + the offsets, in its ring 3; they run there, so they
  * name the monitor's data by absolute address, never RIP-relative. The virtual IF is a word of the
- * monitor's (virtual_if: RFLAGS_IF or 0), which the kernel reads and writes without a trap; only an
- * enable that finds an interrupt held traps (its STI, which the monitor emulates and then delivers),
- * and halting. save_fl, irq_disable and irq_enable follow Linux's callee-save convention: only RAX
- * may change. */
+ * monitor's (virtual_if: RFLAGS_IF or 0), which the kernel reads and writes without a trap; an
+ * enable that finds an interrupt held delivers it here too (pv_deliver_held), and traps only where
+ * that is not the common case (its STI, which the monitor emulates and then delivers); so do the
+ * halts. save_fl, irq_disable and irq_enable follow Linux's callee-save convention: only RAX may
+ * change. */
     .section .pv, "ax"
     .balign 4096
     .globl pv_page
@@ -417,6 +418,7 @@ pv_page:
     movq $0, (%rax)
     ret
     .org pv_page + PV_IRQ_ENABLE, 0xcc
+pv_irq_enable:
     movabsq $virtual_if, %rax
     movq $0x200, (%rax)                 /* from here an interrupt is delivered at once, not held */
     movabsq $held, %rax
@@ -429,8 +431,7 @@ pv_page:
     cmpq $0, 24(%rax)
     jne 1f
     ret
-1:  sti                                 /* traps: emulated, then what was held is delivered */
-    ret
+1:  jmp pv_deliver_held
     .org pv_page + PV_SAFE_HALT, 0xcc
     sti                                 /* the monitor takes STI; HLT as one: no wake-up lost between */
     hlt
@@ -503,10 +504,126 @@ pv_page:
     orq $(RFLAGS_FIXED | RFLAGS_IF), 24(%rsp)
     movabsq $(handoff + HANDOFF_IRETQ_GATE_COUNT), %rax
     lock incq (%rax)
+    movabsq $iret_kernel_cs, %rax       /* the segments it returns to, as it sees them */
+    pushq (%rax)
+    movabsq $kernel_cs_view, %rax
+    popq (%rax)
+    movq 40(%rsp), %rax
+    cmpq $BODY_SS, %rax
+    jne 7f
+    xorl %eax, %eax
+7:  andq $~3, %rax
+    pushq %rax
+    movabsq $kernel_ss_view, %rax
+    popq (%rax)
     popq %rax
     iretq
 3:  popq %rax
     iretq
+
+/* irq_enable found an interrupt held: it is delivered here, in the kernel's ring 3, as the body's
+ * deliver() would at a trapped STI: the highest vector held, through the guest's IDT, on the current
+ * stack, with the frame an interrupt of irq_enable's caller just after its return would have (RIP
+ * the return address, RSP above it, IF set; RAX was irq_enable's to lose), the virtual IF cleared as
+ * an interrupt gate clears it. It is cleared first, so nothing is delivered meanwhile and what
+ * arrives is held. Only the common case is done here: a present interrupt gate with no IST whose
+ * selector is the kernel's own code segment (iret_kernel_cs, the one it runs on), and an SS that is
+ * the kernel's or null. Anything else goes the way it went before: STI, which traps, and the body
+ * delivers. Registers are kept 96 bytes below the return address, under where the frame goes. */
+pv_deliver_held:
+    leaq -96(%rsp), %rsp                /* the return address at 96(%rsp) */
+    movq %rcx, (%rsp)
+    movq %rdx, 8(%rsp)
+    movq %rsi, 16(%rsp)
+    movq %rdi, 24(%rsp)
+    movabsq $virtual_if, %rax
+    movq $0, (%rax)
+    movabsq $(held + 24), %rsi          /* the highest vector held: from the last word down */
+    movl $192, %edx
+1:  bsrq (%rsi), %rcx
+    jnz 2f
+    subq $8, %rsi
+    subl $64, %edx
+    jns 1b
+    jmp 8f                              /* delivered meanwhile, before IF was cleared: look again */
+2:  addl %ecx, %edx                     /* EDX: the vector */
+    movabsq $guest_idt, %rax
+    movl %edx, %ecx
+    shll $4, %ecx
+    leaq 15(%rcx), %rdi
+    cmpq 8(%rax), %rdi                  /* beyond the IDT's limit */
+    ja 7f
+    addq (%rax), %rcx                   /* RCX: the gate */
+    movq (%rcx), %rdi                   /* its low half */
+    movq %rdi, %rax
+    shrq $32, %rax
+    andl $0x8f07, %eax                  /* present, type, IST */
+    cmpl $0x8e00, %eax                  /* present, a 64-bit interrupt gate, no IST */
+    jne 7f
+    movq %rdi, %rax
+    shrq $16, %rax
+    movzwl %ax, %eax                    /* its selector */
+    movabsq $kernel_cs_view, %rsi
+    cmpq (%rsi), %rax                   /* the segment the kernel runs on: no CS changes */
+    jne 7f
+    movabsq $kernel_ss_view, %rsi
+    movq (%rsi), %rsi
+    movq %rsi, 32(%rsp)                 /* the frame's SS */
+    movl 8(%rcx), %eax                  /* the handler: offset 63..32 */
+    shlq $32, %rax
+    movq %rdi, %rsi
+    shrq $48, %rsi
+    shlq $16, %rsi                      /* 31..16 */
+    orq %rsi, %rax
+    movzwl %di, %esi                    /* 15..0 */
+    orq %rsi, %rax
+    movl %edx, %ecx                     /* taken from the held set */
+    shrl $6, %ecx
+    movabsq $held, %rsi
+    leaq (%rsi,%rcx,8), %rsi
+    movl %edx, %ecx
+    andl $63, %ecx
+    lock btrq %rcx, (%rsi)
+    jnc 8f                              /* taken meanwhile: look again */
+    leaq 104(%rsp), %rsi                 /* the RSP irq_enable's caller returns with */
+    movq %rsi, %rdi
+    andq $-16, %rdi                     /* the CPU aligns the stack, then pushes five words */
+    subq $40, %rdi                      /* RDI: the frame, at or above 56(%rsp) */
+    movq 96(%rsp), %rcx
+    movq %rcx, (%rdi)                   /* RIP: the return address */
+    movabsq $kernel_cs_view, %rcx
+    movq (%rcx), %rcx
+    movq %rcx, 8(%rdi)                  /* CS */
+    movq $(RFLAGS_FIXED | RFLAGS_IF), 16(%rdi)
+    movq %rsi, 24(%rdi)                 /* RSP */
+    movq 32(%rsp), %rcx
+    movq %rcx, 32(%rdi)                 /* SS */
+    movq %rax, 32(%rsp)                 /* the handler, and the frame, for after the registers */
+    movq %rdi, 40(%rsp)
+    movabsq $(handoff + HANDOFF_INTERRUPTS_COUNT), %rax
+    lock incq (%rax)
+    movabsq $(handoff + HANDOFF_HELD_GATE_COUNT), %rax
+    lock incq (%rax)
+    movq (%rsp), %rcx
+    movq 8(%rsp), %rdx
+    movq 16(%rsp), %rsi
+    movq 24(%rsp), %rdi
+    movq 32(%rsp), %rax
+    movq 40(%rsp), %rsp
+    jmp *%rax
+7:  movq (%rsp), %rcx                   /* not the common case: the trap's way */
+    movq 8(%rsp), %rdx
+    movq 16(%rsp), %rsi
+    movq 24(%rsp), %rdi
+    leaq 96(%rsp), %rsp
+    sti                                 /* traps: emulated, then what was held is delivered */
+    ret
+8:  movq (%rsp), %rcx
+    movq 8(%rsp), %rdx
+    movq 16(%rsp), %rsi
+    movq 24(%rsp), %rdi
+    leaq 96(%rsp), %rsp
+    jmp pv_irq_enable
     .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler

@@ -74,6 +74,10 @@ _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_WRMSR_RING0]) =
                "monitor.h: HANDOFF_WRMSR_RING0_COUNT is not where the counter is");
 _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_IRETQ_GATE]) == HANDOFF_IRETQ_GATE_COUNT,
                "monitor.h: HANDOFF_IRETQ_GATE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_INTERRUPTS]) == HANDOFF_INTERRUPTS_COUNT,
+               "monitor.h: HANDOFF_INTERRUPTS_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_HELD_GATE]) == HANDOFF_HELD_GATE_COUNT,
+               "monitor.h: HANDOFF_HELD_GATE_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -178,13 +182,23 @@ u64 held[4];
  * frame matches, and pv_iret's IRETQ traps to the body. */
 u64 iret_kernel_cs = ~0ul, iret_kernel_ss = ~0ul;
 
+/* The code and stack segments its kernel runs on now, as it sees them, for the frame of an
+ * interrupt that pv_deliver_held (monitor.S) delivers without the body: ring 3 cannot read them
+ * (this host shows its own selectors there). Kept where the kernel's segments change: the body's
+ * way back to the kernel, and pv_iret. The code segment is ~0 while the kernel runs on a copy
+ * (keep_loaded), whose view is not the selector it runs on: no delivery is done there then. */
+u64 kernel_cs_view = ~0ul, kernel_ss_view = ~0ul;
+
+/* The guest's IDTR, as its LIDT set it: the pv page's delivery of a held interrupt reads it too. */
+struct { u64 base, limit; } guest_idt;
+
 /* The rest of the guest's virtual CPU state. */
 static struct {
     int user;         /* the mode it runs in now */
     u64 user_iopl;    /* its user mode's RFLAGS.IOPL bits, as its kernel's IRETQ or SYSRETQ set them */
     u64 cr0, cr2, cr3, cr4;
     u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
-    u64 idt_base, idt_limit, gdt_base, gdt_limit, tr, tss_base, tss_limit;
+    u64 gdt_base, gdt_limit, tr, tss_base, tss_limit;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
     u64 sysenter[3];  /* SYSENTER's CS, ESP and EIP, likewise (the real ones stay null) */
 } guest;
@@ -1003,12 +1017,12 @@ static void deliver(struct trap_frame *frame, u64 vector, int error, u64 error_c
 static void deliver_event(struct trap_frame *frame, u64 vector, int error, u64 error_code, int software)
 {
     u64 idt_code = vector * 8 + 2 + !software; /* IDT, and EXT unless the program raised it */
-    if (vector * 16 + 15 > guest.idt_limit) {
+    if (vector * 16 + 15 > guest_idt.limit) {
         deliver_failed(frame, vector, 13, idt_code);
         return;
     }
     u64 gate[2];
-    if (try_read_guest(guest.idt_base + vector * 16, gate, 16)) {
+    if (try_read_guest(guest_idt.base + vector * 16, gate, 16)) {
         deliver_failed(frame, vector, 14, 0);
         return;
     }
@@ -1488,8 +1502,8 @@ static int emulate_store_descriptor(struct trap_frame *frame, struct instruction
     if (second == 0x01 && insn->reg <= 1) { /* sgdt, sidt: memory only */
         if (insn->mod == 3)
             return 0;
-        *(u16 *)operand = (u16)(insn->reg == 0 ? guest.gdt_limit : guest.idt_limit);
-        *(u64 *)(operand + 2) = insn->reg == 0 ? guest.gdt_base : guest.idt_base;
+        *(u16 *)operand = (u16)(insn->reg == 0 ? guest.gdt_limit : guest_idt.limit);
+        *(u64 *)(operand + 2) = insn->reg == 0 ? guest.gdt_base : guest_idt.base;
         length = 10;
     } else if (second == 0x01 && insn->reg == 4) { /* smsw */
         value = guest.cr0;
@@ -1635,8 +1649,8 @@ static int emulate(struct trap_frame *frame)
                 keep_loaded(&frame->ss, 1);
                 mirror_gdt();
             } else {
-                guest.idt_base = base;
-                guest.idt_limit = limit;
+                guest_idt.base = base;
+                guest_idt.limit = limit;
             }
         } else if (insn.reg == 7) { /* invlpg */
             count(COUNT_INVLPG);
@@ -1936,9 +1950,13 @@ int monitor_leave(struct trap_frame *frame)
         privileged(SERVICE_SWAPGS, 0, 0);
         pending_swapgs = 0;
     }
-    if (to_user)
+    if (to_user) {
         fence_ports();
-    else if (user_ports == PORTS_COPIED)
-        user_ports = PORTS_STALE; /* its kernel runs: its bitmap may change */
+    } else {
+        if (user_ports == PORTS_COPIED)
+            user_ports = PORTS_STALE; /* its kernel runs: its bitmap may change */
+        kernel_cs_view = frame->cs == (guest_view(frame->cs) | 3) ? guest_view(frame->cs) : ~0ul;
+        kernel_ss_view = guest_view(frame->ss);
+    }
     return to_user;
 }

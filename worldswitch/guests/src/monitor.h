@@ -52,8 +52,11 @@
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
 #define HANDOFF_WRMSR_RING0_COUNT (8 * (17 + 28))
-/* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]). */
+/* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]), and
+ * pv_deliver_held the held interrupts it delivers (COUNT_INTERRUPTS, COUNT_HELD_GATE). */
 #define HANDOFF_IRETQ_GATE_COUNT (8 * (17 + 30))
+#define HANDOFF_INTERRUPTS_COUNT (8 * (17 + 2))
+#define HANDOFF_HELD_GATE_COUNT (8 * (17 + 31))
 
 /* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
@@ -125,6 +128,7 @@ enum {
     COUNT_WRMSR_RING0, /* its kernel's trapped WRMSRs of a timer interrupt's MSRs, done by ring 0 at once */
     COUNT_IRETQ_AT_SWAPGS, /* of the IRETQs, those to user mode emulated at the SWAPGS before them */
     COUNT_IRETQ_GATE,  /* its kernel's IRETQs to itself done in the pv page, natively (pv_iret), not counted as IRETQs */
+    COUNT_HELD_GATE,   /* of the interrupts, those held that irq_enable delivered in the pv page, natively (pv_deliver_held) */
     COUNT_KINDS
 };
 
