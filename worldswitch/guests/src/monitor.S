@@ -421,14 +421,7 @@ pv_page:
 pv_irq_enable:
     movabsq $virtual_if, %rax
     movq $0x200, (%rax)                 /* from here an interrupt is delivered at once, not held */
-    movabsq $held, %rax
-    cmpq $0, (%rax)
-    jne 1f
-    cmpq $0, 8(%rax)
-    jne 1f
-    cmpq $0, 16(%rax)
-    jne 1f
-    cmpq $0, 24(%rax)
+    call pv_any_held
     jne 1f
     ret
 1:  jmp pv_deliver_held
@@ -483,14 +476,7 @@ pv_irq_enable:
     testl $RFLAGS_IF, 24(%rsp)
     jz 2f
     movq $RFLAGS_IF, (%rax)
-    movabsq $held, %rax
-    cmpq $0, (%rax)
-    jne 3f
-    cmpq $0, 8(%rax)
-    jne 3f
-    cmpq $0, 16(%rax)
-    jne 3f
-    cmpq $0, 24(%rax)
+    call pv_any_held
     jne 3f
     jmp 4f
 2:  movq $0, (%rax)
@@ -520,6 +506,18 @@ pv_irq_enable:
     iretq
 3:  popq %rax
     iretq
+
+/* ZF clear if an interrupt is held (RAX lost), for irq_enable and pv_iret. */
+pv_any_held:
+    movabsq $held, %rax
+    cmpq $0, (%rax)
+    jne 1f
+    cmpq $0, 8(%rax)
+    jne 1f
+    cmpq $0, 16(%rax)
+    jne 1f
+    cmpq $0, 24(%rax)
+1:  ret
 
 /* irq_enable found an interrupt held: it is delivered here, in the kernel's ring 3, as the body's
  * deliver() would at a trapped STI: the highest vector held, through the guest's IDT, on the current
