@@ -522,12 +522,19 @@ pv_any_held:
 /* irq_enable found an interrupt held: it is delivered here, in the kernel's ring 3, as the body's
  * deliver() would at a trapped STI: the highest vector held, through the guest's IDT, on the current
  * stack, with the frame an interrupt of irq_enable's caller just after its return would have (RIP
- * the return address, RSP above it, IF set; RAX was irq_enable's to lose), the virtual IF cleared as
- * an interrupt gate clears it. It is cleared first, so nothing is delivered meanwhile and what
- * arrives is held. Only the common case is done here: a present interrupt gate with no IST whose
- * selector is the kernel's own code segment (iret_kernel_cs, the one it runs on), and an SS that is
- * the kernel's or null. Anything else goes the way it went before: STI, which traps, and the body
- * delivers. Registers are kept 96 bytes below the return address, under where the frame goes. */
+ * the return address, RSP above it, IF set, CS and SS those the kernel runs on as it sees them:
+ * kernel_cs_view and kernel_ss_view; RAX was irq_enable's to lose), the virtual IF cleared as an
+ * interrupt gate clears it. It is cleared first, so nothing is delivered meanwhile and what arrives
+ * is held. Only the common case is done here: a present interrupt gate with no IST whose selector is
+ * the code segment the kernel runs on, so that CS does not change. Anything else goes the way it
+ * went before: STI, which traps, and the body delivers. Registers are kept 96 bytes below the
+ * return address, under where the frame goes. */
+    .macro pv_held_scratch_restore
+    movq (%rsp), %rcx
+    movq 8(%rsp), %rdx
+    movq 16(%rsp), %rsi
+    movq 24(%rsp), %rdi
+    .endm
 pv_deliver_held:
     leaq -96(%rsp), %rsp                /* the return address at 96(%rsp) */
     movq %rcx, (%rsp)
@@ -602,24 +609,15 @@ pv_deliver_held:
     lock incq (%rax)
     movabsq $(handoff + HANDOFF_HELD_GATE_COUNT), %rax
     lock incq (%rax)
-    movq (%rsp), %rcx
-    movq 8(%rsp), %rdx
-    movq 16(%rsp), %rsi
-    movq 24(%rsp), %rdi
+    pv_held_scratch_restore
     movq 32(%rsp), %rax
     movq 40(%rsp), %rsp
     jmp *%rax
-7:  movq (%rsp), %rcx                   /* not the common case: the trap's way */
-    movq 8(%rsp), %rdx
-    movq 16(%rsp), %rsi
-    movq 24(%rsp), %rdi
+7:  pv_held_scratch_restore             /* not the common case: the trap's way */
     leaq 96(%rsp), %rsp
     sti                                 /* traps: emulated, then what was held is delivered */
     ret
-8:  movq (%rsp), %rcx
-    movq 8(%rsp), %rdx
-    movq 16(%rsp), %rsi
-    movq 24(%rsp), %rdi
+8:  pv_held_scratch_restore
     leaq 96(%rsp), %rsp
     jmp pv_irq_enable
     .balign 4096, 0xcc                  /* int3 between and after them */

@@ -186,7 +186,10 @@ u64 iret_kernel_cs = ~0ul, iret_kernel_ss = ~0ul;
  * interrupt that pv_deliver_held (monitor.S) delivers without the body: ring 3 cannot read them
  * (this host shows its own selectors there). Kept where the kernel's segments change: the body's
  * way back to the kernel, and pv_iret. The code segment is ~0 while the kernel runs on a copy
- * (keep_loaded), whose view is not the selector it runs on: no delivery is done there then. */
+ * (keep_loaded), whose view is not the selector it runs on: no delivery is done there then. One
+ * window is inexact: an event between pv_iret's stores and its IRETQ leaves through the body, which
+ * stores the segments before that IRETQ; only SS can differ there (null or the kernel's, both of
+ * which a later frame may carry back to the kernel), never CS. */
 u64 kernel_cs_view = ~0ul, kernel_ss_view = ~0ul;
 
 /* The guest's IDTR, as its LIDT set it: the pv page's delivery of a held interrupt reads it too. */
