@@ -308,8 +308,8 @@ def test_a_kernel_whose_return_to_user_mode_is_no_iretq_is_refused_in_one_line(v
 def test_each_kernels_return_to_itself_jumps_to_the_monitors_iretq(release: str | None, vmlinux: bytes,
                                                                    vmlinux_13: bytes, vmlinux_14: bytes) -> None:
     """restore_regs_and_return_to_kernel ends in a jump at early_xen_iret_patch (Xen PV's patch point)
-    to the IRETQ: in all three, the jump the VMM rewrites into one to the pv page's pv_iret, and only
-    those four bytes change there."""
+    to the IRETQ: in all three, the jump the VMM rewrites into one to the pv page's pv_iret (its four
+    displacement bytes), with the IRETQ after it the UD2 that returns to user mode still trap at."""
     image = {None: vmlinux, DEBIAN_13: vmlinux_13, DEBIAN_14: vmlinux_14}[release]
     symbols = kallsyms(image)
     site = symbols["early_xen_iret_patch"].address
