@@ -80,11 +80,13 @@ def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol])
 
 
 def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
-    """Where BTF and kallsyms put pv_ops.irq and pv_ops.cpu.write_msr and load_gs_index, the image
-    holds pointers to the functions kallsyms calls native: the three sources agree."""
+    """Where BTF and kallsyms put pv_ops.irq, pv_ops.cpu.write_msr and load_gs_index and
+    pv_ops.mmu.read_cr2 and write_cr3, the image holds pointers to the functions kallsyms calls
+    native: the three sources agree."""
     natives = {"save_fl": "native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "native_safe_halt", "halt": "native_halt",
-               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}
+               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index",
+               "read_cr2": "pv_native_read_cr2", "write_cr3": "native_write_cr3"}
     for name, address in pv_slots(symbols, BtfTypes(vmlinux)).items():
         assert read_u64(vmlinux, address) == symbols[natives[name]].address, name
 
@@ -114,22 +116,23 @@ def _alternatives(vmlinux: bytes) -> dict[int, int]:
 def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
     result = paravirtualize(vmlinux, pv_functions())
     slots = pv_slots(symbols, BtfTypes(vmlinux))
-    assert len(slots) == 7
-    for name, slot in slots.items():  # pv_ops.irq, cpu.write_msr and cpu.load_gs_index now hold the pv page's
+    assert len(slots) == 9
+    for name, slot in slots.items():  # pv_ops.irq, cpu.write_msr and load_gs_index, mmu.read_cr2 and write_cr3 now hold the pv page's
         assert read_u64(result.vmlinux, slot) == pv_functions()[name], name
         assert PV_BASE <= read_u64(result.vmlinux, slot) < PV_BASE + 0x1000
     assert PV_BASE - KERNEL_TEXT < 1 << 31  # within a direct call of the kernel's text, as Linux patches it
     # Linux 6.1's pv_ops.irq call sites: 1300 (save_fl, irq_disable and irq_enable each with an
-    # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt without)
-    assert (result.sites, result.alternatives) == (1300, 1290)
+    # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt
+    # without), and its pv_ops.mmu.read_cr2 and write_cr3 sites: 16, each with one (MOV from CR2, to CR3)
+    assert (result.sites, result.mmu_sites, result.alternatives) == (1300, 16, 1290 + 16)
     assert result.cpu_sites == 357 + 12  # pv_ops.cpu.write_msr's and load_gs_index's, with no alternative over any
     before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
     changed = [at for at in before if before[at] != after[at]]
-    assert len(changed) == 1290
+    assert len(changed) == 1306
     flag_not = alt_format(BtfTypes(vmlinux)).flag_not
     assert flag_not == 0x8000  # ALTINSTR_FLAG_INV, in 6.1's u16 cpuid
     assert all(before[at] == flag_not | X86_FEATURE_XENPV and after[at] == X86_FEATURE_XENPV for at in changed)
-    assert sum(1 for word in after.values() if word == flag_not | X86_FEATURE_XENPV) == 923  # the rest stay
+    assert sum(1 for word in after.values() if word == flag_not | X86_FEATURE_XENPV) == 907  # the rest stay
     iret = result.iret_site
     assert iret == symbols["native_irq_return_iret"].address
     text = read_sections(vmlinux)[".text"]
@@ -194,7 +197,8 @@ def test_debian_13s_kallsyms_come_in_6_4s_order(vmlinux_13: bytes) -> None:
     assert vmlinux_13[text.offset + iret - text.address :][:2] == b"\x48\xcf"  # where kallsyms says: an IRETQ
     natives = {"save_fl": "pv_native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "pv_native_safe_halt", "halt": "native_halt",
-               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}
+               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index",
+               "read_cr2": "pv_native_read_cr2", "write_cr3": "native_write_cr3"}
     for name, address in pv_slots(symbols, BtfTypes(vmlinux_13)).items():  # BTF, kallsyms and the data agree
         assert read_u64(vmlinux_13, address) == symbols[natives[name]].address, name
 
@@ -207,14 +211,15 @@ def test_debian_13s_pv_ops_sites_are_found_among_its_alternatives(vmlinux_13: by
     fmt = alt_format(BtfTypes(vmlinux_13))
     assert (fmt.size, fmt.width, fmt.flag_not, fmt.flag_direct_call) == (14, 4, 1 << 16, 2 << 16)
     result = paravirtualize(vmlinux_13, pv_functions())
-    assert (result.sites, result.cpu_sites, result.alternatives, result.cx16_sites) == (1513, 400, 1505, 13)
+    assert (result.sites, result.cpu_sites, result.mmu_sites, result.cx16_sites) == (1513, 400, 17, 13)
+    assert result.alternatives == 1505 + 17  # the irq sites' and every mmu site's
     words = {}
     section = read_sections(vmlinux_13)[".altinstructions"]
     for image in (vmlinux_13, result.vmlinux):
         words[image is vmlinux_13] = [struct.unpack_from("<I", image, at + fmt.feature)[0]
                                       for at in range(section.offset, section.offset + section.size, fmt.size)]
     changed = [(a, b) for a, b in zip(words[True], words[False]) if a != b]
-    assert len(changed) == 1505 and set(changed) == {(fmt.flag_not | X86_FEATURE_XENPV, X86_FEATURE_XENPV)}
+    assert len(changed) == 1522 and set(changed) == {(fmt.flag_not | X86_FEATURE_XENPV, X86_FEATURE_XENPV)}
     symbols = kallsyms(vmlinux_13)
     emulation = symbols["this_cpu_cmpxchg16b_emu"].address
     assert text_calls(vmlinux_13, emulation) == 13 and text_calls(result.vmlinux, emulation) == 0
@@ -255,7 +260,8 @@ def test_debian_14s_kallsyms_are_place_relative(vmlinux_14: bytes) -> None:
     assert vmlinux_14[text.offset + iret - text.address :][:2] == b"\x48\xcf"
     natives = {"save_fl": "pv_native_save_fl", "irq_disable": "pv_native_irq_disable",
                "irq_enable": "pv_native_irq_enable", "safe_halt": "pv_native_safe_halt", "halt": "native_halt",
-               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index"}
+               "write_msr": "native_write_msr", "load_gs_index": "native_load_gs_index",
+               "read_cr2": "pv_native_read_cr2", "write_cr3": "pv_native_write_cr3"}
     for name, address in pv_slots(symbols, BtfTypes(vmlinux_14)).items():  # BTF, kallsyms and the data agree
         assert read_u64(vmlinux_14, address) == symbols[natives[name]].address, name
 
@@ -283,10 +289,11 @@ def test_each_kernels_write_msr_gets_the_monitors_function_of_its_form(vmlinux: 
 
 def test_debian_14s_pv_ops_are_pointed_and_its_iretq_made_to_trap(vmlinux_14: bytes) -> None:
     """7.2's pv_ops sites are alternatives as 6.12's; it has no CMPXCHG16B emulation to replace.
-    (Debian's testing moves on: 7.2.12 had 1,703 irq sites, 1,695 of them with a native alternative, and
-    438 cpu ones; the test asks for the shape, not those numbers.)"""
+    (Debian's testing moves on: 7.2.12 had 1,703 irq sites, 1,695 of them with a native alternative,
+    438 cpu ones and 19 mmu ones, each of those with one; the test asks for the shape, not those numbers.)"""
     result = paravirtualize(vmlinux_14, pv_functions())
-    assert result.sites > 1000 and result.sites - 20 <= result.alternatives <= result.sites, result
+    assert result.sites > 1000 and 10 <= result.mmu_sites <= 40, result
+    assert result.sites - 20 <= result.alternatives - result.mmu_sites <= result.sites, result
     assert result.cpu_sites > 300 and result.cx16_sites == 0, result
     symbols = kallsyms(vmlinux_14)
     assert result.iret_site == symbols["native_irq_return_iret"].address

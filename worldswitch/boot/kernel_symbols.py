@@ -351,13 +351,14 @@ class BtfTypes:
 
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
 PV_CPU_OPS = ("write_msr", "load_gs_index")
-PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS}  # pv_ops's groups, and the members of each a VMM may point
+PV_MMU_OPS = ("read_cr2", "write_cr3")
+PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS, "mmu": PV_MMU_OPS}  # pv_ops's groups, and the members of each a VMM may point
 
 
 def pv_slots(symbols: dict[str, Symbol], types: BtfTypes) -> dict[str, int]:
     """The addresses (as linked) of the function pointers in pv_ops that PV_OPS names, by member name
     (unique across the groups), from a kernel's symbols and types: where a VMM points a PARAVIRT_XXL
-    kernel's interrupt flag and MSR writes at its own code before the kernel runs."""
+    kernel's interrupt flag, MSR writes, CR2 reads and CR3 loads at its own code before the kernel runs."""
     if "pv_ops" not in symbols:
         raise GuestImageError("the kernel has no pv_ops (is it built with CONFIG_PARAVIRT?)")
     _size, template = types.struct("paravirt_patch_template")

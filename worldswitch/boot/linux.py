@@ -257,10 +257,10 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
 
     paravirtualized = paravirtualize(vmlinux, pv_ops)
     iret_site = paravirtualized.iret_site
-    notes.append(f"pointed pv_ops.irq at the monitor: {paravirtualized.sites} call sites stay calls, "
-                 f"{paravirtualized.alternatives} native alternatives over them disarmed; pv_ops.cpu.write_msr "
-                 f"and load_gs_index too ({paravirtualized.cpu_sites} call sites); its IRETQ to user mode at {iret_site:#x} "
-                 "made a UD2")
+    notes.append(f"pointed pv_ops at the monitor: irq ({paravirtualized.sites} call sites, each kept a call), "
+                 f"cpu.write_msr and load_gs_index ({paravirtualized.cpu_sites}), mmu.read_cr2 and write_cr3 "
+                 f"({paravirtualized.mmu_sites}); {paravirtualized.alternatives} native alternatives over the irq and mmu "
+                 f"calls disarmed; its IRETQ to user mode at {iret_site:#x} made a UD2")
     if paravirtualized.kernel_return_site is not None:
         notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} (early_xen_iret_patch) pointed "
                      "at the monitor")

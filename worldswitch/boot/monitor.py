@@ -28,13 +28,14 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
             "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate",
-            "held_gate")
+            "held_gate", "cr3_gate")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
-# pv_ops.cpu.write_msr and pv_ops.cpu.load_gs_index, and its IRETQ to itself ("iret"), at PV_BASE
-# in its kernel's address space (boot/paravirt.py points the kernel there).
+# pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, and its IRETQ to itself
+# ("iret"), at PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
-PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "safe_halt": 0x80, "halt": 0xA0,
-                "write_msr": 0xC0, "load_gs_index": 0x100, "write_msr_u64": 0x140, "iret": 0x160}
+PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_cr2": 0x60, "write_cr3": 0x70,
+                "safe_halt": 0x80, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100, "write_msr_u64": 0x140,
+                "iret": 0x160}
 # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
 # site, the end of RAM above 4 GiB and the page directories that map it for the monitor
 _HANDOFF = struct.Struct("<17Q")

@@ -2,9 +2,11 @@
 (docs/monitor.md, stage 2), before it runs: its interrupt flag goes to the monitor's functions,
 since its kernel runs in ring 3, where PUSHF, POPF, CLI and STI cannot show or change the real IF
 without a trap; so do its MSR writes (`pv_ops.cpu.write_msr`: the FS base at every context switch,
-which the monitor writes with one trip into ring 0 instead of a trap and a call) and its user GS loads
-(`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead); its
-one IRETQ to user mode is made to trap, its return to itself goes to the monitor, which does it
+which the monitor writes with one trip into ring 0 instead of a trap and a call), its user GS loads
+(`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead), and its
+CR2 reads and CR3 loads (`pv_ops.mmu.read_cr2`, at every page fault, and `write_cr3`, at every
+context switch: each MOV a trap, where the monitor's functions take none); its one IRETQ to user mode
+is made to trap, its return to itself goes to the monitor, which does it
 without a trap, and an AMD CPU's SS load at a context switch, a trap that changes nothing there,
 goes (see paravirtualize).
 
@@ -18,9 +20,10 @@ irq_disable, irq_enable, safe_halt, halt). Its boot decides what each call site 
    RIP-relative memory becomes a direct call to where that memory points), and the slot is found
    from the instruction.
 2. `.altinstructions` (struct alt_instr): apply_alternatives() puts the native instruction
-   (`cli`, `sti`, `pushf; pop %rax`) over an irq call unless the CPU has X86_FEATURE_XENPV. Each of
-   those alternatives is marked ALT_NOT(X86_FEATURE_XENPV); here its "not" goes, so that it
-   applies only on a CPU with XENPV, a flag only Linux's Xen PV start-up sets. The call stays.
+   (`cli`, `sti`, `pushf; pop %rax`; `mov %cr2, %rax`, `mov %rdi, %cr3`) over an irq or mmu call
+   unless the CPU has X86_FEATURE_XENPV. Each of those alternatives is marked
+   ALT_NOT(X86_FEATURE_XENPV); here its "not" goes, so that it applies only on a CPU with XENPV, a
+   flag only Linux's Xen PV start-up sets. The call stays.
    struct alt_instr's feature word is a u16 up to 6.2 (ALTINSTR_FLAG_INV its top bit), and a u32
    from 6.3 on (ft_flags: the feature, and flags from bit 16 up).
 Both layouts come from the kernel's own BTF; its symbols from its kallsyms (kernel_symbols.py).
@@ -33,7 +36,7 @@ from typing import Callable, NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
-from .kernel_symbols import PV_IRQ_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsyms, pv_slots
+from .kernel_symbols import PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsyms, pv_slots
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
@@ -113,7 +116,8 @@ class Paravirtualized(NamedTuple):
     vmlinux: bytes
     sites: int  # pv_ops.irq call sites that stay calls to the new functions
     cpu_sites: int  # pv_ops.cpu.write_msr and load_gs_index call sites
-    alternatives: int  # native replacements taken away from them
+    mmu_sites: int  # pv_ops.mmu.read_cr2 and write_cr3 call sites
+    alternatives: int  # native replacements taken away from the irq and mmu sites
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
     kernel_return_site: int | None  # early_xen_iret_patch, now a jump to the monitor's; None if it has none
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
@@ -121,9 +125,10 @@ class Paravirtualized(NamedTuple):
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
-    """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots and
-    pv_ops.cpu.write_msr and load_gs_index holding `functions` (by member name), every call site of
-    them kept a call (the native alternatives over the irq ones disarmed), its IRETQ to user mode a
+    """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots,
+    pv_ops.cpu.write_msr and load_gs_index and pv_ops.mmu.read_cr2 and write_cr3 holding `functions`
+    (by member name), every call site of them kept a call (the native alternatives over the irq and
+    mmu ones disarmed), its IRETQ to user mode a
     UD2, its return to itself a jump to `functions[KERNEL_RETURN]`, an AMD CPU's SS load in
     `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the instruction."""
     names = [name for group in PV_OPS.values() for name in group]
@@ -158,7 +163,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     else:
         ops = _direct_call_sites(vmlinux, alternatives, fmt, slots, file_offset)
     sites = {instruction for instruction, op in ops.items() if op in PV_IRQ_OPS}
-    cpu_sites = set(ops) - sites
+    mmu_sites = {instruction for instruction, op in ops.items() if op in PV_MMU_OPS}
+    cpu_sites = set(ops) - sites - mmu_sites
     armed = fmt.flag_not | X86_FEATURE_XENPV
     disarmed = 0
     for alternative in alternatives:
@@ -167,11 +173,11 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
             continue  # the site's own alternative: its call made direct
         if instruction in cpu_sites:  # nothing would put the native code back over these: keep it so
             raise GuestImageError(f"the kernel has an alternative at the pv_ops.cpu call {instruction:#x}")
-        if instruction not in sites:
+        if instruction not in sites and instruction not in mmu_sites:
             continue
         if feature != armed:
-            raise GuestImageError(f"the kernel's alternative at the pv_ops.irq call {instruction:#x} is for feature "
-                                  f"{feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
+            raise GuestImageError(f"the kernel's alternative at the pv_ops.{ops[instruction]} call {instruction:#x} is "
+                                  f"for feature {feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
         struct.pack_into(fmt.word, image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
         disarmed += 1
     # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
@@ -192,8 +198,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         at = file_offset(ss_load_site, length)
         image[at : at + length] = NOPS[length]
     cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
-    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), disarmed, iret_site, kernel_return_site,
-                           ss_load_site, cx16_sites)
+    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), len(mmu_sites), disarmed, iret_site,
+                           kernel_return_site, ss_load_site, cx16_sites)
 
 
 def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site: int, target: int,

@@ -357,6 +357,33 @@ gs_gate_return:
     ret
 gs_gate_end:
 
+/* pv_ops.mmu.write_cr3(u64 cr3), from the guest's kernel (the pv page jumps here): the CR3 load its
+ * MOV would have trapped for, done by the body's C in the kernel's ring 3 as a function call (as
+ * traps, a context switch's each, they were most of a boot's events). Here, not in the pv page,
+ * so that an interrupt while it runs is ring 0's to hold (own_event), as one in the body is, not an
+ * event of the kernel's. On a stack of the monitor's: a new address space's shadow does not map the
+ * kernel's stack yet, and the monitor's own access to it would be filled by ring 0, emulated; so
+ * after the load the kernel's stack is not touched here (the return address is taken first). An
+ * interrupt held from cr3_gate_look on sends the kernel back there (own_event), so that where its
+ * virtual IF is set irq_enable delivers what was held before the kernel goes on. */
+    .globl cr3_gate, cr3_gate_look, cr3_gate_end
+cr3_gate:
+    popq %rsi                           /* the return address (RSI is the callee's to lose) */
+    leaq cr3_gate_stack_top(%rip), %rax
+    movq %rsp, -8(%rax)                 /* the kernel's RSP as the return leaves it */
+    movq %rsi, -16(%rax)
+    leaq -16(%rax), %rsp                /* 16-byte aligned, as a call wants */
+    call monitor_cr3_gate
+    movq (%rsp), %rsi
+    movq 8(%rsp), %rsp
+cr3_gate_look:
+    cmpq $0, virtual_if(%rip)
+    jne 1f
+    jmp *%rsi
+1:  movabsq $(PV_BASE + pv_cr3_held - pv_page), %rax
+    jmp *%rax
+cr3_gate_end:
+
 /* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
  * shadow the guest was on: a user process's shows it this page alone of the monitor's. So the gate
  * is one int3, into ring 0 (syscall_entry). */
@@ -425,6 +452,13 @@ pv_irq_enable:
     jne 1f
     ret
 1:  jmp pv_deliver_held
+    .org pv_page + PV_READ_CR2, 0xcc   /* the guest's CR2, which the body set at its page fault */
+    movabsq $guest_cr2, %rax
+    movq (%rax), %rax
+    ret
+    .org pv_page + PV_WRITE_CR3, 0xcc
+    movabsq $cr3_gate, %rax
+    jmp *%rax
     .org pv_page + PV_SAFE_HALT, 0xcc
     sti                                 /* the monitor takes STI; HLT as one: no wake-up lost between */
     hlt
@@ -620,6 +654,12 @@ pv_deliver_held:
 8:  pv_held_scratch_restore
     leaq 96(%rsp), %rsp
     jmp pv_irq_enable
+/* cr3_gate's way back with its virtual IF set: the return address back on the kernel's stack (a
+ * fault on it here is the kernel's event), and irq_enable, which delivers what was held, if anything,
+ * and returns. */
+pv_cr3_held:
+    pushq %rsi
+    jmp pv_irq_enable
     .balign 4096, 0xcc                  /* int3 between and after them */
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler
@@ -690,6 +730,8 @@ event_stacks:
     .skip EVENT_STACK_SIZE
 monitor_stack_top:                      /* the first; the VMM's entry runs on it too */
     .skip EVENT_STACK_SIZE
+    .skip 4096                          /* cr3_gate's: the body's C, called from the kernel */
+cr3_gate_stack_top:
     .align 8
 body_frame:                             /* the event the body handles: its struct trap_frame */
     .skip 8

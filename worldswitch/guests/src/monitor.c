@@ -147,7 +147,7 @@ int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
 extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[], gs_gate[], gs_gate_end[];
-extern char gs_load_at[], gs_load_refused[];
+extern char gs_load_at[], gs_load_refused[], cr3_gate_look[], cr3_gate_end[];
 void halt_forever(void) __attribute__((noreturn));
 void triple_fault(void) __attribute__((noreturn));
 u64 ring0_call(u64 service, u64 a, u64 b);
@@ -195,11 +195,14 @@ u64 kernel_cs_view = ~0ul, kernel_ss_view = ~0ul;
 /* The guest's IDTR, as its LIDT set it: the pv page's delivery of a held interrupt reads it too. */
 struct { u64 base, limit; } guest_idt;
 
+/* The guest's CR2, as its page faults set it: the pv page's read_cr2 reads it too. */
+u64 guest_cr2;
+
 /* The rest of the guest's virtual CPU state. */
 static struct {
     int user;         /* the mode it runs in now */
     u64 user_iopl;    /* its user mode's RFLAGS.IOPL bits, as its kernel's IRETQ or SYSRETQ set them */
-    u64 cr0, cr2, cr3, cr4;
+    u64 cr0, cr3, cr4;
     u64 dr[8];        /* its debug registers, kept here: the real ones stay the monitor's (unused) */
     u64 gdt_base, gdt_limit, tr, tss_base, tss_limit;
     u64 star, lstar, cstar, sfmask; /* SYSCALL's MSRs as the guest wrote them (the real LSTAR is the gate) */
@@ -985,7 +988,7 @@ static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 
 {
     count(COUNT_EXCEPTIONS);
     if (fault == 14) { /* a page fault in the delivery's own access */
-        guest.cr2 = refused_access.address;
+        guest_cr2 = refused_access.address;
         code = refused_access.code;
     }
     if (vector == 8)
@@ -994,7 +997,7 @@ static void deliver_failed(struct trap_frame *frame, u64 vector, u64 fault, u64 
         handoff.failed_vector = vector;
         handoff.failed_fault = fault;
         handoff.failed_rip = frame->rip;
-        handoff.failed_cr2 = guest.cr2;
+        handoff.failed_cr2 = guest_cr2;
     }
     failing++;
     if (vector == 0 || (vector >= 10 && vector <= 14))
@@ -1223,7 +1226,7 @@ static void write_cr(int cr, u64 value)
         guest.cr0 = value;
         return;
     case 2:
-        guest.cr2 = value;
+        guest_cr2 = value;
         return;
     case 3:
         load_guest_tables(value);
@@ -1247,7 +1250,7 @@ static int read_cr(int cr, u64 *value)
 {
     switch (cr) {
     case 0: *value = guest.cr0; return 1;
-    case 2: *value = guest.cr2; return 1;
+    case 2: *value = guest_cr2; return 1;
     case 3: *value = guest.cr3; return 1;
     case 4: *value = guest.cr4; return 1;
     case 8: *value = privileged(SERVICE_READ_CR8, 0, 0); return 1;
@@ -1468,14 +1471,14 @@ static int store_for_guest(struct trap_frame *frame, u64 address, const void *va
             u64 at = page < address ? address : page;
             int mapped = walk(at, &t);
             if (!mapped || !allowed(&t, PF_USER | PF_WRITE)) {
-                guest.cr2 = at;
+                guest_cr2 = at;
                 deliver(frame, 14, 1, PF_USER | PF_WRITE | (mapped ? PF_PRESENT : 0));
                 return 1;
             }
         }
     }
     if (try_write_guest(address, value, length)) {
-        guest.cr2 = refused_access.address;
+        guest_cr2 = refused_access.address;
         deliver(frame, 14, 1, refused_access.code);
         return 1;
     }
@@ -1823,6 +1826,14 @@ static int unfence_ports(struct trap_frame *frame)
     return 1;
 }
 
+/* pv_ops.mmu.write_cr3, from the guest's kernel through cr3_gate (monitor.S): its MOV to CR3,
+ * without the trap. */
+void monitor_cr3_gate(u64 cr3)
+{
+    count(COUNT_CR3_GATE);
+    load_guest_tables(cr3);
+}
+
 /* ---- ring 0's events ---------------------------------------------------------------------------- */
 
 /* An event while the monitor itself ran, in its body or in a ring-0 service: an interrupt (held for
@@ -1839,6 +1850,8 @@ static void own_event(struct trap_frame *frame)
             frame->rip = PV_BASE + PV_WRITE_MSR_TRAP; /* its kernel's write again, through a trap: its event delivers */
         else if (frame->rip >= (u64)gs_gate && frame->rip < (u64)gs_gate_end)
             frame->rip = PV_BASE + PV_LOAD_GS_INDEX_AGAIN; /* a trap to deliver it, then the gate again */
+        else if (frame->rip >= (u64)cr3_gate_look && frame->rip < (u64)cr3_gate_end)
+            frame->rip = (u64)cr3_gate_look; /* past its look at the virtual IF: look again */
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)gs_load_at) {
@@ -1915,7 +1928,7 @@ void monitor_event(struct trap_frame *frame)
         u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
             count(COUNT_EXCEPTIONS);
-            guest.cr2 = address;
+            guest_cr2 = address;
             deliver(frame, 14, 1, code);
         }
     } else if (vector == 6 && !guest.user && frame->rip == handoff.guest_iret_site && handoff.guest_iret_site) {

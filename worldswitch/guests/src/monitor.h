@@ -20,8 +20,9 @@
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
- * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index) and IRETQ to itself,
- * which the VMM points the kernel at before it runs (boot/paravirt.py).
+ * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index), CR2 reads and CR3 loads
+ * (pv_ops.mmu.read_cr2 and write_cr3) and IRETQ to itself, which the VMM points the kernel at before
+ * it runs (boot/paravirt.py).
  * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
@@ -29,6 +30,8 @@
 #define PV_SAVE_FL 0x00      /* offsets in the page: keep in step with boot/monitor.py PV_FUNCTIONS */
 #define PV_IRQ_DISABLE 0x20
 #define PV_IRQ_ENABLE 0x40
+#define PV_READ_CR2 0x60
+#define PV_WRITE_CR3 0x70
 #define PV_SAFE_HALT 0x80
 #define PV_HALT 0xa0
 #define PV_WRITE_MSR 0xc0
@@ -129,6 +132,7 @@ enum {
     COUNT_IRETQ_AT_SWAPGS, /* of the IRETQs, those to user mode emulated at the SWAPGS before them */
     COUNT_IRETQ_GATE,  /* its kernel's IRETQs to itself done in the pv page, natively (pv_iret), not counted as IRETQs */
     COUNT_HELD_GATE,   /* of the interrupts, those held that irq_enable delivered in the pv page, natively (pv_deliver_held) */
+    COUNT_CR3_GATE,    /* its kernel's CR3 loads through pv_ops.mmu.write_cr3 (cr3_gate), without a trap; not counted as MOV CRs */
     COUNT_KINDS
 };
 
