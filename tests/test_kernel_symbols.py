@@ -149,10 +149,11 @@ def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_eve
     assert text_calls(vmlinux, emulation) == 7 and text_calls(result.vmlinux, emulation) == 0
     exchange = CMPXCHG16B_GS + b"\x0f\x0f\x94\xc0"  # CMPXCHG16B %gs:(%rdi); SETZ %al
     assert result.vmlinux.count(exchange) == vmlinux.count(exchange) + 7
-    # nothing else in the image moved: 7 slots of 8 bytes, 1290 feature words, the IRETQ's and the MOV's 2
-    # bytes each, and the 7 sites' 8 bytes
+    # nothing else in the image moved: 9 slots of 8 bytes, 1306 feature words, the IRETQ's and the MOV's 2
+    # bytes each, the 7 sites' 8 bytes, the return to itself's displacement (4), and the return from
+    # a system call's SWAPGS (3) and the jump after its SYSRETQ (5)
     differing = sum(1 for a, b in zip(vmlinux, result.vmlinux) if a != b)
-    assert differing <= 7 * 8 + 1290 + 2 + 2 + 7 * 8
+    assert differing <= 9 * 8 + 1306 + 2 + 2 + 7 * 8 + 4 + 3 + 5
 
 
 def test_a_cx16_alternative_through_r8_to_r15_is_applied_and_any_other_code_refused(vmlinux: bytes) -> None:
@@ -335,6 +336,35 @@ def test_a_kernel_whose_return_to_itself_is_no_jump_is_refused_in_one_line(vmlin
     damaged = bytearray(vmlinux)
     damaged[text.offset + kallsyms(vmlinux)["early_xen_iret_patch"].address - text.address] = 0x90
     with pytest.raises(GuestImageError, match="early_xen_iret_patch at 0x[0-9a-f]+ is not a jump to its IRETQ"):
+        paravirtualize(bytes(damaged), pv_functions())
+
+
+@pytest.mark.parametrize("release", [None, DEBIAN_13, DEBIAN_14], ids=["debian-12", "debian-13", "debian-14"])
+def test_each_kernels_return_from_a_system_call_jumps_to_the_monitor_past_its_sysretq(
+        release: str | None, vmlinux: bytes, vmlinux_13: bytes, vmlinux_14: bytes) -> None:
+    """entry_SYSRETQ_unsafe_stack's SWAPGS becomes a short jump (and an INT3) to the INT3 and padding
+    after the SYSRETQ, and they a jump to the pv page's PV_SYSRET; the bytes between, where the
+    kernel's CLEAR_CPU_BUFFERS alternative puts a VERW or not at boot, stay as they were, and so
+    does the SYSRETQ."""
+    image = {None: vmlinux, DEBIAN_13: vmlinux_13, DEBIAN_14: vmlinux_14}[release]
+    symbols = kallsyms(image)
+    site, end = symbols["entry_SYSRETQ_unsafe_stack"].address, symbols["entry_SYSRETQ_end"].address
+    result = paravirtualize(image, pv_functions())
+    assert result.sysret_site == site
+    text = read_sections(image)[".text"]
+    at, at_end = text.offset + site - text.address, text.offset + end - text.address
+    assert image[at : at + 3] == b"\x0f\x01\xf8" and image[at_end - 3 : at_end + 1] == b"\x48\x0f\x07\xcc"
+    assert result.vmlinux[at : at + 3] == bytes([0xEB, end - site - 2, 0xCC])
+    assert result.vmlinux[at + 3 : at_end] == image[at + 3 : at_end]  # CLEAR_CPU_BUFFERS and the SYSRETQ
+    assert result.vmlinux[at_end] == 0xE9
+    assert end + 5 + struct.unpack_from("<i", result.vmlinux, at_end + 1)[0] == pv_functions()["sysret"] == PV_BASE + 0x90
+
+
+def test_a_kernel_whose_return_from_a_system_call_is_no_swapgs_is_refused_in_one_line(vmlinux: bytes) -> None:
+    text = read_sections(vmlinux)[".text"]
+    damaged = bytearray(vmlinux)
+    damaged[text.offset + kallsyms(vmlinux)["entry_SYSRETQ_end"].address - text.address] = 0x90  # not the INT3
+    with pytest.raises(GuestImageError, match="entry_SYSRETQ_unsafe_stack at 0x[0-9a-f]+ is not a SWAPGS, then a SYSRETQ"):
         paravirtualize(bytes(damaged), pv_functions())
 
 

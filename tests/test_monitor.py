@@ -657,6 +657,8 @@ def test_debians_kernel_boots_under_the_monitor_to_its_shell_commands_and_powers
     # and from control registers left are 130 to 340 (18,300 to 26,300 before, its page faults' CR2
     # reads among them)
     assert stats.monitor["cr3_gate"] >= 1_000 and stats.monitor["mov_cr"] < 2_000, stats.monitor
+    # and its returns from system calls through sysret_gate, without the SWAPGS's trap: all of them
+    assert stats.monitor["sysret_gate"] == stats.monitor["sysret"] > 100, stats.monitor
     # where the kernel's code ran: 0.8 million instructions emulated for the whole boot; 15 million while
     # the body, sent back by an interrupt in its exit window, worked on the user mode's shadow
     assert emulated(stats) < 5_000_000, (emulated(stats), stats.monitor)

@@ -55,6 +55,7 @@ class LinuxBoot:
     decompress_s: float = 0.0  # host decompression time, when the vmlinux came from a bzImage
     notes: list[str] = field(default_factory=list)
     iret_site: int = 0  # its IRETQ to user mode, made a UD2 for the monitor (paravirt.py); 0 if untouched
+    sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
 
 
 def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
@@ -200,7 +201,7 @@ def load_linux(
         raise ConfigError("the kernel command line is too long for the space below the VMM's stack")
 
     decompress_s = 0.0
-    iret_site = 0
+    iret_site = sysret_site = 0
     compression = bz.compression if bz is not None else "none"
     mode = choose_decompression(decompress, kernel_code_emulated) if bz is not None else "host"
     if bz is not None and mode == "host":
@@ -216,7 +217,7 @@ def load_linux(
     if pv_ops is not None:
         if not vmlinux:
             raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
-        vmlinux, iret_site = _paravirtualize(vmlinux, pv_ops, notes)
+        vmlinux, iret_site, sysret_site = _paravirtualize(vmlinux, pv_ops, notes)
 
     if vmlinux:
         kernel_range, entry = _load_vmlinux(memory, memory_map, vmlinux, kernel_name, [])
@@ -248,11 +249,12 @@ def load_linux(
     memory.write(ZERO_PAGE, bytes(params))
     version = bz.version_string if bz is not None else ""
     return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes,
-                     iret_site)
+                     iret_site, sysret_site)
 
 
-def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int]:
-    """The vmlinux made ready for the in-guest monitor (paravirt.py), and its IRETQ site."""
+def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int, int]:
+    """The vmlinux made ready for the in-guest monitor (paravirt.py), its IRETQ site, and its SWAPGS
+    before SYSRETQ (0 if it was left to trap)."""
     from .paravirt import paravirtualize
 
     paravirtualized = paravirtualize(vmlinux, pv_ops)
@@ -266,10 +268,15 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
                      "at the monitor")
     else:
         notes.append("its returns to itself trap at the IRETQ (the kernel has no early_xen_iret_patch)")
+    if paravirtualized.sysret_site is not None:
+        notes.append(f"its return from a system call at {paravirtualized.sysret_site:#x} (entry_SYSRETQ_unsafe_stack) "
+                     "pointed at the monitor")
+    else:
+        notes.append("its returns from system calls trap at the SWAPGS (the kernel has no entry_SYSRETQ_unsafe_stack)")
     if paravirtualized.ss_load_site is not None:
         notes.append(f"__switch_to's load of SS at {paravirtualized.ss_load_site:#x} made a NOP (an AMD CPU's, "
                      "a trap that changes nothing deprivileged)")
-    return paravirtualized.vmlinux, iret_site
+    return paravirtualized.vmlinux, iret_site, paravirtualized.sysret_site or 0
 
 
 def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, name: str,
@@ -351,11 +358,11 @@ def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, 
     vmlinux = extract_vmlinux(bz)
     decompress_s = time.perf_counter() - started
     notes.append(f"decompressed its {bz.compression} payload on the host in {decompress_s * 1000:.0f} ms")
-    vmlinux, iret_site = _paravirtualize(vmlinux, pv_ops, notes)
+    vmlinux, iret_site, sysret_site = _paravirtualize(vmlinux, pv_ops, notes)
 
     kernel_range, startup_64 = _load_vmlinux(memory, memory_map, vmlinux, name, [initrd] if initrd else [])
     memory.write(CMDLINE_ADDR, cmdline + b"\0")
     header.cmd_line_ptr, params.ext_cmd_line_ptr = CMDLINE_ADDR, 0
     memory.write(ZERO_PAGE, bytes(params))
     return LinuxBoot("vmlinux", startup_64, ZERO_PAGE, kernel_range, initrd, cmdline.decode(errors="replace"), "",
-                     bz.compression, decompress_s, notes, iret_site)
+                     bz.compression, decompress_s, notes, iret_site, sysret_site)

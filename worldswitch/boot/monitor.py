@@ -28,17 +28,19 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "wrmsr", "descriptor", "invlpg", "wbinvd", "shadow_fill", "shadow_flush", "syscall", "sysret", "swapgs",
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
             "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate",
-            "held_gate", "cr3_gate")
+            "held_gate", "cr3_gate", "sysret_gate")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
-# pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, and its IRETQ to itself
-# ("iret"), at PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
+# pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, its IRETQ to itself
+# ("iret") and its return from a system call ("sysret"), at PV_BASE in its kernel's address space
+# (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_cr2": 0x60, "write_cr3": 0x70,
-                "safe_halt": 0x80, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100, "write_msr_u64": 0x140,
-                "iret": 0x160}
+                "safe_halt": 0x80, "sysret": 0x90, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100,
+                "write_msr_u64": 0x140, "iret": 0x160}
 # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
-# site, the end of RAM above 4 GiB and the page directories that map it for the monitor
-_HANDOFF = struct.Struct("<17Q")
+# site, the end of RAM above 4 GiB and the page directories that map it for the monitor, the SWAPGS
+# before its SYSRETQ
+_HANDOFF = struct.Struct("<18Q")
 # The monitor's map of guest RAM is the upper half of its PML4 slot (monitor.h DIRECT_BASE): guest
 # RAM must end below 256 GiB. Its page directories for the RAM above 4 GiB are the VMM's, one a GiB,
 # below the boot tables (the monitor would fill them in emulated ring 0).
@@ -55,11 +57,12 @@ class GuestEntry(NamedTuple):
     rsi: int
     rdx: int
     iret_site: int = 0  # a paravirtual Linux's IRETQ to user mode, made a UD2 (paravirt.py); 0 for a program
+    sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
 
 
 def pv_functions() -> dict[str, int]:
     """Where the monitor's functions for a paravirtual Linux are, by name: the pv_ops members
-    (kernel_symbols.PV_OPS) and paravirt.KERNEL_RETURN."""
+    (kernel_symbols.PV_OPS), paravirt.KERNEL_RETURN and paravirt.SYSCALL_RETURN."""
     return {name: PV_BASE + offset for name, offset in PV_FUNCTIONS.items()}
 
 
@@ -171,5 +174,5 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     memory.write(physical_base, _HANDOFF.pack(
         HANDOFF_MAGIC, guest.rip, guest.rsp, guest.rdi, guest.rsi, guest.rdx, guest_limit, physical_base, layout.gdt,
         gdt_limit, layout.selectors.tss, layout.pml4, layout.selectors.kernel_cs, layout.selectors.kernel_ds,
-        guest.iret_site, placement.high_ram_end, high_pd_base if high_pds else 0))
+        guest.iret_site, placement.high_ram_end, high_pd_base if high_pds else 0, guest.sysret_site))
     return MonitorStart(entry, boot_pml4)

@@ -46,13 +46,20 @@ CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 CMPXCHG16B_GS_HIGH = b"\x65\x49\x0f\xc7"  # the same through %r8 to %r15 (REX.WB): Linux 6.2's and 6.5's
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
-JMP_REL32 = 0xE9
+SWAPGS, SYSRETQ, INT3 = b"\x0f\x01\xf8", b"\x48\x0f\x07", 0xCC
+JMP_REL32, JMP_REL8 = 0xE9, 0xEB
 # The monitor's function for the kernel's IRETQ to itself: not a pv_ops member (Linux had
 # pv_ops.cpu.iret until 5.18), but early_xen_iret_patch's jump (see paravirtualize)
 KERNEL_RETURN = "iret"
+# The monitor's function for the kernel's return from a system call, its SWAPGS before SYSRETQ:
+# jumped to from the padding after that SYSRETQ (see paravirtualize)
+SYSCALL_RETURN = "sysret"
 MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
 REX_B = 0x41
-NOPS = {2: b"\x66\x90", 3: b"\x0f\x1f\x00"}  # the SDM's recommended NOPs of those lengths
+# the SDM's recommended NOPs of those lengths
+NOPS = {1: b"\x90", 2: b"\x66\x90", 3: b"\x0f\x1f\x00", 4: b"\x0f\x1f\x40\x00", 5: b"\x0f\x1f\x44\x00\x00",
+        6: b"\x66\x0f\x1f\x44\x00\x00", 7: b"\x0f\x1f\x80\x00\x00\x00\x00",
+        8: b"\x0f\x1f\x84\x00\x00\x00\x00\x00", 9: b"\x66\x0f\x1f\x84\x00\x00\x00\x00\x00"}
 # pv_ops.cpu.write_msr's parameters as BTF names them -> the monitor's function for that form:
 # (msr, low, high) up to Linux 6.12 at least, (msr, value) in 7.2
 WRITE_MSR_FORMS = {("unsigned int", "unsigned int", "unsigned int"): "write_msr",
@@ -120,6 +127,7 @@ class Paravirtualized(NamedTuple):
     alternatives: int  # native replacements taken away from the irq and mmu sites
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
     kernel_return_site: int | None  # early_xen_iret_patch, now a jump to the monitor's; None if it has none
+    sysret_site: int | None  # the SWAPGS before its SYSRETQ, now a jump towards the monitor's; None if it has none
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
     cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
 
@@ -129,11 +137,12 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     pv_ops.cpu.write_msr and load_gs_index and pv_ops.mmu.read_cr2 and write_cr3 holding `functions`
     (by member name), every call site of them kept a call (the native alternatives over the irq and
     mmu ones disarmed), its IRETQ to user mode a
-    UD2, its return to itself a jump to `functions[KERNEL_RETURN]`, an AMD CPU's SS load in
+    UD2, its return to itself a jump to `functions[KERNEL_RETURN]`, its return from a system call a
+    jump to `functions[SYSCALL_RETURN]`, an AMD CPU's SS load in
     `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the instruction."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
-    names.append(KERNEL_RETURN)
+    names += [KERNEL_RETURN, SYSCALL_RETURN]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
@@ -191,6 +200,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
     kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN], file_offset)
+    sysret_site = _point_syscall_return(image, symbols, alternatives, functions[SYSCALL_RETURN], file_offset)
     ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
     ss_load_site = None
     if ss_load is not None:
@@ -199,7 +209,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         image[at : at + length] = NOPS[length]
     cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
     return Paravirtualized(bytes(image), len(sites), len(cpu_sites), len(mmu_sites), disarmed, iret_site,
-                           kernel_return_site, ss_load_site, cx16_sites)
+                           kernel_return_site, sysret_site, ss_load_site, cx16_sites)
 
 
 def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site: int, target: int,
@@ -221,6 +231,41 @@ def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site
     if not -(1 << 31) <= displacement < 1 << 31:
         raise GuestImageError(f"the monitor's return to the kernel at {target:#x} is beyond a jump from {site:#x}")
     struct.pack_into("<i", image, at + 1, displacement)
+    return site
+
+
+def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternatives: list[Alternative], target: int,
+                          file_offset: Callable[[int, int], int]) -> int | None:
+    """The kernel's return from a system call (entry_64.S, from entry_SYSRETQ_unsafe_stack: SWAPGS,
+    CLEAR_CPU_BUFFERS, SYSRETQ; at entry_SYSRETQ_end an INT3, then the padding to the next function)
+    begins with a SWAPGS, which traps deprivileged, and the monitor does that and the SYSRETQ. Here
+    the SWAPGS becomes a short jump to the INT3 and the padding after the SYSRETQ, which no code
+    reaches, and they a jump to `target`, where the monitor does both without that trap (monitor.S
+    sysret_gate). CLEAR_CPU_BUFFERS between (an alternative: the kernel decides at boot whether it is
+    a VERW) stays as the kernel makes it, and the monitor reads it there, as at the trap. The
+    SWAPGS's address, or None for a kernel without those symbols, whose SWAPGS still traps."""
+    if "entry_SYSRETQ_unsafe_stack" not in symbols or "entry_SYSRETQ_end" not in symbols:
+        return None
+    site, end = symbols["entry_SYSRETQ_unsafe_stack"].address, symbols["entry_SYSRETQ_end"].address
+    following = min((symbol.address for symbol in symbols.values() if symbol.address > end), default=end)
+    at, at_end = file_offset(site, len(SWAPGS)), file_offset(end - len(SYSRETQ), following - end + len(SYSRETQ))
+    padding = bytes(image[at_end + len(SYSRETQ) : at_end + len(SYSRETQ) + following - end])
+    if (image[at : at + len(SWAPGS)] != SWAPGS or image[at_end : at_end + len(SYSRETQ)] != SYSRETQ
+            or not 0 < end - (site + 2) < 128 or len(padding) < 5 or padding[0] != INT3
+            or padding[1:] not in (NOPS.get(len(padding) - 1), bytes([INT3]) * (len(padding) - 1))):
+        raise GuestImageError(f"the kernel's entry_SYSRETQ_unsafe_stack at {site:#x} is not a SWAPGS, then a SYSRETQ "
+                              "followed by an INT3 and padding")
+    for alternative in alternatives:
+        patched = alternative.instruction, alternative.instruction + alternative.length
+        if any(start < patched[1] and patched[0] < stop for start, stop in ((site, site + len(SWAPGS)), (end, end + 5))):
+            raise GuestImageError(f"the kernel has an alternative at {alternative.instruction:#x}, over its return from "
+                                  "a system call")
+    displacement = target - (end + 5)
+    if not -(1 << 31) <= displacement < 1 << 31:
+        raise GuestImageError(f"the monitor's return from a system call at {target:#x} is beyond a jump from {end:#x}")
+    image[at : at + len(SWAPGS)] = bytes([JMP_REL8, end - (site + 2), INT3])
+    image[at_end + len(SYSRETQ)] = JMP_REL32
+    struct.pack_into("<i", image, at_end + len(SYSRETQ) + 1, displacement)
     return site
 
 

@@ -372,7 +372,7 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
 
         placement, monitor_image = monitor
         if boot is not None:  # Linux's 64-bit boot protocol: RSI = the zero page
-            guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site)
+            guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
         else:  # a program's entry, with its RAM ending where the monitor's pages begin
             guest = GuestEntry(entry.rip, entry.rsp, entry.args_addr, placement.physical_base, entry.vcpus)
         start = load_monitor(memory, monitor_image, placement, layout, guest)

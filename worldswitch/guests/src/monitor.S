@@ -384,6 +384,27 @@ cr3_gate_look:
     jmp *%rax
 cr3_gate_end:
 
+/* The kernel's return from a system call (entry_SYSRETQ_unsafe_stack: SWAPGS, the VERW its
+ * CLEAR_CPU_BUFFERS may be, SYSRETQ), whose SWAPGS the VMM made a jump to the pv page's PV_SYSRET,
+ * which jumps here with every register the kernel's: its user mode's, RSP, RCX and R11 included. The
+ * SWAPGS's #GP was an event through ring 0; here the body is entered without ring 0, as an event of
+ * its own (SYSRET_EVENT), on the event stack TSS.RSP0 does not name, as from the trampoline: ring 0
+ * takes the body's own events (an interrupt meanwhile, held) on the one it names. The body does what
+ * it did at that #GP, and leaves for user mode through ring 0, as from any event. */
+    .globl sysret_gate
+sysret_gate:
+    movq %rax, sysret_rax(%rip)
+    movq TSS_RSP0(%rip), %rax
+    xorq $EVENT_STACKS_FLIP, %rax       /* the top of the body's stack */
+    movq %rsp, -16(%rax)                /* the frame's RSP */
+    leaq -EVENT_FRAME(%rax), %rsp
+    movq $SYSRET_EVENT, (%rsp)
+    movq $0, 8(%rsp)                    /* the error code; RIP, CS and SS are the body's to set */
+    pushfq
+    popq 32(%rsp)                       /* RFLAGS (popped after RSP is back at the frame) */
+    movq sysret_rax(%rip), %rax
+    jmp body_entry
+
 /* The real LSTAR. This host's KVM leaves a SYSCALL from guest ring 3 in ring 3, at the LSTAR, on the
  * shadow the guest was on: a user process's shows it this page alone of the monitor's. So the gate
  * is one int3, into ring 0 (syscall_entry). */
@@ -463,6 +484,9 @@ pv_irq_enable:
     sti                                 /* the monitor takes STI; HLT as one: no wake-up lost between */
     hlt
     ret
+    .org pv_page + PV_SYSRET, 0xcc      /* every register the kernel's (its user mode's): through memory */
+    jmp *1f(%rip)
+1:  .quad sysret_gate
     .org pv_page + PV_HALT, 0xcc
     hlt
     ret
@@ -734,4 +758,6 @@ monitor_stack_top:                      /* the first; the VMM's entry runs on it
 cr3_gate_stack_top:
     .align 8
 body_frame:                             /* the event the body handles: its struct trap_frame */
+    .skip 8
+sysret_rax:                             /* sysret_gate's one scratch word */
     .skip 8

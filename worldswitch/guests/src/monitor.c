@@ -1445,6 +1445,24 @@ static int emulate_swapgs_return(struct trap_frame *frame, u64 at)
     return 0;
 }
 
+/* The kernel's SWAPGS before its SYSRETQ, reached through sysret_gate (monitor.S; the VMM made the
+ * SWAPGS a jump there): what its #GP did (emulate, emulate_swapgs_return), from the same bytes, which
+ * are the kernel's still after the SWAPGS. The frame's CS and SS are those the kernel runs on, which
+ * ring 3 cannot read here (kernel_cs_view, kernel_ss_view); they count only where the body does not
+ * do the SYSRETQ (a way out it does not know) and the kernel goes on past its SWAPGS, as after that
+ * #GP, to the VERW and the SYSRETQ, which traps. */
+static void emulate_sysret_gate(struct trap_frame *frame)
+{
+    count(COUNT_SYSRET_GATE);
+    count(COUNT_SWAPGS);
+    frame->rip = handoff.guest_sysret_site;
+    frame->cs = kernel_cs_view == ~0ul ? LOADED_CS : kernel_cs_view | 3;
+    frame->ss = kernel_ss_view ? kernel_ss_view | 3 : NULL_SS;
+    pending_swapgs ^= 1;
+    if (!emulate_swapgs_return(frame, frame->rip + 3))
+        frame->rip += 3; /* past the SWAPGS */
+}
+
 /* A segment selector operand (LTR, LLDT, MOV to a segment register): the register's low 16 bits,
  * or the word at `address` (decode_modrm's) in memory. */
 static u16 selector_operand(struct trap_frame *frame, const struct instruction *insn, u64 address)
@@ -1910,8 +1928,9 @@ void monitor_ring0_event(struct trap_frame *frame)
 void monitor_event(struct trap_frame *frame)
 {
     open_ports(); /* the body's own: its reports are port I/O */
-    count(COUNT_EVENTS);
     u64 vector = frame->vector;
+    if (vector != SYSRET_EVENT)
+        count(COUNT_EVENTS);
     int syscall = vector == SYSCALL_EVENT;
     guest.user = syscall || user_root_loaded == LEFT_USER_ROOT; /* not CS: its user mode could load others */
     user_root_loaded = ON_KERNEL_ROOT;
@@ -1919,6 +1938,8 @@ void monitor_event(struct trap_frame *frame)
     if (syscall) {
         count(COUNT_SYSCALL);
         emulate_syscall(frame);
+    } else if (vector == SYSRET_EVENT) {
+        emulate_sysret_gate(frame);
     } else if ((vector == 13 || (user_cs_absent && !guest.user)) && emulate(frame)) {
         /* emulated; a held interrupt the guest now takes is delivered on the way out */
     } else if (vector == 13 && guest.user && unfence_ports(frame)) {

@@ -21,8 +21,8 @@
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
  * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index), CR2 reads and CR3 loads
- * (pv_ops.mmu.read_cr2 and write_cr3) and IRETQ to itself, which the VMM points the kernel at before
- * it runs (boot/paravirt.py).
+ * (pv_ops.mmu.read_cr2 and write_cr3), IRETQ to itself and return from a system call, which the VMM
+ * points the kernel at before it runs (boot/paravirt.py).
  * One page of the monitor's, mapped read-only at PV_BASE in its kernel's shadows: the top 2 MiB of the
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
@@ -32,6 +32,7 @@
 #define PV_IRQ_ENABLE 0x40
 #define PV_READ_CR2 0x60
 #define PV_WRITE_CR3 0x70
+#define PV_SYSRET 0x90 /* the kernel's return from a system call, jumped to from its SWAPGS (boot/paravirt.py) */
 #define PV_SAFE_HALT 0x80
 #define PV_HALT 0xa0
 #define PV_WRITE_MSR 0xc0
@@ -50,19 +51,21 @@
 #define MSR_FS_BASE 0xc0000100u
 #define MSR_KERNEL_GS_BASE 0xc0000102u /* GS_BASE, 0xc0000101, between them */
 #define MSR_TSC_DEADLINE 0x6e0u
-#define HANDOFF_MSR_GATE_COUNT (8 * (17 + 27))
+#define HANDOFF_MSR_GATE_COUNT (8 * (18 + 27))
 /* The x2APIC's EOI register, which general_protection_entry writes at once (monitor.S) with the TSC
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
-#define HANDOFF_WRMSR_RING0_COUNT (8 * (17 + 28))
+#define HANDOFF_WRMSR_RING0_COUNT (8 * (18 + 28))
 /* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]), and
  * pv_deliver_held the held interrupts it delivers (COUNT_INTERRUPTS, COUNT_HELD_GATE). */
-#define HANDOFF_IRETQ_GATE_COUNT (8 * (17 + 30))
-#define HANDOFF_INTERRUPTS_COUNT (8 * (17 + 2))
-#define HANDOFF_HELD_GATE_COUNT (8 * (17 + 31))
+#define HANDOFF_IRETQ_GATE_COUNT (8 * (18 + 30))
+#define HANDOFF_INTERRUPTS_COUNT (8 * (18 + 2))
+#define HANDOFF_HELD_GATE_COUNT (8 * (18 + 31))
 
-/* The vector monitor_event sees for a SYSCALL (syscall_gate): above the CPU's 256. */
+/* The vectors monitor_event sees for a SYSCALL (syscall_gate) and for the kernel's return from one
+ * (sysret_gate): above the CPU's 256. */
 #define SYSCALL_EVENT 256
+#define SYSRET_EVENT 257
 
 /* Which shadow the CPU is on (user_root_loaded): the kernel's, the user mode's, or the kernel's
  * again, loaded by the trampoline at an event from user mode, until the body has seen it. Whether
@@ -110,7 +113,7 @@
 /* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with
  * boot/monitor.py MONITOR_COUNTERS). */
 enum {
-    COUNT_EVENTS,      /* every entry into the monitor from the guest */
+    COUNT_EVENTS,      /* every trap into the monitor from the guest (the gates' entries are not) */
     COUNT_EXCEPTIONS,  /* exceptions reflected to the guest's IDT */
     COUNT_INTERRUPTS,  /* interrupts reflected to the guest's IDT */
     COUNT_DEFERRED,    /* interrupts held: the guest's virtual IF was clear, or the monitor busy */
@@ -133,6 +136,7 @@ enum {
     COUNT_IRETQ_GATE,  /* its kernel's IRETQs to itself done in the pv page, natively (pv_iret), not counted as IRETQs */
     COUNT_HELD_GATE,   /* of the interrupts, those held that irq_enable delivered in the pv page, natively (pv_deliver_held) */
     COUNT_CR3_GATE,    /* its kernel's CR3 loads through pv_ops.mmu.write_cr3 (cr3_gate), without a trap; not counted as MOV CRs */
+    COUNT_SYSRET_GATE, /* its kernel's SWAPGS and SYSRETQ done through sysret_gate, without the SWAPGS's trap (counted as both) */
     COUNT_KINDS
 };
 
@@ -148,6 +152,7 @@ struct handoff {
     unsigned long guest_iret_site; /* a paravirtual Linux's return to user mode: its IRETQ, made a UD2 (or 0) */
     unsigned long high_ram_end;    /* the end of guest RAM above 4 GiB, or 0 */
     unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
+    unsigned long guest_sysret_site; /* a paravirtual Linux's SWAPGS before its SYSRETQ, made a jump to PV_SYSRET (or 0) */
     unsigned long counters[COUNT_KINDS];
     /* The last event the guest's IDT could not take (the first of its chain), for the VMX's report of
      * a triple fault: its vector, the fault that stopped its delivery, the guest's RIP and CR2 then. */

@@ -104,7 +104,7 @@ class FirmwareHandoff:
         self._silence_legacy_interrupts()
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
-        guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site)
+        guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
         start = load_monitor(self.memory, self.monitor_image, self.placement, layout, guest)
         sregs.cr3 = start.cr3
         sregs.interrupt_bitmap[:] = [0] * len(sregs.interrupt_bitmap)
