@@ -6,9 +6,9 @@ which the monitor writes with one trip into ring 0 instead of a trap and a call)
 (`pv_ops.cpu.load_gs_index`: between two SWAPGS, four traps, one trip into ring 0 instead), and its
 CR2 reads and CR3 loads (`pv_ops.mmu.read_cr2`, at every page fault, and `write_cr3`, at every
 context switch: each MOV a trap, where the monitor's functions take none); its one IRETQ to user mode
-is made to trap, its return to itself goes to the monitor, which does it
-without a trap, and an AMD CPU's SS load at a context switch, a trap that changes nothing there,
-goes (see paravirtualize).
+is made to trap, its return to itself and its return from a system call go to the monitor, which
+does each without a trap, and an AMD CPU's SS load at a context switch, a trap that changes nothing
+there, goes (see paravirtualize).
 
 A kernel built with CONFIG_PARAVIRT_XXL reaches its interrupt flag through `pv_ops.irq` (save_fl,
 irq_disable, irq_enable, safe_halt, halt). Its boot decides what each call site becomes
@@ -136,10 +136,10 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots,
     pv_ops.cpu.write_msr and load_gs_index and pv_ops.mmu.read_cr2 and write_cr3 holding `functions`
     (by member name), every call site of them kept a call (the native alternatives over the irq and
-    mmu ones disarmed), its IRETQ to user mode a
-    UD2, its return to itself a jump to `functions[KERNEL_RETURN]`, its return from a system call a
-    jump to `functions[SYSCALL_RETURN]`, an AMD CPU's SS load in
-    `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the instruction."""
+    mmu ones disarmed), its IRETQ to user mode a UD2, its return to itself a jump to
+    `functions[KERNEL_RETURN]`, its return from a system call a jump to `functions[SYSCALL_RETURN]`,
+    an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
+    instruction."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
     names += [KERNEL_RETURN, SYSCALL_RETURN]
@@ -247,7 +247,7 @@ def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternat
     if "entry_SYSRETQ_unsafe_stack" not in symbols or "entry_SYSRETQ_end" not in symbols:
         return None
     site, end = symbols["entry_SYSRETQ_unsafe_stack"].address, symbols["entry_SYSRETQ_end"].address
-    following = min((symbol.address for symbol in symbols.values() if symbol.address > end), default=end)
+    following = _next_symbol(symbols, end)
     at, at_end = file_offset(site, len(SWAPGS)), file_offset(end - len(SYSRETQ), following - end + len(SYSRETQ))
     padding = bytes(image[at_end + len(SYSRETQ) : at_end + len(SYSRETQ) + following - end])
     if (image[at : at + len(SWAPGS)] != SWAPGS or image[at_end : at_end + len(SYSRETQ)] != SYSRETQ
@@ -315,8 +315,7 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     switch = symbols.get("__switch_to")
     if switch is None or "__ex_table" not in sections:
         return None
-    end = min((symbol.address for symbol in symbols.values() if symbol.address > switch.address),
-              default=switch.address)
+    end = _next_symbol(symbols, switch.address)
     size, members = types.struct("exception_table_entry")
     (insn,) = _fields(size, members, "exception_table_entry", insn=4)
     table, text = sections["__ex_table"], sections[".text"]
@@ -372,6 +371,11 @@ def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: Alt
         if op is not None:
             ops[instruction] = op
     return ops
+
+
+def _next_symbol(symbols: dict[str, Symbol], address: int) -> int:
+    """Where the first symbol above `address` is: the end of the code there (`address` if none is)."""
+    return min((symbol.address for symbol in symbols.values() if symbol.address > address), default=address)
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:
