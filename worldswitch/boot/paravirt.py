@@ -227,11 +227,17 @@ def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site
     jumps_to = site + 5 + struct.unpack_from("<i", image, at + 1)[0]
     if image[at] != JMP_REL32 or not site + 5 <= jumps_to <= iret_site:
         raise GuestImageError(f"the kernel's early_xen_iret_patch at {site:#x} is not a jump to its IRETQ")
-    displacement = target - (site + 5)
-    if not -(1 << 31) <= displacement < 1 << 31:
-        raise GuestImageError(f"the monitor's return to the kernel at {target:#x} is beyond a jump from {site:#x}")
-    struct.pack_into("<i", image, at + 1, displacement)
+    _write_jump(image, at, site, target, "return to the kernel")
     return site
+
+
+def _write_jump(image: bytearray, at: int, address: int, target: int, what: str) -> None:
+    """A JMP rel32 at file offset `at` (`address` as linked) to the monitor's function `target`."""
+    displacement = target - (address + 5)
+    if not -(1 << 31) <= displacement < 1 << 31:
+        raise GuestImageError(f"the monitor's {what} at {target:#x} is beyond a jump from {address:#x}")
+    image[at] = JMP_REL32
+    struct.pack_into("<i", image, at + 1, displacement)
 
 
 def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternatives: list[Alternative], target: int,
@@ -260,12 +266,8 @@ def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternat
         if any(start < patched[1] and patched[0] < stop for start, stop in ((site, site + len(SWAPGS)), (end, end + 5))):
             raise GuestImageError(f"the kernel has an alternative at {alternative.instruction:#x}, over its return from "
                                   "a system call")
-    displacement = target - (end + 5)
-    if not -(1 << 31) <= displacement < 1 << 31:
-        raise GuestImageError(f"the monitor's return from a system call at {target:#x} is beyond a jump from {end:#x}")
+    _write_jump(image, at_end + len(SYSRETQ), end, target, "return from a system call")
     image[at : at + len(SWAPGS)] = bytes([JMP_REL8, end - (site + 2), INT3])
-    image[at_end + len(SYSRETQ)] = JMP_REL32
-    struct.pack_into("<i", image, at_end + len(SYSRETQ) + 1, displacement)
     return site
 
 

@@ -385,8 +385,8 @@ cr3_gate_look:
 cr3_gate_end:
 
 /* The kernel's return from a system call (entry_SYSRETQ_unsafe_stack: SWAPGS, the VERW its
- * CLEAR_CPU_BUFFERS may be, SYSRETQ), whose SWAPGS the VMM made a jump to the pv page's PV_SYSRET,
- * which jumps here with every register the kernel's: its user mode's, RSP, RCX and R11 included. The
+ * CLEAR_CPU_BUFFERS may be, SYSRETQ), whose SWAPGS the VMM made a jump, through the padding after the
+ * SYSRETQ, to the pv page's PV_SYSRET, which jumps here with every register the kernel's: its user mode's, RSP, RCX and R11 included. The
  * SWAPGS's #GP was an event through ring 0; here the body is entered without ring 0, as an event of
  * its own (SYSRET_EVENT), on the event stack TSS.RSP0 does not name, as from the trampoline: ring 0
  * takes the body's own events (an interrupt meanwhile, held) on the one it names. The body does what

@@ -1445,21 +1445,29 @@ static int emulate_swapgs_return(struct trap_frame *frame, u64 at)
     return 0;
 }
 
+/* The guest kernel's SWAPGS, which ends at `past`: the monitor never uses GS, so the CPU's own swap,
+ * owed until the way out, is exactly the guest's; and the return to user mode after it, if that is
+ * what follows (emulate_swapgs_return: 1 if done). */
+static int emulate_swapgs(struct trap_frame *frame, u64 past)
+{
+    count(COUNT_SWAPGS);
+    pending_swapgs ^= 1;
+    return emulate_swapgs_return(frame, past);
+}
+
 /* The kernel's SWAPGS before its SYSRETQ, reached through sysret_gate (monitor.S; the VMM made the
- * SWAPGS a jump there): what its #GP did (emulate, emulate_swapgs_return), from the same bytes, which
- * are the kernel's still after the SWAPGS. The frame's CS and SS are those the kernel runs on, which
- * ring 3 cannot read here (kernel_cs_view, kernel_ss_view); they count only where the body does not
- * do the SYSRETQ (a way out it does not know) and the kernel goes on past its SWAPGS, as after that
- * #GP, to the VERW and the SYSRETQ, which traps. */
+ * SWAPGS a jump there, through the padding after the SYSRETQ): what its #GP did (emulate_swapgs),
+ * from the same bytes, which are the kernel's still after the SWAPGS. The frame's CS and SS are those
+ * the kernel runs on, which ring 3 cannot read here (kernel_cs_view, kernel_ss_view); they count
+ * only where the body does not do the SYSRETQ (a way out it does not know) and the kernel goes on
+ * past its SWAPGS, as after that #GP, to the VERW and the SYSRETQ, which traps. */
 static void emulate_sysret_gate(struct trap_frame *frame)
 {
     count(COUNT_SYSRET_GATE);
-    count(COUNT_SWAPGS);
     frame->rip = handoff.guest_sysret_site;
     frame->cs = kernel_cs_view == ~0ul ? LOADED_CS : kernel_cs_view | 3;
     frame->ss = kernel_ss_view ? kernel_ss_view | 3 : NULL_SS;
-    pending_swapgs ^= 1;
-    if (!emulate_swapgs_return(frame, frame->rip + 3))
+    if (!emulate_swapgs(frame, frame->rip + 3))
         frame->rip += 3; /* past the SWAPGS */
 }
 
@@ -1638,11 +1646,8 @@ static int emulate(struct trap_frame *frame)
             return 1;
         if (guest.user)
             return 0;
-        if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs: the monitor never uses GS, so the
-                                                    * CPU's own swap is exactly the guest's */
-            count(COUNT_SWAPGS);
-            pending_swapgs ^= 1;
-            if (emulate_swapgs_return(frame, frame->rip + (u64)insn.length))
+        if (insn.bytes[insn.length - 1] == 0xf8) { /* swapgs */
+            if (emulate_swapgs(frame, frame->rip + (u64)insn.length))
                 return 1;
             break;
         }

@@ -18,6 +18,7 @@
 #define HIGH_RAM_BASE 0x100000000UL    /* where RAM above the PCI hole starts (memory/layout.py RAM_ABOVE_4G) */
 #define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
+#define HANDOFF_COUNTER(kind) (8 * (18 + (kind))) /* counters[kind], after the 18 fixed words (struct handoff) */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
  * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index), CR2 reads and CR3 loads
@@ -32,8 +33,8 @@
 #define PV_IRQ_ENABLE 0x40
 #define PV_READ_CR2 0x60
 #define PV_WRITE_CR3 0x70
-#define PV_SYSRET 0x90 /* the kernel's return from a system call, jumped to from its SWAPGS (boot/paravirt.py) */
 #define PV_SAFE_HALT 0x80
+#define PV_SYSRET 0x90 /* the kernel's return from a system call, jumped to from after its SYSRETQ (boot/paravirt.py) */
 #define PV_HALT 0xa0
 #define PV_WRITE_MSR 0xc0
 #define PV_WRITE_MSR_TRAP 0xe0 /* not the kernel's: msr_gate's way to the trapping WRMSR */
@@ -51,16 +52,16 @@
 #define MSR_FS_BASE 0xc0000100u
 #define MSR_KERNEL_GS_BASE 0xc0000102u /* GS_BASE, 0xc0000101, between them */
 #define MSR_TSC_DEADLINE 0x6e0u
-#define HANDOFF_MSR_GATE_COUNT (8 * (18 + 27))
+#define HANDOFF_MSR_GATE_COUNT HANDOFF_COUNTER(27)
 /* The x2APIC's EOI register, which general_protection_entry writes at once (monitor.S) with the TSC
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
-#define HANDOFF_WRMSR_RING0_COUNT (8 * (18 + 28))
+#define HANDOFF_WRMSR_RING0_COUNT HANDOFF_COUNTER(28)
 /* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]), and
  * pv_deliver_held the held interrupts it delivers (COUNT_INTERRUPTS, COUNT_HELD_GATE). */
-#define HANDOFF_IRETQ_GATE_COUNT (8 * (18 + 30))
-#define HANDOFF_INTERRUPTS_COUNT (8 * (18 + 2))
-#define HANDOFF_HELD_GATE_COUNT (8 * (18 + 31))
+#define HANDOFF_IRETQ_GATE_COUNT HANDOFF_COUNTER(30)
+#define HANDOFF_INTERRUPTS_COUNT HANDOFF_COUNTER(2)
+#define HANDOFF_HELD_GATE_COUNT HANDOFF_COUNTER(31)
 
 /* The vectors monitor_event sees for a SYSCALL (syscall_gate) and for the kernel's return from one
  * (sysret_gate): above the CPU's 256. */
@@ -152,7 +153,7 @@ struct handoff {
     unsigned long guest_iret_site; /* a paravirtual Linux's return to user mode: its IRETQ, made a UD2 (or 0) */
     unsigned long high_ram_end;    /* the end of guest RAM above 4 GiB, or 0 */
     unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
-    unsigned long guest_sysret_site; /* a paravirtual Linux's SWAPGS before its SYSRETQ, made a jump to PV_SYSRET (or 0) */
+    unsigned long guest_sysret_site; /* a paravirtual Linux's SWAPGS before its SYSRETQ, made a jump towards PV_SYSRET (or 0) */
     unsigned long counters[COUNT_KINDS];
     /* The last event the guest's IDT could not take (the first of its chain), for the VMX's report of
      * a triple fault: its vector, the fault that stopped its delivery, the guest's RIP and CR2 then. */
