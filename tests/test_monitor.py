@@ -119,15 +119,19 @@ def test_a_system_call_into_linuxs_entry_is_two_events_for_the_monitor(padding: 
 
 @needs_emulating_host
 def test_a_kernels_msr_writes_through_the_pv_page_take_ring_0s_gate() -> None:
-    """pv_ops.cpu.write_msr under the monitor (msr_gate): ring 0 writes the FS base with no trap; STAR,
-    which the monitor keeps, and a base the CPU refuses go to the pv page's trapping WRMSR (the last a
-    #GP for the kernel, as the instruction would have raised)."""
+    """pv_ops.cpu.write_msr under the monitor (msr_gate): the FS base and the user mode's GS base are
+    written with no trap, by ring 0 or, where the host lets ring 3 (this one), by the kernel's ring 3:
+    the FS base with WRFSBASE, the GS base owed to KERNEL_GS_BASE until the monitor reads it (a
+    trapped RDMSR) or swaps (a trapped SWAPGS), each of which the program checks. STAR, which the
+    monitor keeps, and a base the CPU refuses go to the pv page's trapping WRMSR (the last a #GP for
+    the kernel, as the instruction would have raised)."""
     result, plain_stats = run("privileged", "")
     assert done(result) == (29, 2, 3, 0)
     result, stats = run("privileged", "msrgate")
-    assert done(result) == (33, 2, 4, 0)  # 4 more checks, 1 more refused write
-    assert stats.monitor["msr_gate"] == 1 and plain_stats.monitor["msr_gate"] == 0
-    assert stats.monitor["wrmsr"] - plain_stats.monitor["wrmsr"] == 4  # the two ring 0 refused, and the two restores
+    assert done(result) == (35, 2, 4, 0)  # 6 more checks, 1 more refused write
+    gate = {kind: stats.monitor[kind] - plain_stats.monitor[kind] for kind in ("msr_gate", "msr_native")}
+    assert gate == {"msr_gate": 0, "msr_native": 3}, gate  # this host's ring 3 writes the bases
+    assert stats.monitor["wrmsr"] - plain_stats.monitor["wrmsr"] == 5  # the two ring 0 refused, and the three restores
 
 
 @needs_emulating_host
@@ -822,30 +826,117 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
                                                                      tmp_path: Path) -> None:
     """`seq | wc`: a context switch at each line, each writing the FS base (the thread-local storage) of
     the process it switches to, through pv_ops.cpu.write_msr and the monitor's msr_gate rather than a
-    trap. Both programs' answers depend on their own FS base. On an AMD CPU the kernel also loads the
-    user GS twice a switch (X86_BUG_NULL_SEG), through pv_ops.cpu.load_gs_index and the gs_gate, and
+    trap: on this host in the kernel's ring 3 (WRFSBASE), with no trip into ring 0. Both programs'
+    answers depend on their own FS base. On an AMD CPU the kernel also loads the user GS twice a switch
+    (X86_BUG_NULL_SEG), through pv_ops.cpu.load_gs_index and the gs_gate, in its ring 3 here too, and
     would load SS (X86_BUG_SYSRET_SS_ATTRS), which the VMM took out of its __switch_to. The kernel's own
     WRMSRs of the x2APIC's EOI and (7.2's) TSC deadline are written by ring 0 at their #GP, not the body."""
     kernel = debian_kernel
     answer, before, after = counted(kernel, tmp_path, "seq 1 2000 | wc -l")
     assert re.search(r"\n2000\r?\n", answer[-100:]), answer
-    gate, traps = after["msr_gate"] - before["msr_gate"], after["wrmsr"] - before["wrmsr"]
-    at_once = after["wrmsr_ring0"] - before["wrmsr_ring0"]
+    native, traps = after["msr_native"] - before["msr_native"], after["wrmsr"] - before["wrmsr"]
+    gate, at_once = after["msr_gate"] - before["msr_gate"], after["wrmsr_ring0"] - before["wrmsr_ring0"]
     # 2,000 lines: Linux 6.1 wrote 3,715 through the gate and trapped 543 (the x2APIC's EOI and the like);
     # 6.12, which switched less often, 1,435 and 244. 7.2 wrote 1,419 through the gate, and the TSC
     # deadline with a WRMSR of its own (lapic_next_deadline), not through pv_ops: the body emulated
     # 2,731 of those. Since ring 0 writes the EOI and the deadline at their #GP (general_protection_entry):
     # 6.1 3,378 through the gate, 59 trapped to the body, 747 at once; 6.12 2,117, 27, 618; 7.2 2,113,
-    # 160, 5,652
-    assert gate >= 1000 and traps * 3 < gate, (gate, traps, at_once)
+    # 160, 5,652. Since the kernel's ring 3 writes the FS base: 6.1 3,385 there, 285 through the gate
+    # (its TSC deadline), none trapped; 7.2 2,159 there, none through the gate or trapped
+    assert native >= 1000 and traps * 3 < native, (native, gate, traps, at_once)
     if deadline_written_natively(kernel):
         assert at_once >= 1000, (gate, traps, at_once)
     # SWAPGS events: a system call's own, about two; with each GS load's two SWAPGS trapping as well,
     # an EPYC host's run took 21,092 for 3,802 calls, through the gs_gate 8,146 for 3,859
     swapgs, calls = after["swapgs"] - before["swapgs"], after["syscall"] - before["syscall"]
     assert calls >= 2000 and swapgs < 3 * calls, (swapgs, calls)
+    # the GS loads, in the kernel's ring 3 (gs_gate with RDGSBASE and WRGSBASE): 6,806 under 6.1 here
+    loads = {kind: after[kind] - before[kind] for kind in ("gs_native", "gs_gate")}
+    assert loads["gs_native"] >= 2000 and loads["gs_gate"] == 0, loads
     # an EPYC host's run emulated 3,644 loads of SS with the load in place (lretq counts here too)
     assert after["segment"] - before["segment"] == 0, after
+
+
+SEGMENTS_PROGRAM = r"""
+#include <sys/syscall.h>
+typedef unsigned long u64;
+#define ARCH_SET_GS 0x1001
+#define ARCH_SET_FS 0x1002
+#define ARCH_GET_FS 0x1003
+#define ARCH_GET_GS 0x1004
+static long sys(long n, long a, long b, long c) {
+    long r;
+    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+    return r;
+}
+static void say(const char *s) { int n = 0; while (s[n]) n++; sys(SYS_write, 1, (long)s, n); }
+static u64 slots[4][2];
+/* what the process's FS or GS base (ARCH_GET_*) and selector say against what it set: 0 if they agree */
+static long wrong(long get, u64 base, int gs) {
+    u64 now = 0, seen = 0;
+    unsigned short selector;
+    if (sys(SYS_arch_prctl, get, (long)&now, 0) || now != base) return 1;
+    if (gs) __asm__ volatile("mov %%gs, %0" : "=r"(selector)); else __asm__ volatile("mov %%fs, %0" : "=r"(selector));
+    if (selector != 0) return 2;
+    if (!base) return 0;
+    if (gs) __asm__ volatile("movq %%gs:0, %0" : "=r"(seen)); else __asm__ volatile("movq %%fs:0, %0" : "=r"(seen));
+    return seen != *(u64 *)base ? 3 : 0;
+}
+__attribute__((used)) void run(void) {
+    int id = 0;
+    for (int k = 0; k < 2; k++) id = id * 2 + (sys(SYS_fork, 0, 0, 0) == 0);
+    slots[id][0] = 0x5e60000 + id;
+    slots[id][1] = 0x5e61000 + id;
+    /* 0: both bases, its GS one moved each round; 1: FS only; 2: GS only; 3: neither, as the kernel's
+       threads and the shell, whose switches zero the GS base */
+    u64 fs = id == 0 || id == 1 ? (u64)&slots[id][1] : 0, gs = id == 0 || id == 2 ? (u64)&slots[id][0] : 0;
+    if (fs) sys(SYS_arch_prctl, ARCH_SET_FS, fs, 0);
+    if (gs) sys(SYS_arch_prctl, ARCH_SET_GS, gs, 0);
+    long lost = 0;
+    for (long i = 0; i < 1000; i++) {
+        if (id == 0) {
+            gs = (u64)&slots[id][i & 1];
+            sys(SYS_arch_prctl, ARCH_SET_GS, gs, 0);
+        }
+        sys(SYS_sched_yield, 0, 0, 0);
+        lost += wrong(ARCH_GET_FS, fs, 0) + wrong(ARCH_GET_GS, gs, 1);
+    }
+    say(lost ? "SEGMENTS-LOST\n" : "SEGMENTS-KEPT\n");
+    sys(SYS_exit, 0, 0, 0);
+}
+__asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
+"""
+
+
+@needs_emulating_host
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the guest's program")
+def test_debians_processes_keep_their_fs_and_gs_bases_apart(debian_kernel: Path, tmp_path: Path) -> None:
+    """Four processes, each with its own FS and GS bases or none, yield to each other 1,000 times each;
+    one moves its GS base every round. Each checks its bases (arch_prctl), its selectors and what its
+    FS and GS point at. The kernel writes the bases at each switch through pv_ops, which the monitor
+    does in its ring 3 where this host allows (msr_gate, gs_gate: WRFSBASE, and the user mode's GS base
+    owed to KERNEL_GS_BASE until the way out), and zeroes the GS base of a process without one
+    (X86_BUG_NULL_SEG: two GS loads)."""
+    from worldswitch.boot.initramfs import CpioEntry, cpio_newc
+
+    source, program = tmp_path / "segments.c", tmp_path / "segments"
+    source.write_text(SEGMENTS_PROGRAM)
+    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", "-o", str(program), str(source)],
+                   check=True)
+    initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
+    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry("segments", stat.S_IFREG | 0o755,
+                                                                  program.read_bytes())]))
+    with Machine(kernel=str(debian_kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        before = vm.stats()["monitor"]
+        answer = ask(vm, 0, "/segments; sleep 1")
+        after = vm.stats()["monitor"]
+        vm.console.send("poweroff -f\n")
+        vm.wait(60)
+    assert answer.count("SEGMENTS-KEPT") == 4 and "SEGMENTS-LOST" not in answer, answer
+    # this host's ring 3 writes the bases (its CR4.FSGSBASE is set): no GS load took a trip
+    native = {kind: after[kind] - before[kind] for kind in ("gs_native", "msr_native", "gs_gate")}
+    assert native["gs_native"] >= 1000 and native["msr_native"] >= 1000 and native["gs_gate"] == 0, native
 
 
 @needs_emulating_host

@@ -262,7 +262,21 @@ event_return:
  * loaded and the body's stack at the guest's IRETQ frame (body_window): onto the user mode's shadow,
  * where the monitor's pages are ring 0's, and out through that frame. */
 leave_to_user:
-    cmpb $0, pending_swapgs(%rip)       /* the return's SWAPGS (monitor.c): here, not a call of its own */
+    cmpb $0, owed_user_gs(%rip)         /* the user mode's GS base the kernel wrote in ring 3 (msr_gate, gs_gate) */
+    je 0f
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    movl $MSR_KERNEL_GS_BASE, %ecx
+    movq owed_user_gs_base(%rip), %rax
+    movq %rax, %rdx
+    shrq $32, %rdx
+    wrmsr
+    movb $0, owed_user_gs(%rip)
+    popq %rdx
+    popq %rcx
+    popq %rax
+0:  cmpb $0, pending_swapgs(%rip)       /* the return's SWAPGS (monitor.c): here, not a call of its own */
     je 1f
     swapgs
     movb $0, pending_swapgs(%rip)
@@ -324,10 +338,35 @@ body_window_end:
  * ring 0 refuses (another MSR, or one the CPU refused) goes to the WRMSR in the pv page, which traps
  * and is emulated as any. An interrupt between msr_gate and msr_gate_end is held and sends the
  * kernel to that WRMSR too (own_event), whose event delivers it: the MSRs ring 0 writes here take a
- * second write of the same value. The int3's retry is ring0_call's. */
+ * second write of the same value, so EDI, ESI and EDX are kept to the end. The int3's retry is
+ * ring0_call's.
+ * Where ring 3 may write the bases itself (fsgsbase_native, monitor.c), the user mode's two take no
+ * trip: the FS base is written with WRFSBASE (the kernel never uses FS), and the GS base, which is
+ * KERNEL_GS_BASE while the kernel runs, behind SWAPGS, is owed (owe_user_gs). A non-canonical base
+ * takes the trip, where the CPU refuses it. */
     .globl msr_gate, msr_gate_end
 msr_gate:
-    movq $RING0_UNANSWERED, %rax
+    cmpb $0, fsgsbase_native(%rip)
+    je 0f
+    cmpl $MSR_FS_BASE, %edi
+    je 1f
+    cmpl $MSR_KERNEL_GS_BASE, %edi
+    jne 0f
+1:  movl %edx, %eax
+    shlq $32, %rax
+    movl %esi, %ecx
+    orq %rcx, %rax                      /* RAX: the base */
+    movq %rax, %rcx
+    shlq $16, %rcx
+    sarq $16, %rcx
+    cmpq %rcx, %rax
+    jne 0f                              /* not canonical */
+    lock incq handoff + HANDOFF_MSR_NATIVE_COUNT(%rip)
+    cmpl $MSR_FS_BASE, %edi
+    jne owe_user_gs
+    wrfsbase %rax
+    ret
+0:  movq $RING0_UNANSWERED, %rax
 1:  int3
 msr_gate_return:
     cmpq $RING0_UNANSWERED, %rax
@@ -338,6 +377,12 @@ msr_gate_return:
     ret
 2:  movabsq $(PV_BASE + PV_WRITE_MSR_TRAP), %rax
     jmp *%rax
+/* The user mode's GS base (RAX), owed to KERNEL_GS_BASE until ring 0 next swaps or leaves for user
+ * mode (leave_to_user; settle_user_gs, monitor.c, where the body swaps, reads or writes it). */
+owe_user_gs:
+    movq %rax, owed_user_gs_base(%rip)
+    movb $1, owed_user_gs(%rip)
+    ret
 msr_gate_end:
 
 /* pv_ops.cpu.load_gs_index(u16 selector), from the guest's kernel: the user mode's GS selector (and
@@ -346,14 +391,36 @@ msr_gate_end:
  * the null selector, so that the base is zeroed). Here it is one trip into ring 0 (gs_gate_event),
  * known by its address as msr_gate's is. An interrupt between gs_gate and gs_gate_end is held and
  * sends the kernel to a trapping CR8 read in the pv page (own_event), whose event delivers it, and
- * back into gs_gate: the load is then done again, as loads may be. */
-    .globl gs_gate, gs_gate_end
+ * back into gs_gate: the load is then done again, as loads may be.
+ * Where ring 3 may read and write the bases itself (fsgsbase_native), there is no trip: the kernel's
+ * ring 3 loads the selector, and the base the load gave (or, for a null selector on a CPU that
+ * keeps the base then, none) is owed to the user mode's, while the kernel's own is put back. Between
+ * the load and that, the kernel's base is lost: an interrupt there has ring 0 put it back from RAX
+ * (own_event), and a selector the CPU refuses loads the null one instead, as Linux's own fix-up does. */
+    .globl gs_gate, gs_gate_end, gs_gate_load, gs_gate_base_back
 gs_gate:
-    movq $RING0_UNANSWERED, %rax
+    cmpb $0, fsgsbase_native(%rip)
+    je 0f
+    rdgsbase %rax                       /* the kernel's own base */
+gs_gate_load:
+    movl %edi, %gs
+    lock incq handoff + HANDOFF_GS_NATIVE_COUNT(%rip)
+    testl $0xfffc, %edi                 /* a null selector: index 0, any RPL */
+    jnz 1f
+    cmpb $0, null_gs_keeps_base(%rip)
+    jne 2f
+1:  rdgsbase %rcx                       /* the base this load gave */
+    movq %rcx, owed_user_gs_base(%rip)
+    movb $1, owed_user_gs(%rip)
+2:  wrgsbase %rax
+gs_gate_base_back:
+    ret
+0:  movq $RING0_UNANSWERED, %rax
 1:  int3
 gs_gate_return:
     cmpq $RING0_UNANSWERED, %rax
     je 1b
+    lock incq handoff + HANDOFF_GS_GATE_COUNT(%rip)
     ret
 gs_gate_end:
 
@@ -434,6 +501,21 @@ ring0_call:
 ring0_return:
     cmpq $RING0_UNANSWERED, %rax
     je 1b
+    ret
+
+/* int fsgsbase_swap(u64 base, u64 *was): the FS base written with WRFSBASE in the body's ring 3, the
+ * one it replaced read with RDFSBASE into *was: 1, or 0 where ring 3 may not (a #UD at
+ * fsgsbase_swap_at, which own_event sends to fsgsbase_refused). */
+    .globl fsgsbase_swap, fsgsbase_swap_at, fsgsbase_refused
+fsgsbase_swap:
+fsgsbase_swap_at:
+    rdfsbase %rax
+    wrfsbase %rdi
+    movq %rax, (%rsi)
+    movl $1, %eax
+    ret
+fsgsbase_refused:
+    xorl %eax, %eax
     ret
 
     .section .rodata

@@ -78,6 +78,12 @@ _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_INTERRUPTS]) ==
                "monitor.h: HANDOFF_INTERRUPTS_COUNT is not where the counter is");
 _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_HELD_GATE]) == HANDOFF_HELD_GATE_COUNT,
                "monitor.h: HANDOFF_HELD_GATE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_GS_GATE]) == HANDOFF_GS_GATE_COUNT,
+               "monitor.h: HANDOFF_GS_GATE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_GS_NATIVE]) == HANDOFF_GS_NATIVE_COUNT,
+               "monitor.h: HANDOFF_GS_NATIVE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_NATIVE]) == HANDOFF_MSR_NATIVE_COUNT,
+               "monitor.h: HANDOFF_MSR_NATIVE_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -147,7 +153,7 @@ int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
 extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[], gs_gate[], gs_gate_end[];
-extern char gs_load_at[], gs_load_refused[], cr3_gate_look[], cr3_gate_end[];
+extern char gs_load_at[], gs_load_refused[], gs_gate_load[], gs_gate_base_back[], cr3_gate_look[], cr3_gate_end[];
 void halt_forever(void) __attribute__((noreturn));
 void triple_fault(void) __attribute__((noreturn));
 u64 ring0_call(u64 service, u64 a, u64 b);
@@ -257,6 +263,61 @@ static u64 privileged(u64 service, u64 a, u64 b)
 }
 
 static u64 real_cr4_extra; /* CR4 bits the monitor keeps set for itself (UMIP), out of the guest's view */
+
+/* The user mode's FS and GS bases, written by the guest's kernel in its ring 3 (msr_gate, gs_gate):
+ * - fsgsbase_native: ring 3 may read and write the bases (RDFSBASE, WRGSBASE...), as this host's
+ *   does, whatever CR4 the guest sees (the host's own CR4.FSGSBASE); found out at the body's first
+ *   event (probe_segment_bases). Then the user mode's FS base is written with WRFSBASE, and its GS
+ *   base, behind SWAPGS while the kernel runs, is owed to KERNEL_GS_BASE:
+ * - owed_user_gs, owed_user_gs_base: the base owed, written by ring 0 before it next swaps or leaves
+ *   for user mode (leave_to_user, settle_user_gs): the monitor does every SWAPGS of the guest's, and
+ *   every read and write of KERNEL_GS_BASE the kernel does not make through the gates.
+ * - null_gs_keeps_base: a null selector leaves the base as it was, as on AMD's CPUs without
+ *   NullSelectorClearsBase (Linux's X86_BUG_NULL_SEG); elsewhere it is zeroed. */
+u8 fsgsbase_native, null_gs_keeps_base, owed_user_gs;
+u64 owed_user_gs_base;
+static u8 segment_bases_probed;
+#define BASE_PROBE 0x1000ul /* any base but 0 */
+
+int fsgsbase_swap(u64 base, u64 *was);
+extern char fsgsbase_swap_at[], fsgsbase_refused[];
+
+/* In the body's ring 3, natively, as the kernel's gates will run (ring 0 is emulated where the monitor
+ * runs, and KVM's emulator differs: it zeroes the base at a null load, and has no WRFSBASE). The FS
+ * base written must reach the MSR ring 0 reads; the null load is Linux's own test. What the probe
+ * changes is put back: the FS base, and GS's base and selector, where ring 3 may load that selector
+ * (VERR); where it may not, the gates keep their trips. */
+static void probe_segment_bases(void)
+{
+    u64 fs, seen, gs;
+    u16 selector;
+    u8 loadable = 1;
+    segment_bases_probed = 1;
+    if (!fsgsbase_swap(BASE_PROBE, &fs))
+        return;
+    privileged(SERVICE_RDMSR, MSR_FS_BASE, (u64)&seen);
+    fsgsbase_swap(fs, &fs);
+    __asm__ volatile("mov %%gs, %0" : "=r"(selector));
+    if (selector & ~3)
+        __asm__ volatile("verr %1; setz %0" : "=r"(loadable) : "r"(selector) : "cc");
+    if (seen != BASE_PROBE || !loadable)
+        return;
+    __asm__ volatile("rdgsbase %0" : "=r"(gs));
+    __asm__ volatile("wrgsbase %0; mov %1, %%gs" : : "r"(BASE_PROBE), "r"(0) : "memory");
+    __asm__ volatile("rdgsbase %0" : "=r"(seen));
+    __asm__ volatile("mov %0, %%gs; wrgsbase %1" : : "r"(selector), "r"(gs) : "memory");
+    null_gs_keeps_base = seen == BASE_PROBE;
+    fsgsbase_native = 1;
+}
+
+/* The user mode's GS base owed, written: before ring 0 swaps, and before the body reads or writes it. */
+static void settle_user_gs(void)
+{
+    if (!owed_user_gs)
+        return;
+    privileged(SERVICE_WRMSR, MSR_KERNEL_GS_BASE, owed_user_gs_base);
+    owed_user_gs = 0;
+}
 
 /* ---- reports --------------------------------------------------------------------------------- */
 
@@ -1751,6 +1812,8 @@ static int emulate(struct trap_frame *frame)
         return 1;
     case 0x30: /* wrmsr */
         count(COUNT_WRMSR);
+        if ((u32)frame->rcx == MSR_KERNEL_GS_BASE)
+            settle_user_gs(); /* before the write, which supersedes it */
         value = (frame->rdx & 0xffffffff) << 32 | (frame->rax & 0xffffffff);
         kept_msr = kept_msr_of((u32)frame->rcx);
         if (kept_msr != 0 && (kept_msr == &guest.star || kept_msr == &guest.sfmask ||
@@ -1763,6 +1826,8 @@ static int emulate(struct trap_frame *frame)
         break;
     case 0x32: /* rdmsr */
         count(COUNT_RDMSR);
+        if ((u32)frame->rcx == MSR_KERNEL_GS_BASE)
+            settle_user_gs();
         kept_msr = kept_msr_of((u32)frame->rcx);
         if (kept_msr != 0) {
             value = *kept_msr;
@@ -1871,14 +1936,25 @@ static void own_event(struct trap_frame *frame)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
         else if (frame->rip >= (u64)msr_gate && frame->rip < (u64)msr_gate_end)
             frame->rip = PV_BASE + PV_WRITE_MSR_TRAP; /* its kernel's write again, through a trap: its event delivers */
-        else if (frame->rip >= (u64)gs_gate && frame->rip < (u64)gs_gate_end)
+        else if (frame->rip >= (u64)gs_gate && frame->rip < (u64)gs_gate_end) {
+            if (frame->rip >= (u64)gs_gate_load && frame->rip < (u64)gs_gate_base_back)
+                privileged(SERVICE_WRMSR, MSR_GS_BASE, frame->rax); /* the kernel's base, RDGSBASE's */
             frame->rip = PV_BASE + PV_LOAD_GS_INDEX_AGAIN; /* a trap to deliver it, then the gate again */
+        }
         else if (frame->rip >= (u64)cr3_gate_look && frame->rip < (u64)cr3_gate_end)
             frame->rip = (u64)cr3_gate_look; /* past its look at the virtual IF: look again */
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)gs_load_at) {
         frame->rip = (u64)gs_load_refused;
+        return;
+    }
+    if ((frame->vector == 11 || frame->vector == 13) && frame->rip == (u64)gs_gate_load) {
+        frame->rdi = 0; /* a selector the CPU refused in the kernel's ring 3: the null one instead */
+        return;
+    }
+    if (frame->vector == 6 && frame->rip == (u64)fsgsbase_swap_at) {
+        frame->rip = (u64)fsgsbase_refused;
         return;
     }
     if (frame->vector == 13 && frame->rip == (u64)fast_wrmsr_at) {
@@ -1933,6 +2009,8 @@ void monitor_ring0_event(struct trap_frame *frame)
 void monitor_event(struct trap_frame *frame)
 {
     open_ports(); /* the body's own: its reports are port I/O */
+    if (!segment_bases_probed)
+        probe_segment_bases();
     u64 vector = frame->vector;
     if (vector != SYSRET_EVENT)
         count(COUNT_EVENTS);
@@ -1989,6 +2067,7 @@ int monitor_leave(struct trap_frame *frame)
     deliver_held(frame);
     int to_user = guest.user;
     if (!to_user && pending_swapgs) { /* to its kernel, natively: the swap before it reads GS */
+        settle_user_gs();
         privileged(SERVICE_SWAPGS, 0, 0);
         pending_swapgs = 0;
     }

@@ -50,7 +50,8 @@
 /* The MSRs msr_gate writes for the kernel (monitor.S), and where it counts them: the handoff's
  * counters[COUNT_MSR_GATE] (monitor.c checks the offset against the struct). */
 #define MSR_FS_BASE 0xc0000100u
-#define MSR_KERNEL_GS_BASE 0xc0000102u /* GS_BASE, 0xc0000101, between them */
+#define MSR_GS_BASE 0xc0000101u
+#define MSR_KERNEL_GS_BASE 0xc0000102u
 #define MSR_TSC_DEADLINE 0x6e0u
 #define HANDOFF_MSR_GATE_COUNT HANDOFF_COUNTER(27)
 /* The x2APIC's EOI register, which general_protection_entry writes at once (monitor.S) with the TSC
@@ -62,6 +63,12 @@
 #define HANDOFF_IRETQ_GATE_COUNT HANDOFF_COUNTER(30)
 #define HANDOFF_INTERRUPTS_COUNT HANDOFF_COUNTER(2)
 #define HANDOFF_HELD_GATE_COUNT HANDOFF_COUNTER(31)
+/* Where gs_gate counts the GS loads it made a trip into ring 0 for (counters[COUNT_GS_GATE]) and
+ * those it left to the kernel's ring 3 (COUNT_GS_NATIVE), and msr_gate the base writes it did there
+ * (COUNT_MSR_NATIVE). */
+#define HANDOFF_GS_GATE_COUNT HANDOFF_COUNTER(34)
+#define HANDOFF_GS_NATIVE_COUNT HANDOFF_COUNTER(35)
+#define HANDOFF_MSR_NATIVE_COUNT HANDOFF_COUNTER(36)
 
 /* The vectors monitor_event sees for a SYSCALL (syscall_gate) and for the kernel's return from one
  * (sysret_gate): above the CPU's 256. */
@@ -138,6 +145,9 @@ enum {
     COUNT_HELD_GATE,   /* of the interrupts, those held that irq_enable delivered in the pv page, natively (pv_deliver_held) */
     COUNT_CR3_GATE,    /* its kernel's CR3 loads through pv_ops.mmu.write_cr3 (cr3_gate), without a trap; not counted as MOV CRs */
     COUNT_SYSRET_GATE, /* its kernel's SWAPGS and SYSRETQ done through sysret_gate, without the SWAPGS's trap (counted as both) */
+    COUNT_GS_GATE,     /* its kernel's GS loads that ring 0 did through gs_gate, without a trap */
+    COUNT_GS_NATIVE,   /* its kernel's GS loads that gs_gate left to its ring 3 (fsgsbase_native): no trip */
+    COUNT_MSR_NATIVE,  /* its kernel's writes of the user mode's FS and GS bases that msr_gate did in its ring 3: no trip */
     COUNT_KINDS
 };
 

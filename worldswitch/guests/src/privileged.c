@@ -18,9 +18,10 @@
  *           bytes were, as in Linux 6.12's return; with `verw`, the VERW itself (under the monitor
  *           only: KVM's emulator of ring 0 has no VERW).
  *   msrgate (under the monitor only) also writes MSRs through the monitor's pv_ops.cpu.write_msr, as
- *           a paravirtual Linux does: the FS base (ring 0 writes it), STAR (the monitor keeps it: a
- *           trap) and a non-canonical FS base (a #GP at the pv page's WRMSR): 4 more checks, 1 more
- *           refused write. */
+ *           a paravirtual Linux does: the FS base (ring 0 writes it, or ring 3 where the host lets
+ *           it), the user mode's GS base behind SWAPGS (likewise, or owed by ring 3 until the monitor
+ *           next swaps or reads it), STAR (the monitor keeps it: a trap) and a non-canonical FS base
+ *           (a #GP at the pv page's WRMSR): 6 more checks, 1 more refused write. */
 #include "ws.h"
 
 #define TIMER_VECTOR 0x30
@@ -129,7 +130,7 @@ static void on_ud(struct trap_frame *frame)
     frame->rip += 2;
 }
 
-/* msrgate: 4 checks, and one refused write (a #GP at the pv page's 2-byte WRMSR, which on_gp steps
+/* msrgate: 6 checks, and one refused write (a #GP at the pv page's 2-byte WRMSR, which on_gp steps
  * over to its RET). */
 static u64 check_msr_gate(void)
 {
@@ -139,6 +140,13 @@ static u64 check_msr_gate(void)
     GUEST_ASSERT_EQ(rdmsr(MSR_FS_BASE), base);
     __asm__ volatile("mov %%fs:0, %0" : "=r"(through_fs));
     GUEST_ASSERT_EQ(through_fs, fs_word);
+    u64 user_gs = rdmsr(MSR_KERNEL_GS_BASE), through_gs;
+    write_msr(MSR_KERNEL_GS_BASE, (u32)base, (u32)(base >> 32));
+    GUEST_ASSERT_EQ(rdmsr(MSR_KERNEL_GS_BASE), base);
+    write_msr(MSR_KERNEL_GS_BASE, (u32)(u64)&user_word, (u32)((u64)&user_word >> 32));
+    __asm__ volatile("swapgs; mov %%gs:0, %0; swapgs" : "=r"(through_gs) : : "memory");
+    GUEST_ASSERT_EQ(through_gs, user_word);
+    wrmsr(MSR_KERNEL_GS_BASE, user_gs);
     u64 star = rdmsr(MSR_STAR);
     write_msr(MSR_STAR, 0, 0x00230010);
     GUEST_ASSERT_EQ(rdmsr(MSR_STAR), 0x0023001000000000ul);
@@ -148,7 +156,7 @@ static u64 check_msr_gate(void)
     GUEST_ASSERT_EQ(refused, refused_before + 1);
     GUEST_ASSERT_EQ(rdmsr(MSR_FS_BASE), base);
     wrmsr(MSR_FS_BASE, fs);
-    return 4;
+    return 6;
 }
 
 #define READ_CR(n) ({ u64 _v; __asm__ volatile("mov %%cr" #n ", %0" : "=r"(_v)); _v; })
