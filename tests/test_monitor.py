@@ -727,7 +727,8 @@ def test_debians_shell_under_the_monitor_answers_commands(debian_kernel: Path,
 
 
 # Four processes, each with its own pattern in YMM3 (AVX), yielding to one another 20,000 times.
-YMM_PROGRAM = r"""
+# What the guest programs below share: no libc, system calls of their own, `run` as the entry.
+PROGRAM_PRELUDE = r"""
 #include <sys/syscall.h>
 typedef unsigned long u64;
 static long sys(long n, long a, long b, long c) {
@@ -736,6 +737,24 @@ static long sys(long n, long a, long b, long c) {
     return r;
 }
 static void say(const char *s) { int n = 0; while (s[n]) n++; sys(SYS_write, 1, (long)s, n); }
+__asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
+"""
+
+
+def shell_initrd_with(tmp_path: Path, name: str, program_source: str, *cflags: str) -> Path:
+    """shell_initrd, with PROGRAM_PRELUDE + `program_source` built static at /`name`."""
+    from worldswitch.boot.initramfs import CpioEntry, cpio_newc
+
+    source, program = tmp_path / f"{name}.c", tmp_path / name
+    source.write_text(PROGRAM_PRELUDE + program_source)
+    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", *cflags, "-o", str(program),
+                    str(source)], check=True)
+    initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
+    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry(name, stat.S_IFREG | 0o755, program.read_bytes())]))
+    return initrd
+
+
+YMM_PROGRAM = r"""
 __attribute__((used)) void run(void) {
     unsigned low, high;
     __asm__ volatile("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
@@ -753,7 +772,6 @@ __attribute__((used)) void run(void) {
     say(lost ? "YMM-LOST\n" : "YMM-KEPT\n");
     sys(SYS_exit, 0, 0, 0);
 }
-__asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
 """
 
 
@@ -768,15 +786,8 @@ def test_debians_processes_keep_their_avx_registers_apart(debian_kernel: Path,
     each: 8,000 yields among four patterns, 6 s under 6.12 and 17 s under 7.2 (whose timer fires 9 times
     as often here: 15,100 interrupts, 32,082 trapped WRMSRs), 13.5 s since ring 0 writes those at their
     #GP (docs/monitor.md); 20,000 had passed 60 s under both."""
-    from worldswitch.boot.initramfs import CpioEntry, cpio_newc
-
     kernel = debian_kernel
-    source, program = tmp_path / "ymm.c", tmp_path / "ymm"
-    source.write_text(YMM_PROGRAM)
-    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", "-mavx", "-o", str(program),
-                    str(source)], check=True)
-    initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
-    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry("ymm", stat.S_IFREG | 0o755, program.read_bytes())]))
+    initrd = shell_initrd_with(tmp_path, "ymm", YMM_PROGRAM, "-mavx")
     with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
         answer = ask(vm, 0, "/ymm; sleep 1")
@@ -858,18 +869,10 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
 
 
 SEGMENTS_PROGRAM = r"""
-#include <sys/syscall.h>
-typedef unsigned long u64;
 #define ARCH_SET_GS 0x1001
 #define ARCH_SET_FS 0x1002
 #define ARCH_GET_FS 0x1003
 #define ARCH_GET_GS 0x1004
-static long sys(long n, long a, long b, long c) {
-    long r;
-    __asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
-    return r;
-}
-static void say(const char *s) { int n = 0; while (s[n]) n++; sys(SYS_write, 1, (long)s, n); }
 static u64 slots[4][2];
 /* what the process's FS or GS base (ARCH_GET_*) and selector say against what it set: 0 if they agree */
 static long wrong(long get, u64 base, int gs) {
@@ -904,7 +907,6 @@ __attribute__((used)) void run(void) {
     say(lost ? "SEGMENTS-LOST\n" : "SEGMENTS-KEPT\n");
     sys(SYS_exit, 0, 0, 0);
 }
-__asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
 """
 
 
@@ -917,15 +919,7 @@ def test_debians_processes_keep_their_fs_and_gs_bases_apart(debian_kernel: Path,
     does in its ring 3 where this host allows (msr_gate, gs_gate: WRFSBASE, and the user mode's GS base
     owed to KERNEL_GS_BASE until the way out), and zeroes the GS base of a process without one
     (X86_BUG_NULL_SEG: two GS loads)."""
-    from worldswitch.boot.initramfs import CpioEntry, cpio_newc
-
-    source, program = tmp_path / "segments.c", tmp_path / "segments"
-    source.write_text(SEGMENTS_PROGRAM)
-    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", "-o", str(program), str(source)],
-                   check=True)
-    initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
-    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry("segments", stat.S_IFREG | 0o755,
-                                                                  program.read_bytes())]))
+    initrd = shell_initrd_with(tmp_path, "segments", SEGMENTS_PROGRAM)
     with Machine(kernel=str(debian_kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
         before = vm.stats()["monitor"]
