@@ -58,6 +58,10 @@ event_stub_\vector:
     pushq $0
     .endif
     pushq $\vector
+    .if \vector >= 32
+    cmpl $\vector, early_eoi_vector(%rip) /* the guest's LAPIC timer, under its paravirtual EOI */
+    je early_eoi
+    .endif
     cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)  /* RIP in the monitor: its own event, in the body or in ring 0 */
     je ring0_event
     cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip) /* from user mode, on its shadow: the body's is the kernel's */
@@ -81,6 +85,27 @@ event_stub_\vector:
  * The lowest five words of each are an IRETQ frame into the body, on the event's frame at its top
  * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
  * a microsecond where ring 0 is emulated; a stub is seven of them. */
+
+/* The guest's LAPIC timer interrupt, where its kernel takes KVM's paravirtual EOI (early_eoi_vector,
+ * monitor.c): EOI'd here as it comes, and delivered with the guest's flag set, so that the kernel
+ * skips its own EOI, a trapped WRMSR and a trip of its own. The APIC delivers only above the
+ * highest vector in service, so this EOI is this interrupt's. Then as from the stub. */
+early_eoi:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    movl $MSR_X2APIC_EOI, %ecx
+    xorl %eax, %eax
+    xorl %edx, %edx
+    wrmsr
+    popq %rdx
+    popq %rcx
+    popq %rax
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)
+    je ring0_event
+    cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
+    jne to_body_from_user
+    jmp to_body_from_kernel
 
 to_body:                                /* from the guest's page fault and SYSCALL: into the body */
     cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
@@ -730,6 +755,15 @@ pv_deliver_held:
     andl $63, %ecx
     lock btrq %rcx, (%rsi)
     jnc 8f                              /* taken meanwhile: look again */
+    movabsq $early_eoi_vector, %rcx
+    cmpl (%rcx), %edx
+    jne 9f
+    movabsq $pv_eoi_flag, %rcx          /* ring 0 EOI'd it: the kernel's EOI is skipped (monitor.c) */
+    movq (%rcx), %rcx
+    lock orb $1, (%rcx)
+    movabsq $(handoff + HANDOFF_PV_EOI_COUNT), %rcx
+    lock incq (%rcx)
+9:
     leaq 104(%rsp), %rsi                 /* the RSP irq_enable's caller returns with */
     movq %rsi, %rdi
     andq $-16, %rdi                     /* the CPU aligns the stack, then pushes five words */

@@ -84,6 +84,8 @@ _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_GS_NATIVE]) == 
                "monitor.h: HANDOFF_GS_NATIVE_COUNT is not where the counter is");
 _Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_NATIVE]) == HANDOFF_MSR_NATIVE_COUNT,
                "monitor.h: HANDOFF_MSR_NATIVE_COUNT is not where the counter is");
+_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_PV_EOI]) == HANDOFF_PV_EOI_COUNT,
+               "monitor.h: HANDOFF_PV_EOI_COUNT is not where the counter is");
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -406,12 +408,64 @@ static u64 physical(const void *monitor_address)
 }
 
 /* Guest RAM: below the monitor's pages, and above 4 GiB. */
-static void *in_ram(u64 guest_physical, u64 length)
+static int ram_holds(u64 guest_physical, u64 length)
 {
     u64 end = guest_physical >= HIGH_RAM_BASE ? handoff.high_ram_end : handoff.guest_limit;
-    if (guest_physical >= end || length > end - guest_physical)
+    return guest_physical < end && length <= end - guest_physical;
+}
+
+static void *in_ram(u64 guest_physical, u64 length)
+{
+    if (!ram_holds(guest_physical, length))
         STOP("the guest pointed outside its memory", guest_physical, length);
     return (void *)(DIRECT_BASE + guest_physical);
+}
+
+/* KVM's paravirtual EOI, kept by the monitor (Documentation/virt/kvm/x86/msr.rst, MSR_KVM_PV_EOI_EN):
+ * the kernel names a flag in its memory, and skips its next EOI where the flag is set. KVM sets it as
+ * it injects and takes it back at the next exit; under the monitor the trampoline always exits first,
+ * so the kernel never found it set, and every timer interrupt's EOI was a trip into ring 0. So the
+ * monitor keeps the MSR from KVM and does it itself, for the LAPIC timer (x2APIC mode only, where the
+ * monitor sees its vector written): ring 0 EOIs the timer's interrupt as it comes (early_eoi,
+ * monitor.S), and the flag is set where it is delivered (the body, pv_deliver_held). As for KVM, a
+ * kernel that enables the flag skips an EOI only where it finds it set, and Linux EOIs an interrupt
+ * before it takes another.
+ * - pv_eoi_msr: the MSR as the kernel wrote it; pv_eoi_flag: its flag, in the monitor's map of RAM;
+ * - lapic_timer_vector: the vector of the x2APIC's LVT timer the kernel wrote last (0: none, or the
+ *   APIC left x2APIC mode);
+ * - early_eoi_vector: that vector where the flag is enabled, else 0, which no interrupt has. */
+static u64 pv_eoi_msr, lapic_timer_vector;
+u8 *pv_eoi_flag;
+u32 early_eoi_vector;
+#define PV_EOI_ENABLED 1ul
+#define APIC_BASE_X2APIC (1ul << 10)
+#define LVT_VECTOR 0xfful
+
+static void choose_early_eoi(void)
+{
+    early_eoi_vector = pv_eoi_flag && lapic_timer_vector >= 32 ? (u32)lapic_timer_vector : 0;
+}
+
+/* The kernel's write of MSR_KVM_PV_EOI_EN: 0 if KVM would have refused it (an address not 4-byte
+ * aligned, or outside RAM). */
+static int enable_pv_eoi(u64 value)
+{
+    u64 address = value & ~PV_EOI_ENABLED;
+    if ((value & PV_EOI_ENABLED) && ((address & 3) || !ram_holds(address, 4)))
+        return 0;
+    pv_eoi_msr = value;
+    pv_eoi_flag = value & PV_EOI_ENABLED ? in_ram(address, 4) : 0;
+    choose_early_eoi();
+    return 1;
+}
+
+/* An interrupt delivered to the guest: the timer's, EOI'd by ring 0, with the kernel's flag set. */
+static void interrupt_delivered(u64 vector)
+{
+    if (vector != early_eoi_vector)
+        return;
+    __atomic_fetch_or(pv_eoi_flag, 1, __ATOMIC_RELAXED);
+    count(COUNT_PV_EOI);
 }
 
 struct translation {
@@ -1177,7 +1231,9 @@ static void deliver_held(struct trap_frame *frame)
     if (!(guest.user || virtual_if) || !any_pending())
         return;
     count(COUNT_INTERRUPTS);
-    deliver(frame, (u64)take_pending(), 0, 0);
+    u64 vector = (u64)take_pending();
+    interrupt_delivered(vector);
+    deliver(frame, vector, 0, 0);
 }
 
 /* ---- emulating the guest kernel's privileged instructions ---------------------------------------- */
@@ -1819,9 +1875,18 @@ static int emulate(struct trap_frame *frame)
         if (kept_msr != 0 && (kept_msr == &guest.star || kept_msr == &guest.sfmask ||
                               kept_msr == &guest.sysenter[0] || canonical(value))) {
             *kept_msr = value;
+        } else if ((u32)frame->rcx == MSR_KVM_PV_EOI_EN) {
+            if (!enable_pv_eoi(value)) {
+                deliver(frame, 13, 1, 0);
+                return 1;
+            }
         } else if (kept_msr != 0 || privileged(SERVICE_WRMSR, (u32)frame->rcx, value)) {
             deliver(frame, 13, 1, 0); /* a non-canonical address, or what the CPU refused */
             return 1;
+        } else if ((u32)frame->rcx == MSR_X2APIC_LVT_TIMER || ((u32)frame->rcx == MSR_APIC_BASE &&
+                                                              !(value & APIC_BASE_X2APIC))) {
+            lapic_timer_vector = (u32)frame->rcx == MSR_X2APIC_LVT_TIMER ? value & LVT_VECTOR : 0;
+            choose_early_eoi();
         }
         break;
     case 0x32: /* rdmsr */
@@ -1831,6 +1896,8 @@ static int emulate(struct trap_frame *frame)
         kept_msr = kept_msr_of((u32)frame->rcx);
         if (kept_msr != 0) {
             value = *kept_msr;
+        } else if ((u32)frame->rcx == MSR_KVM_PV_EOI_EN) {
+            value = pv_eoi_msr;
         } else if (privileged(SERVICE_RDMSR, (u32)frame->rcx, (u64)&value)) {
             deliver(frame, 13, 1, 0);
             return 1;
@@ -2048,6 +2115,7 @@ void monitor_event(struct trap_frame *frame)
         deliver(frame, vector, has_error_code(vector), frame->error_code);
     } else if (guest.user || virtual_if) {
         count(COUNT_INTERRUPTS);
+        interrupt_delivered(vector);
         deliver(frame, vector, 0, 0);
     } else {
         count(COUNT_DEFERRED);

@@ -57,6 +57,9 @@
 /* The x2APIC's EOI register, which general_protection_entry writes at once (monitor.S) with the TSC
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
+#define MSR_X2APIC_LVT_TIMER 0x832u
+#define MSR_APIC_BASE 0x1bu
+#define MSR_KVM_PV_EOI_EN 0x4b564d04u /* KVM's paravirtual EOI (Documentation/virt/kvm/x86/msr.rst), which the monitor keeps */
 #define HANDOFF_WRMSR_RING0_COUNT HANDOFF_COUNTER(28)
 /* Where pv_iret counts its kernel's IRETQs to itself (counters[COUNT_IRETQ_GATE]), and
  * pv_deliver_held the held interrupts it delivers (COUNT_INTERRUPTS, COUNT_HELD_GATE). */
@@ -69,6 +72,9 @@
 #define HANDOFF_GS_GATE_COUNT HANDOFF_COUNTER(34)
 #define HANDOFF_GS_NATIVE_COUNT HANDOFF_COUNTER(35)
 #define HANDOFF_MSR_NATIVE_COUNT HANDOFF_COUNTER(36)
+/* Where pv_deliver_held counts the interrupts it delivers with the guest's EOI flag set
+ * (counters[COUNT_PV_EOI]). */
+#define HANDOFF_PV_EOI_COUNT HANDOFF_COUNTER(37)
 
 /* The vectors monitor_event sees for a SYSCALL (syscall_gate) and for the kernel's return from one
  * (sysret_gate): above the CPU's 256. */
@@ -148,6 +154,7 @@ enum {
     COUNT_GS_GATE,     /* its kernel's GS loads that ring 0 did through gs_gate, without a trap */
     COUNT_GS_NATIVE,   /* its kernel's GS loads that gs_gate left to its ring 3 (fsgsbase_native): no trip */
     COUNT_MSR_NATIVE,  /* its kernel's writes of the user mode's FS and GS bases that msr_gate did in its ring 3: no trip */
+    COUNT_PV_EOI,      /* its LAPIC timer's interrupts that ring 0 EOI'd as they came, delivered with its paravirtual EOI flag set */
     COUNT_KINDS
 };
 
