@@ -7,9 +7,9 @@
  * every exception and interrupt reaches its stub (event_stub_N) in ring 0, on the TSS stack, through
  * an interrupt gate. Ring 0 is emulated on the hosts the monitor is for, at about a microsecond an
  * instruction, so it does as little as it can there: an event from the guest is handed, in seven
- * instructions, to the monitor's body, which runs natively in ring 3 on the event's stack
- * (body_entry); ring 0 itself serves only the body's own events (a page fault on guest memory, an
- * interrupt while it runs) and the privileged operations it asks for (ring0_call).
+ * instructions (nine for an interrupt), to the monitor's body, which runs natively in ring 3 on the
+ * event's stack (body_entry); ring 0 itself serves only the body's own events (a page fault on guest
+ * memory, an interrupt while it runs) and the privileged operations it asks for (ring0_call).
  */
     .file "monitor.S"
 #include "monitor.h"
@@ -84,7 +84,8 @@ event_stub_\vector:
  * tops differ in bits 14 and 15 only (monitor.ld checks it): one XOR turns RSP0 from one to the other.
  * The lowest five words of each are an IRETQ frame into the body, on the event's frame at its top
  * (body_entry_frame): the trampoline's way out is two instructions. Each instruction here costs about
- * a microsecond where ring 0 is emulated; a stub is seven of them. */
+ * a microsecond where ring 0 is emulated; a stub is seven of them, and an interrupt's two more (the
+ * look for the timer whose EOI is ring 0's: early_eoi). */
 
 /* The guest's LAPIC timer interrupt, where its kernel takes KVM's paravirtual EOI (early_eoi_vector,
  * monitor.c): EOI'd here as it comes, and delivered with the guest's flag set, so that the kernel
