@@ -68,24 +68,19 @@
 #define DATA_DPL0 0x00cf92000000fffful
 
 __attribute__((section(".handoff"), aligned(4096))) struct handoff handoff = { 0 };
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_GATE]) == HANDOFF_MSR_GATE_COUNT,
-               "monitor.h: HANDOFF_MSR_GATE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_WRMSR_RING0]) == HANDOFF_WRMSR_RING0_COUNT,
-               "monitor.h: HANDOFF_WRMSR_RING0_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_IRETQ_GATE]) == HANDOFF_IRETQ_GATE_COUNT,
-               "monitor.h: HANDOFF_IRETQ_GATE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_INTERRUPTS]) == HANDOFF_INTERRUPTS_COUNT,
-               "monitor.h: HANDOFF_INTERRUPTS_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_HELD_GATE]) == HANDOFF_HELD_GATE_COUNT,
-               "monitor.h: HANDOFF_HELD_GATE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_GS_GATE]) == HANDOFF_GS_GATE_COUNT,
-               "monitor.h: HANDOFF_GS_GATE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_GS_NATIVE]) == HANDOFF_GS_NATIVE_COUNT,
-               "monitor.h: HANDOFF_GS_NATIVE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_MSR_NATIVE]) == HANDOFF_MSR_NATIVE_COUNT,
-               "monitor.h: HANDOFF_MSR_NATIVE_COUNT is not where the counter is");
-_Static_assert(__builtin_offsetof(struct handoff, counters[COUNT_PV_EOI]) == HANDOFF_PV_EOI_COUNT,
-               "monitor.h: HANDOFF_PV_EOI_COUNT is not where the counter is");
+/* Each counter the assembly counts at its offset in monitor.h (HANDOFF_*_COUNT) is where the struct has it. */
+#define COUNTER_AT(kind, offset) \
+    _Static_assert(__builtin_offsetof(struct handoff, counters[kind]) == (offset), \
+                   "monitor.h: " #offset " is not where the counter is")
+COUNTER_AT(COUNT_MSR_GATE, HANDOFF_MSR_GATE_COUNT);
+COUNTER_AT(COUNT_WRMSR_RING0, HANDOFF_WRMSR_RING0_COUNT);
+COUNTER_AT(COUNT_IRETQ_GATE, HANDOFF_IRETQ_GATE_COUNT);
+COUNTER_AT(COUNT_INTERRUPTS, HANDOFF_INTERRUPTS_COUNT);
+COUNTER_AT(COUNT_HELD_GATE, HANDOFF_HELD_GATE_COUNT);
+COUNTER_AT(COUNT_GS_GATE, HANDOFF_GS_GATE_COUNT);
+COUNTER_AT(COUNT_GS_NATIVE, HANDOFF_GS_NATIVE_COUNT);
+COUNTER_AT(COUNT_MSR_NATIVE, HANDOFF_MSR_NATIVE_COUNT);
+COUNTER_AT(COUNT_PV_EOI, HANDOFF_PV_EOI_COUNT);
 
 /* The real GDT (monitor.h has its layout), and at the same address in the user mode's shadow the
  * one its user mode runs on (paging_init): only what the CPU would let user code load there, the
@@ -427,9 +422,9 @@ static void *in_ram(u64 guest_physical, u64 length)
  * so the kernel never found it set, and every timer interrupt's EOI was a trip into ring 0. So the
  * monitor keeps the MSR from KVM and does it itself, for the LAPIC timer (x2APIC mode only, where the
  * monitor sees its vector written): ring 0 EOIs the timer's interrupt as it comes (early_eoi,
- * monitor.S), and the flag is set where it is delivered (the body, pv_deliver_held). As for KVM, a
- * kernel that enables the flag skips an EOI only where it finds it set, and Linux EOIs an interrupt
- * before it takes another.
+ * monitor.S), and the flag is set where it is delivered (flag_early_eoi in the body, and
+ * pv_deliver_held). As for KVM, a kernel that enables the flag skips an EOI only where it finds it
+ * set, and Linux EOIs an interrupt before it takes another.
  * - pv_eoi_msr: the MSR as the kernel wrote it; pv_eoi_flag: its flag, in the monitor's map of RAM;
  * - lapic_timer_vector: the vector of the x2APIC's LVT timer the kernel wrote last (0: none, or the
  *   APIC left x2APIC mode);
@@ -459,8 +454,24 @@ static int enable_pv_eoi(u64 value)
     return 1;
 }
 
-/* An interrupt delivered to the guest: the timer's, EOI'd by ring 0, with the kernel's flag set. */
-static void interrupt_delivered(u64 vector)
+/* The kernel's WRMSR of an MSR not kept in `guest`: 1 if done, 0 if refused. KVM's paravirtual EOI
+ * is the monitor's; the x2APIC's timer vector is seen on its way to the CPU. */
+static int write_guest_msr(u32 msr, u64 value)
+{
+    if (msr == MSR_KVM_PV_EOI_EN)
+        return enable_pv_eoi(value);
+    if (privileged(SERVICE_WRMSR, msr, value))
+        return 0;
+    if (msr == MSR_X2APIC_LVT_TIMER || (msr == MSR_APIC_BASE && !(value & APIC_BASE_X2APIC))) {
+        lapic_timer_vector = msr == MSR_X2APIC_LVT_TIMER ? value & LVT_VECTOR : 0;
+        choose_early_eoi();
+    }
+    return 1;
+}
+
+/* An interrupt about to be delivered to the guest: the timer's, EOI'd by ring 0, with the kernel's
+ * flag set. */
+static void flag_early_eoi(u64 vector)
 {
     if (vector != early_eoi_vector)
         return;
@@ -1225,15 +1236,20 @@ static void hold(u64 vector)
     __atomic_fetch_or(&held[vector / 64], 1ul << (vector % 64), __ATOMIC_RELAXED);
 }
 
+/* An interrupt, through the guest's IDT. */
+static void deliver_interrupt(struct trap_frame *frame, u64 vector)
+{
+    count(COUNT_INTERRUPTS);
+    flag_early_eoi(vector);
+    deliver(frame, vector, 0, 0);
+}
+
 /* A held interrupt, delivered now that the guest takes interrupts (the highest vector first). */
 static void deliver_held(struct trap_frame *frame)
 {
     if (!(guest.user || virtual_if) || !any_pending())
         return;
-    count(COUNT_INTERRUPTS);
-    u64 vector = (u64)take_pending();
-    interrupt_delivered(vector);
-    deliver(frame, vector, 0, 0);
+    deliver_interrupt(frame, (u64)take_pending());
 }
 
 /* ---- emulating the guest kernel's privileged instructions ---------------------------------------- */
@@ -1875,18 +1891,9 @@ static int emulate(struct trap_frame *frame)
         if (kept_msr != 0 && (kept_msr == &guest.star || kept_msr == &guest.sfmask ||
                               kept_msr == &guest.sysenter[0] || canonical(value))) {
             *kept_msr = value;
-        } else if ((u32)frame->rcx == MSR_KVM_PV_EOI_EN) {
-            if (!enable_pv_eoi(value)) {
-                deliver(frame, 13, 1, 0);
-                return 1;
-            }
-        } else if (kept_msr != 0 || privileged(SERVICE_WRMSR, (u32)frame->rcx, value)) {
-            deliver(frame, 13, 1, 0); /* a non-canonical address, or what the CPU refused */
+        } else if (kept_msr != 0 || !write_guest_msr((u32)frame->rcx, value)) {
+            deliver(frame, 13, 1, 0); /* a non-canonical address, or what the CPU (or KVM) refused */
             return 1;
-        } else if ((u32)frame->rcx == MSR_X2APIC_LVT_TIMER || ((u32)frame->rcx == MSR_APIC_BASE &&
-                                                              !(value & APIC_BASE_X2APIC))) {
-            lapic_timer_vector = (u32)frame->rcx == MSR_X2APIC_LVT_TIMER ? value & LVT_VECTOR : 0;
-            choose_early_eoi();
         }
         break;
     case 0x32: /* rdmsr */
@@ -2114,9 +2121,7 @@ void monitor_event(struct trap_frame *frame)
         count(COUNT_EXCEPTIONS);
         deliver(frame, vector, has_error_code(vector), frame->error_code);
     } else if (guest.user || virtual_if) {
-        count(COUNT_INTERRUPTS);
-        interrupt_delivered(vector);
-        deliver(frame, vector, 0, 0);
+        deliver_interrupt(frame, vector);
     } else {
         count(COUNT_DEFERRED);
         hold(vector);
