@@ -252,7 +252,10 @@ msr_gate_event:
     cmpl $MSR_FS_BASE, %edi
     jb 6f
     cmpl $MSR_KERNEL_GS_BASE, %edi
-    jbe 7f
+    jb 7f
+    ja 6f
+    movb $0, kernel_gs_msr_known(%rip)  /* (monitor.c) */
+    jmp 7f
 6:  cmpl $MSR_TSC_DEADLINE, %edi
     jne msr_refused
 7:  movl %edi, %ecx
@@ -265,6 +268,7 @@ gs_gate_event:
     cmpl $(gs_gate_return - MONITOR_BASE), 16(%rsp)
     jne 5f
     swapgs                              /* no swap is ever owed while the guest's kernel runs */
+    movb $0, kernel_gs_msr_known(%rip)  /* what the load gave is there (monitor.c) */
 gs_load_at:
     movl %edi, %gs
 1:  swapgs
@@ -321,6 +325,7 @@ syscall_entry:
     cmpb $0, entry_swapgs(%rip)         /* Linux's entry's SWAPGS, as the SYSCALL is delivered (monitor.c) */
     je 1f
     swapgs
+    movb $0, kernel_gs_msr_known(%rip)  /* the user mode's base is there (monitor.c) */
 1:  movq $SYSCALL_EVENT, (%rsp)
     movq %rcx, 16(%rsp)                 /* RIP: where the SYSCALL returns */
     movq $0, 24(%rsp)                   /* CS and SS: the SYSCALL sets them (monitor_event) */

@@ -159,10 +159,17 @@ u64 event_cr2;             /* the guest's page fault's address, which the trampo
 volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body's exit looks again */
 /* SWAPGS done where ring 0 already is, instead of by a call into it of its own (two a system call):
  * entry_swapgs, for ring 0's SYSCALL entry: the guest's LSTAR begins with SWAPGS, so swap there (the
- * body checks the bytes each time and corrects both); pending_swapgs: the guest's SWAPGS is owed, done
- * on the way out of the event, by leave_to_user or, to its kernel, by monitor_leave: no guest code
- * runs with it owed, so nothing reads GS's bases with it owed. */
+ * body checks the bytes each time and corrects both; not where the body swaps in ring 3); pending_swapgs:
+ * the guest's SWAPGS is owed, done on the way out of the event (leave_swapping_gs, or leave_to_user):
+ * no guest code runs with it owed, so nothing reads GS's bases with it owed. */
 u8 entry_swapgs, pending_swapgs;
+/* What KERNEL_GS_BASE holds in the CPU (an owed base not yet written), where kernel_gs_msr_known: so
+ * that the body may do the guest's SWAPGS in ring 3 (leave_swapping_gs). Learnt as the body leaves
+ * for user mode, from what leave_to_user leaves there; forgotten wherever else ring 0 swaps or writes
+ * it: privileged(), and in monitor.S syscall_entry's swap, gs_gate_event's and msr_gate_event's
+ * write, which the gates' native paths and leave_swapping_gs leave unused. */
+u8 kernel_gs_msr_known;
+u64 kernel_gs_msr;
 
 /* A VERW of the guest's kernel on its way to user mode, passed over where the body does that return
  * in the same event as the SWAPGS before it (Linux's CLEAR_CPU_BUFFERS, where its CPU needs it: 6.12
@@ -233,6 +240,8 @@ static int any_pending(void);
  * through ring0_call, which is monitor_ring0_event coming back here in ring 0. */
 static u64 privileged(u64 service, u64 a, u64 b)
 {
+    if (service == SERVICE_SWAPGS || (service == SERVICE_WRMSR && a == MSR_KERNEL_GS_BASE))
+        kernel_gs_msr_known = 0;
     if (!in_ring0()) {
         count(COUNT_RING0);
         return ring0_call(service, a, b);
@@ -314,6 +323,38 @@ static void settle_user_gs(void)
         return;
     privileged(SERVICE_WRMSR, MSR_KERNEL_GS_BASE, owed_user_gs_base);
     owed_user_gs = 0;
+}
+
+/* The guest's SWAPGS owed (pending_swapgs), as the body leaves. In ring 3 where it may write the GS
+ * base and the monitor knows what KERNEL_GS_BASE holds: the base swapped in is written with WRGSBASE,
+ * and the one swapped out is owed to KERNEL_GS_BASE, unless that holds it already, as it holds the
+ * kernel's own base on its way back to user mode (then nothing is left for ring 0 to do). Else by
+ * ring 0: leave_to_user's SWAPGS on the way to user mode, a call of its own on the way to the kernel
+ * (an interrupt's or exception's entry from user mode, and each system call's, were one each). */
+static void leave_swapping_gs(int to_user)
+{
+    if (pending_swapgs && fsgsbase_native && kernel_gs_msr_known) {
+        u64 out, in = owed_user_gs ? owed_user_gs_base : kernel_gs_msr;
+        __asm__ volatile("rdgsbase %0" : "=r"(out));
+        __asm__ volatile("wrgsbase %0" : : "r"(in) : "memory");
+        owed_user_gs_base = out;
+        owed_user_gs = out != kernel_gs_msr;
+        pending_swapgs = 0;
+        count(COUNT_SWAPGS_NATIVE);
+    } else if (pending_swapgs && !to_user) {
+        settle_user_gs();
+        privileged(SERVICE_SWAPGS, 0, 0);
+        pending_swapgs = 0;
+    }
+    if (to_user && fsgsbase_native) { /* what leave_to_user leaves in KERNEL_GS_BASE */
+        if (pending_swapgs) {
+            __asm__ volatile("rdgsbase %0" : "=r"(kernel_gs_msr)); /* swapped out there */
+            kernel_gs_msr_known = 1;
+        } else if (owed_user_gs) {
+            kernel_gs_msr = owed_user_gs_base;
+            kernel_gs_msr_known = 1;
+        }
+    }
 }
 
 /* ---- reports --------------------------------------------------------------------------------- */
@@ -1467,10 +1508,9 @@ static void emulate_syscall(struct trap_frame *frame)
         count(COUNT_SWAPGS);
         frame->rip += (u64)at + 3;
     }
-    if (swaps != entry_swapgs) { /* ring 0 swapped at the gate for the LSTAR it knew: set it right */
+    if (swaps != entry_swapgs) /* ring 0 swapped at the gate for the LSTAR it knew: set it right */
         pending_swapgs ^= 1;
-        entry_swapgs = swaps;
-    }
+    entry_swapgs = swaps && !fsgsbase_native; /* else the body's, in ring 3 (leave_swapping_gs) */
 }
 
 /* How far a NOP or a short jump forward at `bytes` takes the guest (0: neither, or not within
@@ -2139,11 +2179,7 @@ int monitor_leave(struct trap_frame *frame)
     }
     deliver_held(frame);
     int to_user = guest.user;
-    if (!to_user && pending_swapgs) { /* to its kernel, natively: the swap before it reads GS */
-        settle_user_gs();
-        privileged(SERVICE_SWAPGS, 0, 0);
-        pending_swapgs = 0;
-    }
+    leave_swapping_gs(to_user);
     if (to_user) {
         fence_ports();
     } else {

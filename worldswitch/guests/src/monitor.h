@@ -155,6 +155,7 @@ enum {
     COUNT_GS_NATIVE,   /* its kernel's GS loads that gs_gate left to its ring 3 (fsgsbase_native): no trip */
     COUNT_MSR_NATIVE,  /* its kernel's writes of the user mode's FS and GS bases that msr_gate did in its ring 3: no trip */
     COUNT_PV_EOI,      /* its LAPIC timer's interrupts that ring 0 EOI'd as they came, delivered with its paravirtual EOI flag set */
+    COUNT_SWAPGS_NATIVE, /* of its SWAPGS, those the body did in ring 3 (leave_swapping_gs), without ring 0 */
     COUNT_KINDS
 };
 
