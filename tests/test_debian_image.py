@@ -82,7 +82,7 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
     (docs/monitor.md): hence 900 s for that step. There only the disk: the ISO differs in how GRUB
     finds its files, which the ISO's menu test covers."""
     if EMULATED and which == "iso":
-        pytest.skip("GRUB's loading through the BIOS is emulated here: the disk alone takes two minutes")
+        pytest.skip("GRUB's loading through the BIOS is emulated here: the disk alone takes about six minutes")
     disk, iso = images
     spec = str(disk) if which == "disk" else f"{iso},ro,format=raw"
     with Machine(disk=[spec], monitor=EMULATED) as vm:
