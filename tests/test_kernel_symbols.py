@@ -121,18 +121,23 @@ def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_eve
         assert read_u64(result.vmlinux, slot) == pv_functions()[name], name
         assert PV_BASE <= read_u64(result.vmlinux, slot) < PV_BASE + 0x1000
     assert PV_BASE - KERNEL_TEXT < 1 << 31  # within a direct call of the kernel's text, as Linux patches it
-    # Linux 6.1's pv_ops.irq call sites: 1300 (save_fl, irq_disable and irq_enable each with an
-    # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back; safe_halt and halt
-    # without), and its pv_ops.mmu.read_cr2 and write_cr3 sites: 16, each with one (MOV from CR2, to CR3)
-    assert (result.sites, result.mmu_sites, result.alternatives) == (1300, 16, 1290 + 16)
+    # Linux 6.1's pv_ops.irq call sites: about 1,300, a few more or fewer by Debian 12's point release
+    # (1,300 in 6.1.0-4x, 1,298 in 6.1.0-50): save_fl, irq_disable and irq_enable each with an
+    # alternative, ALT_NOT(X86_FEATURE_XENPV), that would put cli, sti or pushf back, and ten of
+    # safe_halt and halt without; its pv_ops.mmu.read_cr2 and write_cr3 sites: 16, each with one
+    # (MOV from CR2, to CR3)
+    assert 1250 < result.sites < 1350 and result.mmu_sites == 16
+    assert result.alternatives == result.sites - 10 + result.mmu_sites
     assert result.cpu_sites == 357 + 12  # pv_ops.cpu.write_msr's and load_gs_index's, with no alternative over any
     before, after = _alternatives(vmlinux), _alternatives(result.vmlinux)
     changed = [at for at in before if before[at] != after[at]]
-    assert len(changed) == 1306
+    assert len(changed) == result.alternatives
     flag_not = alt_format(BtfTypes(vmlinux)).flag_not
     assert flag_not == 0x8000  # ALTINSTR_FLAG_INV, in 6.1's u16 cpuid
     assert all(before[at] == flag_not | X86_FEATURE_XENPV and after[at] == X86_FEATURE_XENPV for at in changed)
-    assert sum(1 for word in after.values() if word == flag_not | X86_FEATURE_XENPV) == 907  # the rest stay
+    inverted = sum(1 for word in before.values() if word == flag_not | X86_FEATURE_XENPV)
+    kept = sum(1 for word in after.values() if word == flag_not | X86_FEATURE_XENPV)
+    assert kept == inverted - len(changed) > 900  # the rest stay (907 in 6.1.0-4x, 908 in 6.1.0-50)
     iret = result.iret_site
     assert iret == symbols["native_irq_return_iret"].address
     text = read_sections(vmlinux)[".text"]

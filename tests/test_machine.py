@@ -30,6 +30,33 @@ def test_hello_exit_status_and_arguments_reach_the_vmx() -> None:
     assert run.result.exit_status == 7
 
 
+def test_a_console_byte_costs_one_world_switch_not_two() -> None:
+    """The guest's console polls LSR (an exit: it needs the answer) and writes THR (queued by KVM
+    without one, vmm/platform/coalesced.py): every byte arrives, in order, and the writes are counted
+    beside the exits."""
+    run = run_guest("hello")
+    banner = "Every character of this banner reached you through a world switch and the VMX's UART."
+    assert banner in run.text and run.text.index(banner) > run.text.index("Hello from a worldswitch guest")
+    printed = run.stats.devices["serial"]["bytes_out"]
+    assert printed == len(run.output) > 150
+    assert run.stats.coalesced["writes"] == printed
+    assert run.stats.exits == {"io": printed + 1}  # one LSR read a byte, and the debug port's exit
+
+
+def test_a_byte_left_queued_by_a_guest_that_makes_no_exit_still_arrives() -> None:
+    """The echo guest prints its prompt and then spins in ring 3 until input arrives, without an
+    exit: the prompt's last byte, written after its last LSR read, reaches the console only by the
+    drain's own thread (within DRAIN_PERIOD_S)."""
+    machine, output, _ = start_guest("echo")
+    with machine:
+        assert output.wait_for(b"('quit' ends)\r\n", 5)
+        switches = machine.stats().world_switches
+        assert machine.stats().coalesced["writes"] == len(output.data)
+        time.sleep(0.05)
+        assert machine.stats().world_switches == switches  # nothing exited to bring it
+        machine.stop()
+
+
 def test_every_exit_is_counted_exactly_once() -> None:
     n = 3000
     run = run_guest("exits", str(n))

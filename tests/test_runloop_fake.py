@@ -4,6 +4,7 @@ inline fast paths, the statistics and the end of a run are checked exit by exit.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from types import SimpleNamespace
 from typing import Callable
@@ -11,10 +12,11 @@ from typing import Callable
 import pytest
 
 from worldswitch.driver import structs as s
-from worldswitch.driver.constants import KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, ExitReason, SystemEvent
-from worldswitch.driver.kvm import PIO_DATA_OFFSET
+from worldswitch.driver.constants import KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, Cap, ExitReason, SystemEvent
+from worldswitch.driver.kvm import PAGE_SIZE, PIO_DATA_OFFSET, CoalescedRing
 from worldswitch.vmm import runloop
 from worldswitch.vmm.platform.bus import MmioBus, PioBus
+from worldswitch.vmm.platform.coalesced import CoalescedDrain
 from worldswitch.vmm.result import MachineResult, StopReason
 
 PORT = 0x80
@@ -24,13 +26,16 @@ MMIO_BASE = 0xD000_0000
 class FakeVcpu:
     """What VcpuRunner uses of driver.kvm.Vcpu: an id, an fd, the kvm_run mapping."""
 
+    RING_PAGE = 2  # where KVM_CAP_COALESCED_MMIO says the coalesced ring is (as on x86 hosts)
+
     def __init__(self) -> None:
         self.id = 0
         self.fd = -1
         self.run_request = 0
-        self.run_mmap = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+        self.run_mmap = mmap.mmap(-1, 3 * PAGE_SIZE)
         self.kvm_run = s.kvm_run.from_buffer(self.run_mmap)
-        self.vm = SimpleNamespace(check_extension=lambda capability: 0)  # no binary statistics
+        # no binary statistics; the coalesced ring in the third page
+        self.vm = SimpleNamespace(check_extension=lambda capability: self.RING_PAGE if capability == Cap.COALESCED_MMIO else 0)
 
     def get_regs(self) -> s.kvm_regs:
         return s.kvm_regs(rip=0x1234, rsp=0x8000)
@@ -54,10 +59,11 @@ def power_off(run: s.kvm_run) -> None:
 
 
 def run_fake(monkeypatch: pytest.MonkeyPatch, exits: list[Callable[[s.kvm_run, mmap.mmap], None]],
-             pio: PioBus, mmio_bus: MmioBus) -> tuple[runloop.VcpuRunner, list[MachineResult], list[bytes]]:
+             pio: PioBus, mmio_bus: MmioBus, vcpu: FakeVcpu | None = None,
+             coalesced: CoalescedDrain | None = None) -> tuple[runloop.VcpuRunner, list[MachineResult], list[bytes]]:
     """Run the loop over `exits`; returns the runner, what it asked the machine, and the port I/O
     data page as the loop left it before each next entry (what a guest's IN would read)."""
-    vcpu = FakeVcpu()
+    vcpu = vcpu or FakeVcpu()
     pending = list(exits)
     seen: list[bytes] = []
 
@@ -68,7 +74,7 @@ def run_fake(monkeypatch: pytest.MonkeyPatch, exits: list[Callable[[s.kvm_run, m
 
     monkeypatch.setattr(runloop, "kvm_run_call", kvm_run)
     results: list[MachineResult] = []
-    runner = runloop.VcpuRunner(vcpu, pio, mmio_bus, results.append)  # type: ignore[arg-type]
+    runner = runloop.VcpuRunner(vcpu, pio, mmio_bus, results.append, coalesced=coalesced)  # type: ignore[arg-type]
     runner.start()
     assert runner.finished.wait(10), "the loop did not end"
     runner.release()
@@ -111,3 +117,49 @@ def test_a_bug_in_a_device_ends_the_vm_with_the_vcpu_named(monkeypatch: pytest.M
     assert isinstance(runner.error, RuntimeError)
     assert [r.reason for r in results] == [StopReason.VMX_ERROR]
     assert "vCPU 0: RuntimeError: a bug in the device" in results[0].message
+
+
+def queue(page: mmap.mmap, port: int, value: int) -> None:
+    """A one-byte port write as KVM queues it in the coalesced ring (struct kvm_coalesced_mmio at
+    `last`, then `last` moved on)."""
+    base = FakeVcpu.RING_PAGE * PAGE_SIZE
+    header = s.kvm_coalesced_mmio_ring.from_buffer(page, base)
+    capacity = (PAGE_SIZE - ctypes.sizeof(header)) // ctypes.sizeof(s.kvm_coalesced_mmio)
+    at = base + ctypes.sizeof(header) + header.last * ctypes.sizeof(s.kvm_coalesced_mmio)
+    entry = s.kvm_coalesced_mmio(phys_addr=port, len=1, pio=1)
+    entry.data[0] = value
+    page[at:at + ctypes.sizeof(entry)] = bytes(entry)
+    header.last = (header.last + 1) % capacity
+    del header
+
+
+def test_port_writes_kvm_queued_reach_their_device_before_the_exit_that_follows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coalesced ring is applied in order, across its end, before the exit KVM reports next is
+    handled: the device sees the writes as the guest made them."""
+    writes: list[int] = []
+    pio = PioBus()
+    pio.register("port", PORT, 1, lambda offset, size: 0, lambda offset, size, value: writes.append(value))
+    vcpu = FakeVcpu()
+    ring = CoalescedRing(vcpu)  # type: ignore[arg-type]
+    assert ring.capacity == 170  # (4096 - 8) / 24, as the kernel's KVM_COALESCED_MMIO_MAX
+    ring.first.value = ring.last.value = ring.capacity - 1  # the next two wrap around the ring's end
+    drain = CoalescedDrain(ring, pio, MmioBus(), SimpleNamespace(active=True),  # type: ignore[arg-type]
+                           lambda message: None)
+
+    def queue_two_then_exit(run: s.kvm_run, page: mmap.mmap) -> None:
+        queue(page, PORT, ord("a"))
+        queue(page, PORT, ord("b"))
+        io(run, page, KVM_EXIT_IO_OUT, PORT, 1, ord("c"))
+
+    def queue_one_then_power_off(run: s.kvm_run, page: mmap.mmap) -> None:
+        queue(page, PORT, ord("d"))
+        power_off(run)
+
+    exits = [queue_two_then_exit, queue_one_then_power_off]
+    runner, results, _ = run_fake(monkeypatch, exits, pio, MmioBus(), vcpu, drain)
+    assert runner.error is None, runner.error
+    assert bytes(writes) == b"abcd"
+    assert drain.counters() == {"writes": 3, "drains": 2}
+    assert ring.first.value == ring.last.value == 2
+    assert [r.reason for r in results] == [StopReason.POWER_OFF]
+    ring.release()

@@ -146,3 +146,28 @@ def test_snapshot_state_round_trips() -> None:
     copy.restore(state)
     assert copy.state() == state
     assert copy_line.level == line.level
+
+
+def test_the_uart_says_when_a_byte_written_to_thr_may_raise_its_interrupt() -> None:
+    """What the VMM's coalescing of THR writes relies on (vmm/platform/coalesced.py): told at
+    construction, at each change and on restore, and only then."""
+    told: list[bool] = []
+    uart = Serial(RecordingLine(), [].append, told.append)
+    assert told == [False]  # reset: IER clear, no loopback
+    uart.write(u.LCR, 1, u.LCR_DLAB)
+    uart.write(u.IER_DLM, 1, u.IER_THRI)  # DLM, with DLAB set: nothing changes
+    uart.write(u.LCR, 1, 0x03)
+    uart.write(u.RBR_THR_DLL, 1, 0x41)
+    assert told == [False]
+    uart.write(u.IER_DLM, 1, u.IER_RDI)
+    assert told == [False]
+    uart.write(u.MCR, 1, u.MCR_LOOP)  # looped back into a FIFO whose interrupt is on
+    assert told == [False, True]
+    uart.write(u.IER_DLM, 1, 0)
+    assert told == [False, True, False]
+    uart.write(u.IER_DLM, 1, u.IER_THRI)
+    assert told == [False, True, False, True]
+    saved = uart.state()
+    uart.restore(u.SerialState())
+    uart.restore(saved)
+    assert told == [False, True, False, True, False, True]

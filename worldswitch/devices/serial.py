@@ -5,6 +5,10 @@ line and its output sink are passed in, so it runs in tests without KVM. Transmi
 (the sink takes bytes as the guest writes them); reception goes through a 16-byte receive FIFO fed
 from an unbounded backlog, so host input is never dropped while the guest is slow to read.
 
+Whether a byte written to THR can raise the interrupt line is told to `thr_may_interrupt`, if one
+is passed in, at construction, on restore and whenever it changes: where it cannot, the VMM may let
+KVM queue those writes rather than exit for each (vmm/platform/coalesced.py).
+
 Host input also waits in the backlog until the guest's driver shows it is receiving (it enables
 the receive interrupt or reads the line status): a driver resets the FIFO while it starts, and
 bytes the user typed or piped in before that must not vanish in the reset.
@@ -102,11 +106,16 @@ class Serial:
     """The 16550A. `write(offset, size, value)` / `read(offset, size)` are its bus interface;
     `receive(data)` is how the host back end delivers input."""
 
-    def __init__(self, irq: InterruptLine, sink: Callable[[bytes], None]) -> None:
+    def __init__(self, irq: InterruptLine, sink: Callable[[bytes], None],
+                 thr_may_interrupt: Callable[[bool], None] | None = None) -> None:
         self.irq = irq
         self.sink = sink
+        self.thr_may_interrupt = thr_may_interrupt
         self._lock = threading.Lock()
         self._load(SerialState())
+        self._told = self._thr_interrupts()
+        if thr_may_interrupt is not None:
+            thr_may_interrupt(self._told)
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -142,6 +151,7 @@ class Serial:
         with self._lock:
             self._load(state)
             self._update_irq()
+            self._tell(force=True)
 
     # --- host side --------------------------------------------------------------------------
 
@@ -168,6 +178,8 @@ class Serial:
         with self._lock:
             output = self._write(offset, value & 0xFF)
             self._update_irq()
+            if offset != RBR_THR_DLL:
+                self._tell()
         if output is not None:
             self.sink(output)  # outside the lock: a slow terminal must not block the input thread
 
@@ -289,6 +301,18 @@ class Serial:
         if self.ier & IER_MSI and self.msr & MSR_DELTAS:
             return IIR_MSI
         return IIR_NO_INT
+
+    def _thr_interrupts(self) -> bool:
+        """Whether a write to THR can raise the interrupt line: with THRI enabled, or looped back into
+        the receive FIFO with a receive interrupt enabled (a DLL write, with DLAB set, raises nothing,
+        and is also seen only by a read)."""
+        return bool(self.ier & IER_THRI or (self.mcr & MCR_LOOP and self.ier & (IER_RDI | IER_RLSI)))
+
+    def _tell(self, force: bool = False) -> None:
+        may = self._thr_interrupts()
+        if self.thr_may_interrupt is not None and (force or may != self._told):
+            self._told = may
+            self.thr_may_interrupt(may)
 
     def _update_irq(self) -> None:
         self.irq.set_level(self._interrupt_id() != IIR_NO_INT)

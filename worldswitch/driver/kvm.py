@@ -10,6 +10,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 from typing import Iterable, Sequence
 
 from ..errors import KvmError, KvmUnavailableError
@@ -19,7 +20,8 @@ from .constants import KVM_API_VERSION, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_FILT
 from .ioctl import ioctl, kvm_run_call, last_errno, libc_ioctl
 
 KVM_DEVICE = "/dev/kvm"
-PIO_DATA_OFFSET = 4096  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE on x86: where port I/O data sits in kvm_run
+PAGE_SIZE = 4096
+PIO_DATA_OFFSET = PAGE_SIZE  # KVM_PIO_PAGE_OFFSET * PAGE_SIZE on x86: where port I/O data sits in kvm_run
 
 
 class Kvm:
@@ -175,6 +177,14 @@ class Vm:
 
     def ioeventfd(self, fd: int, addr: int, length: int, flags: int = 0, datamatch: int = 0) -> None:
         ioctl(self.fd, rq.KVM_IOEVENTFD, s.kvm_ioeventfd(datamatch=datamatch, addr=addr, len=length, fd=fd, flags=flags))
+
+    def register_coalesced_pio(self, port: int, length: int) -> None:
+        """Guest writes inside [port, port + length) go to the coalesced ring, without an exit."""
+        ioctl(self.fd, rq.KVM_REGISTER_COALESCED_MMIO, s.kvm_coalesced_mmio_zone(port, length, 1))
+
+    def unregister_coalesced_pio(self, port: int, length: int) -> None:
+        """Writes there exit again (KVM drops every zone inside the range)."""
+        ioctl(self.fd, rq.KVM_UNREGISTER_COALESCED_MMIO, s.kvm_coalesced_mmio_zone(port, length, 1))
 
     def signal_msi(self, address: int, data: int) -> int:
         msi = s.kvm_msi(address_lo=address & 0xFFFFFFFF, address_hi=address >> 32, data=data)
@@ -394,3 +404,44 @@ class Vcpu:
 
     def get_stats_fd(self) -> int:
         return ioctl(self.fd, rq.KVM_GET_STATS_FD, 0)
+
+
+_COALESCED_ENTRY = struct.Struct("<QII8s")  # struct kvm_coalesced_mmio: phys_addr, len, pio, data
+assert _COALESCED_ENTRY.size == ctypes.sizeof(s.kvm_coalesced_mmio)
+
+
+class CoalescedRing:
+    """The ring of coalesced writes, one per VM, at KVM_CAP_COALESCED_MMIO's page of a vCPU's
+    mapping. KVM adds a write at `last`; the VMM takes them from `first`, in order, and moves it on
+    (KVM counts the ring full when `last` + 1 reaches `first`, and then exits for the write instead)."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        page = vcpu.vm.check_extension(Cap.COALESCED_MMIO)
+        if not page:
+            raise KvmError("KVM_CHECK_EXTENSION", errno.ENOTTY, "this host's KVM has no coalesced writes")
+        offset = page * PAGE_SIZE
+        header = ctypes.sizeof(s.kvm_coalesced_mmio_ring)
+        self.capacity = (PAGE_SIZE - header) // ctypes.sizeof(s.kvm_coalesced_mmio)
+        mapping = vcpu.run_mmap
+        self.first = ctypes.c_uint32.from_buffer(mapping, offset + s.kvm_coalesced_mmio_ring.first.offset)
+        self.last = ctypes.c_uint32.from_buffer(mapping, offset + s.kvm_coalesced_mmio_ring.last.offset)
+        self._page = memoryview(mapping)
+        self._entries_at = offset + header
+
+    def take(self) -> list[tuple[int, int, int, int]]:
+        """The queued writes in order, each (address, length, pio, value: pio non-zero for port
+        I/O), taken out of the ring."""
+        capacity, first, last = self.capacity, self.first, self.last
+        taken = []
+        while first.value != last.value:
+            index = first.value % capacity  # KVM's index, kept inside the ring whatever the page holds
+            address, length, pio, data = _COALESCED_ENTRY.unpack_from(self._page, self._entries_at + index * _COALESCED_ENTRY.size)
+            length = min(length, 8)
+            taken.append((address, length, pio, int.from_bytes(data[:length], "little")))
+            first.value = (index + 1) % capacity
+        return taken
+
+    def release(self) -> None:
+        """Drop the views into the vCPU's mapping so that it can be unmapped."""
+        self._page.release()
+        del self.first, self.last, self._page

@@ -119,6 +119,35 @@ class kvm_irqfd(Struct):
     ]
 
 
+class kvm_coalesced_mmio_zone(Struct):
+    """A range whose guest writes KVM queues in the coalesced ring instead of exiting; `pio`: port
+    I/O rather than MMIO (KVM_CAP_COALESCED_PIO)."""
+    _fields_ = [
+        ("addr", c_uint64),
+        ("size", c_uint32),
+        ("pio", c_uint32),
+    ]
+
+
+class kvm_coalesced_mmio(Struct):
+    """One queued write in the ring."""
+    _fields_ = [
+        ("phys_addr", c_uint64),
+        ("len", c_uint32),
+        ("pio", c_uint32),
+        ("data", c_uint8 * 8),
+    ]
+
+
+class kvm_coalesced_mmio_ring(Struct):
+    """The ring's header, at KVM_CAP_COALESCED_MMIO's page in every vCPU's mapping (one ring per VM):
+    KVM adds at `last`, the VMM takes from `first`; its entries follow, as many as fill the page."""
+    _fields_ = [
+        ("first", c_uint32),
+        ("last", c_uint32),
+    ]
+
+
 class kvm_ioeventfd(Struct):
     _fields_ = [
         ("datamatch", c_uint64),

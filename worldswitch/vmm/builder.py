@@ -17,13 +17,13 @@ from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 from ..devices.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042State
-from ..devices.serial import COM1_BASE, COM1_IRQ, REGISTER_COUNT, Serial, SerialState
+from ..devices.serial import COM1_BASE, COM1_IRQ, RBR_THR_DLL, REGISTER_COUNT, Serial, SerialState
 from ..devices.testdev import (TESTDEV_MMIO, TESTDEV_MMIO_SIZE, TESTDEV_PORT, TESTDEV_PORT_SIZE, SequenceRegister,
                                SequenceState)
 from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
-from ..driver.kvm import Kvm, Vcpu, Vm
+from ..driver.kvm import CoalescedRing, Kvm, Vcpu, Vm
 from ..errors import ConfigError, WorldswitchError
 from ..guests import MONITOR_IMAGE
 from ..memory.guest import GuestMemory
@@ -34,6 +34,7 @@ from .kick import install_kick_handler
 from .machine import Parts, Platform, StateBinding, Vmm
 from .outcome import Outcome
 from .platform.bus import MmioBus, PioBus
+from .platform.coalesced import CoalescedDrain, ThrCoalescing
 from .platform.irq import KvmIrqLine
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
@@ -168,14 +169,14 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         outcome = Outcome()
         platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
-        runners, refused_cpuid = _create_vcpus(core, config, platform, outcome, writer, undo)
+        runners, refused_cpuid, coalesced = _create_vcpus(core, config, platform, outcome, writer, undo)
         boot = load(core, tables, runners[0].vcpu, refused_cpuid) if load is not None else None
         if load is not None and runners[0].handoff is not None:
             runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
         if core.msr_filter is not None:
             core.msr_filter.wait()
         machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, writer,
-                      config.absolute(), core.host, warn)
+                      config.absolute(), core.host, warn, coalesced)
         undo.pop_all()  # the machine owns it all now
     return machine
 
@@ -250,7 +251,7 @@ def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, ser
     vm.create_irqchip()  # PIC, IOAPIC and a LAPIC per vCPU, all in the kernel
     vm.create_pit2(KVM_PIT_SPEAKER_DUMMY)
     pio, mmio = PioBus(), MmioBus(warn)
-    legacy, serial, reset = _legacy_devices(core, pio, mmio, outcome, serial_sink)
+    legacy, serial, coalescing, reset = _legacy_devices(core, pio, mmio, outcome, serial_sink)
     pci_host = acpi.PciHost(ECAM_BASE, PCI_MMIO_START, PCI_MMIO_END)
     if rom is not None:
         from .platform import pc
@@ -275,7 +276,7 @@ def _assemble_platform(core: _Core, config: MachineConfig, outcome: Outcome, ser
         firmware = Rom(ROM_TOP - len(rom), rom)
         firmware.register(vm, slot=len(memory.regions))
         parts = parts + pc_parts + Parts({"rom": firmware})
-    return Platform(core.memory_map, memory, pio, mmio, pci, parts, serial), tables
+    return Platform(core.memory_map, memory, pio, mmio, pci, parts, serial, coalescing), tables
 
 
 def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callable[[str], None],
@@ -290,9 +291,11 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
 
 
 def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
-                  trace: TraceWriter | None, undo: contextlib.ExitStack) -> tuple[list[VcpuRunner], list[HiddenFeature]]:
-    """A runner per vCPU, and the CPU features a kernel must be told not to use (what the host put
-    back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py). Under the
+                  trace: TraceWriter | None, undo: contextlib.ExitStack
+                  ) -> tuple[list[VcpuRunner], list[HiddenFeature], CoalescedDrain | None]:
+    """A runner per vCPU, the CPU features a kernel must be told not to use (what the host put
+    back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py), and the
+    drain of the port writes KVM queues, which every runner applies before its exits. Under the
     monitor, a machine that boots through firmware watches on its boot vCPU for the kernel its boot
     loader starts (x86/handoff.py)."""
     vm, memory, host = core.vm, core.memory, core.host
@@ -315,6 +318,12 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
 
         handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
                                   read_image(MONITOR_IMAGE, "the monitor"), refused)
+    coalesced = None
+    if platform.coalescing is not None:
+        ring = CoalescedRing(vcpus[0])  # one per VM: any vCPU's mapping shows it
+        undo.callback(ring.release)
+        coalesced = CoalescedDrain(ring, platform.pio, platform.mmio, platform.coalescing,
+                                   lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
     runners = []
     for vcpu in vcpus:
         emulator = TrapEmulator(memory)
@@ -322,10 +331,11 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
                             UserSyscall(vcpu, emulator) if complete_syscalls else None,
                             trace.buffer_for(vcpu.id) if trace is not None else None,
                             handoff if vcpu is vcpus[0] else None,
-                            functools.partial(core.monitor.failed_event, memory) if core.monitor is not None else None)
+                            functools.partial(core.monitor.failed_event, memory) if core.monitor is not None else None,
+                            coalesced)
         undo.callback(runner.release)
         runners.append(runner)
-    return runners, refused
+    return runners, refused, coalesced
 
 
 def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, initrd: bytes | None,
@@ -384,10 +394,15 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
 
 
 def _legacy_devices(core: _Core, pio: PioBus, mmio: MmioBus, outcome: Outcome,
-                    serial_sink: Callable[[bytes], None]) -> tuple[Parts, Serial, ResetRegister]:
-    """The devices every machine has on its ports, its serial console again, and the reset register
-    the PCI platform routes (a byte at 0xcf9, inside the host bridge's dword)."""
-    serial = Serial(KvmIrqLine(core.vm, COM1_IRQ), serial_sink)
+                    serial_sink: Callable[[bytes], None]) -> tuple[Parts, Serial, ThrCoalescing | None, ResetRegister]:
+    """The devices every machine has on its ports, its serial console again with its THR's
+    coalescing (where KVM can queue port writes), and the reset register the PCI platform routes (a
+    byte at 0xcf9, inside the host bridge's dword)."""
+    coalescing = None
+    if core.vm.check_extension(Cap.COALESCED_PIO) and core.vm.check_extension(Cap.COALESCED_MMIO):
+        coalescing = ThrCoalescing(core.vm, COM1_BASE + RBR_THR_DLL)
+    serial = Serial(KvmIrqLine(core.vm, COM1_IRQ), serial_sink,
+                    coalescing.thr_may_interrupt if coalescing is not None else None)
     pio.register("serial0 (16550A)", COM1_BASE, REGISTER_COUNT, serial.read, serial.write)
 
     i8042 = I8042(on_reset=outcome.guest_reset)
@@ -421,7 +436,7 @@ def _legacy_devices(core: _Core, pio: PioBus, mmio: MmioBus, outcome: Outcome,
         "testdev_pio": StateBinding(pio_sequence.state, pio_sequence.restore, SequenceState),
         "testdev_mmio": StateBinding(mmio_sequence.state, mmio_sequence.restore, SequenceState),
     }
-    return Parts(devices, states), serial, reset
+    return Parts(devices, states), serial, coalescing, reset
 
 
 def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig, warn: Callable[[str], None]) -> Parts:

@@ -19,6 +19,7 @@ from .config import MachineConfig
 from .host import HostKind
 from .outcome import Outcome
 from .platform.bus import MmioBus, PioBus
+from .platform.coalesced import CoalescedDrain, ThrCoalescing
 from .platform.pci_platform import PciPlatform
 from .result import MachineResult, StopReason
 from .runloop import VcpuRunner
@@ -92,15 +93,18 @@ class Platform(NamedTuple):
     pci: PciPlatform | None
     parts: Parts
     serial: Serial  # also in parts: the console the VMX attaches to
+    coalescing: ThrCoalescing | None  # where KVM queues the serial's THR writes (the host has coalesced port I/O)
 
 
 class Vmm:
     def __init__(self, kvm: Kvm, vm: Vm, platform: Platform, runners: list[VcpuRunner], outcome: Outcome,
                  boot: LinuxBoot | None, monitor: MonitorPlacement | None,
-                 trace: TraceWriter | None, config: MachineConfig, host: HostKind, warn: Callable[[str], None]) -> None:
+                 trace: TraceWriter | None, config: MachineConfig, host: HostKind, warn: Callable[[str], None],
+                 coalesced: CoalescedDrain | None) -> None:
         """`boot`: when the machine boots Linux; `monitor`: where the in-guest monitor is, if the
         program runs under it; `trace`: where every world switch is recorded, if it is (the runners
-        hold its buffers)."""
+        hold its buffers); `coalesced`: the drain of port writes KVM queued, if the host queues them
+        (the runners drain at their exits)."""
         self.kvm = kvm
         self.vm = vm
         self.memory_map = platform.memory_map
@@ -118,6 +122,7 @@ class Vmm:
         self.host = host
         self.warn = warn
         self.config = config  # with absolute paths, kept for snapshots
+        self.coalesced = coalesced
         self._started_ns = 0
         self._closed = False
         self._paused_clock: s.kvm_clock_data | None = None
@@ -149,6 +154,8 @@ class Vmm:
             self.pci.start()  # device I/O threads first: a guest may kick a queue at once
         for service in self.parts.services:
             service.start()
+        if self.coalesced is not None:
+            self.coalesced.start()
         for runner in self.runners:
             runner.start()
 
@@ -285,6 +292,8 @@ class Vmm:
             self.stop(StopReason.STOPPED, "machine closed")
         for runner in self.runners:
             runner.join(JOIN_TIMEOUT_S)
+        if self.coalesced is not None:
+            self.coalesced.close()  # the vCPUs have stopped: what they queued last reaches the console
         self._finish_trace()
         if self.pci is not None:
             self.pci.close()  # after the vCPUs: no request arrives any more; disks are synced
@@ -323,6 +332,7 @@ class Vmm:
             vmx_resident_kib=process_resident_kib(),
             guest_resident_kib=self.memory.resident_bytes() // 1024 if not self._closed else 0,
             monitor=self.monitor.counters(self.memory) if self.monitor is not None and not self._closed else {},
+            coalesced=self.coalesced.counters() if self.coalesced is not None else {},
         )
 
 

@@ -35,6 +35,7 @@ from .trace import FLAG_KICKED, FLAG_WRITE, TraceBuffer  # small: constants and 
 from .x86.insn import describe_internal_error
 
 if TYPE_CHECKING:
+    from .platform.coalesced import CoalescedDrain
     from .x86.emulate import TrapEmulator
     from .x86.handoff import FirmwareHandoff
     from .x86.user_syscall import UserSyscall
@@ -51,6 +52,7 @@ _MMIO = int(ExitReason.MMIO)
 _INTR = int(ExitReason.INTR)
 _UNKNOWN = int(ExitReason.UNKNOWN)
 _PUBLISH_EVERY = 4096
+_NO_RING = ctypes.c_uint32()  # a machine without coalesced writes: its ring's first and last, always equal
 
 
 class VcpuRunner:
@@ -68,12 +70,14 @@ class VcpuRunner:
         trace: TraceBuffer | None = None,
         handoff: FirmwareHandoff | None = None,
         explain_shutdown: Callable[[], str] | None = None,
+        coalesced: CoalescedDrain | None = None,
     ) -> None:
         """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs;
         `trace`: where every world switch is recorded, if it is; `handoff`: on the boot vCPU of a
         machine that boots Linux through firmware under the monitor, its watch for the kernel's entry;
         `explain_shutdown`: what else is known of a triple fault (under the monitor, the event it
-        could not deliver), or empty."""
+        could not deliver), or empty; `coalesced`: the VM's queued port writes, applied before
+        each exit is handled."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -91,6 +95,7 @@ class VcpuRunner:
         self.trace = trace
         self.handoff = handoff
         self.explain_shutdown = explain_shutdown
+        self.coalesced = coalesced
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
         if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):
@@ -217,6 +222,10 @@ class VcpuRunner:
         vmx_ns = self.vmx_ns
         publish_in = _PUBLISH_EVERY
         trace = self.trace
+        coalesced = self.coalesced
+        ring_first = coalesced.ring.first if coalesced is not None else _NO_RING
+        ring_last = coalesced.ring.last if coalesced is not None else _NO_RING
+        drain = coalesced.drain if coalesced is not None else self._on_nothing  # never called: no ring
         t_enter = clock()
         try:
             while not self._stop:
@@ -232,6 +241,8 @@ class VcpuRunner:
                 except IndexError:  # a reason newer than EXIT_REASON_LIMIT
                     reason = _UNKNOWN
                     counts[reason] += 1
+                if ring_first.value != ring_last.value:
+                    drain()  # the writes queued before this exit come first
                 if reason == _IO:
                     head = io_head.value
                     if head >> 32 == 1 and io_data_offset.value == PIO_DATA_OFFSET:

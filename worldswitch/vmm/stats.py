@@ -62,6 +62,7 @@ class MachineStats:
     vmx_resident_kib: int = 0  # the whole VMX process (VmRSS)
     guest_resident_kib: int = 0  # of which guest RAM
     monitor: dict[str, int] = field(default_factory=dict)  # the in-guest monitor's traps by kind (--monitor)
+    coalesced: dict[str, int] = field(default_factory=dict)  # port writes KVM queued instead of exiting
 
     @property
     def vmx_overhead_kib(self) -> int:
@@ -93,4 +94,5 @@ class MachineStats:
             "vcpus": [v.as_dict() for v in self.vcpus],
             "devices": self.devices,
             "monitor": self.monitor,
+            "coalesced": self.coalesced,
         }

@@ -58,6 +58,9 @@ def table(stats: MachineStats) -> str:
     if stats.monitor:
         traps = ", ".join(f"{count} {kind}" for kind, count in stats.monitor.items() if count)
         lines.append(f"monitor: {stats.monitor.get('events', 0)} traps into the in-guest monitor ({traps or 'none'})")
+    if stats.coalesced.get("writes"):
+        lines.append(f"coalesced port writes: {stats.coalesced['writes']} without a world switch, "
+                     f"applied in {stats.coalesced['drains']} drains")
     if stats.vmx_resident_kib:
         lines.append(
             f"memory: VMX resident {stats.vmx_resident_kib / 1024:.1f} MiB, of which guest RAM "
