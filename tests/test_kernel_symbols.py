@@ -13,7 +13,7 @@ import pytest
 from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import extract_vmlinux, parse_bzimage
 from worldswitch.boot.elf import read_sections
-from worldswitch.boot.kernel_symbols import (KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbol, _layout_since_6_4, _tokens,
+from worldswitch.boot.kernel_symbols import (KERNEL_TEXT, PV_IRQ_OPS, BtfTypes, Symbols, _layout_since_6_4, _tokens,
                                              kallsyms, pv_slots)
 from worldswitch.boot.linux import CMDLINE_ADDR, ZERO_PAGE, take_over_linux
 from worldswitch.boot.monitor import PV_BASE, pv_functions
@@ -38,7 +38,7 @@ def vmlinux() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def symbols(vmlinux: bytes) -> dict[str, Symbol]:
+def symbols(vmlinux: bytes) -> Symbols:
     return kallsyms(vmlinux)
 
 
@@ -63,13 +63,13 @@ def read_u64(vmlinux: bytes, address: int) -> int:
     raise AssertionError(f"{address:#x} is in no section of the image")
 
 
-def test_kallsyms_names_the_kernels_symbols(symbols: dict[str, Symbol]) -> None:
+def test_kallsyms_names_the_kernels_symbols(symbols: Symbols) -> None:
     assert len(symbols) > 50_000
     assert symbols["startup_64"].address == KERNEL_TEXT and symbols["startup_64"].kind == "T"
     assert symbols["pv_ops"].kind == "D" and symbols["native_save_fl"].kind == "T"
 
 
-def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
+def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: Symbols) -> None:
     types = BtfTypes(vmlinux)
     size, template = types.struct("paravirt_patch_template")
     assert list(template) == ["cpu", "irq", "mmu", "lock"] and template["irq"].type_name == "pv_irq_ops"
@@ -79,7 +79,7 @@ def test_btf_gives_pv_ops_its_layout(vmlinux: bytes, symbols: dict[str, Symbol])
     assert irq["save_fl"].type_name == "paravirt_callee_save" and irq["halt"].type_name == "pointer"
 
 
-def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
+def test_the_pv_ops_slots_hold_the_native_functions_kallsyms_names(vmlinux: bytes, symbols: Symbols) -> None:
     """Where BTF and kallsyms put pv_ops.irq, pv_ops.cpu.write_msr and load_gs_index and
     pv_ops.mmu.read_cr2 and write_cr3, the image holds pointers to the functions kallsyms calls
     native: the three sources agree."""
@@ -113,7 +113,7 @@ def _alternatives(vmlinux: bytes) -> dict[int, int]:
     return {at: struct.unpack_from("<H", vmlinux, at + 8)[0] for at in range(section.offset, section.offset + section.size, 12)}
 
 
-def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: dict[str, Symbol]) -> None:
+def test_paravirtualizing_points_the_interrupt_flag_at_the_monitor_and_keeps_every_call(vmlinux: bytes, symbols: Symbols) -> None:
     result = paravirtualize(vmlinux, pv_functions())
     slots = pv_slots(symbols, BtfTypes(vmlinux))
     assert len(slots) == 9

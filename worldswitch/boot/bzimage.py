@@ -55,9 +55,9 @@ class BzImage:
 
     @property
     def compression(self) -> str:
-        payload = self.payload
+        start, length = self.header.payload_offset, self.header.payload_length
         for name, magic in COMPRESSIONS:
-            if payload.startswith(magic):
+            if self.kernel.startswith(magic, start, start + length):  # not a copy of the payload's megabytes
                 return name
         return "unknown"
 
@@ -128,8 +128,8 @@ def _lz4_legacy(payload: bytes, limit: int) -> bytes:
     unpack whole, and the blocks must end exactly where the appended size begins."""
     import lz4.block  # a well-kept binding of the reference implementation
 
-    out = bytearray()
-    position = 4
+    blocks: list[bytes] = []
+    unpacked, position = 0, 4
     short_block = False
     while len(payload) - position > 4:  # the last 4 bytes are the appended size
         (size,) = struct.unpack_from("<I", payload, position)
@@ -142,30 +142,24 @@ def _lz4_legacy(payload: bytes, limit: int) -> bytes:
             raise ValueError("a block follows one shorter than 8 MiB")
         block = lz4.block.decompress(payload[position : position + size], uncompressed_size=LZ4_LEGACY_BLOCK)
         short_block = len(block) < LZ4_LEGACY_BLOCK
-        out += block
-        if len(out) > limit:
+        blocks.append(block)
+        unpacked += len(block)
+        if unpacked > limit:
             break  # decompress() says so
         position += size
-    if len(out) <= limit and position != len(payload) - 4:
+    if unpacked <= limit and position != len(payload) - 4:
         raise ValueError("the blocks do not end where the appended size begins")
-    return bytes(out)
-
-
-ZSTD_FEED = 256  # input per call: a zstd block unpacks to at most 128 KiB from 4 bytes, so 8 MiB at most
+    return b"".join(blocks)
 
 
 def _zstd(payload: bytes, limit: int) -> bytes:
-    """The first frame (the size the build appends follows it), fed in small pieces: the binding's
-    decompressobj has no output limit of its own."""
+    """The first frame (the size the build appends follows it), no more than `limit` + 1 bytes of it:
+    a stream reader returns no more than it is asked for, and stops at the frame's end (a read past
+    it would take the appended size for a frame). A read cut short shows in the size check after."""
     import zstandard
 
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    out = bytearray()
-    for start in range(0, len(payload), ZSTD_FEED):
-        out += decompressor.decompress(payload[start : start + ZSTD_FEED])
-        if decompressor.eof or len(out) > limit:
-            break
-    return bytes(out)
+    with zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=False) as reader:
+        return reader.read(limit + 1)
 
 
 def decompress(payload: bytes, compression: str, name: str = "kernel", limit: int = 1 << 32) -> bytes:
@@ -215,9 +209,9 @@ def extract_vmlinux(kernel: BzImage) -> bytes:
     if kernel.header.version < 0x0208 or not kernel.header.payload_length:
         raise GuestImageError(f"{kernel.name}: boot protocol {kernel.protocol} does not locate its payload; "
                               "use --decompress=guest")
-    init_size = kernel.header.init_size
-    data = decompress(kernel.payload, kernel.compression, kernel.name, init_size)
-    check_unpacked_size(data, kernel.payload, kernel.compression, init_size, kernel.name)
+    init_size, payload, compression = kernel.header.init_size, kernel.payload, kernel.compression
+    data = decompress(payload, compression, kernel.name, init_size)
+    check_unpacked_size(data, payload, compression, init_size, kernel.name)
     if not data.startswith(b"\x7fELF"):
         raise GuestImageError(f"{kernel.name}: the decompressed {kernel.compression} payload is not an ELF vmlinux")
     return data

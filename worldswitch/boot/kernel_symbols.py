@@ -23,6 +23,8 @@ BTF: Documentation/bpf/btf.rst.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Mapping
+from operator import itemgetter
 from typing import NamedTuple
 
 from ..errors import GuestImageError
@@ -145,6 +147,22 @@ def _markers_before(rodata: bytes, end: int) -> int:
     return -1
 
 
+def _words_within(rodata: bytes, end: int, low: int, high: int) -> list[int]:
+    """Where the u32 words from `low` to `high` (less than 256 apart) lie before `end`, aligned to 4,
+    from the last back: their upper three bytes take one or two values, which bytes.find looks for
+    (a walk of the words in Python took 120 ms over Linux 7.2's 2 MB of names)."""
+    found = []
+    for upper in {low >> 8, high >> 8}:
+        pattern = upper.to_bytes(3, "little")
+        at = rodata.find(pattern, 1, end)
+        while at >= 0:
+            position = at - 1
+            if position % 4 == 0 and low <= struct.unpack_from("<I", rodata, position)[0] <= high:
+                found.append(position)
+            at = rodata.find(pattern, at + 1, end)
+    return sorted(found, reverse=True)
+
+
 def _layout_since_7_0(rodata: bytes, table: _TokenTable, rodata_address: int) -> _Layout | None:
     """The count and the names first, the markers, the token table and index, then the offsets with
     no base after them, each table aligned to 4: the markers end where the token table begins, and
@@ -166,10 +184,8 @@ def _layout_since_7_0(rodata: bytes, table: _TokenTable, rodata_address: int) ->
             break
     else:
         return None
-    for position in range(markers - 4, -1, -4):
+    for position in _words_within(rodata, markers, max(256 * needed - 255, _MIN_SYMBOLS), min(256 * needed, _MAX_SYMBOLS)):
         count = struct.unpack_from("<I", rodata, position)[0]
-        if (count + 255) // 256 != needed or not _MIN_SYMBOLS <= count <= _MAX_SYMBOLS:
-            continue
         if offsets + 4 * count > len(rodata):
             return None
         for names in (position + 4, position + 8):
@@ -197,7 +213,7 @@ def _names_end(rodata: bytes, position: int, count: int, limit: int, alignment: 
     return position + (-position % alignment) if position <= limit else -1
 
 
-def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
+def kallsyms(vmlinux: bytes) -> Symbols:
     """Every symbol kallsyms names, by name (the last of equal names wins)."""
     rodata_section = read_sections(vmlinux).get(".rodata")
     if rodata_section is None:
@@ -208,14 +224,14 @@ def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
         _layout_since_7_0(rodata, table, rodata_section.address)
     if layout is None:
         raise GuestImageError("the kernel's kallsyms tables were not found in any layout of Linux 6.1 to 7.2")
-    names, position = [], layout.names
+    names, position, tokens = [], layout.names, table.tokens.__getitem__
     for _ in range(layout.symbols):
         if position + 2 > len(rodata):
             raise GuestImageError("the kernel's kallsyms_names run past .rodata")
         codes, length = _name_at(rodata, position)
         if codes + length > len(rodata):
             raise GuestImageError("the kernel's kallsyms_names run past .rodata")
-        names.append(b"".join(table.tokens[code] for code in rodata[codes : codes + length]))
+        names.append(b"".join(map(tokens, rodata[codes : codes + length])))  # map: a generator took twice as long
         position = codes + length
     offsets = struct.unpack_from(f"<{layout.symbols}i", rodata, layout.offsets)
     # Up to 6.14 x86-64's per-CPU symbols are absolute (KALLSYMS_ABSOLUTE_PERCPU): an offset of 0 or
@@ -223,18 +239,42 @@ def kallsyms(vmlinux: bytes) -> dict[str, Symbol]:
     # they are not, and every offset counts up from the base: `_text` is 0.
     text = next((offset for name, offset in zip(names, offsets) if name[1:] == b"_text"), None)
     absolute_per_cpu = text == -1
-    symbols = {}
-    for number, (name, offset) in enumerate(zip(names, offsets)):
-        if not name:
-            raise GuestImageError("the kernel's kallsyms_names hold an empty name")
-        if layout.place_relative:
-            address = (rodata_section.address + layout.offsets + 4 * number + offset) % (1 << 64)
-        elif absolute_per_cpu:
-            address = offset if offset >= 0 else KERNEL_TEXT - 1 - offset
-        else:
-            address = KERNEL_TEXT + (offset & 0xFFFF_FFFF)
-        symbols[name[1:].decode(errors="replace")] = Symbol(chr(name[0]), address)
-    return symbols
+    if not all(names):
+        raise GuestImageError("the kernel's kallsyms_names hold an empty name")
+    # Whole lists, not a loop over the symbols: this runs for 80,000 to 190,000 of them at every boot.
+    if layout.place_relative:
+        first = rodata_section.address + layout.offsets
+        addresses = [(first + 4 * number + offset) % (1 << 64) for number, offset in enumerate(offsets)]
+    elif absolute_per_cpu:
+        addresses = [offset if offset >= 0 else KERNEL_TEXT - 1 - offset for offset in offsets]
+    else:
+        addresses = [KERNEL_TEXT + (offset & 0xFFFF_FFFF) for offset in offsets]
+    return Symbols([name[1:].decode(errors="replace") for name in names], bytes(map(itemgetter(0), names)), addresses)
+
+
+class Symbols(Mapping[str, Symbol]):
+    """A kernel's symbols by name (the last of equal names wins). Each Symbol is made when asked for:
+    a kernel has 80,000 to 190,000 of them and a boot asks for a dozen (making them all, tuples the
+    garbage collector then walked, took 100 to 200 ms)."""
+
+    def __init__(self, names: list[str], kinds: bytes, addresses: list[int]) -> None:
+        self._index = dict(zip(names, range(len(names))))
+        self._kinds, self._addresses = kinds, addresses
+
+    def __getitem__(self, name: str) -> Symbol:
+        number = self._index[name]
+        return Symbol(chr(self._kinds[number]), self._addresses[number])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def next_above(self, address: int) -> int:
+        """The lowest address above `address` that kallsyms names (`address` if none is), whatever
+        the name: the end of the code or data at `address`."""
+        return min(filter(address.__lt__, self._addresses), default=address)
 
 
 class Member(NamedTuple):
@@ -251,17 +291,22 @@ _QUALIFIERS = (_TYPEDEF, _VOLATILE, _CONST, _RESTRICT, _TYPE_TAG)
 _FIXED_TAIL = {1: 4, 2: 0, 3: 12, 7: 0, 8: 0, 9: 0, 10: 0, 11: 0, 12: 0, 14: 4, 16: 0, 17: 4, 18: 0}
 _PER_MEMBER = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
 _UNNAMED = {2: "pointer", 3: "array", 13: "function"}
+_TAIL = [_FIXED_TAIL.get(kind, 0 if kind in _PER_MEMBER else -1) for kind in range(32)]  # by kind; -1: unknown
+_TAIL_PER_MEMBER = [_PER_MEMBER.get(kind, 0) for kind in range(32)]
 
 
 class _Type(NamedTuple):
     kind: int
-    name: str
+    name: int  # an offset in the string section
     size_or_type: int
-    members: tuple[tuple[str, int, int], ...]  # (name, type id, bit offset) of a struct or union; a function's parameters
+    info: int  # the header's info word: kind, member count (vlen), kind_flag
+    tail: int  # where the bytes after the header begin (a struct's or function's members)
 
 
 class BtfTypes:
-    """The type graph of a vmlinux's .BTF section, read whole when made."""
+    """The type graph of a vmlinux's .BTF section. Made, it has walked every type's header (Debian's
+    kernels have about 120,000); names, members and parameters are read when a question needs them,
+    as a question needs a dozen types of them (reading them all took 0.35 to 0.47 s of every boot)."""
 
     def __init__(self, vmlinux: bytes) -> None:
         section = read_sections(vmlinux).get(".BTF")
@@ -274,79 +319,92 @@ class BtfTypes:
         if magic != _BTF_MAGIC or header_length + max(type_offset + type_length, string_offset + string_length) > len(btf):
             raise GuestImageError("the kernel's .BTF section is not BTF, or is truncated")
         self._strings = btf[header_length + string_offset : header_length + string_offset + string_length]
-        self._types = self._read(btf[header_length + type_offset : header_length + type_offset + type_length])
+        self._data = btf[header_length + type_offset : header_length + type_offset + type_length]
+        self._structs: dict[bytes, int] = {}  # the first struct of each name: its type id
+        self._types = self._read(self._data)
 
-    def _string(self, offset: int) -> str:
+    def _bytes(self, offset: int) -> bytes:
         end = self._strings.find(b"\0", offset)
         if offset >= len(self._strings) or end < 0:
             raise GuestImageError("the kernel's BTF names a string outside its string section")
-        return self._strings[offset:end].decode(errors="replace")
+        return self._strings[offset:end]
 
-    def _read(self, data: bytes) -> list[_Type | None]:
-        types: list[_Type | None] = [None]  # type 0 is void
-        position = 0
-        while position + _TYPE.size <= len(data):
-            name, info, size_or_type = _TYPE.unpack_from(data, position)
-            position += _TYPE.size
-            kind, count, bitfields = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            members: tuple[tuple[str, int, int], ...] = ()
-            if kind in (_STRUCT, _UNION):
-                if position + 12 * count > len(data):
-                    raise GuestImageError("the kernel's BTF is truncated")
-                members = tuple((self._string(member_name), member_type, offset & 0xFFFFFF if bitfields else offset)
-                                for member_name, member_type, offset in
-                                (_TYPE.unpack_from(data, position + 12 * i) for i in range(count)))
-                position += 12 * count
-            elif kind == _FUNC_PROTO:  # its parameters: (name, type id) each
-                if position + 8 * count > len(data):
-                    raise GuestImageError("the kernel's BTF is truncated")
-                members = tuple((self._string(parameter_name), parameter_type, 0) for parameter_name, parameter_type in
-                                (struct.unpack_from("<II", data, position + 8 * i) for i in range(count)))
-                position += 8 * count
-            elif kind in _PER_MEMBER:
-                position += _PER_MEMBER[kind] * count
-            elif kind in _FIXED_TAIL:
-                position += _FIXED_TAIL[kind]
-            else:
+    def _string(self, offset: int) -> str:
+        return self._bytes(offset).decode(errors="replace")
+
+    def _read(self, data: bytes) -> list[tuple[int, int, int, int, int] | None]:
+        """Every type's header, as _Type's fields (a plain tuple each: a NamedTuple made 95,000
+        times took 80 ms more), and each struct's name in _structs."""
+        headers: list[tuple[int, int, int, int, int] | None] = [None]  # type 0 is void
+        size, tail, per_member = _TYPE.size, _TAIL, _TAIL_PER_MEMBER
+        position, last, unpack, append = 0, len(data) - size, _TYPE.unpack_from, headers.append
+        while position <= last:
+            name, info, size_or_type = unpack(data, position)
+            kind = (info >> 24) & 0x1F
+            fixed = tail[kind]
+            if fixed < 0:
                 raise GuestImageError(f"the kernel's BTF has a type of unknown kind {kind}")
-            types.append(_Type(kind, self._string(name), size_or_type, members))
-        return types
+            if kind == _STRUCT:
+                self._structs.setdefault(self._bytes(name), len(headers))
+            append((kind, name, size_or_type, info, position + size))
+            position += size + fixed + per_member[kind] * (info & 0xFFFF)
+        if position > len(data):
+            raise GuestImageError("the kernel's BTF is truncated")
+        return headers
+
+    def _type(self, type_id: int) -> _Type | None:
+        header = self._types[type_id] if type_id < len(self._types) else None
+        return None if header is None else _Type(*header)
+
+    def _members(self, found: _Type) -> list[tuple[str, int, int]]:
+        """(name, type id, bit offset) of a struct's or union's members; (name, type id, 0) of a
+        function's parameters."""
+        count = found.info & 0xFFFF
+        if found.kind == _FUNC_PROTO:
+            return [(self._string(name), type_id, 0) for name, type_id in
+                    (struct.unpack_from("<II", self._data, found.tail + 8 * i) for i in range(count))]
+        bitfields = found.info >> 31
+        return [(self._string(name), type_id, offset & 0xFFFFFF if bitfields else offset) for name, type_id, offset in
+                (_TYPE.unpack_from(self._data, found.tail + 12 * i) for i in range(count))]
 
     def _resolve(self, type_id: int) -> _Type | None:
         for _ in range(64):  # a chain of typedefs and qualifiers; a loop would be a corrupt file
-            found = self._types[type_id] if type_id < len(self._types) else None
+            found = self._type(type_id)
             if found is None or found.kind not in _QUALIFIERS:
                 return found
             type_id = found.size_or_type
         raise GuestImageError("the kernel's BTF has a loop of typedefs")
 
     def _struct(self, name: str) -> _Type:
-        for found in self._types:
-            if found is not None and found.kind == _STRUCT and found.name == name:
-                return found
-        raise GuestImageError(f"the kernel's BTF has no struct {name}")
+        type_id = self._structs.get(name.encode())
+        if type_id is None:
+            raise GuestImageError(f"the kernel's BTF has no struct {name}")
+        found = self._type(type_id)
+        assert found is not None
+        return found
 
     def _name(self, type_id: int) -> str:
         """What a type is called, past typedefs and qualifiers."""
         found = self._resolve(type_id)
-        return "void" if found is None else found.name or _UNNAMED.get(found.kind, "anonymous")
+        return "void" if found is None else self._string(found.name) or _UNNAMED.get(found.kind, "anonymous")
 
     def parameters(self, struct_name: str, member: str) -> list[str]:
         """The parameter types of the function a member of `struct struct_name` points to."""
-        member_type = next((type_id for name, type_id, _ in self._struct(struct_name).members if name == member), None)
+        member_type = next((type_id for name, type_id, _ in self._members(self._struct(struct_name)) if name == member),
+                           None)
         if member_type is None:
             raise GuestImageError(f"the kernel's struct {struct_name} has no member {member}")
         pointer = self._resolve(member_type)
         function = self._resolve(pointer.size_or_type) if pointer is not None and pointer.kind == _POINTER else None
         if function is None or function.kind != _FUNC_PROTO:
             raise GuestImageError(f"the kernel's struct {struct_name} member {member} is not a function pointer")
-        return [self._name(type_id) for _name, type_id, _ in function.members]
+        return [self._name(type_id) for _name, type_id, _ in self._members(function)]
 
     def struct(self, name: str) -> tuple[int, dict[str, Member]]:
         """(size, members by name) of `struct name`."""
         found = self._struct(name)
         return found.size_or_type, {member_name: Member(bit_offset // 8, self._name(member_type))
-                                    for member_name, member_type, bit_offset in found.members}
+                                    for member_name, member_type, bit_offset in self._members(found)}
 
 
 PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
@@ -355,7 +413,7 @@ PV_MMU_OPS = ("read_cr2", "write_cr3")
 PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS, "mmu": PV_MMU_OPS}  # pv_ops's groups, and the members of each a VMM may point
 
 
-def pv_slots(symbols: dict[str, Symbol], types: BtfTypes) -> dict[str, int]:
+def pv_slots(symbols: Mapping[str, Symbol], types: BtfTypes) -> dict[str, int]:
     """The addresses (as linked) of the function pointers in pv_ops that PV_OPS names, by member name
     (unique across the groups), from a kernel's symbols and types: where a VMM points a PARAVIRT_XXL
     kernel's interrupt flag, MSR writes, CR2 reads and CR3 loads at its own code before the kernel runs."""

@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
-from .kernel_symbols import PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbol, kallsyms, pv_slots
+from .kernel_symbols import PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbols, kallsyms, pv_slots
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
@@ -212,7 +212,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
                            kernel_return_site, sysret_site, ss_load_site, cx16_sites)
 
 
-def _point_kernel_return(image: bytearray, symbols: dict[str, Symbol], iret_site: int, target: int,
+def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,
                          file_offset: Callable[[int, int], int]) -> int | None:
     """The kernel's return to itself (entry_64.S, restore_regs_and_return_to_kernel) ends in a jump
     at early_xen_iret_patch to its IRETQ, which Xen PV's start-up rewrites into a jump to xen_iret
@@ -240,7 +240,7 @@ def _write_jump(image: bytearray, at: int, address: int, target: int, what: str)
     struct.pack_into("<i", image, at + 1, displacement)
 
 
-def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternatives: list[Alternative], target: int,
+def _point_syscall_return(image: bytearray, symbols: Symbols, alternatives: list[Alternative], target: int,
                           file_offset: Callable[[int, int], int]) -> int | None:
     """The kernel's return from a system call (entry_64.S, from entry_SYSRETQ_unsafe_stack: SWAPGS,
     CLEAR_CPU_BUFFERS, SYSRETQ; at entry_SYSRETQ_end an INT3, then the padding to the next function)
@@ -253,7 +253,7 @@ def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternat
     if "entry_SYSRETQ_unsafe_stack" not in symbols or "entry_SYSRETQ_end" not in symbols:
         return None
     site, end = symbols["entry_SYSRETQ_unsafe_stack"].address, symbols["entry_SYSRETQ_end"].address
-    following = _next_symbol(symbols, end)
+    following = symbols.next_above(end)  # the end of the code there
     at, at_end = file_offset(site, len(SWAPGS)), file_offset(end - len(SYSRETQ), following - end + len(SYSRETQ))
     padding = bytes(image[at_end + len(SYSRETQ) : at_end + len(SYSRETQ) + following - end])
     if (image[at : at + len(SWAPGS)] != SWAPGS or image[at_end : at_end + len(SYSRETQ)] != SYSRETQ
@@ -271,7 +271,7 @@ def _point_syscall_return(image: bytearray, symbols: dict[str, Symbol], alternat
     return site
 
 
-def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative], symbols: dict[str, Symbol],
+def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative], symbols: Symbols,
                 file_offset: Callable[[int, int], int]) -> int:
     """Puts CMPXCHG16B over each call of `this_cpu_cmpxchg16b_emu`, as the kernel's alternatives do
     later on a CPU with CX16 (every x86-64 CPU the monitor runs on has it, and the kernel's CPUID,
@@ -289,21 +289,22 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative
             continue  # another feature, or one with flags (not, or a direct call)
         instruction, length = alternative.instruction, alternative.length
         replacement, replacement_length = alternative.replacement, alternative.replacement_length
-        original = vmlinux[file_offset(instruction, length) :][:length]
+        at_instruction = file_offset(instruction, length)
+        original = vmlinux[at_instruction : at_instruction + length]
         if not any(original[k] == CALL_REL32 and
                    instruction + k + 5 + struct.unpack_from("<i", original, k + 1)[0] == emulation.address
                    for k in range(length - 4)):
             continue
-        code = vmlinux[file_offset(replacement, replacement_length) :][:replacement_length]
+        at_replacement = file_offset(replacement, replacement_length)
+        code = vmlinux[at_replacement : at_replacement + replacement_length]
         if replacement_length > length or not code.startswith((CMPXCHG16B_GS, CMPXCHG16B_GS_HIGH)):
             raise GuestImageError(f"the kernel's CX16 alternative at {instruction:#x} is not the CMPXCHG16B expected")
-        at_instruction = file_offset(instruction, length)
         image[at_instruction : at_instruction + length] = code + NOP * (length - replacement_length)
         applied += 1
     return applied
 
 
-def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[str, Symbol],
+def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
                     types: BtfTypes) -> tuple[int, int] | None:
     """Where `__switch_to` loads SS, and that instruction's length, if it does. On an AMD CPU
     (X86_BUG_SYSRET_SS_ATTRS, Linux 4.3 on, arch/x86/kernel/process_64.c) it loads __KERNEL_DS at
@@ -317,7 +318,7 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: dict[
     switch = symbols.get("__switch_to")
     if switch is None or "__ex_table" not in sections:
         return None
-    end = _next_symbol(symbols, switch.address)
+    end = symbols.next_above(switch.address)
     size, members = types.struct("exception_table_entry")
     (insn,) = _fields(size, members, "exception_table_entry", insn=4)
     table, text = sections["__ex_table"], sections[".text"]
@@ -373,11 +374,6 @@ def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: Alt
         if op is not None:
             ops[instruction] = op
     return ops
-
-
-def _next_symbol(symbols: dict[str, Symbol], address: int) -> int:
-    """Where the first symbol above `address` is: the end of the code there (`address` if none is)."""
-    return min((symbol.address for symbol in symbols.values() if symbol.address > address), default=address)
 
 
 def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:
