@@ -135,6 +135,32 @@ page_fault_entry:
     popq %rax
     jmp to_body
 
+/* int3's own entry (the IDT's vector 3). Most int3s are the monitor's own, each known by its address
+ * (RIP's low half: the monitor's base has none): the way out to user mode, a SYSCALL's gate, the
+ * body's calls (ring0_call; ring 0 serves them below), msr_gate's and gs_gate's. Of the calls a
+ * CR3 load (cr3_gate: a context switch's, and two a text poke's; 17,000 a boot of Debian 12's kernel,
+ * nearly all of its calls) is served here at once, without the list of services. The guest's own
+ * int3 goes to the body, as from any stub. */
+    .globl breakpoint_entry
+breakpoint_entry:
+    pushq $0
+    pushq $3
+    cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)
+    jne 1f
+    cmpl $(leave_return - MONITOR_BASE), 16(%rsp)
+    je leave_to_user
+    cmpl $(syscall_gate_return - MONITOR_BASE), 16(%rsp)
+    je syscall_entry
+    cmpl $(ring0_return - MONITOR_BASE), 16(%rsp)
+    jne msr_gate_event
+    cmpq $SERVICE_CR3, %rdi
+    jne ring0_service
+    movq %rsi, %cr3
+    jmp ring0_answered
+1:  cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
+    jne to_body_from_user
+    jmp to_body_from_kernel
+
 /* The #GP's own entry (the IDT's vector 13). A WRMSR of the guest's kernel to the TSC deadline, or
  * of 0 to the x2APIC's EOI, is done here at once: Linux makes both at each timer interrupt (7.2 with
  * WRMSRs of its own, not through pv_ops), and through the body each was an event and then a call
@@ -192,32 +218,19 @@ body_entry_frame:
     ret
 
 /* The body's call into ring 0 (int3 at ring0_call; ring 0 makes the same call for the MSRs): a
- * SWAPGS (two a system call: Linux's entry and return), a CR3 load, an INVLPG, an MSR write or read
- * here, the rest in C. ring0_call is a function call: RAX,
- * RCX and RDX are the caller's to lose. An MSR the CPU refuses is a #GP at wrmsr_at or rdmsr_at,
+ * SWAPGS, an INVLPG, an MSR write or read here (a CR3 load at breakpoint_entry), the rest in C.
+ * ring0_call is a function call: RAX, RCX and RDX are the caller's to lose. An MSR the CPU refuses is a #GP at wrmsr_at or rdmsr_at,
  * which own_event sends to msr_refused: the call answers 1 (0 when done). */
     .globl wrmsr_at, rdmsr_at, msr_refused
-ring0_event:
-    cmpq $3, (%rsp)                     /* the int3s of a call, the way out to user mode and the SYSCALL */
-    jne 5f                              /* gate: an interrupt that lands after one has its RIP too */
-    cmpl $(leave_return - MONITOR_BASE), 16(%rsp) /* RIP's low half: the monitor's base has none */
-    je leave_to_user
-    cmpl $(syscall_gate_return - MONITOR_BASE), 16(%rsp)
-    je syscall_entry
-    cmpl $(ring0_return - MONITOR_BASE), 16(%rsp)
-    jne msr_gate_event
+ring0_service:
     cmpq $SERVICE_SWAPGS, %rdi
-    jne 0f
-    swapgs                              /* the monitor never uses GS: the CPU's swap is the guest's */
-    jmp 4f
-0:  cmpq $SERVICE_CR3, %rdi
     jne 1f
-    movq %rsi, %cr3
-    jmp 4f
+    swapgs                              /* the monitor never uses GS: the CPU's swap is the guest's */
+    jmp ring0_answered
 1:  cmpq $SERVICE_INVLPG, %rdi
     jne 2f
     invlpg (%rsi)
-    jmp 4f
+    jmp ring0_answered
 2:  cmpq $SERVICE_WRMSR, %rdi
     jne 3f
     movl %esi, %ecx
@@ -225,9 +238,9 @@ ring0_event:
     shrq $32, %rdx
 wrmsr_at:
     wrmsr
-    jmp 4f
+    jmp ring0_answered
 3:  cmpq $SERVICE_RDMSR, %rdi
-    jne 5f
+    jne ring0_event
     movl %esi, %ecx
     movq %rdx, %r8                      /* where the value goes, in the body's memory */
 rdmsr_at:
@@ -236,7 +249,8 @@ rdmsr_at:
     movl %eax, %eax
     orq %rdx, %rax
     movq %rax, (%r8)
-4:  xorl %eax, %eax                     /* the answer: ring0_call's RAX is no longer RING0_UNANSWERED */
+ring0_answered:
+    xorl %eax, %eax                     /* the answer: ring0_call's RAX is no longer RING0_UNANSWERED */
     addq $16, %rsp
     iretq
 msr_refused:
@@ -266,7 +280,7 @@ msr_gate_event:
     .globl gs_load_at, gs_load_refused
 gs_gate_event:
     cmpl $(gs_gate_return - MONITOR_BASE), 16(%rsp)
-    jne 5f
+    jne ring0_event
     swapgs                              /* no swap is ever owed while the guest's kernel runs */
     movb $0, kernel_gs_msr_known(%rip)  /* what the load gave is there (monitor.c) */
 gs_load_at:
@@ -279,7 +293,9 @@ gs_load_refused:
     xorl %eax, %eax
     movl %eax, %gs
     jmp 1b
-5:  push_registers
+/* Every other event of the monitor's own, and the body's calls ring 0 does not serve above: in C. */
+ring0_event:
+    push_registers
     movq %rsp, %rdi
     cld
     call monitor_ring0_event

@@ -144,7 +144,8 @@ extern const u64 event_stubs[256];
 extern const u8 error_code_vectors[256];
 extern char monitor_stack_top[], syscall_gate[], xcr_write_at[], xcr_refused[];
 extern char wrmsr_at[], rdmsr_at[], msr_refused[];
-extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[], pv_page[];
+extern char ring0_return[], body_exit[], body_window[], body_window_end[], page_fault_entry[], breakpoint_entry[],
+    pv_page[];
 extern char general_protection_entry[], fast_wrmsr_fetch[], fast_wrmsr_unread[], fast_wrmsr_at[], fast_wrmsr_refused[];
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
@@ -1085,7 +1086,8 @@ u64 monitor_init(void)
     tss.io_map_gap = tss.io_map_end = 0xff;
     for (int vector = 0; vector < 256; vector++) {
         u64 target = vector == 14 ? (u64)page_fault_entry
-                   : vector == 13 ? (u64)general_protection_entry : event_stubs[vector];
+                   : vector == 13 ? (u64)general_protection_entry
+                   : vector == 3 ? (u64)breakpoint_entry : event_stubs[vector];
         idt[vector].offset_low = target & 0xffff;
         idt[vector].selector = MONITOR_CS;
         /* interrupt gates, DPL 0, except int3 and into, which ring 3 raises on purpose */
