@@ -138,8 +138,8 @@ page_fault_entry:
 /* int3's own entry (the IDT's vector 3). Most int3s are the monitor's own, each known by its address
  * (RIP's low half: the monitor's base has none): the way out to user mode, a SYSCALL's gate, the
  * body's calls (ring0_call; ring 0 serves them below), msr_gate's and gs_gate's. Of the calls a
- * CR3 load (cr3_gate: a context switch's, and two a text poke's; 17,000 a boot of Debian 12's kernel,
- * nearly all of its calls) is served here at once, without the list of services. The guest's own
+ * CR3 load (cr3_gate: 17,000 a boot of Debian 12's kernel, nearly all of its calls) is served here
+ * at once, without the list of services. The guest's own
  * int3 goes to the body, as from any stub. */
     .globl breakpoint_entry
 breakpoint_entry:
@@ -219,8 +219,9 @@ body_entry_frame:
 
 /* The body's call into ring 0 (int3 at ring0_call; ring 0 makes the same call for the MSRs): a
  * SWAPGS, an INVLPG, an MSR write or read here (a CR3 load at breakpoint_entry), the rest in C.
- * ring0_call is a function call: RAX, RCX and RDX are the caller's to lose. An MSR the CPU refuses is a #GP at wrmsr_at or rdmsr_at,
- * which own_event sends to msr_refused: the call answers 1 (0 when done). */
+ * ring0_call is a function call: RAX, RCX and RDX are the caller's to lose. An MSR the CPU refuses
+ * is a #GP at wrmsr_at or rdmsr_at, which own_event sends to msr_refused: the call answers 1 (0 when
+ * done). */
     .globl wrmsr_at, rdmsr_at, msr_refused
 ring0_service:
     cmpq $SERVICE_SWAPGS, %rdi
