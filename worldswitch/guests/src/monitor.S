@@ -108,7 +108,7 @@ early_eoi:
     jne to_body_from_user
     jmp to_body_from_kernel
 
-to_body:                                /* from the guest's page fault and SYSCALL: into the body */
+to_body:                                /* from the guest's page fault, int3 and SYSCALL: into the body */
     cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
     je to_body_from_kernel
 to_body_from_user:                      /* an event from user mode: the kernel's shadow, then the body */
@@ -139,14 +139,13 @@ page_fault_entry:
  * (RIP's low half: the monitor's base has none): the way out to user mode, a SYSCALL's gate, the
  * body's calls (ring0_call; ring 0 serves them below), msr_gate's and gs_gate's. Of the calls a
  * CR3 load (cr3_gate: 17,000 a boot of Debian 12's kernel, nearly all of its calls) is served here
- * at once, without the list of services. The guest's own
- * int3 goes to the body, as from any stub. */
+ * at once, without the list of services. The guest's own int3 goes to the body, as from any stub. */
     .globl breakpoint_entry
 breakpoint_entry:
     pushq $0
     pushq $3
     cmpw $MONITOR_RIP_BITS, MONITOR_RIP_WORD(%rsp)
-    jne 1f
+    jne to_body
     cmpl $(leave_return - MONITOR_BASE), 16(%rsp)
     je leave_to_user
     cmpl $(syscall_gate_return - MONITOR_BASE), 16(%rsp)
@@ -157,9 +156,6 @@ breakpoint_entry:
     jne ring0_service
     movq %rsi, %cr3
     jmp ring0_answered
-1:  cmpb $ON_KERNEL_ROOT, user_root_loaded(%rip)
-    jne to_body_from_user
-    jmp to_body_from_kernel
 
 /* The #GP's own entry (the IDT's vector 13). A WRMSR of the guest's kernel to the TSC deadline, or
  * of 0 to the x2APIC's EOI, is done here at once: Linux makes both at each timer interrupt (7.2 with
