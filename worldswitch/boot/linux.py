@@ -295,6 +295,23 @@ def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, na
 HANDED_OVER = "the kernel its boot loader started"
 
 
+SETUP_HEADER_SIZE = ctypes.sizeof(bp.setup_header)
+HDRS_AT = bp.setup_header.header.offset  # "HdrS", within the setup header
+
+
+def loader_entry(setup_header: bytes) -> int | None:
+    """Where a boot loader enters the bzImage whose setup header (the file's bytes from 0x1f1) this
+    is, or None if it is none: a relocatable kernel of protocol 2.10 or later at its pref_address
+    (GRUB's `linux`, SYSLINUX), any other at 1 MiB (boot.rst, "pref_address")."""
+    if len(setup_header) < SETUP_HEADER_SIZE:
+        return None
+    header = bp.setup_header.from_buffer_copy(setup_header)
+    if header.boot_flag != bp.BOOT_FLAG or header.header != bp.HDRS_MAGIC or header.version < 0x200:
+        return None
+    relocatable = header.version >= 0x20A and header.relocatable_kernel
+    return int(header.pref_address) if relocatable else BZIMAGE_LOAD_ADDR
+
+
 def enters_linux(memory: GuestMemory, zero_page: int, entry: int) -> bool:
     """Whether code reached at `entry` with `zero_page` in ESI is a boot loader entering Linux: the
     zero page holds a setup header whose code32_start is that entry (a boot loader's own code may run

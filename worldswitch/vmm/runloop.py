@@ -52,6 +52,7 @@ _MMIO = int(ExitReason.MMIO)
 _INTR = int(ExitReason.INTR)
 _UNKNOWN = int(ExitReason.UNKNOWN)
 _PUBLISH_EVERY = 4096
+SAMPLE_PERIOD = 0.25  # seconds between looks at where the firmware runs: GRUB's loading takes minutes
 _NO_RING = ctypes.c_uint32()  # a machine without coalesced writes: its ring's first and last, always equal
 
 
@@ -106,6 +107,7 @@ class VcpuRunner:
         self._stop = False
         self._pause = False
         self._kicked_at = 0
+        self._sample_due = False  # a kick from _sample_firmware, to be answered by handoff.on_sample
         self._state = threading.Condition()
         self.parked = threading.Event()
         self.finished = threading.Event()
@@ -148,6 +150,8 @@ class VcpuRunner:
     def start(self) -> None:
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
+        if self.handoff is not None:
+            threading.Thread(target=self._sample_firmware, name=f"vcpu{self.index}-sampler", daemon=True).start()
 
     def kick(self) -> None:
         """Bring the vCPU back to the VMX (see kick.py); idempotent and safe from any thread."""
@@ -178,6 +182,15 @@ class VcpuRunner:
             self.thread.join(timeout)
             return not self.thread.is_alive()
         return True
+
+    def _sample_firmware(self) -> None:
+        """While the boot vCPU runs firmware, a look at where it is every SAMPLE_PERIOD, taken on
+        the vCPU's thread at a kick (handoff.on_sample: a boot loader's copy loop, caught running)."""
+        handoff = self.handoff
+        while handoff is not None and handoff.watching and not self.finished.wait(SAMPLE_PERIOD):
+            if not self._pause:
+                self._sample_due = True
+                self.kick()
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -345,6 +358,9 @@ class VcpuRunner:
             if latency > self.kick_latency_ns_max:
                 self.kick_latency_ns_max = latency
             self._kicked_at = 0
+        if self._sample_due and self.handoff is not None:
+            self._sample_due = False
+            self.handoff.on_sample()
         with self._state:
             if self._pause and not self._stop:
                 parked_from = time.perf_counter_ns()
@@ -462,4 +478,6 @@ class VcpuRunner:
             kick_latency_ns_max=self.kick_latency_ns_max,
             kvm=kvm,
             vmx_emulated=dict(self.emulator.emulated) if self.emulator is not None else {},
+            copy_loop=({"calls": self.handoff.copy_loop_runs, "bytes": self.handoff.copy_loop_bytes}
+                       if self.handoff is not None and self.handoff.copy_loop_runs else {}),
         )

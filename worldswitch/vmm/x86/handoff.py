@@ -13,6 +13,12 @@ instruction. The VMM then does what its own loader does for `--kernel --monitor`
 and placed, the loader's zero page and command line kept), stops the PIT and masks the PICs the
 firmware programmed, and enters the monitor in long mode as a direct boot does.
 
+While the firmware runs, the runner samples where the boot vCPU is, a few times a second
+(on_sample): a byte-copy loop caught running (GRUB's memmove, copyloop.py) gets a debug register the
+entries leave free, and each call of it then costs one debug exit instead of four or five emulated
+instructions a byte. GRUB copies its kernel's setup header through those loops; once a served copy
+has held it, only 1 MiB and that kernel's entry are watched, and GRUB's two loops both have one.
+
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
 (only its virtual IF is the kernel's), and the BIOS left the PIT ticking and the PIC's vectors at 8:
 a tick would arrive as a double fault. They are left as a reset leaves them, as a direct boot finds
@@ -27,7 +33,7 @@ import lz4.block
 import zstandard
 
 from ...boot import paravirt
-from ...boot.linux import CpuFeature, LinuxBoot, enters_linux, take_over_linux
+from ...boot.linux import HDRS_AT, SETUP_HEADER_SIZE, CpuFeature, LinuxBoot, enters_linux, loader_entry, take_over_linux
 from ...boot.longmode import LINUX_GDT, LongModeLayout
 from ...boot.monitor import HANDOFF_MAGIC, GuestEntry, MonitorPlacement, load_monitor, pv_functions
 from ...driver import structs as s
@@ -36,6 +42,7 @@ from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, K
 from ...driver.kvm import Vcpu, Vm
 from ...memory.guest import GuestMemory
 from ...memory.layout import MemoryMap
+from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, still_there
 from .longmode import CR0_PE, CR0_PG, RFLAGS_RESERVED, setup_long_mode
 
 # What bzimage.py (the decompressors) and linux.py (the paravirtual patcher) import when first used:
@@ -45,9 +52,10 @@ PRELOADED = (lz4.block, zstandard, paravirt)
 
 # Where boot loaders enter a 64-bit bzImage: 1 MiB (the protocol's load address: SeaBIOS's linuxboot,
 # a loader that ignores pref_address), 2 MiB and 16 MiB (CONFIG_PHYSICAL_START's usual values, where
-# GRUB loads a relocatable kernel). One debug register each; DR7 enables them for execution.
+# GRUB loads a relocatable kernel). One debug register each, for execution, until the boot loader is
+# seen reading its kernel's header through a copy loop: then 1 MiB and that kernel's entry.
 ENTRIES = (0x100000, 0x200000, 0x1000000)
-DR7_EXECUTE = sum(1 << (2 * index) for index in range(len(ENTRIES)))  # L0, L1, L2; R/W and LEN 0
+DEBUG_REGISTERS = 4  # DR0-DR3
 PIC_ALL_MASKED = 0xFF
 PIT_NO_MODE = 0xFF  # what KVM's PIT reset leaves in a channel: it counts nothing until programmed
 
@@ -67,6 +75,13 @@ class FirmwareHandoff:
         self.refused = refused  # the CPU features its kernel is told not to use
         self.stepping = False  # over a boot loader's own code at a watched address
         self.boot: LinuxBoot | None = None  # what was taken over, once it has been
+        self.watching = True  # until the monitor runs: read by the runner's sampling thread
+        self.kernel_entry: int | None = None  # where the kernel whose header the loader read will be entered
+        self.copy_loops: list[CopyLoop] = []  # caught running, the latest first
+        self.entries: list[int] = list(ENTRIES)  # what the debug registers watch: these addresses,
+        self.armed_loops: list[CopyLoop] = []  # and these loops' heads
+        self.copy_loop_runs = 0  # calls of them the VMM ran
+        self.copy_loop_bytes = 0  # and the bytes those copied
 
     @property
     def handed_over(self) -> bool:
@@ -75,11 +90,28 @@ class FirmwareHandoff:
         return self.memory.read_int(self.placement.physical_base, 8) == HANDOFF_MAGIC
 
     def arm(self) -> None:
-        """The breakpoints, unless the monitor runs already (a restored machine)."""
-        if not self.handed_over:
-            debugreg = [*ENTRIES, 0, 0, 0, 0, DR7_EXECUTE]  # DR0-DR2 the entries, DR3-DR6 unused, DR7
+        """The breakpoints, unless the monitor runs already (a restored machine): the entries, and
+        in the debug registers they leave free the copy loops caught last."""
+        self.watching = not self.handed_over
+        if self.watching:
+            entry = self.kernel_entry
+            self.entries = list(ENTRIES) if entry is None else sorted({ENTRIES[0], entry})
+            self.armed_loops = self.copy_loops[: DEBUG_REGISTERS - len(self.entries)]
+            addresses = self.entries + [loop.head for loop in self.armed_loops]
+            dr7 = sum(1 << (2 * index) for index in range(len(addresses)))  # L0-L3; R/W and LEN 0: execution
+            debugreg = [*addresses, *[0] * (DEBUG_REGISTERS - len(addresses)), 0, 0, 0, dr7]  # DR0-DR3, -, -, DR6, DR7
             self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, debugreg)
         self.stepping = False
+
+    def on_sample(self) -> None:
+        """A look at where the boot vCPU runs (the runner asks a few times a second while the
+        firmware does): a byte-copy loop found running there, and so emulated, gets a debug register."""
+        if not self.watching or self.stepping or not flat_protected(self.vcpu.get_sregs()):
+            return
+        loop = find_around(self.memory, self.vcpu.get_regs().rip & MASK32)
+        if loop is not None and loop not in self.armed_loops:
+            self.copy_loops = [loop, *(known for known in self.copy_loops if known != loop)][:DEBUG_REGISTERS - 1]
+            self.arm()
 
     def on_debug(self) -> bool:
         """A KVM_EXIT_DEBUG: True when it was one of these breakpoints (or the step over one), now
@@ -89,16 +121,20 @@ class FirmwareHandoff:
             self.arm()
             return True
         regs = self.vcpu.get_regs()
-        if regs.rip not in ENTRIES:
-            return False
         sregs = self.vcpu.get_sregs()
+        linear = (sregs.cs.base + regs.rip) & MASK32  # what a debug register compares
+        for loop in self.armed_loops:
+            if linear == loop.head:
+                self._run_copy_loop(loop, regs, sregs)
+                return True
+        if linear not in self.entries:
+            return False
         protected_flat = sregs.cr0 & CR0_PE and not sregs.cr0 & CR0_PG and sregs.cs.db and not sregs.cs.base
         if not (protected_flat and enters_linux(self.memory, regs.rsi & 0xFFFFFFFF, regs.rip)):
-            # a boot loader's own code (GRUB's core runs at 1 MiB): one instruction, then watch again
-            self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
-            self.stepping = True
+            self._step()  # a boot loader's own code (GRUB's core runs at 1 MiB)
             return True
         self.vcpu.set_guest_debug(0)  # once: the boot loader has chosen
+        self.watching = False
         boot = take_over_linux(self.memory, self.memory_map, regs.rsi & 0xFFFFFFFF, regs.rip, pv_functions(),
                                self.refused)
         self._silence_legacy_interrupts()
@@ -112,6 +148,41 @@ class FirmwareHandoff:
         self.vcpu.set_regs(s.kvm_regs(rip=start.rip, rflags=RFLAGS_RESERVED))
         self.boot = boot
         return True
+
+    def _step(self) -> None:
+        """One instruction at a watched address, then watch again."""
+        self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
+        self.stepping = True
+
+    def _run_copy_loop(self, loop: CopyLoop, regs: s.kvm_regs, sregs: s.kvm_sregs) -> None:
+        """The loop's head reached: run it here, or let KVM run this call where it cannot be (its
+        bytes gone, another mode, DF set, an end outside RAM). A copy that is the start of a bzImage
+        (the boot loader reading its kernel's header) says where the kernel will be entered."""
+        copied = serve(loop, self.memory, regs, sregs)
+        if copied is None:
+            if not still_there(loop, self.memory):  # overwritten: the step arms without it; sampling looks again
+                self.copy_loops.remove(loop)
+            self._step()
+            return
+        self.vcpu.set_regs(regs)
+        self.copy_loop_runs += 1
+        self.copy_loop_bytes += copied.length
+        if copied.length >= SETUP_HEADER_SIZE:
+            self._learn_kernel_entry(self.memory.read(copied.target, copied.length))
+
+    def _learn_kernel_entry(self, data: bytes) -> None:
+        """Where the kernel whose setup header `data` holds will be entered, if it holds one: GRUB
+        copies a kernel's first block into its disk cache, and then the header alone (0x1f1 on)."""
+        found = data.find(b"HdrS", HDRS_AT)
+        while found >= 0:
+            start = found - HDRS_AT
+            entry = loader_entry(data[start : start + SETUP_HEADER_SIZE])
+            if entry is not None and ENTRIES[0] <= entry < 1 << 32 and self.memory.contains(entry):
+                if entry != self.kernel_entry:
+                    self.kernel_entry = entry
+                    self.arm()
+                return
+            found = data.find(b"HdrS", found + 1)
 
     def _silence_legacy_interrupts(self) -> None:
         """The PIT stopped and the PICs masked, as after a reset. Masks alone are not enough: Linux's

@@ -1,0 +1,227 @@
+"""A boot loader's byte-copy loop run by the VMM (vmm/x86/copyloop.py) leaves what the CPU leaves: each
+loop runs twice on /dev/kvm from the same state, once by KVM to its end and once stopped at a hardware
+breakpoint on its head and served, and the two are compared register by register and byte by byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from worldswitch.boot.bootparams import BOOT_FLAG, HDRS_MAGIC, setup_header
+from worldswitch.boot.linux import SETUP_HEADER_SIZE, loader_entry
+from worldswitch.driver import structs as s
+from worldswitch.driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, ExitReason
+from worldswitch.driver.exits import IoOut, decode_exit
+from worldswitch.driver.kvm import Kvm, Vcpu
+from worldswitch.memory.guest import GuestMemory
+from worldswitch.vmm.x86.copyloop import FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve
+
+GRUB_UP = bytes.fromhex("39f97410a4ebf9")  # GRUB 2.06's memmove upward: cmp %edi,%ecx; je +16; movsb; jmp back
+# and downward: sub $1,%ecx; jb +8; mov (%esi,%ecx,1),%dl; mov %dl,(%eax,%ecx,1); jmp back
+GRUB_DOWN = bytes.fromhex("83e901 7208 8a140e 881408 ebf3".replace(" ", ""))
+HEAD = 0x1000
+OUT_DONE = bytes.fromhex("e610")  # out %al, $0x10: the run ends in an exit there
+RAM = 1 << 20
+GRUB_KERNEL = Path("/usr/lib/grub/i386-pc/kernel.img")  # grub-pc-bin: the loops as Debian ships them
+DEBIAN_BOOT = Path(__file__).resolve().parent.parent / ".cache/debian/root/boot"  # what fetch_debian unpacked
+
+
+def up(walker: str, end: str, done: int = HEAD + 4 + 0x10) -> CopyLoop:
+    return CopyLoop("up", HEAD, done, walker=walker, end=end)
+
+
+def down(counter: str, source: str, target: str, byte: str, done: int = HEAD + 13) -> CopyLoop:
+    return CopyLoop("down", HEAD, done, counter=counter, source=source, target=target, byte=byte)
+
+
+def test_the_loops_are_recognized_by_their_bytes_and_nothing_like_them_is() -> None:
+    assert recognize(GRUB_UP, HEAD) == up("rdi", "rcx")
+    assert recognize(bytes.fromhex("3bcf7410a4ebf9"), HEAD) == up("rdi", "rcx")  # cmp %edi,%ecx the other way
+    assert recognize(bytes.fromhex("39f27410a4ebf9"), HEAD) == up("rsi", "rdx")  # cmp %esi,%edx
+    assert recognize(bytes.fromhex("39f974f0a4ebf9"), HEAD) == up("rdi", "rcx", HEAD + 4 - 0x10)  # a backward je
+    for other in ("39fe7410a4ebf9",  # ESI against EDI: both walk, they never meet
+                  "39c87410a4ebf9",  # ECX against EAX: neither walks
+                  "39397410a4ebf9",  # a memory operand
+                  "39f97410a5ebf9",  # movsd
+                  "39f97410a4ebf8"):  # a jump elsewhere
+        assert recognize(bytes.fromhex(other), HEAD) is None, other
+    assert recognize(GRUB_UP[:6], HEAD) is None
+    assert recognize(GRUB_DOWN, HEAD) == down("rcx", "rsi", "rax", "rdx")
+    # base and index the other way round, BL carrying the bytes, EDX counting
+    assert recognize(bytes.fromhex("83ea01 7208 8a1c32 881c17 ebf3".replace(" ", "")), HEAD) == \
+        down("rdx", "rsi", "rdi", "rbx")
+    for other in ("83e901 7208 8a0c0e 880c08 ebf3",  # CL carries the bytes: it is the count's own low byte
+                  "83e901 7208 8a340e 883408 ebf3",  # DH: a high byte
+                  "83e901 7208 8a140e 881608 ebf3",  # (%esi) without the count
+                  "83e901 7208 8a144e 881408 ebf3",  # scale 2
+                  "83e901 7208 8a140e 881c08 ebf3",  # loaded into DL, stored from BL
+                  "83e902 7208 8a140e 881408 ebf3",  # sub $2
+                  "83c101 7208 8a140e 881408 ebf3",  # add $1
+                  "83e901 7308 8a140e 881408 ebf3"):  # jae
+        assert recognize(bytes.fromhex(other.replace(" ", "")), HEAD) is None, other
+
+
+def test_debians_grub_has_both_loops_in_its_memmove() -> None:
+    if not GRUB_KERNEL.exists():
+        pytest.skip("grub-pc-bin is not installed")
+    image = GRUB_KERNEL.read_bytes()
+    assert image.count(GRUB_UP) == 1 and image.count(GRUB_DOWN) == 1
+
+
+def test_a_sample_anywhere_in_the_loop_finds_its_head(memory: GuestMemory) -> None:
+    memory.write(HEAD, GRUB_UP)
+    for address in (HEAD, HEAD + 2, HEAD + 4, HEAD + 5):
+        assert find_around(memory, address) == up("rdi", "rcx")
+    assert find_around(memory, HEAD + 1) is None and find_around(memory, HEAD + 7) is None
+    memory.write(HEAD, GRUB_DOWN)
+    for address in (HEAD, HEAD + 3, HEAD + 5, HEAD + 8, HEAD + 11):
+        assert find_around(memory, address) == down("rcx", "rsi", "rax", "rdx")
+    assert find_around(memory, HEAD + 4) is None and find_around(memory, HEAD + 13) is None
+    assert find_around(memory, 2) is None  # near address 0: no head below it
+
+
+@pytest.fixture
+def flat32() -> Iterator[tuple[Vcpu, GuestMemory]]:
+    """A vCPU in 32-bit protected mode without paging, flat segments, 1 MiB of RAM."""
+    kvm = Kvm.open()
+    vm = kvm.create_vm()
+    vm.set_tss_addr(0xFFFBD000)
+    vm.create_irqchip()
+    memory = GuestMemory([(0, RAM)])
+    memory.register(vm)
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    sregs = vcpu.get_sregs()
+    code = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x8, type=0xB, present=1, db=1, s=1, g=1)
+    data = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, db=1, s=1, g=1)
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.ss = sregs.fs = sregs.gs = data
+    sregs.cr0 = 0x11  # PE, ET
+    sregs.cr4 = sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    yield vcpu, memory
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    memory.close()
+
+
+def _prepare(memory: GuestMemory, code: bytes) -> None:
+    memory.fill(0, RAM)
+    memory.write(HEAD, code)
+    loop = recognize(code, HEAD)
+    assert loop is not None
+    memory.write(loop.done, OUT_DONE)
+    memory.write(0x10000, bytes((i * 7 + 3) & 0xFF for i in range(0x8000)))  # what is copied from
+
+
+def _registers(vcpu: Vcpu, **values: int) -> None:
+    vcpu.set_regs(s.kvm_regs(**{"rip": HEAD, "rsp": 0x8000, "rflags": 2, **values}))
+
+
+def _ends_at_done(vcpu: Vcpu) -> None:
+    assert vcpu.run() == ExitReason.IO
+    assert decode_exit(ExitReason.IO, vcpu.kvm_run, vcpu.run_mmap) == IoOut(0x10, 1, 1, b"\x00")
+
+
+SUMMARY = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rflags")
+DOWN_BL = bytes.fromhex("83ea01 7208 8a1c32 881c17 ebf3".replace(" ", ""))  # EDX counts, BL carries
+
+# name: (code, registers, bytes copied). Upward: GRUB's copy (its target below its source), a copy onto
+# its own source ahead of it (the first 5 bytes again and again), none at all, ESI walking to EDX, flags
+# set beforehand. Downward: GRUB's (its target above its source), a copy onto its own source behind it
+# (the last 3 bytes again and again, downwards), none at all, other registers.
+CASES = {
+    "up-grub": (GRUB_UP, dict(rsi=0x10000, rdi=0x4000, rcx=0x4000 + 3000), 3000),
+    "up-onto-its-source": (GRUB_UP, dict(rsi=0x10000, rdi=0x10005, rcx=0x10005 + 700), 700),
+    "up-nothing": (GRUB_UP, dict(rsi=0x10000, rdi=0x4000, rcx=0x4000), 0),
+    "up-esi-to-edx": (bytes.fromhex("39f27410a4ebf9"), dict(rsi=0x10100, rdi=0x9000, rdx=0x10100 + 77), 77),
+    "up-flags-before": (bytes.fromhex("3bcf7410a4ebf9"),
+                        dict(rsi=0x10000, rdi=0x5000, rcx=0x5000 + 9, rflags=2 | FLAG_CF | FLAG_SF | FLAG_OF), 9),
+    "down-grub": (GRUB_DOWN, dict(rsi=0x10000, rax=0x30000, rcx=2500, rdx=0x12345678), 2500),
+    "down-onto-its-source": (GRUB_DOWN, dict(rsi=0x10003, rax=0x10000, rcx=600, rdx=0xAB), 600),
+    "down-nothing": (GRUB_DOWN, dict(rsi=0x10000, rax=0x30000, rcx=0, rdx=0x77, rflags=2 | FLAG_OF), 0),
+    "down-bl-edx": (DOWN_BL, dict(rsi=0x10010, rdi=0x20000, rdx=33, rbx=0xFFFF), 33),
+}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_served_loop_leaves_what_kvm_running_it_leaves(flat32: tuple[Vcpu, GuestMemory], case: str) -> None:
+    vcpu, memory = flat32
+    code, values, length = CASES[case]
+    _prepare(memory, code)
+    _registers(vcpu, **values)
+    _ends_at_done(vcpu)  # KVM runs the loop, every byte
+    ran = vcpu.get_regs()
+    expected = memory.read(0, RAM)
+
+    _prepare(memory, code)
+    _registers(vcpu, **values)
+    vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [HEAD, 0, 0, 0, 0, 0, 0, 1])  # DR0, L0
+    assert vcpu.run() == ExitReason.DEBUG
+    regs = vcpu.get_regs()
+    loop = find_around(memory, regs.rip)
+    assert regs.rip == HEAD and loop is not None
+    copied = serve(loop, memory, regs, vcpu.get_sregs())
+    assert copied is not None and copied.length == length
+    assert copied.target == values["rdi" if loop.kind == "up" or loop.target == "rdi" else "rax"]
+    vcpu.set_regs(regs)
+    vcpu.set_guest_debug(0)
+    _ends_at_done(vcpu)
+    served = vcpu.get_regs()
+    assert {name: getattr(served, name) & 0xFFFFFFFF for name in SUMMARY} == \
+        {name: getattr(ran, name) & 0xFFFFFFFF for name in SUMMARY}
+    assert memory.read(0, RAM) == expected
+
+
+@pytest.mark.kvm
+def test_what_the_vmm_cannot_run_is_left_to_kvm(flat32: tuple[Vcpu, GuestMemory]) -> None:
+    """DF set (the copy walks down), an end outside RAM, code that is no longer the loop, another
+    mode: serve says so and changes nothing."""
+    vcpu, memory = flat32
+    _prepare(memory, GRUB_UP)
+    loop = find_around(memory, HEAD)
+    assert loop is not None
+    sregs = vcpu.get_sregs()
+    cases = [
+        (s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x4000, rcx=0x4000 + 16, rflags=2 | FLAG_DF), sregs),
+        (s.kvm_regs(rip=HEAD, rsi=RAM - 8, rdi=0x4000, rcx=0x4000 + 16, rflags=2), sregs),  # the source leaves RAM
+        (s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0xFFFFFFF0, rcx=0x20, rflags=2), sregs),  # wraps at 4 GiB
+        (s.kvm_regs(rip=HEAD + 2, rsi=0x10000, rdi=0x4000, rcx=0x4010, rflags=2), sregs),  # not at the head
+    ]
+    real = vcpu.get_sregs()
+    real.cr0 = 0x10  # real mode
+    cases.append((s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x4000, rcx=0x4010, rflags=2), real))
+    before = memory.read(0, RAM)
+    for regs, state in cases:
+        kept = bytes(regs)
+        assert serve(loop, memory, regs, state) is None
+        assert bytes(regs) == kept
+    memory.write(HEAD + 4, b"\xa5")  # movsd now
+    assert serve(loop, memory, s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x4000, rcx=0x4010, rflags=2), sregs) is None
+    assert memory.read(0, RAM)[: HEAD + 4] == before[: HEAD + 4]
+
+
+def _setup_header(version: int, relocatable: int, pref_address: int, flag: int = BOOT_FLAG) -> bytes:
+    header = setup_header(boot_flag=flag, header=HDRS_MAGIC, version=version, relocatable_kernel=relocatable,
+                          pref_address=pref_address)
+    return bytes(header)
+
+
+def test_where_a_boot_loader_enters_the_kernel_whose_header_it_read() -> None:
+    """boot.rst, "pref_address": a relocatable kernel of protocol 2.10 or later is loaded there (GRUB,
+    SYSLINUX); any other at 1 MiB, the protocol's load address. The handoff watches that address and
+    1 MiB once it has seen the header go by, leaving two debug registers to GRUB's two copy loops."""
+    assert SETUP_HEADER_SIZE == 0x26C - 0x1F1  # the header ends with kernel_info_offset at 0x268
+    assert loader_entry(_setup_header(0x20F, 1, 0x1000000)) == 0x1000000
+    assert loader_entry(_setup_header(0x20F, 1, 0x200000)) == 0x200000
+    assert loader_entry(_setup_header(0x20F, 0, 0x1000000)) == 0x100000  # not relocatable
+    assert loader_entry(_setup_header(0x209, 1, 0x1000000)) == 0x100000  # no pref_address before 2.10
+    assert loader_entry(_setup_header(0x20F, 1, 0x1000000, flag=0)) is None  # no boot sector signature
+    assert loader_entry(_setup_header(0x20F, 1, 0x1000000)[:-1]) is None  # cut short
+    assert loader_entry(bytes(SETUP_HEADER_SIZE)) is None
+    for kernel in DEBIAN_BOOT.glob("vmlinuz-*"):  # as GRUB reads it: the file's bytes from 0x1f1
+        assert loader_entry(kernel.read_bytes()[0x1F1 : 0x1F1 + SETUP_HEADER_SIZE]) == 0x1000000
