@@ -16,7 +16,8 @@ from worldswitch.driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_H
 from worldswitch.driver.exits import IoOut, decode_exit
 from worldswitch.driver.kvm import Kvm, Vcpu
 from worldswitch.memory.guest import GuestMemory
-from worldswitch.vmm.x86.copyloop import FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve
+from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve,
+                                          serve_rep_movs)
 
 GRUB_UP = bytes.fromhex("39f97410a4ebf9")  # GRUB 2.06's memmove upward: cmp %edi,%ecx; je +16; movsb; jmp back
 # and downward: sub $1,%ecx; jb +8; mov (%esi,%ecx,1),%dl; mov %dl,(%eax,%ecx,1); jmp back
@@ -225,3 +226,67 @@ def test_where_a_boot_loader_enters_the_kernel_whose_header_it_read() -> None:
     assert loader_entry(bytes(SETUP_HEADER_SIZE)) is None
     for kernel in DEBIAN_BOOT.glob("vmlinuz-*"):  # as GRUB reads it: the file's bytes from 0x1f1
         assert loader_entry(kernel.read_bytes()[0x1F1 : 0x1F1 + SETUP_HEADER_SIZE]) == 0x1000000
+
+
+# (code at HEAD, registers, bytes moved): GRUB's relocator moves chunks with `std; rep movsb` from their
+# ends and `cld; rep movsb` from their starts; forward and backward onto its own source; dwords.
+REP_CASES = {
+    "down-bytes": ("fdf3a4", dict(rsi=0x10000 + 4999, rdi=0x40000 + 4999, rcx=5000), 5000),
+    "down-onto-its-source": ("fdf3a4", dict(rsi=0x10000 + 999, rdi=0x10007 + 999, rcx=1000), 1000),
+    "up-bytes": ("fcf3a4", dict(rsi=0x10000, rdi=0x40000, rcx=3333), 3333),
+    "up-onto-its-source": ("fcf3a4", dict(rsi=0x10000, rdi=0x10003, rcx=800), 800),
+    "up-dwords": ("fcf3a5", dict(rsi=0x10000, rdi=0x40000, rcx=700), 2800),
+    "down-dwords": ("fdf3a5", dict(rsi=0x10000 + 4 * 99, rdi=0x50000 + 4 * 99, rcx=100), 400),
+    "none": ("fcf3a4", dict(rsi=0x10000, rdi=0x40000, rcx=0), 0),
+}
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("case", sorted(REP_CASES))
+def test_a_rep_movs_finished_by_the_vmm_leaves_what_kvm_leaves(flat32: tuple[Vcpu, GuestMemory], case: str) -> None:
+    """Stopped at its first iteration (a breakpoint on the REP MOVS after CLD or STD), as the sampling
+    finds one in progress: ECX, ESI and EDI are wherever the last iteration left them."""
+    vcpu, memory = flat32
+    code, values, length = REP_CASES[case]
+    program = bytes.fromhex(code) + OUT_DONE
+
+    def prepare() -> None:
+        memory.fill(0, RAM)
+        memory.write(HEAD, program)
+        memory.write(0x10000, bytes((i * 7 + 3) & 0xFF for i in range(0x8000)))
+        _registers(vcpu, **values)
+
+    prepare()
+    _ends_at_done(vcpu)
+    ran = vcpu.get_regs()
+    expected = memory.read(0, RAM)
+
+    prepare()
+    vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [HEAD + 1, 0, 0, 0, 0, 0, 0, 1])
+    assert vcpu.run() == ExitReason.DEBUG
+    regs = vcpu.get_regs()
+    assert regs.rip == HEAD + 1
+    copied = serve_rep_movs(memory, regs, vcpu.get_sregs())
+    assert copied is not None and copied.length == length
+    vcpu.set_regs(regs)
+    vcpu.set_guest_debug(0)
+    _ends_at_done(vcpu)
+    served = vcpu.get_regs()
+    assert {name: getattr(served, name) & 0xFFFFFFFF for name in SUMMARY} == \
+        {name: getattr(ran, name) & 0xFFFFFFFF for name in SUMMARY}
+    assert memory.read(0, RAM) == expected
+
+
+@pytest.mark.kvm
+def test_a_rep_movs_the_vmm_cannot_finish_is_left_to_kvm(flat32: tuple[Vcpu, GuestMemory]) -> None:
+    vcpu, memory = flat32
+    memory.write(HEAD, bytes.fromhex("f3a5"))
+    sregs = vcpu.get_sregs()
+    for regs in (s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x10004, rcx=8, rflags=2),  # overlapping dwords
+                 s.kvm_regs(rip=HEAD, rsi=RAM - 8, rdi=0x4000, rcx=16, rflags=2),  # the source leaves RAM
+                 s.kvm_regs(rip=HEAD, rsi=0x10, rdi=0x4000, rcx=16, rflags=2 | FLAG_DF),  # walks below 0
+                 s.kvm_regs(rip=HEAD + 1, rsi=0x10000, rdi=0x4000, rcx=16, rflags=2)):  # not a REP MOVS there
+        kept = bytes(regs)
+        assert serve_rep_movs(memory, regs, sregs) is None and bytes(regs) == kept
+    memory.write(HEAD, bytes.fromhex("f3a6"))  # rep cmpsb
+    assert serve_rep_movs(memory, s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x4000, rcx=16, rflags=2), sregs) is None

@@ -98,7 +98,7 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
         assert handoff is not None and handoff.boot is not None and "(type 0x72) started it at 0x1000000" in handoff.boot.notes[0]
         # its memmove, caught running by the sampling, ran by the VMM; the kernel's header, if a served
         # copy carried it, said where GRUB would enter it (else all three entries stayed watched)
-        assert handoff.copy_loop_runs > 1000 and handoff.copy_loop_bytes > 10 << 20, handoff.copy_loop_runs
+        assert handoff.copies > 1000 and handoff.copied_bytes > 10 << 20, handoff.copies
         assert handoff.kernel_entry in (None, 0x1000000)
 
 

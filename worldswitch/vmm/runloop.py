@@ -478,6 +478,6 @@ class VcpuRunner:
             kick_latency_ns_max=self.kick_latency_ns_max,
             kvm=kvm,
             vmx_emulated=dict(self.emulator.emulated) if self.emulator is not None else {},
-            copy_loop=({"calls": self.handoff.copy_loop_runs, "bytes": self.handoff.copy_loop_bytes}
-                       if self.handoff is not None and self.handoff.copy_loop_runs else {}),
+            copies=({"calls": self.handoff.copies, "bytes": self.handoff.copied_bytes}
+                    if self.handoff is not None and self.handoff.copies else {}),
         )

@@ -33,7 +33,7 @@ class VcpuStats:
     kick_latency_ns_max: int  # longest time from a kick to the vCPU being back in the VMX
     kvm: dict[str, int] = field(default_factory=dict)  # KVM's own counters (KVM_GET_STATS_FD)
     vmx_emulated: dict[str, int] = field(default_factory=dict)  # instructions the VMX emulated for KVM
-    copy_loop: dict[str, int] = field(default_factory=dict)  # a boot loader's copy loop run by the VMM: calls, bytes
+    copies: dict[str, int] = field(default_factory=dict)  # a boot loader's copies the VMM ran for KVM: calls, bytes
 
     @property
     def world_switches(self) -> int:
@@ -50,7 +50,7 @@ class VcpuStats:
             "kick_latency_ns_max": self.kick_latency_ns_max,
             "kvm": dict(self.kvm),
             "vmx_emulated": dict(self.vmx_emulated),
-            "copy_loop": dict(self.copy_loop),
+            "copies": dict(self.copies),
         }
 
 

@@ -55,9 +55,9 @@ def table(stats: MachineStats) -> str:
         if v.vmx_emulated:
             done = ", ".join(f"{count} {name}" for name, count in v.vmx_emulated.items())
             lines.append(f"vcpu{v.vcpu}: the VMX emulated (trap-and-emulate) what KVM left undone: {done}")
-        if v.copy_loop:
-            lines.append(f"vcpu{v.vcpu}: the VMX ran {v.copy_loop['calls']} calls of the boot loader's byte-copy loop "
-                         f"({v.copy_loop['bytes']} bytes) where KVM would have emulated each instruction")
+        if v.copies:
+            lines.append(f"vcpu{v.vcpu}: the VMX made {v.copies['calls']} of the boot loader's copies ({v.copies['bytes']} "
+                         "bytes) where KVM would have emulated each instruction (vmm/x86/copyloop.py)")
     if stats.monitor:
         traps = ", ".join(f"{count} {kind}" for kind, count in stats.monitor.items() if count)
         lines.append(f"monitor: {stats.monitor.get('events', 0)} traps into the in-guest monitor ({traps or 'none'})")

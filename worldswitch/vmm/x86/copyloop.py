@@ -51,6 +51,7 @@ LENGTH = DOWN_LENGTH  # the most a loop's bytes take
 _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality either way
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
 _INSTRUCTION_STARTS = {"up": (0, 2, 4, 5), "down": (0, 3, 5, 8, 11)}
+_REP, _MOVS = 0xF3, {0xA4: 1, 0xA5: 4}  # REP; MOVSB and MOVSD, by the bytes each moves
 
 
 class CopyLoop(NamedTuple):
@@ -173,6 +174,36 @@ def copy_bytes(memory: GuestMemory, source: int, target: int, length: int, upwar
         data = bytes(data[length - period + (i - (length - period)) % period] for i in range(length))
     memory.write(target, data)
     return True
+
+
+def serve_rep_movs(memory: GuestMemory, regs: s.kvm_regs, sregs: s.kvm_sregs) -> Copied | None:
+    """A `rep movsb` or `rep movsd` (no other prefix) at RIP, caught in progress or before it began:
+    the rest of it run here (ECX left 0, ESI and EDI past their ends, RIP past it; the flags are
+    MOVS's to leave alone), or None where KVM must go on with it (`regs` untouched). GRUB's relocator
+    moves the kernel and initrd into place with one, of tens of megabytes, in either direction."""
+    rip = regs.rip & MASK32
+    if not flat_protected(sregs) or regs.rflags & FLAG_TF or not memory.contains(rip, 2):
+        return None
+    code = memory.read(rip, 2)
+    size = _MOVS.get(code[1], 0) if code[0] == _REP else 0
+    if not size:
+        return None
+    length = (regs.rcx & MASK32) * size
+    source, target = regs.rsi & MASK32, regs.rdi & MASK32
+    downward = bool(regs.rflags & FLAG_DF)
+    low_source, low_target = (source - length + size, target - length + size) if downward else (source, target)
+    if min(low_source, low_target) < 0:
+        return None  # wraps below 0
+    if size > 1 and abs(low_target - low_source) < length:
+        return None  # overlapping dwords: KVM's emulator makes each move
+    if not copy_bytes(memory, low_source, low_target, length, upward=not downward):
+        return None
+    moved = -length if downward else length
+    regs.rsi = (source + moved) & MASK32
+    regs.rdi = (target + moved) & MASK32
+    regs.rcx &= ~MASK32
+    regs.rip = rip + 2
+    return Copied(low_target, length)
 
 
 def serve(loop: CopyLoop, memory: GuestMemory, regs: s.kvm_regs, sregs: s.kvm_sregs) -> Copied | None:

@@ -16,7 +16,7 @@ firmware programmed, and enters the monitor in long mode as a direct boot does.
 While the firmware runs, the runner samples where the boot vCPU is, a few times a second
 (on_sample): a byte-copy loop caught running (GRUB's memmove, copyloop.py) gets a debug register the
 entries leave free, and each call of it then costs one debug exit instead of four or five emulated
-instructions a byte. GRUB copies its kernel's setup header through those loops; once a served copy
+instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB copies its kernel's setup header through those loops; once a served copy
 has held it, only 1 MiB and that kernel's entry are watched, and GRUB's two loops both have one.
 
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
@@ -42,7 +42,7 @@ from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, K
 from ...driver.kvm import Vcpu, Vm
 from ...memory.guest import GuestMemory
 from ...memory.layout import MemoryMap
-from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, still_there
+from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, serve_rep_movs, still_there
 from .longmode import CR0_PE, CR0_PG, RFLAGS_RESERVED, setup_long_mode
 
 # What bzimage.py (the decompressors) and linux.py (the paravirtual patcher) import when first used:
@@ -80,8 +80,8 @@ class FirmwareHandoff:
         self.copy_loops: list[CopyLoop] = []  # caught running, the latest first
         self.entries: list[int] = list(ENTRIES)  # what the debug registers watch: these addresses,
         self.armed_loops: list[CopyLoop] = []  # and these loops' heads
-        self.copy_loop_runs = 0  # calls of them the VMM ran
-        self.copy_loop_bytes = 0  # and the bytes those copied
+        self.copies = 0  # calls of them, and REP MOVS, the VMM ran
+        self.copied_bytes = 0  # and the bytes those copied
 
     @property
     def handed_over(self) -> bool:
@@ -105,13 +105,22 @@ class FirmwareHandoff:
 
     def on_sample(self) -> None:
         """A look at where the boot vCPU runs (the runner asks a few times a second while the
-        firmware does): a byte-copy loop found running there, and so emulated, gets a debug register."""
-        if not self.watching or self.stepping or not flat_protected(self.vcpu.get_sregs()):
+        firmware does): a byte-copy loop found running there, and so emulated, gets a debug register;
+        a REP MOVS is run to its end."""
+        sregs = self.vcpu.get_sregs()
+        if not self.watching or self.stepping or not flat_protected(sregs):
             return
-        loop = find_around(self.memory, self.vcpu.get_regs().rip & MASK32)
+        regs = self.vcpu.get_regs()
+        loop = find_around(self.memory, regs.rip & MASK32)
         if loop is not None and loop not in self.armed_loops:
             self.copy_loops = [loop, *(known for known in self.copy_loops if known != loop)][:DEBUG_REGISTERS - 1]
             self.arm()
+        elif loop is None:  # a long REP MOVS, where the sampling catches it: the rest of it here
+            copied = serve_rep_movs(self.memory, regs, sregs)
+            if copied is not None:
+                self.vcpu.set_regs(regs)
+                self.copies += 1
+                self.copied_bytes += copied.length
 
     def on_debug(self) -> bool:
         """A KVM_EXIT_DEBUG: True when it was one of these breakpoints (or the step over one), now
@@ -165,8 +174,8 @@ class FirmwareHandoff:
             self._step()
             return
         self.vcpu.set_regs(regs)
-        self.copy_loop_runs += 1
-        self.copy_loop_bytes += copied.length
+        self.copies += 1
+        self.copied_bytes += copied.length
         if copied.length >= SETUP_HEADER_SIZE:
             self._learn_kernel_entry(self.memory.read(copied.target, copied.length))
 
