@@ -22,6 +22,8 @@ from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, Co
 GRUB_UP = bytes.fromhex("39f97410a4ebf9")  # GRUB 2.06's memmove upward: cmp %edi,%ecx; je +16; movsb; jmp back
 # and downward: sub $1,%ecx; jb +8; mov (%esi,%ecx,1),%dl; mov %dl,(%eax,%ecx,1); jmp back
 GRUB_DOWN = bytes.fromhex("83e901 7208 8a140e 881408 ebf3".replace(" ", ""))
+SEABIOS_FILL = bytes.fromhex("85c9 7406 49 881408 ebf6".replace(" ", ""))  # test %ecx; je; dec; mov %dl,(%eax,%ecx)
+SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 HEAD = 0x1000
 OUT_DONE = bytes.fromhex("e610")  # out %al, $0x10: the run ends in an exit there
 RAM = 1 << 20
@@ -64,6 +66,27 @@ def test_the_loops_are_recognized_by_their_bytes_and_nothing_like_them_is() -> N
         assert recognize(bytes.fromhex(other.replace(" ", "")), HEAD) is None, other
 
 
+def fill(counter: str, target: str, byte: str, done: int = HEAD + 10) -> CopyLoop:
+    return CopyLoop("fill", HEAD, done, counter=counter, target=target, byte=byte)
+
+
+def test_a_fill_loop_is_recognized_by_its_bytes() -> None:
+    assert recognize(SEABIOS_FILL, HEAD) == fill("rcx", "rax", "rdx")
+    assert recognize(bytes.fromhex("85d2 7406 4a 880c13 ebf6".replace(" ", "")), HEAD) == fill("rdx", "rbx", "rcx")
+    for other in ("85ca 7406 49 881408 ebf6",  # test %ecx,%edx
+                  "85c9 7406 4a 881408 ebf6",  # dec %edx
+                  "85c9 7406 49 880c08 ebf6",  # CL stored: the count's own byte
+                  "85c9 7406 49 891408 ebf6",  # a dword store
+                  "85c9 7406 49 881408 ebf5"):  # a jump elsewhere
+        assert recognize(bytes.fromhex(other.replace(" ", "")), HEAD) is None, other
+
+
+def test_debians_seabios_has_the_fill_loop() -> None:
+    if not SEABIOS.exists():
+        pytest.skip("seabios is not installed")
+    assert SEABIOS_FILL in SEABIOS.read_bytes()
+
+
 def test_debians_grub_has_both_loops_in_its_memmove() -> None:
     if not GRUB_KERNEL.exists():
         pytest.skip("grub-pc-bin is not installed")
@@ -80,6 +103,9 @@ def test_a_sample_anywhere_in_the_loop_finds_its_head(memory: GuestMemory) -> No
     for address in (HEAD, HEAD + 3, HEAD + 5, HEAD + 8, HEAD + 11):
         assert find_around(memory, address) == down("rcx", "rsi", "rax", "rdx")
     assert find_around(memory, HEAD + 4) is None and find_around(memory, HEAD + 13) is None
+    memory.write(HEAD, SEABIOS_FILL + bytes(3))
+    for address in (HEAD, HEAD + 2, HEAD + 4, HEAD + 5, HEAD + 8):
+        assert find_around(memory, address) == fill("rcx", "rax", "rdx")
     assert find_around(memory, 2) is None  # near address 0: no head below it
 
 
@@ -145,6 +171,8 @@ CASES = {
     "down-onto-its-source": (GRUB_DOWN, dict(rsi=0x10003, rax=0x10000, rcx=600, rdx=0xAB), 600),
     "down-nothing": (GRUB_DOWN, dict(rsi=0x10000, rax=0x30000, rcx=0, rdx=0x77, rflags=2 | FLAG_OF), 0),
     "down-bl-edx": (DOWN_BL, dict(rsi=0x10010, rdi=0x20000, rdx=33, rbx=0xFFFF), 33),
+    "fill-seabios": (SEABIOS_FILL, dict(rax=0x30000, rcx=4000, rdx=0x1234A5, rflags=2 | FLAG_CF | FLAG_SF), 4000),
+    "fill-nothing": (SEABIOS_FILL, dict(rax=0x30000, rcx=0, rdx=0x5A, rflags=2 | FLAG_OF), 0),
 }
 
 

@@ -79,9 +79,9 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
     GRUB enters it (vmm/x86/handoff.py), where without the monitor it takes a quarter of an hour. On
     this host (2026-12-03) GRUB's menu came at 70 s and its loading of the kernel and initrd (16 MB)
     took 265 s, 222 million instructions emulated, nearly all in GRUB's byte-wise memmove
-    (docs/monitor.md); since 2026-12-04 the VMM runs that memmove's two loops (vmm/x86/copyloop.py),
-    and the loading takes about 50 s, 166 s without them: the disk boots to its shell in about 95 s,
-    the ISO in 80 s. The 900 s for that step are for a loaded host."""
+    (docs/monitor.md); since 2026-12-04 the VMM makes those copies and its relocator's REP MOVS
+    (vmm/x86/copyloop.py), and the loading takes about 17 s, 166 s without them: the disk boots to its
+    shell in about 65 s. The 900 s for that step are for a loaded host."""
     disk, iso = images
     spec = str(disk) if which == "disk" else f"{iso},ro,format=raw"
     with Machine(disk=[spec], monitor=EMULATED) as vm:
@@ -96,7 +96,7 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
         handoff = vm.vmm.runners[0].handoff
     if EMULATED:  # GRUB loads a relocatable kernel at its pref_address, 16 MiB, and enters it there
         assert handoff is not None and handoff.boot is not None and "(type 0x72) started it at 0x1000000" in handoff.boot.notes[0]
-        # its memmove, caught running by the sampling, ran by the VMM; the kernel's header, if a served
+        # its memmove, caught running by the sampling, run by the VMM; the kernel's header, if a served
         # copy carried it, said where GRUB would enter it (else all three entries stayed watched)
         assert handoff.copies > 1000 and handoff.copied_bytes > 10 << 20, handoff.copies
         assert handoff.kernel_entry in (None, 0x1000000)

@@ -16,7 +16,8 @@ kernel and initrd through the BIOS and copies every byte it reads with its `grub
            mov  %dl, (%eax,%ecx,1)  88 14 08
            jmp  down                eb f3
 
-(docs/monitor.md: 222 million instructions for the 16 MB of a disk boot.) The handoff (handoff.py)
+(docs/monitor.md: 222 million instructions for the 16 MB of a disk boot.) SeaBIOS's memset is a third,
+a fill: `test %ecx,%ecx; je done; dec %ecx; mov %dl,(%eax,%ecx,1); jmp back`. The handoff (handoff.py)
 finds such a loop where the vCPU is caught running it, puts a hardware breakpoint on its head, and at
 each hit does what the loop would: the copy in guest memory, the registers at their ends, the flags of
 the instruction that ended it (SDM Vol. 2A, "CMP" and "SUB": an equal compare sets ZF and PF and
@@ -41,7 +42,7 @@ _ESI, _EDI, _ESP, _EBP = 6, 7, 4, 5  # register numbers in ModRM and SIB
 FLAG_CF, FLAG_PF, FLAG_AF, FLAG_ZF, FLAG_SF, FLAG_TF, FLAG_DF, FLAG_OF = (
     1 << 0, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 8, 1 << 10, 1 << 11)
 _ARITHMETIC = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF
-_AFTER_EQUAL = FLAG_ZF | FLAG_PF  # cmp of two equal values
+_AFTER_EQUAL = FLAG_ZF | FLAG_PF  # cmp of two equal values, test of 0
 _AFTER_BORROW = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_SF  # 0 - 1 = 0xFFFFFFFF
 _FLAT_LIMIT = 0xFFFFFFFF
 
@@ -50,24 +51,26 @@ DOWN_LENGTH = 13  # sub (3), jb (2), mov (3), mov (3), jmp (2)
 LENGTH = DOWN_LENGTH  # the most a loop's bytes take
 _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality either way
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
-_INSTRUCTION_STARTS = {"up": (0, 2, 4, 5), "down": (0, 3, 5, 8, 11)}
+FILL_LENGTH = 10  # test (2), je (2), dec (1), mov (3), jmp (2)
+_INSTRUCTION_STARTS = {"up": (0, 2, 4, 5), "down": (0, 3, 5, 8, 11), "fill": (0, 2, 4, 5, 8)}
 _REP, _MOVS = 0xF3, {0xA4: 1, 0xA5: 4}  # REP; MOVSB and MOVSD, by the bytes each moves
 
 
 class CopyLoop(NamedTuple):
-    """One such loop: `up` (movsb: `walker`, ESI or EDI, runs until it equals `end`) or `down`
+    """One such loop: `up` (movsb: `walker`, ESI or EDI, runs until it equals `end`), `down`
     (`counter` runs down to 0, copying the byte at `source` + counter through `byte` to `target` +
-    counter); where its head is, and where its exit branch goes."""
+    counter) or `fill` (`counter` runs down to 0, storing `byte` at `target` + counter); where its
+    head is, and where its exit branch goes."""
 
     kind: str
     head: int
     done: int
     walker: str = ""  # up
     end: str = ""  # up
-    counter: str = ""  # down
+    counter: str = ""  # down, fill
     source: str = ""  # down
-    target: str = ""  # down
-    byte: str = ""  # down: the low byte of this register carries each byte
+    target: str = ""  # down, fill
+    byte: str = ""  # down, fill: the low byte of this register carries each byte
 
 
 class Copied(NamedTuple):
@@ -122,9 +125,22 @@ def _down(code: bytes, head: int) -> CopyLoop | None:
                     source=_REG_NAMES[load[1]], target=_REG_NAMES[store[1]], byte=_REG_NAMES[byte])
 
 
+def _fill(code: bytes, head: int) -> CopyLoop | None:
+    if len(code) < FILL_LENGTH or code[0] != 0x85 or code[2] != _JE or code[9] != 0x100 - FILL_LENGTH:
+        return None  # test r32, r32
+    count = code[1] & 7
+    if code[1] != 0xC0 | count << 3 | count or code[4] != 0x48 | count or code[5] != 0x88 or code[8] != 0xEB:
+        return None  # the same register tested and decremented (DEC r32's one-byte form), then a byte stored
+    store = _indexed(code[6], code[7], count)
+    if store is None or store[0] == count:
+        return None
+    return CopyLoop("fill", head, (head + 4 + _rel8(code[3])) & MASK32, counter=_REG_NAMES[count],
+                    target=_REG_NAMES[store[1]], byte=_REG_NAMES[store[0]])
+
+
 def recognize(code: bytes, head: int) -> CopyLoop | None:
     """The loop, if `code` (bytes at linear address `head`) is one; None for anything else."""
-    return _up(code, head) or _down(code, head)
+    return _up(code, head) or _down(code, head) or _fill(code, head)
 
 
 def _code_at(memory: GuestMemory, head: int) -> bytes:
@@ -222,6 +238,14 @@ def serve(loop: CopyLoop, memory: GuestMemory, regs: s.kvm_regs, sregs: s.kvm_sr
         regs.rsi = (source + length) & MASK32
         regs.rdi = (target + length) & MASK32
         after = _AFTER_EQUAL
+    elif loop.kind == "fill":
+        length = getattr(regs, loop.counter) & MASK32
+        target = getattr(regs, loop.target) & MASK32
+        if length and (target + length > 1 << 32 or not memory.contains(target, length)):
+            return None
+        memory.fill(target, length, getattr(regs, loop.byte) & 0xFF)
+        setattr(regs, loop.counter, getattr(regs, loop.counter) & ~MASK32)  # test of 0, which ended it
+        after = _AFTER_EQUAL  # TEST's AF is undefined; KVM's (the CPU's) is clear
     else:
         length = getattr(regs, loop.counter) & MASK32
         source, target = getattr(regs, loop.source) & MASK32, getattr(regs, loop.target) & MASK32
