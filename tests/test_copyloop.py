@@ -16,6 +16,7 @@ from worldswitch.driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_H
 from worldswitch.driver.exits import IoOut, decode_exit
 from worldswitch.driver.kvm import Kvm, Vcpu
 from worldswitch.memory.guest import GuestMemory
+from worldswitch.vmm.x86 import copyloop
 from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve,
                                           serve_rep_movs)
 
@@ -318,3 +319,28 @@ def test_a_rep_movs_the_vmm_cannot_finish_is_left_to_kvm(flat32: tuple[Vcpu, Gue
         assert serve_rep_movs(memory, regs, sregs) is None and bytes(regs) == kept
     memory.write(HEAD, bytes.fromhex("f3a6"))  # rep cmpsb
     assert serve_rep_movs(memory, s.kvm_regs(rip=HEAD, rsi=0x10000, rdi=0x4000, rcx=16, rflags=2), sregs) is None
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 16])
+def test_copies_and_fills_match_a_byte_loop_in_pieces_of_any_size(memory: GuestMemory, chunk: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """copy_bytes against the loop it stands for, one byte at a time, for every kind of overlap and
+    both directions; with pieces of 16 bytes too, as a guest's copy of gigabytes is made."""
+    monkeypatch.setattr(copyloop, "CHUNK", chunk)
+    base = 0x1000
+    initial = bytes((i * 37 + 11) & 0xFF for i in range(1024))
+    for upward in (True, False):
+        for length in (1, 15, 16, 17, 200):
+            for lag in (-300, -200, -17, -16, -5, -1, 0, 1, 5, 16, 17, 199, 200, 300):
+                source, target = base + 400, base + 400 + lag
+                memory.write(base, initial)
+                expected = bytearray(initial)
+                order = range(length) if upward else reversed(range(length))
+                for i in order:  # the loop itself
+                    expected[target - base + i] = expected[source - base + i]
+                assert copyloop.copy_bytes(memory, source, target, length, upward)
+                assert memory.read(base, len(initial)) == bytes(expected), (upward, length, lag)
+    memory.write(base, initial)
+    assert copyloop.fill_bytes(memory, base + 3, 100, 0xC3)
+    assert memory.read(base, 110) == initial[:3] + b"\xc3" * 100 + initial[103:110]
+    assert not copyloop.fill_bytes(memory, (16 << 20) - 8, 16, 0) and not copyloop.copy_bytes(memory, 0, (16 << 20) - 8, 16, True)

@@ -49,6 +49,7 @@ _FLAT_LIMIT = 0xFFFFFFFF
 UP_LENGTH = 7  # cmp (2), je (2), movsb (1), jmp (2)
 DOWN_LENGTH = 13  # sub (3), jb (2), mov (3), mov (3), jmp (2)
 LENGTH = DOWN_LENGTH  # the most a loop's bytes take
+CHUNK = 1 << 20  # the most guest memory the VMX holds at once for one copy: a guest names up to 4 GiB
 _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality either way
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
 FILL_LENGTH = 10  # test (2), je (2), dec (1), mov (3), jmp (2)
@@ -173,22 +174,43 @@ def flat_protected(sregs: s.kvm_sregs) -> bool:
 
 
 def copy_bytes(memory: GuestMemory, source: int, target: int, length: int, upward: bool) -> bool:
-    """What a loop of one-byte copies leaves, walking up or down: where the ranges overlap, the bytes
-    it has written are what it reads again. False (nothing written) where a range leaves RAM or wraps."""
+    """What a loop of one-byte copies leaves, walking up or down: where it writes ahead of where it
+    reads (upward onto a later part of its source, downward onto an earlier one), it reads again what
+    it wrote, and the first (or last) `period` bytes repeat. False (nothing written) where a range
+    leaves RAM or wraps. The VMX holds at most CHUNK bytes of it at once, whatever the guest asked."""
     if not length:
         return True
     if source + length > 1 << 32 or target + length > 1 << 32:
         return False
     if not (memory.contains(source, length) and memory.contains(target, length)):
         return False  # MMIO or a hole: KVM's emulator does each access
-    data = memory.read(source, length)
     lag = target - source
-    if upward and 0 < lag < length:  # the first `lag` bytes again and again
-        data = (data[:lag] * (length // lag + 1))[:length]
-    elif not upward and 0 < -lag < length:  # the last `-lag` bytes again and again, downwards
-        period = -lag
-        data = bytes(data[length - period + (i - (length - period)) % period] for i in range(length))
-    memory.write(target, data)
+    period = abs(lag)
+    rereads = 0 < period < length and (lag > 0) == upward
+    if rereads and period < CHUNK:  # a pattern of `period` bytes, read before anything is written
+        shift = 0 if upward else length - period  # byte i gets the pattern's (i - shift) % period
+        pattern = memory.read(source + shift, period)
+        for start in range(0, length, CHUNK):
+            size = min(CHUNK, length - start)
+            offset = (start - shift) % period
+            memory.write(target + start, ((pattern[offset:] + pattern[:offset]) * (size // period + 1))[:size])
+        return True
+    # In the loop's own order, in pieces no longer than the distance between the ranges where it reads
+    # again what it wrote: each piece reads only bytes the pieces before it have written, or none.
+    step = min(CHUNK, period) if rereads else CHUNK
+    starts = range(0, length, step)
+    for start in starts if upward else reversed(starts):
+        size = min(step, length - start)
+        memory.write(target + start, memory.read(source + start, size))
+    return True
+
+
+def fill_bytes(memory: GuestMemory, target: int, length: int, byte: int) -> bool:
+    """`length` bytes of `byte` from `target`, in pieces of at most CHUNK; False where that is not RAM."""
+    if length and (target + length > 1 << 32 or not memory.contains(target, length)):
+        return False
+    for start in range(0, length, CHUNK):
+        memory.fill(target + start, min(CHUNK, length - start), byte)
     return True
 
 
@@ -241,9 +263,8 @@ def serve(loop: CopyLoop, memory: GuestMemory, regs: s.kvm_regs, sregs: s.kvm_sr
     elif loop.kind == "fill":
         length = getattr(regs, loop.counter) & MASK32
         target = getattr(regs, loop.target) & MASK32
-        if length and (target + length > 1 << 32 or not memory.contains(target, length)):
+        if not fill_bytes(memory, target, length, getattr(regs, loop.byte) & 0xFF):
             return None
-        memory.fill(target, length, getattr(regs, loop.byte) & 0xFF)
         setattr(regs, loop.counter, getattr(regs, loop.counter) & ~MASK32)  # test of 0, which ended it
         after = _AFTER_EQUAL  # TEST's AF is undefined; KVM's (the CPU's) is clear
     else:

@@ -56,6 +56,7 @@ PRELOADED = (lz4.block, zstandard, paravirt)
 # seen reading its kernel's header through a copy loop: then 1 MiB and that kernel's entry.
 ENTRIES = (0x100000, 0x200000, 0x1000000)
 DEBUG_REGISTERS = 4  # DR0-DR3
+HEADER_SEARCH = 64 << 10  # how much of a copy is searched for a kernel's setup header
 PIC_ALL_MASKED = 0xFF
 PIT_NO_MODE = 0xFF  # what KVM's PIT reset leaves in a channel: it counts nothing until programmed
 
@@ -176,8 +177,8 @@ class FirmwareHandoff:
         self.vcpu.set_regs(regs)
         self.copies += 1
         self.copied_bytes += copied.length
-        if copied.length >= SETUP_HEADER_SIZE:
-            self._learn_kernel_entry(self.memory.read(copied.target, copied.length))
+        if copied.length >= SETUP_HEADER_SIZE:  # GRUB's copies of a header: the 123 bytes, or a cache block
+            self._learn_kernel_entry(self.memory.read(copied.target, min(copied.length, HEADER_SEARCH)))
 
     def _learn_kernel_entry(self, data: bytes) -> None:
         """Where the kernel whose setup header `data` holds will be entered, if it holds one: GRUB
