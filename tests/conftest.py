@@ -50,3 +50,37 @@ def image(tmp_path):
     path = tmp_path / "disk.img"
     path.write_bytes(bytes(range(256)) * (4 << 20 >> 8))
     return path
+
+
+FLAT32_RAM = 2 << 20  # 1 MiB and above too: GRUB unpacks its core there
+
+
+@pytest.fixture
+def flat32():
+    """A vCPU in 32-bit protected mode without paging, flat segments (as SeaBIOS and GRUB run), and
+    FLAT32_RAM of guest memory: (vcpu, memory)."""
+    from worldswitch.driver import structs as s
+    from worldswitch.driver.kvm import Kvm
+    from worldswitch.memory.guest import GuestMemory
+
+    kvm = Kvm.open()
+    vm = kvm.create_vm()
+    vm.set_tss_addr(0xFFFBD000)
+    vm.create_irqchip()
+    memory = GuestMemory([(0, FLAT32_RAM)])
+    memory.register(vm)
+    vcpu = vm.create_vcpu(0)
+    vcpu.set_cpuid2(kvm.get_supported_cpuid())
+    sregs = vcpu.get_sregs()
+    code = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x8, type=0xB, present=1, db=1, s=1, g=1)
+    data = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, db=1, s=1, g=1)
+    sregs.cs = code
+    sregs.ds = sregs.es = sregs.ss = sregs.fs = sregs.gs = data
+    sregs.cr0 = 0x11  # PE, ET
+    sregs.cr4 = sregs.efer = 0
+    vcpu.set_sregs(sregs)
+    yield vcpu, memory
+    vcpu.close()
+    vm.close()
+    kvm.close()
+    memory.close()

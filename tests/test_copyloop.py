@@ -5,7 +5,6 @@ breakpoint on its head and served, and the two are compared register by register
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -14,7 +13,7 @@ from worldswitch.boot.linux import SETUP_HEADER_SIZE, loader_entry
 from worldswitch.driver import structs as s
 from worldswitch.driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, ExitReason
 from worldswitch.driver.exits import IoOut, decode_exit
-from worldswitch.driver.kvm import Kvm, Vcpu
+from worldswitch.driver.kvm import Vcpu
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.x86 import copyloop
 from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve,
@@ -27,7 +26,7 @@ SEABIOS_FILL = bytes.fromhex("85c9 7406 49 881408 ebf6".replace(" ", ""))  # tes
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 HEAD = 0x1000
 OUT_DONE = bytes.fromhex("e610")  # out %al, $0x10: the run ends in an exit there
-RAM = 1 << 20
+RAM = 2 << 20  # the flat32 fixture's (conftest.py)
 GRUB_KERNEL = Path("/usr/lib/grub/i386-pc/kernel.img")  # grub-pc-bin: the loops as Debian ships them
 DEBIAN_BOOT = Path(__file__).resolve().parent.parent / ".cache/debian/root/boot"  # what fetch_debian unpacked
 
@@ -108,32 +107,6 @@ def test_a_sample_anywhere_in_the_loop_finds_its_head(memory: GuestMemory) -> No
     for address in (HEAD, HEAD + 2, HEAD + 4, HEAD + 5, HEAD + 8):
         assert find_around(memory, address) == fill("rcx", "rax", "rdx")
     assert find_around(memory, 2) is None  # near address 0: no head below it
-
-
-@pytest.fixture
-def flat32() -> Iterator[tuple[Vcpu, GuestMemory]]:
-    """A vCPU in 32-bit protected mode without paging, flat segments, 1 MiB of RAM."""
-    kvm = Kvm.open()
-    vm = kvm.create_vm()
-    vm.set_tss_addr(0xFFFBD000)
-    vm.create_irqchip()
-    memory = GuestMemory([(0, RAM)])
-    memory.register(vm)
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_cpuid2(kvm.get_supported_cpuid())
-    sregs = vcpu.get_sregs()
-    code = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x8, type=0xB, present=1, db=1, s=1, g=1)
-    data = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, db=1, s=1, g=1)
-    sregs.cs = code
-    sregs.ds = sregs.es = sregs.ss = sregs.fs = sregs.gs = data
-    sregs.cr0 = 0x11  # PE, ET
-    sregs.cr4 = sregs.efer = 0
-    vcpu.set_sregs(sregs)
-    yield vcpu, memory
-    vcpu.close()
-    vm.close()
-    kvm.close()
-    memory.close()
 
 
 def _prepare(memory: GuestMemory, code: bytes) -> None:

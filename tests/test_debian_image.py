@@ -18,6 +18,7 @@ from worldswitch.vmm.result import StopReason
 from worldswitch.vmx.api import Machine
 from worldswitch.vmx.debian import DebianLinux, fetch_debian
 from worldswitch.vmx.debian_image import PARTITION_START, build_disk, build_iso, grub_config, mbr
+from worldswitch.vmx.stats_report import table
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "debian"
 TOOLS = ("grub-mkimage", "grub-mkrescue", "xorriso", "mke2fs", "apt-get")
@@ -94,11 +95,13 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
         result = vm.wait(120)
         assert result is not None and result.reason is StopReason.POWER_OFF, result
         handoff = vm.vmm.runners[0].handoff
+        report = table(vm.vmm.stats())
     if EMULATED:  # GRUB loads a relocatable kernel at its pref_address, 16 MiB, and enters it there
         assert handoff is not None and handoff.boot is not None and "(type 0x72) started it at 0x1000000" in handoff.boot.notes[0]
         # its memmove, caught running by the sampling, run by the VMM; the kernel's header, if a served
         # copy carried it, said where GRUB would enter it (else all three entries stayed watched)
         assert handoff.copies > 1000 and handoff.copied_bytes > 10 << 20, handoff.copies
+        assert f"the VMX made {handoff.copies} of the boot loader's copies" in report  # --stats says so
         assert handoff.kernel_entry in (None, 0x1000000)
 
 

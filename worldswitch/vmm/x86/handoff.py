@@ -16,7 +16,9 @@ firmware programmed, and enters the monitor in long mode as a direct boot does.
 While the firmware runs, the runner samples where the boot vCPU is, a few times a second
 (on_sample): a byte-copy loop caught running (GRUB's memmove, copyloop.py) gets a debug register the
 entries leave free, and each call of it then costs one debug exit instead of four or five emulated
-instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB copies its kernel's setup header through those loops; once a served copy
+instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB's
+core image is watched where diskboot.img enters it, and then the call of its LZMA decoder, whose
+output the VMM writes instead (grub_core.py). GRUB copies its kernel's setup header through those loops; once a served copy
 has held it, only 1 MiB and that kernel's entry are watched, and GRUB's two loops both have one.
 
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
@@ -42,7 +44,8 @@ from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, K
 from ...driver.kvm import Vcpu, Vm
 from ...memory.guest import GuestMemory
 from ...memory.layout import MemoryMap
-from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, serve_rep_movs, still_there
+from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, serve_rep_movs
+from .grub_core import CORE_START, CoreDecoder, find_core_decoder, serve_core_decoder
 from .longmode import CR0_PE, CR0_PG, RFLAGS_RESERVED, setup_long_mode
 
 # What bzimage.py (the decompressors) and linux.py (the paravirtual patcher) import when first used:
@@ -81,7 +84,11 @@ class FirmwareHandoff:
         self.copy_loops: list[CopyLoop] = []  # caught running, the latest first
         self.entries: list[int] = list(ENTRIES)  # what the debug registers watch: these addresses,
         self.armed_loops: list[CopyLoop] = []  # and these loops' heads
-        self.copies = 0  # calls of them, and REP MOVS, the VMM ran
+        # GRUB's core image: where diskboot.img enters it, then the call of its decoder, watched until
+        # reached (or until GRUB's memmove runs: the core has been unpacked by then)
+        self.core_watch: int | None = CORE_START
+        self.core_decoder: CoreDecoder | None = None
+        self.copies = 0  # calls of them, REP MOVS and GRUB's core decoder, the VMM ran
         self.copied_bytes = 0  # and the bytes those copied
 
     @property
@@ -97,8 +104,9 @@ class FirmwareHandoff:
         if self.watching:
             entry = self.kernel_entry
             self.entries = list(ENTRIES) if entry is None else sorted({ENTRIES[0], entry})
-            self.armed_loops = self.copy_loops[: DEBUG_REGISTERS - len(self.entries)]
-            addresses = self.entries + [loop.head for loop in self.armed_loops]
+            watched = self.entries + ([self.core_watch] if self.core_watch is not None else [])
+            self.armed_loops = self.copy_loops[: DEBUG_REGISTERS - len(watched)]
+            addresses = watched + [loop.head for loop in self.armed_loops]
             dr7 = sum(1 << (2 * index) for index in range(len(addresses)))  # L0-L3; R/W and LEN 0: execution
             debugreg = [*addresses, *[0] * (DEBUG_REGISTERS - len(addresses)), 0, 0, 0, dr7]  # DR0-DR3, -, -, DR6, DR7
             self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, debugreg)
@@ -108,13 +116,17 @@ class FirmwareHandoff:
         """A look at where the boot vCPU runs (the runner asks a few times a second while the
         firmware does): a byte-copy loop found running there, and so emulated, gets a debug register;
         a REP MOVS is run to its end."""
+        if not self.watching or self.stepping:
+            return
         sregs = self.vcpu.get_sregs()
-        if not self.watching or self.stepping or not flat_protected(sregs):
+        if not flat_protected(sregs):
             return
         regs = self.vcpu.get_regs()
         loop = find_around(self.memory, regs.rip & MASK32)
         if loop is not None and loop not in self.armed_loops:
             self.copy_loops = [loop, *(known for known in self.copy_loops if known != loop)][:DEBUG_REGISTERS - 1]
+            if loop.kind != "fill":  # a memmove runs: GRUB's core is unpacked (SeaBIOS's fill runs before it)
+                self.core_watch = None
             self.arm()
         elif loop is None:  # a long REP MOVS, where the sampling catches it: the rest of it here
             copied = serve_rep_movs(self.memory, regs, sregs)
@@ -133,6 +145,9 @@ class FirmwareHandoff:
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
         linear = (sregs.cs.base + regs.rip) & MASK32  # what a debug register compares
+        if self.core_watch is not None and linear == self.core_watch:
+            self._enter_core(regs, sregs)
+            return True
         for loop in self.armed_loops:
             if linear == loop.head:
                 self._run_copy_loop(loop, regs, sregs)
@@ -164,15 +179,33 @@ class FirmwareHandoff:
         self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
         self.stepping = True
 
+    def _enter_core(self, regs: s.kvm_regs, sregs: s.kvm_sregs) -> None:
+        """GRUB's core image entered, all of it loaded: its decoder's call watched next, if this module
+        knows the decoder; at that call, the output written here, or the decoder left to run."""
+        decoder = self.core_decoder
+        if decoder is None:  # diskboot.img's jump into the core
+            self.core_decoder = find_core_decoder(self.memory)
+            self.core_watch = self.core_decoder.call if self.core_decoder is not None else None
+        else:
+            self.core_watch = self.core_decoder = None  # once: the debug register goes to the loops
+            size = serve_core_decoder(decoder, self.memory, regs, sregs)
+            if size is not None:
+                self.vcpu.set_regs(regs)
+                self.copies += 1
+                self.copied_bytes += size
+        # No single step over the instruction: nothing watches it now. (A step in real mode, where
+        # the BIOS's timer interrupts come, takes the interrupt with TF in the FLAGS it pushes, and
+        # the IRET brings TF back to the guest: GRUB triple-faulted on its way to protected mode.)
+        self.arm()
+
     def _run_copy_loop(self, loop: CopyLoop, regs: s.kvm_regs, sregs: s.kvm_sregs) -> None:
         """The loop's head reached: run it here, or let KVM run this call where it cannot be (its
         bytes gone, another mode, DF set, an end outside RAM). A copy that is the start of a bzImage
         (the boot loader reading its kernel's header) says where the kernel will be entered."""
         copied = serve(loop, self.memory, regs, sregs)
-        if copied is None:
-            if not still_there(loop, self.memory):  # overwritten: the step arms without it; sampling looks again
-                self.copy_loops.remove(loop)
-            self._step()
+        if copied is None:  # no longer watched, so KVM runs it (no single step: see _enter_core); sampling looks again
+            self.copy_loops.remove(loop)
+            self.arm()
             return
         self.vcpu.set_regs(regs)
         self.copies += 1
