@@ -317,7 +317,7 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         from .x86.handoff import FirmwareHandoff
 
         handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
-                                  read_image(MONITOR_IMAGE, "the monitor"), refused)
+                                  read_image(MONITOR_IMAGE, "the monitor"), refused, boot_loader=not config.kernel)
     coalesced = None
     if platform.coalescing is not None:
         ring = CoalescedRing(vcpus[0])  # one per VM: any vCPU's mapping shows it

@@ -69,7 +69,9 @@ class FirmwareHandoff:
     vCPU's thread, from its debug exits."""
 
     def __init__(self, vcpu: Vcpu, vm: Vm, memory: GuestMemory, memory_map: MemoryMap, placement: MonitorPlacement,
-                 monitor_image: bytes, refused: Sequence[CpuFeature]) -> None:
+                 monitor_image: bytes, refused: Sequence[CpuFeature], boot_loader: bool) -> None:
+        """`boot_loader`: the firmware boots a disk or CD, whose boot loader (GRUB's core) is watched
+        for; not for a kernel the firmware loads itself (`--firmware bios --kernel`)."""
         self.vcpu = vcpu
         self.vm = vm
         self.memory = memory
@@ -86,7 +88,7 @@ class FirmwareHandoff:
         self.armed_loops: list[CopyLoop] = []  # and these loops' heads
         # GRUB's core image: where diskboot.img enters it, then the call of its decoder, watched until
         # reached (or until GRUB's memmove runs: the core has been unpacked by then)
-        self.core_watch: int | None = CORE_START
+        self.core_watch: int | None = CORE_START if boot_loader else None
         self.core_decoder: CoreDecoder | None = None
         self.copies = 0  # calls of them, REP MOVS and GRUB's core decoder, the VMM ran
         self.copied_bytes = 0  # and the bytes those copied
