@@ -127,6 +127,17 @@ def _ends_at_done(vcpu: Vcpu) -> None:
     assert decode_exit(ExitReason.IO, vcpu.kvm_run, vcpu.run_mmap) == IoOut(0x10, 1, 1, b"\x00")
 
 
+def _go_on_as_kvm_did(vcpu: Vcpu, memory: GuestMemory, regs: s.kvm_regs, ran: s.kvm_regs, expected: bytes) -> None:
+    """The served state entered and run to the end: the registers and RAM KVM's own run left."""
+    vcpu.set_regs(regs)
+    vcpu.set_guest_debug(0)
+    _ends_at_done(vcpu)
+    served = vcpu.get_regs()
+    assert {name: getattr(served, name) & 0xFFFFFFFF for name in SUMMARY} == \
+        {name: getattr(ran, name) & 0xFFFFFFFF for name in SUMMARY}
+    assert memory.read(0, RAM) == expected
+
+
 SUMMARY = ("rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rflags")
 DOWN_BL = bytes.fromhex("83ea01 7208 8a1c32 881c17 ebf3".replace(" ", ""))  # EDX counts, BL carries
 
@@ -171,13 +182,7 @@ def test_a_served_loop_leaves_what_kvm_running_it_leaves(flat32: tuple[Vcpu, Gue
     copied = serve(loop, memory, regs, vcpu.get_sregs())
     assert copied is not None and copied.length == length
     assert copied.target == values["rdi" if loop.kind == "up" or loop.target == "rdi" else "rax"]
-    vcpu.set_regs(regs)
-    vcpu.set_guest_debug(0)
-    _ends_at_done(vcpu)
-    served = vcpu.get_regs()
-    assert {name: getattr(served, name) & 0xFFFFFFFF for name in SUMMARY} == \
-        {name: getattr(ran, name) & 0xFFFFFFFF for name in SUMMARY}
-    assert memory.read(0, RAM) == expected
+    _go_on_as_kvm_did(vcpu, memory, regs, ran, expected)
 
 
 @pytest.mark.kvm
@@ -270,13 +275,7 @@ def test_a_rep_movs_finished_by_the_vmm_leaves_what_kvm_leaves(flat32: tuple[Vcp
     assert regs.rip == HEAD + 1
     copied = serve_rep_movs(memory, regs, vcpu.get_sregs())
     assert copied is not None and copied.length == length
-    vcpu.set_regs(regs)
-    vcpu.set_guest_debug(0)
-    _ends_at_done(vcpu)
-    served = vcpu.get_regs()
-    assert {name: getattr(served, name) & 0xFFFFFFFF for name in SUMMARY} == \
-        {name: getattr(ran, name) & 0xFFFFFFFF for name in SUMMARY}
-    assert memory.read(0, RAM) == expected
+    _go_on_as_kvm_did(vcpu, memory, regs, ran, expected)
 
 
 @pytest.mark.kvm

@@ -49,6 +49,14 @@ def _prepare(vcpu: Vcpu, memory: GuestMemory, payload: bytes, stream: bytes) -> 
     vcpu.set_regs(s.kvm_regs(rip=CALL_SITE, rsp=STACK, rflags=2 | FLAG_DF | FLAG_CF))
 
 
+def _placed(vcpu: Vcpu, memory: GuestMemory) -> tuple[bytes, bytes]:
+    """The core image with a stream of _payload() in place, the vCPU at the call site: (payload, stream)."""
+    payload = _payload()
+    stream = _compressed(payload)
+    _prepare(vcpu, memory, payload, stream)
+    return payload, stream
+
+
 def _ends_in_the_output(vcpu: Vcpu) -> s.kvm_regs:
     assert vcpu.run() == ExitReason.IO  # the startup's jump to the output, which begins with `out`
     assert decode_exit(ExitReason.IO, vcpu.kvm_run, vcpu.run_mmap) == IoOut(0x10, 1, 1, bytes([0xC6]))
@@ -58,9 +66,7 @@ def _ends_in_the_output(vcpu: Vcpu) -> s.kvm_regs:
 @pytest.mark.kvm
 def test_the_served_call_leaves_what_grubs_decoder_leaves(flat32: tuple[Vcpu, GuestMemory]) -> None:
     vcpu, memory = flat32
-    payload = _payload()
-    stream = _compressed(payload)
-    _prepare(vcpu, memory, payload, stream)
+    payload, stream = _placed(vcpu, memory)
     assert find_core_decoder(memory) == CoreDecoder(CALL, STREAM)
     ran = _ends_in_the_output(vcpu)  # GRUB's decoder, every instruction
     expected = memory.read(0, RAM)
@@ -91,9 +97,7 @@ def test_the_served_call_leaves_what_grubs_decoder_leaves(flat32: tuple[Vcpu, Gu
 @pytest.mark.kvm
 def test_a_call_the_vmm_cannot_serve_is_left_to_the_decoder(flat32: tuple[Vcpu, GuestMemory]) -> None:
     vcpu, memory = flat32
-    payload = _payload()
-    stream = _compressed(payload)
-    _prepare(vcpu, memory, payload, stream)
+    payload, _ = _placed(vcpu, memory)
     decoder = CoreDecoder(CALL, STREAM)
     sregs = vcpu.get_sregs()
     size = len(payload)
