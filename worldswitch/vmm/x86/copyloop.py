@@ -25,7 +25,8 @@ clears CF, AF, SF and OF; 0 - 1 sets CF, PF, AF and SF and clears ZF and OF), an
 branch's target. The bytes say what to do, so any code with them is the loop, whoever's it is; the
 registers are read from the instructions' own ModRM and SIB bytes. Everything else is checked at each
 hit (the bytes again, flat 32-bit protected mode without paging, DF clear for `movsb`, both ranges in
-RAM) and left to KVM where it does not hold.
+RAM) and left to KVM where it does not hold. A `rep movsb` or `rep movsd` the sampling catches in
+progress (GRUB's relocator moves tens of megabytes with one) is finished the same way (serve_rep_movs).
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ _FLAT_LIMIT = 0xFFFFFFFF
 
 UP_LENGTH = 7  # cmp (2), je (2), movsb (1), jmp (2)
 DOWN_LENGTH = 13  # sub (3), jb (2), mov (3), mov (3), jmp (2)
+FILL_LENGTH = 10  # test (2), je (2), dec (1), mov (3), jmp (2)
 LENGTH = DOWN_LENGTH  # the most a loop's bytes take
 CHUNK = 1 << 20  # the most guest memory the VMX holds at once for one copy: a guest names up to 4 GiB
 _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality either way
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
-FILL_LENGTH = 10  # test (2), je (2), dec (1), mov (3), jmp (2)
 _INSTRUCTION_STARTS = {"up": (0, 2, 4, 5), "down": (0, 3, 5, 8, 11), "fill": (0, 2, 4, 5, 8)}
 _REP, _MOVS = 0xF3, {0xA4: 1, 0xA5: 4}  # REP; MOVSB and MOVSD, by the bytes each moves
 
