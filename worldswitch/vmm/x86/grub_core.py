@@ -50,25 +50,34 @@ STREAM_LIMIT = 1 << 20  # the most of the compressed stream read: a core image f
 
 
 class CoreDecoder(NamedTuple):
-    """Where GRUB's startup calls its LZMA decoder (`call`), and where the stream begins."""
+    """Where GRUB's startup calls its LZMA decoder (`call`, its first instruction at `site`), where
+    the stream begins, and where the startup reads the output's size from."""
 
+    site: int
     call: int
     stream: int
+    size_field: int
 
 
-def find_core_decoder(memory: GuestMemory) -> CoreDecoder | None:
-    """The call site, if low memory holds GRUB's core image with a decoder this module knows."""
+def find_call_site(memory: GuestMemory) -> tuple[CoreDecoder, str] | None:
+    """The call site, if low memory holds GRUB's core image, and the SHA-256 of its code to the stream."""
     if not memory.contains(SEARCH_START, SEARCH_END - SEARCH_START):
         return None
     window = memory.read(SEARCH_START, SEARCH_END - SEARCH_START)
     for match in _CALL_SITE.finditer(window):
         site = SEARCH_START + match.start()
         stream = int.from_bytes(match.group(2), "little")
-        if not site < stream <= SEARCH_END or not memory.contains(site, stream - site):
-            continue
-        if hashlib.sha256(memory.read(site, stream - site)).hexdigest() in DECODERS:
-            return CoreDecoder(site + len(match.group(0)) - _CALL_LENGTH, stream)
+        if site < stream <= SEARCH_END and memory.contains(site, stream - site):
+            decoder = CoreDecoder(site, site + len(match.group(0)) - _CALL_LENGTH, stream,
+                                  int.from_bytes(match.group(3), "little"))
+            return decoder, hashlib.sha256(memory.read(site, stream - site)).hexdigest()
     return None
+
+
+def find_core_decoder(memory: GuestMemory) -> CoreDecoder | None:
+    """The call site, if low memory holds GRUB's core image with a decoder this module knows."""
+    found = find_call_site(memory)
+    return found[0] if found is not None and found[1] in DECODERS else None
 
 
 def serve_core_decoder(decoder: CoreDecoder, memory: GuestMemory, regs: s.kvm_regs, sregs: s.kvm_sregs) -> int | None:
