@@ -18,8 +18,9 @@ While the firmware runs, the runner samples where the boot vCPU is, a few times 
 entries leave free, and each call of it then costs one debug exit instead of four or five emulated
 instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB's
 core image is watched where diskboot.img enters it, and then the call of its LZMA decoder, whose
-output the VMM writes instead (grub_core.py). GRUB copies its kernel's setup header through those loops; once a served copy
-has held it, only 1 MiB and that kernel's entry are watched, and GRUB's two loops both have one.
+output the VMM writes instead (grub_core.py). GRUB copies its kernel's setup header through those
+loops; once a served copy has held it, only 1 MiB and that kernel's entry are watched, and GRUB's
+two loops both have a debug register.
 
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
 (only its virtual IF is the kernel's), and the BIOS left the PIT ticking and the PIC's vectors at 8:
@@ -133,9 +134,7 @@ class FirmwareHandoff:
         elif loop is None:  # a long REP MOVS, where the sampling catches it: the rest of it here
             copied = serve_rep_movs(self.memory, regs, sregs)
             if copied is not None:
-                self.vcpu.set_regs(regs)
-                self.copies += 1
-                self.copied_bytes += copied.length
+                self._served(regs, copied.length)
 
     def on_debug(self) -> bool:
         """A KVM_EXIT_DEBUG: True when it was one of these breakpoints (or the step over one), now
@@ -181,6 +180,12 @@ class FirmwareHandoff:
         self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
         self.stepping = True
 
+    def _served(self, regs: s.kvm_regs, length: int) -> None:
+        """The vCPU where the code the VMM ran for it would have left it, and the copy counted."""
+        self.vcpu.set_regs(regs)
+        self.copies += 1
+        self.copied_bytes += length
+
     def _enter_core(self, regs: s.kvm_regs, sregs: s.kvm_sregs) -> None:
         """GRUB's core image entered, all of it loaded: its decoder's call watched next, if this module
         knows the decoder; at that call, the output written here, or the decoder left to run."""
@@ -192,9 +197,7 @@ class FirmwareHandoff:
             self.core_watch = self.core_decoder = None  # once: the debug register goes to the loops
             size = serve_core_decoder(decoder, self.memory, regs, sregs)
             if size is not None:
-                self.vcpu.set_regs(regs)
-                self.copies += 1
-                self.copied_bytes += size
+                self._served(regs, size)
         # No single step over the instruction: nothing watches it now. (A step in real mode, where
         # the BIOS's timer interrupts come, takes the interrupt with TF in the FLAGS it pushes, and
         # the IRET brings TF back to the guest: GRUB triple-faulted on its way to protected mode.)
@@ -209,9 +212,7 @@ class FirmwareHandoff:
             self.copy_loops.remove(loop)
             self.arm()
             return
-        self.vcpu.set_regs(regs)
-        self.copies += 1
-        self.copied_bytes += copied.length
+        self._served(regs, copied.length)
         if copied.length >= SETUP_HEADER_SIZE:  # GRUB's copies of a header: the 123 bytes, or a cache block
             self._learn_kernel_entry(self.memory.read(copied.target, min(copied.length, HEADER_SEARCH)))
 
