@@ -32,6 +32,8 @@ import pytest
 
 from worldswitch.boot import bootparams as bp
 from worldswitch.boot.bzimage import parse_bzimage
+from worldswitch.driver.constants import ExitReason
+from worldswitch.driver.kvm import Vcpu
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import MachineConfig
@@ -173,3 +175,14 @@ def debian(release: str | None = None) -> DebianLinux:
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get is not available: not a Debian-based host")
     return fetch_debian(release_cache(CACHE / "debian", release), release=release)
+
+
+def finish_exit(vcpu: Vcpu) -> None:
+    """Complete the instruction of the last I/O or MMIO exit without entering the guest: KVM completes
+    it on the next KVM_RUN (api.rst, "KVM_RUN"), which immediate_exit turns into a return with EINTR.
+    On AMD-V, RIP moves past an OUT only then; registers read before it differ from host to host."""
+    vcpu.kvm_run.immediate_exit = 1
+    try:
+        assert vcpu.run() == ExitReason.INTR
+    finally:
+        vcpu.kvm_run.immediate_exit = 0

@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.host_defects import XSETBV_UNSEEN  # noqa: E402
+from tests.host_defects import BREAKPOINTS_IGNORED, XSETBV_UNSEEN  # noqa: E402
 from tests.journal_file import Entry, failed, read  # noqa: E402
 from worldswitch.boot.initramfs import (CpioEntry, InitramfsSpec, build_initramfs, cpio_newc,  # noqa: E402
                                         resolve_modules)
@@ -91,13 +91,20 @@ class HostImage:
     root: Path  # ext4 image of L1's user space, used read-only
 
 
-def _xsetbv_unseen() -> bool:
-    """Whether L0's QEMU lets L2's XSETBV past L1 (it checks the SVM intercept from 8.2 on)."""
+def _qemu_version() -> tuple[int, int]:
     version = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
     found = re.search(r"version (\d+)\.(\d+)", version)
     if found is None:
         raise HostError(f"{QEMU} --version did not say its version: {version[:80]!r}")
-    return (int(found.group(1)), int(found.group(2))) < (8, 2)
+    return int(found.group(1)), int(found.group(2))
+
+
+def _host_defects() -> dict[str, str]:
+    """What L0's QEMU gets wrong that the tests in L1 must know (tests/host_defects.py): L2's XSETBV
+    let past L1 (QEMU checks the SVM intercept from 8.2 on), L2's breakpoints never armed (from 9.1 on
+    VMRUN arms them)."""
+    version = _qemu_version()
+    return {XSETBV_UNSEEN: "1" if version < (8, 2) else "", BREAKPOINTS_IGNORED: "1" if version < (9, 1) else ""}
 
 
 # --- building L1 (once; cached) ----------------------------------------------------------------------
@@ -621,7 +628,7 @@ def main(flavour: Flavour, argv: list[str]) -> int:
         journals = CACHE / "journals"
         journals.mkdir(parents=True, exist_ok=True)
         journal = journals / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-        environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal), XSETBV_UNSEEN: "1" if _xsetbv_unseen() else ""}
+        environment = {"WORLDSWITCH_TEST_JOURNAL": str(journal), **_host_defects()}
         status = EXIT_HOST_FAILED
         try:
             status = run(flavour, command, resources(), environment, journal)
