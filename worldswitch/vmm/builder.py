@@ -504,7 +504,7 @@ def restore_machine(
             if runner.user_syscall is not None:
                 runner.user_syscall.arm()  # a kernel that set LSTAR before the snapshot
             if runner.handoff is not None:
-                runner.handoff.arm()  # firmware that had not started its kernel yet
+                runner.handoff.resume()  # firmware that had not started its kernel yet
     except BaseException:
         machine.close()
         raise

@@ -20,7 +20,11 @@ instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finish
 core image is watched where diskboot.img enters it, and then the call of its LZMA decoder, whose
 output the VMM writes instead (grub_core.py). GRUB copies its kernel's setup header through those
 loops; once a served copy has held it, only 1 MiB and that kernel's entry are watched, and GRUB's
-two loops both have a debug register.
+two loops both have a debug register (and before that too, for 2 MiB, the rarest entry).
+
+The four debug registers are shared out by the boot's stage. On a disk or CD boot no kernel can be
+entered before the BIOS enters the boot sector (0x7c00), so until then that address is watched
+instead of the entries, and SeaBIOS's fill loop has a register during POST (2.2 s of a 30 s boot).
 
 Why the PIT and the PICs: under the monitor the CPU's real IF is set while the guest's kernel runs
 (only its virtual IF is the kernel's), and the BIOS left the PIT ticking and the PIC's vectors at 8:
@@ -59,6 +63,13 @@ PRELOADED = (lz4.block, zstandard, paravirt)
 # GRUB loads a relocatable kernel). One debug register each, for execution, until the boot loader is
 # seen reading its kernel's header through a copy loop: then 1 MiB and that kernel's entry.
 ENTRIES = (0x100000, 0x200000, 0x1000000)
+# The entry given up for GRUB's second copy loop until its kernel's header is seen: the rarest of the
+# three (x86's Kconfig default for CONFIG_PHYSICAL_START is 16 MiB).
+SPARED_ENTRY = 0x200000
+# Where the BIOS enters a disk's boot sector or a CD's boot image (El Torito's default load segment,
+# 0x7c0). Until a disk or CD boot gets there, no kernel can be entered: the firmware's POST runs, and
+# its fill loop gets the debug registers the entries will take.
+BOOT_SECTOR = 0x7C00
 DEBUG_REGISTERS = 4  # DR0-DR3
 HEADER_SEARCH = 64 << 10  # how much of a copy is searched for a kernel's setup header
 PIC_ALL_MASKED = 0xFF
@@ -85,7 +96,8 @@ class FirmwareHandoff:
         self.watching = True  # until the monitor runs: read by the runner's sampling thread
         self.kernel_entry: int | None = None  # where the kernel whose header the loader read will be entered
         self.copy_loops: list[CopyLoop] = []  # caught running, the latest first
-        self.entries: list[int] = list(ENTRIES)  # what the debug registers watch: these addresses,
+        self.loader_running = not boot_loader  # the firmware has entered a boot loader (or loads the kernel itself)
+        self.entries: list[int] = []  # what the debug registers watch: these addresses,
         self.armed_loops: list[CopyLoop] = []  # and these loops' heads
         # GRUB's core image: where diskboot.img enters it, then the call of its decoder, watched until
         # reached (or until GRUB's memmove runs: the core has been unpacked by then)
@@ -93,6 +105,7 @@ class FirmwareHandoff:
         self.core_decoder: CoreDecoder | None = None
         self.copies = 0  # calls of them, REP MOVS and GRUB's core decoder, the VMM ran
         self.copied_bytes = 0  # and the bytes those copied
+        self.firmware_copies = 0  # of those calls, the ones before a boot loader ran (SeaBIOS's fill)
 
     @property
     def handed_over(self) -> bool:
@@ -101,19 +114,40 @@ class FirmwareHandoff:
         return self.memory.read_int(self.placement.physical_base, 8) == HANDOFF_MAGIC
 
     def arm(self) -> None:
-        """The breakpoints, unless the monitor runs already (a restored machine): the entries, and
-        in the debug registers they leave free the copy loops caught last."""
+        """The breakpoints, unless the monitor runs already (a restored machine): the entries (the
+        boot sector before a boot loader runs), GRUB's core, and in the debug registers they leave
+        free the copy loops caught last."""
         self.watching = not self.handed_over
         if self.watching:
-            entry = self.kernel_entry
-            self.entries = list(ENTRIES) if entry is None else sorted({ENTRIES[0], entry})
-            watched = self.entries + ([self.core_watch] if self.core_watch is not None else [])
+            self.entries = self._entries()
+            watched = [*self.entries, *([] if self.loader_running else [BOOT_SECTOR]),
+                       *([self.core_watch] if self.core_watch is not None else [])]
             self.armed_loops = self.copy_loops[: DEBUG_REGISTERS - len(watched)]
             addresses = watched + [loop.head for loop in self.armed_loops]
             dr7 = sum(1 << (2 * index) for index in range(len(addresses)))  # L0-L3; R/W and LEN 0: execution
             debugreg = [*addresses, *[0] * (DEBUG_REGISTERS - len(addresses)), 0, 0, 0, dr7]  # DR0-DR3, -, -, DR6, DR7
             self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, debugreg)
         self.stepping = False
+
+    def _entries(self) -> list[int]:
+        """The kernel entries to watch: none before a boot loader runs; once a served copy has held
+        a kernel's header, 1 MiB and that kernel's entry; else all three, but for 2 MiB while GRUB's
+        two memmove loops have been caught running: they then have a debug register each, so the
+        header comes through one of them, and without them each of those copies costs four or five
+        emulated instructions a byte (a CD's GRUB reached its menu in 23.3 s with one, 20.7 s with both)."""
+        if not self.loader_running:
+            return []
+        if self.kernel_entry is not None:
+            return sorted({ENTRIES[0], self.kernel_entry})
+        if sum(loop.kind != "fill" for loop in self.copy_loops) >= 2:
+            return [entry for entry in ENTRIES if entry != SPARED_ENTRY]
+        return list(ENTRIES)
+
+    def resume(self) -> None:
+        """A restored machine's breakpoints. How far its firmware had got is not in the snapshot, so a
+        boot loader is taken to be running: the entries are watched, as they must be once one is."""
+        self.loader_running = True
+        self.arm()
 
     def on_sample(self) -> None:
         """A look at where the boot vCPU runs (the runner asks a few times a second while the
@@ -130,6 +164,7 @@ class FirmwareHandoff:
             self.copy_loops = [loop, *(known for known in self.copy_loops if known != loop)][:DEBUG_REGISTERS - 1]
             if loop.kind != "fill":  # a memmove runs: GRUB's core is unpacked (SeaBIOS's fill runs before it)
                 self.core_watch = None
+                self.loader_running = True  # entered elsewhere than the boot sector
             self.arm()
         elif loop is None:  # a long REP MOVS, where the sampling catches it: the rest of it here
             copied = serve_rep_movs(self.memory, regs, sregs)
@@ -146,6 +181,11 @@ class FirmwareHandoff:
         regs = self.vcpu.get_regs()
         sregs = self.vcpu.get_sregs()
         linear = (sregs.cs.base + regs.rip) & MASK32  # what a debug register compares
+        if not self.loader_running and linear == BOOT_SECTOR:
+            self.loader_running = True
+            self.copy_loops = []  # POST's: the sampling finds the boot loader's
+            self.arm()  # no step: nothing watches the boot sector now (see _enter_core)
+            return True
         if self.core_watch is not None and linear == self.core_watch:
             self._enter_core(regs, sregs)
             return True
@@ -185,6 +225,8 @@ class FirmwareHandoff:
         self.vcpu.set_regs(regs)
         self.copies += 1
         self.copied_bytes += length
+        if not self.loader_running:
+            self.firmware_copies += 1
 
     def _enter_core(self, regs: s.kvm_regs, sregs: s.kvm_sregs) -> None:
         """GRUB's core image entered, all of it loaded: its decoder's call watched next, if this module
