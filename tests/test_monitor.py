@@ -26,7 +26,7 @@ from worldswitch.devices.ucall import Ucall
 from worldswitch.guests import SOURCE_DIR
 from worldswitch.memory.layout import MemoryMap
 from worldswitch.vmm.builder import build_for_boot
-from worldswitch.vmm.config import DEFAULT_MEMORY, MachineConfig
+from worldswitch.vmm.config import DEFAULT_MEMORY, DiskConfig, MachineConfig
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.result import MachineResult, StopReason
 from worldswitch.vmm.stats import MachineStats
@@ -1085,3 +1085,51 @@ def ask(vm: Machine, n: int, command: str) -> str:
     vm.console.send(f"{command}; echo ws-done-$(({n}*1))\n")
     match = vm.console.expect(rb"ws-done-" + str(n).encode() + rb"\r?\n", timeout=60)
     return bytes(vm.console.data[: match.start()])[-300:].decode(errors="replace")
+
+
+@needs_emulating_host
+def test_the_debug_registers_go_by_the_boots_stage(tmp_path: Path) -> None:
+    """A disk boot's four debug registers (vmm/x86/handoff.py): before the BIOS enters the boot
+    sector, that address and GRUB's core, and two for POST's loops (no kernel can be entered yet);
+    then the three entries and the core; with both of GRUB's memmove loops caught running, 2 MiB
+    gives its register up; once a kernel's header has been seen, 1 MiB and its entry. A restored
+    machine's handoff watches the entries (resume)."""
+    from worldswitch.vmm.x86.copyloop import CopyLoop
+    from worldswitch.vmm.x86.handoff import BOOT_SECTOR, ENTRIES
+
+    disk = tmp_path / "blank.img"
+    disk.write_bytes(bytes(1 << 20))
+    up = CopyLoop("up", 0xCE32, 0xCE46, walker="rdi", end="rcx")
+    down = CopyLoop("down", 0xCE39, 0xCE46, counter="rcx", source="rsi", target="rax", byte="rdx")
+    fill = CopyLoop("fill", 0xEB000, 0xEB00A, counter="rcx", target="rax", byte="rdx")
+    config = MachineConfig(disk=[DiskConfig(str(disk), format="raw")], monitor=True)
+    machine = build_for_boot(config, lambda _b: None)  # built, not started
+    try:
+        handoff = machine.runners[0].handoff
+        assert handoff is not None and not handoff.loader_running
+        assert handoff.entries == [] and handoff.core_watch is not None  # armed as built: 0x7c00 and the core
+        handoff.copy_loops = [fill, up]
+        handoff.arm()
+        assert handoff.armed_loops == [fill, up]  # two registers left by 0x7c00 and the core
+        handoff.loader_running = True  # what the boot sector's breakpoint sets
+        handoff.copy_loops = [up]
+        handoff.arm()
+        assert handoff.entries == list(ENTRIES) and handoff.armed_loops == []
+        handoff.core_watch = None  # the core unpacked
+        handoff.copy_loops = [down, up]
+        handoff.arm()
+        assert handoff.entries == [0x100000, 0x1000000] and handoff.armed_loops == [down, up]
+        handoff.kernel_entry = 0x200000  # a header that names 2 MiB
+        handoff.arm()
+        assert handoff.entries == [0x100000, 0x200000] and handoff.armed_loops == [down, up]
+        assert BOOT_SECTOR not in handoff.entries
+    finally:
+        machine.close()
+    machine = build_for_boot(config, lambda _b: None)
+    try:
+        handoff = machine.runners[0].handoff
+        assert handoff is not None
+        handoff.resume()
+        assert handoff.loader_running and handoff.entries == list(ENTRIES)
+    finally:
+        machine.close()
