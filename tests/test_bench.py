@@ -63,3 +63,12 @@ def test_the_sandbox_cost_table_compares_the_same_rounds() -> None:
     rows = sandbox_rows({"io_exit": {"worldswitch": figure(44.0), vmms.UNSANDBOXED: figure(40.0)}})
     assert rows[-1] == "| port I/O exit round trip | 44.0 us (43.0-45.0) | 40.0 us (39.0-41.0) | +4.0 us | 1.100x |"
     assert sandbox_rows({"io_exit": {"worldswitch": figure(44.0)}}) == []
+
+
+def test_the_disk_benchmark_takes_the_shells_prompt_only_after_the_marker() -> None:
+    from bench.monitor_disk import MARKER, PROMPT, reached
+
+    kernel = b"Linux version 6.1\r\n[    0.1] # a line of the kernel's\r\n"
+    assert reached(kernel, b"Linux version") and not reached(kernel, PROMPT)
+    assert not reached(kernel + MARKER + b"\r\n", PROMPT)
+    assert reached(kernel + MARKER + b"\r\n/ # ", PROMPT)
