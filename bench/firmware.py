@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,12 +27,12 @@ from worldswitch.boot.bios import SEABIOS
 from worldswitch.guests.bootsector import MESSAGE, boot_sector
 from worldswitch.vmm.host import detect_host_kind
 
+from .report import seconds_row, update_readme
 from .vmms import QEMU, qemu_version
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = b"SeaBIOS (version"
 GRUB_MENU = b"GNU GRUB"
-BEGIN, END = "<!-- firmware:begin -->", "<!-- firmware:end -->"
 
 
 def boot_sector_image(path: Path) -> Path:
@@ -122,21 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     if grub["qemu"]:
         rows.append((grub, 1, "GRUB's menu, from the hybrid ISO on virtio-blk"))
     for table, index, title in rows:
-        ws = [run[index] for run in table["worldswitch"]]
-        qemu = [run[index] for run in table["qemu"]]
-        lines.append(f"| {title} | {statistics.median(ws):.2f} s ({min(ws):.2f}-{max(ws):.2f}) | "
-                     f"{statistics.median(qemu):.2f} s ({min(qemu):.2f}-{max(qemu):.2f}) | "
-                     f"{statistics.median(ws) / statistics.median(qemu):.2f}x |")
+        lines.append(seconds_row(title, [run[index] for run in table["worldswitch"]], [run[index] for run in table["qemu"]]))
     text = "\n".join(lines)
     print(text)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "firmware.json").write_text(json.dumps({"rounds": runs, "grub": grub, "table": text}, indent=2) + "\n")
     if options.update_readme:
-        readme = ROOT / "bench" / "README.md"
-        content = readme.read_text()
-        start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+        update_readme(ROOT / "bench" / "README.md", text, "firmware")
     return 0
 
 

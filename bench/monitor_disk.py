@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,11 @@ from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmx.debian import fetch_debian
 from worldswitch.vmx.debian_image import build_disk, build_iso
 
+from .report import seconds_row, update_readme
 from .vmms import QEMU, command, qemu_version
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "debian"
-BEGIN, END = "<!-- monitor-disk:begin -->", "<!-- monitor-disk:end -->"
 PROMPT = b"# "
 MARKER = DEFAULT_MARKER.encode()
 # (name, the console line that marks it); the shell's prompt counts only after the marker
@@ -120,11 +119,8 @@ def table(runs: dict[str, dict[str, list[dict[str, float]]]], rounds: int) -> st
              "| --- | --- | --- | --- |"]
     for image, by_vmm in runs.items():
         for name in [*(name for name, _ in MILESTONES), POWER_OFF]:
-            ws = [run[name] for run in by_vmm["worldswitch"]]
-            qemu = [run[name] for run in by_vmm["qemu"]]
-            lines.append(f"| {image}: {name} | {statistics.median(ws):.1f} s ({min(ws):.1f}-{max(ws):.1f}) | "
-                         f"{statistics.median(qemu):.1f} s ({min(qemu):.1f}-{max(qemu):.1f}) | "
-                         f"{statistics.median(ws) / statistics.median(qemu):.2f}x |")
+            lines.append(seconds_row(f"{image}: {name}", [run[name] for run in by_vmm["worldswitch"]],
+                                     [run[name] for run in by_vmm["qemu"]], digits=1))
     return "\n".join(lines)
 
 
@@ -158,10 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "monitor_disk.json").write_text(json.dumps({"rounds": runs, "table": text}, indent=2) + "\n")
     if options.update_readme:
-        readme = ROOT / "bench" / "README.md"
-        content = readme.read_text()
-        start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-        readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+        update_readme(ROOT / "bench" / "README.md", text, "monitor-disk")
     return 0
 
 

@@ -40,6 +40,7 @@ from worldswitch.boot.initramfs import InitramfsSpec, build_initramfs, resolve_m
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmx.debian import DebianLinux, fetch_debian
 
+from .report import update_readme
 from .vmms import QEMU, qemu_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,6 @@ DISK_MIB = 64
 NET_MIB = 32
 HOST_IP, GUEST_IP = "10.0.3.1", "10.0.3.2"
 TX_PORT, RX_PORT = 5001, 5002
-BEGIN, END = "<!-- nested:begin -->", "<!-- nested:end -->"
 BOOT_ATTEMPTS = 3  # a boot the nested host itself spoils (docs/hosts.md) is run again, and counted
 
 # What /init runs after the marker: every time from /proc/uptime (centiseconds), printed as BENCH lines.
@@ -211,12 +211,6 @@ def markdown(table: Table, header: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: Path, text: str) -> None:
-    content = path.read_text()
-    start, end = content.index(BEGIN) + len(BEGIN), content.index(END)
-    path.write_text(content[:start] + "\n" + text + "\n" + content[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.nested", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
          "failed_boots": failed},
         indent=2) + "\n")
     if options.update_readme:
-        update_readme(ROOT / "bench" / "README.md", text)
+        update_readme(ROOT / "bench" / "README.md", text, "nested")
     return 0
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from .measure import Figure
-
-BEGIN = "<!-- bench:begin -->"
-END = "<!-- bench:end -->"
 
 TITLES = {
     "io_exit": ("port I/O exit round trip", "us"),
@@ -137,10 +135,20 @@ def readme_table(results: dict[str, object]) -> str:
     return "\n".join(rows)
 
 
-def update_readme(readme: Path, table: str) -> None:
+def update_readme(readme: Path, table: str, section: str = "bench") -> None:
+    """`table` between the README's `<!-- SECTION:begin -->` and `<!-- SECTION:end -->`."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no {BEGIN} ... {END} section to update")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} section to update")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
+
+
+def seconds_row(title: str, worldswitch: list[float], qemu: list[float], digits: int = 2) -> str:
+    """A table row of seconds: each VMM's median (min-max), and the ratio of the medians."""
+    def figure(values: list[float]) -> str:
+        return f"{statistics.median(values):.{digits}f} s ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    return f"| {title} | {figure(worldswitch)} | {figure(qemu)} | {statistics.median(worldswitch) / statistics.median(qemu):.2f}x |"

@@ -72,3 +72,16 @@ def test_the_disk_benchmark_takes_the_shells_prompt_only_after_the_marker() -> N
     assert reached(kernel, b"Linux version") and not reached(kernel, PROMPT)
     assert not reached(kernel + MARKER + b"\r\n", PROMPT)
     assert reached(kernel + MARKER + b"\r\n/ # ", PROMPT)
+
+
+def test_a_readme_section_is_replaced_and_a_row_gives_medians_and_their_ratio(tmp_path) -> None:
+    from bench.report import seconds_row, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- firmware:begin -->\nold table\n<!-- firmware:end -->\ntail\n")
+    update_readme(readme, "new table", "firmware")
+    assert readme.read_text() == "head\n<!-- firmware:begin -->\nnew table\n<!-- firmware:end -->\ntail\n"
+    with pytest.raises(SystemExit, match="no <!-- nested:begin -->"):
+        update_readme(readme, "table", "nested")
+    assert seconds_row("boot", [26.5, 26.8, 26.7], [10.1, 9.9, 10.0], digits=1) == \
+        "| boot | 26.7 s (26.5-26.8) | 10.0 s (9.9-10.1) | 2.67x |"
