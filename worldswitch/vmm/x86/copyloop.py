@@ -147,7 +147,7 @@ def recognize(code: bytes, head: int) -> CopyLoop | None:
 
 def _code_at(memory: GuestMemory, head: int) -> bytes:
     length = LENGTH if memory.contains(head, LENGTH) else UP_LENGTH
-    return memory.read(head, length) if head >= 0 and memory.contains(head, length) else b""
+    return memory.read(head, length) if memory.contains(head, length) else b""  # contains: False below 0 too
 
 
 def find_around(memory: GuestMemory, address: int) -> CopyLoop | None:
