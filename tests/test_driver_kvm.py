@@ -8,11 +8,13 @@ import os
 
 import pytest
 
+from worldswitch.driver import requests as rq
 from worldswitch.driver import structs as s
 from worldswitch.driver.constants import (KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_MP_STATE_RUNNABLE, Cap,
                                           ExitReason)
 from worldswitch.driver.exits import IoOut, MmioWrite, decode_exit
-from worldswitch.driver.kvm import Kvm
+from worldswitch.driver.ioctl import ioctl
+from worldswitch.driver.kvm import PIO_DATA_OFFSET, Kvm
 from worldswitch.errors import KvmError, KvmUnavailableError
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.x86.longmode import setup_long_mode
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.kvm
 MSR_IA32_TSC = 0x10
 MSR_IA32_SYSENTER_CS = 0x174
 MSR_STAR = 0xC0000081
+MSR_EFER = 0xC0000080
+EFER_SCE = 1 << 0
 
 
 @pytest.fixture
@@ -129,6 +133,53 @@ def test_one_world_switch_decoded(vm) -> None:
     assert decode_exit(ExitReason.IO, vcpu.kvm_run, vcpu.run_mmap) == IoOut(0x10, 1, 1, b"\x2a")
     assert vcpu.run() == ExitReason.MMIO
     assert decode_exit(ExitReason.MMIO, vcpu.kvm_run, vcpu.run_mmap) == MmioWrite(0x40000000, (0x99).to_bytes(4, "little"))
+
+
+def kvm_regs_by_ioctl(vcpu) -> s.kvm_regs:
+    """What KVM holds, asked past the binding (which may answer from the kvm_run page)."""
+    regs = s.kvm_regs()
+    ioctl(vcpu.fd, rq.KVM_GET_REGS, regs)
+    return regs
+
+
+def test_shared_registers_are_kvms_at_each_exit_and_reach_the_guest(vm) -> None:
+    _, _, vcpu, memory = vm
+    if not vcpu.can_share_registers:
+        pytest.skip("this host's KVM has no KVM_CAP_SYNC_REGS for regs and sregs")
+    sregs = vcpu.get_sregs()
+    setup_long_mode(memory, sregs)
+    vcpu.set_sregs(sregs)
+    # out %al, $0x10; inc %rax; out %al, $0x10; inc %rax; out %al, $0x10
+    memory.write(0x100000, bytes.fromhex("e610 48ffc0 e610 48ffc0 e610".replace(" ", "")))
+    vcpu.set_regs(s.kvm_regs(rip=0x100000, rflags=2, rsp=0x80000, rax=0x2A))
+    vcpu.share_registers(True)
+    assert vcpu.get_regs().rax == 0x2A and vcpu.get_sregs().cr3 == sregs.cr3  # read in when sharing starts
+
+    assert vcpu.run() == ExitReason.IO
+    assert bytes(vcpu.get_regs()) == bytes(kvm_regs_by_ioctl(vcpu))  # stored by KVM at the exit
+    regs = vcpu.get_regs()
+    regs.rax = 0x55
+    vcpu.set_regs(regs)
+    assert kvm_regs_by_ioctl(vcpu).rax == 0x2A  # in the page only: no ioctl was made for it
+    assert vcpu.run() == ExitReason.IO
+    assert vcpu.run_mmap[PIO_DATA_OFFSET] == 0x56  # loaded by KVM_RUN: the guest's inc saw 0x55
+
+    regs = vcpu.get_regs()
+    regs.rax = 0x70
+    vcpu.set_regs(regs)
+    vcpu.get_vcpu_events()  # any other ioctl: KVM has the page's registers before it
+    assert kvm_regs_by_ioctl(vcpu).rax == 0x70
+    regs.rax = 0x99
+    ioctl(vcpu.fd, rq.KVM_SET_REGS, regs)  # changed behind the page's back, as an ioctl may
+    efer = vcpu.get_sregs().efer
+    vcpu.set_msrs({MSR_EFER: efer | EFER_SCE})  # a register set changed by another ioctl
+    assert vcpu.get_regs().rax == 0x99 and vcpu.get_sregs().efer == efer | EFER_SCE  # read again after it
+
+    regs.rax = 0x80
+    vcpu.set_regs(regs)
+    vcpu.share_registers(False)  # what the page held reaches KVM when sharing ends
+    assert vcpu.kvm_run.kvm_valid_regs == 0 and kvm_regs_by_ioctl(vcpu).rax == 0x80
+    assert vcpu.run() == ExitReason.IO and vcpu.run_mmap[PIO_DATA_OFFSET] == 0x81
 
 
 def test_immediate_exit_returns_intr_without_entering(vm) -> None:

@@ -716,6 +716,8 @@ def test_linux_that_the_bios_boots_is_taken_over_at_its_entry_and_runs_under_the
         vm.pause()
         handoff = vm.vmm.runners[0].handoff
         assert handoff is not None and not handoff.handed_over  # the firmware's POST has just begun
+        vcpu = vm.vmm.runners[0].vcpu
+        assert vcpu.sharing_registers == vcpu.can_share_registers  # the debug exits' registers in kvm_run
         vm.snapshot(tmp_path / "firmware")
         vm.resume()
         result = vm.wait(180)
@@ -724,6 +726,7 @@ def test_linux_that_the_bios_boots_is_taken_over_at_its_entry_and_runs_under_the
     assert result is not None and result.reason is StopReason.POWER_OFF, (result, text[-3000:])
     assert "Booting from ROM" in text and "WORLDSWITCH-INIT-MARKER" in text and "slept" in text, text[-3000:]
     assert handoff.boot is not None and handoff.boot.iret_site, handoff.boot
+    assert not vcpu.sharing_registers  # given back to ioctls at the handover
     assert "started it at 0x100000" in handoff.boot.notes[0], handoff.boot.notes
     assert stats["monitor"]["syscall"] > 100 and stats["monitor"]["interrupts"] > 50, stats["monitor"]
     assert "segfault" not in text and "Oops" not in text, text[-3000:]

@@ -600,6 +600,17 @@ class _kvm_run_exit_union(ctypes.Union):
     ]
 
 
+class kvm_sync_regs(Struct):
+    """What KVM_CAP_SYNC_REGS shares through kvm_run on x86: the sets kvm_valid_regs names are stored
+    there at every exit, the sets kvm_dirty_regs names are loaded from there at the next KVM_RUN."""
+
+    _fields_ = [("regs", kvm_regs), ("sregs", kvm_sregs), ("events", kvm_vcpu_events)]
+
+
+class _kvm_run_sync_union(ctypes.Union):
+    _fields_ = [("regs", kvm_sync_regs), ("padding", c_char * 2048)]  # SYNC_REGS_SIZE_BYTES
+
+
 class kvm_run(Struct):
     """The fixed part of the kvm_run page (the mmap of a vCPU fd). Port I/O data lives in the same
     mapping at io.data_offset, usually the next page."""
@@ -618,5 +629,5 @@ class kvm_run(Struct):
         ("u", _kvm_run_exit_union),
         ("kvm_valid_regs", c_uint64),
         ("kvm_dirty_regs", c_uint64),
-        ("s", c_char * 2048),
+        ("s", _kvm_run_sync_union),
     ]
