@@ -4,9 +4,15 @@ twice from the same state, once through the decoder and once stopped at the call
 
 from __future__ import annotations
 
+import hashlib
 import lzma
+import shutil
 import struct
+import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -19,17 +25,69 @@ from worldswitch.vmm.x86.copyloop import FLAG_AF, FLAG_CF, FLAG_DF, FLAG_OF, FLA
 from worldswitch.vmm.x86.grub_core import (CORE_START, DECODERS, CoreDecoder, find_call_site, find_core_decoder,
                                            serve_core_decoder)
 
-from .helpers import finish_exit
+from .helpers import CACHE, finish_exit
 
-DECOMPRESSOR = Path("/usr/lib/grub/i386-pc/lzma_decompress.img")  # grub-pc-bin
+DECOMPRESSOR = Path("/usr/lib/grub/i386-pc/lzma_decompress.img")  # grub-pc-bin, the host's
 DEBIAN_12 = CoreDecoder(site=0x89B6, call=0x89CB, stream=0x8D20, size_field=0x820C)  # grub 2.06-13+deb12u2
+
+
+class GrubBuild(NamedTuple):
+    """A grub-pc-bin package whose decoder DECODERS names: fetched (MIT code does not carry GRUB's
+    GPL binaries), checked against its SHA-256, and its call site as read from its disassembly."""
+
+    url: str
+    sha256: str
+    decoder: CoreDecoder
+
+
+BUILDS = {
+    "debian-13": GrubBuild("http://deb.debian.org/debian/pool/main/g/grub2/grub-pc-bin_2.12-9+deb13u4_amd64.deb",
+                           "f8f78f08e57bb90cb030d70303286bc71a759bad1ec89eac2e3e20916d5c42cd",
+                           CoreDecoder(site=0x89C2, call=0x89D7, stream=0x8D20, size_field=0x820C)),
+    "ubuntu-24.04": GrubBuild("http://archive.ubuntu.com/ubuntu/pool/main/g/grub2/grub-pc-bin_2.12-1ubuntu7.3_amd64.deb",
+                              "698d80bc51c0c593fbc829758365a0e4bce96819e2c8c754ae77dfe39b0388df",
+                              CoreDecoder(site=0x89B2, call=0x89C7, stream=0x8D10, size_field=0x820C)),
+}
 OUTPUT = 0x100000
 STACK = 0x7000
 SCRATCH = 0x1F36 * 4  # the decoder's probabilities, after its output
 RAM = 2 << 20  # the flat32 fixture's (conftest.py)
 ARITHMETIC = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF
 
-pytestmark = pytest.mark.skipif(not DECOMPRESSOR.exists(), reason="grub-pc-bin is not installed")
+
+def _fetched(name: str, build: GrubBuild) -> Path:
+    """The build's lzma_decompress.img, from .cache/grub or downloaded there. Skips where the mirror
+    cannot be reached or no longer has that version (a point release replaces it)."""
+    image = CACHE / "grub" / name / "lzma_decompress.img"
+    if image.exists():
+        return image
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not available to unpack grub-pc-bin")
+    try:
+        with urllib.request.urlopen(build.url, timeout=60) as response:
+            package = response.read()
+    except (urllib.error.URLError, OSError) as error:
+        pytest.skip(f"{build.url}: {error}")
+    assert hashlib.sha256(package).hexdigest() == build.sha256, f"{build.url} is not the package pinned here"
+    unpacked = image.parent / "root"
+    unpacked.mkdir(parents=True, exist_ok=True)
+    deb = image.parent / "grub-pc-bin.deb"
+    deb.write_bytes(package)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    (unpacked / "usr/lib/grub/i386-pc/lzma_decompress.img").rename(image)
+    shutil.rmtree(unpacked)
+    deb.unlink()
+    return image
+
+
+@pytest.fixture(params=["host", *BUILDS])
+def decompressor(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """(name, lzma_decompress.img) of the host's grub-pc-bin (whatever version), and of each pinned build."""
+    if request.param == "host":
+        if not DECOMPRESSOR.exists():
+            pytest.skip("grub-pc-bin is not installed")
+        return request.param, DECOMPRESSOR
+    return request.param, _fetched(request.param, BUILDS[request.param])
 
 
 def _payload() -> bytes:
@@ -43,10 +101,10 @@ def _compressed(payload: bytes) -> bytes:
     return lzma.compress(payload, format=lzma.FORMAT_RAW, filters=filters)
 
 
-def _prepare(vcpu: Vcpu, memory: GuestMemory, payload: bytes, stream: bytes) -> CoreDecoder:
-    """The installed grub-pc-bin's decompressor where diskboot.img puts it, with `stream` after it."""
+def _prepare(vcpu: Vcpu, memory: GuestMemory, image: Path, payload: bytes, stream: bytes) -> CoreDecoder:
+    """A grub-pc-bin's decompressor where diskboot.img puts it, with `stream` after it."""
     memory.fill(0, RAM)
-    memory.write(CORE_START, DECOMPRESSOR.read_bytes())
+    memory.write(CORE_START, image.read_bytes())
     found = find_call_site(memory)
     assert found is not None, "no call of the decoder in lzma_decompress.img"
     decoder, _ = found
@@ -56,23 +114,27 @@ def _prepare(vcpu: Vcpu, memory: GuestMemory, payload: bytes, stream: bytes) -> 
     return decoder
 
 
-def _placed(vcpu: Vcpu, memory: GuestMemory) -> tuple[bytes, bytes, CoreDecoder]:
+def _placed(vcpu: Vcpu, memory: GuestMemory, image: Path) -> tuple[bytes, bytes, CoreDecoder]:
     """The core image with a stream of _payload() in place, the vCPU at the call site."""
     payload = _payload()
     stream = _compressed(payload)
-    return payload, stream, _prepare(vcpu, memory, payload, stream)
+    return payload, stream, _prepare(vcpu, memory, image, payload, stream)
 
 
-def test_the_decoder_known_is_debian_12s_and_only_a_known_one_is_found(flat32: tuple[Vcpu, GuestMemory]) -> None:
-    """The VMM stands in for a decoder only where its bytes are those read and tested here: another
-    build of GRUB (the grub-pc-bin installed may be newer) keeps its own decoder."""
+def test_the_decoders_known_are_the_builds_tested_and_only_a_known_one_is_found(
+        flat32: tuple[Vcpu, GuestMemory], decompressor: tuple[str, Path]) -> None:
+    """The VMM stands in for a decoder only where its bytes are those read and tested here (Debian 12's,
+    and the pinned builds): another build of GRUB (the host's grub-pc-bin may be newer) keeps its own."""
     vcpu, memory = flat32
-    _, _, decoder = _placed(vcpu, memory)
+    name, image = decompressor
+    _, _, decoder = _placed(vcpu, memory, image)
     found = find_call_site(memory)
     assert found is not None
     known = found[1] in DECODERS
     assert find_core_decoder(memory) == (decoder if known else None)
-    if known:
+    if name in BUILDS:
+        assert known and decoder == BUILDS[name].decoder
+    elif known:
         assert decoder == DEBIAN_12
 
 
@@ -101,13 +163,14 @@ STEPS = 32
 
 
 @pytest.mark.kvm
-def test_the_served_call_leaves_what_grubs_decoder_leaves(flat32: tuple[Vcpu, GuestMemory]) -> None:
+def test_the_served_call_leaves_what_grubs_decoder_leaves(flat32: tuple[Vcpu, GuestMemory], decompressor: tuple[str, Path]) -> None:
     vcpu, memory = flat32
-    payload, stream, decoder = _placed(vcpu, memory)  # whatever build is installed: the decoder's output is what counts
+    _, image = decompressor
+    payload, stream, decoder = _placed(vcpu, memory, image)  # known or not: the decoder's output is what counts
     ran = _ends_in_the_output(vcpu)  # GRUB's decoder, every instruction
     expected = memory.read(0, RAM)
 
-    _prepare(vcpu, memory, payload, stream)
+    _prepare(vcpu, memory, image, payload, stream)
     regs = _step_to(vcpu, decoder.call)
     assert serve_core_decoder(decoder, memory, regs, vcpu.get_sregs()) == len(payload)
     vcpu.set_regs(regs)
@@ -128,9 +191,10 @@ def test_the_served_call_leaves_what_grubs_decoder_leaves(flat32: tuple[Vcpu, Gu
 
 
 @pytest.mark.kvm
-def test_a_call_the_vmm_cannot_serve_is_left_to_the_decoder(flat32: tuple[Vcpu, GuestMemory]) -> None:
+def test_a_call_the_vmm_cannot_serve_is_left_to_the_decoder(flat32: tuple[Vcpu, GuestMemory], decompressor: tuple[str, Path]) -> None:
     vcpu, memory = flat32
-    payload, _, decoder = _placed(vcpu, memory)
+    _, image = decompressor
+    payload, _, decoder = _placed(vcpu, memory, image)
     call, stream = decoder.call, decoder.stream
     sregs = vcpu.get_sregs()
     size = len(payload)
