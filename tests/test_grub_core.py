@@ -44,6 +44,10 @@ BUILDS = {
     "debian-13": GrubBuild("http://deb.debian.org/debian/pool/main/g/grub2/grub-pc-bin_2.12-9+deb13u4_amd64.deb",
                            "f8f78f08e57bb90cb030d70303286bc71a759bad1ec89eac2e3e20916d5c42cd",
                            CoreDecoder(site=0x89C2, call=0x89D7, stream=0x8D20, size_field=0x820C)),
+    # Debian 11's 2.06-3~deb11u6 has the same bytes from the call site to the stream
+    "ubuntu-22.04": GrubBuild("http://archive.ubuntu.com/ubuntu/pool/main/g/grub2/grub-pc-bin_2.06-2ubuntu7.2_amd64.deb",
+                              "51e3fc7d1758f9d72f09e12bfe51295d3f8a8da49b018a81e45c6d2f127d60c2",
+                              CoreDecoder(site=0x89BA, call=0x89CF, stream=0x8D20, size_field=0x820C)),
     "ubuntu-24.04": GrubBuild("http://archive.ubuntu.com/ubuntu/pool/main/g/grub2/grub-pc-bin_2.12-1ubuntu7.3_amd64.deb",
                               "698d80bc51c0c593fbc829758365a0e4bce96819e2c8c754ae77dfe39b0388df",
                               CoreDecoder(site=0x89B2, call=0x89C7, stream=0x8D10, size_field=0x820C)),

@@ -20,10 +20,10 @@ is loaded, finds the call site there, puts a debug register on the call (the dec
 second of the BIOS handing over: too soon for the sampling to be sure of seeing the site first), and
 at the hit writes the output itself and moves RIP past the call: the
 caller reads nothing the decoder leaves but the output and DF (clear). Only a decoder whose bytes are
-the ones measured (DECODERS: Debian 12's GRUB 2.06, Debian 13's and Ubuntu 24.04's 2.12) is replaced,
-since the VMM stands in for that code and not for whatever a different build might do (those three
-run the same instructions from the call on: they differ in the stream's address and in the padding
-after the decoder's last jump); the decoder's scratch after the output is left as it
+the ones measured (DECODERS: Debian 11's, 12's and Ubuntu 22.04's GRUB 2.06, Debian 13's and Ubuntu
+24.04's 2.12) is replaced, since the VMM stands in for that code and not for whatever a different
+build might do (they run the same instructions from the call on: they differ in the stream's address
+and in the padding after the decoder's last jump); the decoder's scratch after the output is left as it
 was (nothing reads it after the call). Anything that does not hold leaves the call to KVM.
 """
 
@@ -45,6 +45,8 @@ _CALL_SITE = re.compile(rb"\xbf(....)\xbe(....)\x57\x8b\x0d(....)\x8d\x1c\x0f\x5
 # it, and the decoder), per GRUB build whose decoder was read and tested against this module.
 DECODERS = {
     "a4afe4c0b1a0c0c891b78230d1a04759c06d26de897795f7897ed72e2144e43e": "GRUB 2.06-13+deb12u2 (Debian 12), i386-pc",
+    "26eaf6950abb0bdfc96b2d252c416756db5b67ed39383edc12c71339d4af085e":
+        "GRUB 2.06-2ubuntu7.2 (Ubuntu 22.04) and 2.06-3~deb11u6 (Debian 11): the same bytes, i386-pc",
     "4e76528742fcedca7a85285b247b55544181cd375679a707adb949e4473cf13a": "GRUB 2.12-9+deb13u4 (Debian 13), i386-pc",
     "768e08193c04e44183c5dd6f156328531259017d9c36ff46b1b651eaaf782590": "GRUB 2.12-1ubuntu7.3 (Ubuntu 24.04), i386-pc",
 }
