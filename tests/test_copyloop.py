@@ -17,8 +17,8 @@ from worldswitch.driver.exits import IoOut, decode_exit
 from worldswitch.driver.kvm import Vcpu
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.x86 import copyloop
-from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, CopyLoop, find_around, recognize, serve,
-                                          serve_rep_movs)
+from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, SIBLING_SPAN, CopyLoop, find_around,
+                                          find_sibling, recognize, serve, serve_rep_movs)
 
 from .helpers import finish_exit
 from .host_defects import breakpoints_ignored
@@ -96,6 +96,7 @@ def test_debians_grub_has_both_loops_in_its_memmove() -> None:
         pytest.skip("grub-pc-bin is not installed")
     image = GRUB_KERNEL.read_bytes()
     assert image.count(GRUB_UP) == 1 and image.count(GRUB_DOWN) == 1
+    assert image.index(GRUB_DOWN) - image.index(GRUB_UP) == len(GRUB_UP)  # side by side, as find_sibling expects
 
 
 def test_a_sample_anywhere_in_the_loop_finds_its_head(memory: GuestMemory) -> None:
@@ -111,6 +112,31 @@ def test_a_sample_anywhere_in_the_loop_finds_its_head(memory: GuestMemory) -> No
     for address in (HEAD, HEAD + 2, HEAD + 4, HEAD + 5, HEAD + 8):
         assert find_around(memory, address) == fill("rcx", "rax", "rdx")
     assert find_around(memory, 2) is None  # near address 0: no head below it
+
+
+def test_a_memmoves_other_loop_is_found_beside_the_one_caught(memory: GuestMemory) -> None:
+    """GRUB's two loops as its memmove has them (the down loop's head at the up loop's end), so that
+    catching either arms both; nothing is found where the other is missing, for a fill, or where the
+    window around the loop leaves RAM."""
+    memory.write(HEAD, GRUB_UP + GRUB_DOWN)
+    grub_up = up("rdi", "rcx")
+    grub_down = down("rcx", "rsi", "rax", "rdx")._replace(head=HEAD + 7, done=HEAD + 7 + 13)
+    assert find_around(memory, HEAD + 7 + 5) == grub_down
+    assert find_sibling(memory, grub_down) == grub_up
+    assert find_sibling(memory, grub_up) == grub_down
+    memory.write(HEAD + 7 + SIBLING_SPAN, GRUB_UP)  # an up loop at the window's far end; the near one first
+    assert find_sibling(memory, grub_down) == grub_up
+    memory.write(HEAD, bytes(7))  # the up loop gone: the far one is still in the window
+    far = HEAD + 7 + SIBLING_SPAN
+    assert find_sibling(memory, grub_down) == grub_up._replace(head=far, done=far + 4 + 0x10)
+    memory.write(HEAD + 7 + SIBLING_SPAN, bytes(7))
+    assert find_sibling(memory, grub_down) is None
+    memory.write(HEAD, SEABIOS_FILL + bytes(3))
+    assert find_sibling(memory, fill("rcx", "rax", "rdx")) is None
+    top = (16 << 20) - 16  # the fixture's RAM ends 16 bytes after this loop
+    memory.write(top - 7, GRUB_UP + GRUB_DOWN[:9])
+    assert find_sibling(memory, grub_up._replace(head=top - 7, done=top - 7 + 4 + 0x10)) is None
+
 
 
 def _prepare(memory: GuestMemory, code: bytes) -> None:

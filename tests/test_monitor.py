@@ -1094,9 +1094,10 @@ def ask(vm: Machine, n: int, command: str) -> str:
 def test_the_debug_registers_go_by_the_boots_stage(tmp_path: Path) -> None:
     """A disk boot's four debug registers (vmm/x86/handoff.py): before the BIOS enters the boot
     sector, that address and GRUB's core, and two for POST's loops (no kernel can be entered yet);
-    then the three entries and the core; with both of GRUB's memmove loops caught running, 2 MiB
-    gives its register up; once a kernel's header has been seen, 1 MiB and its entry. A restored
+    then the three entries and the core; with both of GRUB's memmove loops caught running (or one
+    caught and the other found beside it), 2 MiB gives its register up; once a kernel's header has been seen, 1 MiB and its entry. A restored
     machine's handoff watches the entries (resume)."""
+    from worldswitch.driver import structs as s
     from worldswitch.vmm.x86.copyloop import CopyLoop
     from worldswitch.vmm.x86.handoff import BOOT_SECTOR, ENTRIES
 
@@ -1118,9 +1119,18 @@ def test_the_debug_registers_go_by_the_boots_stage(tmp_path: Path) -> None:
         handoff.copy_loops = [up]
         handoff.arm()
         assert handoff.entries == list(ENTRIES) and handoff.armed_loops == []
-        handoff.core_watch = None  # the core unpacked
-        handoff.copy_loops = [down, up]
-        handoff.arm()
+        # A sample in GRUB's down loop (its bytes as Debian's GRUB 2.06 has them), none caught before,
+        # arms it and the up loop beside it at once; the core counts as unpacked from then on.
+        handoff.copy_loops = []
+        handoff.memory.write(up.head, bytes.fromhex("39f97410a4ebf9" "83e9017208" "8a140e" "881408" "ebf3"))
+        code = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x8, type=0xB, present=1, db=1, s=1, g=1)
+        data = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=0x10, type=0x3, present=1, db=1, s=1, g=1)
+        sregs = handoff.vcpu.get_sregs()
+        sregs.cs, sregs.ds, sregs.es, sregs.cr0 = code, data, data, 0x11  # flat 32-bit protected mode: PE, ET
+        handoff.vcpu.set_sregs(sregs)
+        handoff.vcpu.set_regs(s.kvm_regs(rip=down.head + 8, rflags=2))
+        handoff.on_sample()
+        assert handoff.core_watch is None and handoff.copy_loops == [down, up]
         assert handoff.entries == [0x100000, 0x1000000] and handoff.armed_loops == [down, up]
         handoff.kernel_entry = 0x200000  # a header that names 2 MiB
         handoff.arm()

@@ -18,9 +18,9 @@ kernel and initrd through the BIOS and copies every byte it reads with its `grub
 
 (docs/monitor.md: 222 million instructions for the 16 MB of a disk boot.) SeaBIOS's memset is a third,
 a fill: `test %ecx,%ecx; je done; dec %ecx; mov %dl,(%eax,%ecx,1); jmp back`. The handoff (handoff.py)
-finds such a loop where the vCPU is caught running it, puts a hardware breakpoint on its head, and at
-each hit does what the loop would: the copy in guest memory, the registers at their ends, the flags of
-the instruction that ended it (SDM Vol. 2A, "CMP" and "SUB": an equal compare sets ZF and PF and
+finds such a loop where the vCPU is caught running it (and a memmove's other loop beside it,
+find_sibling), puts a hardware breakpoint on its head, and at each hit does what the loop would: the
+copy in guest memory, the registers at their ends, the flags of the instruction that ended it (SDM Vol. 2A, "CMP" and "SUB": an equal compare sets ZF and PF and
 clears CF, AF, SF and OF; 0 - 1 sets CF, PF, AF and SF and clears ZF and OF), and RIP at the exit
 branch's target. The bytes say what to do, so any code with them is the loop, whoever's it is; the
 registers are read from the instructions' own ModRM and SIB bytes. Everything else is checked at each
@@ -51,6 +51,7 @@ UP_LENGTH = 7  # cmp (2), je (2), movsb (1), jmp (2)
 DOWN_LENGTH = 13  # sub (3), jb (2), mov (3), mov (3), jmp (2)
 FILL_LENGTH = 10  # test (2), je (2), dec (1), mov (3), jmp (2)
 LENGTH = DOWN_LENGTH  # the most a loop's bytes take
+SIBLING_SPAN = 64  # how far either side of a memmove loop its other direction is looked for
 CHUNK = 1 << 20  # the most guest memory the VMX holds at once for one copy: a guest names up to 4 GiB
 _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality either way
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
@@ -158,6 +159,24 @@ def find_around(memory: GuestMemory, address: int) -> CopyLoop | None:
             loop = recognize(_code_at(memory, address - offset), address - offset)
             if loop is not None and loop.kind == kind:
                 return loop
+    return None
+
+
+def find_sibling(memory: GuestMemory, loop: CopyLoop) -> CopyLoop | None:
+    """The copy loop of the other direction near `loop`, if there is one: a memmove's two loops are one
+    function's two branches (in each GRUB build read, 2.06 and 2.12, the down loop's head is the up
+    loop's end), and once one is caught the other is likely to run soon, while the sampling could take
+    seconds to find it (a CD's GRUB: its up loop at 5 s, its down loop at 0.7 s)."""
+    wanted = {"up": "down", "down": "up"}.get(loop.kind)
+    start = max(loop.head - SIBLING_SPAN, 0)
+    length = loop.head + SIBLING_SPAN + LENGTH - start
+    if wanted is None or not memory.contains(start, length):  # the window at an edge of RAM: not looked at
+        return None
+    window = memory.read(start, length)
+    for offset in range(len(window)):
+        found = recognize(window[offset:offset + LENGTH], start + offset)
+        if found is not None and found.kind == wanted:
+            return found
     return None
 
 

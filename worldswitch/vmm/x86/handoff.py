@@ -14,9 +14,9 @@ and placed, the loader's zero page and command line kept), stops the PIT and mas
 firmware programmed, and enters the monitor in long mode as a direct boot does.
 
 While the firmware runs, the runner samples where the boot vCPU is, a few times a second
-(on_sample): a byte-copy loop caught running (GRUB's memmove, copyloop.py) gets a debug register the
-entries leave free, and each call of it then costs one debug exit instead of four or five emulated
-instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB's
+(on_sample): a byte-copy loop caught running (GRUB's memmove, copyloop.py), and the memmove's loop
+of the other direction beside it, get the debug registers the entries leave free, and each call of
+one then costs one debug exit instead of four or five emulated instructions a byte; a long REP MOVS caught running (GRUB's relocator) is finished there. GRUB's
 core image is watched where diskboot.img enters it, and then the call of its LZMA decoder, whose
 output the VMM writes instead (grub_core.py). GRUB copies its kernel's setup header through those
 loops; once a served copy has held it, only 1 MiB and that kernel's entry are watched, and GRUB's
@@ -49,7 +49,7 @@ from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, K
 from ...driver.kvm import Vcpu, Vm
 from ...memory.guest import GuestMemory
 from ...memory.layout import MemoryMap
-from .copyloop import MASK32, CopyLoop, find_around, flat_protected, serve, serve_rep_movs
+from .copyloop import MASK32, CopyLoop, find_around, find_sibling, flat_protected, serve, serve_rep_movs
 from .grub_core import CORE_START, CoreDecoder, find_core_decoder, serve_core_decoder
 from .longmode import CR0_PE, CR0_PG, RFLAGS_RESERVED, setup_long_mode
 
@@ -164,7 +164,9 @@ class FirmwareHandoff:
         regs = self.vcpu.get_regs()
         loop = find_around(self.memory, regs.rip & MASK32)
         if loop is not None and loop not in self.armed_loops:
-            self.copy_loops = [loop, *(known for known in self.copy_loops if known != loop)][:DEBUG_REGISTERS - 1]
+            sibling = find_sibling(self.memory, loop)
+            caught = [loop, *([sibling] if sibling is not None else [])]
+            self.copy_loops = [*caught, *(known for known in self.copy_loops if known not in caught)][:DEBUG_REGISTERS - 1]
             if loop.kind != "fill":  # a memmove runs: GRUB's core is unpacked (SeaBIOS's fill runs before it)
                 self.core_watch = None
                 self.loader_running = True  # entered elsewhere than the boot sector
