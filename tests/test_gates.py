@@ -10,8 +10,6 @@ the firmware's and GRUB's 32-bit code cannot be run that way)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from bench.gates import run_gates
@@ -19,7 +17,7 @@ from worldswitch.boot.longmode import PROGRAM_GDT, LongModeLayout
 from worldswitch.driver import structs as s
 from worldswitch.driver.binary_stats import BinaryStats
 from worldswitch.driver.exits import ExitReason
-from worldswitch.driver.kvm import Kvm, Vcpu
+from worldswitch.driver.kvm import Vcpu
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.host import detect_host_kind
 from worldswitch.vmm.x86.longmode import RFLAGS_RESERVED, setup_long_mode
@@ -48,48 +46,28 @@ def test_a_handler_in_ring_0_is_what_a_kernel_code_emulating_host_emulates(event
     assert run.emulated >= 20 * rounds, f"only {run.emulated} instructions emulated in {rounds} rounds"
 
 
-LOOP_AT = 0x200000
+LOOP_AT = 0x100000  # in the flat32 fixture's 2 MiB
 LOOPS = 10_000
 
 
-@pytest.fixture
-def long_mode() -> Iterator[tuple[Vcpu, GuestMemory]]:
-    """A vCPU in long mode (worldswitch's program tables: the low GiB mapped for ring 3 too) and 4 MiB."""
-    kvm = Kvm.open()
-    vm = kvm.create_vm()
-    vm.set_tss_addr(0xFFFBD000)
-    vm.create_irqchip()
-    memory = GuestMemory([(0, 4 << 20)])
-    memory.register(vm)
-    vcpu = vm.create_vcpu(0)
-    vcpu.set_cpuid2(kvm.get_supported_cpuid())
-    sregs = vcpu.get_sregs()
-    setup_long_mode(memory, sregs, LongModeLayout(selectors=PROGRAM_GDT))
-    vcpu.set_sregs(sregs)
-    yield vcpu, memory
-    vcpu.close()
-    vm.close()
-    kvm.close()
-    memory.close()
-
-
 @pytest.mark.parametrize("bits", [64, 32])
-def test_ring_3_runs_natively_in_64_bit_code_only(long_mode: tuple[Vcpu, GuestMemory], bits: int) -> None:
+def test_ring_3_runs_natively_in_64_bit_code_only(flat32: tuple[Vcpu, GuestMemory], bits: int) -> None:
     """A countdown loop in ring 3, in a 64-bit code segment and in a 32-bit one (compatibility mode,
     where a firmware's or GRUB's code would have to run to be deprivileged): on a host that emulates
     kernel code (PVM) the 64-bit loop runs natively and the 32-bit one is emulated as ring 0 is, two
     instructions an iteration; a host with VT-x or AMD-V runs both."""
-    vcpu, memory = long_mode
+    vcpu, memory = flat32
+    sregs = vcpu.get_sregs()
+    setup_long_mode(memory, sregs, LongModeLayout(selectors=PROGRAM_GDT))  # the low GiB mapped for ring 3 too
     memory.write(LOOP_AT, bytes([0xB9, *LOOPS.to_bytes(4, "little")]) + bytes.fromhex("ffc975fce610"))
     # mov $LOOPS, %ecx; 1: dec %ecx; jnz 1b; out %al, $0x10 (the same bytes in either mode)
-    sregs = vcpu.get_sregs()
     code64 = bits == 64
     sregs.cs = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=PROGRAM_GDT.user_cs | 3, type=0xB, present=1,
                              dpl=3, db=0 if code64 else 1, s=1, l=1 if code64 else 0, g=1)
     sregs.ds = sregs.es = sregs.ss = s.kvm_segment(base=0, limit=0xFFFFFFFF, selector=PROGRAM_GDT.user_ds | 3,
                                                    type=0x3, present=1, dpl=3, db=1, s=1, g=1)
     vcpu.set_sregs(sregs)
-    vcpu.set_regs(s.kvm_regs(rip=LOOP_AT, rsp=0x300000, rflags=RFLAGS_RESERVED))
+    vcpu.set_regs(s.kvm_regs(rip=LOOP_AT, rsp=0x180000, rflags=RFLAGS_RESERVED))
     stats = BinaryStats(vcpu.get_stats_fd())
     try:
         before = stats.read()["insn_emulation"]
