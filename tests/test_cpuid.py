@@ -6,10 +6,12 @@ from worldswitch.boot.linux import kernel_parameters
 from worldswitch.driver import structs as s
 from worldswitch.vmm.host import HostKind
 from worldswitch.vmm.x86.cpu import cpuid_for_vcpu
-from worldswitch.vmm.x86.cpuid import (MONITOR_HIDDEN, PVM_HIDDEN, TSC_DEADLINE_BIT, features_to_refuse, filter_cpuid,
-                                       forced_features, hidden_features, with_tsc_deadline)
+from worldswitch.vmm.x86.cpuid import (MONITOR_HIDDEN, PROTECTION_KEYS, PVM_HIDDEN, TSC_DEADLINE_BIT,
+                                       features_to_refuse, filter_cpuid, forced_features, hidden_features,
+                                       with_tsc_deadline)
 
 PVM = HostKind("pvm", False, "")
+PVM_PKE = HostKind("pvm", False, "", ring3_protection_keys=True)  # its user mode runs with CR4.PKE
 VTX = HostKind("vmx", True, "")
 BY_NAME = {f.name: f for f in PVM_HIDDEN}
 
@@ -29,8 +31,13 @@ def test_only_emulating_hosts_hide_anything() -> None:
     assert hidden_features(VTX, monitor=False) == ()
     assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
     # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
-    assert [f.name for f in hidden_features(PVM, monitor=True)] == ["xsaves", "xsavec", "fsgsbase", "smap", "pcid",
-                                                                    "invpcid", "rdtscp", "rdpid", "shstk", "ibt"]
+    assert [f.name for f in hidden_features(PVM_PKE, monitor=True)] == ["xsaves", "xsavec", "fsgsbase", "smap", "pcid",
+                                                                        "invpcid", "rdtscp", "rdpid", "shstk", "ibt"]
+    # protection keys, where the host's ring 3 runs without them: X86_FEATURE_PKU, X86_FEATURE_OSPKE
+    assert hidden_features(PVM, monitor=True) == MONITOR_HIDDEN + PROTECTION_KEYS
+    assert [(f.name, f.leaf, f.subleaf, f.register, f.bit, f.linux_feature) for f in PROTECTION_KEYS] == [
+        ("pku", 7, 0, "ecx", 3, 16 * 32 + 3), ("ospke", 7, 0, "ecx", 4, 16 * 32 + 4)]
+    assert hidden_features(PVM, monitor=False) == hidden_features(PVM_PKE, monitor=False) == PVM_HIDDEN
     # XSAVE itself stays under the monitor (its user mode's AVX state needs it); what the monitor does
     # not give (XSAVES, CR4.PCIDE, INVPCID, TSC_AUX) is hidden only there
     assert {f.name for f in set(MONITOR_HIDDEN) - set(PVM_HIDDEN)} == {"xsaves", "xsavec", "pcid", "invpcid", "rdtscp",

@@ -3,12 +3,14 @@ told, and where an unpacked package keeps busybox and the modules (Debian 13's m
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from worldswitch.errors import ConfigError
-from worldswitch.vmx.debian import ARCHIVE_KEYRING, MIRROR, apt_options, find_extracted, release_cache
+from worldswitch.vmx import debian
+from worldswitch.vmx.debian import ARCHIVE_KEYRING, MIRROR, apt_options, fetch_debian, find_extracted, release_cache
 
 
 def test_a_release_gets_an_apt_of_its_own_in_its_cache(tmp_path: Path) -> None:
@@ -30,6 +32,16 @@ def test_an_unknown_release_is_refused_before_anything_is_written(tmp_path: Path
     with pytest.raises(ConfigError, match="unknown Debian release 'potato'"):
         apt_options(tmp_path, "potato")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mirror_that_cannot_be_reached_is_named_in_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """apt-get update exits 0 when its indexes fail to download; the fetch must say what failed, not
+    that apt-cache knows no kernel. A local port that refuses connections stands for the mirror."""
+    if not ARCHIVE_KEYRING.exists() or shutil.which("apt-get") is None:
+        pytest.skip("needs apt-get and debian-archive-keyring")
+    monkeypatch.setattr(debian, "MIRROR", "http://127.0.0.1:9/debian")
+    with pytest.raises(ConfigError, match=r"update failed: E: Failed to fetch http://127\.0\.0\.1:9/debian/dists/trixie/"):
+        fetch_debian(tmp_path / "debian-trixie", release="trixie")
 
 
 @pytest.mark.parametrize("usr", ["", "usr/"], ids=["debian-12", "debian-13"])

@@ -27,7 +27,7 @@ from worldswitch.guests import SOURCE_DIR
 from worldswitch.memory.layout import MemoryMap
 from worldswitch.vmm.builder import build_for_boot
 from worldswitch.vmm.config import DEFAULT_MEMORY, DiskConfig, MachineConfig
-from worldswitch.vmm.host import detect_host_kind
+from worldswitch.vmm.host import detect_host_kind, host_cpuid
 from worldswitch.vmm.result import MachineResult, StopReason
 from worldswitch.vmm.stats import MachineStats
 from worldswitch.vmx.api import Machine
@@ -780,16 +780,19 @@ __asm__(".globl _start\n_start:\n andq $-16, %rsp\n call run\n hlt\n");
 """
 
 
-def shell_initrd_with(tmp_path: Path, name: str, program_source: str, *cflags: str) -> Path:
-    """shell_initrd, with PROGRAM_PRELUDE + `program_source` built static at /`name`."""
+def shell_initrd_with(tmp_path: Path, programs: dict[str, str], *cflags: str) -> Path:
+    """shell_initrd, with PROGRAM_PRELUDE + each of `programs` (name: source) built static at /name."""
     from worldswitch.boot.initramfs import CpioEntry, cpio_newc
 
-    source, program = tmp_path / f"{name}.c", tmp_path / name
-    source.write_text(PROGRAM_PRELUDE + program_source)
-    subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", *cflags, "-o", str(program),
-                    str(source)], check=True)
+    entries = []
+    for name, program_source in programs.items():
+        source, program = tmp_path / f"{name}.c", tmp_path / name
+        source.write_text(PROGRAM_PRELUDE + program_source)
+        subprocess.run(["gcc", "-O1", "-static", "-nostdlib", "-fno-stack-protector", *cflags, "-o", str(program),
+                        str(source)], check=True)
+        entries.append(CpioEntry(name, stat.S_IFREG | 0o755, program.read_bytes()))
     initrd = shell_initrd(tmp_path)  # a second cpio archive after the first: the kernel unpacks both
-    initrd.write_bytes(initrd.read_bytes() + cpio_newc([CpioEntry(name, stat.S_IFREG | 0o755, program.read_bytes())]))
+    initrd.write_bytes(initrd.read_bytes() + cpio_newc(entries))
     return initrd
 
 
@@ -826,7 +829,7 @@ def test_debians_processes_keep_their_avx_registers_apart(debian_kernel: Path,
     as often here: 15,100 interrupts, 32,082 trapped WRMSRs), 13.5 s since ring 0 writes those at their
     #GP (docs/monitor.md); 20,000 had passed 60 s under both."""
     kernel = debian_kernel
-    initrd = shell_initrd_with(tmp_path, "ymm", YMM_PROGRAM, "-mavx")
+    initrd = shell_initrd_with(tmp_path, {"ymm": YMM_PROGRAM}, "-mavx")
     with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
         answer = ask(vm, 0, "/ymm; sleep 1")
@@ -835,6 +838,47 @@ def test_debians_processes_keep_their_avx_registers_apart(debian_kernel: Path,
         assert answer.count("YMM-KEPT") == 4 and "YMM-LOST" not in answer, answer
         vm.console.send("poweroff -f\n")
         vm.wait(60)
+
+
+# Protection keys under the monitor: a key to allocate where the host's ring 3 runs with CR4.PKE; and a
+# process that denies itself key 0 with a WRPKRU of its own.
+PKEY_PROGRAM = r"""
+__attribute__((used)) void run(void) {
+    long key = sys(SYS_pkey_alloc, 0, 0, 0);
+    say(key > 0 ? "PKEY-GIVEN\n" : key == -28 ? "PKEY-NONE\n" : "PKEY-FAILED\n");  /* ENOSPC: no keys */
+    sys(SYS_exit, 0, 0, 0);
+}
+"""
+PKEY0_PROGRAM = r"""
+__attribute__((used)) void run(void) {
+    __asm__ volatile("wrpkru" : : "a"(3), "c"(0), "d"(0) : "memory");  /* key 0: access and write disabled */
+    say("PKEY0-LIVED\n");
+    sys(SYS_exit, 0, 0, 0);
+}
+"""
+
+
+@needs_emulating_host
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the guest's programs")
+def test_debians_protection_keys_under_the_monitor(debian_under_monitor: tuple[Path, Path], tmp_path: Path) -> None:
+    """Where the host's ring 3 runs with CR4.PKE (this EPYC host since 2026-12-05), the kernel keeps
+    its protection keys (x86/cpuid.py PROTECTION_KEYS: its XSAVE must count PKRU, as the host's XCR0
+    does), and sets CR4.PKE, the monitor's to take. A process that denies key 0, which every page has
+    under KVM's shadow paging (the monitor's own too), stops the VM with the monitor's reason."""
+    kernel, _marker_initrd = debian_under_monitor
+    initrd = shell_initrd_with(tmp_path, {"pkey": PKEY_PROGRAM, "pkey0": PKEY0_PROGRAM})
+    with Machine(kernel=str(kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        at_the_prompt(vm)
+        keys = vm.vmm.host.ring3_protection_keys
+        assert ("PKEY-GIVEN" if keys else "PKEY-NONE") in ask(vm, 0, "/pkey"), vm.console.text[-500:]
+        flags = ask(vm, 1, "grep -m1 -wo -E 'pku|ospke' /proc/cpuinfo | tr '\\n' ,")
+        assert ("pku,ospke," in flags) == keys, flags
+        if not keys:
+            return  # the CPU's WRPKRU faults in ring 3 here
+        vm.console.send("/pkey0\n")
+        result = vm.wait(60)
+    assert result is not None and result.reason is StopReason.GUEST_ABORT, result
+    assert "WRPKRU denied key 0" in result.message and "PKEY0-LIVED" not in vm.console.text, result
 
 
 @needs_emulating_host
@@ -863,6 +907,20 @@ def test_a_pipeline_of_seven_processes_keeps_its_shadows(debian_under_monitor: t
     assert loads >= 100 and moves < faults / 4, (loads, moves, faults)
 
 
+def null_seg_bug() -> bool:
+    """Whether Linux on this host's CPU, whose CPUID its ring 3 reads natively under the monitor, sets
+    X86_BUG_NULL_SEG and so loads GS twice at a switch to a process without a GS base: an AMD or
+    Hygon CPU that does not advertise NullSelectorClearsBase (CPUID 0x80000021 EAX bit 6), under a
+    hypervisor (check_null_seg_clears_base in Linux's arch/x86/kernel/cpu/amd.c)."""
+    vendor, extended = host_cpuid(0), host_cpuid(0x80000000)
+    assert vendor is not None and extended is not None
+    name = b"".join(register.to_bytes(4, "little") for register in (vendor[1], vendor[3], vendor[2]))
+    if name not in (b"AuthenticAMD", b"HygonGenuine"):
+        return False
+    leaf = host_cpuid(0x80000021) if extended[0] >= 0x80000021 else None
+    return leaf is None or not leaf[0] >> 6 & 1
+
+
 def deadline_written_natively(kernel: Path) -> bool:
     """Whether the kernel programs its LAPIC timer with a WRMSR of its own, not through pv_ops."""
     vmlinux = extract_vmlinux(parse_bzimage(kernel.read_bytes()))
@@ -877,9 +935,9 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
     """`seq | wc`: a context switch at each line, each writing the FS base (the thread-local storage) of
     the process it switches to, through pv_ops.cpu.write_msr and the monitor's msr_gate rather than a
     trap: on this host in the kernel's ring 3 (WRFSBASE), with no trip into ring 0. Both programs'
-    answers depend on their own FS base. On an AMD CPU the kernel also loads the user GS twice a switch
-    (X86_BUG_NULL_SEG), through pv_ops.cpu.load_gs_index and the gs_gate, in its ring 3 here too, and
-    would load SS (X86_BUG_SYSRET_SS_ATTRS), which the VMM took out of its __switch_to. The kernel's own
+    answers depend on their own FS base. On an AMD CPU without NullSelectorClearsBase the kernel also
+    loads the user GS twice a switch (X86_BUG_NULL_SEG), through pv_ops.cpu.load_gs_index and the
+    gs_gate, in its ring 3 here too; and on every AMD CPU it would load SS (X86_BUG_SYSRET_SS_ATTRS), which the VMM took out of its __switch_to. The kernel's own
     WRMSRs of the x2APIC's EOI and (7.2's) TSC deadline are written by ring 0 at their #GP, not the body."""
     kernel = debian_kernel
     answer, before, after = counted(kernel, tmp_path, "seq 1 2000 | wc -l")
@@ -917,9 +975,10 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
     native, calls_left = after["swapgs_native"] - before["swapgs_native"], after["ring0"] - before["ring0"]
     assert native == swapgs and calls_left - (after["cr3_gate"] - before["cr3_gate"]) < calls / 20, (
         native, swapgs, calls_left, calls)
-    # the GS loads, in the kernel's ring 3 (gs_gate with RDGSBASE and WRGSBASE): 6,806 under 6.1 here
+    # the GS loads, in the kernel's ring 3 (gs_gate with RDGSBASE and WRGSBASE): 6,806 under 6.1 on
+    # an EPYC without NullSelectorClearsBase; 4 on the Zen 4 EPYC of 2026-12-05, which has it
     loads = {kind: after[kind] - before[kind] for kind in ("gs_native", "gs_gate")}
-    assert loads["gs_native"] >= 2000 and loads["gs_gate"] == 0, loads
+    assert (loads["gs_native"] >= 2000) == null_seg_bug() and loads["gs_gate"] == 0, loads
     # an EPYC host's run emulated 3,644 loads of SS with the load in place (lretq counts here too)
     assert after["segment"] - before["segment"] == 0, after
 
@@ -975,7 +1034,7 @@ def test_debians_processes_keep_their_fs_and_gs_bases_apart(debian_kernel: Path,
     does in its ring 3 where this host allows (msr_gate, gs_gate: WRFSBASE, and the user mode's GS base
     owed to KERNEL_GS_BASE until the way out), and zeroes the GS base of a process without one
     (X86_BUG_NULL_SEG: two GS loads)."""
-    initrd = shell_initrd_with(tmp_path, "segments", SEGMENTS_PROGRAM)
+    initrd = shell_initrd_with(tmp_path, {"segments": SEGMENTS_PROGRAM})
     with Machine(kernel=str(debian_kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
         at_the_prompt(vm)
         before = vm.stats()["monitor"]

@@ -29,6 +29,9 @@ class HostKind(NamedTuple):
     # slower, and under an emulated CPU (QEMU's TCG), much slower and with the emulator's own bugs.
     virtual_machine: str | None = None
     hypervisor_signature: str | None = None  # CPUID leaf 0x40000000 (KVMKVMKVM, TCGTCGTCGTCG, ...)
+    # Set where the host's user mode runs with protection keys on (CR4.PKE; its CPUID's OSPKE), which
+    # a PVM guest's ring 3 runs with too (x86/cpuid.py PROTECTION_KEYS).
+    ring3_protection_keys: bool = False
 
     @property
     def cpu_emulated(self) -> bool:
@@ -134,6 +137,7 @@ def detect_host_kind(flags: set[str] | None = None) -> HostKind:
             "pvm", False,
             "PVM (no VT-x/AMD-V): guest ring-3 code runs natively, guest ring-0 and real-mode code is "
             "emulated by KVM; shadow paging" + nested + ". Linux guests boot slowly here (minutes).", inside, signature,
+            "ospke" in flags,
         )
     return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise" + nested, inside, signature)
 

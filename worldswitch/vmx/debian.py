@@ -37,7 +37,10 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
         raise ConfigError(f"{command[0]} is not installed: fetching Debian packages needs a Debian-based host")
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise ConfigError(f"{' '.join(command)} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+        lines = result.stderr.strip().splitlines()
+        # apt's first error names what failed and why; its last is often only a summary
+        why = next((line for line in lines if line.startswith("E: ")), lines[-1] if lines else result.returncode)
+        raise ConfigError(f"{' '.join(command)} failed: {why}")
     return result.stdout
 
 
@@ -113,7 +116,10 @@ def fetch_debian(cache: Path, metapackage: str = KERNEL_METAPACKAGE, release: st
         return found
     options = apt_options(cache, release)
     if options:
-        _run(["apt-get", *options, "update"])
+        # --error-on=any: an index that failed to download fails the update, which otherwise exits 0
+        # and leaves the lists empty (seen in a nested host without its network): apt-cache then knew
+        # no kernel, which said nothing of why
+        _run(["apt-get", *options, "--error-on=any", "update"])
     downloads = cache / "debs"
     downloads.mkdir(parents=True, exist_ok=True)
     packages = [*kernel_packages(metapackage, options), BUSYBOX_PACKAGE]

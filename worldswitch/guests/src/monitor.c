@@ -52,6 +52,7 @@
 #define CR4_PGE (1ul << 7)
 #define CR4_UMIP (1ul << 11)
 #define CR4_OSXSAVE (1ul << 18)
+#define CR4_PKE (1ul << 22)
 #define DR6_FIXED 0xffff0ff0ul /* the bits DR6 and DR7 read as 1 */
 #define DR7_FIXED 0x400ul
 #define CPUID_7_UMIP (1u << 2) /* leaf 7, ECX */
@@ -431,6 +432,7 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 #define PF_WRITE 2ul
 #define PF_USER 4ul
 #define PF_FETCH 0x10ul
+#define PF_PK 0x20ul /* the page's protection key forbade the access: under KVM's shadow paging every page has key 0 */
 
 static u64 monitor_pdpt[512] __attribute__((aligned(4096))); /* the monitor's slot: itself, and guest RAM */
 /* the same slot in the user mode's shadows: the monitor's pages for ring 0, the SYSCALL gate's for all */
@@ -1388,7 +1390,9 @@ static u64 decode_modrm(struct trap_frame *frame, struct instruction *insn)
                                        BIOS leaves them, disables caching to change them); caching stays
                                        on for the CPU, which KVM gives the host's memory types anyway */
 #define CR4_GUEST_MAY_CHANGE 0x407d8ul /* DE PSE MCE PGE PCE OSFXSR OSXMMEXCPT OSXSAVE; and UMIP, where the CPU has it */
-#define CR4_GUEST_ONLY 0x300004ul /* TSD SMEP SMAP: the guest's to set, never the CPU's (its kernel runs in ring 3) */
+#define CR4_GUEST_ONLY 0x700004ul /* TSD SMEP SMAP PKE: the guest's to set, never the CPU's (its kernel runs in
+                                    ring 3). PKE: where the host's ring 3 runs with it, the VMM leaves the kernel
+                                    its protection keys (cpuid.py), and its WRPKRU runs natively */
 
 static void write_cr(int cr, u64 value)
 {
@@ -2091,6 +2095,9 @@ static void own_event(struct trap_frame *frame)
     }
     u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
+    if (frame->vector == 14 && (frame->error_code & PF_PK))
+        /* a WRPKRU in the guest's ring 3, which the host's CR4.PKE lets run: the body runs on its PKRU */
+        STOP("the guest's WRPKRU denied key 0, which all pages have here (the monitor's too)", cr2, frame->error_code);
     if (frame->vector == 14 && !monitor_slot_of(cr2)) { /* its access for the guest, not in the shadow yet */
         if (shadow_fault(cr2, frame->error_code, 0, &code)) {
             count(COUNT_OWN_FILL);

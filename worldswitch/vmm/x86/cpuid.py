@@ -121,11 +121,28 @@ MONITOR_HIDDEN = (
     _leaf7_edx(20, "ibt"),
 )
 
+# Protection keys under the monitor. Where the host's own ring 3 runs with CR4.PKE (its processes'
+# CPUID shows OSPKE), its XCR0 has PKRU (0x207 on the EPYC host of 2026-12-05), whose size ring 3's
+# CPUID counts, and a kernel without keys leaves PKRU out of its XSAVE: Debian's 7.2, told no PKU (or
+# `nopku`), computed 832 bytes where CPUID said 2,440, gave XSAVE up and crashed in fpstate_reset. So
+# there the kernel keeps them: it sets CR4.PKE, which the monitor takes as its view (monitor.c), and
+# its WRPKRU runs natively in ring 3. What they fence is less than on hardware: KVM's shadow paging
+# gives no real page a key, so the CPU checks PKRU against key 0 alone, and a page's own key is
+# enforced only by Linux at its page faults (docs/monitor.md). Where the host runs ring 3 without
+# CR4.PKE, both are refused: the kernel's WRPKRU would fault, and Linux checks OSPKE, which CPUID in
+# ring 3 reads from the host's CR4, at run time.
+PROTECTION_KEYS = (
+    _leaf7_ecx(3, "pku"),
+    _leaf7_ecx(4, "ospke"),
+)
+
 
 def hidden_features(host: HostKind, monitor: bool) -> tuple[HiddenFeature, ...]:
     if not host.kernel_code_emulated:
         return ()
-    return MONITOR_HIDDEN if monitor else PVM_HIDDEN
+    if not monitor:
+        return PVM_HIDDEN
+    return MONITOR_HIDDEN if host.ring3_protection_keys else MONITOR_HIDDEN + PROTECTION_KEYS
 
 
 def filter_cpuid(entries: list[s.kvm_cpuid_entry2], hidden: tuple[HiddenFeature, ...]) -> list[s.kvm_cpuid_entry2]:
