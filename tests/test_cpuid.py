@@ -31,8 +31,8 @@ def test_only_emulating_hosts_hide_anything() -> None:
     assert hidden_features(VTX, monitor=False) == ()
     assert hidden_features(PVM, monitor=False) == PVM_HIDDEN
     # under the monitor the kernel's code runs natively in ring 3: only what faults there stays hidden
-    assert [f.name for f in hidden_features(PVM_PKE, monitor=True)] == ["xsaves", "xsavec", "fsgsbase", "smap", "pcid",
-                                                                        "invpcid", "rdtscp", "rdpid", "shstk", "ibt"]
+    assert [f.name for f in hidden_features(PVM_PKE, monitor=True)] == [
+        "xsaves", "xsavec", "fsgsbase", "smap", "pcid", "invpcid", "rdtscp", "rdpid", "shstk", "ibt"]
     # protection keys, where the host's ring 3 runs without them: X86_FEATURE_PKU, X86_FEATURE_OSPKE
     assert hidden_features(PVM, monitor=True) == MONITOR_HIDDEN + PROTECTION_KEYS
     assert [(f.name, f.leaf, f.subleaf, f.register, f.bit, f.linux_feature) for f in PROTECTION_KEYS] == [

@@ -40,7 +40,8 @@ def test_a_mirror_that_cannot_be_reached_is_named_in_the_error(tmp_path: Path, m
     if not ARCHIVE_KEYRING.exists() or shutil.which("apt-get") is None:
         pytest.skip("needs apt-get and debian-archive-keyring")
     monkeypatch.setattr(debian, "MIRROR", "http://127.0.0.1:9/debian")
-    with pytest.raises(ConfigError, match=r"update failed: E: Failed to fetch http://127\.0\.0\.1:9/debian/dists/trixie/"):
+    refused = r"update failed: E: Failed to fetch http://127\.0\.0\.1:9/debian/dists/trixie/"
+    with pytest.raises(ConfigError, match=refused):
         fetch_debian(tmp_path / "debian-trixie", release="trixie")
 
 

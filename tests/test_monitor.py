@@ -937,8 +937,9 @@ def test_debians_context_switches_write_the_fs_base_through_the_gate(debian_kern
     trap: on this host in the kernel's ring 3 (WRFSBASE), with no trip into ring 0. Both programs'
     answers depend on their own FS base. On an AMD CPU without NullSelectorClearsBase the kernel also
     loads the user GS twice a switch (X86_BUG_NULL_SEG), through pv_ops.cpu.load_gs_index and the
-    gs_gate, in its ring 3 here too; and on every AMD CPU it would load SS (X86_BUG_SYSRET_SS_ATTRS), which the VMM took out of its __switch_to. The kernel's own
-    WRMSRs of the x2APIC's EOI and (7.2's) TSC deadline are written by ring 0 at their #GP, not the body."""
+    gs_gate, in its ring 3 here too; and on every AMD CPU it would load SS (X86_BUG_SYSRET_SS_ATTRS),
+    which the VMM took out of its __switch_to. The kernel's own WRMSRs of the x2APIC's EOI and (7.2's)
+    TSC deadline are written by ring 0 at their #GP, not the body."""
     kernel = debian_kernel
     answer, before, after = counted(kernel, tmp_path, "seq 1 2000 | wc -l")
     assert re.search(r"\n2000\r?\n", answer[-100:]), answer
