@@ -92,6 +92,25 @@ def test_host_frames_arrive_across_mergeable_buffers(net) -> None:
     assert device.rx_packets == 1
 
 
+def test_a_frame_before_the_driver_leaves_the_device_idle_until_its_queue_is_set_up(net) -> None:
+    """Before the driver sets up the receive queue, a readable tap must not keep the I/O thread busy:
+    it spun on it at 100% of a CPU through a whole Linux boot (the host's IPv6 packets on a new tap)."""
+    device, function, driver, host, memory = net
+    host.send(frame(b"before the driver"))
+    time.sleep(0.2)  # the I/O thread has seen the tap readable
+    clock = time.pthread_getcpuclockid(function.worker._thread.ident)
+    busy = time.clock_gettime(clock)
+    time.sleep(0.5)
+    assert time.clock_gettime(clock) - busy < 0.05, "the I/O thread spins on the tap"
+    driver.start(queues=(0, 1))
+    buffer = driver.buffer(2048)
+    driver.queues[0].add([(*buffer, True)])
+    driver.kick(0)
+    (_, written), = driver.wait_used(0)  # the frame that waited in the tap, once there is somewhere to put it
+    assert memory.read(buffer[0] + HEADER_SIZE, written - HEADER_SIZE).startswith(frame(b"before the driver"))
+    assert device.rx_packets == 1
+
+
 def test_frames_wait_until_the_guest_posts_buffers(net) -> None:
     device, _, driver, host, memory = net
     driver.start(queues=(0, 1))

@@ -161,6 +161,8 @@ class VirtioNet(VirtioDevice):
     def receive(self) -> None:
         queue = self.queues[RECEIVE]
         if queue is None:
+            # a driver that did not set the receive queue up: stop watching the tap rather than spin on it
+            self.link.pause_input(self.tap.fd, True)
             return
         while True:
             packet = self.waiting if self.waiting is not None else self.tap.read()

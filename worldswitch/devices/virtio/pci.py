@@ -171,7 +171,7 @@ class VirtioPciFunction(PciFunction):
 
     def start(self) -> None:
         for fd, callback in self.device.extra_fds():
-            self.worker.watch(fd, self._guarded(callback))
+            self.worker.watch(fd, self._guarded(fd, callback))
         self.worker.start()
 
     def close(self) -> None:
@@ -179,7 +179,7 @@ class VirtioPciFunction(PciFunction):
         with self.lock:
             self.device.close()
 
-    def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def _guarded(self, fd: int, callback: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             with self.lock:
                 if self.status & DRIVER_OK and not self.broken:
@@ -189,6 +189,11 @@ class VirtioPciFunction(PciFunction):
                         self._needs_reset(str(error))
                     except OSError as error:
                         self._back_end_failed(error)
+                else:
+                    # Input with no driver to take it waits in the back end until DRIVER_OK; the I/O
+                    # thread stops watching it meanwhile instead of spinning on a readable descriptor
+                    # (a tap during a whole Linux boot, with the host's first IPv6 packets).
+                    self.worker.interest(fd, False)
         return run
 
     def _back_end_failed(self, error: OSError) -> None:
@@ -406,6 +411,8 @@ class VirtioPciFunction(PciFunction):
         self.status = status | (self.status & DEVICE_NEEDS_RESET)
         if newly_ok and not self.broken:
             self.device.activate()
+            for fd, _ in self.device.extra_fds():
+                self.worker.interest(fd, True)  # what came before DRIVER_OK waited (see _guarded)
             for index in range(len(self.setups)):
                 self.worker.kick(index)  # serve whatever the driver queued before DRIVER_OK
 

@@ -44,8 +44,9 @@ class VirtioWorker:
 
     def interest(self, fd: int, wanted: bool) -> None:
         """Stop or resume watching a host descriptor: a device with nowhere to put input (no
-        receive buffers) pauses its back end instead of spinning on a readable descriptor.
-        Called from the I/O thread itself (device callbacks run there)."""
+        receive buffers, or no driver yet) pauses its back end instead of spinning on a readable
+        descriptor. Called from the I/O thread (device callbacks run there), or by the transport before
+        it kicks a queue, whose kick makes the thread's next wait see the change."""
         self._poller.modify(fd, select.POLLIN if wanted else 0)
 
     def start(self) -> None:
