@@ -163,8 +163,7 @@ class VirtioConsole(VirtioDevice):
         self.pending = bytearray(state.pending)
 
     def reset(self) -> None:
-        self.pending.clear()
-        self._pause_input(False)
+        self.pending.clear()  # the transport watches the pty again at the next DRIVER_OK
 
     def close(self) -> None:
         self.backend.close()

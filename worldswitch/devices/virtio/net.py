@@ -230,8 +230,7 @@ class VirtioNet(VirtioDevice):
         self.waiting = state.waiting
 
     def reset(self) -> None:
-        self.waiting = None
-        self.link.pause_input(self.tap.fd, False)
+        self.waiting = None  # the transport watches the tap again at the next DRIVER_OK
 
     def close(self) -> None:
         self.tap.close()
