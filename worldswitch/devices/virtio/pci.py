@@ -193,7 +193,7 @@ class VirtioPciFunction(PciFunction):
                     # Input with no driver to take it waits in the back end until DRIVER_OK; the I/O
                     # thread stops watching it meanwhile instead of spinning on a readable descriptor
                     # (a tap during a whole Linux boot, with the host's first IPv6 packets).
-                    self.worker.interest(fd, False)
+                    self.pause_input(fd, True)
         return run
 
     def _back_end_failed(self, error: OSError) -> None:
@@ -412,7 +412,7 @@ class VirtioPciFunction(PciFunction):
         if newly_ok and not self.broken:
             self.device.activate()
             for fd, _ in self.device.extra_fds():
-                self.worker.interest(fd, True)  # what came before DRIVER_OK waited (see _guarded)
+                self.pause_input(fd, False)  # what came before DRIVER_OK waited (see _guarded)
             for index in range(len(self.setups)):
                 self.worker.kick(index)  # serve whatever the driver queued before DRIVER_OK
 
