@@ -29,7 +29,7 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
             "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate",
             "held_gate", "cr3_gate", "sysret_gate", "gs_gate", "gs_native", "msr_native", "pv_eoi",
-            "swapgs_native")
+            "swapgs_native", "key0")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
 # pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, its IRETQ to itself
 # ("iret") and its return from a system call ("sysret"), at PV_BASE in its kernel's address space

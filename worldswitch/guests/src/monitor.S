@@ -562,6 +562,33 @@ fsgsbase_refused:
     xorl %eax, %eax
     ret
 
+/* The monitor's ring-3 code where a PKRU the guest wrote denies key 0, which every page has here,
+ * the monitor's own too (KVM's shadow paging gives none a key): the first access faults, and
+ * own_event sends the code here, having kept its RAX, RCX, RDX, RFLAGS and RIP in key0_return.
+ * Ring 0 cannot write PKRU itself (this host emulates it, and its emulator knows no WRPKRU), and
+ * nothing here may touch memory before the WRPKRU: the guest's PKRU is kept in RDX's high half
+ * (WRPKRU ignores it), key 0's two bits cleared in EAX. Then key0_found, for the body (monitor.c,
+ * key0_denied_access), the registers and the flags back, and the code retried. */
+    .globl key0_allow, key0_allow_end
+key0_allow:
+    xorl %ecx, %ecx
+    rdpkru                              /* EAX: the guest's PKRU; EDX: 0 */
+    movq %rax, %rdx
+    shlq $32, %rdx
+    andl $~PKRU_KEY0, %eax
+    wrpkru
+    shrq $32, %rdx
+    movl %edx, key0_found(%rip)
+    movq key0_return + KEY0_RAX(%rip), %rax
+    movq key0_return + KEY0_RCX(%rip), %rcx
+    movq key0_return + KEY0_RDX(%rip), %rdx
+    leaq -128(%rsp), %rsp               /* clear of any red zone */
+    pushq key0_return + KEY0_RFLAGS(%rip)
+    popfq
+    leaq 128(%rsp), %rsp
+    jmp *key0_return + KEY0_RIP(%rip)
+key0_allow_end:
+
     .section .rodata
     .align 8
     .globl event_stubs

@@ -158,6 +158,17 @@ void triple_fault(void) __attribute__((noreturn));
 u64 ring0_call(u64 service, u64 a, u64 b);
 
 u64 event_cr2;             /* the guest's page fault's address, which the trampoline read in ring 0 */
+
+/* A PKRU the guest wrote that denied key 0, taken back (key0_allow, monitor.S): what it was, for the
+ * body to judge the guest's access by (key0_denied_access), 0 once judged; and the registers of the
+ * monitor's code that met it, which key0_allow gives back. */
+extern char key0_allow[], key0_allow_end[];
+u32 key0_found;
+struct { u64 rax, rcx, rdx, rflags, rip; } key0_return;
+_Static_assert(__builtin_offsetof(__typeof__(key0_return), rcx) == KEY0_RCX &&
+               __builtin_offsetof(__typeof__(key0_return), rdx) == KEY0_RDX &&
+               __builtin_offsetof(__typeof__(key0_return), rflags) == KEY0_RFLAGS &&
+               __builtin_offsetof(__typeof__(key0_return), rip) == KEY0_RIP, "key0_allow reads these");
 volatile u8 leave_again;   /* set by ring 0 when it holds an interrupt: the body's exit looks again */
 /* SWAPGS done where ring 0 already is, instead of by a call into it of its own (two a system call):
  * entry_swapgs, for ring 0's SYSCALL entry: the guest's LSTAR begins with SWAPGS, so swap there (the
@@ -2042,6 +2053,32 @@ void monitor_cr3_gate(u64 cr3)
     load_guest_tables(cr3);
 }
 
+/* ---- protection keys ---------------------------------------------------------------------------- */
+
+/* The guest's ring 3 runs on the host's CR4.PKE, so its WRPKRU runs natively; but under KVM's shadow
+ * paging every page has key 0, the kernel's and the monitor's too. A PKRU that denies key 0 is
+ * therefore taken back (key0_allow) by the first code of the monitor's that meets it, which is the
+ * body's entry for the guest's own access: what the body sees here, with key0_found. The access is
+ * judged as the CPU would have judged it with the guest's keys: a user-mode access to a page whose
+ * key (the guest's entry's bits 62:59) the guest's PKRU denies is the guest's page fault, with PK
+ * in its error code (Linux: SIGSEGV, SEGV_PKUERR); anything else, the kernel's accesses above all
+ * (its pages are supervisor pages on a CPU, which keys do not govern), is retried, as key 0 now
+ * allows. The process goes on with key 0 allowed: RDPKRU shows the two bits clear. */
+static void key0_denied_access(struct trap_frame *frame)
+{
+    u32 pkru = key0_found;
+    u64 code = frame->error_code;
+    struct translation t;
+    if (pkru && guest.user && (guest.cr4 & CR4_PKE) && walk(event_cr2, &t)) {
+        u64 key = (*t.leaf >> 59) & 15;
+        if ((pkru >> (2 * key)) & ((code & PF_WRITE) ? 3 : 1)) {
+            count(COUNT_EXCEPTIONS);
+            guest_cr2 = event_cr2;
+            deliver(frame, 14, 1, (code & (PF_WRITE | PF_PRESENT)) | PF_USER | PF_PK);
+        }
+    }
+}
+
 /* ---- ring 0's events ---------------------------------------------------------------------------- */
 
 /* An event while the monitor itself ran, in its body or in a ring-0 service: an interrupt (held for
@@ -2095,9 +2132,20 @@ static void own_event(struct trap_frame *frame)
     }
     u64 cr2, code;
     __asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
-    if (frame->vector == 14 && (frame->error_code & PF_PK))
-        /* a WRPKRU in the guest's ring 3, which the host's CR4.PKE lets run: the body runs on its PKRU */
-        STOP("the guest's WRPKRU denied key 0, which all pages have here (the monitor's too)", cr2, frame->error_code);
+    if (frame->vector == 14 && (frame->error_code & PF_PK)) {
+        /* a WRPKRU in the guest's ring 3, which the host's CR4.PKE lets run, denied key 0: the
+         * monitor's ring 3 runs on the guest's PKRU, and all its pages have key 0 */
+        if (frame->rip >= (u64)key0_allow && frame->rip < (u64)key0_allow_end)
+            STOP("key 0 still denied after the monitor allowed it", cr2, frame->error_code);
+        key0_return.rax = frame->rax;
+        key0_return.rcx = frame->rcx;
+        key0_return.rdx = frame->rdx;
+        key0_return.rflags = frame->rflags;
+        key0_return.rip = frame->rip;
+        frame->rip = (u64)key0_allow;
+        count(COUNT_KEY0);
+        return;
+    }
     if (frame->vector == 14 && !monitor_slot_of(cr2)) { /* its access for the guest, not in the shadow yet */
         if (shadow_fault(cr2, frame->error_code, 0, &code)) {
             count(COUNT_OWN_FILL);
@@ -2151,6 +2199,8 @@ void monitor_event(struct trap_frame *frame)
     } else if (vector == 13 && guest.user && unfence_ports(frame)) {
         /* the guest's bitmap copied: the access is retried */
 
+    } else if (vector == 14 && (frame->error_code & PF_PK)) {
+        key0_denied_access(frame);
     } else if (vector == 14) {
         u64 address = event_cr2, code;
         if (!shadow_fault(address, frame->error_code, guest.user, &code)) {
@@ -2175,6 +2225,7 @@ void monitor_event(struct trap_frame *frame)
         count(COUNT_DEFERRED);
         hold(vector);
     }
+    key0_found = 0; /* judged, or met on the way to another event: the guest goes on with key 0 allowed */
 }
 
 /* The way back to the guest (body_exit; again whenever ring 0 held an interrupt meanwhile): 1 if

@@ -75,6 +75,14 @@
 /* Where pv_deliver_held counts the interrupts it delivers with the guest's EOI flag set
  * (counters[COUNT_PV_EOI]). */
 #define HANDOFF_PV_EOI_COUNT HANDOFF_COUNTER(37)
+/* PKRU's two bits for key 0 (access and write disabled), and key0_return's fields (monitor.c), which
+ * key0_allow reads (monitor.S). */
+#define PKRU_KEY0 3
+#define KEY0_RAX 0
+#define KEY0_RCX 8
+#define KEY0_RDX 16
+#define KEY0_RFLAGS 24
+#define KEY0_RIP 32
 
 /* The vectors monitor_event sees for a SYSCALL (syscall_gate) and for the kernel's return from one
  * (sysret_gate): above the CPU's 256. */
@@ -156,6 +164,7 @@ enum {
     COUNT_MSR_NATIVE,  /* its kernel's writes of the user mode's FS and GS bases that msr_gate did in its ring 3: no trip */
     COUNT_PV_EOI,      /* its LAPIC timer's interrupts that ring 0 EOI'd as they came, delivered with its paravirtual EOI flag set */
     COUNT_SWAPGS_NATIVE, /* of its SWAPGS, those the body did in ring 3 (leave_swapping_gs), without ring 0 */
+    COUNT_KEY0,        /* PKRUs the guest wrote that denied key 0, which every page has here: key 0 allowed again */
     COUNT_KINDS
 };
 
