@@ -142,3 +142,34 @@ def test_a_frame_waits_for_enough_mergeable_buffers(net) -> None:
     data = b"".join(memory.read((first, second)[head][0], written) for head, written in used)
     assert struct.unpack_from("<H", data, 10)[0] == 2
     assert data[HEADER_SIZE:HEADER_SIZE + len(sent)] == sent
+
+
+def test_a_frame_read_straight_into_one_buffer_says_it_took_one(net) -> None:
+    """The tap reads into the guest's buffer itself and leaves the header's num_buffers alone: the
+    device writes 1 there over whatever the buffer held."""
+    device, _, driver, host, memory = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_MRG_RXBUF), queues=(0, 1))
+    buffer = driver.buffer(b"\xff" * 2048)
+    driver.queues[0].add([(*buffer, True)])
+    driver.kick(0)
+    sent = frame(bytes(range(200)))
+    host.send(sent)
+    (_, written), = driver.wait_used(0)
+    data = memory.read(buffer[0], written)
+    assert written == HEADER_SIZE + len(sent) and data[HEADER_SIZE:] == sent
+    assert data[:HEADER_SIZE] == bytes(10) + struct.pack("<H", 1)  # no offloads; num_buffers 1
+    assert device.rx_packets == 1
+
+
+def test_a_chain_whose_first_buffer_cannot_hold_the_header_still_takes_a_frame(net) -> None:
+    """An 8-byte first buffer: the header spans two buffers, which the device writes piece by piece."""
+    device, _, driver, host, memory = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_MRG_RXBUF), queues=(0, 1))
+    small, large = driver.buffer(8), driver.buffer(2048)
+    driver.queues[0].add([(*small, True), (*large, True)])
+    driver.kick(0)
+    sent = frame(b"split header")
+    host.send(sent)
+    (_, written), = driver.wait_used(0)
+    data = memory.read(small[0], 8) + memory.read(large[0], written - 8)
+    assert struct.unpack_from("<H", data, 10)[0] == 1 and data[HEADER_SIZE:] == sent

@@ -4,9 +4,11 @@ Queue 0 receives, queue 1 transmits; no control queue and no offloads, so the 12
 header (struct virtio_net_hdr_v1) passes between the guest and the tap unchanged (the tap is opened
 with IFF_VNET_HDR and a header size of 12). Transmit chains may span many descriptors. With
 VIRTIO_NET_F_MRG_RXBUF a received packet may span several receive chains, and the header's
-num_buffers says how many. A packet that arrives while the guest has posted no buffers waits (the
-tap is not read meanwhile); a packet larger than every buffer the guest offers is dropped and
-counted, as a NIC drops it.
+num_buffers says how many. A packet is read from the tap straight into the next receive chain
+(readv over its buffers, then a spill buffer): the kernel's copy is the only one; one that needs more
+than a chain is taken from there and spread over as many as it needs. A packet that arrives while
+the guest has posted no buffers waits (the tap is not read meanwhile); a packet larger than every
+buffer the guest offers is dropped and counted, as a NIC drops it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
 from . import NET
-from .device import VirtioDevice, VirtioLink
+from .device import VirtioDevice, VirtioLink, Virtqueue
 from .queue import DescriptorChain
 
 RECEIVE, TRANSMIT = 0, 1
@@ -97,6 +99,16 @@ class TapBackend:
                 return None
             raise
 
+    def read_into(self, views: list[memoryview]) -> int | None:
+        """One packet, scattered over `views` (the kernel truncates what they cannot hold): its length,
+        or None if there is none."""
+        try:
+            return os.readv(self.fd, views)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise
+
     def write(self, views: list[memoryview]) -> None:
         try:
             os.writev(self.fd, views)
@@ -126,6 +138,7 @@ class VirtioNet(VirtioDevice):
         self.mac = mac or random_mac()
         self.device_features |= (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
         self.waiting: bytes | None = None  # a received packet with no buffer to go to yet
+        self._spill = memoryview(bytearray(MAX_PACKET))  # what a receive chain could not hold of a packet
         self.rx_packets = self.tx_packets = self.rx_dropped = 0
 
     def counters(self) -> dict[str, int]:
@@ -165,6 +178,12 @@ class VirtioNet(VirtioDevice):
             self.link.pause_input(self.tap.fd, True)
             return
         while True:
+            if self.waiting is None and queue.has_available():
+                read = self._read_into_chain(queue)
+                if read is None:
+                    break  # the tap is empty
+                if read:
+                    continue  # delivered straight into the guest's buffers
             packet = self.waiting if self.waiting is not None else self.tap.read()
             if packet is None:
                 break
@@ -176,6 +195,37 @@ class VirtioNet(VirtioDevice):
             self.waiting = None
         self.finish_batch(queue, RECEIVE)
         self.link.pause_input(self.tap.fd, self.waiting is not None)
+
+    def _read_into_chain(self, queue: Virtqueue) -> bool | None:
+        """Read one packet from the tap straight into the next receive chain (one copy, the kernel's):
+        True if it fitted there; False if it did not (it waits in self.waiting, for _place to spread
+        over more chains or drop); None if the tap had none (the chain stays available)."""
+        mark = queue.mark()
+        chain = queue.pop()
+        assert chain is not None
+        buffers = chain.writable
+        if not buffers or buffers[0].length < HEADER_SIZE:  # num_buffers must be written in one piece
+            queue.rewind(mark)
+            return False if self._wait_for_place() else None
+        views = [self.memory.view(b.gpa, b.length) for b in buffers]
+        room = sum(len(view) for view in views)
+        length = self.tap.read_into([*views, self._spill])
+        if length is None:
+            queue.rewind(mark)
+            return None
+        if length > room:  # more than this chain holds: the whole packet waits for _place
+            queue.rewind(mark)
+            self.waiting = b"".join(views) + self._spill[: length - room]
+            return False
+        views[0][10:12] = b"\x01\x00"  # num_buffers: the tap leaves the header's last two bytes alone
+        self.complete(queue, RECEIVE, chain.head, length)
+        self.rx_packets += 1
+        return True
+
+    def _wait_for_place(self) -> bool:
+        """The next packet from the tap, read into self.waiting for _place: True, or False if none."""
+        self.waiting = self.tap.read()
+        return self.waiting is not None
 
     def _place(self, packet: bytes) -> bool:
         """Copy one packet into as many receive chains as it needs; False if there are too few."""

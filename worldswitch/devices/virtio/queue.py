@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ...errors import WorldswitchError
 from ...memory.guest import GuestMemory
@@ -26,6 +27,7 @@ VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 VIRTQ_USED_F_NO_NOTIFY = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEMENT = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
 MAX_QUEUE_SIZE = 32768  # 2^15, for split and packed rings alike
 U64_LIMIT = 1 << 64
 
@@ -34,8 +36,7 @@ class VirtqueueError(WorldswitchError):
     """The driver broke the virtqueue rules; the device must stop using the queue."""
 
 
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):  # a NamedTuple: one is made per descriptor, and a frozen dataclass costs 3x to make
     gpa: int
     length: int
 
@@ -133,12 +134,24 @@ class SplitQueue:
         self.last_avail = 0  # the next available-ring slot the device will take
         self.used_idx = 0  # the next used-ring slot the device will fill
         self.signalled_used = 0
+        # The three areas, checked above, as views: each access below is then one struct call, not a
+        # look-up of guest RAM's regions (several per buffer, on every device's hot path).
+        self._desc_view = memory.view(desc, 16 * size)
+        self._avail_view = memory.view(avail, 6 + 2 * size)
+        self._used_view = memory.view(used, 6 + 8 * size)
+        # The driver's available index as last read: it only moves forward, so the ring is read again
+        # only when the device has taken everything it showed (as vhost keeps avail_idx).
+        self._avail_idx = 0
 
     # --- the available ring -----------------------------------------------------------------
 
     def available(self) -> int:
-        """How many buffers the driver has made available and the device has not taken."""
-        pending = (self.memory.read_int(self.avail + 2, 2) - self.last_avail) & 0xFFFF
+        """How many buffers the driver has made available and the device has not taken (at least: what
+        the driver added since the last look shows at the next look that finds none)."""
+        pending = (self._avail_idx - self.last_avail) & 0xFFFF
+        if pending == 0:
+            self._avail_idx = U16.unpack_from(self._avail_view, 2)[0]
+            pending = (self._avail_idx - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(f"the driver claims {pending} new buffers in a queue of {self.size}")
         return pending
@@ -159,7 +172,7 @@ class SplitQueue:
         if not self.available():
             return None
         slot = self.last_avail % self.size
-        head = self.memory.read_int(self.avail + 4 + 2 * slot, 2)
+        head = U16.unpack_from(self._avail_view, 4 + 2 * slot)[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return self.chain(head)
 
@@ -171,7 +184,10 @@ class SplitQueue:
         table, table_size, index = self.desc, self.size, head
         budget, walked, indirect = self.size, 0, False
         while True:
-            address, length, flags, next_index = self.memory.unpack(DESCRIPTOR, table + 16 * index)
+            if indirect:
+                address, length, flags, next_index = self.memory.unpack(DESCRIPTOR, table + 16 * index)
+            else:
+                address, length, flags, next_index = DESCRIPTOR.unpack_from(self._desc_view, 16 * index)
             walked += 1
             if walked > budget:
                 raise VirtqueueError(f"descriptor chain from {head} loops or is longer than its table ({budget})")
@@ -197,10 +213,10 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         slot = self.used_idx % self.size
-        USED_ELEMENT.pack_into(self.memory.view(self.used + 4 + 8 * slot, 8), 0, head, written)
+        USED_ELEMENT.pack_into(self._used_view, 4 + 8 * slot, head, written)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         # The element first, then the index that publishes it (x86 keeps stores in order).
-        self.memory.write_int(self.used + 2, 2, self.used_idx)
+        U16.pack_into(self._used_view, 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver wants to hear about the buffers used since the last interrupt."""
@@ -209,9 +225,9 @@ class SplitQueue:
         if old == new:
             return False
         if self.event_idx:
-            used_event = self.memory.read_int(self.avail + 4 + 2 * self.size, 2)
+            used_event = U16.unpack_from(self._avail_view, 4 + 2 * self.size)[0]
             return need_event(used_event, new, old)
-        return not self.memory.read_int(self.avail, 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
+        return not U16.unpack_from(self._avail_view, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
 
     def arm(self) -> bool:
         """Ask the driver to kick for the next buffer (avail_event, with EVENT_IDX) and look again:
@@ -219,8 +235,9 @@ class SplitQueue:
         new avail_event did not kick, and no kick will come for it: the device must take it now.
         The barrier also orders the used index written before it ahead of needs_interrupt's read."""
         if self.event_idx:
-            self.memory.write_int(self.used + 4 + 8 * self.size, 2, self.last_avail)
+            U16.pack_into(self._used_view, 4 + 8 * self.size, self.last_avail)
         full_barrier()
+        self._avail_idx = self.last_avail  # a fresh look: what the driver added before the barrier
         return self.available() > 0
 
     # --- snapshots ---------------------------------------------------------------------------------
@@ -234,3 +251,4 @@ class SplitQueue:
         self.last_avail = state.last_avail & 0xFFFF
         self.used_idx = state.used_idx & 0xFFFF
         self.signalled_used = state.signalled_used & 0xFFFF
+        self._avail_idx = self.last_avail  # read the ring again
