@@ -128,7 +128,10 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
     tx: dict[str, float] = {}
 
     def receive() -> None:
-        connection, _ = listener.accept()
+        try:
+            connection, _ = listener.accept()
+        except OSError:  # the boot ended without the guest's connection (shutdown below)
+            return
         with connection:  # closed once all has come: busybox's nc ends when the other side does
             first = time.perf_counter()
             total = 0
@@ -166,6 +169,12 @@ def boot_once(name: str, command: list[str], timeout: float) -> Boot:
     finally:
         watchdog.cancel()
         process.kill()
+        # shut down before closing: close() alone leaves the socket listening while the receiver's
+        # accept() waits in it, and the next attempt's bind of the same port then fails (EADDRINUSE)
+        try:
+            listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # not listening any more: the receiver has accepted
         listener.close()
     receiver.join(5)
     boot.net_tx_mib_s = tx.get("mib_s", 0.0)

@@ -123,7 +123,10 @@ class GuestMemory:
         if gpa < 0 or length < 0:
             return False
         end = gpa + length
-        return any(start <= gpa and end <= stop for start, stop, _ in self._spans)
+        for start, stop, _ in self._spans:  # a loop, not any(): this runs for every virtqueue buffer
+            if start <= gpa and end <= stop:
+                return True
+        return False
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy, writable view of [gpa, gpa+length) for device DMA."""
