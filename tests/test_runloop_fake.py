@@ -37,8 +37,15 @@ class FakeVcpu:
         # no binary statistics; the coalesced ring in the third page
         self.vm = SimpleNamespace(check_extension=lambda capability: self.RING_PAGE if capability == Cap.COALESCED_MMIO else 0)
 
+    rip, cs_base = 0x1234, 0  # where get_regs and get_sregs say the vCPU is
+
     def get_regs(self) -> s.kvm_regs:
-        return s.kvm_regs(rip=0x1234, rsp=0x8000)
+        return s.kvm_regs(rip=self.rip, rsp=0x8000)
+
+    def get_sregs(self) -> s.kvm_sregs:
+        sregs = s.kvm_sregs()
+        sregs.cs.base = self.cs_base
+        return sregs
 
 
 def io(run: s.kvm_run, page: mmap.mmap, direction: int, port: int, size: int, value: int = 0) -> None:
@@ -79,6 +86,26 @@ def run_fake(monkeypatch: pytest.MonkeyPatch, exits: list[Callable[[s.kvm_run, m
     assert runner.finished.wait(10), "the loop did not end"
     runner.release()
     return runner, results, seen
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_triple_fault_names_where_only_if_kvm_kept_it(monkeypatch: pytest.MonkeyPatch, reset: bool) -> None:
+    """AMD's KVM puts a vCPU through INIT at a shutdown (svm.c, shutdown_interception), so its
+    registers then show the reset state: the message must not name 0xfff0 as where the guest was."""
+    vcpu = FakeVcpu()
+    if reset:
+        vcpu.rip, vcpu.cs_base = runloop.RESET_RIP, runloop.RESET_CS_BASE
+
+    def shutdown(run: s.kvm_run, page: mmap.mmap) -> None:
+        run.exit_reason = ExitReason.SHUTDOWN
+
+    _, results, _ = run_fake(monkeypatch, [shutdown], PioBus(), MmioBus(), vcpu)
+    (result,) = results
+    assert result.reason is StopReason.TRIPLE_FAULT
+    if reset:
+        assert "where: not known, this host's KVM reset the vCPU" in result.message and "0xfff0" not in result.message
+    else:
+        assert "(rip 0x1234, rsp 0x8000)" in result.message
 
 
 def test_exits_reach_their_devices_and_a_power_off_ends_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,7 @@ _MMIO = int(ExitReason.MMIO)
 _INTR = int(ExitReason.INTR)
 _UNKNOWN = int(ExitReason.UNKNOWN)
 _PUBLISH_EVERY = 4096
+RESET_RIP, RESET_CS_BASE = 0xFFF0, 0xFFFF_0000  # a vCPU after RESET or INIT (SDM vol. 3, 10.1.4)
 SAMPLE_PERIOD = 0.25  # seconds between looks at where the firmware runs: GRUB's loading takes minutes
 _NO_RING = ctypes.c_uint32()  # a machine without coalesced writes: its ring's first and last, always equal
 
@@ -381,9 +382,15 @@ class VcpuRunner:
     def _on_shutdown(self) -> None:
         regs = self.vcpu.get_regs()
         known = self.explain_shutdown() if self.explain_shutdown is not None else ""
+        if regs.rip == RESET_RIP and self.vcpu.get_sregs().cs.base == RESET_CS_BASE:
+            # AMD's KVM answers a shutdown by putting the vCPU through INIT (svm.c, shutdown_interception:
+            # the VMCB is undefined after one), so what the registers say is the reset state, not the fault
+            where = "where: not known, this host's KVM reset the vCPU at the shutdown"
+        else:
+            where = f"rip {regs.rip:#x}, rsp {regs.rsp:#x}"
         self._end(
             StopReason.TRIPLE_FAULT,
-            f"guest triple-faulted on vCPU {self.index} (rip {regs.rip:#x}, rsp {regs.rsp:#x}): "
+            f"guest triple-faulted on vCPU {self.index} ({where}): "
             + (known or "an exception it could not handle, usually a missing or broken IDT or stack"),
         )
 
