@@ -20,6 +20,7 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
@@ -33,6 +34,8 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
 HEADER_SIZE = 12
+NUM_BUFFERS_AT = 10  # the header's num_buffers (struct virtio_net_hdr_v1)
+T = TypeVar("T")
 MAX_PACKET = 65535 + HEADER_SIZE
 
 TUNSETIFF = 0x400454CA
@@ -92,22 +95,13 @@ class TapBackend:
                 pass  # an existing interface we may not configure: the user brings it up
 
     def read(self) -> bytes | None:
-        try:
-            return os.read(self.fd, MAX_PACKET)
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return None
-            raise
+        """One packet, or None if there is none."""
+        return _unless_empty(lambda: os.read(self.fd, MAX_PACKET))
 
     def read_into(self, views: list[memoryview]) -> int | None:
         """One packet, scattered over `views` (the kernel truncates what they cannot hold): its length,
         or None if there is none."""
-        try:
-            return os.readv(self.fd, views)
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                return None
-            raise
+        return _unless_empty(lambda: os.readv(self.fd, views))
 
     def write(self, views: list[memoryview]) -> None:
         try:
@@ -121,6 +115,16 @@ class TapBackend:
             os.close(self.fd)
             self.fd = -1
 
+
+
+def _unless_empty(read: Callable[[], T]) -> T | None:
+    """A read of the non-blocking tap: its result, or None where it had nothing (EAGAIN)."""
+    try:
+        return read()
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return None
+        raise
 
 @dataclass(frozen=True)
 class NetState:
@@ -217,7 +221,7 @@ class VirtioNet(VirtioDevice):
             queue.rewind(mark)
             self.waiting = b"".join(views) + self._spill[: length - room]
             return False
-        views[0][10:12] = b"\x01\x00"  # num_buffers: the tap leaves the header's last two bytes alone
+        views[0][NUM_BUFFERS_AT:HEADER_SIZE] = b"\x01\x00"  # num_buffers: the tap leaves the header's last two bytes alone
         self.complete(queue, RECEIVE, chain.head, length)
         self.rx_packets += 1
         return True
@@ -255,7 +259,7 @@ class VirtioNet(VirtioDevice):
             self.rx_dropped += 1
             return True
         data = bytearray(packet)
-        struct.pack_into("<H", data, 10, len(chains))  # num_buffers
+        struct.pack_into("<H", data, NUM_BUFFERS_AT, len(chains))  # num_buffers
         offset = 0
         for chain in chains:
             written = 0
