@@ -116,7 +116,6 @@ class TapBackend:
             self.fd = -1
 
 
-
 def _unless_empty(read: Callable[[], T]) -> T | None:
     """A read of the non-blocking tap: its result, or None where it had nothing (EAGAIN)."""
     try:
@@ -125,6 +124,7 @@ def _unless_empty(read: Callable[[], T]) -> T | None:
         if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
             return None
         raise
+
 
 @dataclass(frozen=True)
 class NetState:
@@ -210,7 +210,8 @@ class VirtioNet(VirtioDevice):
         buffers = chain.writable
         if not buffers or buffers[0].length < HEADER_SIZE:  # num_buffers must be written in one piece
             queue.rewind(mark)
-            return False if self._wait_for_place() else None
+            self.waiting = self.tap.read()  # for _place, which writes the header piece by piece
+            return None if self.waiting is None else False
         views = [self.memory.view(b.gpa, b.length) for b in buffers]
         room = sum(len(view) for view in views)
         length = self.tap.read_into([*views, self._spill])
@@ -225,11 +226,6 @@ class VirtioNet(VirtioDevice):
         self.complete(queue, RECEIVE, chain.head, length)
         self.rx_packets += 1
         return True
-
-    def _wait_for_place(self) -> bool:
-        """The next packet from the tap, read into self.waiting for _place: True, or False if none."""
-        self.waiting = self.tap.read()
-        return self.waiting is not None
 
     def _place(self, packet: bytes) -> bool:
         """Copy one packet into as many receive chains as it needs; False if there are too few."""

@@ -203,11 +203,11 @@ class SplitQueue:
                 continue
             if address + length > U64_LIMIT or not memory.contains(address, length):
                 check_buffer(memory, address, length, head)  # raises, with the reason
-            # DescriptorChain.add's rule, inline (this loop runs once per descriptor: 256 a large request)
+            # DescriptorChain.add, inline where it appends (this loop runs once per descriptor: 256 a large request)
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append(Buffer(address, length))
             elif writable:
-                raise VirtqueueError(f"descriptor chain from {head} has a readable buffer after a writable one")
+                chain.add(address, length, False)  # a readable one after a writable one: raises
             else:
                 readable.append(Buffer(address, length))
             if not flags & VIRTQ_DESC_F_NEXT:
