@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from worldswitch.boot.bootparams import BOOT_FLAG, HDRS_MAGIC, setup_header
+from worldswitch.boot.firmware import low_copy
 from worldswitch.boot.linux import SETUP_HEADER_SIZE, loader_entry
 from worldswitch.driver import structs as s
 from worldswitch.driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, ExitReason
@@ -18,7 +19,7 @@ from worldswitch.driver.kvm import Vcpu
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.vmm.x86 import copyloop
 from worldswitch.vmm.x86.copyloop import (FLAG_CF, FLAG_DF, FLAG_OF, FLAG_SF, SIBLING_SPAN, CopyLoop, find_around,
-                                          find_sibling, recognize, serve, serve_rep_movs)
+                                          find_in_image, find_sibling, recognize, serve, serve_rep_movs)
 
 from .helpers import finish_exit
 from .host_defects import breakpoints_ignored
@@ -89,6 +90,22 @@ def test_debians_seabios_has_the_fill_loop() -> None:
     if not SEABIOS.exists():
         pytest.skip("seabios is not installed")
     assert SEABIOS_FILL in SEABIOS.read_bytes()
+    # the handoff watches it from the reset on: in the ROM's copy below 1 MiB, where POST runs it
+    base, low = low_copy(SEABIOS.read_bytes())
+    assert find_in_image(base, low) == [CopyLoop("fill", base + low.index(SEABIOS_FILL), base + low.index(SEABIOS_FILL) + 10,
+                                                 counter="rcx", target="rax", byte="rdx")]
+
+
+def test_every_loop_in_an_image_is_found_at_its_address() -> None:
+    # each loop after bytes that begin like one (CMP, SUB, TEST opcodes) and are not
+    image = bytes.fromhex("39c0 83 85c0") + GRUB_UP + bytes.fromhex("90 83e901") + GRUB_DOWN + b"\x85" + SEABIOS_FILL + b"\x39"
+    base = 0xE0000
+    found = find_in_image(base, image)
+    assert [(loop.kind, loop.head - base) for loop in found] == [
+        ("up", image.index(GRUB_UP)), ("down", image.index(GRUB_DOWN)), ("fill", image.index(SEABIOS_FILL))]
+    assert found[0] == recognize(GRUB_UP, base + image.index(GRUB_UP))
+    assert find_in_image(base, image[:-2]) == found[:2]  # a loop cut off by the end of the image is none
+    assert find_in_image(base, bytes(4096)) == []
 
 
 def test_debians_grub_has_both_loops_in_its_memmove() -> None:

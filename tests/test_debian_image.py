@@ -103,7 +103,8 @@ def test_linux_boots_to_its_shell_from_the_disk_and_the_iso_and_powers_off(image
         assert handoff.copies > 1000 and handoff.copied_bytes > 10 << 20, handoff.copies
         assert f"the VMX made {handoff.copies} of the boot loader's copies" in report  # --stats says so
         assert handoff.kernel_entry in (None, 0x1000000)
-        # SeaBIOS's fill, served during POST: the kernel's entries are watched from the boot sector on
+        # SeaBIOS's fill, found in its ROM and watched from the reset on, served during POST; the kernel's
+        # entries are watched from the boot sector on
         assert handoff.firmware_copies > 0 and handoff.loader_running, handoff.firmware_copies
 
 

@@ -169,7 +169,7 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         outcome = Outcome()
         platform, tables = _assemble_platform(core, config, outcome, serial_sink, warn, rom, kernel, undo)
         writer = _open_trace(trace, config, warn, undo)
-        runners, refused_cpuid, coalesced = _create_vcpus(core, config, platform, outcome, writer, undo)
+        runners, refused_cpuid, coalesced = _create_vcpus(core, config, platform, outcome, writer, rom, undo)
         boot = load(core, tables, runners[0].vcpu, refused_cpuid) if load is not None else None
         if load is not None and runners[0].handoff is not None:
             runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
@@ -291,7 +291,7 @@ def _open_trace(trace: TraceRequest | None, config: MachineConfig, warn: Callabl
 
 
 def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcome: Outcome,
-                  trace: TraceWriter | None, undo: contextlib.ExitStack
+                  trace: TraceWriter | None, rom: bytes | None, undo: contextlib.ExitStack
                   ) -> tuple[list[VcpuRunner], list[HiddenFeature], CoalescedDrain | None]:
     """A runner per vCPU, the CPU features a kernel must be told not to use (what the host put
     back into the CPUID despite us, or under the monitor all it cannot run: see cpuid.py), and the
@@ -313,11 +313,14 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
     refused = features_to_refuse(vcpus[0].get_cpuid2(), hidden, core.monitor is not None)
     complete_syscalls = core.msr_filter is not None
     handoff = None
-    if core.monitor is not None and config.boots_firmware:
+    if core.monitor is not None and rom is not None:
+        from ..boot.firmware import low_copy
+        from .x86.copyloop import find_in_image
         from .x86.handoff import FirmwareHandoff
 
         handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
-                                  read_image(MONITOR_IMAGE, "the monitor"), refused, boot_loader=not config.kernel)
+                                  read_image(MONITOR_IMAGE, "the monitor"), refused, boot_loader=not config.kernel,
+                                  firmware_loops=find_in_image(*low_copy(rom)))
     coalesced = None
     if platform.coalescing is not None:
         ring = CoalescedRing(vcpus[0])  # one per VM: any vCPU's mapping shows it

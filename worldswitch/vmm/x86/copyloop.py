@@ -19,7 +19,7 @@ kernel and initrd through the BIOS and copies every byte it reads with its `grub
 (docs/monitor.md: 222 million instructions for the 16 MB of a disk boot.) SeaBIOS's memset is a third,
 a fill: `test %ecx,%ecx; je done; dec %ecx; mov %dl,(%eax,%ecx,1); jmp back`. The handoff (handoff.py)
 finds such a loop where the vCPU is caught running it (and a memmove's other loop beside it,
-find_sibling), puts a hardware breakpoint on its head, and at each hit does what the loop would: the
+find_sibling), or the firmware's own in its image before it runs (find_in_image), puts a hardware breakpoint on its head, and at each hit does what the loop would: the
 copy in guest memory, the registers at their ends, the flags of the instruction that ended it (SDM Vol. 2A, "CMP" and "SUB": an equal compare sets ZF and PF and
 clears CF, AF, SF and OF; 0 - 1 sets CF, PF, AF and SF and clears ZF and OF), and RIP at the exit
 branch's target. The bytes say what to do, so any code with them is the loop, whoever's it is; the
@@ -31,6 +31,7 @@ progress (GRUB's relocator moves tens of megabytes with one) is finished the sam
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from ...driver import structs as s
@@ -57,6 +58,7 @@ _CMP = (0x39, 0x3B)  # CMP r/m32, r32 and CMP r32, r/m32: the same equality eith
 _JE, _JB, _MOVSB = 0x74, 0x72, 0xA4
 _INSTRUCTION_STARTS = {"up": (0, 2, 4, 5), "down": (0, 3, 5, 8, 11), "fill": (0, 2, 4, 5, 8)}
 _REP, _MOVS = 0xF3, {0xA4: 1, 0xA5: 4}  # REP; MOVSB and MOVSD, by the bytes each moves
+_LOOP_START = re.compile(rb"[\x39\x3b\x83\x85]")  # a loop's first opcode: CMP (up), SUB (down), TEST (fill)
 
 
 class CopyLoop(NamedTuple):
@@ -144,6 +146,14 @@ def _fill(code: bytes, head: int) -> CopyLoop | None:
 def recognize(code: bytes, head: int) -> CopyLoop | None:
     """The loop, if `code` (bytes at linear address `head`) is one; None for anything else."""
     return _up(code, head) or _down(code, head) or _fill(code, head)
+
+
+def find_in_image(base: int, code: bytes) -> list[CopyLoop]:
+    """Every loop in `code`, a firmware's image as it lies at linear address `base`, in address order.
+    Bytes that only look like one (data, or the middle of other instructions) are never executed
+    from their first byte, so a breakpoint on them never fires."""
+    heads = (match.start() for match in _LOOP_START.finditer(code))
+    return [loop for loop in (recognize(code[head:head + LENGTH], base + head) for head in heads) if loop is not None]
 
 
 def _code_at(memory: GuestMemory, head: int) -> bytes:
