@@ -85,3 +85,18 @@ def test_a_readme_section_is_replaced_and_a_row_gives_medians_and_their_ratio(tm
         update_readme(readme, "table", "nested")
     assert seconds_row("boot", [26.5, 26.8, 26.7], [10.1, 9.9, 10.0], digits=1) == \
         "| boot | 26.7 s (26.5-26.8) | 10.0 s (9.9-10.1) | 2.67x |"
+
+
+def test_the_nested_table_has_a_column_for_each_vmm_and_each_worldswitch_over_qemu() -> None:
+    from bench.nested import VMMS, Boot, Table, markdown
+
+    rates = {"worldswitch": 8.0, "worldswitch-no-offloads": 2.0, "qemu": 4.0}
+    table = Table([{vmm: Boot(vmm, 30.0 + number, 50.0, 60.0, rates[vmm] + number, rates[vmm]) for vmm in VMMS}
+                   for number in range(3)])
+    lines = markdown(table, "header").splitlines()
+    assert lines[2] == ("| figure | worldswitch | worldswitch, offloads=off | QEMU | worldswitch / QEMU | "
+                        "worldswitch, offloads=off / QEMU |")
+    assert lines[3].count("---") == 6
+    assert lines[4] == ("| boot to the init marker (lower is better) | 31.00 s (30.00-32.00) | 31.00 s (30.00-32.00) | "
+                        "31.00 s (30.00-32.00) | 1.00x | 1.00x |")
+    assert lines[7].endswith("| 9.00 MiB/s (8.00-10.00) | 3.00 MiB/s (2.00-4.00) | 5.00 MiB/s (4.00-6.00) | 1.80x | 0.60x |")

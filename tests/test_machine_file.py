@@ -31,7 +31,7 @@ kernel = "vmlinuz"
 initrd = "../initrd.img"
 append = "console=ttyS0 quiet"
 disk = ["root.img,serial=root", { path = "data.img", read_only = true, serial = "data" }]
-net = ["tap=tap7,mac=52:54:00:00:00:07", { tap = "tap8" }]
+net = ["tap=tap7,mac=52:54:00:00:00:07", { tap = "tap8" }, "tap=tap9,offloads=off", { tap = "tap10", offloads = false }]
 rng = true
 vconsole = "file:console.log"
 timeout = 90
@@ -45,7 +45,8 @@ reboot = true
     assert config.initrd == str(folder / "../initrd.img")
     assert config.append == "console=ttyS0 quiet"
     assert config.disk == [DiskConfig(str(folder / "root.img"), False, "root"), DiskConfig(str(folder / "data.img"), True, "data")]
-    assert config.net == [NetConfig("tap7", "52:54:00:00:00:07"), NetConfig("tap8", None)]
+    assert config.net == [NetConfig("tap7", "52:54:00:00:00:07"), NetConfig("tap8", None), NetConfig("tap9", None, False),
+                          NetConfig("tap10", None, False)]
     assert config.rng and config.vconsole == f"file:{folder / 'console.log'}"
     assert values["timeout"] == 90.0 and values["serial"] == f"file:{folder / 'serial.log'}" and values["reboot"] is True
 
@@ -67,6 +68,8 @@ reboot = true
     ("disk = [{ file = 'a.img' }]", "disk: a disk table has a path"),
     ("disk = ['a.img,rw']", "expected PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2], not rw"),
     ("net = ['tap0']", "expected tap=NAME"),
+    ("net = ['tap=tap0,offloads=no']", "expected tap=NAME[,mac=MAC][,offloads=off]"),
+    ("net = [{ tap = 'tap0', offloads = 'off' }]", "offloads (true or false)"),
     ("kernel = ''", "kernel: expected a path"),
     ("kernel = 'vmlinuz'\nguest = 'hello'", "give one of a built-in guest, an ELF program or a Linux kernel"),
     ("initrd = 'x.img'", "an initrd needs a Linux kernel"),

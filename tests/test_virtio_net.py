@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from worldswitch.devices.virtio.net import HEADER_SIZE, VIRTIO_NET_F_MRG_RXBUF, TapBackend, VirtioNet
+from worldswitch.devices.virtio.net import (HEADER_SIZE, OFFLOADS, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN,
+                                            VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+                                            VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+                                            VIRTIO_NET_F_MRG_RXBUF, NetState, TapBackend, VirtioNet)
 from worldswitch.devices.virtio.pci import VirtioPciFunction
 from worldswitch.memory.guest import GuestMemory
 
@@ -173,3 +176,143 @@ def test_a_chain_whose_first_buffer_cannot_hold_the_header_still_takes_a_frame(n
     (_, written), = driver.wait_used(0)
     data = memory.read(small[0], 8) + memory.read(large[0], written - 8)
     assert struct.unpack_from("<H", data, 10)[0] == 1 and data[HEADER_SIZE:] == sent
+
+
+# Offloads: a TCP segment larger than a frame, made the way a stack with checksum offload hands it to
+# a device (its TCP checksum field holding the pseudo-header's sum, for the device to finish).
+SOL_PACKET, PACKET_VNET_HDR = 263, 15  # linux/if_packet.h: a packet socket's frames carry a virtio_net_hdr
+ETH_P_IP = 0x0800
+NEEDS_CSUM, GSO_TCPV4 = 1, 1  # virtio_net_hdr's flags and gso_type
+MSS = 1448
+PAYLOAD = bytes(range(251)) * 24  # 6,024 bytes: five frames at that MSS
+ETH_IP_TCP = 14 + 20 + 20
+
+
+def _ones_complement_sum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data[: len(data) & ~1])) + (data[-1] << 8 if len(data) & 1 else 0)
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def tcp_segment(payload: bytes, source_mac: bytes = bytes.fromhex("020000000001")) -> bytes:
+    source, target = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 7, 0x4000, 64, 6, 0, source, target))
+    ip[10:12] = struct.pack("!H", ~_ones_complement_sum(bytes(ip)) & 0xFFFF)
+    pseudo = _ones_complement_sum(source + target + struct.pack("!BBH", 0, 6, 20 + len(payload)))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
+    return MAC + source_mac + struct.pack("!H", ETH_P_IP) + bytes(ip) + tcp + payload
+
+
+def gso_header(gso_type: int = GSO_TCPV4) -> bytes:
+    # flags, gso_type, hdr_len, gso_size, csum_start (the TCP header), csum_offset (its checksum field)
+    return struct.pack("<BBHHHH", NEEDS_CSUM, gso_type, ETH_IP_TCP, MSS, 14 + 20, 16)
+
+
+def tcp_checksum_holds(frame: bytes) -> bool:
+    ip = frame[14:34]
+    segment = frame[34 : 14 + struct.unpack_from("!H", ip, 2)[0]]
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(segment))
+    return _ones_complement_sum(pseudo + segment) == 0xFFFF
+
+
+def _send_as_the_host(tap: str, packet: bytes) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP)) as sender:
+        sender.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        sender.bind((tap, 0))
+        sender.send(gso_header() + packet)
+
+
+def _received(driver: Driver, memory: GuestMemory, buffers: list[tuple[int, int]], count: int) -> list[bytes]:
+    """`count` packets from the receive queue, each its buffers' bytes joined (header first)."""
+    packets: list[bytes] = []
+    while len(packets) < count:
+        (head, written), = driver.wait_used(0)
+        data = memory.read(buffers[head][0], written)
+        for _ in range(struct.unpack_from("<H", data, 10)[0] - 1):  # num_buffers
+            (head, written), = driver.wait_used(0)
+            data += memory.read(buffers[head][0], written)
+        packets.append(data)
+    return packets
+
+
+def _post(driver: Driver, count: int, size: int) -> list[tuple[int, int]]:
+    buffers = [driver.buffer(size) for _ in range(count)]
+    for buffer in buffers:
+        driver.queues[0].add([(*buffer, True)])
+    driver.kick(0)
+    return buffers
+
+
+def test_a_driver_that_takes_tso_receives_a_tcp_segment_whole(net) -> None:
+    """GUEST_CSUM and GUEST_TSO4 taken: the tap is told (TUNSETOFFLOAD), and a 6 KB segment the host
+    sends reaches the guest as one packet with its GSO header, across mergeable buffers."""
+    device, _, driver, _, memory = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4),
+                 queues=(0, 1))
+    buffers = _post(driver, 8, 4096)
+    segment = tcp_segment(PAYLOAD)
+    _send_as_the_host(device.tap.name, segment)
+    packet, = _received(driver, memory, buffers, 1)
+    flags, gso_type, _, gso_size, csum_start, csum_offset, num_buffers = struct.unpack_from("<BBHHHHH", packet)
+    assert (flags & NEEDS_CSUM, gso_type, gso_size, csum_start, csum_offset) == (NEEDS_CSUM, GSO_TCPV4, MSS, 34, 16)
+    assert num_buffers == 2 and packet[HEADER_SIZE:] == segment
+    assert device.rx_packets == 1 and device.rx_dropped == 0
+
+
+def test_a_driver_without_offloads_receives_the_segment_as_frames_with_their_checksums(net) -> None:
+    device, _, driver, _, memory = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_MRG_RXBUF), queues=(0, 1))
+    buffers = _post(driver, 8, 2048)
+    _send_as_the_host(device.tap.name, tcp_segment(PAYLOAD))
+    packets = _received(driver, memory, buffers, 5)
+    assert all(packet[1] == 0 for packet in packets)  # gso_type NONE: the host's stack cut the segment
+    frames = [packet[HEADER_SIZE:] for packet in packets]
+    assert all(len(frame) <= 1514 and tcp_checksum_holds(frame) for frame in frames)  # and finished each checksum
+    assert b"".join(frame[ETH_IP_TCP:] for frame in frames) == PAYLOAD
+
+
+def test_a_tcp_segment_the_driver_sends_leaves_the_tap_whole_and_a_refused_header_is_dropped(net) -> None:
+    device, _, driver, _, _ = net
+    driver.start(VERSION_1 | (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4), queues=(0, 1))
+    segment = tcp_segment(PAYLOAD, source_mac=MAC)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP)) as capture:
+        capture.bind((device.tap.name, 0))
+        capture.settimeout(5)
+        for gso_type in (GSO_TCPV4, 7):  # 7: no GSO type the kernel knows
+            chain = [(*driver.buffer(gso_header(gso_type) + bytes(2)), False), (*driver.buffer(segment), False)]
+            driver.queues[1].add(chain)
+            driver.kick(1)
+            driver.wait_used(1)
+        assert capture.recv(1 << 16) == segment  # one packet, as the guest made it: the host's stack segments it
+    assert (device.tx_packets, device.tx_dropped) == (1, 1)
+
+
+def test_offloads_follow_the_driver_through_reset() -> None:
+    """What the tap is told for each set of features the driver may take, and none after a reset."""
+    told: list[int] = []
+
+    class Tap:
+        fd, name = -1, "tap"
+
+        def set_offloads(self, flags: int) -> None:
+            told.append(flags)
+
+    memory = GuestMemory([(0, 1 << 20)])
+    device = VirtioNet(None, memory, Tap(), MAC)  # type: ignore[arg-type]
+    assert device.device_features & OFFLOADS == OFFLOADS
+    for taken, flags in (((), 0), ((VIRTIO_NET_F_GUEST_TSO4,), 0),  # TSO without checksums: a driver's error
+                         ((VIRTIO_NET_F_GUEST_CSUM,), TUN_F_CSUM),
+                         ((VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6),
+                         ((VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN), TUN_F_CSUM),  # ECN only with TSO
+                         ((VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_ECN), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN)):
+        device.driver_features = sum(1 << bit for bit in taken)
+        device.activate()
+        assert told[-1] == flags, taken
+        device.reset()
+        assert told[-1] == 0
+        device.driver_features = sum(1 << bit for bit in taken)  # a snapshot's, restored by the transport
+        device.restore(NetState(None))
+        assert told[-1] == flags, taken
+    assert not VirtioNet(None, memory, Tap(), MAC, offloads=False).device_features & OFFLOADS  # type: ignore[arg-type]
+    memory.close()

@@ -465,7 +465,7 @@ def _virtio_devices(pci: PciPlatform, memory: GuestMemory, config: MachineConfig
         from ..devices.virtio.net import TapBackend, VirtioNet, parse_mac
 
         mac = parse_mac(net.mac) if net.mac else None
-        return lambda link: VirtioNet(link, memory, TapBackend(net.tap), mac)
+        return lambda link: VirtioNet(link, memory, TapBackend(net.tap), mac, offloads=net.offloads)
 
     for index, disk in enumerate(config.disk):
         add(f"virtio-blk{index}", block(disk))

@@ -65,19 +65,23 @@ class DiskConfig:
         raise ConfigError("each disk is a string or a table")
 
 
+NET_SYNTAX = "tap=NAME[,mac=MAC][,offloads=off]"
+
+
 @dataclass
 class NetConfig:
     tap: str
     mac: str | None = None
+    offloads: bool = True  # checksum and TCP segmentation offloads offered to the guest (devices/virtio/net.py)
 
     @classmethod
     def parse(cls, spec: str) -> "NetConfig":
-        """tap=NAME[,mac=MAC], the --net syntax."""
+        """The --net syntax, NET_SYNTAX."""
         first, options = _split(spec)
         key, _, tap = first.partition("=")
-        if key != "tap" or not tap or set(options) - {"mac"}:
-            raise ConfigError(f"{spec!r}: expected tap=NAME[,mac=52:54:00:12:34:56]")
-        return cls(tap, options.get("mac"))
+        if key != "tap" or not tap or set(options) - {"mac", "offloads"} or options.get("offloads", "on") not in ("on", "off"):
+            raise ConfigError(f"{spec!r}: expected {NET_SYNTAX} (a MAC like 52:54:00:12:34:56)")
+        return cls(tap, options.get("mac"), options.get("offloads", "on") == "on")
 
     @classmethod
     def convert(cls, raw: Any, base: Path | None) -> "NetConfig":
@@ -85,9 +89,10 @@ class NetConfig:
             return raw
         if isinstance(raw, str):
             return cls.parse(raw)
-        if isinstance(raw, dict) and isinstance(raw.get("tap"), str) and set(raw) <= {"tap", "mac"}:
-            return cls(raw["tap"], raw.get("mac"))
-        raise ConfigError('each network is "tap=NAME[,mac=MAC]" or a table with tap and mac')
+        if isinstance(raw, dict) and isinstance(raw.get("tap"), str) and set(raw) <= {"tap", "mac", "offloads"} \
+                and isinstance(raw.get("offloads", True), bool):
+            return cls(raw["tap"], raw.get("mac"), raw.get("offloads", True))
+        raise ConfigError(f'each network is "{NET_SYNTAX}" or a table with tap, mac and offloads (true or false)')
 
 
 def _split(spec: str) -> tuple[str, dict[str, str]]:
@@ -128,8 +133,9 @@ class MachineConfig:
                                     metavar=DISK_SYNTAX,
                                     help="a disk image (raw or qcow2) as virtio-blk, in PCI slot order (repeatable)")
     net: list[NetConfig] = option(kind=repeated(NetConfig.convert, "networks"), default_factory=list,
-                                  metavar="tap=NAME[,mac=MAC]",
-                                  help="virtio-net on a tap interface, created if needed (repeatable)")
+                                  metavar=NET_SYNTAX,
+                                  help="virtio-net on a tap interface, created if needed, with checksum and TCP "
+                                       "segmentation offloads unless offloads=off (repeatable)")
     cdrom: str | None = option(None, kind=PATH, metavar="FILE.iso",
                                help="an ISO image as an ATAPI CD-ROM on the IDE controller, booted before the disks "
                                     "(a machine that boots through firmware)")
