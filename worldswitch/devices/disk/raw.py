@@ -34,20 +34,20 @@ def tail(buffers: list[memoryview], skip: int) -> list[memoryview]:
 
 
 def preadv_all(fd: int, buffers: list[memoryview], offset: int) -> None:
-    length = sum(len(b) for b in buffers)
+    length = sum(map(len, buffers))
     done = 0
-    while done < length:
-        got = os.preadv(fd, tail(buffers, done), offset + done)
+    while done < length:  # the buffers themselves the first time (256 of them for a 1 MiB request)
+        got = os.preadv(fd, tail(buffers, done) if done else buffers, offset + done)
         if got == 0:
             raise OSError(errno.EIO, "the image ends early")
         done += got
 
 
 def pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
-    length = sum(len(b) for b in buffers)
+    length = sum(map(len, buffers))
     done = 0
     while done < length:
-        done += os.pwritev(fd, tail(buffers, done), offset + done)
+        done += os.pwritev(fd, tail(buffers, done) if done else buffers, offset + done)
 
 
 class RawImage:

@@ -127,8 +127,13 @@ class VirtioBlock(VirtioDevice):
             if len(header) < HEADER.size:
                 raise VirtqueueError("a block request shorter than its 16-byte header")
             kind, _reserved, sector = HEADER.unpack(header)
-        data_in = self._views(chain.readable, skip=HEADER.size)  # what the driver gives
-        data_out = self._views(chain.writable, limit=chain.writable_length - 1)  # what it gets
+        # what the driver gives, and what it gets; in Linux's layout the header and the status byte
+        # are buffers of their own, and the data's buffers are taken whole
+        readable, writable = chain.readable, chain.writable
+        data_in = (self._views(readable[1:]) if readable and readable[0].length == HEADER.size
+                   else self._views(readable, skip=HEADER.size))
+        data_out = (self._views(writable[:-1]) if writable[-1].length == 1
+                    else self._views(writable, limit=chain.writable_length - 1))
         written = 0
         try:
             if kind == T_IN:
@@ -159,6 +164,9 @@ class VirtioBlock(VirtioDevice):
         return written + 1
 
     def _views(self, buffers: list[Buffer], skip: int = 0, limit: int | None = None) -> list[memoryview]:
+        if not skip and limit is None:
+            make_view = self.memory.view
+            return [make_view(gpa, length) for gpa, length in buffers if length]
         views, budget = [], limit
         for buffer in buffers:
             view = self.memory.view(buffer.gpa, buffer.length)
@@ -179,7 +187,7 @@ class VirtioBlock(VirtioDevice):
         return sector * SECTOR
 
     def _read(self, sector: int, buffers: list[memoryview]) -> int:
-        length = sum(len(b) for b in buffers)
+        length = sum(map(len, buffers))
         self.image.readv(buffers, self._check(sector, length))
         self.stats.reads += 1
         self.stats.bytes_read += length
@@ -188,7 +196,7 @@ class VirtioBlock(VirtioDevice):
     def _write(self, sector: int, buffers: list[memoryview]) -> None:
         if self.read_only:
             raise RequestError(S_IOERR)
-        length = sum(len(b) for b in buffers)
+        length = sum(map(len, buffers))
         self.image.writev(buffers, self._check(sector, length))
         self.stats.writes += 1
         self.stats.bytes_written += length

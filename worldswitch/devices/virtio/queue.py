@@ -183,10 +183,11 @@ class SplitQueue:
         chain = DescriptorChain(head)
         readable, writable = chain.readable, chain.writable
         memory = self.memory
+        contains, unpack, make = memory.contains, DESCRIPTOR.unpack_from, tuple.__new__  # locals: once per descriptor
         table, table_size, index = self._desc_view, self.size, head
         budget, walked, indirect = self.size, 0, False
         while True:
-            address, length, flags, next_index = DESCRIPTOR.unpack_from(table, 16 * index)
+            address, length, flags, next_index = unpack(table, 16 * index)
             walked += 1
             if walked > budget:
                 raise VirtqueueError(f"descriptor chain from {head} loops or is longer than its table ({budget})")
@@ -201,15 +202,16 @@ class SplitQueue:
                 table, index = memory.view(address, length), 0
                 budget, walked, indirect = table_size, 0, True
                 continue
-            if address + length > U64_LIMIT or not memory.contains(address, length):
+            if address + length > U64_LIMIT or not contains(address, length):
                 check_buffer(memory, address, length, head)  # raises, with the reason
-            # DescriptorChain.add, inline where it appends (this loop runs once per descriptor: 256 a large request)
+            # DescriptorChain.add, inline where it appends (this loop runs once per descriptor: 256 a large
+            # request); tuple.__new__ makes a Buffer in half the time its generated __new__ takes
             if flags & VIRTQ_DESC_F_WRITE:
-                writable.append(Buffer(address, length))
+                writable.append(make(Buffer, (address, length)))
             elif writable:
                 chain.add(address, length, False)  # a readable one after a writable one: raises
             else:
-                readable.append(Buffer(address, length))
+                readable.append(make(Buffer, (address, length)))
             if not flags & VIRTQ_DESC_F_NEXT:
                 return chain
             if next_index >= table_size:
