@@ -327,3 +327,20 @@ def test_queue_state_round_trips_through_json(memory) -> None:
     assert struct.unpack("<IHH", memory.read(0x10000 + 8, 8)) == (8, 2, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED | WRITE)
     with pytest.raises(ValueError, match="split queue's state"):
         again.restore(SplitQueue(memory, 8, 0x20000, 0x21000, 0x22000).state())  # type: ignore[arg-type]
+
+
+def test_buffers_used_together_are_handed_back_first_slot_last(memory, monkeypatch) -> None:
+    """One packet's receive chains (virtio-net's num_buffers): a driver walking the ring must find all
+    of them used or none, so the first slot's flags are the last store."""
+    queue = PackedQueue(memory, 8, 0x10000, 0x11000, 0x11004)
+    write_ring(memory, 0x10000, [(0x100000 + 0x100 * n, 64, 10 + n, AVAIL_1 | WRITE) for n in range(3)])
+    heads = [chain.head for chain in iter(queue.pop, None)]
+    assert heads == [10, 11, 12]
+    stores: list[int] = []
+    real_write_int = memory.write_int
+    monkeypatch.setattr(memory, "write_int", lambda gpa, size, value: (stores.append(gpa), real_write_int(gpa, size, value)))
+    queue.push_all([(10, 64), (11, 20), (12, 0)])
+    assert stores == [0x10000 + 16 * 1 + 14, 0x10000 + 16 * 2 + 14, 0x10000 + 14]
+    used = [(memory.read_int(0x10000 + 16 * slot + 8, 4), memory.read_int(0x10000 + 16 * slot + 12, 2)) for slot in range(3)]
+    assert used == [(64, 10), (20, 11), (0, 12)] and queue.next_used == 3 and not queue.in_flight
+

@@ -93,6 +93,12 @@ class VirtioDevice:
         queue.push(head, written)
         self.requests += 1
 
+    def complete_all(self, queue: Virtqueue, index: int, used: list[tuple[int, int]]) -> None:
+        """Buffers used together (head, bytes written), which the driver sees at once: one packet's
+        chains, of which it must never find only the first."""
+        queue.push_all(used)
+        self.requests += len(used)
+
     def finish_batch(self, queue: Virtqueue, index: int) -> bool:
         """After taking buffers (or finding none): ask for the next kick, interrupt the driver if it
         wants to hear of what was used; True if buffers arrived meanwhile, which no kick announces."""

@@ -253,9 +253,10 @@ class VirtioNet(VirtioDevice):
         self.link.pause_input(self.tap.fd, self.waiting is not None)
 
     def _read_into_chain(self, queue: Virtqueue) -> bool | None:
-        """Read one packet from the tap straight into the next receive chain (one copy, the kernel's):
-        True if it fitted there; False if it did not (it waits in self.waiting, for _place to spread
-        over more chains or drop); None if the tap had none (the chain stays available)."""
+        """Read one packet from the tap straight into the next receive chain (one copy, the kernel's),
+        and with mergeable buffers what did not fit into the chains after it: True if it was placed;
+        False if it was not (it waits in self.waiting, for _place to spread over more chains once the
+        guest posts them, or drop); None if the tap had none (the chain stays available)."""
         mark = queue.mark()
         chain = queue.pop()
         assert chain is not None
@@ -265,19 +266,52 @@ class VirtioNet(VirtioDevice):
             self.waiting = self.tap.read()  # for _place, which writes the header piece by piece
             return None if self.waiting is None else False
         views = [self.memory.view(b.gpa, b.length) for b in buffers]
-        room = sum(len(view) for view in views)
+        room = sum(map(len, views))
         length = self.tap.read_into([*views, self._spill])
         if length is None:
             queue.rewind(mark)
             return None
-        if length > room:  # more than this chain holds: the whole packet waits for _place
-            queue.rewind(mark)
-            self.waiting = b"".join(views) + self._spill[: length - room]
-            return False
-        views[0][NUM_BUFFERS_AT:HEADER_SIZE] = b"\x01\x00"  # num_buffers: the tap leaves the header's last two bytes alone
-        self.complete(queue, RECEIVE, chain.head, length)
+        used = [(chain.head, min(length, room))]
+        if length > room:  # a TCP segment of the offloads, more than a chain: the rest into the next ones
+            more = self._take(queue, length - room) if self.has(VIRTIO_NET_F_MRG_RXBUF) else None
+            if more is None:
+                queue.rewind(mark)
+                self.waiting = b"".join(views) + self._spill[: length - room]
+                return False
+            used += self._copy_into(more, self._spill[: length - room])
+        struct.pack_into("<H", views[0], NUM_BUFFERS_AT, len(used))  # the tap leaves num_buffers alone
+        self.complete_all(queue, RECEIVE, used)
         self.rx_packets += 1
         return True
+
+    def _take(self, queue: Virtqueue, size: int) -> list[DescriptorChain] | None:
+        """The next receive chains, as many as hold `size` bytes; None (and none taken) if the guest
+        has not posted that many."""
+        mark = queue.mark()
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < size:
+            chain = queue.pop()
+            if chain is None:
+                queue.rewind(mark)
+                return None
+            chains.append(chain)
+            room += chain.writable_length
+        return chains
+
+    def _copy_into(self, chains: list[DescriptorChain], source: memoryview) -> list[tuple[int, int]]:
+        """`source` copied in order over the chains' writable buffers: each chain's head and the bytes
+        it got, to complete them together."""
+        used, offset = [], 0
+        for chain in chains:
+            written = 0
+            for buffer in chain.writable:
+                piece = source[offset : offset + buffer.length]
+                self.memory.view(buffer.gpa, len(piece))[:] = piece
+                offset += len(piece)
+                written += len(piece)
+            used.append((chain.head, written))
+        return used
 
     def _place(self, packet: bytes) -> bool:
         """Copy one packet into as many receive chains as it needs; False if there are too few."""
@@ -286,39 +320,21 @@ class VirtioNet(VirtioDevice):
         mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF)
         if not queue.has_available():
             return False
-        mark = queue.mark()
-        chains: list[DescriptorChain] = []
-        room = 0
-        while room < len(packet):
-            if chains and not mergeable:
-                break
-            if not queue.has_available():
-                if mergeable:  # wait for more buffers rather than splitting the packet unfinished
-                    queue.rewind(mark)
-                    return False
-                break
-            chain = queue.pop()
-            assert chain is not None
-            chains.append(chain)
-            room += chain.writable_length
-        if room < len(packet):  # larger than what the guest's buffers can ever hold: drop it
-            for chain in chains:
-                self.complete(queue, RECEIVE, chain.head, 0)
+        if mergeable:  # wait for more buffers rather than splitting the packet unfinished
+            chains = self._take(queue, len(packet))
+            if chains is None:
+                return False
+        else:
+            first = queue.pop()
+            assert first is not None
+            chains = [first]
+        if sum(chain.writable_length for chain in chains) < len(packet):  # more than its buffers can hold: dropped
+            self.complete_all(queue, RECEIVE, [(chain.head, 0) for chain in chains])
             self.rx_dropped += 1
             return True
         data = bytearray(packet)
         struct.pack_into("<H", data, NUM_BUFFERS_AT, len(chains))  # num_buffers
-        offset = 0
-        for chain in chains:
-            written = 0
-            for buffer in chain.writable:
-                piece = data[offset : offset + buffer.length]
-                self.memory.write(buffer.gpa, bytes(piece))
-                offset += len(piece)
-                written += len(piece)
-                if offset == len(data):
-                    break
-            self.complete(queue, RECEIVE, chain.head, written)
+        self.complete_all(queue, RECEIVE, self._copy_into(chains, memoryview(data)))
         self.rx_packets += 1
         return True
 

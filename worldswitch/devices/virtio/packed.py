@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 from ...memory.guest import GuestMemory
 from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
@@ -152,20 +153,31 @@ class PackedQueue:
 
     def push(self, head: int, written: int) -> None:
         """Mark buffer `head` (its ID) used, `written` bytes into its writable part."""
-        slots = self.in_flight.pop(head, None)
-        if slots is None:
-            raise VirtqueueError(f"buffer ID {head} completed but was never taken")
-        at = self.desc + 16 * self.next_used
-        flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
-        if written:
-            flags |= VIRTQ_DESC_F_WRITE
-        # ID and length first, then the flags that hand the slot back (x86 keeps stores in order).
-        struct.pack_into("<IH", self.memory.view(at + 8, 6), 0, written, head)
-        self.memory.write_int(at + 14, 2, flags)
-        self.next_used += slots
-        if self.next_used >= self.size:
-            self.next_used -= self.size
-            self.used_wrap = not self.used_wrap
+        self.push_all(((head, written),))
+
+    def push_all(self, used: Sequence[tuple[int, int]]) -> None:
+        """Buffers used together (ID, bytes written), handed back at once: each one's ID and length,
+        then the flags of all but the first, then the first's: a driver reads the ring in order, so
+        it sees all of them or none (the packed ring's batching, virtio 1.2 section 2.8, as a
+        driver makes several buffers available)."""
+        handed: list[tuple[int, int]] = []  # where each one's flags go, and what they are
+        for head, written in used:
+            slots = self.in_flight.pop(head, None)
+            if slots is None:
+                raise VirtqueueError(f"buffer ID {head} completed but was never taken")
+            at = self.desc + 16 * self.next_used
+            flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED if self.used_wrap else 0
+            if written:
+                flags |= VIRTQ_DESC_F_WRITE
+            # ID and length first, then the flags that hand the slot back (x86 keeps stores in order).
+            struct.pack_into("<IH", self.memory.view(at + 8, 6), 0, written, head)
+            handed.append((at + 14, flags))
+            self.next_used += slots
+            if self.next_used >= self.size:
+                self.next_used -= self.size
+                self.used_wrap = not self.used_wrap
+        for at, flags in [*handed[1:], *handed[:1]]:
+            self.memory.write_int(at, 2, flags)
 
     def needs_interrupt(self) -> bool:
         """Whether the driver's event suppression structure asks to hear about what was just used."""

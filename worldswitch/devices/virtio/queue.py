@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from ...errors import WorldswitchError
 from ...memory.guest import GuestMemory
@@ -221,10 +221,15 @@ class SplitQueue:
     # --- the used ring ----------------------------------------------------------------------
 
     def push(self, head: int, written: int) -> None:
-        slot = self.used_idx % self.size
-        USED_ELEMENT.pack_into(self._used_view, 4 + 8 * slot, head, written)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        # The element first, then the index that publishes it (x86 keeps stores in order).
+        self.push_all(((head, written),))
+
+    def push_all(self, used: Sequence[tuple[int, int]]) -> None:
+        """Buffers used together (head, bytes written), published at once: a driver reading a packet
+        that spans several (virtio-net's num_buffers) never finds only its first ones used."""
+        for head, written in used:
+            USED_ELEMENT.pack_into(self._used_view, 4 + 8 * (self.used_idx % self.size), head, written)
+            self.used_idx = (self.used_idx + 1) & 0xFFFF
+        # The elements first, then the index that publishes them (x86 keeps stores in order).
         U16.pack_into(self._used_view, 2, self.used_idx)
 
     def needs_interrupt(self) -> bool:
