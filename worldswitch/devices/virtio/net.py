@@ -136,6 +136,8 @@ class TapBackend:
         """What the reader takes (TUN_F_*): the tap then hands it packets with partial checksums and
         TCP segments of up to 64 KiB. A kernel that refuses leaves the tap at none, which every driver
         takes: the offloads are then the guest's own, not lost."""
+        if self.fd < 0:
+            return  # closed: the machine is ending
         try:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
         except OSError:
