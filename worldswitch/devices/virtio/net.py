@@ -308,6 +308,8 @@ class VirtioNet(VirtioDevice):
         for chain in chains:
             written = 0
             for buffer in chain.writable:
+                if offset == len(source):
+                    break  # the rest of the last chain's buffers stay as they were
                 piece = source[offset : offset + buffer.length]
                 self.memory.view(buffer.gpa, len(piece))[:] = piece
                 offset += len(piece)
