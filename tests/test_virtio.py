@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from worldswitch.devices import virtio
@@ -21,6 +21,7 @@ from worldswitch.devices.virtio.blk import VirtioBlock
 from worldswitch.devices.virtio.console import ConsoleBackend, VirtioConsole
 from worldswitch.devices.virtio.queue import DESCRIPTOR, SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
+from worldswitch.memory.guest import GuestMemory
 
 from .virtio_driver import UNPLUGGED, VERSION_1, Driver, wiring
 
@@ -447,6 +448,105 @@ def test_fuzzed_rings_give_valid_chains_or_virtqueue_errors(memory, descriptors,
         for buffer in chain.readable + chain.writable:
             assert memory.contains(buffer.gpa, buffer.length)
         assert len(chain.readable) + len(chain.writable) <= 8 * 8
+
+
+def walk_by_the_spec(memory: GuestMemory, entries: list[tuple[int, int, int, int]]) -> list[tuple[int, int, bool]] | None:
+    """An indirect table's chain as virtio 1.2 (2.7.5.3) has a device walk it, one descriptor at a
+    time from the first: its buffers (address, length, written by the device), or None where the
+    driver broke a rule (a loop, a nested table, a next beyond the table, a readable buffer after
+    a writable one, a buffer outside RAM)."""
+    buffers: list[tuple[int, int, bool]] = []
+    index = 0
+    for _ in entries:
+        address, length, flags, next_index = entries[index]
+        if flags & 4 or address + length > 1 << 64 or not memory.contains(address, length):
+            return None
+        if not flags & 2 and any(write for *_, write in buffers):
+            return None
+        buffers.append((address, length, bool(flags & 2)))
+        if not flags & 1:
+            return buffers
+        if next_index >= len(entries):
+            return None
+        index = next_index
+    return None  # more descriptors than the table has: a loop
+
+
+def linux_table(count: int, changes: dict[int, tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """A header, then writable pages, in Linux's layout, with some entries replaced."""
+    return [changes.get(i, (0x300000 + 0x2000 * i, 16, (1 if i + 1 < count else 0) | (2 if i else 0), i + 1))
+            for i in range(count)]
+
+
+@st.composite
+def indirect_tables(draw: st.DrawFn) -> list[tuple[int, int, int, int]]:
+    """Tables in Linux's layout (readable buffers, then writable ones, each next the one after it),
+    most with a few fields changed to anything a driver could write."""
+    count = draw(st.integers(1, 40))
+    readable = draw(st.integers(0, count))
+    entries = [(0x300000 + 0x2000 * i + draw(st.integers(0, 64)), draw(st.sampled_from([1, 16, 512, 4096])),
+                (1 if i + 1 < count else 0) | (2 if i >= readable else 0), i + 1) for i in range(count)]
+    for _ in range(draw(st.integers(0, 3))):
+        at, field = draw(st.integers(0, count - 1)), draw(st.integers(0, 4))
+        entry = list(entries[at])
+        if field == 4:  # one flag bit flipped: WRITE, NEXT or INDIRECT
+            entry[2] ^= draw(st.sampled_from([1, 2, 4]))
+        else:
+            entry[field] = draw([st.integers(0, 2**64 - 1) | st.integers(0xFFF000, 0x1000FFF),  # anywhere, or at RAM's end
+                                 st.integers(0, 2**32 - 1) | st.integers(0, 0x2000),
+                                 st.integers(0, 0xFFFF) | st.integers(0, 7),
+                                 st.integers(0, 0xFFFF) | st.integers(0, count + 1)][field])
+        entries[at] = (entry[0], entry[1], entry[2], entry[3])
+    return entries
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=indirect_tables(), holed=st.booleans())
+@example(entries=linux_table(12, changes={5: (0x30A000, 16, 1, 6)}), holed=False)  # readable after writable
+@example(entries=linux_table(12, changes={3: (0x306000, 16, 0x103, 4)}), holed=False)  # a flag a split ring lacks
+@example(entries=linux_table(12, changes={3: (0x306000, 16, 3, 5), 4: (0x308000, 16, 3, 4)}), holed=False)  # a loop
+@example(entries=linux_table(12, changes={3: (0x306000, 16, 3, 5)}), holed=False)  # one skipped
+@example(entries=linux_table(12, changes={11: (0xFFFF00, 0x200, 2, 0)}), holed=False)  # across RAM's end
+def test_indirect_tables_give_the_chain_the_spec_walks(entries, holed) -> None:
+    """Linux puts a large request in one indirect table, which the queue reads whole where it can: what
+    it returns is what a walk one descriptor at a time gives, and what that walk refuses it refuses.
+    With `holed`, guest RAM has a hole (8 to 9 MiB) that the odd buffers lie beyond."""
+    memory = GuestMemory([(0, 8 * MIB), (9 * MIB, 7 * MIB)] if holed else [(0, 16 * MIB)])
+    try:
+        if holed:
+            entries = [((address + 6 * MIB * (i % 2)) % (1 << 64), *rest) for i, (address, *rest) in enumerate(entries)]
+        desc, table = 0x10000, 0x200000
+        for i, entry in enumerate(entries):
+            memory.write(table + 16 * i, DESCRIPTOR.pack(*entry))
+        memory.write(desc, DESCRIPTOR.pack(table, 16 * len(entries), 4, 0))  # the head: the table
+        queue = SplitQueue(memory, 8, desc, 0x11000, 0x12000, indirect=True)
+        expected = walk_by_the_spec(memory, entries)
+        try:
+            chain = queue.chain(0)
+        except VirtqueueError:
+            assert expected is None
+        else:
+            got = [(b.gpa, b.length, False) for b in chain.readable] + [(b.gpa, b.length, True) for b in chain.writable]
+            assert got == expected
+    finally:
+        memory.close()
+
+
+def test_a_large_request_in_one_indirect_table_is_read_whole(memory) -> None:
+    """A 1 MiB read in Linux's layout (a header, 256 pages, a status byte) is read in bulk, not
+    handed back to the walk one descriptor at a time."""
+    from worldswitch.devices.virtio.queue import table_buffers
+
+    table, pages = 0x200000, 0x400000
+    entries = [(0x300000, 16, 1, 1)] + [(pages + 0x2000 * i, 4096, 3, i + 2) for i in range(256)] + [(0x300010, 1, 2, 0)]
+    for i, entry in enumerate(entries):
+        memory.write(table + 16 * i, DESCRIPTOR.pack(*entry))
+    view = memory.view(table, 16 * len(entries))
+    bulk = table_buffers(memory, view, bytes(view[12::16]))
+    assert bulk is not None
+    readable, writable = bulk
+    assert [tuple(b) for b in readable] == [(0x300000, 16)]
+    assert [tuple(b) for b in writable] == [(address, length) for address, length, *_ in entries[1:]]
 
 
 # --- image locks, as QEMU takes them ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from worldswitch.devices.virtio import blk as vb
@@ -17,7 +17,7 @@ from worldswitch.devices.virtio.blk import VirtioBlock
 from worldswitch.devices.virtio.packed import (EVENT_SUPPRESS, PACKED_DESCRIPTOR, RING_EVENT_FLAGS_DESC,
                                                RING_EVENT_FLAGS_DISABLE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
                                                PackedQueue, PackedQueueState)
-from worldswitch.devices.virtio.queue import SplitQueue, VirtqueueError
+from worldswitch.devices.virtio.queue import BULK_TABLE, SplitQueue, VirtqueueError
 from worldswitch.devices.virtio.rng import VirtioRng
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.state import decode, to_json
@@ -237,6 +237,36 @@ def test_indirect_entries_use_only_their_write_flag(memory) -> None:
     assert [(b.gpa, b.length) for b in chain.readable] == [(0x300000, 16)]
     assert [(b.gpa, b.length) for b in chain.writable] == [(0x300100, 32)]
     assert queue.in_flight == {5: 1} and queue.next_avail == 1
+
+
+PACKED_ENTRIES = st.tuples(st.integers(0x300000, 0x300100) | st.integers(0, 2**64 - 1) | st.integers(0xFFF000, 0x1000FFF),
+                           st.sampled_from([0, 1, 16, 4096]) | st.integers(0, 2**32 - 1),
+                           st.integers(0, 0xFFFF), st.sampled_from([0, WRITE]) | st.integers(0, 0xFFFF))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(PACKED_ENTRIES, min_size=1, max_size=BULK_TABLE - 1)  # walked
+       | st.lists(PACKED_ENTRIES, min_size=BULK_TABLE, max_size=40))  # read in bulk where they can be
+@example(entries=[(0x300000, 16, 0, 0)] * 9 + [(0xFFFF00, 0x200, 0, WRITE)])  # the last across RAM's end
+def test_indirect_tables_give_the_buffers_the_spec_lists(memory, entries) -> None:
+    """A packed ring's indirect table is read whole (in bulk where it can be): its entries in order,
+    each readable or writable by its WRITE flag alone, readable ones first, every one inside RAM;
+    any table that breaks a rule is refused."""
+    buffers = [(address, length, bool(flags & WRITE)) for address, length, _id, flags in entries]
+    writes = [write for *_, write in buffers]
+    valid = (all(address + length <= 1 << 64 and memory.contains(address, length) for address, length, _ in buffers)
+             and writes == sorted(writes))
+    for i, entry in enumerate(entries):
+        memory.write(0x200000 + 16 * i, PACKED_DESCRIPTOR.pack(*entry))
+    queue = PackedQueue(memory, 8, 0x10000, 0x11000, 0x11004, indirect=True)
+    write_ring(memory, 0x10000, [(0x200000, 16 * len(entries), 1, AVAIL_1 | IND)])
+    if not valid:
+        with pytest.raises(VirtqueueError):
+            queue.pop()
+        return
+    chain = queue.pop()
+    assert chain is not None
+    assert [(b.gpa, b.length, False) for b in chain.readable] + [(b.gpa, b.length, True) for b in chain.writable] == buffers
 
 
 def test_an_id_in_flight_twice_and_too_many_buffers_are_refused(memory) -> None:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ...memory.guest import GuestMemory
-from .queue import (MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, DescriptorChain,
-                    VirtqueueError, check_areas, check_buffer, check_indirect_table, full_barrier, need_event)
+from .queue import (BULK_TABLE, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+                    DescriptorChain, VirtqueueError, check_areas, check_buffer, check_indirect_table, full_barrier,
+                    need_event, table_buffers)
 
 VIRTQ_DESC_F_AVAIL = 1 << 7
 VIRTQ_DESC_F_USED = 1 << 15
@@ -135,7 +136,12 @@ class PackedQueue:
 
     def _indirect_table(self, table: int, length: int, chain: DescriptorChain) -> None:
         """Only WRITE means anything inside the table (2.8.10); NEXT, INDIRECT and the ID are ignored."""
-        for entry in range(check_indirect_table(self.memory, table, length, self.next_avail)):
+        count = check_indirect_table(self.memory, table, length, self.next_avail)
+        view = self.memory.view(table, length)
+        if count >= BULK_TABLE and (bulk := table_buffers(self.memory, view, bytes(view[14::16]))) is not None:
+            chain.readable, chain.writable = bulk
+            return
+        for entry in range(count):
             address, size, _id, flags = self.memory.unpack(PACKED_DESCRIPTOR, table + 16 * entry)
             check_buffer(self.memory, address, size, self.next_avail)
             chain.add(address, size, bool(flags & VIRTQ_DESC_F_WRITE))

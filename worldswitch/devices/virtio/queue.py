@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import NamedTuple, Sequence
 
 from ...errors import WorldswitchError
@@ -94,6 +95,42 @@ def check_indirect_table(memory: GuestMemory, address: int, length: int, head: i
         raise VirtqueueError(f"indirect table of {length} bytes is not 1 to {MAX_QUEUE_SIZE} descriptors")
     check_buffer(memory, address, length, head)
     return length // 16
+
+
+# Tables this long or longer are read in bulk first: reading one costs about 5.5 us whatever its
+# length, the walk about 2 us and 0.65 us a descriptor (measured on an EPYC, Python 3.11).
+BULK_TABLE = 8
+# Each flag byte reduced to one bit, by bytes.translate: a whole table's flags are judged at once.
+_WRITE_ONLY = bytes(flag & VIRTQ_DESC_F_WRITE for flag in range(256))
+_CHAINING_ONLY = bytes(flag & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT) for flag in range(256))
+
+
+def table_buffers(memory: GuestMemory, table: memoryview, write_flags: bytes) -> tuple[list[Buffer], list[Buffer]] | None:
+    """A whole indirect table's buffers, read in bulk: (readable, writable), or None where the table
+    is not of the usual shape (its readable buffers first, all of them in one region of guest RAM).
+
+    Linux puts a 1 MiB block request in one table of 258 descriptors, and a walk that makes each
+    Buffer in Python costs about a microsecond a descriptor. Here every field is read once, by C
+    code (memoryview casts and slices), and then judged whole: what the result holds is what was
+    checked, whatever the driver writes meanwhile. `write_flags` holds each descriptor's flag byte
+    with the WRITE bit where the layout keeps it (split and packed tables differ). A caller given
+    None walks the table one descriptor at a time, which raises for what is wrong with it."""
+    count = len(write_flags)
+    write_flags = write_flags.translate(_WRITE_ONLY)
+    readable_count = write_flags.find(VIRTQ_DESC_F_WRITE)
+    if readable_count < 0:
+        readable_count = count
+    elif write_flags.count(VIRTQ_DESC_F_WRITE) != count - readable_count:
+        return None  # a readable buffer after a writable one
+    addresses = table.cast("Q")[0::2].tolist()
+    lengths = table.cast("I")[2::4].tolist()
+    low = min(addresses)
+    high = max(addresses) + max(lengths)  # at least every buffer's end: too high only refuses the bulk read
+    if not memory.contains(low, high - low):
+        return None  # beyond RAM, or across a hole: one by one, to say which
+    # tuple.__new__ makes a Buffer in half the time its generated __new__ takes, and map keeps it in C
+    buffers = list(map(tuple.__new__, repeat(Buffer, count), zip(addresses, lengths)))
+    return buffers[:readable_count], buffers[readable_count:]
 
 
 def check_areas(memory: GuestMemory, areas: tuple[tuple[str, int, int, int], ...]) -> None:
@@ -200,6 +237,9 @@ class SplitQueue:
                     raise VirtqueueError("a descriptor with both INDIRECT and NEXT")
                 table_size = check_indirect_table(memory, address, length, head)
                 table, index = memory.view(address, length), 0
+                if walked == 1 and table_size >= BULK_TABLE and (bulk := self._whole_table(table, table_size)) is not None:
+                    chain.readable, chain.writable = bulk
+                    return chain
                 budget, walked, indirect = table_size, 0, True
                 continue
             if address + length > U64_LIMIT or not contains(address, length):
@@ -217,6 +257,17 @@ class SplitQueue:
             if next_index >= table_size:
                 raise VirtqueueError(f"next descriptor {next_index} is beyond its table ({table_size})")
             index = next_index
+
+    def _whole_table(self, table: memoryview, count: int) -> tuple[list[Buffer], list[Buffer]] | None:
+        """A chain that is the whole table, in order (each descriptor's next the one after it, the
+        last without NEXT, none INDIRECT): the layout Linux writes. Flags beyond the first three mean
+        nothing in a split ring (the walk ignores them too), so only the low byte is read."""
+        flags = bytes(table[12::16])
+        if flags.translate(_CHAINING_ONLY) != b"\x01" * (count - 1) + b"\x00":
+            return None
+        if table.cast("H")[7::8].tolist()[:-1] != list(range(1, count)):
+            return None
+        return table_buffers(self.memory, table, flags)
 
     # --- the used ring ----------------------------------------------------------------------
 
