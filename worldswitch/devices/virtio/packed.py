@@ -137,10 +137,11 @@ class PackedQueue:
     def _indirect_table(self, table: int, length: int, chain: DescriptorChain) -> None:
         """Only WRITE means anything inside the table (2.8.10); NEXT, INDIRECT and the ID are ignored."""
         count = check_indirect_table(self.memory, table, length, self.next_avail)
-        view = self.memory.view(table, length)
-        if count >= BULK_TABLE and (bulk := table_buffers(self.memory, view, bytes(view[14::16]))) is not None:
-            chain.readable, chain.writable = bulk
-            return
+        if count >= BULK_TABLE:
+            view = self.memory.view(table, length)
+            if (bulk := table_buffers(self.memory, view, bytes(view[14::16]))) is not None:
+                chain.readable, chain.writable = bulk
+                return
         for entry in range(count):
             address, size, _id, flags = self.memory.unpack(PACKED_DESCRIPTOR, table + 16 * entry)
             check_buffer(self.memory, address, size, self.next_avail)
