@@ -918,15 +918,18 @@ def test_a_pipeline_of_seven_processes_keeps_its_shadows(debian_under_monitor: t
     made, fills = after["shadow_flush"] - before["shadow_flush"], after["shadow_fill"] - before["shadow_fill"]
     assert made < 40 and fills < 15_000, (made, fills)
     # its processes' page faults return to user mode by SWAPGS; IRETQ, both done at the SWAPGS's event
-    # (through 6.12's VERW too): about 540 a run, of 900 IRETQs, under each kernel here
+    # (through 6.12's VERW too): 491 to 507 of 575 to 593 IRETQs in six runs of Debian 12's here
     merged = after["iretq_at_swapgs"] - before["iretq_at_swapgs"]
     assert merged >= 200, (merged, after["iretq"] - before["iretq"])
     # its context switches load CR3 through pv_ops.mmu.write_cr3 (cr3_gate), and its page faults read
-    # CR2 through pv_ops.mmu.read_cr2 (the pv page), neither a trap: 194 loads, 459 faults and 36 MOVs
-    # to or from control registers here, where there had been 776 MOVs
+    # CR2 through pv_ops.mmu.read_cr2 (the pv page), neither a trap: 459 faults and 36 MOVs to or from
+    # control registers, where there had been 776 MOVs. How many loads depends on how the scheduler
+    # interleaves the pipe's readers and writers (96 to 128 in six runs here, 97 in CI); each of the seven
+    # processes runs in an address space of its own, so there are at least seven, and a load that trapped
+    # instead would be a MOV
     loads, moves = after["cr3_gate"] - before["cr3_gate"], after["mov_cr"] - before["mov_cr"]
     faults = after["exceptions"] - before["exceptions"]
-    assert loads >= 100 and moves < faults / 4, (loads, moves, faults)
+    assert loads >= 7 and moves < faults / 4, (loads, moves, faults)
 
 
 def null_seg_bug() -> bool:
