@@ -922,8 +922,8 @@ def test_a_pipeline_of_seven_processes_keeps_its_shadows(debian_under_monitor: t
     merged = after["iretq_at_swapgs"] - before["iretq_at_swapgs"]
     assert merged >= 200, (merged, after["iretq"] - before["iretq"])
     # its context switches load CR3 through pv_ops.mmu.write_cr3 (cr3_gate), and its page faults read
-    # CR2 through pv_ops.mmu.read_cr2 (the pv page), neither a trap: 459 faults and 36 MOVs to or from
-    # control registers, where there had been 776 MOVs. How many loads depends on how the scheduler
+    # CR2 through pv_ops.mmu.read_cr2 (the pv page), neither a trap: 461 to 471 faults and 32 to 36 MOVs
+    # to or from control registers (776 MOVs before the gates). How many loads depends on how the scheduler
     # interleaves the pipe's readers and writers (96 to 128 in six runs here, 97 in CI); each of the seven
     # processes runs in an address space of its own, so there are at least seven, and a load that trapped
     # instead would be a MOV
