@@ -1,7 +1,7 @@
 """Debian's busybox shell under the in-guest monitor (`--monitor`, docs/monitor.md): how long commands
 take, and what the monitor did for them, on a host that emulates guest kernel code (PVM).
 
-    python -m bench.monitor_shell [--rounds N] [--release trixie]
+    python -m bench.monitor_shell [--rounds N] [--release trixie] [--cpus N]
 
 One VM boots Debian's cloud kernel to its shell; each command then runs N times (default 5), timed
 from the line sent on the console to the shell's answer. Beside the median time, what one run of
@@ -49,6 +49,7 @@ def ask(vm: Machine, n: int, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.monitor_shell", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="runs of each command (default 5)")
+    parser.add_argument("--cpus", type=int, default=1, help="vCPUs, each on its own copy of the monitor (default 1)")
     parser.add_argument("--release", help="Debian's kernel of that release (fetch-debian --release; default: "
                                           "the host's apt sources)")
     options = parser.parse_args(argv)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         initrd = Path(scratch) / "initrd.img"
         initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True),
                                            compress=False))
-        with Machine(kernel=str(debian.kernel), initrd=str(initrd), monitor=True, append="console=ttyS0") as vm:
+        with Machine(kernel=str(debian.kernel), initrd=str(initrd), monitor=True, cpus=options.cpus,
+                     append="console=ttyS0") as vm:
             vm.start()
             vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
             vm.console.expect(rb"# ", timeout=60)

@@ -56,6 +56,7 @@ class LinuxBoot:
     notes: list[str] = field(default_factory=list)
     iret_site: int = 0  # its IRETQ to user mode, made a UD2 for the monitor (paravirt.py); 0 if untouched
     sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
+    ap_entry: int = 0  # where its trampoline enters an AP's kernel, for the monitor to take it over; 0 if unknown
 
 
 def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
@@ -143,13 +144,14 @@ class CpuFeature(Protocol):
 
 
 def kernel_parameters(cmdline: str, refused: Sequence[CpuFeature], code_emulated: bool,
-                      monitor: bool = False) -> list[tuple[str, str]]:
+                      monitor: bool = False, cpus: int = 1) -> list[tuple[str, str]]:
     """(parameter, reason) a kernel needs beyond what the user wrote: not to use the `refused` CPU
     features, which KVM's emulator (or, under the in-guest `monitor`, the kernel's ring 3) cannot run
     although the kernel's CPUID shows them (the host forces them into KVM's table; under the monitor
     CPUID runs natively in ring 3), and, where guest kernel code is emulated (not under the monitor),
     not to start work that takes milliseconds natively but so long emulated that the kernel gives up
-    on it (measured in docs/pvm.md). A parameter the user set is left alone."""
+    on it (measured in docs/pvm.md); under the monitor with more than one CPU, not to use PV spinlocks.
+    A parameter the user set is left alone."""
     words = cmdline.split()
     added: list[tuple[str, str]] = []
 
@@ -165,6 +167,9 @@ def kernel_parameters(cmdline: str, refused: Sequence[CpuFeature], code_emulated
     if rest and not any(word.startswith("clearcpuid=") for word in words):
         numbers = ",".join(str(f.linux_feature) for f in rest)
         added.append((f"clearcpuid={numbers}", why(", ".join(f.name for f in rest), "none of them")))
+    if monitor and cpus > 1 and "nopvspin" not in words:
+        added.append(("nopvspin", "under the monitor the kernel runs in ring 3, where KVM takes no hypercall: a CPU "
+                                  "halted in a PV spinlock would never be kicked (KVM_HC_KICK_CPU)"))
     if code_emulated and not monitor and not any(word.startswith("cryptomgr.notests") for word in words):
         added.append(("cryptomgr.notests", "the crypto self-tests (RSA with private keys) take tens of minutes emulated, "
                                            "and certificate loading times out waiting for them"))
@@ -201,7 +206,7 @@ def load_linux(
         raise ConfigError("the kernel command line is too long for the space below the VMM's stack")
 
     decompress_s = 0.0
-    iret_site = sysret_site = 0
+    iret_site = sysret_site = ap_entry = 0
     compression = bz.compression if bz is not None else "none"
     mode = choose_decompression(decompress, kernel_code_emulated) if bz is not None else "host"
     if bz is not None and mode == "host":
@@ -217,7 +222,7 @@ def load_linux(
     if pv_ops is not None:
         if not vmlinux:
             raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
-        vmlinux, iret_site, sysret_site = _paravirtualize(vmlinux, pv_ops, notes)
+        vmlinux, iret_site, sysret_site, ap_entry = _paravirtualize(vmlinux, pv_ops, notes)
 
     if vmlinux:
         kernel_range, entry = _load_vmlinux(memory, memory_map, vmlinux, kernel_name, [])
@@ -249,12 +254,12 @@ def load_linux(
     memory.write(ZERO_PAGE, bytes(params))
     version = bz.version_string if bz is not None else ""
     return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes,
-                     iret_site, sysret_site)
+                     iret_site, sysret_site, ap_entry)
 
 
-def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int, int]:
-    """The vmlinux made ready for the in-guest monitor (paravirt.py), its IRETQ site, and its SWAPGS
-    before SYSRETQ (0 if it was left to trap)."""
+def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int, int, int]:
+    """The vmlinux made ready for the in-guest monitor (paravirt.py), its IRETQ site, its SWAPGS
+    before SYSRETQ (0 if it was left to trap), and where its APs enter it (0 if unknown)."""
     from .paravirt import paravirtualize
 
     paravirtualized = paravirtualize(vmlinux, pv_ops)
@@ -273,10 +278,13 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
                      "pointed at the monitor")
     else:
         notes.append("its returns from system calls trap at the SWAPGS (the kernel has no entry_SYSRETQ_unsafe_stack)")
+    if paravirtualized.refused_kvm:
+        notes.append(f"KVM's PV IPIs and PV TLB flush refused ({', '.join(paravirtualized.refused_kvm)} made to return "
+                     "false): KVM takes no hypercall from the kernel's ring 3")
     if paravirtualized.ss_load_site is not None:
         notes.append(f"__switch_to's load of SS at {paravirtualized.ss_load_site:#x} made a NOP (an AMD CPU's, "
                      "a trap that changes nothing deprivileged)")
-    return paravirtualized.vmlinux, iret_site, paravirtualized.sysret_site or 0
+    return paravirtualized.vmlinux, iret_site, paravirtualized.sysret_site or 0, paravirtualized.ap_entry
 
 
 def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, name: str,
@@ -375,11 +383,11 @@ def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, 
     vmlinux = extract_vmlinux(bz)
     decompress_s = time.perf_counter() - started
     notes.append(f"decompressed its {bz.compression} payload on the host in {decompress_s * 1000:.0f} ms")
-    vmlinux, iret_site, sysret_site = _paravirtualize(vmlinux, pv_ops, notes)
+    vmlinux, iret_site, sysret_site, ap_entry = _paravirtualize(vmlinux, pv_ops, notes)
 
     kernel_range, startup_64 = _load_vmlinux(memory, memory_map, vmlinux, name, [initrd] if initrd else [])
     memory.write(CMDLINE_ADDR, cmdline + b"\0")
     header.cmd_line_ptr, params.ext_cmd_line_ptr = CMDLINE_ADDR, 0
     memory.write(ZERO_PAGE, bytes(params))
     return LinuxBoot("vmlinux", startup_64, ZERO_PAGE, kernel_range, initrd, cmdline.decode(errors="replace"), "",
-                     bz.compression, decompress_s, notes, iret_site, sysret_site)
+                     bz.compression, decompress_s, notes, iret_site, sysret_site, ap_entry)

@@ -119,6 +119,20 @@ def _alternatives(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat) 
     return found
 
 
+# KVM's paravirtual features a kernel in ring 3 cannot use: both are hypercalls or stand on one,
+# and KVM refuses a hypercall from ring 3 (KVM_EPERM). PV IPIs (KVM_HC_SEND_IPI) would be IPIs lost;
+# a PV TLB flush leaves a preempted vCPU's flush to KVM at its next entry, which flushes the CPU's
+# TLB but not the monitor's shadows of that vCPU. Linux asks each of these functions once whether
+# to use the feature; each is made to say no (see _refuse_kvm_features). Only a kernel of more than
+# one CPU would use either. PV spinlocks' kick is the third: `nopvspin` on the command line (linux.py).
+REFUSED_KVM_FEATURES = ("pv_ipi_supported", "pv_tlb_flush_supported")
+ENDBR64 = b"\xf3\x0f\x1e\xfa"
+RETURN_FALSE = b"\x31\xc0\xc3"  # xor %eax, %eax; ret
+# Where Linux's real-mode trampoline (arch/x86/realmode/rm/trampoline_64.S) enters the kernel on an
+# application processor, in 64-bit ring 0 on its own tables: trampoline_header->start since 2.6.
+AP_ENTRY = "secondary_startup_64"
+
+
 class Paravirtualized(NamedTuple):
     vmlinux: bytes
     sites: int  # pv_ops.irq call sites that stay calls to the new functions
@@ -130,6 +144,8 @@ class Paravirtualized(NamedTuple):
     sysret_site: int | None  # the SWAPGS before its SYSRETQ, now a jump towards the monitor's; None if it has none
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
     cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
+    ap_entry: int  # secondary_startup_64, where its trampoline enters an AP (0 if it has none): the monitor takes the AP there
+    refused_kvm: tuple[str, ...]  # of REFUSED_KVM_FEATURES, the functions made to say no
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
@@ -138,8 +154,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     (by member name), every call site of them kept a call (the native alternatives over the irq and
     mmu ones disarmed), its IRETQ to user mode a UD2, its return to itself a jump to
     `functions[KERNEL_RETURN]`, its return from a system call a jump to `functions[SYSCALL_RETURN]`,
-    an AMD CPU's SS load in `__switch_to` a NOP, and the calls of the CMPXCHG16B emulation the
-    instruction."""
+    an AMD CPU's SS load in `__switch_to` a NOP, the calls of the CMPXCHG16B emulation the
+    instruction, and KVM's PV IPIs and PV TLB flush refused (REFUSED_KVM_FEATURES)."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
     names += [KERNEL_RETURN, SYSCALL_RETURN]
@@ -208,8 +224,10 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         at = file_offset(ss_load_site, length)
         image[at : at + length] = NOPS[length]
     cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
+    refused_kvm = _refuse_kvm_features(image, symbols, alternatives, file_offset)
+    ap_entry = symbols[AP_ENTRY].address if AP_ENTRY in symbols else 0
     return Paravirtualized(bytes(image), len(sites), len(cpu_sites), len(mmu_sites), disarmed, iret_site,
-                           kernel_return_site, sysret_site, ss_load_site, cx16_sites)
+                           kernel_return_site, sysret_site, ss_load_site, cx16_sites, ap_entry, refused_kvm)
 
 
 def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,
@@ -302,6 +320,30 @@ def _apply_cx16(image: bytearray, vmlinux: bytes, alternatives: list[Alternative
         image[at_instruction : at_instruction + length] = code + NOP * (length - replacement_length)
         applied += 1
     return applied
+
+
+def _refuse_kvm_features(image: bytearray, symbols: Symbols, alternatives: list[Alternative],
+                         file_offset: Callable[[int, int], int]) -> tuple[str, ...]:
+    """Each of REFUSED_KVM_FEATURES (arch/x86/kernel/kvm.c) made to return false at once: its first
+    instruction after ftrace's site (an ENDBR64, if the kernel has them, then a 5-byte call of
+    __fentry__ or a NOP, which ftrace checks at boot) becomes `xor %eax, %eax; ret`, where no
+    alternative will write at boot. Returns the names of those it found."""
+    refused = []
+    for name in REFUSED_KVM_FEATURES:
+        function = symbols.get(name)
+        if function is None:  # a kernel without KVM's guest support, or of another layout: nothing asks
+            continue
+        at = file_offset(function.address, 16)
+        skip = len(ENDBR64) if image[at : at + len(ENDBR64)] == ENDBR64 else 0
+        if image[at + skip] == CALL_REL32 or image[at + skip : at + skip + 5] == NOPS[5]:
+            skip += 5
+        start = function.address + skip
+        if any(alternative.instruction < start + len(RETURN_FALSE) and start < alternative.instruction + alternative.length
+               for alternative in alternatives):
+            raise GuestImageError(f"the kernel's {name} at {function.address:#x} begins with an alternative")
+        image[at + skip : at + skip + len(RETURN_FALSE)] = RETURN_FALSE
+        refused.append(name)
+    return tuple(refused)
 
 
 def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,

@@ -24,7 +24,7 @@ from ..devices.ucall import UCALL_PORT, UCALL_PORT_SIZE, UcallPort
 from ..driver import structs as s
 from ..driver.constants import KVM_PIT_SPEAKER_DUMMY, Cap
 from ..driver.kvm import CoalescedRing, Kvm, Vcpu, Vm
-from ..errors import ConfigError, WorldswitchError
+from ..errors import ConfigError, GuestImageError, WorldswitchError
 from ..guests import MONITOR_IMAGE
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
@@ -173,6 +173,9 @@ def _build(config: MachineConfig, serial_sink: Callable[[bytes], None], warn: Ca
         boot = load(core, tables, runners[0].vcpu, refused_cpuid) if load is not None else None
         if load is not None and runners[0].handoff is not None:
             runners[0].handoff.arm()  # a restored machine's is armed once its vCPU state is back
+        for runner in runners[1:] if load is not None else []:
+            if runner.ap_start is not None:
+                runner.ap_start.arm()  # where the boot vCPU's copy of the monitor says (load_monitor)
         if core.msr_filter is not None:
             core.msr_filter.wait()
         machine = Vmm(core.kvm, core.vm, platform, runners, outcome, boot, core.monitor, writer,
@@ -193,7 +196,7 @@ def _place_monitor(config: MachineConfig, memory_map: MemoryMap) -> tuple[Memory
     from ..boot.monitor import MonitorPlacement
 
     top = memory_map.top_of_low_ram
-    placement = MonitorPlacement.for_map(memory_map)
+    placement = MonitorPlacement.for_map(memory_map, config.cpus)
     # from the monitor's pages to the top: RAM above them (less than a 2 MiB page) would be out of its reach
     return memory_map.reserving(placement.physical_base, top - placement.physical_base, "the in-guest monitor"), placement
 
@@ -327,15 +330,21 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         undo.callback(ring.release)
         coalesced = CoalescedDrain(ring, platform.pio, platform.mmio, platform.coalescing,
                                    lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
+    ap_image = read_image(MONITOR_IMAGE, "the monitor") if core.monitor is not None and config.cpus > 1 else None
     runners = []
     for vcpu in vcpus:
+        ap_start = None
+        if ap_image is not None and core.monitor is not None and vcpu is not vcpus[0]:
+            from .x86.ap_start import ApStart
+
+            ap_start = ApStart(vcpu, memory, core.monitor, ap_image)
         emulator = TrapEmulator(memory)
         runner = VcpuRunner(vcpu, platform.pio, platform.mmio, outcome.request, _code_fetcher(memory, vcpu), emulator,
                             UserSyscall(vcpu, emulator) if complete_syscalls else None,
                             trace.buffer_for(vcpu.id) if trace is not None else None,
                             handoff if vcpu is vcpus[0] else None,
                             functools.partial(core.monitor.failed_event, memory) if core.monitor is not None else None,
-                            coalesced)
+                            coalesced, ap_start)
         undo.callback(runner.release)
         runners.append(runner)
     return runners, refused, coalesced
@@ -353,7 +362,8 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         from ..boot.longmode import LINUX_GDT
 
         layout = LongModeLayout(selectors=LINUX_GDT)
-        added = kernel_parameters(config.append, refused_cpuid, host.kernel_code_emulated, monitor is not None)
+        added = kernel_parameters(config.append, refused_cpuid, host.kernel_code_emulated, monitor is not None,
+                                  config.cpus)
         cmdline = " ".join([config.append, *(parameter for parameter, _ in added)]).strip()
         pv_ops = None
         if monitor is not None:
@@ -369,9 +379,7 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         layout = LongModeLayout()
         reserved = reserved_ranges(layout)
         if monitor is not None:
-            from ..boot.monitor import MONITOR_SIZE
-
-            reserved.append((monitor[0].physical_base, monitor[0].physical_base + MONITOR_SIZE))
+            reserved.append((monitor[0].physical_base, monitor[0].end))
         loaded = load_elf(memory, image, name, reserved=reserved)
         entry = configure_program(memory, loaded.entry, config.args, config.cpus, layout)
         bsp_regs = program_registers(entry)
@@ -388,7 +396,10 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
             guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
         else:  # a program's entry, with its RAM ending where the monitor's pages begin
             guest = GuestEntry(entry.rip, entry.rsp, entry.args_addr, placement.physical_base, entry.vcpus)
-        start = load_monitor(memory, monitor_image, placement, layout, guest)
+        if config.cpus > 1 and (boot is None or not boot.ap_entry):
+            raise GuestImageError("--monitor --cpus above 1: the kernel's symbols have no secondary_startup_64, "
+                                  "where the monitor takes over its other CPUs")
+        start = load_monitor(memory, monitor_image, placement, layout, guest, boot.ap_entry if boot is not None else 0)
         bsp_regs = s.kvm_regs(rip=start.rip, rflags=0x2)
         sregs.cr3 = start.cr3
     bsp.set_sregs(sregs)
@@ -508,6 +519,8 @@ def restore_machine(
                 runner.user_syscall.arm()  # a kernel that set LSTAR before the snapshot
             if runner.handoff is not None:
                 runner.handoff.resume()  # firmware that had not started its kernel yet
+            if runner.ap_start is not None:
+                runner.ap_start.arm()  # an AP its Linux had not started yet
     except BaseException:
         machine.close()
         raise

@@ -36,6 +36,7 @@ from .x86.insn import describe_internal_error
 
 if TYPE_CHECKING:
     from .platform.coalesced import CoalescedDrain
+    from .x86.ap_start import ApStart
     from .x86.emulate import TrapEmulator
     from .x86.handoff import FirmwareHandoff
     from .x86.user_syscall import UserSyscall
@@ -73,13 +74,15 @@ class VcpuRunner:
         handoff: FirmwareHandoff | None = None,
         explain_shutdown: Callable[[], str] | None = None,
         coalesced: CoalescedDrain | None = None,
+        ap_start: ApStart | None = None,
     ) -> None:
         """`user_syscall`: on PVM hosts, where the VMX completes the guest's ring-3 SYSCALLs;
         `trace`: where every world switch is recorded, if it is; `handoff`: on the boot vCPU of a
         machine that boots Linux through firmware under the monitor, its watch for the kernel's entry;
         `explain_shutdown`: what else is known of a triple fault (under the monitor, the event it
         could not deliver), or empty; `coalesced`: the VM's queued port writes, applied before
-        each exit is handled."""
+        each exit is handled; `ap_start`: on an application processor of a Linux under the monitor,
+        its watch for its entry into the kernel."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports
         self.emulator = emulator  # what the VMX emulates when KVM's emulator gives up
@@ -98,6 +101,7 @@ class VcpuRunner:
         self.handoff = handoff
         self.explain_shutdown = explain_shutdown
         self.coalesced = coalesced
+        self.ap_start = ap_start
         self._last_kick_latency = 0
         self.kvm_stats: BinaryStats | None = None
         if vcpu.vm.check_extension(Cap.BINARY_STATS_FD):
@@ -438,11 +442,13 @@ class VcpuRunner:
             msr.error = 1  # KVM injects #GP, as for an MSR the CPU does not have
 
     def _on_debug(self) -> None:
-        """A debug exit: user_syscall's breakpoint or single step, or the handoff's breakpoint (nothing
-        else turns debugging on)."""
-        if self.handoff is not None:
+        """A debug exit: user_syscall's breakpoint or single step, or the handoff's or an AP's breakpoint
+        (nothing else turns debugging on)."""
+        for watch in (self.ap_start, self.handoff):  # the monitor's takeovers, each of its own breakpoints
+            if watch is None:
+                continue
             try:
-                if self.handoff.on_debug():
+                if watch.on_debug():
                     return
             except WorldswitchError as error:
                 self._end(StopReason.EMULATION_FAILURE, f"--monitor: {error}")

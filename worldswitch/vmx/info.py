@@ -175,8 +175,8 @@ def format_info(info: HostInfo) -> str:
                      "a system call (docs/pvm.md)")
     if info.kind.kernel_code_emulated:
         lines.append("monitor      applies here: --monitor runs a program's ring 0, or a paravirtual Linux (--kernel, "
-                     "or one its firmware boots), natively in ring 3 under worldswitch's in-guest monitor (one vCPU; "
-                     "docs/monitor.md)")
+                     "or one its firmware boots), natively in ring 3 under worldswitch's in-guest monitor (--cpus above 1 "
+                     "for a --kernel boot; docs/monitor.md)")
     else:
         lines.append("monitor      not here: this host runs guest kernel code natively, the monitor's job (--monitor is refused)")
     lines.append(f"sandbox      {info.sandbox}")

@@ -27,7 +27,7 @@ POLL_S = 0.1  # how often the session looks at signals and the deadline while th
 # Said where a Linux boot would take minutes: the host emulates guest kernel code and the monitor,
 # which runs it natively, was not asked for (docs/monitor.md; 23 minutes to init against 4 s here)
 MONITOR_HINT = ("this host emulates guest kernel code (PVM): Linux takes minutes to boot here; under --monitor "
-                "(one vCPU) its kernel runs natively and boots in seconds (docs/monitor.md)")
+                "its kernel runs natively and boots in seconds (docs/monitor.md)")
 PANIC_GRACE_S = 2.0  # a panicking kernel prints its backtrace after the panic line; let it finish
 
 

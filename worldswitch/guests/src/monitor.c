@@ -34,7 +34,10 @@
  *     or exception to user mode, SWAPGS; IRETQ (the IRETQ made a UD2 by the VMM), is one event too.
  * PUSHF and POPF run natively and see the real IF: a paravirtual Linux keeps its IF through the pv
  * page's functions instead (monitor.S; the VMM points its pv_ops.irq there, boot/paravirt.py).
- * Not yet (docs/monitor.md): more than one vCPU, SYSENTER itself.
+ * More than one vCPU: each runs on a copy of its own (boot/monitor.py), mapped at MONITOR_BASE in
+ * its own shadows, so that everything here is per CPU, as a CPU's registers and TLB are; the
+ * guest's own memory is all they share, and the monitor writes it as a CPU does (mark: locked).
+ * Not yet (docs/monitor.md): SYSENTER itself.
  * Everything the monitor trusts comes from the VMM (the handoff page); a program that breaks the
  * rules the monitor checks ends its own VM with a report, never more.
  */
@@ -580,13 +583,15 @@ static int allowed(const struct translation *t, u64 kind)
     return !(kind & PF_FETCH) || t->executable;
 }
 
-/* The accessed bits the CPU sets on a walk, and the dirty bit on a write. */
+/* The accessed bits the CPU sets on a walk, and the dirty bit on a write: by locked instructions, as
+ * the CPU's own, since the guest's kernel on another vCPU may be changing the same entry. */
 static void mark(struct translation *t, u64 kind)
 {
     for (int i = 0; i < t->levels; i++)
-        *t->entries[i] |= PTE_A;
-    if (kind & PF_WRITE)
-        *t->leaf |= PTE_D;
+        if (!(*t->entries[i] & PTE_A)) /* set already, as an upper level's mostly is: no locked write */
+            __atomic_fetch_or(t->entries[i], PTE_A, __ATOMIC_RELAXED);
+    if ((kind & PF_WRITE) && !(*t->leaf & PTE_D))
+        __atomic_fetch_or(t->leaf, PTE_D, __ATOMIC_RELAXED);
 }
 
 /* A guest virtual address the monitor may use directly: it runs on the same shadow tables, so
@@ -782,7 +787,7 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
         shadow_flush(); /* a fill needs at most three new tables, and a record */
     u64 size = t->size == PAGE_SIZE ? PAGE_SIZE : 2ul << 20; /* a 1 GiB guest page: 2 MiB at a time */
     u64 frame = t->physical & ~(size - 1);
-    if (frame < handoff.physical_base + MONITOR_SIZE && handoff.physical_base < frame + size)
+    if (frame < handoff.monitor_end && handoff.guest_limit < frame + size) /* any vCPU's copy */
         STOP("the guest mapped the monitor's memory", address, frame);
     u64 *root = user ? user_root() : kernel_root();
     u64 entry = frame | PTE_P | PTE_U | (*t->leaf & PTE_CACHE);

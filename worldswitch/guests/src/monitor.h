@@ -18,7 +18,7 @@
 #define HIGH_RAM_BASE 0x100000000UL    /* where RAM above the PCI hole starts (memory/layout.py RAM_ABOVE_4G) */
 #define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
-#define HANDOFF_COUNTER(kind) (8 * (18 + (kind))) /* counters[kind], after the 18 fixed words (struct handoff) */
+#define HANDOFF_COUNTER(kind) (8 * (19 + (kind))) /* counters[kind], after the 19 fixed words (struct handoff) */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
  * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index), CR2 reads and CR3 loads
@@ -181,6 +181,7 @@ struct handoff {
     unsigned long high_ram_end;    /* the end of guest RAM above 4 GiB, or 0 */
     unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
     unsigned long guest_sysret_site; /* a paravirtual Linux's SWAPGS before its SYSRETQ, made a jump towards PV_SYSRET (or 0) */
+    unsigned long monitor_end;     /* where the pages of every vCPU's copy of the monitor end (they begin at guest_limit) */
     unsigned long counters[COUNT_KINDS];
     /* The last event the guest's IDT could not take (the first of its chain), for the VMX's report of
      * a triple fault: its vector, the fault that stopped its delivery, the guest's RIP and CR2 then. */

@@ -1,0 +1,65 @@
+"""An application processor of a Linux run under the in-guest monitor (`--monitor --cpus N`; docs/monitor.md,
+"More than one vCPU"): how it gets onto its own copy of the monitor.
+
+The boot vCPU's Linux starts each AP as on hardware: INIT and a startup IPI through its x2APIC's ICR
+(a WRMSR the monitor makes for it), which KVM's in-kernel LAPIC delivers. The AP then runs Linux's
+real-mode trampoline as it is (emulated here: a few hundred instructions), from real mode to 64-bit
+ring 0 on the trampoline's own page tables and GDT, and jumps to `secondary_startup_64` in the kernel's
+text. A hardware breakpoint there (KVM_SET_GUEST_DEBUG, as the firmware handoff uses) stops the AP at
+that instruction; the VMM hands its copy of the monitor the AP's state, and the AP enters the monitor
+instead, which runs the kernel from that instruction in ring 3 as it does the boot vCPU's.
+"""
+
+from __future__ import annotations
+
+from ...boot.monitor import ApState, MonitorPlacement, ap_entry_of, start_ap
+from ...driver import structs as s
+from ...driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP
+from ...driver.kvm import Vcpu
+from ...errors import GuestImageError
+from ...memory.guest import GuestMemory
+from .longmode import EFER_LMA, RFLAGS_RESERVED
+
+DR7_L0 = 1  # DR0 enabled; R/W0 and LEN0 zero: an instruction fetch
+
+
+class ApStart:
+    """One AP's watch for its entry into Linux, and its switch to its copy of the monitor. Runs on
+    the AP's thread, from its debug exits."""
+
+    def __init__(self, vcpu: Vcpu, memory: GuestMemory, placement: MonitorPlacement, monitor_image: bytes) -> None:
+        self.vcpu = vcpu
+        self.memory = memory
+        self.placement = placement
+        self.monitor_image = monitor_image
+
+    def arm(self) -> None:
+        """The breakpoint at the AP's entry into Linux, unless its copy of the monitor runs already (a
+        restored machine) or the boot vCPU's copy names none."""
+        cpu = self.vcpu.id
+        address = ap_entry_of(self.memory, self.placement, cpu)
+        if self.placement.entered(self.memory, cpu) or not address:
+            return
+        self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [address, 0, 0, 0, 0, 0, 0, DR7_L0])
+
+    def on_debug(self) -> bool:
+        """A KVM_EXIT_DEBUG: True when it was this breakpoint, the AP now entering the monitor. Raises
+        GuestImageError when the AP came there in a state the monitor cannot take over."""
+        cpu = self.vcpu.id
+        if self.placement.entered(self.memory, cpu):
+            return False
+        regs = self.vcpu.get_regs()
+        if regs.rip != ap_entry_of(self.memory, self.placement, cpu):
+            return False
+        sregs = self.vcpu.get_sregs()
+        if not sregs.efer & EFER_LMA or not sregs.cs.l:
+            raise GuestImageError(f"vCPU {cpu} reached the kernel's AP entry {regs.rip:#x} outside 64-bit mode")
+        self.vcpu.set_guest_debug(0)
+        state = ApState(regs.rip, regs.rsp, sregs.cr3, sregs.gdt.base, sregs.gdt.limit, sregs.tr.selector,
+                        sregs.cs.selector, sregs.ss.selector)
+        start = start_ap(self.memory, self.monitor_image, self.placement, cpu, state)
+        sregs.cr3 = start.cr3
+        sregs.interrupt_bitmap[:] = [0] * len(sregs.interrupt_bitmap)
+        self.vcpu.set_sregs(sregs)
+        self.vcpu.set_regs(s.kvm_regs(rip=start.rip, rflags=RFLAGS_RESERVED))
+        return True
