@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from types import SimpleNamespace
 from typing import Callable
 
@@ -190,3 +191,34 @@ def test_port_writes_kvm_queued_reach_their_device_before_the_exit_that_follows(
     assert ring.first.value == ring.last.value == 2
     assert [r.reason for r in results] == [StopReason.POWER_OFF]
     ring.release()
+
+
+def test_work_handed_to_a_vcpu_runs_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """call_on_thread (how the monitor's INIT notices rearm an AP's watch, vmm/x86/ap_start.py): the
+    work waits for the exit a kick brings, runs on the vCPU's thread, and the caller learns it ran."""
+    vcpu = FakeVcpu()
+    kicked = threading.Event()
+    entries = []
+
+    def kvm_run(fd: int, request: int, argument: object) -> int:
+        entries.append(len(entries))
+        if len(entries) == 1:  # in the guest until the kick
+            assert kicked.wait(10)
+            vcpu.kvm_run.exit_reason = ExitReason.INTR
+        else:
+            power_off(vcpu.kvm_run)
+        return 0
+
+    monkeypatch.setattr(runloop, "kvm_run_call", kvm_run)
+    monkeypatch.setattr(runloop, "kick_thread", lambda ident: kicked.set())
+    results: list[MachineResult] = []
+    runner = runloop.VcpuRunner(vcpu, PioBus(), MmioBus(), results.append)  # type: ignore[arg-type]
+    ran_on: list[str] = []
+    runner.start()
+    assert runner.call_on_thread(lambda: ran_on.append(threading.current_thread().name), 10)
+    assert runner.finished.wait(10), "the loop did not end"
+    assert ran_on == ["vcpu0"] and len(entries) == 2
+    assert runner.error is None and [r.reason for r in results] == [StopReason.POWER_OFF]
+    # a vCPU whose thread has ended never comes to it: the caller is told so at once
+    assert not runner.call_on_thread(lambda: ran_on.append("late"), 10) and ran_on == ["vcpu0"]
+    runner.release()

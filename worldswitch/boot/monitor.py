@@ -204,9 +204,13 @@ class ApState(NamedTuple):
 
 def start_ap(memory: GuestMemory, image: bytes, placement: MonitorPlacement, cpu: int, state: ApState) -> MonitorStart:
     """Hand vCPU `cpu`'s copy of the monitor the guest's state there, with what the boot vCPU's copy
-    was given of the guest as a whole (its RAM, its patched return sites)."""
-    entry, _segments = parse_elf(image, "the monitor")
+    was given of the guest as a whole (its RAM, its patched return sites). The copy starts afresh
+    (a CPU the guest brings back online left its last run's state there), its counts kept."""
+    entry, segments = parse_elf(image, "the monitor")
     base = placement.copy_base(cpu)
+    counts = memory.read(base + _HANDOFF.size, 8 * len(COUNTERS))
+    _copy_monitor(memory, image, segments, placement, base)
+    memory.write(base + _HANDOFF.size, counts)
     boot = _HANDOFF.unpack(memory.read(placement.physical_base, _HANDOFF.size))
     guest_limit, iret_site, high_ram_end, sysret_site = boot[6], boot[14], boot[15], boot[17]
     boot_pml4 = _boot_pml4(base)
@@ -216,6 +220,12 @@ def start_ap(memory: GuestMemory, image: bytes, placement: MonitorPlacement, cpu
         state.cr3, state.cs, state.ss, iret_site, high_ram_end, _high_pd_base(placement, base), sysret_site,
         placement.end))
     return MonitorStart(entry, boot_pml4)
+
+
+def stop_ap(memory: GuestMemory, placement: MonitorPlacement, cpu: int) -> None:
+    """vCPU `cpu`'s copy of the monitor no longer runs (an INIT is on its way to the vCPU): its
+    handoff's magic goes, its AP entry stays."""
+    memory.write(placement.copy_base(cpu), bytes(8))
 
 
 def ap_entry_of(memory: GuestMemory, placement: MonitorPlacement, cpu: int) -> int:

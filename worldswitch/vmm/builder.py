@@ -347,6 +347,14 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
                             coalesced, ap_start)
         undo.callback(runner.release)
         runners.append(runner)
+    aps = [runner for runner in runners if runner.ap_start is not None]
+    if aps:
+        from .x86.ap_start import AP_INIT_PORT, ApInits
+
+        inits = ApInits([runner.ap_start for runner in aps if runner.ap_start is not None],
+                        [runner.call_on_thread for runner in aps],
+                        lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
+        platform.pio.register("the monitor's INIT notices", AP_INIT_PORT, 4, inits.read, inits.write)
     return runners, refused, coalesced
 
 

@@ -113,6 +113,7 @@ class VcpuRunner:
         self._pause = False
         self._kicked_at = 0
         self._sample_due = False  # a kick from _sample_firmware, to be answered by handoff.on_sample
+        self._calls: list[tuple[Callable[[], None], threading.Event]] = []  # call_on_thread's, not run yet
         self._state = threading.Condition()
         self.parked = threading.Event()
         self.finished = threading.Event()
@@ -181,6 +182,29 @@ class VcpuRunner:
         with self._state:
             self._pause = False
             self._state.notify_all()
+
+    def call_on_thread(self, work: Callable[[], None], timeout: float) -> bool:
+        """Run `work` on the vCPU's own thread, at the exit a kick brings (or where it is parked), and
+        wait for it: the vCPU's ioctls belong there, since another thread's would wait for KVM_RUN to
+        return. True once it has run; False if the vCPU did not come to it within `timeout` seconds, or
+        its thread has ended."""
+        if self.finished.is_set():
+            return False
+        done = threading.Event()
+        with self._state:
+            self._calls.append((work, done))
+            self._state.notify_all()
+        self.kick()
+        return done.wait(timeout)
+
+    def _run_calls(self) -> None:
+        """call_on_thread's work, on this thread (self._state held)."""
+        while self._calls:
+            work, done = self._calls.pop(0)
+            try:
+                work()
+            finally:
+                done.set()
 
     def join(self, timeout: float | None = None) -> bool:
         if self.thread is not None:
@@ -367,11 +391,13 @@ class VcpuRunner:
             self._sample_due = False
             self.handoff.on_sample()
         with self._state:
+            self._run_calls()
             if self._pause and not self._stop:
                 parked_from = time.perf_counter_ns()
                 self.parked.set()
                 while self._pause and not self._stop:
                     self._state.wait()
+                    self._run_calls()
                 self.parked.clear()
                 self.parked_ns += time.perf_counter_ns() - parked_from
 

@@ -513,11 +513,14 @@ static int enable_pv_eoi(u64 value)
 }
 
 /* The kernel's WRMSR of an MSR not kept in `guest`: 1 if done, 0 if refused. KVM's paravirtual EOI
- * is the monitor's; the x2APIC's timer vector is seen on its way to the CPU. */
+ * is the monitor's; an INIT to another CPU is announced to the VMM first (AP_INIT_PORT); the
+ * x2APIC's timer vector is seen on its way to the CPU. */
 static int write_guest_msr(u32 msr, u64 value)
 {
     if (msr == MSR_KVM_PV_EOI_EN)
         return enable_pv_eoi(value);
+    if (msr == MSR_X2APIC_ICR && (value & ICR_DELIVERY_MODE) == ICR_INIT && (value & ICR_LEVEL_ASSERT))
+        outl(AP_INIT_PORT, (value & ICR_SHORTHAND) == ICR_ALL_BUT_SELF ? AP_INIT_ALL : (u32)(value >> 32));
     if (privileged(SERVICE_WRMSR, msr, value))
         return 0;
     if (msr == MSR_X2APIC_LVT_TIMER || (msr == MSR_APIC_BASE && !(value & APIC_BASE_X2APIC))) {

@@ -58,6 +58,19 @@
  * deadline, counting them at counters[COUNT_WRMSR_RING0]. */
 #define MSR_X2APIC_EOI 0x80bu
 #define MSR_X2APIC_LVT_TIMER 0x832u
+/* The x2APIC's ICR, and an INIT (its delivery mode, level asserted) to the CPU in its high half, or to
+ * all but this one (its shorthand): before the guest sends one, the monitor names the CPU on
+ * AP_INIT_PORT (all ones for all), so that the VMM takes that CPU over again where it next enters
+ * the kernel (vmm/x86/ap_start.py): a CPU the guest brings back online comes up through its
+ * trampoline again, and an INIT has reset its copy of the monitor. */
+#define MSR_X2APIC_ICR 0x830u
+#define ICR_DELIVERY_MODE 0x700ul
+#define ICR_INIT 0x500ul
+#define ICR_LEVEL_ASSERT 0x4000ul
+#define ICR_SHORTHAND 0xc0000ul
+#define ICR_ALL_BUT_SELF 0xc0000ul
+#define AP_INIT_PORT 0x1008
+#define AP_INIT_ALL 0xffffffffu
 #define MSR_APIC_BASE 0x1bu
 #define MSR_KVM_PV_EOI_EN 0x4b564d04u /* KVM's paravirtual EOI (Documentation/virt/kvm/x86/msr.rst), which the monitor keeps */
 #define HANDOFF_WRMSR_RING0_COUNT HANDOFF_COUNTER(28)

@@ -8,11 +8,19 @@ ring 0 on the trampoline's own page tables and GDT, and jumps to `secondary_star
 text. A hardware breakpoint there (KVM_SET_GUEST_DEBUG, as the firmware handoff uses) stops the AP at
 that instruction; the VMM hands its copy of the monitor the AP's state, and the AP enters the monitor
 instead, which runs the kernel from that instruction in ring 3 as it does the boot vCPU's.
+
+A CPU the guest takes offline and brings back is started again the same way, INIT and startup IPI,
+and the INIT resets it: its copy of the monitor is gone, and its next entry into the kernel must be
+taken over again. The monitor names the CPU on AP_INIT_PORT before its kernel's ICR write of an INIT
+(monitor.h); ApInits watches that CPU's entry again, on the CPU's own thread, before the boot vCPU
+goes on to send the INIT.
 """
 
 from __future__ import annotations
 
-from ...boot.monitor import ApState, MonitorPlacement, ap_entry_of, start_ap
+from typing import Callable, Sequence
+
+from ...boot.monitor import ApState, MonitorPlacement, ap_entry_of, start_ap, stop_ap
 from ...driver import structs as s
 from ...driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP
 from ...driver.kvm import Vcpu
@@ -21,6 +29,9 @@ from ...memory.guest import GuestMemory
 from .longmode import EFER_LMA, RFLAGS_RESERVED
 
 DR7_L0 = 1  # DR0 enabled; R/W0 and LEN0 zero: an instruction fetch
+AP_INIT_PORT = 0x1008  # monitor.h: the CPU its kernel is about to send INIT to
+AP_INIT_ALL = 0xFFFF_FFFF  # an INIT to all but the sender
+ANSWER_S = 5.0  # how long an AP's thread may take to come to the watch (a kick brings it at once)
 
 
 class ApStart:
@@ -41,6 +52,12 @@ class ApStart:
         if self.placement.entered(self.memory, cpu) or not address:
             return
         self.vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP, [address, 0, 0, 0, 0, 0, 0, DR7_L0])
+
+    def rewatch(self) -> None:
+        """The AP's copy of the monitor stops (an INIT is coming), and its next entry into the kernel
+        is watched. On the AP's own thread."""
+        stop_ap(self.memory, self.placement, self.vcpu.id)
+        self.arm()
 
     def on_debug(self) -> bool:
         """A KVM_EXIT_DEBUG: True when it was this breakpoint, the AP now entering the monitor. Raises
@@ -63,3 +80,25 @@ class ApStart:
         self.vcpu.set_sregs(sregs)
         self.vcpu.set_regs(s.kvm_regs(rip=start.rip, rflags=RFLAGS_RESERVED))
         return True
+
+
+class ApInits:
+    """AP_INIT_PORT: the monitor's notice, before its kernel sends an INIT, of the CPU it goes to. Each
+    AP named is watched again (ApStart.rewatch) on its own thread, `call_on_thread` its runner's, the
+    boot vCPU waiting: its INIT follows the notice."""
+
+    def __init__(self, starts: Sequence[ApStart], call_on_thread: Sequence[Callable[[Callable[[], None], float], bool]],
+                 fail: Callable[[str], None]) -> None:
+        """`call_on_thread[i]` runs work on `starts[i]`'s vCPU thread; `fail` ends the VM with a message."""
+        self.starts = {start.vcpu.id: (start, call) for start, call in zip(starts, call_on_thread)}
+        self.fail = fail
+
+    def read(self, _offset: int, _size: int) -> int:
+        return 0
+
+    def write(self, _offset: int, _size: int, value: int) -> None:
+        named = list(self.starts) if value == AP_INIT_ALL else [value] if value in self.starts else []
+        for cpu in named:
+            start, call = self.starts[cpu]
+            if not call(start.rewatch, ANSWER_S):
+                self.fail(f"--monitor: vCPU {cpu} did not answer within {ANSWER_S:g} s, before its INIT")
