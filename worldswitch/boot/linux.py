@@ -332,7 +332,7 @@ def enters_linux(memory: GuestMemory, zero_page: int, entry: int) -> bool:
 
 
 def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, entry: int,
-                    pv_ops: dict[str, int], refused: Sequence[CpuFeature]) -> LinuxBoot:
+                    pv_ops: dict[str, int], refused: Sequence[CpuFeature], cpus: int = 1) -> LinuxBoot:
     """A bzImage that a boot loader (GRUB, or SeaBIOS's linuxboot through the kernel's own setup code)
     loaded and is entering at its 32-bit entry (boot.rst, "32-bit Boot Protocol": ESI the zero page,
     the protected-mode kernel at code32_start), made ready for the in-guest monitor as `load_linux`
@@ -371,7 +371,7 @@ def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, 
     if cmdline_at and not memory.contains(cmdline_at):
         raise GuestImageError(f"{name}: its command line at {cmdline_at:#x} is not in guest RAM")
     given = memory.read_cstring(cmdline_at, cmdline_size).decode(errors="replace") if cmdline_at else ""
-    added = kernel_parameters(given, refused, True, monitor=True)
+    added = kernel_parameters(given, refused, True, monitor=True, cpus=cpus)
     notes.extend(f"added {parameter}: {why}" for parameter, why in added)
     cmdline = " ".join([given, *(parameter for parameter, _ in added)]).strip().encode()
     if len(cmdline) >= cmdline_size:

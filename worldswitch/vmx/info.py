@@ -176,7 +176,7 @@ def format_info(info: HostInfo) -> str:
     if info.kind.kernel_code_emulated:
         lines.append("monitor      applies here: --monitor runs a program's ring 0, or a paravirtual Linux (--kernel, "
                      "or one its firmware boots), natively in ring 3 under worldswitch's in-guest monitor (--cpus above 1 "
-                     "for a --kernel boot; docs/monitor.md)")
+                     "for Linux; docs/monitor.md)")
     else:
         lines.append("monitor      not here: this host runs guest kernel code natively, the monitor's job (--monitor is refused)")
     lines.append(f"sandbox      {info.sandbox}")

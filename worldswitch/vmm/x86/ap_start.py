@@ -5,7 +5,8 @@ The boot vCPU's Linux starts each AP as on hardware: INIT and a startup IPI thro
 (a WRMSR the monitor makes for it), which KVM's in-kernel LAPIC delivers. The AP then runs Linux's
 real-mode trampoline as it is (emulated here: a few hundred instructions), from real mode to 64-bit
 ring 0 on the trampoline's own page tables and GDT, and jumps to `secondary_startup_64` in the kernel's
-text. A hardware breakpoint there (KVM_SET_GUEST_DEBUG, as the firmware handoff uses) stops the AP at
+text (in a firmware boot too: SeaBIOS's own start of the APs, before the kernel, is not watched).
+A hardware breakpoint there (KVM_SET_GUEST_DEBUG, as the firmware handoff uses) stops the AP at
 that instruction; the VMM hands its copy of the monitor the AP's state, and the AP enters the monitor
 instead, which runs the kernel from that instruction in ring 3 as it does the boot vCPU's.
 

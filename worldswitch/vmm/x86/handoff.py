@@ -47,6 +47,7 @@ from ...driver import structs as s
 from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
                                  KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE)
 from ...driver.kvm import Vcpu, Vm
+from ...errors import GuestImageError
 from ...memory.guest import GuestMemory
 from ...memory.layout import MemoryMap
 from .copyloop import MASK32, CopyLoop, find_around, find_sibling, flat_protected, serve, serve_rep_movs
@@ -212,12 +213,15 @@ class FirmwareHandoff:
         self.vcpu.share_registers(False)  # the monitor's exits seldom need them
         self.watching = False
         boot = take_over_linux(self.memory, self.memory_map, regs.rsi & 0xFFFFFFFF, regs.rip, pv_functions(),
-                               self.refused)
+                               self.refused, self.placement.cpus)
         self._silence_legacy_interrupts()
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
         guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
-        start = load_monitor(self.memory, self.monitor_image, self.placement, layout, guest)
+        if self.placement.cpus > 1 and not boot.ap_entry:
+            raise GuestImageError("--cpus above 1: the kernel's symbols have no secondary_startup_64, where the "
+                                  "monitor takes over its other CPUs")
+        start = load_monitor(self.memory, self.monitor_image, self.placement, layout, guest, boot.ap_entry)
         sregs.cr3 = start.cr3
         sregs.interrupt_bitmap[:] = [0] * len(sregs.interrupt_bitmap)
         self.vcpu.set_sregs(sregs)
