@@ -351,8 +351,7 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
     if aps:
         from .x86.ap_start import AP_INIT_PORT, ApInits
 
-        inits = ApInits([runner.ap_start for runner in aps if runner.ap_start is not None],
-                        [runner.call_on_thread for runner in aps],
+        inits = ApInits([runner.ap_start for runner in aps if runner.ap_start is not None], aps,
                         lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
         platform.pio.register("the monitor's INIT notices", AP_INIT_PORT, 4, inits.read, inits.write)
     return runners, refused, coalesced

@@ -197,6 +197,10 @@ class VcpuRunner:
         self.kick()
         return done.wait(timeout)
 
+    def on_own_thread(self) -> bool:
+        """Whether the caller is this vCPU's thread."""
+        return self.thread is threading.current_thread()
+
     def _run_calls(self) -> None:
         """call_on_thread's work, on this thread (self._state held)."""
         while self._calls:

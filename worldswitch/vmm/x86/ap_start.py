@@ -19,7 +19,7 @@ goes on to send the INIT.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from ...boot.monitor import ApState, MonitorPlacement, ap_entry_of, start_ap, stop_ap
 from ...driver import structs as s
@@ -83,15 +83,22 @@ class ApStart:
         return True
 
 
+class ApThread(Protocol):
+    """What ApInits needs of an AP's runner (vmm/runloop.py VcpuRunner)."""
+
+    def call_on_thread(self, work: Callable[[], None], timeout: float) -> bool: ...
+
+    def on_own_thread(self) -> bool: ...
+
+
 class ApInits:
     """AP_INIT_PORT: the monitor's notice, before its kernel sends an INIT, of the CPU it goes to. Each
-    AP named is watched again (ApStart.rewatch) on its own thread, `call_on_thread` its runner's, the
-    boot vCPU waiting: its INIT follows the notice."""
+    AP named is watched again (ApStart.rewatch) on its own thread, the sender waiting: its INIT
+    follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender."""
 
-    def __init__(self, starts: Sequence[ApStart], call_on_thread: Sequence[Callable[[Callable[[], None], float], bool]],
-                 fail: Callable[[str], None]) -> None:
-        """`call_on_thread[i]` runs work on `starts[i]`'s vCPU thread; `fail` ends the VM with a message."""
-        self.starts = {start.vcpu.id: (start, call) for start, call in zip(starts, call_on_thread)}
+    def __init__(self, starts: Sequence[ApStart], threads: Sequence[ApThread], fail: Callable[[str], None]) -> None:
+        """`threads[i]` runs work on `starts[i]`'s vCPU thread; `fail` ends the VM with a message."""
+        self.starts = {start.vcpu.id: (start, thread) for start, thread in zip(starts, threads)}
         self.fail = fail
 
     def read(self, _offset: int, _size: int) -> int:
@@ -100,6 +107,8 @@ class ApInits:
     def write(self, _offset: int, _size: int, value: int) -> None:
         named = list(self.starts) if value == AP_INIT_ALL else [value] if value in self.starts else []
         for cpu in named:
-            start, call = self.starts[cpu]
-            if not call(start.rewatch, ANSWER_S):
+            start, thread = self.starts[cpu]
+            if thread.on_own_thread():  # the sender itself: no INIT comes to it
+                continue
+            if not thread.call_on_thread(start.rewatch, ANSWER_S):
                 self.fail(f"--monitor: vCPU {cpu} did not answer within {ANSWER_S:g} s, before its INIT")
