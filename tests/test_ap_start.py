@@ -31,7 +31,7 @@ def inits(*threads: FakeThread) -> tuple[ApInits, list[int], list[str]]:
     failures: list[str] = []
     starts = [SimpleNamespace(vcpu=SimpleNamespace(id=cpu), rewatch=lambda cpu=cpu: watched.append(cpu))
               for cpu in range(1, len(threads) + 1)]
-    return ApInits(starts, list(threads), failures.append), watched, failures  # type: ignore[arg-type]
+    return ApInits(list(zip(starts, threads)), failures.append), watched, failures  # type: ignore[arg-type]
 
 
 def test_an_init_to_one_ap_watches_that_ap_again() -> None:

@@ -315,29 +315,31 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
         vcpus.append(vcpu)
     refused = features_to_refuse(vcpus[0].get_cpuid2(), hidden, core.monitor is not None)
     complete_syscalls = core.msr_filter is not None
+    # what the vCPUs load when they are taken over: the boot vCPU where its firmware enters Linux, the others
+    # where Linux enters them
+    taken_over = core.monitor is not None and (rom is not None or config.cpus > 1)
+    monitor_image = read_image(MONITOR_IMAGE, "the monitor") if taken_over else b""
     handoff = None
     if core.monitor is not None and rom is not None:
         from ..boot.firmware import low_copy
         from .x86.copyloop import find_in_image
         from .x86.handoff import FirmwareHandoff
 
-        handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor,
-                                  read_image(MONITOR_IMAGE, "the monitor"), refused, boot_loader=not config.kernel,
-                                  firmware_loops=find_in_image(*low_copy(rom)))
+        handoff = FirmwareHandoff(vcpus[0], vm, memory, core.memory_map, core.monitor, monitor_image, refused,
+                                  boot_loader=not config.kernel, firmware_loops=find_in_image(*low_copy(rom)))
     coalesced = None
     if platform.coalescing is not None:
         ring = CoalescedRing(vcpus[0])  # one per VM: any vCPU's mapping shows it
         undo.callback(ring.release)
         coalesced = CoalescedDrain(ring, platform.pio, platform.mmio, platform.coalescing,
                                    lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
-    ap_image = read_image(MONITOR_IMAGE, "the monitor") if core.monitor is not None and config.cpus > 1 else None
     runners = []
     for vcpu in vcpus:
         ap_start = None
-        if ap_image is not None and core.monitor is not None and vcpu is not vcpus[0]:
+        if core.monitor is not None and vcpu is not vcpus[0]:
             from .x86.ap_start import ApStart
 
-            ap_start = ApStart(vcpu, memory, core.monitor, ap_image)
+            ap_start = ApStart(vcpu, memory, core.monitor, monitor_image)
         emulator = TrapEmulator(memory)
         runner = VcpuRunner(vcpu, platform.pio, platform.mmio, outcome.request, _code_fetcher(memory, vcpu), emulator,
                             UserSyscall(vcpu, emulator) if complete_syscalls else None,
@@ -347,12 +349,11 @@ def _create_vcpus(core: _Core, config: MachineConfig, platform: Platform, outcom
                             coalesced, ap_start)
         undo.callback(runner.release)
         runners.append(runner)
-    aps = [runner for runner in runners if runner.ap_start is not None]
+    aps = [(runner.ap_start, runner) for runner in runners if runner.ap_start is not None]
     if aps:
         from .x86.ap_start import AP_INIT_PORT, ApInits
 
-        inits = ApInits([runner.ap_start for runner in aps if runner.ap_start is not None], aps,
-                        lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
+        inits = ApInits(aps, lambda message: outcome.request(MachineResult.of(StopReason.VMX_ERROR, message)))
         platform.pio.register("the monitor's INIT notices", AP_INIT_PORT, 4, inits.read, inits.write)
     return runners, refused, coalesced
 

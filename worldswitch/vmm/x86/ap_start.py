@@ -96,9 +96,9 @@ class ApInits:
     AP named is watched again (ApStart.rewatch) on its own thread, the sender waiting: its INIT
     follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender."""
 
-    def __init__(self, starts: Sequence[ApStart], threads: Sequence[ApThread], fail: Callable[[str], None]) -> None:
-        """`threads[i]` runs work on `starts[i]`'s vCPU thread; `fail` ends the VM with a message."""
-        self.starts = {start.vcpu.id: (start, thread) for start, thread in zip(starts, threads)}
+    def __init__(self, aps: Sequence[tuple[ApStart, ApThread]], fail: Callable[[str], None]) -> None:
+        """`aps`: each AP's watch, and what runs work on its vCPU's thread; `fail` ends the VM with a message."""
+        self.starts = {start.vcpu.id: (start, thread) for start, thread in aps}
         self.fail = fail
 
     def read(self, _offset: int, _size: int) -> int:
