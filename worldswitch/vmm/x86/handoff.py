@@ -42,7 +42,7 @@ import zstandard
 from ...boot import paravirt
 from ...boot.linux import HDRS_AT, SETUP_HEADER_SIZE, CpuFeature, LinuxBoot, enters_linux, loader_entry, take_over_linux
 from ...boot.longmode import LINUX_GDT, LongModeLayout
-from ...boot.monitor import HANDOFF_MAGIC, GuestEntry, MonitorPlacement, load_monitor, pv_functions
+from ...boot.monitor import GuestEntry, MonitorPlacement, load_monitor, pv_functions
 from ...driver import structs as s
 from ...driver.constants import (KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP,
                                  KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE)
@@ -116,7 +116,7 @@ class FirmwareHandoff:
     def handed_over(self) -> bool:
         """Whether the monitor runs: its handoff page holds the magic load_monitor writes (guest
         memory, so that a restored machine knows too)."""
-        return self.memory.read_int(self.placement.physical_base, 8) == HANDOFF_MAGIC
+        return self.placement.entered(self.memory, 0)
 
     def arm(self) -> None:
         """The breakpoints, unless the monitor runs already (a restored machine): the entries (the
