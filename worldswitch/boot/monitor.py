@@ -21,6 +21,10 @@ from .longmode import PTE_HUGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, LongMo
 
 MONITOR_BASE = 0xFFFF_FE80_0000_0000  # PML4 slot 509, which its map of guest RAM shares (monitor.h)
 MONITOR_SIZE = 4 << 20
+# The function where the VMM takes an application processor over (vmm/x86/ap_start.py): where Linux's
+# real-mode trampoline (arch/x86/realmode/rm/trampoline_64.S) enters the kernel on an AP, in 64-bit
+# ring 0 on its own tables (trampoline_header->start since 2.6); a program names its own so (program.py).
+AP_ENTRY = "secondary_startup_64"
 HUGE_PAGE = 2 << 20
 HANDOFF_MAGIC = 0x31524F54494E4F4D  # "MONITOR1"
 # The monitor's trap counts, in its handoff page after the fixed fields (monitor.h COUNT_*).

@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple
 from ..errors import GuestImageError
 from .elf import Section, read_sections
 from .kernel_symbols import PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbols, kallsyms, pv_slots
+from .monitor import AP_ENTRY
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
@@ -128,9 +129,6 @@ def _alternatives(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat) 
 REFUSED_KVM_FEATURES = ("pv_ipi_supported", "pv_tlb_flush_supported")
 ENDBR64 = b"\xf3\x0f\x1e\xfa"
 RETURN_FALSE = b"\x31\xc0\xc3"  # xor %eax, %eax; ret
-# Where Linux's real-mode trampoline (arch/x86/realmode/rm/trampoline_64.S) enters the kernel on an
-# application processor, in 64-bit ring 0 on its own tables: trampoline_header->start since 2.6.
-AP_ENTRY = "secondary_startup_64"
 
 
 class Paravirtualized(NamedTuple):

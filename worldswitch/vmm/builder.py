@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
 from ..boot.longmode import LongModeLayout
-from ..boot.program import configure_program, reserved_ranges
+from ..boot.program import ap_entry, configure_program, reserved_ranges
 from ..devices.acpi_pm import BLOCK_SIZE as PM_BLOCK_SIZE
 from ..devices.acpi_pm import AcpiPm, AcpiPmState, ResetRegister
 from ..devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
@@ -402,12 +402,14 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         placement, monitor_image = monitor
         if boot is not None:  # Linux's 64-bit boot protocol: RSI = the zero page
             guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
+            aps_enter = boot.ap_entry
+            if config.cpus > 1 and not aps_enter:
+                raise GuestImageError("--monitor --cpus above 1: the kernel's symbols have no secondary_startup_64, "
+                                      "where the monitor takes over its other CPUs")
         else:  # a program's entry, with its RAM ending where the monitor's pages begin
             guest = GuestEntry(entry.rip, entry.rsp, entry.args_addr, placement.physical_base, entry.vcpus)
-        if config.cpus > 1 and (boot is None or not boot.ap_entry):
-            raise GuestImageError("--monitor --cpus above 1: the kernel's symbols have no secondary_startup_64, "
-                                  "where the monitor takes over its other CPUs")
-        start = load_monitor(memory, monitor_image, placement, layout, guest, boot.ap_entry if boot is not None else 0)
+            aps_enter = ap_entry(image) if config.cpus > 1 else 0
+        start = load_monitor(memory, monitor_image, placement, layout, guest, aps_enter)
         bsp_regs = s.kvm_regs(rip=start.rip, rflags=0x2)
         sregs.cr3 = start.cr3
     bsp.set_sregs(sregs)

@@ -163,9 +163,6 @@ class MachineConfig:
         if self.monitor and self.kernel and self.decompress == "guest":
             raise ConfigError("--monitor needs the kernel decompressed on the host (--decompress host), to point "
                               "its paravirtual interrupt flag at the monitor before it runs")
-        if self.monitor and self.cpus != 1 and not (self.kernel or self.boots_firmware):
-            raise ConfigError("--monitor runs more than one vCPU only for Linux (--kernel, or one its firmware "
-                              "boots); a program's ring 0 runs on one (docs/monitor.md)")
         if self.boots_firmware:
             path = firmware_path(self.firmware or "bios")
             return (f"{self.kernel} through firmware {path}" if self.kernel else f"firmware {path}"), path

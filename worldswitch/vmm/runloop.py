@@ -81,7 +81,7 @@ class VcpuRunner:
         machine that boots Linux through firmware under the monitor, its watch for the kernel's entry;
         `explain_shutdown`: what else is known of a triple fault (under the monitor, the event it
         could not deliver), or empty; `coalesced`: the VM's queued port writes, applied before
-        each exit is handled; `ap_start`: on an application processor of a Linux under the monitor,
+        each exit is handled; `ap_start`: on an application processor under the monitor,
         its watch for its entry into the kernel."""
         self.vcpu = vcpu
         self.fetch_code = fetch_code  # guest virtual address -> instruction bytes, for error reports

@@ -5,6 +5,9 @@
  * (with the BSP's page tables, whose address the BSP stores in the copy), counts itself, sets
  * its bit in ap_mask, reports a SYNC ucall carrying its APIC ID, and halts, unless the BSP set
  * ap_entry: then it calls ap_entry(cpu number, BSP = 0) at ring 0 on its own 4 KiB stack first.
+ * Its 64-bit part is not copied: the far jump into long mode lands at secondary_startup_64 in the
+ * program's text, the name the VMM looks for under --monitor to take each AP over there
+ * (boot/program.py), as Linux's trampoline enters Linux at a function of that name.
  */
     .file "ap_trampoline.S"
 #define AP_BASE 0x8000
@@ -37,17 +40,33 @@ ap_protected:
     movl %cr4, %eax
     orl $0x20, %eax                           /* PAE */
     movl %eax, %cr4
-    movl $0xc0000080, %ecx                    /* EFER.LME */
+    movl $0xc0000080, %ecx                    /* EFER.LME, and NXE as the BSP has it (program.py) */
     rdmsr
-    orl $0x100, %eax
+    orl $0x900, %eax
     wrmsr
     movl %cr0, %eax
     orl $0x80000000, %eax                     /* PG */
     movl %eax, %cr0
-    ljmpl $0x18, $REL(ap_long)
+    ljmpl $0x18, $secondary_startup_64        /* the program is linked below 4 GiB */
+    .align 8
+ap_gdt:
+    .quad 0
+    .quad 0x00cf9a000000ffff                  /* 0x08: 32-bit code */
+    .quad 0x00cf92000000ffff                  /* 0x10: data */
+    .quad 0x00af9a000000ffff                  /* 0x18: 64-bit code */
+ap_gdt_pointer:
+    .word 4 * 8 - 1
+    .long REL(ap_gdt)
+ap_cr3:
+    .long 0
+ap_trampoline_end:
 
+
+    .text
     .code64
-ap_long:
+    .globl secondary_startup_64
+    .type secondary_startup_64, @function
+secondary_startup_64:
     movl $0xfee00020, %ecx                    /* LAPIC ID register (above 2 GiB: no disp32) */
     movl (%rcx), %ebx
     shrl $24, %ebx
@@ -73,19 +92,7 @@ ap_long:
 1:  cli
     hlt
     jmp 1b
-
-    .align 8
-ap_gdt:
-    .quad 0
-    .quad 0x00cf9a000000ffff                  /* 0x08: 32-bit code */
-    .quad 0x00cf92000000ffff                  /* 0x10: data */
-    .quad 0x00af9a000000ffff                  /* 0x18: 64-bit code */
-ap_gdt_pointer:
-    .word 4 * 8 - 1
-    .long REL(ap_gdt)
-ap_cr3:
-    .long 0
-ap_trampoline_end:
+    .size secondary_startup_64, . - secondary_startup_64
 
     .data
     .globl ap_arrived, ap_mask, ap_entry

@@ -1,5 +1,5 @@
-"""An application processor of a Linux run under the in-guest monitor (`--monitor --cpus N`; docs/monitor.md,
-"More than one vCPU"): how it gets onto its own copy of the monitor.
+"""An application processor of a Linux or a program run under the in-guest monitor (`--monitor --cpus N`;
+docs/monitor.md, "More than one vCPU"): how it gets onto its own copy of the monitor.
 
 The boot vCPU's Linux starts each AP as on hardware: INIT and a startup IPI through its x2APIC's ICR
 (a WRMSR the monitor makes for it), which KVM's in-kernel LAPIC delivers. The AP then runs Linux's
@@ -8,7 +8,8 @@ ring 0 on the trampoline's own page tables and GDT, and jumps to `secondary_star
 text (in a firmware boot too: SeaBIOS's own start of the APs, before the kernel, is not watched).
 A hardware breakpoint there (KVM_SET_GUEST_DEBUG, as the firmware handoff uses) stops the AP at
 that instruction; the VMM hands its copy of the monitor the AP's state, and the AP enters the monitor
-instead, which runs the kernel from that instruction in ring 3 as it does the boot vCPU's.
+instead, which runs the kernel from that instruction in ring 3 as it does the boot vCPU's. A program's
+APs come the same way through its own trampoline, to its own function of that name (boot/program.py).
 
 A CPU the guest takes offline and brings back is started again the same way, INIT and startup IPI,
 and the INIT resets it: its copy of the monitor is gone, and its next entry into the kernel must be
@@ -27,7 +28,7 @@ from ...driver.constants import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP
 from ...driver.kvm import Vcpu
 from ...errors import GuestImageError
 from ...memory.guest import GuestMemory
-from .longmode import EFER_LMA, RFLAGS_RESERVED
+from .longmode import EFER_LMA, EFER_NXE, RFLAGS_RESERVED
 
 DR7_L0 = 1  # DR0 enabled; R/W0 and LEN0 zero: an instruction fetch
 AP_INIT_PORT = 0x1008  # monitor.h: the CPU its kernel is about to send INIT to
@@ -72,6 +73,9 @@ class ApStart:
         sregs = self.vcpu.get_sregs()
         if not sregs.efer & EFER_LMA or not sregs.cs.l:
             raise GuestImageError(f"vCPU {cpu} reached the kernel's AP entry {regs.rip:#x} outside 64-bit mode")
+        if not sregs.efer & EFER_NXE:  # the monitor's own tables have NX pages, as the boot vCPU's entry allows
+            raise GuestImageError(f"vCPU {cpu} reached the kernel's AP entry {regs.rip:#x} with EFER.NXE clear, "
+                                  "which the monitor needs")
         self.vcpu.set_guest_debug(0)
         state = ApState(regs.rip, regs.rsp, sregs.cr3, sregs.gdt.base, sregs.gdt.limit, sregs.tr.selector,
                         sregs.cs.selector, sregs.ss.selector)
