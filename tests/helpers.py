@@ -20,8 +20,11 @@ class RecordingLine:
 
 
 import contextlib
+import hashlib
+import os
 import random
 import shutil
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -175,6 +178,51 @@ def debian(release: str | None = None) -> DebianLinux:
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get is not available: not a Debian-based host")
     return fetch_debian(release_cache(CACHE / "debian", release), release=release)
+
+
+NO_XXL_FRAGMENT = Path(__file__).resolve().parent / "kernels" / "no-xxl.config"
+LINUX_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")  # Debian 12's linux-source-6.1, which .ci/run installs
+BUILD_TOOLS = {"make": "make", "gcc": "gcc", "bc": "bc", "bison": "bison", "flex": "flex", "pahole": "dwarves"}
+
+
+def linux_without_xxl() -> Path:
+    """A Linux built without CONFIG_PARAVIRT_XXL (tests/kernels/README.md): Debian 12's 6.1 source,
+    `make tinyconfig` and tests/kernels/no-xxl.config, built once into .cache/kernels (about five
+    minutes on this host's two cores). Skips where the source or a build tool is missing."""
+    missing = [package for tool, package in BUILD_TOOLS.items() if shutil.which(tool) is None]
+    if not LINUX_SOURCE.exists() or not Path("/usr/include/libelf.h").exists():
+        missing += ["linux-source-6.1", "libelf-dev"]
+    if missing:
+        pytest.skip(f"building a kernel without PARAVIRT_XXL needs {', '.join(sorted(set(missing)))} (.ci/run installs them)")
+    fragment = NO_XXL_FRAGMENT.read_bytes()
+    source = LINUX_SOURCE.stat()
+    key = hashlib.sha256(fragment + f"{source.st_size} {source.st_mtime_ns}".encode()).hexdigest()[:16]
+    built = CACHE / "kernels" / f"no-xxl-{key}.bzImage"
+    if built.exists():
+        return built
+    work = CACHE / "kernels" / "build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    log = work / "build.log"
+    tree = work / "linux-source-6.1"
+    steps = [["tar", "xJf", str(LINUX_SOURCE), "-C", str(work)],
+             ["make", "-C", str(tree), "tinyconfig"],
+             [str(tree / "scripts/kconfig/merge_config.sh"), "-m", "-O", str(tree), str(tree / ".config"),
+              str(NO_XXL_FRAGMENT)],
+             ["make", "-C", str(tree), "olddefconfig"],
+             ["make", "-C", str(tree), f"-j{os.cpu_count() or 1}", "bzImage"]]
+    with log.open("wb") as output:
+        for step in steps:
+            if subprocess.run(step, stdout=output, stderr=subprocess.STDOUT, cwd=tree if tree.exists() else work).returncode:
+                raise AssertionError(f"building the kernel without PARAVIRT_XXL failed at {' '.join(step[:3])}: "
+                                     f"{log.read_bytes()[-2000:].decode(errors='replace')}")
+    config = (tree / ".config").read_text()
+    assert "CONFIG_PARAVIRT=y" in config and "CONFIG_PARAVIRT_XXL" not in config, "the fragment no longer applies"
+    partial = built.with_suffix(".partial")
+    shutil.copyfile(tree / "arch/x86/boot/bzImage", partial)
+    partial.rename(built)
+    shutil.rmtree(work)
+    return built
 
 
 def finish_exit(vcpu: Vcpu) -> None:

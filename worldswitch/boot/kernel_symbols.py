@@ -271,6 +271,11 @@ class Symbols(Mapping[str, Symbol]):
     def __len__(self) -> int:
         return len(self._index)
 
+    def code_addresses(self) -> list[int]:
+        """Where each of the kernel's text symbols (kinds t and T) begins, in order, once each."""
+        text = {ord("t"), ord("T")}
+        return sorted({address for kind, address in zip(self._kinds, self._addresses) if kind in text})
+
     def next_above(self, address: int) -> int:
         """The lowest address above `address` that kallsyms names (`address` if none is), whatever
         the name: the end of the code or data at `address`."""
@@ -411,6 +416,16 @@ PV_IRQ_OPS = ("save_fl", "irq_disable", "irq_enable", "safe_halt", "halt")
 PV_CPU_OPS = ("write_msr", "load_gs_index")
 PV_MMU_OPS = ("read_cr2", "write_cr3")
 PV_OPS = {"irq": PV_IRQ_OPS, "cpu": PV_CPU_OPS, "mmu": PV_MMU_OPS}  # pv_ops's groups, and the members of each a VMM may point
+
+
+def has_paravirt_xxl(types: BtfTypes) -> bool:
+    """Whether the kernel is built with CONFIG_PARAVIRT_XXL, the pv_ops that reach its interrupt flag
+    (struct pv_irq_ops has save_fl; without XXL the struct is empty, and without PARAVIRT absent)."""
+    try:
+        _size, members = types.struct("pv_irq_ops")
+    except GuestImageError:
+        return False
+    return "save_fl" in members
 
 
 def pv_slots(symbols: Mapping[str, Symbol], types: BtfTypes) -> dict[str, int]:

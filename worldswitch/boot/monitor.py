@@ -33,7 +33,7 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "ring0", "segment", "shadow_check", "xsetbv", "mov_dr", "int_n", "own_fill",
             "port_map", "msr_gate", "wrmsr_ring0", "iretq_at_swapgs", "iretq_gate",
             "held_gate", "cr3_gate", "sysret_gate", "gs_gate", "gs_native", "msr_native", "pv_eoi",
-            "swapgs_native", "key0")
+            "swapgs_native", "key0", "pushf", "popf")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
 # pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, its IRETQ to itself
 # ("iret") and its return from a system call ("sysret"), at PV_BASE in its kernel's address space
@@ -44,8 +44,8 @@ PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_
                 "write_msr_u64": 0x140, "iret": 0x160}
 # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
 # site, the end of RAM above 4 GiB and the page directories that map it for the monitor, the SWAPGS
-# before its SYSRETQ, the end of every vCPU's copy's pages
-_HANDOFF = struct.Struct("<19Q")
+# before its SYSRETQ, the end of every vCPU's copy's pages, whether its PUSHFs and POPFs trap
+_HANDOFF = struct.Struct("<20Q")
 _GUEST_RIP_AT = 8  # the handoff's guest_rip: before an AP's copy is entered, where that AP is to be taken over
 # The monitor's map of guest RAM is the upper half of its PML4 slot (monitor.h DIRECT_BASE): guest
 # RAM must end below 256 GiB. Its page directories for the RAM above 4 GiB are the VMM's, one a GiB,
@@ -64,6 +64,7 @@ class GuestEntry(NamedTuple):
     rdx: int
     iret_site: int = 0  # a paravirtual Linux's IRETQ to user mode, made a UD2 (paravirt.py); 0 for a program
     sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
+    flag_traps: bool = False  # a Linux without PARAVIRT_XXL: its PUSHFs and POPFs made to trap (flag_sites.py)
 
 
 def pv_functions() -> dict[str, int]:
@@ -188,7 +189,7 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
         HANDOFF_MAGIC, guest.rip, guest.rsp, guest.rdi, guest.rsi, guest.rdx, placement.physical_base,
         placement.physical_base, layout.gdt, gdt_limit, layout.selectors.tss, layout.pml4, layout.selectors.kernel_cs,
         layout.selectors.kernel_ds, guest.iret_site, placement.high_ram_end,
-        _high_pd_base(placement, placement.physical_base), guest.sysret_site, placement.end))
+        _high_pd_base(placement, placement.physical_base), guest.sysret_site, placement.end, int(guest.flag_traps)))
     return MonitorStart(entry, boot_pml4)
 
 
@@ -216,13 +217,13 @@ def start_ap(memory: GuestMemory, image: bytes, placement: MonitorPlacement, cpu
     _copy_monitor(memory, image, segments, placement, base)
     memory.write(base + _HANDOFF.size, counts)
     boot = _HANDOFF.unpack(memory.read(placement.physical_base, _HANDOFF.size))
-    guest_limit, iret_site, high_ram_end, sysret_site = boot[6], boot[14], boot[15], boot[17]
+    guest_limit, iret_site, high_ram_end, sysret_site, flag_traps = boot[6], boot[14], boot[15], boot[17], boot[19]
     boot_pml4 = _boot_pml4(base)
     memory.write(boot_pml4, memory.read(state.cr3 & ~0xFFF, 8))  # slot 0 as the trampoline's tables have it
     memory.write(base, _HANDOFF.pack(
         HANDOFF_MAGIC, state.rip, state.rsp, 0, 0, 0, guest_limit, base, state.gdt_base, state.gdt_limit, state.tr,
         state.cr3, state.cs, state.ss, iret_site, high_ram_end, _high_pd_base(placement, base), sysret_site,
-        placement.end))
+        placement.end, flag_traps))
     return MonitorStart(entry, boot_pml4)
 
 

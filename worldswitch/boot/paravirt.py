@@ -36,7 +36,9 @@ from typing import Callable, NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
-from .kernel_symbols import PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbols, kallsyms, pv_slots
+from .flag_sites import CodeRange, FlagSites, trap_flag_instructions
+from .kernel_symbols import (PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbols, has_paravirt_xxl, kallsyms,
+                             pv_slots)
 from .monitor import AP_ENTRY
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
@@ -133,6 +135,7 @@ RETURN_FALSE = b"\x31\xc0\xc3"  # xor %eax, %eax; ret
 
 class Paravirtualized(NamedTuple):
     vmlinux: bytes
+    xxl: bool  # built with CONFIG_PARAVIRT_XXL: its pv_ops point at the monitor; else its PUSHFs and POPFs trap
     sites: int  # pv_ops.irq call sites that stay calls to the new functions
     cpu_sites: int  # pv_ops.cpu.write_msr and load_gs_index call sites
     mmu_sites: int  # pv_ops.mmu.read_cr2 and write_cr3 call sites
@@ -144,13 +147,15 @@ class Paravirtualized(NamedTuple):
     cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
     ap_entry: int  # secondary_startup_64, where its trampoline enters an AP (0 if it has none): the monitor takes the AP there
     refused_kvm: tuple[str, ...]  # of REFUSED_KVM_FEATURES, the functions made to say no
+    flag_sites: FlagSites  # without PARAVIRT_XXL, its PUSHFs and POPFs made to trap (flag_sites.py); none with it
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
     """`vmlinux` made ready to run deprivileged under the monitor: its pv_ops.irq slots,
     pv_ops.cpu.write_msr and load_gs_index and pv_ops.mmu.read_cr2 and write_cr3 holding `functions`
     (by member name), every call site of them kept a call (the native alternatives over the irq and
-    mmu ones disarmed), its IRETQ to user mode a UD2, its return to itself a jump to
+    mmu ones disarmed), or, in a kernel without PARAVIRT_XXL, its PUSHFs and POPFs made to trap
+    (flag_sites.py); its IRETQ to user mode a UD2, its return to itself a jump to
     `functions[KERNEL_RETURN]`, its return from a system call a jump to `functions[SYSCALL_RETURN]`,
     an AMD CPU's SS load in `__switch_to` a NOP, the calls of the CMPXCHG16B emulation the
     instruction, and KVM's PV IPIs and PV TLB flush refused (REFUSED_KVM_FEATURES)."""
@@ -169,6 +174,46 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         raise GuestImageError(f"the kernel image holds no bytes for {address:#x}")
 
     symbols, types = kallsyms(vmlinux), BtfTypes(vmlinux)
+    fmt = alt_format(types)
+    alternatives = _alternatives(vmlinux, sections, fmt)
+    xxl = has_paravirt_xxl(types)
+    if xxl:
+        sites, cpu_sites, mmu_sites, disarmed = _point_pv_ops(image, vmlinux, sections, symbols, types, fmt, alternatives,
+                                                              functions, file_offset)
+        flag_sites = FlagSites(0, 0)
+    else:
+        sites = cpu_sites = mmu_sites = disarmed = 0
+        flag_sites = trap_flag_instructions(image, _code(sections, symbols, alternatives, file_offset))
+    # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
+    # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
+    # with the host would run natively and unseen; as a UD2 it traps, and the monitor does the IRETQ.
+    if "native_irq_return_iret" not in symbols:
+        raise GuestImageError("the kernel has no native_irq_return_iret (not an x86-64 Linux of the 4.x to 6.x line?)")
+    iret_site = symbols["native_irq_return_iret"].address
+    at = file_offset(iret_site, len(IRETQ))
+    if vmlinux[at : at + len(IRETQ)] != IRETQ:
+        raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
+    image[at : at + len(IRETQ)] = UD2
+    kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN], file_offset)
+    sysret_site = _point_syscall_return(image, symbols, alternatives, functions[SYSCALL_RETURN], file_offset)
+    ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
+    ss_load_site = None
+    if ss_load is not None:
+        ss_load_site, length = ss_load
+        at = file_offset(ss_load_site, length)
+        image[at : at + length] = NOPS[length]
+    cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
+    refused_kvm = _refuse_kvm_features(image, symbols, alternatives, file_offset)
+    ap_entry = symbols[AP_ENTRY].address if AP_ENTRY in symbols else 0
+    return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,
+                           sysret_site, ss_load_site, cx16_sites, ap_entry, refused_kvm, flag_sites)
+
+
+def _point_pv_ops(image: bytearray, vmlinux: bytes, sections: dict[str, Section], symbols: Symbols, types: BtfTypes,
+                  fmt: AltFormat, alternatives: list[Alternative], functions: dict[str, int],
+                  file_offset: Callable[[int, int], int]) -> tuple[int, int, int, int]:
+    """A PARAVIRT_XXL kernel's pv_ops slots holding `functions`, and its call sites of them kept calls:
+    how many irq, cpu and mmu sites, and how many native alternatives over them were disarmed."""
     slots = pv_slots(symbols, types)
     pv_ops = symbols["pv_ops"].address
     write_msr = tuple(types.parameters("pv_cpu_ops", "write_msr"))
@@ -179,8 +224,6 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     for name, slot in slots.items():
         struct.pack_into("<Q", image, file_offset(slot, 8), chosen[name])
 
-    fmt = alt_format(types)
-    alternatives = _alternatives(vmlinux, sections, fmt)
     if ".parainstructions" in sections:
         ops = _patch_sites(vmlinux, sections, types, slots, pv_ops)
     else:
@@ -203,29 +246,27 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
                                   f"for feature {feature:#x}, not the expected ALT_NOT(X86_FEATURE_XENPV)")
         struct.pack_into(fmt.word, image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
         disarmed += 1
-    # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
-    # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
-    # with the host would run natively and unseen; as a UD2 it traps, and the monitor does the IRETQ.
-    if "native_irq_return_iret" not in symbols:
-        raise GuestImageError("the kernel has no native_irq_return_iret (not an x86-64 Linux of the 4.x to 6.x line?)")
-    iret_site = symbols["native_irq_return_iret"].address
-    at = file_offset(iret_site, len(IRETQ))
-    if vmlinux[at : at + len(IRETQ)] != IRETQ:
-        raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
-    image[at : at + len(IRETQ)] = UD2
-    kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN], file_offset)
-    sysret_site = _point_syscall_return(image, symbols, alternatives, functions[SYSCALL_RETURN], file_offset)
-    ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
-    ss_load_site = None
-    if ss_load is not None:
-        ss_load_site, length = ss_load
-        at = file_offset(ss_load_site, length)
-        image[at : at + length] = NOPS[length]
-    cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
-    refused_kvm = _refuse_kvm_features(image, symbols, alternatives, file_offset)
-    ap_entry = symbols[AP_ENTRY].address if AP_ENTRY in symbols else 0
-    return Paravirtualized(bytes(image), len(sites), len(cpu_sites), len(mmu_sites), disarmed, iret_site,
-                           kernel_return_site, sysret_site, ss_load_site, cx16_sites, ap_entry, refused_kvm)
+    return len(sites), len(cpu_sites), len(mmu_sites), disarmed
+
+
+def _code(sections: dict[str, Section], symbols: Symbols, alternatives: list[Alternative],
+          file_offset: Callable[[int, int], int]) -> list[CodeRange]:
+    """The kernel's code, as ranges that each begin at an instruction: from each text symbol to the
+    next (or its section's end), and each alternative's replacement."""
+    ranges = []
+    starts = symbols.code_addresses()
+    ends = [*starts[1:], 0]
+    for start, end in zip(starts, ends):
+        section = next((s for s in sections.values() if s.address and s.address <= start < s.address + s.size), None)
+        if section is None:
+            continue  # a symbol of the image's layout (its end, say), not of code it holds
+        end = min(end, section.address + section.size) if end > start else section.address + section.size
+        ranges.append(CodeRange(start, section.offset + start - section.address, end - start))
+    for alternative in alternatives:
+        if alternative.replacement_length:
+            length = alternative.replacement_length
+            ranges.append(CodeRange(alternative.replacement, file_offset(alternative.replacement, length), length))
+    return ranges
 
 
 def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,

@@ -47,10 +47,11 @@ if TYPE_CHECKING:  # only for the types: a snapshot is taken of a machine, never
     from .machine import Vmm
 
 FORMAT = "worldswitch-snapshot"
-VERSION = 7  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py);
+VERSION = 8  # 2: manifest.sha256 covers the manifest; 3: every state typed (worldswitch/state.py);
 # 4: the machine description keyed by its option names (append, disk, net); 5: firmware machines (CMOS, IDE CD-ROM);
 # 6: the machine description says whether the program runs under the in-guest monitor; 7: and whether each network
-# offers offloads
+# offers offloads; 8: the in-guest monitor's handoff page (in guest memory, which an AP started after a restore
+# reads) has 20 words, flag_traps the last (boot/monitor.py)
 FILES = ("vcpus.json", "vm.json", "devices.json")  # checked by SHA-256; memory.bin by its own digest
 MANIFEST_DIGEST = "manifest.sha256"
 

@@ -775,8 +775,13 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
     int last = size == PAGE_SIZE ? 0 : 1;
     for (int level = 3; level > last; level--) {
         u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
-        if (!(*entry & PTE_P) || (*entry & PTE_PS)) /* none yet, or a large page the guest has split */
+        int split = (*entry & PTE_P) && (*entry & PTE_PS); /* a large page the guest has split */
+        if (!(*entry & PTE_P) || split)
             *entry = physical(shadow_page()) | PTE_P | PTE_W | PTE_U;
+        if (split) { /* its translation goes from the CPU now: shadow_invalidate skips what no shadow maps */
+            privileged(SERVICE_INVLPG, address, 0);
+            load_root(kernel_root());
+        }
         table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
     }
     return &table[(address >> (12 + 9 * last)) & 511];
@@ -872,9 +877,13 @@ static void load_guest_tables(u64 cr3)
 }
 
 /* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
- * as 2 MiB ones). */
+ * as 2 MiB ones). Where neither shadow maps `address`, the CPU holds no translation of it to drop
+ * (every entry the monitor takes out of a shadow is flushed then, here or by a CR3 load), and ring 0
+ * is not asked: Linux's early_memunmap, for one, invalidates every page of a mapping it touched a
+ * byte of (70,000 INVLPGs in a defconfig kernel's MP-table scan, each two trips into ring 0). */
 static void shadow_invalidate(u64 address)
 {
+    int mapped = 0;
     for (int r = 0; r < 2; r++) {
         u64 *table = roots[space][r];
         for (int level = 3; level >= 0; level--) {
@@ -886,11 +895,14 @@ static void shadow_invalidate(u64 address)
                     memset(table, 0, PAGE_SIZE);
                 else
                     *entry = 0;
+                mapped = 1;
                 break;
             }
             table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
         }
     }
+    if (!mapped)
+        return;
     privileged(SERVICE_INVLPG, address, 0);
     load_root(kernel_root()); /* the monitor runs on the kernel's: the user shadow's TLB entries go too */
 }
@@ -1987,6 +1999,42 @@ static int emulate(struct trap_frame *frame)
 /* INT n (CD ib), which this host's KVM turns into #UD in ring 3 before anything sees it (a #UD at a
  * CD byte can have no other cause: it is a valid instruction in every mode): delivered as the CPU
  * would, through the program's gate for n, returning past the instruction. 1 if it was one. */
+/* The flags a POPF in ring 0 may change, but IF (the virtual one), IOPL, NT, TF and AC: the real
+ * flags of the kernel's ring 3, where AC would turn on alignment checks and TF single steps. */
+#define RFLAGS_POPF_KEPT 0xcd5ul /* CF, PF, AF, ZF, SF, DF, OF */
+
+/* A PUSHF or POPF of the guest's kernel, made PUSHF_TRAP or POPF_TRAP by the VMM (flag_traps): done
+ * as in ring 0, on the virtual IF. A fault on the stack is the kernel's, as the instruction's. */
+static int emulate_flags(struct trap_frame *frame)
+{
+    u8 bytes[16];
+    fetch_instruction(frame->rip, bytes);
+    if (bytes[0] == PUSHF_TRAP) {
+        u64 value = (frame->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | virtual_if;
+        if (store_for_guest(frame, frame->rsp - 8, &value, 8))
+            return 1;
+        count(COUNT_PUSHF);
+        frame->rsp -= 8;
+        frame->rip += 1;
+        return 1;
+    }
+    if (bytes[0] == POPF_TRAP) {
+        u64 value;
+        if (try_read_guest(frame->rsp, &value, 8)) {
+            guest_cr2 = refused_access.address;
+            deliver(frame, 14, 1, refused_access.code);
+            return 1;
+        }
+        count(COUNT_POPF);
+        frame->rsp += 8;
+        frame->rip += 1;
+        frame->rflags = (frame->rflags & ~RFLAGS_POPF_KEPT) | (value & RFLAGS_POPF_KEPT);
+        virtual_if = value & RFLAGS_IF;
+        return 1;
+    }
+    return 0;
+}
+
 static int emulate_int_n(struct trap_frame *frame)
 {
     u8 bytes[16];
@@ -2222,6 +2270,8 @@ void monitor_event(struct trap_frame *frame)
          * reporting the kernel's CS; the monitor must see the guest change mode */
         count(COUNT_IRETQ);
         emulate_iretq(frame);
+    } else if (vector == 6 && !guest.user && handoff.flag_traps && emulate_flags(frame)) {
+        /* done on the virtual IF; one it turned on takes a held interrupt on the way out */
     } else if (vector == 6 && emulate_int_n(frame)) {
         /* delivered through its gate */
     } else if (vector < 32) {

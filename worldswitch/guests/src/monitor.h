@@ -18,7 +18,7 @@
 #define HIGH_RAM_BASE 0x100000000UL    /* where RAM above the PCI hole starts (memory/layout.py RAM_ABOVE_4G) */
 #define DIRECT_MAP_LIMIT (256UL << 30) /* its map of guest RAM: the slot's upper half (boot/monitor.py) */
 #define HANDOFF_MAGIC 0x31524f54494e4f4dUL /* "MONITOR1" */
-#define HANDOFF_COUNTER(kind) (8 * (19 + (kind))) /* counters[kind], after the 19 fixed words (struct handoff) */
+#define HANDOFF_COUNTER(kind) (8 * (20 + (kind))) /* counters[kind], after the 20 fixed words (struct handoff) */
 
 /* The pv page: the monitor's functions for a paravirtual Linux's interrupt flag (pv_ops.irq), MSR
  * writes (pv_ops.cpu.write_msr), user GS loads (pv_ops.cpu.load_gs_index), CR2 reads and CR3 loads
@@ -143,6 +143,11 @@
 #define SERVICE_TRIPLE_FAULT 11
 #define SERVICE_XSETBV 12
 
+/* A kernel without PARAVIRT_XXL: its PUSHF and POPF, which in ring 3 show the real IF and leave it, made
+ * by the VMM into PUSH ES and POP ES, invalid in 64-bit mode: their #UD is the monitor's to emulate. */
+#define PUSHF_TRAP 0x06
+#define POPF_TRAP 0x07
+
 #ifndef __ASSEMBLER__
 
 /* Trap kinds counted in the handoff page (bench and --stats read them; keep in step with
@@ -178,6 +183,7 @@ enum {
     COUNT_PV_EOI,      /* its LAPIC timer's interrupts that ring 0 EOI'd as they came, delivered with its paravirtual EOI flag set */
     COUNT_SWAPGS_NATIVE, /* of its SWAPGS, those the body did in ring 3 (leave_swapping_gs), without ring 0 */
     COUNT_KEY0,        /* PKRUs the guest wrote that denied key 0, which every page has here: key 0 allowed again */
+    COUNT_PUSHF, COUNT_POPF, /* a kernel without PARAVIRT_XXL: its PUSHFs and POPFs, made to trap (flag_traps) */
     COUNT_KINDS
 };
 
@@ -195,6 +201,7 @@ struct handoff {
     unsigned long high_ram_pds;    /* the VMM's page directories that map it, one a GiB from 4 GiB, in the monitor's pages */
     unsigned long guest_sysret_site; /* a paravirtual Linux's SWAPGS before its SYSRETQ, made a jump towards PV_SYSRET (or 0) */
     unsigned long monitor_end;     /* where the pages of every vCPU's copy of the monitor end (they begin at guest_limit) */
+    unsigned long flag_traps;      /* 1: the VMM made a kernel's PUSHFs PUSHF_TRAP and its POPFs POPF_TRAP (boot/flag_sites.py) */
     unsigned long counters[COUNT_KINDS];
     /* The last event the guest's IDT could not take (the first of its chain), for the VMX's report of
      * a triple fault: its vector, the fault that stopped its delivery, the guest's RIP and CR2 then. */

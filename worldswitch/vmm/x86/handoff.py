@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import capstone
 import lz4.block
 import zstandard
 
@@ -54,10 +55,11 @@ from .copyloop import MASK32, CopyLoop, find_around, find_sibling, flat_protecte
 from .grub_core import CORE_START, CoreDecoder, find_core_decoder, serve_core_decoder
 from .longmode import CR0_PE, CR0_PG, RFLAGS_RESERVED, setup_long_mode
 
-# What bzimage.py (the decompressors) and linux.py (the paravirtual patcher) import when first used:
-# here on the main thread, which imports this module as it builds the machine. The handoff runs on the
-# vCPU's thread, which the sandbox allows no file access, so no module may load there.
-PRELOADED = (lz4.block, zstandard, paravirt)
+# What bzimage.py (the decompressors), linux.py (the paravirtual patcher) and flag_sites.py (the
+# decoder, for a kernel without PARAVIRT_XXL) import when first used: here on the main thread, which
+# imports this module as it builds the machine. The handoff runs on the vCPU's thread, which the
+# sandbox allows no file access, so no module may load there.
+PRELOADED = (capstone, lz4.block, zstandard, paravirt)
 
 # Where boot loaders enter a 64-bit bzImage: 1 MiB (the protocol's load address: SeaBIOS's linuxboot,
 # a loader that ignores pref_address), 2 MiB and 16 MiB (CONFIG_PHYSICAL_START's usual values, where
@@ -217,7 +219,8 @@ class FirmwareHandoff:
         self._silence_legacy_interrupts()
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
-        guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site)
+        guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site,
+                           boot.flag_traps)
         if self.placement.cpus > 1 and not boot.ap_entry:
             raise GuestImageError("--cpus above 1: the kernel's symbols have no secondary_startup_64, where the "
                                   "monitor takes over its other CPUs")
