@@ -1,9 +1,10 @@
 """Debian's busybox shell under the in-guest monitor (`--monitor`, docs/monitor.md): how long commands
 take, and what the monitor did for them, on a host that emulates guest kernel code (PVM).
 
-    python -m bench.monitor_shell [--rounds N] [--release trixie] [--cpus N]
+    python -m bench.monitor_shell [--rounds N] [--release trixie] [--cpus N] [--kernel bzImage]
 
-One VM boots Debian's cloud kernel to its shell; each command then runs N times (default 5), timed
+One VM boots Debian's cloud kernel (or `--kernel`: one of your own, such as the kernel without
+PARAVIRT_XXL the tests build, tests/kernels/) to its shell; each command then runs N times (default 5), timed
 from the line sent on the console to the shell's answer. Beside the median time, what one run of
 it cost: the instructions KVM emulated (ring 0's, the cost the host's load does not change), the
 events the monitor took (traps into it), its shadow fills, the shadows it made (`shadow_flush`: a
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=1, help="vCPUs, each on its own copy of the monitor (default 1)")
     parser.add_argument("--release", help="Debian's kernel of that release (fetch-debian --release; default: "
                                           "the host's apt sources)")
+    parser.add_argument("--kernel", help="this kernel instead of Debian's (its busybox still Debian's)")
     options = parser.parse_args(argv)
     if shutil.which("apt-get") is None:
         print("bench.monitor_shell: needs apt-get (Debian's kernel and busybox)", file=sys.stderr)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         initrd = Path(scratch) / "initrd.img"
         initrd.write_bytes(build_initramfs(InitramfsSpec(debian.busybox, [], "WORLDSWITCH-INIT-MARKER", True),
                                            compress=False))
-        with Machine(kernel=str(debian.kernel), initrd=str(initrd), monitor=True, cpus=options.cpus,
+        with Machine(kernel=options.kernel or str(debian.kernel), initrd=str(initrd), monitor=True, cpus=options.cpus,
                      append="console=ttyS0") as vm:
             vm.start()
             vm.console.expect(rb"poweroff -f ends the VM", timeout=120)
