@@ -27,6 +27,10 @@ irq_disable, irq_enable, safe_halt, halt). Its boot decides what each call site 
    struct alt_instr's feature word is a u16 up to 6.2 (ALTINSTR_FLAG_INV its top bit), and a u32
    from 6.3 on (ft_flags: the feature, and flags from bit 16 up).
 Both layouts come from the kernel's own BTF; its symbols from its kallsyms (kernel_symbols.py).
+
+A kernel built without PARAVIRT_XXL (no Xen PV: `defconfig`, and most kernels one builds oneself) has
+no such pv_ops: its CLIs, STIs, MOVs to control registers and WRMSRs trap as they are, and only its
+PUSHFs and POPFs, which do not, are made to (flag_sites.py). The rest below is done to both kinds.
 """
 
 from __future__ import annotations
