@@ -1996,9 +1996,6 @@ static int emulate(struct trap_frame *frame)
     return 1;
 }
 
-/* INT n (CD ib), which this host's KVM turns into #UD in ring 3 before anything sees it (a #UD at a
- * CD byte can have no other cause: it is a valid instruction in every mode): delivered as the CPU
- * would, through the program's gate for n, returning past the instruction. 1 if it was one. */
 /* The flags a POPF in ring 0 may change, but IF (the virtual one), IOPL, NT, TF and AC: the real
  * flags of the kernel's ring 3, where AC would turn on alignment checks and TF single steps. */
 #define RFLAGS_POPF_KEPT 0xcd5ul /* CF, PF, AF, ZF, SF, DF, OF */
@@ -2010,7 +2007,7 @@ static int emulate_flags(struct trap_frame *frame)
     u8 bytes[16];
     fetch_instruction(frame->rip, bytes);
     if (bytes[0] == PUSHF_TRAP) {
-        u64 value = (frame->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | virtual_if;
+        u64 value = (frame->rflags & RFLAGS_STATUS) | RFLAGS_FIXED | virtual_if; /* no RF, as PUSHF pushes */
         if (store_for_guest(frame, frame->rsp - 8, &value, 8))
             return 1;
         count(COUNT_PUSHF);
@@ -2035,6 +2032,9 @@ static int emulate_flags(struct trap_frame *frame)
     return 0;
 }
 
+/* INT n (CD ib), which this host's KVM turns into #UD in ring 3 before anything sees it (a #UD at a
+ * CD byte can have no other cause: it is a valid instruction in every mode): delivered as the CPU
+ * would, through the program's gate for n, returning past the instruction. 1 if it was one. */
 static int emulate_int_n(struct trap_frame *frame)
 {
     u8 bytes[16];
