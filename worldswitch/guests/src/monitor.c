@@ -706,6 +706,19 @@ static u64 *shadow_page(void)
     return page;
 }
 
+/* A copy of the monitor loaded afresh where one ran before (a CPU its guest took offline and brought
+ * back: boot/monitor.py start_ap) finds its roots zeroed by the VMM, from the host's side, which KVM
+ * does not see: its shadow of a root the copy before used may still hold entries to that copy's lower
+ * tables, stale, which the CPU would walk (a process on a CPU brought back online returned to an
+ * address from another's memory, in about one run of four). A store from the guest to every entry
+ * makes KVM drop them (it write-protects each page it shadows as a table, and forgets a page written
+ * again and again). Done at the body's first event, where the stores are native (in ring 0 each is
+ * emulated), before any fill of its own; then the CPU's TLB is flushed of what ring 0's fills for the
+ * monitor's own accesses had put there. Once per copy: a copy that never ran before finds nothing to drop. */
+static u8 roots_swept;
+
+static void sweep_roots(void);
+
 /* A root with only the monitor's slots left. */
 static void empty_root(u64 *root)
 {
@@ -754,6 +767,18 @@ static void empty_space(int index)
         if (fills[i].space != index)
             fills[kept++] = fills[i];
     fills_used = kept;
+}
+
+static void sweep_roots(void)
+{
+    roots_swept = 1;
+    for (int index = 0; index < SPACES; index++)
+        for (int r = 0; r < 2; r++)
+            for (int slot = 0; slot < 512; slot++)
+                if (slot != MONITOR_SLOT)
+                    ((volatile u64 *)roots[index][r])[slot] = 0;
+    fills_used = 0;
+    load_root(kernel_root());
 }
 
 /* Empty every shadow (the pool used up, or what the guest's kernel may write changed): they refill
@@ -2238,6 +2263,8 @@ void monitor_event(struct trap_frame *frame)
     open_ports(); /* the body's own: its reports are port I/O */
     if (!segment_bases_probed)
         probe_segment_bases();
+    if (!roots_swept)
+        sweep_roots();
     u64 vector = frame->vector;
     if (vector != SYSRET_EVENT)
         count(COUNT_EVENTS);
