@@ -190,10 +190,10 @@ def linux_without_xxl() -> Path:
     `make tinyconfig` and tests/kernels/no-xxl.config, built once into .cache/kernels (about five
     minutes on this host's two cores). Skips where the source or a build tool is missing."""
     missing = [package for tool, package in BUILD_TOOLS.items() if shutil.which(tool) is None]
-    if not LINUX_SOURCE.exists() or not Path("/usr/include/libelf.h").exists():
-        missing += ["linux-source-6.1", "libelf-dev"]
+    missing += [package for path, package in ((LINUX_SOURCE, "linux-source-6.1"), (Path("/usr/include/libelf.h"), "libelf-dev"))
+                if not path.exists()]
     if missing:
-        pytest.skip(f"building a kernel without PARAVIRT_XXL needs {', '.join(sorted(set(missing)))} (.ci/run installs them)")
+        pytest.skip(f"building a kernel without PARAVIRT_XXL needs {', '.join(missing)} (.ci/run installs them)")
     fragment = NO_XXL_FRAGMENT.read_bytes()
     source = LINUX_SOURCE.stat()
     key = hashlib.sha256(fragment + f"{source.st_size} {source.st_mtime_ns}".encode()).hexdigest()[:16]

@@ -706,19 +706,6 @@ static u64 *shadow_page(void)
     return page;
 }
 
-/* A copy of the monitor loaded afresh where one ran before (a CPU its guest took offline and brought
- * back: boot/monitor.py start_ap) finds its roots zeroed by the VMM, from the host's side, which KVM
- * does not see: its shadow of a root the copy before used may still hold entries to that copy's lower
- * tables, stale, which the CPU would walk (a process on a CPU brought back online returned to an
- * address from another's memory, in about one run of four). A store from the guest to every entry
- * makes KVM drop them (it write-protects each page it shadows as a table, and forgets a page written
- * again and again). Done at the body's first event, where the stores are native (in ring 0 each is
- * emulated), before any fill of its own; then the CPU's TLB is flushed of what ring 0's fills for the
- * monitor's own accesses had put there. Once per copy: a copy that never ran before finds nothing to drop. */
-static u8 roots_swept;
-
-static void sweep_roots(void);
-
 /* A root with only the monitor's slots left. */
 static void empty_root(u64 *root)
 {
@@ -768,6 +755,17 @@ static void empty_space(int index)
             fills[kept++] = fills[i];
     fills_used = kept;
 }
+
+/* A copy of the monitor loaded afresh where one ran before (a CPU its guest took offline and brought
+ * back: boot/monitor.py start_ap) finds its roots zeroed by the VMM, from the host's side, which KVM
+ * does not see: its shadow of a root the copy before used may still hold entries to that copy's lower
+ * tables, stale, which the CPU would walk (a process on a CPU brought back online returned to an
+ * address from another's memory, in about one run of four). A store from the guest to every entry
+ * makes KVM drop them (it write-protects each page it shadows as a table, and forgets a page written
+ * again and again). Done at the body's first event, where the stores are native (in ring 0 each is
+ * emulated), before any fill of its own; then the CPU's TLB is flushed of what ring 0's fills for the
+ * monitor's own accesses had put there. Once per copy: a copy that never ran before finds nothing to drop. */
+static u8 roots_swept;
 
 static void sweep_roots(void)
 {
