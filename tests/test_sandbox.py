@@ -30,11 +30,13 @@ def ctl(socket_path: Path, *request: str) -> str:
 def wait_for_socket(process: subprocess.Popen[str], path: Path) -> None:
     """Until the VMX says where its control socket is: it says so once the sandbox is applied."""
     assert process.stderr is not None
+    said = []
     while True:
         line = process.stderr.readline()
-        assert line, process.communicate()
+        assert line, (process.wait(), "".join(said))  # its status and what it said before it ended
         if f"control socket {path}" in line:
             return
+        said.append(line)
 
 
 def thread_filters(pid: int) -> list[int]:

@@ -50,12 +50,14 @@ VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")  # QEMU 7.2's, in Debian's qemu-syst
 TMP_DISK_GIB = 32  # sparse: the host's disk holds only what L1 writes to /tmp
 LAYOUT_VERSION = 2  # bump when the image's layout or the stage-1 init changes, to rebuild caches
 
-# L1's user space, as Debian packages (their dependencies are added): Python and the test dependencies,
-# the C toolchain and iasl some tests use, the tools the Linux workload tests use on L1 (ip, mkfs),
-# and QEMU itself, the peer the benchmarks compare against inside the same nested host.
+# L1's user space, as Debian packages (their dependencies are added): Python, worldswitch's own
+# dependencies (a jailed VMX imports every VMM module before its chroot, capstone's user among them)
+# and the tests', the C toolchain and iasl some tests use, the tools the Linux workload tests use on L1
+# (ip, mkfs), and QEMU itself, the peer the benchmarks compare against inside the same nested host.
 PACKAGES = (
     "dash", "coreutils", "python3", "python-is-python3", "python3-pytest", "python3-pytest-timeout", "python3-hypothesis",
-    "python3-lz4", "python3-zstandard", "libseccomp2", "busybox-static", "gcc", "libc6-dev", "binutils", "acpica-tools",
+    "python3-lz4", "python3-zstandard", "python3-capstone", "libseccomp2", "busybox-static", "gcc", "libc6-dev",
+    "binutils", "acpica-tools",
     "iproute2", "iputils-ping", "e2fsprogs", "procps", "util-linux", "apt", "qemu-system-x86", "qemu-utils",
     "seabios", "grub-pc-bin", "grub-common", "xorriso",  # booting through firmware: SeaBIOS, GRUB disks and ISOs
 )
