@@ -121,7 +121,7 @@ LAZY_IMPORTERS: dict[str, set[str]] = {
     # vCPU's thread, imports them first on the main thread
     "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},
     "worldswitch.boot.linux": {"_paravirtualize"},
-    "worldswitch.boot.flag_sites": {"trap_flag_instructions"},
+    "worldswitch.boot.decoding": {"new_decoder"},
     "worldswitch.vmm.builder": {"build_for_boot", "load", "build_for_restore", "_place_monitor", "_assemble_platform",
                                 "_open_trace", "_create_vcpus", "_firmware_kernel", "_load_program", "_virtio_devices", "add", "block",
                                 "network", "restore_machine"},

@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple
 
 from ..errors import GuestImageError
+from .decoding import POPF_TRAP, PUSHF_TRAP, decode, new_decoder
 
 PUSHF, POPF = 0x9C, 0x9D
-PUSHF_TRAP, POPF_TRAP = 0x06, 0x07  # monitor.h: PUSH ES and POP ES, #UD in 64-bit mode
 _TRAPS = {PUSHF: PUSHF_TRAP, POPF: POPF_TRAP}
 
 
@@ -47,27 +47,20 @@ def trap_flag_instructions(image: bytearray, code: Iterable[CodeRange]) -> FlagS
     """Every PUSHF and POPF that decoding `code` (ranges of `image`, each beginning at an instruction)
     finds, made to trap. A range is decoded until its end or its first byte that is no instruction.
     Raises GuestImageError for a PUSHF or POPF with a prefix (a 16-bit one), which has no one-byte trap."""
-    from capstone import CS_ARCH_X86, CS_MODE_64, Cs  # 80 ms to import: only for a kernel that needs it
-
-    decoder = Cs(CS_ARCH_X86, CS_MODE_64)
+    decoder = new_decoder()
     counts = {PUSHF: 0, POPF: 0}
     for start, offset, length in code:
         chunk = bytes(image[offset : offset + length])
         if PUSHF not in chunk and POPF not in chunk:
             continue  # most functions: nothing to decode for
-        decoded = 0
-        while decoded < length:
-            for address, size, mnemonic, _operands in decoder.disasm_lite(chunk[decoded:], start + decoded):
-                decoded = address + size - start
-                if mnemonic not in ("pushfq", "popfq", "pushf", "popf"):
-                    continue
-                at = offset + address - start
-                if size != 1 or image[at] not in _TRAPS:
-                    raise GuestImageError(f"the kernel's {mnemonic} at {address:#x} has a prefix: it has no one-byte trap")
-                counts[image[at]] += 1
-                image[at] = _TRAPS[image[at]]
-            if decoded < length and chunk[decoded] in _TRAPS.values():
-                decoded += 1  # a site made to trap already (code that two ranges share): decoding goes on past it
-            else:
-                break  # the end, or a byte that is no instruction: not code to look further into
+        for address, size, mnemonic, _operands in decode(decoder, chunk, start)[0]:
+            if mnemonic not in ("pushfq", "popfq", "pushf", "popf"):
+                continue
+            at = offset + address - start
+            if image[at] in _TRAPS.values():
+                continue  # a site made to trap already (code that two ranges share)
+            if size != 1 or image[at] not in _TRAPS:
+                raise GuestImageError(f"the kernel's {mnemonic} at {address:#x} has a prefix: it has no one-byte trap")
+            counts[image[at]] += 1
+            image[at] = _TRAPS[image[at]]
     return FlagSites(counts[PUSHF], counts[POPF])

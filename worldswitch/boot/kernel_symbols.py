@@ -28,7 +28,7 @@ from operator import itemgetter
 from typing import NamedTuple
 
 from ..errors import GuestImageError
-from .elf import read_sections
+from .elf import Section, read_sections
 
 KERNEL_TEXT = 0xFFFF_FFFF_8100_0000  # kallsyms_relative_base of an x86-64 kernel linked at its default
 _DIGIT_TOKENS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
@@ -446,3 +446,23 @@ def pv_slots(symbols: Mapping[str, Symbol], types: BtfTypes) -> dict[str, int]:
         base = symbols["pv_ops"].address + template[group].offset
         slots.update({name: base + members[name].offset for name in names})
     return slots
+
+
+def struct_fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:
+    """The offsets of a kernel struct's members, each checked to lie within the struct."""
+    offsets = []
+    for name, width in widths.items():
+        if name not in members or members[name].offset + width > size:
+            raise GuestImageError(f"the kernel's BTF gives struct {struct_name} no {width}-byte {name} within its {size} bytes")
+        offsets.append(members[name].offset)
+    return offsets
+
+
+def table_entries(sections: dict[str, Section], name: str, size: int) -> range:
+    """The file offsets of a kernel table's entries (`size` bytes each)."""
+    section = sections.get(name)
+    if section is None:
+        raise GuestImageError(f"the kernel has no {name} section (is it built with CONFIG_PARAVIRT?)")
+    if size <= 0 or section.size % size:
+        raise GuestImageError(f"the kernel's {name} is not a whole number of {size}-byte entries")
+    return range(section.offset, section.offset + section.size, size)

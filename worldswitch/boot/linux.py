@@ -58,6 +58,7 @@ class LinuxBoot:
     sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
     ap_entry: int = 0  # where its trampoline enters an AP's kernel, for the monitor to take it over; 0 if unknown
     flag_traps: bool = False  # without PARAVIRT_XXL: its PUSHFs and POPFs made to trap for the monitor (flag_sites.py)
+    code_cache: bytes = b""  # without PARAVIRT_XXL: its translated sites, for the monitor's code cache (translator.py)
 
 
 def e820_map(memory_map: MemoryMap) -> list[tuple[int, int, int]]:
@@ -209,6 +210,7 @@ def load_linux(
     decompress_s = 0.0
     iret_site = sysret_site = ap_entry = 0
     flag_traps = False
+    code_cache = b""
     compression = bz.compression if bz is not None else "none"
     mode = choose_decompression(decompress, kernel_code_emulated) if bz is not None else "host"
     if bz is not None and mode == "host":
@@ -224,7 +226,7 @@ def load_linux(
     if pv_ops is not None:
         if not vmlinux:
             raise ConfigError("a paravirtual interrupt flag needs the kernel decompressed on the host (--decompress host)")
-        vmlinux, iret_site, sysret_site, ap_entry, flag_traps = _paravirtualize(vmlinux, pv_ops, notes)
+        vmlinux, iret_site, sysret_site, ap_entry, flag_traps, code_cache = _paravirtualize(vmlinux, pv_ops, notes)
 
     if vmlinux:
         kernel_range, entry = _load_vmlinux(memory, memory_map, vmlinux, kernel_name, [])
@@ -256,13 +258,15 @@ def load_linux(
     memory.write(ZERO_PAGE, bytes(params))
     version = bz.version_string if bz is not None else ""
     return LinuxBoot(boot_mode, entry, ZERO_PAGE, kernel_range, initrd, cmdline, version, compression, decompress_s, notes,
-                     iret_site, sysret_site, ap_entry, flag_traps)
+                     iret_site, sysret_site, ap_entry, flag_traps, code_cache)
 
 
-def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) -> tuple[bytes, int, int, int, bool]:
+def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int],
+                    notes: list[str]) -> tuple[bytes, int, int, int, bool, bytes]:
     """The vmlinux made ready for the in-guest monitor (paravirt.py), its IRETQ site, its SWAPGS
-    before SYSRETQ (0 if it was left to trap), where its APs enter it (0 if unknown), and whether
-    its PUSHFs and POPFs were made to trap (a kernel without PARAVIRT_XXL)."""
+    before SYSRETQ (0 if it was left to trap), where its APs enter it (0 if unknown), whether its
+    PUSHFs and POPFs were made to trap and the code cache of its translated sites (a kernel without
+    PARAVIRT_XXL)."""
     from .paravirt import paravirtualize
 
     paravirtualized = paravirtualize(vmlinux, pv_ops)
@@ -276,6 +280,14 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
         notes.append(f"the kernel has no PARAVIRT_XXL: its {paravirtualized.flag_sites.pushf} PUSHFs and "
                      f"{paravirtualized.flag_sites.popf} POPFs made to trap, its other privileged instructions trap "
                      "as they are")
+        translation = paravirtualized.translation
+        if translation.refused:
+            notes.append(f"its CLIs, STIs and PUSHFs not translated: {translation.refused}")
+        else:
+            reasons = "; ".join(f"{reason}: {count}" for reason, count in translation.left.most_common())
+            notes.append(f"translated {translation.sites} CLIs, STIs and PUSHFs in {translation.windows} windows "
+                         f"({len(translation.cache)} bytes of code cache); left to trap: {sum(translation.left.values())}"
+                         + (f" ({reasons})" if reasons else ""))
     notes.append(f"its IRETQ to user mode at {iret_site:#x} made a UD2")
     if paravirtualized.kernel_return_site is not None:
         notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} (early_xen_iret_patch) pointed "
@@ -294,7 +306,7 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int], notes: list[str]) ->
         notes.append(f"__switch_to's load of SS at {paravirtualized.ss_load_site:#x} made a NOP (an AMD CPU's, "
                      "a trap that changes nothing deprivileged)")
     return (paravirtualized.vmlinux, iret_site, paravirtualized.sysret_site or 0, paravirtualized.ap_entry,
-            not paravirtualized.xxl)
+            not paravirtualized.xxl, paravirtualized.translation.cache)
 
 
 def _load_vmlinux(memory: GuestMemory, memory_map: MemoryMap, vmlinux: bytes, name: str,
@@ -393,11 +405,11 @@ def take_over_linux(memory: GuestMemory, memory_map: MemoryMap, zero_page: int, 
     vmlinux = extract_vmlinux(bz)
     decompress_s = time.perf_counter() - started
     notes.append(f"decompressed its {bz.compression} payload on the host in {decompress_s * 1000:.0f} ms")
-    vmlinux, iret_site, sysret_site, ap_entry, flag_traps = _paravirtualize(vmlinux, pv_ops, notes)
+    vmlinux, iret_site, sysret_site, ap_entry, flag_traps, code_cache = _paravirtualize(vmlinux, pv_ops, notes)
 
     kernel_range, startup_64 = _load_vmlinux(memory, memory_map, vmlinux, name, [initrd] if initrd else [])
     memory.write(CMDLINE_ADDR, cmdline + b"\0")
     header.cmd_line_ptr, params.ext_cmd_line_ptr = CMDLINE_ADDR, 0
     memory.write(ZERO_PAGE, bytes(params))
     return LinuxBoot("vmlinux", startup_64, ZERO_PAGE, kernel_range, initrd, cmdline.decode(errors="replace"), "",
-                     bz.compression, decompress_s, notes, iret_site, sysret_site, ap_entry, flag_traps)
+                     bz.compression, decompress_s, notes, iret_site, sysret_site, ap_entry, flag_traps, code_cache)

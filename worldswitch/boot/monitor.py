@@ -16,7 +16,7 @@ from typing import NamedTuple
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from ..memory.layout import GIB, RAM_ABOVE_4G, MemoryMap
-from .elf import Segment, parse_elf
+from .elf import Segment, parse_elf, read_sections
 from .longmode import PTE_HUGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 
 MONITOR_BASE = 0xFFFF_FE80_0000_0000  # PML4 slot 509, which its map of guest RAM shares (monitor.h)
@@ -42,6 +42,10 @@ PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_cr2": 0x60, "write_cr3": 0x70,
                 "safe_halt": 0x80, "sysret": 0x90, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100,
                 "write_msr_u64": 0x140, "iret": 0x160}
+# The code cache: the pages after the pv page, where the VMM puts a kernel's translated sites
+# (translator.py), in every copy (monitor.h PV_CODE_CACHE_SIZE)
+CODE_CACHE = PV_BASE + 0x1000
+CODE_CACHE_SIZE = 0x10000
 # magic, five entry registers, guest_limit, physical_base, GDT base and limit, TR, CR3, CS, SS, IRETQ
 # site, the end of RAM above 4 GiB and the page directories that map it for the monitor, the SWAPGS
 # before its SYSRETQ, the end of every vCPU's copy's pages, whether its PUSHFs and POPFs trap
@@ -65,6 +69,7 @@ class GuestEntry(NamedTuple):
     iret_site: int = 0  # a paravirtual Linux's IRETQ to user mode, made a UD2 (paravirt.py); 0 for a program
     sysret_site: int = 0  # its SWAPGS before SYSRETQ, made a jump to the monitor (paravirt.py); 0 if untouched
     flag_traps: bool = False  # a Linux without PARAVIRT_XXL: its PUSHFs and POPFs made to trap (flag_sites.py)
+    code_cache: bytes = b""  # its translated sites (translator.py), for CODE_CACHE in every copy
 
 
 def pv_functions() -> dict[str, int]:
@@ -172,8 +177,13 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
                                   f"its tables for {high_pds} GiB of RAM above 4 GiB")
     if not MONITOR_BASE <= entry < table_space:
         raise GuestImageError(f"the monitor's entry {entry:#x} is outside its 4 MiB")
+    if len(guest.code_cache) > CODE_CACHE_SIZE:
+        raise GuestImageError(f"the translated code is {len(guest.code_cache)} bytes; the monitor's cache holds "
+                              f"{CODE_CACHE_SIZE}")
+    cache = _code_cache_offset(image)
     for cpu in range(placement.cpus):
         _copy_monitor(memory, image, segments, placement, placement.copy_base(cpu))
+        memory.write(placement.copy_base(cpu) + cache, guest.code_cache)
     # and the identity map's view of the same pages: not present
     for address in range(placement.physical_base, placement.end, HUGE_PAGE):
         if address >> 30 < layout.identity_gib:
@@ -216,6 +226,8 @@ def start_ap(memory: GuestMemory, image: bytes, placement: MonitorPlacement, cpu
     counts = memory.read(base + _HANDOFF.size, 8 * len(COUNTERS))
     _copy_monitor(memory, image, segments, placement, base)
     memory.write(base + _HANDOFF.size, counts)
+    cache = _code_cache_offset(image)  # the boot vCPU's, which guest memory (and so a snapshot) keeps
+    memory.write(base + cache, memory.read(placement.physical_base + cache, CODE_CACHE_SIZE))
     boot = _HANDOFF.unpack(memory.read(placement.physical_base, _HANDOFF.size))
     guest_limit, iret_site, high_ram_end, sysret_site, flag_traps = boot[6], boot[14], boot[15], boot[17], boot[19]
     boot_pml4 = _boot_pml4(base)
@@ -236,6 +248,14 @@ def stop_ap(memory: GuestMemory, placement: MonitorPlacement, cpu: int) -> None:
 def ap_entry_of(memory: GuestMemory, placement: MonitorPlacement, cpu: int) -> int:
     """Where vCPU `cpu` is to be taken over (load_monitor's `ap_entry`), 0 for nowhere."""
     return memory.read_int(placement.copy_base(cpu) + _GUEST_RIP_AT, 8)
+
+
+def _code_cache_offset(image: bytes) -> int:
+    """Where CODE_CACHE is in a copy: the pages after the pv page, in its .pv section (monitor.S)."""
+    pv = read_sections(image).get(".pv")
+    if pv is None or pv.size != 0x1000 + CODE_CACHE_SIZE:
+        raise GuestImageError(f"the monitor has no .pv section of its pv page and a {CODE_CACHE_SIZE}-byte code cache")
+    return pv.address + 0x1000 - MONITOR_BASE
 
 
 def _boot_pml4(base: int) -> int:

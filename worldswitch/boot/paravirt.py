@@ -36,14 +36,17 @@ PUSHFs and POPFs, which do not, are made to (flag_sites.py). The rest below is d
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from typing import Callable, NamedTuple
 
 from ..errors import GuestImageError
 from .elf import Section, read_sections
 from .flag_sites import CodeRange, FlagSites, trap_flag_instructions
-from .kernel_symbols import (PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Member, Symbols, has_paravirt_xxl, kallsyms,
-                             pv_slots)
-from .monitor import AP_ENTRY
+from .kernel_sites import kernel_sites, move_return_sites
+from .kernel_symbols import (PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Symbols, has_paravirt_xxl, kallsyms, pv_slots,
+                             struct_fields, table_entries)
+from .monitor import AP_ENTRY, CODE_CACHE, CODE_CACHE_SIZE
+from .translator import CacheLayout, Translation, translate
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
@@ -97,7 +100,7 @@ def alt_format(types: BtfTypes) -> AltFormat:
     size, members = types.struct("alt_instr")
     width, not_flag, direct_call = (2, 0x8000, 0) if "cpuid" in members else (4, 1 << 16, 2 << 16)
     feature = {"cpuid": 2} if width == 2 else {"": 4}  # from 6.3 an anonymous union (ft_flags)
-    offsets = _fields(size, members, "alt_instr", instr_offset=4, repl_offset=4, **feature, instrlen=1,
+    offsets = struct_fields(size, members, "alt_instr", instr_offset=4, repl_offset=4, **feature, instrlen=1,
                       replacementlen=1)
     return AltFormat(size, offsets[0], offsets[1], offsets[2], width, offsets[3], offsets[4], not_flag, direct_call)
 
@@ -114,7 +117,7 @@ class Alternative(NamedTuple):
 
 def _alternatives(vmlinux: bytes, sections: dict[str, Section], fmt: AltFormat) -> list[Alternative]:
     """The kernel's `.altinstructions`, each entry's relative addresses made absolute."""
-    entries = _entries(sections, ".altinstructions", fmt.size)  # refuses a kernel without them
+    entries = table_entries(sections, ".altinstructions", fmt.size)  # refuses a kernel without them
     section = sections[".altinstructions"]
     found = []
     for at in entries:
@@ -152,6 +155,7 @@ class Paravirtualized(NamedTuple):
     ap_entry: int  # secondary_startup_64, where its trampoline enters an AP (0 if it has none): the monitor takes the AP there
     refused_kvm: tuple[str, ...]  # of REFUSED_KVM_FEATURES, the functions made to say no
     flag_sites: FlagSites  # without PARAVIRT_XXL, its PUSHFs and POPFs made to trap (flag_sites.py); none with it
+    translation: Translation  # without PARAVIRT_XXL, its CLIs, STIs and PUSHFs that run translated (translator.py)
 
 
 def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized:
@@ -187,7 +191,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         flag_sites = FlagSites(0, 0)
     else:
         sites = cpu_sites = mmu_sites = disarmed = 0
-        flag_sites = trap_flag_instructions(image, _code(sections, symbols, alternatives, file_offset))
+        code = _code(sections, symbols, alternatives, file_offset)
+        flag_sites = trap_flag_instructions(image, code)
     # Every return to user mode by IRETQ goes through one instruction (entry_64.S, native_irq_return_iret).
     # Where the kernel runs deprivileged on a PVM host, that IRETQ to the user segments Linux shares
     # with the host would run natively and unseen; as a UD2 it traps, and the monitor does the IRETQ.
@@ -209,8 +214,19 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     cx16_sites = _apply_cx16(image, vmlinux, alternatives, symbols, file_offset)
     refused_kvm = _refuse_kvm_features(image, symbols, alternatives, file_offset)
     ap_entry = symbols[AP_ENTRY].address if AP_ENTRY in symbols else 0
+    translation = Translation(b"", 0, 0, Counter(), {})
+    if not xxl:  # last: the translator copies what the patches above made
+        found = kernel_sites(vmlinux, sections, symbols, types,
+                             [(each.instruction, each.instruction + each.length) for each in alternatives], file_offset)
+        if isinstance(found, str):
+            translation = Translation(b"", 0, 0, Counter(), {}, found)
+        else:
+            layout = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, functions["irq_disable"], functions["irq_enable"],
+                                 functions["save_fl"])
+            translation = translate(image, code, found, layout)
+            move_return_sites(image, sections, translation.moved_returns)
     return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,
-                           sysret_site, ss_load_site, cx16_sites, ap_entry, refused_kvm, flag_sites)
+                           sysret_site, ss_load_site, cx16_sites, ap_entry, refused_kvm, flag_sites, translation)
 
 
 def _point_pv_ops(image: bytearray, vmlinux: bytes, sections: dict[str, Section], symbols: Symbols, types: BtfTypes,
@@ -405,10 +421,10 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: Symbo
         return None
     end = symbols.next_above(switch.address)
     size, members = types.struct("exception_table_entry")
-    (insn,) = _fields(size, members, "exception_table_entry", insn=4)
+    (insn,) = struct_fields(size, members, "exception_table_entry", insn=4)
     table, text = sections["__ex_table"], sections[".text"]
     loads = []
-    for at in _entries(sections, "__ex_table", size):
+    for at in table_entries(sections, "__ex_table", size):
         relative = struct.unpack_from("<i", vmlinux, at + insn)[0]
         instruction = table.address + at - table.offset + insn + relative
         if not (switch.address <= instruction < end and text.address <= instruction <= text.address + text.size - 3):
@@ -430,8 +446,8 @@ def _patch_sites(vmlinux: bytes, sections: dict[str, Section], types: BtfTypes, 
     types_of = {(slot - pv_ops) // 8: name for name, slot in slots.items()}
     ops = {}
     site_size, site = types.struct("paravirt_patch_site")
-    site_instr, site_type = _fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
-    for at in _entries(sections, ".parainstructions", site_size):
+    site_instr, site_type = struct_fields(site_size, site, "paravirt_patch_site", instr=8, type=1)
+    for at in table_entries(sections, ".parainstructions", site_size):
         op = types_of.get(vmlinux[at + site_type])
         if op is not None:
             ops[struct.unpack_from("<Q", vmlinux, at + site_instr)[0]] = op
@@ -459,23 +475,3 @@ def _direct_call_sites(vmlinux: bytes, alternatives: list[Alternative], fmt: Alt
         if op is not None:
             ops[instruction] = op
     return ops
-
-
-def _fields(size: int, members: dict[str, Member], struct_name: str, **widths: int) -> list[int]:
-    """The offsets of a kernel struct's members, each checked to lie within the struct."""
-    offsets = []
-    for name, width in widths.items():
-        if name not in members or members[name].offset + width > size:
-            raise GuestImageError(f"the kernel's BTF gives struct {struct_name} no {width}-byte {name} within its {size} bytes")
-        offsets.append(members[name].offset)
-    return offsets
-
-
-def _entries(sections: dict[str, Section], name: str, size: int) -> range:
-    """The file offsets of a kernel table's entries (`size` bytes each)."""
-    section = sections.get(name)
-    if section is None:
-        raise GuestImageError(f"the kernel has no {name} section (is it built with CONFIG_PARAVIRT?)")
-    if size <= 0 or section.size % size:
-        raise GuestImageError(f"the kernel's {name} is not a whole number of {size}-byte entries")
-    return range(section.offset, section.offset + section.size, size)

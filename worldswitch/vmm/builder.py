@@ -402,7 +402,7 @@ def _load_program(core: _Core, config: MachineConfig, name: str, image: bytes, i
         placement, monitor_image = monitor
         if boot is not None:  # Linux's 64-bit boot protocol: RSI = the zero page
             guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site,
-                               boot.flag_traps)
+                               boot.flag_traps, boot.code_cache)
             aps_enter = boot.ap_entry
             if config.cpus > 1 and not aps_enter:
                 raise GuestImageError("--monitor --cpus above 1: the kernel's symbols have no secondary_startup_64, "

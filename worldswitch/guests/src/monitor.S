@@ -847,6 +847,11 @@ pv_cr3_held:
     pushq %rsi
     jmp pv_irq_enable
     .balign 4096, 0xcc                  /* int3 between and after them */
+/* The code cache: a kernel's translated sites (boot/translator.py), which call the functions above.
+ * The VMM writes it into each copy; INT3 where it has not. */
+    .globl pv_code_cache
+pv_code_cache:
+    .fill PV_CODE_CACHE_SIZE, 1, 0xcc
 
 /* int xcr_write(u32 index, u64 value): 0, or 1 if the CPU refused with #GP (the event handler
  * moves RIP from xcr_write_at to xcr_refused). The MSRs are ring0_event's, on its own path. */

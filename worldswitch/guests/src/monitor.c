@@ -937,14 +937,18 @@ static int shadow_fault(u64 address, u64 hardware_code, int user, u64 *code)
 {
     u64 kind = (hardware_code & (PF_WRITE | PF_FETCH)) | (user ? PF_USER : 0);
     struct translation t;
-    if ((address & ~(PAGE_SIZE - 1)) == PV_BASE && !user) { /* the pv page, whatever the guest's tables say */
-        if (kind & PF_WRITE) {
+    if (address - PV_BASE < PV_SIZE && !user) { /* the pv page and the code cache, whatever the guest's tables say */
+        /* The kernel writes the cache once, at boot: the return thunk JMPs the VMM moved there, with
+         * their .return_sites entries (boot/kernel_sites.py). The pv page stays read-only. */
+        u64 writable = address - PV_BASE >= PAGE_SIZE ? PTE_W : 0;
+        if ((kind & PF_WRITE) && !writable) {
             *code = kind | PF_PRESENT;
             return 0;
         }
         if (shadow_used > SHADOW_PAGES - 3)
             shadow_flush();
-        *shadow_entry(kernel_root(), address, PAGE_SIZE) = physical(pv_page) | PTE_P | PTE_U;
+        *shadow_entry(kernel_root(), address, PAGE_SIZE) = (physical(pv_page) + ((address - PV_BASE) & ~(PAGE_SIZE - 1)))
+                                                           | PTE_P | PTE_U | writable;
         count(COUNT_SHADOW_FILL);
         return 1;
     }

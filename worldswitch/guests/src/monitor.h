@@ -28,6 +28,10 @@
  * address space, a hole in Linux's layout within reach of its text's 32-bit calls (Linux patches each
  * call site into a direct call). */
 #define PV_BASE 0xffffffffffe00000
+/* After the pv page, and mapped as it is: the code cache, where the VMM puts the translated sites of a
+ * kernel without PARAVIRT_XXL (boot/translator.py; boot/monitor.py CODE_CACHE_SIZE) */
+#define PV_CODE_CACHE_SIZE 0x10000
+#define PV_SIZE (0x1000 + PV_CODE_CACHE_SIZE)
 #define PV_SAVE_FL 0x00      /* offsets in the page: keep in step with boot/monitor.py PV_FUNCTIONS */
 #define PV_IRQ_DISABLE 0x20
 #define PV_IRQ_ENABLE 0x40

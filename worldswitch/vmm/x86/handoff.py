@@ -220,7 +220,7 @@ class FirmwareHandoff:
         layout = LongModeLayout(selectors=LINUX_GDT)
         setup_long_mode(self.memory, sregs, layout)
         guest = GuestEntry(boot.entry, layout.stack_top, 0, boot.zero_page, 0, boot.iret_site, boot.sysret_site,
-                           boot.flag_traps)
+                           boot.flag_traps, boot.code_cache)
         if self.placement.cpus > 1 and not boot.ap_entry:
             raise GuestImageError("--cpus above 1: the kernel's symbols have no secondary_startup_64, where the "
                                   "monitor takes over its other CPUs")

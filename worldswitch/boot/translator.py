@@ -1,0 +1,372 @@
+"""The seed's binary translator, for a Linux without CONFIG_PARAVIRT_XXL under the in-guest monitor
+(docs/monitor.md, "Translated CLIs, STIs and PUSHFs"): its interrupt-flag instructions stop trapping.
+
+Deprivileged, such a kernel's CLI and STI fault, and its PUSHFs are made to (flag_sites.py): each is a
+trip through the host's exception path into the monitor, 265,000 of them in a boot. Where a
+paravirtual kernel calls the monitor's functions in the pv page instead, which read and write the
+virtual IF in ring 3, this kernel's sites are translated to do the same: a *window* of whole
+instructions around each site (at least the 5 bytes of a JMP rel32) is copied into a code cache in
+the pages after the pv page, with each CLI, STI and PUSHF in it replaced by code that calls the pv
+page's irq_disable, irq_enable or save_fl and keeps every register and flag as the instruction would;
+the window's first bytes become a jump there, the rest INT3s, and the copy jumps back after it.
+
+A window is only safe where nothing else reaches into it or rewrites it, so it is refused where:
+- an instruction after its first is the target of a direct jump or call anywhere in the kernel's
+  code, of a jump label or of an exception fixup (only its first instruction may be entered);
+- its function jumps indirectly (a jump table names targets no decoder sees);
+- it overlaps code the kernel rewrites later (alternatives, paravirt sites, LOCK prefixes patched
+  for one CPU, retpoline and return thunk sites, static calls, jump labels, ftrace's calls, ENDBR
+  seals) or finds by its address (an instruction with an exception-table entry; the entry text);
+- it holds an instruction whose meaning depends on where it is (RIP-relative operands, branches,
+  calls, returns) or that traps (anything privileged), or an STI followed by HLT or MWAIT, whose
+  interrupt shadow keeps a wake-up from being lost between the two.
+Such sites stay trapping; the monitor still emulates them.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from bisect import bisect_right
+from collections import Counter
+from typing import Any, Callable, Iterable, NamedTuple
+
+from .decoding import PUSHF_TRAP, Decoded, decode, new_decoder
+from .flag_sites import CodeRange
+
+JMP_REL32, CALL_REL32, INT3 = 0xE9, 0xE8, 0xCC
+LOCK, DS = 0xF0, 0x3E  # the prefixes the kernel swaps at .smp_locks
+WINDOW_MIN = 5  # a JMP rel32
+PUSH_RAX, POP_RAX, PUSHFQ, POPFQ = b"\x50", b"\x58", b"\x9c", b"\x9d"
+RFLAGS_KEPT_BY_PUSHF = 0x40DD7  # monitor.h RFLAGS_STATUS | RFLAGS_FIXED: what emulate_flags pushes beside the virtual IF
+AND_16_RSP_IMM32 = b"\x48\x81\x64\x24\x10"  # andq $imm32, 16(%rsp)
+OR_RAX_TO_16_RSP = b"\x48\x09\x44\x24\x10"  # orq %rax, 16(%rsp)
+SENSITIVE = ("cli", "sti", "pushfq")
+SENSITIVE_BYTES = frozenset((0xFA, 0xFB, 0x9C, PUSHF_TRAP))  # CLI, STI, PUSHF
+SHORT_REACH = 130  # a rel8 jump's reach, with its own two bytes
+ADDRESS_MASK = 2**64 - 1
+_REL32 = re.compile(rb"[\xe8\xe9]|\x0f[\x80-\x8f]", re.S)  # CALL, JMP, Jcc: the opcode before a rel32
+# What a window may copy besides them: instructions that mean the same anywhere and never trap in ring 3
+MOVABLE = frozenset((
+    "mov", "movabs", "movzx", "movsx", "movsxd", "lea", "push", "pop", "xor", "and", "or", "add", "sub", "adc", "sbb",
+    "cmp", "test", "inc", "dec", "neg", "not", "shl", "shr", "sar", "sal", "rol", "ror", "bt", "bts", "btr", "btc",
+    "xchg", "cmpxchg", "xadd", "nop", "imul", "bswap", "cdqe", "cdq", "cqo", "cwde",
+))
+MOVABLE_FAMILIES = ("set", "cmov")  # setcc, cmovcc
+# An STI's interrupt shadow covers the next instruction: these rely on it
+NEEDS_SHADOW = frozenset(("hlt", "mwait", "mwaitx", "sysexit", "sysret", "sysretq", "swapgs", "iretq", "iret"))
+CONDITIONS = frozenset(("jo", "jno", "jb", "jae", "je", "jne", "jbe", "ja", "js", "jns", "jp", "jnp", "jl", "jge", "jle",
+                        "jg"))  # Capstone's names of the 16 Jcc
+BRANCHES = re.compile(r"^(j\w+|call|loop\w*|xbegin)$")
+_SEGMENT_OPERAND = re.compile(r"(^|, )(cs|ds|es|fs|gs|ss)(, |$)")
+_SYSTEM_REGISTER = re.compile(r"\b(cr|dr)\d+\b")
+
+
+class CacheLayout(NamedTuple):
+    """Where the translations go (the pages after the pv page, in the kernel's address space) and
+    the pv page's functions they call."""
+    base: int
+    size: int
+    irq_disable: int
+    irq_enable: int
+    save_fl: int
+
+
+class KernelSites(NamedTuple):
+    """What of the kernel's code no window may cover, and the places it enters that no direct
+    branch names."""
+    kept: list[tuple[int, int]]  # [start, end): rewritten by the kernel, or found by their address
+    targets: set[int]  # jump labels' targets, exception fixups
+    locks: set[int]  # LOCK prefixes the kernel rewrites where the byte is a LOCK or a DS prefix
+    returns: set[int]  # JMPs to the return thunk, each moved with its .return_sites entry (kernel_sites.py)
+
+
+class Translation(NamedTuple):
+    cache: bytes  # the code cache's contents (CacheLayout.size at most); empty if nothing was translated
+    sites: int  # CLIs, STIs and PUSHFs that now run translated
+    windows: int
+    left: Counter[str]  # sites left to trap, by the reason
+    moved_returns: dict[int, int]  # a return thunk JMP's address -> its copy's in the cache
+    refused: str = ""  # why nothing was translated, if so
+
+
+class Instruction(NamedTuple):
+    """As Capstone's disasm_lite gives it."""
+    address: int
+    size: int
+    mnemonic: str
+    operands: str
+
+
+class _Function(NamedTuple):
+    instructions: list[Decoded]  # each an Instruction's fields (a tuple costs less to make)
+    delta: int  # an instruction's offset in the image, less its address
+    whole: bool  # decoded to its end, and with no indirect jump
+
+
+def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, cache: CacheLayout) -> Translation:
+    """Translate the sensitive instructions of `code` (the kernel's functions, each a range that
+    begins at an instruction) in `image`, which has every other patch made already (PUSHFs made
+    PUSHF_TRAP). Writes the jumps into `image` and returns the cache to put at `cache.base`."""
+    decoder, detailed = new_decoder(), new_decoder(detail=True)
+    ranges = sorted(code)
+    far = set(sites.targets) | _rel32_targets(image, ranges)
+    kept = _Ranges(sites.kept)
+    decoded: dict[int, _Function] = {}
+
+    def function(n: int) -> _Function:
+        if n not in decoded:
+            decoded[n] = _decode(decoder, image, ranges[n])
+        return decoded[n]
+
+    out = bytearray()
+    translated = windows = 0
+    left: Counter[str] = Counter()
+    moved: dict[int, int] = {}
+    for n, each in enumerate(ranges):
+        chunk = image[each.offset : each.offset + each.length]
+        if not any(byte in chunk for byte in SENSITIVE_BYTES):
+            continue  # most functions: nothing to decode for
+        listing, delta, whole = function(n)
+        near: set[int] | None = None  # the targets of short branches, here and in the functions around
+        taken_to = 0  # the end of the last window in this function
+        for k, (address, _, mnemonic, _) in enumerate(listing):
+            if mnemonic not in SENSITIVE or address < taken_to:
+                continue
+            if not whole:
+                left["its function jumps indirectly or did not decode"] += 1
+                continue
+            if near is None:
+                near = _near_targets(ranges, n, function)
+            window, reason = _window(listing, k, taken_to, _Either(far, near), kept)
+            if window is None:
+                left[reason] += 1
+                continue
+            stub = _stub(image, window, delta, cache, cache.base + len(out), detailed)
+            if stub is None:
+                left["beyond a jump's reach"] += 1
+                continue
+            body, copies = stub
+            if len(out) + len(body) > cache.size:
+                left["the code cache is full"] += 1
+                continue
+            start, end = window[0].address, window[-1].address + window[-1].size
+            jump = bytes([JMP_REL32]) + struct.pack("<i", cache.base + len(out) - (start + 5))
+            written = jump + bytes([INT3]) * (end - start - len(jump))
+            if any(written[lock - start] in (LOCK, DS) for lock in sites.locks.intersection(range(start, end))):
+                left["a LOCK prefix's byte the kernel would rewrite"] += 1
+                continue
+            image[start + delta : end + delta] = written
+            moved.update((site, cache.base + len(out) + at) for site, at in copies.items() if site in sites.returns)
+            out += body
+            taken_to = end
+            windows += 1
+            translated += sum(each.mnemonic in SENSITIVE for each in window)
+    return Translation(bytes(out), translated, windows, left, moved)
+
+
+class _Either:
+    """Two sets asked as one, without the copy of a union."""
+
+    def __init__(self, first: set[int], second: set[int]) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, address: object) -> bool:
+        return address in self.first or address in self.second
+
+
+def _rel32_targets(image: bytearray, ranges: list[CodeRange]) -> set[int]:
+    """Where every CALL, JMP and Jcc with a 32-bit displacement in `ranges` goes, found from the
+    bytes, not decoded: each E8, E9 and 0F 8x byte is taken for such an instruction, so the set
+    holds every real target and a few more (a window refused that could have been made, never the
+    reverse). Decoding the kernel's 1.5 million instructions for the same would take seconds."""
+    targets = set()
+    for start, offset, length in ranges:
+        chunk = bytes(image[offset : offset + length])
+        for found in _REL32.finditer(chunk):
+            at = found.end()
+            if at + 4 <= length:
+                targets.add((start + at + 4 + struct.unpack_from("<i", chunk, at)[0]) & ADDRESS_MASK)
+    return targets
+
+
+def _near_targets(ranges: list[CodeRange], n: int, function: Callable[[int], "_Function"]) -> set[int]:
+    """The targets of every direct branch in function `n` and in those within a short jump of it,
+    decoded: a rel8 displacement reaches 128 bytes."""
+    targets = set()
+    first = n
+    while first > 0 and ranges[first - 1].address + ranges[first - 1].length + SHORT_REACH > ranges[n].address:
+        first -= 1
+    last = n
+    while last + 1 < len(ranges) and ranges[last + 1].address < ranges[n].address + ranges[n].length + SHORT_REACH:
+        last += 1
+    for m in range(first, last + 1):
+        for _, _, mnemonic, operands in function(m).instructions:
+            if operands.startswith("0x") and BRANCHES.match(mnemonic.split()[-1]):
+                targets.add(int(operands, 16))
+    return targets
+
+
+def _decode(decoder: Any, image: bytearray, code: CodeRange) -> _Function:
+    start, offset, length = code
+    listing, whole = decode(decoder, bytes(image[offset : offset + length]), start)
+    # an indirect jump: a jump table's targets are known to no decoder
+    whole = whole and not any(mnemonic.endswith("jmp") and not operands.startswith("0x")
+                              for _, _, mnemonic, operands in listing)
+    return _Function(listing, offset - start, whole)
+
+
+class _Ranges:
+    """Sorted [start, end) ranges, asked whether they meet another."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for start, end in sorted(ranges):
+            if self.ends and start <= self.ends[-1]:
+                self.ends[-1] = max(self.ends[-1], end)
+            else:
+                self.starts.append(start)
+                self.ends.append(end)
+
+    def meets(self, start: int, end: int) -> bool:
+        k = bisect_right(self.starts, end - 1) - 1
+        return k >= 0 and self.ends[k] > start
+
+
+def _movable(instruction: Instruction) -> bool:
+    """Copied as it is, or with its displacement made to reach the same place from the cache: a
+    plain instruction (RIP-relative operands included), or a direct JMP or Jcc without prefixes."""
+    words = instruction.mnemonic.split()
+    name = words[-1]
+    if _relocatable_branch(instruction):
+        return True
+    if words[:-1] not in ([], ["lock"]):
+        return False  # rep and the rest: not met at these sites, not copied
+    if name not in MOVABLE and not name.startswith(MOVABLE_FAMILIES):
+        return False
+    operands = instruction.operands
+    return not _SEGMENT_OPERAND.search(operands) and not _SYSTEM_REGISTER.search(operands)
+
+
+def _relocatable_branch(instruction: Instruction) -> bool:
+    name = instruction.mnemonic
+    return (name in ("jmp", "call") or name in CONDITIONS) and instruction.operands.startswith("0x")
+
+
+def _window(listing: list[Decoded], k: int, taken_to: int, targets: _Either,
+            kept: _Ranges) -> tuple[list[Instruction] | None, str]:
+    """Whole instructions around listing[k], at least WINDOW_MIN bytes, that may move: those from up
+    to three before it, the first that is safe, made longer where that takes in a sensitive
+    instruction one or two after it (`pushf; pop %rax; cli`: one window, not a second that cannot
+    be). Else None and why."""
+    reason = "the function ends first"
+    for first in range(k, max(k - 4, -1), -1):
+        if listing[first][0] < taken_to:
+            break
+        last, length = first, listing[first][1]
+        while length < WINDOW_MIN or last < k:
+            last += 1
+            if last >= len(listing):
+                break
+            length += listing[last][1]
+        if last >= len(listing):
+            continue
+        problem = _problem(listing, first, last, targets, kept)
+        if problem is not None:
+            reason = problem
+            continue
+        for more in (1, 2):
+            if last + more < len(listing) and listing[last + more][2] in SENSITIVE and \
+                    _problem(listing, first, last + more, targets, kept) is None:
+                last += more
+                break
+        return [Instruction._make(each) for each in listing[first : last + 1]], ""
+    return None, reason
+
+
+def _problem(listing: list[Decoded], first: int, last: int, targets: _Either, kept: _Ranges) -> str | None:
+    """Why listing[first : last + 1] may not be a window, or None."""
+    for n in range(first, last + 1):
+        instruction = Instruction._make(listing[n])
+        if instruction.mnemonic not in SENSITIVE and not _movable(instruction):
+            return "beside an instruction that cannot move"
+        if n > first and instruction.address in targets:
+            return "a branch target inside"
+        if instruction.mnemonic == "sti" and (n + 1 >= len(listing) or listing[n + 1][2].split()[-1] in NEEDS_SHADOW):
+            return "an STI whose interrupt shadow counts"
+    start, end = listing[first][0], listing[last][0] + listing[last][1]
+    return "code the kernel rewrites or finds by address" if kept.meets(start, end) else None
+
+
+def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheLayout, at: int,
+          detailed: Any) -> tuple[bytes, dict[int, int]] | None:
+    """The window's translation at `at`, ending in a jump back after it, and where in it each copied
+    branch begins (by the original's address); None if a displacement does not fit in 32 bits.
+    `delta`: an instruction's offset in `image` less its address; `detailed`: a decoder that gives an
+    instruction's parts, for where its displacement is."""
+    out = bytearray()
+    copies: dict[int, int] = {}
+
+    def call(target: int) -> bytes | None:
+        displacement = target - (at + len(out) + 5)
+        return bytes([CALL_REL32]) + struct.pack("<i", displacement) if _fits(displacement) else None
+
+    for instruction in window:
+        if instruction.mnemonic == "cli":  # the virtual IF cleared; irq_disable keeps the flags
+            out += PUSH_RAX
+            called = call(cache.irq_disable)
+            if called is None:
+                return None
+            out += called + POP_RAX
+        elif instruction.mnemonic == "sti":  # set, and a held interrupt taken here, as at the STI's trap
+            out += PUSH_RAX + PUSHFQ
+            called = call(cache.irq_enable)
+            if called is None:
+                return None
+            out += called + POPFQ + POP_RAX
+        elif instruction.mnemonic == "pushfq":  # the flags, with the virtual IF for the real one
+            out += PUSHFQ + PUSH_RAX + PUSHFQ
+            called = call(cache.save_fl)
+            if called is None:
+                return None
+            out += called + AND_16_RSP_IMM32 + struct.pack("<I", RFLAGS_KEPT_BY_PUSHF) + OR_RAX_TO_16_RSP + POPFQ + POP_RAX
+        elif _relocatable_branch(instruction):  # the same target, reached from here with a rel32
+            target = int(instruction.operands, 16)
+            opcode = image[instruction.address + delta]
+            if instruction.mnemonic == "call":  # it returns into the cache, and on from there
+                encoding = bytes([CALL_REL32])
+            elif instruction.mnemonic == "jmp":
+                encoding = bytes([JMP_REL32])
+            elif 0x70 <= opcode <= 0x7F:  # Jcc rel8 -> 0F 80+cc rel32
+                encoding = bytes([0x0F, 0x80 + opcode - 0x70])
+            elif opcode == 0x0F:
+                encoding = bytes(image[instruction.address + delta : instruction.address + delta + 2])
+            else:
+                return None  # a prefix: not one of the forms above
+            if instruction.mnemonic in ("jmp", "call") and opcode not in (0xEB, JMP_REL32, CALL_REL32):
+                return None
+            displacement = target - (at + len(out) + len(encoding) + 4)
+            if not _fits(displacement):
+                return None
+            copies[instruction.address] = len(out)
+            out += encoding + struct.pack("<i", displacement)
+        else:
+            copy = bytearray(image[instruction.address + delta : instruction.address + delta + instruction.size])
+            if "rip" in instruction.operands:  # the same memory, addressed from here
+                (detail,) = detailed.disasm(bytes(copy), instruction.address, 1)
+                field = detail.disp_offset
+                aimed = instruction.address + instruction.size + struct.unpack_from("<i", copy, field)[0]
+                displacement = aimed - (at + len(out) + instruction.size)
+                if detail.disp_size != 4 or not _fits(displacement):
+                    return None
+                struct.pack_into("<i", copy, field, displacement)
+            out += copy
+    back = window[-1].address + window[-1].size - (at + len(out) + 5)
+    if not _fits(back) or not _fits(at - (window[0].address + 5)):
+        return None
+    return bytes(out) + bytes([JMP_REL32]) + struct.pack("<i", back), copies
+
+
+def _fits(displacement: int) -> bool:
+    return -(1 << 31) <= displacement < 1 << 31
