@@ -2,25 +2,32 @@
 (docs/monitor.md, "Translated CLIs, STIs and PUSHFs"): its interrupt-flag instructions stop trapping.
 
 Deprivileged, such a kernel's CLI and STI fault, and its PUSHFs are made to (flag_sites.py): each is a
-trip through the host's exception path into the monitor, 265,000 of them in a boot. Where a
-paravirtual kernel calls the monitor's functions in the pv page instead, which read and write the
-virtual IF in ring 3, this kernel's sites are translated to do the same: a *window* of whole
-instructions around each site (at least the 5 bytes of a JMP rel32) is copied into a code cache in
-the pages after the pv page, with each CLI, STI and PUSHF in it replaced by code that calls the pv
-page's irq_disable, irq_enable or save_fl and keeps every register and flag as the instruction would;
-the window's first bytes become a jump there, the rest INT3s, and the copy jumps back after it.
+trip through the host's exception path into the monitor, 265,000 of them in a boot. A paravirtual
+kernel calls the monitor's functions in the pv page instead, which read and write the virtual IF in
+ring 3; this kernel's sites are translated to do the same. A *window* of whole instructions around
+each site (at least the 5 bytes of a JMP rel32) is copied into the code cache, the pages after the
+pv page, with each CLI, STI and PUSHF in it replaced by a call of the pv page's irq_disable,
+irq_enable or save_fl that keeps every register and flag as the instruction would; the window's
+first bytes become a jump there, the rest INT3s, and the copy jumps back after it. A copied branch
+or CALL reaches the same target with a rel32 (a CALL's callee returns into the cache, and the copy
+goes on from there), a RIP-relative operand the same memory.
 
 A window is only safe where nothing else reaches into it or rewrites it, so it is refused where:
-- an instruction after its first is the target of a direct jump or call anywhere in the kernel's
-  code, of a jump label or of an exception fixup (only its first instruction may be entered);
+- an instruction after its first is the target of a direct branch anywhere in the kernel's code
+  (found from the bytes for every rel32, decoded for rel8s nearby), of a jump label or of an
+  exception fixup: only its first instruction may be entered;
 - its function jumps indirectly (a jump table names targets no decoder sees);
-- it overlaps code the kernel rewrites later (alternatives, paravirt sites, LOCK prefixes patched
-  for one CPU, retpoline and return thunk sites, static calls, jump labels, ftrace's calls, ENDBR
-  seals) or finds by its address (an instruction with an exception-table entry; the entry text);
-- it holds an instruction whose meaning depends on where it is (RIP-relative operands, branches,
-  calls, returns) or that traps (anything privileged), or an STI followed by HLT or MWAIT, whose
-  interrupt shadow keeps a wake-up from being lost between the two.
-Such sites stay trapping; the monitor still emulates them.
+- it overlaps code the kernel rewrites later (alternatives, paravirt sites, retpolines, static
+  calls, jump labels, ftrace's calls, ENDBR seals) or finds by its address (an instruction with an
+  exception-table entry; the entry text, which also runs on stacks a copy may not push to);
+- it holds an instruction that traps or means something else elsewhere (anything privileged, a
+  prefixed branch), or an STI followed by HLT or MWAIT, whose interrupt shadow keeps a wake-up from
+  being lost between the two.
+Two kinds of rewritten sites may be covered: a LOCK prefix (the kernel swaps it with a DS prefix,
+and only where the byte is one of the two, which the window's bytes are made not to be) and a JMP to
+the return thunk (the copy is the one the kernel rewrites: kernel_sites.py points its .return_sites
+entry there, and the monitor lets the kernel write the cache). Sites refused stay trapping; the
+monitor still emulates them. A stack trace through a copy shows an address outside the kernel.
 """
 
 from __future__ import annotations
