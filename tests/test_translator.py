@@ -12,9 +12,9 @@ from worldswitch.boot.monitor import CODE_CACHE, CODE_CACHE_SIZE, PV_BASE, PV_FU
 from worldswitch.boot.translator import CacheLayout, KernelSites, Translation, translate
 
 BASE = 0xFFFF_FFFF_8100_0000
-LAYOUT = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, PV_BASE + PV_FUNCTIONS["irq_disable"],
-                     PV_BASE + PV_FUNCTIONS["irq_enable"], PV_BASE + PV_FUNCTIONS["save_fl"])
-NOTHING = KernelSites([], set(), set(), set())
+LAYOUT = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, *(PV_BASE + PV_FUNCTIONS[name] for name in
+                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3")))
+NOTHING = KernelSites([], set(), set(), set(), set())
 INT3 = 0xCC
 # local_irq_save's shape: push %rbx; pushf; pop %rbx; cli; then mov $1, %eax; ret
 SAVE = bytes.fromhex("53 9c 5b fa b8 01 00 00 00 c3")
@@ -80,7 +80,7 @@ def test_no_window_covers_a_branch_target_or_a_kept_site_after_its_first_instruc
     assert translation.sites == 0 and translation.left["a branch target inside"] == 1
     assert image[: len(code)] == code
     # the same, with the MOV an exception-table entry's instruction instead
-    image, translation, _ = run([code], KernelSites([(BASE + 1, BASE + 2)], set(), set(), set()))
+    image, translation, _ = run([code], KernelSites([(BASE + 1, BASE + 2)], set(), set(), set(), set()))
     assert translation.sites == 0 and translation.left["code the kernel rewrites or finds by address"] == 1
     assert image == code
 
@@ -101,7 +101,7 @@ def test_a_function_that_jumps_indirectly_is_left_as_it_is() -> None:
 def test_a_return_thunk_jump_moves_to_the_cache_for_the_kernel_to_rewrite_there() -> None:
     thunk = bytes.fromhex("c3 cc cc cc cc")  # __x86_return_thunk
     tail = bytes.fromhex("fb e9") + struct.pack("<i", -(len(thunk) + 6))  # sti; jmp __x86_return_thunk
-    _, translation, (thunk_at, tail_at) = run([thunk, tail], KernelSites([], set(), set(), {BASE + len(thunk) + 1}))
+    _, translation, (thunk_at, tail_at) = run([thunk, tail], KernelSites([], set(), set(), set(), {BASE + len(thunk) + 1}))
     assert translation.sites == 1 and list(translation.moved_returns) == [tail_at + 1]
     copy = translation.moved_returns[tail_at + 1]
     at = copy - CODE_CACHE
@@ -111,6 +111,25 @@ def test_a_return_thunk_jump_moves_to_the_cache_for_the_kernel_to_rewrite_there(
 def test_a_lock_prefix_may_move_where_the_kernel_finds_neither_of_its_bytes() -> None:
     # pushf; pop %rax; lock incl (%rdi); cli; ret: the LOCK falls on the JMP's displacement
     code = bytes.fromhex("9c 58 f0 ff 07 fa c3")
-    image, translation, _ = run([code], KernelSites([], set(), {BASE + 2}, set()))
+    image, translation, _ = run([code], KernelSites([], set(), set(), {BASE + 2}, set()))
     assert translation.sites == 2 and image[0] == 0xE9 and image[2] not in (0xF0, 0x3E)
     assert "lock inc dword ptr [rdi]" in listing(translation.cache, CODE_CACHE)
+
+
+def test_a_wrmsr_with_the_kernels_unchecked_entry_and_a_cr3_load_call_the_pv_functions_keeping_every_register() -> None:
+    # wrmsr; ret, whose exception-table entry (EX_TYPE_WRMSR) only warns; mov %r9, %cr3 (the register's number in REX.R)
+    wrmsr = bytes.fromhex("0f 30 b8 01 00 00 00 c3")
+    cr3 = bytes.fromhex("41 0f 22 d9 b8 01 00 00 00 c3")
+    image, translation, (_, cr3_at) = run([wrmsr, cr3], KernelSites([], set(), {BASE}, set(), set()))
+    assert translation.sites == 2
+    saved = ["pushfq", "push rax", "push rcx", "push rdx", "push rsi", "push rdi", "push r8", "push r9", "push r10",
+             "push r11"]
+    restored = ["pop r11", "pop r10", "pop r9", "pop r8", "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax", "popfq"]
+    copies = listing(translation.cache, CODE_CACHE)
+    assert copies[: len(saved) + 3] == [*saved, "mov edi, ecx", "mov esi, eax", f"call {LAYOUT.write_msr:#x}"]
+    second = copies.index(f"jmp {BASE + 7:#x}") + 1
+    assert copies[len(saved) + 3 : second] == [*restored, "mov eax, 1", f"jmp {BASE + 7:#x}"]
+    assert copies[second : second + len(saved) + 2] == [*saved, "mov rdi, r9", f"call {LAYOUT.write_cr3:#x}"]
+    # a WRMSR without that entry (one whose refusal the kernel handles: wrmsr_safe) stays
+    image, translation, _ = run([wrmsr])
+    assert translation.sites == 0 and image == wrmsr

@@ -33,6 +33,13 @@ JUMP_TABLE = ("__start___jump_table", "__stop___jump_table", 16, "jump_label_ini
 STATIC_CALL_SITES = ("__start_static_call_sites", "__stop_static_call_sites", 8, "static_call_init")  # {s32 addr, s32 key}
 MCOUNT_LOCATIONS = ("__start_mcount_loc", "__stop_mcount_loc", 8, "ftrace_init")  # u64 addresses
 ENTRY_TEXT = ("__entry_text_start", "__entry_text_end")  # the entry code: runs on any stack, found by address
+# The head (.head.text, from _text): code that runs at its physical address too, where a rel32 to the
+# cache lands nowhere. No symbol ends it: it ends at the first function not of these names.
+HEAD_FUNCTIONS = frozenset(("_text", "_stext", "startup_64", "secondary_startup_64", "secondary_startup_64_no_verify",
+                            "verify_cpu", "sev_verify_cbit", "start_cpu0", "__startup_64", "startup_64_setup_env",
+                            "startup_64_setup_gdt_idt", "early_setup_idt", "startup_64_load_idt", "vc_boot_ghcb",
+                            "__startup_secondary_64", "sme_postprocess_startup", "common_startup_64"))
+EX_TYPE_WRMSR = 8  # arch/x86/include/asm/extable_fixup_types.h
 
 
 def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols, types: BtfTypes,
@@ -55,12 +62,22 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
         for at in table_entries(sections, ".parainstructions", size):
             site = struct.unpack_from("<Q", vmlinux, at + instr)[0]
             kept.append((site, site + vmlinux[at + length]))
+    faulting: set[int] = set()
     if "__ex_table" in sections:
         size, members = types.struct("exception_table_entry")
         insn, fixup = struct_fields(size, members, "exception_table_entry", insn=4, fixup=4)
         entries = table_entries(sections, "__ex_table", size)
-        kept += [(site, site + 1) for site in _relative(vmlinux, sections["__ex_table"], entries, insn)]
+        sites = _relative(vmlinux, sections["__ex_table"], entries, insn)
         targets.update(_relative(vmlinux, sections["__ex_table"], entries, fixup))
+        # an unchecked WRMSR's entry (EX_TYPE_WRMSR, Linux 5.16 on: the type in the low byte of `data`)
+        # only warns if the CPU refuses it; the monitor's write_msr, which a copy calls, is pv_ops'
+        # for the same unchecked writes in a paravirtual kernel. Every other entry's instruction stays.
+        data = struct_fields(size, members, "exception_table_entry", data=4)[0] if "data" in members else None
+        for at, site in zip(entries, sites):
+            if data is not None and vmlinux[at + data] == EX_TYPE_WRMSR:
+                faulting.add(site)
+            else:
+                kept.append((site, site + 1))
     for first, stop, size, feature in (JUMP_TABLE, STATIC_CALL_SITES, MCOUNT_LOCATIONS):
         if first not in symbols or stop not in symbols:
             if feature in symbols:
@@ -82,7 +99,15 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
             targets.update(_relative(vmlinux, table, entries, 4))
     if ENTRY_TEXT[0] in symbols and ENTRY_TEXT[1] in symbols:
         kept.append((symbols[ENTRY_TEXT[0]].address, symbols[ENTRY_TEXT[1]].address))
-    return KernelSites(kept, targets, locks, returns)
+    if "_text" in symbols:
+        head = symbols["_text"].address
+        names: dict[int, set[str]] = {}
+        for name, symbol in symbols.items():
+            if symbol.kind in "tT" and symbol.address >= head:
+                names.setdefault(symbol.address, set()).add(name)
+        end = next((address for address in sorted(names) if not names[address] <= HEAD_FUNCTIONS), head)
+        kept.append((head, end))
+    return KernelSites(kept, targets, faulting, locks, returns)
 
 
 def _relative(vmlinux: bytes, table: Section, entries: range, field: int) -> list[int]:

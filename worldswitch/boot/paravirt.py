@@ -222,7 +222,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
             translation = Translation(b"", 0, 0, Counter(), {}, found)
         else:
             layout = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, functions["irq_disable"], functions["irq_enable"],
-                                 functions["save_fl"])
+                                 functions["save_fl"], functions["write_msr"], functions["write_cr3"])
             translation = translate(image, code, found, layout)
             move_return_sites(image, sections, translation.moved_returns)
     return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,

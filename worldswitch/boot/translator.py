@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import re
 import struct
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 from .decoding import PUSHF_TRAP, Decoded, decode, new_decoder
 from .flag_sites import CodeRange
@@ -48,10 +48,16 @@ PUSH_RAX, POP_RAX, PUSHFQ, POPFQ = b"\x50", b"\x58", b"\x9c", b"\x9d"
 RFLAGS_KEPT_BY_PUSHF = 0x40DD7  # monitor.h RFLAGS_STATUS | RFLAGS_FIXED: what emulate_flags pushes beside the virtual IF
 AND_16_RSP_IMM32 = b"\x48\x81\x64\x24\x10"  # andq $imm32, 16(%rsp)
 OR_RAX_TO_16_RSP = b"\x48\x09\x44\x24\x10"  # orq %rax, 16(%rsp)
-SENSITIVE = ("cli", "sti", "pushfq")
-SENSITIVE_BYTES = frozenset((0xFA, 0xFB, 0x9C, PUSHF_TRAP))  # CLI, STI, PUSHF
+SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22")  # CLI, STI, PUSHF, MOV to CR (WRMSRs: by their entries)
+# The caller-saved registers, which the pv page's C-ABI functions (write_msr, write_cr3) may change:
+# pushed before the call and popped after it, with the flags, so that the copy changes none
+SAVE_CALLER_SAVED = bytes.fromhex("9c 50 51 52 56 57 41 50 41 51 41 52 41 53")  # pushfq, RAX ... R11
+RESTORE_CALLER_SAVED = bytes.fromhex("41 5b 41 5a 41 59 41 58 5f 5e 5a 59 58 9d")
+MSR_ARGUMENTS = bytes.fromhex("89 cf 89 c6")  # mov %ecx, %edi; mov %eax, %esi (the high half is EDX already)
+REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
 SHORT_REACH = 130  # a rel8 jump's reach, with its own two bytes
 ADDRESS_MASK = 2**64 - 1
+_REL8_OPCODE = [0x70 <= byte <= 0x7F or byte == 0xEB or 0xE0 <= byte <= 0xE3 for byte in range(256)]  # Jcc, JMP, LOOP, JRCXZ
 _REL32 = re.compile(rb"[\xe8\xe9]|\x0f[\x80-\x8f]", re.S)  # CALL, JMP, Jcc: the opcode before a rel32
 # What a window may copy besides them: instructions that mean the same anywhere and never trap in ring 3
 MOVABLE = frozenset((
@@ -77,6 +83,8 @@ class CacheLayout(NamedTuple):
     irq_disable: int
     irq_enable: int
     save_fl: int
+    write_msr: int  # write_msr(u32 msr, u32 low, u32 high)
+    write_cr3: int
 
 
 class KernelSites(NamedTuple):
@@ -84,6 +92,7 @@ class KernelSites(NamedTuple):
     branch names."""
     kept: list[tuple[int, int]]  # [start, end): rewritten by the kernel, or found by their address
     targets: set[int]  # jump labels' targets, exception fixups
+    faulting: set[int]  # instructions with an exception-table entry: kept, but for a WRMSR whose entry only warns
     locks: set[int]  # LOCK prefixes the kernel rewrites where the byte is a LOCK or a DS prefix
     returns: set[int]  # JMPs to the return thunk, each moved with its .return_sites entry (kernel_sites.py)
 
@@ -119,6 +128,7 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
     ranges = sorted(code)
     far = set(sites.targets) | _rel32_targets(image, ranges)
     kept = _Ranges(sites.kept)
+    faulting = sorted(sites.faulting)
     decoded: dict[int, _Function] = {}
 
     def function(n: int) -> _Function:
@@ -132,20 +142,22 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
     moved: dict[int, int] = {}
     for n, each in enumerate(ranges):
         chunk = image[each.offset : each.offset + each.length]
-        if not any(byte in chunk for byte in SENSITIVE_BYTES):
+        wrmsr = bisect_left(faulting, each.address)
+        if not any(pattern in chunk for pattern in SENSITIVE_BYTES) and not (
+                wrmsr < len(faulting) and faulting[wrmsr] < each.address + each.length):
             continue  # most functions: nothing to decode for
         listing, delta, whole = function(n)
         near: set[int] | None = None  # the targets of short branches, here and in the functions around
         taken_to = 0  # the end of the last window in this function
         for k, (address, _, mnemonic, _) in enumerate(listing):
-            if mnemonic not in SENSITIVE or address < taken_to:
+            if _sensitive(listing[k]) is None or address < taken_to:
                 continue
             if not whole:
                 left["its function jumps indirectly or did not decode"] += 1
                 continue
             if near is None:
-                near = _near_targets(ranges, n, function)
-            window, reason = _window(listing, k, taken_to, _Either(far, near), kept)
+                near = _near_targets(image, ranges, n, function(n))
+            window, reason = _window(listing, k, taken_to, _Either(far, near), kept, sites.faulting)
             if window is None:
                 left[reason] += 1
                 continue
@@ -168,7 +180,7 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
             out += body
             taken_to = end
             windows += 1
-            translated += sum(each.mnemonic in SENSITIVE for each in window)
+            translated += sum(_sensitive(each) is not None for each in window)
     return Translation(bytes(out), translated, windows, left, moved)
 
 
@@ -197,20 +209,23 @@ def _rel32_targets(image: bytearray, ranges: list[CodeRange]) -> set[int]:
     return targets
 
 
-def _near_targets(ranges: list[CodeRange], n: int, function: Callable[[int], "_Function"]) -> set[int]:
-    """The targets of every direct branch in function `n` and in those within a short jump of it,
-    decoded: a rel8 displacement reaches 128 bytes."""
+def _near_targets(image: bytearray, ranges: list[CodeRange], n: int, function: _Function) -> set[int]:
+    """The targets of every direct branch in function `n`, decoded, and of every rel8 branch that
+    could be in the bytes within a short jump of it, found from the bytes as _rel32_targets does
+    (each 70-7F, EB and E0-E3 byte taken for one): a rel8 displacement reaches 128 bytes."""
     targets = set()
-    first = n
-    while first > 0 and ranges[first - 1].address + ranges[first - 1].length + SHORT_REACH > ranges[n].address:
-        first -= 1
-    last = n
-    while last + 1 < len(ranges) and ranges[last + 1].address < ranges[n].address + ranges[n].length + SHORT_REACH:
-        last += 1
-    for m in range(first, last + 1):
-        for _, _, mnemonic, operands in function(m).instructions:
-            if operands.startswith("0x") and BRANCHES.match(mnemonic.split()[-1]):
-                targets.add(int(operands, 16))
+    for _, _, mnemonic, operands in function.instructions:
+        if operands.startswith("0x") and BRANCHES.match(mnemonic.split()[-1]):
+            targets.add(int(operands, 16))
+    here = ranges[n]
+    for start, end in ((here.address - SHORT_REACH, here.address), (here.address + here.length,
+                                                                    here.address + here.length + SHORT_REACH)):
+        for other in ranges[max(n - 8, 0) : n + 9]:  # the functions around, in address order
+            low, high = max(start, other.address), min(end, other.address + other.length)
+            for address in range(low, high - 1):
+                if _REL8_OPCODE[image[other.offset + address - other.address]]:
+                    displacement = image[other.offset + address - other.address + 1]
+                    targets.add(address + 2 + (displacement - 256 if displacement > 127 else displacement))
     return targets
 
 
@@ -241,6 +256,17 @@ class _Ranges:
         return k >= 0 and self.ends[k] > start
 
 
+def _sensitive(instruction: Decoded) -> str | None:
+    """What a copy does instead of the instruction: "cli", "sti", "pushfq", "wrmsr", "cr3" (a MOV to
+    CR3), or None for an instruction copied as it is (or not at all)."""
+    mnemonic, operands = instruction[2], instruction[3]
+    if mnemonic in ("cli", "sti", "pushfq", "wrmsr"):
+        return mnemonic
+    if mnemonic == "mov" and operands.startswith("cr3, ") and operands[5:] in REGISTERS:
+        return "cr3"
+    return None
+
+
 def _movable(instruction: Instruction) -> bool:
     """Copied as it is, or with its displacement made to reach the same place from the cache: a
     plain instruction (RIP-relative operands included), or a direct JMP or Jcc without prefixes."""
@@ -261,8 +287,8 @@ def _relocatable_branch(instruction: Instruction) -> bool:
     return (name in ("jmp", "call") or name in CONDITIONS) and instruction.operands.startswith("0x")
 
 
-def _window(listing: list[Decoded], k: int, taken_to: int, targets: _Either,
-            kept: _Ranges) -> tuple[list[Instruction] | None, str]:
+def _window(listing: list[Decoded], k: int, taken_to: int, targets: _Either, kept: _Ranges,
+            faulting: set[int]) -> tuple[list[Instruction] | None, str]:
     """Whole instructions around listing[k], at least WINDOW_MIN bytes, that may move: those from up
     to three before it, the first that is safe, made longer where that takes in a sensitive
     instruction one or two after it (`pushf; pop %rax; cli`: one window, not a second that cannot
@@ -279,25 +305,29 @@ def _window(listing: list[Decoded], k: int, taken_to: int, targets: _Either,
             length += listing[last][1]
         if last >= len(listing):
             continue
-        problem = _problem(listing, first, last, targets, kept)
+        problem = _problem(listing, first, last, targets, kept, faulting)
         if problem is not None:
             reason = problem
             continue
         for more in (1, 2):
-            if last + more < len(listing) and listing[last + more][2] in SENSITIVE and \
-                    _problem(listing, first, last + more, targets, kept) is None:
+            if last + more < len(listing) and _sensitive(listing[last + more]) is not None and \
+                    _problem(listing, first, last + more, targets, kept, faulting) is None:
                 last += more
                 break
         return [Instruction._make(each) for each in listing[first : last + 1]], ""
     return None, reason
 
 
-def _problem(listing: list[Decoded], first: int, last: int, targets: _Either, kept: _Ranges) -> str | None:
+def _problem(listing: list[Decoded], first: int, last: int, targets: _Either, kept: _Ranges,
+             faulting: set[int]) -> str | None:
     """Why listing[first : last + 1] may not be a window, or None."""
     for n in range(first, last + 1):
         instruction = Instruction._make(listing[n])
-        if instruction.mnemonic not in SENSITIVE and not _movable(instruction):
+        kind = _sensitive(instruction)
+        if kind is None and not _movable(instruction):
             return "beside an instruction that cannot move"
+        if (instruction.address in faulting) != (kind == "wrmsr"):  # only the kernel's unchecked wrmsr()
+            return "code the kernel rewrites or finds by address"
         if n > first and instruction.address in targets:
             return "a branch target inside"
         if instruction.mnemonic == "sti" and (n + 1 >= len(listing) or listing[n + 1][2].split()[-1] in NEEDS_SHADOW):
@@ -320,19 +350,33 @@ def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheL
         return bytes([CALL_REL32]) + struct.pack("<i", displacement) if _fits(displacement) else None
 
     for instruction in window:
-        if instruction.mnemonic == "cli":  # the virtual IF cleared; irq_disable keeps the flags
+        kind = _sensitive(instruction)
+        if kind == "wrmsr":  # write_msr(ECX, EAX, EDX), as pv_ops.cpu.write_msr
+            out += SAVE_CALLER_SAVED + MSR_ARGUMENTS
+            called = call(cache.write_msr)
+            if called is None:
+                return None
+            out += called + RESTORE_CALLER_SAVED
+        elif kind == "cr3":  # write_cr3(the register), as pv_ops.mmu.write_cr3
+            source = REGISTERS.index(instruction.operands.split(", ")[1])
+            out += SAVE_CALLER_SAVED + bytes([0x48 | (source >> 3) << 2, 0x89, 0xC7 | (source & 7) << 3])
+            called = call(cache.write_cr3)
+            if called is None:
+                return None
+            out += called + RESTORE_CALLER_SAVED
+        elif kind == "cli":  # the virtual IF cleared; irq_disable keeps the flags
             out += PUSH_RAX
             called = call(cache.irq_disable)
             if called is None:
                 return None
             out += called + POP_RAX
-        elif instruction.mnemonic == "sti":  # set, and a held interrupt taken here, as at the STI's trap
+        elif kind == "sti":  # set, and a held interrupt taken here, as at the STI's trap
             out += PUSH_RAX + PUSHFQ
             called = call(cache.irq_enable)
             if called is None:
                 return None
             out += called + POPFQ + POP_RAX
-        elif instruction.mnemonic == "pushfq":  # the flags, with the virtual IF for the real one
+        elif kind == "pushfq":  # the flags, with the virtual IF for the real one
             out += PUSHFQ + PUSH_RAX + PUSHFQ
             called = call(cache.save_fl)
             if called is None:
