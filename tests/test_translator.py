@@ -13,7 +13,7 @@ from worldswitch.boot.translator import CacheLayout, KernelSites, Translation, t
 
 BASE = 0xFFFF_FFFF_8100_0000
 LAYOUT = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, *(PV_BASE + PV_FUNCTIONS[name] for name in
-                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3")))
+                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3", "invlpg")))
 NOTHING = KernelSites([], set(), set(), set(), set())
 INT3 = 0xCC
 # local_irq_save's shape: push %rbx; pushf; pop %rbx; cli; then mov $1, %eax; ret
@@ -133,3 +133,22 @@ def test_a_wrmsr_with_the_kernels_unchecked_entry_and_a_cr3_load_call_the_pv_fun
     # a WRMSR without that entry (one whose refusal the kernel handles: wrmsr_safe) stays
     image, translation, _ = run([wrmsr])
     assert translation.sites == 0 and image == wrmsr
+
+
+def test_an_invlpg_passes_its_operands_address_and_a_per_cpu_operand_still_names_its_variable() -> None:
+    # mov %gs:0x7f000000(%rip), %ax: a per-CPU variable, an offset from GS that the address wraps to
+    # (here 8); the 0x66 and GS prefixes make Capstone give the displacement's size as 2. invlpg (%rdi); ret
+    per_cpu = bytes.fromhex("65 66 8b 05 00 00 00 7f 0f 01 3f c3")
+    # invlpg (%r8,%rcx,1): REX.B, which the LEA keeps, with W for a 64-bit address; ret
+    high = bytes.fromhex("41 0f 01 3c 08 c3")
+    _, translation, (_, high_at) = run([per_cpu, high])
+    assert translation.sites == 2
+    copies = listing(translation.cache, CODE_CACHE)
+    assert (BASE + 8 + 0x7F00_0000) % (1 << 64) == 8
+    assert copies[0] == f"mov ax, word ptr gs:[rip + {8 - (CODE_CACHE + 8) + (1 << 64):#x}]"  # 8, from the cache
+    saved = ["pushfq", "push rax", "push rcx", "push rdx", "push rsi", "push rdi", "push r8", "push r9", "push r10",
+             "push r11"]
+    assert copies[1:14] == [*saved, "lea rdi, [rdi]", f"call {LAYOUT.invlpg:#x}", "pop r11"]
+    second = copies.index(f"jmp {BASE + 11:#x}") + 1
+    assert copies[second : second + 12] == [*saved, "lea rdi, [r8 + rcx]", f"call {LAYOUT.invlpg:#x}"]
+    assert copies[-1] == f"jmp {high_at + 5:#x}"

@@ -282,10 +282,11 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int],
                      "as they are")
         translation = paravirtualized.translation
         if translation.refused:
-            notes.append(f"its CLIs, STIs and PUSHFs not translated: {translation.refused}")
+            notes.append(f"its sensitive instructions not translated: {translation.refused}")
         else:
             reasons = "; ".join(f"{reason}: {count}" for reason, count in translation.left.most_common())
-            notes.append(f"translated {translation.sites} CLIs, STIs and PUSHFs in {translation.windows} windows "
+            notes.append(f"translated {translation.sites} sensitive instructions (CLI, STI, PUSHF, MOV to CR3, WRMSR, "
+                         f"INVLPG) in {translation.windows} windows "
                          f"({len(translation.cache)} bytes of code cache); left to trap: {sum(translation.left.values())}"
                          + (f" ({reasons})" if reasons else ""))
     notes.append(f"its IRETQ to user mode at {iret_site:#x} made a UD2")

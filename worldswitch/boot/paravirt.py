@@ -64,6 +64,7 @@ KERNEL_RETURN = "iret"
 # The monitor's function for the kernel's return from a system call, its SWAPGS before SYSRETQ:
 # jumped to from the padding after that SYSRETQ (see paravirtualize)
 SYSCALL_RETURN = "sysret"
+TRANSLATED_INVLPG = "invlpg"  # not a pv_ops member: the monitor's invlpg(address), for translator.py
 MOV_TO_SS = 0x8E, 2  # MOV Sreg, r/m16 (opcode, ModRM reg field 2: SS)
 REX_B = 0x41
 # the SDM's recommended NOPs of those lengths
@@ -169,7 +170,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     instruction, and KVM's PV IPIs and PV TLB flush refused (REFUSED_KVM_FEATURES)."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
-    names += [KERNEL_RETURN, SYSCALL_RETURN]
+    names += [KERNEL_RETURN, SYSCALL_RETURN, TRANSLATED_INVLPG]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
@@ -222,7 +223,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
             translation = Translation(b"", 0, 0, Counter(), {}, found)
         else:
             layout = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, functions["irq_disable"], functions["irq_enable"],
-                                 functions["save_fl"], functions["write_msr"], functions["write_cr3"])
+                                 functions["save_fl"], functions["write_msr"], functions["write_cr3"],
+                                 functions[TRANSLATED_INVLPG])
             translation = translate(image, code, found, layout)
             move_return_sites(image, sections, translation.moved_returns)
     return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,

@@ -48,7 +48,7 @@ PUSH_RAX, POP_RAX, PUSHFQ, POPFQ = b"\x50", b"\x58", b"\x9c", b"\x9d"
 RFLAGS_KEPT_BY_PUSHF = 0x40DD7  # monitor.h RFLAGS_STATUS | RFLAGS_FIXED: what emulate_flags pushes beside the virtual IF
 AND_16_RSP_IMM32 = b"\x48\x81\x64\x24\x10"  # andq $imm32, 16(%rsp)
 OR_RAX_TO_16_RSP = b"\x48\x09\x44\x24\x10"  # orq %rax, 16(%rsp)
-SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22")  # CLI, STI, PUSHF, MOV to CR (WRMSRs: by their entries)
+SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22", b"\x0f\x01")  # CLI, STI, PUSHF, MOV to CR, INVLPG (WRMSRs: by their entries)
 # The caller-saved registers, which the pv page's C-ABI functions (write_msr, write_cr3) may change:
 # pushed before the call and popped after it, with the flags, so that the copy changes none
 SAVE_CALLER_SAVED = bytes.fromhex("9c 50 51 52 56 57 41 50 41 51 41 52 41 53")  # pushfq, RAX ... R11
@@ -57,6 +57,7 @@ MSR_ARGUMENTS = bytes.fromhex("89 cf 89 c6")  # mov %ecx, %edi; mov %eax, %esi (
 REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
 SHORT_REACH = 130  # a rel8 jump's reach, with its own two bytes
 ADDRESS_MASK = 2**64 - 1
+_RIP_DISPLACEMENT = re.compile(r"\[rip(?: ([+-]) (0x[0-9a-f]+))?\]")
 _REL8_OPCODE = [0x70 <= byte <= 0x7F or byte == 0xEB or 0xE0 <= byte <= 0xE3 for byte in range(256)]  # Jcc, JMP, LOOP, JRCXZ
 _REL32 = re.compile(rb"[\xe8\xe9]|\x0f[\x80-\x8f]", re.S)  # CALL, JMP, Jcc: the opcode before a rel32
 # What a window may copy besides them: instructions that mean the same anywhere and never trap in ring 3
@@ -85,6 +86,7 @@ class CacheLayout(NamedTuple):
     save_fl: int
     write_msr: int  # write_msr(u32 msr, u32 low, u32 high)
     write_cr3: int
+    invlpg: int  # invlpg(u64 address)
 
 
 class KernelSites(NamedTuple):
@@ -262,6 +264,8 @@ def _sensitive(instruction: Decoded) -> str | None:
     mnemonic, operands = instruction[2], instruction[3]
     if mnemonic in ("cli", "sti", "pushfq", "wrmsr"):
         return mnemonic
+    if mnemonic == "invlpg" and "rip" not in operands and "rsp" not in operands:  # its operand read from here
+        return mnemonic
     if mnemonic == "mov" and operands.startswith("cr3, ") and operands[5:] in REGISTERS:
         return "cr3"
     return None
@@ -364,6 +368,17 @@ def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheL
             if called is None:
                 return None
             out += called + RESTORE_CALLER_SAVED
+        elif kind == "invlpg":  # invlpg(the operand's address): LEA into RDI, from INVLPG's own ModRM (reg 7: RDI)
+            code = bytes(image[instruction.address + delta : instruction.address + delta + instruction.size])
+            rex = code[0] if 0x40 <= code[0] <= 0x4F else 0
+            body = code[1:] if rex else code
+            if body[:2] != b"\x0f\x01":
+                return None  # a prefix other than REX
+            out += SAVE_CALLER_SAVED + bytes([0x48 | (rex & 3), 0x8D]) + body[2:]
+            called = call(cache.invlpg)
+            if called is None:
+                return None
+            out += called + RESTORE_CALLER_SAVED
         elif kind == "cli":  # the virtual IF cleared; irq_disable keeps the flags
             out += PUSH_RAX
             called = call(cache.irq_disable)
@@ -406,10 +421,16 @@ def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheL
             copy = bytearray(image[instruction.address + delta : instruction.address + delta + instruction.size])
             if "rip" in instruction.operands:  # the same memory, addressed from here
                 (detail,) = detailed.disasm(bytes(copy), instruction.address, 1)
-                field = detail.disp_offset
-                aimed = instruction.address + instruction.size + struct.unpack_from("<i", copy, field)[0]
-                displacement = aimed - (at + len(out) + instruction.size)
-                if detail.disp_size != 4 or not _fits(displacement):
+                field = detail.disp_offset  # (its disp_size is wrong after a 0x66 prefix: RIP-relative is 32 bits)
+                written = _RIP_DISPLACEMENT.search(instruction.operands)
+                if written is None:
+                    return None
+                shown = int(written[2], 16) * (-1 if written[1] == "-" else 1) if written[2] else 0
+                if not 0 < field <= len(copy) - 4 or struct.unpack_from("<i", copy, field)[0] != shown:
+                    return None
+                aimed = instruction.address + instruction.size + shown
+                displacement = _wrapped(aimed - (at + len(out) + instruction.size))  # per-CPU data: GS-relative, near 0
+                if not _fits(displacement):
                     return None
                 struct.pack_into("<i", copy, field, displacement)
             out += copy
@@ -417,6 +438,11 @@ def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheL
     if not _fits(back) or not _fits(at - (window[0].address + 5)):
         return None
     return bytes(out) + bytes([JMP_REL32]) + struct.pack("<i", back), copies
+
+
+def _wrapped(displacement: int) -> int:
+    """A difference of addresses as the CPU computes it: modulo 2**64, signed."""
+    return (displacement + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
 def _fits(displacement: int) -> bool:

@@ -479,12 +479,16 @@ gs_gate_end:
  * virtual IF is set irq_enable delivers what was held before the kernel goes on. */
     .globl cr3_gate, cr3_gate_look, cr3_gate_end
 cr3_gate:
+    leaq monitor_cr3_gate(%rip), %rax
+/* The same way for a translated INVLPG (boot/translator.py: invlpg(u64 address), by the C ABI as
+ * write_cr3): monitor_invlpg_gate, which asks ring 0 for nothing where no shadow maps the page. */
+c_gate:
     popq %rsi                           /* the return address (RSI is the callee's to lose) */
-    leaq cr3_gate_stack_top(%rip), %rax
-    movq %rsp, -8(%rax)                 /* the kernel's RSP as the return leaves it */
-    movq %rsi, -16(%rax)
-    leaq -16(%rax), %rsp                /* 16-byte aligned, as a call wants */
-    call monitor_cr3_gate
+    leaq cr3_gate_stack_top(%rip), %rcx
+    movq %rsp, -8(%rcx)                 /* the kernel's RSP as the return leaves it */
+    movq %rsi, -16(%rcx)
+    leaq -16(%rcx), %rsp                /* 16-byte aligned, as a call wants */
+    call *%rax
     movq (%rsp), %rsi
     movq 8(%rsp), %rsp
 cr3_gate_look:
@@ -494,6 +498,10 @@ cr3_gate_look:
 1:  movabsq $(PV_BASE + pv_cr3_held - pv_page), %rax
     jmp *%rax
 cr3_gate_end:
+    .globl invlpg_gate
+invlpg_gate:
+    leaq monitor_invlpg_gate(%rip), %rax
+    jmp c_gate
 
 /* The kernel's return from a system call (entry_SYSRETQ_unsafe_stack: SWAPGS, the VERW its
  * CLEAR_CPU_BUFFERS may be, SYSRETQ), whose SWAPGS the VMM made a jump, through the padding after the
@@ -717,6 +725,10 @@ pv_irq_enable:
     iretq
 3:  popq %rax
     iretq
+
+    .org pv_page + PV_INVLPG, 0xcc
+    movabsq $invlpg_gate, %rax
+    jmp *%rax
 
 /* ZF clear if an interrupt is held (RAX lost), for irq_enable and pv_iret. */
 pv_any_held:

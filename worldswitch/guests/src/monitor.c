@@ -2136,6 +2136,13 @@ void monitor_cr3_gate(u64 cr3)
     load_guest_tables(cr3);
 }
 
+/* A translated INVLPG, through invlpg_gate (monitor.S): what its trap did, without the trap. */
+void monitor_invlpg_gate(u64 address)
+{
+    count(COUNT_INVLPG_GATE);
+    shadow_invalidate(address);
+}
+
 /* ---- protection keys ---------------------------------------------------------------------------- */
 
 /* The guest's ring 3 runs on the host's CR4.PKE, so its WRPKRU runs natively; but under KVM's shadow

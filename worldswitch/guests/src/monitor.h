@@ -46,6 +46,7 @@
 #define PV_LOAD_GS_INDEX_AGAIN 0x120 /* not the kernel's: gs_gate's way back after an interrupt */
 #define PV_WRITE_MSR_U64 0x140 /* write_msr(u32 msr, u64 value), Linux 7.2's form; the one above (msr, low, high) 6.12's */
 #define PV_IRET 0x160 /* the kernel's IRETQ to itself, jumped to from early_xen_iret_patch (boot/paravirt.py) */
+#define PV_INVLPG 0x260 /* invlpg(u64 address): a translated INVLPG's (boot/translator.py), not a pv_ops member */
 /* The RFLAGS bits an IRETQ of the guest's kernel may set (CF PF AF ZF SF TF DF OF AC; its IF is the
  * virtual one), and the two every real RFLAGS of the guest's has: bit 1 and IF. */
 #define RFLAGS_STATUS 0x40dd5
@@ -188,6 +189,7 @@ enum {
     COUNT_SWAPGS_NATIVE, /* of its SWAPGS, those the body did in ring 3 (leave_swapping_gs), without ring 0 */
     COUNT_KEY0,        /* PKRUs the guest wrote that denied key 0, which every page has here: key 0 allowed again */
     COUNT_PUSHF, COUNT_POPF, /* a kernel without PARAVIRT_XXL: its PUSHFs and POPFs, made to trap (flag_traps) */
+    COUNT_INVLPG_GATE, /* its INVLPGs translated (boot/translator.py), done through invlpg_gate without a trap */
     COUNT_KINDS
 };
 
