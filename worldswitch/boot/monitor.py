@@ -36,8 +36,8 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "swapgs_native", "key0", "pushf", "popf", "invlpg_gate")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
 # pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, its IRETQ to itself
-# ("iret") and its return from a system call ("sysret"), at PV_BASE in its kernel's address space
-# (boot/paravirt.py points the kernel there).
+# ("iret") and its return from a system call ("sysret"), and for a translated INVLPG ("invlpg",
+# translator.py), at PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_cr2": 0x60, "write_cr3": 0x70,
                 "safe_halt": 0x80, "sysret": 0x90, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100,

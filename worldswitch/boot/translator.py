@@ -1,33 +1,38 @@
 """The seed's binary translator, for a Linux without CONFIG_PARAVIRT_XXL under the in-guest monitor
-(docs/monitor.md, "Translated CLIs, STIs and PUSHFs"): its interrupt-flag instructions stop trapping.
+(docs/monitor.md, "Translated CLIs, STIs, PUSHFs, CR3 loads, WRMSRs and INVLPGs"): its sensitive
+instructions stop trapping.
 
-Deprivileged, such a kernel's CLI and STI fault, and its PUSHFs are made to (flag_sites.py): each is a
-trip through the host's exception path into the monitor, 265,000 of them in a boot. A paravirtual
-kernel calls the monitor's functions in the pv page instead, which read and write the virtual IF in
-ring 3; this kernel's sites are translated to do the same. A *window* of whole instructions around
-each site (at least the 5 bytes of a JMP rel32) is copied into the code cache, the pages after the
-pv page, with each CLI, STI and PUSHF in it replaced by a call of the pv page's irq_disable,
-irq_enable or save_fl that keeps every register and flag as the instruction would; the window's
-first bytes become a jump there, the rest INT3s, and the copy jumps back after it. A copied branch
-or CALL reaches the same target with a rel32 (a CALL's callee returns into the cache, and the copy
-goes on from there), a RIP-relative operand the same memory.
+Deprivileged, such a kernel's CLI, STI, MOV to CR3, WRMSR and INVLPG fault, and its PUSHFs are made
+to (flag_sites.py): each is a trip through the host's exception path into the monitor, 370,000 of
+them in a boot. A paravirtual kernel calls the monitor's functions instead (pv_ops), which run in
+its ring 3; this kernel's sites are translated to do the same. A *window* of whole instructions
+around each site (at least the 5 bytes of a JMP rel32) is copied into the code cache, the pages after
+the pv page, with each sensitive instruction in it replaced by a call of the monitor's function for
+it (irq_disable, irq_enable, save_fl, write_cr3, write_msr, invlpg) that keeps every register and
+flag as the instruction would; the window's first bytes become a jump there, the rest INT3s, and the
+copy jumps back after it. A copied branch or CALL reaches the same target with a rel32 (a CALL's
+callee returns into the cache, and the copy goes on from there), a RIP-relative operand the same
+memory.
 
 A window is only safe where nothing else reaches into it or rewrites it, so it is refused where:
 - an instruction after its first is the target of a direct branch anywhere in the kernel's code
-  (found from the bytes for every rel32, decoded for rel8s nearby), of a jump label or of an
-  exception fixup: only its first instruction may be entered;
+  (found from the bytes for every rel32 and for the rel8s nearby, decoded in its function), of a
+  jump label or of an exception fixup: only its first instruction may be entered;
 - its function jumps indirectly (a jump table names targets no decoder sees);
 - it overlaps code the kernel rewrites later (alternatives, paravirt sites, retpolines, static
   calls, jump labels, ftrace's calls, ENDBR seals) or finds by its address (an instruction with an
-  exception-table entry; the entry text, which also runs on stacks a copy may not push to);
+  exception-table entry; the entry text, which also runs on stacks a copy may not push to; the
+  head, which also runs at its physical address);
 - it holds an instruction that traps or means something else elsewhere (anything privileged, a
   prefixed branch), or an STI followed by HLT or MWAIT, whose interrupt shadow keeps a wake-up from
   being lost between the two.
-Two kinds of rewritten sites may be covered: a LOCK prefix (the kernel swaps it with a DS prefix,
-and only where the byte is one of the two, which the window's bytes are made not to be) and a JMP to
-the return thunk (the copy is the one the kernel rewrites: kernel_sites.py points its .return_sites
-entry there, and the monitor lets the kernel write the cache). Sites refused stay trapping; the
-monitor still emulates them. A stack trace through a copy shows an address outside the kernel.
+Three kinds of such sites may be covered: a LOCK prefix (the kernel swaps it with a DS prefix, and
+only where the byte is one of the two, which the window's bytes are made not to be), a JMP to the
+return thunk (the copy is the one the kernel rewrites: kernel_sites.py points its .return_sites
+entry there, and the monitor lets the kernel write the cache), and a WRMSR whose exception-table
+entry only warns (the kernel's unchecked wrmsr(), which pv_ops sends to the same write_msr). Sites
+refused stay trapping; the monitor still emulates them. A stack trace through a copy shows an
+address outside the kernel.
 """
 
 from __future__ import annotations
