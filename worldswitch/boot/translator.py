@@ -53,8 +53,10 @@ PUSH_RAX, POP_RAX, PUSHFQ, POPFQ = b"\x50", b"\x58", b"\x9c", b"\x9d"
 RFLAGS_KEPT_BY_PUSHF = 0x40DD7  # monitor.h RFLAGS_STATUS | RFLAGS_FIXED: what emulate_flags pushes beside the virtual IF
 AND_16_RSP_IMM32 = b"\x48\x81\x64\x24\x10"  # andq $imm32, 16(%rsp)
 OR_RAX_TO_16_RSP = b"\x48\x09\x44\x24\x10"  # orq %rax, 16(%rsp)
-SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22", b"\x0f\x01")  # CLI, STI, PUSHF, MOV to CR, INVLPG (WRMSRs: by their entries)
-# The caller-saved registers, which the pv page's C-ABI functions (write_msr, write_cr3) may change:
+# CLI, STI, PUSHF (and its trap), MOV to CR, INVLPG: a function without one of these is not decoded
+# (a WRMSR's function is, by its exception-table entry)
+SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22", b"\x0f\x01")
+# The caller-saved registers, which the C-ABI functions (write_msr, write_cr3, invlpg) may change:
 # pushed before the call and popped after it, with the flags, so that the copy changes none
 SAVE_CALLER_SAVED = bytes.fromhex("9c 50 51 52 56 57 41 50 41 51 41 52 41 53")  # pushfq, RAX ... R11
 RESTORE_CALLER_SAVED = bytes.fromhex("41 5b 41 5a 41 59 41 58 5f 5e 5a 59 58 9d")
@@ -106,7 +108,7 @@ class KernelSites(NamedTuple):
 
 class Translation(NamedTuple):
     cache: bytes  # the code cache's contents (CacheLayout.size at most); empty if nothing was translated
-    sites: int  # CLIs, STIs and PUSHFs that now run translated
+    sites: int  # sensitive instructions that now run translated
     windows: int
     left: Counter[str]  # sites left to trap, by the reason
     moved_returns: dict[int, int]  # a return thunk JMP's address -> its copy's in the cache
@@ -156,8 +158,8 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
         listing, delta, whole = function(n)
         near: set[int] | None = None  # the targets of short branches, here and in the functions around
         taken_to = 0  # the end of the last window in this function
-        for k, (address, _, mnemonic, _) in enumerate(listing):
-            if _sensitive(listing[k]) is None or address < taken_to:
+        for k, instruction in enumerate(listing):
+            if _sensitive(instruction) is None or instruction[0] < taken_to:
                 continue
             if not whole:
                 left["its function jumps indirectly or did not decode"] += 1
@@ -170,7 +172,7 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
                 continue
             stub = _stub(image, window, delta, cache, cache.base + len(out), detailed)
             if stub is None:
-                left["beyond a jump's reach"] += 1
+                left["a displacement beyond 32 bits, or a form not copied"] += 1
                 continue
             body, copies = stub
             if len(out) + len(body) > cache.size:
@@ -187,7 +189,7 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
             out += body
             taken_to = end
             windows += 1
-            translated += sum(_sensitive(each) is not None for each in window)
+            translated += sum(_sensitive(copied) is not None for copied in window)
     return Translation(bytes(out), translated, windows, left, moved)
 
 
@@ -345,63 +347,53 @@ def _problem(listing: list[Decoded], first: int, last: int, targets: _Either, ke
     return "code the kernel rewrites or finds by address" if kept.meets(start, end) else None
 
 
+def _replacement(kind: str, instruction: Instruction, code: bytes, cache: CacheLayout) -> tuple[bytes, int, bytes] | None:
+    """What a copy does for a sensitive instruction (`code`, its bytes): the code before a call, the
+    function called, the code after; None for a form not translated."""
+    if kind == "cli":  # the virtual IF cleared; irq_disable keeps the flags
+        return PUSH_RAX, cache.irq_disable, POP_RAX
+    if kind == "sti":  # set, and a held interrupt taken here, as at the STI's trap
+        return PUSH_RAX + PUSHFQ, cache.irq_enable, POPFQ + POP_RAX
+    if kind == "pushfq":  # the flags, with the virtual IF (save_fl's RAX) for the real one
+        return (PUSHFQ + PUSH_RAX + PUSHFQ, cache.save_fl,
+                AND_16_RSP_IMM32 + struct.pack("<I", RFLAGS_KEPT_BY_PUSHF) + OR_RAX_TO_16_RSP + POPFQ + POP_RAX)
+    if kind == "wrmsr":  # write_msr(ECX, EAX, EDX), as pv_ops.cpu.write_msr
+        return SAVE_CALLER_SAVED + MSR_ARGUMENTS, cache.write_msr, RESTORE_CALLER_SAVED
+    if kind == "cr3":  # write_cr3(the register), as pv_ops.mmu.write_cr3
+        source = REGISTERS.index(instruction.operands.split(", ")[1])
+        move = bytes([0x48 | (source >> 3) << 2, 0x89, 0xC7 | (source & 7) << 3])  # mov %source, %rdi
+        return SAVE_CALLER_SAVED + move, cache.write_cr3, RESTORE_CALLER_SAVED
+    # invlpg(the operand's address): a LEA into RDI made from INVLPG's own ModRM, whose reg field (7) is RDI's
+    rex = code[0] if 0x40 <= code[0] <= 0x4F else 0
+    body = code[1:] if rex else code
+    if body[:2] != b"\x0f\x01":
+        return None  # a prefix other than REX
+    return SAVE_CALLER_SAVED + bytes([0x48 | (rex & 3), 0x8D]) + body[2:], cache.invlpg, RESTORE_CALLER_SAVED
+
+
 def _stub(image: bytearray, window: list[Instruction], delta: int, cache: CacheLayout, at: int,
           detailed: Any) -> tuple[bytes, dict[int, int]] | None:
     """The window's translation at `at`, ending in a jump back after it, and where in it each copied
-    branch begins (by the original's address); None if a displacement does not fit in 32 bits.
+    branch begins (by the original's address); None if a displacement does not fit in 32 bits, or
+    for a form not copied.
     `delta`: an instruction's offset in `image` less its address; `detailed`: a decoder that gives an
     instruction's parts, for where its displacement is."""
     out = bytearray()
     copies: dict[int, int] = {}
-
-    def call(target: int) -> bytes | None:
-        displacement = target - (at + len(out) + 5)
-        return bytes([CALL_REL32]) + struct.pack("<i", displacement) if _fits(displacement) else None
-
     for instruction in window:
         kind = _sensitive(instruction)
-        if kind == "wrmsr":  # write_msr(ECX, EAX, EDX), as pv_ops.cpu.write_msr
-            out += SAVE_CALLER_SAVED + MSR_ARGUMENTS
-            called = call(cache.write_msr)
-            if called is None:
+        if kind is not None:  # a call of the monitor's function for it, between what keeps the rest as it was
+            replacement = _replacement(kind, instruction, bytes(image[instruction.address + delta :
+                                                                      instruction.address + delta + instruction.size]),
+                                       cache)
+            if replacement is None:
                 return None
-            out += called + RESTORE_CALLER_SAVED
-        elif kind == "cr3":  # write_cr3(the register), as pv_ops.mmu.write_cr3
-            source = REGISTERS.index(instruction.operands.split(", ")[1])
-            out += SAVE_CALLER_SAVED + bytes([0x48 | (source >> 3) << 2, 0x89, 0xC7 | (source & 7) << 3])
-            called = call(cache.write_cr3)
-            if called is None:
+            before, function, after = replacement
+            out += before
+            displacement = function - (at + len(out) + 5)
+            if not _fits(displacement):
                 return None
-            out += called + RESTORE_CALLER_SAVED
-        elif kind == "invlpg":  # invlpg(the operand's address): LEA into RDI, from INVLPG's own ModRM (reg 7: RDI)
-            code = bytes(image[instruction.address + delta : instruction.address + delta + instruction.size])
-            rex = code[0] if 0x40 <= code[0] <= 0x4F else 0
-            body = code[1:] if rex else code
-            if body[:2] != b"\x0f\x01":
-                return None  # a prefix other than REX
-            out += SAVE_CALLER_SAVED + bytes([0x48 | (rex & 3), 0x8D]) + body[2:]
-            called = call(cache.invlpg)
-            if called is None:
-                return None
-            out += called + RESTORE_CALLER_SAVED
-        elif kind == "cli":  # the virtual IF cleared; irq_disable keeps the flags
-            out += PUSH_RAX
-            called = call(cache.irq_disable)
-            if called is None:
-                return None
-            out += called + POP_RAX
-        elif kind == "sti":  # set, and a held interrupt taken here, as at the STI's trap
-            out += PUSH_RAX + PUSHFQ
-            called = call(cache.irq_enable)
-            if called is None:
-                return None
-            out += called + POPFQ + POP_RAX
-        elif kind == "pushfq":  # the flags, with the virtual IF for the real one
-            out += PUSHFQ + PUSH_RAX + PUSHFQ
-            called = call(cache.save_fl)
-            if called is None:
-                return None
-            out += called + AND_16_RSP_IMM32 + struct.pack("<I", RFLAGS_KEPT_BY_PUSHF) + OR_RAX_TO_16_RSP + POPFQ + POP_RAX
+            out += bytes([CALL_REL32]) + struct.pack("<i", displacement) + after
         elif _relocatable_branch(instruction):  # the same target, reached from here with a rel32
             target = int(instruction.operands, 16)
             opcode = image[instruction.address + delta]
