@@ -8,7 +8,9 @@ Each table is a list of sites: the instruction at each is rewritten whole (a jum
 a static call's CALL, a retpoline's or a return thunk's JMP, ftrace's CALL of __fentry__), or found
 by its address (an instruction with an exception-table entry: its fixup is looked up by the faulting
 RIP), so a site is kept as its first byte: a window of whole instructions covers it exactly when it
-covers that byte. Alternatives and paravirt sites are ranges of the length their entry gives.
+covers that byte. Alternatives and paravirt sites are ranges of the length their entry gives. Three
+kinds are given apart, for translator.py to cover on its terms: LOCK prefixes, JMPs to the return
+thunk (move_return_sites) and unchecked WRMSRs (EX_TYPE_WRMSR entries, `faulting`).
 """
 
 from __future__ import annotations
