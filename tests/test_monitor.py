@@ -1096,9 +1096,12 @@ def test_a_kernel_without_paravirt_xxl_runs_its_shell_under_the_monitor(kernel_w
     assert counters["popf"] >= 1, counters  # POPFs still trap: too few to translate
     # A pipeline's context switches: each loaded CR3 and wrote the FS base with a trapping MOV and
     # WRMSR (3,300 each a run); translated, they call the monitor's write_cr3 and write_msr
-    switches = {kind: before[kind] - booted[kind] for kind in ("mov_cr", "cr3_gate", "wrmsr", "msr_native", "msr_gate")}
+    switches = {kind: before[kind] - booted[kind]
+                for kind in ("mov_cr", "cr3_gate", "wrmsr", "msr_native", "msr_gate", "gs_native", "gs_gate")}
     assert switches["cr3_gate"] > 1_000 and switches["mov_cr"] < 500, switches
     assert switches["msr_native"] + switches["msr_gate"] > 1_000 and switches["wrmsr"] < 500, switches
+    # and its user GS selector with asm_load_gs_index's SWAPGS, MOV and SWAPGS: the monitor's load_gs_index
+    assert switches["gs_native"] + switches["gs_gate"] > 1_000, switches
 
 
 @needs_emulating_host

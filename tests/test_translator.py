@@ -12,8 +12,10 @@ from worldswitch.boot.monitor import CODE_CACHE, CODE_CACHE_SIZE, PV_BASE, PV_FU
 from worldswitch.boot.translator import CacheLayout, KernelSites, Translation, translate
 
 BASE = 0xFFFF_FFFF_8100_0000
+LOAD_GS_INDEX = BASE + 0x1000  # asm_load_gs_index, whose calls go to the monitor's load_gs_index
 LAYOUT = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, *(PV_BASE + PV_FUNCTIONS[name] for name in
-                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3", "invlpg")))
+                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3", "invlpg")),
+                     {LOAD_GS_INDEX: PV_BASE + PV_FUNCTIONS["load_gs_index"]})
 NOTHING = KernelSites([], set(), set(), set(), set())
 INT3 = 0xCC
 # local_irq_save's shape: push %rbx; pushf; pop %rbx; cli; then mov $1, %eax; ret
@@ -152,3 +154,17 @@ def test_an_invlpg_passes_its_operands_address_and_a_per_cpu_operand_still_names
     second = copies.index(f"jmp {BASE + 11:#x}") + 1
     assert copies[second : second + 12] == [*saved, "lea rdi, [r8 + rcx]", f"call {LAYOUT.invlpg:#x}"]
     assert copies[-1] == f"jmp {high_at + 5:#x}"
+
+
+def test_calls_of_asm_load_gs_index_go_to_the_monitors_load_gs_index_in_place_and_in_a_copy() -> None:
+    def call(at: int) -> bytes:
+        return bytes([0xE8]) + struct.pack("<i", LOAD_GS_INDEX - (at + 5))
+
+    # mov $0x2b, %edi; cli; call asm_load_gs_index; ret (__switch_to's), and a call alone
+    inlined = bytes.fromhex("bf 2b 00 00 00 fa") + call(BASE + 6) + bytes.fromhex("c3")
+    alone = call(BASE + len(inlined)) + bytes.fromhex("c3")
+    image, translation, (_, alone_at) = run([inlined, alone])
+    monitors = PV_BASE + PV_FUNCTIONS["load_gs_index"]
+    assert translation.calls == 2 and translation.sites == 1
+    assert alone_at + 5 + struct.unpack_from("<i", image, alone_at - BASE + 1)[0] == monitors
+    assert listing(translation.cache, CODE_CACHE)[-2] == f"call {monitors:#x}"  # the CLI's window took the call in

@@ -288,7 +288,8 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int],
             notes.append(f"translated {translation.sites} sensitive instructions (CLI, STI, PUSHF, MOV to CR3, WRMSR, "
                          f"INVLPG) in {translation.windows} windows "
                          f"({len(translation.cache)} bytes of code cache); left to trap: {sum(translation.left.values())}"
-                         + (f" ({reasons})" if reasons else ""))
+                         + (f" ({reasons})" if reasons else "")
+                         + f"; {translation.calls} calls of asm_load_gs_index made the monitor's load_gs_index")
     notes.append(f"its IRETQ to user mode at {iret_site:#x} made a UD2")
     if paravirtualized.kernel_return_site is not None:
         notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} (early_xen_iret_patch) pointed "

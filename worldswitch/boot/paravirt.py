@@ -220,11 +220,11 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         found = kernel_sites(vmlinux, sections, symbols, types,
                              [(each.instruction, each.instruction + each.length) for each in alternatives], file_offset)
         if isinstance(found, str):
-            translation = Translation(b"", 0, 0, Counter(), {}, found)
+            translation = Translation(b"", 0, 0, Counter(), {}, refused=found)
         else:
             layout = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, functions["irq_disable"], functions["irq_enable"],
                                  functions["save_fl"], functions["write_msr"], functions["write_cr3"],
-                                 functions[TRANSLATED_INVLPG])
+                                 functions[TRANSLATED_INVLPG], _monitor_calls(symbols, functions))
             translation = translate(image, code, found, layout)
             move_return_sites(image, sections, translation.moved_returns)
     return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,
@@ -269,6 +269,15 @@ def _point_pv_ops(image: bytearray, vmlinux: bytes, sections: dict[str, Section]
         struct.pack_into(fmt.word, image, alternative.entry + fmt.feature, X86_FEATURE_XENPV)
         disarmed += 1
     return len(sites), len(cpu_sites), len(mmu_sites), disarmed
+
+
+def _monitor_calls(symbols: Symbols, functions: dict[str, int]) -> dict[int, int]:
+    """The kernel's functions whose direct calls the translator makes the monitor's: asm_load_gs_index
+    (entry_64.S: SWAPGS, a MOV to GS with an exception-table entry, SWAPGS; called at a context switch
+    where the CPU has no FSGSBASE, as under the monitor), three traps and a trip into ring 0 that the
+    monitor's load_gs_index, pv_ops.cpu.load_gs_index's in a paravirtual kernel, does in one trip."""
+    gs = symbols.get("asm_load_gs_index")
+    return {gs.address: functions["load_gs_index"]} if gs is not None else {}
 
 
 def _code(sections: dict[str, Section], symbols: Symbols, alternatives: list[Alternative],

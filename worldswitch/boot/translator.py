@@ -94,6 +94,7 @@ class CacheLayout(NamedTuple):
     write_msr: int  # write_msr(u32 msr, u32 low, u32 high)
     write_cr3: int
     invlpg: int  # invlpg(u64 address)
+    calls: dict[int, int]  # kernel functions -> the monitor's for the same: their direct calls are made its
 
 
 class KernelSites(NamedTuple):
@@ -112,6 +113,7 @@ class Translation(NamedTuple):
     windows: int
     left: Counter[str]  # sites left to trap, by the reason
     moved_returns: dict[int, int]  # a return thunk JMP's address -> its copy's in the cache
+    calls: int = 0  # direct calls made the monitor's functions' (CacheLayout.calls)
     refused: str = ""  # why nothing was translated, if so
 
 
@@ -149,13 +151,16 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
     translated = windows = 0
     left: Counter[str] = Counter()
     moved: dict[int, int] = {}
+    calls = 0
     for n, each in enumerate(ranges):
         chunk = image[each.offset : each.offset + each.length]
         wrmsr = bisect_left(faulting, each.address)
         if not any(pattern in chunk for pattern in SENSITIVE_BYTES) and not (
-                wrmsr < len(faulting) and faulting[wrmsr] < each.address + each.length):
+                wrmsr < len(faulting) and faulting[wrmsr] < each.address + each.length) and not (
+                cache.calls and _rel32_targets(image, [each]).intersection(cache.calls)):
             continue  # most functions: nothing to decode for
         listing, delta, whole = function(n)
+        calls += _redirect_calls(image, listing, delta, cache.calls, kept)
         near: set[int] | None = None  # the targets of short branches, here and in the functions around
         taken_to = 0  # the end of the last window in this function
         for k, instruction in enumerate(listing):
@@ -190,7 +195,24 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
             taken_to = end
             windows += 1
             translated += sum(_sensitive(copied) is not None for copied in window)
-    return Translation(bytes(out), translated, windows, left, moved)
+    return Translation(bytes(out), translated, windows, left, moved, calls=calls)
+
+
+def _redirect_calls(image: bytearray, listing: list[Decoded], delta: int, calls: dict[int, int], kept: "_Ranges") -> int:
+    """Each direct CALL in `listing` of a key of `calls` made a CALL of its value, in `image` and in
+    `listing` (a window that copies it then calls the same); how many. Before the windows are made."""
+    redirected = 0
+    for k, (address, size, mnemonic, operands) in enumerate(listing):
+        if mnemonic != "call" or not operands.startswith("0x") or int(operands, 16) not in calls:
+            continue
+        target = calls[int(operands, 16)]
+        displacement = target - (address + size)
+        if size != 5 or image[address + delta] != CALL_REL32 or not _fits(displacement) or kept.meets(address, address + 5):
+            continue
+        struct.pack_into("<i", image, address + delta + 1, displacement)
+        listing[k] = (address, size, mnemonic, f"{target:#x}")
+        redirected += 1
+    return redirected
 
 
 class _Either:
