@@ -137,7 +137,8 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
     PUSHF_TRAP). Writes the jumps into `image` and returns the cache to put at `cache.base`."""
     decoder, detailed = new_decoder(), new_decoder(detail=True)
     ranges = sorted(code)
-    far = set(sites.targets) | _rel32_targets(image, ranges)
+    far, calling = _rel32_targets(image, ranges, cache.calls)
+    far |= sites.targets
     kept = _Ranges(sites.kept)
     faulting = sorted(sites.faulting)
     decoded: dict[int, _Function] = {}
@@ -156,8 +157,7 @@ def translate(image: bytearray, code: Iterable[CodeRange], sites: KernelSites, c
         chunk = image[each.offset : each.offset + each.length]
         wrmsr = bisect_left(faulting, each.address)
         if not any(pattern in chunk for pattern in SENSITIVE_BYTES) and not (
-                wrmsr < len(faulting) and faulting[wrmsr] < each.address + each.length) and not (
-                cache.calls and _rel32_targets(image, [each]).intersection(cache.calls)):
+                wrmsr < len(faulting) and faulting[wrmsr] < each.address + each.length) and n not in calling:
             continue  # most functions: nothing to decode for
         listing, delta, whole = function(n)
         calls += _redirect_calls(image, listing, delta, cache.calls, kept)
@@ -225,19 +225,24 @@ class _Either:
         return address in self.first or address in self.second
 
 
-def _rel32_targets(image: bytearray, ranges: list[CodeRange]) -> set[int]:
+def _rel32_targets(image: bytearray, ranges: list[CodeRange], watched: Iterable[int]) -> tuple[set[int], set[int]]:
     """Where every CALL, JMP and Jcc with a 32-bit displacement in `ranges` goes, found from the
     bytes, not decoded: each E8, E9 and 0F 8x byte is taken for such an instruction, so the set
     holds every real target and a few more (a window refused that could have been made, never the
-    reverse). Decoding the kernel's 1.5 million instructions for the same would take seconds."""
-    targets = set()
-    for start, offset, length in ranges:
+    reverse). Decoding the kernel's 1.5 million instructions for the same would take seconds. And
+    the ranges (by index) that may branch to an address of `watched`."""
+    targets: set[int] = set()
+    reaching, watched = set(), set(watched)
+    for n, (start, offset, length) in enumerate(ranges):
         chunk = bytes(image[offset : offset + length])
         for found in _REL32.finditer(chunk):
             at = found.end()
             if at + 4 <= length:
-                targets.add((start + at + 4 + struct.unpack_from("<i", chunk, at)[0]) & ADDRESS_MASK)
-    return targets
+                target = (start + at + 4 + struct.unpack_from("<i", chunk, at)[0]) & ADDRESS_MASK
+                targets.add(target)
+                if target in watched:
+                    reaching.add(n)
+    return targets, reaching
 
 
 def _near_targets(image: bytearray, ranges: list[CodeRange], n: int, function: _Function) -> set[int]:
