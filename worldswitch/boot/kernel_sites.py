@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..errors import GuestImageError
 from .elf import Section
-from .kernel_symbols import BtfTypes, Symbols, struct_fields, table_entries
+from .kernel_symbols import BtfTypes, Symbols, relative_addresses, struct_fields, table_entries
 from .translator import KernelSites
 
 # Tables of s32 offsets, each relative to its own entry, naming an instruction the kernel rewrites
@@ -52,8 +52,9 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
     targets: set[int] = set()
     for name in RELATIVE_SITE_TABLES:
         if name in sections:
-            kept += [(site, site + 1) for site in _relative(vmlinux, sections[name], table_entries(sections, name, 4), 0)]
-    locks, returns = (set(_relative(vmlinux, sections[name], table_entries(sections, name, 4), 0))
+            entries = table_entries(sections, name, 4)
+            kept += [(site, site + 1) for site in relative_addresses(vmlinux, sections[name], entries, 0)]
+    locks, returns = (set(relative_addresses(vmlinux, sections[name], table_entries(sections, name, 4), 0))
                       if name in sections else set() for name in (LOCK_PREFIXES, RETURN_SITES))
     replacement = sections.get(".altinstr_replacement")
     if replacement is not None:  # copied over the text at boot: the copy, not this, runs
@@ -69,8 +70,8 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
         size, members = types.struct("exception_table_entry")
         insn, fixup = struct_fields(size, members, "exception_table_entry", insn=4, fixup=4)
         entries = table_entries(sections, "__ex_table", size)
-        sites = _relative(vmlinux, sections["__ex_table"], entries, insn)
-        targets.update(_relative(vmlinux, sections["__ex_table"], entries, fixup))
+        sites = relative_addresses(vmlinux, sections["__ex_table"], entries, insn)
+        targets.update(relative_addresses(vmlinux, sections["__ex_table"], entries, fixup))
         # an unchecked WRMSR's entry (EX_TYPE_WRMSR, Linux 5.16 on: the type in the low byte of `data`)
         # only warns if the CPU refuses it; the monitor's write_msr, which a copy calls, is pv_ops'
         # for the same unchecked writes in a paravirtual kernel. Every other entry's instruction stays.
@@ -96,9 +97,9 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
         if first == MCOUNT_LOCATIONS[0]:
             kept += [(site, site + 1) for site in (struct.unpack_from("<Q", vmlinux, each)[0] for each in entries)]
             continue
-        kept += [(site, site + 1) for site in _relative(vmlinux, table, entries, 0)]
+        kept += [(site, site + 1) for site in relative_addresses(vmlinux, table, entries, 0)]
         if first == JUMP_TABLE[0]:
-            targets.update(_relative(vmlinux, table, entries, 4))
+            targets.update(relative_addresses(vmlinux, table, entries, 4))
     if ENTRY_TEXT[0] in symbols and ENTRY_TEXT[1] in symbols:
         kept.append((symbols[ENTRY_TEXT[0]].address, symbols[ENTRY_TEXT[1]].address))
     if "_text" in symbols:
@@ -112,24 +113,15 @@ def kernel_sites(vmlinux: bytes, sections: dict[str, Section], symbols: Symbols,
     return KernelSites(kept, targets, faulting, locks, returns)
 
 
-def _relative(vmlinux: bytes, table: Section, entries: range, field: int) -> list[int]:
-    """The addresses a table's s32 field names, each relative to the field's own address."""
-    found = []
-    for at in entries:
-        place = table.address + at - table.offset + field
-        found.append((place + struct.unpack_from("<i", vmlinux, at + field)[0]) & (2**64 - 1))
-    return found
-
-
 def move_return_sites(image: bytearray, sections: dict[str, Section], moved: dict[int, int]) -> None:
     """Point each .return_sites entry that names a key of `moved` at its value: the copy of that JMP
     in the code cache, which the kernel then rewrites at boot as it would have the original."""
     if not moved:
         return
     table = sections[RETURN_SITES]
-    for at in table_entries(sections, RETURN_SITES, 4):
+    entries = table_entries(sections, RETURN_SITES, 4)
+    for at, site in zip(entries, relative_addresses(image, table, entries, 0)):
         place = table.address + at - table.offset
-        site = (place + struct.unpack_from("<i", image, at)[0]) & (2**64 - 1)
         if site in moved:
             displacement = moved[site] - place
             if not -(1 << 31) <= displacement < 1 << 31:

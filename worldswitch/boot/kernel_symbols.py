@@ -30,6 +30,7 @@ from typing import NamedTuple
 from ..errors import GuestImageError
 from .elf import Section, read_sections
 
+ADDRESS_MASK = 2**64 - 1
 KERNEL_TEXT = 0xFFFF_FFFF_8100_0000  # kallsyms_relative_base of an x86-64 kernel linked at its default
 _DIGIT_TOKENS = b"".join(bytes([c]) + b"\0" for c in b"0123456789")
 _MIN_SYMBOLS, _MAX_SYMBOLS = 1_000, 2_000_000
@@ -466,3 +467,13 @@ def table_entries(sections: dict[str, Section], name: str, size: int) -> range:
     if size <= 0 or section.size % size:
         raise GuestImageError(f"the kernel's {name} is not a whole number of {size}-byte entries")
     return range(section.offset, section.offset + section.size, size)
+
+
+def relative_addresses(image: bytes | bytearray, table: Section, entries: range, field: int) -> list[int]:
+    """The addresses a kernel table's s32 field names in each entry (file offsets `entries`), each
+    relative to the field's own address, as the kernel's tables of sites are."""
+    found = []
+    for at in entries:
+        place = table.address + at - table.offset + field
+        found.append((place + struct.unpack_from("<i", image, at + field)[0]) & ADDRESS_MASK)
+    return found

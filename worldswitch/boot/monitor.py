@@ -180,10 +180,10 @@ def load_monitor(memory: GuestMemory, image: bytes, placement: MonitorPlacement,
     if len(guest.code_cache) > CODE_CACHE_SIZE:
         raise GuestImageError(f"the translated code is {len(guest.code_cache)} bytes; the monitor's cache holds "
                               f"{CODE_CACHE_SIZE}")
-    cache = _code_cache_offset(image)
     for cpu in range(placement.cpus):
         _copy_monitor(memory, image, segments, placement, placement.copy_base(cpu))
-        memory.write(placement.copy_base(cpu) + cache, guest.code_cache)
+    # the boot vCPU's copy: start_ap copies it into each other copy before that copy runs
+    memory.write(placement.physical_base + _code_cache_offset(image), guest.code_cache)
     # and the identity map's view of the same pages: not present
     for address in range(placement.physical_base, placement.end, HUGE_PAGE):
         if address >> 30 < layout.identity_gib:

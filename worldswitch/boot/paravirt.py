@@ -43,15 +43,14 @@ from ..errors import GuestImageError
 from .elf import Section, read_sections
 from .flag_sites import CodeRange, FlagSites, trap_flag_instructions
 from .kernel_sites import kernel_sites, move_return_sites
-from .kernel_symbols import (PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Symbols, has_paravirt_xxl, kallsyms, pv_slots,
-                             struct_fields, table_entries)
+from .kernel_symbols import (ADDRESS_MASK, PV_IRQ_OPS, PV_MMU_OPS, PV_OPS, BtfTypes, Symbols, has_paravirt_xxl,
+                             kallsyms, pv_slots, relative_addresses, struct_fields, table_entries)
 from .monitor import AP_ENTRY, CODE_CACHE, CODE_CACHE_SIZE
 from .translator import CacheLayout, Translation, translate
 
 X86_FEATURE_XENPV = 8 * 32 + 16  # arch/x86/include/asm/cpufeatures.h
 CALL_RIP_RELATIVE = b"\xff\x15"  # CALL *disp32(%rip): a pv_ops call site as compiled
 X86_FEATURE_CX16 = 4 * 32 + 13
-ADDRESS_MASK = 2**64 - 1
 CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 CMPXCHG16B_GS_HIGH = b"\x65\x49\x0f\xc7"  # the same through %r8 to %r15 (REX.WB): Linux 6.2's and 6.5's
@@ -435,9 +434,7 @@ def _switch_ss_load(vmlinux: bytes, sections: dict[str, Section], symbols: Symbo
     (insn,) = struct_fields(size, members, "exception_table_entry", insn=4)
     table, text = sections["__ex_table"], sections[".text"]
     loads = []
-    for at in table_entries(sections, "__ex_table", size):
-        relative = struct.unpack_from("<i", vmlinux, at + insn)[0]
-        instruction = table.address + at - table.offset + insn + relative
+    for instruction in relative_addresses(vmlinux, table, table_entries(sections, "__ex_table", size), insn):
         if not (switch.address <= instruction < end and text.address <= instruction <= text.address + text.size - 3):
             continue
         offset = text.offset + instruction - text.address

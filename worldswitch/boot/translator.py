@@ -45,6 +45,7 @@ from typing import Any, Iterable, NamedTuple
 
 from .decoding import PUSHF_TRAP, Decoded, decode, new_decoder
 from .flag_sites import CodeRange
+from .kernel_symbols import ADDRESS_MASK
 
 JMP_REL32, CALL_REL32, INT3 = 0xE9, 0xE8, 0xCC
 LOCK, DS = 0xF0, 0x3E  # the prefixes the kernel swaps at .smp_locks
@@ -63,7 +64,6 @@ RESTORE_CALLER_SAVED = bytes.fromhex("41 5b 41 5a 41 59 41 58 5f 5e 5a 59 58 9d"
 MSR_ARGUMENTS = bytes.fromhex("89 cf 89 c6")  # mov %ecx, %edi; mov %eax, %esi (the high half is EDX already)
 REGISTERS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", *(f"r{n}" for n in range(8, 16)))
 SHORT_REACH = 130  # a rel8 jump's reach, with its own two bytes
-ADDRESS_MASK = 2**64 - 1
 _RIP_DISPLACEMENT = re.compile(r"\[rip(?: ([+-]) (0x[0-9a-f]+))?\]")
 _REL8_OPCODE = [0x70 <= byte <= 0x7F or byte == 0xEB or 0xE0 <= byte <= 0xE3 for byte in range(256)]  # Jcc, JMP, LOOP, JRCXZ
 _REL32 = re.compile(rb"[\xe8\xe9]|\x0f[\x80-\x8f]", re.S)  # CALL, JMP, Jcc: the opcode before a rel32
