@@ -13,16 +13,19 @@ PACKAGE = Path(__file__).resolve().parent.parent / "worldswitch"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "version": set(),
-    "state": set(),  # the state protocol's codec
-    "options": {"errors"},  # the option schema
-    "memory": {"errors"},
-    "sandbox": {"errors"},
-    "driver": {"errors"},
-    "guests": {"errors"},
-    "devices": {"errors", "state", "memory", "sandbox"},  # a device sees guest memory, never a vCPU or an fd
-    "boot": {"errors", "memory", "devices"},  # firmware tables describe the devices
-    "vmm": {"errors", "version", "state", "options", "memory", "sandbox", "driver", "guests", "devices", "boot"},
-    "vmx": {"errors", "version", "state", "options", "memory", "sandbox", "driver", "guests", "devices", "boot", "vmm"},
+    "record": set(),  # typed records, what every part's data is made of
+    "state": {"record"},  # the state protocol's codec
+    "options": {"errors", "record"},  # the option schema
+    "memory": {"errors", "record"},
+    "sandbox": {"errors", "record"},
+    "driver": {"errors", "record"},
+    "guests": {"errors", "record"},
+    "devices": {"errors", "record", "state", "memory", "sandbox"},  # a device sees guest memory, never a vCPU or an fd
+    "boot": {"errors", "record", "memory", "devices"},  # firmware tables describe the devices
+    "vmm": {"errors", "version", "record", "state", "options", "memory", "sandbox", "driver", "guests", "devices",
+            "boot"},
+    "vmx": {"errors", "version", "record", "state", "options", "memory", "sandbox", "driver", "guests", "devices",
+            "boot", "vmm"},
     "__init__": {"version", "vmx"},  # the package's face hands on the API's Machine
     "__main__": {"vmx"},
 }
@@ -122,6 +125,7 @@ LAZY_IMPORTERS: dict[str, set[str]] = {
     "worldswitch.boot.bzimage": {"_lz4_legacy", "_zstd"},
     "worldswitch.boot.linux": {"_paravirtualize"},
     "worldswitch.boot.decoding": {"new_decoder"},
+    "worldswitch.boot.program": {"ap_entry"},  # the monitor's AP_ENTRY, only under --monitor with APs
     "worldswitch.vmm.builder": {"build_for_boot", "load", "build_for_restore", "_place_monitor", "_assemble_platform",
                                 "_open_trace", "_create_vcpus", "_firmware_kernel", "_load_program", "_virtio_devices", "add", "block",
                                 "network", "restore_machine"},
@@ -130,8 +134,8 @@ LAZY_IMPORTERS: dict[str, set[str]] = {
 }
 # Where code runs on a confined thread (a vCPU, a device worker, console or control I/O), which may not
 # open a file: an import there on first use would end the VMX (worldswitch/sandbox/__init__.py).
-CONFINED = ("worldswitch.errors", "worldswitch.state", "worldswitch.memory", "worldswitch.driver", "worldswitch.devices",
-            "worldswitch.boot", "worldswitch.sandbox", "worldswitch.vmm", "worldswitch.vmx.control",
+CONFINED = ("worldswitch.errors", "worldswitch.record", "worldswitch.state", "worldswitch.memory", "worldswitch.driver",
+            "worldswitch.devices", "worldswitch.boot", "worldswitch.sandbox", "worldswitch.vmm", "worldswitch.vmx.control",
             "worldswitch.vmx.console")
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from worldswitch.errors import ConfigError
+from worldswitch.record import fields
 from worldswitch.vmm.config import DiskConfig, MachineConfig, NetConfig
 from worldswitch.vmx.api import Machine
 from worldswitch.vmx.cli import build_parser

@@ -1,7 +1,7 @@
 """One description of every option a user sets: the `worldswitch run` flag, the machine-file key and
 the `Machine(...)` keyword are all derived from it.
 
-An option is a dataclass field whose metadata holds an `Option` (made with `option()`): its kind (how
+An option is a record field (worldswitch/record.py) whose metadata holds an `Option` (made with `option()`): its kind (how
 a value given as text, as TOML or from Python becomes the setting), its help, and how it looks on the
 command line. `MachineConfig` (what the machine is) and the VMX's `SessionConfig` (how a run is
 driven) are described this way; `vmx/settings.py` derives the parser, the machine-file reader and the
@@ -10,14 +10,14 @@ API's keywords from them, and `tests/test_options.py` checks that all three acce
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError
+from .record import MISSING, field, fields, record
 
 # --- sizes and durations, as users type them --------------------------------------------------------
 
@@ -59,7 +59,8 @@ class Shape(enum.Enum):
 Convert = Callable[[Any, "Path | None"], Any]  # (raw value, the machine file's folder or None) -> setting
 
 
-class Kind(NamedTuple):
+@record(frozen=True)
+class Kind:
     convert: Convert
     shape: Shape = Shape.VALUE
     choices: tuple[str, ...] = ()
@@ -168,7 +169,8 @@ SECONDS = Kind(_seconds)
 
 # --- options ----------------------------------------------------------------------------------------
 
-class Option(NamedTuple):
+@record(frozen=True)
+class Option:
     kind: Kind
     help: str
     metavar: str | None = None
@@ -177,18 +179,19 @@ class Option(NamedTuple):
     api: bool = True  # also a keyword of the Python API's Machine (session options mostly are not)
 
 
-def option(default: Any = dataclasses.MISSING, *, kind: Kind, help: str, metavar: str | None = None,
+def option(default: Any = MISSING, *, kind: Kind, help: str, metavar: str | None = None,
            short: str | None = None, program: bool = False, api: bool = True,
            default_factory: Callable[[], Any] | None = None) -> Any:
-    """A dataclass field described as a user's option."""
+    """A record field described as a user's option."""
     metadata = {"option": Option(kind, help, metavar, short, program, api)}
     if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-class Described(NamedTuple):
-    """One option of a described dataclass: its name (the field's), description and default."""
+@record(frozen=True)
+class Described:
+    """One option of a described record: its name (the field's), description and default."""
 
     name: str
     option: Option
@@ -209,8 +212,8 @@ class Described(NamedTuple):
 
 
 def described(cls: type) -> Iterator[Described]:
-    """The options of a dataclass whose fields were made with option()."""
-    for field in dataclasses.fields(cls):
-        if "option" in field.metadata:
-            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-            yield Described(field.name, field.metadata["option"], default)
+    """The options of a record class whose fields were made with option()."""
+    for one in fields(cls):
+        if "option" in one.metadata:
+            default = one.default_factory() if one.default_factory is not MISSING else one.default
+            yield Described(one.name, one.metadata["option"], default)

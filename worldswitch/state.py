@@ -1,28 +1,29 @@
 """The one state protocol: every part a snapshot saves (each device, each virtqueue, the PCI
-transport, the platform devices) has a typed state dataclass and the same two methods,
+transport, the platform devices) has a typed state record (worldswitch/record.py) and the same two methods,
 
     state() -> ItsState          what the guest can observe of it, now
     restore(state: ItsState)     put it back, into a part freshly built the same way
 
 and the snapshot stores states as JSON through `to_json`, reading them back typed with
-`decode(ItsState, data)`: nested dataclasses, lists, tuples, optionals and bytes come back as
+`decode(ItsState, data)`: nested records, lists, tuples, optionals and bytes come back as
 they were, and what does not fit the type is refused (ValueError), never half-applied.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
 from typing import Any, TypeVar
+
+from .record import fields, is_record
 
 T = TypeVar("T")
 
 
 def to_json(value: Any) -> Any:
     """A state (or anything inside one) as JSON-ready values; bytes become {"hex": ...}."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if is_record(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, (bytes, bytearray)):
         return {"hex": bytes(value).hex()}
     if isinstance(value, (list, tuple)):
@@ -41,7 +42,7 @@ def decode(kind: Any, data: Any) -> Any: ...
 
 
 def decode(kind: Any, data: Any) -> Any:
-    """`data` (from JSON, or already a `kind`) as a `kind` (a state dataclass, or a union of them),
+    """`data` (from JSON, or already a `kind`) as a `kind` (a state record, or a union of them),
     checked against its field types."""
     return _decode(kind, data, getattr(kind, "__name__", str(kind)))
 
@@ -82,13 +83,13 @@ def _decode(kind: Any, data: Any, where: str) -> Any:
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected an object, not {type(data).__name__}")
         return {_decode(key_type, key, where): _decode(value_type, value, where) for key, value in data.items()}
-    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and is_record(kind):
         if isinstance(data, kind):
             return data
         if not isinstance(data, dict):
             raise ValueError(f"{where}: expected a {kind.__name__}, not {type(data).__name__}")
         hints = typing.get_type_hints(kind)
-        names = {f.name for f in dataclasses.fields(kind)}
+        names = {f.name for f in fields(kind)}
         if set(data) != names:
             raise ValueError(f"{where}: {kind.__name__} has the fields {sorted(names)}, not {sorted(data)}")
         return kind(**{name: _decode(hints[name], data[name], f"{where}.{name}") for name in names})
@@ -125,4 +126,4 @@ def schema(kind: type) -> str:
     """A state type's field names and types, nested ones included, as one line: what the snapshot
     format depends on (tests/test_snapshot_schema.py keeps it tied to the format version)."""
     hints = typing.get_type_hints(kind)
-    return f"{kind.__name__}(" + ", ".join(f"{f.name}: {hints[f.name]}" for f in dataclasses.fields(kind)) + ")"
+    return f"{kind.__name__}(" + ", ".join(f"{f.name}: {hints[f.name]}" for f in fields(kind)) + ")"

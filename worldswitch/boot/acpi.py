@@ -10,9 +10,10 @@ RSDP; Linux is also told the RSDP's address in boot_params.acpi_rsdp_addr.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from ..devices.acpi_pm import RESET_VALUE, S5_SLEEP_TYPE  # the tables describe the device
+from ..record import record
 from . import aml
 
 OEM_ID = b"WSWTCH"
@@ -84,7 +85,8 @@ def aml_s5() -> bytes:
     return bytes([0x08]) + b"_S5_" + bytes([0x12, len(package) + 1]) + package  # NameOp, NameSeg, PackageOp, PkgLength
 
 
-class PciHost(NamedTuple):
+@record(frozen=True)
+class PciHost:
     """What the DSDT's root bridge and the MCFG describe."""
 
     ecam_base: int
@@ -192,7 +194,8 @@ def rsdp(rsdt_address: int, xsdt_address: int) -> bytes:
     return bytes(raw)
 
 
-class AcpiTables(NamedTuple):
+@record(frozen=True)
+class AcpiTables:
     rsdp_address: int
     base: int
     blob: bytes  # everything, to be written at `base`

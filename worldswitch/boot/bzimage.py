@@ -12,9 +12,9 @@ import ctypes
 import lzma
 import struct
 import zlib
-from dataclasses import dataclass
 
 from ..errors import GuestImageError
+from ..record import record
 from . import bootparams as bp
 
 MIN_PROTOCOL = 0x020C  # 2.12: xloadflags, and with it XLF_KERNEL_64 (the 64-bit entry point)
@@ -36,7 +36,7 @@ LZ4_LEGACY_MAGIC = 0x184C2102
 LZ4_LEGACY_BLOCK = 8 << 20
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BzImage:
     name: str
     header: bp.setup_header  # as found in the image

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 from ..errors import GuestImageError
 from ..memory.guest import GuestMemory
+from ..record import record
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS64 = 2
@@ -32,7 +32,8 @@ SHT_NOBITS = 8
 STT_FUNC = 2
 
 
-class Segment(NamedTuple):
+@record(frozen=True)
+class Segment:
     offset: int  # in the file
     paddr: int
     vaddr: int
@@ -45,7 +46,8 @@ class Segment(NamedTuple):
         return self.paddr + self.memsz
 
 
-class LoadedElf(NamedTuple):
+@record(frozen=True)
+class LoadedElf:
     path: str
     entry: int
     segments: tuple[Segment, ...]
@@ -137,7 +139,8 @@ def load_elf(
 
 
 
-class Section(NamedTuple):
+@record(frozen=True)
+class Section:
     address: int
     offset: int  # in the file
     size: int

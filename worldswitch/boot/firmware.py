@@ -8,12 +8,12 @@ same tables whichever way it boots.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..devices import fw_cfg
 from ..errors import ConfigError, GuestImageError
 from ..memory.layout import MemoryMap
+from ..record import record
 from . import acpi
 from .bios import LINUXBOOT_ROM, SEABIOS
 from .bzimage import parse_bzimage
@@ -59,7 +59,7 @@ def e820_file(memory_map: MemoryMap) -> bytes:
     return b"".join(E820_ENTRY.pack(start, size, kind) for start, size, kind in e820_map(memory_map))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FirmwareKernel:
     """A kernel, initrd and command line laid out for the firmware's Linux loader (linuxboot_dma):
     the fw_cfg items it reads, by key, and where each part goes."""

@@ -15,17 +15,17 @@ import gzip
 import lzma
 import stat
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, GuestImageError
+from ..record import field, record
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 DEFAULT_MARKER = "worldswitch: init reached"
 
 
-@dataclass
+@record
 class CpioEntry:
     name: str
     mode: int
@@ -162,7 +162,7 @@ def resolve_modules(wanted: list[str], modules_dir: Path) -> list[Path]:
 # --- the archive ------------------------------------------------------------------------------
 
 
-@dataclass
+@record
 class InitramfsSpec:
     busybox: Path
     modules: list[Path] = field(default_factory=list)  # in load order

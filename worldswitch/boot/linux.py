@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import time
-from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap, RegionKind
+from ..record import field, record
 from . import bootparams as bp
 from .bzimage import BzImage, check_header, check_kernel_length, extract_vmlinux, is_bzimage, parse_bzimage
 from .elf import load_elf
@@ -40,7 +40,7 @@ LOW_MEMORY_END = 0x100000  # nothing of Linux's goes below 1 MiB but the zero pa
 DECOMPRESS_CHOICES = ("auto", "host", "guest")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LinuxBoot:
     """What was placed where, for the vCPU set-up and for the user."""
 

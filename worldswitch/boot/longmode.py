@@ -8,9 +8,9 @@ to the CPU (kvm_sregs) is the VMM's (vmm/x86/longmode.py). The same layout serve
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from ..memory.guest import GuestMemory
+from ..record import record
 
 # Page-table entry bits
 PTE_PRESENT = 1 << 0
@@ -25,7 +25,8 @@ USER_DATA = (0xF2, 0xC)  # DPL3
 USER_CODE64 = (0xFA, 0xA)  # DPL3, L
 
 
-class GdtLayout(NamedTuple):
+@record(frozen=True)
+class GdtLayout:
     """Which selector holds which flat segment. The TSS takes two slots from `tss`."""
 
     kernel_cs: int
@@ -56,7 +57,8 @@ TSS_SIZE = TSS_HEADER + IO_BITMAP_BYTES + 1  # the bitmap ends with an all-ones 
 FLAT_LIMIT = 0xFFFFFFFF
 
 
-class LongModeLayout(NamedTuple):
+@record(frozen=True)
+class LongModeLayout:
     """Where the long-mode scaffolding lives in guest-physical memory (all below 640 KiB)."""
 
     gdt: int = 0x1000

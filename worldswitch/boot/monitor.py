@@ -10,12 +10,12 @@ constants)."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
 from ..memory.layout import GIB, RAM_ABOVE_4G, MemoryMap
+from ..record import record
 from .elf import Segment, parse_elf, read_sections
 from .longmode import PTE_HUGE, PTE_NX, PTE_PRESENT, PTE_USER, PTE_WRITE, LongModeLayout
 
@@ -84,7 +84,7 @@ class MonitorStart(NamedTuple):
     cr3: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MonitorPlacement:
     """Where the monitor's pages are in guest-physical memory: a copy of its 4 MiB for each vCPU, side
     by side at the top of the RAM below the PCI hole (so that a 32-bit port write can name its

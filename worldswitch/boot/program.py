@@ -19,19 +19,18 @@ the program's ring 0 on it deprivileged too (vmm/x86/ap_start.py; guests/src/ap_
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from ..errors import ConfigError, GuestImageError
 from ..memory.guest import GuestMemory
+from ..record import record
 from .elf import read_function_symbols
 from .longmode import LongModeLayout
-from .monitor import AP_ENTRY
 
 ARGS_ADDR = 0x5000
 ARGS_MAX = 4095
 
 
-class ProgramEntry(NamedTuple):
+@record(frozen=True)
+class ProgramEntry:
     rip: int
     rsp: int
     args_addr: int
@@ -55,6 +54,8 @@ def configure_program(memory: GuestMemory, entry: int, args: str, vcpus: int, la
 def ap_entry(image: bytes) -> int:
     """Where the program's APs enter 64-bit mode, for the monitor to take them over: its function
     AP_ENTRY (the module's docstring). Raises GuestImageError for a program whose symbols lack it."""
+    from .monitor import AP_ENTRY  # only for --monitor with APs: every other run skips the monitor's module
+
     for address, name in read_function_symbols(image):
         if name == AP_ENTRY:
             return address

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
+
+from ..record import record
 
 PM_TIMER_HZ = 3_579_545
 RESET_VALUE = 0x06  # "hard reset", as in the PIIX reset control register; the FADT announces it
@@ -31,7 +32,7 @@ TIMER = 8
 BLOCK_SIZE = 12
 
 
-@dataclass
+@record
 class AcpiPmState:
     status: int = 0
     enable: int = 0

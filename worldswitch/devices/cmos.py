@@ -15,8 +15,8 @@ from __future__ import annotations
 import calendar
 import threading
 import time
-from dataclasses import dataclass
 
+from ..record import record
 from .base import InterruptLine
 
 INDEX_PORT = 0x70
@@ -33,7 +33,7 @@ TIME_REGISTERS = (SECONDS, MINUTES, HOURS, WEEKDAY, DAY, MONTH, YEAR, CENTURY)
 KIB, MIB = 1 << 10, 1 << 20
 
 
-@dataclass
+@record
 class CmosState:
     ram: bytes
     index: int

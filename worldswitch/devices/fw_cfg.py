@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 
 from ..errors import GuestMemoryError
 from ..memory.guest import GuestMemory
+from ..record import record
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -42,7 +42,7 @@ FILE_ENTRY = struct.Struct(">IHH56s")  # size, select, reserved, name
 CHUNK = 64 << 10  # zeros written per step when a read runs past an item's end
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FwCfgFile:
     name: str
     data: bytes

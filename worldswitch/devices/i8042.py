@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
+
+from ..record import field, record
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64
@@ -34,7 +35,7 @@ SELF_TEST_OK = 0x55
 OUTPUT_PORT_RESET_DEASSERTED = 0x01  # bit 0 low resets the CPU
 
 
-@dataclass
+@record
 class I8042State:
     command_byte: int = 0x45  # keyboard interrupt on, translation on, as firmware leaves it
     output_port: int = 0xCF

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 
+from ..record import record
 from .base import InterruptLine
 from .disk.image import DiskImage
 from .pci import PciFunction
@@ -129,7 +129,7 @@ class AtapiCdrom:
         return bytes(data)
 
 
-@dataclass
+@record
 class IdeState:
     """A channel mid-command, for snapshots: registers, the data phase, the drive's sense."""
 

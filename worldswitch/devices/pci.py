@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ConfigError
+from ..record import record
 from .base import InterruptLine
 
 CONFIG_ADDRESS_PORT = 0xCF8
@@ -58,7 +58,7 @@ FIRST_CAPABILITY = 0x40
 MAX_DEVICES = 32
 
 
-@dataclass
+@record
 class Bar:
     size: int  # a power of two
     io: bool = False
@@ -222,7 +222,7 @@ class HostBridge(PciFunction):
         super().__init__(vendor=0x1B36, device=0x0008, class_code=0x060000)
 
 
-@dataclass
+@record
 class Slot:
     number: int
     function: PciFunction

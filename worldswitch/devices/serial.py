@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
+from ..record import field, record
 from .base import InterruptLine
 
 COM1_BASE = 0x3F8
@@ -83,7 +83,7 @@ MSR_DCD = 0x80
 MSR_DELTAS = 0x0F
 
 
-@dataclass
+@record
 class SerialState:
     """Everything the guest can observe, for snapshots (state() / from_state())."""
 

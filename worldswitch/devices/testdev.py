@@ -11,7 +11,7 @@ Registers (the same on its port and its MMIO page):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 
 TESTDEV_PORT = 0x1010
 TESTDEV_PORT_SIZE = 8
@@ -19,7 +19,7 @@ TESTDEV_MMIO = 0xFEB00000
 TESTDEV_MMIO_SIZE = 0x1000
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SequenceState:
     writes: int = 0
     last: int = 0

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from ..errors import GuestMemoryError
+from ..record import record
 from .base import GuestRam
 
 UCALL_PORT = 0x1000
@@ -33,7 +34,8 @@ class UcallCommand(IntEnum):
     PRINT = 4  # a line of text for the host's log
 
 
-class Ucall(NamedTuple):
+@record(frozen=True)
+class Ucall:
     command: int
     line: int
     args: tuple[int, int, int, int]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import NamedTuple
 
+from ..record import record
 from . import structs as s
 
 KVM_STATS_TYPE_MASK = 0xF
@@ -21,7 +21,8 @@ KVM_STATS_TYPE_LINEAR_HIST = 0x3
 KVM_STATS_TYPE_LOG_HIST = 0x4
 
 
-class StatDescriptor(NamedTuple):
+@record(frozen=True)
+class StatDescriptor:
     name: str
     flags: int
     exponent: int

@@ -9,9 +9,9 @@ signal makes it return -1/EINTR instead of being retried behind our back.
 from __future__ import annotations
 
 import ctypes
-from typing import NamedTuple
 
 from ..errors import KvmError
+from ..record import record
 
 IOC_NRBITS = 8
 IOC_TYPEBITS = 8
@@ -48,7 +48,8 @@ def last_errno() -> int:
     return int(_errno_location().contents.value)
 
 
-class Ioctl(NamedTuple):
+@record(frozen=True)
+class Ioctl:
     """One ioctl request: its name (for errors), its number, and the argument type it carries."""
 
     name: str

@@ -6,10 +6,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from dataclasses import dataclass
 from typing import Iterator, Protocol, TypeVar
 
 from ..errors import GuestMemoryError
+from ..record import record
 
 
 class SlotTable(Protocol):
@@ -25,7 +25,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
-@dataclass
+@record
 class MemoryRegion:
     """One contiguous range of guest RAM backed by one host mapping (one KVM memory slot)."""
 

@@ -14,9 +14,9 @@ e820 table and the ACPI/MP tables.
 from __future__ import annotations
 
 from enum import Enum
-from typing import NamedTuple
 
 from ..errors import ConfigError
+from ..record import record
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -45,7 +45,8 @@ class RegionKind(Enum):
     MMIO = "mmio"  # not backed: device windows and holes
 
 
-class Region(NamedTuple):
+@record(frozen=True)
+class Region:
     start: int
     size: int
     kind: RegionKind
@@ -60,7 +61,8 @@ class Region(NamedTuple):
         return self.kind in (RegionKind.RAM, RegionKind.RESERVED)
 
 
-class MemoryMap(NamedTuple):
+@record(frozen=True)
+class MemoryMap:
     memory: int  # guest RAM the user asked for, in bytes
     regions: tuple[Region, ...]
 

@@ -19,8 +19,9 @@ import importlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from ..record import record
 from . import libseccomp, privileges, seccomp_filter, sigsys
 from .libseccomp import SandboxError
 
@@ -36,7 +37,7 @@ THREAD_IMPORTS = ("encodings.utf_8", "encodings.latin_1", "faulthandler", "queue
 
 # In a jail not even the main and control-command threads can open a module later (the files are not
 # there): they need what snapshots and reports use, and every module of the parts that run a machine.
-JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "dataclasses", "traceback")
+JAIL_IMPORTS = ("hashlib", "json", "shutil", "datetime", "traceback")
 JAIL_PACKAGES = ("worldswitch.driver", "worldswitch.vmm", "worldswitch.devices", "worldswitch.boot")
 
 M_ARENA_MAX = -8  # glibc's malloc.h
@@ -68,7 +69,8 @@ def _import_what_runs_later(jailed: bool) -> None:
         importlib.import_module(name)
 
 
-class SandboxSettings(NamedTuple):
+@record(frozen=True)
+class SandboxSettings:
     enabled: bool = True
     jail: str | None = None
     uid: int | None = None

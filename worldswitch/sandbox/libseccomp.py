@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import NamedTuple
 
 from ..errors import WorldswitchError
+from ..record import record
 
 SONAME = "libseccomp.so.2"
 
@@ -51,7 +51,8 @@ ATTR_CTL_TSYNC = 4  # load it on every thread of the process at once
 ARCH_NATIVE = 0  # SCMP_ARCH_NATIVE
 
 
-class Arg(NamedTuple):
+@record(frozen=True)
+class Arg:
     """A condition on one argument (struct scmp_arg_cmp): with MASKED_EQ, (arg & a) == b; with EQ, arg == a."""
     number: int  # which argument, from 0
     op: int

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable
 
 from ..boot import acpi
 from ..boot.elf import load_elf, read_image
@@ -28,6 +28,7 @@ from ..errors import ConfigError, GuestImageError, WorldswitchError
 from ..guests import MONITOR_IMAGE
 from ..memory.guest import GuestMemory
 from ..memory.layout import ECAM_BASE, PCI_MMIO_END, PCI_MMIO_START, MemoryMap
+from ..record import record
 from .config import MachineConfig
 from .host import HostKind, detect_host_kind
 from .kick import install_kick_handler
@@ -86,7 +87,8 @@ class _Meanwhile:
             raise self._error
 
 
-class _Core(NamedTuple):
+@record(frozen=True)
+class _Core:
     """The VM, its guest memory (registered with KVM), what the host is, and whether the VMX completes
     a guest's user-mode SYSCALL (then the LSTAR write filter is being installed meanwhile)."""
     kvm: Kvm

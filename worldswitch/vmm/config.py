@@ -5,21 +5,21 @@ machine from it; nothing here touches KVM."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..boot.bios import firmware_path
-from ..devices.disk.image import FORMATS as DISK_FORMATS
+from ..devices.disk import FORMATS as DISK_FORMATS
 from ..errors import ConfigError
 from ..guests import DEFAULT_GUEST, builtin_path
 from ..options import COUNT, FLAG, PATH, SIZE, TEXT, backend, choice, name_or_path, option, repeated
+from ..record import record, replace
 from .defaults import DEFAULT_CMDLINE, DEFAULT_LINUX_MEMORY, DEFAULT_MEMORY
 
 DISK_SYNTAX = "PATH[,ro[,shared]][,serial=ID][,format=raw|qcow2]"
 
 
-@dataclass
+@record
 class DiskConfig:
     path: str
     read_only: bool = False
@@ -68,7 +68,7 @@ class DiskConfig:
 NET_SYNTAX = "tap=NAME[,mac=MAC][,offloads=off]"
 
 
-@dataclass
+@record
 class NetConfig:
     tap: str
     mac: str | None = None
@@ -104,7 +104,7 @@ def _split(spec: str) -> tuple[str, dict[str, str]]:
     return first, options
 
 
-@dataclass
+@record
 class MachineConfig:
     """Every field is a user's option (worldswitch/options.py): `worldswitch run --NAME`, the machine
     file's NAME key and Machine(NAME=...) are derived from it."""
@@ -175,7 +175,7 @@ class MachineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MachineConfig":
-        """The inverse of dataclasses.asdict (snapshots store the description this way)."""
+        """The inverse of record.asdict (snapshots store the description this way)."""
         data = dict(data)
         data["disk"] = [DiskConfig(**disk) for disk in data.get("disk", [])]
         data["net"] = [NetConfig(**net) for net in data.get("net", [])]

@@ -11,16 +11,17 @@ from __future__ import annotations
 import ctypes
 import mmap
 from pathlib import Path
-from typing import NamedTuple
 
 from ..driver.constants import REQUIRED_CAPS, USEFUL_CAPS
 from ..driver.kvm import Kvm
+from ..record import record
 
 SYS_MODULE = Path("/sys/module")
 DMI = Path("/sys/class/dmi/id")
 
 
-class HostKind(NamedTuple):
+@record(frozen=True)
+class HostKind:
     driver: str  # "vmx", "svm", "pvm" or "unknown"
     nested_paging: bool | None
     description: str
@@ -142,7 +143,8 @@ def detect_host_kind(flags: set[str] | None = None) -> HostKind:
     return HostKind("unknown", None, "a KVM vendor module worldswitch does not recognise" + nested, inside, signature)
 
 
-class KvmFacts(NamedTuple):
+@record(frozen=True)
+class KvmFacts:
     """What this host's KVM answers: its API version and the capabilities worldswitch asks about."""
 
     api_version: int

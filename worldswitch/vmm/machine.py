@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, runtime_checkable
 
 from ..devices.serial import Serial
 from ..driver import structs as s
@@ -15,6 +14,7 @@ from ..driver.kvm import Kvm, Vm
 from ..errors import KvmError
 from ..memory.guest import GuestMemory
 from ..memory.layout import MemoryMap
+from ..record import field, record
 from .config import MachineConfig
 from .host import HostKind
 from .outcome import Outcome
@@ -56,14 +56,15 @@ class Service(Owned, Protocol):
     def start(self) -> None: ...
 
 
-class StateBinding(NamedTuple):
+@record(frozen=True)
+class StateBinding:
     """How a snapshot saves and restores one part: its state() and restore(state), and the state's type."""
     save: Callable[[], object]
     load: Callable[[Any], None]
     kind: type
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Parts:
     """What one step of the builder made: devices by name, the state of those a snapshot saves, the
     services among them and the host resources they hold. Steps' parts add up (a name is used once)."""
@@ -84,7 +85,8 @@ class Parts:
             part.close()
 
 
-class Platform(NamedTuple):
+@record(frozen=True)
+class Platform:
     """The machine without its vCPUs: memory, the buses, and what is attached to them."""
     memory_map: MemoryMap
     memory: GuestMemory

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
+
+from ..record import field, record
 
 
 class StopReason(Enum):
@@ -39,7 +40,7 @@ EXIT_STATUS = {
 }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MachineResult:
     reason: StopReason
     message: str

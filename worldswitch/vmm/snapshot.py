@@ -33,12 +33,12 @@ import shutil
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import WorldswitchError
 from ..memory.guest import PAGE_SIZE, GuestMemory
+from ..record import asdict, record
 from ..state import decode, to_json
 from ..version import __version__
 from .x86.cpu_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm, saveable_msrs
@@ -68,7 +68,7 @@ class SnapshotError(WorldswitchError):
     """A snapshot that cannot be written, or cannot be trusted to restore."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SnapshotInfo:
     path: str
     memory_bytes: int  # guest RAM described
@@ -330,7 +330,7 @@ def changed_disks(manifest: dict[str, Any]) -> list[str]:
     return [disk["path"] for disk in manifest.get("disks", []) if _disk_fingerprint(disk["path"]) != disk]
 
 
-@dataclass
+@record
 class Snapshot:
     path: Path
     manifest: dict[str, Any]

@@ -1,12 +1,11 @@
 """World-switch accounting: per vCPU, how many times KVM_RUN returned and why, how long the vCPU
 spent inside KVM_RUN (guest, plus what KVM handled in the kernel) and how long in the VMX
-handling exits. Numbers are copied out of the run loops into plain dataclasses."""
+handling exits. Numbers are copied out of the run loops into plain records."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..driver.constants import ExitReason
+from ..record import field, record
 
 # KVM's per-vCPU counters shown beside ours: the kernel sees every exit, including those it handles
 # itself (in-kernel LAPIC, PIC, IOAPIC and PIT, ioeventfd) and its own instruction emulation.
@@ -23,7 +22,7 @@ def reason_name(reason: int) -> str:
         return f"reason{reason}"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VcpuStats:
     vcpu: int
     exits: dict[str, int]  # exit reason name -> world switches that ended with it
@@ -54,7 +53,7 @@ class VcpuStats:
         }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MachineStats:
     vcpus: list[VcpuStats]
     wall_ns: int

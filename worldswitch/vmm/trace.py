@@ -22,11 +22,11 @@ import json
 import struct
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 from ..errors import WorldswitchError
+from ..record import record
 
 MAGIC = b"WSTRACE1"
 HEADER = struct.Struct("<8sIIQdI28x")
@@ -39,7 +39,8 @@ BUFFER_RECORDS = 2048
 DEFAULT_LIMIT = 2_000_000
 
 
-class TraceRequest(NamedTuple):
+@record(frozen=True)
+class TraceRequest:
     """Record every world switch of the machine to `path`, at most `limit` records."""
     path: str
     limit: int = DEFAULT_LIMIT
@@ -141,7 +142,7 @@ class TraceBuffer:
             self.position = 0
 
 
-@dataclass
+@record
 class Trace:
     path: str
     base_ns: int
@@ -181,6 +182,6 @@ def read_trace(path: str | Path) -> Trace:
 
 
 def iter_records(trace: Trace, vcpu: int | None = None) -> Iterator[TraceRecord]:
-    for record in trace.records:
-        if vcpu is None or record.vcpu == vcpu:
-            yield record
+    for one in trace.records:
+        if vcpu is None or one.vcpu == vcpu:
+            yield one

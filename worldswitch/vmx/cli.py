@@ -20,10 +20,11 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 from ..errors import ConfigError, WorldswitchError
 from ..guests import BUILTIN_GUESTS, DEFAULT_GUEST
+from ..record import record
 from ..version import __version__
 from .signals import StopSignals
 
@@ -336,7 +337,8 @@ def cmd_disk(options: argparse.Namespace) -> int:
     return 0
 
 
-class Command(NamedTuple):
+@record(frozen=True)
+class Command:
     add: Callable[[Subparsers], None]  # its parser
     run: Callable[[argparse.Namespace], int]
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..record import record
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
@@ -20,7 +20,7 @@ ARCHIVE_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 RELEASES = ("bookworm", "trixie", "forky", "sid")  # 12, 13, the testing of 2026, unstable
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DebianLinux:
     root: Path
     kernel: Path

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..devices.ucall import Ucall, UcallCommand
+from ..record import asdict, field, record
 from ..sandbox import available as sandbox_unavailable
 from ..sandbox.seccomp_filter import binding_name as seccomp_binding_name
 from ..vmm.builder import build_for_boot
@@ -26,7 +26,7 @@ PROBE_ITERATIONS = {"ring0": 100_000, "ring3": 2_000_000}
 MONITOR_ITERATIONS = 2_000_000  # ring 0 under the in-guest monitor, where it applies: as fast as ring 3
 
 
-@dataclass
+@record
 class HostInfo:
     kvm_path: str
     api_version: int
@@ -44,7 +44,7 @@ class HostInfo:
     sandbox: str = ""  # what confines a VMX started here (worldswitch/sandbox/)
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "kind": self.kind._asdict()}  # a record of its own, as JSON has it
+        return asdict(self)  # the kind a table of its own, as JSON has it
 
 
 def _cpu_model() -> str:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..boot.elf import ELF_MAGIC, read_function_symbols
 from ..errors import ConfigError, WorldswitchError
+from ..record import field, record
 from .control import request
 
 TEXT_TYPES = set("TtWw")  # code symbols in nm's letters
@@ -59,7 +59,7 @@ class Symbols:
         return self.names[index] if index >= 0 else None
 
 
-@dataclass
+@record
 class Profile:
     samples: int = 0
     by_place: Counter[tuple[int, int]] = field(default_factory=Counter)  # (cpl, rip) -> samples

@@ -1,21 +1,21 @@
 """A run's settings, from one schema: what the machine is (`MachineConfig`) and how the session
 drives it (`SessionConfig`). The `worldswitch run`/`restore` flags, the machine-file keys and the
-Python API's keywords are all derived from the two dataclasses' option fields (worldswitch/options.py),
+Python API's keywords are all derived from the two records' option fields (worldswitch/options.py),
 so an option is added, renamed or documented in one place."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConfigError
 from ..options import COUNT, FLAG, IDENTITY, PATH, SECONDS, Described, Shape, backend, choice, described, option
+from ..record import fields, record
 from ..vmm.config import MachineConfig
 from ..vmm.trace import DEFAULT_LIMIT as DEFAULT_TRACE_LIMIT
 
 
-@dataclass
+@record
 class SessionConfig:
     """How `worldswitch run` drives a machine: the console, limits, reports, the control socket and
     the sandbox. Each field is an option, as MachineConfig's are."""
@@ -58,7 +58,7 @@ PROGRAM_KEYS = tuple(entry.name for entry in MACHINE_OPTIONS if entry.option.pro
 API_OPTIONS = tuple(entry.name for entry in OPTIONS.values() if entry.option.api)
 
 
-@dataclass
+@record
 class Settings:
     """Everything a run was asked for."""
 

@@ -7,3 +7,5 @@ A probed raw image never lets its guest write an image format's signature into i
 otherwise the guest could make the next run open it as qcow2 with a backing file of its choosing,
 anywhere on the host (QEMU refuses the same write for the same reason).
 """
+
+FORMATS = ("raw", "qcow2")  # here, not in image.py: checking a --disk option needs no more than the names

@@ -10,7 +10,6 @@ from typing import Protocol
 from ...errors import ConfigError
 from .image_lock import lock_image
 
-FORMATS = ("raw", "qcow2")
 QCOW2_MAGIC = b"QFI\xfb"
 
 

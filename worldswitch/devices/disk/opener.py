@@ -7,7 +7,8 @@ import os
 from typing import Callable
 
 from ...errors import ConfigError
-from .image import FORMATS, DiskImage, open_file, probe
+from . import FORMATS
+from .image import DiskImage, open_file, probe
 from .qcow2 import MAX_BACKING_DEPTH, Qcow2Image
 from .raw import RawImage
 

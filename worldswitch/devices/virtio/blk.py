@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 from ...memory.guest import GuestMemory
+from ...record import asdict, record
 from ..disk.opener import open_disk
 from . import BLOCK
 from .device import VirtioDevice, VirtioLink
@@ -51,7 +51,7 @@ class RequestError(Exception):
         self.status = status
 
 
-@dataclass
+@record
 class BlockStats:
     reads: int = 0
     writes: int = 0

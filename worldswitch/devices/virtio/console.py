@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import tty
-from dataclasses import dataclass
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
+from ...record import record
 from . import CONSOLE
 from .device import VirtioDevice, VirtioLink
 
@@ -85,7 +85,7 @@ def open_backend(spec: str) -> ConsoleBackend:
     raise ConfigError(f"unknown virtio console back end {spec!r}: use pty, file:PATH or none")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConsoleState:
     pending: bytes  # received from the back end, not yet given to the guest
 

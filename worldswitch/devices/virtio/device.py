@@ -3,10 +3,10 @@ transport (pci.py) handles status, negotiation and queue set-up, and calls in he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from ...memory.guest import GuestMemory
+from ...record import record
 from . import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from .packed import PackedQueue
 from .queue import SplitQueue
@@ -16,7 +16,7 @@ Virtqueue = SplitQueue | PackedQueue  # the two layouts answer the same methods
 COMMON_FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NoDeviceState:
     """The state of a device that keeps none beyond its queues."""
 
@@ -73,7 +73,7 @@ class VirtioDevice:
     state_type: type = NoDeviceState  # what state() gives and restore() takes
 
     def state(self) -> object:
-        """Device-specific state beyond the transport's (a dataclass of type `state_type`)."""
+        """Device-specific state beyond the transport's (a record of type `state_type`)."""
         return NoDeviceState()
 
     def restore(self, state: object) -> None:

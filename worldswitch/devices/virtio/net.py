@@ -26,11 +26,11 @@ import os
 import random
 import socket
 import struct
-from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from ...errors import ConfigError
 from ...memory.guest import GuestMemory
+from ...record import record
 from . import NET
 from .device import VirtioDevice, VirtioLink, Virtqueue
 from .queue import DescriptorChain
@@ -159,7 +159,7 @@ def _unless_empty(read: Callable[[], T]) -> T | None:
         raise
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetState:
     waiting: bytes | None  # a packet from the tap that no receive buffer has taken yet
 

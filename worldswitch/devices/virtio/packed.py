@@ -17,10 +17,10 @@ chain must itself be marked available. A violation raises VirtqueueError.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Sequence
 
 from ...memory.guest import GuestMemory
+from ...record import record
 from .queue import (BULK_TABLE, MAX_QUEUE_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                     DescriptorChain, VirtqueueError, check_areas, check_buffer, check_indirect_table, full_barrier,
                     need_event, table_buffers)
@@ -39,7 +39,7 @@ def _is_available(flags: int, wrap: bool) -> bool:
     return bool(flags & VIRTQ_DESC_F_AVAIL) == wrap and bool(flags & VIRTQ_DESC_F_USED) != wrap
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PackedQueueState:
     """Where the device is in a packed ring, and the buffers it holds (ID -> slots they took)."""
 
@@ -51,7 +51,7 @@ class PackedQueueState:
     in_flight: list[tuple[int, int]]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PackedMark:
     next_avail: int
     avail_wrap: bool

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
+from ...record import record
 from ...state import decode
 from ..base import InterruptLine, MsiSink
 from ..msix import NO_VECTOR, MsixCapability
@@ -57,7 +57,7 @@ def _cap(cfg_type: int, bar: int, offset: int, length: int, extra: bytes = b"") 
     return struct.pack("<BBBBxxII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QueueSetupState:
     """What the driver wrote to configure one queue (virtio 1.2, 4.1.4.3)."""
 
@@ -69,7 +69,7 @@ class QueueSetupState:
     device: int
 
 
-@dataclass
+@record
 class VirtioPciState:
     """Everything the guest can observe of the transport, for snapshots."""
 
@@ -105,7 +105,7 @@ class QueueSetup:
         self.desc = self.driver = self.device = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PciWiring:
     """What the platform gives a virtio PCI function when it is made."""
 

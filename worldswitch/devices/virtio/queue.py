@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass, field
 from itertools import repeat
 from typing import NamedTuple, Sequence
 
 from ...errors import WorldswitchError
 from ...memory.guest import GuestMemory
+from ...record import field, record
 
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -37,12 +37,12 @@ class VirtqueueError(WorldswitchError):
     """The driver broke the virtqueue rules; the device must stop using the queue."""
 
 
-class Buffer(NamedTuple):  # a NamedTuple: one is made per descriptor, and a frozen dataclass costs 3x to make
+class Buffer(NamedTuple):  # a NamedTuple: one is made per descriptor, and a record costs 4x to make
     gpa: int
     length: int
 
 
-@dataclass
+@record
 class DescriptorChain:
     head: int
     readable: list[Buffer] = field(default_factory=list)
@@ -142,7 +142,7 @@ def check_areas(memory: GuestMemory, areas: tuple[tuple[str, int, int, int], ...
             raise VirtqueueError(f"{name} at {address:#x}+{length:#x} is outside guest RAM")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SplitQueueState:
     """Where the device is in a split ring (the ring itself is in guest memory)."""
 

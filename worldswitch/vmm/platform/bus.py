@@ -18,10 +18,10 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from ...errors import BusError
+from ...record import field, record
 
 ReadFn = Callable[[int, int], int]  # (offset, size) -> value
 WriteFn = Callable[[int, int, int], None]  # (offset, size, value)
@@ -32,7 +32,7 @@ def all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class BusRange:
     name: str
     base: int

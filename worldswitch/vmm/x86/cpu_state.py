@@ -14,13 +14,13 @@ kvm_put_tscdeadline_msr has the same order).
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 from ...driver import structs as s
 from ...driver.constants import KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MP_STATE_RUNNABLE
 from ...driver.kvm import Kvm, Vcpu, Vm
 from ...errors import KvmError
 from ...memory.guest import GuestMemory
+from ...record import record
 from .emulate import EmulationRefused, read_virtual
 
 IRQCHIPS = (KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC)
@@ -29,7 +29,7 @@ BREAKPOINT, OVERFLOW = 3, 4  # the vectors of the software exceptions: int3 (and
 SOFTWARE_EXCEPTION_ENDINGS = ((b"\xcc", BREAKPOINT), (b"\xcd\x03", BREAKPOINT), (b"\xce", OVERFLOW))
 
 
-@dataclass
+@record
 class VcpuState:
     regs: bytes
     sregs: bytes
@@ -141,7 +141,7 @@ def restore_running_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
     vcpu.set_mp_state(state.mp_state)
 
 
-@dataclass
+@record
 class VmState:
     irqchips: list[bytes]
     pit: bytes

@@ -17,15 +17,15 @@ host's CPUID anyway) while honouring others being cleared:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from ...driver import structs as s
+from ...record import record
 from ..host import HostKind
 
 EAX, EBX, ECX, EDX = "eax", "ebx", "ecx", "edx"
 
 
-class HiddenFeature(NamedTuple):
+@record(frozen=True)
+class HiddenFeature:
     leaf: int
     subleaf: int | None  # None: every subleaf
     register: str

@@ -19,11 +19,11 @@ only raises a pending unmasked x87 exception, so with none pending it is a one-b
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from ...driver import structs as s
 from ...driver.kvm import Vcpu
 from ...memory.guest import GuestMemory
+from ...record import record
 
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
@@ -38,7 +38,8 @@ FWAIT = b"\x9b"
 FSW_ES = 1 << 7  # x87 status word: an unmasked exception is pending
 
 
-class SoftwareInterrupt(NamedTuple):
+@record(frozen=True)
+class SoftwareInterrupt:
     vector: int
     length: int  # of the instruction: the return RIP points past it
 
@@ -54,7 +55,8 @@ def software_interrupt(code: bytes) -> SoftwareInterrupt | None:
     return None
 
 
-class Gate(NamedTuple):
+@record(frozen=True)
+class Gate:
     """A 64-bit IDT entry (Intel SDM vol. 3, 6.14.1)."""
 
     target: int
