@@ -1,14 +1,16 @@
-"""Typed records: the classes that hold data (options, states, statistics, results), with the
-meaning of Python's dataclasses and a fraction of their start-up cost.
+"""Typed records: the classes that hold data (options, states, statistics, results, decoded exits),
+with the meaning of Python's dataclasses and a fraction of their start-up cost.
 
 Why not dataclasses: `worldswitch run` defines about twenty such classes before the guest's first
-byte. As dataclasses (CPython 3.11) they cost 13 ms of a 65 ms start, a quarter of it: 5 ms to import
-`dataclasses` (which imports inspect, ast, dis, tokenize) and 8 ms to compile, from generated
-source, each class's own `__init__`, `__repr__`, `__eq__` and frozen `__setattr__`. Why not msgspec's
-`Struct`, the library made for cheap records: importing it costs 6.7 ms here (datetime, decimal,
-uuid). Here every record shares one `__init__`, `__repr__` and `__eq__` that read the class's field
-list, so defining a record costs microseconds; building one costs about a microsecond more than a
-dataclass, which no hot path notices (bench/README.md, start-up).
+byte. As dataclasses (CPython 3.11) they cost 13 ms of a 65 ms start: 5 ms to import `dataclasses`
+(which imports inspect, ast, dis, tokenize) and 8 ms to compile, from generated source, each class's
+own `__init__`, `__repr__`, `__eq__` and frozen `__setattr__`. Why not `typing.NamedTuple` for the
+immutable ones: it compiles each field's annotation (about 50 us a class; 40 were on the way). Why
+not msgspec's `Struct`, the library made for cheap records: importing it costs 6.7 ms here
+(datetime, decimal, uuid). Here every record shares one `__init__`, `__repr__` and `__eq__` that read
+the class's field list, so defining a record costs about 15 us; building one costs about 0.5 us
+more than a dataclass. Where that shows, a NamedTuple stays: one made per virtqueue descriptor
+(devices/virtio/queue.py's Buffer) or per trace record read back.
 
 What a record does is what a dataclass does with the same class body and options (`frozen`,
 `slots`; `field(default=, default_factory=, init=, metadata=)`; `__post_init__`; inheritance;
