@@ -143,8 +143,8 @@ def _plain(value: Any) -> Any:
 def _init(self: Any, *args: Any, **kwargs: Any) -> None:
     cls = type(self)
     taken = len(args)
-    if taken > cls.__record_positional__:
-        raise TypeError(f"{cls.__name__}() takes {cls.__record_positional__} positional arguments but {taken} were given")
+    if taken > len(cls.__record_init_names__):
+        raise TypeError(f"{cls.__name__}() takes {len(cls.__record_init_names__)} positional arguments but {taken} were given")
     put = object.__setattr__
     position = used = 0  # init arguments passed by position; keywords used
     for name, default, factory, init in cls.__record_plan__:
@@ -242,7 +242,6 @@ def _make(cls: type[T], frozen: bool, slots: bool) -> type[T]:
     namespace: dict[str, Any] = {
         "__record_fields__": found,
         "__record_plan__": tuple((one.name, one.default, one.default_factory, one.init) for one in found.values()),
-        "__record_positional__": len(init_names),
         "__record_init_names__": init_names,
         "__match_args__": init_names,
     }
