@@ -22,7 +22,7 @@ from worldswitch.errors import GuestImageError
 from worldswitch.memory.guest import GuestMemory
 from worldswitch.memory.layout import MIB, MemoryMap
 
-from .helpers import DEBIAN_13, DEBIAN_14, LOADER_ZERO_PAGE, debian, loaded_by_a_boot_loader
+from .helpers import DEBIAN_13, DEBIAN_14, LOADER_ZERO_PAGE, debian, linux_without_xxl, loaded_by_a_boot_loader
 
 
 class Feature(NamedTuple):
@@ -342,6 +342,51 @@ def test_a_kernel_whose_return_to_itself_is_no_jump_is_refused_in_one_line(vmlin
     damaged[text.offset + kallsyms(vmlinux)["early_xen_iret_patch"].address - text.address] = 0x90
     with pytest.raises(GuestImageError, match="early_xen_iret_patch at 0x[0-9a-f]+ is not a jump to its IRETQ"):
         paravirtualize(bytes(damaged), pv_functions())
+
+
+@pytest.fixture(scope="module")
+def vmlinux_without_xxl() -> bytes:
+    """Linux 6.1 built without CONFIG_PARAVIRT_XXL, so without CONFIG_XEN_PV (tests/kernels/README.md)."""
+    return extract_vmlinux(parse_bzimage(linux_without_xxl().read_bytes(), "kernel"))
+
+
+def test_a_kernel_without_xen_pv_returns_to_itself_through_the_monitors_iretq(vmlinux_without_xxl: bytes) -> None:
+    """No early_xen_iret_patch: restore_regs_and_return_to_kernel is POP_REGS, ADD $8, %RSP and the
+    IRETQ (no ESPFIX64 in this build). Its last POP and the ADD, five bytes, become a jump to the pv
+    page's iret_pop_rdi, which does them and goes on as pv_iret; the POPs before stay the kernel's,
+    and the IRETQ, which the returns to user mode jump to, stays their UD2."""
+    image = vmlinux_without_xxl
+    symbols = kallsyms(image)
+    assert "early_xen_iret_patch" not in symbols
+    start = symbols["restore_regs_and_return_to_kernel"].address
+    result = paravirtualize(image, pv_functions())
+    text = read_sections(image)[".text"]
+    at = text.offset + start - text.address
+    pops = 23  # R15 to RSI, then RDI's
+    assert result.kernel_return_site == start + pops - 1 and result.iret_site == start + pops + 4
+    assert image[at + pops - 1 : at + pops + 4] == bytes.fromhex("5f 48 83 c4 08")  # pop %rdi; add $8, %rsp
+    assert result.vmlinux[at : at + pops - 1] == image[at : at + pops - 1]
+    site = result.kernel_return_site
+    assert result.vmlinux[at + pops - 1] == 0xE9
+    assert site + 5 + struct.unpack_from("<i", result.vmlinux, at + pops)[0] == pv_functions()["iret_pop_rdi"]
+    assert result.vmlinux[at + pops + 4 : at + pops + 6] == b"\x0f\x0b"  # the UD2 at native_irq_return_iret
+
+
+@pytest.mark.parametrize("change", ["a pop missing", "a longer skip"])
+def test_a_kernel_whose_return_to_itself_has_another_shape_keeps_its_trap(vmlinux_without_xxl: bytes,
+                                                                          change: str) -> None:
+    """Anything but POP_REGS, the skip and the IRETQ (with ESPFIX64's test between) is left as it is:
+    its returns to itself trap at the UD2, as they did, and the VMM's note says so."""
+    image = bytearray(vmlinux_without_xxl)
+    text = read_sections(image)[".text"]
+    at = text.offset + kallsyms(image)["restore_regs_and_return_to_kernel"].address - text.address
+    if change == "a pop missing":
+        image[at : at + 2] = b"\x66\x90"  # POP %R15 made a NOP
+    else:
+        image[at + 26] = 0x10  # ADD $16, %RSP
+    result = paravirtualize(bytes(image), pv_functions())
+    assert result.kernel_return_site is None
+    assert result.vmlinux[at + 27 : at + 29] == b"\x0f\x0b"
 
 
 @pytest.mark.parametrize("release", [None, DEBIAN_13, DEBIAN_14], ids=["debian-12", "debian-13", "debian-14"])

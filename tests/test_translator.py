@@ -14,7 +14,8 @@ from worldswitch.boot.translator import CacheLayout, KernelSites, Translation, t
 BASE = 0xFFFF_FFFF_8100_0000
 LOAD_GS_INDEX = BASE + 0x1000  # asm_load_gs_index, whose calls go to the monitor's load_gs_index
 LAYOUT = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, *(PV_BASE + PV_FUNCTIONS[name] for name in
-                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3", "invlpg")),
+                                                     ("irq_disable", "irq_enable", "save_fl", "write_msr", "write_cr3", "invlpg",
+                                                      "read_cr2")),
                      {LOAD_GS_INDEX: PV_BASE + PV_FUNCTIONS["load_gs_index"]})
 NOTHING = KernelSites([], set(), set(), set(), set())
 INT3 = 0xCC
@@ -135,6 +136,25 @@ def test_a_wrmsr_with_the_kernels_unchecked_entry_and_a_cr3_load_call_the_pv_fun
     # a WRMSR without that entry (one whose refusal the kernel handles: wrmsr_safe) stays
     image, translation, _ = run([wrmsr])
     assert translation.sites == 0 and image == wrmsr
+
+
+def test_a_cr2_read_calls_read_cr2_and_keeps_every_other_register_and_the_flags() -> None:
+    # exc_page_fault's first lines: push %r12; mov %cr2, %r12 (the register in REX.B); then mov $1, %eax; ret
+    to_r12 = bytes.fromhex("41 54 41 0f 20 d4 b8 01 00 00 00 c3")
+    # exc_nmi's: mov %cr2, %rax; cmp %rax, %rdi; ret
+    to_rax = bytes.fromhex("0f 20 d0 48 39 c7 c3")
+    image, translation, (_, rax_at) = run([to_r12, to_rax])
+    assert translation.sites == 2 and sum(translation.left.values()) == 0
+    copies = listing(translation.cache, CODE_CACHE)
+    # read_cr2 changes RAX alone (pv_ops.mmu.read_cr2's contract): RAX is kept around it for R12
+    first = copies.index(f"jmp {BASE + 11:#x}") + 1
+    assert copies[:first] == ["push rax", f"call {LAYOUT.read_cr2:#x}", "mov r12, rax", "pop rax", "mov eax, 1",
+                              f"jmp {BASE + 11:#x}"]  # the window: from the read to the RET (the PUSH before stays)
+    assert image[:2] == to_r12[:2] and image[2] == 0xE9
+    assert copies[first:] == [f"call {LAYOUT.read_cr2:#x}", "cmp rdi, rax", f"jmp {rax_at + 6:#x}"]
+    # a write of CR2 or a read of CR0 is no such site
+    _, translation, _ = run([bytes.fromhex("0f 22 d0 c3"), bytes.fromhex("0f 20 c0 c3")])
+    assert translation.sites == 0
 
 
 def test_an_invlpg_passes_its_operands_address_and_a_per_cpu_operand_still_names_its_variable() -> None:

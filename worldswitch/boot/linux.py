@@ -285,17 +285,18 @@ def _paravirtualize(vmlinux: bytes, pv_ops: dict[str, int],
             notes.append(f"its sensitive instructions not translated: {translation.refused}")
         else:
             reasons = "; ".join(f"{reason}: {count}" for reason, count in translation.left.most_common())
-            notes.append(f"translated {translation.sites} sensitive instructions (CLI, STI, PUSHF, MOV to CR3, WRMSR, "
-                         f"INVLPG) in {translation.windows} windows "
+            notes.append(f"translated {translation.sites} sensitive instructions (CLI, STI, PUSHF, MOV to CR3, MOV "
+                         f"from CR2, WRMSR, INVLPG) in {translation.windows} windows "
                          f"({len(translation.cache)} bytes of code cache); left to trap: {sum(translation.left.values())}"
                          + (f" ({reasons})" if reasons else "")
                          + f"; {translation.calls} calls of asm_load_gs_index made the monitor's load_gs_index")
     notes.append(f"its IRETQ to user mode at {iret_site:#x} made a UD2")
     if paravirtualized.kernel_return_site is not None:
-        notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} (early_xen_iret_patch) pointed "
-                     "at the monitor")
+        notes.append(f"its return to itself at {paravirtualized.kernel_return_site:#x} "
+                     "(restore_regs_and_return_to_kernel) pointed at the monitor")
     else:
-        notes.append("its returns to itself trap at the IRETQ (the kernel has no early_xen_iret_patch)")
+        notes.append("its returns to itself trap at the IRETQ (the kernel has no early_xen_iret_patch, and its "
+                     "restore_regs_and_return_to_kernel is not POP_REGS, a skip of orig_ax and the IRETQ)")
     if paravirtualized.sysret_site is not None:
         notes.append(f"its return from a system call at {paravirtualized.sysret_site:#x} (entry_SYSRETQ_unsafe_stack) "
                      "pointed at the monitor")

@@ -36,12 +36,12 @@ COUNTERS = ("events", "exceptions", "interrupts", "deferred", "cli", "sti", "hlt
             "swapgs_native", "key0", "pushf", "popf", "invlpg_gate")
 # The pv page (monitor.h PV_*): the monitor's functions for a paravirtual Linux's pv_ops.irq,
 # pv_ops.cpu.write_msr and load_gs_index, pv_ops.mmu.read_cr2 and write_cr3, its IRETQ to itself
-# ("iret") and its return from a system call ("sysret"), and for a translated INVLPG ("invlpg",
-# translator.py), at PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
+# ("iret"; "iret_pop_rdi" for a kernel without early_xen_iret_patch) and its return from a system
+# call ("sysret"), and for a translated INVLPG ("invlpg", translator.py), at PV_BASE in its kernel's address space (boot/paravirt.py points the kernel there).
 PV_BASE = 0xFFFF_FFFF_FFE0_0000
 PV_FUNCTIONS = {"save_fl": 0x00, "irq_disable": 0x20, "irq_enable": 0x40, "read_cr2": 0x60, "write_cr3": 0x70,
                 "safe_halt": 0x80, "sysret": 0x90, "halt": 0xA0, "write_msr": 0xC0, "load_gs_index": 0x100,
-                "write_msr_u64": 0x140, "iret": 0x160, "invlpg": 0x260}
+                "write_msr_u64": 0x140, "iret": 0x160, "invlpg": 0x260, "iret_pop_rdi": 0x280}
 # The code cache: the pages after the pv page, where the VMM puts a kernel's translated sites
 # (translator.py), in every copy (monitor.h PV_CODE_CACHE_SIZE)
 CODE_CACHE = PV_BASE + 0x1000

@@ -55,11 +55,19 @@ CALL_REL32, NOP = 0xE8, b"\x90"
 CMPXCHG16B_GS = b"\x65\x48\x0f\xc7"  # CMPXCHG16B %gs:(reg): GS, REX.W, 0F C7 /1
 CMPXCHG16B_GS_HIGH = b"\x65\x49\x0f\xc7"  # the same through %r8 to %r15 (REX.WB): Linux 6.2's and 6.5's
 IRETQ, UD2 = b"\x48\xcf", b"\x0f\x0b"
+# entry_64.S's POP_REGS: R15, R14, R13, R12, RBP, RBX, R11 to R8, RAX, RCX, RDX, RSI, RDI (pt_regs' order)
+POP_REGS = bytes.fromhex("415f415e415d415c5d5b415b415a4159415858595a5e5f")
+SKIP_ORIG_AX = bytes.fromhex("4883c408")  # ADD $8, %RSP
+ESPFIX_TEST = bytes.fromhex("f644242004")  # TESTB $4, SS-RIP(%RSP): an LDT selector (CONFIG_X86_ESPFIX64)
 SWAPGS, SYSRETQ, INT3 = b"\x0f\x01\xf8", b"\x48\x0f\x07", 0xCC
 JMP_REL32, JMP_REL8 = 0xE9, 0xEB
+JNZ_REL8, JNZ_REL32 = 0x75, b"\x0f\x85"
 # The monitor's function for the kernel's IRETQ to itself: not a pv_ops member (Linux had
 # pv_ops.cpu.iret until 5.18), but early_xen_iret_patch's jump (see paravirtualize)
 KERNEL_RETURN = "iret"
+# The same for a kernel without early_xen_iret_patch (no CONFIG_XEN_PV), jumped to from its return's
+# last POP (see _point_kernel_return)
+KERNEL_RETURN_POP_RDI = "iret_pop_rdi"
 # The monitor's function for the kernel's return from a system call, its SWAPGS before SYSRETQ:
 # jumped to from the padding after that SYSRETQ (see paravirtualize)
 SYSCALL_RETURN = "sysret"
@@ -148,7 +156,7 @@ class Paravirtualized(NamedTuple):
     mmu_sites: int  # pv_ops.mmu.read_cr2 and write_cr3 call sites
     alternatives: int  # native replacements taken away from the irq and mmu sites
     iret_site: int  # the kernel's IRETQ to user mode (native_irq_return_iret), now a UD2
-    kernel_return_site: int | None  # early_xen_iret_patch, now a jump to the monitor's; None if it has none
+    kernel_return_site: int | None  # early_xen_iret_patch, or its last POP, now a jump to the monitor's; None: it traps
     sysret_site: int | None  # the SWAPGS before its SYSRETQ, now a jump towards the monitor's; None if it has none
     ss_load_site: int | None  # __switch_to's load of SS (an AMD CPU's), now a NOP; None if it has none
     cx16_sites: int  # calls of this_cpu_cmpxchg16b_emu made CMPXCHG16B
@@ -169,7 +177,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     instruction, and KVM's PV IPIs and PV TLB flush refused (REFUSED_KVM_FEATURES)."""
     names = [name for group in PV_OPS.values() for name in group]
     names += [form for form in WRITE_MSR_FORMS.values() if form not in names]  # write_msr's other forms
-    names += [KERNEL_RETURN, SYSCALL_RETURN, TRANSLATED_INVLPG]
+    names += [KERNEL_RETURN, KERNEL_RETURN_POP_RDI, SYSCALL_RETURN, TRANSLATED_INVLPG]
     if sorted(functions) != sorted(names):
         raise ValueError(f"pv_ops functions must be exactly {', '.join(names)}")
     sections = read_sections(vmlinux)
@@ -203,7 +211,8 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
     if vmlinux[at : at + len(IRETQ)] != IRETQ:
         raise GuestImageError(f"the kernel's native_irq_return_iret at {iret_site:#x} is not an IRETQ")
     image[at : at + len(IRETQ)] = UD2
-    kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN], file_offset)
+    kernel_return_site = _point_kernel_return(image, symbols, iret_site, functions[KERNEL_RETURN],
+                                              functions[KERNEL_RETURN_POP_RDI], file_offset)
     sysret_site = _point_syscall_return(image, symbols, alternatives, functions[SYSCALL_RETURN], file_offset)
     ss_load = _switch_ss_load(vmlinux, sections, symbols, types)
     ss_load_site = None
@@ -223,7 +232,7 @@ def paravirtualize(vmlinux: bytes, functions: dict[str, int]) -> Paravirtualized
         else:
             layout = CacheLayout(CODE_CACHE, CODE_CACHE_SIZE, functions["irq_disable"], functions["irq_enable"],
                                  functions["save_fl"], functions["write_msr"], functions["write_cr3"],
-                                 functions[TRANSLATED_INVLPG], _monitor_calls(symbols, functions))
+                                 functions[TRANSLATED_INVLPG], functions["read_cr2"], _monitor_calls(symbols, functions))
             translation = translate(image, code, found, layout)
             move_return_sites(image, sections, translation.moved_returns)
     return Paravirtualized(bytes(image), xxl, sites, cpu_sites, mmu_sites, disarmed, iret_site, kernel_return_site,
@@ -299,22 +308,49 @@ def _code(sections: dict[str, Section], symbols: Symbols, alternatives: list[Alt
     return ranges
 
 
-def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,
+def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, target: int, target_pop_rdi: int,
                          file_offset: Callable[[int, int], int]) -> int | None:
     """The kernel's return to itself (entry_64.S, restore_regs_and_return_to_kernel) ends in a jump
     at early_xen_iret_patch to its IRETQ, which Xen PV's start-up rewrites into a jump to xen_iret
     (arch/x86/xen/enlighten_pv.c, xen_start_kernel; Linux 5.18 on, with CONFIG_XEN_PV): here it is
     rewritten into a jump to `target`, where the monitor does that IRETQ natively (monitor.S
-    pv_iret). Its address, or None for a kernel without it, whose returns to itself trap at the
-    IRETQ, as its returns to user mode do."""
+    pv_iret). A kernel built without CONFIG_XEN_PV has no such jump: there POP_REGS's last POP and
+    the skip of orig_ax after it (five bytes, which nothing jumps into: the return to user mode
+    enters at or after the IRETQ's ESPFIX test) become a jump to `target_pop_rdi`, which does them
+    first. The site's address, or None for a kernel whose return has neither shape: its returns to
+    itself trap at the IRETQ, as its returns to user mode do."""
     if "early_xen_iret_patch" not in symbols:
-        return None
+        return _point_pop_regs_return(image, symbols, iret_site, target_pop_rdi, file_offset)
     site = symbols["early_xen_iret_patch"].address
     at = file_offset(site, 5)
     jumps_to = site + 5 + struct.unpack_from("<i", image, at + 1)[0]
     if image[at] != JMP_REL32 or not site + 5 <= jumps_to <= iret_site:
         raise GuestImageError(f"the kernel's early_xen_iret_patch at {site:#x} is not a jump to its IRETQ")
     _write_jump(image, at, site, target, "return to the kernel")
+    return site
+
+
+def _point_pop_regs_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,
+                           file_offset: Callable[[int, int], int]) -> int | None:
+    """restore_regs_and_return_to_kernel built without CONFIG_XEN_PV and CONFIG_DEBUG_ENTRY (whose
+    check of the frame would come first): POP_REGS from its label, ADD $8, %RSP, then the IRETQ, or CONFIG_X86_ESPFIX64's test of
+    the frame's SS for an LDT selector and its JNZ before it. Its POP %RDI and ADD made a jump to
+    `target`; the site's address, or None where the code is not that."""
+    if "restore_regs_and_return_to_kernel" not in symbols:
+        return None
+    start = symbols["restore_regs_and_return_to_kernel"].address
+    length = iret_site - start
+    if not 0 < length <= len(POP_REGS) + len(SKIP_ORIG_AX) + len(ESPFIX_TEST) + 6:
+        return None
+    at = file_offset(start, length)
+    code = bytes(image[at : at + length])
+    jnz = code[len(POP_REGS) + len(SKIP_ORIG_AX) + len(ESPFIX_TEST):]
+    if code != POP_REGS + SKIP_ORIG_AX and not (
+            code.startswith(POP_REGS + SKIP_ORIG_AX + ESPFIX_TEST)
+            and (len(jnz) == 2 and jnz[0] == JNZ_REL8 or len(jnz) == 6 and jnz[:2] == JNZ_REL32)):
+        return None
+    site = start + len(POP_REGS) - 1  # its POP %RDI
+    _write_jump(image, at + len(POP_REGS) - 1, site, target, "return to the kernel")
     return site
 
 

@@ -2,13 +2,13 @@
 (docs/monitor.md, "Translated CLIs, STIs, PUSHFs, CR3 loads, WRMSRs and INVLPGs"): its sensitive
 instructions stop trapping.
 
-Deprivileged, such a kernel's CLI, STI, MOV to CR3, WRMSR and INVLPG fault, and its PUSHFs are made
+Deprivileged, such a kernel's CLI, STI, MOV to CR3, MOV from CR2, WRMSR and INVLPG fault, and its PUSHFs are made
 to (flag_sites.py): each is a trip through the host's exception path into the monitor, 370,000 of
 them in a boot. A paravirtual kernel calls the monitor's functions instead (pv_ops), which run in
 its ring 3; this kernel's sites are translated to do the same. A *window* of whole instructions
 around each site (at least the 5 bytes of a JMP rel32) is copied into the code cache, the pages after
 the pv page, with each sensitive instruction in it replaced by a call of the monitor's function for
-it (irq_disable, irq_enable, save_fl, write_cr3, write_msr, invlpg) that keeps every register and
+it (irq_disable, irq_enable, save_fl, write_cr3, read_cr2, write_msr, invlpg) that keeps every register and
 flag as the instruction would; the window's first bytes become a jump there, the rest INT3s, and the
 copy jumps back after it. A copied branch or CALL reaches the same target with a rel32 (a CALL's
 callee returns into the cache, and the copy goes on from there), a RIP-relative operand the same
@@ -54,9 +54,9 @@ PUSH_RAX, POP_RAX, PUSHFQ, POPFQ = b"\x50", b"\x58", b"\x9c", b"\x9d"
 RFLAGS_KEPT_BY_PUSHF = 0x40DD7  # monitor.h RFLAGS_STATUS | RFLAGS_FIXED: what emulate_flags pushes beside the virtual IF
 AND_16_RSP_IMM32 = b"\x48\x81\x64\x24\x10"  # andq $imm32, 16(%rsp)
 OR_RAX_TO_16_RSP = b"\x48\x09\x44\x24\x10"  # orq %rax, 16(%rsp)
-# CLI, STI, PUSHF (and its trap), MOV to CR, INVLPG: a function without one of these is not decoded
-# (a WRMSR's function is, by its exception-table entry)
-SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22", b"\x0f\x01")
+# CLI, STI, PUSHF (and its trap), MOV to and from CR, INVLPG: a function without one of these is not
+# decoded (a WRMSR's function is, by its exception-table entry)
+SENSITIVE_BYTES = (b"\xfa", b"\xfb", b"\x9c", bytes([PUSHF_TRAP]), b"\x0f\x22", b"\x0f\x20", b"\x0f\x01")
 # The caller-saved registers, which the C-ABI functions (write_msr, write_cr3, invlpg) may change:
 # pushed before the call and popped after it, with the flags, so that the copy changes none
 SAVE_CALLER_SAVED = bytes.fromhex("9c 50 51 52 56 57 41 50 41 51 41 52 41 53")  # pushfq, RAX ... R11
@@ -94,6 +94,7 @@ class CacheLayout(NamedTuple):
     write_msr: int  # write_msr(u32 msr, u32 low, u32 high)
     write_cr3: int
     invlpg: int  # invlpg(u64 address)
+    read_cr2: int  # the guest's CR2 in RAX, nothing else changed
     calls: dict[int, int]  # kernel functions -> the monitor's for the same: their direct calls are made its
 
 
@@ -294,7 +295,7 @@ class _Ranges:
 
 def _sensitive(instruction: Decoded) -> str | None:
     """What a copy does instead of the instruction: "cli", "sti", "pushfq", "wrmsr", "cr3" (a MOV to
-    CR3), or None for an instruction copied as it is (or not at all)."""
+    CR3), "cr2" (a MOV from CR2), or None for an instruction copied as it is (or not at all)."""
     mnemonic, operands = instruction[2], instruction[3]
     if mnemonic in ("cli", "sti", "pushfq", "wrmsr"):
         return mnemonic
@@ -302,6 +303,8 @@ def _sensitive(instruction: Decoded) -> str | None:
         return mnemonic
     if mnemonic == "mov" and operands.startswith("cr3, ") and operands[5:] in REGISTERS:
         return "cr3"
+    if mnemonic == "mov" and operands.endswith(", cr2") and operands[:-5] in REGISTERS and operands[:-5] != "rsp":
+        return "cr2"
     return None
 
 
@@ -390,6 +393,12 @@ def _replacement(kind: str, instruction: Instruction, code: bytes, cache: CacheL
         source = REGISTERS.index(instruction.operands.split(", ")[1])
         move = bytes([0x48 | (source >> 3) << 2, 0x89, 0xC7 | (source & 7) << 3])  # mov %source, %rdi
         return SAVE_CALLER_SAVED + move, cache.write_cr3, RESTORE_CALLER_SAVED
+    if kind == "cr2":  # read_cr2(), as pv_ops.mmu.read_cr2: RAX only, the flags kept
+        target = REGISTERS.index(instruction.operands[:-5])
+        if target == 0:
+            return b"", cache.read_cr2, b""
+        move = bytes([0x48 | target >> 3, 0x89, 0xC0 | (target & 7)])  # mov %rax, %target
+        return PUSH_RAX, cache.read_cr2, move + POP_RAX
     # invlpg(the operand's address): a LEA into RDI made from INVLPG's own ModRM, whose reg field (7) is RDI's
     rex = code[0] if 0x40 <= code[0] <= 0x4F else 0
     body = code[1:] if rex else code

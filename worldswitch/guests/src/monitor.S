@@ -255,7 +255,7 @@ msr_refused:
     addq $16, %rsp
     iretq
 /* msr_gate's int3, from the guest's kernel, whose registers are live here: an MSR of those it may
- * write without the monitor's look (the FS and GS bases, the TSC deadline) is written, on the path
+ * write without the monitor's look (the FS and GS bases, the TSC deadline, the x2APIC's EOI) is written, on the path
  * of the body's own writes; any other is refused, and msr_gate traps with it instead. */
 msr_gate_event:
     cmpl $(msr_gate_return - MONITOR_BASE), 16(%rsp)
@@ -268,7 +268,13 @@ msr_gate_event:
     movb $0, kernel_gs_msr_known(%rip)  /* (monitor.c) */
     jmp 7f
 6:  cmpl $MSR_TSC_DEADLINE, %edi
-    jne msr_refused
+    je 7f
+    cmpl $MSR_X2APIC_EOI, %edi          /* of 0, as general_protection_entry writes it: a translated */
+    jne msr_refused                     /* WRMSR's (boot/translator.py), which would else trap after */
+    testl %esi, %esi                    /* this trip; refused (xAPIC mode), it still traps there */
+    jnz msr_refused
+    testl %edx, %edx
+    jnz msr_refused
 7:  movl %edi, %ecx
     movl %esi, %eax                     /* EDX holds the high half already */
     jmp wrmsr_at
@@ -381,9 +387,10 @@ body_window_end:
  * as a trapping WRMSR is an event and then a call into ring 0; here it is one trip into ring 0. What
  * ring 0 refuses (another MSR, or one the CPU refused) goes to the WRMSR in the pv page, which traps
  * and is emulated as any. An interrupt between msr_gate and msr_gate_end is held and sends the
- * kernel to that WRMSR too (own_event), whose event delivers it: the MSRs ring 0 writes here take a
- * second write of the same value, so EDI, ESI and EDX are kept to the end. The int3's retry is
- * ring0_call's.
+ * kernel to that WRMSR too (own_event), whose event delivers it, unless ring 0 has answered that it
+ * wrote (RAX 0 after msr_gate_return): then to a trapping CR8 read, and back, since a second EOI
+ * would end an interrupt still in service. EDI, ESI and EDX are kept to the end for that WRMSR. The
+ * int3's retry is ring0_call's.
  * Where ring 3 may write the bases itself (fsgsbase_native, monitor.c), the user mode's two take no
  * trip: the FS base is written with WRFSBASE (the kernel never uses FS), and the GS base, which is
  * KERNEL_GS_BASE while the kernel runs, behind SWAPGS, is owed (owe_user_gs). A non-canonical base
@@ -412,7 +419,8 @@ msr_gate:
     ret
 0:  movq $RING0_UNANSWERED, %rax
 1:  int3
-msr_gate_return:
+    .globl msr_gate_return
+msr_gate_return:                        /* RAX 0 from here to owe_user_gs: written (own_event) */
     cmpq $RING0_UNANSWERED, %rax
     je 1b
     testl %eax, %eax
@@ -423,6 +431,7 @@ msr_gate_return:
     jmp *%rax
 /* The user mode's GS base (RAX), owed to KERNEL_GS_BASE until ring 0 next swaps or leaves for user
  * mode (leave_to_user; settle_user_gs, monitor.c, where the body swaps, reads or writes it). */
+    .globl owe_user_gs
 owe_user_gs:
     movq %rax, owed_user_gs_base(%rip)
     movb $1, owed_user_gs(%rip)
@@ -729,6 +738,16 @@ pv_irq_enable:
     .org pv_page + PV_INVLPG, 0xcc
     movabsq $invlpg_gate, %rax
     jmp *%rax
+/* A kernel built without CONFIG_XEN_PV has no early_xen_iret_patch: its return to itself is POP_REGS,
+ * a skip of pt_regs' orig_ax, then the IRETQ made a UD2. The VMM makes the last POP and the skip (five
+ * bytes: POP %RDI; ADD $8, %RSP) a jump here, which does them and goes on as pv_iret does. */
+    .org pv_page + PV_IRET_POP_RDI, 0xcc
+    popq %rdi
+    leaq 8(%rsp), %rsp                  /* orig_ax; the flags are the frame's at the IRETQ */
+    jmp pv_page + PV_IRET
+    .org pv_page + PV_WRITE_MSR_DONE, 0xcc
+    movq %cr8, %rax                     /* traps: the interrupt held in msr_gate after its write is */
+    ret                                 /* delivered at its event (an EOI must not be written twice) */
 
 /* ZF clear if an interrupt is held (RAX lost), for irq_enable and pv_iret. */
 pv_any_held:

@@ -154,7 +154,7 @@ extern char general_protection_entry[], fast_wrmsr_fetch[], fast_wrmsr_unread[],
 int xcr_write(u32 index, u64 value);
 void wait_for_interrupt(void);
 int guest_copy(void *to, const void *from, u64 length);
-extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_end[], gs_gate[], gs_gate_end[];
+extern char guest_copy_at[], guest_copy_failed[], msr_gate[], msr_gate_return[], owe_user_gs[], msr_gate_end[], gs_gate[], gs_gate_end[];
 extern char gs_load_at[], gs_load_refused[], gs_gate_load[], gs_gate_base_back[], cr3_gate_look[], cr3_gate_end[];
 void halt_forever(void) __attribute__((noreturn));
 void triple_fault(void) __attribute__((noreturn));
@@ -2181,6 +2181,8 @@ static void own_event(struct trap_frame *frame)
         leave_again = 1;
         if (frame->rip >= (u64)body_window && frame->rip < (u64)body_window_end)
             frame->rip = (u64)body_exit; /* past the body's last look at leave_again: look again */
+        else if (frame->rip >= (u64)msr_gate_return && frame->rip < (u64)owe_user_gs && frame->rax == 0)
+            frame->rip = PV_BASE + PV_WRITE_MSR_DONE; /* written: a trap to deliver it, and back */
         else if (frame->rip >= (u64)msr_gate && frame->rip < (u64)msr_gate_end)
             frame->rip = PV_BASE + PV_WRITE_MSR_TRAP; /* its kernel's write again, through a trap: its event delivers */
         else if (frame->rip >= (u64)gs_gate && frame->rip < (u64)gs_gate_end) {
