@@ -174,7 +174,7 @@ def format_info(info: HostInfo) -> str:
                      "PVM-aware guest kernel, so a stock Linux boots here but its first user process cannot make "
                      "a system call (docs/pvm.md)")
     if info.kind.kernel_code_emulated:
-        lines.append("monitor      applies here: --monitor runs a program's ring 0, or a paravirtual Linux (--kernel, "
+        lines.append("monitor      applies here: --monitor runs a program's ring 0, or Linux (--kernel, "
                      "or one its firmware boots), natively in ring 3 under worldswitch's in-guest monitor (--cpus above 1 "
                      "for Linux; docs/monitor.md)")
     else:
