@@ -436,6 +436,7 @@ static void __attribute__((noreturn)) stop(u32 line, const char *what, u64 a0, u
 #define PTE_A 0x20ul
 #define PTE_D 0x40ul
 #define PTE_PS 0x80ul
+#define PTE_G 0x100ul
 #define PTE_FROM_1G 0x200ul /* software bit in a shadow PDE: part of a guest 1 GiB page */
 #define PTE_NX (1ul << 63)
 #define PTE_ADDR 0x000ffffffffff000ul
@@ -699,6 +700,20 @@ static struct fill {
 static int fills_used;
 static u64 monitor_slot; /* the PML4 entry for MONITOR_SLOT */
 
+/* The kernel's half, shared: every Linux process's tables hold the same PML4 entries for the upper
+ * half (pgd_alloc copies init_mm's), so the shadow's table under such an entry is made once and
+ * linked into each space's kernel root that has the same guest entry, as a CPU's TLB keeps global
+ * entries across CR3 loads. Its fills are recorded as SHARED: a CR3 load checks those the guest made
+ * global (CR4.PGE and the leaf's G) no more than a CPU flushes them, and the rest as its own; an
+ * INVLPG takes the entry out of the shared table, which every space sees. A space whose entry differs
+ * gets a table of its own. Emptied with the pool (shadow_flush). */
+#define KERNEL_HALF 256
+#define SHARED (-1)
+static struct shared_slot {
+    u64 guest;  /* the guest's PML4 entry, its accessed bit clear */
+    u64 *table; /* the shadow's table under it, or 0 */
+} shared_slots[512 - KERNEL_HALF];
+
 static u64 *shadow_page(void)
 {
     u64 *page = shadow_pool[shadow_used++];
@@ -776,6 +791,7 @@ static void sweep_roots(void)
                 if (slot != MONITOR_SLOT)
                     ((volatile u64 *)roots[index][r])[slot] = 0;
     fills_used = 0;
+    memset(shared_slots, 0, sizeof shared_slots);
     load_root(kernel_root());
 }
 
@@ -785,10 +801,42 @@ static void shadow_flush(void)
 {
     count(COUNT_SHADOW_FLUSH);
     fills_used = 0;
+    memset(shared_slots, 0, sizeof shared_slots);
     for (int index = 0; index < SPACES; index++)
         empty_space(index);
     shadow_used = 0;
     load_root(kernel_root());
+}
+
+static u64 *table_at(u64 entry)
+{
+    return (u64 *)(MONITOR_BASE + ((entry & PTE_ADDR) - handoff.physical_base));
+}
+
+/* The kernel root's table for `slot` of the kernel's half: the shared one where the guest's entry is
+ * the one it was made under, else a new one, shared from now where the guest maps the slot. */
+static u64 *kernel_half_table(int slot)
+{
+    u64 guest_entry = *(u64 *)in_ram((guest.cr3 & PTE_ADDR) + slot * 8, 8) & ~PTE_A;
+    struct shared_slot *shared = &shared_slots[slot - KERNEL_HALF];
+    if (shared->table && shared->guest == guest_entry && (guest_entry & PTE_P))
+        return shared->table;
+    u64 *table = shadow_page();
+    if (guest_entry & PTE_P) {
+        shared->guest = guest_entry;
+        shared->table = table;
+    }
+    return table;
+}
+
+/* Is `address` of the kernel's half mapped through its shared table in the current kernel root? */
+static int in_shared_table(u64 address)
+{
+    int slot = SLOT_OF(address);
+    if (slot < KERNEL_HALF || slot == MONITOR_SLOT)
+        return 0;
+    u64 *table = shared_slots[slot - KERNEL_HALF].table;
+    return table && (kernel_root()[slot] & PTE_ADDR) == physical(table);
 }
 
 /* The shadow entry that maps `address` at `size` (4 KiB or 2 MiB) in `root`, its tables made. */
@@ -799,13 +847,16 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
     for (int level = 3; level > last; level--) {
         u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
         int split = (*entry & PTE_P) && (*entry & PTE_PS); /* a large page the guest has split */
-        if (!(*entry & PTE_P) || split)
+        int slot = SLOT_OF(address);
+        if (!(*entry & PTE_P) && level == 3 && root == kernel_root() && slot >= KERNEL_HALF && slot != MONITOR_SLOT)
+            *entry = physical(kernel_half_table(slot)) | PTE_P | PTE_W | PTE_U;
+        else if (!(*entry & PTE_P) || split)
             *entry = physical(shadow_page()) | PTE_P | PTE_W | PTE_U;
         if (split) { /* its translation goes from the CPU now: shadow_invalidate skips what no shadow maps */
             privileged(SERVICE_INVLPG, address, 0);
             load_root(kernel_root());
         }
-        table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
+        table = table_at(*entry);
     }
     return &table[(address >> (12 + 9 * last)) & 511];
 }
@@ -829,10 +880,13 @@ static void shadow_fill(int user, u64 address, const struct translation *t)
     if (size != PAGE_SIZE)
         entry |= PTE_PS | (t->size != size ? PTE_FROM_1G : 0);
     u64 *shadow = shadow_entry(root, address, size);
+    int shared = !user && in_shared_table(address);
+    if (shared && (*shadow & ~(PTE_A | PTE_D)) == entry)
+        return; /* another space's fill, linked here by the shared table */
     *shadow = entry;
     struct fill *record = &fills[fills_used++];
     record->address = address & ~(size - 1);
-    record->space = space;
+    record->space = shared ? SHARED : space;
     record->shadow = shadow;
     record->entry = entry;
     record->levels = t->levels;
@@ -852,8 +906,9 @@ static int shadow_check(void)
     int kept = 0, gone = 0;
     for (int i = 0; i < fills_used; i++) {
         struct fill *record = &fills[i];
-        if (record->space != space) {
-            fills[kept++] = *record;
+        int global = record->space == SHARED && (guest.cr4 & CR4_PGE) && (record->guest[record->levels - 1] & PTE_G);
+        if ((record->space != space && record->space != SHARED) || global) {
+            fills[kept++] = *record; /* another space's, or global: a CR3 load keeps it, as a CPU's TLB does */
             continue;
         }
         if ((*record->shadow & ~(PTE_A | PTE_D)) != record->entry) /* the CPU marks the shadow's entries too */
@@ -904,26 +959,32 @@ static void load_guest_tables(u64 cr3)
  * (every entry the monitor takes out of a shadow is flushed then, here or by a CR3 load), and ring 0
  * is not asked: Linux's early_memunmap, for one, invalidates every page of a mapping it touched a
  * byte of (70,000 INVLPGs in a defconfig kernel's MP-table scan, each two trips into ring 0). */
+/* The entry for `address` out of the tables from `table` (at `level`); 1 if there was one. */
+static int invalidate_in(u64 *table, int level, u64 address)
+{
+    for (; level >= 0; level--) {
+        u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
+        if (!(*entry & PTE_P))
+            return 0;
+        if (level == 0 || (*entry & PTE_PS)) {
+            if (*entry & PTE_FROM_1G)
+                memset(table, 0, PAGE_SIZE);
+            else
+                *entry = 0;
+            return 1;
+        }
+        table = table_at(*entry);
+    }
+    return 0;
+}
+
 static void shadow_invalidate(u64 address)
 {
-    int mapped = 0;
-    for (int r = 0; r < 2; r++) {
-        u64 *table = roots[space][r];
-        for (int level = 3; level >= 0; level--) {
-            u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
-            if (!(*entry & PTE_P))
-                break;
-            if (level == 0 || (*entry & PTE_PS)) {
-                if (*entry & PTE_FROM_1G)
-                    memset(table, 0, PAGE_SIZE);
-                else
-                    *entry = 0;
-                mapped = 1;
-                break;
-            }
-            table = (u64 *)(MONITOR_BASE + ((*entry & PTE_ADDR) - handoff.physical_base));
-        }
-    }
+    int mapped = invalidate_in(roots[space][0], 3, address);
+    mapped |= invalidate_in(roots[space][1], 3, address);
+    int slot = SLOT_OF(address);
+    if (slot >= KERNEL_HALF && slot != MONITOR_SLOT && shared_slots[slot - KERNEL_HALF].table && !in_shared_table(address))
+        mapped |= invalidate_in(shared_slots[slot - KERNEL_HALF].table, 2, address); /* a global entry, elsewhere */
     if (!mapped)
         return;
     privileged(SERVICE_INVLPG, address, 0);

@@ -26,6 +26,10 @@
  *   spaces      alternates CR3 between its tables and a second PML4 that shares their lower levels,
  *               remapping a 2 MiB page before each load: each load must show the mapping made in
  *               the other address space. DONE(loads that read the right word, of 8)
+ *   shared      a 2 MiB page at HIGH_ALIAS in two address spaces that share PML4 slot 511, remapped
+ *               in one before each load of the other (not global, no INVLPG), then global, read in
+ *               the first, remapped and invalidated in a third and read in the first again:
+ *               DONE(loads that read the right word, of 8; the word before; the word after)
  *   rotate      loads CR3 with 8 sets of tables in turn (its own and 7 PML4s sharing their lower
  *               levels: 8 processes), 4 rounds, reading a word after each load: DONE(loads that read
  *               it, of 32); the monitor keeps a shadow for each (16 address spaces)
@@ -229,6 +233,47 @@ static void two_spaces(void)
     GUEST_DONE(right, 0, 0, 0);
 }
 
+/* The kernel's half shared by two address spaces, as Linux's processes share it (the monitor shares
+ * its shadow there too): a 2 MiB page at HIGH_ALIAS remapped in one space before each load of the
+ * other, not global and with no INVLPG: each load must show it. Then global: read in the first
+ * space, remapped and invalidated in a third, which has not used it, and read in the first again:
+ * the INVLPG must have taken the first space's translation too. */
+static u64 third_pml4[512] __attribute__((aligned(4096)));
+
+static void shared_half(void)
+{
+    u64 first = read_cr3(), *pml4 = (u64 *)(first & ADDRESS_BITS), cr4, right = 0;
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4 | CR4_PGE) : "memory");
+    volatile u64 *pde = &high_pd[(HIGH_ALIAS >> 21) & 511], *word = (volatile u64 *)HIGH_ALIAS;
+    *pde = TEST_PAGE | 0x83;
+    high_pdpt[(HIGH_ALIAS >> 30) & 511] = (u64)high_pd | 3;
+    pml4[511] = (u64)high_pdpt | 3;
+    u64 tables[2] = { first, second_space() };
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    *(volatile u64 *)TEST_PAGE = 0x1111;
+    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
+    for (u64 i = 0; i < 8; i++) {
+        *pde = (TEST_PAGE + (i % 2) * (2ul << 20)) | 0x83;
+        __asm__ volatile("mov %0, %%cr3" : : "r"(tables[(i + 1) % 2]) : "memory");
+        right += *word == (i % 2 ? 0x2222ul : 0x1111ul);
+    }
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    *pde = TEST_PAGE | 0x83 | PTE_GLOBAL;
+    __asm__ volatile("invlpg (%0)" : : "r"(HIGH_ALIAS) : "memory");
+    u64 before = *word;
+    memcpy(third_pml4, pml4, sizeof third_pml4); /* a third space, which has not used the page */
+    __asm__ volatile("mov %0, %%cr3" : : "r"((u64)third_pml4) : "memory");
+    *pde = (TEST_PAGE + (2ul << 20)) | 0x83 | PTE_GLOBAL;
+    __asm__ volatile("invlpg (%0)" : : "r"(HIGH_ALIAS) : "memory");
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    u64 after = *word;
+    pml4[511] = 0;
+    __asm__ volatile("mov %0, %%cr4" : : "r"(cr4) : "memory"); /* as it was: every global translation goes */
+    __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
+    GUEST_DONE(right, before, after, 0);
+}
+
 #define ROTATE_SPACES 8
 #define ROTATE_ROUNDS 4
 static u64 rotate_pml4[ROTATE_SPACES - 1][512] __attribute__((aligned(4096)));
@@ -295,7 +340,7 @@ static const struct {
 } modes[] = {
     { "dirty", dirty }, { "cr3", second_tables }, { "supervisor", supervisor }, { "many", many },
     { "wide", wide }, { "reload", reload }, { "spaces", two_spaces }, { "high", high }, { "global", global_flush },
-    { "switch", switch_mode }, { "rotate", rotate },
+    { "switch", switch_mode }, { "rotate", rotate }, { "shared", shared_half },
 };
 
 int main(const char *args)
