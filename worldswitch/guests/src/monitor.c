@@ -814,15 +814,17 @@ static u64 *table_at(u64 entry)
 }
 
 /* The kernel root's table for `slot` of the kernel's half: the shared one where the guest's entry is
- * the one it was made under, else a new one, shared from now where the guest maps the slot. */
+ * the one it was made under; else, for the first space to map the slot, a new one shared from now,
+ * and for any other a new one of its own (a shared table's entry stays until the pool is emptied,
+ * so that a table is shared exactly where it is the slot's). */
 static u64 *kernel_half_table(int slot)
 {
     u64 guest_entry = *(u64 *)in_ram((guest.cr3 & PTE_ADDR) + slot * 8, 8) & ~PTE_A;
     struct shared_slot *shared = &shared_slots[slot - KERNEL_HALF];
-    if (shared->table && shared->guest == guest_entry && (guest_entry & PTE_P))
+    if (shared->table && shared->guest == guest_entry)
         return shared->table;
     u64 *table = shadow_page();
-    if (guest_entry & PTE_P) {
+    if (!shared->table && (guest_entry & PTE_P)) {
         shared->guest = guest_entry;
         shared->table = table;
     }
@@ -954,11 +956,6 @@ static void load_guest_tables(u64 cr3)
     load_root(kernel_root());
 }
 
-/* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
- * as 2 MiB ones). Where neither shadow maps `address`, the CPU holds no translation of it to drop
- * (every entry the monitor takes out of a shadow is flushed then, here or by a CR3 load), and ring 0
- * is not asked: Linux's early_memunmap, for one, invalidates every page of a mapping it touched a
- * byte of (70,000 INVLPGs in a defconfig kernel's MP-table scan, each two trips into ring 0). */
 /* The entry for `address` out of the tables from `table` (at `level`); 1 if there was one. */
 static int invalidate_in(u64 *table, int level, u64 address)
 {
@@ -978,13 +975,20 @@ static int invalidate_in(u64 *table, int level, u64 address)
     return 0;
 }
 
+/* INVLPG: the shadow entries for `address` go (all of a guest 1 GiB page's, which the shadow holds
+ * as 2 MiB ones). Where neither shadow maps `address`, the CPU holds no translation of it to drop
+ * (every entry the monitor takes out of a shadow is flushed then, here or by a CR3 load), and ring 0
+ * is not asked: Linux's early_memunmap, for one, invalidates every page of a mapping it touched a
+ * byte of (70,000 INVLPGs in a defconfig kernel's MP-table scan, each two trips into ring 0). The
+ * kernel's half's shared table loses the entry too where this space has not linked it yet: another
+ * space's global entry, which a CPU's INVLPG would drop from its TLB. */
 static void shadow_invalidate(u64 address)
 {
     int mapped = invalidate_in(roots[space][0], 3, address);
     mapped |= invalidate_in(roots[space][1], 3, address);
     int slot = SLOT_OF(address);
     if (slot >= KERNEL_HALF && slot != MONITOR_SLOT && shared_slots[slot - KERNEL_HALF].table && !in_shared_table(address))
-        mapped |= invalidate_in(shared_slots[slot - KERNEL_HALF].table, 2, address); /* a global entry, elsewhere */
+        mapped |= invalidate_in(shared_slots[slot - KERNEL_HALF].table, 2, address);
     if (!mapped)
         return;
     privileged(SERVICE_INVLPG, address, 0);
