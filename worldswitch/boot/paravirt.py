@@ -333,9 +333,9 @@ def _point_kernel_return(image: bytearray, symbols: Symbols, iret_site: int, tar
 def _point_pop_regs_return(image: bytearray, symbols: Symbols, iret_site: int, target: int,
                            file_offset: Callable[[int, int], int]) -> int | None:
     """restore_regs_and_return_to_kernel built without CONFIG_XEN_PV and CONFIG_DEBUG_ENTRY (whose
-    check of the frame would come first): POP_REGS from its label, ADD $8, %RSP, then the IRETQ, or CONFIG_X86_ESPFIX64's test of
-    the frame's SS for an LDT selector and its JNZ before it. Its POP %RDI and ADD made a jump to
-    `target`; the site's address, or None where the code is not that."""
+    check of the frame would come first): POP_REGS from its label, ADD $8, %RSP, then the IRETQ, or
+    before it CONFIG_X86_ESPFIX64's test of the frame's SS for an LDT selector and its JNZ. Its
+    POP %RDI and ADD made a jump to `target`; the site's address, or None where the code is not that."""
     if "restore_regs_and_return_to_kernel" not in symbols:
         return None
     start = symbols["restore_regs_and_return_to_kernel"].address

@@ -2,14 +2,14 @@
 (docs/monitor.md, "Translated CLIs, STIs, PUSHFs, CR3 loads, WRMSRs and INVLPGs"): its sensitive
 instructions stop trapping.
 
-Deprivileged, such a kernel's CLI, STI, MOV to CR3, MOV from CR2, WRMSR and INVLPG fault, and its PUSHFs are made
-to (flag_sites.py): each is a trip through the host's exception path into the monitor, 370,000 of
-them in a boot. A paravirtual kernel calls the monitor's functions instead (pv_ops), which run in
-its ring 3; this kernel's sites are translated to do the same. A *window* of whole instructions
-around each site (at least the 5 bytes of a JMP rel32) is copied into the code cache, the pages after
-the pv page, with each sensitive instruction in it replaced by a call of the monitor's function for
-it (irq_disable, irq_enable, save_fl, write_cr3, read_cr2, write_msr, invlpg) that keeps every register and
-flag as the instruction would; the window's first bytes become a jump there, the rest INT3s, and the
+Deprivileged, such a kernel's CLI, STI, MOV to CR3, MOV from CR2, WRMSR and INVLPG fault, and its
+PUSHFs are made to (flag_sites.py): each is a trip through the host's exception path into the
+monitor, 370,000 of them in a boot. A paravirtual kernel calls the monitor's functions instead
+(pv_ops), which run in its ring 3; this kernel's sites are translated to do the same. A *window* of
+whole instructions around each site (at least the 5 bytes of a JMP rel32) is copied into the code
+cache, the pages after the pv page, with each sensitive instruction in it replaced by a call of the
+monitor's function for it (irq_disable, irq_enable, save_fl, write_cr3, read_cr2, write_msr,
+invlpg) that keeps every register and flag as the instruction would; the window's first bytes become a jump there, the rest INT3s, and the
 copy jumps back after it. A copied branch or CALL reaches the same target with a rel32 (a CALL's
 callee returns into the cache, and the copy goes on from there), a RIP-relative operand the same
 memory.

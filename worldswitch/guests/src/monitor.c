@@ -845,12 +845,12 @@ static int in_shared_table(u64 address)
 static u64 *shadow_entry(u64 *root, u64 address, u64 size)
 {
     u64 *table = root;
-    int last = size == PAGE_SIZE ? 0 : 1;
+    int last = size == PAGE_SIZE ? 0 : 1, slot = SLOT_OF(address);
+    int shareable = root == kernel_root() && slot >= KERNEL_HALF && slot != MONITOR_SLOT;
     for (int level = 3; level > last; level--) {
         u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
         int split = (*entry & PTE_P) && (*entry & PTE_PS); /* a large page the guest has split */
-        int slot = SLOT_OF(address);
-        if (!(*entry & PTE_P) && level == 3 && root == kernel_root() && slot >= KERNEL_HALF && slot != MONITOR_SLOT)
+        if (!(*entry & PTE_P) && level == 3 && shareable)
             *entry = physical(kernel_half_table(slot)) | PTE_P | PTE_W | PTE_U;
         else if (!(*entry & PTE_P) || split)
             *entry = physical(shadow_page()) | PTE_P | PTE_W | PTE_U;

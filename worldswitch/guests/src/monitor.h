@@ -47,9 +47,9 @@
 #define PV_WRITE_MSR_U64 0x140 /* write_msr(u32 msr, u64 value), Linux 7.2's form; the one above (msr, low, high) 6.12's */
 #define PV_IRET 0x160 /* the kernel's IRETQ to itself, jumped to from early_xen_iret_patch (boot/paravirt.py) */
 #define PV_INVLPG 0x260 /* invlpg(u64 address): a translated INVLPG's (boot/translator.py), not a pv_ops member */
-#define PV_WRITE_MSR_DONE 0x2a0 /* not the kernel's: msr_gate's way back from a write done, after an interrupt */
 #define PV_IRET_POP_RDI 0x280 /* the same return for a kernel without early_xen_iret_patch, jumped to from
                                  * restore_regs_and_return_to_kernel's last POP and its skip of orig_ax */
+#define PV_WRITE_MSR_DONE 0x2a0 /* not the kernel's: msr_gate's way back from a write done, after an interrupt */
 /* The RFLAGS bits an IRETQ of the guest's kernel may set (CF PF AF ZF SF TF DF OF AC; its IF is the
  * virtual one), and the two every real RFLAGS of the guest's has: bit 1 and IF. */
 #define RFLAGS_STATUS 0x40dd5
