@@ -1895,8 +1895,14 @@ static int emulate(struct trap_frame *frame)
     case 0xf4: /* hlt */
         count(COUNT_HLT);
         frame->rip += opcode == 0xf4 ? (u64)insn.length : 1;
-        if (!virtual_if)
-            privileged(SERVICE_HALT, 0, 0); /* as the CPU: only an NMI or INIT would wake it */
+        if (!virtual_if) { /* as the CPU: only an NMI or INIT would wake it */
+            u64 cpu = (handoff.physical_base - handoff.guest_limit) / MONITOR_SIZE;
+            /* a Linux's AP, parked (play_dead): its INIT may come through the xAPIC, unseen. (A
+             * program's APs park at their end, and stay on their copies.) */
+            if (cpu && handoff.guest_iret_site)
+                outl(AP_INIT_PORT, (u32)cpu);
+            privileged(SERVICE_HALT, 0, 0);
+        }
         privileged(SERVICE_WAIT, 0, 0);
         return 1;
     case 0xcb: { /* lretq, as a kernel reloads CS after its LGDT: to its kernel (RPL 0 < CPL 3) */

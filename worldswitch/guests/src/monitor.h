@@ -70,7 +70,9 @@
  * all but this one (its shorthand): before the guest sends one, the monitor names the CPU on
  * AP_INIT_PORT (all ones for all), so that the VMM takes that CPU over again where it next enters
  * the kernel (vmm/x86/ap_start.py): a CPU the guest brings back online comes up through its
- * trampoline again, and an INIT has reset its copy of the monitor. */
+ * trampoline again, and an INIT has reset its copy of the monitor. An INIT through the xAPIC's
+ * page is a store the monitor never sees: so a Linux's AP also names itself there when it halts
+ * with interrupts off (parked until an INIT or an NMI, as Linux's offline CPU is). */
 #define MSR_X2APIC_ICR 0x830u
 #define ICR_DELIVERY_MODE 0x700ul
 #define ICR_INIT 0x500ul

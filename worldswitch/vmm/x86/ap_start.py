@@ -15,7 +15,8 @@ A CPU the guest takes offline and brings back is started again the same way, INI
 and the INIT resets it: its copy of the monitor is gone, and its next entry into the kernel must be
 taken over again. The monitor names the CPU on AP_INIT_PORT before its kernel's ICR write of an INIT
 (monitor.h); ApInits watches that CPU's entry again, on the CPU's own thread, before the boot vCPU
-goes on to send the INIT.
+goes on to send the INIT. An INIT through the xAPIC is a store to its page, which the monitor does
+not see: there the AP names itself as it parks (a HLT with interrupts off, Linux's play_dead).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class ApThread(Protocol):
 class ApInits:
     """AP_INIT_PORT: the monitor's notice, before its kernel sends an INIT, of the CPU it goes to. Each
     AP named is watched again (ApStart.rewatch) on its own thread, the sender waiting: its INIT
-    follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender."""
+    follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender. An
+    AP that names itself is halting with interrupts off, parked until an INIT, which may come through
+    the xAPIC's page, a store the monitor never sees (Linux with `nox2apic`): watched again at once."""
 
     def __init__(self, aps: Sequence[tuple[ApStart, ApThread]], fail: Callable[[str], None]) -> None:
         """`aps`: each AP's watch, and what runs work on its vCPU's thread; `fail` ends the VM with a message."""
@@ -112,7 +115,9 @@ class ApInits:
         named = list(self.starts) if value == AP_INIT_ALL else [value] if value in self.starts else []
         for cpu in named:
             start, thread = self.starts[cpu]
-            if thread.on_own_thread():  # the sender itself: no INIT comes to it
-                continue
+            if thread.on_own_thread():
+                if value != AP_INIT_ALL:  # an AP that names itself: parked until an INIT, maybe an xAPIC's
+                    start.rewatch()
+                continue  # else the sender of an INIT to all but itself
             if not thread.call_on_thread(start.rewatch, ANSWER_S):
                 self.fail(f"--monitor: vCPU {cpu} did not answer within {ANSWER_S:g} s, before its INIT")
