@@ -16,7 +16,7 @@ and the INIT resets it: its copy of the monitor is gone, and its next entry into
 taken over again. The monitor names the CPU on AP_INIT_PORT before its kernel's ICR write of an INIT
 (monitor.h); ApInits watches that CPU's entry again, on the CPU's own thread, before the boot vCPU
 goes on to send the INIT. An INIT through the xAPIC is a store to its page, which the monitor does
-not see: there the AP names itself as it parks (a HLT with interrupts off, Linux's play_dead).
+not see: there a Linux's AP names itself as it parks (a HLT with interrupts off: play_dead).
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ class ApThread(Protocol):
 class ApInits:
     """AP_INIT_PORT: the monitor's notice, before its kernel sends an INIT, of the CPU it goes to. Each
     AP named is watched again (ApStart.rewatch) on its own thread, the sender waiting: its INIT
-    follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender. An
-    AP that names itself is halting with interrupts off, parked until an INIT, which may come through
-    the xAPIC's page, a store the monitor never sees (Linux with `nox2apic`): watched again at once."""
+    follows the notice. An INIT to all but the sender (the notice's all ones) spares the sender. A
+    Linux's AP that names itself is halting with interrupts off, parked until an INIT, which may come
+    through the xAPIC's page, a store the monitor never sees (`nox2apic`): watched again at once."""
 
     def __init__(self, aps: Sequence[tuple[ApStart, ApThread]], fail: Callable[[str], None]) -> None:
         """`aps`: each AP's watch, and what runs work on its vCPU's thread; `fail` ends the VM with a message."""
