@@ -1070,8 +1070,22 @@ def test_a_cpu_brought_back_through_the_xapic_comes_back_under_the_monitor(tmp_p
     sees, where it announces the x2APIC's WRMSR: CPU 1 taken offline and brought back came up outside
     the monitor, and the shell hung at "smpboot: Booting Node 0 Processor 1". Now the AP names itself
     as it parks (a HLT with interrupts off: play_dead), and its next entry into the kernel is watched
-    from then on. The same test as with the x2APIC: TLB shootdowns, the CPU back, a snapshot."""
+    from then on. The same test as with the x2APIC: TLB shootdowns, the CPU back, a snapshot. Then a
+    snapshot taken while the CPU is parked: the restored machine watches its entry from the start."""
     runs_two_cpus_under_the_monitor(Path(debian().kernel), tmp_path, "nox2apic")
+    with Machine(kernel=str(debian().kernel), initrd=str(shell_initrd(tmp_path)), monitor=True, cpus=2,
+                 append="console=ttyS0 nox2apic") as vm:
+        at_the_prompt(vm)
+        assert ask(vm, 0, "echo 0 > /sys/devices/system/cpu/cpu1/online; nproc").split()[-1] == "1"
+        vm.pause()
+        vm.snapshot(tmp_path / "parked")
+        vm.stop()
+    with Machine.restore(tmp_path / "parked") as restored:
+        restored.start()
+        assert ask(restored, 1, "echo 1 > /sys/devices/system/cpu/cpu1/online; nproc").split()[-1] == "2"
+        restored.console.send("poweroff -f\n")
+        result = restored.wait(60)
+    assert result is not None and result.reason is StopReason.POWER_OFF, result
 
 
 @pytest.fixture(scope="module")
