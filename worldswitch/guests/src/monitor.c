@@ -831,11 +831,17 @@ static u64 *kernel_half_table(int slot)
     return table;
 }
 
+/* A PML4 slot of the kernel's half, other than the monitor's: one a shared table may hold. */
+static int shareable_slot(int slot)
+{
+    return slot >= KERNEL_HALF && slot != MONITOR_SLOT;
+}
+
 /* Is `address` of the kernel's half mapped through its shared table in the current kernel root? */
 static int in_shared_table(u64 address)
 {
     int slot = SLOT_OF(address);
-    if (slot < KERNEL_HALF || slot == MONITOR_SLOT)
+    if (!shareable_slot(slot))
         return 0;
     u64 *table = shared_slots[slot - KERNEL_HALF].table;
     return table && (kernel_root()[slot] & PTE_ADDR) == physical(table);
@@ -846,7 +852,7 @@ static u64 *shadow_entry(u64 *root, u64 address, u64 size)
 {
     u64 *table = root;
     int last = size == PAGE_SIZE ? 0 : 1, slot = SLOT_OF(address);
-    int shareable = root == kernel_root() && slot >= KERNEL_HALF && slot != MONITOR_SLOT;
+    int shareable = root == kernel_root() && shareable_slot(slot);
     for (int level = 3; level > last; level--) {
         u64 *entry = &table[(address >> (12 + 9 * level)) & 511];
         int split = (*entry & PTE_P) && (*entry & PTE_PS); /* a large page the guest has split */
@@ -987,7 +993,7 @@ static void shadow_invalidate(u64 address)
     int mapped = invalidate_in(roots[space][0], 3, address);
     mapped |= invalidate_in(roots[space][1], 3, address);
     int slot = SLOT_OF(address);
-    if (slot >= KERNEL_HALF && slot != MONITOR_SLOT && shared_slots[slot - KERNEL_HALF].table && !in_shared_table(address))
+    if (shareable_slot(slot) && shared_slots[slot - KERNEL_HALF].table && !in_shared_table(address))
         mapped |= invalidate_in(shared_slots[slot - KERNEL_HALF].table, 2, address);
     if (!mapped)
         return;

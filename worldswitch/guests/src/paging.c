@@ -214,35 +214,43 @@ static u64 second_space(void)
     return (u64)second_pml4;
 }
 
-static void two_spaces(void)
+/* 8 loads of CR3, alternately tables[1] and tables[0], each after `entry` (with `flags`) is made to
+ * map TEST_PAGE or the 2 MiB after it, which hold 0x1111 and 0x2222, in the space loaded before: how
+ * many loads read the new word through `word`. */
+static u64 remap_before_loads(volatile u64 *entry, u64 flags, const u64 tables[2], volatile u64 *word)
 {
-    u64 first = read_cr3();
-    u64 tables[2] = { first, second_space() }, *entry = identity_pde(TEST_PAGE), original = *entry, right = 0;
-    volatile u64 *word = (volatile u64 *)TEST_PAGE;
-    *word = 0x1111;
+    u64 right = 0;
+    *(volatile u64 *)TEST_PAGE = 0x1111;
     *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
     for (u64 i = 0; i < 8; i++) {
-        u64 frame = TEST_PAGE + (i % 2) * (2ul << 20);
-        *(volatile u64 *)entry = (original & ~ADDRESS_BITS) | frame; /* in this space; seen in both */
+        *entry = flags | (TEST_PAGE + (i % 2) * (2ul << 20)); /* in this space; seen in both */
         __asm__ volatile("mov %0, %%cr3" : : "r"(tables[(i + 1) % 2]) : "memory");
         right += *word == (i % 2 ? 0x2222ul : 0x1111ul);
     }
+    return right;
+}
+
+static void two_spaces(void)
+{
+    u64 first = read_cr3();
+    u64 tables[2] = { first, second_space() }, *entry = identity_pde(TEST_PAGE), original = *entry;
+    u64 right = remap_before_loads(entry, original & ~ADDRESS_BITS, tables, (volatile u64 *)TEST_PAGE);
     __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
     *entry = original;
     __asm__ volatile("invlpg (%0)" : : "r"(TEST_PAGE) : "memory");
     GUEST_DONE(right, 0, 0, 0);
 }
 
+static u64 third_pml4[512] __attribute__((aligned(4096)));
+
 /* The kernel's half shared by two address spaces, as Linux's processes share it (the monitor shares
  * its shadow there too): a 2 MiB page at HIGH_ALIAS remapped in one space before each load of the
  * other, not global and with no INVLPG: each load must show it. Then global: read in the first
  * space, remapped and invalidated in a third, which has not used it, and read in the first again:
  * the INVLPG must have taken the first space's translation too. */
-static u64 third_pml4[512] __attribute__((aligned(4096)));
-
 static void shared_half(void)
 {
-    u64 first = read_cr3(), *pml4 = (u64 *)(first & ADDRESS_BITS), cr4, right = 0;
+    u64 first = read_cr3(), *pml4 = (u64 *)(first & ADDRESS_BITS), cr4;
     __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
     __asm__ volatile("mov %0, %%cr4" : : "r"(cr4 | CR4_PGE) : "memory");
     volatile u64 *pde = &high_pd[(HIGH_ALIAS >> 21) & 511], *word = (volatile u64 *)HIGH_ALIAS;
@@ -251,13 +259,7 @@ static void shared_half(void)
     pml4[511] = (u64)high_pdpt | 3;
     u64 tables[2] = { first, second_space() };
     __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
-    *(volatile u64 *)TEST_PAGE = 0x1111;
-    *(volatile u64 *)(TEST_PAGE + (2ul << 20)) = 0x2222;
-    for (u64 i = 0; i < 8; i++) {
-        *pde = (TEST_PAGE + (i % 2) * (2ul << 20)) | 0x83;
-        __asm__ volatile("mov %0, %%cr3" : : "r"(tables[(i + 1) % 2]) : "memory");
-        right += *word == (i % 2 ? 0x2222ul : 0x1111ul);
-    }
+    u64 right = remap_before_loads(pde, 0x83, tables, word);
     __asm__ volatile("mov %0, %%cr3" : : "r"(first) : "memory");
     *pde = TEST_PAGE | 0x83 | PTE_GLOBAL;
     __asm__ volatile("invlpg (%0)" : : "r"(HIGH_ALIAS) : "memory");
